@@ -1,0 +1,1 @@
+//! Local shared-memory transport (placeholder until written).
