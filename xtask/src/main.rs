@@ -1,2 +1,120 @@
-//! xtask (placeholder)
-fn main() {}
+//! `cargo xtask`: the project's build tasks in one binary (no logic in shell scripts).
+//!
+//! * `cargo xtask ci`    — everything CI checks: format, clippy (warnings denied), all
+//!   tests, the loom model, miri over the ring tests, the bare-metal build of idm-core,
+//!   docs with warnings denied. Installs missing rustup targets and components first.
+//! * `cargo xtask fuzz [SECONDS]` — runs each cargo-fuzz target of idm-core briefly.
+//! * `cargo xtask bench` — the idm round-trip/throughput benchmark over shared memory.
+//! * `cargo xtask demo`  — the main job with its embedded defaults (see README).
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const BARE_METAL_TARGET: &str = "x86_64-unknown-none";
+const FUZZ_TARGETS: &[&str] = &["frame_decode", "ring_ops"];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("cannot enter {}", root.display()))?;
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("fuzz") => {
+            fuzz(args.get(1).map(|s| s.parse()).transpose().context("SECONDS must be a number")?.unwrap_or(20))
+        }
+        Some("bench") => run(cargo().args(["bench", "-p", "idm-shm", "--bench", "roundtrip"])),
+        Some("demo") => run(cargo().args(["bench", "-p", "idm-shm", "--bench", "roundtrip", "--", "--quick"])),
+        _ => {
+            eprintln!("usage: cargo xtask <ci | fuzz [SECONDS] | bench | demo>");
+            bail!("unknown or missing subcommand")
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("could not start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs one CI step, timing it, so the log shows where the time goes.
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    eprintln!("==> {name}");
+    let t = Instant::now();
+    let r = f();
+    eprintln!("<== {name}: {} in {:.1}s", if r.is_ok() { "ok" } else { "FAILED" }, t.elapsed().as_secs_f64());
+    r
+}
+
+fn has_nightly_miri() -> bool {
+    Command::new("cargo").args(["+nightly", "miri", "--version"]).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn ci() -> Result<()> {
+    step("install rustup targets and components", || {
+        run(Command::new("rustup").args(["target", "add", BARE_METAL_TARGET]))?;
+        run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
+        if !has_nightly_miri() {
+            // Miri needs a nightly toolchain; install it where rustup can.
+            let _ = Command::new("rustup")
+                .args(["toolchain", "install", "nightly", "--profile", "minimal", "-c", "miri", "-c", "rust-src"])
+                .status();
+        }
+        Ok(())
+    })?;
+    step("format", || run(cargo().args(["fmt", "--all", "--", "--check"])))?;
+    step("clippy", || run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])))?;
+    step("tests", || run(cargo().args(["test", "--workspace"])))?;
+    step("idm-core bare-metal build", || {
+        run(cargo().args(["build", "-p", "idm-core", "--target", BARE_METAL_TARGET]))?;
+        run(cargo().args(["build", "-p", "idm-core", "--target", BARE_METAL_TARGET, "--features", "defmt"]))
+    })?;
+    step("docs", || run(cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings")))?;
+    step("loom model of the ring", || {
+        run(cargo()
+            .args(["test", "-p", "idm-core", "--release", "--test", "loom_ring", "--target-dir", "target/loom"])
+            .env("RUSTFLAGS", "--cfg loom"))
+    })?;
+    step("miri over the ring and channel tests", || {
+        if !has_nightly_miri() {
+            eprintln!("SKIPPED: no nightly toolchain with miri could be installed on this machine");
+            return Ok(());
+        }
+        run(cargo().args(["+nightly", "miri", "test", "-p", "idm-core", "--lib", "--target-dir", "target/miri"]))
+    })?;
+    eprintln!("ci: all steps passed");
+    Ok(())
+}
+
+fn fuzz(seconds: u64) -> Result<()> {
+    let has_fuzz = Command::new("cargo").args(["+nightly", "fuzz", "--version"]).output().map(|o| o.status.success());
+    if !matches!(has_fuzz, Ok(true)) {
+        eprintln!("==> installing cargo-fuzz (one time)");
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    for target in FUZZ_TARGETS {
+        step(&format!("fuzz {target} for {seconds}s"), || {
+            run(Command::new("cargo")
+                .current_dir("idm-core/fuzz")
+                .args(["+nightly", "fuzz", "run", target, &format!("corpus/{target}"), "--"])
+                .arg(format!("-max_total_time={seconds}")))
+        })?;
+    }
+    Ok(())
+}
