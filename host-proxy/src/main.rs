@@ -1,11 +1,153 @@
-//! host-proxy, the driver-domain daemon — not built yet.
-//!
-//! It will accept zones over the local and Xen transports, run each zone's GPU work in its
-//! own worker process and CUDA context, and enforce handles, quotas and IPC policy (the
-//! host-proxy issue). Until then this binary only says so and fails.
+//! host-proxy: the xen-vgpu driver-domain daemon (`serve`) and its per-zone worker
+//! (`worker`, started by the daemon, not by hand).
 #![forbid(unsafe_code)]
 
-fn main() {
-    eprintln!("host-proxy: not implemented yet (see the host-proxy issue)");
-    std::process::exit(2);
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use host_proxy::backend::{sim::SimGpu, GpuBackend};
+use host_proxy::config::{Config, EMBEDDED_DEFAULT};
+use host_proxy::worker::{serve, SessionEnd};
+use host_proxy::zone::{Quotas, Zone};
+use idm_core::{Server, WaitPolicy};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "host-proxy", about = "xen-vgpu driver-domain daemon", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    Cuda,
+    Sim,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon. Without --config it uses the embedded default: the simulated GPU
+    /// (a test double) on /tmp/xen-vgpu/host-proxy.sock.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override the listening socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+    /// Serve one zone on the connection passed as standard input (started by `serve`).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    #[arg(long)]
+    zone_id: u32,
+    #[arg(long)]
+    zone_name: String,
+    #[arg(long, value_enum)]
+    backend: Backend,
+    #[arg(long, default_value_t = 0)]
+    device: i32,
+    #[arg(long)]
+    sim_memory_bytes: u64,
+    #[arg(long)]
+    mem_bytes: u64,
+    #[arg(long)]
+    max_handles: u32,
+    #[arg(long)]
+    max_async_in_flight: u32,
+    #[arg(long)]
+    max_ring_bytes: u64,
+    #[arg(long)]
+    max_window_bytes: u64,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VGPU_LOG").unwrap_or_else(|_| "info".parse().expect("valid")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve { config, socket } => {
+            let mut config = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::parse(EMBEDDED_DEFAULT, "<embedded default>".as_ref())?,
+            };
+            if let Some(s) = socket {
+                config.socket = s;
+            }
+            let exe = std::env::current_exe().context("cannot find the host-proxy executable for workers")?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(host_proxy::daemon::run(config, exe))
+        }
+        Command::DefaultConfig => {
+            print!("{}", EMBEDDED_DEFAULT.trim_start());
+            Ok(())
+        }
+        Command::Worker(args) => {
+            let code = worker(args)?;
+            std::process::exit(code)
+        }
+    }
+}
+
+fn worker(args: WorkerArgs) -> Result<i32> {
+    let span = tracing::info_span!("zone", id = args.zone_id, name = %args.zone_name);
+    let _g = span.enter();
+    let fd: OwnedFd =
+        std::io::stdin().as_fd().try_clone_to_owned().context("worker needs the guest connection on stdin")?;
+    let stream = UnixStream::from(fd);
+    let limits = idm_shm::ServerLimits {
+        max_ring_size: usize::try_from(args.max_ring_bytes)?,
+        max_window_size: usize::try_from(args.max_window_bytes)?,
+        handshake_timeout: Duration::from_secs(5),
+    };
+    // A zone that stops answering is failed after this long, instead of hanging a worker.
+    let policy = WaitPolicy { spin_iters: 20_000, timeout: None };
+    let endpoint = idm_shm::accept_stream(stream, &limits, policy).context("shared-memory handshake failed")?;
+    let quotas = Quotas {
+        mem_bytes: args.mem_bytes,
+        max_handles: args.max_handles,
+        max_async_in_flight: args.max_async_in_flight,
+    };
+    match args.backend {
+        Backend::Sim => run_zone(args.zone_id, endpoint, SimGpu::new(args.sim_memory_bytes), quotas),
+        Backend::Cuda => {
+            let gpu = host_proxy::backend::cuda::CudaGpu::open(args.device).context("cannot open the GPU")?;
+            run_zone(args.zone_id, endpoint, gpu, quotas)
+        }
+    }
+}
+
+fn run_zone<B: GpuBackend>(id: u32, endpoint: idm_shm::ShmEndpoint, backend: B, quotas: Quotas) -> Result<i32> {
+    let idm_shm::ShmEndpoint { channel, window, layout, .. } = endpoint;
+    let max_frame = u32::try_from(layout.ring_size() / 2).unwrap_or(u32::MAX);
+    let mut buf = vec![0u8; layout.ring_size()];
+    let mut scratch = vec![0u8; layout.ring_size()];
+    let mut server = Server::accept(channel, max_frame, &mut buf).context("hello exchange failed")?;
+    let mut zone = Zone::new(id, backend, quotas);
+    tracing::info!(max_frame = server.max_frame(), window = window.size(), "zone attached");
+    let end = serve(&mut server, &window, &mut zone, &mut buf, &mut scratch);
+    tracing::info!(mem_used = zone.mem_used(), objects = zone.live_objects(), "releasing zone resources");
+    zone.teardown();
+    Ok(match end {
+        SessionEnd::PeerGone => {
+            tracing::info!("guest disconnected");
+            0
+        }
+        SessionEnd::Violation(e) => {
+            tracing::warn!(error = %e, "zone failed: protocol violation");
+            3
+        }
+    })
 }

@@ -59,12 +59,7 @@ pub fn read_frame<R: Read>(
 ) -> Result<FrameHeader, StreamError<R::Error>> {
     let mut raw = [0u8; HEADER_LEN];
     // A clean end of stream is a zero-length first read.
-    let first = loop {
-        match r.read(&mut raw) {
-            Ok(n) => break n,
-            Err(e) => return Err(StreamError::Io(e)),
-        }
-    };
+    let first = r.read(&mut raw).map_err(StreamError::Io)?;
     if first == 0 {
         return Err(StreamError::Eof { clean: true });
     }

@@ -1,0 +1,232 @@
+//! Daemon configuration (TOML), validated with errors that say which key is wrong and why.
+//!
+//! ```toml
+//! socket = "/run/xen-vgpu/host-proxy.sock"   # local transport listening socket
+//! backend = "cuda"                           # "cuda" (real GPU) or "sim" (test double)
+//! device = 0                                 # CUDA device ordinal
+//! sim_memory_bytes = 17179869184             # size of the simulated GPU (sim only)
+//! max_ring_bytes = 4194304                   # largest ring a guest may ask for
+//! max_window_bytes = 268435456               # largest data window a guest may ask for
+//! allow_unlisted = true                      # serve peers with no [[zone]] entry
+//!
+//! [quotas]                                   # defaults for every zone
+//! mem_bytes = 4294967296
+//! max_handles = 4096
+//! max_async_in_flight = 1024
+//!
+//! [[zone]]                                   # a known tenant, by peer uid
+//! name = "tenant-a"
+//! uid = 1000
+//! quotas = { mem_bytes = 1073741824, max_handles = 512, max_async_in_flight = 256 }
+//! ```
+
+use crate::zone::Quotas;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Which GPU backend zone workers use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The real GPU through the CUDA driver.
+    Cuda,
+    /// The simulated test double (host memory).
+    Sim,
+}
+
+/// One configured zone.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneConfig {
+    /// Name used in logs.
+    pub name: String,
+    /// Peer uid that identifies the zone on the local transport.
+    pub uid: u32,
+    /// Quotas overriding the defaults.
+    pub quotas: Option<Quotas>,
+}
+
+/// The daemon's configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listening socket of the local transport.
+    pub socket: PathBuf,
+    /// GPU backend.
+    pub backend: BackendKind,
+    /// CUDA device ordinal.
+    #[serde(default)]
+    pub device: i32,
+    /// Memory of the simulated GPU.
+    #[serde(default = "default_sim_memory")]
+    pub sim_memory_bytes: u64,
+    /// Largest ring a guest may ask for.
+    #[serde(default = "default_max_ring")]
+    pub max_ring_bytes: u64,
+    /// Largest data window a guest may ask for.
+    #[serde(default = "default_max_window")]
+    pub max_window_bytes: u64,
+    /// Serve peers that match no `[[zone]]`, with the default quotas.
+    #[serde(default = "default_true")]
+    pub allow_unlisted: bool,
+    /// Default quotas.
+    #[serde(default)]
+    pub quotas: Quotas,
+    /// Known zones.
+    #[serde(default, rename = "zone")]
+    pub zones: Vec<ZoneConfig>,
+}
+
+fn default_sim_memory() -> u64 {
+    16 << 30
+}
+fn default_max_ring() -> u64 {
+    4 << 20
+}
+fn default_max_window() -> u64 {
+    256 << 20
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had unknown/mistyped keys.
+    #[error("config file {path} is invalid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config value `{key}` is invalid: {why}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The configuration used when none is given: the simulated GPU on a socket in the
+/// temporary directory, so the daemon runs anywhere.
+pub const EMBEDDED_DEFAULT: &str = r#"
+socket = "/tmp/xen-vgpu/host-proxy.sock"
+backend = "sim"
+sim_memory_bytes = 17179869184
+"#;
+
+impl Config {
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, why: &str| Err(ConfigError::Invalid { key: key.into(), why: why.into() });
+        if self.device < 0 {
+            return invalid("device", "must be a CUDA device ordinal (0 or more)");
+        }
+        if !self.max_ring_bytes.is_power_of_two() || !(4096..=(1 << 30)).contains(&self.max_ring_bytes) {
+            return invalid("max_ring_bytes", "must be a power of two between 4096 and 1 GiB");
+        }
+        if self.max_window_bytes > (64 << 30) {
+            return invalid("max_window_bytes", "must be at most 64 GiB");
+        }
+        let check_quotas = |key: &str, q: &Quotas| {
+            if q.mem_bytes == 0 || q.max_handles == 0 || q.max_async_in_flight == 0 {
+                return invalid(key, "every quota must be greater than zero");
+            }
+            Ok(())
+        };
+        check_quotas("quotas", &self.quotas)?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, z) in self.zones.iter().enumerate() {
+            if !seen.insert(z.uid) {
+                return invalid(&format!("zone[{i}].uid"), &format!("uid {} is listed twice", z.uid));
+            }
+            if let Some(q) = &z.quotas {
+                check_quotas(&format!("zone[{i}].quotas"), q)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The zone name and quotas for a peer uid, or `None` if unlisted peers are refused.
+    pub fn zone_for_uid(&self, uid: u32) -> Option<(String, Quotas)> {
+        match self.zones.iter().find(|z| z.uid == uid) {
+            Some(z) => Some((z.name.clone(), z.quotas.unwrap_or(self.quotas))),
+            None if self.allow_unlisted => Some((format!("uid-{uid}"), self.quotas)),
+            None => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::parse(EMBEDDED_DEFAULT, Path::new("<embedded>")).unwrap();
+        assert_eq!(c.backend, BackendKind::Sim);
+        assert_eq!(c.zone_for_uid(1234).unwrap().1, Quotas::default());
+    }
+
+    #[test]
+    fn zones_override_quotas_and_unlisted_can_be_refused() {
+        let c = Config::parse(
+            r#"
+            socket = "/tmp/s"
+            backend = "cuda"
+            allow_unlisted = false
+            [[zone]]
+            name = "a"
+            uid = 7
+            quotas = { mem_bytes = 10, max_handles = 2, max_async_in_flight = 1 }
+            "#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.zone_for_uid(7).unwrap().1.mem_bytes, 10);
+        assert_eq!(c.zone_for_uid(8), None);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::parse("socket = \"/s\"\nbackend = \"gpu\"\n", Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains("backend"), "{e}");
+        let e = Config::parse("socket = \"/s\"\nbackend = \"sim\"\nmax_ring_bytes = 5000\n", Path::new("t.toml"))
+            .unwrap_err();
+        assert!(e.to_string().contains("max_ring_bytes"), "{e}");
+        let e = Config::parse("socket = \"/s\"\nbackend = \"sim\"\nbogus = 1\n", Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::parse(
+            "socket = \"/s\"\nbackend = \"sim\"\n[quotas]\nmem_bytes = 0\nmax_handles = 1\nmax_async_in_flight = 1\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("quotas"), "{e}");
+    }
+}

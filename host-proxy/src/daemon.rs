@@ -1,0 +1,157 @@
+//! The control plane: accepts guests on the local transport, spawns and supervises one
+//! worker process per zone, answers admin queries, shuts down cleanly.
+//!
+//! The daemon never maps guest memory itself: it identifies the peer (SO_PEERCRED), picks
+//! the zone's quotas from the configuration, and hands the connected socket to a fresh
+//! worker process as its standard input. The worker does the shared-memory handshake and
+//! serves the zone. When the worker exits — the guest closed, died, or broke the protocol —
+//! the zone is gone and the process's exit has released all its GPU memory.
+
+use crate::config::{BackendKind, Config};
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+
+/// A live zone, as the admin interface reports it.
+#[derive(Clone, Debug)]
+pub struct ZoneRecord {
+    /// Zone name (from the configuration or the peer uid).
+    pub name: String,
+    /// Peer uid.
+    pub uid: u32,
+    /// Peer pid, where the kernel reports one.
+    pub peer_pid: Option<i32>,
+    /// The worker's pid.
+    pub worker_pid: Option<u32>,
+}
+
+type Zones = Arc<Mutex<BTreeMap<u32, ZoneRecord>>>;
+
+/// The admin socket path that goes with a listening socket.
+pub fn admin_socket_path(socket: &Path) -> PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".admin");
+    PathBuf::from(p)
+}
+
+fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+    }
+    // A socket file left by a previous run would make bind fail; a live daemon would still
+    // answer on it, so only remove it when nobody does.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another host-proxy is already listening on {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
+    let listener = bind(&config.socket)?;
+    let admin_path = admin_socket_path(&config.socket);
+    let admin = bind(&admin_path)?;
+    tracing::info!(socket = %config.socket.display(), backend = ?config.backend, "host-proxy listening");
+    let zones: Zones = Arc::default();
+    let config = Arc::new(config);
+    let mut next_zone = 1u32;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => {
+                    let id = next_zone;
+                    next_zone = next_zone.wrapping_add(1).max(1);
+                    if let Err(e) = start_zone(id, stream, &config, &exe, &zones) {
+                        tracing::warn!(zone = id, error = %format!("{e:#}"), "could not start zone");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "accept failed"),
+            },
+            conn = admin.accept() => if let Ok((stream, _)) = conn {
+                let zones = zones.clone();
+                tokio::spawn(async move { let _ = report(stream, &zones).await; });
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    tracing::info!("shutting down: stopping all zone workers");
+    // Workers are spawned with kill_on_drop; dropping their supervising tasks with the
+    // runtime kills them. Remove our sockets so the next start is clean.
+    let _ = std::fs::remove_file(&config.socket);
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
+
+async fn report(mut stream: UnixStream, zones: &Zones) -> std::io::Result<()> {
+    let text = {
+        let zones = zones.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = String::new();
+        for (id, z) in zones.iter() {
+            t.push_str(&format!(
+                "zone {id} name={} uid={} peer_pid={} worker_pid={}\n",
+                z.name,
+                z.uid,
+                z.peer_pid.map_or("-".into(), |p| p.to_string()),
+                z.worker_pid.map_or("-".into(), |p| p.to_string()),
+            ));
+        }
+        t.push_str("end\n");
+        t
+    };
+    stream.write_all(text.as_bytes()).await
+}
+
+fn start_zone(id: u32, stream: UnixStream, config: &Arc<Config>, exe: &Path, zones: &Zones) -> Result<()> {
+    let cred = stream.peer_cred().context("cannot read the peer's credentials")?;
+    let Some((name, quotas)) = config.zone_for_uid(cred.uid()) else {
+        tracing::warn!(uid = cred.uid(), "refusing peer: its uid matches no [[zone]] and allow_unlisted = false");
+        return Ok(());
+    };
+    let std_stream = stream.into_std().context("cannot take the connection")?;
+    std_stream.set_nonblocking(false)?;
+    let fd: OwnedFd = std_stream.into();
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("worker")
+        .args(["--zone-id", &id.to_string(), "--zone-name", &name])
+        .args([
+            "--backend",
+            match config.backend {
+                BackendKind::Cuda => "cuda",
+                BackendKind::Sim => "sim",
+            },
+        ])
+        .args(["--device", &config.device.to_string()])
+        .args(["--sim-memory-bytes", &config.sim_memory_bytes.to_string()])
+        .args(["--mem-bytes", &quotas.mem_bytes.to_string()])
+        .args(["--max-handles", &quotas.max_handles.to_string()])
+        .args(["--max-async-in-flight", &quotas.max_async_in_flight.to_string()])
+        .args(["--max-ring-bytes", &config.max_ring_bytes.to_string()])
+        .args(["--max-window-bytes", &config.max_window_bytes.to_string()])
+        .stdin(Stdio::from(fd))
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().with_context(|| format!("cannot spawn worker {}", exe.display()))?;
+    let record = ZoneRecord { name: name.clone(), uid: cred.uid(), peer_pid: cred.pid(), worker_pid: child.id() };
+    tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), "zone started");
+    zones.lock().unwrap_or_else(|p| p.into_inner()).insert(id, record);
+    let zones = zones.clone();
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        zones.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        match status {
+            Ok(s) if s.success() => tracing::info!(zone = id, "zone ended: guest disconnected"),
+            Ok(s) => tracing::warn!(zone = id, status = %s, "zone ended abnormally; its resources are released"),
+            Err(e) => tracing::error!(zone = id, error = %e, "lost track of zone worker"),
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! host-proxy: the driver-domain daemon of xen-vgpu.
+//!
+//! * [`daemon`] (tokio control plane) accepts guests on the local transport, spawns one
+//!   worker process per zone and supervises it.
+//! * [`worker`] is the per-zone data path: a synchronous loop over the zone's idm channel,
+//!   no async scheduling per call.
+//! * [`zone`] checks each request against the zone's allocations, handles and quotas and
+//!   runs it on a [`backend`]: `cuda` (the real GPU) or `sim` (a test double).
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod handles;
+pub mod worker;
+pub mod zone;
