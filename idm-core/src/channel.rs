@@ -169,6 +169,12 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Channel<M, N, W> {
         self.notifier.notify().map_err(ChannelError::Notify)
     }
 
+    /// Rings the peer's doorbell unconditionally (e.g. after writing to shared memory
+    /// outside the ring protocol; spurious notifications are harmless).
+    pub fn notify_peer(&self) -> Result<(), ChannelError> {
+        self.notify()
+    }
+
     /// Sends one frame, waiting for space while the ring is full.
     pub fn send_frame(&mut self, header: &FrameHeader, body: &[u8]) -> Result<(), ChannelError> {
         loop {
