@@ -5,7 +5,8 @@
 //!   docs with warnings denied. Installs missing rustup targets and components first.
 //! * `cargo xtask fuzz [SECONDS]` — runs each cargo-fuzz target of idm-core briefly.
 //! * `cargo xtask bench` — the idm round-trip/throughput benchmark over shared memory.
-//! * `cargo xtask demo`  — the main job with its embedded defaults (see README).
+//! * `cargo xtask demo`  — the main job with its embedded defaults: host-proxy (simulated GPU
+//!   test double) serving one guest session over the local transport.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ fn main() -> Result<()> {
             fuzz(args.get(1).map(|s| s.parse()).transpose().context("SECONDS must be a number")?.unwrap_or(20))
         }
         Some("bench") => run(cargo().args(["bench", "-p", "idm-shm", "--bench", "roundtrip"])),
-        Some("demo") => run(cargo().args(["bench", "-p", "idm-shm", "--bench", "roundtrip", "--", "--quick"])),
+        Some("demo") => demo(),
         _ => {
             eprintln!("usage: cargo xtask <ci | fuzz [SECONDS] | bench | demo>");
             bail!("unknown or missing subcommand")
@@ -117,4 +118,30 @@ fn fuzz(seconds: u64) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Starts host-proxy with its embedded default configuration (the simulated GPU), runs one
+/// guest session against it, and stops the daemon.
+fn demo() -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "host-proxy", "--bin", "host-proxy", "--example", "guest_session"]))?;
+    let dir = std::env::temp_dir().join("xen-vgpu-demo");
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("host-proxy.sock");
+    let admin = dir.join("host-proxy.sock.admin");
+    eprintln!("==> starting host-proxy (embedded default config, simulated GPU) on {}", socket.display());
+    let mut daemon = Command::new("target/release/host-proxy").arg("serve").arg("--socket").arg(&socket).spawn()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&admin).is_err() {
+        if Instant::now() > deadline || daemon.try_wait()?.is_some() {
+            let _ = daemon.kill();
+            bail!("host-proxy did not come up on {}", socket.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!("==> running a guest session");
+    let session = run(Command::new("target/release/examples/guest_session").arg(&socket));
+    let _ = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
+    let status = daemon.wait()?;
+    eprintln!("==> host-proxy stopped ({status})");
+    session
 }
