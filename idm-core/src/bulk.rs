@@ -113,41 +113,14 @@ mod tests {
     fn descriptors_are_bounds_checked_without_overflow() {
         let (_b, region) = heap_region(4096);
         let w = DataWindow::new(&region);
-        assert_eq!(
-            w.check(BulkRef {
-                offset: 0,
-                len: 4096
-            }),
-            Ok((0, 4096))
-        );
-        assert_eq!(
-            w.check(BulkRef {
-                offset: 4096,
-                len: 0
-            }),
-            Ok((4096, 0))
-        );
+        assert_eq!(w.check(BulkRef { offset: 0, len: 4096 }), Ok((0, 4096)));
+        assert_eq!(w.check(BulkRef { offset: 4096, len: 0 }), Ok((4096, 0)));
         for bad in [
-            BulkRef {
-                offset: 4095,
-                len: 2,
-            },
-            BulkRef {
-                offset: u64::MAX,
-                len: 2,
-            },
-            BulkRef {
-                offset: 1,
-                len: u64::MAX,
-            },
+            BulkRef { offset: 4095, len: 2 },
+            BulkRef { offset: u64::MAX, len: 2 },
+            BulkRef { offset: 1, len: u64::MAX },
         ] {
-            assert_eq!(
-                w.check(bad),
-                Err(BulkError::OutOfBounds {
-                    desc: bad,
-                    window: 4096
-                })
-            );
+            assert_eq!(w.check(bad), Err(BulkError::OutOfBounds { desc: bad, window: 4096 }));
         }
     }
 
@@ -155,10 +128,7 @@ mod tests {
     fn write_then_read_round_trips() {
         let (_b, region) = heap_region(4096);
         let w = DataWindow::new(&region);
-        let desc = BulkRef {
-            offset: 13,
-            len: 100,
-        };
+        let desc = BulkRef { offset: 13, len: 100 };
         let data: [u8; 100] = core::array::from_fn(|i| i as u8);
         w.write(desc, &data).unwrap();
         let mut out = [0u8; 100];

@@ -33,8 +33,8 @@ use crate::region::SharedMemory;
 use crate::ring::{RingConsumer, RingError, RingProducer};
 use crate::wire::proto::{ErrorKind, ErrorReply, Hello, HelloAck};
 use crate::wire::{
-    decode_body, encode_body, Flags, FrameHeader, Message, MessageId, WireError,
-    BOOTSTRAP_MAX_FRAME, HEADER_LEN, PROTOCOL_VERSION,
+    decode_body, encode_body, Flags, FrameHeader, Message, MessageId, WireError, BOOTSTRAP_MAX_FRAME, HEADER_LEN,
+    PROTOCOL_VERSION,
 };
 
 /// Why a channel operation failed.
@@ -81,20 +81,13 @@ impl core::fmt::Display for ChannelError {
             ChannelError::Wire(e) => write!(f, "{e}"),
             ChannelError::TimedOut => write!(f, "peer did not respond within the wait timeout"),
             ChannelError::UnexpectedFrame { id, seq } => {
-                write!(
-                    f,
-                    "unexpected frame (id {:#06x}, seq {seq}); connection failed",
-                    id.0
-                )
+                write!(f, "unexpected frame (id {:#06x}, seq {seq}); connection failed", id.0)
             }
             ChannelError::Remote { kind, code } => {
                 write!(f, "peer reported {kind:?} (code {code})")
             }
             ChannelError::TooLarge { len, max } => {
-                write!(
-                    f,
-                    "message of {len} bytes exceeds the negotiated frame limit of {max}"
-                )
+                write!(f, "message of {len} bytes exceeds the negotiated frame limit of {max}")
             }
         }
     }
@@ -134,20 +127,8 @@ pub struct Channel<M, N, W> {
 
 impl<M: SharedMemory, N: Notifier, W: Waiter> Channel<M, N, W> {
     /// Assembles a channel from its rings and doorbell.
-    pub fn new(
-        tx: RingProducer<M>,
-        rx: RingConsumer<M>,
-        notifier: N,
-        waiter: W,
-        policy: WaitPolicy,
-    ) -> Self {
-        Channel {
-            tx,
-            rx,
-            notifier,
-            waiter,
-            policy,
-        }
+    pub fn new(tx: RingProducer<M>, rx: RingConsumer<M>, notifier: N, waiter: W, policy: WaitPolicy) -> Self {
+        Channel { tx, rx, notifier, waiter, policy }
     }
 
     /// The wait policy.
@@ -236,18 +217,9 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Channel<M, N, W> {
     ) -> Result<(), ChannelError> {
         let body = encode_body(msg, scratch)?;
         if body.len() > max as usize {
-            return Err(ChannelError::TooLarge {
-                len: body.len(),
-                max,
-            });
+            return Err(ChannelError::TooLarge { len: body.len(), max });
         }
-        let header = FrameHeader {
-            len: body.len() as u32,
-            id: T::ID,
-            flags,
-            seq,
-            aux,
-        };
+        let header = FrameHeader { len: body.len() as u32, id: T::ID, flags, seq, aux };
         self.send_frame(&header, body)
     }
 }
@@ -262,10 +234,7 @@ pub struct Reply<'b> {
 impl<'b> Reply<'b> {
     /// The error code of an earlier asynchronous request that failed, reported now.
     pub fn deferred_error(&self) -> Option<u32> {
-        self.header
-            .flags
-            .contains(Flags::DEFERRED_ERROR)
-            .then_some(self.header.aux)
+        self.header.flags.contains(Flags::DEFERRED_ERROR).then_some(self.header.aux)
     }
 
     /// The raw body.
@@ -282,16 +251,10 @@ impl<'b> Reply<'b> {
     pub fn decode<T: Message>(&self) -> Result<T, ChannelError> {
         if self.header.flags.contains(Flags::ERROR) {
             let e = decode_body::<ErrorReply>(self.body)?;
-            return Err(ChannelError::Remote {
-                kind: e.kind,
-                code: e.code,
-            });
+            return Err(ChannelError::Remote { kind: e.kind, code: e.code });
         }
         if self.header.id != T::ID {
-            return Err(ChannelError::UnexpectedFrame {
-                id: self.header.id,
-                seq: self.header.seq,
-            });
+            return Err(ChannelError::UnexpectedFrame { id: self.header.id, seq: self.header.seq });
         }
         Ok(decode_body::<T>(self.body)?)
     }
@@ -309,42 +272,20 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Client<M, N, W> {
     /// Runs the hello exchange and returns a connected client. `max_frame` is the largest
     /// body this side wants; the result is the smaller of both sides' limits. `buf` must
     /// hold at least [`BOOTSTRAP_MAX_FRAME`] bytes.
-    pub fn connect(
-        mut ch: Channel<M, N, W>,
-        max_frame: u32,
-        buf: &mut [u8],
-    ) -> Result<Self, ChannelError> {
+    pub fn connect(mut ch: Channel<M, N, W>, max_frame: u32, buf: &mut [u8]) -> Result<Self, ChannelError> {
         ch.rx.set_max_frame(BOOTSTRAP_MAX_FRAME);
-        let hello = Hello {
-            min_version: PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
-            max_frame,
-        };
+        let hello = Hello { min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, max_frame };
         ch.send_message(&hello, Flags::empty(), 0, 0, buf, BOOTSTRAP_MAX_FRAME)?;
         let header = ch.recv_frame(buf)?;
         if header.seq != 0 || !header.flags.contains(Flags::RESPONSE) {
-            return Err(ChannelError::UnexpectedFrame {
-                id: header.id,
-                seq: header.seq,
-            });
+            return Err(ChannelError::UnexpectedFrame { id: header.id, seq: header.seq });
         }
-        let ack: HelloAck = Reply {
-            header,
-            body: &buf[..header.len as usize],
-        }
-        .decode()?;
+        let ack: HelloAck = Reply { header, body: &buf[..header.len as usize] }.decode()?;
         if ack.version != PROTOCOL_VERSION || ack.max_frame > max_frame || ack.max_frame == 0 {
-            return Err(ChannelError::Remote {
-                kind: ErrorKind::VersionMismatch,
-                code: 0,
-            });
+            return Err(ChannelError::Remote { kind: ErrorKind::VersionMismatch, code: 0 });
         }
         ch.rx.set_max_frame(ack.max_frame);
-        Ok(Client {
-            ch,
-            next_seq: 1,
-            version: ack.version,
-        })
+        Ok(Client { ch, next_seq: 1, version: ack.version })
     }
 
     /// The negotiated protocol version.
@@ -371,26 +312,15 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Client<M, N, W> {
 
     /// Sends a synchronous request and waits for its response, which is received into
     /// `buf` (also used to encode the request).
-    pub fn call<'b, T: Message>(
-        &mut self,
-        req: &T,
-        buf: &'b mut [u8],
-    ) -> Result<Reply<'b>, ChannelError> {
+    pub fn call<'b, T: Message>(&mut self, req: &T, buf: &'b mut [u8]) -> Result<Reply<'b>, ChannelError> {
         let seq = self.take_seq();
         let max = self.ch.max_frame();
-        self.ch
-            .send_message(req, Flags::empty(), seq, 0, buf, max)?;
+        self.ch.send_message(req, Flags::empty(), seq, 0, buf, max)?;
         let header = self.ch.recv_frame(buf)?;
         if header.seq != seq || !header.flags.contains(Flags::RESPONSE) {
-            return Err(ChannelError::UnexpectedFrame {
-                id: header.id,
-                seq: header.seq,
-            });
+            return Err(ChannelError::UnexpectedFrame { id: header.id, seq: header.seq });
         }
-        Ok(Reply {
-            header,
-            body: &buf[..header.len as usize],
-        })
+        Ok(Reply { header, body: &buf[..header.len as usize] })
     }
 
     /// Sends an asynchronous request: no reply; a failure is reported by the next
@@ -398,8 +328,7 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Client<M, N, W> {
     pub fn post<T: Message>(&mut self, req: &T, scratch: &mut [u8]) -> Result<(), ChannelError> {
         let seq = self.take_seq();
         let max = self.ch.max_frame();
-        self.ch
-            .send_message(req, Flags::NO_REPLY, seq, 0, scratch, max)
+        self.ch.send_message(req, Flags::NO_REPLY, seq, 0, scratch, max)
     }
 }
 
@@ -426,40 +355,23 @@ pub struct Server<M, N, W> {
 
 impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
     /// Waits for the client's hello and answers it. `max_frame` is this side's limit.
-    pub fn accept(
-        mut ch: Channel<M, N, W>,
-        max_frame: u32,
-        buf: &mut [u8],
-    ) -> Result<Self, ChannelError> {
+    pub fn accept(mut ch: Channel<M, N, W>, max_frame: u32, buf: &mut [u8]) -> Result<Self, ChannelError> {
         ch.rx.set_max_frame(BOOTSTRAP_MAX_FRAME);
         let header = ch.recv_frame(buf)?;
         if header.id != Hello::ID || header.flags != Flags::empty() || header.seq != 0 {
-            return Err(ChannelError::UnexpectedFrame {
-                id: header.id,
-                seq: header.seq,
-            });
+            return Err(ChannelError::UnexpectedFrame { id: header.id, seq: header.seq });
         }
         let hello = decode_body::<Hello>(&buf[..header.len as usize])?;
         let resp = Flags::RESPONSE;
         if hello.min_version > PROTOCOL_VERSION || hello.max_version < PROTOCOL_VERSION {
-            let e = ErrorReply {
-                kind: ErrorKind::VersionMismatch,
-                request_id: Hello::ID,
-                code: 0,
-            };
+            let e = ErrorReply { kind: ErrorKind::VersionMismatch, request_id: Hello::ID, code: 0 };
             ch.send_message(&e, resp.with(Flags::ERROR), 0, 0, buf, BOOTSTRAP_MAX_FRAME)?;
-            return Err(ChannelError::Remote {
-                kind: ErrorKind::VersionMismatch,
-                code: 0,
-            });
+            return Err(ChannelError::Remote { kind: ErrorKind::VersionMismatch, code: 0 });
         }
         // The frame limit is the smaller of both sides' and what the rings can carry.
         let ring_limit = (ch.tx.size().min(ch.rx_size()) - HEADER_LEN) as u32;
         let negotiated = hello.max_frame.min(max_frame).min(ring_limit);
-        let ack = HelloAck {
-            version: PROTOCOL_VERSION,
-            max_frame: negotiated,
-        };
+        let ack = HelloAck { version: PROTOCOL_VERSION, max_frame: negotiated };
         ch.send_message(&ack, resp, 0, 0, buf, BOOTSTRAP_MAX_FRAME)?;
         ch.rx.set_max_frame(negotiated);
         Ok(Server { ch, deferred: None })
@@ -477,10 +389,7 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
 
     fn incoming<'b>(header: FrameHeader, buf: &'b [u8]) -> Result<Incoming<'b>, ChannelError> {
         if header.flags.contains(Flags::RESPONSE) || header.flags.contains(Flags::ERROR) {
-            return Err(ChannelError::UnexpectedFrame {
-                id: header.id,
-                seq: header.seq,
-            });
+            return Err(ChannelError::UnexpectedFrame { id: header.id, seq: header.seq });
         }
         Ok(Incoming {
             id: header.id,
@@ -497,10 +406,7 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
     }
 
     /// Takes the next request if one is ready.
-    pub fn try_recv<'b>(
-        &mut self,
-        buf: &'b mut [u8],
-    ) -> Result<Option<Incoming<'b>>, ChannelError> {
+    pub fn try_recv<'b>(&mut self, buf: &'b mut [u8]) -> Result<Option<Incoming<'b>>, ChannelError> {
         match self.ch.try_recv_frame(buf)? {
             Some(header) => Self::incoming(header, buf).map(Some),
             None => Ok(None),
@@ -520,12 +426,7 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
     }
 
     /// Answers `req` with `msg` (nothing is sent for a no-reply request).
-    pub fn reply<T: Message>(
-        &mut self,
-        req: &Incoming<'_>,
-        msg: &T,
-        scratch: &mut [u8],
-    ) -> Result<(), ChannelError> {
+    pub fn reply<T: Message>(&mut self, req: &Incoming<'_>, msg: &T, scratch: &mut [u8]) -> Result<(), ChannelError> {
         if req.no_reply {
             return Ok(());
         }
@@ -548,11 +449,7 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
             return Ok(());
         }
         let (flags, aux) = self.response_flags(Flags::RESPONSE.with(Flags::ERROR));
-        let e = ErrorReply {
-            kind,
-            request_id: req.id,
-            code,
-        };
+        let e = ErrorReply { kind, request_id: req.id, code };
         let max = self.ch.max_frame();
         self.ch.send_message(&e, flags, req.seq, aux, scratch, max)
     }
@@ -604,10 +501,7 @@ mod tests {
     fn pair(region: &RawRegion, size: usize) -> (Ch<'_>, Ch<'_>) {
         let a = SubRegion::new(region, 0, footprint(size)).unwrap();
         let b = SubRegion::new(region, footprint(size), footprint(size)).unwrap();
-        let p = WaitPolicy {
-            spin_iters: 10,
-            timeout: None,
-        };
+        let p = WaitPolicy { spin_iters: 10, timeout: None };
         let client = Channel::new(
             RingProducer::init(a, size).unwrap(),
             RingConsumer::attach(b, size, 0).unwrap(),
@@ -631,18 +525,12 @@ mod tests {
         for _ in 0..requests {
             let req = server.recv(&mut buf).unwrap();
             match Req::decode(req.id, req.body) {
-                Ok(Req::Add(Add { a, b })) => {
-                    server.reply(&req, &Sum(a + b), &mut scratch).unwrap()
+                Ok(Req::Add(Add { a, b })) => server.reply(&req, &Sum(a + b), &mut scratch).unwrap(),
+                Ok(Req::Fail(Fail(code))) => {
+                    server.reply_error(&req, ErrorKind::Application, code, &mut scratch).unwrap()
                 }
-                Ok(Req::Fail(Fail(code))) => server
-                    .reply_error(&req, ErrorKind::Application, code, &mut scratch)
-                    .unwrap(),
-                Ok(Req::Unknown(_)) => server
-                    .reply_error(&req, ErrorKind::UnknownMessage, 99, &mut scratch)
-                    .unwrap(),
-                Err(_) => server
-                    .reply_error(&req, ErrorKind::BadBody, 98, &mut scratch)
-                    .unwrap(),
+                Ok(Req::Unknown(_)) => server.reply_error(&req, ErrorKind::UnknownMessage, 99, &mut scratch).unwrap(),
+                Err(_) => server.reply_error(&req, ErrorKind::BadBody, 98, &mut scratch).unwrap(),
             }
         }
     }
@@ -662,26 +550,14 @@ mod tests {
             let mut client = Client::connect(c, 4096, &mut buf).unwrap();
             assert_eq!(client.max_frame(), 1008);
             let r = client.call(&Add { a: 2, b: 40 }, &mut buf).unwrap();
-            assert_eq!(
-                (r.decode::<Sum>().unwrap(), r.deferred_error()),
-                (Sum(42), None)
-            );
+            assert_eq!((r.decode::<Sum>().unwrap(), r.deferred_error()), (Sum(42), None));
             // An asynchronous failure surfaces at the next synchronous call, once.
             client.post(&Fail(7), &mut buf).unwrap();
             client.post(&Fail(8), &mut buf).unwrap();
             let r = client.call(&Add { a: 1, b: 1 }, &mut buf).unwrap();
-            assert_eq!(
-                (r.decode::<Sum>().unwrap(), r.deferred_error()),
-                (Sum(2), Some(7))
-            );
+            assert_eq!((r.decode::<Sum>().unwrap(), r.deferred_error()), (Sum(2), Some(7)));
             let r = client.call(&Mystery, &mut buf).unwrap();
-            assert_eq!(
-                r.decode::<Sum>(),
-                Err(ChannelError::Remote {
-                    kind: ErrorKind::UnknownMessage,
-                    code: 99
-                })
-            );
+            assert_eq!(r.decode::<Sum>(), Err(ChannelError::Remote { kind: ErrorKind::UnknownMessage, code: 99 }));
             assert_eq!(r.deferred_error(), None);
         });
     }
@@ -700,16 +576,12 @@ mod tests {
                 let mut total = 0u64;
                 for _ in 0..N {
                     let req = server.recv(&mut buf).unwrap();
-                    let Ok(Req::Add(add)) = Req::decode(req.id, req.body) else {
-                        panic!("bad request")
-                    };
+                    let Ok(Req::Add(add)) = Req::decode(req.id, req.body) else { panic!("bad request") };
                     total += u64::from(add.a);
                     server.reply(&req, &Sum(0), &mut scratch).unwrap();
                 }
                 let req = server.recv(&mut buf).unwrap();
-                server
-                    .reply(&req, &Sum(total as u32), &mut scratch)
-                    .unwrap();
+                server.reply(&req, &Sum(total as u32), &mut scratch).unwrap();
             });
             let mut buf = [0u8; 256];
             let mut client = Client::connect(c, 112, &mut buf).unwrap();
@@ -729,35 +601,15 @@ mod tests {
             scope.spawn(|| {
                 let mut buf = [0u8; 512];
                 let e = Server::accept(s, 512, &mut buf).unwrap_err();
-                assert_eq!(
-                    e,
-                    ChannelError::Remote {
-                        kind: ErrorKind::VersionMismatch,
-                        code: 0
-                    }
-                );
+                assert_eq!(e, ChannelError::Remote { kind: ErrorKind::VersionMismatch, code: 0 });
             });
             let mut buf = [0u8; 512];
-            let hello = Hello {
-                min_version: 9,
-                max_version: 12,
-                max_frame: 256,
-            };
+            let hello = Hello { min_version: 9, max_version: 12, max_frame: 256 };
             c.rx.set_max_frame(BOOTSTRAP_MAX_FRAME);
-            c.send_message(&hello, Flags::empty(), 0, 0, &mut buf, 256)
-                .unwrap();
+            c.send_message(&hello, Flags::empty(), 0, 0, &mut buf, 256).unwrap();
             let h = c.recv_frame(&mut buf).unwrap();
-            let r = Reply {
-                header: h,
-                body: &buf[..h.len as usize],
-            };
-            assert_eq!(
-                r.decode::<HelloAck>(),
-                Err(ChannelError::Remote {
-                    kind: ErrorKind::VersionMismatch,
-                    code: 0
-                })
-            );
+            let r = Reply { header: h, body: &buf[..h.len as usize] };
+            assert_eq!(r.decode::<HelloAck>(), Err(ChannelError::Remote { kind: ErrorKind::VersionMismatch, code: 0 }));
         });
     }
 
@@ -780,10 +632,7 @@ mod tests {
             }
             let big = Big(core::iter::repeat_n(7u8, 300).collect());
             let mut scratch = [0u8; 512];
-            assert_eq!(
-                client.post(&big, &mut scratch),
-                Err(ChannelError::TooLarge { len: 302, max: 256 })
-            );
+            assert_eq!(client.post(&big, &mut scratch), Err(ChannelError::TooLarge { len: 302, max: 256 }));
         });
     }
 }

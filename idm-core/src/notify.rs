@@ -58,8 +58,7 @@ pub trait Waiter {
     /// Takes a token before the final re-check of the condition.
     fn arm(&self) -> WaitToken;
     /// Blocks until a notification newer than `token`, or the timeout.
-    fn wait(&self, token: WaitToken, timeout: Option<Duration>)
-        -> Result<WaitOutcome, NotifyError>;
+    fn wait(&self, token: WaitToken, timeout: Option<Duration>) -> Result<WaitOutcome, NotifyError>;
 }
 
 impl<T: Notifier + ?Sized> Notifier for &T {
@@ -72,11 +71,7 @@ impl<T: Waiter + ?Sized> Waiter for &T {
     fn arm(&self) -> WaitToken {
         (**self).arm()
     }
-    fn wait(
-        &self,
-        token: WaitToken,
-        timeout: Option<Duration>,
-    ) -> Result<WaitOutcome, NotifyError> {
+    fn wait(&self, token: WaitToken, timeout: Option<Duration>) -> Result<WaitOutcome, NotifyError> {
         (**self).wait(token, timeout)
     }
 }
@@ -95,10 +90,7 @@ impl Default for WaitPolicy {
     fn default() -> Self {
         // About 20–50 µs of spinning on current CPUs: longer than a GPU call's typical
         // turnaround, far shorter than a scheduler tick.
-        WaitPolicy {
-            spin_iters: 20_000,
-            timeout: None,
-        }
+        WaitPolicy { spin_iters: 20_000, timeout: None }
     }
 }
 
@@ -134,17 +126,10 @@ pub fn wait_until<W: Waiter, E>(
         if ready().map_err(WaitError::Check)? {
             return Ok(());
         }
-        match waiter
-            .wait(token, policy.timeout)
-            .map_err(WaitError::Notify)?
-        {
+        match waiter.wait(token, policy.timeout).map_err(WaitError::Notify)? {
             WaitOutcome::Woken => {}
             WaitOutcome::TimedOut => {
-                return if ready().map_err(WaitError::Check)? {
-                    Ok(())
-                } else {
-                    Err(WaitError::TimedOut)
-                };
+                return if ready().map_err(WaitError::Check)? { Ok(()) } else { Err(WaitError::TimedOut) };
             }
         }
     }
@@ -165,11 +150,7 @@ impl Waiter for Polling {
     fn arm(&self) -> WaitToken {
         WaitToken(0)
     }
-    fn wait(
-        &self,
-        _token: WaitToken,
-        _timeout: Option<Duration>,
-    ) -> Result<WaitOutcome, NotifyError> {
+    fn wait(&self, _token: WaitToken, _timeout: Option<Duration>) -> Result<WaitOutcome, NotifyError> {
         core::hint::spin_loop();
         Ok(WaitOutcome::Woken)
     }

@@ -87,17 +87,11 @@ impl<M: SharedMemory> SharedMemory for SubRegion<M> {
         self.mem.store_u32(self.base + offset, value, order)
     }
     fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
-        assert!(
-            offset + dst.len() <= self.len,
-            "SubRegion::read_bytes out of bounds"
-        );
+        assert!(offset + dst.len() <= self.len, "SubRegion::read_bytes out of bounds");
         self.mem.read_bytes(self.base + offset, dst)
     }
     fn write_bytes(&self, offset: usize, src: &[u8]) {
-        assert!(
-            offset + src.len() <= self.len,
-            "SubRegion::write_bytes out of bounds"
-        );
+        assert!(offset + src.len() <= self.len, "SubRegion::write_bytes out of bounds");
         self.mem.write_bytes(self.base + offset, src)
     }
 }
@@ -135,10 +129,7 @@ mod raw {
         /// the memory must only be accessed atomically or by other processes/domains
         /// (never through Rust references) during that time.
         pub unsafe fn new(base: NonNull<u8>, len: usize) -> Self {
-            assert!(
-                base.as_ptr() as usize % 8 == 0,
-                "RawRegion base must be 8-byte aligned"
-            );
+            assert!(base.as_ptr() as usize % 8 == 0, "RawRegion base must be 8-byte aligned");
             RawRegion { base, len }
         }
 
@@ -149,10 +140,7 @@ mod raw {
 
         fn check(&self, offset: usize, len: usize) {
             let end = offset.checked_add(len);
-            assert!(
-                matches!(end, Some(e) if e <= self.len),
-                "RawRegion access out of bounds"
-            );
+            assert!(matches!(end, Some(e) if e <= self.len), "RawRegion access out of bounds");
         }
 
         fn byte(&self, offset: usize) -> &AtomicU8 {
@@ -221,8 +209,7 @@ mod raw {
             while src.len() - i >= 8 {
                 let mut w = [0u8; 8];
                 w.copy_from_slice(&src[i..i + 8]);
-                self.word64(offset + i)
-                    .store(u64::from_ne_bytes(w), Ordering::Relaxed);
+                self.word64(offset + i).store(u64::from_ne_bytes(w), Ordering::Relaxed);
                 i += 8;
             }
             while i < src.len() {

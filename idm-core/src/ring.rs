@@ -15,15 +15,23 @@
 //!
 //! **Who owns what.** Each side keeps its own index privately and only *publishes* it to
 //! shared memory; it never reads its own index back (the peer could have scribbled it).
-//! The other side's index is read once per operation and validated: the in-flight byte
-//! count `prod - cons` (wrapping) must never exceed `size` (XSA-86). A frame is copied out
+//! The other side's index is read at most once per operation and validated: the in-flight
+//! byte count `prod - cons` (wrapping) must never exceed `size` (XSA-86). Each side keeps
+//! the last validated value and reads the index again only when that value no longer
+//! covers the operation (no frame left to receive, not enough space to send), so on the
+//! hot path neither side touches the other's index line. A frame is copied out
 //! of the ring once, into the caller's buffer, and only that copy is parsed (XSA-155).
 //!
 //! **Ordering.** The producer writes frame bytes, then publishes `prod` with release;
 //! the consumer reads `prod` with acquire before reading bytes. Symmetrically for `cons`
 //! and the space it frees. The notify-request handshake (a side sets its *wanted* word,
 //! then re-checks the index; the other side publishes its index, then reads the wanted
-//! word) is a store-then-load pattern on both sides, so those four accesses are `SeqCst`.
+//! word) is a store-then-load pattern on both sides, so those four accesses are `SeqCst`:
+//! the *wanted* store and the index re-load (every index load in [`RingProducer::free_space`]
+//! and [`RingConsumer::available`], which double as the re-check) on the waiting side, the
+//! index store and the *wanted* load on the other. An acquire re-load is not enough: it may
+//! be satisfied before the *wanted* store is visible, and both sides then miss each other
+//! (a lost wake-up; found by the loom model in `tests/loom_ring.rs`).
 //!
 //! **Suppression.** A producer reports "notify the peer" only when the consumer has asked
 //! for it (set `data_wanted`), so a busy producer talking to a polling consumer sends no
@@ -103,9 +111,14 @@ pub enum RingError {
 impl core::fmt::Display for RingError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            RingError::BadGeometry => write!(f, "ring size must be a power of two between {MIN_SIZE} and {MAX_SIZE} bytes and fit the region"),
+            RingError::BadGeometry => {
+                write!(f, "ring size must be a power of two between {MIN_SIZE} and {MAX_SIZE} bytes and fit the region")
+            }
             RingError::IndexOutOfRange { in_flight, size } => {
-                write!(f, "peer's ring index claims {in_flight} bytes in flight in a {size}-byte ring; connection failed")
+                write!(
+                    f,
+                    "peer's ring index claims {in_flight} bytes in flight in a {size}-byte ring; connection failed"
+                )
             }
             RingError::BadFrame(e) => write!(f, "malformed frame in ring ({e}); connection failed"),
             RingError::TruncatedFrame { need, available } => {
@@ -122,20 +135,12 @@ impl core::error::Error for RingError {}
 impl RingError {
     /// Whether the error means the peer broke the protocol (the connection is dead).
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            RingError::IndexOutOfRange { .. }
-                | RingError::BadFrame(_)
-                | RingError::TruncatedFrame { .. }
-        )
+        matches!(self, RingError::IndexOutOfRange { .. } | RingError::BadFrame(_) | RingError::TruncatedFrame { .. })
     }
 }
 
 fn check_geometry<M: SharedMemory>(mem: &M, size: usize) -> Result<(), RingError> {
-    if !size.is_power_of_two()
-        || !(MIN_SIZE..=MAX_SIZE).contains(&size)
-        || mem.size() < footprint(size)
-    {
+    if !size.is_power_of_two() || !(MIN_SIZE..=MAX_SIZE).contains(&size) || mem.size() < footprint(size) {
         return Err(RingError::BadGeometry);
     }
     Ok(())
@@ -170,6 +175,10 @@ pub struct RingProducer<M> {
     mem: M,
     mask: u32,
     prod: u32,
+    /// The consumer's index as last read and validated (`prod - cons_seen <= size`). The
+    /// space it leaves is certainly free, so a send that fits skips re-reading the index
+    /// and the producer stays off the consumer's cache line on the hot path.
+    cons_seen: u32,
     failed: Option<RingError>,
 }
 
@@ -193,6 +202,8 @@ impl<M: SharedMemory> RingProducer<M> {
             mem,
             mask: (size - 1) as u32,
             prod,
+            // "Full" until the consumer's index has been read and checked.
+            cons_seen: prod.wrapping_sub(size as u32),
             failed: None,
         })
     }
@@ -200,12 +211,7 @@ impl<M: SharedMemory> RingProducer<M> {
     /// Zeroes the header of a fresh ring and takes its producer end.
     pub fn init(mem: M, size: usize) -> Result<Self, RingError> {
         check_geometry(&mem, size)?;
-        for off in [
-            field::PROD,
-            field::CONS,
-            field::DATA_WANTED,
-            field::SPACE_WANTED,
-        ] {
+        for off in [field::PROD, field::CONS, field::DATA_WANTED, field::SPACE_WANTED] {
             mem.store_u32(off, 0, Relaxed);
         }
         Self::attach(mem, size)
@@ -231,45 +237,38 @@ impl<M: SharedMemory> RingProducer<M> {
         if let Some(e) = self.failed {
             return Err(e);
         }
-        let cons = self.mem.load_u32(field::CONS, Acquire);
+        // SeqCst, not just Acquire: this is also the re-check after
+        // `request_space_notify` (see "Ordering" above).
+        let cons = self.mem.load_u32(field::CONS, SeqCst);
         let in_flight = self.prod.wrapping_sub(cons);
         let size = self.mask.wrapping_add(1);
         if in_flight > size {
             return Err(self.fail(RingError::IndexOutOfRange { in_flight, size }));
         }
+        self.cons_seen = cons;
         Ok((size - in_flight) as usize)
     }
 
     /// Writes one frame (header then body) if it fits; `Ok(None)` when the ring is full
     /// for now (backpressure: retry after waiting, nothing is dropped).
-    pub fn try_send(
-        &mut self,
-        header: &FrameHeader,
-        body: &[u8],
-    ) -> Result<Option<Sent>, RingError> {
+    pub fn try_send(&mut self, header: &FrameHeader, body: &[u8]) -> Result<Option<Sent>, RingError> {
         debug_assert_eq!(header.len as usize, body.len());
         let total = HEADER_LEN + body.len();
         if total > self.size() {
-            return Err(RingError::FrameTooLarge {
-                len: total,
-                size: self.size(),
-            });
+            return Err(RingError::FrameTooLarge { len: total, size: self.size() });
         }
-        if self.free_space()? < total {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let seen_free = self.size() - self.prod.wrapping_sub(self.cons_seen) as usize;
+        if seen_free < total && self.free_space()? < total {
             return Ok(None);
         }
         copy_in(&self.mem, self.mask, self.prod, &header.emit());
-        copy_in(
-            &self.mem,
-            self.mask,
-            self.prod.wrapping_add(HEADER_LEN as u32),
-            body,
-        );
+        copy_in(&self.mem, self.mask, self.prod.wrapping_add(HEADER_LEN as u32), body);
         self.prod = self.prod.wrapping_add(total as u32);
         self.mem.store_u32(field::PROD, self.prod, SeqCst);
-        Ok(Some(Sent {
-            notify: self.take_request(field::DATA_WANTED),
-        }))
+        Ok(Some(Sent { notify: self.take_request(field::DATA_WANTED) }))
     }
 
     fn take_request(&self, off: usize) -> bool {
@@ -303,6 +302,10 @@ pub struct RingConsumer<M> {
     mem: M,
     mask: u32,
     cons: u32,
+    /// The producer's index as last read and validated (`prod_seen - cons <= size`). Frames
+    /// before it are published, so while any remain the consumer does not re-read the
+    /// index, and a backlog is drained without touching the producer's cache line.
+    prod_seen: u32,
     max_frame: u32,
     failed: Option<RingError>,
 }
@@ -313,13 +316,7 @@ impl<M: SharedMemory> RingConsumer<M> {
     pub fn attach(mem: M, size: usize, max_frame: u32) -> Result<Self, RingError> {
         check_geometry(&mem, size)?;
         let cons = mem.load_u32(field::CONS, Acquire);
-        Ok(RingConsumer {
-            mem,
-            mask: (size - 1) as u32,
-            cons,
-            max_frame,
-            failed: None,
-        })
+        Ok(RingConsumer { mem, mask: (size - 1) as u32, cons, prod_seen: cons, max_frame, failed: None })
     }
 
     /// Changes the largest accepted body (after the hello exchange).
@@ -352,12 +349,15 @@ impl<M: SharedMemory> RingConsumer<M> {
         if let Some(e) = self.failed {
             return Err(e);
         }
-        let prod = self.mem.load_u32(field::PROD, Acquire);
+        // SeqCst, not just Acquire: this is also the re-check after
+        // `request_data_notify` (see "Ordering" above).
+        let prod = self.mem.load_u32(field::PROD, SeqCst);
         let in_flight = prod.wrapping_sub(self.cons);
         let size = self.mask.wrapping_add(1);
         if in_flight > size {
             return Err(self.fail(RingError::IndexOutOfRange { in_flight, size }));
         }
+        self.prod_seen = prod;
         Ok(in_flight)
     }
 
@@ -365,15 +365,18 @@ impl<M: SharedMemory> RingConsumer<M> {
     /// ring is empty. The header is parsed from a private copy and the body is copied out
     /// exactly once, so later writes by the peer cannot change what was validated.
     pub fn try_recv(&mut self, buf: &mut [u8]) -> Result<Option<Received>, RingError> {
-        let available = self.available()?;
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let mut available = self.prod_seen.wrapping_sub(self.cons);
         if available == 0 {
-            return Ok(None);
+            available = self.available()?;
+            if available == 0 {
+                return Ok(None);
+            }
         }
         if (available as usize) < HEADER_LEN {
-            return Err(self.fail(RingError::TruncatedFrame {
-                need: HEADER_LEN as u32,
-                available,
-            }));
+            return Err(self.fail(RingError::TruncatedFrame { need: HEADER_LEN as u32, available }));
         }
         let mut raw = [0u8; HEADER_LEN];
         copy_out(&self.mem, self.mask, self.cons, &mut raw);
@@ -384,21 +387,13 @@ impl<M: SharedMemory> RingConsumer<M> {
         // `len <= max_frame <= u32::MAX`; the sum is computed in u64 so it cannot wrap.
         let need = HEADER_LEN as u64 + u64::from(header.len);
         if need > u64::from(available) {
-            return Err(self.fail(RingError::TruncatedFrame {
-                need: need.min(u64::from(u32::MAX)) as u32,
-                available,
-            }));
+            return Err(self.fail(RingError::TruncatedFrame { need: need.min(u64::from(u32::MAX)) as u32, available }));
         }
         let len = header.len as usize;
         if buf.len() < len {
             return Err(RingError::BufferTooSmall { need: len });
         }
-        copy_out(
-            &self.mem,
-            self.mask,
-            self.cons.wrapping_add(HEADER_LEN as u32),
-            &mut buf[..len],
-        );
+        copy_out(&self.mem, self.mask, self.cons.wrapping_add(HEADER_LEN as u32), &mut buf[..len]);
         self.cons = self.cons.wrapping_add(need as u32);
         self.mem.store_u32(field::CONS, self.cons, SeqCst);
         let notify = if self.mem.load_u32(field::SPACE_WANTED, SeqCst) != 0 {
@@ -427,13 +422,7 @@ mod tests {
     use std::vec::Vec;
 
     fn hdr(len: usize, seq: u32) -> FrameHeader {
-        FrameHeader {
-            len: len as u32,
-            id: MessageId(0x0100),
-            flags: Flags::empty(),
-            seq,
-            aux: 0,
-        }
+        FrameHeader { len: len as u32, id: MessageId(0x0100), flags: Flags::empty(), seq, aux: 0 }
     }
 
     #[test]
@@ -443,9 +432,7 @@ mod tests {
         let mut c = RingConsumer::attach(&region, 64, 64).unwrap();
         let mut out = [0u8; 64];
         for seq in 0..50u32 {
-            let body: Vec<u8> = (0..(seq as usize % 30))
-                .map(|i| i as u8 ^ seq as u8)
-                .collect();
+            let body: Vec<u8> = (0..(seq as usize % 30)).map(|i| i as u8 ^ seq as u8).collect();
             assert!(p.try_send(&hdr(body.len(), seq), &body).unwrap().is_some());
             let r = c.try_recv(&mut out).unwrap().unwrap();
             assert_eq!(r.header.seq, seq);
@@ -461,18 +448,11 @@ mod tests {
         let mut c = RingConsumer::attach(&region, 64, 64).unwrap();
         assert!(p.try_send(&hdr(16, 0), &[1; 16]).unwrap().is_some());
         assert!(p.try_send(&hdr(16, 1), &[2; 16]).unwrap().is_some());
-        assert_eq!(
-            p.try_send(&hdr(1, 2), &[3]).unwrap(),
-            None,
-            "full: must wait, not drop"
-        );
+        assert_eq!(p.try_send(&hdr(1, 2), &[3]).unwrap(), None, "full: must wait, not drop");
         let mut out = [0u8; 64];
         assert_eq!(c.try_recv(&mut out).unwrap().unwrap().header.seq, 0);
         assert!(p.try_send(&hdr(1, 2), &[3]).unwrap().is_some());
-        assert_eq!(
-            p.try_send(&hdr(60, 3), &[0; 60]),
-            Err(RingError::FrameTooLarge { len: 76, size: 64 })
-        );
+        assert_eq!(p.try_send(&hdr(60, 3), &[0; 60]), Err(RingError::FrameTooLarge { len: 76, size: 64 }));
     }
 
     #[test]
@@ -483,13 +463,7 @@ mod tests {
         region.store_u32(field::PROD, 65, Release);
         let mut out = [0u8; 64];
         let e = c.try_recv(&mut out).unwrap_err();
-        assert_eq!(
-            e,
-            RingError::IndexOutOfRange {
-                in_flight: 65,
-                size: 64
-            }
-        );
+        assert_eq!(e, RingError::IndexOutOfRange { in_flight: 65, size: 64 });
         // Sticky: fixing the index does not revive the connection.
         region.store_u32(field::PROD, 0, Release);
         assert_eq!(c.try_recv(&mut out), Err(e));
@@ -499,11 +473,14 @@ mod tests {
     fn corrupt_consumer_index_fails_producer() {
         let (_buf, region) = heap_region(footprint(64));
         let mut p = RingProducer::init(&region, 64).unwrap();
+        assert!(p.try_send(&hdr(0, 0), &[]).unwrap().is_some());
         region.store_u32(field::CONS, 0x8000_0000, Release);
-        assert!(matches!(
-            p.try_send(&hdr(0, 0), &[]),
-            Err(RingError::IndexOutOfRange { .. })
-        ));
+        // Detected as soon as the producer needs the index again: when the space it last
+        // saw free runs out (three more frames here), or on an explicit check.
+        for seq in 1..4 {
+            assert!(p.try_send(&hdr(0, seq), &[]).unwrap().is_some());
+        }
+        assert!(matches!(p.try_send(&hdr(0, 4), &[]), Err(RingError::IndexOutOfRange { .. })));
     }
 
     #[test]
@@ -515,13 +492,7 @@ mod tests {
         // Peer rewrites the length field after publishing: claims 40 body bytes, 4 exist.
         region.write_bytes(field::DATA, &40u32.to_le_bytes());
         let mut out = [0u8; 64];
-        assert_eq!(
-            c.try_recv(&mut out),
-            Err(RingError::TruncatedFrame {
-                need: 56,
-                available: 20
-            })
-        );
+        assert_eq!(c.try_recv(&mut out), Err(RingError::TruncatedFrame { need: 56, available: 20 }));
     }
 
     #[test]
@@ -530,13 +501,7 @@ mod tests {
         let mut c = RingConsumer::attach(&region, 64, 64).unwrap();
         region.store_u32(field::PROD, 7, Release);
         let mut out = [0u8; 64];
-        assert!(matches!(
-            c.try_recv(&mut out),
-            Err(RingError::TruncatedFrame {
-                need: 16,
-                available: 7
-            })
-        ));
+        assert!(matches!(c.try_recv(&mut out), Err(RingError::TruncatedFrame { need: 16, available: 7 })));
     }
 
     #[test]
@@ -546,13 +511,7 @@ mod tests {
         let mut c = RingConsumer::attach(&region, 256, 8).unwrap();
         assert!(p.try_send(&hdr(9, 0), &[0; 9]).unwrap().is_some());
         let mut out = [0u8; 64];
-        assert_eq!(
-            c.try_recv(&mut out),
-            Err(RingError::BadFrame(WireError::FrameTooLarge {
-                len: 9,
-                max: 8
-            }))
-        );
+        assert_eq!(c.try_recv(&mut out), Err(RingError::BadFrame(WireError::FrameTooLarge { len: 9, max: 8 })));
     }
 
     #[test]
@@ -561,10 +520,7 @@ mod tests {
         let mut p = RingProducer::init(&region, 64).unwrap();
         let mut c = RingConsumer::attach(&region, 64, 64).unwrap();
         assert!(p.try_send(&hdr(8, 5), &[1; 8]).unwrap().is_some());
-        assert_eq!(
-            c.try_recv(&mut [0u8; 4]),
-            Err(RingError::BufferTooSmall { need: 8 })
-        );
+        assert_eq!(c.try_recv(&mut [0u8; 4]), Err(RingError::BufferTooSmall { need: 8 }));
         assert_eq!(c.try_recv(&mut [0u8; 8]).unwrap().unwrap().header.seq, 5);
     }
 
@@ -573,20 +529,10 @@ mod tests {
         let (_buf, region) = heap_region(footprint(128));
         let mut p = RingProducer::init(&region, 128).unwrap();
         let mut c = RingConsumer::attach(&region, 128, 64).unwrap();
-        assert_eq!(
-            p.try_send(&hdr(1, 0), &[0]).unwrap(),
-            Some(Sent { notify: false })
-        );
+        assert_eq!(p.try_send(&hdr(1, 0), &[0]).unwrap(), Some(Sent { notify: false }));
         c.request_data_notify();
-        assert_eq!(
-            p.try_send(&hdr(1, 1), &[0]).unwrap(),
-            Some(Sent { notify: true })
-        );
-        assert_eq!(
-            p.try_send(&hdr(1, 2), &[0]).unwrap(),
-            Some(Sent { notify: false }),
-            "one request, one notify"
-        );
+        assert_eq!(p.try_send(&hdr(1, 1), &[0]).unwrap(), Some(Sent { notify: true }));
+        assert_eq!(p.try_send(&hdr(1, 2), &[0]).unwrap(), Some(Sent { notify: false }), "one request, one notify");
         let mut out = [0u8; 8];
         assert!(!c.try_recv(&mut out).unwrap().unwrap().notify);
         p.request_space_notify();
@@ -596,18 +542,9 @@ mod tests {
     #[test]
     fn bad_geometry_is_refused() {
         let (_buf, region) = heap_region(footprint(64));
-        assert_eq!(
-            RingProducer::init(&region, 96).unwrap_err(),
-            RingError::BadGeometry
-        );
-        assert_eq!(
-            RingProducer::init(&region, 128).unwrap_err(),
-            RingError::BadGeometry
-        );
-        assert_eq!(
-            RingConsumer::attach(&region, 32, 8).unwrap_err(),
-            RingError::BadGeometry
-        );
+        assert_eq!(RingProducer::init(&region, 96).unwrap_err(), RingError::BadGeometry);
+        assert_eq!(RingProducer::init(&region, 128).unwrap_err(), RingError::BadGeometry);
+        assert_eq!(RingConsumer::attach(&region, 32, 8).unwrap_err(), RingError::BadGeometry);
     }
 
     #[test]
@@ -619,10 +556,7 @@ mod tests {
         let mut c = RingConsumer::attach(&region, 64, 64).unwrap();
         let mut out = [0u8; 64];
         for seq in 0..10 {
-            assert!(p
-                .try_send(&hdr(10, seq), &[seq as u8; 10])
-                .unwrap()
-                .is_some());
+            assert!(p.try_send(&hdr(10, seq), &[seq as u8; 10]).unwrap().is_some());
             let r = c.try_recv(&mut out).unwrap().unwrap();
             assert_eq!((r.header.seq, &out[..10]), (seq, &[seq as u8; 10][..]));
         }

@@ -40,11 +40,7 @@ impl<E: core::fmt::Debug> core::fmt::Display for StreamError<E> {
 }
 
 /// Writes one frame: header, then body.
-pub fn write_frame<W: Write>(
-    w: &mut W,
-    header: &FrameHeader,
-    body: &[u8],
-) -> Result<(), StreamError<W::Error>> {
+pub fn write_frame<W: Write>(w: &mut W, header: &FrameHeader, body: &[u8]) -> Result<(), StreamError<W::Error>> {
     debug_assert_eq!(header.len as usize, body.len());
     w.write_all(&header.emit()).map_err(StreamError::Io)?;
     w.write_all(body).map_err(StreamError::Io)?;
@@ -52,11 +48,7 @@ pub fn write_frame<W: Write>(
 }
 
 /// Reads one frame into `buf`, returning its header; the body is `buf[..header.len]`.
-pub fn read_frame<R: Read>(
-    r: &mut R,
-    buf: &mut [u8],
-    max_frame: u32,
-) -> Result<FrameHeader, StreamError<R::Error>> {
+pub fn read_frame<R: Read>(r: &mut R, buf: &mut [u8], max_frame: u32) -> Result<FrameHeader, StreamError<R::Error>> {
     let mut raw = [0u8; HEADER_LEN];
     // A clean end of stream is a zero-length first read.
     let first = r.read(&mut raw).map_err(StreamError::Io)?;
@@ -66,9 +58,7 @@ pub fn read_frame<R: Read>(
     read_exact(r, &mut raw[first..])?;
     let header = FrameHeader::parse(&raw, max_frame).map_err(StreamError::Wire)?;
     let len = header.len as usize;
-    let body = buf
-        .get_mut(..len)
-        .ok_or(StreamError::BufferTooSmall { need: len })?;
+    let body = buf.get_mut(..len).ok_or(StreamError::BufferTooSmall { need: len })?;
     read_exact(r, body)?;
     Ok(header)
 }
@@ -88,50 +78,25 @@ mod tests {
     #[test]
     fn frames_round_trip_over_a_byte_stream() {
         let mut wire = [0u8; 64];
-        let h = FrameHeader {
-            len: 3,
-            id: MessageId(0x0100),
-            flags: Flags::NO_REPLY,
-            seq: 9,
-            aux: 0,
-        };
+        let h = FrameHeader { len: 3, id: MessageId(0x0100), flags: Flags::NO_REPLY, seq: 9, aux: 0 };
         let mut w: &mut [u8] = &mut wire;
         write_frame(&mut w, &h, &[1, 2, 3]).unwrap();
         let mut r: &[u8] = &wire[..19];
         let mut buf = [0u8; 8];
         assert_eq!(read_frame(&mut r, &mut buf, 8).unwrap(), h);
         assert_eq!(&buf[..3], &[1, 2, 3]);
-        assert!(matches!(
-            read_frame(&mut r, &mut buf, 8),
-            Err(StreamError::Eof { clean: true })
-        ));
+        assert!(matches!(read_frame(&mut r, &mut buf, 8), Err(StreamError::Eof { clean: true })));
     }
 
     #[test]
     fn truncated_and_oversize_frames_are_errors() {
-        let h = FrameHeader {
-            len: 30,
-            id: MessageId(0x0100),
-            flags: Flags::empty(),
-            seq: 0,
-            aux: 0,
-        }
-        .emit();
+        let h = FrameHeader { len: 30, id: MessageId(0x0100), flags: Flags::empty(), seq: 0, aux: 0 }.emit();
         let mut buf = [0u8; 64];
         let mut r: &[u8] = &h;
-        assert!(matches!(
-            read_frame(&mut r, &mut buf, 16),
-            Err(StreamError::Wire(WireError::FrameTooLarge { .. }))
-        ));
+        assert!(matches!(read_frame(&mut r, &mut buf, 16), Err(StreamError::Wire(WireError::FrameTooLarge { .. }))));
         let mut r: &[u8] = &h;
-        assert!(matches!(
-            read_frame(&mut r, &mut buf, 64),
-            Err(StreamError::Eof { clean: false })
-        ));
+        assert!(matches!(read_frame(&mut r, &mut buf, 64), Err(StreamError::Eof { clean: false })));
         let mut r: &[u8] = &h[..5];
-        assert!(matches!(
-            read_frame(&mut r, &mut buf, 64),
-            Err(StreamError::Eof { clean: false })
-        ));
+        assert!(matches!(read_frame(&mut r, &mut buf, 64), Err(StreamError::Eof { clean: false })));
     }
 }

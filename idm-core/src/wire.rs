@@ -139,10 +139,7 @@ impl core::fmt::Display for WireError {
             WireError::ShortHeader => write!(f, "frame shorter than its {HEADER_LEN}-byte header"),
             WireError::UnknownFlags(b) => write!(f, "frame header has unknown flag bits {b:#06x}"),
             WireError::FrameTooLarge { len, max } => {
-                write!(
-                    f,
-                    "frame body of {len} bytes exceeds the negotiated maximum of {max}"
-                )
+                write!(f, "frame body of {len} bytes exceeds the negotiated maximum of {max}")
             }
             WireError::BadBody(id) => write!(f, "body of message {:#06x} does not decode", id.0),
             WireError::BufferTooSmall => write!(f, "encode buffer too small for the message"),
@@ -156,22 +153,12 @@ impl FrameHeader {
     /// Parses a header from (a private copy of) its bytes, checking flags and length.
     pub fn parse(bytes: &[u8], max_frame: u32) -> Result<FrameHeader, WireError> {
         let (raw, _) = RawHeader::read_from_prefix(bytes).map_err(|_| WireError::ShortHeader)?;
-        let flags =
-            Flags::from_bits(raw.flags.get()).ok_or(WireError::UnknownFlags(raw.flags.get()))?;
+        let flags = Flags::from_bits(raw.flags.get()).ok_or(WireError::UnknownFlags(raw.flags.get()))?;
         let len = raw.len.get();
         if len > max_frame {
-            return Err(WireError::FrameTooLarge {
-                len,
-                max: max_frame,
-            });
+            return Err(WireError::FrameTooLarge { len, max: max_frame });
         }
-        Ok(FrameHeader {
-            len,
-            id: MessageId(raw.id.get()),
-            flags,
-            seq: raw.seq.get(),
-            aux: raw.aux.get(),
-        })
+        Ok(FrameHeader { len, id: MessageId(raw.id.get()), flags, seq: raw.seq.get(), aux: raw.aux.get() })
     }
 
     /// Writes the header's 16 bytes.
@@ -196,10 +183,7 @@ pub trait Message: Serialize + DeserializeOwned {
 }
 
 /// Encodes `msg`'s body into `buf`, returning the used prefix.
-pub fn encode_body<'b, M: Serialize>(
-    msg: &M,
-    buf: &'b mut [u8],
-) -> Result<&'b mut [u8], WireError> {
+pub fn encode_body<'b, M: Serialize>(msg: &M, buf: &'b mut [u8]) -> Result<&'b mut [u8], WireError> {
     postcard::to_slice(msg, buf).map_err(|_| WireError::BufferTooSmall)
 }
 
@@ -352,40 +336,18 @@ mod tests {
 
     #[test]
     fn header_rejects_oversize_unknown_flags_and_short() {
-        let mut bytes = FrameHeader {
-            len: 65,
-            id: MessageId(1),
-            flags: Flags::empty(),
-            seq: 0,
-            aux: 0,
-        }
-        .emit();
-        assert_eq!(
-            FrameHeader::parse(&bytes, 64),
-            Err(WireError::FrameTooLarge { len: 65, max: 64 })
-        );
+        let mut bytes = FrameHeader { len: 65, id: MessageId(1), flags: Flags::empty(), seq: 0, aux: 0 }.emit();
+        assert_eq!(FrameHeader::parse(&bytes, 64), Err(WireError::FrameTooLarge { len: 65, max: 64 }));
         bytes[0] = 1;
         bytes[6] = 0x10;
-        assert_eq!(
-            FrameHeader::parse(&bytes, 64),
-            Err(WireError::UnknownFlags(0x10))
-        );
-        assert_eq!(
-            FrameHeader::parse(&bytes[..15], 64),
-            Err(WireError::ShortHeader)
-        );
+        assert_eq!(FrameHeader::parse(&bytes, 64), Err(WireError::UnknownFlags(0x10)));
+        assert_eq!(FrameHeader::parse(&bytes[..15], 64), Err(WireError::ShortHeader));
     }
 
     #[test]
     fn emit_writes_every_byte() {
         // Fill with a pattern first: a field the encoder forgot would keep it.
-        let h = FrameHeader {
-            len: 0,
-            id: MessageId(0),
-            flags: Flags::empty(),
-            seq: 0,
-            aux: 0,
-        };
+        let h = FrameHeader { len: 0, id: MessageId(0), flags: Flags::empty(), seq: 0, aux: 0 };
         let mut buf = [0xa5u8; 16];
         buf.copy_from_slice(&h.emit());
         assert_eq!(buf, [0u8; 16]);
@@ -393,11 +355,7 @@ mod tests {
 
     #[test]
     fn hello_body_fixture() {
-        let hello = proto::Hello {
-            min_version: 1,
-            max_version: 2,
-            max_frame: 300,
-        };
+        let hello = proto::Hello { min_version: 1, max_version: 2, max_frame: 300 };
         let mut buf = [0xa5u8; 16];
         let body = encode_body(&hello, &mut buf).unwrap();
         // postcard: varint u16 1, varint u16 2, varint u32 300 = 0xac 0x02.
@@ -407,13 +365,7 @@ mod tests {
 
     #[test]
     fn decode_rejects_trailing_bytes_and_garbage() {
-        assert_eq!(
-            decode_body::<proto::HelloAck>(&[1, 5, 0]),
-            Err(WireError::BadBody(proto::HelloAck::ID))
-        );
-        assert_eq!(
-            decode_body::<proto::ErrorReply>(&[0xff; 3]),
-            Err(WireError::BadBody(proto::ErrorReply::ID))
-        );
+        assert_eq!(decode_body::<proto::HelloAck>(&[1, 5, 0]), Err(WireError::BadBody(proto::HelloAck::ID)));
+        assert_eq!(decode_body::<proto::ErrorReply>(&[0xff; 3]), Err(WireError::BadBody(proto::ErrorReply::ID)));
     }
 }
