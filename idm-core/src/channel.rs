@@ -529,7 +529,10 @@ mod tests {
                 Ok(Req::Fail(Fail(code))) => {
                     server.reply_error(&req, ErrorKind::Application, code, &mut scratch).unwrap()
                 }
-                Ok(Req::Unknown(_)) => server.reply_error(&req, ErrorKind::UnknownMessage, 99, &mut scratch).unwrap(),
+                Ok(Req::Unknown(id)) => {
+                    assert_eq!(Req::Unknown(id).id(), Mystery::ID);
+                    server.reply_error(&req, ErrorKind::UnknownMessage, 99, &mut scratch).unwrap()
+                }
                 Err(_) => server.reply_error(&req, ErrorKind::BadBody, 98, &mut scratch).unwrap(),
             }
         }

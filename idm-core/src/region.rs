@@ -138,6 +138,12 @@ mod raw {
             self.base.as_ptr()
         }
 
+        /// The address of byte `offset`; in bounds whenever the caller checked `offset`.
+        /// `wrapping_add` keeps the arithmetic itself safe; validity is the caller's check.
+        fn ptr_at(&self, offset: usize) -> *mut u8 {
+            self.base.as_ptr().wrapping_add(offset)
+        }
+
         fn check(&self, offset: usize, len: usize) {
             let end = offset.checked_add(len);
             assert!(matches!(end, Some(e) if e <= self.len), "RawRegion access out of bounds");
@@ -147,7 +153,7 @@ mod raw {
             // SAFETY: `offset` was bounds-checked by the caller via `check`, the region is
             // valid for the lifetime of `self` (constructor contract), and every access to
             // it is atomic, so an `AtomicU8` view of one byte is sound.
-            unsafe { AtomicU8::from_ptr(self.base.as_ptr().add(offset)) }
+            unsafe { AtomicU8::from_ptr(self.ptr_at(offset)) }
         }
 
         fn word64(&self, offset: usize) -> &AtomicU64 {
@@ -155,7 +161,7 @@ mod raw {
             // SAFETY: in bounds (checked by caller), 8-byte aligned (asserted above from
             // the aligned base and an aligned offset), valid for `self`'s lifetime, and
             // only accessed atomically.
-            unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast::<u64>()) }
+            unsafe { AtomicU64::from_ptr(self.ptr_at(offset).cast::<u64>()) }
         }
     }
 
@@ -169,7 +175,7 @@ mod raw {
             assert!(offset % 4 == 0, "unaligned u32 access");
             // SAFETY: bounds and alignment checked just above; valid and atomically
             // accessed for `self`'s lifetime (constructor contract).
-            let a = unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(offset).cast::<u32>()) };
+            let a = unsafe { AtomicU32::from_ptr(self.ptr_at(offset).cast::<u32>()) };
             a.load(order)
         }
 
@@ -177,7 +183,7 @@ mod raw {
             self.check(offset, 4);
             assert!(offset % 4 == 0, "unaligned u32 access");
             // SAFETY: as in `load_u32`.
-            let a = unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(offset).cast::<u32>()) };
+            let a = unsafe { AtomicU32::from_ptr(self.ptr_at(offset).cast::<u32>()) };
             a.store(value, order)
         }
 

@@ -190,7 +190,7 @@ pub fn encode_body<'b, M: Serialize>(msg: &M, buf: &'b mut [u8]) -> Result<&'b m
 /// Decodes a body that must be exactly one `M` (trailing bytes are an error).
 pub fn decode_body<M: Message>(body: &[u8]) -> Result<M, WireError> {
     match postcard::take_from_bytes::<M>(body) {
-        Ok((m, rest)) if rest.is_empty() => Ok(m),
+        Ok((m, [])) => Ok(m),
         _ => Err(WireError::BadBody(M::ID)),
     }
 }
