@@ -9,10 +9,10 @@
 //!             ◄── one doorbell each way ──►
 //! ```
 //!
-//! * **Hello first.** The client sends [`proto::Hello`] (its version range and frame
-//!   limit) under the bootstrap frame limit; the server answers [`proto::HelloAck`] with
+//! * **Hello first.** The client sends [`proto::Hello`](crate::wire::proto::Hello) (its version range and frame
+//!   limit) under the bootstrap frame limit; the server answers [`proto::HelloAck`](crate::wire::proto::HelloAck) with
 //!   the highest common version and the smaller frame limit, or a
-//!   [`proto::ErrorKind::VersionMismatch`] error. From then on both receivers refuse
+//!   [`proto::ErrorKind::VersionMismatch`](crate::wire::proto::ErrorKind::VersionMismatch) error. From then on both receivers refuse
 //!   larger frames.
 //! * **Synchronous requests** carry a fresh sequence number; the client waits for the
 //!   response with that number. There is one synchronous call in flight per channel, so

@@ -6,7 +6,7 @@
 //!   [`CudaOpenError::LibraryMissing`] instead of panicking (cudarc's loader panics when no
 //!   library is found, so its presence is checked first).
 //! - **Entry points.** Every driver function this backend calls is resolved once, in
-//!   [`CudaGpu::open`], into a table of function pointers ([`DriverApi`]). A driver that
+//!   [`CudaGpu::open`], into a table of function pointers (`DriverApi`). A driver that
 //!   lacks one is an error at open time, not a panic in the middle of a request (cudarc's
 //!   own `sys::cu*` wrappers resolve lazily and panic on a missing symbol). Only the ABI
 //!   names that CUDA 12.4 headers map to and that every later driver still exports for
