@@ -97,7 +97,12 @@ fn ci() -> Result<()> {
             eprintln!("SKIPPED: no nightly toolchain with miri could be installed on this machine");
             return Ok(());
         }
-        run(cargo().args(["+nightly", "miri", "test", "-p", "idm-core", "--lib", "--target-dir", "target/miri"]))
+        // Miri's weak-memory emulation crashes (an internal panic in weak_memory.rs, nightly
+        // 2026-05) on the threaded channel tests' mixed-size atomics; data-race and UB
+        // checking stay on.
+        run(cargo()
+            .args(["+nightly", "miri", "test", "-p", "idm-core", "--lib", "--target-dir", "target/miri"])
+            .env("MIRIFLAGS", "-Zmiri-disable-weak-memory-emulation"))
     })?;
     eprintln!("ci: all steps passed");
     Ok(())
