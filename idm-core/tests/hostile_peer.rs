@@ -141,7 +141,7 @@ fn assert_fatal_and_sticky(e: RingError, failure: Option<RingError>, again: Resu
     assert_eq!(again, Err(e), "and returned by every later call");
 }
 
-const RING_ROUNDS: u64 = 20;
+const RING_ROUNDS: u64 = 60;
 const RING_SIDE_ITERS: usize = 20_000;
 const RING_SCRIBBLES: usize = 2_000;
 
@@ -288,9 +288,12 @@ fn acceptable(e: ChannelError, ch: &Ch<'_>) -> bool {
     }
 }
 
-const CHANNEL_ROUNDS: u64 = 9;
+const CHANNEL_ROUNDS: u64 = 18;
 const CALLS: u32 = 2_000;
 const HEALTHY_CALLS: u32 = 5;
+const HEALTHY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Only a dead or lying peer makes a side wait this long once scribbling may have begun.
+const HOSTILE_TIMEOUT: Duration = Duration::from_millis(50);
 const CHANNEL_SCRIBBLES: usize = 3_000;
 
 #[test]
@@ -298,15 +301,16 @@ const CHANNEL_SCRIBBLES: usize = 3_000;
 fn channel_survives_a_scribbling_peer() {
     let _dog = Watchdog::arm("channel_survives_a_scribbling_peer", Duration::from_secs(60));
     for round in 0..CHANNEL_ROUNDS {
-        let size = 128usize << (round / 3);
+        let size = 128usize << (round / 3 % 3);
         let heap = HeapRegion::new(2 * footprint(size));
         let to_server = SubRegion::new(&heap.region, 0, footprint(size)).unwrap();
         let to_client = SubRegion::new(&heap.region, footprint(size), footprint(size)).unwrap();
         let (client_bell, server_bell) = (Doorbell(AtomicU32::new(0)), Doorbell(AtomicU32::new(0)));
         let policy = WaitPolicy {
             spin_iters: 100,
-            // Generous: only a dead or lying peer should ever hit it.
-            timeout: Some(Duration::from_millis(250)),
+            // Generous for the hello and the healthy calls, which must succeed however
+            // loaded the machine; each side shortens it once scribbling may start.
+            timeout: Some(HEALTHY_TIMEOUT),
         };
         let client_ch: Ch<'_> = Channel::new(
             RingProducer::init(to_server, size).unwrap(),
@@ -410,6 +414,7 @@ fn run_client(ch: Ch<'_>, healthy: &AtomicU32) -> ClientOutcome {
                     assert_eq!(n, i + 1);
                     if i + 1 == HEALTHY_CALLS {
                         out.healthy_ok = true;
+                        client.channel_mut().policy_mut().timeout = Some(HOSTILE_TIMEOUT);
                     }
                     healthy.fetch_add(1, Release);
                 }
@@ -431,6 +436,7 @@ fn serve(ch: Ch<'_>) -> Result<u64, ChannelError> {
     let mut buf = [0u8; 2048];
     let mut scratch = [0u8; 2048];
     let mut server = Server::accept(ch, 1024, &mut buf)?;
+    server.channel_mut().policy_mut().timeout = Some(HOSTILE_TIMEOUT);
     let mut served = 0u64;
     for _ in 0..20_000_000u64 {
         let result = match server.try_recv(&mut buf) {

@@ -100,7 +100,8 @@ fn ci() -> Result<()> {
         // Miri's weak-memory emulation crashes (an internal panic in weak_memory.rs, nightly
         // 2026-05) on the threaded channel tests' mixed-size atomics; data-race and UB
         // checking stay on.
-        run(cargo()
+        // `+nightly` is understood by rustup's `cargo` proxy, not by a toolchain's cargo.
+        run(Command::new("cargo")
             .args(["+nightly", "miri", "test", "-p", "idm-core", "--lib", "--target-dir", "target/miri"])
             .env("MIRIFLAGS", "-Zmiri-disable-weak-memory-emulation"))
     })?;
