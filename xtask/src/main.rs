@@ -5,8 +5,12 @@
 //!   docs with warnings denied. Installs missing rustup targets and components first.
 //! * `cargo xtask fuzz [SECONDS]` — runs each cargo-fuzz target of idm-core briefly.
 //! * `cargo xtask bench` — the idm round-trip/throughput benchmark over shared memory.
+//! * `cargo xtask codegen [--check]` — regenerates libvgpu's entry points, the wire
+//!   messages and the host dispatcher from `guest-agent/libvgpu/api.toml`.
 //! * `cargo xtask demo`  — the main job with its embedded defaults: host-proxy (simulated GPU
 //!   test double) serving one guest session over the local transport.
+
+mod codegen;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -27,8 +31,9 @@ fn main() -> Result<()> {
         }
         Some("bench") => run(cargo().args(["bench", "-p", "idm-shm", "--bench", "roundtrip"])),
         Some("demo") => demo(),
+        Some("codegen") => codegen::main(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <ci | fuzz [SECONDS] | bench | demo>");
+            eprintln!("usage: cargo xtask <ci | fuzz [SECONDS] | bench | demo | codegen [--check]>");
             bail!("unknown or missing subcommand")
         }
     }

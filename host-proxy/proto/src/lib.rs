@@ -12,12 +12,20 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
 pub use idm_core::bulk::BulkRef;
 use idm_core::wire::{Message, MessageId};
 use serde::{Deserialize, Serialize};
 
 /// Protocol revision of this message set (independent of idm-core's framing version).
-pub const VGPU_PROTOCOL_REVISION: u32 = 1;
+///
+/// Revision 2 replaced revision 1's hand-written memory messages (ids `0x0110..0x0144`,
+/// retired, never reused) with the messages generated from libvgpu's API table (`0x0200..`).
+pub const VGPU_PROTOCOL_REVISION: u32 = 2;
 
 /// CUDA driver API result codes used on the wire (values match `cuda.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +79,38 @@ pub struct DeviceInfo {
     pub simulated: bool,
 }
 
+/// One kernel parameter as the driver lays it out (`cuFuncGetParamInfo`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamSlot {
+    /// Byte offset in the packed parameter buffer.
+    pub offset: u32,
+    /// Size in bytes.
+    pub size: u32,
+}
+
+/// One launch attribute of `cuLaunchKernelEx` whose value is plain integers (attributes
+/// that carry pointers or handles are refused in the guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchAttr {
+    /// `CUlaunchAttributeID`.
+    pub id: u32,
+    /// The first 16 bytes of `CUlaunchAttributeValue`, as little-endian words.
+    pub value: [u32; 4],
+}
+
+/// A kernel launch's geometry and attributes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchConfig {
+    /// Grid size in blocks (x, y, z).
+    pub grid: [u32; 3],
+    /// Block size in threads (x, y, z).
+    pub block: [u32; 3],
+    /// Dynamic shared memory per block, in bytes.
+    pub shared_mem_bytes: u32,
+    /// `cuLaunchKernelEx` attributes (empty for `cuLaunchKernel`).
+    pub attrs: Vec<LaunchAttr>,
+}
+
 macro_rules! messages {
     ($($(#[$m:meta])* $name:ident = $id:literal $body:tt)*) => {
         $(
@@ -89,79 +129,70 @@ macro_rules! messages {
 messages! {
     /// First request after the hello: attach to the zone's GPU context.
     Attach = 0x0100 { pub revision: u32 }
-    /// Reply to [`Attach`].
-    AttachReply = 0x0101 { pub zone: u32, pub device: DeviceInfo, pub window_size: u64 }
+    /// Reply to [`Attach`]: everything the guest serves locally from then on.
+    AttachReply = 0x0101 {
+        pub zone: u32,
+        pub device: DeviceInfo,
+        pub window_size: u64,
+        /// The primary context's handle.
+        pub primary_ctx: Handle,
+        /// Device attributes `1..=attributes.len()`: value, or the driver's error code.
+        pub attributes: Vec<AttrValue>,
+        /// `cuDeviceGetPCIBusId`'s text.
+        pub pci_bus_id: String,
+    }
     /// Empty success reply.
     Done = 0x0102 {}
-    /// Allocate device memory (`cuMemAlloc`).
-    MemAlloc = 0x0110 { pub size: u64 }
-    /// Reply to [`MemAlloc`].
-    MemAllocReply = 0x0111 { pub dptr: u64 }
-    /// Free device memory (`cuMemFree`); `dptr` must be an allocation's start.
-    MemFree = 0x0112 { pub dptr: u64 }
-    /// Free and total memory for this zone (`cuMemGetInfo`).
-    MemGetInfo = 0x0113 {}
-    /// Reply to [`MemGetInfo`].
-    MemInfo = 0x0114 { pub free: u64, pub total: u64 }
-    /// Host-to-device copy from the data window.
-    MemcpyHtoD = 0x0120 { pub dst: u64, pub src: BulkRef, pub stream: Option<Handle> }
-    /// Device-to-host copy into the data window (synchronous).
-    MemcpyDtoH = 0x0121 { pub dst: BulkRef, pub src: u64, pub stream: Option<Handle> }
-    /// Device-to-device copy.
-    MemcpyDtoD = 0x0122 { pub dst: u64, pub src: u64, pub len: u64, pub stream: Option<Handle> }
-    /// Set `count` bytes to `value`.
-    MemsetD8 = 0x0123 { pub dst: u64, pub value: u8, pub count: u64, pub stream: Option<Handle> }
-    /// Set `count` 32-bit words to `value`.
-    MemsetD32 = 0x0124 { pub dst: u64, pub value: u32, pub count: u64, pub stream: Option<Handle> }
-    /// Wait for all work of the zone's context (`cuCtxSynchronize`).
-    CtxSynchronize = 0x0130 {}
-    /// Create a stream.
-    StreamCreate = 0x0140 { pub flags: u32 }
-    /// Reply carrying a new handle.
-    HandleReply = 0x0141 { pub handle: Handle }
-    /// Destroy a stream.
-    StreamDestroy = 0x0142 { pub stream: Handle }
-    /// Wait for a stream's work.
-    StreamSynchronize = 0x0143 { pub stream: Handle }
 }
 
-idm_core::idm_messages! {
-    /// Every request host-proxy understands, decoded by id.
-    pub enum Request {
-        Attach(Attach),
-        MemAlloc(MemAlloc),
-        MemFree(MemFree),
-        MemGetInfo(MemGetInfo),
-        MemcpyHtoD(MemcpyHtoD),
-        MemcpyDtoH(MemcpyDtoH),
-        MemcpyDtoD(MemcpyDtoD),
-        MemsetD8(MemsetD8),
-        MemsetD32(MemsetD32),
-        CtxSynchronize(CtxSynchronize),
-        StreamCreate(StreamCreate),
-        StreamDestroy(StreamDestroy),
-        StreamSynchronize(StreamSynchronize),
-    }
+/// One device attribute as the host's driver reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttrValue {
+    /// The attribute's value.
+    Value(i32),
+    /// The driver's error code for this attribute.
+    Error(u32),
 }
+
+/// Requests generated from the API table (`cargo xtask codegen`).
+#[rustfmt::skip]
+#[allow(missing_docs, clippy::all)]
+pub mod generated;
+
+/// Handles of the NULL stream and CUDA's two special stream values (`CU_STREAM_LEGACY`,
+/// `CU_STREAM_PER_THREAD`): all three name the context's default stream here.
+pub const DEFAULT_STREAMS: [Handle; 3] = [Handle(0), Handle(1), Handle(2)];
 
 #[cfg(test)]
 mod tests {
+    use super::generated::*;
     use super::*;
+    use idm_core::wire::{decode_body, encode_body};
 
     #[test]
     fn ids_are_stable() {
-        // Changing an id breaks every deployed guest: this list only ever grows.
-        assert_eq!(MemAlloc::ID, MessageId(0x0110));
-        assert_eq!(MemcpyHtoD::ID, MessageId(0x0120));
-        assert_eq!(StreamCreate::ID, MessageId(0x0140));
+        // Changing an id breaks every deployed guest: these only ever grow.
+        assert_eq!(Attach::ID, MessageId(0x0100));
+        assert_eq!(CuMemAllocV2::ID, MessageId(0x0200));
+        assert_eq!(Launch::ID, MessageId(0x0241));
+        assert!(REQUEST_IDS.windows(2).all(|w| w[0].0 < w[1].0), "ids are unique and sorted");
+        assert!(REQUEST_IDS.iter().all(|id| id.0 >= 0x0200 && id.0 < 0x8000));
     }
 
     #[test]
-    fn decodes_by_id_and_refuses_garbage() {
-        let mut buf = [0u8; 64];
-        let body = idm_core::wire::encode_body(&MemAlloc { size: 1 << 20 }, &mut buf).unwrap();
-        assert!(matches!(Request::decode(MemAlloc::ID, body), Ok(Request::MemAlloc(MemAlloc { size: 1048576 }))));
-        assert!(Request::decode(MemFree::ID, &[0xff, 0xff]).is_err());
-        assert!(matches!(Request::decode(MessageId(0x0fff), &[]), Ok(Request::Unknown(MessageId(0x0fff)))));
+    fn bodies_round_trip_and_garbage_is_refused() {
+        let mut buf = [0u8; 128];
+        let body = encode_body(&CuMemAllocV2 { bytesize: 1 << 20 }, &mut buf).unwrap();
+        assert_eq!(decode_body::<CuMemAllocV2>(body).unwrap(), CuMemAllocV2 { bytesize: 1 << 20 });
+        assert!(decode_body::<CuMemAllocV2>(&[0xff, 0xff]).is_err());
+        let l = Launch {
+            func: Handle(7),
+            config: LaunchConfig { grid: [1, 2, 3], block: [32, 1, 1], shared_mem_bytes: 0, attrs: Vec::new() },
+            stream: Handle(0),
+            params: alloc::vec![1, 2, 3],
+        };
+        let body = encode_body(&l, &mut buf).unwrap();
+        assert_eq!(decode_body::<Launch>(body).unwrap(), l);
+        assert!(is_posted(Launch::ID) && !is_posted(CuMemAllocV2::ID));
     }
 }

@@ -8,6 +8,7 @@
 pub mod cuda;
 pub mod sim;
 
+use std::ffi::CStr;
 use std::num::NonZeroU32;
 use vgpu_proto::{CuResult, DeviceInfo};
 
@@ -51,21 +52,86 @@ impl std::error::Error for CuError {}
 /// Result of a backend operation.
 pub type CuResultOf<T> = Result<T, CuError>;
 
+/// One kernel parameter as the driver lays it out (`cuFuncGetParamInfo`).
+pub use vgpu_proto::ParamSlot;
+/// A launch configuration (`cuLaunchKernel` / `cuLaunchKernelEx`).
+pub use vgpu_proto::LaunchConfig;
+
+/// `CUDA_ERROR_NOT_READY` (a query whose work has not finished; not a failure).
+pub const NOT_READY: CuError = CuError::new(600);
+
 /// The GPU operations a zone worker needs. Device pointers are addresses in the backend's
-/// own context; ranges passed in are already validated against the zone's allocations.
+/// own contexts; ranges passed in are already validated against the zone's allocations,
+/// and every object passed in (stream, event, module, function, context) was made by this
+/// backend and is still live (the zone's handle tables guarantee it).
+///
+/// **Current context.** Operations run in the context last chosen with
+/// [`set_context`](Self::set_context) (initially the device's primary context), exactly
+/// as CUDA's per-thread current context: allocations, modules, streams and events belong
+/// to the context current when they were made.
 pub trait GpuBackend {
     /// A backend stream object.
     type Stream;
+    /// A backend event object.
+    type Event;
+    /// An explicitly created context (the primary context is `None` where one is taken).
+    type Context;
+    /// A loaded module or library (`CUmodule` / `CUlibrary`).
+    type Module;
+    /// A function or kernel (`CUfunction` / `CUkernel`).
+    type Function;
 
     /// Static facts about the device.
     fn device_info(&self) -> DeviceInfo;
+    /// Every device attribute `1..=max_attribute` (index `i` holds attribute `i + 1`):
+    /// its value, or the driver's error for that attribute. Called once per zone.
+    fn device_attributes(&mut self) -> Vec<Result<i32, CuError>>;
+    /// The device's PCI bus id, as `cuDeviceGetPCIBusId` writes it.
+    fn pci_bus_id(&mut self) -> CuResultOf<String>;
+
+    // ---- contexts ----
+    /// Creates a context with `flags` and makes it current.
+    fn ctx_create(&mut self, flags: u32) -> CuResultOf<Self::Context>;
+    /// Destroys a context: first scrubs (zeroes) every allocation made in it, then
+    /// destroys it (which frees them, its modules, streams and events). If it was current,
+    /// the primary context becomes current.
+    fn ctx_destroy(&mut self, ctx: Self::Context) -> CuResultOf<()>;
+    /// Makes `ctx` current (`None`: the primary context).
+    fn set_context(&mut self, ctx: Option<&Self::Context>) -> CuResultOf<()>;
+    /// `cuCtxGetLimit` in the current context.
+    fn ctx_get_limit(&mut self, limit: u32) -> CuResultOf<u64>;
+    /// `cuCtxSetLimit` in the current context.
+    fn ctx_set_limit(&mut self, limit: u32, value: u64) -> CuResultOf<()>;
+    /// `cuCtxGetFlags`.
+    fn ctx_get_flags(&mut self) -> CuResultOf<u32>;
+    /// `cuCtxSetFlags`.
+    fn ctx_set_flags(&mut self, flags: u32) -> CuResultOf<()>;
+    /// `cuCtxGetApiVersion` of the current context.
+    fn ctx_get_api_version(&mut self) -> CuResultOf<u32>;
+    /// `cuCtxGetStreamPriorityRange`: (least, greatest).
+    fn ctx_get_stream_priority_range(&mut self) -> CuResultOf<(i32, i32)>;
+    /// `cuCtxGetCacheConfig`.
+    fn ctx_get_cache_config(&mut self) -> CuResultOf<u32>;
+    /// `cuCtxSetCacheConfig`.
+    fn ctx_set_cache_config(&mut self, config: u32) -> CuResultOf<()>;
+    /// `cuDevicePrimaryCtxSetFlags_v2`.
+    fn primary_ctx_set_flags(&mut self, flags: u32) -> CuResultOf<()>;
+    /// The primary context's flags (`cuDevicePrimaryCtxGetState`'s first output).
+    fn primary_ctx_flags(&mut self) -> CuResultOf<u32>;
+    /// Waits for all work in the current context.
+    fn synchronize(&mut self) -> CuResultOf<()>;
+
+    // ---- memory ----
     /// Free and total device memory as the driver reports them.
     fn mem_get_info(&mut self) -> CuResultOf<(u64, u64)>;
-    /// Allocates `size > 0` bytes.
+    /// Allocates `size > 0` bytes in the current context.
     fn mem_alloc(&mut self, size: u64) -> CuResultOf<u64>;
-    /// Frees an allocation made by [`mem_alloc`](Self::mem_alloc).
+    /// `cuMemAllocPitch`: returns (address, pitch); the allocation is `pitch * height` bytes.
+    fn mem_alloc_pitch(&mut self, width: u64, height: u64, element_size: u32) -> CuResultOf<(u64, u64)>;
+    /// Scrubs (zeroes) then frees an allocation made by `mem_alloc`/`mem_alloc_pitch`.
     fn mem_free(&mut self, dptr: u64) -> CuResultOf<()>;
-    /// Copies host bytes to device memory.
+    /// Copies host bytes to device memory. With a stream the copy may still be running
+    /// when this returns, but `src` has been consumed.
     fn copy_htod(&mut self, dst: u64, src: &[u8], stream: Option<&Self::Stream>) -> CuResultOf<()>;
     /// Copies device memory to host bytes; returns when the bytes are in `dst`.
     fn copy_dtoh(&mut self, dst: &mut [u8], src: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
@@ -73,14 +139,88 @@ pub trait GpuBackend {
     fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
     /// Sets `count` bytes at `dst` to `value`.
     fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
+    /// Sets `count` 16-bit words at `dst` to `value`.
+    fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
     /// Sets `count` 32-bit words at `dst` to `value`.
     fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
-    /// Waits for all work in the context.
-    fn synchronize(&mut self) -> CuResultOf<()>;
-    /// Creates a stream.
-    fn stream_create(&mut self, flags: u32) -> CuResultOf<Self::Stream>;
+
+    // ---- modules, libraries, functions ----
+    /// Loads a module image (`cuModuleLoadData`): NUL-terminated PTX, a cubin or a fatbin,
+    /// exactly `image.len()` bytes (the caller has sized it).
+    fn module_load(&mut self, image: &[u8]) -> CuResultOf<Self::Module>;
+    /// Loads a library image (`cuLibraryLoadData`, no options).
+    fn library_load(&mut self, image: &[u8]) -> CuResultOf<Self::Module>;
+    /// Unloads a module or library (whichever it was loaded as). A module obtained from
+    /// [`library_get_module`](Self::library_get_module) is only forgotten.
+    fn module_unload(&mut self, module: Self::Module) -> CuResultOf<()>;
+    /// `cuModuleGetFunction`.
+    fn module_get_function(&mut self, module: &Self::Module, name: &CStr) -> CuResultOf<Self::Function>;
+    /// `cuModuleGetGlobal`: (address, size in bytes).
+    fn module_get_global(&mut self, module: &Self::Module, name: &CStr) -> CuResultOf<(u64, u64)>;
+    /// `cuLibraryGetModule`: a non-owning module view of a library.
+    fn library_get_module(&mut self, library: &Self::Module) -> CuResultOf<Self::Module>;
+    /// `cuLibraryGetKernel`.
+    fn library_get_kernel(&mut self, library: &Self::Module, name: &CStr) -> CuResultOf<Self::Function>;
+    /// `cuLibraryGetGlobal`: (address, size in bytes).
+    fn library_get_global(&mut self, library: &Self::Module, name: &CStr) -> CuResultOf<(u64, u64)>;
+    /// `cuKernelGetFunction`: the kernel's function in the current context.
+    fn kernel_get_function(&mut self, kernel: &Self::Function) -> CuResultOf<Self::Function>;
+    /// `cuFuncGetAttribute` (for a kernel: `cuKernelGetAttribute` on this device).
+    fn func_get_attribute(&mut self, func: &Self::Function, attribute: u32) -> CuResultOf<i32>;
+    /// `cuFuncSetAttribute` (for a kernel: `cuKernelSetAttribute` on this device).
+    fn func_set_attribute(&mut self, func: &Self::Function, attribute: u32, value: i32) -> CuResultOf<()>;
+    /// `cuFuncSetCacheConfig`.
+    fn func_set_cache_config(&mut self, func: &Self::Function, config: u32) -> CuResultOf<()>;
+    /// Every parameter's offset and size, in order (`cuFuncGetParamInfo` until it reports
+    /// `CUDA_ERROR_INVALID_VALUE` past the last).
+    fn func_param_layout(&mut self, func: &Self::Function) -> CuResultOf<Vec<ParamSlot>>;
+    /// Launches `func`. `params` is the packed parameter buffer: parameter `i` occupies
+    /// `params[layout[i].offset..][..layout[i].size]`; the caller checked the bounds.
+    fn launch(
+        &mut self,
+        func: &Self::Function,
+        config: &LaunchConfig,
+        stream: Option<&Self::Stream>,
+        params: &[u8],
+        layout: &[ParamSlot],
+    ) -> CuResultOf<()>;
+    /// `cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags`.
+    fn occupancy_max_active_blocks(
+        &mut self,
+        func: &Self::Function,
+        block_size: i32,
+        dynamic_smem: u64,
+        flags: u32,
+    ) -> CuResultOf<i32>;
+
+    // ---- streams ----
+    /// Creates a stream (`cuStreamCreateWithPriority`; priority 0 is the default).
+    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResultOf<Self::Stream>;
     /// Waits for a stream's work.
     fn stream_synchronize(&mut self, stream: &Self::Stream) -> CuResultOf<()>;
+    /// `Ok` when the stream's work is done, [`NOT_READY`] when not.
+    fn stream_query(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<()>;
+    /// Makes future work on `stream` wait for `event`.
+    fn stream_wait_event(&mut self, stream: Option<&Self::Stream>, event: &Self::Event, flags: u32)
+        -> CuResultOf<()>;
+    /// `cuStreamGetFlags`.
+    fn stream_get_flags(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<u32>;
+    /// `cuStreamGetPriority`.
+    fn stream_get_priority(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<i32>;
     /// Destroys a stream.
     fn stream_destroy(&mut self, stream: Self::Stream) -> CuResultOf<()>;
+
+    // ---- events ----
+    /// `cuEventCreate`.
+    fn event_create(&mut self, flags: u32) -> CuResultOf<Self::Event>;
+    /// `cuEventDestroy`.
+    fn event_destroy(&mut self, event: Self::Event) -> CuResultOf<()>;
+    /// `cuEventRecordWithFlags` (flags 0 = `cuEventRecord`).
+    fn event_record(&mut self, event: &Self::Event, stream: Option<&Self::Stream>, flags: u32) -> CuResultOf<()>;
+    /// `Ok` when the event has completed, [`NOT_READY`] when not.
+    fn event_query(&mut self, event: &Self::Event) -> CuResultOf<()>;
+    /// Waits for an event.
+    fn event_synchronize(&mut self, event: &Self::Event) -> CuResultOf<()>;
+    /// Milliseconds between two recorded events.
+    fn event_elapsed_time(&mut self, start: &Self::Event, end: &Self::Event) -> CuResultOf<f32>;
 }
