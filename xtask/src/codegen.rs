@@ -81,6 +81,8 @@ struct Bindings {
     types: BTreeSet<String>,
     /// Entry points declared for [`PRIMARY_FEATURE`] (each must be classified by the table).
     primary: BTreeSet<String>,
+    /// `CUresult` values of the primary bindings: (code, name).
+    errors: Vec<(u32, String)>,
 }
 
 /// The repository root (xtask lives one level below it).
@@ -97,7 +99,7 @@ pub fn generate(root: &Path) -> Result<Vec<(PathBuf, String)>> {
     validate(&table, &bindings)?;
     Ok(vec![
         (PathBuf::from("host-proxy/proto/src/generated.rs"), gen_proto(&table, &bindings)?),
-        (PathBuf::from("guest-agent/libvgpu/src/generated.rs"), gen_guest(&table, &bindings)?),
+        (PathBuf::from("guest-agent/libvgpu/src/generated.rs"), gen_guest(&table, &bindings, &error_strings(root)?)?),
     ])
 }
 
@@ -181,6 +183,7 @@ fn load_bindings(root: &Path) -> Result<Bindings> {
     let mut types = BTreeSet::new();
     let mut enum_aliases = Vec::new();
     let mut primary = BTreeSet::new();
+    let mut errors = Vec::new();
     for item in &file.items {
         match item {
             syn::Item::Fn(f) => {
@@ -206,6 +209,13 @@ fn load_bindings(root: &Path) -> Result<Bindings> {
                 }
             }
             syn::Item::Enum(e) => {
+                if e.ident == "cudaError_enum" && rank(&cfg_features(&e.attrs)).is_some_and(|r| r >= u32::MAX - 1) {
+                    for v in &e.variants {
+                        if let Some((_, syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(i), .. }))) = &v.discriminant {
+                            errors.push((i.base10_parse::<u32>()?, v.ident.to_string()));
+                        }
+                    }
+                }
                 enums.insert(e.ident.to_string());
                 types.insert(e.ident.to_string());
             }
@@ -235,7 +245,7 @@ fn load_bindings(root: &Path) -> Result<Bindings> {
             enums.insert(alias);
         }
     }
-    Ok(Bindings { fns: fns.into_iter().map(|(k, (_, s))| (k, s)).collect(), enums, aliases, types, primary })
+    Ok(Bindings { fns: fns.into_iter().map(|(k, (_, s))| (k, s)).collect(), enums, aliases, types, primary, errors })
 }
 
 fn validate(table: &Table, b: &Bindings) -> Result<()> {
@@ -372,20 +382,20 @@ fn export_ty(b: &Bindings, ty: &syn::Type) -> String {
     }
 }
 
+/// `cuMemcpyHtoDAsync_v2` → `cu_memcpy_hto_d_async_v2`, `cuDeviceGetPCIBusId` →
+/// `cu_device_get_pci_bus_id` (an acronym ends where a capital starts a lower-case word).
 fn snake(name: &str) -> String {
+    let chars: Vec<char> = name.chars().collect();
     let mut out = String::new();
-    let mut prev_lower = false;
-    for c in name.chars() {
-        if c.is_ascii_uppercase() {
-            if prev_lower {
+    for (i, &c) in chars.iter().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            let prev = chars[i - 1];
+            let next_lower = chars.get(i + 1).is_some_and(|n| n.is_ascii_lowercase());
+            if prev.is_ascii_lowercase() || prev.is_ascii_digit() || (prev.is_ascii_uppercase() && next_lower) {
                 out.push('_');
             }
-            out.push(c.to_ascii_lowercase());
-            prev_lower = false;
-        } else {
-            out.push(c);
-            prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
         }
+        out.push(c.to_ascii_lowercase());
     }
     out
 }
@@ -638,7 +648,23 @@ fn gen_proto(table: &Table, b: &Bindings) -> Result<String> {
 // ---------------------------------------------------------------------------------------
 // Guest
 
-fn gen_guest(table: &Table, b: &Bindings) -> Result<String> {
+/// NVIDIA's `cuGetErrorString` texts, recorded on a GPU machine by the `errstr_dump` test
+/// program (`device/libvgpu-gpu.sh`): code → (name, text).
+fn error_strings(root: &Path) -> Result<BTreeMap<u32, (String, String)>> {
+    let path = root.join("guest-agent/libvgpu/cuda-error-strings.tsv");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(BTreeMap::new()) };
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#')) {
+        let mut cols = line.splitn(3, '\t');
+        let (Some(code), Some(name), Some(msg)) = (cols.next(), cols.next(), cols.next()) else {
+            bail!("{}:{}: expected code<TAB>name<TAB>text", path.display(), i + 1);
+        };
+        out.insert(code.trim().parse()?, (name.to_owned(), msg.to_owned()));
+    }
+    Ok(out)
+}
+
+fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, String)>) -> Result<String> {
     let mut o = String::from(HEADER);
     o.push_str(
         "//! The exported CUDA driver API: one `extern \"C\"` function per entry point of the table.\n\
@@ -747,6 +773,20 @@ fn gen_guest(table: &Table, b: &Bindings) -> Result<String> {
     for (n, since) in &procs {
         let _ = writeln!(o, "    rt::ProcEntry {{ base: \"{}\", since: {since}, symbol: \"{n}\", ptr: {n} as *const () }},", base_name(n));
     }
+    o.push_str("];\n\n");
+    // Error names from the bindings; texts as NVIDIA's driver words them where recorded.
+    let mut codes: BTreeMap<u32, (String, String)> =
+        b.errors.iter().map(|(c, n)| (*c, (n.clone(), String::new()))).collect();
+    for (c, (n, m)) in strings {
+        codes.insert(*c, (n.clone(), m.clone()));
+    }
+    o.push_str(
+        "/// `CUresult` codes: (code, name, `cuGetErrorString` text; empty where not recorded).\n\
+         pub static ERRORS: &[(u32, &core::ffi::CStr, &core::ffi::CStr)] = &[\n",
+    );
+    for (c, (n, m)) in &codes {
+        let _ = writeln!(o, "    ({c}, c{n:?}, c{m:?}),");
+    }
     o.push_str("];\n");
     Ok(o)
 }
@@ -764,6 +804,10 @@ mod tests {
     fn names() {
         assert_eq!(snake("cuMemAlloc_v2"), "cu_mem_alloc_v2");
         assert_eq!(snake("cuCtxGetStreamPriorityRange"), "cu_ctx_get_stream_priority_range");
+        assert_eq!(snake("cuMemcpyHtoDAsync_v2"), "cu_memcpy_hto_d_async_v2");
+        assert_eq!(snake("cuDeviceGetPCIBusId"), "cu_device_get_pci_bus_id");
+        assert_eq!(snake("cuMemsetD8Async"), "cu_memset_d8_async");
+        assert_eq!(field("hStream"), "h_stream");
         assert_eq!(camel("cuMemAlloc_v2"), "CuMemAllocV2");
         assert_eq!(base_name("cuMemAlloc_v2"), "cuMemAlloc");
         assert_eq!(base_name("cuCtxCreate_v4"), "cuCtxCreate");

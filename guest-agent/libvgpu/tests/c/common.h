@@ -140,6 +140,9 @@ static inline const char *kernel_dir(int argc, char **argv) {
     return argc > 1 ? argv[1] : ".";
 }
 
+/* Line-buffered stdout, so that a crash keeps everything printed before it. Call first. */
+static inline void start(void) { setvbuf(stdout, NULL, _IOLBF, 0); }
+
 static inline void finish(const char *prog) {
     printf("OK %s\n", prog);
     fflush(stdout);

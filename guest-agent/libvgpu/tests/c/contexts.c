@@ -50,6 +50,7 @@ static void limits(void) {
 }
 
 int main(void) {
+    start();
     CUdevice dev, d;
     CUcontext prim, prim2, a, b, popped;
     unsigned ver = 0;

@@ -66,6 +66,7 @@ static void query_device(CUdevice dev) {
 }
 
 int main(void) {
+    start();
     int count = -1, version = -1;
 
     /* Before cuInit. */

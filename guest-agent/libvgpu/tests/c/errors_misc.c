@@ -19,8 +19,7 @@ static void error_texts(void) {
         else printf(" (string %s)", str ? "set" : "NULL");
         printf("\n");
     }
-    printf("cuGetErrorName(0, NULL) -> %s\n", err_name(cuGetErrorName(CUDA_SUCCESS, NULL)));
-    printf("cuGetErrorString(0, NULL) -> %s\n", err_name(cuGetErrorString(CUDA_SUCCESS, NULL)));
+    /* (cuGetErrorName/String with a NULL out pointer crash natively: not tested.) */
 }
 
 typedef CUresult (*PFN_alloc)(CUdeviceptr *, size_t);
@@ -47,8 +46,7 @@ static void proc_address(void) {
     (void)proc("cuMemAlloc", 2000, 1);
     void *pfn = NULL;
     CUdriverProcAddressQueryResult q;
-    printf("cuGetProcAddress(NULL symbol) -> %s\n",
-           err_name(cuGetProcAddress(NULL, &pfn, 13000, CU_GET_PROC_ADDRESS_DEFAULT, &q)));
+    /* (A NULL symbol crashes natively: not tested.) */
     printf("cuGetProcAddress(bad flags 0x100) -> %s\n",
            err_name(cuGetProcAddress("cuMemAlloc", &pfn, 13000, 0x100, &q)));
 
@@ -202,6 +200,7 @@ static void threads(void) {
 }
 
 int main(void) {
+    start();
     error_texts(); /* before cuInit: these need no initialization */
     g_prim = init_primary(&g_dev);
     proc_address();

@@ -441,6 +441,7 @@ static void error_paths(const void *cubin) {
 }
 
 int main(int argc, char **argv) {
+    start();
     const char *dir = kernel_dir(argc, argv);
     size_t lp, lc, lf;
     char *ptx = read_file(dir, "kernels.ptx", &lp, 1);

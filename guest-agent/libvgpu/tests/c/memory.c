@@ -287,6 +287,7 @@ static void error_paths(void) {
 }
 
 int main(void) {
+    start();
     CUdevice dev;
     CUstream s;
     g_ctx = init_primary(&dev);

@@ -33,6 +33,7 @@ static void show_stream(const char *name, CUstream s) {
 }
 
 int main(int argc, char **argv) {
+    start();
     CUdevice dev;
     CUcontext prim = init_primary(&dev);
     size_t len;

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# On the GPU machine: builds the C driver-API programs of guest-agent/libvgpu/tests/c and their
+# kernels, runs each natively (real libcuda) and then through libvgpu against a host-proxy with
+# the cuda backend, and diffs the two outputs per program.
+#
+# Carried (build here first): .device-carry/host-proxy and .device-carry/libvgpu/libcuda.so.1.
+# Without .device-carry/libvgpu/libcuda.so.1 it stops after the native runs (validates the
+# programs). Results: native/, remoted/, diff/, host-proxy.log, summary.txt and
+# cuda-error-strings.tsv in /tmp/vgpu-out; when $OUT is set (the device tool brings back at
+# most 8 files from it) $OUT gets summary.txt, cuda-error-strings.tsv, all-diffs.txt and
+# results.tgz (the whole results folder).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+src=$root/guest-agent/libvgpu/tests/c
+carry=$root/.device-carry
+out=/tmp/vgpu-out
+progs=(device_query contexts memory launch streams_events errors_misc)
+sockdir=/tmp/vgpu-gpu
+sock=$sockdir/host-proxy.sock
+
+work=$(mktemp -d /tmp/vgpu-gpu-work.XXXXXX)
+rm -rf "$out"
+mkdir -p "$out/native" "$out/remoted" "$out/diff" "$work/bin" "$work/kernels" "$work/lib"
+
+hp=""
+stop_daemon() {
+    if [ -n "$hp" ] && kill -0 "$hp" 2>/dev/null; then
+        kill "$hp" 2>/dev/null || true
+        wait "$hp" 2>/dev/null || true
+    fi
+    hp=""
+}
+# On any exit: stop the daemon, and bundle the results into $OUT where it is set.
+on_exit() {
+    stop_daemon
+    if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+        for f in summary.txt cuda-error-strings.tsv; do
+            if [ -f "$out/$f" ]; then cp "$out/$f" "$OUT/"; fi
+        done
+        cat "$out"/diff/*.diff >"$OUT/all-diffs.txt" 2>/dev/null || true
+        tar czf "$OUT/results.tgz" -C "$(dirname "$out")" "$(basename "$out")" || true
+    fi
+}
+trap on_exit EXIT
+
+echo "== GPU"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || echo "nvidia-smi failed"
+
+# ---- toolkit ----
+nvcc=""
+if command -v nvcc >/dev/null 2>&1; then
+    nvcc=$(command -v nvcc)
+else
+    for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-13*/bin/nvcc /usr/local/cuda-*/bin/nvcc; do
+        if [ -x "$c" ]; then nvcc=$c; break; fi
+    done
+fi
+if [ -z "$nvcc" ]; then echo "FAIL: nvcc not found" >&2; exit 1; fi
+cuda_home=$(cd "$(dirname "$nvcc")/.." && pwd)
+echo "== nvcc: $nvcc"
+"$nvcc" --version | tail -n 2
+inc=""
+for d in "$cuda_home/include" "$cuda_home/targets/x86_64-linux/include"; do
+    if [ -f "$d/cuda.h" ]; then inc=$d; break; fi
+done
+stubs=""
+for d in "$cuda_home/lib64/stubs" "$cuda_home/targets/x86_64-linux/lib/stubs"; do
+    if [ -f "$d/libcuda.so" ]; then stubs=$d; break; fi
+done
+if [ -z "$inc" ] || [ -z "$stubs" ]; then
+    echo "FAIL: cuda.h ($inc) or stubs/libcuda.so ($stubs) not found under $cuda_home" >&2
+    exit 1
+fi
+
+# ---- build ----
+echo "== build kernels (sm_90)"
+k=$work/kernels
+"$nvcc" -ptx -arch=sm_90 "$src/kernels.cu" -o "$k/kernels.ptx"
+"$nvcc" -cubin -arch=sm_90 "$src/kernels.cu" -o "$k/kernels.cubin"
+"$nvcc" -fatbin -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90 \
+    "$src/kernels.cu" -o "$k/kernels.fatbin"
+ls -l "$k" | tail -n +2
+
+cc=""
+for c in "${CC:-}" gcc cc; do
+    if [ -n "$c" ] && command -v "$c" >/dev/null 2>&1; then cc=$c; break; fi
+done
+echo "== build programs (${cc:-nvcc})"
+for p in "${progs[@]}" errstr_dump; do
+    if [ -n "$cc" ]; then
+        "$cc" -std=c11 -O2 -Wall -Wextra -I"$inc" "$src/$p.c" -o "$work/bin/$p" \
+            -L"$stubs" -lcuda -lpthread
+    else
+        "$nvcc" -x c -Xcompiler -std=c11 -I"$inc" "$src/$p.c" -o "$work/bin/$p" \
+            -L"$stubs" -lcuda -lpthread
+    fi
+done
+
+# Runs one program: run_prog <native|remoted> <prog>; output (with the exit status) in
+# $out/<mode>/<prog>.txt, stderr in .err. Extra environment comes from the caller.
+run_prog() {
+    local mode=$1 p=$2 rc=0
+    timeout 120 "$work/bin/$p" "$k" >"$out/$mode/$p.txt" 2>"$out/$mode/$p.err" || rc=$?
+    echo "exit status: $rc" >>"$out/$mode/$p.txt"
+    return "$rc"
+}
+
+# ---- native ----
+echo "== native runs"
+declare -A native_rc remoted_rc
+native_fail=0
+for p in "${progs[@]}"; do
+    rc=0
+    run_prog native "$p" || rc=$?
+    native_rc[$p]=$rc
+    if [ "$rc" -ne 0 ]; then native_fail=1; fi
+    printf '  %-16s exit %s  %s\n' "$p" "$rc" "$(grep -m1 -E '^(OK|FAIL)' "$out/native/$p.txt" || true)"
+done
+rc=0
+timeout 120 "$work/bin/errstr_dump" >"$out/cuda-error-strings.tsv" 2>"$out/native/errstr_dump.err" || rc=$?
+echo "  errstr_dump      exit $rc  $(wc -l <"$out/cuda-error-strings.tsv") codes -> cuda-error-strings.tsv"
+if [ "$rc" -ne 0 ]; then native_fail=1; fi
+
+if [ ! -f "$carry/libvgpu/libcuda.so.1" ]; then
+    echo "== no $carry/libvgpu/libcuda.so.1 carried: native-only validation, stopping here"
+    {
+        for p in "${progs[@]}"; do printf '%-16s native=%s\n' "$p" "${native_rc[$p]}"; done
+    } >"$out/summary.txt"
+    cat "$out/summary.txt"
+    if [ "$native_fail" -ne 0 ]; then echo "FAIL: a native run failed"; exit 1; fi
+    echo "native runs all passed"
+    exit 0
+fi
+if [ ! -f "$carry/host-proxy" ]; then echo "FAIL: $carry/host-proxy not carried" >&2; exit 1; fi
+
+# ---- remoted ----
+lib=$work/lib
+cp -a "$carry/libvgpu/." "$lib/"
+chmod -R u+w "$lib"
+[ -e "$lib/libcuda.so" ] || ln -s libcuda.so.1 "$lib/libcuda.so"
+cp "$carry/host-proxy" "$work/host-proxy"
+chmod u+x "$work/host-proxy"
+
+rm -rf "$sockdir"
+mkdir -p "$sockdir"
+cat >"$work/host-proxy.toml" <<EOF
+socket = "$sock"
+backend = "cuda"
+device = 0
+EOF
+
+echo "== starting host-proxy (cuda backend)"
+# The daemon gets the inherited environment (never $lib): it must load the real libcuda.
+NO_COLOR=1 VGPU_LOG="${HOST_PROXY_LOG:-info}" "$work/host-proxy" serve --config "$work/host-proxy.toml" \
+    >"$out/host-proxy.log" 2>&1 &
+hp=$!
+for _ in $(seq 1 300); do
+    [ -S "$sock" ] && break
+    if ! kill -0 "$hp" 2>/dev/null; then
+        echo "FAIL: host-proxy exited before listening" >&2
+        tail -n 50 "$out/host-proxy.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+if [ ! -S "$sock" ]; then echo "FAIL: no socket $sock after 30 s" >&2; exit 1; fi
+
+guest_ld=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+resolved=$(LD_LIBRARY_PATH=$guest_ld ldd "$work/bin/device_query" | awk '/libcuda\.so\.1/ {print $3}')
+echo "== libcuda.so.1 resolves to: $resolved"
+case "$resolved" in
+"$lib"/*) ;;
+*) echo "FAIL: libcuda.so.1 does not resolve to libvgpu ($lib)" >&2; exit 1 ;;
+esac
+
+echo "== remoted runs (through libvgpu)"
+any_fail=$native_fail
+for p in "${progs[@]}"; do
+    rc=0
+    LD_LIBRARY_PATH=$guest_ld VGPU_SOCKET=$sock VGPU_LOG=warn run_prog remoted "$p" || rc=$?
+    remoted_rc[$p]=$rc
+done
+stop_daemon
+
+{
+    printf '%-16s %-7s %-8s %s\n' program native remoted result
+    for p in "${progs[@]}"; do
+        if diff -u "$out/native/$p.txt" "$out/remoted/$p.txt" >"$out/diff/$p.diff"; then
+            result=PASS
+            rm -f "$out/diff/$p.diff"
+        else
+            result="FAIL ($(grep -c '^[-+][^-+]' "$out/diff/$p.diff") lines differ, diff/$p.diff)"
+            any_fail=1
+        fi
+        if [ "${native_rc[$p]}" -ne 0 ]; then result="FAIL (native run failed)"; any_fail=1; fi
+        printf '%-16s %-7s %-8s %s\n' "$p" "${native_rc[$p]}" "${remoted_rc[$p]}" "$result"
+    done
+} >"$out/summary.txt"
+cat "$out/summary.txt"
+for p in "${progs[@]}"; do
+    if [ -f "$out/diff/$p.diff" ]; then
+        echo "== diff $p (first 40 lines)"
+        head -n 40 "$out/diff/$p.diff"
+    fi
+done
+if [ "$any_fail" -ne 0 ]; then echo "libvgpu conformance: FAIL"; exit 1; fi
+echo "libvgpu conformance: PASS"

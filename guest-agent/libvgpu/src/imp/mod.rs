@@ -1,0 +1,17 @@
+//! Hand-written implementations of the entry points the table marks `guest`. Each takes
+//! the exported function's raw arguments and returns `CuResult<()>`; the generated export
+//! calls it inside `rt::entry`. Every function here is `unsafe` with the contract of the
+//! CUDA entry point it implements (valid pointers where the API requires them).
+#![allow(clippy::missing_safety_doc)]
+
+mod context;
+mod device;
+mod ipc;
+mod memory;
+mod module;
+
+pub use context::*;
+pub use device::*;
+pub use ipc::*;
+pub use memory::*;
+pub use module::*;

@@ -1,0 +1,391 @@
+//! Modules, libraries, parameter layouts and launches.
+//!
+//! An image given as a bare pointer (`cuModuleLoadData`) is sized here: ELF cubins from
+//! their section and program header tables, fatbins from their header, fatbin wrappers by
+//! following their data pointer, anything else as NUL-terminated PTX. The image travels
+//! through a temporary block of the shared window.
+//!
+//! Launches pack the parameters by the function's layout, fetched from the host once per
+//! function (`cuFuncGetParamInfo` there) and cached, and are posted without waiting.
+
+use crate::rt::{handle_of, handle_ptr, session, CuError, CuResult, Out};
+use cudarc::driver::sys;
+use std::ffi::{c_char, c_uint, c_void};
+use vgpu_proto::generated as p;
+use vgpu_proto::{Handle, LaunchAttr, LaunchConfig, ParamSlot};
+
+/// Largest module image accepted (also bounded by the window).
+const MAX_IMAGE: usize = 1 << 30;
+const FATBIN_MAGIC: u32 = 0xba55_ed50;
+const FATBIN_WRAPPER_MAGIC: u32 = 0x4662_43b1;
+
+/// Reads a little-endian integer of `N` bytes at `base + off`.
+///
+/// # Safety
+/// `base + off .. + N` must be readable.
+unsafe fn read_le<const N: usize>(base: *const u8, off: usize) -> u64 {
+    let mut b = [0u8; 8];
+    let src = base.wrapping_add(off);
+    // SAFETY: the caller guarantees the `N` bytes are readable; `b` holds 8 ≥ N bytes.
+    unsafe { std::ptr::copy_nonoverlapping(src, b.as_mut_ptr(), N) };
+    u64::from_le_bytes(b)
+}
+
+/// The length of the image at `p`.
+///
+/// # Safety
+/// `p` must point to a module image (cubin, fatbin, fatbin wrapper or NUL-terminated PTX)
+/// in the application's memory.
+unsafe fn image_len(p: *const u8) -> CuResult<(*const u8, usize)> {
+    // SAFETY: every image kind is at least 4 bytes long (PTX text too, or it is invalid).
+    let magic = unsafe { read_le::<4>(p, 0) } as u32;
+    let len = if magic == u32::from_le_bytes(*b"\x7fELF") {
+        // ELF64: the image ends at the furthest of its header tables and sections.
+        let header = |off: usize, wide: bool| {
+            if wide {
+                // SAFETY: an ELF64 header is 64 bytes; the 8-byte fields read lie inside it.
+                unsafe { read_le::<8>(p, off) }
+            } else {
+                // SAFETY: as above, for its 2-byte fields.
+                unsafe { read_le::<2>(p, off) }
+            }
+        };
+        let (phoff, shoff) = (header(0x20, true), header(0x28, true));
+        let (phentsize, phnum) = (header(0x36, false), header(0x38, false));
+        let (shentsize, shnum) = (header(0x3a, false), header(0x3c, false));
+        let mut end = 64u64.max(phoff + phentsize * phnum).max(shoff + shentsize * shnum);
+        if shoff > MAX_IMAGE as u64 || shentsize < 0x40 {
+            return Err(CuError::INVALID_IMAGE);
+        }
+        for i in 0..shnum {
+            let sh = (shoff + i * shentsize) as usize;
+            // SAFETY: the section header table lies inside the image (ELF's contract).
+            let kind = unsafe { read_le::<4>(p, sh + 4) };
+            // SAFETY: as above.
+            let off = unsafe { read_le::<8>(p, sh + 0x18) };
+            // SAFETY: as above.
+            let size = unsafe { read_le::<8>(p, sh + 0x20) };
+            if kind != 8 {
+                // Not SHT_NOBITS: the section's bytes are in the file.
+                end = end.max(off.saturating_add(size));
+            }
+        }
+        end
+    } else if magic == FATBIN_MAGIC {
+        // SAFETY: a fatbin header is 16 bytes: magic, version, header size, body size.
+        let hsize = unsafe { read_le::<2>(p, 6) };
+        // SAFETY: as above.
+        let body = unsafe { read_le::<8>(p, 8) };
+        hsize.saturating_add(body)
+    } else if magic == FATBIN_WRAPPER_MAGIC {
+        // SAFETY: the wrapper is { magic, version, data pointer, filename pointer }.
+        let data = unsafe { read_le::<8>(p, 8) } as usize;
+        let inner = std::ptr::with_exposed_provenance::<u8>(data);
+        if inner.is_null() {
+            return Err(CuError::INVALID_IMAGE);
+        }
+        // SAFETY: the wrapper's data pointer points to a fatbin (the wrapper's contract).
+        return unsafe { image_len(inner) };
+    } else {
+        // PTX: NUL-terminated text; the NUL travels with it.
+        // SAFETY: PTX images are NUL-terminated strings (cuModuleLoadData's contract).
+        unsafe { std::ffi::CStr::from_ptr(p.cast::<c_char>()) }.count_bytes() as u64 + 1
+    };
+    let len = usize::try_from(len).map_err(|_| CuError::INVALID_IMAGE)?;
+    if len > MAX_IMAGE {
+        return Err(CuError::INVALID_IMAGE);
+    }
+    Ok((p, len))
+}
+
+/// Loads `bytes` as a module or library in the current context; returns its handle.
+fn load(bytes: &[u8], library: bool) -> CuResult<Handle> {
+    let s = session()?;
+    let mut c = s.lock();
+    c.enter_current()?;
+    let block = c.window.alloc(bytes.len() as u64, 0)?;
+    let desc = c.window.desc_of(block, bytes.len() as u64)?;
+    let r = c.window.write_at(desc, bytes).and_then(|()| c.call::<_, p::ModuleLoadReply>(&p::ModuleLoad { image: desc, library }));
+    let _ = c.window.free(block);
+    Ok(r?.handle)
+}
+
+/// Loads the image at `image` (sized by [`image_len`]).
+unsafe fn load_ptr(image: *const c_void, library: bool) -> CuResult<Handle> {
+    if image.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: the caller's contract: `image` is a module image.
+    let (start, len) = unsafe { image_len(image.cast()) }?;
+    // SAFETY: `image_len` found the image to be `len` readable bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(start, len) };
+    load(bytes, library)
+}
+
+/// Reads a file named by a C string.
+unsafe fn read_file(name: *const c_char) -> CuResult<Vec<u8>> {
+    // SAFETY: CUDA's contract: a NUL-terminated file name.
+    let name = unsafe { crate::rt::c_string(name) }?;
+    let mut bytes = std::fs::read(&name).map_err(|_| CuError::FILE_NOT_FOUND)?;
+    if !bytes.starts_with(b"\x7fELF") && !bytes.starts_with(&FATBIN_MAGIC.to_le_bytes()) {
+        bytes.push(0); // PTX text files carry no NUL of their own.
+    }
+    Ok(bytes)
+}
+
+/// `cuModuleLoad`.
+pub unsafe fn cu_module_load(module: *mut sys::CUmodule, fname: *const c_char) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(module) }?;
+    // SAFETY: forwarded contract.
+    let bytes = unsafe { read_file(fname) }?;
+    out.set(handle_ptr(load(&bytes, false)?));
+    Ok(())
+}
+
+/// `cuModuleLoadData`.
+pub unsafe fn cu_module_load_data(module: *mut sys::CUmodule, image: *const c_void) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(module) }?;
+    // SAFETY: forwarded contract.
+    out.set(handle_ptr(unsafe { load_ptr(image, false) }?));
+    Ok(())
+}
+
+/// `cuModuleLoadDataEx`: JIT options are not applied (the host JIT-compiles with its
+/// defaults; log buffers are left as given).
+pub unsafe fn cu_module_load_data_ex(
+    module: *mut sys::CUmodule,
+    image: *const c_void,
+    _num_options: c_uint,
+    _options: *mut c_uint,
+    _values: *mut *mut c_void,
+) -> CuResult<()> {
+    // SAFETY: forwarded contract.
+    unsafe { cu_module_load_data(module, image) }
+}
+
+/// `cuModuleLoadFatBinary`.
+pub unsafe fn cu_module_load_fat_binary(module: *mut sys::CUmodule, fat: *const c_void) -> CuResult<()> {
+    // SAFETY: forwarded contract.
+    unsafe { cu_module_load_data(module, fat) }
+}
+
+/// `cuLibraryLoadData`: JIT and library options are not applied.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn cu_library_load_data(
+    library: *mut sys::CUlibrary,
+    code: *const c_void,
+    _jit_options: *mut c_uint,
+    _jit_values: *mut *mut c_void,
+    _num_jit: c_uint,
+    _lib_options: *mut c_uint,
+    _lib_values: *mut *mut c_void,
+    _num_lib: c_uint,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(library) }?;
+    // SAFETY: forwarded contract.
+    out.set(handle_ptr(unsafe { load_ptr(code, true) }?));
+    Ok(())
+}
+
+/// `cuLibraryLoadFromFile`: options are not applied.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn cu_library_load_from_file(
+    library: *mut sys::CUlibrary,
+    file: *const c_char,
+    _jit_options: *mut c_uint,
+    _jit_values: *mut *mut c_void,
+    _num_jit: c_uint,
+    _lib_options: *mut c_uint,
+    _lib_values: *mut *mut c_void,
+    _num_lib: c_uint,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(library) }?;
+    // SAFETY: forwarded contract.
+    let bytes = unsafe { read_file(file) }?;
+    out.set(handle_ptr(load(&bytes, true)?));
+    Ok(())
+}
+
+fn param_info(func: Handle, index: usize, offset: *mut usize, size: *mut usize) -> CuResult<()> {
+    // SAFETY: CUDA's contract: non-null out-pointers are valid for one write.
+    let offset = unsafe { Out::optional(offset) }?;
+    // SAFETY: as above.
+    let size = unsafe { Out::optional(size) }?;
+    let s = session()?;
+    let layout = {
+        let mut c = s.lock();
+        c.enter_current()?;
+        c.layout(func)?
+    };
+    let slot = layout.get(index).ok_or(CuError::INVALID_VALUE)?;
+    offset.set(slot.offset as usize);
+    size.set(slot.size as usize);
+    Ok(())
+}
+
+/// `cuFuncGetParamInfo`, from the cached layout.
+pub unsafe fn cu_func_get_param_info(f: sys::CUfunction, index: usize, offset: *mut usize, size: *mut usize) -> CuResult<()> {
+    param_info(handle_of(f), index, offset, size)
+}
+
+/// `cuKernelGetParamInfo`, from the cached layout.
+pub unsafe fn cu_kernel_get_param_info(k: sys::CUkernel, index: usize, offset: *mut usize, size: *mut usize) -> CuResult<()> {
+    param_info(handle_of(k), index, offset, size)
+}
+
+/// `CU_LAUNCH_PARAM_*` markers of the `extra` array.
+const LAUNCH_PARAM_END: usize = 0x00;
+const LAUNCH_PARAM_BUFFER_POINTER: usize = 0x01;
+const LAUNCH_PARAM_BUFFER_SIZE: usize = 0x02;
+/// Entries read from `extra` before giving up on a missing terminator.
+const MAX_EXTRA: usize = 64;
+
+/// Packs the parameters of a launch into one buffer by `layout`.
+///
+/// # Safety
+/// `params` (when non-null) holds one valid pointer per parameter, each to a value of the
+/// parameter's size; `extra` (when non-null) is a `CU_LAUNCH_PARAM_END`-terminated array.
+unsafe fn pack(layout: &[ParamSlot], params: *mut *mut c_void, extra: *mut *mut c_void) -> CuResult<Vec<u8>> {
+    let total = layout.iter().map(|s| s.offset as usize + s.size as usize).max().unwrap_or(0);
+    let mut buf = vec![0u8; total];
+    if !params.is_null() {
+        for (i, slot) in layout.iter().enumerate() {
+            // SAFETY: the caller's contract: one pointer per parameter.
+            let arg = unsafe { params.wrapping_add(i).read() };
+            if arg.is_null() {
+                return Err(CuError::INVALID_VALUE);
+            }
+            let dst = &mut buf[slot.offset as usize..][..slot.size as usize];
+            // SAFETY: the caller's contract: `arg` points to `slot.size` readable bytes.
+            unsafe { std::ptr::copy_nonoverlapping(arg.cast::<u8>(), dst.as_mut_ptr(), dst.len()) };
+        }
+        return Ok(buf);
+    }
+    if extra.is_null() {
+        return if layout.is_empty() { Ok(buf) } else { Err(CuError::INVALID_VALUE) };
+    }
+    let (mut src, mut len) = (std::ptr::null::<u8>(), None::<usize>);
+    for i in (0..MAX_EXTRA).step_by(2) {
+        // SAFETY: the caller's contract: the array runs to its terminator.
+        let key = unsafe { extra.wrapping_add(i).read() }.addr();
+        if key == LAUNCH_PARAM_END {
+            break;
+        }
+        // SAFETY: every key but the terminator is followed by its value.
+        let value = unsafe { extra.wrapping_add(i + 1).read() };
+        match key {
+            LAUNCH_PARAM_BUFFER_POINTER => src = value.cast_const().cast(),
+            LAUNCH_PARAM_BUFFER_SIZE if !value.is_null() => {
+                // SAFETY: the value of BUFFER_SIZE points to a size_t.
+                len = Some(unsafe { value.cast::<usize>().read_unaligned() });
+            }
+            _ => return Err(CuError::INVALID_VALUE),
+        }
+    }
+    let len = len.ok_or(CuError::INVALID_VALUE)?;
+    if src.is_null() || len < total {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: the buffer holds `len ≥ total` bytes (the caller's contract).
+    unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), total) };
+    Ok(buf)
+}
+
+/// Launches `f` with the parameters packed by its layout; posted without waiting.
+unsafe fn launch(
+    f: Handle,
+    config: LaunchConfig,
+    stream: Handle,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CuResult<()> {
+    if f.0 == 0 {
+        return Err(CuError::INVALID_HANDLE);
+    }
+    let s = session()?;
+    let mut c = s.lock();
+    c.enter_current()?;
+    let layout = c.layout(f)?;
+    // SAFETY: forwarded contract.
+    let params = unsafe { pack(&layout, params, extra) }?;
+    c.post(&p::Launch { func: f, config, stream, params })
+}
+
+/// `cuLaunchKernel`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn cu_launch_kernel(
+    f: sys::CUfunction,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shared: c_uint,
+    stream: sys::CUstream,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CuResult<()> {
+    let config = LaunchConfig { grid: [gx, gy, gz], block: [bx, by, bz], shared_mem_bytes: shared, attrs: Vec::new() };
+    // SAFETY: forwarded contract.
+    unsafe { launch(handle_of(f), config, handle_of(stream), params, extra) }
+}
+
+/// Launch attributes whose values are plain integers (forwarded as such).
+const PLAIN_ATTRIBUTES: &[u32] = &[
+    2, // COOPERATIVE
+    4, // CLUSTER_DIMENSION
+    5, // CLUSTER_SCHEDULING_POLICY_PREFERENCE
+    6, // PROGRAMMATIC_STREAM_SERIALIZATION
+    8, // PRIORITY
+];
+
+/// `cuLaunchKernelEx`: attributes that carry pointers or handles are not supported.
+pub unsafe fn cu_launch_kernel_ex(
+    config: *const sys::CUlaunchConfig,
+    f: sys::CUfunction,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CuResult<()> {
+    if config.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract: a non-null config points to a CUlaunchConfig.
+    let cfg = unsafe { config.read_unaligned() };
+    let mut attrs = Vec::new();
+    if cfg.numAttrs > 0 {
+        if cfg.attrs.is_null() {
+            return Err(CuError::INVALID_VALUE);
+        }
+        for i in 0..cfg.numAttrs as usize {
+            // The id is read as an integer: a value outside the bindings' enum is not UB.
+            // SAFETY: CUDA's contract: `attrs` holds `numAttrs` CUlaunchAttribute values.
+            let base = cfg.attrs.wrapping_add(i).cast::<u8>();
+            // SAFETY: as above; the id is the struct's first field.
+            let id = unsafe { base.cast::<u32>().read_unaligned() };
+            let value_off = std::mem::offset_of!(sys::CUlaunchAttribute, value);
+            let mut value = [0u32; 4];
+            // The value union is 64 bytes at `value_off`; its first 16 are read.
+            let src = base.wrapping_add(value_off);
+            // SAFETY: inside the caller's CUlaunchAttribute (see above).
+            unsafe { std::ptr::copy_nonoverlapping(src, value.as_mut_ptr().cast::<u8>(), 16) };
+            match id {
+                0 => {} // IGNORE
+                id if PLAIN_ATTRIBUTES.contains(&id) => attrs.push(LaunchAttr { id, value }),
+                _ => return Err(CuError::NOT_SUPPORTED),
+            }
+        }
+    }
+    let lc = LaunchConfig {
+        grid: [cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ],
+        block: [cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ],
+        shared_mem_bytes: cfg.sharedMemBytes,
+        attrs,
+    };
+    // SAFETY: forwarded contract.
+    unsafe { launch(handle_of(f), lc, handle_of(cfg.hStream), params, extra) }
+}

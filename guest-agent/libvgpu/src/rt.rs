@@ -1,0 +1,402 @@
+//! The runtime under every exported entry point: error codes, the panic barrier, raw
+//! argument conversion, logging, and the session with host-proxy (one connection per
+//! process, shared by all threads under a lock; per-thread current contexts).
+
+use crate::window::Window;
+use idm_core::wire::Message;
+use idm_core::{ChannelError, Client, WaitPolicy};
+use idm_shm::{ChannelLayout, ShmClient, ShmEndpoint};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::ffi::{c_char, CStr};
+use std::num::NonZeroU32;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use vgpu_proto::generated as p;
+use vgpu_proto::{AttachReply, Handle, ParamSlot};
+
+/// `CUresult` as the C ABI returns it (kept an integer: any code the host sends is valid).
+pub type CUresult = u32;
+
+/// A CUDA error (`CUresult`, never success).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CuError(pub NonZeroU32);
+
+/// Result of an implementation function.
+pub type CuResult<T> = Result<T, CuError>;
+
+macro_rules! codes {
+    ($($name:ident = $v:literal,)*) => {
+        impl CuError {
+            $(
+                #[doc = concat!("`CUDA_ERROR_", stringify!($name), "`.")]
+                pub const $name: CuError = CuError(match NonZeroU32::new($v) { Some(v) => v, None => unreachable!() });
+            )*
+        }
+    };
+}
+
+codes! {
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    NOT_INITIALIZED = 3,
+    NO_DEVICE = 100,
+    INVALID_DEVICE = 101,
+    INVALID_IMAGE = 200,
+    INVALID_CONTEXT = 201,
+    FILE_NOT_FOUND = 301,
+    INVALID_HANDLE = 400,
+    NOT_FOUND = 500,
+    HOST_MEMORY_ALREADY_REGISTERED = 712,
+    HOST_MEMORY_NOT_REGISTERED = 713,
+    NOT_SUPPORTED = 801,
+    UNKNOWN = 999,
+}
+
+impl CuError {
+    /// An error from a raw code; 0 (success) is a host bug and becomes `UNKNOWN`.
+    pub fn from_code(code: u32) -> CuError {
+        NonZeroU32::new(code).map_or(CuError::UNKNOWN, CuError)
+    }
+}
+
+impl From<ChannelError> for CuError {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::Remote { code, .. } => CuError::from_code(code),
+            other => {
+                log(Level::Error, format_args!("connection to host-proxy failed: {other}"));
+                CuError::UNKNOWN
+            }
+        }
+    }
+}
+
+/// Runs an entry point's body: maps the result to a `CUresult` and stops a panic at the
+/// C boundary (a bug in libvgpu becomes `CUDA_ERROR_UNKNOWN`, never a crash).
+pub fn entry(name: &'static str, body: impl FnOnce() -> CuResult<()>) -> CUresult {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            log(Level::Debug, format_args!("{name} -> {}", e.0));
+            e.0.get()
+        }
+        Err(_) => {
+            log(Level::Error, format_args!("{name}: internal error (panic); returning CUDA_ERROR_UNKNOWN"));
+            CuError::UNKNOWN.0.get()
+        }
+    }
+}
+
+/// An entry point libvgpu does not provide: names itself once in the log.
+pub fn unsupported(name: &'static str) -> CUresult {
+    static SEEN: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+    let first = SEEN.lock().map(|mut s| s.get_or_insert_with(HashSet::new).insert(name)).unwrap_or(false);
+    if first {
+        log(Level::Warn, format_args!("{name} is not supported by libvgpu: returning CUDA_ERROR_NOT_SUPPORTED"));
+    }
+    CuError::NOT_SUPPORTED.0.get()
+}
+
+// ---- logging ----------------------------------------------------------------------------
+
+/// Log levels of `VGPU_LOG` (`error`, `warn` — the default —, `info`, `debug`, `off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Something failed.
+    Error = 1,
+    /// Something the application should know.
+    Warn = 2,
+    /// Session events.
+    Info = 3,
+    /// Every failing call.
+    Debug = 4,
+}
+
+fn max_level() -> u8 {
+    static LEVEL: OnceLock<u8> = OnceLock::new();
+    *LEVEL.get_or_init(|| match std::env::var("VGPU_LOG").as_deref().map(str::to_ascii_lowercase).as_deref() {
+        Ok("off") => 0,
+        Ok("error") => 1,
+        Ok("info") => 3,
+        Ok("debug") | Ok("trace") => 4,
+        _ => 2,
+    })
+}
+
+/// Writes one line to stderr if `level` is enabled.
+pub fn log(level: Level, args: std::fmt::Arguments<'_>) {
+    if level as u8 <= max_level() {
+        eprintln!("libvgpu: {args}");
+    }
+}
+
+// ---- raw arguments --------------------------------------------------------------------
+
+/// An out-pointer argument, checked once.
+pub struct Out<T>(Option<*mut T>);
+
+impl<T> Out<T> {
+    /// A pointer the call must write: null is `CUDA_ERROR_INVALID_VALUE`.
+    ///
+    /// # Safety
+    /// A non-null `p` must be valid for one write of `T`.
+    pub unsafe fn required(p: *mut T) -> CuResult<Out<T>> {
+        if p.is_null() {
+            Err(CuError::INVALID_VALUE)
+        } else {
+            Ok(Out(Some(p)))
+        }
+    }
+
+    /// A pointer the call writes when it is not null.
+    ///
+    /// # Safety
+    /// A non-null `p` must be valid for one write of `T`.
+    pub unsafe fn optional(p: *mut T) -> CuResult<Out<T>> {
+        Ok(Out((!p.is_null()).then_some(p)))
+    }
+
+    /// Stores the value (unaligned writes are allowed).
+    pub fn set(self, value: T) {
+        if let Some(p) = self.0 {
+            // SAFETY: `p` is non-null and, by the constructor's contract, valid for a write.
+            unsafe { p.write_unaligned(value) };
+        }
+    }
+}
+
+/// The handle value of an opaque CUDA object pointer (`CUstream`, `CUcontext`, …).
+pub fn handle_of<T>(p: *mut T) -> Handle {
+    Handle(p.addr() as u64)
+}
+
+/// The opaque object pointer that carries a handle value to the application.
+pub fn handle_ptr<T>(h: Handle) -> *mut T {
+    std::ptr::without_provenance_mut(h.0 as usize)
+}
+
+/// Longest name (kernel, global, file) accepted from the application.
+pub const MAX_NAME: usize = 4096;
+
+/// Copies a NUL-terminated string argument (null or longer than [`MAX_NAME`] is invalid).
+///
+/// # Safety
+/// A non-null `p` must point to a NUL-terminated string.
+pub unsafe fn c_string(p: *const c_char) -> CuResult<String> {
+    if p.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: non-null and NUL-terminated by the caller's contract.
+    let s = unsafe { CStr::from_ptr(p) };
+    if s.count_bytes() > MAX_NAME {
+        return Err(CuError::INVALID_VALUE);
+    }
+    s.to_str().map(str::to_owned).map_err(|_| CuError::INVALID_VALUE)
+}
+
+/// One row of the `cuGetProcAddress` table.
+#[derive(Debug)]
+pub struct ProcEntry {
+    /// The name without its `_vN` suffix, as applications ask for it.
+    pub base: &'static str,
+    /// The CUDA version (e.g. 12050) that introduced this variant; 0 for always.
+    pub since: u32,
+    /// The exported symbol.
+    pub symbol: &'static str,
+    /// The entry point.
+    pub ptr: *const (),
+}
+
+// SAFETY: `ptr` is the address of an exported function: immutable, valid in any thread.
+unsafe impl Sync for ProcEntry {}
+
+// ---- session ----------------------------------------------------------------------------
+
+/// Where host-proxy listens when `VGPU_SOCKET` is not set (its embedded default).
+pub const DEFAULT_SOCKET: &str = "/tmp/xen-vgpu/host-proxy.sock";
+/// Size of each ring.
+const RING_SIZE: usize = 1 << 20;
+/// Largest frame negotiated.
+const MAX_FRAME: u32 = 512 << 10;
+/// Default size of the shared data window (`VGPU_WINDOW_MB`).
+const DEFAULT_WINDOW_MB: usize = 256;
+
+/// The connection and what is guarded with it.
+pub struct Conn {
+    client: ShmClient,
+    buf: Vec<u8>,
+    /// The context the host currently has current for this connection.
+    host_ctx: Handle,
+    /// The data window (staging area and pinned host memory).
+    pub window: Window,
+    /// Cached parameter layouts by function/kernel handle.
+    pub layouts: HashMap<u64, std::sync::Arc<[ParamSlot]>>,
+}
+
+/// The process's session with host-proxy, made by `cuInit`.
+pub struct Session {
+    conn: Mutex<Conn>,
+    /// What the host told us at attach (device facts, attributes, primary context).
+    pub info: AttachReply,
+    /// Live contexts (primary included), for checking handles given to context calls.
+    pub contexts: Mutex<HashSet<u64>>,
+    /// Primary context retain count and flags.
+    pub primary_retains: Mutex<u32>,
+}
+
+static SESSION: OnceLock<Result<Session, CuError>> = OnceLock::new();
+
+/// The session, or `CUDA_ERROR_NOT_INITIALIZED` before a successful `cuInit`.
+pub fn session() -> CuResult<&'static Session> {
+    match SESSION.get() {
+        Some(Ok(s)) => Ok(s),
+        Some(Err(e)) => Err(*e),
+        None => Err(CuError::NOT_INITIALIZED),
+    }
+}
+
+/// Connects (once per process; the outcome is kept, as the driver keeps `cuInit`'s).
+pub fn init() -> CuResult<&'static Session> {
+    match SESSION.get_or_init(connect) {
+        Ok(s) => Ok(s),
+        Err(e) => Err(*e),
+    }
+}
+
+fn connect() -> CuResult<Session> {
+    let socket = std::env::var("VGPU_SOCKET").unwrap_or_else(|_| DEFAULT_SOCKET.to_owned());
+    let window_mb = std::env::var("VGPU_WINDOW_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DEFAULT_WINDOW_MB);
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        log(Level::Error, format_args!("cannot reach host-proxy at {socket}: {what}: {e} (set VGPU_SOCKET?)"));
+        CuError::NO_DEVICE
+    };
+    let layout = ChannelLayout::new(RING_SIZE, window_mb << 20).map_err(|e| fail("window size", &e))?;
+    let policy = WaitPolicy { spin_iters: 20_000, timeout: None };
+    let ShmEndpoint { channel, window, layout, region, .. } =
+        idm_shm::connect(&socket, layout, policy).map_err(|e| fail("connect", &e))?;
+    let mut buf = vec![0u8; MAX_FRAME as usize];
+    let mut client = Client::connect(channel, MAX_FRAME, &mut buf).map_err(|e| fail("hello", &e))?;
+    let attach = client
+        .call(&vgpu_proto::Attach { revision: vgpu_proto::VGPU_PROTOCOL_REVISION }, &mut buf)
+        .and_then(|r| r.decode::<AttachReply>())
+        .map_err(|e| fail("attach", &e))?;
+    log(
+        Level::Info,
+        format_args!("attached as zone {} to {:?} (driver {})", attach.zone, attach.device.name.as_str(), attach.device.driver_version),
+    );
+    let window = Window::new(window, region, layout);
+    let primary = attach.primary_ctx;
+    Ok(Session {
+        conn: Mutex::new(Conn { client, buf, host_ctx: primary, window, layouts: HashMap::new() }),
+        contexts: Mutex::new(HashSet::from([primary.0])),
+        info: attach,
+        primary_retains: Mutex::new(0),
+    })
+}
+
+impl Session {
+    /// Locks the connection (a poisoned lock is still usable: the state is a ring).
+    pub fn lock(&self) -> MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `ctx` names a live context.
+    pub fn is_context(&self, ctx: Handle) -> bool {
+        self.contexts.lock().map(|s| s.contains(&ctx.0)).unwrap_or(false)
+    }
+}
+
+thread_local! {
+    /// This thread's context stack (top = current), as the driver keeps per thread.
+    static CTX_STACK: RefCell<Vec<Handle>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's context stack.
+pub fn with_ctx_stack<R>(f: impl FnOnce(&mut Vec<Handle>) -> R) -> R {
+    CTX_STACK.with(|s| f(&mut s.borrow_mut()))
+}
+
+/// This thread's current context.
+pub fn current_ctx() -> Option<Handle> {
+    with_ctx_stack(|s| s.last().copied())
+}
+
+impl Conn {
+    /// Makes `ctx` the host's current context for what follows on this connection.
+    pub fn switch_to(&mut self, ctx: Handle) -> CuResult<()> {
+        if self.host_ctx != ctx {
+            self.client.post(&p::CtxSetCurrent { ctx }, &mut self.buf)?;
+            self.host_ctx = ctx;
+        }
+        Ok(())
+    }
+
+    /// Makes the calling thread's current context the host's (no context: error).
+    pub fn enter_current(&mut self) -> CuResult<()> {
+        let ctx = current_ctx().ok_or(CuError::INVALID_CONTEXT)?;
+        self.switch_to(ctx)
+    }
+
+    /// Records that the host's current context changed by itself (create, destroy).
+    pub fn host_switched(&mut self, ctx: Handle) {
+        self.host_ctx = ctx;
+    }
+
+    /// The context the host has current.
+    pub fn host_ctx(&self) -> Handle {
+        self.host_ctx
+    }
+
+    /// A synchronous request. An earlier asynchronous request's error, reported with
+    /// this reply, is returned instead (as the driver reports it at the next call).
+    pub fn call<Q: Message, R: Message>(&mut self, req: &Q) -> CuResult<R> {
+        let reply = self.client.call(req, &mut self.buf)?;
+        if let Some(code) = reply.deferred_error() {
+            return Err(CuError::from_code(code));
+        }
+        let r = reply.decode::<R>()?;
+        if Q::ID == p::CuModuleUnload::ID || Q::ID == p::CuLibraryUnload::ID {
+            // Functions of the unloaded module are gone: re-fetch layouts on next use.
+            self.layouts.clear();
+        }
+        Ok(r)
+    }
+
+    /// An asynchronous request (no reply; its error surfaces at a later call).
+    pub fn post<Q: Message>(&mut self, req: &Q) -> CuResult<()> {
+        self.client.post(req, &mut self.buf)?;
+        Ok(())
+    }
+
+    /// The parameter layout of a function or kernel (fetched once, then cached).
+    pub fn layout(&mut self, func: Handle) -> CuResult<std::sync::Arc<[ParamSlot]>> {
+        if let Some(l) = self.layouts.get(&func.0) {
+            return Ok(l.clone());
+        }
+        let r: p::FuncParamLayoutReply = self.call(&p::FuncParamLayout { func })?;
+        let l: std::sync::Arc<[ParamSlot]> = r.slots.into();
+        self.layouts.insert(func.0, l.clone());
+        Ok(l)
+    }
+}
+
+/// A forwarded call: in the calling thread's current context when `needs_ctx`.
+pub fn call<Q: Message, R: Message>(req: &Q, needs_ctx: bool) -> CuResult<R> {
+    let s = session()?;
+    let mut c = s.lock();
+    if needs_ctx {
+        c.enter_current()?;
+    }
+    c.call(req)
+}
+
+/// A forwarded asynchronous request.
+pub fn post<Q: Message>(req: &Q, needs_ctx: bool) -> CuResult<()> {
+    let s = session()?;
+    let mut c = s.lock();
+    if needs_ctx {
+        c.enter_current()?;
+    }
+    c.post(req)
+}

@@ -1,0 +1,116 @@
+//! The shared data window as libvgpu uses it: a staging area for pageable copies at its
+//! start, and an arena from which `cuMemAllocHost`/`cuMemHostAlloc` carve "pinned" host
+//! memory. The host reads and writes pinned buffers in place, so copies from or to them
+//! need no extra copy on the guest side.
+
+use crate::rt::{CuError, CuResult};
+use idm_core::BulkRef;
+use idm_shm::{ChannelLayout, MemfdRegion, ShmWindow};
+use std::collections::BTreeMap;
+
+/// Bytes at the window's start used to stage pageable copies (the rest is the arena).
+pub const STAGING: u64 = 16 << 20;
+/// Arena allocations are page-aligned, as the driver's pinned allocations are.
+const ALIGN: u64 = 4096;
+
+/// One pinned allocation.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    len: u64,
+    flags: u32,
+}
+
+/// The window of this process's connection.
+pub struct Window {
+    data: ShmWindow,
+    /// Keeps the mapping alive; `base` points into it.
+    _region: MemfdRegion,
+    base: *mut u8,
+    size: u64,
+    blocks: BTreeMap<u64, Block>,
+}
+
+// SAFETY: `base` points into `_region`'s shared mapping, which lives as long as the
+// `Window` and is not tied to a thread; the window is used under the connection's lock.
+unsafe impl Send for Window {}
+
+impl Window {
+    /// Wraps the client's window of `region` (laid out by `layout`).
+    pub fn new(data: ShmWindow, region: MemfdRegion, layout: ChannelLayout) -> Window {
+        let base = region.raw().as_ptr().wrapping_add(layout.window_offset());
+        Window { data, _region: region, base, size: layout.window_size() as u64, blocks: BTreeMap::new() }
+    }
+
+    /// Bytes available for staging one chunk of a pageable copy.
+    pub fn staging_len(&self) -> u64 {
+        STAGING.min(self.size)
+    }
+
+    /// Copies `src` into the staging area at its start.
+    pub fn stage_in(&self, src: &[u8]) -> CuResult<BulkRef> {
+        let desc = BulkRef { offset: 0, len: src.len() as u64 };
+        self.data.write(desc, src).map_err(|_| CuError::INVALID_VALUE)?;
+        Ok(desc)
+    }
+
+    /// Copies the staging area's first `dst.len()` bytes out.
+    pub fn stage_out(&self, dst: &mut [u8]) -> CuResult<()> {
+        self.data.read(BulkRef { offset: 0, len: dst.len() as u64 }, dst).map_err(|_| CuError::INVALID_VALUE)
+    }
+
+    /// Writes bytes at a window offset (module images in a temporary arena block).
+    pub fn write_at(&self, desc: BulkRef, src: &[u8]) -> CuResult<()> {
+        self.data.write(desc, src).map_err(|_| CuError::INVALID_VALUE)
+    }
+
+    /// Carves `len` bytes (page-aligned) out of the arena.
+    pub fn alloc(&mut self, len: u64, flags: u32) -> CuResult<*mut u8> {
+        if len == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let need = len.checked_next_multiple_of(ALIGN).ok_or(CuError::OUT_OF_MEMORY)?;
+        let mut start = self.staging_len().next_multiple_of(ALIGN);
+        for (&off, b) in &self.blocks {
+            if off.saturating_sub(start) >= need {
+                break;
+            }
+            start = (off + b.len).next_multiple_of(ALIGN);
+        }
+        if start.checked_add(need).is_none_or(|end| end > self.size) {
+            return Err(CuError::OUT_OF_MEMORY);
+        }
+        self.blocks.insert(start, Block { len, flags });
+        Ok(self.base.wrapping_add(start as usize))
+    }
+
+    /// Returns a block made by [`alloc`](Self::alloc); `p` must be its start.
+    pub fn free(&mut self, p: *const u8) -> CuResult<()> {
+        let off = self.offset_of(p).ok_or(CuError::INVALID_VALUE)?;
+        self.blocks.remove(&off).map(drop).ok_or(CuError::INVALID_VALUE)
+    }
+
+    /// The flags a block was allocated with, for any address inside it.
+    pub fn flags_of(&self, p: *const u8) -> Option<u32> {
+        let off = self.offset_of(p)?;
+        let (&start, b) = self.blocks.range(..=off).next_back()?;
+        (off < start + b.len).then_some(b.flags)
+    }
+
+    /// The window range of `[p, p + len)` when it lies inside one pinned block.
+    pub fn pinned(&self, p: *const u8, len: u64) -> Option<BulkRef> {
+        let off = self.offset_of(p)?;
+        let (&start, b) = self.blocks.range(..=off).next_back()?;
+        let end = off.checked_add(len)?;
+        (end <= start + b.len).then_some(BulkRef { offset: off, len })
+    }
+
+    /// The window's descriptor of a temporary block (for module images).
+    pub fn desc_of(&self, p: *const u8, len: u64) -> CuResult<BulkRef> {
+        self.pinned(p, len).ok_or(CuError::INVALID_VALUE)
+    }
+
+    fn offset_of(&self, p: *const u8) -> Option<u64> {
+        let off = (p.addr()).checked_sub(self.base.addr())? as u64;
+        (off < self.size).then_some(off)
+    }
+}
