@@ -249,6 +249,18 @@ pub unsafe extern "C" fn cuDeviceCanAccessPeer(canAccessPeer: *mut ::core::ffi::
     })
 }
 
+/// `cuDeviceGetProperties` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetProperties(prop: *mut sys::CUdevprop, dev: sys::CUdevice) -> CUresult {
+    rt::entry("cuDeviceGetProperties", || {
+        // SAFETY: the caller upholds cuDeviceGetProperties's contract, which the implementation documents.
+        unsafe { crate::imp::cu_device_get_properties(prop, dev) }
+    })
+}
+
 /// `cuDevicePrimaryCtxRetain` (served in the guest).
 ///
 /// # Safety
@@ -643,6 +655,32 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(dptr: *mut sys::CUdeviceptr, pPitch:
         dptr_out.set(rep.dptr as _);
         p_pitch_out.set(rep.p_pitch as _);
         Ok(())
+    })
+}
+
+/// `cuMemAllocAsync` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut sys::CUdeviceptr, bytesize: usize, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuMemAllocAsync", || {
+        // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+        let dptr_out = unsafe { rt::Out::required(dptr) }?;
+        let rep: p::CuMemAllocAsyncReply = rt::call(&p::CuMemAllocAsync { bytesize: bytesize as u64, h_stream: rt::handle_of(hStream) }, true)?;
+        dptr_out.set(rep.dptr as _);
+        Ok(())
+    })
+}
+
+/// `cuMemFreeAsync` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFreeAsync(dptr: sys::CUdeviceptr, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuMemFreeAsync", || {
+        rt::call::<_, vgpu_proto::Done>(&p::CuMemFreeAsync { dptr, h_stream: rt::handle_of(hStream) }, true).map(drop)
     })
 }
 
@@ -1722,12 +1760,6 @@ pub extern "C" fn cuDeviceGetP2PAttribute(_value: *mut ::core::ffi::c_int, _attr
     rt::unsupported("cuDeviceGetP2PAttribute")
 }
 
-/// `cuDeviceGetProperties`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuDeviceGetProperties(_prop: *mut sys::CUdevprop, _dev: sys::CUdevice) -> CUresult {
-    rt::unsupported("cuDeviceGetProperties")
-}
-
 /// `cuDeviceGetTexture1DLinearMaxWidth`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuDeviceGetTexture1DLinearMaxWidth(_maxWidthInElements: *mut usize, _format: ::core::ffi::c_uint, _numChannels: ::core::ffi::c_uint, _dev: sys::CUdevice) -> CUresult {
@@ -2544,12 +2576,6 @@ pub extern "C" fn cuMemAdvise_v2(_devPtr: sys::CUdeviceptr, _count: usize, _advi
     rt::unsupported("cuMemAdvise_v2")
 }
 
-/// `cuMemAllocAsync`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemAllocAsync(_dptr: *mut sys::CUdeviceptr, _bytesize: usize, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuMemAllocAsync")
-}
-
 /// `cuMemAllocFromPoolAsync`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuMemAllocFromPoolAsync(_dptr: *mut sys::CUdeviceptr, _bytesize: usize, _pool: sys::CUmemoryPool, _hStream: sys::CUstream) -> CUresult {
@@ -2590,12 +2616,6 @@ pub extern "C" fn cuMemDiscardBatchAsync(_dptrs: *mut sys::CUdeviceptr, _sizes: 
 #[no_mangle]
 pub extern "C" fn cuMemExportToShareableHandle(_shareableHandle: *mut ::core::ffi::c_void, _handle: sys::CUmemGenericAllocationHandle, _handleType: sys::CUmemAllocationHandleType, _flags: ::core::ffi::c_ulonglong) -> CUresult {
     rt::unsupported("cuMemExportToShareableHandle")
-}
-
-/// `cuMemFreeAsync`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemFreeAsync(_dptr: sys::CUdeviceptr, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuMemFreeAsync")
 }
 
 /// `cuMemGetAccess`: not supported by libvgpu.
@@ -3514,6 +3534,7 @@ pub const EXPORTS: &[&str] = &[
     "cuDeviceGetPCIBusId",
     "cuDeviceGetByPCIBusId",
     "cuDeviceCanAccessPeer",
+    "cuDeviceGetProperties",
     "cuDevicePrimaryCtxRetain",
     "cuDevicePrimaryCtxRelease_v2",
     "cuDevicePrimaryCtxReset_v2",
@@ -3544,6 +3565,8 @@ pub const EXPORTS: &[&str] = &[
     "cuMemGetInfo_v2",
     "cuMemGetAddressRange_v2",
     "cuMemAllocPitch_v2",
+    "cuMemAllocAsync",
+    "cuMemFreeAsync",
     "cuMemAllocHost_v2",
     "cuMemFreeHost",
     "cuMemHostAlloc",
@@ -3648,7 +3671,6 @@ pub const EXPORTS: &[&str] = &[
     "cuDeviceGetMemPool",
     "cuDeviceGetP2PAtomicCapabilities",
     "cuDeviceGetP2PAttribute",
-    "cuDeviceGetProperties",
     "cuDeviceGetTexture1DLinearMaxWidth",
     "cuDeviceGraphMemTrim",
     "cuDeviceRegisterAsyncNotification",
@@ -3785,7 +3807,6 @@ pub const EXPORTS: &[&str] = &[
     "cuMemAddressFree",
     "cuMemAddressReserve",
     "cuMemAdvise_v2",
-    "cuMemAllocAsync",
     "cuMemAllocFromPoolAsync",
     "cuMemAllocManaged",
     "cuMemBatchDecompressAsync",
@@ -3793,7 +3814,6 @@ pub const EXPORTS: &[&str] = &[
     "cuMemDiscardAndPrefetchBatchAsync",
     "cuMemDiscardBatchAsync",
     "cuMemExportToShareableHandle",
-    "cuMemFreeAsync",
     "cuMemGetAccess",
     "cuMemGetAllocationGranularity",
     "cuMemGetAllocationPropertiesFromHandle",

@@ -294,3 +294,28 @@ pub unsafe fn cu_device_can_access_peer(can: *mut c_int, dev: sys::CUdevice, pee
     out.set(0);
     Ok(())
 }
+
+/// `cuDeviceGetProperties` (deprecated), assembled from the attribute table.
+pub unsafe fn cu_device_get_properties(prop: *mut sys::CUdevprop, dev: sys::CUdevice) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(prop) }?;
+    let s = session()?;
+    check_device(dev)?;
+    let attr = |a: usize| match s.info.attributes.get(a - 1) {
+        Some(AttrValue::Value(v)) => *v,
+        _ => 0,
+    };
+    out.set(sys::CUdevprop {
+        maxThreadsPerBlock: attr(1),
+        maxThreadsDim: [attr(2), attr(3), attr(4)],
+        maxGridSize: [attr(5), attr(6), attr(7)],
+        sharedMemPerBlock: attr(8),
+        totalConstantMemory: attr(9),
+        SIMDWidth: attr(10),
+        memPitch: attr(11),
+        regsPerBlock: attr(12),
+        clockRate: attr(13),
+        textureAlign: attr(14),
+    });
+    Ok(())
+}

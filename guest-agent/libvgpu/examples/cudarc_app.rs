@@ -1,0 +1,199 @@
+//! An unmodified-style CUDA application written with cudarc (dynamic loading of
+//! `libcuda.so`): the test programs of libvgpu's integration tests. Run it with libvgpu
+//! first on the library path and host-proxy listening at `VGPU_SOCKET`; it prints what it
+//! checked and exits non-zero on the first failure.
+//!
+//! Usage: `cudarc_app SCENARIO [PTX_FILE]` with SCENARIO one of `device`, `copy`, `memset`,
+//! `streams`, `launch PTX_FILE`, `errors`, `threads`.
+
+use cudarc::driver::result::DriverError;
+use cudarc::driver::{sys, CudaContext, LaunchConfig, PushKernelArg};
+use std::error::Error;
+use std::sync::Arc;
+
+type Res = Result<(), Box<dyn Error>>;
+
+fn ensure(cond: bool, what: &str) -> Res {
+    if cond {
+        println!("ok: {what}");
+        Ok(())
+    } else {
+        Err(format!("check failed: {what}").into())
+    }
+}
+
+fn device(ctx: &Arc<CudaContext>) -> Res {
+    let name = ctx.name()?;
+    println!("device: {name}");
+    let (major, minor) = ctx.compute_capability()?;
+    println!("compute capability: {major}.{minor}");
+    ensure(ctx.total_mem()? > 0, "total memory is reported")?;
+    let warp = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_WARP_SIZE)?;
+    ensure(warp == 32, "warp size attribute is 32")?;
+    let mut version = 0;
+    // SAFETY: valid out-pointer.
+    unsafe { sys::cuDriverGetVersion(&mut version) }.result()?;
+    ensure(version >= 12000, "driver version is the host's")?;
+    ensure(CudaContext::device_count()? == 1, "one device per zone")?;
+    let (free, total) = cudarc::driver::result::mem_get_info()?;
+    ensure(free <= total, "free <= total")
+}
+
+fn pattern(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(seed)).collect()
+}
+
+fn copy(ctx: &Arc<CudaContext>) -> Res {
+    let stream = ctx.default_stream();
+    for &n in &[1usize, 1024, (40 << 20) / 4 + 3] {
+        let host = pattern(n, n as u32);
+        let dev = stream.clone_htod(&host)?;
+        let mut dev2 = stream.alloc_zeros::<u32>(n)?;
+        stream.memcpy_dtod(&dev, &mut dev2)?;
+        let back = stream.clone_dtoh(&dev2)?;
+        ensure(back == host, &format!("{n} words: host -> device -> device -> host"))?;
+    }
+    Ok(())
+}
+
+fn memset(ctx: &Arc<CudaContext>) -> Res {
+    let stream = ctx.default_stream();
+    let mut dev = stream.clone_htod(&vec![7u8; 4099])?;
+    stream.memset_zeros(&mut dev)?;
+    ensure(stream.clone_dtoh(&dev)?.iter().all(|&b| b == 0), "memset_zeros clears 4099 bytes")?;
+    let words = stream.alloc_zeros::<u32>(1001)?;
+    let (ptr, _g) = cudarc::driver::DevicePtr::device_ptr(&words, &stream);
+    // SAFETY: `ptr` is a live allocation of 1001 words.
+    unsafe { sys::cuMemsetD32Async(ptr, 0xdead_beef, 1001, stream.cu_stream()) }.result()?;
+    drop(_g);
+    ensure(stream.clone_dtoh(&words)?.iter().all(|&w| w == 0xdead_beef), "memset_d32 sets 1001 words")
+}
+
+fn streams(ctx: &Arc<CudaContext>) -> Res {
+    let a = ctx.new_stream()?;
+    let b = ctx.new_stream()?;
+    let start = ctx.new_event(None)?;
+    let end = ctx.new_event(None)?;
+    start.record(&a)?;
+    let data = a.clone_htod(&pattern(1 << 16, 5))?;
+    end.record(&a)?;
+    b.wait(&end)?;
+    let back = b.clone_dtoh(&data)?;
+    ensure(back == pattern(1 << 16, 5), "stream b sees stream a's copy after waiting on its event")?;
+    end.synchronize()?;
+    let ms = start.elapsed_ms(&end)?;
+    ensure(ms >= 0.0, "elapsed time between events is >= 0")?;
+    ensure(end.is_complete(), "event query reports completion")?;
+    a.synchronize()?;
+    Ok(b.synchronize()?)
+}
+
+fn launch(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
+    let stream = ctx.default_stream();
+    let ptx = std::fs::read_to_string(ptx_path)?;
+    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+    let fill = module.load_function("fill_u32")?;
+    let n = 10_000usize;
+    let mut out = stream.alloc_zeros::<u32>(n)?;
+    let cfg = LaunchConfig::for_num_elems(n as u32);
+    let (value, count) = (0x1234_5678u32, n as u64);
+    // SAFETY: fill_u32(u32*, u32, u64) writes `count` words of `out`.
+    unsafe { stream.launch_builder(&fill).arg(&mut out).arg(&value).arg(&count).launch(cfg) }?;
+    ensure(stream.clone_dtoh(&out)?.iter().all(|&w| w == value), "fill_u32 filled 10000 words")?;
+    let saxpy = module.load_function("scale_add")?;
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let y: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 0.5).collect();
+    let dx = stream.clone_htod(&x)?;
+    let mut dy = stream.clone_htod(&y)?;
+    let (a, nn) = (2.0f32, n as i32);
+    // SAFETY: scale_add(f32, const f32*, f32*, i32) over `nn` elements of both slices.
+    unsafe { stream.launch_builder(&saxpy).arg(&a).arg(&dx).arg(&mut dy).arg(&nn).launch(cfg) }?;
+    let got = stream.clone_dtoh(&dy)?;
+    let want: Vec<f32> = x.iter().zip(&y).map(|(x, y)| 2.0 * x + y).collect();
+    ensure(got == want, "scale_add computed y = 2x + y")
+}
+
+fn expect_err<T>(r: Result<T, DriverError>, code: sys::CUresult, what: &str) -> Res {
+    match r {
+        Err(DriverError(c)) if c == code => ensure(true, &format!("{what}: {code:?}")),
+        Err(DriverError(c)) => Err(format!("{what}: expected {code:?}, got {c:?}").into()),
+        Ok(_) => Err(format!("{what}: expected {code:?}, got success").into()),
+    }
+}
+
+fn errors(ctx: &Arc<CudaContext>) -> Res {
+    use cudarc::driver::result;
+    ctx.bind_to_thread()?;
+    // A handle that was never issued.
+    let bogus = 0xdead_0000_0001usize as sys::CUstream;
+    // SAFETY: the driver validates the handle (a forged one must be refused, not used).
+    expect_err(unsafe { result::stream::synchronize(bogus) }, sys::CUresult::CUDA_ERROR_INVALID_HANDLE, "forged stream handle")?;
+    // Freeing memory that is not an allocation.
+    // SAFETY: as above, for device pointers.
+    expect_err(unsafe { result::free_sync(0x1000) }, sys::CUresult::CUDA_ERROR_INVALID_VALUE, "free of a bogus pointer")?;
+    // Over the zone's memory quota (the test config gives this zone 64 MiB).
+    // SAFETY: plain allocation.
+    expect_err(unsafe { result::malloc_sync(1 << 30) }, sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY, "allocation over quota")?;
+    // An entry point libvgpu does not provide.
+    let mut graph = std::ptr::null_mut();
+    // SAFETY: valid out-pointer.
+    let rc = unsafe { sys::cuGraphCreate(&mut graph, 0) };
+    ensure(rc == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED, "unsupported entry point answers CUDA_ERROR_NOT_SUPPORTED")?;
+    let err = DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE);
+    let (name, text) = (err.error_name()?, err.error_string()?);
+    println!("error text: {name:?} {text:?}");
+    ensure(text.to_str()? == "invalid argument", "error strings are NVIDIA's")?;
+    // The zone still works after all of that.
+    let stream = ctx.default_stream();
+    ensure(stream.clone_dtoh(&stream.clone_htod(&[1u8, 2, 3])?)? == [1, 2, 3], "zone still works after errors")
+}
+
+fn threads(ctx: &Arc<CudaContext>) -> Res {
+    let handles: Vec<_> = (0..8u32)
+        .map(|t| {
+            let ctx = ctx.clone();
+            std::thread::spawn(move || -> Result<bool, DriverError> {
+                ctx.bind_to_thread()?;
+                let stream = ctx.new_stream()?;
+                let mut ok = true;
+                for round in 0..20 {
+                    let host = pattern(4096 + t as usize, t * 1000 + round);
+                    let dev = stream.clone_htod(&host)?;
+                    ok &= stream.clone_dtoh(&dev)? == host;
+                }
+                Ok(ok)
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let ok = h.join().map_err(|_| "thread panicked")??;
+        ensure(ok, &format!("thread {i}: 20 copies verified"))?;
+    }
+    // A context made current on another thread does not change this thread's.
+    let mut here = std::ptr::null_mut();
+    ctx.bind_to_thread()?;
+    std::thread::spawn(|| {
+        // SAFETY: clearing this (other) thread's current context.
+        let _ = unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) };
+    })
+    .join()
+    .map_err(|_| "thread panicked")?;
+    // SAFETY: valid out-pointer.
+    unsafe { sys::cuCtxGetCurrent(&mut here) }.result()?;
+    ensure(here == ctx.cu_ctx(), "current context is per thread")
+}
+
+fn main() -> Res {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let ctx = CudaContext::new(0)?;
+    match args.first().map(String::as_str) {
+        Some("device") => device(&ctx),
+        Some("copy") => copy(&ctx),
+        Some("memset") => memset(&ctx),
+        Some("streams") => streams(&ctx),
+        Some("launch") => launch(&ctx, args.get(1).ok_or("launch needs a PTX file")?),
+        Some("errors") => errors(&ctx),
+        Some("threads") => threads(&ctx),
+        _ => Err("usage: cudarc_app device|copy|memset|streams|launch PTX|errors|threads".into()),
+    }
+}

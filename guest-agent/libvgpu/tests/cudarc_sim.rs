@@ -1,0 +1,191 @@
+//! End to end without a GPU: cudarc programs (`examples/cudarc_app.rs`, loading
+//! `libcuda.so` dynamically, unmodified) run against libvgpu and a real host-proxy daemon
+//! with the simulated backend (a test double) over the local shared-memory transport.
+//!
+//! Also: the library's exported symbols are exactly the API table's.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// `target/<profile>` of this build (the test binary lives in its `deps/`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_owned()
+}
+
+/// The host-proxy binary: `VGPU_HOST_PROXY_BIN`, or built here with cargo.
+fn host_proxy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("VGPU_HOST_PROXY_BIN") {
+        return p.into();
+    }
+    let dir = target_dir();
+    let profile = dir.file_name().unwrap().to_str().unwrap().to_owned();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-q", "-p", "host-proxy", "--bin", "host-proxy"]);
+    if profile == "release" {
+        cmd.arg("--release");
+    }
+    cmd.env("CARGO_TARGET_DIR", dir.parent().unwrap());
+    let status = cmd.status().expect("running cargo build for host-proxy");
+    assert!(status.success(), "building host-proxy failed");
+    dir.join("host-proxy")
+}
+
+/// One daemon (sim backend) shared by every test of this file, in a private directory.
+struct Lab {
+    dir: PathBuf,
+    socket: PathBuf,
+    libdir: PathBuf,
+    _daemon: Daemon,
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn lab() -> &'static Lab {
+    static LAB: OnceLock<Lab> = OnceLock::new();
+    LAB.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("libvgpu-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // libvgpu under the names applications look for.
+        let libdir = dir.join("lib");
+        std::fs::create_dir_all(&libdir).unwrap();
+        let so = target_dir().join("libcuda.so");
+        assert!(so.exists(), "{} was not built", so.display());
+        for name in ["libcuda.so", "libcuda.so.1"] {
+            std::os::unix::fs::symlink(&so, libdir.join(name)).unwrap();
+        }
+        let socket = dir.join("host-proxy.sock");
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        let config = format!(
+            "socket = {socket:?}\nbackend = \"sim\"\nsim_memory_bytes = 1073741824\n\n[[zone]]\nname = \"test\"\nuid = {uid}\n[zone.quotas]\nmem_bytes = 67108864\nmax_handles = 4096\nmax_async_in_flight = 1024\n",
+        );
+        std::fs::write(dir.join("host-proxy.toml"), config).unwrap();
+        let child = Command::new(host_proxy_bin())
+            .args(["serve", "--config"])
+            .arg(dir.join("host-proxy.toml"))
+            .env("VGPU_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting host-proxy");
+        let daemon = Daemon(child);
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed() < Duration::from_secs(20), "host-proxy did not create its socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Lab { dir, socket, libdir, _daemon: daemon }
+    })
+}
+
+/// Runs a cudarc scenario with libvgpu as its libcuda; returns its stdout.
+fn app(args: &[&str]) -> String {
+    let lab = lab();
+    let exe = target_dir().join("examples/cudarc_app");
+    assert!(exe.exists(), "{} was not built", exe.display());
+    let out = Command::new(&exe)
+        .args(args)
+        .env("LD_LIBRARY_PATH", &lab.libdir)
+        .env("VGPU_SOCKET", &lab.socket)
+        .env("VGPU_LOG", "warn")
+        .current_dir(&lab.dir)
+        .output()
+        .expect("running cudarc_app");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cudarc_app {args:?} failed ({}):\n{stdout}\n{stderr}", out.status);
+    stdout
+}
+
+#[test]
+fn device_query_is_served_from_the_host_s_facts() {
+    let out = app(&["device"]);
+    assert!(out.contains("simulated"), "the test double says what it is: {out}");
+    assert!(out.contains("ok: warp size attribute is 32"));
+    assert!(out.contains("ok: one device per zone"));
+}
+
+#[test]
+fn copies_round_trip_through_the_window_including_chunked_ones() {
+    let out = app(&["copy"]);
+    assert!(out.contains("ok: 10485763 words"), "{out}");
+}
+
+#[test]
+fn memsets_set_every_byte() {
+    app(&["memset"]);
+}
+
+#[test]
+fn streams_and_events_order_work() {
+    let out = app(&["streams"]);
+    assert!(out.contains("ok: elapsed time between events is >= 0"));
+}
+
+#[test]
+fn kernels_launch_with_their_parameters_packed_by_the_host_layout() {
+    let ptx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sim_kernels.ptx");
+    let out = app(&["launch", ptx.to_str().unwrap()]);
+    assert!(out.contains("ok: scale_add computed y = 2x + y"));
+}
+
+#[test]
+fn errors_are_cuda_errors_and_leave_the_zone_usable() {
+    let out = app(&["errors"]);
+    for line in [
+        "forged stream handle: CUDA_ERROR_INVALID_HANDLE",
+        "free of a bogus pointer: CUDA_ERROR_INVALID_VALUE",
+        "allocation over quota: CUDA_ERROR_OUT_OF_MEMORY",
+        "unsupported entry point answers CUDA_ERROR_NOT_SUPPORTED",
+        "error strings are NVIDIA's",
+        "zone still works after errors",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn many_threads_share_the_session_with_per_thread_contexts() {
+    let out = app(&["threads"]);
+    assert!(out.contains("ok: current context is per thread"));
+}
+
+/// The shared library exports exactly the table's entry points (and nothing else named
+/// `cu*`), under their real names.
+#[test]
+fn exported_symbols_match_the_table() {
+    use object::{Object, ObjectSymbol};
+    let so = target_dir().join("libcuda.so");
+    let bytes = std::fs::read(&so).unwrap();
+    let file = object::File::parse(&*bytes).unwrap();
+    let mut exported: Vec<String> = file
+        .dynamic_symbols()
+        .filter(|s| s.is_definition() && s.is_global())
+        .filter_map(|s| s.name().ok().map(str::to_owned))
+        .filter(|n| n.starts_with("cu"))
+        .collect();
+    exported.sort();
+    let mut table: Vec<String> = cuda::generated::EXPORTS.iter().map(|s| s.to_string()).collect();
+    table.sort();
+    assert_eq!(exported, table);
+    for must in ["cuInit", "cuMemAlloc_v2", "cuCtxCreate_v4", "cuMemcpyHtoD_v2", "cuLaunchKernel", "cuGetProcAddress_v2"] {
+        assert!(table.iter().any(|n| n == must), "{must} is exported");
+    }
+}
+
+/// The SONAME is the driver's, so programs linked against libvgpu record `libcuda.so.1`.
+#[test]
+fn soname_is_libcuda_so_1() {
+    let bytes = std::fs::read(target_dir().join("libcuda.so")).unwrap();
+    assert!(bytes.windows(13).any(|w| w == b"libcuda.so.1\0"));
+}
