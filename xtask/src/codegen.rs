@@ -276,7 +276,7 @@ fn validate(table: &Table, b: &Bindings) -> Result<()> {
         if let Some(other) = ids.insert(m.id, m.name.clone()) {
             bail!("wire id {:#06x} used by {other} and {}", m.id, m.name);
         }
-        ensure!(!(m.post && !m.reply.is_empty()), "{}: posted messages have no reply", m.name);
+        ensure!(!m.post || m.reply.is_empty(), "{}: posted messages have no reply", m.name);
     }
     for id in ids.keys() {
         ensure!(*id >= 0x0200, "wire id {id:#06x}: ids below 0x0200 belong to revision 1 or the core");

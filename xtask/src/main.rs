@@ -7,6 +7,9 @@
 //! * `cargo xtask bench` — the idm round-trip/throughput benchmark over shared memory.
 //! * `cargo xtask codegen [--check]` — regenerates libvgpu's entry points, the wire
 //!   messages and the host dispatcher from `guest-agent/libvgpu/api.toml`.
+//! * `cargo xtask device-build` — release builds of what `device/*.sh` run on the GPU
+//!   machine (host-proxy, libvgpu as libcuda.so.1, host-proxy's test binaries), stripped,
+//!   in `.device-carry/` (ignored by git; name it in the device tool's `carry`).
 //! * `cargo xtask demo`  — the main job with its embedded defaults: host-proxy (simulated GPU
 //!   test double) serving one guest session over the local transport.
 
@@ -32,8 +35,9 @@ fn main() -> Result<()> {
         Some("bench") => run(cargo().args(["bench", "-p", "idm-shm", "--bench", "roundtrip"])),
         Some("demo") => demo(),
         Some("codegen") => codegen::main(&args[1..]),
+        Some("device-build") => device_build(),
         _ => {
-            eprintln!("usage: cargo xtask <ci | fuzz [SECONDS] | bench | demo | codegen [--check]>");
+            eprintln!("usage: cargo xtask <ci | fuzz [SECONDS] | bench | demo | codegen [--check] | device-build>");
             bail!("unknown or missing subcommand")
         }
     }
@@ -155,4 +159,44 @@ fn demo() -> Result<()> {
     let status = daemon.wait()?;
     eprintln!("==> host-proxy stopped ({status})");
     session
+}
+
+/// Builds and collects the binaries the on-device scripts run (see `device/`).
+fn device_build() -> Result<()> {
+    let carry = PathBuf::from(".device-carry");
+    std::fs::create_dir_all(carry.join("libvgpu")).context("creating .device-carry")?;
+    run(cargo().args(["build", "--release", "-p", "host-proxy", "-p", "libvgpu"]))?;
+    let mut copies = vec![
+        (PathBuf::from("target/release/host-proxy"), carry.join("host-proxy")),
+        (PathBuf::from("target/release/libcuda.so"), carry.join("libvgpu/libcuda.so.1")),
+    ];
+    let out = cargo()
+        .args(["test", "--release", "-p", "host-proxy", "--no-run", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building host-proxy's tests")?;
+    if !out.status.success() {
+        bail!("building host-proxy's tests failed");
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let (Some(exe), Some(name)) = (v["executable"].as_str(), v["target"]["name"].as_str()) else { continue };
+        let kind = v["target"]["kind"][0].as_str().unwrap_or("");
+        let dest = match (kind, name) {
+            ("lib", _) => "host_proxy_lib_tests",
+            ("test", "zones") => "zones_test",
+            _ => continue,
+        };
+        copies.push((PathBuf::from(exe), carry.join(dest)));
+    }
+    for (from, to) in &copies {
+        std::fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        // Debug info would not fit the device tool's carry limit.
+        if Command::new("strip").arg(to).status().map(|s| !s.success()).unwrap_or(true) {
+            eprintln!("warning: could not strip {} (install binutils)", to.display());
+        }
+        let size = std::fs::metadata(to)?.len();
+        println!("{:>8.1} MiB  {}", size as f64 / (1 << 20) as f64, to.display());
+    }
+    Ok(())
 }
