@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use idm_core::{BulkRef, Client, Message, WaitPolicy};
 use idm_shm::{ChannelLayout, ShmEndpoint};
 use std::time::{Duration, Instant};
+use vgpu_proto::generated::*;
 use vgpu_proto::*;
 
 fn main() -> Result<()> {
@@ -29,14 +30,14 @@ fn main() -> Result<()> {
         attach.device.total_mem >> 20
     );
     let size = 32u64 << 20;
-    let MemAllocReply { dptr } = send(&mut client, &mut buf, &MemAlloc { size })?;
+    let CuMemAllocV2Reply { dptr } = send(&mut client, &mut buf, &CuMemAllocV2 { bytesize: size })?;
     let data: Vec<u8> = (0..size as usize).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0]).collect();
     let src = BulkRef { offset: 0, len: size };
     let dst = BulkRef { offset: size, len: size };
     window.write(src, &data)?;
     let t = Instant::now();
-    let _: Done = send(&mut client, &mut buf, &MemcpyHtoD { dst: dptr, src, stream: None })?;
-    let _: Done = send(&mut client, &mut buf, &MemcpyDtoH { dst, src: dptr, stream: None })?;
+    let _: Done = send(&mut client, &mut buf, &MemcpyHtoD { dst: dptr, src, stream: Handle(0) })?;
+    let _: Done = send(&mut client, &mut buf, &MemcpyDtoH { dst, src: dptr, stream: Handle(0) })?;
     let elapsed = t.elapsed();
     let mut back = vec![0u8; size as usize];
     window.read(dst, &mut back)?;
@@ -47,10 +48,10 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let n = 10_000;
     for _ in 0..n {
-        let _: MemInfo = send(&mut client, &mut buf, &MemGetInfo {})?;
+        let _: CuMemGetInfoV2Reply = send(&mut client, &mut buf, &CuMemGetInfoV2 {})?;
     }
     println!("{n} synchronous calls: {:.2} µs per call", t.elapsed().as_secs_f64() * 1e6 / n as f64);
-    let _: Done = send(&mut client, &mut buf, &MemFree { dptr })?;
+    let _: Done = send(&mut client, &mut buf, &CuMemFreeV2 { dptr })?;
     println!("freed; session done");
     Ok(())
 }

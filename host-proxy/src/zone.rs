@@ -1,15 +1,30 @@
-//! `Zone`: one guest's GPU state inside its worker process — allocations, handles, quotas —
-//! and the dispatch of decoded requests to the backend.
+//! `Zone`: one guest's GPU state inside its worker process — contexts, allocations,
+//! handles, quotas — and [`ZoneCtx`], the implementation of the generated request API.
 //!
 //! Every request is checked here before a backend sees it: device ranges must lie inside
-//! one of *this zone's* live allocations (overflow-checked), stream handles must be live in
-//! this zone's table, bulk descriptors must lie inside the data window. Nothing in this
-//! module trusts the guest, and nothing panics on its input.
+//! one of *this zone's* live allocations or module globals (overflow-checked), handles
+//! must be live in this zone's table *of the right kind*, bulk descriptors must lie inside
+//! the data window, names must be bounded C strings. Nothing in this module trusts the
+//! guest, and nothing panics on its input.
+//!
+//! **Objects and their context.** Each zone starts with its primary context (a real handle
+//! whose backend context is `None`). Every object — allocation, stream, event, module,
+//! library view, function, module global — records the context current when it was made;
+//! destroying a context (or resetting the primary one) drops every object recorded in it,
+//! and everything that hangs off a module dropped with it. Libraries and their kernels
+//! belong to no context, as in CUDA: only their unload or the zone's end releases them.
+//!
+//! **Handles** carry their kind in the top byte ([`crate::handles`]), so a stream handle
+//! passed as an event is `CUDA_ERROR_INVALID_HANDLE`, and no handle is ever 0, 1 or 2: those
+//! name the default stream ([`DEFAULT_STREAMS`]). Contexts, allocations and all other
+//! handles share one quota (`max_handles`; the primary context is not counted).
 
 use crate::backend::{CuError, CuResultOf, GpuBackend};
-use crate::handles::{HandleError, HandleTable};
+use crate::handles::{kind_of, HandleError, HandleTable};
 use idm_core::{DataWindow, SharedMemory};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::CString;
+use vgpu_proto::generated::*;
 use vgpu_proto::*;
 
 /// Per-zone limits, from configuration.
@@ -18,7 +33,8 @@ use vgpu_proto::*;
 pub struct Quotas {
     /// Device memory the zone may hold, in bytes.
     pub mem_bytes: u64,
-    /// Live objects (allocations + streams + …) the zone may hold.
+    /// Live objects (allocations + contexts + streams + events + modules + functions …)
+    /// the zone may hold.
     pub max_handles: u32,
     /// Asynchronous requests accepted before the worker waits for the GPU to catch up.
     pub max_async_in_flight: u32,
@@ -32,45 +48,44 @@ impl Default for Quotas {
 
 /// Largest chunk staged through host memory per copy step.
 const STAGING_CHUNK: usize = 4 << 20;
+/// Largest module or library image accepted (the data window may bound it further).
+const MAX_IMAGE_BYTES: u64 = 256 << 20;
+/// Longest symbol name accepted, in bytes (without the terminating NUL).
+const MAX_NAME_BYTES: usize = 4096;
 
-/// A successful reply.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Response {
-    /// Empty success.
-    Done(Done),
-    /// Attach reply.
-    Attach(AttachReply),
-    /// Allocation reply.
-    MemAlloc(MemAllocReply),
-    /// Memory info reply.
-    MemInfo(MemInfo),
-    /// New handle.
-    Handle(HandleReply),
+/// Handle kinds (the top byte of a handle value).
+mod kind {
+    pub const CONTEXT: u8 = 0xc7;
+    pub const STREAM: u8 = 0x57;
+    pub const EVENT: u8 = 0xe7;
+    pub const MODULE: u8 = 0x4d;
+    pub const LIBRARY: u8 = 0x4c;
+    pub const FUNCTION: u8 = 0x46;
+    pub const KERNEL: u8 = 0x4b;
 }
 
-/// One zone's state.
-pub struct Zone<B: GpuBackend> {
-    id: u32,
-    backend: B,
-    quotas: Quotas,
-    /// Live allocations: start address → size.
-    allocs: BTreeMap<u64, u64>,
-    mem_used: u64,
-    streams: HandleTable<B::Stream>,
-    async_since_sync: u32,
-    staging: Vec<u8>,
+/// `CUpointer_attribute` values answered from the zone's tables.
+mod ptr_attr {
+    pub const CONTEXT: u32 = 1;
+    pub const MEMORY_TYPE: u32 = 2;
+    pub const DEVICE_POINTER: u32 = 3;
+    pub const HOST_POINTER: u32 = 4;
+    pub const BUFFER_ID: u32 = 7;
+    pub const IS_MANAGED: u32 = 8;
+    pub const DEVICE_ORDINAL: u32 = 9;
+    pub const RANGE_START_ADDR: u32 = 11;
+    pub const RANGE_SIZE: u32 = 12;
+    pub const MAPPED: u32 = 13;
 }
 
-impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Zone")
-            .field("id", &self.id)
-            .field("allocations", &self.allocs.len())
-            .field("mem_used", &self.mem_used)
-            .field("streams", &self.streams.len())
-            .finish()
-    }
-}
+/// `CU_MEMORYTYPE_DEVICE`.
+const MEMORYTYPE_DEVICE: u64 = 2;
+/// `CUDA_ERROR_INVALID_DEVICE`.
+const INVALID_DEVICE: CuError = CuError::new(101);
+/// `CUDA_ERROR_INVALID_CONTEXT`.
+const INVALID_CONTEXT: CuError = CuError::new(CuResult::INVALID_CONTEXT);
+/// `CUDA_ERROR_NOT_FOUND`.
+const NOT_FOUND: CuError = CuError::new(CuResult::NOT_FOUND);
 
 impl From<HandleError> for CuError {
     fn from(e: HandleError) -> Self {
@@ -81,209 +96,553 @@ impl From<HandleError> for CuError {
     }
 }
 
-/// Looks up an optional stream handle (a free function so callers can borrow the table
-/// and the backend separately).
-fn stream_ref<S>(streams: &HandleTable<S>, h: Option<Handle>) -> CuResultOf<Option<&S>> {
-    h.map(|h| streams.get(h).map_err(CuError::from)).transpose()
+/// A context handle that names nothing is `CUDA_ERROR_INVALID_CONTEXT`, as in CUDA.
+fn ctx_err(e: HandleError) -> CuError {
+    match e {
+        HandleError::Invalid => INVALID_CONTEXT,
+        HandleError::QuotaExceeded(_) => CuError::OUT_OF_MEMORY,
+    }
+}
+
+/// The "context" of objects that belong to none: libraries and their kernels are
+/// context-independent in CUDA (`cuLibraryLoadData` loads into every context), so no
+/// context's destruction ends them; only their unload (or the zone's teardown) does.
+const NO_CTX: Handle = Handle(0);
+
+/// A stream or event, and the context it was made in.
+struct Obj<T> {
+    obj: T,
+    ctx: Handle,
+}
+
+/// A module (`library: None`), a library's module view in one context (`library: Some`),
+/// or — in the library table — a library (context [`NO_CTX`]).
+struct ModEntry<M> {
+    module: M,
+    ctx: Handle,
+    library: Option<Handle>,
+}
+
+impl<M> ModEntry<M> {
+    /// The handle whose unload ends this module's functions and globals: the module
+    /// itself, or for a view, its library.
+    fn root(&self, own: Handle) -> Handle {
+        self.library.unwrap_or(own)
+    }
+}
+
+/// A function or kernel: its context ([`NO_CTX`] for a kernel), the module or library it
+/// hangs off, and its parameter layout once asked for.
+struct FuncEntry<F> {
+    func: F,
+    ctx: Handle,
+    root: Handle,
+    layout: Option<Vec<ParamSlot>>,
+}
+
+/// What a device range is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    /// An allocation (counts against the memory quota; freed through the backend).
+    Alloc,
+    /// A `__device__` global of a module or library (freed with it).
+    Global(Handle),
+}
+
+/// One device range of the zone.
+#[derive(Clone, Copy, Debug)]
+struct Range {
+    size: u64,
+    ctx: Handle,
+    owner: Owner,
+    buffer_id: u64,
+}
+
+/// What a deduplicating lookup found (so repeated lookups return one handle, as CUDA does,
+/// instead of draining the handle quota).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Lookup {
+    Function,
+    Kernel,
+    KernelFunction,
+    LibraryModule,
+}
+
+/// `(what, parent handle, context, name)`.
+type LookupKey = (Lookup, Handle, Handle, Vec<u8>);
+
+/// One zone's state.
+pub struct Zone<B: GpuBackend> {
+    id: u32,
+    backend: B,
+    quotas: Quotas,
+    /// Device ranges (allocations and module globals): start address → range. Ranges
+    /// never overlap.
+    ranges: BTreeMap<u64, Range>,
+    allocations: u32,
+    mem_used: u64,
+    next_buffer_id: u64,
+    contexts: HandleTable<Option<B::Context>>,
+    primary: Handle,
+    current: Handle,
+    streams: HandleTable<Obj<B::Stream>>,
+    events: HandleTable<Obj<B::Event>>,
+    modules: HandleTable<ModEntry<B::Module>>,
+    libraries: HandleTable<ModEntry<B::Module>>,
+    functions: HandleTable<FuncEntry<B::Function>>,
+    kernels: HandleTable<FuncEntry<B::Function>>,
+    lookups: HashMap<LookupKey, Handle>,
+    attributes: Option<Vec<AttrValue>>,
+    async_since_sync: u32,
+    staging: Vec<u8>,
+}
+
+impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zone")
+            .field("id", &self.id)
+            .field("allocations", &self.allocations)
+            .field("mem_used", &self.mem_used)
+            .field("contexts", &self.contexts.len())
+            .field("streams", &self.streams.len())
+            .field("events", &self.events.len())
+            .field("modules", &(self.modules.len() + self.libraries.len()))
+            .field("functions", &(self.functions.len() + self.kernels.len()))
+            .finish()
+    }
+}
+
+/// The backend stream a stream handle names (`None`: the default stream).
+fn stream_of<S>(streams: &HandleTable<Obj<S>>, h: Handle) -> CuResultOf<Option<&S>> {
+    if DEFAULT_STREAMS.contains(&h) {
+        return Ok(None);
+    }
+    Ok(Some(&streams.get(h)?.obj))
+}
+
+/// The backend context a context handle names (`None`: the primary context).
+fn context_of<C>(contexts: &HandleTable<Option<C>>, h: Handle) -> CuResultOf<Option<&C>> {
+    contexts.get(h).map(Option::as_ref).map_err(ctx_err)
+}
+
+/// The function or kernel `h` names (both are accepted where CUDA takes a `CUfunction`).
+fn func_of<'t, F>(
+    functions: &'t HandleTable<FuncEntry<F>>,
+    kernels: &'t HandleTable<FuncEntry<F>>,
+    h: Handle,
+) -> CuResultOf<&'t FuncEntry<F>> {
+    let table = if kind_of(h) == kernels.kind() { kernels } else { functions };
+    Ok(table.get(h)?)
+}
+
+/// [`func_of`], mutably.
+fn func_of_mut<'t, F>(
+    functions: &'t mut HandleTable<FuncEntry<F>>,
+    kernels: &'t mut HandleTable<FuncEntry<F>>,
+    h: Handle,
+) -> CuResultOf<&'t mut FuncEntry<F>> {
+    let table = if kind_of(h) == kernels.kind() { kernels } else { functions };
+    Ok(table.get_mut(h)?)
+}
+
+/// A guest symbol name as a C string: at most [`MAX_NAME_BYTES`], no NUL inside.
+fn c_name(name: String) -> CuResultOf<CString> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(CuError::INVALID_VALUE);
+    }
+    CString::new(name).map_err(|_| CuError::INVALID_VALUE)
+}
+
+/// Bytes covered by `count` elements of `width` bytes.
+fn bytes_of(count: u64, width: u64) -> CuResultOf<u64> {
+    count.checked_mul(width).ok_or(CuError::INVALID_VALUE)
+}
+
+/// Which way a staged copy goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    /// From the data window to the device.
+    HtoD,
+    /// From the device to the data window.
+    DtoH,
 }
 
 impl<B: GpuBackend> Zone<B> {
-    /// A zone with no objects yet.
+    /// A zone with its primary context and no other objects yet.
     pub fn new(id: u32, backend: B, quotas: Quotas) -> Self {
+        // Each table admits the whole quota; the zone-wide count is checked in `reserve`.
+        // The context table has one more place, for the (uncounted) primary context.
+        let max = quotas.max_handles;
+        let mut contexts = HandleTable::new(kind::CONTEXT, max.saturating_add(1));
+        let primary = contexts.insert(None).expect("an empty table with room for one admits the primary context");
         Zone {
             id,
             backend,
             quotas,
-            allocs: BTreeMap::new(),
+            ranges: BTreeMap::new(),
+            allocations: 0,
             mem_used: 0,
-            streams: HandleTable::new(quotas.max_handles),
+            next_buffer_id: 1,
+            contexts,
+            primary,
+            current: primary,
+            streams: HandleTable::new(kind::STREAM, max),
+            events: HandleTable::new(kind::EVENT, max),
+            modules: HandleTable::new(kind::MODULE, max),
+            libraries: HandleTable::new(kind::LIBRARY, max),
+            functions: HandleTable::new(kind::FUNCTION, max),
+            kernels: HandleTable::new(kind::KERNEL, max),
+            lookups: HashMap::new(),
+            attributes: None,
             async_since_sync: 0,
             staging: Vec::new(),
         }
     }
 
-    /// Device memory the zone holds.
+    /// The request API over this zone, with the zone's data window, for one dispatch.
+    pub fn api<'a, D: SharedMemory>(&'a mut self, window: &'a DataWindow<D>) -> ZoneCtx<'a, B, D> {
+        ZoneCtx { zone: self, window }
+    }
+
+    /// Device memory the zone holds (allocations; module globals are not counted).
     pub fn mem_used(&self) -> u64 {
         self.mem_used
     }
 
-    /// Live objects (allocations and streams).
+    /// Live objects counted against `max_handles`: allocations and every handle except
+    /// the primary context.
     pub fn live_objects(&self) -> u64 {
-        self.allocs.len() as u64 + u64::from(self.streams.len())
+        u64::from(self.allocations)
+            + u64::from(self.contexts.len().saturating_sub(1))
+            + u64::from(self.streams.len())
+            + u64::from(self.events.len())
+            + u64::from(self.modules.len())
+            + u64::from(self.libraries.len())
+            + u64::from(self.functions.len())
+            + u64::from(self.kernels.len())
     }
 
-    /// Checks that `[addr, addr + len)` lies inside one of this zone's allocations.
+    /// The primary context's handle.
+    pub fn primary_context(&self) -> Handle {
+        self.primary
+    }
+
+    /// The current context's handle.
+    pub fn current_context(&self) -> Handle {
+        self.current
+    }
+
+    /// Answers [`Attach`]: device facts (the memory quota as total memory), the window
+    /// size, the primary context, every device attribute and the PCI bus id.
+    pub fn attach(&mut self, req: &Attach, window_size: u64) -> CuResultOf<AttachReply> {
+        if req.revision != VGPU_PROTOCOL_REVISION {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        let mut device = self.backend.device_info();
+        device.total_mem = device.total_mem.min(self.quotas.mem_bytes);
+        let backend = &mut self.backend;
+        let attributes = self
+            .attributes
+            .get_or_insert_with(|| {
+                backend
+                    .device_attributes()
+                    .into_iter()
+                    .map(|a| match a {
+                        Ok(v) => AttrValue::Value(v),
+                        Err(e) => AttrValue::Error(e.code()),
+                    })
+                    .collect()
+            })
+            .clone();
+        let pci_bus_id = self.backend.pci_bus_id().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no PCI bus id for the guest");
+            String::new()
+        });
+        Ok(AttachReply { zone: self.id, device, window_size, primary_ctx: self.primary, attributes, pci_bus_id })
+    }
+
+    /// Counts one asynchronous (posted) request against `max_async_in_flight`; after that
+    /// many without a synchronisation, waits for the GPU before accepting more.
+    pub fn note_posted(&mut self) -> CuResultOf<()> {
+        self.async_since_sync = self.async_since_sync.saturating_add(1);
+        if self.async_since_sync >= self.quotas.max_async_in_flight {
+            // Bound the GPU's queue for this zone: wait for it before accepting more.
+            self.async_since_sync = 0;
+            self.backend.synchronize()?;
+        }
+        Ok(())
+    }
+
+    /// `Ok` when one more object fits the zone's handle quota.
+    fn reserve(&self) -> CuResultOf<()> {
+        if self.live_objects() >= u64::from(self.quotas.max_handles) {
+            return Err(CuError::OUT_OF_MEMORY);
+        }
+        Ok(())
+    }
+
+    /// The range containing `addr` (`start <= addr < start + size`).
+    fn range_at(&self, addr: u64) -> Option<(u64, Range)> {
+        let (&start, r) = self.ranges.range(..=addr).next_back()?;
+        (addr - start < r.size).then_some((start, *r))
+    }
+
+    /// Checks that `[addr, addr + len)` lies inside one of this zone's ranges.
     fn check_range(&self, addr: u64, len: u64) -> CuResultOf<()> {
-        let (&start, &size) = self.allocs.range(..=addr).next_back().ok_or(CuError::INVALID_VALUE)?;
+        let (&start, r) = self.ranges.range(..=addr).next_back().ok_or(CuError::INVALID_VALUE)?;
         let end = addr.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
-        if end > start + size {
+        // start <= addr and start + size did not overflow when the range was registered.
+        if end > start + r.size {
             return Err(CuError::INVALID_VALUE);
         }
         Ok(())
     }
 
-    fn stream(&self, h: Option<Handle>) -> CuResultOf<Option<&B::Stream>> {
-        stream_ref(&self.streams, h)
+    /// Whether `[start, start + size)` overlaps no registered range.
+    fn range_is_free(&self, start: u64, size: u64) -> bool {
+        let Some(end) = start.checked_add(size) else { return false };
+        let before_ok = match self.ranges.range(..=start).next_back() {
+            Some((&s, r)) => s + r.size <= start,
+            None => true,
+        };
+        let after_ok = self.ranges.range(start..end).next().is_none();
+        size > 0 && before_ok && after_ok
     }
 
-    fn staging(&mut self, len: usize) -> Vec<u8> {
+    fn insert_range(&mut self, start: u64, size: u64, ctx: Handle, owner: Owner) {
+        let buffer_id = self.next_buffer_id;
+        self.next_buffer_id = self.next_buffer_id.wrapping_add(1).max(1);
+        self.ranges.insert(start, Range { size, ctx, owner, buffer_id });
+    }
+
+    /// Registers a fresh allocation from the backend; an address overlapping a known range
+    /// (a backend bug) is released again rather than weakening the range checks.
+    fn register_alloc(&mut self, dptr: u64, size: u64) -> CuResultOf<u64> {
+        if !self.range_is_free(dptr, size) {
+            tracing::error!(dptr, size, "backend returned an allocation overlapping a known range");
+            let _ = self.backend.mem_free(dptr);
+            return Err(CuError::UNKNOWN);
+        }
+        self.insert_range(dptr, size, self.current, Owner::Alloc);
+        self.allocations += 1;
+        self.mem_used = self.mem_used.saturating_add(size);
+        Ok(dptr)
+    }
+
+    /// Registers a module global so copies into it pass the range checks. Repeated lookups
+    /// of one global are idempotent; a zero-sized or overlapping one is not registered.
+    fn register_global(&mut self, dptr: u64, size: u64, ctx: Handle, root: Handle) {
+        if let Some(r) = self.ranges.get(&dptr) {
+            if r.size == size {
+                return;
+            }
+        }
+        if self.range_is_free(dptr, size) {
+            self.insert_range(dptr, size, ctx, Owner::Global(root));
+        } else if size > 0 {
+            tracing::warn!(dptr, size, "module global overlaps a known range; not registered");
+        }
+    }
+
+    /// Runs `f` with `ctx` current, then makes the previous context current again.
+    fn in_ctx<T>(&mut self, ctx: Handle, f: impl FnOnce(&mut B) -> CuResultOf<T>) -> CuResultOf<T> {
+        if ctx == self.current {
+            return f(&mut self.backend);
+        }
+        self.backend.set_context(context_of(&self.contexts, ctx)?)?;
+        let result = f(&mut self.backend);
+        let back = context_of(&self.contexts, self.current).unwrap_or(None);
+        if let Err(e) = self.backend.set_context(back) {
+            tracing::warn!(error = %e, "could not restore the current context");
+            self.current = ctx;
+        }
+        result
+    }
+
+    /// Whether `h` names a live object of any kind.
+    fn is_live(&self, h: Handle) -> bool {
+        match kind_of(h) {
+            kind::CONTEXT => self.contexts.contains(h),
+            kind::STREAM => self.streams.contains(h),
+            kind::EVENT => self.events.contains(h),
+            kind::MODULE => self.modules.contains(h),
+            kind::LIBRARY => self.libraries.contains(h),
+            kind::FUNCTION => self.functions.contains(h),
+            kind::KERNEL => self.kernels.contains(h),
+            _ => false,
+        }
+    }
+
+    /// Forgets lookups whose parent or result is gone.
+    fn prune_lookups(&mut self) {
+        let mut lookups = std::mem::take(&mut self.lookups);
+        lookups.retain(|(_, parent, _, _), h| self.is_live(*parent) && self.is_live(*h));
+        self.lookups = lookups;
+    }
+
+    /// Drops every function, kernel, module view and global hanging off `root`.
+    fn drop_dependents(&mut self, root: Handle) {
+        let roots = HashSet::from([root]);
+        self.functions.remove_where(|_, f| roots.contains(&f.root));
+        self.kernels.remove_where(|_, f| roots.contains(&f.root));
+        for (_, view) in self.modules.remove_where(|_, m| m.library.is_some_and(|l| roots.contains(&l))) {
+            // A view is only forgotten by the backend.
+            let _ = self.backend.module_unload(view.module);
+        }
+        self.ranges.retain(|_, r| !matches!(r.owner, Owner::Global(g) if roots.contains(&g)));
+        self.prune_lookups();
+    }
+
+    /// Drops every object recorded in context `ctx` (and whatever hangs off its modules):
+    /// allocations, streams, events, modules, library views, functions, and the globals
+    /// looked up in it. Libraries and kernels belong to no context and stay. With `destroy`
+    /// each is released through the backend — allocations scrubbed and freed — which needs
+    /// `ctx` current; without, the objects are only forgotten (the caller destroys the
+    /// context, which releases them). Returns the first backend error; everything is
+    /// dropped from the zone either way.
+    fn purge(&mut self, ctx: Handle, destroy: bool) -> CuResultOf<()> {
+        let mut first_err = Ok(());
+        let mut note = |r: CuResultOf<()>| {
+            if first_err.is_ok() {
+                first_err = r;
+            }
+        };
+        let roots: HashSet<Handle> =
+            self.modules.iter().filter(|(_, m)| m.ctx == ctx && m.library.is_none()).map(|(h, _)| h).collect();
+        self.functions.remove_where(|_, f| f.ctx == ctx || roots.contains(&f.root));
+        self.kernels.remove_where(|_, f| f.ctx == ctx || roots.contains(&f.root));
+        for (_, view) in self.modules.remove_where(|_, m| m.library.is_some() && m.ctx == ctx) {
+            // A view is only forgotten by the backend.
+            note(self.backend.module_unload(view.module));
+        }
+        let mods = self.modules.remove_where(|_, m| m.ctx == ctx);
+        let streams = self.streams.remove_where(|_, s| s.ctx == ctx);
+        let events = self.events.remove_where(|_, e| e.ctx == ctx);
+        if destroy {
+            for (_, m) in mods {
+                note(self.backend.module_unload(m.module));
+            }
+            for (_, s) in streams {
+                note(self.backend.stream_destroy(s.obj));
+            }
+            for (_, e) in events {
+                note(self.backend.event_destroy(e.obj));
+            }
+        }
+        let doomed: Vec<(u64, Range)> = self
+            .ranges
+            .iter()
+            .filter(|(_, r)| r.ctx == ctx || matches!(r.owner, Owner::Global(g) if roots.contains(&g)))
+            .map(|(&s, r)| (s, *r))
+            .collect();
+        for (start, r) in doomed {
+            self.ranges.remove(&start);
+            if r.owner == Owner::Alloc {
+                if destroy {
+                    note(self.backend.mem_free(start));
+                }
+                self.allocations = self.allocations.saturating_sub(1);
+                self.mem_used = self.mem_used.saturating_sub(r.size);
+            }
+        }
+        self.prune_lookups();
+        first_err
+    }
+
+    /// Releases everything the zone holds: destroys every created context (the backend
+    /// scrubs its memory), then releases the primary context's objects and the libraries
+    /// through the backend (allocations scrubbed and freed). The zone is left with only its
+    /// primary context.
+    pub fn teardown(&mut self) {
+        let others: Vec<Handle> = self.contexts.iter().map(|(h, _)| h).filter(|h| *h != self.primary).collect();
+        for h in others {
+            let _ = self.purge(h, false);
+            if let Ok(Some(c)) = self.contexts.remove(h) {
+                if let Err(e) = self.backend.ctx_destroy(c) {
+                    tracing::warn!(error = %e, "context destroy failed during teardown");
+                }
+            }
+        }
+        if let Err(e) = self.backend.set_context(None) {
+            tracing::warn!(error = %e, "could not make the primary context current for teardown");
+        }
+        self.current = self.primary;
+        if let Err(e) = self.purge(self.primary, true) {
+            tracing::warn!(error = %e, "releasing the primary context's objects failed");
+        }
+        self.kernels.drain().for_each(drop);
+        let libraries: Vec<_> = self.libraries.drain().collect();
+        for l in libraries {
+            if let Err(e) = self.backend.module_unload(l.module) {
+                tracing::warn!(error = %e, "library unload failed during teardown");
+            }
+        }
+        // Every range belonged to a context or a library; none is left. Should one be, it
+        // is released rather than leaked.
+        for (start, r) in std::mem::take(&mut self.ranges) {
+            if r.owner == Owner::Alloc {
+                let _ = self.backend.mem_free(start);
+            }
+        }
+        self.functions.drain().for_each(drop);
+        self.modules.drain().for_each(drop);
+        (self.allocations, self.mem_used) = (0, 0);
+        self.lookups.clear();
+        self.staging = Vec::new();
+    }
+
+    /// Copies `bulk.len` bytes between the data window and device address `dev`, staged
+    /// through the zone's buffer in chunks of at most [`STAGING_CHUNK`].
+    fn staged_copy<D: SharedMemory>(
+        &mut self,
+        window: &DataWindow<D>,
+        dir: Direction,
+        dev: u64,
+        bulk: BulkRef,
+        stream: Handle,
+    ) -> CuResultOf<()> {
+        let (_, len) = window.check(bulk).map_err(|_| CuError::INVALID_VALUE)?;
+        self.check_range(dev, len as u64)?;
+        let s = stream_of(&self.streams, stream)?;
         let mut buf = std::mem::take(&mut self.staging);
         buf.resize(len.min(STAGING_CHUNK), 0);
-        buf
+        let mut done = 0usize;
+        let mut result = Ok(());
+        while done < len && result.is_ok() {
+            let n = (len - done).min(buf.len());
+            // In range: the whole descriptor and device range were checked above.
+            let part = BulkRef { offset: bulk.offset + done as u64, len: n as u64 };
+            let addr = dev + done as u64;
+            let chunk = &mut buf[..n];
+            result = match dir {
+                Direction::HtoD => window
+                    .read(part, chunk)
+                    .map_err(|_| CuError::INVALID_VALUE)
+                    .and_then(|()| self.backend.copy_htod(addr, chunk, s)),
+                Direction::DtoH => self
+                    .backend
+                    .copy_dtoh(chunk, addr, s)
+                    .and_then(|()| window.write(part, chunk).map_err(|_| CuError::INVALID_VALUE)),
+            };
+            done += n;
+        }
+        self.staging = buf;
+        result
     }
 
-    /// Executes one decoded request. `no_reply` marks asynchronous requests, which count
-    /// against the in-flight quota.
-    pub fn handle<M: SharedMemory>(
-        &mut self,
-        req: Request,
-        no_reply: bool,
-        window: &DataWindow<M>,
-    ) -> CuResultOf<Response> {
-        if no_reply {
-            self.async_since_sync += 1;
-            if self.async_since_sync >= self.quotas.max_async_in_flight {
-                // Bound the GPU's queue for this zone: wait for it before accepting more.
-                self.backend.synchronize()?;
-                self.async_since_sync = 0;
-            }
-        }
-        let done = Ok(Response::Done(Done {}));
-        match req {
-            Request::Attach(a) => {
-                if a.revision != VGPU_PROTOCOL_REVISION {
-                    return Err(CuError::NOT_SUPPORTED);
-                }
-                let mut device = self.backend.device_info();
-                device.total_mem = device.total_mem.min(self.quotas.mem_bytes);
-                Ok(Response::Attach(AttachReply { zone: self.id, device, window_size: window.size() as u64 }))
-            }
-            Request::MemAlloc(MemAlloc { size }) => {
-                if size == 0 {
-                    return Err(CuError::INVALID_VALUE);
-                }
-                if self.mem_used.checked_add(size).is_none_or(|t| t > self.quotas.mem_bytes) {
-                    return Err(CuError::OUT_OF_MEMORY);
-                }
-                if self.live_objects() >= u64::from(self.quotas.max_handles) {
-                    return Err(CuError::OUT_OF_MEMORY);
-                }
-                let dptr = self.backend.mem_alloc(size)?;
-                self.allocs.insert(dptr, size);
-                self.mem_used += size;
-                Ok(Response::MemAlloc(MemAllocReply { dptr }))
-            }
-            Request::MemFree(MemFree { dptr }) => {
-                // Only the exact start of one of this zone's allocations may be freed.
-                let size = *self.allocs.get(&dptr).ok_or(CuError::INVALID_VALUE)?;
-                self.backend.mem_free(dptr)?;
-                self.allocs.remove(&dptr);
-                self.mem_used -= size;
-                done
-            }
-            Request::MemGetInfo(_) => {
-                let (free, total) = self.backend.mem_get_info()?;
-                let quota_left = self.quotas.mem_bytes - self.mem_used;
-                Ok(Response::MemInfo(MemInfo { free: free.min(quota_left), total: total.min(self.quotas.mem_bytes) }))
-            }
-            Request::MemcpyHtoD(MemcpyHtoD { dst, src, stream }) => {
-                let (_, len) = window.check(src).map_err(|_| CuError::INVALID_VALUE)?;
-                self.check_range(dst, len as u64)?;
-                self.stream(stream)?;
-                let mut buf = self.staging(len);
-                let mut done_bytes = 0usize;
-                let result = (|| {
-                    while done_bytes < len {
-                        let n = (len - done_bytes).min(buf.len());
-                        let part = BulkRef { offset: src.offset + done_bytes as u64, len: n as u64 };
-                        window.read(part, &mut buf[..n]).map_err(|_| CuError::INVALID_VALUE)?;
-                        let s = stream_ref(&self.streams, stream)?;
-                        self.backend.copy_htod(dst + done_bytes as u64, &buf[..n], s)?;
-                        done_bytes += n;
-                    }
-                    Ok(())
-                })();
-                self.staging = buf;
-                result.and(done)
-            }
-            Request::MemcpyDtoH(MemcpyDtoH { dst, src, stream }) => {
-                let (_, len) = window.check(dst).map_err(|_| CuError::INVALID_VALUE)?;
-                self.check_range(src, len as u64)?;
-                self.stream(stream)?;
-                let mut buf = self.staging(len);
-                let mut done_bytes = 0usize;
-                let result = (|| {
-                    while done_bytes < len {
-                        let n = (len - done_bytes).min(buf.len());
-                        let s = stream_ref(&self.streams, stream)?;
-                        self.backend.copy_dtoh(&mut buf[..n], src + done_bytes as u64, s)?;
-                        let part = BulkRef { offset: dst.offset + done_bytes as u64, len: n as u64 };
-                        window.write(part, &buf[..n]).map_err(|_| CuError::INVALID_VALUE)?;
-                        done_bytes += n;
-                    }
-                    Ok(())
-                })();
-                self.staging = buf;
-                result.and(done)
-            }
-            Request::MemcpyDtoD(MemcpyDtoD { dst, src, len, stream }) => {
-                self.check_range(dst, len)?;
-                self.check_range(src, len)?;
-                let s = stream_ref(&self.streams, stream)?;
-                self.backend.copy_dtod(dst, src, len, s)?;
-                done
-            }
-            Request::MemsetD8(MemsetD8 { dst, value, count, stream }) => {
-                self.check_range(dst, count)?;
-                let s = stream_ref(&self.streams, stream)?;
-                self.backend.memset_d8(dst, value, count, s)?;
-                done
-            }
-            Request::MemsetD32(MemsetD32 { dst, value, count, stream }) => {
-                self.check_range(dst, count.checked_mul(4).ok_or(CuError::INVALID_VALUE)?)?;
-                let s = stream_ref(&self.streams, stream)?;
-                self.backend.memset_d32(dst, value, count, s)?;
-                done
-            }
-            Request::CtxSynchronize(_) => {
-                self.async_since_sync = 0;
-                self.backend.synchronize()?;
-                done
-            }
-            Request::StreamCreate(StreamCreate { flags }) => {
-                if self.live_objects() >= u64::from(self.quotas.max_handles) {
-                    return Err(CuError::OUT_OF_MEMORY);
-                }
-                let s = self.backend.stream_create(flags)?;
-                match self.streams.insert(s) {
-                    Ok(handle) => Ok(Response::Handle(HandleReply { handle })),
-                    Err(e) => Err(e.into()),
-                }
-            }
-            Request::StreamSynchronize(StreamSynchronize { stream }) => {
-                let s = self.streams.get(stream)?;
-                self.backend.stream_synchronize(s)?;
-                done
-            }
-            Request::StreamDestroy(StreamDestroy { stream }) => {
-                let s = self.streams.remove(stream)?;
-                self.backend.stream_destroy(s)?;
-                done
-            }
-            Request::Unknown(_) => Err(CuError::NOT_SUPPORTED),
-        }
+    /// Allocates the handle of a function or kernel the backend just returned.
+    fn insert_func(&mut self, is_kernel: bool, entry: FuncEntry<B::Function>) -> CuResultOf<Handle> {
+        let table = if is_kernel { &mut self.kernels } else { &mut self.functions };
+        Ok(table.insert(entry)?)
     }
 
-    /// Releases everything the zone holds (memory is scrubbed by the backend's free).
-    pub fn teardown(&mut self) {
-        let streams: Vec<_> = self.streams.drain().collect();
-        for s in streams {
-            let _ = self.backend.stream_destroy(s);
+    /// The parameter layout of a function or kernel, fetched once and cached.
+    fn layout(&mut self, func: Handle) -> CuResultOf<&[ParamSlot]> {
+        let entry = func_of_mut(&mut self.functions, &mut self.kernels, func)?;
+        if entry.layout.is_none() {
+            entry.layout = Some(self.backend.func_param_layout(&entry.func)?);
         }
-        for (dptr, _) in std::mem::take(&mut self.allocs) {
-            let _ = self.backend.mem_free(dptr);
-        }
-        self.mem_used = 0;
+        Ok(entry.layout.as_deref().unwrap_or_default())
     }
 }
 
@@ -293,118 +652,1135 @@ impl<B: GpuBackend> Drop for Zone<B> {
     }
 }
 
+/// A [`Zone`] together with its data window: the implementation of the generated request
+/// [`Api`] for one dispatch.
+pub struct ZoneCtx<'a, B: GpuBackend, D> {
+    zone: &'a mut Zone<B>,
+    window: &'a DataWindow<D>,
+}
+
+impl<B: GpuBackend, D> std::fmt::Debug for ZoneCtx<'_, B, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZoneCtx").field("zone", &self.zone).finish_non_exhaustive()
+    }
+}
+
+impl<B: GpuBackend, D: SharedMemory> ZoneCtx<'_, B, D> {
+    fn memset(&mut self, dst: u64, bytes: u64, stream: Handle, op: MemsetOp) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        z.check_range(dst, bytes)?;
+        let s = stream_of(&z.streams, stream)?;
+        match op {
+            MemsetOp::D8(v, n) => z.backend.memset_d8(dst, v, n, s)?,
+            MemsetOp::D16(v, n) => z.backend.memset_d16(dst, v, n, s)?,
+            MemsetOp::D32(v, n) => z.backend.memset_d32(dst, v, n, s)?,
+        }
+        Ok(Done {})
+    }
+
+    fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Handle) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        z.check_range(dst, len)?;
+        z.check_range(src, len)?;
+        let s = stream_of(&z.streams, stream)?;
+        z.backend.copy_dtod(dst, src, len, s)?;
+        Ok(Done {})
+    }
+
+    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResultOf<Handle> {
+        let z = &mut *self.zone;
+        z.reserve()?;
+        let s = z.backend.stream_create(flags, priority)?;
+        match z.streams.insert(Obj { obj: s, ctx: z.current }) {
+            Ok(h) => Ok(h),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn event_record(&mut self, event: Handle, stream: Handle, flags: u32) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let e = &z.events.get(event)?.obj;
+        let s = stream_of(&z.streams, stream)?;
+        z.backend.event_record(e, s, flags)?;
+        Ok(Done {})
+    }
+
+    fn elapsed(&mut self, start: Handle, end: Handle) -> CuResultOf<f32> {
+        let z = &mut *self.zone;
+        let a = &z.events.get(start)?.obj;
+        let b = &z.events.get(end)?.obj;
+        z.backend.event_elapsed_time(a, b)
+    }
+
+    fn occupancy(&mut self, func: Handle, block_size: i32, smem: u64, flags: u32) -> CuResultOf<i32> {
+        let z = &mut *self.zone;
+        let f = func_of(&z.functions, &z.kernels, func)?;
+        z.backend.occupancy_max_active_blocks(&f.func, block_size, smem, flags)
+    }
+
+    /// A context handle of a request: 0 means the current context.
+    fn ctx_or_current(&self, ctx: Handle) -> CuResultOf<Handle> {
+        if ctx == Handle(0) {
+            return Ok(self.zone.current);
+        }
+        self.zone.contexts.get(ctx).map_err(ctx_err)?;
+        Ok(ctx)
+    }
+
+    /// Runs a deduplicated lookup: the handle found before for `key`, if still live, or a
+    /// new one from `make`.
+    fn lookup(&mut self, key: LookupKey, make: impl FnOnce(&mut Zone<B>) -> CuResultOf<Handle>) -> CuResultOf<Handle> {
+        if let Some(&h) = self.zone.lookups.get(&key) {
+            if self.zone.is_live(h) {
+                return Ok(h);
+            }
+        }
+        let h = make(&mut *self.zone)?;
+        self.zone.lookups.insert(key, h);
+        Ok(h)
+    }
+
+    /// Looks up a global of `module` (a module, view or library) and registers its range.
+    fn get_global(&mut self, handle: Handle, name: String, library: bool) -> CuResultOf<(u64, u64)> {
+        let name = c_name(name)?;
+        let z = &mut *self.zone;
+        let (entry, root) = if library {
+            (z.libraries.get(handle)?, handle)
+        } else {
+            let m = z.modules.get(handle)?;
+            (m, m.root(handle))
+        };
+        let (dptr, bytes) = if library {
+            z.backend.library_get_global(&entry.module, &name)?
+        } else {
+            z.backend.module_get_global(&entry.module, &name)?
+        };
+        let ctx = if library { z.current } else { entry.ctx };
+        z.register_global(dptr, bytes, ctx, root);
+        Ok((dptr, bytes))
+    }
+}
+
+/// A memset's width, value and element count.
+#[derive(Clone, Copy, Debug)]
+enum MemsetOp {
+    D8(u8, u64),
+    D16(u16, u64),
+    D32(u32, u64),
+}
+
+impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
+    type Error = CuError;
+
+    // ---- memory ----
+
+    fn cu_mem_alloc_v2(&mut self, req: CuMemAllocV2) -> CuResultOf<CuMemAllocV2Reply> {
+        let z = &mut *self.zone;
+        let size = req.bytesize;
+        if size == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        if z.mem_used.checked_add(size).is_none_or(|t| t > z.quotas.mem_bytes) {
+            return Err(CuError::OUT_OF_MEMORY);
+        }
+        z.reserve()?;
+        let dptr = z.backend.mem_alloc(size)?;
+        Ok(CuMemAllocV2Reply { dptr: z.register_alloc(dptr, size)? })
+    }
+
+    fn cu_mem_alloc_pitch_v2(&mut self, req: CuMemAllocPitchV2) -> CuResultOf<CuMemAllocPitchV2Reply> {
+        let z = &mut *self.zone;
+        let CuMemAllocPitchV2 { width_in_bytes, height, element_size_bytes } = req;
+        if width_in_bytes == 0 || height == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        // At least width * height bytes; the pitch can only add to that.
+        let least = width_in_bytes.checked_mul(height).ok_or(CuError::OUT_OF_MEMORY)?;
+        if z.mem_used.checked_add(least).is_none_or(|t| t > z.quotas.mem_bytes) {
+            return Err(CuError::OUT_OF_MEMORY);
+        }
+        z.reserve()?;
+        let (dptr, pitch) = z.backend.mem_alloc_pitch(width_in_bytes, height, element_size_bytes)?;
+        let size = pitch.checked_mul(height).filter(|s| *s >= least);
+        match size {
+            Some(size) if z.mem_used.checked_add(size).is_some_and(|t| t <= z.quotas.mem_bytes) => {
+                Ok(CuMemAllocPitchV2Reply { dptr: z.register_alloc(dptr, size)?, p_pitch: pitch })
+            }
+            _ => {
+                // Padding took it over the quota (or the backend answered nonsense).
+                let _ = z.backend.mem_free(dptr);
+                Err(CuError::OUT_OF_MEMORY)
+            }
+        }
+    }
+
+    fn cu_mem_free_v2(&mut self, req: CuMemFreeV2) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        // Only the exact start of one of this zone's allocations may be freed.
+        let r = *z.ranges.get(&req.dptr).filter(|r| r.owner == Owner::Alloc).ok_or(CuError::INVALID_VALUE)?;
+        z.in_ctx(r.ctx, |b| b.mem_free(req.dptr))?;
+        z.ranges.remove(&req.dptr);
+        z.allocations = z.allocations.saturating_sub(1);
+        z.mem_used = z.mem_used.saturating_sub(r.size);
+        Ok(Done {})
+    }
+
+    fn cu_mem_alloc_async(&mut self, req: CuMemAllocAsync) -> CuResultOf<CuMemAllocAsyncReply> {
+        // Stream-ordered allocation: allocating now makes the memory usable no later than
+        // the stream's next work, which is all cuMemAllocAsync promises.
+        stream_of(&self.zone.streams, req.h_stream)?;
+        let CuMemAllocV2Reply { dptr } = self.cu_mem_alloc_v2(CuMemAllocV2 { bytesize: req.bytesize })?;
+        Ok(CuMemAllocAsyncReply { dptr })
+    }
+
+    fn cu_mem_free_async(&mut self, req: CuMemFreeAsync) -> CuResultOf<Done> {
+        // Stream-ordered free: the memory may still be in use by work queued on the
+        // stream, so wait for that work, then free (and scrub) it.
+        let z = &mut *self.zone;
+        z.ranges.get(&req.dptr).filter(|r| r.owner == Owner::Alloc).ok_or(CuError::INVALID_VALUE)?;
+        match stream_of(&z.streams, req.h_stream)? {
+            Some(s) => z.backend.stream_synchronize(s)?,
+            None => z.backend.synchronize()?,
+        }
+        self.cu_mem_free_v2(CuMemFreeV2 { dptr: req.dptr })
+    }
+
+    fn cu_mem_get_info_v2(&mut self, _req: CuMemGetInfoV2) -> CuResultOf<CuMemGetInfoV2Reply> {
+        let z = &mut *self.zone;
+        let (free, total) = z.backend.mem_get_info()?;
+        let quota_left = z.quotas.mem_bytes.saturating_sub(z.mem_used);
+        Ok(CuMemGetInfoV2Reply { free: free.min(quota_left), total: total.min(z.quotas.mem_bytes) })
+    }
+
+    fn cu_mem_get_address_range_v2(&mut self, req: CuMemGetAddressRangeV2) -> CuResultOf<CuMemGetAddressRangeV2Reply> {
+        let (pbase, r) = self.zone.range_at(req.dptr).ok_or(NOT_FOUND)?;
+        Ok(CuMemGetAddressRangeV2Reply { pbase, psize: r.size })
+    }
+
+    fn pointer_get_attribute(&mut self, req: PointerGetAttribute) -> CuResultOf<PointerGetAttributeReply> {
+        let (start, r) = self.zone.range_at(req.ptr).ok_or(CuError::INVALID_VALUE)?;
+        let value = match req.attribute {
+            ptr_attr::CONTEXT => r.ctx.0,
+            ptr_attr::MEMORY_TYPE => MEMORYTYPE_DEVICE,
+            ptr_attr::DEVICE_POINTER => req.ptr,
+            ptr_attr::BUFFER_ID => r.buffer_id,
+            ptr_attr::IS_MANAGED => 0,
+            ptr_attr::DEVICE_ORDINAL => 0,
+            ptr_attr::RANGE_START_ADDR => start,
+            ptr_attr::RANGE_SIZE => r.size,
+            ptr_attr::MAPPED => 1,
+            // Device memory has no host pointer; other attributes are not offered.
+            ptr_attr::HOST_POINTER => return Err(CuError::INVALID_VALUE),
+            _ => return Err(CuError::INVALID_VALUE),
+        };
+        Ok(PointerGetAttributeReply { value })
+    }
+
+    // ---- copies and memsets ----
+
+    fn memcpy_hto_d(&mut self, req: MemcpyHtoD) -> CuResultOf<Done> {
+        self.zone.staged_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream)?;
+        Ok(Done {})
+    }
+
+    fn memcpy_hto_d_async(&mut self, req: MemcpyHtoDAsync) -> CuResultOf<Done> {
+        self.zone.staged_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream)?;
+        Ok(Done {})
+    }
+
+    fn memcpy_dto_h(&mut self, req: MemcpyDtoH) -> CuResultOf<Done> {
+        self.zone.staged_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream)?;
+        Ok(Done {})
+    }
+
+    fn cu_memcpy_dto_d_v2(&mut self, req: CuMemcpyDtoDV2) -> CuResultOf<Done> {
+        self.copy_dtod(req.dst_device, req.src_device, req.byte_count, Handle(0))
+    }
+
+    fn cu_memcpy_dto_d_async_v2(&mut self, req: CuMemcpyDtoDAsyncV2) -> CuResultOf<Done> {
+        self.copy_dtod(req.dst_device, req.src_device, req.byte_count, req.h_stream)
+    }
+
+    fn cu_memset_d8_v2(&mut self, req: CuMemsetD8V2) -> CuResultOf<Done> {
+        self.memset(req.dst_device, req.n, Handle(0), MemsetOp::D8(req.uc, req.n))
+    }
+
+    fn cu_memset_d16_v2(&mut self, req: CuMemsetD16V2) -> CuResultOf<Done> {
+        self.memset(req.dst_device, bytes_of(req.n, 2)?, Handle(0), MemsetOp::D16(req.us, req.n))
+    }
+
+    fn cu_memset_d32_v2(&mut self, req: CuMemsetD32V2) -> CuResultOf<Done> {
+        self.memset(req.dst_device, bytes_of(req.n, 4)?, Handle(0), MemsetOp::D32(req.ui, req.n))
+    }
+
+    fn cu_memset_d8_async(&mut self, req: CuMemsetD8Async) -> CuResultOf<Done> {
+        self.memset(req.dst_device, req.n, req.h_stream, MemsetOp::D8(req.uc, req.n))
+    }
+
+    fn cu_memset_d16_async(&mut self, req: CuMemsetD16Async) -> CuResultOf<Done> {
+        self.memset(req.dst_device, bytes_of(req.n, 2)?, req.h_stream, MemsetOp::D16(req.us, req.n))
+    }
+
+    fn cu_memset_d32_async(&mut self, req: CuMemsetD32Async) -> CuResultOf<Done> {
+        self.memset(req.dst_device, bytes_of(req.n, 4)?, req.h_stream, MemsetOp::D32(req.ui, req.n))
+    }
+
+    // ---- contexts ----
+
+    fn ctx_create(&mut self, req: CtxCreate) -> CuResultOf<CtxCreateReply> {
+        let z = &mut *self.zone;
+        z.reserve()?;
+        let c = z.backend.ctx_create(req.flags)?;
+        // The new context is current in the backend now.
+        match z.contexts.insert(Some(c)) {
+            Ok(ctx) => {
+                z.current = ctx;
+                Ok(CtxCreateReply { ctx })
+            }
+            Err(HandleError::QuotaExceeded(_) | HandleError::Invalid) => {
+                // Cannot happen after `reserve`; undo rather than leak the context.
+                let back = context_of(&z.contexts, z.current).unwrap_or(None);
+                let _ = z.backend.set_context(back);
+                Err(CuError::OUT_OF_MEMORY)
+            }
+        }
+    }
+
+    fn ctx_destroy(&mut self, req: CtxDestroy) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        if req.ctx == z.primary {
+            return Err(INVALID_CONTEXT);
+        }
+        z.contexts.get(req.ctx).map_err(ctx_err)?;
+        // Forget its objects while the context still lives, then destroy it: the backend
+        // scrubs its memory and releases everything made in it.
+        let _ = z.purge(req.ctx, false);
+        let c = z.contexts.remove(req.ctx).map_err(ctx_err)?;
+        if req.ctx == z.current {
+            // The backend makes the primary context current when the current one goes.
+            z.current = z.primary;
+        }
+        if let Some(c) = c {
+            z.backend.ctx_destroy(c)?;
+        }
+        Ok(Done {})
+    }
+
+    fn ctx_set_current(&mut self, req: CtxSetCurrent) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        z.backend.set_context(context_of(&z.contexts, req.ctx)?)?;
+        z.current = req.ctx;
+        Ok(Done {})
+    }
+
+    fn cu_ctx_synchronize(&mut self, _req: CuCtxSynchronize) -> CuResultOf<Done> {
+        self.zone.async_since_sync = 0;
+        self.zone.backend.synchronize()?;
+        Ok(Done {})
+    }
+
+    fn cu_ctx_get_limit(&mut self, req: CuCtxGetLimit) -> CuResultOf<CuCtxGetLimitReply> {
+        Ok(CuCtxGetLimitReply { pvalue: self.zone.backend.ctx_get_limit(req.limit)? })
+    }
+
+    fn cu_ctx_set_limit(&mut self, req: CuCtxSetLimit) -> CuResultOf<Done> {
+        self.zone.backend.ctx_set_limit(req.limit, req.value)?;
+        Ok(Done {})
+    }
+
+    fn cu_ctx_get_flags(&mut self, _req: CuCtxGetFlags) -> CuResultOf<CuCtxGetFlagsReply> {
+        Ok(CuCtxGetFlagsReply { flags: self.zone.backend.ctx_get_flags()? })
+    }
+
+    fn cu_ctx_set_flags(&mut self, req: CuCtxSetFlags) -> CuResultOf<Done> {
+        self.zone.backend.ctx_set_flags(req.flags)?;
+        Ok(Done {})
+    }
+
+    fn cu_ctx_get_api_version(&mut self, req: CuCtxGetApiVersion) -> CuResultOf<CuCtxGetApiVersionReply> {
+        // Every context of the zone is made by the same driver through the same call, so
+        // the current context's version is every context's.
+        self.ctx_or_current(req.ctx)?;
+        Ok(CuCtxGetApiVersionReply { version: self.zone.backend.ctx_get_api_version()? })
+    }
+
+    fn cu_ctx_get_stream_priority_range(
+        &mut self,
+        _req: CuCtxGetStreamPriorityRange,
+    ) -> CuResultOf<CuCtxGetStreamPriorityRangeReply> {
+        let (least_priority, greatest_priority) = self.zone.backend.ctx_get_stream_priority_range()?;
+        Ok(CuCtxGetStreamPriorityRangeReply { least_priority, greatest_priority })
+    }
+
+    fn cu_ctx_get_cache_config(&mut self, _req: CuCtxGetCacheConfig) -> CuResultOf<CuCtxGetCacheConfigReply> {
+        Ok(CuCtxGetCacheConfigReply { pconfig: self.zone.backend.ctx_get_cache_config()? })
+    }
+
+    fn cu_ctx_set_cache_config(&mut self, req: CuCtxSetCacheConfig) -> CuResultOf<Done> {
+        self.zone.backend.ctx_set_cache_config(req.config)?;
+        Ok(Done {})
+    }
+
+    fn cu_ctx_get_id(&mut self, req: CuCtxGetId) -> CuResultOf<CuCtxGetIdReply> {
+        Ok(CuCtxGetIdReply { ctx_id: self.ctx_or_current(req.ctx)?.0 })
+    }
+
+    fn primary_ctx_set_flags(&mut self, req: PrimaryCtxSetFlags) -> CuResultOf<Done> {
+        self.zone.backend.primary_ctx_set_flags(req.flags)?;
+        Ok(Done {})
+    }
+
+    fn primary_ctx_get_flags(&mut self, _req: PrimaryCtxGetFlags) -> CuResultOf<PrimaryCtxGetFlagsReply> {
+        Ok(PrimaryCtxGetFlagsReply { flags: self.zone.backend.primary_ctx_flags()? })
+    }
+
+    fn primary_ctx_reset(&mut self, _req: PrimaryCtxReset) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let (primary, previous) = (z.primary, z.current);
+        // The primary context's objects are released in it.
+        if previous != primary {
+            z.backend.set_context(None)?;
+            z.current = primary;
+        }
+        let result = z.purge(primary, true);
+        if previous != primary {
+            let back = context_of(&z.contexts, previous).unwrap_or(None);
+            z.backend.set_context(back)?;
+            z.current = previous;
+        }
+        result.map(|()| Done {})
+    }
+
+    // ---- modules, libraries, functions ----
+
+    fn module_load(&mut self, req: ModuleLoad) -> CuResultOf<ModuleLoadReply> {
+        let (_, len) = self.window.check(req.image).map_err(|_| CuError::INVALID_VALUE)?;
+        if len == 0 || len as u64 > MAX_IMAGE_BYTES {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let z = &mut *self.zone;
+        z.reserve()?;
+        let mut image = vec![0u8; len];
+        self.window.read(req.image, &mut image).map_err(|_| CuError::INVALID_VALUE)?;
+        let (module, table, ctx) = if req.library {
+            (z.backend.library_load(&image)?, &mut z.libraries, NO_CTX)
+        } else {
+            (z.backend.module_load(&image)?, &mut z.modules, z.current)
+        };
+        match table.insert(ModEntry { module, ctx, library: None }) {
+            Ok(handle) => Ok(ModuleLoadReply { handle }),
+            Err(_) => Err(CuError::OUT_OF_MEMORY),
+        }
+    }
+
+    fn cu_module_unload(&mut self, req: CuModuleUnload) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let m = z.modules.remove(req.hmod)?;
+        if m.library.is_some() {
+            // A library's module view: only forgotten; its functions belong to the library.
+            z.backend.module_unload(m.module)?;
+        } else {
+            z.drop_dependents(req.hmod);
+            z.in_ctx(m.ctx, |b| b.module_unload(m.module))?;
+        }
+        z.prune_lookups();
+        Ok(Done {})
+    }
+
+    fn cu_library_unload(&mut self, req: CuLibraryUnload) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let l = z.libraries.remove(req.library)?;
+        z.drop_dependents(req.library);
+        z.backend.module_unload(l.module)?;
+        Ok(Done {})
+    }
+
+    fn cu_module_get_function(&mut self, req: CuModuleGetFunction) -> CuResultOf<CuModuleGetFunctionReply> {
+        let name = c_name(req.name)?;
+        let key = (Lookup::Function, req.hmod, Handle(0), name.as_bytes().to_vec());
+        let hmod = req.hmod;
+        let hfunc = self.lookup(key, |z| {
+            let m = z.modules.get(hmod)?;
+            let (ctx, root) = (m.ctx, m.root(hmod));
+            z.reserve()?;
+            let func = z.backend.module_get_function(&m.module, &name)?;
+            z.insert_func(false, FuncEntry { func, ctx, root, layout: None })
+        })?;
+        Ok(CuModuleGetFunctionReply { hfunc })
+    }
+
+    fn cu_module_get_global_v2(&mut self, req: CuModuleGetGlobalV2) -> CuResultOf<CuModuleGetGlobalV2Reply> {
+        let (dptr, bytes) = self.get_global(req.hmod, req.name, false)?;
+        Ok(CuModuleGetGlobalV2Reply { dptr, bytes })
+    }
+
+    fn cu_library_get_kernel(&mut self, req: CuLibraryGetKernel) -> CuResultOf<CuLibraryGetKernelReply> {
+        let name = c_name(req.name)?;
+        let key = (Lookup::Kernel, req.library, Handle(0), name.as_bytes().to_vec());
+        let library = req.library;
+        let p_kernel = self.lookup(key, |z| {
+            let l = z.libraries.get(library)?;
+            z.reserve()?;
+            let func = z.backend.library_get_kernel(&l.module, &name)?;
+            z.insert_func(true, FuncEntry { func, ctx: NO_CTX, root: library, layout: None })
+        })?;
+        Ok(CuLibraryGetKernelReply { p_kernel })
+    }
+
+    fn cu_library_get_module(&mut self, req: CuLibraryGetModule) -> CuResultOf<CuLibraryGetModuleReply> {
+        let key = (Lookup::LibraryModule, req.library, self.zone.current, Vec::new());
+        let library = req.library;
+        let p_mod = self.lookup(key, |z| {
+            let l = z.libraries.get(library)?;
+            z.reserve()?;
+            let module = z.backend.library_get_module(&l.module)?;
+            let entry = ModEntry { module, ctx: z.current, library: Some(library) };
+            match z.modules.insert(entry) {
+                Ok(h) => Ok(h),
+                Err(e) => Err(e.into()),
+            }
+        })?;
+        Ok(CuLibraryGetModuleReply { p_mod })
+    }
+
+    fn cu_library_get_global(&mut self, req: CuLibraryGetGlobal) -> CuResultOf<CuLibraryGetGlobalReply> {
+        let (dptr, bytes) = self.get_global(req.library, req.name, true)?;
+        Ok(CuLibraryGetGlobalReply { dptr, bytes })
+    }
+
+    fn cu_kernel_get_function(&mut self, req: CuKernelGetFunction) -> CuResultOf<CuKernelGetFunctionReply> {
+        let key = (Lookup::KernelFunction, req.kernel, self.zone.current, Vec::new());
+        let kernel = req.kernel;
+        let p_func = self.lookup(key, |z| {
+            let k = z.kernels.get(kernel)?;
+            let root = k.root;
+            z.reserve()?;
+            let func = z.backend.kernel_get_function(&k.func)?;
+            z.insert_func(false, FuncEntry { func, ctx: z.current, root, layout: None })
+        })?;
+        Ok(CuKernelGetFunctionReply { p_func })
+    }
+
+    fn cu_func_get_attribute(&mut self, req: CuFuncGetAttribute) -> CuResultOf<CuFuncGetAttributeReply> {
+        let z = &mut *self.zone;
+        let f = func_of(&z.functions, &z.kernels, req.hfunc)?;
+        Ok(CuFuncGetAttributeReply { pi: z.backend.func_get_attribute(&f.func, req.attrib)? })
+    }
+
+    fn cu_func_set_attribute(&mut self, req: CuFuncSetAttribute) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let f = func_of(&z.functions, &z.kernels, req.hfunc)?;
+        z.backend.func_set_attribute(&f.func, req.attrib, req.value)?;
+        Ok(Done {})
+    }
+
+    fn cu_func_set_cache_config(&mut self, req: CuFuncSetCacheConfig) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let f = func_of(&z.functions, &z.kernels, req.hfunc)?;
+        z.backend.func_set_cache_config(&f.func, req.config)?;
+        Ok(Done {})
+    }
+
+    fn cu_kernel_get_attribute(&mut self, req: CuKernelGetAttribute) -> CuResultOf<CuKernelGetAttributeReply> {
+        let z = &mut *self.zone;
+        let k = z.kernels.get(req.kernel)?;
+        if req.dev != 0 {
+            return Err(INVALID_DEVICE);
+        }
+        Ok(CuKernelGetAttributeReply { pi: z.backend.func_get_attribute(&k.func, req.attrib)? })
+    }
+
+    fn cu_kernel_set_attribute(&mut self, req: CuKernelSetAttribute) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let k = z.kernels.get(req.kernel)?;
+        if req.dev != 0 {
+            return Err(INVALID_DEVICE);
+        }
+        z.backend.func_set_attribute(&k.func, req.attrib, req.val)?;
+        Ok(Done {})
+    }
+
+    fn func_param_layout(&mut self, req: FuncParamLayout) -> CuResultOf<FuncParamLayoutReply> {
+        Ok(FuncParamLayoutReply { slots: self.zone.layout(req.func)?.to_vec() })
+    }
+
+    fn cu_occupancy_max_active_blocks_per_multiprocessor(
+        &mut self,
+        req: CuOccupancyMaxActiveBlocksPerMultiprocessor,
+    ) -> CuResultOf<CuOccupancyMaxActiveBlocksPerMultiprocessorReply> {
+        let num_blocks = self.occupancy(req.func, req.block_size, req.dynamic_s_mem_size, 0)?;
+        Ok(CuOccupancyMaxActiveBlocksPerMultiprocessorReply { num_blocks })
+    }
+
+    fn cu_occupancy_max_active_blocks_per_multiprocessor_with_flags(
+        &mut self,
+        req: CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags,
+    ) -> CuResultOf<CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlagsReply> {
+        let num_blocks = self.occupancy(req.func, req.block_size, req.dynamic_s_mem_size, req.flags)?;
+        Ok(CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlagsReply { num_blocks })
+    }
+
+    fn launch(&mut self, req: Launch) -> CuResultOf<Done> {
+        let Launch { func, config, stream, params } = req;
+        if config.grid.contains(&0) || config.block.contains(&0) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let z = &mut *self.zone;
+        stream_of(&z.streams, stream)?;
+        z.layout(func)?;
+        let entry = func_of(&z.functions, &z.kernels, func)?;
+        let layout = entry.layout.as_deref().unwrap_or_default();
+        // Every parameter must lie inside the buffer the guest sent.
+        let covered = layout
+            .iter()
+            .all(|p| u64::from(p.offset).checked_add(u64::from(p.size)).is_some_and(|end| end <= params.len() as u64));
+        if !covered {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let s = stream_of(&z.streams, stream)?;
+        z.backend.launch(&entry.func, &config, s, &params, layout)?;
+        Ok(Done {})
+    }
+
+    // ---- streams ----
+
+    fn cu_stream_create(&mut self, req: CuStreamCreate) -> CuResultOf<CuStreamCreateReply> {
+        Ok(CuStreamCreateReply { ph_stream: self.stream_create(req.flags, 0)? })
+    }
+
+    fn cu_stream_create_with_priority(
+        &mut self,
+        req: CuStreamCreateWithPriority,
+    ) -> CuResultOf<CuStreamCreateWithPriorityReply> {
+        Ok(CuStreamCreateWithPriorityReply { ph_stream: self.stream_create(req.flags, req.priority)? })
+    }
+
+    fn cu_stream_destroy_v2(&mut self, req: CuStreamDestroyV2) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let s = z.streams.remove(req.h_stream)?;
+        z.backend.stream_destroy(s.obj)?;
+        Ok(Done {})
+    }
+
+    fn cu_stream_synchronize(&mut self, req: CuStreamSynchronize) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        match stream_of(&z.streams, req.h_stream)? {
+            Some(s) => z.backend.stream_synchronize(s)?,
+            // The default stream: waiting for the whole context waits at least as long.
+            None => z.backend.synchronize()?,
+        }
+        Ok(Done {})
+    }
+
+    fn cu_stream_query(&mut self, req: CuStreamQuery) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let s = stream_of(&z.streams, req.h_stream)?;
+        z.backend.stream_query(s)?;
+        Ok(Done {})
+    }
+
+    fn cu_stream_wait_event(&mut self, req: CuStreamWaitEvent) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let s = stream_of(&z.streams, req.h_stream)?;
+        let e = &z.events.get(req.h_event)?.obj;
+        z.backend.stream_wait_event(s, e, req.flags)?;
+        Ok(Done {})
+    }
+
+    fn cu_stream_get_flags(&mut self, req: CuStreamGetFlags) -> CuResultOf<CuStreamGetFlagsReply> {
+        let z = &mut *self.zone;
+        let s = stream_of(&z.streams, req.h_stream)?;
+        Ok(CuStreamGetFlagsReply { flags: z.backend.stream_get_flags(s)? })
+    }
+
+    fn cu_stream_get_priority(&mut self, req: CuStreamGetPriority) -> CuResultOf<CuStreamGetPriorityReply> {
+        let z = &mut *self.zone;
+        let s = stream_of(&z.streams, req.h_stream)?;
+        Ok(CuStreamGetPriorityReply { priority: z.backend.stream_get_priority(s)? })
+    }
+
+    fn cu_stream_get_ctx(&mut self, req: CuStreamGetCtx) -> CuResultOf<CuStreamGetCtxReply> {
+        let z = &*self.zone;
+        let pctx = if DEFAULT_STREAMS.contains(&req.h_stream) { z.current } else { z.streams.get(req.h_stream)?.ctx };
+        Ok(CuStreamGetCtxReply { pctx })
+    }
+
+    // ---- events ----
+
+    fn cu_event_create(&mut self, req: CuEventCreate) -> CuResultOf<CuEventCreateReply> {
+        let z = &mut *self.zone;
+        z.reserve()?;
+        let e = z.backend.event_create(req.flags)?;
+        match z.events.insert(Obj { obj: e, ctx: z.current }) {
+            Ok(ph_event) => Ok(CuEventCreateReply { ph_event }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn cu_event_destroy_v2(&mut self, req: CuEventDestroyV2) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let e = z.events.remove(req.h_event)?;
+        z.backend.event_destroy(e.obj)?;
+        Ok(Done {})
+    }
+
+    fn cu_event_record(&mut self, req: CuEventRecord) -> CuResultOf<Done> {
+        self.event_record(req.h_event, req.h_stream, 0)
+    }
+
+    fn cu_event_record_with_flags(&mut self, req: CuEventRecordWithFlags) -> CuResultOf<Done> {
+        self.event_record(req.h_event, req.h_stream, req.flags)
+    }
+
+    fn cu_event_query(&mut self, req: CuEventQuery) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let e = &z.events.get(req.h_event)?.obj;
+        z.backend.event_query(e)?;
+        Ok(Done {})
+    }
+
+    fn cu_event_synchronize(&mut self, req: CuEventSynchronize) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let e = &z.events.get(req.h_event)?.obj;
+        z.backend.event_synchronize(e)?;
+        Ok(Done {})
+    }
+
+    fn cu_event_elapsed_time(&mut self, req: CuEventElapsedTime) -> CuResultOf<CuEventElapsedTimeReply> {
+        Ok(CuEventElapsedTimeReply { p_milliseconds: self.elapsed(req.h_start, req.h_end)? })
+    }
+
+    fn cu_event_elapsed_time_v2(&mut self, req: CuEventElapsedTimeV2) -> CuResultOf<CuEventElapsedTimeV2Reply> {
+        Ok(CuEventElapsedTimeV2Reply { p_milliseconds: self.elapsed(req.h_start, req.h_end)? })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::sim::SimGpu;
     use idm_core::region::test_utils::heap_region;
+    use idm_core::RawRegion;
 
-    fn zone(q: Quotas) -> Zone<SimGpu> {
-        Zone::new(1, SimGpu::new(1 << 30), q)
+    type Window = DataWindow<RawRegion>;
+
+    /// A zone over the simulated GPU (1 GiB) with a heap-backed data window.
+    struct Fixture {
+        z: Zone<SimGpu>,
+        w: Window,
+        _mem: Vec<u64>,
     }
 
-    fn alloc(z: &mut Zone<SimGpu>, w: &DataWindow<&idm_core::RawRegion>, size: u64) -> CuResultOf<u64> {
-        match z.handle(Request::MemAlloc(MemAlloc { size }), false, w)? {
-            Response::MemAlloc(r) => Ok(r.dptr),
-            other => panic!("unexpected {other:?}"),
+    fn fixture(q: Quotas, window: usize) -> Fixture {
+        let (mem, r) = heap_region(window);
+        Fixture { z: Zone::new(1, SimGpu::new(1 << 30), q), w: DataWindow::new(r), _mem: mem }
+    }
+
+    impl Fixture {
+        fn api(&mut self) -> ZoneCtx<'_, SimGpu, RawRegion> {
+            self.z.api(&self.w)
         }
+        fn alloc(&mut self, bytesize: u64) -> CuResultOf<u64> {
+            self.api().cu_mem_alloc_v2(CuMemAllocV2 { bytesize }).map(|r| r.dptr)
+        }
+        fn htod(&mut self, dst: u64, offset: u64, len: u64) -> CuResultOf<Done> {
+            self.api().memcpy_hto_d(MemcpyHtoD { dst, src: BulkRef { offset, len }, stream: Handle(0) })
+        }
+        fn dtoh(&mut self, src: u64, offset: u64, len: u64) -> CuResultOf<Done> {
+            self.api().memcpy_dto_h(MemcpyDtoH { dst: BulkRef { offset, len }, src, stream: Handle(0) })
+        }
+        fn stream(&mut self) -> CuResultOf<Handle> {
+            self.api().cu_stream_create(CuStreamCreate { flags: 0 }).map(|r| r.ph_stream)
+        }
+        fn free_bytes(&mut self) -> u64 {
+            self.api().cu_mem_get_info_v2(CuMemGetInfoV2 {}).unwrap().free
+        }
+        /// Loads [`PTX`] at the end of the window.
+        fn load(&mut self, library: bool) -> CuResultOf<Handle> {
+            let mut image = PTX.as_bytes().to_vec();
+            image.push(0);
+            let image_ref = BulkRef { offset: (self.w.size() - image.len()) as u64, len: image.len() as u64 };
+            self.w.write(image_ref, &image).unwrap();
+            self.api().module_load(ModuleLoad { image: image_ref, library }).map(|r| r.handle)
+        }
+        fn function(&mut self, hmod: Handle) -> CuResultOf<Handle> {
+            self.api().cu_module_get_function(CuModuleGetFunction { hmod, name: "fill_u32".into() }).map(|r| r.hfunc)
+        }
+    }
+
+    /// A module the simulated GPU runs: `fill_u32(u32* p, u32 v, u64 n)` and a global.
+    const PTX: &str = "
+        .version 8.0
+        .target sm_90
+        .address_size 64
+        .visible .global .align 4 .u32 counter[4];
+        .visible .entry fill_u32(.param .u64 p, .param .u32 v, .param .u64 n) { ret; }
+    ";
+
+    /// `fill_u32`'s packed parameters.
+    fn fill_params(p: u64, v: u32, n: u64) -> Vec<u8> {
+        let mut b = p.to_le_bytes().to_vec();
+        b.extend_from_slice(&v.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&n.to_le_bytes());
+        b
+    }
+
+    fn config(threads: u32) -> LaunchConfig {
+        LaunchConfig { grid: [1, 1, 1], block: [threads, 1, 1], shared_mem_bytes: 0, attrs: Vec::new() }
     }
 
     #[test]
     fn memory_quota_gives_out_of_memory_and_frees_count_again() {
-        let (_m, r) = heap_region(4096);
-        let w = DataWindow::new(&r);
-        let mut z = zone(Quotas { mem_bytes: 1000, ..Quotas::default() });
-        let a = alloc(&mut z, &w, 600).unwrap();
-        assert_eq!(alloc(&mut z, &w, 401), Err(CuError::OUT_OF_MEMORY));
-        assert_eq!(alloc(&mut z, &w, u64::MAX), Err(CuError::OUT_OF_MEMORY));
-        alloc(&mut z, &w, 400).unwrap();
-        z.handle(Request::MemFree(MemFree { dptr: a }), false, &w).unwrap();
-        alloc(&mut z, &w, 600).unwrap();
-        assert_eq!(z.mem_used(), 1000);
+        let mut f = fixture(Quotas { mem_bytes: 1000, ..Quotas::default() }, 4096);
+        let a = f.alloc(600).unwrap();
+        assert_eq!(f.alloc(401), Err(CuError::OUT_OF_MEMORY));
+        assert_eq!(f.alloc(u64::MAX), Err(CuError::OUT_OF_MEMORY));
+        assert_eq!(f.alloc(0), Err(CuError::INVALID_VALUE));
+        f.alloc(400).unwrap();
+        f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: a }).unwrap();
+        f.alloc(600).unwrap();
+        assert_eq!(f.z.mem_used(), 1000);
+        assert_eq!(f.free_bytes(), 0);
+        // Pitched allocations count their padded size: 10 rows of 100 bytes pad to 512.
+        let mut f = fixture(Quotas { mem_bytes: 4000, ..Quotas::default() }, 4096);
+        let req = CuMemAllocPitchV2 { width_in_bytes: 100, height: 10, element_size_bytes: 4 };
+        assert_eq!(f.api().cu_mem_alloc_pitch_v2(req.clone()), Err(CuError::OUT_OF_MEMORY));
+        assert_eq!((f.z.mem_used(), f.free_bytes()), (0, 4000), "the padded allocation was given back");
+        let mut f = fixture(Quotas::default(), 4096);
+        let r = f.api().cu_mem_alloc_pitch_v2(req).unwrap();
+        assert_eq!(f.z.mem_used(), r.p_pitch * 10);
     }
 
     #[test]
-    fn handle_quota_counts_allocations_and_streams() {
-        let (_m, r) = heap_region(4096);
-        let w = DataWindow::new(&r);
-        let mut z = zone(Quotas { max_handles: 2, ..Quotas::default() });
-        alloc(&mut z, &w, 8).unwrap();
-        z.handle(Request::StreamCreate(StreamCreate { flags: 0 }), false, &w).unwrap();
-        assert_eq!(alloc(&mut z, &w, 8), Err(CuError::OUT_OF_MEMORY));
-        assert_eq!(z.handle(Request::StreamCreate(StreamCreate { flags: 0 }), false, &w), Err(CuError::OUT_OF_MEMORY));
+    fn one_handle_quota_spans_every_kind_but_the_primary_context() {
+        let mut f = fixture(Quotas { max_handles: 5, ..Quotas::default() }, 4096);
+        f.alloc(8).unwrap();
+        f.stream().unwrap();
+        f.api().cu_event_create(CuEventCreate { flags: 0 }).unwrap();
+        let hmod = f.load(false).unwrap();
+        let func = f.function(hmod).unwrap();
+        assert_eq!(f.z.live_objects(), 5);
+        assert_eq!(f.alloc(8), Err(CuError::OUT_OF_MEMORY));
+        assert_eq!(f.stream(), Err(CuError::OUT_OF_MEMORY));
+        assert_eq!(f.api().ctx_create(CtxCreate { flags: 0 }).map(|_| ()), Err(CuError::OUT_OF_MEMORY));
+        assert_eq!(f.load(true), Err(CuError::OUT_OF_MEMORY));
+        // Repeated lookups return the same handle and cost nothing.
+        assert_eq!(f.function(hmod), Ok(func));
+        // A global is no object: globals do not count either.
+        f.api().cu_module_get_global_v2(CuModuleGetGlobalV2 { hmod, name: "counter".into() }).unwrap();
+        f.api().cu_module_unload(CuModuleUnload { hmod }).unwrap();
+        assert_eq!(f.z.live_objects(), 3, "the module took its function with it");
+        f.api().ctx_create(CtxCreate { flags: 0 }).unwrap();
     }
 
     #[test]
     fn ranges_must_stay_inside_one_allocation() {
-        let (_m, r) = heap_region(4096);
-        let w = DataWindow::new(&r);
-        let mut z = zone(Quotas::default());
-        let a = alloc(&mut z, &w, 100).unwrap();
-        let src = BulkRef { offset: 0, len: 64 };
-        let ok = Request::MemcpyHtoD(MemcpyHtoD { dst: a + 36, src, stream: None });
-        assert!(z.handle(ok, false, &w).is_ok());
+        let mut f = fixture(Quotas::default(), 4096);
+        let a = f.alloc(100).unwrap();
+        f.htod(a + 36, 0, 64).unwrap();
         for dst in [a + 37, a - 1, u64::MAX - 10, 0] {
-            let bad = Request::MemcpyHtoD(MemcpyHtoD { dst, src, stream: None });
-            assert_eq!(z.handle(bad, false, &w), Err(CuError::INVALID_VALUE), "dst {dst:#x}");
+            assert_eq!(f.htod(dst, 0, 64), Err(CuError::INVALID_VALUE), "dst {dst:#x}");
         }
-        let outside_window = BulkRef { offset: 4090, len: 10 };
-        let bad = Request::MemcpyDtoH(MemcpyDtoH { dst: outside_window, src: a, stream: None });
-        assert_eq!(z.handle(bad, false, &w), Err(CuError::INVALID_VALUE));
-        let bad = Request::MemsetD32(MemsetD32 { dst: a, value: 0, count: u64::MAX / 2, stream: None });
-        assert_eq!(z.handle(bad, false, &w), Err(CuError::INVALID_VALUE));
-        let bad = Request::MemFree(MemFree { dptr: a + 4 });
-        assert_eq!(z.handle(bad, false, &w), Err(CuError::INVALID_VALUE), "interior pointer");
+        assert_eq!(f.dtoh(a, 4090, 10), Err(CuError::INVALID_VALUE), "outside the window");
+        assert_eq!(f.dtoh(a, u64::MAX, 2), Err(CuError::INVALID_VALUE), "window offset overflows");
+        let bad = CuMemsetD32V2 { dst_device: a, ui: 0, n: u64::MAX / 2 };
+        assert_eq!(f.api().cu_memset_d32_v2(bad), Err(CuError::INVALID_VALUE));
+        let bad = CuMemsetD16V2 { dst_device: a, us: 0, n: 51 };
+        assert_eq!(f.api().cu_memset_d16_v2(bad), Err(CuError::INVALID_VALUE));
+        let bad = CuMemcpyDtoDV2 { dst_device: a, src_device: a + 50, byte_count: 51 };
+        assert_eq!(f.api().cu_memcpy_dto_d_v2(bad), Err(CuError::INVALID_VALUE));
+        assert_eq!(f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: a + 4 }), Err(CuError::INVALID_VALUE), "interior");
+        // Two adjacent allocations are still two: no range may span both.
+        let b = f.alloc(512).unwrap();
+        let c = f.alloc(512).unwrap();
+        let (lo, hi) = (b.min(c), b.max(c));
+        let span = CuMemsetD8V2 { dst_device: lo, uc: 0, n: hi + 1 - lo };
+        assert_eq!(f.api().cu_memset_d8_v2(span), Err(CuError::INVALID_VALUE));
     }
 
     #[test]
-    fn copies_round_trip_through_the_window() {
-        let (_m, r) = heap_region(1 << 16);
-        let w = DataWindow::new(&r);
-        let mut z = zone(Quotas::default());
-        let a = alloc(&mut z, &w, 1000).unwrap();
-        let b = alloc(&mut z, &w, 1000).unwrap();
-        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
-        w.write(BulkRef { offset: 0, len: 1000 }, &data).unwrap();
-        z.handle(
-            Request::MemcpyHtoD(MemcpyHtoD { dst: a, src: BulkRef { offset: 0, len: 1000 }, stream: None }),
-            false,
-            &w,
-        )
-        .unwrap();
-        z.handle(Request::MemcpyDtoD(MemcpyDtoD { dst: b, src: a, len: 1000, stream: None }), true, &w).unwrap();
-        z.handle(Request::MemsetD8(MemsetD8 { dst: b, value: 9, count: 10, stream: None }), true, &w).unwrap();
-        let out = BulkRef { offset: 2000, len: 1000 };
-        z.handle(Request::MemcpyDtoH(MemcpyDtoH { dst: out, src: b, stream: None }), false, &w).unwrap();
-        let mut got = vec![0u8; 1000];
-        w.read(out, &mut got).unwrap();
+    fn copies_round_trip_through_the_window_in_chunks() {
+        // Larger than one staging chunk, so the chunked loop runs more than once each way.
+        let len = STAGING_CHUNK + 1000;
+        let mut f = fixture(Quotas::default(), 2 * len + 4096);
+        let a = f.alloc(len as u64).unwrap();
+        let b = f.alloc(len as u64).unwrap();
+        let data: Vec<u8> = (0..len as u32).map(|i| (i.wrapping_mul(7) ^ (i >> 13)) as u8).collect();
+        f.w.write(BulkRef { offset: 0, len: len as u64 }, &data).unwrap();
+        f.htod(a, 0, len as u64).unwrap();
+        let copy = CuMemcpyDtoDAsyncV2 { dst_device: b, src_device: a, byte_count: len as u64, h_stream: Handle(1) };
+        f.api().cu_memcpy_dto_d_async_v2(copy).unwrap();
+        let s = f.stream().unwrap();
+        f.api().cu_memset_d8_async(CuMemsetD8Async { dst_device: b, uc: 9, n: 10, h_stream: s }).unwrap();
+        let out = BulkRef { offset: len as u64 + 4096, len: len as u64 };
+        f.dtoh(b, out.offset, out.len).unwrap();
+        let mut got = vec![0u8; len];
+        f.w.read(out, &mut got).unwrap();
         assert_eq!(&got[..10], &[9; 10]);
-        assert_eq!(&got[10..], &data[10..]);
+        assert!(got[10..] == data[10..]);
     }
 
     #[test]
-    fn stale_and_forged_stream_handles_are_refused() {
-        let (_m, r) = heap_region(4096);
-        let w = DataWindow::new(&r);
-        let mut z = zone(Quotas::default());
-        let Response::Handle(HandleReply { handle }) =
-            z.handle(Request::StreamCreate(StreamCreate { flags: 0 }), false, &w).unwrap()
-        else {
-            panic!()
-        };
-        z.handle(Request::StreamDestroy(StreamDestroy { stream: handle }), false, &w).unwrap();
-        for h in [handle, Handle(0), Handle(0xdead_beef_0000_0001)] {
-            let r = z.handle(Request::StreamSynchronize(StreamSynchronize { stream: h }), false, &w);
-            assert_eq!(r, Err(CuError::INVALID_HANDLE));
+    fn stale_forged_and_foreign_kind_handles_are_refused() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let s = f.stream().unwrap();
+        let e = f.api().cu_event_create(CuEventCreate { flags: 0 }).unwrap().ph_event;
+        assert!(s.0 > 2 && e.0 > 2 && f.z.primary_context().0 > 2, "no handle is a default-stream value");
+        assert_eq!(f.api().cu_event_query(CuEventQuery { h_event: s }), Err(CuError::INVALID_HANDLE));
+        assert_eq!(f.api().cu_stream_query(CuStreamQuery { h_stream: e }), Err(CuError::INVALID_HANDLE));
+        let wait = CuStreamWaitEvent { h_stream: s, h_event: e, flags: 0 };
+        f.api().cu_stream_wait_event(wait).unwrap();
+        f.api().cu_stream_destroy_v2(CuStreamDestroyV2 { h_stream: s }).unwrap();
+        let forged = Handle(s.0 ^ (1 << 40));
+        for h in [s, forged, Handle(0xdead_beef_0000_0001), e] {
+            let r = f.api().cu_stream_synchronize(CuStreamSynchronize { h_stream: h });
+            assert_eq!(r, Err(CuError::INVALID_HANDLE), "{h:?}");
+        }
+        assert_eq!(
+            f.api().cu_stream_destroy_v2(CuStreamDestroyV2 { h_stream: Handle(0) }),
+            Err(CuError::INVALID_HANDLE)
+        );
+        // Contexts answer CUDA's INVALID_CONTEXT instead.
+        let r = f.api().ctx_set_current(CtxSetCurrent { ctx: e });
+        assert_eq!(r, Err(CuError::new(CuResult::INVALID_CONTEXT)));
+        let r = f.api().cu_ctx_get_api_version(CuCtxGetApiVersion { ctx: s });
+        assert_eq!(r.map(|_| ()), Err(CuError::new(CuResult::INVALID_CONTEXT)));
+    }
+
+    #[test]
+    fn destroying_a_context_drops_everything_made_in_it() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let primary = f.z.primary_context();
+        let keep = f.alloc(1000).unwrap();
+        let keep_stream = f.stream().unwrap();
+        let free0 = f.free_bytes();
+        let ctx = f.api().ctx_create(CtxCreate { flags: 0 }).unwrap().ctx;
+        assert_eq!(f.z.current_context(), ctx);
+        assert_eq!(f.api().cu_ctx_get_id(CuCtxGetId { ctx: Handle(0) }).unwrap().ctx_id, ctx.0);
+        let a = f.alloc(4096).unwrap();
+        let s = f.stream().unwrap();
+        let e = f.api().cu_event_create(CuEventCreate { flags: 0 }).unwrap().ph_event;
+        let hmod = f.load(false).unwrap();
+        let func = f.function(hmod).unwrap();
+        let lib = f.load(true).unwrap();
+        let name = "fill_u32".to_owned();
+        let kernel = f.api().cu_library_get_kernel(CuLibraryGetKernel { library: lib, name }).unwrap().p_kernel;
+        let g = f.api().cu_module_get_global_v2(CuModuleGetGlobalV2 { hmod, name: "counter".into() }).unwrap();
+        assert_eq!(f.api().cu_stream_get_ctx(CuStreamGetCtx { h_stream: s }).unwrap().pctx, ctx);
+        assert_eq!(
+            f.api().pointer_get_attribute(PointerGetAttribute { attribute: 1, ptr: g.dptr }).unwrap().value,
+            ctx.0
+        );
+        // (Module globals take backend memory too, but not the zone's quota.)
+        assert!(f.free_bytes() <= free0 - 4096);
+        assert_eq!(f.z.mem_used(), 1000 + 4096);
+
+        assert_eq!(f.api().ctx_destroy(CtxDestroy { ctx: primary }), Err(INVALID_CONTEXT));
+        f.api().ctx_destroy(CtxDestroy { ctx }).unwrap();
+        assert_eq!(f.z.current_context(), primary);
+        assert_eq!(f.z.mem_used(), 1000);
+        // The primary context's allocation and stream are left, and the library and its
+        // kernel, which belong to no context.
+        assert_eq!(f.z.live_objects(), 4);
+        assert_eq!(f.dtoh(a, 0, 16), Err(CuError::INVALID_VALUE));
+        assert_eq!(f.htod(g.dptr, 0, 4), Err(CuError::INVALID_VALUE), "the module's global went with it");
+        assert_eq!(f.api().cu_stream_query(CuStreamQuery { h_stream: s }), Err(CuError::INVALID_HANDLE));
+        assert_eq!(f.api().cu_event_query(CuEventQuery { h_event: e }), Err(CuError::INVALID_HANDLE));
+        assert_eq!(f.api().func_param_layout(FuncParamLayout { func }).map(|_| ()), Err(CuError::INVALID_HANDLE));
+        f.api().cu_kernel_get_attribute(CuKernelGetAttribute { attrib: 0, kernel, dev: 0 }).unwrap();
+        f.api().cu_library_unload(CuLibraryUnload { library: lib }).unwrap();
+        assert_eq!(f.free_bytes(), free0, "the backend got the context's memory back");
+        assert_eq!(f.api().ctx_destroy(CtxDestroy { ctx }), Err(INVALID_CONTEXT));
+        // The primary context's objects live on.
+        f.dtoh(keep, 0, 1000).unwrap();
+        f.api().cu_stream_synchronize(CuStreamSynchronize { h_stream: keep_stream }).unwrap();
+    }
+
+    #[test]
+    fn resetting_the_primary_context_keeps_the_current_one() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let primary = f.z.primary_context();
+        let free0 = f.free_bytes();
+        let in_primary = f.alloc(4096).unwrap();
+        let primary_stream = f.stream().unwrap();
+        let hmod = f.load(false).unwrap();
+        let ctx = f.api().ctx_create(CtxCreate { flags: 0 }).unwrap().ctx;
+        let in_ctx = f.alloc(512).unwrap();
+        f.api().primary_ctx_reset(PrimaryCtxReset {}).unwrap();
+        assert_eq!(f.z.current_context(), ctx);
+        assert_eq!(f.free_bytes(), free0 - 512);
+        assert_eq!(f.dtoh(in_primary, 0, 8), Err(CuError::INVALID_VALUE));
+        f.dtoh(in_ctx, 0, 8).unwrap();
+        let q = CuStreamQuery { h_stream: primary_stream };
+        assert_eq!(f.api().cu_stream_query(q), Err(CuError::INVALID_HANDLE));
+        assert_eq!(f.function(hmod), Err(CuError::INVALID_HANDLE));
+        // The primary context itself is still there.
+        f.api().ctx_set_current(CtxSetCurrent { ctx: primary }).unwrap();
+        f.alloc(8).unwrap();
+    }
+
+    #[test]
+    fn libraries_kernels_and_views() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let lib = f.load(true).unwrap();
+        let name = || "fill_u32".to_owned();
+        let kernel = f.api().cu_library_get_kernel(CuLibraryGetKernel { library: lib, name: name() }).unwrap().p_kernel;
+        let view = f.api().cu_library_get_module(CuLibraryGetModule { library: lib }).unwrap().p_mod;
+        assert_eq!(f.api().cu_library_get_module(CuLibraryGetModule { library: lib }).unwrap().p_mod, view);
+        let from_view = f.function(view).unwrap();
+        let from_kernel = f.api().cu_kernel_get_function(CuKernelGetFunction { kernel }).unwrap().p_func;
+        // Kinds: a library is not a module, a function is not a kernel.
+        assert_eq!(f.function(lib), Err(CuError::INVALID_HANDLE));
+        assert_eq!(f.api().cu_module_unload(CuModuleUnload { hmod: lib }), Err(CuError::INVALID_HANDLE));
+        assert_eq!(f.api().cu_library_unload(CuLibraryUnload { library: view }), Err(CuError::INVALID_HANDLE));
+        let attr = |kernel, dev| CuKernelGetAttribute { attrib: 0, kernel, dev };
+        assert_eq!(f.api().cu_kernel_get_attribute(attr(from_kernel, 0)).map(|_| ()), Err(CuError::INVALID_HANDLE));
+        assert_eq!(f.api().cu_kernel_get_attribute(attr(kernel, 1)).map(|_| ()), Err(INVALID_DEVICE));
+        let set = CuKernelSetAttribute { attrib: 0, val: 0, kernel, dev: -1 };
+        assert_eq!(f.api().cu_kernel_set_attribute(set), Err(INVALID_DEVICE));
+        f.api().cu_kernel_get_attribute(attr(kernel, 0)).unwrap();
+        // A kernel launches like a function.
+        let p = f.alloc(64).unwrap();
+        let launch = Launch { func: kernel, config: config(16), stream: Handle(0), params: fill_params(p, 3, 16) };
+        f.api().launch(launch).unwrap();
+        f.dtoh(p, 0, 64).unwrap();
+        let mut out = [0u8; 64];
+        f.w.read(BulkRef { offset: 0, len: 64 }, &mut out).unwrap();
+        assert!(out.chunks(4).all(|w| w == 3u32.to_le_bytes()));
+        // A library global is reachable; forgetting the view keeps the library's objects.
+        let g = f.api().cu_library_get_global(CuLibraryGetGlobal { library: lib, name: "counter".into() }).unwrap();
+        assert_eq!(g.bytes, 16);
+        f.htod(g.dptr, 0, 16).unwrap();
+        f.api().cu_module_unload(CuModuleUnload { hmod: view }).unwrap();
+        f.api().func_param_layout(FuncParamLayout { func: from_view }).unwrap();
+        f.htod(g.dptr, 0, 16).unwrap();
+        // Unloading the library ends kernels, their functions and its globals.
+        f.api().cu_library_unload(CuLibraryUnload { library: lib }).unwrap();
+        for func in [kernel, from_view, from_kernel] {
+            let r = f.api().func_param_layout(FuncParamLayout { func });
+            assert_eq!(r.map(|_| ()), Err(CuError::INVALID_HANDLE), "{func:?}");
+        }
+        assert_eq!(f.htod(g.dptr, 0, 4), Err(CuError::INVALID_VALUE));
+        assert_eq!(f.z.live_objects(), 1, "only the allocation is left");
+    }
+
+    #[test]
+    fn launches_are_checked_against_the_parameter_layout() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let hmod = f.load(false).unwrap();
+        let func = f.function(hmod).unwrap();
+        let slots = f.api().func_param_layout(FuncParamLayout { func }).unwrap().slots;
+        assert_eq!(
+            slots,
+            vec![ParamSlot { offset: 0, size: 8 }, ParamSlot { offset: 8, size: 4 }, ParamSlot { offset: 16, size: 8 }]
+        );
+        let p = f.alloc(64).unwrap();
+        let params = fill_params(p, 7, 16);
+        let launch = |params: Vec<u8>, config: LaunchConfig| Launch { func, config, stream: Handle(0), params };
+        for short in [0, 8, 23] {
+            let r = f.api().launch(launch(params[..short].to_vec(), config(16)));
+            assert_eq!(r, Err(CuError::INVALID_VALUE), "{short} bytes");
+        }
+        for bad in [[0, 1, 1], [1, 0, 1], [1, 1, 0]] {
+            let r = f.api().launch(launch(params.clone(), LaunchConfig { grid: bad, ..config(16) }));
+            assert_eq!(r, Err(CuError::INVALID_VALUE), "grid {bad:?}");
+            let r = f.api().launch(launch(params.clone(), LaunchConfig { block: bad, ..config(16) }));
+            assert_eq!(r, Err(CuError::INVALID_VALUE), "block {bad:?}");
+        }
+        let on_module = Launch { func: hmod, config: config(16), stream: Handle(0), params: params.clone() };
+        assert_eq!(f.api().launch(on_module), Err(CuError::INVALID_HANDLE));
+        let on_forged_stream =
+            Launch { func, config: config(16), stream: Handle(3 << 56 | 1 << 32 | 1), params: params.clone() };
+        assert_eq!(f.api().launch(on_forged_stream), Err(CuError::INVALID_HANDLE));
+        // Longer buffers are fine (the guest may pad); the kernel runs.
+        let mut padded = params.clone();
+        padded.extend_from_slice(&[0xff; 8]);
+        f.api().launch(launch(padded, config(16))).unwrap();
+        f.dtoh(p, 0, 64).unwrap();
+        let mut out = [0u8; 64];
+        f.w.read(BulkRef { offset: 0, len: 64 }, &mut out).unwrap();
+        assert!(out.chunks(4).all(|w| w == 7u32.to_le_bytes()));
+    }
+
+    #[test]
+    fn names_and_images_are_bounded() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let hmod = f.load(false).unwrap();
+        for name in ["fill\0u32".to_owned(), "f".repeat(MAX_NAME_BYTES + 1)] {
+            let r = f.api().cu_module_get_function(CuModuleGetFunction { hmod, name });
+            assert_eq!(r.map(|_| ()), Err(CuError::INVALID_VALUE));
+        }
+        let r = f.api().cu_module_get_function(CuModuleGetFunction { hmod, name: "f".repeat(MAX_NAME_BYTES) });
+        assert_eq!(r.map(|_| ()), Err(NOT_FOUND), "a long but legal name reaches the driver");
+        for image in
+            [BulkRef { offset: 0, len: 0 }, BulkRef { offset: 4000, len: 100 }, BulkRef { offset: u64::MAX, len: 2 }]
+        {
+            let r = f.api().module_load(ModuleLoad { image, library: false });
+            assert_eq!(r.map(|_| ()), Err(CuError::INVALID_VALUE), "{image:?}");
         }
     }
 
     #[test]
-    fn unknown_requests_are_not_supported() {
-        let (_m, r) = heap_region(4096);
-        let w = DataWindow::new(&r);
-        let mut z = zone(Quotas::default());
-        let r = z.handle(Request::Unknown(idm_core::MessageId(0x0fff)), false, &w);
-        assert_eq!(r, Err(CuError::NOT_SUPPORTED));
+    fn pointer_attributes_and_address_ranges_come_from_the_tables() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let a = f.alloc(1000).unwrap();
+        let b = f.alloc(1000).unwrap();
+        let attr = |f: &mut Fixture, attribute, ptr| {
+            f.api().pointer_get_attribute(PointerGetAttribute { attribute, ptr }).map(|r| r.value)
+        };
+        assert_eq!(attr(&mut f, ptr_attr::RANGE_START_ADDR, a + 999), Ok(a));
+        assert_eq!(attr(&mut f, ptr_attr::RANGE_SIZE, a + 1), Ok(1000));
+        assert_eq!(attr(&mut f, ptr_attr::CONTEXT, a), Ok(f.z.primary_context().0));
+        assert_eq!(attr(&mut f, ptr_attr::DEVICE_POINTER, a + 5), Ok(a + 5));
+        assert_eq!(attr(&mut f, ptr_attr::MEMORY_TYPE, a), Ok(MEMORYTYPE_DEVICE));
+        assert_eq!(attr(&mut f, ptr_attr::HOST_POINTER, a), Err(CuError::INVALID_VALUE));
+        assert_eq!(attr(&mut f, 5, a), Err(CuError::INVALID_VALUE));
+        assert_ne!(attr(&mut f, ptr_attr::BUFFER_ID, a), attr(&mut f, ptr_attr::BUFFER_ID, b));
+        // The simulated GPU aligns allocations to 512 bytes: a + 1000 lies between the two.
+        assert_eq!(attr(&mut f, ptr_attr::RANGE_START_ADDR, a + 1000), Err(CuError::INVALID_VALUE));
+        assert_eq!(attr(&mut f, ptr_attr::CONTEXT, 0), Err(CuError::INVALID_VALUE));
+        let r = f.api().cu_mem_get_address_range_v2(CuMemGetAddressRangeV2 { dptr: b + 10 }).unwrap();
+        assert_eq!((r.pbase, r.psize), (b, 1000));
+        let r = f.api().cu_mem_get_address_range_v2(CuMemGetAddressRangeV2 { dptr: 0x10 });
+        assert_eq!(r.map(|_| ()), Err(NOT_FOUND));
+    }
+
+    #[test]
+    fn teardown_releases_everything_through_the_backend() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let free0 = f.free_bytes();
+        f.alloc(4096).unwrap();
+        f.stream().unwrap();
+        f.load(false).unwrap();
+        f.api().ctx_create(CtxCreate { flags: 0 }).unwrap();
+        f.alloc(8192).unwrap();
+        f.load(true).unwrap();
+        f.z.teardown();
+        assert_eq!((f.z.mem_used(), f.z.live_objects()), (0, 0));
+        assert_eq!(f.z.current_context(), f.z.primary_context());
+        assert_eq!(f.free_bytes(), free0, "the backend got every byte back");
+        // The zone is still usable (a session may go on after a reset).
+        f.alloc(16).unwrap();
+    }
+
+    #[test]
+    fn posted_requests_are_throttled() {
+        let mut f = fixture(Quotas { max_async_in_flight: 3, ..Quotas::default() }, 4096);
+        for _ in 0..10 {
+            f.z.note_posted().unwrap();
+            assert!(f.z.async_since_sync < 3);
+        }
+    }
+
+    #[test]
+    fn attach_reports_the_primary_context_and_refuses_other_revisions() {
+        let mut f = fixture(Quotas { mem_bytes: 1 << 20, ..Quotas::default() }, 4096);
+        assert_eq!(f.z.attach(&Attach { revision: 1 }, 4096).map(|_| ()), Err(CuError::NOT_SUPPORTED));
+        let r = f.z.attach(&Attach { revision: VGPU_PROTOCOL_REVISION }, 4096).unwrap();
+        assert_eq!((r.zone, r.window_size, r.primary_ctx), (1, 4096, f.z.primary_context()));
+        assert_eq!(r.device.total_mem, 1 << 20);
+        assert_eq!(r.attributes.first(), Some(&AttrValue::Value(1024)));
+        assert!(!r.pci_bus_id.is_empty());
     }
 }

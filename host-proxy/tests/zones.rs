@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use vgpu_proto::generated::*;
 use vgpu_proto::*;
 
 const RING: usize = 64 << 10;
@@ -106,6 +107,8 @@ struct Guest {
     region: idm_shm::MemfdRegion,
     layout: ChannelLayout,
     buf: Vec<u8>,
+    /// The zone's primary context.
+    primary: Handle,
 }
 
 fn policy() -> WaitPolicy {
@@ -118,11 +121,19 @@ impl Guest {
         let ShmEndpoint { channel, window, region, layout, .. } = idm_shm::connect(socket, layout, policy()).unwrap();
         let mut buf = vec![0u8; RING];
         let client = idm_core::Client::connect(channel, (RING / 2) as u32, &mut buf).unwrap();
-        let mut g = Guest { client, window, region, layout, buf };
+        let mut g = Guest { client, window, region, layout, buf, primary: Handle(0) };
+        let wrong: Result<AttachReply, u32> = g.call(&Attach { revision: VGPU_PROTOCOL_REVISION + 1 });
+        assert_eq!(wrong.unwrap_err(), CuResult::NOT_SUPPORTED, "another protocol revision is refused");
         let reply: AttachReply = g.call(&Attach { revision: VGPU_PROTOCOL_REVISION }).unwrap();
         assert_eq!(reply.device.simulated, backend() == "sim", "a test double must say so, a GPU must not");
         eprintln!("zone {} attached to {:?} (driver {})", reply.zone, reply.device.name, reply.device.driver_version);
         assert_eq!(reply.device.total_mem, MEM_QUOTA, "a zone sees its quota as the device's memory");
+        assert!(!DEFAULT_STREAMS.contains(&reply.primary_ctx), "the primary context is a real handle");
+        assert!(reply.attributes.len() > 100, "every device attribute travels with the attach reply");
+        // CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK (1)
+        assert_eq!(reply.attributes[0], AttrValue::Value(1024));
+        assert!(!reply.pci_bus_id.is_empty());
+        g.primary = reply.primary_ctx;
         g
     }
 
@@ -139,24 +150,94 @@ impl Guest {
         }
     }
 
+    fn done<T: Message>(&mut self, req: &T) -> Result<(), u32> {
+        self.call::<_, Done>(req).map(|_| ())
+    }
+
     fn alloc(&mut self, size: u64) -> Result<u64, u32> {
-        self.call::<_, MemAllocReply>(&MemAlloc { size }).map(|r| r.dptr)
+        self.call::<_, CuMemAllocV2Reply>(&CuMemAllocV2 { bytesize: size }).map(|r| r.dptr)
     }
 
     fn write(&mut self, dptr: u64, data: &[u8]) -> Result<(), u32> {
         let desc = BulkRef { offset: 0, len: data.len() as u64 };
         self.window.write(desc, data).unwrap();
-        self.call::<_, Done>(&MemcpyHtoD { dst: dptr, src: desc, stream: None }).map(|_| ())
+        self.done(&MemcpyHtoD { dst: dptr, src: desc, stream: Handle(0) })
     }
 
     fn read(&mut self, dptr: u64, len: usize) -> Result<Vec<u8>, u32> {
         let desc = BulkRef { offset: 4096, len: len as u64 };
-        self.call::<_, Done>(&MemcpyDtoH { dst: desc, src: dptr, stream: None })?;
+        self.done(&MemcpyDtoH { dst: desc, src: dptr, stream: Handle(0) })?;
         let mut out = vec![0u8; len];
         self.window.read(desc, &mut out).unwrap();
         Ok(out)
     }
+
+    fn mem_free_bytes(&mut self) -> u64 {
+        self.call::<_, CuMemGetInfoV2Reply>(&CuMemGetInfoV2 {}).unwrap().free
+    }
+
+    fn stream(&mut self) -> Handle {
+        self.call::<_, CuStreamCreateReply>(&CuStreamCreate { flags: 0 }).unwrap().ph_stream
+    }
+
+    fn event(&mut self) -> Handle {
+        self.call::<_, CuEventCreateReply>(&CuEventCreate { flags: 0 }).unwrap().ph_event
+    }
+
+    fn current_ctx(&mut self) -> Handle {
+        Handle(self.call::<_, CuCtxGetIdReply>(&CuCtxGetId { ctx: Handle(0) }).unwrap().ctx_id)
+    }
+
+    fn pointer_attr(&mut self, attribute: u32, ptr: u64) -> Result<u64, u32> {
+        self.call::<_, PointerGetAttributeReply>(&PointerGetAttribute { attribute, ptr }).map(|r| r.value)
+    }
+
+    /// Loads NUL-terminated PTX (placed high in the window, clear of `write`/`read`).
+    fn load_module(&mut self, ptx: &str) -> Result<Handle, u32> {
+        let mut image = ptx.as_bytes().to_vec();
+        image.push(0);
+        let desc = BulkRef { offset: WINDOW as u64 / 2, len: image.len() as u64 };
+        self.window.write(desc, &image).unwrap();
+        self.call::<_, ModuleLoadReply>(&ModuleLoad { image: desc, library: false }).map(|r| r.handle)
+    }
 }
+
+/// A kernel the simulated backend runs (`fill_u32(u32* p, u32 v, u64 n)`: `p[0..n] = v`) and a
+/// `__device__` global, as valid PTX for the GPU too.
+const FILL_PTX: &str = r#"
+.version 8.0
+.target sm_90
+.address_size 64
+
+.visible .global .align 4 .u32 counter;
+
+.visible .entry fill_u32(
+    .param .u64 fill_u32_param_0,
+    .param .u32 fill_u32_param_1,
+    .param .u64 fill_u32_param_2
+)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<6>;
+    .reg .b64 %rd<6>;
+    ld.param.u64 %rd1, [fill_u32_param_0];
+    ld.param.u32 %r1, [fill_u32_param_1];
+    ld.param.u64 %rd2, [fill_u32_param_2];
+    mov.u32 %r2, %ctaid.x;
+    mov.u32 %r3, %ntid.x;
+    mov.u32 %r4, %tid.x;
+    mad.lo.s32 %r5, %r2, %r3, %r4;
+    cvt.u64.u32 %rd3, %r5;
+    setp.ge.u64 %p1, %rd3, %rd2;
+    @%p1 bra DONE;
+    cvta.to.global.u64 %rd4, %rd1;
+    shl.b64 %rd5, %rd3, 2;
+    add.s64 %rd4, %rd4, %rd5;
+    st.global.u32 [%rd4], %r1;
+DONE:
+    ret;
+}
+"#;
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
@@ -172,7 +253,7 @@ fn two_zones_are_isolated_and_quotas_hold() {
     let a_buf = a.alloc(4096).unwrap();
     let a_data = pattern(1, 4096);
     a.write(a_buf, &a_data).unwrap();
-    let Ok(HandleReply { handle: a_stream }) = a.call(&StreamCreate { flags: 0 }) else { panic!() };
+    let a_stream = a.stream();
 
     // Zone B works concurrently on its own memory.
     let b_thread = std::thread::spawn(move || {
@@ -196,24 +277,24 @@ fn two_zones_are_isolated_and_quotas_hold() {
         Ok(bytes) => assert_ne!(bytes, a_data, "zone B read zone A's data"),
     }
     let _ = b.write(a_buf, &[0xee; 4096]);
-    let _ = b.call::<_, Done>(&MemsetD8 { dst: a_buf, value: 0xee, count: 4096, stream: None });
-    let _ = b.call::<_, Done>(&MemcpyDtoD { dst: b_buf, src: a_buf + 4096 * 100, len: 16, stream: None });
-    assert_eq!(b.call::<_, Done>(&StreamSynchronize { stream: a_stream }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(b.call::<_, Done>(&StreamDestroy { stream: a_stream }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(b.call::<_, Done>(&MemFree { dptr: a_buf + 8 }), Err(CuResult::INVALID_VALUE));
+    let _ = b.done(&CuMemsetD8V2 { dst_device: a_buf, uc: 0xee, n: 4096 });
+    let _ = b.done(&CuMemcpyDtoDV2 { dst_device: b_buf, src_device: a_buf + 4096 * 100, byte_count: 16 });
+    assert_eq!(b.done(&CuStreamSynchronize { h_stream: a_stream }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(b.done(&CuStreamDestroyV2 { h_stream: a_stream }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(b.done(&CuMemFreeV2 { dptr: a_buf + 8 }), Err(CuResult::INVALID_VALUE));
     // Nothing B did touched A.
     assert_eq!(a.read(a_buf, 4096).unwrap(), a_data);
-    a.call::<_, Done>(&StreamSynchronize { stream: a_stream }).unwrap();
+    a.done(&CuStreamSynchronize { h_stream: a_stream }).unwrap();
 
     // Ranges are checked against the zone's own allocations.
     assert_eq!(a.read(a_buf + 1, 4096), Err(CuResult::INVALID_VALUE));
     assert_eq!(a.write(a_buf.wrapping_sub(1), &[1]), Err(CuResult::INVALID_VALUE));
-    let outside = MemcpyHtoD { dst: a_buf, src: BulkRef { offset: WINDOW as u64 - 8, len: 16 }, stream: None };
-    assert_eq!(a.call::<_, Done>(&outside), Err(CuResult::INVALID_VALUE));
+    let outside = MemcpyHtoD { dst: a_buf, src: BulkRef { offset: WINDOW as u64 - 8, len: 16 }, stream: Handle(0) };
+    assert_eq!(a.done(&outside), Err(CuResult::INVALID_VALUE));
 
     // Memory quota: over it is CUDA_ERROR_OUT_OF_MEMORY for A only.
     assert_eq!(a.alloc(MEM_QUOTA), Err(CuResult::OUT_OF_MEMORY));
-    let MemInfo { free, total } = a.call(&MemGetInfo {}).unwrap();
+    let CuMemGetInfoV2Reply { free, total } = a.call(&CuMemGetInfoV2 {}).unwrap();
     assert_eq!((free, total), (MEM_QUOTA - 4096, MEM_QUOTA));
     b.alloc(64).unwrap();
     // Handle quota (16 live objects per zone).
@@ -233,8 +314,8 @@ fn two_zones_are_isolated_and_quotas_hold() {
     let e = a.call_raw::<_, Done>(&Bogus).unwrap_err();
     assert_eq!(e, ChannelError::Remote { kind: ErrorKind::UnknownMessage, code: CuResult::NOT_SUPPORTED });
     // An asynchronous failure surfaces at the next synchronous call.
-    a.client.post(&MemsetD8 { dst: 0x10, value: 0, count: 1, stream: None }, &mut a.buf).unwrap();
-    let reply = a.client.call(&CtxSynchronize {}, &mut a.buf).unwrap();
+    a.client.post(&CuMemsetD8Async { dst_device: 0x10, uc: 0, n: 1, h_stream: Handle(0) }, &mut a.buf).unwrap();
+    let reply = a.client.call(&CuCtxSynchronize {}, &mut a.buf).unwrap();
     assert_eq!(reply.deferred_error(), Some(CuResult::INVALID_VALUE));
     assert_eq!(a.read(a_buf, 4096).unwrap(), a_data);
 
@@ -316,12 +397,12 @@ fn hostile_input_fails_only_that_zone() {
                 g.region.store_u32(base + field::PROD, 0x8000_0000, Ordering::Release);
             }),
         ),
-        ("truncated frame", Box::new(move |g| poke_frame(g, hdr(100, 0x0110), 20))),
-        ("oversize length", Box::new(move |g| poke_frame(g, hdr(u32::MAX, 0x0110), 16))),
+        ("truncated frame", Box::new(move |g| poke_frame(g, hdr(100, 0x0200), 20))),
+        ("oversize length", Box::new(move |g| poke_frame(g, hdr(u32::MAX, 0x0200), 16))),
         (
             "unknown flag bits",
             Box::new(move |g| {
-                let mut h = hdr(0, 0x0110);
+                let mut h = hdr(0, 0x0200);
                 h[6] = 0xf0;
                 poke_frame(g, h, 16)
             }),
@@ -345,9 +426,214 @@ fn hostile_input_fails_only_that_zone() {
     #[derive(serde::Serialize, serde::Deserialize)]
     struct Garbage([u8; 3]);
     impl Message for Garbage {
-        const ID: MessageId = MemFree::ID;
+        const ID: MessageId = CuMemFreeV2::ID;
     }
     let e = g.call_raw::<_, Done>(&Garbage([0xff, 0xff, 0xff])).unwrap_err();
     assert_eq!(e, ChannelError::Remote { kind: ErrorKind::BadBody, code: CuResult::INVALID_VALUE });
     assert!(g.alloc(16).is_ok(), "zone still serves after a bad body");
+}
+
+#[test]
+fn handles_are_typed_and_contexts_own_their_objects() {
+    let d = Daemon::start("ctx");
+    let mut a = Guest::connect(&d.socket);
+    let primary = a.primary;
+    assert_eq!(a.current_ctx(), primary);
+    let s = a.stream();
+    let e = a.event();
+
+    // A handle of one kind never names an object of another kind.
+    assert_eq!(a.done(&CuEventSynchronize { h_event: s }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(a.done(&CuEventDestroyV2 { h_event: s }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(a.done(&CuStreamSynchronize { h_stream: e }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(a.done(&CuStreamSynchronize { h_stream: primary }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(a.done(&CuStreamWaitEvent { h_stream: e, h_event: s, flags: 0 }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(a.done(&CuModuleUnload { hmod: s }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(a.done(&FuncParamLayout { func: e }).unwrap_err(), CuResult::INVALID_HANDLE);
+    assert_eq!(
+        a.call::<_, CuCtxGetIdReply>(&CuCtxGetId { ctx: s }).unwrap_err(),
+        CuResult::INVALID_CONTEXT,
+        "a stream is not a context"
+    );
+    // Both objects are unharmed, and the default streams (0, 1, 2) work.
+    a.done(&CuEventRecord { h_event: e, h_stream: s }).unwrap();
+    a.done(&CuStreamWaitEvent { h_stream: s, h_event: e, flags: 0 }).unwrap();
+    for h in DEFAULT_STREAMS {
+        a.done(&CuStreamSynchronize { h_stream: h }).unwrap();
+        let CuStreamGetCtxReply { pctx } = a.call(&CuStreamGetCtx { h_stream: h }).unwrap();
+        assert_eq!(pctx, primary);
+    }
+    let CuStreamGetCtxReply { pctx } = a.call(&CuStreamGetCtx { h_stream: s }).unwrap();
+    assert_eq!(pctx, primary);
+
+    // A created context owns what is made while it is current; destroying it frees it all.
+    let free0 = a.mem_free_bytes();
+    let CtxCreateReply { ctx } = a.call(&CtxCreate { flags: 0 }).unwrap();
+    assert_ne!(ctx, primary);
+    assert_eq!(a.current_ctx(), ctx, "a new context becomes current");
+    let p = a.alloc(64 << 10).unwrap();
+    a.write(p, &pattern(3, 4096)).unwrap();
+    assert_eq!(a.read(p, 4096).unwrap(), pattern(3, 4096));
+    assert_eq!(a.mem_free_bytes(), free0 - (64 << 10));
+    assert_eq!(a.pointer_attr(1, p + 8), Ok(ctx.0), "CU_POINTER_ATTRIBUTE_CONTEXT");
+    let s2 = a.stream();
+    let CuStreamGetCtxReply { pctx } = a.call(&CuStreamGetCtx { h_stream: s2 }).unwrap();
+    assert_eq!(pctx, ctx);
+
+    assert_eq!(a.done(&CtxDestroy { ctx: primary }), Err(CuResult::INVALID_CONTEXT), "the primary context stays");
+    assert_eq!(a.done(&CtxDestroy { ctx: s }), Err(CuResult::INVALID_CONTEXT));
+    a.done(&CtxDestroy { ctx }).unwrap();
+    assert_eq!(a.current_ctx(), primary, "the primary context is current again");
+    assert_eq!(a.mem_free_bytes(), free0, "the context's memory is freed");
+    assert_eq!(a.read(p, 16), Err(CuResult::INVALID_VALUE), "and no longer reachable");
+    assert_eq!(a.pointer_attr(1, p), Err(CuResult::INVALID_VALUE));
+    assert_eq!(a.done(&CuStreamSynchronize { h_stream: s2 }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(a.done(&CtxDestroy { ctx }), Err(CuResult::INVALID_CONTEXT), "double destroy");
+    // CtxSetCurrent is posted: a stale context surfaces as a deferred error.
+    a.client.post(&CtxSetCurrent { ctx }, &mut a.buf).unwrap();
+    let reply = a.client.call(&CuCtxSynchronize {}, &mut a.buf).unwrap();
+    assert_eq!(reply.deferred_error(), Some(CuResult::INVALID_CONTEXT));
+    // The primary context's objects were not touched.
+    a.done(&CuStreamSynchronize { h_stream: s }).unwrap();
+    a.done(&CuEventSynchronize { h_event: e }).unwrap();
+
+    // Switching back and forth keeps each context's objects apart.
+    let CtxCreateReply { ctx: c2 } = a.call(&CtxCreate { flags: 0 }).unwrap();
+    let in_c2 = a.alloc(4096).unwrap();
+    a.client.post(&CtxSetCurrent { ctx: primary }, &mut a.buf).unwrap();
+    assert_eq!(a.current_ctx(), primary);
+    let in_primary = a.alloc(4096).unwrap();
+    assert_eq!(a.pointer_attr(1, in_c2), Ok(c2.0));
+    assert_eq!(a.pointer_attr(1, in_primary), Ok(primary.0));
+    // Destroying a context that is not current leaves the current one alone.
+    a.done(&CtxDestroy { ctx: c2 }).unwrap();
+    assert_eq!(a.current_ctx(), primary);
+    assert_eq!(a.read(in_c2, 16), Err(CuResult::INVALID_VALUE));
+    a.write(in_primary, &[1; 16]).unwrap();
+
+    // Resetting the primary context frees and forgets everything made in it.
+    a.done(&PrimaryCtxReset {}).unwrap();
+    assert_eq!(a.mem_free_bytes(), free0);
+    assert_eq!(a.read(in_primary, 16), Err(CuResult::INVALID_VALUE));
+    assert_eq!(a.done(&CuStreamSynchronize { h_stream: s }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(a.done(&CuEventQuery { h_event: e }), Err(CuResult::INVALID_HANDLE));
+    // The zone goes on, in its primary context.
+    assert_eq!(a.current_ctx(), primary);
+    let q = a.alloc(4096).unwrap();
+    a.write(q, &[9; 64]).unwrap();
+    assert_eq!(a.read(q, 64).unwrap(), vec![9; 64]);
+}
+
+#[test]
+fn pointer_attributes_answer_only_for_own_memory() {
+    let d = Daemon::start("ptr");
+    let mut a = Guest::connect(&d.socket);
+    let mut b = Guest::connect(&d.socket);
+    let p = a.alloc(4096).unwrap();
+    let q = a.alloc(8192).unwrap();
+
+    assert_eq!(a.pointer_attr(11, p + 100), Ok(p), "RANGE_START_ADDR");
+    assert_eq!(a.pointer_attr(12, p + 100), Ok(4096), "RANGE_SIZE");
+    assert_eq!(a.pointer_attr(1, p), Ok(a.primary.0), "CONTEXT");
+    assert_eq!(a.pointer_attr(2, p), Ok(2), "MEMORY_TYPE = CU_MEMORYTYPE_DEVICE");
+    assert_eq!(a.pointer_attr(3, p + 100), Ok(p + 100), "DEVICE_POINTER");
+    assert_eq!(a.pointer_attr(4, p), Err(CuResult::INVALID_VALUE), "HOST_POINTER: device memory has none");
+    assert_eq!(a.pointer_attr(8, p), Ok(0), "IS_MANAGED");
+    assert_eq!(a.pointer_attr(9, p), Ok(0), "DEVICE_ORDINAL");
+    assert_eq!(a.pointer_attr(13, p), Ok(1), "MAPPED");
+    assert_ne!(a.pointer_attr(7, p), a.pointer_attr(7, q), "BUFFER_ID differs per allocation");
+    assert_eq!(a.pointer_attr(7, p), a.pointer_attr(7, p + 4095));
+    assert_eq!(a.pointer_attr(999, p), Err(CuResult::INVALID_VALUE), "unknown attribute");
+    assert_eq!(a.pointer_attr(11, p + 4096 * 1000), Err(CuResult::INVALID_VALUE), "in no allocation");
+    let r: CuMemGetAddressRangeV2Reply = a.call(&CuMemGetAddressRangeV2 { dptr: q + 5000 }).unwrap();
+    assert_eq!((r.pbase, r.psize), (q, 8192));
+    let e = a.call::<_, CuMemGetAddressRangeV2Reply>(&CuMemGetAddressRangeV2 { dptr: 0x1000 }).unwrap_err();
+    assert_eq!(e, CuResult::NOT_FOUND);
+
+    // Zone B holds nothing: A's pointers mean nothing to it.
+    for attribute in [1, 2, 3, 7, 11, 12] {
+        assert_eq!(b.pointer_attr(attribute, p + 100), Err(CuResult::INVALID_VALUE), "attribute {attribute}");
+    }
+    let e = b.call::<_, CuMemGetAddressRangeV2Reply>(&CuMemGetAddressRangeV2 { dptr: p }).unwrap_err();
+    assert_eq!(e, CuResult::NOT_FOUND);
+
+    // A pitched allocation is registered with its whole padded size.
+    let r: CuMemAllocPitchV2Reply =
+        a.call(&CuMemAllocPitchV2 { width_in_bytes: 100, height: 10, element_size_bytes: 4 }).unwrap();
+    assert!(r.p_pitch >= 100);
+    assert_eq!(a.pointer_attr(12, r.dptr), Ok(r.p_pitch * 10));
+    a.write(r.dptr + r.p_pitch * 9, &[5; 100]).unwrap();
+    assert_eq!(a.write(r.dptr + r.p_pitch * 10 - 50, &[5; 100]), Err(CuResult::INVALID_VALUE));
+
+    a.done(&CuMemFreeV2 { dptr: p }).unwrap();
+    assert_eq!(a.pointer_attr(11, p), Err(CuResult::INVALID_VALUE), "freed memory has no attributes");
+}
+
+#[test]
+fn modules_globals_and_launch_checks() {
+    let d = Daemon::start("launch");
+    let mut a = Guest::connect(&d.socket);
+    let hmod = a.load_module(FILL_PTX).unwrap();
+    let f =
+        a.call::<_, CuModuleGetFunctionReply>(&CuModuleGetFunction { hmod, name: "fill_u32".into() }).unwrap().hfunc;
+    let again = a.call::<_, CuModuleGetFunctionReply>(&CuModuleGetFunction { hmod, name: "fill_u32".into() }).unwrap();
+    assert_eq!(again.hfunc, f, "looking a function up again gives the same handle");
+    let FuncParamLayoutReply { slots } = a.call(&FuncParamLayout { func: f }).unwrap();
+    let slots: Vec<(u32, u32)> = slots.iter().map(|s| (s.offset, s.size)).collect();
+    assert_eq!(slots, vec![(0, 8), (8, 4), (16, 8)]);
+
+    // Names are bounded C strings; unknown ones are the driver's NOT_FOUND.
+    for bad in ["fill\0u32".to_owned(), "x".repeat(5000)] {
+        let e = a.call::<_, CuModuleGetFunctionReply>(&CuModuleGetFunction { hmod, name: bad }).unwrap_err();
+        assert_eq!(e, CuResult::INVALID_VALUE);
+    }
+    let e = a.call::<_, CuModuleGetFunctionReply>(&CuModuleGetFunction { hmod, name: "nope".into() }).unwrap_err();
+    assert_eq!(e, CuResult::NOT_FOUND);
+    let e = a.call::<_, CuModuleGetFunctionReply>(&CuModuleGetFunction { hmod: f, name: "fill_u32".into() });
+    assert_eq!(e.unwrap_err(), CuResult::INVALID_HANDLE, "a function is not a module");
+    // Images must lie in the window and be non-empty.
+    for image in [BulkRef { offset: WINDOW as u64 - 4, len: 8 }, BulkRef { offset: 0, len: 0 }] {
+        let e = a.call::<_, ModuleLoadReply>(&ModuleLoad { image, library: false }).unwrap_err();
+        assert_eq!(e, CuResult::INVALID_VALUE);
+    }
+
+    // A __device__ global is reachable by copies, like an allocation.
+    let g: CuModuleGetGlobalV2Reply = a.call(&CuModuleGetGlobalV2 { hmod, name: "counter".into() }).unwrap();
+    assert_eq!(g.bytes, 4);
+    a.write(g.dptr, &7u32.to_le_bytes()).unwrap();
+    assert_eq!(a.read(g.dptr, 4).unwrap(), 7u32.to_le_bytes());
+    assert_eq!(a.write(g.dptr, &[0; 8]), Err(CuResult::INVALID_VALUE), "but only within its size");
+
+    // Launches: the parameter buffer must cover every parameter, the geometry be non-zero.
+    let n = 256u64;
+    let p = a.alloc(n * 4).unwrap();
+    let mut params = Vec::new();
+    params.extend_from_slice(&p.to_le_bytes());
+    params.extend_from_slice(&0x1234_5678u32.to_le_bytes());
+    params.extend_from_slice(&[0; 4]);
+    params.extend_from_slice(&n.to_le_bytes());
+    let config = LaunchConfig { grid: [1, 1, 1], block: [n as u32, 1, 1], shared_mem_bytes: 0, attrs: Vec::new() };
+    let launch = |params: Vec<u8>, config: LaunchConfig| Launch { func: f, config, stream: Handle(0), params };
+    let short = launch(params[..16].to_vec(), config.clone());
+    assert_eq!(a.done(&short), Err(CuResult::INVALID_VALUE), "too-short parameter buffer");
+    assert_eq!(a.done(&launch(Vec::new(), config.clone())), Err(CuResult::INVALID_VALUE));
+    let flat = LaunchConfig { grid: [1, 0, 1], ..config.clone() };
+    assert_eq!(a.done(&launch(params.clone(), flat)), Err(CuResult::INVALID_VALUE), "zero grid dimension");
+    let e = a.done(&Launch { func: hmod, config: config.clone(), stream: Handle(0), params: params.clone() });
+    assert_eq!(e, Err(CuResult::INVALID_HANDLE), "a module is not a function");
+    // Launch is posted in libvgpu; posted, a failure surfaces at the next synchronising call.
+    a.client.post(&launch(params[..8].to_vec(), config.clone()), &mut a.buf).unwrap();
+    let reply = a.client.call(&CuCtxSynchronize {}, &mut a.buf).unwrap();
+    assert_eq!(reply.deferred_error(), Some(CuResult::INVALID_VALUE));
+    a.client.post(&launch(params.clone(), config.clone()), &mut a.buf).unwrap();
+    let reply = a.client.call(&CuCtxSynchronize {}, &mut a.buf).unwrap();
+    assert_eq!(reply.deferred_error(), None);
+    let words = a.read(p, (n * 4) as usize).unwrap();
+    assert!(words.chunks(4).all(|w| w == 0x1234_5678u32.to_le_bytes()), "the kernel ran");
+
+    // Unloading the module ends its functions and globals.
+    a.done(&CuModuleUnload { hmod }).unwrap();
+    assert_eq!(a.done(&FuncParamLayout { func: f }).unwrap_err(), CuResult::INVALID_HANDLE);
+    assert_eq!(a.write(g.dptr, &[0; 4]), Err(CuResult::INVALID_VALUE));
+    assert_eq!(a.done(&CuModuleUnload { hmod }), Err(CuResult::INVALID_HANDLE), "double unload");
 }

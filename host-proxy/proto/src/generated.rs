@@ -91,6 +91,34 @@ impl Message for CuMemAllocPitchV2Reply {
     const ID: MessageId = MessageId(0x8204);
 }
 
+/// Request `cuMemAllocAsync`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuMemAllocAsync {
+    pub bytesize: u64,
+    pub h_stream: Handle,
+}
+impl Message for CuMemAllocAsync {
+    const ID: MessageId = MessageId(0x0205);
+}
+/// Reply to [`CuMemAllocAsync`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuMemAllocAsyncReply {
+    pub dptr: u64,
+}
+impl Message for CuMemAllocAsyncReply {
+    const ID: MessageId = MessageId(0x8205);
+}
+
+/// Request `cuMemFreeAsync`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuMemFreeAsync {
+    pub dptr: u64,
+    pub h_stream: Handle,
+}
+impl Message for CuMemFreeAsync {
+    const ID: MessageId = MessageId(0x0206);
+}
+
 /// Request `cuMemcpyDtoD_v2`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CuMemcpyDtoDV2 {
@@ -650,7 +678,7 @@ impl Message for FuncParamLayoutReply {
 pub struct CuOccupancyMaxActiveBlocksPerMultiprocessor {
     pub func: Handle,
     pub block_size: i32,
-    pub dynamic_smem_size: u64,
+    pub dynamic_s_mem_size: u64,
 }
 impl Message for CuOccupancyMaxActiveBlocksPerMultiprocessor {
     const ID: MessageId = MessageId(0x023f);
@@ -669,7 +697,7 @@ impl Message for CuOccupancyMaxActiveBlocksPerMultiprocessorReply {
 pub struct CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags {
     pub func: Handle,
     pub block_size: i32,
-    pub dynamic_smem_size: u64,
+    pub dynamic_s_mem_size: u64,
     pub flags: u32,
 }
 impl Message for CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags {
@@ -947,6 +975,8 @@ pub const REQUEST_IDS: &[MessageId] = &[
     CuMemGetInfoV2::ID,
     CuMemGetAddressRangeV2::ID,
     CuMemAllocPitchV2::ID,
+    CuMemAllocAsync::ID,
+    CuMemFreeAsync::ID,
     CuMemcpyDtoDV2::ID,
     CuMemcpyDtoDAsyncV2::ID,
     CuMemsetD8V2::ID,
@@ -1027,10 +1057,14 @@ pub trait Api {
     fn cu_mem_get_address_range_v2(&mut self, req: CuMemGetAddressRangeV2) -> Result<CuMemGetAddressRangeV2Reply, Self::Error>;
     /// Handles [`CuMemAllocPitchV2`].
     fn cu_mem_alloc_pitch_v2(&mut self, req: CuMemAllocPitchV2) -> Result<CuMemAllocPitchV2Reply, Self::Error>;
+    /// Handles [`CuMemAllocAsync`].
+    fn cu_mem_alloc_async(&mut self, req: CuMemAllocAsync) -> Result<CuMemAllocAsyncReply, Self::Error>;
+    /// Handles [`CuMemFreeAsync`].
+    fn cu_mem_free_async(&mut self, req: CuMemFreeAsync) -> Result<crate::Done, Self::Error>;
     /// Handles [`CuMemcpyDtoDV2`].
     fn cu_memcpy_dto_d_v2(&mut self, req: CuMemcpyDtoDV2) -> Result<crate::Done, Self::Error>;
     /// Handles [`CuMemcpyDtoDAsyncV2`].
-    fn cu_memcpy_dto_dasync_v2(&mut self, req: CuMemcpyDtoDAsyncV2) -> Result<crate::Done, Self::Error>;
+    fn cu_memcpy_dto_d_async_v2(&mut self, req: CuMemcpyDtoDAsyncV2) -> Result<crate::Done, Self::Error>;
     /// Handles [`CuMemsetD8V2`].
     fn cu_memset_d8_v2(&mut self, req: CuMemsetD8V2) -> Result<crate::Done, Self::Error>;
     /// Handles [`CuMemsetD16V2`].
@@ -1048,7 +1082,7 @@ pub trait Api {
     /// Handles [`MemcpyDtoH`].
     fn memcpy_dto_h(&mut self, req: MemcpyDtoH) -> Result<crate::Done, Self::Error>;
     /// Handles [`MemcpyHtoDAsync`].
-    fn memcpy_hto_dasync(&mut self, req: MemcpyHtoDAsync) -> Result<crate::Done, Self::Error>;
+    fn memcpy_hto_d_async(&mut self, req: MemcpyHtoDAsync) -> Result<crate::Done, Self::Error>;
     /// Handles [`CtxCreate`].
     fn ctx_create(&mut self, req: CtxCreate) -> Result<CtxCreateReply, Self::Error>;
     /// Handles [`CtxDestroy`].
@@ -1208,6 +1242,16 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.cu_mem_alloc_pitch_v2(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x0205 => {
+            let req = decode_body::<CuMemAllocAsync>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_mem_alloc_async(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x0206 => {
+            let req = decode_body::<CuMemFreeAsync>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_mem_free_async(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         0x0210 => {
             let req = decode_body::<CuMemcpyDtoDV2>(body).map_err(|_| DispatchError::BadBody(id))?;
             let rep = api.cu_memcpy_dto_d_v2(req).map_err(DispatchError::Api)?;
@@ -1215,7 +1259,7 @@ pub fn dispatch<A: Api, R: Responder>(
         }
         0x0211 => {
             let req = decode_body::<CuMemcpyDtoDAsyncV2>(body).map_err(|_| DispatchError::BadBody(id))?;
-            let rep = api.cu_memcpy_dto_dasync_v2(req).map_err(DispatchError::Api)?;
+            let rep = api.cu_memcpy_dto_d_async_v2(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
         0x0212 => {
@@ -1260,7 +1304,7 @@ pub fn dispatch<A: Api, R: Responder>(
         }
         0x021a => {
             let req = decode_body::<MemcpyHtoDAsync>(body).map_err(|_| DispatchError::BadBody(id))?;
-            let rep = api.memcpy_hto_dasync(req).map_err(DispatchError::Api)?;
+            let rep = api.memcpy_hto_d_async(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
         0x0220 => {

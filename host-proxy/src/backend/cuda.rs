@@ -8,21 +8,45 @@
 //! - **Entry points.** Every driver function this backend calls is resolved once, in
 //!   [`CudaGpu::open`], into a table of function pointers (`DriverApi`). A driver that
 //!   lacks one is an error at open time, not a panic in the middle of a request (cudarc's
-//!   own `sys::cu*` wrappers resolve lazily and panic on a missing symbol). Only the ABI
-//!   names that CUDA 12.4 headers map to and that every later driver still exports for
-//!   old binaries are used (the `_v2` memory functions, `cuDeviceGetUuid_v2`,
-//!   `cuDevicePrimaryCtxRelease_v2`, `cuStreamDestroy_v2`).
-//! - **Result codes.** The table's functions return `CUresult` as a plain `u32`, not as
-//!   cudarc's Rust enum: a CUDA 13 driver returns codes that the 12.4 enum lacks (for
-//!   example `CUDA_ERROR_CONTAINED`), and such a value in a Rust enum would be undefined
-//!   behaviour. Every non-zero code becomes a [`CuError`] unchanged.
-//! - **Context.** The device's primary context, retained in `open` and released in
-//!   `Drop`. Each zone worker is its own process, so the primary context is the zone's
-//!   alone. Every operation makes it current on the calling thread first, which is what
-//!   makes [`CudaGpu`] `Send` and keeps two instances in one process (tests) apart.
-//! - **Scrubbing.** Memory is zeroed before it is returned to the driver ([`mem_free`]
-//!   and `Drop`), so an allocation that another zone receives next never holds this zone's
-//!   data. An allocation whose scrub fails is kept (not freed) and the error returned.
+//!   own `sys::cu*` wrappers resolve lazily and panic on a missing symbol). The types come
+//!   from cudarc's CUDA 13.0 bindings; the ABI names used are those the 13.0 headers map
+//!   to, plus older versioned names that every later driver still exports for old binaries
+//!   (`cuDeviceGetUuid_v2`, `cuDevicePrimaryCtxRelease_v2`, the `_v2` memory functions).
+//!   The newest of them (`cuEventElapsedTime_v2`) needs a CUDA 12.8 driver or later.
+//! - **Result codes and enums.** The table's functions return `CUresult` as a plain `u32`,
+//!   and take C enum arguments (`CUlimit`, `CUfunction_attribute`, `CUfunc_cache`, …) as
+//!   plain integers, never as cudarc's Rust enums: a driver returns codes that the
+//!   bindings may lack (for example a newer `CUDA_ERROR_*`), a guest may send any value,
+//!   and such a value in a Rust enum would be undefined behaviour. Every non-zero code
+//!   becomes a [`CuError`] unchanged. For the same reason `cuLaunchKernelEx` takes this
+//!   module's own mirror of `CUlaunchConfig`/`CUlaunchAttribute` (checked against the
+//!   bindings' layout at compile time).
+//! - **Contexts.** The device's primary context is retained in `open` and released in
+//!   `Drop`; contexts made by [`ctx_create`](GpuBackend::ctx_create) live in a table. The
+//!   backend remembers which one is *selected* (initially the primary), and every
+//!   operation first makes the context it needs current on the calling thread: the
+//!   selected one, or for a free/destroy/unload the object's own. That is a thread-local
+//!   store in the driver (cheap), it is what makes [`CudaGpu`] `Send`, and it keeps two
+//!   instances in one process (tests) apart. The thread's context stack is kept one deep:
+//!   `cuCtxCreate` pushes, so its push is popped again.
+//! - **Objects.** Streams, events, contexts, modules and functions are handed out as
+//!   process-unique ids (never reused) that name entries in this backend's tables, so a
+//!   stale or foreign object is refused with `CUDA_ERROR_INVALID_HANDLE` and never reaches
+//!   the driver. Each entry records the context it belongs to: destroying a context drops
+//!   its entries, unloading a module or library drops everything obtained from it.
+//! - **Scrubbing.** Memory is zeroed before it is returned to the driver ([`mem_free`],
+//!   [`ctx_destroy`](GpuBackend::ctx_destroy) and `Drop`), so an allocation that another
+//!   zone receives next never holds this zone's data. An allocation whose scrub fails is
+//!   kept (not freed) and the error returned. Memory the driver allocates for modules
+//!   (their `.global` variables) is not tracked and not scrubbed.
+//! - **Untrusted inputs.** Module images, kernel parameter buffers and launch attributes
+//!   come from a guest. The driver reads a module image without a length, so
+//!   [`module_load`](GpuBackend::module_load) first checks that everything it will read
+//!   lies inside the bytes given (`check_image`). A launch passes the driver pointers to
+//!   each parameter at the offsets and sizes the *driver* reports for the function
+//!   (queried once and cached), each checked to lie in a private copy of the buffer.
+//!   Only launch attributes whose value is plain integers are passed on
+//!   ([`is_plain_launch_attribute`]).
 //! - **Host buffers are pageable.** This module never page-locks host memory
 //!   (`cuMemHostRegister`, `cuMemHostAlloc`) in its context. For pageable memory the
 //!   driver has finished reading a host source (copied it to its staging memory) when an
@@ -32,12 +56,12 @@
 //! [`mem_free`]: GpuBackend::mem_free
 #![allow(unsafe_code)]
 
-use super::{CuError, CuResultOf, GpuBackend};
+use super::{CuError, CuResultOf, GpuBackend, LaunchConfig, ParamSlot};
 use cudarc::driver::sys;
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_uchar, c_uint, c_void, CStr};
+use std::ffi::{c_char, c_int, c_uchar, c_uint, c_ushort, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use vgpu_proto::DeviceInfo;
+use vgpu_proto::{CuResult, DeviceInfo, LaunchAttr};
 
 /// `CUresult` as the C ABI returns it (an `enum` of `unsigned int` size). Kept as an
 /// integer so that codes newer than the bindings are representable.
@@ -45,15 +69,27 @@ type RawCuResult = u32;
 
 /// `CUDA_SUCCESS`.
 const CUDA_SUCCESS: RawCuResult = 0;
+/// `CUDA_ERROR_INVALID_VALUE`: also how `cuFuncGetParamInfo` says "past the last".
+const CUDA_ERROR_INVALID_VALUE: RawCuResult = 1;
 /// `CUDA_ERROR_NO_DEVICE`: `cuInit` found no usable device.
 const CUDA_ERROR_NO_DEVICE: RawCuResult = 100;
 
 /// Length of the buffer for `cuDeviceGetName` (the name is at most 256 bytes with its NUL).
 const NAME_BUF_LEN: usize = 256;
+/// Length of the buffer for `cuDeviceGetPCIBusId` (`dddd:bb:dd.f` needs 13 bytes).
+const PCI_BUS_ID_LEN: usize = 64;
+/// The most kernel parameters [`GpuBackend::func_param_layout`] reports; a function with
+/// more is refused (`CUDA_ERROR_NOT_SUPPORTED`) rather than described in part.
+const MAX_KERNEL_PARAMS: usize = 1024;
 
-/// Stream ids are unique in the process and never reused, so a stale or foreign
-/// [`CudaStream`] is always recognised as such.
-static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
+/// Object ids (streams, events, contexts, modules, functions) are unique in the process
+/// and never reused, so a stale or foreign object is always recognised as such.
+static NEXT_OBJECT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh process-unique object id.
+fn next_id() -> u64 {
+    NEXT_OBJECT_ID.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Declares [`DriverApi`]: one field per libcuda entry point, and its resolver.
 macro_rules! driver_api {
@@ -85,8 +121,9 @@ macro_rules! driver_api {
                 Ok(DriverApi {
                     $( $field: {
                         // SAFETY: the declared type is the C prototype of this entry point
-                        // in cuda.h (12.4 and 13.x alike), with `CUresult` as its
-                        // `unsigned int` representation; the library outlives the pointer.
+                        // in cuda.h (13.0, and every release since the symbol appeared),
+                        // with `CUresult` and enum arguments as their `unsigned int`/`int`
+                        // representations; the library outlives the pointer.
                         let symbol = unsafe {
                             lib.get::<unsafe extern "C" fn($($arg),*) -> RawCuResult>(
                                 concat!($symbol, "\0").as_bytes(),
@@ -127,18 +164,48 @@ driver_api! {
     device_total_mem = "cuDeviceTotalMem_v2": fn(*mut usize, sys::CUdevice);
     /// `cuDeviceGetAttribute` (the attribute passed as its `int` value).
     device_get_attribute = "cuDeviceGetAttribute": fn(*mut c_int, c_int, sys::CUdevice);
+    /// `cuDeviceGetPCIBusId`.
+    device_get_pci_bus_id = "cuDeviceGetPCIBusId": fn(*mut c_char, c_int, sys::CUdevice);
     /// `cuDevicePrimaryCtxRetain`.
     primary_ctx_retain = "cuDevicePrimaryCtxRetain": fn(*mut sys::CUcontext, sys::CUdevice);
     /// `cuDevicePrimaryCtxRelease_v2`.
     primary_ctx_release = "cuDevicePrimaryCtxRelease_v2": fn(sys::CUdevice);
+    /// `cuDevicePrimaryCtxSetFlags_v2`.
+    primary_ctx_set_flags = "cuDevicePrimaryCtxSetFlags_v2": fn(sys::CUdevice, c_uint);
+    /// `cuDevicePrimaryCtxGetState`.
+    primary_ctx_get_state = "cuDevicePrimaryCtxGetState": fn(sys::CUdevice, *mut c_uint, *mut c_int);
+    /// `cuCtxCreate_v4` (the 13.0 `cuCtxCreate`; the parameters may be NULL).
+    ctx_create = "cuCtxCreate_v4": fn(*mut sys::CUcontext, *mut sys::CUctxCreateParams, c_uint, sys::CUdevice);
+    /// `cuCtxDestroy_v2`.
+    ctx_destroy = "cuCtxDestroy_v2": fn(sys::CUcontext);
+    /// `cuCtxPopCurrent_v2`.
+    ctx_pop_current = "cuCtxPopCurrent_v2": fn(*mut sys::CUcontext);
     /// `cuCtxSetCurrent`.
     ctx_set_current = "cuCtxSetCurrent": fn(sys::CUcontext);
     /// `cuCtxSynchronize`.
     ctx_synchronize = "cuCtxSynchronize": fn();
+    /// `cuCtxGetLimit` (the `CUlimit` as its `int` value).
+    ctx_get_limit = "cuCtxGetLimit": fn(*mut usize, c_int);
+    /// `cuCtxSetLimit`.
+    ctx_set_limit = "cuCtxSetLimit": fn(c_int, usize);
+    /// `cuCtxGetFlags`.
+    ctx_get_flags = "cuCtxGetFlags": fn(*mut c_uint);
+    /// `cuCtxSetFlags`.
+    ctx_set_flags = "cuCtxSetFlags": fn(c_uint);
+    /// `cuCtxGetApiVersion`.
+    ctx_get_api_version = "cuCtxGetApiVersion": fn(sys::CUcontext, *mut c_uint);
+    /// `cuCtxGetStreamPriorityRange`.
+    ctx_get_stream_priority_range = "cuCtxGetStreamPriorityRange": fn(*mut c_int, *mut c_int);
+    /// `cuCtxGetCacheConfig` (the `CUfunc_cache` written as an `int`).
+    ctx_get_cache_config = "cuCtxGetCacheConfig": fn(*mut c_int);
+    /// `cuCtxSetCacheConfig`.
+    ctx_set_cache_config = "cuCtxSetCacheConfig": fn(c_int);
     /// `cuMemGetInfo_v2`.
     mem_get_info = "cuMemGetInfo_v2": fn(*mut usize, *mut usize);
     /// `cuMemAlloc_v2`.
     mem_alloc = "cuMemAlloc_v2": fn(*mut sys::CUdeviceptr, usize);
+    /// `cuMemAllocPitch_v2`.
+    mem_alloc_pitch = "cuMemAllocPitch_v2": fn(*mut sys::CUdeviceptr, *mut usize, usize, usize, c_uint);
     /// `cuMemFree_v2`.
     mem_free = "cuMemFree_v2": fn(sys::CUdeviceptr);
     /// `cuMemcpyHtoD_v2`.
@@ -157,16 +224,109 @@ driver_api! {
     memset_d8 = "cuMemsetD8_v2": fn(sys::CUdeviceptr, c_uchar, usize);
     /// `cuMemsetD8Async`.
     memset_d8_async = "cuMemsetD8Async": fn(sys::CUdeviceptr, c_uchar, usize, sys::CUstream);
+    /// `cuMemsetD16_v2`.
+    memset_d16 = "cuMemsetD16_v2": fn(sys::CUdeviceptr, c_ushort, usize);
+    /// `cuMemsetD16Async`.
+    memset_d16_async = "cuMemsetD16Async": fn(sys::CUdeviceptr, c_ushort, usize, sys::CUstream);
     /// `cuMemsetD32_v2`.
     memset_d32 = "cuMemsetD32_v2": fn(sys::CUdeviceptr, c_uint, usize);
     /// `cuMemsetD32Async`.
     memset_d32_async = "cuMemsetD32Async": fn(sys::CUdeviceptr, c_uint, usize, sys::CUstream);
-    /// `cuStreamCreate`.
-    stream_create = "cuStreamCreate": fn(*mut sys::CUstream, c_uint);
+    /// `cuModuleLoadData`.
+    module_load_data = "cuModuleLoadData": fn(*mut sys::CUmodule, *const c_void);
+    /// `cuModuleUnload`.
+    module_unload = "cuModuleUnload": fn(sys::CUmodule);
+    /// `cuModuleGetFunction`.
+    module_get_function = "cuModuleGetFunction": fn(*mut sys::CUfunction, sys::CUmodule, *const c_char);
+    /// `cuModuleGetGlobal_v2`.
+    module_get_global = "cuModuleGetGlobal_v2": fn(*mut sys::CUdeviceptr, *mut usize, sys::CUmodule, *const c_char);
+    /// `cuLibraryLoadData` (the option kinds as `int`s; always passed empty).
+    library_load_data = "cuLibraryLoadData": fn(
+        *mut sys::CUlibrary,
+        *const c_void,
+        *mut c_int,
+        *mut *mut c_void,
+        c_uint,
+        *mut c_int,
+        *mut *mut c_void,
+        c_uint,
+    );
+    /// `cuLibraryUnload`.
+    library_unload = "cuLibraryUnload": fn(sys::CUlibrary);
+    /// `cuLibraryGetModule`.
+    library_get_module = "cuLibraryGetModule": fn(*mut sys::CUmodule, sys::CUlibrary);
+    /// `cuLibraryGetKernel`.
+    library_get_kernel = "cuLibraryGetKernel": fn(*mut sys::CUkernel, sys::CUlibrary, *const c_char);
+    /// `cuLibraryGetGlobal`.
+    library_get_global = "cuLibraryGetGlobal": fn(*mut sys::CUdeviceptr, *mut usize, sys::CUlibrary, *const c_char);
+    /// `cuKernelGetFunction`.
+    kernel_get_function = "cuKernelGetFunction": fn(*mut sys::CUfunction, sys::CUkernel);
+    /// `cuFuncGetAttribute` (the `CUfunction_attribute` as its `int` value).
+    func_get_attribute = "cuFuncGetAttribute": fn(*mut c_int, c_int, sys::CUfunction);
+    /// `cuKernelGetAttribute`.
+    kernel_get_attribute = "cuKernelGetAttribute": fn(*mut c_int, c_int, sys::CUkernel, sys::CUdevice);
+    /// `cuFuncSetAttribute`.
+    func_set_attribute = "cuFuncSetAttribute": fn(sys::CUfunction, c_int, c_int);
+    /// `cuKernelSetAttribute`.
+    kernel_set_attribute = "cuKernelSetAttribute": fn(c_int, c_int, sys::CUkernel, sys::CUdevice);
+    /// `cuFuncSetCacheConfig` (the `CUfunc_cache` as its `int` value).
+    func_set_cache_config = "cuFuncSetCacheConfig": fn(sys::CUfunction, c_int);
+    /// `cuKernelSetCacheConfig`.
+    kernel_set_cache_config = "cuKernelSetCacheConfig": fn(sys::CUkernel, c_int, sys::CUdevice);
+    /// `cuFuncGetParamInfo` (since CUDA 12.4).
+    func_get_param_info = "cuFuncGetParamInfo": fn(sys::CUfunction, usize, *mut usize, *mut usize);
+    /// `cuKernelGetParamInfo` (since CUDA 12.4).
+    kernel_get_param_info = "cuKernelGetParamInfo": fn(sys::CUkernel, usize, *mut usize, *mut usize);
+    /// `cuLaunchKernel`.
+    launch_kernel = "cuLaunchKernel": fn(
+        sys::CUfunction,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        sys::CUstream,
+        *mut *mut c_void,
+        *mut *mut c_void,
+    );
+    /// `cuLaunchKernelEx`, with this module's mirror of `CUlaunchConfig`.
+    launch_kernel_ex = "cuLaunchKernelEx": fn(*const RawLaunchConfig, sys::CUfunction, *mut *mut c_void, *mut *mut c_void);
+    /// `cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags`.
+    occupancy_max_active_blocks = "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags": fn(
+        *mut c_int,
+        sys::CUfunction,
+        c_int,
+        usize,
+        c_uint,
+    );
+    /// `cuStreamCreateWithPriority`.
+    stream_create = "cuStreamCreateWithPriority": fn(*mut sys::CUstream, c_uint, c_int);
     /// `cuStreamSynchronize`.
     stream_synchronize = "cuStreamSynchronize": fn(sys::CUstream);
+    /// `cuStreamQuery`.
+    stream_query = "cuStreamQuery": fn(sys::CUstream);
+    /// `cuStreamWaitEvent`.
+    stream_wait_event = "cuStreamWaitEvent": fn(sys::CUstream, sys::CUevent, c_uint);
+    /// `cuStreamGetFlags`.
+    stream_get_flags = "cuStreamGetFlags": fn(sys::CUstream, *mut c_uint);
+    /// `cuStreamGetPriority`.
+    stream_get_priority = "cuStreamGetPriority": fn(sys::CUstream, *mut c_int);
     /// `cuStreamDestroy_v2`.
     stream_destroy = "cuStreamDestroy_v2": fn(sys::CUstream);
+    /// `cuEventCreate`.
+    event_create = "cuEventCreate": fn(*mut sys::CUevent, c_uint);
+    /// `cuEventDestroy_v2`.
+    event_destroy = "cuEventDestroy_v2": fn(sys::CUevent);
+    /// `cuEventRecordWithFlags`.
+    event_record = "cuEventRecordWithFlags": fn(sys::CUevent, sys::CUstream, c_uint);
+    /// `cuEventQuery`.
+    event_query = "cuEventQuery": fn(sys::CUevent);
+    /// `cuEventSynchronize`.
+    event_synchronize = "cuEventSynchronize": fn(sys::CUevent);
+    /// `cuEventElapsedTime_v2` (the 13.0 name; since CUDA 12.8).
+    event_elapsed_time = "cuEventElapsedTime_v2": fn(*mut f32, sys::CUevent, sys::CUevent);
 }
 
 impl DriverApi {
@@ -200,6 +360,296 @@ fn byte_count(len: u64) -> CuResultOf<usize> {
     usize::try_from(len).map_err(|_| CuError::INVALID_VALUE)
 }
 
+/// A guest-supplied enum value (`CUlimit`, `CUfunction_attribute`, …) as the C `int` the
+/// driver takes; values that do not fit are no valid enumerator anyway.
+fn enum_arg(value: u32) -> CuResultOf<c_int> {
+    c_int::try_from(value).map_err(|_| CuError::INVALID_VALUE)
+}
+
+/// The text of a NUL-terminated C string in `buf` (all of `buf` if it has no NUL).
+fn c_buf_to_string(buf: &[c_char]) -> String {
+    let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+// ---- module images ----
+
+/// The first bytes of an ELF file (a cubin).
+const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
+/// The magic of a fat binary's header (`fatBinaryHeader`).
+const FATBIN_MAGIC: u32 = 0xBA55_ED50;
+/// The magic of `__fatBinC_Wrapper_t`: a host structure that holds a *pointer* to a fat
+/// binary, so it must never reach the driver from a guest.
+const FATBIN_WRAPPER_MAGIC: u32 = 0x4662_43B1;
+/// `SHT_NOBITS`: an ELF section that occupies no bytes of the file (`.bss`).
+const SHT_NOBITS: u32 = 8;
+
+/// A little-endian `u16` at `at`, if `bytes` holds it.
+fn read_u16(bytes: &[u8], at: u64) -> Option<u16> {
+    let at = usize::try_from(at).ok()?;
+    Some(u16::from_le_bytes(bytes.get(at..at.checked_add(2)?)?.try_into().ok()?))
+}
+
+/// A little-endian `u32` at `at`, if `bytes` holds it.
+fn read_u32(bytes: &[u8], at: u64) -> Option<u32> {
+    let at = usize::try_from(at).ok()?;
+    Some(u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?))
+}
+
+/// A little-endian `u64` at `at`, if `bytes` holds it.
+fn read_u64(bytes: &[u8], at: u64) -> Option<u64> {
+    let at = usize::try_from(at).ok()?;
+    Some(u64::from_le_bytes(bytes.get(at..at.checked_add(8)?)?.try_into().ok()?))
+}
+
+/// Whether `[offset, offset + len)` lies inside `bytes`.
+fn in_bounds(bytes: &[u8], offset: u64, len: u64) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= bytes.len() as u64)
+}
+
+/// Checks that the driver, reading a module image that comes without a length, reads
+/// only inside `image`:
+/// - an ELF cubin (64-bit, little-endian): its program and section header tables and
+///   every section with file contents lie inside the image ([`elf_extent_ok`]);
+/// - a fat binary: its container, every entry's header and payload, and the ELF extents
+///   of uncompressed cubin payloads lie inside the image ([`fatbin_extent_ok`]);
+/// - anything else is taken as PTX text, which the driver reads up to its NUL: there must
+///   be one, and the text before it must be UTF-8. That keeps out binary formats this
+///   check does not know, such as the fat binary *wrapper* (which holds a host pointer).
+///
+/// What lies inside sections and payloads is the driver's to validate.
+fn check_image(image: &[u8]) -> CuResultOf<()> {
+    let ok = if image.starts_with(&ELF_MAGIC) {
+        elf_extent_ok(image)
+    } else {
+        match read_u32(image, 0) {
+            Some(FATBIN_MAGIC) => fatbin_extent_ok(image),
+            Some(FATBIN_WRAPPER_MAGIC) => false,
+            _ => image.iter().position(|&b| b == 0).is_some_and(|nul| std::str::from_utf8(&image[..nul]).is_ok()),
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(CuError::INVALID_VALUE)
+    }
+}
+
+/// Whether an ELF64 little-endian image's header tables and sections lie inside `elf`.
+fn elf_extent_ok(elf: &[u8]) -> bool {
+    const EI_CLASS_64: u8 = 2;
+    const EI_DATA_LE: u8 = 1;
+    if elf.len() < 64 || elf[4] != EI_CLASS_64 || elf[5] != EI_DATA_LE {
+        return false;
+    }
+    let header = (
+        read_u64(elf, 0x20),
+        read_u64(elf, 0x28),
+        read_u16(elf, 0x36),
+        read_u16(elf, 0x38),
+        read_u16(elf, 0x3a),
+        read_u16(elf, 0x3c),
+        read_u16(elf, 0x3e),
+    );
+    let (Some(phoff), Some(shoff), Some(phentsize), Some(phnum), Some(shentsize), Some(shnum), Some(shstrndx)) = header
+    else {
+        return false;
+    };
+    // Extended numbering (`e_shnum == 0` with a table, `SHN_XINDEX`) is never produced for
+    // cubins; refusing it keeps the count below exact.
+    if (shnum == 0 && shoff != 0) || (shstrndx != 0 && shstrndx >= shnum) {
+        return false;
+    }
+    let table_ok = |offset: u64, entsize: u16, num: u16, min_entsize: u16| {
+        num == 0 || (entsize >= min_entsize && in_bounds(elf, offset, u64::from(entsize) * u64::from(num)))
+    };
+    if !table_ok(phoff, phentsize, phnum, 56) || !table_ok(shoff, shentsize, shnum, 64) {
+        return false;
+    }
+    let segments_ok = (0..u64::from(phnum)).all(|i| {
+        let at = phoff + i * u64::from(phentsize);
+        match (read_u64(elf, at + 0x08), read_u64(elf, at + 0x20)) {
+            (Some(offset), Some(filesz)) => in_bounds(elf, offset, filesz),
+            _ => false,
+        }
+    });
+    let sections_ok = (0..u64::from(shnum)).all(|i| {
+        let at = shoff + i * u64::from(shentsize);
+        match (read_u32(elf, at + 0x04), read_u64(elf, at + 0x18), read_u64(elf, at + 0x20)) {
+            (Some(SHT_NOBITS), Some(_), Some(_)) => true,
+            (Some(_), Some(offset), Some(size)) => in_bounds(elf, offset, size),
+            _ => false,
+        }
+    });
+    segments_ok && sections_ok
+}
+
+/// Whether a fat binary's container, entries and uncompressed cubins lie inside `image`.
+/// Layout: a 16-byte header (magic, version, header size `u16` at 6, size of the entries
+/// `u64` at 8), then entries, each a header (its size `u32` at 4, its payload's size `u64`
+/// at 8) followed by its payload.
+fn fatbin_extent_ok(image: &[u8]) -> bool {
+    let (Some(header_size), Some(fat_size)) = (read_u16(image, 6), read_u64(image, 8)) else {
+        return false;
+    };
+    let start = u64::from(header_size);
+    let Some(end) = start.checked_add(fat_size) else {
+        return false;
+    };
+    if start < 16 || !in_bounds(image, 0, end) {
+        return false;
+    }
+    let mut at = start;
+    while at < end {
+        let (Some(entry_header), Some(payload)) = (read_u32(image, at + 4), read_u64(image, at + 8)) else {
+            return false;
+        };
+        let data = at + u64::from(entry_header);
+        let Some(next) = data.checked_add(payload) else {
+            return false;
+        };
+        if entry_header < 16 || next > end {
+            return false;
+        }
+        // `next <= end <= image.len()`, so both convert and the range is in bounds.
+        let (Ok(from), Ok(to)) = (usize::try_from(data), usize::try_from(next)) else {
+            return false;
+        };
+        let body = &image[from..to];
+        if body.starts_with(&ELF_MAGIC) && !elf_extent_ok(body) {
+            return false;
+        }
+        at = next;
+    }
+    true
+}
+
+// ---- launches ----
+
+/// Launch attributes whose value is plain integers, the only ones passed to the driver.
+/// Left out: the access-policy window (a pointer, and wider than the 16 bytes a
+/// [`LaunchAttr`] carries), the programmatic and launch-completion events (event
+/// handles), the device-updatable kernel node (for graphs; the driver writes a handle)
+/// and every id newer than the bindings (its value could be anything).
+const PLAIN_LAUNCH_ATTRIBUTES: [sys::CUlaunchAttributeID; 12] = [
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_IGNORE,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_SYNCHRONIZATION_POLICY,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_MEM_SYNC_DOMAIN_MAP,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_MEM_SYNC_DOMAIN,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PREFERRED_CLUSTER_DIMENSION,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+    sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_NVLINK_UTIL_CENTRIC_SCHEDULING,
+];
+
+/// Whether a `cuLaunchKernelEx` attribute (`CUlaunchAttributeID`) carries only plain
+/// integers, so that its value can be passed to the driver from untrusted bytes. Others
+/// are refused with `CUDA_ERROR_NOT_SUPPORTED` (by both backends).
+pub fn is_plain_launch_attribute(id: u32) -> bool {
+    PLAIN_LAUNCH_ATTRIBUTES.iter().any(|&a| a as u32 == id)
+}
+
+/// `CUlaunchAttribute` with its id as a plain integer (see the module docs). The value
+/// union is 64 bytes, 8-byte aligned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RawLaunchAttribute {
+    id: u32,
+    pad: [u8; 4],
+    value: [u64; 8],
+}
+
+/// `CUlaunchConfig` pointing at [`RawLaunchAttribute`]s.
+#[repr(C)]
+#[derive(Debug)]
+struct RawLaunchConfig {
+    grid_dim: [c_uint; 3],
+    block_dim: [c_uint; 3],
+    shared_mem_bytes: c_uint,
+    stream: sys::CUstream,
+    attrs: *mut RawLaunchAttribute,
+    num_attrs: c_uint,
+}
+
+// The mirrors must match the bindings' C layout exactly.
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<RawLaunchAttribute>() == size_of::<sys::CUlaunchAttribute>());
+    assert!(align_of::<RawLaunchAttribute>() == align_of::<sys::CUlaunchAttribute>());
+    assert!(offset_of!(RawLaunchAttribute, value) == offset_of!(sys::CUlaunchAttribute, value));
+    assert!(size_of::<RawLaunchConfig>() == size_of::<sys::CUlaunchConfig>());
+    assert!(align_of::<RawLaunchConfig>() == align_of::<sys::CUlaunchConfig>());
+    assert!(offset_of!(RawLaunchConfig, block_dim) == offset_of!(sys::CUlaunchConfig, blockDimX));
+    assert!(offset_of!(RawLaunchConfig, shared_mem_bytes) == offset_of!(sys::CUlaunchConfig, sharedMemBytes));
+    assert!(offset_of!(RawLaunchConfig, stream) == offset_of!(sys::CUlaunchConfig, hStream));
+    assert!(offset_of!(RawLaunchConfig, attrs) == offset_of!(sys::CUlaunchConfig, attrs));
+    assert!(offset_of!(RawLaunchConfig, num_attrs) == offset_of!(sys::CUlaunchConfig, numAttrs));
+};
+
+/// A [`LaunchAttr`] as the driver's struct: the id, and the value union's first 16 bytes
+/// rebuilt from the four little-endian words (the rest zero).
+fn raw_launch_attribute(attr: &LaunchAttr) -> CuResultOf<RawLaunchAttribute> {
+    if !is_plain_launch_attribute(attr.id) {
+        return Err(CuError::NOT_SUPPORTED);
+    }
+    let mut bytes = [0u8; 16];
+    for (chunk, word) in bytes.chunks_exact_mut(4).zip(attr.value) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    let (mut lo, mut hi) = ([0u8; 8], [0u8; 8]);
+    lo.copy_from_slice(&bytes[..8]);
+    hi.copy_from_slice(&bytes[8..]);
+    let mut value = [0u64; 8];
+    // Native order: the words' bytes land in memory exactly as `bytes` holds them.
+    value[0] = u64::from_ne_bytes(lo);
+    value[1] = u64::from_ne_bytes(hi);
+    Ok(RawLaunchAttribute { id: attr.id, pad: [0; 4], value })
+}
+
+/// A private, 8-byte aligned copy of a launch's parameter buffer, from which the
+/// driver reads each parameter.
+#[derive(Debug)]
+struct ParamBuffer {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl ParamBuffer {
+    /// Copies `params`.
+    fn new(params: &[u8]) -> ParamBuffer {
+        let words = params
+            .chunks(8)
+            .map(|chunk| {
+                let mut word = [0u8; 8];
+                word[..chunk.len()].copy_from_slice(chunk);
+                u64::from_ne_bytes(word)
+            })
+            .collect();
+        ParamBuffer { words, len: params.len() }
+    }
+
+    /// A pointer to each parameter of `layout`, each `[offset, offset + size)` checked to
+    /// lie in the buffer (`CUDA_ERROR_INVALID_VALUE` otherwise). The pointers are valid
+    /// while `self` is neither dropped nor changed.
+    fn pointers(&mut self, layout: &[ParamSlot]) -> CuResultOf<Vec<*mut c_void>> {
+        let base = self.words.as_mut_ptr().cast::<u8>();
+        layout
+            .iter()
+            .map(|slot| {
+                let offset = usize::try_from(slot.offset).map_err(|_| CuError::INVALID_VALUE)?;
+                let size = usize::try_from(slot.size).map_err(|_| CuError::INVALID_VALUE)?;
+                match offset.checked_add(size) {
+                    Some(end) if end <= self.len => Ok(base.wrapping_add(offset).cast::<c_void>()),
+                    _ => Err(CuError::INVALID_VALUE),
+                }
+            })
+            .collect()
+    }
+}
 /// Why [`CudaGpu::open`] failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -209,7 +659,7 @@ pub enum CudaOpenError {
     LibraryMissing,
     /// libcuda lacks an entry point this backend needs.
     #[error(
-        "libcuda has no entry point {symbol}: the NVIDIA driver is too old (CUDA 12.4 or later is needed): {detail}"
+        "libcuda has no entry point {symbol}: the NVIDIA driver is too old (CUDA 12.8 or later is needed): {detail}"
     )]
     MissingEntryPoint {
         /// The missing symbol.
@@ -266,23 +716,142 @@ pub struct CudaStream {
     id: u64,
 }
 
-/// One real CUDA device, in its primary context.
+/// An event of a [`CudaGpu`] (an id, like [`CudaStream`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct CudaEvent {
+    id: u64,
+}
+
+/// A context made by [`GpuBackend::ctx_create`] (an id, like [`CudaStream`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct CudaContext {
+    id: u64,
+}
+
+/// A loaded module, a loaded library, or a library's module view (an id, like
+/// [`CudaStream`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct CudaModule {
+    id: u64,
+}
+
+/// A function (`CUfunction`) or a library kernel (`CUkernel`) (an id, like
+/// [`CudaStream`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct CudaFunction {
+    id: u64,
+}
+
+/// Which context something belongs to: `None` is the primary context, `Some(id)` a
+/// context in [`CudaGpu::contexts`].
+type CtxId = Option<u64>;
+
+/// Where an object lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// In one context: it goes when the context is destroyed.
+    Context(CtxId),
+    /// In every context (libraries and their kernels).
+    Device,
+}
+
+/// A live allocation.
+#[derive(Clone, Copy, Debug)]
+struct Allocation {
+    /// Size in bytes (`pitch * height` for pitched allocations).
+    size: u64,
+    /// The context it was made in.
+    ctx: CtxId,
+}
+
+/// A live stream or event.
+#[derive(Clone, Copy, Debug)]
+struct Owned<T> {
+    raw: T,
+    ctx: CtxId,
+}
+
+/// What a [`CudaModule`] names.
+#[derive(Clone, Copy, Debug)]
+enum ModuleKind {
+    /// A module loaded by `cuModuleLoadData`.
+    Module(sys::CUmodule),
+    /// A library loaded by `cuLibraryLoadData`.
+    Library(sys::CUlibrary),
+    /// A library's module in one context (`cuLibraryGetModule`); not owned.
+    LibraryView(sys::CUmodule),
+}
+
+/// A live module, library or library view.
+#[derive(Clone, Copy, Debug)]
+struct ModuleEntry {
+    kind: ModuleKind,
+    scope: Scope,
+    /// The module or library whose unloading ends this entry (itself, for those two).
+    root: u64,
+}
+
+/// What a [`CudaFunction`] names.
+#[derive(Clone, Copy, Debug)]
+enum FunctionKind {
+    /// A `CUfunction`.
+    Function(sys::CUfunction),
+    /// A library's `CUkernel`.
+    Kernel(sys::CUkernel),
+}
+
+impl FunctionKind {
+    /// The handle to launch or query occupancy with: a `CUkernel` cast to `CUfunction` is
+    /// accepted by `cuLaunchKernel(Ex)` and the occupancy functions since CUDA 12.0, and
+    /// runs in the current context.
+    fn as_function(self) -> sys::CUfunction {
+        match self {
+            FunctionKind::Function(f) => f,
+            FunctionKind::Kernel(k) => k.cast(),
+        }
+    }
+}
+
+/// A live function or kernel.
+#[derive(Clone, Debug)]
+struct FunctionEntry {
+    kind: FunctionKind,
+    scope: Scope,
+    /// The module or library it came from: unloading that ends this entry.
+    root: u64,
+    /// Its parameters as the driver reports them, once asked for.
+    layout: Option<Vec<ParamSlot>>,
+}
+
+/// One real CUDA device: its primary context and the contexts made in it.
 pub struct CudaGpu {
     api: DriverApi,
     ordinal: i32,
     device: sys::CUdevice,
-    ctx: sys::CUcontext,
+    /// The primary context, retained in `open`, released in `Drop`.
+    primary: sys::CUcontext,
+    /// The selected context, made current by every operation.
+    current: CtxId,
     info: DeviceInfo,
-    /// Live allocations: start address → size in bytes.
-    allocs: HashMap<u64, u64>,
+    /// Contexts made by `ctx_create`, by [`CudaContext`] id.
+    contexts: HashMap<u64, sys::CUcontext>,
+    /// Live allocations by start address.
+    allocs: HashMap<u64, Allocation>,
     /// Live streams by [`CudaStream`] id.
-    streams: HashMap<u64, sys::CUstream>,
+    streams: HashMap<u64, Owned<sys::CUstream>>,
+    /// Live events by [`CudaEvent`] id.
+    events: HashMap<u64, Owned<sys::CUevent>>,
+    /// Live modules, libraries and library views by [`CudaModule`] id.
+    modules: HashMap<u64, ModuleEntry>,
+    /// Live functions and kernels by [`CudaFunction`] id.
+    functions: HashMap<u64, FunctionEntry>,
 }
 
-// SAFETY: the driver API is thread-safe and its handles (context, streams, device
-// pointers) are valid on any thread of the process. `CudaGpu` has no thread-affine state:
-// every method, `Drop` included, first makes its context current on the calling thread
-// (`enter`), and `&mut self` gives it one user at a time. It is not `Sync`.
+// SAFETY: the driver API is thread-safe and its handles (contexts, streams, events,
+// modules, libraries, functions, kernels, device pointers) are valid on any thread of the
+// process. `CudaGpu` has no thread-affine state: every method, `Drop` included, first makes
+// the context it needs current on the calling thread, and `&mut self` gives it one user at
+// a time. It is not `Sync`.
 unsafe impl Send for CudaGpu {}
 
 impl std::fmt::Debug for CudaGpu {
@@ -290,8 +859,13 @@ impl std::fmt::Debug for CudaGpu {
         f.debug_struct("CudaGpu")
             .field("ordinal", &self.ordinal)
             .field("name", &self.info.name)
+            .field("current", &self.current)
+            .field("contexts", &self.contexts.len())
             .field("allocations", &self.allocs.len())
             .field("streams", &self.streams.len())
+            .field("events", &self.events.len())
+            .field("modules", &self.modules.len())
+            .field("functions", &self.functions.len())
             .finish_non_exhaustive()
     }
 }
@@ -348,8 +922,8 @@ impl CudaGpu {
 
         let attribute = |attr: sys::CUdevice_attribute, call: &'static str| -> Result<c_int, CudaOpenError> {
             let mut value: c_int = 0;
-            // SAFETY: valid out-pointer; `attr` is a `CUdevice_attribute` of the 12.4
-            // bindings, passed as its C `int` value.
+            // SAFETY: valid out-pointer; `attr` is a `CUdevice_attribute` of the bindings,
+            // passed as its C `int` value.
             let rc = unsafe { (api.device_get_attribute)(&mut value, attr as c_int, device) };
             query(call, rc).map(|()| value)
         };
@@ -383,7 +957,20 @@ impl CudaGpu {
         })?;
 
         // From here on `Drop` releases the context, whatever fails next.
-        let gpu = CudaGpu { api, ordinal, device, ctx, info, allocs: HashMap::new(), streams: HashMap::new() };
+        let gpu = CudaGpu {
+            api,
+            ordinal,
+            device,
+            primary: ctx,
+            current: None,
+            info,
+            contexts: HashMap::new(),
+            allocs: HashMap::new(),
+            streams: HashMap::new(),
+            events: HashMap::new(),
+            modules: HashMap::new(),
+            functions: HashMap::new(),
+        };
         gpu.enter().map_err(|err| CudaOpenError::Context {
             call: "cuCtxSetCurrent",
             ordinal,
@@ -393,43 +980,252 @@ impl CudaGpu {
         Ok(gpu)
     }
 
-    /// Makes this device's context current on the calling thread (a thread-local store
-    /// in the driver: cheap). Another instance, or other code, may have changed it.
+    /// Makes the selected context current on the calling thread (a thread-local store in
+    /// the driver: cheap). Another instance, or other code, may have changed it.
     fn enter(&self) -> CuResultOf<()> {
-        // SAFETY: `self.ctx` is the primary context retained in `open` and not yet
-        // released (that happens only in `Drop`).
-        check(unsafe { (self.api.ctx_set_current)(self.ctx) })
+        self.make_current(self.current)
     }
 
-    /// The driver stream of `stream`, or the legacy default stream for `None`.
-    fn raw_stream(&self, stream: Option<&CudaStream>) -> CuResultOf<Option<sys::CUstream>> {
-        match stream {
-            None => Ok(None),
-            Some(s) => self.streams.get(&s.id).copied().map(Some).ok_or(CuError::INVALID_HANDLE),
+    /// Makes `ctx` current on the calling thread.
+    fn make_current(&self, ctx: CtxId) -> CuResultOf<()> {
+        let raw = self.raw_context(ctx)?;
+        // SAFETY: `raw` is the primary context retained in `open` (released only in
+        // `Drop`) or a context made by `ctx_create` that is still in `self.contexts`
+        // (removed when it is destroyed).
+        check(unsafe { (self.api.ctx_set_current)(raw) })
+    }
+
+    /// The driver context of `ctx`.
+    fn raw_context(&self, ctx: CtxId) -> CuResultOf<sys::CUcontext> {
+        match ctx {
+            None => Ok(self.primary),
+            Some(id) => self.contexts.get(&id).copied().ok_or(CuError::new(CuResult::INVALID_CONTEXT)),
         }
     }
 
-    /// Waits for all work in the context.
+    /// The driver stream of `stream`, or `None` for `None`.
+    fn raw_stream(&self, stream: Option<&CudaStream>) -> CuResultOf<Option<sys::CUstream>> {
+        match stream {
+            None => Ok(None),
+            Some(s) => self.streams.get(&s.id).map(|s| Some(s.raw)).ok_or(CuError::INVALID_HANDLE),
+        }
+    }
+
+    /// The driver stream of `stream`, or the NULL (legacy default) stream for `None`.
+    fn stream_or_null(&self, stream: Option<&CudaStream>) -> CuResultOf<sys::CUstream> {
+        Ok(self.raw_stream(stream)?.unwrap_or(std::ptr::null_mut()))
+    }
+
+    /// The driver event of `event`.
+    fn raw_event(&self, event: &CudaEvent) -> CuResultOf<sys::CUevent> {
+        self.events.get(&event.id).map(|e| e.raw).ok_or(CuError::INVALID_HANDLE)
+    }
+
+    /// The entry of `module`.
+    fn module_entry(&self, module: &CudaModule) -> CuResultOf<ModuleEntry> {
+        self.modules.get(&module.id).copied().ok_or(CuError::INVALID_HANDLE)
+    }
+
+    /// The driver library of `library` (`CUDA_ERROR_INVALID_HANDLE` for a module).
+    fn raw_library(&self, library: &CudaModule) -> CuResultOf<(sys::CUlibrary, ModuleEntry)> {
+        let entry = self.module_entry(library)?;
+        match entry.kind {
+            ModuleKind::Library(raw) => Ok((raw, entry)),
+            ModuleKind::Module(_) | ModuleKind::LibraryView(_) => Err(CuError::INVALID_HANDLE),
+        }
+    }
+
+    /// The driver handle of `func`.
+    fn function_kind(&self, func: &CudaFunction) -> CuResultOf<FunctionKind> {
+        self.functions.get(&func.id).map(|f| f.kind).ok_or(CuError::INVALID_HANDLE)
+    }
+
+    /// Records a new function entry and returns its handle.
+    fn add_function(
+        &mut self,
+        kind: FunctionKind,
+        scope: Scope,
+        root: u64,
+        layout: Option<Vec<ParamSlot>>,
+    ) -> CudaFunction {
+        let id = next_id();
+        self.functions.insert(id, FunctionEntry { kind, scope, root, layout });
+        CudaFunction { id }
+    }
+
+    /// Waits for all work in the current context.
     fn ctx_synchronize(&self) -> CuResultOf<()> {
-        // SAFETY: no arguments; the context is current (callers `enter` first).
+        // SAFETY: no arguments; a context is current (callers make one current first).
         check(unsafe { (self.api.ctx_synchronize)() })
     }
 
-    /// Zeroes allocations and waits until the zeroes are in device memory. The first
-    /// synchronize drains work still writing into them (on any stream, non-blocking ones
-    /// included), so nothing lands after the scrub.
+    /// Zeroes allocations of the current context and waits until the zeroes are in device
+    /// memory. The first synchronize drains work still writing into them (on any stream,
+    /// non-blocking ones included), so nothing lands after the scrub.
     fn scrub(&self, allocations: &[(u64, u64)]) -> CuResultOf<()> {
         self.ctx_synchronize()?;
         for &(dptr, size) in allocations {
             let n = byte_count(size)?;
-            // SAFETY: `[dptr, dptr + size)` is a live allocation of this context, made by
-            // `cuMemAlloc_v2` with exactly this size (recorded in `self.allocs`).
+            // SAFETY: `[dptr, dptr + size)` is a live allocation of the current context,
+            // made by `cuMemAlloc_v2` (or `cuMemAllocPitch_v2`, `pitch * height` bytes)
+            // with exactly this size (recorded in `self.allocs`).
             check(unsafe { (self.api.memset_d8)(dptr, 0, n) })?;
         }
         self.ctx_synchronize()
     }
-}
 
+    /// The allocations of context `ctx`, as (address, size).
+    fn allocations_of(&self, ctx: CtxId) -> Vec<(u64, u64)> {
+        self.allocs.iter().filter(|(_, a)| a.ctx == ctx).map(|(&dptr, a)| (dptr, a.size)).collect()
+    }
+
+    /// Forgets every table entry of context `ctx` (it was destroyed, which freed them all).
+    fn forget_context(&mut self, ctx: CtxId) {
+        self.allocs.retain(|_, a| a.ctx != ctx);
+        self.streams.retain(|_, s| s.ctx != ctx);
+        self.events.retain(|_, e| e.ctx != ctx);
+        self.modules.retain(|_, m| m.scope != Scope::Context(ctx));
+        self.functions.retain(|_, f| f.scope != Scope::Context(ctx));
+    }
+
+    /// The parameter layout of a function as the driver reports it, from the cache or
+    /// asked once (then cached). The context must be current.
+    fn param_layout(&mut self, func: &CudaFunction) -> CuResultOf<Vec<ParamSlot>> {
+        let entry = self.functions.get(&func.id).ok_or(CuError::INVALID_HANDLE)?;
+        if let Some(layout) = &entry.layout {
+            return Ok(layout.clone());
+        }
+        let layout = self.query_param_layout(entry.kind)?;
+        if let Some(entry) = self.functions.get_mut(&func.id) {
+            entry.layout = Some(layout.clone());
+        }
+        Ok(layout)
+    }
+
+    /// Asks the driver for every parameter's offset and size, from index 0 until it
+    /// reports `CUDA_ERROR_INVALID_VALUE` (past the last).
+    fn query_param_layout(&self, kind: FunctionKind) -> CuResultOf<Vec<ParamSlot>> {
+        let mut layout = Vec::new();
+        for index in 0..=MAX_KERNEL_PARAMS {
+            let (mut offset, mut size) = (0usize, 0usize);
+            let rc = match kind {
+                // SAFETY: a live function (its entry is in `self.functions`, so its module
+                // is loaded); valid out-pointers to local `size_t`s.
+                FunctionKind::Function(f) => unsafe {
+                    (self.api.func_get_param_info)(f, index, &mut offset, &mut size)
+                },
+                // SAFETY: as above, for a live kernel of a loaded library.
+                FunctionKind::Kernel(k) => unsafe {
+                    (self.api.kernel_get_param_info)(k, index, &mut offset, &mut size)
+                },
+            };
+            if rc == CUDA_ERROR_INVALID_VALUE {
+                return Ok(layout);
+            }
+            check(rc)?;
+            if index == MAX_KERNEL_PARAMS {
+                break;
+            }
+            let slot = ParamSlot {
+                offset: u32::try_from(offset).map_err(|_| CuError::NOT_SUPPORTED)?,
+                size: u32::try_from(size).map_err(|_| CuError::NOT_SUPPORTED)?,
+            };
+            layout.push(slot);
+        }
+        Err(CuError::NOT_SUPPORTED)
+    }
+
+    /// Loads a module or library image, after [`check_image`].
+    fn load(&mut self, image: &[u8], as_library: bool) -> CuResultOf<CudaModule> {
+        check_image(image)?;
+        self.enter()?;
+        let id = next_id();
+        let entry = if as_library {
+            let mut raw: sys::CUlibrary = std::ptr::null_mut();
+            // SAFETY: valid out-pointer; `check_image` showed that the driver reads only
+            // inside `image`, which stays borrowed for the call; without options the driver
+            // keeps its own copy of the code. The option arrays are NULL with counts 0.
+            let rc = unsafe {
+                (self.api.library_load_data)(
+                    &mut raw,
+                    image.as_ptr().cast(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    0,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    0,
+                )
+            };
+            check(rc)?;
+            ModuleEntry { kind: ModuleKind::Library(raw), scope: Scope::Device, root: id }
+        } else {
+            let mut raw: sys::CUmodule = std::ptr::null_mut();
+            // SAFETY: valid out-pointer; `check_image` showed that the driver reads only
+            // inside `image`, which stays borrowed for the call (the driver copies what it
+            // keeps); the context is current.
+            check(unsafe { (self.api.module_load_data)(&mut raw, image.as_ptr().cast()) })?;
+            ModuleEntry { kind: ModuleKind::Module(raw), scope: Scope::Context(self.current), root: id }
+        };
+        self.modules.insert(id, entry);
+        Ok(CudaModule { id })
+    }
+
+    /// Reads a global through `get` (`cuModuleGetGlobal_v2` or `cuLibraryGetGlobal`).
+    fn global(&self, get: impl FnOnce(&mut sys::CUdeviceptr, &mut usize) -> RawCuResult) -> CuResultOf<(u64, u64)> {
+        let (mut dptr, mut bytes): (sys::CUdeviceptr, usize) = (0, 0);
+        check(get(&mut dptr, &mut bytes))?;
+        Ok((dptr, bytes as u64))
+    }
+
+    /// At teardown (`Drop`), with the primary context current and every other context
+    /// already destroyed: destroys the primary context's streams and events, unloads its
+    /// modules and every library, then scrubs and frees its allocations. Errors are
+    /// logged or ignored, not returned.
+    fn release_primary_objects(&mut self) {
+        let ctx = None;
+        let _ = self.ctx_synchronize();
+        let streams: Vec<_> = self.streams.values().filter(|s| s.ctx == ctx).map(|s| s.raw).collect();
+        for raw in streams {
+            // SAFETY: a live stream of this context; its entry is dropped below, so it is
+            // destroyed once.
+            let _ = unsafe { (self.api.stream_destroy)(raw) };
+        }
+        let events: Vec<_> = self.events.values().filter(|e| e.ctx == ctx).map(|e| e.raw).collect();
+        for raw in events {
+            // SAFETY: a live event of this context; its entry is dropped below.
+            let _ = unsafe { (self.api.event_destroy)(raw) };
+        }
+        let modules: Vec<_> = self.modules.values().map(|m| m.kind).collect();
+        for kind in modules {
+            let _ = match kind {
+                // SAFETY: a loaded module of this context (the others went with their
+                // contexts); its entry is dropped below, so it is unloaded once.
+                ModuleKind::Module(raw) => unsafe { (self.api.module_unload)(raw) },
+                // SAFETY: a loaded library; its entry is dropped below.
+                ModuleKind::Library(raw) => unsafe { (self.api.library_unload)(raw) },
+                ModuleKind::LibraryView(_) => CUDA_SUCCESS,
+            };
+        }
+        let allocations = self.allocations_of(ctx);
+        if let Err(err) = self.scrub(&allocations) {
+            tracing::warn!(
+                device = self.ordinal,
+                %err,
+                allocations = allocations.len(),
+                "could not scrub device memory at teardown; it is freed unscrubbed"
+            );
+        }
+        for (dptr, _) in allocations {
+            // SAFETY: a live allocation of this context; its entry is dropped below, so it
+            // is freed once; all work was synchronized by the scrub.
+            let _ = unsafe { (self.api.mem_free)(dptr) };
+        }
+        self.forget_context(ctx);
+        self.modules.clear();
+        self.functions.clear();
+    }
+}
 /// The device name from `cuDeviceGetName`'s buffer, cut to fit [`DeviceInfo::name`] on a
 /// character boundary.
 fn device_name(buf: &[c_char; NAME_BUF_LEN]) -> heapless::String<96> {
@@ -446,10 +1242,176 @@ fn device_name(buf: &[c_char; NAME_BUF_LEN]) -> heapless::String<96> {
 
 impl GpuBackend for CudaGpu {
     type Stream = CudaStream;
+    type Event = CudaEvent;
+    type Context = CudaContext;
+    type Module = CudaModule;
+    type Function = CudaFunction;
 
     fn device_info(&self) -> DeviceInfo {
         self.info.clone()
     }
+
+    fn device_attributes(&mut self) -> Vec<Result<i32, CuError>> {
+        let max = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX as c_int;
+        (1..max)
+            .map(|attribute| {
+                let mut value: c_int = 0;
+                // SAFETY: valid out-pointer to a local `int`; `self.device` came from
+                // `cuDeviceGet`; the driver refuses attribute numbers it does not know.
+                let rc = unsafe { (self.api.device_get_attribute)(&mut value, attribute, self.device) };
+                check(rc).map(|()| value)
+            })
+            .collect()
+    }
+
+    fn pci_bus_id(&mut self) -> CuResultOf<String> {
+        let mut buf: [c_char; PCI_BUS_ID_LEN] = [0; PCI_BUS_ID_LEN];
+        // SAFETY: the buffer is `PCI_BUS_ID_LEN` bytes long and that length is passed; the
+        // driver writes a NUL-terminated string within it.
+        let rc = unsafe { (self.api.device_get_pci_bus_id)(buf.as_mut_ptr(), PCI_BUS_ID_LEN as c_int, self.device) };
+        check(rc)?;
+        Ok(c_buf_to_string(&buf))
+    }
+
+    // ---- contexts ----
+
+    fn ctx_create(&mut self, flags: u32) -> CuResultOf<CudaContext> {
+        self.enter()?;
+        let mut raw: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; NULL creation parameters are documented as "none"
+        // (no execution affinity, no CIG); `self.device` came from `cuDeviceGet`; the
+        // driver validates `flags`.
+        let rc = unsafe { (self.api.ctx_create)(&mut raw, std::ptr::null_mut(), flags, self.device) };
+        check(rc)?;
+        let mut popped: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: valid out-pointer. `cuCtxCreate` pushed the new context on this thread's
+        // stack; this pops exactly that push (the context itself lives on).
+        let _ = unsafe { (self.api.ctx_pop_current)(&mut popped) };
+        let id = next_id();
+        self.contexts.insert(id, raw);
+        let previous = self.current;
+        self.current = Some(id);
+        if let Err(err) = self.enter() {
+            self.current = previous;
+            self.contexts.remove(&id);
+            // SAFETY: the context made above, never handed out and now out of the table,
+            // so destroyed once; nothing was made in it.
+            let _ = unsafe { (self.api.ctx_destroy)(raw) };
+            return Err(err);
+        }
+        Ok(CudaContext { id })
+    }
+
+    fn ctx_destroy(&mut self, ctx: CudaContext) -> CuResultOf<()> {
+        let raw = self.contexts.get(&ctx.id).copied().ok_or(CuError::INVALID_HANDLE)?;
+        let scope = Some(ctx.id);
+        self.make_current(scope)?;
+        // If the scrub fails the context (and its memory) stays, as in `mem_free`.
+        self.scrub(&self.allocations_of(scope))?;
+        // SAFETY: a context made by `ctx_create` and still in the table, so not destroyed
+        // yet; its entry and every entry of an object in it (allocations, streams, events,
+        // modules, functions) are dropped below, so neither it nor they are used again.
+        check(unsafe { (self.api.ctx_destroy)(raw) })?;
+        self.contexts.remove(&ctx.id);
+        self.forget_context(scope);
+        if self.current == scope {
+            self.current = None;
+        }
+        self.enter()
+    }
+
+    fn set_context(&mut self, ctx: Option<&CudaContext>) -> CuResultOf<()> {
+        let target = match ctx {
+            None => None,
+            Some(c) if self.contexts.contains_key(&c.id) => Some(c.id),
+            Some(_) => return Err(CuError::INVALID_HANDLE),
+        };
+        self.make_current(target)?;
+        self.current = target;
+        Ok(())
+    }
+
+    fn ctx_get_limit(&mut self, limit: u32) -> CuResultOf<u64> {
+        let limit = enum_arg(limit)?;
+        self.enter()?;
+        let mut value: usize = 0;
+        // SAFETY: valid out-pointer to a local `size_t`; the driver validates `limit`.
+        check(unsafe { (self.api.ctx_get_limit)(&mut value, limit) })?;
+        Ok(value as u64)
+    }
+
+    fn ctx_set_limit(&mut self, limit: u32, value: u64) -> CuResultOf<()> {
+        let limit = enum_arg(limit)?;
+        let value = byte_count(value)?;
+        self.enter()?;
+        // SAFETY: plain values; the driver validates both.
+        check(unsafe { (self.api.ctx_set_limit)(limit, value) })
+    }
+
+    fn ctx_get_flags(&mut self) -> CuResultOf<u32> {
+        self.enter()?;
+        let mut flags: c_uint = 0;
+        // SAFETY: valid out-pointer to a local `unsigned int`; a context is current.
+        check(unsafe { (self.api.ctx_get_flags)(&mut flags) })?;
+        Ok(flags)
+    }
+
+    fn ctx_set_flags(&mut self, flags: u32) -> CuResultOf<()> {
+        self.enter()?;
+        // SAFETY: a plain value the driver validates; a context is current.
+        check(unsafe { (self.api.ctx_set_flags)(flags) })
+    }
+
+    fn ctx_get_api_version(&mut self) -> CuResultOf<u32> {
+        let raw = self.raw_context(self.current)?;
+        self.enter()?;
+        let mut version: c_uint = 0;
+        // SAFETY: `raw` is a live context (see `make_current`); valid out-pointer.
+        check(unsafe { (self.api.ctx_get_api_version)(raw, &mut version) })?;
+        Ok(version)
+    }
+
+    fn ctx_get_stream_priority_range(&mut self) -> CuResultOf<(i32, i32)> {
+        self.enter()?;
+        let (mut least, mut greatest): (c_int, c_int) = (0, 0);
+        // SAFETY: valid out-pointers to local `int`s; a context is current.
+        check(unsafe { (self.api.ctx_get_stream_priority_range)(&mut least, &mut greatest) })?;
+        Ok((least, greatest))
+    }
+
+    fn ctx_get_cache_config(&mut self) -> CuResultOf<u32> {
+        self.enter()?;
+        let mut config: c_int = 0;
+        // SAFETY: valid out-pointer to a local `int`, the size of the C enum written.
+        check(unsafe { (self.api.ctx_get_cache_config)(&mut config) })?;
+        u32::try_from(config).map_err(|_| CuError::UNKNOWN)
+    }
+
+    fn ctx_set_cache_config(&mut self, config: u32) -> CuResultOf<()> {
+        let config = enum_arg(config)?;
+        self.enter()?;
+        // SAFETY: a plain value the driver validates; a context is current.
+        check(unsafe { (self.api.ctx_set_cache_config)(config) })
+    }
+
+    fn primary_ctx_set_flags(&mut self, flags: u32) -> CuResultOf<()> {
+        // SAFETY: `self.device` came from `cuDeviceGet`; the driver validates `flags`.
+        check(unsafe { (self.api.primary_ctx_set_flags)(self.device, flags) })
+    }
+
+    fn primary_ctx_flags(&mut self) -> CuResultOf<u32> {
+        let (mut flags, mut active): (c_uint, c_int) = (0, 0);
+        // SAFETY: `self.device` came from `cuDeviceGet`; valid out-pointers to locals.
+        check(unsafe { (self.api.primary_ctx_get_state)(self.device, &mut flags, &mut active) })?;
+        Ok(flags)
+    }
+
+    fn synchronize(&mut self) -> CuResultOf<()> {
+        self.enter()?;
+        self.ctx_synchronize()
+    }
+
+    // ---- memory ----
 
     fn mem_get_info(&mut self) -> CuResultOf<(u64, u64)> {
         self.enter()?;
@@ -468,18 +1430,34 @@ impl GpuBackend for CudaGpu {
         let mut dptr: sys::CUdeviceptr = 0;
         // SAFETY: valid out-pointer; the context is current.
         check(unsafe { (self.api.mem_alloc)(&mut dptr, n) })?;
-        self.allocs.insert(dptr, size);
+        self.allocs.insert(dptr, Allocation { size, ctx: self.current });
         Ok(dptr)
     }
 
-    fn mem_free(&mut self, dptr: u64) -> CuResultOf<()> {
-        let size = *self.allocs.get(&dptr).ok_or(CuError::INVALID_VALUE)?;
+    fn mem_alloc_pitch(&mut self, width: u64, height: u64, element_size: u32) -> CuResultOf<(u64, u64)> {
+        if width == 0 || height == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let (w, h) = (byte_count(width)?, byte_count(height)?);
         self.enter()?;
+        let (mut dptr, mut pitch): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: valid out-pointers to locals; the context is current; the driver
+        // validates the sizes and `element_size`.
+        check(unsafe { (self.api.mem_alloc_pitch)(&mut dptr, &mut pitch, w, h, element_size) })?;
+        let pitch = pitch as u64;
+        // The driver made `pitch * height` bytes, so the product fits its address space.
+        self.allocs.insert(dptr, Allocation { size: pitch.saturating_mul(height), ctx: self.current });
+        Ok((dptr, pitch))
+    }
+
+    fn mem_free(&mut self, dptr: u64) -> CuResultOf<()> {
+        let alloc = self.allocs.get(&dptr).copied().ok_or(CuError::INVALID_VALUE)?;
+        self.make_current(alloc.ctx)?;
         // If the scrub fails the memory stays allocated (and recorded), so it cannot be
-        // handed out again while this context lives; the error goes to the caller.
-        self.scrub(&[(dptr, size)])?;
-        // SAFETY: `dptr` is a live allocation of this context (it is in `self.allocs`),
-        // and no work uses it any more (the scrub synchronized the context).
+        // handed out again while its context lives; the error goes to the caller.
+        self.scrub(&[(dptr, alloc.size)])?;
+        // SAFETY: `dptr` is a live allocation of the current context (it is in
+        // `self.allocs`), and no work uses it any more (the scrub synchronized the context).
         check(unsafe { (self.api.mem_free)(dptr) })?;
         self.allocs.remove(&dptr);
         Ok(())
@@ -496,7 +1474,7 @@ impl GpuBackend for CudaGpu {
             // `[dst, dst + len)` lies in one of this zone's allocations. The synchronous
             // copy has read `src` when it returns.
             None => unsafe { (self.api.memcpy_htod)(dst, src.as_ptr().cast(), src.len()) },
-            // SAFETY: as above, and `s` is a live stream of this context. `src` is pageable
+            // SAFETY: as above, and `s` is a live stream of this backend. `src` is pageable
             // (see the module docs), so the driver has staged it when the call returns
             // and does not read the slice after its borrow ends.
             Some(s) => unsafe { (self.api.memcpy_htod_async)(dst, src.as_ptr().cast(), src.len(), s) },
@@ -516,12 +1494,12 @@ impl GpuBackend for CudaGpu {
             // it returns.
             None => check(unsafe { (self.api.memcpy_dtoh)(dst.as_mut_ptr().cast(), src, dst.len()) }),
             Some(s) => {
-                // SAFETY: as above, and `s` is a live stream of this context. The copy is
+                // SAFETY: as above, and `s` is a live stream of this backend. The copy is
                 // complete before `dst`'s borrow ends: the driver finishes copies into
                 // pageable memory before returning, and the stream is synchronized next.
                 let rc = unsafe { (self.api.memcpy_dtoh_async)(dst.as_mut_ptr().cast(), src, dst.len(), s) };
                 check(rc)?;
-                // SAFETY: `s` is a live stream of this context.
+                // SAFETY: `s` is a live stream of this backend.
                 check(unsafe { (self.api.stream_synchronize)(s) })
             }
         }
@@ -538,7 +1516,7 @@ impl GpuBackend for CudaGpu {
             // SAFETY: device addresses only; the caller checked both ranges against this
             // zone's allocations.
             None => unsafe { (self.api.memcpy_dtod)(dst, src, n) },
-            // SAFETY: as above, and `s` is a live stream of this context.
+            // SAFETY: as above, and `s` is a live stream of this backend.
             Some(s) => unsafe { (self.api.memcpy_dtod_async)(dst, src, n, s) },
         };
         check(rc)
@@ -554,8 +1532,26 @@ impl GpuBackend for CudaGpu {
         let rc = match stream {
             // SAFETY: a device range the caller checked against this zone's allocations.
             None => unsafe { (self.api.memset_d8)(dst, value, n) },
-            // SAFETY: as above, and `s` is a live stream of this context.
+            // SAFETY: as above, and `s` is a live stream of this backend.
             Some(s) => unsafe { (self.api.memset_d8_async)(dst, value, n, s) },
+        };
+        check(rc)
+    }
+
+    fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
+        let stream = self.raw_stream(stream)?;
+        let n = byte_count(count)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.enter()?;
+        // The driver itself refuses a `dst` that is not 2-byte aligned.
+        let rc = match stream {
+            // SAFETY: a device range (`count` words) the caller checked against this
+            // zone's allocations.
+            None => unsafe { (self.api.memset_d16)(dst, value, n) },
+            // SAFETY: as above, and `s` is a live stream of this backend.
+            Some(s) => unsafe { (self.api.memset_d16_async)(dst, value, n, s) },
         };
         check(rc)
     }
@@ -572,69 +1568,401 @@ impl GpuBackend for CudaGpu {
             // SAFETY: a device range (`count` words) the caller checked against this
             // zone's allocations.
             None => unsafe { (self.api.memset_d32)(dst, value, n) },
-            // SAFETY: as above, and `s` is a live stream of this context.
+            // SAFETY: as above, and `s` is a live stream of this backend.
             Some(s) => unsafe { (self.api.memset_d32_async)(dst, value, n, s) },
         };
         check(rc)
     }
 
-    fn synchronize(&mut self) -> CuResultOf<()> {
-        self.enter()?;
-        self.ctx_synchronize()
+    // ---- modules, libraries, functions ----
+
+    fn module_load(&mut self, image: &[u8]) -> CuResultOf<CudaModule> {
+        self.load(image, false)
     }
 
-    fn stream_create(&mut self, flags: u32) -> CuResultOf<CudaStream> {
+    fn library_load(&mut self, image: &[u8]) -> CuResultOf<CudaModule> {
+        self.load(image, true)
+    }
+
+    fn module_unload(&mut self, module: CudaModule) -> CuResultOf<()> {
+        let entry = self.module_entry(&module)?;
+        match entry.kind {
+            ModuleKind::Module(raw) => {
+                if let Scope::Context(ctx) = entry.scope {
+                    self.make_current(ctx)?;
+                }
+                // SAFETY: a loaded module (its entry is live) with its context current; its
+                // entry and every function from it are dropped below, so neither it nor they
+                // are used again.
+                check(unsafe { (self.api.module_unload)(raw) })?;
+            }
+            ModuleKind::Library(raw) => {
+                self.enter()?;
+                // SAFETY: a loaded library; its entry and everything obtained from it
+                // (module views, kernels, functions) are dropped below.
+                check(unsafe { (self.api.library_unload)(raw) })?;
+            }
+            ModuleKind::LibraryView(_) => {
+                // Owned by its library: only forgotten. Functions from it stay valid while
+                // the library is loaded.
+                self.modules.remove(&module.id);
+                return Ok(());
+            }
+        }
+        self.modules.retain(|_, m| m.root != module.id);
+        self.functions.retain(|_, f| f.root != module.id);
+        Ok(())
+    }
+
+    fn module_get_function(&mut self, module: &CudaModule, name: &CStr) -> CuResultOf<CudaFunction> {
+        let entry = self.module_entry(module)?;
+        let (ModuleKind::Module(raw) | ModuleKind::LibraryView(raw)) = entry.kind else {
+            return Err(CuError::INVALID_HANDLE);
+        };
+        self.enter()?;
+        let mut func: sys::CUfunction = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; a loaded module (or a loaded library's view); `name`
+        // is NUL-terminated and borrowed for the call.
+        check(unsafe { (self.api.module_get_function)(&mut func, raw, name.as_ptr()) })?;
+        Ok(self.add_function(FunctionKind::Function(func), entry.scope, entry.root, None))
+    }
+
+    fn module_get_global(&mut self, module: &CudaModule, name: &CStr) -> CuResultOf<(u64, u64)> {
+        let entry = self.module_entry(module)?;
+        let (ModuleKind::Module(raw) | ModuleKind::LibraryView(raw)) = entry.kind else {
+            return Err(CuError::INVALID_HANDLE);
+        };
+        self.enter()?;
+        self.global(|dptr, bytes| {
+            // SAFETY: valid out-pointers; a loaded module (or view); `name` is
+            // NUL-terminated and borrowed for the call.
+            unsafe { (self.api.module_get_global)(dptr, bytes, raw, name.as_ptr()) }
+        })
+    }
+
+    fn library_get_module(&mut self, library: &CudaModule) -> CuResultOf<CudaModule> {
+        let (raw, entry) = self.raw_library(library)?;
+        self.enter()?;
+        let mut module: sys::CUmodule = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; a loaded library; the context is current.
+        check(unsafe { (self.api.library_get_module)(&mut module, raw) })?;
+        let id = next_id();
+        let view = ModuleEntry {
+            kind: ModuleKind::LibraryView(module),
+            scope: Scope::Context(self.current),
+            root: entry.root,
+        };
+        self.modules.insert(id, view);
+        Ok(CudaModule { id })
+    }
+
+    fn library_get_kernel(&mut self, library: &CudaModule, name: &CStr) -> CuResultOf<CudaFunction> {
+        let (raw, entry) = self.raw_library(library)?;
+        self.enter()?;
+        let mut kernel: sys::CUkernel = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; a loaded library; `name` is NUL-terminated and
+        // borrowed for the call.
+        check(unsafe { (self.api.library_get_kernel)(&mut kernel, raw, name.as_ptr()) })?;
+        Ok(self.add_function(FunctionKind::Kernel(kernel), Scope::Device, entry.root, None))
+    }
+
+    fn library_get_global(&mut self, library: &CudaModule, name: &CStr) -> CuResultOf<(u64, u64)> {
+        let (raw, _) = self.raw_library(library)?;
+        self.enter()?;
+        self.global(|dptr, bytes| {
+            // SAFETY: valid out-pointers; a loaded library; `name` is NUL-terminated and
+            // borrowed for the call; the address is the current context's.
+            unsafe { (self.api.library_get_global)(dptr, bytes, raw, name.as_ptr()) }
+        })
+    }
+
+    fn kernel_get_function(&mut self, kernel: &CudaFunction) -> CuResultOf<CudaFunction> {
+        let entry = self.functions.get(&kernel.id).cloned().ok_or(CuError::INVALID_HANDLE)?;
+        let FunctionKind::Kernel(raw) = entry.kind else {
+            return Err(CuError::INVALID_HANDLE);
+        };
+        self.enter()?;
+        let mut func: sys::CUfunction = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; a kernel of a loaded library; the context is current.
+        check(unsafe { (self.api.kernel_get_function)(&mut func, raw) })?;
+        Ok(self.add_function(FunctionKind::Function(func), Scope::Context(self.current), entry.root, entry.layout))
+    }
+
+    fn func_get_attribute(&mut self, func: &CudaFunction, attribute: u32) -> CuResultOf<i32> {
+        let kind = self.function_kind(func)?;
+        let attribute = enum_arg(attribute)?;
+        self.enter()?;
+        let mut value: c_int = 0;
+        let rc = match kind {
+            // SAFETY: valid out-pointer; a live function; the driver validates `attribute`.
+            FunctionKind::Function(f) => unsafe { (self.api.func_get_attribute)(&mut value, attribute, f) },
+            // SAFETY: as above, for a live kernel, on this device.
+            FunctionKind::Kernel(k) => unsafe {
+                (self.api.kernel_get_attribute)(&mut value, attribute, k, self.device)
+            },
+        };
+        check(rc).map(|()| value)
+    }
+
+    fn func_set_attribute(&mut self, func: &CudaFunction, attribute: u32, value: i32) -> CuResultOf<()> {
+        let kind = self.function_kind(func)?;
+        let attribute = enum_arg(attribute)?;
+        self.enter()?;
+        let rc = match kind {
+            // SAFETY: a live function; the driver validates `attribute` and `value`.
+            FunctionKind::Function(f) => unsafe { (self.api.func_set_attribute)(f, attribute, value) },
+            // SAFETY: as above, for a live kernel, on this device.
+            FunctionKind::Kernel(k) => unsafe { (self.api.kernel_set_attribute)(attribute, value, k, self.device) },
+        };
+        check(rc)
+    }
+
+    fn func_set_cache_config(&mut self, func: &CudaFunction, config: u32) -> CuResultOf<()> {
+        let kind = self.function_kind(func)?;
+        let config = enum_arg(config)?;
+        self.enter()?;
+        let rc = match kind {
+            // SAFETY: a live function; the driver validates `config`.
+            FunctionKind::Function(f) => unsafe { (self.api.func_set_cache_config)(f, config) },
+            // SAFETY: as above, for a live kernel, on this device.
+            FunctionKind::Kernel(k) => unsafe { (self.api.kernel_set_cache_config)(k, config, self.device) },
+        };
+        check(rc)
+    }
+
+    fn func_param_layout(&mut self, func: &CudaFunction) -> CuResultOf<Vec<ParamSlot>> {
+        self.function_kind(func)?;
+        self.enter()?;
+        self.param_layout(func)
+    }
+
+    fn launch(
+        &mut self,
+        func: &CudaFunction,
+        config: &LaunchConfig,
+        stream: Option<&CudaStream>,
+        params: &[u8],
+        layout: &[ParamSlot],
+    ) -> CuResultOf<()> {
+        let f = self.function_kind(func)?.as_function();
+        let stream = self.stream_or_null(stream)?;
+        let mut attrs = config.attrs.iter().map(raw_launch_attribute).collect::<CuResultOf<Vec<_>>>()?;
+        let num_attrs = c_uint::try_from(attrs.len()).map_err(|_| CuError::INVALID_VALUE)?;
+        self.enter()?;
+        // The driver reads each parameter at the offset and size *it* knows; the caller's
+        // layout must say the same, and every slot must lie in `params`.
+        let driver_layout = self.param_layout(func)?;
+        if driver_layout != layout {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let mut buffer = ParamBuffer::new(params);
+        let mut pointers = buffer.pointers(&driver_layout)?;
+        let kernel_params = if pointers.is_empty() { std::ptr::null_mut() } else { pointers.as_mut_ptr() };
+        let [gx, gy, gz] = config.grid;
+        let [bx, by, bz] = config.block;
+        let rc = if attrs.is_empty() {
+            // SAFETY: `f` is a live function, or a live kernel cast as the driver accepts
+            // (`FunctionKind::as_function`); `stream` is NULL or a live stream;
+            // `kernel_params` holds one pointer per parameter the driver reports for `f`,
+            // each to that parameter's bytes inside `buffer` (checked by `pointers`), and
+            // both outlive the call (the driver copies the values before it returns);
+            // `extra` is NULL. The driver validates the geometry and shared memory size.
+            unsafe {
+                (self.api.launch_kernel)(
+                    f,
+                    gx,
+                    gy,
+                    gz,
+                    bx,
+                    by,
+                    bz,
+                    config.shared_mem_bytes,
+                    stream,
+                    kernel_params,
+                    std::ptr::null_mut(),
+                )
+            }
+        } else {
+            let launch_config = RawLaunchConfig {
+                grid_dim: config.grid,
+                block_dim: config.block,
+                shared_mem_bytes: config.shared_mem_bytes,
+                stream,
+                attrs: attrs.as_mut_ptr(),
+                num_attrs,
+            };
+            // SAFETY: as for `cuLaunchKernel` above; `launch_config` has `CUlaunchConfig`'s
+            // layout (asserted at compile time) and points at `num_attrs` attributes whose
+            // values are plain integers (`raw_launch_attribute`), all alive for the call.
+            unsafe { (self.api.launch_kernel_ex)(&launch_config, f, kernel_params, std::ptr::null_mut()) }
+        };
+        check(rc)
+    }
+
+    fn occupancy_max_active_blocks(
+        &mut self,
+        func: &CudaFunction,
+        block_size: i32,
+        dynamic_smem: u64,
+        flags: u32,
+    ) -> CuResultOf<i32> {
+        let f = self.function_kind(func)?.as_function();
+        let smem = byte_count(dynamic_smem)?;
+        self.enter()?;
+        let mut blocks: c_int = 0;
+        // SAFETY: valid out-pointer; a live function or kernel (cast as the driver
+        // accepts); the driver validates the rest.
+        check(unsafe { (self.api.occupancy_max_active_blocks)(&mut blocks, f, block_size, smem, flags) })?;
+        Ok(blocks)
+    }
+
+    // ---- streams ----
+
+    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResultOf<CudaStream> {
         self.enter()?;
         let mut raw: sys::CUstream = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; the driver validates `flags`; the context is current.
-        check(unsafe { (self.api.stream_create)(&mut raw, flags) })?;
-        let id = NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed);
-        self.streams.insert(id, raw);
+        // SAFETY: valid out-pointer; the driver validates `flags` and clamps `priority`;
+        // the context is current.
+        check(unsafe { (self.api.stream_create)(&mut raw, flags, priority) })?;
+        let id = next_id();
+        self.streams.insert(id, Owned { raw, ctx: self.current });
         Ok(CudaStream { id })
     }
 
     fn stream_synchronize(&mut self, stream: &CudaStream) -> CuResultOf<()> {
-        let raw = self.streams.get(&stream.id).copied().ok_or(CuError::INVALID_HANDLE)?;
+        let raw = self.stream_or_null(Some(stream))?;
         self.enter()?;
-        // SAFETY: `raw` is a live stream of this context (it is in `self.streams`).
+        // SAFETY: `raw` is a live stream (it is in `self.streams`).
         check(unsafe { (self.api.stream_synchronize)(raw) })
     }
 
-    fn stream_destroy(&mut self, stream: CudaStream) -> CuResultOf<()> {
-        let raw = self.streams.remove(&stream.id).ok_or(CuError::INVALID_HANDLE)?;
+    fn stream_query(&mut self, stream: Option<&CudaStream>) -> CuResultOf<()> {
+        let raw = self.stream_or_null(stream)?;
         self.enter()?;
-        // SAFETY: `raw` was a live stream of this context and is now removed from the
-        // table, so it is destroyed once and never used again. Work still queued on it
-        // completes first (the driver defers the release).
-        check(unsafe { (self.api.stream_destroy)(raw) })
+        // SAFETY: `raw` is NULL (the current context's default stream) or a live stream.
+        check(unsafe { (self.api.stream_query)(raw) })
+    }
+
+    fn stream_wait_event(&mut self, stream: Option<&CudaStream>, event: &CudaEvent, flags: u32) -> CuResultOf<()> {
+        let raw = self.stream_or_null(stream)?;
+        let event = self.raw_event(event)?;
+        self.enter()?;
+        // SAFETY: `raw` is NULL or a live stream, `event` a live event; the driver
+        // validates `flags`.
+        check(unsafe { (self.api.stream_wait_event)(raw, event, flags) })
+    }
+
+    fn stream_get_flags(&mut self, stream: Option<&CudaStream>) -> CuResultOf<u32> {
+        let raw = self.stream_or_null(stream)?;
+        self.enter()?;
+        let mut flags: c_uint = 0;
+        // SAFETY: `raw` is NULL or a live stream; valid out-pointer to a local.
+        check(unsafe { (self.api.stream_get_flags)(raw, &mut flags) })?;
+        Ok(flags)
+    }
+
+    fn stream_get_priority(&mut self, stream: Option<&CudaStream>) -> CuResultOf<i32> {
+        let raw = self.stream_or_null(stream)?;
+        self.enter()?;
+        let mut priority: c_int = 0;
+        // SAFETY: `raw` is NULL or a live stream; valid out-pointer to a local.
+        check(unsafe { (self.api.stream_get_priority)(raw, &mut priority) })?;
+        Ok(priority)
+    }
+
+    fn stream_destroy(&mut self, stream: CudaStream) -> CuResultOf<()> {
+        let entry = self.streams.get(&stream.id).copied().ok_or(CuError::INVALID_HANDLE)?;
+        self.make_current(entry.ctx)?;
+        self.streams.remove(&stream.id);
+        // SAFETY: `entry.raw` was a live stream, its context current, and is now removed
+        // from the table, so it is destroyed once and never used again. Work still queued
+        // on it completes first (the driver defers the release).
+        check(unsafe { (self.api.stream_destroy)(entry.raw) })
+    }
+
+    // ---- events ----
+
+    fn event_create(&mut self, flags: u32) -> CuResultOf<CudaEvent> {
+        self.enter()?;
+        let mut raw: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the driver validates `flags`; the context is current.
+        check(unsafe { (self.api.event_create)(&mut raw, flags) })?;
+        let id = next_id();
+        self.events.insert(id, Owned { raw, ctx: self.current });
+        Ok(CudaEvent { id })
+    }
+
+    fn event_destroy(&mut self, event: CudaEvent) -> CuResultOf<()> {
+        let entry = self.events.get(&event.id).copied().ok_or(CuError::INVALID_HANDLE)?;
+        self.make_current(entry.ctx)?;
+        self.events.remove(&event.id);
+        // SAFETY: `entry.raw` was a live event, its context current, and is now removed
+        // from the table, so it is destroyed once and never used again.
+        check(unsafe { (self.api.event_destroy)(entry.raw) })
+    }
+
+    fn event_record(&mut self, event: &CudaEvent, stream: Option<&CudaStream>, flags: u32) -> CuResultOf<()> {
+        let event = self.raw_event(event)?;
+        let stream = self.stream_or_null(stream)?;
+        self.enter()?;
+        // SAFETY: a live event; `stream` is NULL or a live stream; the driver validates
+        // `flags`.
+        check(unsafe { (self.api.event_record)(event, stream, flags) })
+    }
+
+    fn event_query(&mut self, event: &CudaEvent) -> CuResultOf<()> {
+        let event = self.raw_event(event)?;
+        self.enter()?;
+        // SAFETY: a live event.
+        check(unsafe { (self.api.event_query)(event) })
+    }
+
+    fn event_synchronize(&mut self, event: &CudaEvent) -> CuResultOf<()> {
+        let event = self.raw_event(event)?;
+        self.enter()?;
+        // SAFETY: a live event.
+        check(unsafe { (self.api.event_synchronize)(event) })
+    }
+
+    fn event_elapsed_time(&mut self, start: &CudaEvent, end: &CudaEvent) -> CuResultOf<f32> {
+        let (start, end) = (self.raw_event(start)?, self.raw_event(end)?);
+        self.enter()?;
+        let mut ms: f32 = 0.0;
+        // SAFETY: valid out-pointer to a local `float`; two live events.
+        check(unsafe { (self.api.event_elapsed_time)(&mut ms, start, end) })?;
+        Ok(ms)
     }
 }
 
 impl Drop for CudaGpu {
     fn drop(&mut self) {
-        // If the context cannot be made current, nothing below may run (it would act on
-        // whatever context is current instead); releasing the primary context still
-        // frees everything in it.
-        if self.enter().is_ok() {
-            let _ = self.ctx_synchronize();
-            for (_, raw) in self.streams.drain() {
-                // SAFETY: a live stream of this context, removed from the table here.
-                let _ = unsafe { (self.api.stream_destroy)(raw) };
-            }
-            let allocations: Vec<(u64, u64)> = self.allocs.drain().collect();
-            if let Err(err) = self.scrub(&allocations) {
+        // Contexts made by `ctx_create` first: scrub each one's memory in it, then destroy
+        // it (which frees its memory, streams, events and modules).
+        let contexts: Vec<(u64, sys::CUcontext)> = self.contexts.iter().map(|(&id, &raw)| (id, raw)).collect();
+        for (id, raw) in contexts {
+            let scope = Some(id);
+            let allocations = self.allocations_of(scope);
+            let scrubbed = self.make_current(scope).and_then(|()| self.scrub(&allocations));
+            if let Err(err) = scrubbed {
                 tracing::warn!(
                     device = self.ordinal,
                     %err,
                     allocations = allocations.len(),
-                    "could not scrub device memory at teardown; it is freed unscrubbed"
+                    "could not scrub a context's device memory at teardown; it is freed unscrubbed"
                 );
             }
-            for (dptr, _) in allocations {
-                // SAFETY: a live allocation of this context, taken out of the table, so
-                // freed once; all work was synchronized above.
-                let _ = unsafe { (self.api.mem_free)(dptr) };
-            }
+            // SAFETY: a context made by `ctx_create`, still in the table; removed below
+            // with every entry of its objects, so it is destroyed once.
+            let _ = unsafe { (self.api.ctx_destroy)(raw) };
+            self.contexts.remove(&id);
+            self.forget_context(scope);
+        }
+        // Then the primary context. If it cannot be made current, nothing below may run
+        // (it would act on whatever context is current instead); releasing the primary
+        // context still frees everything in it.
+        self.current = None;
+        if self.enter().is_ok() {
+            self.release_primary_objects();
             // SAFETY: a null context is valid and unbinds this thread from the context
             // about to be released.
             let _ = unsafe { (self.api.ctx_set_current)(std::ptr::null_mut()) };
@@ -718,9 +2046,21 @@ mod tests {
         assert_ne!(info.uuid, [0; 16]);
         assert!(info.total_mem > 0);
         assert!(info.cc_major >= 5, "compute capability {}.{}", info.cc_major, info.cc_minor);
-        assert!(info.driver_version >= 12040, "driver version {}", info.driver_version);
+        assert!(info.driver_version >= 12080, "driver version {}", info.driver_version);
         let (free, total) = g.mem_get_info().unwrap();
         assert!(free > 0 && free <= total);
+        let attrs = g.device_attributes();
+        assert_eq!(attrs.len(), sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX as usize - 1);
+        let attr = |a: sys::CUdevice_attribute| attrs[a as usize - 1];
+        assert_eq!(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_WARP_SIZE), Ok(32));
+        assert_eq!(
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            Ok(info.cc_major as i32)
+        );
+        let bus_id = g.pci_bus_id().unwrap();
+        println!("PCI bus id {bus_id}");
+        assert!(bus_id.contains('.'), "{bus_id}");
+        assert_eq!(bus_id.matches(':').count(), 2, "{bus_id}");
         match CudaGpu::open(4096) {
             Err(CudaOpenError::NoSuchDevice { ordinal: 4096, count }) => assert!(count >= 1),
             other => panic!("expected NoSuchDevice, got {other:?}"),
@@ -757,7 +2097,7 @@ mod tests {
 
         // The same on a stream (a non-blocking one, so nothing is implicitly ordered by
         // the default stream).
-        let s = g.stream_create(1).unwrap();
+        let s = g.stream_create(1, 0).unwrap();
         g.memset_d32(a, 0x0102_0304, (N / 4) as u64, Some(&s)).unwrap();
         g.memset_d8(a + 4, 0xee, 4, Some(&s)).unwrap();
         g.copy_htod(b + 100, &pattern[..1000], Some(&s)).unwrap();
@@ -784,7 +2124,7 @@ mod tests {
         g.mem_free(a).unwrap();
         assert_eq!(g.mem_free(a), Err(CuError::INVALID_VALUE));
         // `b` and a live stream are left for `Drop` to scrub, free and destroy.
-        let _left = g.stream_create(0).unwrap();
+        let _left = g.stream_create(0, 0).unwrap();
         drop(g);
     }
 
@@ -830,5 +2170,358 @@ mod tests {
             g.mem_free(a).unwrap();
         });
         handle.join().unwrap();
+    }
+
+    /// A hand-written PTX module: `fill_u32(u32* p, u32 v, u64 n)` stores `v` into `p[i]`
+    /// for every global thread index `i < n`; `counter` is a 4-byte global.
+    const FILL_PTX: &str = "\
+.version 8.0
+.target sm_90
+.address_size 64
+
+.visible .global .align 4 .u32 counter;
+
+.visible .entry fill_u32(
+\t.param .u64 fill_u32_param_0,
+\t.param .u32 fill_u32_param_1,
+\t.param .u64 fill_u32_param_2
+)
+{
+\t.reg .pred %p<2>;
+\t.reg .b32 %r<5>;
+\t.reg .b64 %rd<8>;
+
+\tld.param.u64 %rd1, [fill_u32_param_0];
+\tld.param.u32 %r1, [fill_u32_param_1];
+\tld.param.u64 %rd2, [fill_u32_param_2];
+\tmov.u32 %r2, %ctaid.x;
+\tmov.u32 %r3, %ntid.x;
+\tmov.u32 %r4, %tid.x;
+\tmul.wide.u32 %rd3, %r2, %r3;
+\tcvt.u64.u32 %rd4, %r4;
+\tadd.s64 %rd5, %rd3, %rd4;
+\tsetp.ge.u64 %p1, %rd5, %rd2;
+\t@%p1 bra $L__done;
+\tcvta.to.global.u64 %rd6, %rd1;
+\tshl.b64 %rd7, %rd5, 2;
+\tadd.s64 %rd6, %rd6, %rd7;
+\tst.global.u32 [%rd6], %r1;
+$L__done:
+\tret;
+}
+\0";
+
+    const FILL_LAYOUT: [ParamSlot; 3] =
+        [ParamSlot { offset: 0, size: 8 }, ParamSlot { offset: 8, size: 4 }, ParamSlot { offset: 16, size: 8 }];
+
+    /// `fill_u32`'s packed parameters.
+    fn fill_params(p: u64, v: u32, n: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 24];
+        b[..8].copy_from_slice(&p.to_le_bytes());
+        b[8..12].copy_from_slice(&v.to_le_bytes());
+        b[16..].copy_from_slice(&n.to_le_bytes());
+        b
+    }
+
+    /// A one-dimensional launch.
+    fn grid(blocks: u32, threads: u32) -> LaunchConfig {
+        LaunchConfig { grid: [blocks, 1, 1], block: [threads, 1, 1], shared_mem_bytes: 0, attrs: Vec::new() }
+    }
+
+    /// `n` 32-bit words read back from `dptr`.
+    fn read_words(g: &mut CudaGpu, dptr: u64, n: usize) -> Vec<u32> {
+        let mut out = vec![0u8; n * 4];
+        g.copy_dtoh(&mut out, dptr, None).unwrap();
+        out.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect()
+    }
+
+    /// A minimal ELF64 image of `len` bytes whose section headers (type, offset, size)
+    /// start at byte 64.
+    fn elf(sections: &[(u32, u64, u64)], len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        b[..4].copy_from_slice(&ELF_MAGIC);
+        b[4] = 2;
+        b[5] = 1;
+        b[0x28..0x30].copy_from_slice(&64u64.to_le_bytes());
+        b[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        b[0x3c..0x3e].copy_from_slice(&(sections.len() as u16).to_le_bytes());
+        for (i, &(ty, offset, size)) in sections.iter().enumerate() {
+            let h = 64 + 64 * i;
+            b[h + 4..h + 8].copy_from_slice(&ty.to_le_bytes());
+            b[h + 0x18..h + 0x20].copy_from_slice(&offset.to_le_bytes());
+            b[h + 0x20..h + 0x28].copy_from_slice(&size.to_le_bytes());
+        }
+        b
+    }
+
+    /// A fat binary holding `payloads`, each behind a 64-byte entry header.
+    fn fatbin(payloads: &[&[u8]]) -> Vec<u8> {
+        let mut entries = Vec::new();
+        for p in payloads {
+            let mut h = vec![0u8; 64];
+            h[..2].copy_from_slice(&2u16.to_le_bytes());
+            h[4..8].copy_from_slice(&64u32.to_le_bytes());
+            h[8..16].copy_from_slice(&(p.len() as u64).to_le_bytes());
+            entries.extend(h);
+            entries.extend_from_slice(p);
+        }
+        let mut b = FATBIN_MAGIC.to_le_bytes().to_vec();
+        b.extend(1u16.to_le_bytes());
+        b.extend(16u16.to_le_bytes());
+        b.extend((entries.len() as u64).to_le_bytes());
+        b.extend(entries);
+        b
+    }
+
+    #[test]
+    fn module_images_are_checked_before_the_driver_reads_them() {
+        let refused = Err(CuError::INVALID_VALUE);
+        assert_eq!(check_image(FILL_PTX.as_bytes()), Ok(()));
+        assert_eq!(check_image(b".version 8.0\n.target sm_90"), refused, "PTX without its NUL");
+        assert_eq!(check_image(b"\xff\xfe.version\0"), refused, "not text");
+        assert_eq!(check_image(b""), refused);
+        let mut wrapper = FATBIN_WRAPPER_MAGIC.to_le_bytes().to_vec();
+        wrapper.extend([1, 0, 0, 0, 0x10, 0x20, 0x30, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(check_image(&wrapper), refused, "a fat binary wrapper holds a host pointer");
+
+        let good = elf(&[(0, 0, 0), (1, 192, 8), (SHT_NOBITS, 0, u64::MAX)], 256);
+        assert_eq!(check_image(&good), Ok(()));
+        assert_eq!(check_image(&elf(&[(1, 250, 7)], 256)), refused, "section past the end");
+        assert_eq!(check_image(&elf(&[(1, u64::MAX, 2)], 256)), refused, "section offset overflows");
+        assert_eq!(check_image(&elf(&[(1, 0, 0), (1, 0, 0)], 192)[..150]), refused, "header table past the end");
+        assert_eq!(check_image(&good[..63]), refused, "truncated header");
+        let mut elf32 = good.clone();
+        elf32[4] = 1;
+        assert_eq!(check_image(&elf32), refused, "32-bit ELF");
+
+        let container = fatbin(&[b"ptx text\0\0\0\0\0\0\0", &good]);
+        assert_eq!(check_image(&container), Ok(()));
+        let mut trailing = container.clone();
+        trailing.extend([0xee; 9]);
+        assert_eq!(check_image(&trailing), Ok(()), "bytes after the container are not read");
+        assert_eq!(check_image(&fatbin(&[&elf(&[(1, 250, 7)], 256)])), refused, "bad cubin inside");
+        assert_eq!(check_image(&container[..container.len() - 1]), refused, "container past the end");
+        let mut long_entry = container.clone();
+        long_entry[16 + 8] += 1; // the first payload's size
+        assert_eq!(check_image(&long_entry), refused, "entry past the container");
+        let mut stuck = container.clone();
+        stuck[16 + 4..16 + 8].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(check_image(&stuck), refused, "entry header size 0");
+    }
+
+    #[test]
+    fn launch_attributes_carry_only_plain_values() {
+        let a = raw_launch_attribute(&LaunchAttr { id: 4, value: [2, 1, 1, 0xdead] }).unwrap();
+        assert_eq!(a.id, 4);
+        let bytes: Vec<u8> = a.value[..2].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, [2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0xad, 0xde, 0, 0]);
+        assert!(a.value[2..].iter().all(|&w| w == 0));
+        for id in [1, 7, 12, 13, 15, 17, 1000] {
+            let refused = raw_launch_attribute(&LaunchAttr { id, value: [0; 4] }).map(|_| ());
+            assert_eq!(refused, Err(CuError::NOT_SUPPORTED), "attribute {id}");
+        }
+        assert!(is_plain_launch_attribute(8) && is_plain_launch_attribute(0));
+    }
+
+    #[test]
+    fn parameter_pointers_stay_inside_the_buffer() {
+        let params: Vec<u8> = (0..24).collect();
+        let mut buf = ParamBuffer::new(&params);
+        let base = buf.words.as_ptr() as usize;
+        let pointers = buf.pointers(&FILL_LAYOUT).unwrap();
+        let offsets: Vec<usize> = pointers.iter().map(|&p| p as usize - base).collect();
+        assert_eq!(offsets, [0, 8, 16]);
+        assert_eq!(buf.words[1].to_ne_bytes()[..4], [8, 9, 10, 11]);
+        assert_eq!(buf.pointers(&[ParamSlot { offset: 20, size: 8 }]), Err(CuError::INVALID_VALUE));
+        assert_eq!(buf.pointers(&[ParamSlot { offset: u32::MAX, size: u32::MAX }]), Err(CuError::INVALID_VALUE));
+        assert_eq!(ParamBuffer::new(&[]).pointers(&[]), Ok(Vec::new()));
+        let mut odd = ParamBuffer::new(&[1, 2, 3]);
+        assert_eq!(odd.pointers(&[ParamSlot { offset: 1, size: 2 }]).map(|p| p.len()), Ok(1));
+        assert_eq!(odd.pointers(&[ParamSlot { offset: 2, size: 2 }]), Err(CuError::INVALID_VALUE));
+    }
+
+    #[test]
+    fn gpu_modules_functions_and_launches() {
+        if !gpu_tests_enabled() {
+            return;
+        }
+        let mut g = open_gpu();
+        let not_found = Err(CuError::new(CuResult::NOT_FOUND));
+        let m = g.module_load(FILL_PTX.as_bytes()).unwrap();
+        let f = g.module_get_function(&m, c"fill_u32").unwrap();
+        assert_eq!(g.func_param_layout(&f).unwrap(), FILL_LAYOUT);
+        assert_eq!(g.module_get_function(&m, c"nope").map(|_| ()), not_found);
+        let (counter, size) = g.module_get_global(&m, c"counter").unwrap();
+        assert!(counter != 0 && size == 4);
+        assert!(g.func_get_attribute(&f, 0).unwrap() >= 256, "MAX_THREADS_PER_BLOCK");
+        g.func_set_cache_config(&f, 1).unwrap();
+        g.func_set_attribute(&f, 8, 1024).unwrap(); // MAX_DYNAMIC_SHARED_SIZE_BYTES
+        assert!(g.occupancy_max_active_blocks(&f, 256, 0, 0).unwrap() >= 1);
+
+        const N: u64 = 10_000;
+        let buf = g.mem_alloc(N * 4 + 64).unwrap();
+        g.memset_d8(buf, 0, N * 4 + 64, None).unwrap();
+        g.launch(&f, &grid((N as u32).div_ceil(256), 256), None, &fill_params(buf, 0xc0ffee, N), &FILL_LAYOUT).unwrap();
+        let words = read_words(&mut g, buf, N as usize + 2);
+        assert!(words[..N as usize].iter().all(|&w| w == 0xc0ffee));
+        assert_eq!(words[N as usize..], [0, 0]);
+        // Short buffers and foreign layouts are refused before the driver sees them.
+        let params = fill_params(buf, 1, 1);
+        assert_eq!(g.launch(&f, &grid(1, 1), None, &params[..20], &FILL_LAYOUT), Err(CuError::INVALID_VALUE));
+        assert_eq!(g.launch(&f, &grid(1, 1), None, &params, &FILL_LAYOUT[..2]), Err(CuError::INVALID_VALUE));
+
+        // `cuLaunchKernelEx` with a plain attribute, on a stream; others are refused.
+        let s = g.stream_create(1, 0).unwrap();
+        let mut ex = grid(1, 32);
+        ex.attrs = vec![LaunchAttr { id: 8, value: [0; 4] }]; // PRIORITY
+        g.launch(&f, &ex, Some(&s), &fill_params(buf, 7, 16), &FILL_LAYOUT).unwrap();
+        g.stream_synchronize(&s).unwrap();
+        assert_eq!(read_words(&mut g, buf, 17), [[7; 16].as_slice(), &[0xc0ffee]].concat());
+        ex.attrs = vec![LaunchAttr { id: 7, value: [0; 4] }]; // PROGRAMMATIC_EVENT
+        assert_eq!(g.launch(&f, &ex, Some(&s), &fill_params(buf, 7, 16), &FILL_LAYOUT), Err(CuError::NOT_SUPPORTED));
+
+        // A library: its kernel (launched directly and as a function), a module view and
+        // a global.
+        let lib = g.library_load(FILL_PTX.as_bytes()).unwrap();
+        assert_eq!(g.module_get_function(&lib, c"fill_u32").map(|_| ()), Err(CuError::INVALID_HANDLE));
+        let k = g.library_get_kernel(&lib, c"fill_u32").unwrap();
+        assert_eq!(g.func_param_layout(&k).unwrap(), FILL_LAYOUT);
+        assert!(g.func_get_attribute(&k, 0).unwrap() >= 256);
+        g.func_set_cache_config(&k, 0).unwrap();
+        g.launch(&k, &grid(1, 32), None, &fill_params(buf, 9, 4), &FILL_LAYOUT).unwrap();
+        let kf = g.kernel_get_function(&k).unwrap();
+        g.launch(&kf, &grid(1, 32), None, &fill_params(buf + 16, 10, 4), &FILL_LAYOUT).unwrap();
+        let view = g.library_get_module(&lib).unwrap();
+        let vf = g.module_get_function(&view, c"fill_u32").unwrap();
+        let (_, lsize) = g.library_get_global(&lib, c"counter").unwrap();
+        assert_eq!(lsize, 4);
+        assert_eq!(g.library_get_global(&lib, c"nope").map(|_| ()), not_found);
+        g.module_unload(view).unwrap();
+        g.launch(&vf, &grid(1, 32), None, &fill_params(buf + 32, 11, 4), &FILL_LAYOUT).unwrap();
+        assert_eq!(read_words(&mut g, buf, 13), [9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11, 7]);
+        g.module_unload(lib).unwrap();
+        assert_eq!(g.launch(&k, &grid(1, 1), None, &params, &FILL_LAYOUT), Err(CuError::INVALID_HANDLE));
+        assert_eq!(g.func_param_layout(&vf), Err(CuError::INVALID_HANDLE));
+        g.module_unload(m).unwrap();
+        assert_eq!(g.func_param_layout(&f), Err(CuError::INVALID_HANDLE));
+        assert_eq!(g.module_load(b".version 8.0").map(|_| ()), Err(CuError::INVALID_VALUE));
+        // A module left loaded is unloaded by `Drop`.
+        let _left = g.module_load(FILL_PTX.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn gpu_contexts_create_switch_destroy() {
+        if !gpu_tests_enabled() {
+            return;
+        }
+        let mut g = open_gpu();
+        let p = g.mem_alloc(1 << 20).unwrap();
+        let primary_flags = g.primary_ctx_flags().unwrap();
+        let c = g.ctx_create(0).unwrap();
+        assert!(g.ctx_get_api_version().unwrap() >= 3020);
+        let (free_before, _) = g.mem_get_info().unwrap();
+        let a = g.mem_alloc(256 << 20).unwrap();
+        let s = g.stream_create(0, 0).unwrap();
+        let e = g.event_create(0).unwrap();
+        let m = g.module_load(FILL_PTX.as_bytes()).unwrap();
+        let f = g.module_get_function(&m, c"fill_u32").unwrap();
+        g.launch(&f, &grid(1, 64), Some(&s), &fill_params(a, 5, 64), &FILL_LAYOUT).unwrap();
+        g.event_record(&e, Some(&s), 0).unwrap();
+        g.ctx_set_limit(0, 4096).unwrap(); // STACK_SIZE
+        assert!(g.ctx_get_limit(0).unwrap() >= 4096);
+        let (least, greatest) = g.ctx_get_stream_priority_range().unwrap();
+        assert!(greatest <= least);
+        g.ctx_set_cache_config(1).unwrap();
+        g.ctx_get_cache_config().unwrap();
+        let flags = g.ctx_get_flags().unwrap();
+        g.ctx_set_flags(flags & 0x7).unwrap();
+
+        // Back to the primary context, and again into the new one.
+        g.set_context(None).unwrap();
+        g.memset_d8(p, 1, 16, None).unwrap();
+        g.set_context(Some(&c)).unwrap();
+        g.stream_synchronize(&s).unwrap();
+        assert_eq!(read_words(&mut g, a, 65)[..64], [5; 64]);
+
+        // Destroying it (while current) frees everything in it and falls back to the
+        // primary context.
+        g.ctx_destroy(c).unwrap();
+        let (free_after, _) = g.mem_get_info().unwrap();
+        assert!(free_after >= free_before, "{free_after} < {free_before}");
+        assert_eq!(g.stream_synchronize(&s), Err(CuError::INVALID_HANDLE));
+        assert_eq!(g.event_query(&e), Err(CuError::INVALID_HANDLE));
+        assert_eq!(g.mem_free(a), Err(CuError::INVALID_VALUE));
+        assert_eq!(g.module_get_function(&m, c"fill_u32").map(|_| ()), Err(CuError::INVALID_HANDLE));
+        assert_eq!(g.func_param_layout(&f), Err(CuError::INVALID_HANDLE));
+        assert_eq!(g.set_context(Some(&CudaContext { id: u64::MAX })), Err(CuError::INVALID_HANDLE));
+        let mut head = [0u8; 16];
+        g.copy_dtoh(&mut head, p, None).unwrap();
+        assert_eq!(head, [1; 16]);
+        g.mem_free(p).unwrap();
+        g.primary_ctx_set_flags(primary_flags).unwrap();
+
+        // A context left alive, holding memory, is scrubbed and destroyed by `Drop`.
+        let _c2 = g.ctx_create(0).unwrap();
+        let _left = g.mem_alloc(1 << 20).unwrap();
+        let _ls = g.stream_create(0, 0).unwrap();
+        drop(g);
+    }
+
+    #[test]
+    fn gpu_events_streams_and_pitched_memory() {
+        if !gpu_tests_enabled() {
+            return;
+        }
+        let mut g = open_gpu();
+        let (_, greatest) = g.ctx_get_stream_priority_range().unwrap();
+        let s1 = g.stream_create(1, 0).unwrap();
+        let s2 = g.stream_create(1, greatest).unwrap();
+        assert_eq!(g.stream_get_priority(Some(&s2)).unwrap(), greatest);
+        assert_eq!(g.stream_get_flags(Some(&s1)).unwrap() & 1, 1);
+        g.stream_get_flags(None).unwrap();
+        g.stream_get_priority(None).unwrap();
+
+        const N: u64 = 64 << 20;
+        let buf = g.mem_alloc(N).unwrap();
+        let start = g.event_create(0).unwrap();
+        let end = g.event_create(0).unwrap();
+        g.event_record(&start, Some(&s1), 0).unwrap();
+        g.memset_d32(buf, 3, N / 4, Some(&s1)).unwrap();
+        g.event_record(&end, Some(&s1), 0).unwrap();
+        // `s2` waits for `end`, so its copy sees the memset's last words.
+        g.stream_wait_event(Some(&s2), &end, 0).unwrap();
+        let mut tail = [0u8; 16];
+        g.copy_dtoh(&mut tail, buf + N - 16, Some(&s2)).unwrap();
+        assert_eq!(tail, [3, 0, 0, 0, 3, 0, 0, 0, 3, 0, 0, 0, 3, 0, 0, 0]);
+        g.event_synchronize(&end).unwrap();
+        g.event_query(&end).unwrap();
+        g.stream_query(Some(&s1)).unwrap();
+        g.stream_query(None).unwrap();
+        let ms = g.event_elapsed_time(&start, &end).unwrap();
+        println!("memset of {N} bytes: {ms} ms");
+        assert!(ms >= 0.0);
+        let untimed = g.event_create(2).unwrap(); // DISABLE_TIMING
+        g.event_record(&untimed, None, 0).unwrap();
+        g.event_synchronize(&untimed).unwrap();
+        assert!(g.event_elapsed_time(&start, &untimed).is_err());
+
+        let (p, pitch) = g.mem_alloc_pitch(1000, 10, 4).unwrap();
+        assert!(pitch >= 1000);
+        g.memset_d16(p, 0xabcd, pitch * 10 / 2, None).unwrap();
+        let mut last = [0u8; 4];
+        g.copy_dtoh(&mut last, p + pitch * 10 - 4, None).unwrap();
+        assert_eq!(last, [0xcd, 0xab, 0xcd, 0xab]);
+        g.memset_d16(p + 2, 0, 1, Some(&s1)).unwrap();
+        assert_eq!(g.memset_d16(p + 1, 0, 1, None), Err(CuError::INVALID_VALUE));
+        g.mem_free(p).unwrap();
+
+        for e in [start, end, untimed] {
+            g.event_destroy(e).unwrap();
+        }
+        g.stream_destroy(s1).unwrap();
+        g.stream_destroy(s2).unwrap();
+        assert_eq!(g.event_create(0x100).map(|_| ()), Err(CuError::INVALID_VALUE));
+        // An event left alive is destroyed by `Drop`.
+        let _left = g.event_create(0).unwrap();
     }
 }

@@ -52,10 +52,10 @@ impl std::error::Error for CuError {}
 /// Result of a backend operation.
 pub type CuResultOf<T> = Result<T, CuError>;
 
-/// One kernel parameter as the driver lays it out (`cuFuncGetParamInfo`).
-pub use vgpu_proto::ParamSlot;
 /// A launch configuration (`cuLaunchKernel` / `cuLaunchKernelEx`).
 pub use vgpu_proto::LaunchConfig;
+/// One kernel parameter as the driver lays it out (`cuFuncGetParamInfo`).
+pub use vgpu_proto::ParamSlot;
 
 /// `CUDA_ERROR_NOT_READY` (a query whose work has not finished; not a failure).
 pub const NOT_READY: CuError = CuError::new(600);
@@ -201,8 +201,7 @@ pub trait GpuBackend {
     /// `Ok` when the stream's work is done, [`NOT_READY`] when not.
     fn stream_query(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<()>;
     /// Makes future work on `stream` wait for `event`.
-    fn stream_wait_event(&mut self, stream: Option<&Self::Stream>, event: &Self::Event, flags: u32)
-        -> CuResultOf<()>;
+    fn stream_wait_event(&mut self, stream: Option<&Self::Stream>, event: &Self::Event, flags: u32) -> CuResultOf<()>;
     /// `cuStreamGetFlags`.
     fn stream_get_flags(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<u32>;
     /// `cuStreamGetPriority`.
