@@ -472,7 +472,11 @@ fn forward_shape(b: &Bindings, f: &FnEntry) -> Result<Forward> {
             let w = wire_of(to).with_context(|| format!("{}: out argument {arg} points to {to:?}", f.name))?;
             reply.push((field(arg), w, arg.clone(), opt));
         } else if f.cstr.contains(arg) {
-            ensure!(matches!(&kind, Kind::Ptr { to, .. } if matches!(**to, Kind::Char)), "{}: {arg} is not a C string", f.name);
+            ensure!(
+                matches!(&kind, Kind::Ptr { to, .. } if matches!(**to, Kind::Char)),
+                "{}: {arg} is not a C string",
+                f.name
+            );
             req.push((field(arg), "String".into(), arg.clone(), kind));
         } else {
             let w = wire_of(&kind).with_context(|| {
@@ -502,8 +506,19 @@ fn parse_fields(spec: &str) -> Result<Vec<(String, String)>> {
             ensure!(
                 matches!(
                     t,
-                    "u8" | "u16" | "u32" | "u64" | "i32" | "i64" | "f32" | "bool" | "Handle" | "BulkRef" | "String"
-                        | "Bytes" | "Slots" | "LaunchConfig"
+                    "u8" | "u16"
+                        | "u32"
+                        | "u64"
+                        | "i32"
+                        | "i64"
+                        | "f32"
+                        | "bool"
+                        | "Handle"
+                        | "BulkRef"
+                        | "String"
+                        | "Bytes"
+                        | "Slots"
+                        | "LaunchConfig"
                 ),
                 "unknown wire type {t}"
             );
@@ -601,7 +616,13 @@ fn gen_proto(table: &Table, b: &Bindings) -> Result<String> {
     for m in &msgs {
         struct_def(&mut o, &format!("Request {}.", m.doc), &m.name, m.id, &m.fields);
         if !m.reply.is_empty() {
-            struct_def(&mut o, &format!("Reply to [`{}`].", m.name), &format!("{}Reply", m.name), m.id | 0x8000, &m.reply);
+            struct_def(
+                &mut o,
+                &format!("Reply to [`{}`].", m.name),
+                &format!("{}Reply", m.name),
+                m.id | 0x8000,
+                &m.reply,
+            );
         }
         o.push('\n');
     }
@@ -679,13 +700,22 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
     for f in &table.fns {
         let sig = &b.fns[&f.name];
         let params: Vec<String> = sig.args.iter().map(|(n, t)| format!("{n}: {}", export_ty(b, t))).collect();
-        let _ = writeln!(o, "/// `{}` ({}).", f.name, match f.mode {
-            Mode::Forward => "forwarded",
-            Mode::Async => "forwarded without waiting",
-            Mode::Guest => "served in the guest",
-        });
-        let _ = writeln!(o, "///\n/// # Safety\n/// The CUDA driver API contract of this entry point (valid pointers where required).");
-        let _ = writeln!(o, "#[no_mangle]\npub unsafe extern \"C\" fn {}({}) -> CUresult {{", f.name, params.join(", "));
+        let _ = writeln!(
+            o,
+            "/// `{}` ({}).",
+            f.name,
+            match f.mode {
+                Mode::Forward => "forwarded",
+                Mode::Async => "forwarded without waiting",
+                Mode::Guest => "served in the guest",
+            }
+        );
+        let _ = writeln!(
+            o,
+            "///\n/// # Safety\n/// The CUDA driver API contract of this entry point (valid pointers where required)."
+        );
+        let _ =
+            writeln!(o, "#[no_mangle]\npub unsafe extern \"C\" fn {}({}) -> CUresult {{", f.name, params.join(", "));
         match f.mode {
             Mode::Guest => {
                 let args: Vec<&str> = sig.args.iter().map(|(n, _)| n.as_str()).collect();
@@ -742,7 +772,11 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
                 } else {
                     let _ = writeln!(o, "        let rep: p::{}Reply = rt::call(&{req}, {})?;", s.msg, s.ctx);
                     for (fname, wty, ..) in &s.reply {
-                        let conv = if wty == "Handle" { format!("rt::handle_ptr(rep.{fname})") } else { format!("rep.{fname} as _") };
+                        let conv = if wty == "Handle" {
+                            format!("rt::handle_ptr(rep.{fname})")
+                        } else {
+                            format!("rep.{fname} as _")
+                        };
                         let _ = writeln!(o, "        {fname}_out.set({conv});");
                     }
                     let _ = writeln!(o, "        Ok(())");
@@ -771,7 +805,11 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
          /// entry point), sorted by base name then version.\npub static PROC_TABLE: &[rt::ProcEntry] = &[\n",
     );
     for (n, since) in &procs {
-        let _ = writeln!(o, "    rt::ProcEntry {{ base: \"{}\", since: {since}, symbol: \"{n}\", ptr: {n} as *const () }},", base_name(n));
+        let _ = writeln!(
+            o,
+            "    rt::ProcEntry {{ base: \"{}\", since: {since}, symbol: \"{n}\", ptr: {n} as *const () }},",
+            base_name(n)
+        );
     }
     o.push_str("];\n\n");
     // Error names from the bindings; texts as NVIDIA's driver words them where recorded.

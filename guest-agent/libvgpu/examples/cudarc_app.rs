@@ -72,8 +72,9 @@ fn memset(ctx: &Arc<CudaContext>) -> Res {
 fn streams(ctx: &Arc<CudaContext>) -> Res {
     let a = ctx.new_stream()?;
     let b = ctx.new_stream()?;
-    let start = ctx.new_event(None)?;
-    let end = ctx.new_event(None)?;
+    let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let start = ctx.new_event(timed)?;
+    let end = ctx.new_event(timed)?;
     start.record(&a)?;
     let data = a.clone_htod(&pattern(1 << 16, 5))?;
     end.record(&a)?;
@@ -127,13 +128,25 @@ fn errors(ctx: &Arc<CudaContext>) -> Res {
     // A handle that was never issued.
     let bogus = 0xdead_0000_0001usize as sys::CUstream;
     // SAFETY: the driver validates the handle (a forged one must be refused, not used).
-    expect_err(unsafe { result::stream::synchronize(bogus) }, sys::CUresult::CUDA_ERROR_INVALID_HANDLE, "forged stream handle")?;
+    expect_err(
+        unsafe { result::stream::synchronize(bogus) },
+        sys::CUresult::CUDA_ERROR_INVALID_HANDLE,
+        "forged stream handle",
+    )?;
     // Freeing memory that is not an allocation.
     // SAFETY: as above, for device pointers.
-    expect_err(unsafe { result::free_sync(0x1000) }, sys::CUresult::CUDA_ERROR_INVALID_VALUE, "free of a bogus pointer")?;
-    // Over the zone's memory quota (the test config gives this zone 64 MiB).
+    expect_err(
+        unsafe { result::free_sync(0x1000) },
+        sys::CUresult::CUDA_ERROR_INVALID_VALUE,
+        "free of a bogus pointer",
+    )?;
+    // Over the zone's memory quota (the test config gives this zone 256 MiB).
     // SAFETY: plain allocation.
-    expect_err(unsafe { result::malloc_sync(1 << 30) }, sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY, "allocation over quota")?;
+    expect_err(
+        unsafe { result::malloc_sync(1 << 30) },
+        sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+        "allocation over quota",
+    )?;
     // An entry point libvgpu does not provide.
     let mut graph = std::ptr::null_mut();
     // SAFETY: valid out-pointer.

@@ -266,7 +266,8 @@ pub fn init() -> CuResult<&'static Session> {
 
 fn connect() -> CuResult<Session> {
     let socket = std::env::var("VGPU_SOCKET").unwrap_or_else(|_| DEFAULT_SOCKET.to_owned());
-    let window_mb = std::env::var("VGPU_WINDOW_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DEFAULT_WINDOW_MB);
+    let window_mb =
+        std::env::var("VGPU_WINDOW_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DEFAULT_WINDOW_MB);
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         log(Level::Error, format_args!("cannot reach host-proxy at {socket}: {what}: {e} (set VGPU_SOCKET?)"));
         CuError::NO_DEVICE
@@ -283,7 +284,12 @@ fn connect() -> CuResult<Session> {
         .map_err(|e| fail("attach", &e))?;
     log(
         Level::Info,
-        format_args!("attached as zone {} to {:?} (driver {})", attach.zone, attach.device.name.as_str(), attach.device.driver_version),
+        format_args!(
+            "attached as zone {} to {:?} (driver {})",
+            attach.zone,
+            attach.device.name.as_str(),
+            attach.device.driver_version
+        ),
     );
     let window = Window::new(window, region, layout);
     let primary = attach.primary_ctx;

@@ -15,22 +15,27 @@ fn target_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_owned()
 }
 
+/// Builds what the tests run with cargo (a test build of this package does not refresh
+/// the cdylib): libvgpu's `libcuda.so`, the cudarc example and host-proxy.
+fn build(args: &[&str]) {
+    let dir = target_dir();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-q"]).args(args);
+    if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+        cmd.arg("--release");
+    }
+    cmd.env("CARGO_TARGET_DIR", dir.parent().unwrap());
+    let status = cmd.status().expect("running cargo build");
+    assert!(status.success(), "cargo build {args:?} failed");
+}
+
 /// The host-proxy binary: `VGPU_HOST_PROXY_BIN`, or built here with cargo.
 fn host_proxy_bin() -> PathBuf {
     if let Ok(p) = std::env::var("VGPU_HOST_PROXY_BIN") {
         return p.into();
     }
-    let dir = target_dir();
-    let profile = dir.file_name().unwrap().to_str().unwrap().to_owned();
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "-q", "-p", "host-proxy", "--bin", "host-proxy"]);
-    if profile == "release" {
-        cmd.arg("--release");
-    }
-    cmd.env("CARGO_TARGET_DIR", dir.parent().unwrap());
-    let status = cmd.status().expect("running cargo build for host-proxy");
-    assert!(status.success(), "building host-proxy failed");
-    dir.join("host-proxy")
+    build(&["-p", "host-proxy", "--bin", "host-proxy"]);
+    target_dir().join("host-proxy")
 }
 
 /// One daemon (sim backend) shared by every test of this file, in a private directory.
@@ -59,6 +64,7 @@ fn lab() -> &'static Lab {
         // libvgpu under the names applications look for.
         let libdir = dir.join("lib");
         std::fs::create_dir_all(&libdir).unwrap();
+        build(&["-p", "libvgpu", "--lib", "--example", "cudarc_app"]);
         let so = target_dir().join("libcuda.so");
         assert!(so.exists(), "{} was not built", so.display());
         for name in ["libcuda.so", "libcuda.so.1"] {
@@ -68,7 +74,7 @@ fn lab() -> &'static Lab {
         // SAFETY: getuid has no preconditions.
         let uid = unsafe { libc::getuid() };
         let config = format!(
-            "socket = {socket:?}\nbackend = \"sim\"\nsim_memory_bytes = 1073741824\n\n[[zone]]\nname = \"test\"\nuid = {uid}\n[zone.quotas]\nmem_bytes = 67108864\nmax_handles = 4096\nmax_async_in_flight = 1024\n",
+            "socket = {socket:?}\nbackend = \"sim\"\nsim_memory_bytes = 4294967296\n\n[[zone]]\nname = \"test\"\nuid = {uid}\n[zone.quotas]\nmem_bytes = 268435456\nmax_handles = 4096\nmax_async_in_flight = 1024\n",
         );
         std::fs::write(dir.join("host-proxy.toml"), config).unwrap();
         let child = Command::new(host_proxy_bin())
@@ -165,6 +171,7 @@ fn many_threads_share_the_session_with_per_thread_contexts() {
 #[test]
 fn exported_symbols_match_the_table() {
     use object::{Object, ObjectSymbol};
+    lab();
     let so = target_dir().join("libcuda.so");
     let bytes = std::fs::read(&so).unwrap();
     let file = object::File::parse(&*bytes).unwrap();
@@ -178,7 +185,9 @@ fn exported_symbols_match_the_table() {
     let mut table: Vec<String> = cuda::generated::EXPORTS.iter().map(|s| s.to_string()).collect();
     table.sort();
     assert_eq!(exported, table);
-    for must in ["cuInit", "cuMemAlloc_v2", "cuCtxCreate_v4", "cuMemcpyHtoD_v2", "cuLaunchKernel", "cuGetProcAddress_v2"] {
+    for must in
+        ["cuInit", "cuMemAlloc_v2", "cuCtxCreate_v4", "cuMemcpyHtoD_v2", "cuLaunchKernel", "cuGetProcAddress_v2"]
+    {
         assert!(table.iter().any(|n| n == must), "{must} is exported");
     }
 }
@@ -186,6 +195,7 @@ fn exported_symbols_match_the_table() {
 /// The SONAME is the driver's, so programs linked against libvgpu record `libcuda.so.1`.
 #[test]
 fn soname_is_libcuda_so_1() {
+    lab();
     let bytes = std::fs::read(target_dir().join("libcuda.so")).unwrap();
     assert!(bytes.windows(13).any(|w| w == b"libcuda.so.1\0"));
 }

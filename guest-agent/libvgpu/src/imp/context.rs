@@ -56,7 +56,11 @@ pub unsafe fn cu_device_primary_ctx_reset_v2(dev: sys::CUdevice) -> CuResult<()>
 }
 
 /// `cuDevicePrimaryCtxGetState`.
-pub unsafe fn cu_device_primary_ctx_get_state(dev: sys::CUdevice, flags: *mut c_uint, active: *mut c_int) -> CuResult<()> {
+pub unsafe fn cu_device_primary_ctx_get_state(
+    dev: sys::CUdevice,
+    flags: *mut c_uint,
+    active: *mut c_int,
+) -> CuResult<()> {
     // SAFETY: CUDA's contract: non-null out-pointers are valid for one write.
     let flags = unsafe { Out::required(flags) }?;
     // SAFETY: as above.
@@ -207,4 +211,3 @@ pub unsafe fn cu_ctx_synchronize_v2(ctx: sys::CUcontext) -> CuResult<()> {
     let _: Done = c.call(&p::CuCtxSynchronize {})?;
     Ok(())
 }
-

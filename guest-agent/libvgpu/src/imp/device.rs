@@ -93,12 +93,7 @@ fn proc_lookup(symbol: &str, version: c_int) -> Result<*const (), c_uint> {
     }
 }
 
-unsafe fn get_proc(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    version: c_int,
-    status: *mut c_uint,
-) -> CuResult<()> {
+unsafe fn get_proc(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int, status: *mut c_uint) -> CuResult<()> {
     // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
     let pfn = unsafe { Out::required(pfn) }?;
     // SAFETY: as above; the status pointer is optional.

@@ -236,7 +236,12 @@ pub unsafe fn cu_memcpy_hto_d_v2(dst: sys::CUdeviceptr, src: *const c_void, n: u
 }
 
 /// `cuMemcpyHtoDAsync_v2`.
-pub unsafe fn cu_memcpy_hto_d_async_v2(dst: sys::CUdeviceptr, src: *const c_void, n: usize, stream: sys::CUstream) -> CuResult<()> {
+pub unsafe fn cu_memcpy_hto_d_async_v2(
+    dst: sys::CUdeviceptr,
+    src: *const c_void,
+    n: usize,
+    stream: sys::CUstream,
+) -> CuResult<()> {
     // SAFETY: forwarded contract.
     unsafe { htod(dst, src, n, handle_of(stream), true) }
 }
@@ -248,7 +253,12 @@ pub unsafe fn cu_memcpy_dto_h_v2(dst: *mut c_void, src: sys::CUdeviceptr, n: usi
 }
 
 /// `cuMemcpyDtoHAsync_v2`.
-pub unsafe fn cu_memcpy_dto_h_async_v2(dst: *mut c_void, src: sys::CUdeviceptr, n: usize, stream: sys::CUstream) -> CuResult<()> {
+pub unsafe fn cu_memcpy_dto_h_async_v2(
+    dst: *mut c_void,
+    src: sys::CUdeviceptr,
+    n: usize,
+    stream: sys::CUstream,
+) -> CuResult<()> {
     // SAFETY: forwarded contract.
     unsafe { dtoh(dst, src, n, handle_of(stream), true) }
 }
@@ -283,7 +293,12 @@ unsafe fn unified(dst: u64, src: u64, n: usize, stream: Handle, asynchronous: bo
             let mut c = s.lock();
             c.enter_current()?;
             if asynchronous {
-                c.post(&p::CuMemcpyDtoDAsyncV2 { dst_device: dst, src_device: src, byte_count: n as u64, h_stream: stream })
+                c.post(&p::CuMemcpyDtoDAsyncV2 {
+                    dst_device: dst,
+                    src_device: src,
+                    byte_count: n as u64,
+                    h_stream: stream,
+                })
             } else {
                 c.call::<_, Done>(&req).map(drop)
             }
@@ -306,8 +321,12 @@ pub unsafe fn cu_memcpy(dst: sys::CUdeviceptr, src: sys::CUdeviceptr, n: usize) 
 }
 
 /// `cuMemcpyAsync`.
-pub unsafe fn cu_memcpy_async(dst: sys::CUdeviceptr, src: sys::CUdeviceptr, n: usize, stream: sys::CUstream) -> CuResult<()> {
+pub unsafe fn cu_memcpy_async(
+    dst: sys::CUdeviceptr,
+    src: sys::CUdeviceptr,
+    n: usize,
+    stream: sys::CUstream,
+) -> CuResult<()> {
     // SAFETY: forwarded contract.
     unsafe { unified(dst, src, n, handle_of(stream), true) }
 }
-

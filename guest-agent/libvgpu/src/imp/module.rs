@@ -105,7 +105,10 @@ fn load(bytes: &[u8], library: bool) -> CuResult<Handle> {
     c.enter_current()?;
     let block = c.window.alloc(bytes.len() as u64, 0)?;
     let desc = c.window.desc_of(block, bytes.len() as u64)?;
-    let r = c.window.write_at(desc, bytes).and_then(|()| c.call::<_, p::ModuleLoadReply>(&p::ModuleLoad { image: desc, library }));
+    let r = c
+        .window
+        .write_at(desc, bytes)
+        .and_then(|()| c.call::<_, p::ModuleLoadReply>(&p::ModuleLoad { image: desc, library }));
     let _ = c.window.free(block);
     Ok(r?.handle)
 }
@@ -228,12 +231,22 @@ fn param_info(func: Handle, index: usize, offset: *mut usize, size: *mut usize) 
 }
 
 /// `cuFuncGetParamInfo`, from the cached layout.
-pub unsafe fn cu_func_get_param_info(f: sys::CUfunction, index: usize, offset: *mut usize, size: *mut usize) -> CuResult<()> {
+pub unsafe fn cu_func_get_param_info(
+    f: sys::CUfunction,
+    index: usize,
+    offset: *mut usize,
+    size: *mut usize,
+) -> CuResult<()> {
     param_info(handle_of(f), index, offset, size)
 }
 
 /// `cuKernelGetParamInfo`, from the cached layout.
-pub unsafe fn cu_kernel_get_param_info(k: sys::CUkernel, index: usize, offset: *mut usize, size: *mut usize) -> CuResult<()> {
+pub unsafe fn cu_kernel_get_param_info(
+    k: sys::CUkernel,
+    index: usize,
+    offset: *mut usize,
+    size: *mut usize,
+) -> CuResult<()> {
     param_info(handle_of(k), index, offset, size)
 }
 
