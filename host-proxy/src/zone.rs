@@ -46,6 +46,11 @@ impl Default for Quotas {
     }
 }
 
+/// `CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK`.
+const FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: u32 = 0;
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
+const FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: u32 = 8;
+
 /// Largest chunk staged through host memory per copy step.
 const STAGING_CHUNK: usize = 4 << 20;
 /// Largest module or library image accepted (the data window may bound it further).
@@ -338,8 +343,9 @@ impl<B: GpuBackend> Zone<B> {
         if req.revision != VGPU_PROTOCOL_REVISION {
             return Err(CuError::NOT_SUPPORTED);
         }
-        let mut device = self.backend.device_info();
-        device.total_mem = device.total_mem.min(self.quotas.mem_bytes);
+        // The device's facts as they are (cuDeviceTotalMem included); the zone's quota
+        // bounds what it can allocate, and `cuMemGetInfo` reports the zone's view.
+        let device = self.backend.device_info();
         let backend = &mut self.backend;
         let attributes = self
             .attributes
@@ -1201,7 +1207,13 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     }
 
     fn func_param_layout(&mut self, req: FuncParamLayout) -> CuResultOf<FuncParamLayoutReply> {
-        Ok(FuncParamLayoutReply { slots: self.zone.layout(req.func)?.to_vec() })
+        let slots = self.zone.layout(req.func)?.to_vec();
+        let z = &mut *self.zone;
+        let f = func_of(&z.functions, &z.kernels, req.func)?;
+        // What the guest needs to refuse an impossible launch at once, as the driver does.
+        let max_threads = z.backend.func_get_attribute(&f.func, FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?;
+        let max_dynamic_smem = z.backend.func_get_attribute(&f.func, FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)?;
+        Ok(FuncParamLayoutReply { slots, max_threads, max_dynamic_smem })
     }
 
     fn cu_occupancy_max_active_blocks_per_multiprocessor(
@@ -1779,7 +1791,7 @@ mod tests {
         assert_eq!(f.z.attach(&Attach { revision: 1 }, 4096).map(|_| ()), Err(CuError::NOT_SUPPORTED));
         let r = f.z.attach(&Attach { revision: VGPU_PROTOCOL_REVISION }, 4096).unwrap();
         assert_eq!((r.zone, r.window_size, r.primary_ctx), (1, 4096, f.z.primary_context()));
-        assert_eq!(r.device.total_mem, 1 << 20);
+        assert_eq!(r.device.total_mem, f.z.backend.device_info().total_mem);
         assert_eq!(r.attributes.first(), Some(&AttrValue::Value(1024)));
         assert!(!r.pci_bus_id.is_empty());
     }

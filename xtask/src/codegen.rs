@@ -44,6 +44,7 @@ struct FnEntry {
     #[serde(default)]
     cstr: Vec<String>,
     ctx: Option<bool>,
+    valid: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -730,6 +731,12 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
             Mode::Forward | Mode::Async => {
                 let s = forward_shape(b, f)?;
                 let _ = writeln!(o, "    rt::entry(\"{}\", || {{", f.name);
+                if let Some(check) = &f.valid {
+                    let _ = writeln!(
+                        o,
+                        "        if !({check}) {{\n            return Err(rt::CuError::INVALID_VALUE);\n        }}"
+                    );
+                }
                 for (fname, _, arg, opt) in &s.reply {
                     let ctor = if *opt { "optional" } else { "required" };
                     let _ = writeln!(

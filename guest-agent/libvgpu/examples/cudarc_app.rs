@@ -128,25 +128,16 @@ fn errors(ctx: &Arc<CudaContext>) -> Res {
     // A handle that was never issued.
     let bogus = 0xdead_0000_0001usize as sys::CUstream;
     // SAFETY: the driver validates the handle (a forged one must be refused, not used).
-    expect_err(
-        unsafe { result::stream::synchronize(bogus) },
-        sys::CUresult::CUDA_ERROR_INVALID_HANDLE,
-        "forged stream handle",
-    )?;
+    let r = unsafe { result::stream::synchronize(bogus) };
+    expect_err(r, sys::CUresult::CUDA_ERROR_INVALID_HANDLE, "forged stream handle")?;
     // Freeing memory that is not an allocation.
     // SAFETY: as above, for device pointers.
-    expect_err(
-        unsafe { result::free_sync(0x1000) },
-        sys::CUresult::CUDA_ERROR_INVALID_VALUE,
-        "free of a bogus pointer",
-    )?;
+    let r = unsafe { result::free_sync(0x1000) };
+    expect_err(r, sys::CUresult::CUDA_ERROR_INVALID_VALUE, "free of a bogus pointer")?;
     // Over the zone's memory quota (the test config gives this zone 256 MiB).
     // SAFETY: plain allocation.
-    expect_err(
-        unsafe { result::malloc_sync(1 << 30) },
-        sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY,
-        "allocation over quota",
-    )?;
+    let r = unsafe { result::malloc_sync(1 << 30) };
+    expect_err(r, sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY, "allocation over quota")?;
     // An entry point libvgpu does not provide.
     let mut graph = std::ptr::null_mut();
     // SAFETY: valid out-pointer.

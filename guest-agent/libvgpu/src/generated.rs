@@ -1353,6 +1353,9 @@ pub unsafe extern "C" fn cuStreamQuery(hStream: sys::CUstream) -> CUresult {
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamWaitEvent(hStream: sys::CUstream, hEvent: sys::CUevent, Flags: ::core::ffi::c_uint) -> CUresult {
     rt::entry("cuStreamWaitEvent", || {
+        if !(Flags <= 1) {
+            return Err(rt::CuError::INVALID_VALUE);
+        }
         rt::post(&p::CuStreamWaitEvent { h_stream: rt::handle_of(hStream), h_event: rt::handle_of(hEvent), flags: Flags }, true)
     })
 }
@@ -1446,6 +1449,9 @@ pub unsafe extern "C" fn cuEventRecord(hEvent: sys::CUevent, hStream: sys::CUstr
 #[no_mangle]
 pub unsafe extern "C" fn cuEventRecordWithFlags(hEvent: sys::CUevent, hStream: sys::CUstream, flags: ::core::ffi::c_uint) -> CUresult {
     rt::entry("cuEventRecordWithFlags", || {
+        if !(flags <= 1) {
+            return Err(rt::CuError::INVALID_VALUE);
+        }
         rt::post(&p::CuEventRecordWithFlags { h_event: rt::handle_of(hEvent), h_stream: rt::handle_of(hStream), flags }, true)
     })
 }

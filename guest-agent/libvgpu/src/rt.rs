@@ -47,6 +47,7 @@ codes! {
     FILE_NOT_FOUND = 301,
     INVALID_HANDLE = 400,
     NOT_FOUND = 500,
+    CONTEXT_IS_DESTROYED = 709,
     HOST_MEMORY_ALREADY_REGISTERED = 712,
     HOST_MEMORY_NOT_REGISTERED = 713,
     NOT_SUPPORTED = 801,
@@ -230,8 +231,30 @@ pub struct Conn {
     host_ctx: Handle,
     /// The data window (staging area and pinned host memory).
     pub window: Window,
-    /// Cached parameter layouts by function/kernel handle.
-    pub layouts: HashMap<u64, std::sync::Arc<[ParamSlot]>>,
+    /// Cached launch facts by function/kernel handle.
+    pub layouts: HashMap<u64, std::sync::Arc<FuncInfo>>,
+}
+
+/// What a launch needs to know about a function, fetched once from the host.
+#[derive(Debug)]
+pub struct FuncInfo {
+    /// Its parameters' offsets and sizes.
+    pub slots: Vec<ParamSlot>,
+    /// `CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK`.
+    pub max_threads: i32,
+    /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
+    pub max_dynamic_smem: i32,
+}
+
+/// Primary context state as the driver reports it (`cuDevicePrimaryCtxGetState`).
+#[derive(Debug, Default)]
+pub struct PrimaryState {
+    /// Outstanding `cuDevicePrimaryCtxRetain`s.
+    pub retains: u32,
+    /// Whether the primary context exists (retained since the last reset/last release).
+    pub active: bool,
+    /// Flags set with `cuDevicePrimaryCtxSetFlags` (reset when it goes inactive).
+    pub flags: u32,
 }
 
 /// The process's session with host-proxy, made by `cuInit`.
@@ -241,8 +264,11 @@ pub struct Session {
     pub info: AttachReply,
     /// Live contexts (primary included), for checking handles given to context calls.
     pub contexts: Mutex<HashSet<u64>>,
-    /// Primary context retain count and flags.
-    pub primary_retains: Mutex<u32>,
+    /// Contexts destroyed in this process (`CUDA_ERROR_CONTEXT_IS_DESTROYED` where the
+    /// driver says so).
+    pub destroyed: Mutex<HashSet<u64>>,
+    /// The primary context's state.
+    pub primary: Mutex<PrimaryState>,
 }
 
 static SESSION: OnceLock<Result<Session, CuError>> = OnceLock::new();
@@ -297,7 +323,8 @@ fn connect() -> CuResult<Session> {
         conn: Mutex::new(Conn { client, buf, host_ctx: primary, window, layouts: HashMap::new() }),
         contexts: Mutex::new(HashSet::from([primary.0])),
         info: attach,
-        primary_retains: Mutex::new(0),
+        destroyed: Mutex::new(HashSet::new()),
+        primary: Mutex::new(PrimaryState::default()),
     })
 }
 
@@ -362,8 +389,11 @@ impl Conn {
             return Err(CuError::from_code(code));
         }
         let r = reply.decode::<R>()?;
-        if Q::ID == p::CuModuleUnload::ID || Q::ID == p::CuLibraryUnload::ID {
-            // Functions of the unloaded module are gone: re-fetch layouts on next use.
+        if [p::CuModuleUnload::ID, p::CuLibraryUnload::ID, p::CuFuncSetAttribute::ID, p::CuKernelSetAttribute::ID]
+            .contains(&Q::ID)
+        {
+            // Functions of an unloaded module are gone, and an attribute may have changed a
+            // launch limit: fetch launch facts again on next use.
             self.layouts.clear();
         }
         Ok(r)
@@ -375,15 +405,19 @@ impl Conn {
         Ok(())
     }
 
-    /// The parameter layout of a function or kernel (fetched once, then cached).
-    pub fn layout(&mut self, func: Handle) -> CuResult<std::sync::Arc<[ParamSlot]>> {
+    /// The launch facts of a function or kernel (fetched once, then cached).
+    pub fn func_info(&mut self, func: Handle) -> CuResult<std::sync::Arc<FuncInfo>> {
         if let Some(l) = self.layouts.get(&func.0) {
             return Ok(l.clone());
         }
         let r: p::FuncParamLayoutReply = self.call(&p::FuncParamLayout { func })?;
-        let l: std::sync::Arc<[ParamSlot]> = r.slots.into();
-        self.layouts.insert(func.0, l.clone());
-        Ok(l)
+        let info = std::sync::Arc::new(FuncInfo {
+            slots: r.slots,
+            max_threads: r.max_threads,
+            max_dynamic_smem: r.max_dynamic_smem,
+        });
+        self.layouts.insert(func.0, info.clone());
+        Ok(info)
     }
 }
 

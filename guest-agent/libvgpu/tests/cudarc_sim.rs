@@ -55,6 +55,32 @@ impl Drop for Daemon {
     }
 }
 
+/// Spawns `cmd` so that it gets SIGTERM when this test process ends (statics are never
+/// dropped, so `Daemon`'s `Drop` does not run at exit). The parent-death signal fires when
+/// the spawning *thread* ends, so a thread that lives as long as the process spawns it.
+fn spawn_tied_to_this_process(cmd: &mut Command) -> Child {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut cmd = std::mem::replace(cmd, Command::new("true"));
+    std::thread::spawn(move || {
+        tx.send(cmd.spawn()).unwrap();
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().unwrap().expect("starting host-proxy")
+}
+
 fn lab() -> &'static Lab {
     static LAB: OnceLock<Lab> = OnceLock::new();
     LAB.get_or_init(|| {
@@ -77,14 +103,13 @@ fn lab() -> &'static Lab {
             "socket = {socket:?}\nbackend = \"sim\"\nsim_memory_bytes = 4294967296\n\n[[zone]]\nname = \"test\"\nuid = {uid}\n[zone.quotas]\nmem_bytes = 268435456\nmax_handles = 4096\nmax_async_in_flight = 1024\n",
         );
         std::fs::write(dir.join("host-proxy.toml"), config).unwrap();
-        let child = Command::new(host_proxy_bin())
-            .args(["serve", "--config"])
-            .arg(dir.join("host-proxy.toml"))
-            .env("VGPU_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting host-proxy");
-        let daemon = Daemon(child);
+        let daemon = Daemon(spawn_tied_to_this_process(
+            Command::new(host_proxy_bin())
+                .args(["serve", "--config"])
+                .arg(dir.join("host-proxy.toml"))
+                .env("VGPU_LOG", "warn")
+                .stdin(Stdio::null()),
+        ));
         let t = Instant::now();
         while !socket.exists() {
             assert!(t.elapsed() < Duration::from_secs(20), "host-proxy did not create its socket");

@@ -668,6 +668,8 @@ impl Message for FuncParamLayout {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FuncParamLayoutReply {
     pub slots: Vec<ParamSlot>,
+    pub max_threads: i32,
+    pub max_dynamic_smem: i32,
 }
 impl Message for FuncParamLayoutReply {
     const ID: MessageId = MessageId(0x823e);

@@ -1150,6 +1150,8 @@ impl GpuBackend for SimGpu {
             1024
         } else if attribute == F::CU_FUNC_ATTRIBUTE_NUM_REGS as u32 {
             16
+        } else if attribute == F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as u32 {
+            48 << 10 // CUDA's default opt-in limit.
         } else {
             0
         })

@@ -3,7 +3,9 @@
 //! context, the connection tells the host to switch when the calling thread's current
 //! context differs from the one the host has current (`Conn::enter_current`).
 
-use crate::rt::{current_ctx, handle_of, handle_ptr, session, with_ctx_stack, CuError, CuResult, Out};
+use crate::rt::{
+    current_ctx, handle_of, handle_ptr, session, with_ctx_stack, CuError, CuResult, Out, PrimaryState, Session,
+};
 use cudarc::driver::sys;
 use std::ffi::{c_int, c_uint};
 use vgpu_proto::generated as p;
@@ -26,33 +28,57 @@ fn live(ctx: sys::CUcontext) -> CuResult<Handle> {
     Ok(h)
 }
 
+/// The primary context's state, locked.
+fn primary(s: &Session) -> CuResult<std::sync::MutexGuard<'_, PrimaryState>> {
+    s.primary.lock().map_err(|_| CuError::UNKNOWN)
+}
+
+/// The primary context goes inactive (last release, or reset): the host frees what was
+/// made in it and its flags return to 0, as the driver's do.
+fn deactivate(s: &Session, st: &mut PrimaryState) -> CuResult<()> {
+    let mut c = s.lock();
+    let _: Done = c.call(&p::PrimaryCtxReset {})?;
+    if st.flags != 0 {
+        let _: Done = c.call(&p::PrimaryCtxSetFlags { flags: 0 })?;
+    }
+    c.layouts.clear();
+    st.active = false;
+    st.flags = 0;
+    Ok(())
+}
+
 /// `cuDevicePrimaryCtxRetain`.
 pub unsafe fn cu_device_primary_ctx_retain(pctx: *mut sys::CUcontext, dev: sys::CUdevice) -> CuResult<()> {
     // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
     let out = unsafe { Out::required(pctx) }?;
     let s = session()?;
     check_device(dev)?;
-    *s.primary_retains.lock().map_err(|_| CuError::UNKNOWN)? += 1;
+    let mut st = primary(s)?;
+    st.retains = st.retains.checked_add(1).ok_or(CuError::INVALID_VALUE)?;
+    st.active = true;
     out.set(handle_ptr(s.info.primary_ctx));
     Ok(())
 }
 
-/// `cuDevicePrimaryCtxRelease_v2`.
+/// `cuDevicePrimaryCtxRelease_v2`: the last release destroys the primary context.
 pub unsafe fn cu_device_primary_ctx_release_v2(dev: sys::CUdevice) -> CuResult<()> {
     let s = session()?;
     check_device(dev)?;
-    let mut n = s.primary_retains.lock().map_err(|_| CuError::UNKNOWN)?;
-    *n = n.checked_sub(1).ok_or(CuError::INVALID_CONTEXT)?;
+    let mut st = primary(s)?;
+    st.retains = st.retains.checked_sub(1).ok_or(CuError::INVALID_CONTEXT)?;
+    if st.retains == 0 && st.active {
+        deactivate(s, &mut st)?;
+    }
     Ok(())
 }
 
-/// `cuDevicePrimaryCtxReset_v2`: frees everything made in the primary context.
+/// `cuDevicePrimaryCtxReset_v2`: destroys the primary context's objects; outstanding
+/// retains stay counted (as the driver's do).
 pub unsafe fn cu_device_primary_ctx_reset_v2(dev: sys::CUdevice) -> CuResult<()> {
     let s = session()?;
     check_device(dev)?;
-    let _: Done = s.lock().call(&p::PrimaryCtxReset {})?;
-    *s.primary_retains.lock().map_err(|_| CuError::UNKNOWN)? = 0;
-    Ok(())
+    let mut st = primary(s)?;
+    deactivate(s, &mut st)
 }
 
 /// `cuDevicePrimaryCtxGetState`.
@@ -67,10 +93,9 @@ pub unsafe fn cu_device_primary_ctx_get_state(
     let active = unsafe { Out::required(active) }?;
     let s = session()?;
     check_device(dev)?;
-    let r: p::PrimaryCtxGetFlagsReply = s.lock().call(&p::PrimaryCtxGetFlags {})?;
-    let retained = *s.primary_retains.lock().map_err(|_| CuError::UNKNOWN)? > 0;
-    flags.set(r.flags);
-    active.set(c_int::from(retained));
+    let st = primary(s)?;
+    flags.set(st.flags);
+    active.set(c_int::from(st.active));
     Ok(())
 }
 
@@ -78,7 +103,9 @@ pub unsafe fn cu_device_primary_ctx_get_state(
 pub unsafe fn cu_device_primary_ctx_set_flags_v2(dev: sys::CUdevice, flags: c_uint) -> CuResult<()> {
     let s = session()?;
     check_device(dev)?;
+    let mut st = primary(s)?;
     let _: Done = s.lock().call(&p::PrimaryCtxSetFlags { flags })?;
+    st.flags = flags;
     Ok(())
 }
 
@@ -125,6 +152,9 @@ pub unsafe fn cu_ctx_create_v4(
 
 /// `cuCtxDestroy_v2`.
 pub unsafe fn cu_ctx_destroy_v2(ctx: sys::CUcontext) -> CuResult<()> {
+    if ctx.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
     let h = live(ctx)?;
     let s = session()?;
     let mut c = s.lock();
@@ -134,6 +164,7 @@ pub unsafe fn cu_ctx_destroy_v2(ctx: sys::CUcontext) -> CuResult<()> {
     }
     drop(c);
     s.contexts.lock().map_err(|_| CuError::UNKNOWN)?.remove(&h.0);
+    s.destroyed.lock().map_err(|_| CuError::UNKNOWN)?.insert(h.0);
     with_ctx_stack(|st| st.retain(|x| *x != h));
     Ok(())
 }
@@ -204,6 +235,9 @@ pub unsafe fn cu_ctx_get_device_v2(device: *mut sys::CUdevice, ctx: sys::CUconte
 
 /// `cuCtxSynchronize_v2`: waits for `ctx` (or the current context when NULL).
 pub unsafe fn cu_ctx_synchronize_v2(ctx: sys::CUcontext) -> CuResult<()> {
+    if session()?.destroyed.lock().map_err(|_| CuError::UNKNOWN)?.contains(&handle_of(ctx).0) {
+        return Err(CuError::CONTEXT_IS_DESTROYED);
+    }
     let target = if ctx.is_null() { current_ctx().ok_or(CuError::INVALID_CONTEXT)? } else { live(ctx)? };
     let s = session()?;
     let mut c = s.lock();

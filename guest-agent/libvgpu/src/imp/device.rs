@@ -93,13 +93,26 @@ fn proc_lookup(symbol: &str, version: c_int) -> Result<*const (), c_uint> {
     }
 }
 
-unsafe fn get_proc(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int, status: *mut c_uint) -> CuResult<()> {
+/// `CU_GET_PROC_ADDRESS_LEGACY_STREAM | CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM`.
+const PROC_FLAGS: u64 = 0x3;
+
+unsafe fn get_proc(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: u64,
+    status: *mut c_uint,
+) -> CuResult<()> {
+    let has_status = !status.is_null();
     // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
     let pfn = unsafe { Out::required(pfn) }?;
     // SAFETY: as above; the status pointer is optional.
     let status = unsafe { Out::optional(status) }?;
     // SAFETY: CUDA's contract: the symbol is a NUL-terminated string.
     let name = unsafe { rt::c_string(symbol) }?;
+    if flags & !PROC_FLAGS != 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
     // Per-thread-default-stream variants (`_ptds`/`_ptsz`) are the same entry points
     // here: every default stream of a zone is its context's NULL stream.
     match proc_lookup(&name, version) {
@@ -111,7 +124,13 @@ unsafe fn get_proc(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int,
         Err(st) => {
             pfn.set(std::ptr::null_mut());
             status.set(st);
-            Err(CuError::NOT_FOUND)
+            // With a status out-parameter (v2) the driver reports "not found" there and
+            // returns success; v1 has only the return code.
+            if has_status {
+                Ok(())
+            } else {
+                Err(CuError::NOT_FOUND)
+            }
         }
     }
 }
@@ -121,10 +140,10 @@ pub unsafe fn cu_get_proc_address(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
     cuda_version: c_int,
-    _flags: sys::cuuint64_t,
+    flags: sys::cuuint64_t,
 ) -> CuResult<()> {
     // SAFETY: forwarded contract.
-    unsafe { get_proc(symbol, pfn, cuda_version, std::ptr::null_mut()) }
+    unsafe { get_proc(symbol, pfn, cuda_version, flags, std::ptr::null_mut()) }
 }
 
 /// `cuGetProcAddress_v2`.
@@ -132,20 +151,22 @@ pub unsafe fn cu_get_proc_address_v2(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
     cuda_version: c_int,
-    _flags: sys::cuuint64_t,
+    flags: sys::cuuint64_t,
     symbol_status: *mut c_uint,
 ) -> CuResult<()> {
     // SAFETY: forwarded contract.
-    unsafe { get_proc(symbol, pfn, cuda_version, symbol_status) }
+    unsafe { get_proc(symbol, pfn, cuda_version, flags, symbol_status) }
 }
 
-/// `cuGetExportTable`: the CUDA runtime's private tables are not provided yet.
+/// `cuGetExportTable`: libvgpu has none of the CUDA runtime's private tables yet (a later
+/// issue), so every id is unknown — `CUDA_ERROR_INVALID_VALUE`, as the driver answers an
+/// unknown id — and the first request is logged.
 pub unsafe fn cu_get_export_table(table: *mut *const c_void, _id: *const sys::CUuuid) -> CuResult<()> {
     // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
     let out = unsafe { Out::optional(table) }?;
     out.set(std::ptr::null());
-    rt::unsupported("cuGetExportTable (CUDA runtime support is a later issue)");
-    Err(CuError::NOT_SUPPORTED)
+    rt::unsupported("cuGetExportTable (the CUDA runtime's export tables)");
+    Err(CuError::INVALID_VALUE)
 }
 
 /// `cuProfilerStart`: no profiler runs in a zone; accepted as a no-op.

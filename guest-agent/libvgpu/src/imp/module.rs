@@ -8,11 +8,11 @@
 //! Launches pack the parameters by the function's layout, fetched from the host once per
 //! function (`cuFuncGetParamInfo` there) and cached, and are posted without waiting.
 
-use crate::rt::{handle_of, handle_ptr, session, CuError, CuResult, Out};
+use crate::rt::{handle_of, handle_ptr, session, CuError, CuResult, FuncInfo, Out};
 use cudarc::driver::sys;
 use std::ffi::{c_char, c_uint, c_void};
 use vgpu_proto::generated as p;
-use vgpu_proto::{Handle, LaunchAttr, LaunchConfig, ParamSlot};
+use vgpu_proto::{AttrValue, Handle, LaunchAttr, LaunchConfig, ParamSlot};
 
 /// Largest module image accepted (also bounded by the window).
 const MAX_IMAGE: usize = 1 << 30;
@@ -219,12 +219,12 @@ fn param_info(func: Handle, index: usize, offset: *mut usize, size: *mut usize) 
     // SAFETY: as above.
     let size = unsafe { Out::optional(size) }?;
     let s = session()?;
-    let layout = {
+    let info = {
         let mut c = s.lock();
         c.enter_current()?;
-        c.layout(func)?
+        c.func_info(func)?
     };
-    let slot = layout.get(index).ok_or(CuError::INVALID_VALUE)?;
+    let slot = info.slots.get(index).ok_or(CuError::INVALID_VALUE)?;
     offset.set(slot.offset as usize);
     size.set(slot.size as usize);
     Ok(())
@@ -322,10 +322,51 @@ unsafe fn launch(
     let s = session()?;
     let mut c = s.lock();
     c.enter_current()?;
-    let layout = c.layout(f)?;
+    let info = c.func_info(f)?;
+    check_geometry(&s.info.attributes, &info, &config)?;
     // SAFETY: forwarded contract.
-    let params = unsafe { pack(&layout, params, extra) }?;
+    let params = unsafe { pack(&info.slots, params, extra) }?;
     c.post(&p::Launch { func: f, config, stream, params })
+}
+
+/// `CUDA_ERROR_INVALID_CLUSTER_SIZE`.
+const INVALID_CLUSTER_SIZE: CuError = CuError(match std::num::NonZeroU32::new(912) {
+    Some(c) => c,
+    None => unreachable!(),
+});
+
+/// Refuses, at once and as the driver would, a launch that cannot run: empty or oversized
+/// grid or block, more threads or dynamic shared memory than the function allows, a grid
+/// that is not a multiple of its cluster. (A posted launch's errors would otherwise only
+/// surface at the next call.)
+fn check_geometry(attributes: &[AttrValue], info: &FuncInfo, config: &LaunchConfig) -> CuResult<()> {
+    let attr = |a: usize| match attributes.get(a - 1) {
+        Some(AttrValue::Value(v)) => u32::try_from(*v).unwrap_or(0),
+        _ => u32::MAX,
+    };
+    // MAX_BLOCK_DIM_X..Z are attributes 2..4, MAX_GRID_DIM_X..Z 5..7.
+    for i in 0..3 {
+        let (g, b) = (config.grid[i], config.block[i]);
+        if g == 0 || b == 0 || b > attr(2 + i) || g > attr(5 + i) {
+            return Err(CuError::INVALID_VALUE);
+        }
+    }
+    let threads = config.block.iter().map(|&b| u64::from(b)).product::<u64>();
+    if threads > u64::try_from(info.max_threads).unwrap_or(0) {
+        return Err(CuError::INVALID_VALUE);
+    }
+    if u64::from(config.shared_mem_bytes) > u64::try_from(info.max_dynamic_smem).unwrap_or(0) {
+        return Err(CuError::INVALID_VALUE);
+    }
+    for a in config.attrs.iter().filter(|a| a.id == LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION) {
+        for i in 0..3 {
+            let c = a.value[i];
+            if c == 0 || config.grid[i] % c != 0 {
+                return Err(INVALID_CLUSTER_SIZE);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `cuLaunchKernel`.
@@ -347,6 +388,9 @@ pub unsafe fn cu_launch_kernel(
     // SAFETY: forwarded contract.
     unsafe { launch(handle_of(f), config, handle_of(stream), params, extra) }
 }
+
+/// `CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`.
+const LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: u32 = 4;
 
 /// Launch attributes whose values are plain integers (forwarded as such).
 const PLAIN_ATTRIBUTES: &[u32] = &[

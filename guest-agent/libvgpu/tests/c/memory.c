@@ -213,6 +213,8 @@ static void host_memory(CUstream s) {
         fill_pattern(h, n, 1000u + flags[i]);
         CHECK(cuMemcpyHtoDAsync(d, h, n, s));
         CHECK(cuMemsetD8Async(d, 0x42, 17, s));
+        /* The copy reads `h` until it completes: synchronise before reusing the buffer. */
+        CHECK(cuStreamSynchronize(s));
         memset(h, 0x42, 17);
         memcpy(check, h, n);
         memset(h, 0, n);
