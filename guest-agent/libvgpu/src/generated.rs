@@ -612,9 +612,9 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: sys::CUdeviceptr) -> CUresult {
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
     rt::entry("cuMemGetInfo_v2", || {
         // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
-        let free_out = unsafe { rt::Out::required(free) }?;
+        let free_out = unsafe { rt::Out::optional(free) }?;
         // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
-        let total_out = unsafe { rt::Out::required(total) }?;
+        let total_out = unsafe { rt::Out::optional(total) }?;
         let rep: p::CuMemGetInfoV2Reply = rt::call(&p::CuMemGetInfoV2 {}, true)?;
         free_out.set(rep.free as _);
         total_out.set(rep.total as _);

@@ -60,16 +60,17 @@ impl Drop for Daemon {
 /// the spawning *thread* ends, so a thread that lives as long as the process spawns it.
 fn spawn_tied_to_this_process(cmd: &mut Command) -> Child {
     use std::os::unix::process::CommandExt;
+    let tie = || {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and changes only this
+        // process's own attribute.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
     // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
     // which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    };
+    unsafe { cmd.pre_exec(tie) };
     let (tx, rx) = std::sync::mpsc::channel();
     let mut cmd = std::mem::replace(cmd, Command::new("true"));
     std::thread::spawn(move || {

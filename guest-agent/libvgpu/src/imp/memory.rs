@@ -43,9 +43,13 @@ pub unsafe fn cu_mem_host_alloc(pp: *mut *mut c_void, bytesize: usize, flags: c_
     Ok(())
 }
 
-/// `cuMemFreeHost`.
+/// `cuMemFreeHost` (NULL is accepted and ignored, as by the driver).
 pub unsafe fn cu_mem_free_host(ptr: *mut c_void) -> CuResult<()> {
-    session()?.lock().window.free(ptr.cast())
+    let s = session()?;
+    if ptr.is_null() {
+        return Ok(());
+    }
+    s.lock().window.free(ptr.cast())
 }
 
 /// `cuMemHostGetFlags`.
@@ -84,6 +88,13 @@ pub unsafe fn cu_mem_host_unregister(ptr: *mut c_void) -> CuResult<()> {
     reg.remove(&ptr.addr()).map(drop).ok_or(CuError::HOST_MEMORY_NOT_REGISTERED)
 }
 
+/// Whether `[p, p + 1)` lies in a range registered with `cuMemHostRegister`.
+fn is_registered(p: u64) -> bool {
+    let Ok(reg) = REGISTERED.lock() else { return false };
+    let p = p as usize;
+    reg.range(..=p).next_back().is_some_and(|(&start, &(len, _))| p < start + len)
+}
+
 /// Asks the host about a device pointer (in the caller's current context).
 fn host_attribute(c: &mut Conn, attribute: c_uint, ptr: u64) -> CuResult<u64> {
     c.enter_current()?;
@@ -105,7 +116,7 @@ unsafe fn attribute_into(c: &mut Conn, data: *mut c_void, attribute: c_uint, ptr
         return Err(CuError::INVALID_VALUE);
     }
     let host_ptr = std::ptr::without_provenance::<u8>(ptr as usize);
-    let value = if c.window.flags_of(host_ptr).is_some() {
+    let value = if c.window.flags_of(host_ptr).is_some() || is_registered(ptr) {
         match attribute {
             1 => c.host_ctx().0,
             2 => MEMORYTYPE_HOST,
