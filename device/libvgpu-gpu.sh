@@ -15,7 +15,7 @@ root=$PWD
 src=$root/guest-agent/libvgpu/tests/c
 carry=$root/.device-carry
 out=/tmp/vgpu-out
-progs=(device_query contexts memory launch streams_events errors_misc)
+progs=(device_query contexts memory launch streams_events errors_misc ipc)
 sockdir=/tmp/vgpu-gpu
 sock=$sockdir/host-proxy.sock
 

@@ -4,7 +4,8 @@
 //! checked and exits non-zero on the first failure.
 //!
 //! Usage: `cudarc_app SCENARIO [PTX_FILE]` with SCENARIO one of `device`, `copy`, `memset`,
-//! `streams`, `launch PTX_FILE`, `errors`, `threads`.
+//! `streams`, `launch PTX_FILE`, `errors`, `threads`, `ipc-export` (prints a handle, waits
+//! for a line on stdin), `ipc-open HANDLE`.
 
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{sys, CudaContext, LaunchConfig, PushKernelArg};
@@ -187,6 +188,56 @@ fn threads(ctx: &Arc<CudaContext>) -> Res {
     ensure(here == ctx.cu_ctx(), "current context is per thread")
 }
 
+/// The seeds' producer: writes 42, 43, 44 …, exports the allocation, prints the handle,
+/// waits for the consumer (a line on stdin), then checks the consumer's writes.
+fn ipc_export(ctx: &Arc<CudaContext>) -> Res {
+    use std::io::BufRead;
+    let stream = ctx.default_stream();
+    let n = 4096usize;
+    let values: Vec<u32> = (0..n as u32).map(|i| 42 + i).collect();
+    let dev = stream.clone_htod(&values)?;
+    let (ptr, guard) = cudarc::driver::DevicePtr::device_ptr(&dev, &stream);
+    let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
+    // SAFETY: valid out-pointer; `ptr` is the start of a live allocation.
+    unsafe { sys::cuIpcGetMemHandle(&mut handle, ptr) }.result()?;
+    drop(guard);
+    let hex: String = handle.reserved.iter().map(|&b| format!("{:02x}", b as u8)).collect();
+    println!("handle {hex}");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    ensure(line.trim() == "done", "consumer finished")?;
+    let back = stream.clone_dtoh(&dev)?;
+    ensure(back.iter().enumerate().all(|(i, &v)| v == 1000 + i as u32), "producer sees the consumer's writes")
+}
+
+/// The seeds' consumer: opens the producer's handle, verifies 42, 43, 44 …, writes back.
+fn ipc_open(ctx: &Arc<CudaContext>, hex: &str) -> Res {
+    ctx.bind_to_thread()?;
+    let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
+    for (i, b) in handle.reserved.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or("short handle")?, 16)? as _;
+    }
+    let mut dptr = 0;
+    // SAFETY: valid out-pointer; the handle is passed by value.
+    unsafe { sys::cuIpcOpenMemHandle_v2(&mut dptr, handle, 1) }.result()?;
+    let n = 4096usize;
+    let mut got = vec![0u32; n];
+    // SAFETY: `got` holds n words; the opened range is n words long.
+    unsafe { sys::cuMemcpyDtoH_v2(got.as_mut_ptr().cast(), dptr, n * 4) }.result()?;
+    ensure(got.iter().enumerate().all(|(i, &v)| v == 42 + i as u32), "consumer reads 42, 43, 44, ...")?;
+    let new: Vec<u32> = (0..n as u32).map(|i| 1000 + i).collect();
+    // SAFETY: as above, in the other direction.
+    unsafe { sys::cuMemcpyHtoD_v2(dptr, new.as_ptr().cast(), n * 4) }.result()?;
+    // SAFETY: `dptr` came from cuIpcOpenMemHandle.
+    unsafe { sys::cuIpcCloseMemHandle(dptr) }.result()?;
+    // A handle that was never issued is refused.
+    let mut forged = handle;
+    forged.reserved[20] ^= 0x5a;
+    // SAFETY: as above.
+    let rc = unsafe { sys::cuIpcOpenMemHandle_v2(&mut dptr, forged, 1) };
+    ensure(rc == sys::CUresult::CUDA_ERROR_INVALID_VALUE, "a forged handle is refused")
+}
+
 fn main() -> Res {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let ctx = CudaContext::new(0)?;
@@ -198,6 +249,8 @@ fn main() -> Res {
         Some("launch") => launch(&ctx, args.get(1).ok_or("launch needs a PTX file")?),
         Some("errors") => errors(&ctx),
         Some("threads") => threads(&ctx),
+        Some("ipc-export") => ipc_export(&ctx),
+        Some("ipc-open") => ipc_open(&ctx, args.get(1).ok_or("ipc-open needs a handle")?),
         _ => Err("usage: cudarc_app device|copy|memset|streams|launch PTX|errors|threads".into()),
     }
 }

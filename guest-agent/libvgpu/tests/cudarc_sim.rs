@@ -120,19 +120,23 @@ fn lab() -> &'static Lab {
     })
 }
 
-/// Runs a cudarc scenario with libvgpu as its libcuda; returns its stdout.
-fn app(args: &[&str]) -> String {
+/// The cudarc program, set up to load libvgpu as its libcuda.
+fn app_command(args: &[&str]) -> Command {
     let lab = lab();
     let exe = target_dir().join("examples/cudarc_app");
     assert!(exe.exists(), "{} was not built", exe.display());
-    let out = Command::new(&exe)
-        .args(args)
+    let mut cmd = Command::new(&exe);
+    cmd.args(args)
         .env("LD_LIBRARY_PATH", &lab.libdir)
         .env("VGPU_SOCKET", &lab.socket)
         .env("VGPU_LOG", "warn")
-        .current_dir(&lab.dir)
-        .output()
-        .expect("running cudarc_app");
+        .current_dir(&lab.dir);
+    cmd
+}
+
+/// Runs a cudarc scenario with libvgpu as its libcuda; returns its stdout.
+fn app(args: &[&str]) -> String {
+    let out = app_command(args).output().expect("running cudarc_app");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "cudarc_app {args:?} failed ({}):\n{stdout}\n{stderr}", out.status);
@@ -190,6 +194,33 @@ fn errors_are_cuda_errors_and_leave_the_zone_usable() {
 fn many_threads_share_the_session_with_per_thread_contexts() {
     let out = app(&["threads"]);
     assert!(out.contains("ok: current context is per thread"));
+}
+
+/// The seeds' flow between two processes of one zone: the producer writes 42, 43, 44 …
+/// and exports; the consumer opens the handle, verifies, writes back; the producer
+/// verifies. The driver's IPC handle never reaches either process.
+#[test]
+fn ipc_between_two_processes_of_one_zone() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut producer = app_command(&["ipc-export"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(producer.stdout.take().unwrap()).lines();
+    let handle = loop {
+        let line = lines.next().expect("producer ended before printing its handle").unwrap();
+        if let Some(h) = line.strip_prefix("handle ") {
+            break h.to_owned();
+        }
+    };
+    assert_eq!(handle.len(), 128);
+    let consumer = app(&["ipc-open", &handle]);
+    assert!(consumer.contains("ok: consumer reads 42, 43, 44, ..."), "{consumer}");
+    assert!(consumer.contains("ok: a forged handle is refused"), "{consumer}");
+    writeln!(producer.stdin.as_mut().unwrap(), "done").unwrap();
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert!(producer.wait().unwrap().success(), "producer failed: {rest:?}");
+    assert!(rest.iter().any(|l| l == "ok: producer sees the consumer's writes"), "{rest:?}");
+    // The producer is gone: its export is revoked.
+    let out = app_command(&["ipc-open", &handle]).output().unwrap();
+    assert!(!out.status.success(), "a revoked handle must not open");
 }
 
 /// The shared library exports exactly the table's entry points (and nothing else named

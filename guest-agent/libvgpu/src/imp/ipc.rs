@@ -1,32 +1,52 @@
-//! CUDA IPC. Handles must be brokered by host-proxy (a zone never sees the driver's IPC
-//! handle); the broker and the cross-zone policy are not built yet, so these calls answer
-//! `CUDA_ERROR_NOT_SUPPORTED` and say so once in the log.
+//! CUDA IPC, brokered by host-proxy: the 64-byte handle the application sees is an opaque
+//! token the host issued; the driver's own IPC handle never reaches a guest. The host
+//! decides whether an open is allowed (same zone today; sharing groups later) and maps the
+//! memory into the opener's own context.
 
-use crate::rt::{self, session, CuError, CuResult};
+use crate::rt::{session, CuError, CuResult, Out};
 use cudarc::driver::sys;
-use std::ffi::c_uint;
+use std::ffi::{c_char, c_uint};
+use vgpu_proto::generated as p;
+use vgpu_proto::Done;
 
-fn not_yet(name: &'static str) -> CuResult<()> {
-    session()?;
-    rt::unsupported(name);
-    Err(CuError::NOT_SUPPORTED)
-}
+/// Size of `CUipcMemHandle`.
+const HANDLE_LEN: usize = 64;
 
-/// `cuIpcGetMemHandle`.
-pub unsafe fn cu_ipc_get_mem_handle(_handle: *mut sys::CUipcMemHandle, _dptr: sys::CUdeviceptr) -> CuResult<()> {
-    not_yet("cuIpcGetMemHandle")
+/// `cuIpcGetMemHandle`: `dptr` must be the start of one of this zone's allocations.
+pub unsafe fn cu_ipc_get_mem_handle(handle: *mut sys::CUipcMemHandle, dptr: sys::CUdeviceptr) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(handle) }?;
+    let s = session()?;
+    let mut c = s.lock();
+    c.enter_current()?;
+    let r: p::IpcGetMemHandleReply = c.call(&p::IpcGetMemHandle { dptr })?;
+    let bytes: [u8; HANDLE_LEN] = r.handle.as_slice().try_into().map_err(|_| CuError::UNKNOWN)?;
+    out.set(sys::CUipcMemHandle { reserved: bytes.map(|b| b as c_char) });
+    Ok(())
 }
 
 /// `cuIpcOpenMemHandle_v2`.
 pub unsafe fn cu_ipc_open_mem_handle_v2(
-    _pdptr: *mut sys::CUdeviceptr,
-    _handle: sys::CUipcMemHandle,
-    _flags: c_uint,
+    pdptr: *mut sys::CUdeviceptr,
+    handle: sys::CUipcMemHandle,
+    flags: c_uint,
 ) -> CuResult<()> {
-    not_yet("cuIpcOpenMemHandle_v2")
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(pdptr) }?;
+    let s = session()?;
+    let mut c = s.lock();
+    c.enter_current()?;
+    let handle = handle.reserved.iter().map(|&b| b as u8).collect();
+    let r: p::IpcOpenMemHandleReply = c.call(&p::IpcOpenMemHandle { handle, flags })?;
+    out.set(r.dptr);
+    Ok(())
 }
 
 /// `cuIpcCloseMemHandle`.
-pub unsafe fn cu_ipc_close_mem_handle(_dptr: sys::CUdeviceptr) -> CuResult<()> {
-    not_yet("cuIpcCloseMemHandle")
+pub unsafe fn cu_ipc_close_mem_handle(dptr: sys::CUdeviceptr) -> CuResult<()> {
+    let s = session()?;
+    let mut c = s.lock();
+    c.enter_current()?;
+    let _: Done = c.call(&p::IpcCloseMemHandle { dptr })?;
+    Ok(())
 }
