@@ -970,6 +970,52 @@ impl Message for PointerGetAttributeReply {
     const ID: MessageId = MessageId(0x8270);
 }
 
+/// Request `IpcGetMemHandle` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpcGetMemHandle {
+    pub dptr: u64,
+}
+impl Message for IpcGetMemHandle {
+    const ID: MessageId = MessageId(0x0280);
+}
+/// Reply to [`IpcGetMemHandle`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpcGetMemHandleReply {
+    #[serde(with = "serde_bytes")]
+    pub handle: Vec<u8>,
+}
+impl Message for IpcGetMemHandleReply {
+    const ID: MessageId = MessageId(0x8280);
+}
+
+/// Request `IpcOpenMemHandle` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpcOpenMemHandle {
+    #[serde(with = "serde_bytes")]
+    pub handle: Vec<u8>,
+    pub flags: u32,
+}
+impl Message for IpcOpenMemHandle {
+    const ID: MessageId = MessageId(0x0281);
+}
+/// Reply to [`IpcOpenMemHandle`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpcOpenMemHandleReply {
+    pub dptr: u64,
+}
+impl Message for IpcOpenMemHandleReply {
+    const ID: MessageId = MessageId(0x8281);
+}
+
+/// Request `IpcCloseMemHandle` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpcCloseMemHandle {
+    pub dptr: u64,
+}
+impl Message for IpcCloseMemHandle {
+    const ID: MessageId = MessageId(0x0282);
+}
+
 /// Every generated request id, in order.
 pub const REQUEST_IDS: &[MessageId] = &[
     CuMemAllocV2::ID,
@@ -1042,6 +1088,9 @@ pub const REQUEST_IDS: &[MessageId] = &[
     CuEventElapsedTime::ID,
     CuEventElapsedTimeV2::ID,
     PointerGetAttribute::ID,
+    IpcGetMemHandle::ID,
+    IpcOpenMemHandle::ID,
+    IpcCloseMemHandle::ID,
 ];
 
 /// The host's implementation of every generated request. A method returns the reply
@@ -1189,6 +1238,12 @@ pub trait Api {
     fn cu_event_elapsed_time_v2(&mut self, req: CuEventElapsedTimeV2) -> Result<CuEventElapsedTimeV2Reply, Self::Error>;
     /// Handles [`PointerGetAttribute`].
     fn pointer_get_attribute(&mut self, req: PointerGetAttribute) -> Result<PointerGetAttributeReply, Self::Error>;
+    /// Handles [`IpcGetMemHandle`].
+    fn ipc_get_mem_handle(&mut self, req: IpcGetMemHandle) -> Result<IpcGetMemHandleReply, Self::Error>;
+    /// Handles [`IpcOpenMemHandle`].
+    fn ipc_open_mem_handle(&mut self, req: IpcOpenMemHandle) -> Result<IpcOpenMemHandleReply, Self::Error>;
+    /// Handles [`IpcCloseMemHandle`].
+    fn ipc_close_mem_handle(&mut self, req: IpcCloseMemHandle) -> Result<crate::Done, Self::Error>;
 }
 
 /// Sends a handler's reply.
@@ -1567,6 +1622,21 @@ pub fn dispatch<A: Api, R: Responder>(
         0x0270 => {
             let req = decode_body::<PointerGetAttribute>(body).map_err(|_| DispatchError::BadBody(id))?;
             let rep = api.pointer_get_attribute(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x0280 => {
+            let req = decode_body::<IpcGetMemHandle>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.ipc_get_mem_handle(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x0281 => {
+            let req = decode_body::<IpcOpenMemHandle>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.ipc_open_mem_handle(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x0282 => {
+            let req = decode_body::<IpcCloseMemHandle>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.ipc_close_mem_handle(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
         _ => Err(DispatchError::Unknown(id)),

@@ -154,7 +154,6 @@ pub enum AttrValue {
     Error(u32),
 }
 
-/// Requests generated from the API table (`cargo xtask codegen`).
 #[rustfmt::skip]
 #[allow(missing_docs, clippy::all)]
 pub mod generated;
