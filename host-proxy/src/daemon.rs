@@ -6,11 +6,18 @@
 //! worker process as its standard input. The worker does the shared-memory handshake and
 //! serves the zone. When the worker exits — the guest closed, died, or broke the protocol —
 //! the zone is gone and the process's exit has released all its GPU memory.
+//!
+//! The daemon is also the CUDA IPC broker ([`crate::broker`]): each worker gets the other
+//! end of a socket pair made at spawn (inherited as `--broker-fd`, so no guest can reach
+//! it), and the daemon answers its export, open, revoke and close requests. When a worker
+//! exits, every export it held is revoked (its importers are told) before the zone is
+//! reported gone.
 
+use crate::broker::{Broker, Peer};
 use crate::config::{BackendKind, Config};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -61,6 +68,7 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
     let admin = bind(&admin_path)?;
     tracing::info!(socket = %config.socket.display(), backend = ?config.backend, "host-proxy listening");
     let zones: Zones = Arc::default();
+    let broker = Broker::new();
     let config = Arc::new(config);
     let mut next_zone = 1u32;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -70,7 +78,7 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
                 Ok((stream, _)) => {
                     let id = next_zone;
                     next_zone = next_zone.wrapping_add(1).max(1);
-                    if let Err(e) = start_zone(id, stream, &config, &exe, &zones) {
+                    if let Err(e) = start_zone(id, stream, &config, &exe, &zones, &broker) {
                         tracing::warn!(zone = id, error = %format!("{e:#}"), "could not start zone");
                     }
                 }
@@ -111,7 +119,33 @@ async fn report(mut stream: UnixStream, zones: &Zones) -> std::io::Result<()> {
     stream.write_all(text.as_bytes()).await
 }
 
-fn start_zone(id: u32, stream: UnixStream, config: &Arc<Config>, exe: &Path, zones: &Zones) -> Result<()> {
+/// Lets the worker inherit `fd` (its end of the broker socket pair) across `exec`.
+#[allow(unsafe_code)]
+fn inherit_across_exec(cmd: &mut tokio::process::Command, fd: RawFd) {
+    let keep = move || {
+        // SAFETY: `fcntl(F_SETFD)` is async-signal-safe, as code between fork and exec must
+        // be; it changes only the child's copy of the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: the closure only calls `fcntl` on a descriptor number it copied (no
+    // allocation, no locks), which is safe to run in the forked child.
+    unsafe {
+        cmd.pre_exec(keep);
+    }
+}
+
+fn start_zone(
+    id: u32,
+    stream: UnixStream,
+    config: &Arc<Config>,
+    exe: &Path,
+    zones: &Zones,
+    broker: &Arc<Broker>,
+) -> Result<()> {
     let cred = stream.peer_cred().context("cannot read the peer's credentials")?;
     let Some((name, quotas)) = config.zone_for_uid(cred.uid()) else {
         tracing::warn!(uid = cred.uid(), "refusing peer: its uid matches no [[zone]] and allow_unlisted = false");
@@ -120,6 +154,8 @@ fn start_zone(id: u32, stream: UnixStream, config: &Arc<Config>, exe: &Path, zon
     let std_stream = stream.into_std().context("cannot take the connection")?;
     std_stream.set_nonblocking(false)?;
     let fd: OwnedFd = std_stream.into();
+    // The broker channel: ours stays close-on-exec; the worker's end is inherited only by it.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("cannot make the IPC broker channel")?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("worker")
         .args(["--zone-id", &id.to_string(), "--zone-name", &name])
@@ -137,15 +173,25 @@ fn start_zone(id: u32, stream: UnixStream, config: &Arc<Config>, exe: &Path, zon
         .args(["--max-async-in-flight", &quotas.max_async_in_flight.to_string()])
         .args(["--max-ring-bytes", &config.max_ring_bytes.to_string()])
         .args(["--max-window-bytes", &config.max_window_bytes.to_string()])
+        .args(["--broker-fd", &theirs.as_raw_fd().to_string()])
         .stdin(Stdio::from(fd))
         .kill_on_drop(true);
+    inherit_across_exec(&mut cmd, theirs.as_raw_fd());
     let mut child = cmd.spawn().with_context(|| format!("cannot spawn worker {}", exe.display()))?;
+    // Only the worker holds its end now: when it exits, the channel closes.
+    drop(theirs);
+    ours.set_nonblocking(true)?;
+    let ours = UnixStream::from_std(ours).context("cannot serve the IPC broker channel")?;
+    broker.attach(Peer { conn: id, zone: name.clone(), uid: cred.uid() }, ours);
     let record = ZoneRecord { name: name.clone(), uid: cred.uid(), peer_pid: cred.pid(), worker_pid: child.id() };
     tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), "zone started");
     zones.lock().unwrap_or_else(|p| p.into_inner()).insert(id, record);
     let zones = zones.clone();
+    let broker = broker.clone();
     tokio::spawn(async move {
         let status = child.wait().await;
+        // Its exports die with it (importers are told) before the zone is reported gone.
+        broker.detach(id).await;
         zones.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         match status {
             Ok(s) if s.success() => tracing::info!(zone = id, "zone ended: guest disconnected"),

@@ -6,9 +6,12 @@
 //!   no async scheduling per call.
 //! * [`zone`] checks each request against the zone's allocations, handles and quotas and
 //!   runs it on a [`backend`]: `cuda` (the real GPU) or `sim` (a test double).
+//! * [`broker`] is CUDA IPC between workers: the daemon's registry of exported
+//!   allocations, its policy, and the private channel each worker talks to it over.
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod broker;
 pub mod config;
 pub mod daemon;
 pub mod handles;

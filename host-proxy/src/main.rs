@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use host_proxy::backend::{sim::SimGpu, GpuBackend};
+use host_proxy::broker::{inherited_stream, BrokerClient};
 use host_proxy::config::{Config, EMBEDDED_DEFAULT};
 use host_proxy::worker::{serve, SessionEnd};
 use host_proxy::zone::{Quotas, Zone};
@@ -68,6 +69,9 @@ struct WorkerArgs {
     max_ring_bytes: u64,
     #[arg(long)]
     max_window_bytes: u64,
+    /// The inherited end of the daemon's IPC broker channel (without it, IPC is not offered).
+    #[arg(long)]
+    broker_fd: Option<i32>,
 }
 
 fn main() -> Result<()> {
@@ -104,6 +108,15 @@ fn main() -> Result<()> {
 fn worker(args: WorkerArgs) -> Result<i32> {
     let span = tracing::info_span!("zone", id = args.zone_id, name = %args.zone_name);
     let _g = span.enter();
+    // Take the broker channel first, so that its inherited descriptor is closed whatever fails.
+    let broker = match args.broker_fd {
+        Some(fd) => {
+            let stream =
+                inherited_stream(fd).with_context(|| format!("cannot use the IPC broker channel (fd {fd})"))?;
+            Some(BrokerClient::new(stream).context("cannot set up the IPC broker channel")?)
+        }
+        None => None,
+    };
     let fd: OwnedFd =
         std::io::stdin().as_fd().try_clone_to_owned().context("worker needs the guest connection on stdin")?;
     let stream = UnixStream::from(fd);
@@ -121,21 +134,30 @@ fn worker(args: WorkerArgs) -> Result<i32> {
         max_async_in_flight: args.max_async_in_flight,
     };
     match args.backend {
-        Backend::Sim => run_zone(args.zone_id, endpoint, SimGpu::new(args.sim_memory_bytes), quotas),
+        Backend::Sim => run_zone(args.zone_id, endpoint, SimGpu::new(args.sim_memory_bytes), quotas, broker),
         Backend::Cuda => {
             let gpu = host_proxy::backend::cuda::CudaGpu::open(args.device).context("cannot open the GPU")?;
-            run_zone(args.zone_id, endpoint, gpu, quotas)
+            run_zone(args.zone_id, endpoint, gpu, quotas, broker)
         }
     }
 }
 
-fn run_zone<B: GpuBackend>(id: u32, endpoint: idm_shm::ShmEndpoint, backend: B, quotas: Quotas) -> Result<i32> {
+fn run_zone<B: GpuBackend>(
+    id: u32,
+    endpoint: idm_shm::ShmEndpoint,
+    backend: B,
+    quotas: Quotas,
+    broker: Option<BrokerClient>,
+) -> Result<i32> {
     let idm_shm::ShmEndpoint { channel, window, layout, .. } = endpoint;
     let max_frame = u32::try_from(layout.ring_size() / 2).unwrap_or(u32::MAX);
     let mut buf = vec![0u8; layout.ring_size()];
     let mut scratch = vec![0u8; layout.ring_size()];
     let mut server = Server::accept(channel, max_frame, &mut buf).context("hello exchange failed")?;
     let mut zone = Zone::new(id, backend, quotas);
+    if let Some(broker) = broker {
+        zone.set_broker(Box::new(broker));
+    }
     tracing::info!(max_frame = server.max_frame(), window = window.size(), "zone attached");
     let end = serve(&mut server, &window, &mut zone, &mut buf, &mut scratch);
     tracing::info!(mem_used = zone.mem_used(), objects = zone.live_objects(), "releasing zone resources");

@@ -9,7 +9,9 @@
 //! ([`crate::zone::ZoneCtx`]) — handled inside `catch_unwind` (a bug triggered by one
 //! request fails that request, not the host), and answered; asynchronous (posted)
 //! requests' errors are deferred to the next reply. A channel error (a corrupt ring, a peer
-//! that vanished) ends the loop: the zone is torn down.
+//! that vanished) ends the loop: the zone is torn down. Before each request the zone applies
+//! IPC revocations the daemon sent ([`Zone::poll_ipc`]), so no request reaches memory whose
+//! exporter has freed it.
 //!
 //! [`Api`]: vgpu_proto::generated::Api
 
@@ -74,6 +76,7 @@ where
     B: GpuBackend,
     D: SharedMemory,
 {
+    zone.poll_ipc();
     if req.id == Attach::ID {
         let attach = decode_body::<Attach>(req.body).map_err(|e| {
             tracing::debug!(error = %e, "undecodable attach body");

@@ -18,8 +18,23 @@
 //! passed as an event is `CUDA_ERROR_INVALID_HANDLE`, and no handle is ever 0, 1 or 2: those
 //! name the default stream ([`DEFAULT_STREAMS`]). Contexts, allocations and all other
 //! handles share one quota (`max_handles`; the primary context is not counted).
+//!
+//! **IPC** ([`crate::broker`]). `cuIpcGetMemHandle` takes the start of one of the zone's
+//! allocations; the backend's payload goes to the daemon's broker and the guest gets a
+//! token-bearing handle (the same one when the allocation is exported again).
+//! `cuIpcOpenMemHandle` asks the broker (which applies the policy), maps the memory
+//! through the backend in the current context and registers it as an *imported* range:
+//! copies, memsets and pointer queries reach it like an allocation, it counts against
+//! `max_handles` but not the memory quota, `cuMemFree` refuses it, and opening the same
+//! handle again in the same context returns the same address with one more reference
+//! (as CUDA). `cuIpcCloseMemHandle` drops a reference and unmaps at the last. Freeing an
+//! exported allocation (directly, with its context, or at teardown) revokes its token
+//! first; revocations of tokens this zone imported are applied before each request
+//! ([`Zone::poll_ipc`]): the range is unmapped and from then on refused, and only
+//! `cuIpcCloseMemHandle` still accepts its address.
 
 use crate::backend::{CuError, CuResultOf, GpuBackend};
+use crate::broker::{guest_handle, parse_guest_handle, IpcBroker, Token};
 use crate::handles::{kind_of, HandleError, HandleTable};
 use idm_core::{DataWindow, SharedMemory};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -91,6 +106,8 @@ const INVALID_DEVICE: CuError = CuError::new(101);
 const INVALID_CONTEXT: CuError = CuError::new(CuResult::INVALID_CONTEXT);
 /// `CUDA_ERROR_NOT_FOUND`.
 const NOT_FOUND: CuError = CuError::new(CuResult::NOT_FOUND);
+/// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`: `cuIpcOpenMemHandle` takes exactly this flag.
+const IPC_MEM_LAZY_ENABLE_PEER_ACCESS: u32 = 1;
 
 impl From<HandleError> for CuError {
     fn from(e: HandleError) -> Self {
@@ -152,6 +169,20 @@ enum Owner {
     Alloc,
     /// A `__device__` global of a module or library (freed with it).
     Global(Handle),
+    /// Another worker's allocation mapped by `cuIpcOpenMemHandle` (see `Zone::imports`).
+    Import,
+}
+
+/// Another worker's allocation this zone opened.
+#[derive(Clone, Copy, Debug)]
+struct Import {
+    token: Token,
+    ctx: Handle,
+    /// Opens not yet closed (an open of a handle already open in the context adds one).
+    refs: u32,
+    /// Mapped (and in `Zone::ranges`); `false` once its export was revoked and it was
+    /// unmapped, until the guest closes it.
+    live: bool,
 }
 
 /// One device range of the zone.
@@ -200,6 +231,12 @@ pub struct Zone<B: GpuBackend> {
     attributes: Option<Vec<AttrValue>>,
     async_since_sync: u32,
     staging: Vec<u8>,
+    /// The daemon's IPC broker (`None`: IPC is `CUDA_ERROR_NOT_SUPPORTED`).
+    broker: Option<Box<dyn IpcBroker>>,
+    /// Exported allocations: start → token.
+    exports: HashMap<u64, Token>,
+    /// Imports by start (the live ones are in `ranges` too).
+    imports: BTreeMap<u64, Import>,
 }
 
 impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
@@ -213,6 +250,8 @@ impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
             .field("events", &self.events.len())
             .field("modules", &(self.modules.len() + self.libraries.len()))
             .field("functions", &(self.functions.len() + self.kernels.len()))
+            .field("exports", &self.exports.len())
+            .field("imports", &self.imports.len())
             .finish()
     }
 }
@@ -301,7 +340,15 @@ impl<B: GpuBackend> Zone<B> {
             attributes: None,
             async_since_sync: 0,
             staging: Vec::new(),
+            broker: None,
+            exports: HashMap::new(),
+            imports: BTreeMap::new(),
         }
+    }
+
+    /// Offers CUDA IPC through the daemon's broker.
+    pub fn set_broker(&mut self, broker: Box<dyn IpcBroker>) {
+        self.broker = Some(broker);
     }
 
     /// The request API over this zone, with the zone's data window, for one dispatch.
@@ -314,10 +361,11 @@ impl<B: GpuBackend> Zone<B> {
         self.mem_used
     }
 
-    /// Live objects counted against `max_handles`: allocations and every handle except
-    /// the primary context.
+    /// Live objects counted against `max_handles`: allocations, imports (until closed) and
+    /// every handle except the primary context.
     pub fn live_objects(&self) -> u64 {
         u64::from(self.allocations)
+            + self.imports.len() as u64
             + u64::from(self.contexts.len().saturating_sub(1))
             + u64::from(self.streams.len())
             + u64::from(self.events.len())
@@ -535,6 +583,9 @@ impl<B: GpuBackend> Zone<B> {
                 note(self.backend.event_destroy(e.obj));
             }
         }
+        // Tokens this context maps: the broker is told once none is mapped any more.
+        let released: HashSet<Token> =
+            self.imports.values().filter(|i| i.ctx == ctx && i.live).map(|i| i.token).collect();
         let doomed: Vec<(u64, Range)> = self
             .ranges
             .iter()
@@ -542,14 +593,31 @@ impl<B: GpuBackend> Zone<B> {
             .map(|(&s, r)| (s, *r))
             .collect();
         for (start, r) in doomed {
-            self.ranges.remove(&start);
-            if r.owner == Owner::Alloc {
-                if destroy {
-                    note(self.backend.mem_free(start));
+            match r.owner {
+                Owner::Alloc => {
+                    self.unexport(start);
+                    self.ranges.remove(&start);
+                    if destroy {
+                        note(self.backend.mem_free(start));
+                    }
+                    self.allocations = self.allocations.saturating_sub(1);
+                    self.mem_used = self.mem_used.saturating_sub(r.size);
                 }
-                self.allocations = self.allocations.saturating_sub(1);
-                self.mem_used = self.mem_used.saturating_sub(r.size);
+                Owner::Import => {
+                    if let Err(e) = self.unmap_import(start, destroy) {
+                        note(Err(e));
+                        self.ranges.remove(&start);
+                    }
+                }
+                Owner::Global(_) => {
+                    self.ranges.remove(&start);
+                }
             }
+        }
+        // Imports of the context (live ones were just unmapped) are gone for good.
+        self.imports.retain(|_, i| i.ctx != ctx);
+        for token in released {
+            self.release_token(&token);
         }
         self.prune_lookups();
         first_err
@@ -586,15 +654,96 @@ impl<B: GpuBackend> Zone<B> {
         // Every range belonged to a context or a library; none is left. Should one be, it
         // is released rather than leaked.
         for (start, r) in std::mem::take(&mut self.ranges) {
-            if r.owner == Owner::Alloc {
-                let _ = self.backend.mem_free(start);
+            match r.owner {
+                Owner::Alloc => {
+                    self.unexport(start);
+                    let _ = self.backend.mem_free(start);
+                }
+                Owner::Import => {
+                    let _ = self.backend.ipc_close(start);
+                }
+                Owner::Global(_) => {}
             }
+        }
+        let tokens: HashSet<Token> = self.imports.values().filter(|i| i.live).map(|i| i.token).collect();
+        self.imports.clear();
+        for token in tokens {
+            self.release_token(&token);
+        }
+        let exports: Vec<u64> = self.exports.keys().copied().collect();
+        for start in exports {
+            self.unexport(start);
         }
         self.functions.drain().for_each(drop);
         self.modules.drain().for_each(drop);
         (self.allocations, self.mem_used) = (0, 0);
         self.lookups.clear();
         self.staging = Vec::new();
+    }
+
+    /// Revokes the export of the allocation at `start`, if it has one (before it is freed).
+    fn unexport(&mut self, start: u64) {
+        if let Some(token) = self.exports.remove(&start) {
+            if let Some(broker) = self.broker.as_mut() {
+                broker.revoke(&token);
+            }
+        }
+    }
+
+    /// Tells the broker that this zone no longer maps `token`, unless another live import
+    /// of it is left (in another context).
+    fn release_token(&mut self, token: &Token) {
+        if self.imports.values().any(|i| i.live && i.token == *token) {
+            return;
+        }
+        if let Some(broker) = self.broker.as_mut() {
+            broker.close(token);
+        }
+    }
+
+    /// Unmaps the live import at `start` (with `unmap`, through the backend; without, its
+    /// context's destruction does it) and takes it out of the ranges. Its record stays.
+    fn unmap_import(&mut self, start: u64, unmap: bool) -> CuResultOf<()> {
+        let Some(import) = self.imports.get_mut(&start).filter(|i| i.live) else { return Ok(()) };
+        if unmap {
+            self.backend.ipc_close(start)?;
+        }
+        import.live = false;
+        self.ranges.remove(&start);
+        Ok(())
+    }
+
+    /// Applies the revocations the broker sent for tokens this zone imported: each such
+    /// import is unmapped now, so the guest gets `CUDA_ERROR_INVALID_VALUE` for its range
+    /// from here on (and its `cuIpcCloseMemHandle` still succeeds). If the broker can no
+    /// longer tell, every import is taken as revoked. The worker calls this before each
+    /// request; without live imports it costs nothing.
+    pub fn poll_ipc(&mut self) {
+        if self.imports.is_empty() || !self.imports.values().any(|i| i.live) {
+            return;
+        }
+        let Some(broker) = self.broker.as_mut() else { return };
+        let revoked = broker.revoked();
+        if revoked.as_ref().is_some_and(Vec::is_empty) {
+            return;
+        }
+        let doomed: Vec<u64> = self
+            .imports
+            .iter()
+            .filter(|(_, i)| i.live && revoked.as_ref().is_none_or(|r| r.contains(&i.token)))
+            .map(|(&s, _)| s)
+            .collect();
+        for start in doomed {
+            tracing::debug!(dptr = start, "an IPC import was revoked by its exporter; unmapping it");
+            if let Err(e) = self.unmap_import(start, true) {
+                tracing::warn!(error = %e, dptr = start, "could not unmap a revoked IPC import");
+                // Refused all the same: the range is no longer the zone's.
+                if let Some(i) = self.imports.get_mut(&start) {
+                    i.live = false;
+                }
+                self.ranges.remove(&start);
+            }
+        }
     }
 
     /// Copies `bulk.len` bytes between the data window and device address `dev`, staged
@@ -824,6 +973,8 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let z = &mut *self.zone;
         // Only the exact start of one of this zone's allocations may be freed.
         let r = *z.ranges.get(&req.dptr).filter(|r| r.owner == Owner::Alloc).ok_or(CuError::INVALID_VALUE)?;
+        // An exported allocation's token dies first: no open can reach freed memory.
+        z.unexport(req.dptr);
         z.in_ctx(r.ctx, |b| b.mem_free(req.dptr))?;
         z.ranges.remove(&req.dptr);
         z.allocations = z.allocations.saturating_sub(1);
@@ -1365,6 +1516,79 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn cu_event_elapsed_time_v2(&mut self, req: CuEventElapsedTimeV2) -> CuResultOf<CuEventElapsedTimeV2Reply> {
         Ok(CuEventElapsedTimeV2Reply { p_milliseconds: self.elapsed(req.h_start, req.h_end)? })
     }
+
+    // ---- IPC ----
+
+    fn ipc_get_mem_handle(&mut self, req: IpcGetMemHandle) -> CuResultOf<IpcGetMemHandleReply> {
+        let z = &mut *self.zone;
+        if z.broker.is_none() {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        // Only the start of one of this zone's own allocations.
+        let r = *z.ranges.get(&req.dptr).filter(|r| r.owner == Owner::Alloc).ok_or(CuError::INVALID_VALUE)?;
+        if let Some(token) = z.exports.get(&req.dptr) {
+            return Ok(IpcGetMemHandleReply { handle: guest_handle(token) });
+        }
+        let payload = z.backend.ipc_export(req.dptr)?;
+        let broker = z.broker.as_mut().ok_or(CuError::NOT_SUPPORTED)?;
+        let token = broker.export(&payload, r.size)?;
+        z.exports.insert(req.dptr, token);
+        Ok(IpcGetMemHandleReply { handle: guest_handle(&token) })
+    }
+
+    fn ipc_open_mem_handle(&mut self, req: IpcOpenMemHandle) -> CuResultOf<IpcOpenMemHandleReply> {
+        let z = &mut *self.zone;
+        let broker = z.broker.as_mut().ok_or(CuError::NOT_SUPPORTED)?;
+        // The driver takes exactly this flag: 0 is refused too.
+        if req.flags != IPC_MEM_LAZY_ENABLE_PEER_ACCESS {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let token = parse_guest_handle(&req.handle)?;
+        // Unknown, revoked, our own, or refused by the policy: the broker says which.
+        let (payload, size) = broker.open(&token)?;
+        let current = z.current;
+        if let Some((&dptr, import)) =
+            z.imports.iter_mut().find(|(_, i)| i.live && i.token == token && i.ctx == current)
+        {
+            // Open in this context already: the same mapping, one more reference.
+            import.refs = import.refs.saturating_add(1);
+            return Ok(IpcOpenMemHandleReply { dptr });
+        }
+        let opened = z.reserve().and_then(|()| z.backend.ipc_open(&payload, size, req.flags));
+        let dptr = match opened {
+            Ok(dptr) => dptr,
+            Err(e) => {
+                z.release_token(&token);
+                return Err(e);
+            }
+        };
+        if !z.range_is_free(dptr, size) {
+            tracing::error!(dptr, size, "backend mapped an IPC import over a known range");
+            let _ = z.backend.ipc_close(dptr);
+            z.release_token(&token);
+            return Err(CuError::UNKNOWN);
+        }
+        // (A revoked import left at this address is replaced: its mapping is long gone.)
+        z.imports.insert(dptr, Import { token, ctx: current, refs: 1, live: true });
+        z.insert_range(dptr, size, current, Owner::Import);
+        Ok(IpcOpenMemHandleReply { dptr })
+    }
+
+    fn ipc_close_mem_handle(&mut self, req: IpcCloseMemHandle) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        let import = z.imports.get_mut(&req.dptr).ok_or(CuError::INVALID_VALUE)?;
+        if import.refs > 1 {
+            import.refs -= 1;
+            return Ok(Done {});
+        }
+        let (token, live) = (import.token, import.live);
+        z.unmap_import(req.dptr, true)?;
+        z.imports.remove(&req.dptr);
+        if live {
+            z.release_token(&token);
+        }
+        Ok(Done {})
+    }
 }
 
 #[cfg(test)]
@@ -1783,6 +2007,222 @@ mod tests {
             f.z.note_posted().unwrap();
             assert!(f.z.async_since_sync < 3);
         }
+    }
+
+    // ---- IPC ----
+
+    use crate::broker::test_utils::{depart, Hub, LocalBroker};
+    use crate::broker::{guest_handle, Peer, HANDLE_LEN, NOT_PERMITTED};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// A zone of connection `conn` (zone name `zone`, uid 1000) on the hub's broker.
+    fn ipc_fixture(hub: &Rc<RefCell<Hub>>, conn: u32, zone: &str) -> Fixture {
+        let mut f = fixture(Quotas { max_handles: 8, ..Quotas::default() }, 8192);
+        f.z.set_broker(Box::new(LocalBroker::join(hub, Peer { conn, zone: zone.into(), uid: 1000 })));
+        f
+    }
+
+    impl Fixture {
+        fn export(&mut self, dptr: u64) -> CuResultOf<Vec<u8>> {
+            self.api().ipc_get_mem_handle(IpcGetMemHandle { dptr }).map(|r| r.handle)
+        }
+        fn open(&mut self, handle: &[u8], flags: u32) -> CuResultOf<u64> {
+            // As the worker does before each request.
+            self.z.poll_ipc();
+            self.api().ipc_open_mem_handle(IpcOpenMemHandle { handle: handle.to_vec(), flags }).map(|r| r.dptr)
+        }
+        fn close(&mut self, dptr: u64) -> CuResultOf<Done> {
+            self.z.poll_ipc();
+            self.api().ipc_close_mem_handle(IpcCloseMemHandle { dptr })
+        }
+        fn put(&mut self, dptr: u64, data: &[u8]) -> CuResultOf<Done> {
+            self.z.poll_ipc();
+            self.w.write(BulkRef { offset: 0, len: data.len() as u64 }, data).unwrap();
+            self.htod(dptr, 0, data.len() as u64)
+        }
+        fn get(&mut self, dptr: u64, len: usize) -> CuResultOf<Vec<u8>> {
+            self.z.poll_ipc();
+            self.dtoh(dptr, 0, len as u64)?;
+            let mut out = vec![0u8; len];
+            self.w.read(BulkRef { offset: 0, len: len as u64 }, &mut out).unwrap();
+            Ok(out)
+        }
+    }
+
+    #[test]
+    fn ipc_shares_an_allocation_between_workers_of_one_zone() {
+        let hub = Rc::new(RefCell::new(Hub::default()));
+        let mut a = ipc_fixture(&hub, 1, "tenant");
+        let mut b = ipc_fixture(&hub, 2, "tenant");
+        let mut other = ipc_fixture(&hub, 3, "other-tenant");
+        let p = a.alloc(1000).unwrap();
+        let data: Vec<u8> = (0..1000u32).map(|i| (42 + i) as u8).collect();
+        a.put(p, &data).unwrap();
+        let h = a.export(p).unwrap();
+        assert_eq!(h.len(), HANDLE_LEN);
+        assert_eq!(a.export(p).unwrap(), h, "exporting again gives the same handle");
+        // Only the start of one of the zone's own allocations can be exported.
+        let hmod = a.load(false).unwrap();
+        let g = a.api().cu_module_get_global_v2(CuModuleGetGlobalV2 { hmod, name: "counter".into() }).unwrap();
+        for bad in [p + 8, 0x10, g.dptr] {
+            assert_eq!(a.export(bad), Err(CuError::INVALID_VALUE), "{bad:#x}");
+        }
+        assert_eq!(a.open(&h, 1), Err(INVALID_CONTEXT), "not in the exporting worker");
+        assert_eq!(other.open(&h, 1), Err(NOT_PERMITTED), "not from another zone");
+        for flags in [0, 2] {
+            assert_eq!(b.open(&h, flags), Err(CuError::INVALID_VALUE), "the driver takes exactly flag 1");
+        }
+        let mut forged = h.clone();
+        forged[10] ^= 0x40;
+        for bad in [&forged[..], &h[..32], &[0u8; 64], &guest_handle(&[0x77; 16])] {
+            assert_eq!(b.open(bad, 1), Err(CuError::INVALID_VALUE));
+        }
+
+        let q = b.open(&h, 1).unwrap();
+        assert_eq!(b.get(q, 1000).unwrap(), data);
+        let fresh: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        b.put(q, &fresh).unwrap();
+        assert_eq!(a.get(p, 1000).unwrap(), fresh, "the exporter sees the importer's writes");
+        // The imported range is checked like an allocation, counts as a handle, not memory.
+        assert_eq!(b.get(q + 1, 1000), Err(CuError::INVALID_VALUE));
+        assert_eq!(b.get(q.wrapping_sub(1), 2), Err(CuError::INVALID_VALUE));
+        b.api().cu_memset_d8_v2(CuMemsetD8V2 { dst_device: q + 990, uc: 9, n: 10 }).unwrap();
+        assert_eq!(a.get(p + 990, 10).unwrap(), vec![9; 10]);
+        let attr = PointerGetAttribute { attribute: ptr_attr::RANGE_SIZE, ptr: q + 5 };
+        assert_eq!(b.api().pointer_get_attribute(attr).unwrap().value, 1000);
+        assert_eq!((b.z.mem_used(), b.z.live_objects()), (0, 1));
+        assert_eq!(b.api().cu_mem_free_v2(CuMemFreeV2 { dptr: q }), Err(CuError::INVALID_VALUE), "not freeable");
+        assert_eq!(a.close(p), Err(CuError::INVALID_VALUE), "an allocation is not an import");
+        // Opening again in the same context: the same address, one more reference.
+        assert_eq!(b.open(&h, 1), Ok(q));
+        b.close(q).unwrap();
+        assert_eq!(b.get(q, 4).unwrap(), fresh[..4]);
+        b.close(q).unwrap();
+        assert_eq!(b.get(q, 4), Err(CuError::INVALID_VALUE), "closed");
+        assert_eq!(b.close(q), Err(CuError::INVALID_VALUE), "closed twice");
+        assert_eq!(b.z.live_objects(), 0);
+        // Opened again after closing: a fresh mapping of the same memory.
+        let q = b.open(&h, 1).unwrap();
+        assert_eq!(b.get(q, 1000).unwrap(), a.get(p, 1000).unwrap());
+    }
+
+    #[test]
+    fn freeing_an_export_revokes_it_and_importers_lose_the_range() {
+        let hub = Rc::new(RefCell::new(Hub::default()));
+        let mut a = ipc_fixture(&hub, 1, "t");
+        let mut b = ipc_fixture(&hub, 2, "t");
+        let p = a.alloc(512).unwrap();
+        a.put(p, &[5; 512]).unwrap();
+        let h = a.export(p).unwrap();
+        let q = b.open(&h, 1).unwrap();
+        assert_eq!(b.get(q, 512).unwrap(), vec![5; 512]);
+        a.api().cu_mem_free_v2(CuMemFreeV2 { dptr: p }).unwrap();
+        assert_eq!(b.get(q, 512), Err(CuError::INVALID_VALUE), "revoked: errors, not memory");
+        assert_eq!(b.put(q, &[1]), Err(CuError::INVALID_VALUE));
+        assert_eq!(b.open(&h, 1), Err(CuError::INVALID_VALUE), "a replayed handle");
+        assert_eq!(b.z.live_objects(), 1, "the revoked import is held until closed");
+        b.close(q).unwrap();
+        assert_eq!((b.z.live_objects(), b.close(q)), (0, Err(CuError::INVALID_VALUE)));
+        // A new allocation at the freed address gets a new handle.
+        let p2 = a.alloc(512).unwrap();
+        assert_ne!(a.export(p2).unwrap(), h);
+    }
+
+    #[test]
+    fn destroying_the_exporters_context_or_the_exporter_revokes() {
+        let hub = Rc::new(RefCell::new(Hub::default()));
+        let mut a = ipc_fixture(&hub, 1, "t");
+        let mut b = ipc_fixture(&hub, 2, "t");
+        let ctx = a.api().ctx_create(CtxCreate { flags: 0 }).unwrap().ctx;
+        let p = a.alloc(256).unwrap();
+        let h = a.export(p).unwrap();
+        let q = b.open(&h, 1).unwrap();
+        a.api().ctx_destroy(CtxDestroy { ctx }).unwrap();
+        assert_eq!(b.get(q, 8), Err(CuError::INVALID_VALUE));
+        assert_eq!(b.open(&h, 1), Err(CuError::INVALID_VALUE));
+        b.close(q).unwrap();
+
+        let p = a.alloc(256).unwrap();
+        let h = a.export(p).unwrap();
+        let q = b.open(&h, 1).unwrap();
+        depart(&hub, 1);
+        assert_eq!(b.get(q, 8), Err(CuError::INVALID_VALUE), "the exporter's worker is gone");
+        assert_eq!(b.open(&h, 1), Err(CuError::INVALID_VALUE));
+    }
+
+    #[test]
+    fn importers_close_with_their_context_and_at_teardown() {
+        let hub = Rc::new(RefCell::new(Hub::default()));
+        let mut a = ipc_fixture(&hub, 1, "t");
+        let mut b = ipc_fixture(&hub, 2, "t");
+        let p = a.alloc(256).unwrap();
+        let h = a.export(p).unwrap();
+        let ctx = b.api().ctx_create(CtxCreate { flags: 0 }).unwrap().ctx;
+        let in_ctx = b.open(&h, 1).unwrap();
+        let primary = b.z.primary_context();
+        b.api().ctx_set_current(CtxSetCurrent { ctx: primary }).unwrap();
+        let in_primary = b.open(&h, 1).unwrap();
+        assert_ne!(in_ctx, in_primary, "one mapping per context");
+        b.api().ctx_destroy(CtxDestroy { ctx }).unwrap();
+        assert_eq!(b.close(in_ctx), Err(CuError::INVALID_VALUE), "went with its context");
+        b.get(in_primary, 8).unwrap();
+        assert!(hub.borrow().registry.exports_of(1) == 1);
+        b.z.teardown();
+        assert_eq!(b.z.live_objects(), 0);
+        // B no longer imports it: revoking it tells nobody.
+        a.api().cu_mem_free_v2(CuMemFreeV2 { dptr: p }).unwrap();
+        assert!(hub.borrow().notices.values().all(Vec::is_empty));
+        assert_eq!(hub.borrow().registry.exports_of(1), 0);
+        // The exporter's teardown revokes what it still exports.
+        let p = a.alloc(256).unwrap();
+        a.export(p).unwrap();
+        a.z.teardown();
+        assert_eq!(hub.borrow().registry.exports_of(1), 0);
+    }
+
+    #[test]
+    fn a_lost_broker_channel_ends_every_import() {
+        let hub = Rc::new(RefCell::new(Hub::default()));
+        let mut a = ipc_fixture(&hub, 1, "t");
+        let mut b = ipc_fixture(&hub, 2, "t");
+        let p = a.alloc(64).unwrap();
+        let h = a.export(p).unwrap();
+        let q = b.open(&h, 1).unwrap();
+        b.get(q, 8).unwrap();
+        hub.borrow_mut().lost.insert(2);
+        assert_eq!(b.get(q, 8), Err(CuError::INVALID_VALUE), "no longer told of revocations: unmapped");
+        b.close(q).unwrap();
+    }
+
+    #[test]
+    fn ipc_without_a_broker_is_not_supported() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let p = f.alloc(64).unwrap();
+        assert_eq!(f.export(p), Err(CuError::NOT_SUPPORTED));
+        assert_eq!(f.open(&guest_handle(&[1; 16]), 1), Err(CuError::NOT_SUPPORTED));
+        assert_eq!(f.close(p), Err(CuError::INVALID_VALUE));
+    }
+
+    #[test]
+    fn imports_count_against_the_handle_quota() {
+        let hub = Rc::new(RefCell::new(Hub::default()));
+        let mut a = ipc_fixture(&hub, 1, "t");
+        let mut b = ipc_fixture(&hub, 2, "t");
+        let mut handles = Vec::new();
+        for _ in 0..5 {
+            let p = a.alloc(64).unwrap();
+            handles.push(a.export(p).unwrap());
+        }
+        for _ in 0..4 {
+            b.alloc(64).unwrap();
+        }
+        let opened: Vec<u64> = handles[..4].iter().map(|h| b.open(h, 1).unwrap()).collect();
+        assert_eq!(b.z.live_objects(), 8);
+        assert_eq!(b.open(&handles[4], 1), Err(CuError::OUT_OF_MEMORY), "a quota of 8 handles is full");
+        assert_eq!(b.open(&handles[0], 1), Ok(opened[0]), "a second open of one handle takes no new handle");
+        b.close(opened[1]).unwrap();
+        b.open(&handles[4], 1).unwrap();
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Integration test: the real daemon (sim backend) serving concurrent zones over the local
-//! transport — isolation between zones, quotas, a killed client, and hostile input.
+//! transport — isolation between zones, quotas, a killed client, hostile input, and CUDA
+//! IPC between two connections of one zone.
 //!
 //! Every wait in this file is bounded; a broken daemon fails the test instead of hanging it.
 
@@ -170,6 +171,18 @@ impl Guest {
         let mut out = vec![0u8; len];
         self.window.read(desc, &mut out).unwrap();
         Ok(out)
+    }
+
+    fn ipc_export(&mut self, dptr: u64) -> Result<Vec<u8>, u32> {
+        self.call::<_, IpcGetMemHandleReply>(&IpcGetMemHandle { dptr }).map(|r| r.handle)
+    }
+
+    fn ipc_open(&mut self, handle: &[u8], flags: u32) -> Result<u64, u32> {
+        self.call::<_, IpcOpenMemHandleReply>(&IpcOpenMemHandle { handle: handle.to_vec(), flags }).map(|r| r.dptr)
+    }
+
+    fn ipc_close(&mut self, dptr: u64) -> Result<(), u32> {
+        self.done(&IpcCloseMemHandle { dptr })
     }
 
     fn mem_free_bytes(&mut self) -> u64 {
@@ -637,4 +650,96 @@ fn modules_globals_and_launch_checks() {
     assert_eq!(a.done(&FuncParamLayout { func: f }).unwrap_err(), CuResult::INVALID_HANDLE);
     assert_eq!(a.write(g.dptr, &[0; 4]), Err(CuResult::INVALID_VALUE));
     assert_eq!(a.done(&CuModuleUnload { hmod }), Err(CuResult::INVALID_HANDLE), "double unload");
+}
+
+/// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`, the one flag `cuIpcOpenMemHandle` takes.
+const LAZY: u32 = 1;
+
+/// CUDA IPC between two connections (worker processes) of one zone: the exporter's data is
+/// visible to the importer and back, handles are checked, and revocation (a free, the
+/// exporter's disconnect) ends further opens and the importer's access.
+#[test]
+fn ipc_between_two_processes_of_one_zone() {
+    let d = Daemon::start("ipc");
+    let mut a = Guest::connect(&d.socket);
+    let mut b = Guest::connect(&d.socket);
+    wait_for("two zones", || d.zones().len() == 2);
+    const N: usize = 64 << 10;
+    let p = a.alloc(N as u64).unwrap();
+    let data: Vec<u8> = (0..N).map(|i| 42u8.wrapping_add(i as u8)).collect();
+    a.write(p, &data).unwrap();
+    a.done(&CuCtxSynchronize {}).unwrap();
+
+    let h = a.ipc_export(p).unwrap();
+    assert_eq!(h.len(), 64, "a CUipcMemHandle is 64 bytes");
+    assert_eq!(&h[..8], b"VGPUIPC1", "the guest gets the host's token, never the driver's handle");
+    assert_eq!(a.ipc_export(p).unwrap(), h, "exporting again gives the same handle");
+    assert_eq!(a.ipc_export(p + 256), Err(CuResult::INVALID_VALUE), "only an allocation's start");
+    assert_eq!(a.ipc_export(0x1000), Err(CuResult::INVALID_VALUE));
+    assert_eq!(a.ipc_open(&h, LAZY), Err(CuResult::INVALID_CONTEXT), "not in the exporting process");
+
+    // Forged handles: a random token, a bad tag, a wrong length, bad flags.
+    let mut forged = h.clone();
+    forged[8..24].copy_from_slice(&[0x5a; 16]);
+    let mut bad_tag = h.clone();
+    bad_tag[0] = b'X';
+    for bad in [&forged[..], &bad_tag[..], &h[..63], &[0u8; 64][..]] {
+        assert_eq!(b.ipc_open(bad, LAZY), Err(CuResult::INVALID_VALUE));
+    }
+    for flags in [0, 2, 3] {
+        // The driver takes exactly CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS.
+        assert_eq!(b.ipc_open(&h, flags), Err(CuResult::INVALID_VALUE), "flags {flags}");
+    }
+
+    // B maps A's allocation and reads A's data.
+    let q = b.ipc_open(&h, LAZY).unwrap();
+    assert_eq!(b.read(q, N).unwrap(), data);
+    // B writes; A reads B's values. As with CUDA IPC natively, the writer synchronizes
+    // before the other process may rely on its writes (a GPU may still hold them queued).
+    let fresh: Vec<u8> = (0..N).map(|i| (i as u8).wrapping_mul(13).wrapping_add(1)).collect();
+    b.write(q, &fresh).unwrap();
+    b.done(&CuCtxSynchronize {}).unwrap();
+    assert_eq!(a.read(p, N).unwrap(), fresh);
+    // A writes again; B sees it.
+    a.write(p, &data[..4096]).unwrap();
+    a.done(&CuCtxSynchronize {}).unwrap();
+    assert_eq!(b.read(q, 4096).unwrap(), data[..4096]);
+    // B's view is exactly the exported range.
+    assert_eq!(b.read(q + N as u64 - 8, 16), Err(CuResult::INVALID_VALUE), "beyond the imported range");
+    assert_eq!(b.write(q + N as u64, &[1]), Err(CuResult::INVALID_VALUE));
+    assert_eq!(b.pointer_attr(12, q + 100), Ok(N as u64), "RANGE_SIZE of the import");
+    assert_eq!(b.done(&CuMemFreeV2 { dptr: q }), Err(CuResult::INVALID_VALUE), "an import is closed, not freed");
+    assert_eq!(b.ipc_close(q + 8), Err(CuResult::INVALID_VALUE));
+    // A second open in the same context gives the same address and needs a second close.
+    assert_eq!(b.ipc_open(&h, LAZY), Ok(q));
+    b.ipc_close(q).unwrap();
+    assert_eq!(b.read(q, 16).unwrap(), data[..16]);
+    b.ipc_close(q).unwrap();
+    assert_eq!(b.read(q, 16), Err(CuResult::INVALID_VALUE), "closed");
+    assert_eq!(b.ipc_close(q), Err(CuResult::INVALID_VALUE), "closed twice");
+
+    // A frees the allocation: the token is revoked, B's mapping ends.
+    let q = b.ipc_open(&h, LAZY).unwrap();
+    a.done(&CuMemFreeV2 { dptr: p }).unwrap();
+    assert_eq!(b.read(q, 16), Err(CuResult::INVALID_VALUE), "revoked: an error, not stale memory");
+    assert_eq!(b.ipc_open(&h, LAZY), Err(CuResult::INVALID_VALUE), "a replayed handle");
+    b.ipc_close(q).unwrap();
+
+    // A's disconnect revokes everything it exported.
+    let p2 = a.alloc(4096).unwrap();
+    a.write(p2, &[0x42; 4096]).unwrap();
+    a.done(&CuCtxSynchronize {}).unwrap();
+    let h2 = a.ipc_export(p2).unwrap();
+    assert_ne!(h2, h);
+    let q2 = b.ipc_open(&h2, LAZY).unwrap();
+    assert_eq!(b.read(q2, 4096).unwrap(), vec![0x42; 4096]);
+    drop(a);
+    wait_for("zone A released", || d.zones().len() == 1);
+    assert_eq!(b.ipc_open(&h2, LAZY), Err(CuResult::INVALID_VALUE), "the exporter is gone");
+    assert_eq!(b.read(q2, 16), Err(CuResult::INVALID_VALUE), "and so is the importer's view");
+    b.ipc_close(q2).unwrap();
+    // B goes on.
+    let r = b.alloc(4096).unwrap();
+    b.write(r, &[3; 4096]).unwrap();
+    assert_eq!(b.read(r, 4096).unwrap(), vec![3; 4096]);
 }

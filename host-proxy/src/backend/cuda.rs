@@ -52,6 +52,14 @@
 //!   driver has finished reading a host source (copied it to its staging memory) when an
 //!   asynchronous host-to-device copy returns, so the caller may reuse the slice at once;
 //!   device-to-host copies are synchronized before returning in any case.
+//! - **IPC.** [`ipc_export`](GpuBackend::ipc_export) is `cuIpcGetMemHandle` on an
+//!   allocation of this backend; its 64 bytes stay on the host (the daemon's broker keeps
+//!   them and the guest gets a token). [`ipc_open`](GpuBackend::ipc_open) is
+//!   `cuIpcOpenMemHandle_v2` in the selected context, only in another process (the driver
+//!   refuses the exporting one); the mapped range is checked with `cuMemGetAddressRange`
+//!   to hold the size the exporter registered, and recorded as an *import*: never freed
+//!   or scrubbed here, closed by [`ipc_close`](GpuBackend::ipc_close)
+//!   (`cuIpcCloseMemHandle`), before its context is destroyed, or at `Drop`.
 //!
 //! [`mem_free`]: GpuBackend::mem_free
 #![allow(unsafe_code)]
@@ -73,6 +81,9 @@ const CUDA_SUCCESS: RawCuResult = 0;
 const CUDA_ERROR_INVALID_VALUE: RawCuResult = 1;
 /// `CUDA_ERROR_NO_DEVICE`: `cuInit` found no usable device.
 const CUDA_ERROR_NO_DEVICE: RawCuResult = 100;
+/// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`: `cuIpcOpenMemHandle` takes exactly this flag
+/// (the driver refuses 0 with `CUDA_ERROR_INVALID_VALUE`; checked here first).
+const IPC_MEM_LAZY_ENABLE_PEER_ACCESS: u32 = 1;
 
 /// Length of the buffer for `cuDeviceGetName` (the name is at most 256 bytes with its NUL).
 const NAME_BUF_LEN: usize = 256;
@@ -208,6 +219,14 @@ driver_api! {
     mem_alloc_pitch = "cuMemAllocPitch_v2": fn(*mut sys::CUdeviceptr, *mut usize, usize, usize, c_uint);
     /// `cuMemFree_v2`.
     mem_free = "cuMemFree_v2": fn(sys::CUdeviceptr);
+    /// `cuMemGetAddressRange_v2`.
+    mem_get_address_range = "cuMemGetAddressRange_v2": fn(*mut sys::CUdeviceptr, *mut usize, sys::CUdeviceptr);
+    /// `cuIpcGetMemHandle`.
+    ipc_get_mem_handle = "cuIpcGetMemHandle": fn(*mut sys::CUipcMemHandle, sys::CUdeviceptr);
+    /// `cuIpcOpenMemHandle_v2` (the 13.0 `cuIpcOpenMemHandle`; the handle by value).
+    ipc_open_mem_handle = "cuIpcOpenMemHandle_v2": fn(*mut sys::CUdeviceptr, sys::CUipcMemHandle, c_uint);
+    /// `cuIpcCloseMemHandle`.
+    ipc_close_mem_handle = "cuIpcCloseMemHandle": fn(sys::CUdeviceptr);
     /// `cuMemcpyHtoD_v2`.
     memcpy_htod = "cuMemcpyHtoD_v2": fn(sys::CUdeviceptr, *const c_void, usize);
     /// `cuMemcpyHtoDAsync_v2`.
@@ -837,6 +856,8 @@ pub struct CudaGpu {
     contexts: HashMap<u64, sys::CUcontext>,
     /// Live allocations by start address.
     allocs: HashMap<u64, Allocation>,
+    /// Memory of other processes mapped by `ipc_open`, by address: its context.
+    imports: HashMap<u64, CtxId>,
     /// Live streams by [`CudaStream`] id.
     streams: HashMap<u64, Owned<sys::CUstream>>,
     /// Live events by [`CudaEvent`] id.
@@ -862,6 +883,7 @@ impl std::fmt::Debug for CudaGpu {
             .field("current", &self.current)
             .field("contexts", &self.contexts.len())
             .field("allocations", &self.allocs.len())
+            .field("imports", &self.imports.len())
             .field("streams", &self.streams.len())
             .field("events", &self.events.len())
             .field("modules", &self.modules.len())
@@ -966,6 +988,7 @@ impl CudaGpu {
             info,
             contexts: HashMap::new(),
             allocs: HashMap::new(),
+            imports: HashMap::new(),
             streams: HashMap::new(),
             events: HashMap::new(),
             modules: HashMap::new(),
@@ -1079,9 +1102,26 @@ impl CudaGpu {
         self.allocs.iter().filter(|(_, a)| a.ctx == ctx).map(|(&dptr, a)| (dptr, a.size)).collect()
     }
 
+    /// Closes every import mapped in context `ctx` (which must be current). Errors are
+    /// logged; the imports are forgotten either way.
+    fn close_imports_of(&mut self, ctx: CtxId) {
+        let doomed: Vec<u64> = self.imports.iter().filter(|(_, c)| **c == ctx).map(|(&dptr, _)| dptr).collect();
+        for dptr in doomed {
+            // SAFETY: `dptr` was mapped by `cuIpcOpenMemHandle_v2` in `ctx`, which is
+            // current, and is still open (it is in `self.imports`); it is removed next, so
+            // it is closed once.
+            let rc = unsafe { (self.api.ipc_close_mem_handle)(dptr) };
+            if rc != CUDA_SUCCESS {
+                tracing::warn!(device = self.ordinal, code = rc, "cuIpcCloseMemHandle failed at teardown");
+            }
+            self.imports.remove(&dptr);
+        }
+    }
+
     /// Forgets every table entry of context `ctx` (it was destroyed, which freed them all).
     fn forget_context(&mut self, ctx: CtxId) {
         self.allocs.retain(|_, a| a.ctx != ctx);
+        self.imports.retain(|_, c| *c != ctx);
         self.streams.retain(|_, s| s.ctx != ctx);
         self.events.retain(|_, e| e.ctx != ctx);
         self.modules.retain(|_, m| m.scope != Scope::Context(ctx));
@@ -1185,6 +1225,7 @@ impl CudaGpu {
     fn release_primary_objects(&mut self) {
         let ctx = None;
         let _ = self.ctx_synchronize();
+        self.close_imports_of(ctx);
         let streams: Vec<_> = self.streams.values().filter(|s| s.ctx == ctx).map(|s| s.raw).collect();
         for raw in streams {
             // SAFETY: a live stream of this context; its entry is dropped below, so it is
@@ -1308,6 +1349,7 @@ impl GpuBackend for CudaGpu {
         self.make_current(scope)?;
         // If the scrub fails the context (and its memory) stays, as in `mem_free`.
         self.scrub(&self.allocations_of(scope))?;
+        self.close_imports_of(scope);
         // SAFETY: a context made by `ctx_create` and still in the table, so not destroyed
         // yet; its entry and every entry of an object in it (allocations, streams, events,
         // modules, functions) are dropped below, so neither it nor they are used again.
@@ -1572,6 +1614,59 @@ impl GpuBackend for CudaGpu {
             Some(s) => unsafe { (self.api.memset_d32_async)(dst, value, n, s) },
         };
         check(rc)
+    }
+
+    // ---- IPC ----
+
+    fn ipc_export(&mut self, dptr: u64) -> CuResultOf<Vec<u8>> {
+        let alloc = self.allocs.get(&dptr).copied().ok_or(CuError::INVALID_VALUE)?;
+        self.make_current(alloc.ctx)?;
+        let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: valid out-pointer to a local `CUipcMemHandle` (64 bytes, as the C
+        // struct); `dptr` is the start of a live allocation of the current context.
+        check(unsafe { (self.api.ipc_get_mem_handle)(&mut handle, dptr) })?;
+        Ok(handle.reserved.iter().map(|&c| c as u8).collect())
+    }
+
+    fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResultOf<u64> {
+        if flags != IPC_MEM_LAZY_ENABLE_PEER_ACCESS || size == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let bytes: [u8; 64] = payload.try_into().map_err(|_| CuError::INVALID_VALUE)?;
+        let handle = sys::CUipcMemHandle { reserved: bytes.map(|b| b as c_char) };
+        self.enter()?;
+        let mut dptr: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; the handle is passed by value (a plain 64-byte struct,
+        // as the C prototype takes it) and the driver validates its contents; `flags` is
+        // `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`; the selected context is current.
+        check(unsafe { (self.api.ipc_open_mem_handle)(&mut dptr, handle, flags) })?;
+        let (mut base, mut len): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: valid out-pointers to locals; `dptr` was just mapped in this context.
+        let rc = unsafe { (self.api.mem_get_address_range)(&mut base, &mut len, dptr) };
+        if rc != CUDA_SUCCESS || base != dptr || (len as u64) < size {
+            tracing::error!(
+                device = self.ordinal,
+                code = rc,
+                size,
+                mapped = len,
+                "IPC mapping smaller than its export"
+            );
+            // SAFETY: `dptr` was mapped by the call above and is closed once, here.
+            let _ = unsafe { (self.api.ipc_close_mem_handle)(dptr) };
+            return Err(CuError::UNKNOWN);
+        }
+        self.imports.insert(dptr, self.current);
+        Ok(dptr)
+    }
+
+    fn ipc_close(&mut self, dptr: u64) -> CuResultOf<()> {
+        let ctx = self.imports.get(&dptr).copied().ok_or(CuError::INVALID_VALUE)?;
+        self.make_current(ctx)?;
+        // SAFETY: `dptr` was mapped by `cuIpcOpenMemHandle_v2` in `ctx` (now current) and
+        // is still open (it is in `self.imports`); it is removed below once closed.
+        check(unsafe { (self.api.ipc_close_mem_handle)(dptr) })?;
+        self.imports.remove(&dptr);
+        Ok(())
     }
 
     // ---- modules, libraries, functions ----
@@ -1943,6 +2038,9 @@ impl Drop for CudaGpu {
             let scope = Some(id);
             let allocations = self.allocations_of(scope);
             let scrubbed = self.make_current(scope).and_then(|()| self.scrub(&allocations));
+            if self.make_current(scope).is_ok() {
+                self.close_imports_of(scope);
+            }
             if let Err(err) = scrubbed {
                 tracing::warn!(
                     device = self.ordinal,
@@ -2152,6 +2250,29 @@ mod tests {
             g.mem_free(b).unwrap();
         }
         println!("address reused in {reused} of 8 rounds");
+    }
+
+    #[test]
+    fn gpu_ipc_export_and_checks() {
+        if !gpu_tests_enabled() {
+            return;
+        }
+        let mut g = open_gpu();
+        let a = g.mem_alloc(1 << 20).unwrap();
+        let payload = g.ipc_export(a).unwrap();
+        assert_eq!(payload.len(), 64, "the driver's CUipcMemHandle");
+        assert_eq!(g.ipc_export(a + 4096), Err(CuError::INVALID_VALUE), "not an allocation's start here");
+        assert_eq!(g.ipc_open(&payload[..63], 1 << 20, 1), Err(CuError::INVALID_VALUE));
+        assert_eq!(g.ipc_open(&payload, 1 << 20, 0), Err(CuError::INVALID_VALUE));
+        assert_eq!(g.ipc_open(&payload, 1 << 20, 2), Err(CuError::INVALID_VALUE));
+        assert_eq!(g.ipc_open(&payload, 0, 1), Err(CuError::INVALID_VALUE));
+        // The driver refuses an open in the exporting process (the broker refuses it first).
+        let same_process = g.ipc_open(&payload, 1 << 20, 1);
+        println!("open in the exporting process: {same_process:?}");
+        assert!(same_process.is_err());
+        assert_eq!(g.ipc_close(a), Err(CuError::INVALID_VALUE), "an allocation is not an import");
+        g.mem_free(a).unwrap();
+        assert_eq!(g.ipc_export(a), Err(CuError::INVALID_VALUE), "freed");
     }
 
     #[test]

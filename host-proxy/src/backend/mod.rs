@@ -144,6 +144,23 @@ pub trait GpuBackend {
     /// Sets `count` 32-bit words at `dst` to `value`.
     fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
 
+    // ---- IPC (brokered by the daemon: see `crate::broker`) ----
+    /// Makes the allocation starting at `dptr` (made by `mem_alloc`/`mem_alloc_pitch`, in
+    /// any context) mappable by another worker process of this host, and returns the
+    /// backend's payload naming it (cuda: the driver's 64-byte `CUipcMemHandle`). The
+    /// payload is host-internal: it never reaches a guest. Exporting again returns a payload
+    /// for the same memory. When the allocation is freed, the payload stops working.
+    fn ipc_export(&mut self, dptr: u64) -> CuResultOf<Vec<u8>>;
+    /// Maps memory exported by another worker process (`payload` from its
+    /// [`ipc_export`](Self::ipc_export), `size` bytes) into the current context and returns
+    /// its address here. `flags` must be `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS` (1), the one
+    /// value the driver takes; anything else is `CUDA_ERROR_INVALID_VALUE`, as is a payload
+    /// that names nothing live.
+    fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResultOf<u64>;
+    /// Unmaps memory mapped by [`ipc_open`](Self::ipc_open) (its start), in the context it
+    /// was mapped in. The memory itself belongs to the exporter and is not scrubbed here.
+    fn ipc_close(&mut self, dptr: u64) -> CuResultOf<()>;
+
     // ---- modules, libraries, functions ----
     /// Loads a module image (`cuModuleLoadData`): NUL-terminated PTX, a cubin or a fatbin,
     /// exactly `image.len()` bytes (the caller has sized it).

@@ -39,6 +39,20 @@
 //!   the real backend checks them ([`is_plain_launch_attribute`]) and otherwise ignored.
 //!   Function attributes: `MAX_THREADS_PER_BLOCK` 1024, `NUM_REGS` 16, others 0 unless
 //!   set; occupancy is `2048 / block_size` blocks (at least 1).
+//! - **IPC** between worker *processes* uses a mechanism of the double's own, not CUDA's:
+//!   exporting an allocation moves its bytes into a sealed memfd (`memfd_create`, sealed
+//!   against shrinking and growing) mapped `MAP_SHARED`, which the allocation uses from
+//!   then on. The payload names the exporting process, the memfd's descriptor number,
+//!   the size and a random nonce that is also the memfd's name. An importer of the same
+//!   uid opens `/proc/<pid>/fd/<fd>`, checks that it is the memfd of that name, of that
+//!   size and sealed, and maps it shared at a fresh simulated address: each process sees
+//!   the other's writes. An exporter that died (or freed the allocation, closing the
+//!   memfd) cannot be opened: `CUDA_ERROR_INVALID_VALUE`. Freeing an exported allocation
+//!   zeroes it first (the double's scrub), so an importer that still maps it sees zeros.
+//!   Imports do not count against the device's memory. The double reads and writes shared
+//!   mappings through ordinary slices and does not guard against two processes touching
+//!   the same bytes at once (a data race a real GPU would simply allow); it is a test
+//!   double, for tests whose processes take turns.
 
 use super::cuda::is_plain_launch_attribute;
 use super::{CuError, CuResultOf, GpuBackend, LaunchConfig, ParamSlot};
@@ -129,14 +143,54 @@ enum Owner {
     User,
     /// Unloading this module or library (a `.global` variable).
     Module(u64),
+    /// `ipc_close` (another process's memory, mapped by `ipc_open`).
+    Import,
+}
+
+/// Where a simulated allocation's bytes live.
+#[derive(Debug)]
+enum Backing {
+    /// Private memory (every allocation until it is exported).
+    Heap(Vec<u8>),
+    /// An exported allocation's memfd mapping, and the nonce that names the memfd.
+    Exported(shared::Mapping, [u8; 16]),
+    /// Another process's exported memfd, mapped by `ipc_open`.
+    Imported(shared::Mapping),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Heap(v) => v,
+            Backing::Exported(m, _) | Backing::Imported(m) => m.as_slice(),
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Backing::Heap(v) => v,
+            Backing::Exported(m, _) | Backing::Imported(m) => m.as_mut_slice(),
+        }
+    }
 }
 
 /// A simulated allocation.
 #[derive(Debug)]
 struct SimAlloc {
-    data: Vec<u8>,
+    data: Backing,
     ctx: CtxId,
     owner: Owner,
+}
+
+impl SimAlloc {
+    /// Bytes it takes from the device's memory (an import takes none: the memory is the
+    /// exporter's).
+    fn counted(&self) -> u64 {
+        match self.owner {
+            Owner::Import => 0,
+            Owner::User | Owner::Module(_) => self.data.bytes().len() as u64,
+        }
+    }
 }
 
 /// A simulated stream's settings.
@@ -248,14 +302,15 @@ impl SimGpu {
 
     /// The allocation holding `[addr, addr + len)`, and the offset of `addr` in it
     /// (`CUDA_ERROR_INVALID_VALUE` when no single allocation holds the range).
-    fn locate(&mut self, addr: u64, len: u64) -> CuResultOf<(&mut Vec<u8>, usize)> {
+    fn locate(&mut self, addr: u64, len: u64) -> CuResultOf<(&mut [u8], usize)> {
         let (&start, alloc) = self.allocs.range_mut(..=addr).next_back().ok_or(CuError::INVALID_VALUE)?;
         let off = addr - start;
         let end = off.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
-        if end > alloc.data.len() as u64 {
+        let data = alloc.data.bytes_mut();
+        if end > data.len() as u64 {
             return Err(CuError::INVALID_VALUE);
         }
-        Ok((&mut alloc.data, off as usize))
+        Ok((data, off as usize))
     }
 
     /// `[addr, addr + len)` for a kernel: `CUDA_ERROR_ILLEGAL_ADDRESS` when no single
@@ -278,10 +333,16 @@ impl SimGpu {
             return Err(CuError::OUT_OF_MEMORY);
         }
         let len = usize::try_from(size).map_err(|_| CuError::OUT_OF_MEMORY)?;
+        let addr = self.place(size)?;
+        self.allocs.insert(addr, SimAlloc { data: Backing::Heap(vec![fill; len]), ctx, owner });
+        self.used += size;
+        Ok(addr)
+    }
+
+    /// A fresh, never reused address range of `size` bytes.
+    fn place(&mut self, size: u64) -> CuResultOf<u64> {
         let addr = self.next_addr;
         self.next_addr = addr.checked_add(size.div_ceil(SIM_ALIGN) * SIM_ALIGN).ok_or(CuError::OUT_OF_MEMORY)?;
-        self.allocs.insert(addr, SimAlloc { data: vec![fill; len], ctx, owner });
-        self.used += size;
         Ok(addr)
     }
 
@@ -291,7 +352,7 @@ impl SimGpu {
         self.allocs.retain(|_, a| {
             let gone = free(a);
             if gone {
-                freed += a.data.len() as u64;
+                freed += a.counted();
             }
             !gone
         });
@@ -462,6 +523,177 @@ fn param_u64(params: &[u8], offset: usize) -> CuResultOf<u64> {
     let lo = u64::from(param_u32(params, offset)?);
     let hi = u64::from(param_u32(params, offset + 4)?);
     Ok(lo | hi << 32)
+}
+
+// ---- IPC ----
+
+/// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`: `cuIpcOpenMemHandle` takes exactly this flag.
+const IPC_MEM_LAZY_ENABLE_PEER_ACCESS: u32 = 1;
+/// The first bytes of the double's IPC payload.
+const SIM_IPC_MAGIC: [u8; 8] = *b"VSIMIPC1";
+/// Length of the double's IPC payload.
+const SIM_IPC_PAYLOAD_LEN: usize = 40;
+
+/// What the double's IPC payload names: an exporting process's memfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SimPayload {
+    pid: u32,
+    fd: i32,
+    size: u64,
+    nonce: [u8; 16],
+}
+
+impl SimPayload {
+    /// `magic, pid, fd, size, nonce`, little-endian.
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(SIM_IPC_PAYLOAD_LEN);
+        b.extend_from_slice(&SIM_IPC_MAGIC);
+        b.extend_from_slice(&self.pid.to_le_bytes());
+        b.extend_from_slice(&self.fd.to_le_bytes());
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&self.nonce);
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<SimPayload> {
+        if b.len() != SIM_IPC_PAYLOAD_LEN || b[..8] != SIM_IPC_MAGIC {
+            return None;
+        }
+        Some(SimPayload {
+            pid: u32::from_le_bytes(b[8..12].try_into().ok()?),
+            fd: i32::from_le_bytes(b[12..16].try_into().ok()?),
+            size: u64::from_le_bytes(b[16..24].try_into().ok()?),
+            nonce: b[24..40].try_into().ok()?,
+        })
+    }
+}
+
+/// The name of the memfd of an export with this nonce.
+fn memfd_name(nonce: &[u8; 16]) -> String {
+    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    format!("vgpu-sim-ipc-{hex}")
+}
+
+/// Shared mappings of memfds for exported allocations: the double's only unsafe code.
+#[allow(unsafe_code)]
+mod shared {
+    use std::ffi::CString;
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::ptr::NonNull;
+
+    /// A `MAP_SHARED` mapping of a memfd: an exporter's (which keeps the memfd open, so
+    /// that importers reach it through /proc) or an importer's.
+    #[derive(Debug)]
+    pub struct Mapping {
+        ptr: NonNull<u8>,
+        len: usize,
+        /// The exporter's memfd; `None` in an importer.
+        memfd: Option<OwnedFd>,
+    }
+
+    // SAFETY: the mapping belongs to this value alone (no other value of this process
+    // points into it), so moving it to another thread moves that ownership.
+    unsafe impl Send for Mapping {}
+
+    impl Mapping {
+        /// A new memfd named `name` holding a copy of `bytes`, sealed against shrinking
+        /// and growing, mapped shared.
+        pub fn export(name: &str, bytes: &[u8]) -> io::Result<Mapping> {
+            let cname = CString::new(name)?;
+            // SAFETY: `cname` is NUL-terminated and outlives the call; the flags are valid.
+            let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` was just made by memfd_create; nothing else owns it.
+            let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            file.set_len(bytes.len() as u64)?;
+            let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+            // SAFETY: fcntl on a descriptor this function owns; F_ADD_SEALS takes an int.
+            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut mapping = Mapping::map(&file, bytes.len())?;
+            mapping.as_mut_slice().copy_from_slice(bytes);
+            mapping.memfd = Some(OwnedFd::from(file));
+            Ok(mapping)
+        }
+
+        /// Maps another process's export: `/proc/<pid>/fd/<fd>` must be the memfd named
+        /// `name`, exactly `len` bytes long and sealed against shrinking (so that no access
+        /// can fault).
+        pub fn import(pid: u32, fd: i32, name: &str, len: usize) -> io::Result<Mapping> {
+            let path = format!("/proc/{pid}/fd/{fd}");
+            let target = std::fs::read_link(&path)?;
+            if target.as_os_str() != format!("/memfd:{name} (deleted)").as_str() {
+                return Err(io::Error::new(io::ErrorKind::NotFound, "not the exported memfd"));
+            }
+            let file = File::options().read(true).write(true).open(&path)?;
+            if file.metadata()?.len() != len as u64 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "exported memfd has another size"));
+            }
+            // SAFETY: fcntl on a descriptor this function owns; F_GET_SEALS takes no argument.
+            let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+            if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "exported memfd is not sealed"));
+            }
+            Mapping::map(&file, len)
+        }
+
+        /// Maps `len > 0` bytes of `file` shared, read-write.
+        fn map(file: &File, len: usize) -> io::Result<Mapping> {
+            // SAFETY: a new mapping placed by the kernel (NULL hint) of a file we hold
+            // open; it overlaps no memory of this process.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+            Ok(Mapping { ptr, len, memfd: None })
+        }
+
+        /// The exporter's memfd number (`None` in an importer).
+        pub fn memfd(&self) -> Option<RawFd> {
+            self.memfd.as_ref().map(AsRawFd::as_raw_fd)
+        }
+
+        /// The mapped bytes.
+        pub fn as_slice(&self) -> &[u8] {
+            // SAFETY: `ptr` is a live mapping of `len` bytes (unmapped only by `drop`),
+            // borrowed for no longer than `self`. Another process may write the same pages
+            // (see the module docs: the double's tests take turns).
+            unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        }
+
+        /// The mapped bytes, writable.
+        pub fn as_mut_slice(&mut self) -> &mut [u8] {
+            // SAFETY: as in `as_slice`; `&mut self` makes this the only slice of it here.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            if self.memfd.is_some() {
+                // The exporter's scrub: an importer still mapping it sees zeros.
+                self.as_mut_slice().fill(0);
+            }
+            // SAFETY: the mapping made by `map`, unmapped once, here; no slice of it
+            // outlives `self`.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
 }
 
 // ---- PTX ----
@@ -1006,7 +1238,8 @@ impl GpuBackend for SimGpu {
             _ => return Err(CuError::INVALID_VALUE),
         }
         if let Some(alloc) = self.allocs.remove(&dptr) {
-            self.used -= alloc.data.len() as u64;
+            // Dropping an exported allocation's mapping zeroes it and closes its memfd.
+            self.used -= alloc.counted();
         }
         Ok(())
     }
@@ -1062,6 +1295,54 @@ impl GpuBackend for SimGpu {
         for w in buf[off..off + bytes as usize].chunks_exact_mut(4) {
             w.copy_from_slice(&value.to_le_bytes());
         }
+        Ok(())
+    }
+
+    // ---- IPC ----
+
+    fn ipc_export(&mut self, dptr: u64) -> CuResultOf<Vec<u8>> {
+        let alloc = self.allocs.get_mut(&dptr).filter(|a| a.owner == Owner::User).ok_or(CuError::INVALID_VALUE)?;
+        if let Backing::Heap(bytes) = &alloc.data {
+            let mut nonce = [0u8; 16];
+            getrandom::fill(&mut nonce).map_err(|_| CuError::UNKNOWN)?;
+            let mapping = shared::Mapping::export(&memfd_name(&nonce), bytes).map_err(|e| {
+                tracing::warn!(error = %e, "simulated IPC export failed");
+                CuError::OUT_OF_MEMORY
+            })?;
+            alloc.data = Backing::Exported(mapping, nonce);
+        }
+        match &alloc.data {
+            Backing::Exported(m, nonce) => {
+                let fd = m.memfd().ok_or(CuError::UNKNOWN)?;
+                let size = m.as_slice().len() as u64;
+                Ok(SimPayload { pid: std::process::id(), fd, size, nonce: *nonce }.encode())
+            }
+            Backing::Heap(_) | Backing::Imported(_) => Err(CuError::UNKNOWN),
+        }
+    }
+
+    fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResultOf<u64> {
+        if flags != IPC_MEM_LAZY_ENABLE_PEER_ACCESS {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let p = SimPayload::decode(payload).filter(|p| p.size == size && size > 0).ok_or(CuError::INVALID_VALUE)?;
+        let len = usize::try_from(size).map_err(|_| CuError::INVALID_VALUE)?;
+        let mapping = shared::Mapping::import(p.pid, p.fd, &memfd_name(&p.nonce), len).map_err(|e| {
+            tracing::debug!(error = %e, pid = p.pid, fd = p.fd, "simulated IPC open failed");
+            CuError::INVALID_VALUE
+        })?;
+        let addr = self.place(size)?;
+        self.allocs
+            .insert(addr, SimAlloc { data: Backing::Imported(mapping), ctx: self.current, owner: Owner::Import });
+        Ok(addr)
+    }
+
+    fn ipc_close(&mut self, dptr: u64) -> CuResultOf<()> {
+        match self.allocs.get(&dptr) {
+            Some(a) if a.owner == Owner::Import => {}
+            _ => return Err(CuError::INVALID_VALUE),
+        }
+        self.allocs.remove(&dptr);
         Ok(())
     }
 
@@ -1386,6 +1667,55 @@ mod tests {
         let mut out = vec![0u8; n * 4];
         g.copy_dtoh(&mut out, dptr, None).unwrap();
         out.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect()
+    }
+
+    #[test]
+    fn exported_memory_is_shared_through_a_memfd() {
+        let (mut a, mut b) = (SimGpu::new(1 << 20), SimGpu::new(1 << 20));
+        let p = a.mem_alloc(1000).unwrap();
+        a.copy_htod(p, &[7; 1000], None).unwrap();
+        let payload = a.ipc_export(p).unwrap();
+        assert_eq!(a.ipc_export(p).unwrap(), payload, "the same memfd when exported again");
+        assert_eq!(a.mem_get_info().unwrap().0, (1 << 20) - 1000, "exporting keeps the memory counted");
+        // The payload must name a live export of exactly that size.
+        assert_eq!(b.ipc_open(&payload, 999, 1), Err(CuError::INVALID_VALUE));
+        assert_eq!(b.ipc_open(&payload[..39], 1000, 1), Err(CuError::INVALID_VALUE));
+        assert_eq!(b.ipc_open(&payload, 1000, 0), Err(CuError::INVALID_VALUE), "exactly flag 1, as the driver");
+        assert_eq!(b.ipc_open(&payload, 1000, 2), Err(CuError::INVALID_VALUE));
+        let mut wrong_nonce = payload.clone();
+        wrong_nonce[30] ^= 1;
+        wrong_nonce[16..24].copy_from_slice(&1000u64.to_le_bytes());
+        assert_eq!(b.ipc_open(&wrong_nonce, 1000, 1), Err(CuError::INVALID_VALUE), "another memfd's name");
+        let q = b.ipc_open(&payload, 1000, 1).unwrap();
+        assert_eq!(b.mem_get_info().unwrap().0, 1 << 20, "an import takes no memory");
+        let mut got = vec![0u8; 1000];
+        b.copy_dtoh(&mut got, q, None).unwrap();
+        assert_eq!(got, vec![7; 1000]);
+        b.memset_d8(q + 10, 3, 5, None).unwrap();
+        let mut seen = [0u8; 16];
+        a.copy_dtoh(&mut seen, p, None).unwrap();
+        assert_eq!(seen[9..16], [7, 3, 3, 3, 3, 3, 7]);
+        assert_eq!(b.copy_dtoh(&mut got, q + 1, None), Err(CuError::INVALID_VALUE));
+        // Kernels reach imports like allocations.
+        let f = {
+            let m = b.module_load(TEST_PTX.as_bytes()).unwrap();
+            b.module_get_function(&m, c"fill_u32").unwrap()
+        };
+        let params = pack(&[(0, &q.to_le_bytes()), (8, &9u32.to_le_bytes()), (16, &250u64.to_le_bytes())]);
+        b.launch(&f, &grid(1, 250), None, &params, &slots(&[(0, 8), (8, 4), (16, 8)])).unwrap();
+        assert_eq!(read_u32s(&mut a, p, 250), vec![9; 250]);
+        // Imports are not freed by mem_free; allocations are not closed by ipc_close.
+        assert_eq!(b.mem_free(q), Err(CuError::INVALID_VALUE));
+        assert_eq!(a.ipc_close(p), Err(CuError::INVALID_VALUE));
+        assert_eq!(b.ipc_export(q), Err(CuError::INVALID_VALUE), "an import is not exported again");
+        // The exporter's free scrubs: a mapping still open sees zeros, a new open fails.
+        a.mem_free(p).unwrap();
+        b.copy_dtoh(&mut got, q, None).unwrap();
+        assert_eq!(got, vec![0; 1000]);
+        assert_eq!(b.ipc_open(&payload, 1000, 1), Err(CuError::INVALID_VALUE));
+        b.ipc_close(q).unwrap();
+        assert_eq!(b.ipc_close(q), Err(CuError::INVALID_VALUE));
+        assert_eq!(b.copy_dtoh(&mut got, q, None), Err(CuError::INVALID_VALUE));
     }
 
     #[test]
