@@ -450,7 +450,11 @@ int main(int argc, char **argv) {
 
     CUdevice dev;
     init_primary(&dev);
-    CHECK(cuStreamCreate(&g_s, CU_STREAM_NON_BLOCKING));
+    /* A blocking stream: the synchronous copies and memsets of this program run on the legacy
+     * NULL stream and may still be in flight when they return (device-side work, or DMA from
+     * the driver's staging buffer); a blocking stream is ordered after them, a non-blocking
+     * one would race with them. */
+    CHECK(cuStreamCreate(&g_s, CU_STREAM_DEFAULT));
 
     const struct {
         const char *label;

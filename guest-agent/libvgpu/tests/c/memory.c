@@ -293,7 +293,11 @@ int main(void) {
     CUdevice dev;
     CUstream s;
     g_ctx = init_primary(&dev);
-    CHECK(cuStreamCreate(&s, CU_STREAM_NON_BLOCKING));
+    /* A blocking stream: the synchronous copies and memsets of this program run on the legacy
+     * NULL stream and may still be in flight when they return (device-side work, or DMA from
+     * the driver's staging buffer); a blocking stream is ordered after them, a non-blocking
+     * one would race with them. */
+    CHECK(cuStreamCreate(&s, CU_STREAM_DEFAULT));
 
     size_t freeb = 0, total = 0;
     CHECK(cuMemGetInfo(&freeb, &total));
