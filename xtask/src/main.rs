@@ -11,7 +11,8 @@
 //!   machine (host-proxy, libvgpu as libcuda.so.1, host-proxy's test binaries), stripped,
 //!   in `.device-carry/` (ignored by git; name it in the device tool's `carry`).
 //! * `cargo xtask demo`  — the main job with its embedded defaults: host-proxy (simulated GPU
-//!   test double) serving one guest session over the local transport.
+//!   test double) serving one raw guest session and an unmodified cudarc program through
+//!   libvgpu over the local transport.
 
 mod codegen;
 
@@ -139,8 +140,18 @@ fn fuzz(seconds: u64) -> Result<()> {
 /// guest session against it, and stops the daemon.
 fn demo() -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "host-proxy", "--bin", "host-proxy", "--example", "guest_session"]))?;
+    run(cargo().args(["build", "--release", "-p", "libvgpu", "--lib", "--example", "cudarc_app"]))?;
     let dir = std::env::temp_dir().join("xen-vgpu-demo");
     std::fs::create_dir_all(&dir)?;
+    // libvgpu under the names CUDA applications load.
+    let libdir = dir.join("lib");
+    std::fs::create_dir_all(&libdir)?;
+    let so = std::fs::canonicalize("target/release/libcuda.so")?;
+    for name in ["libcuda.so", "libcuda.so.1"] {
+        let link = libdir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&so, &link)?;
+    }
     let socket = dir.join("host-proxy.sock");
     let admin = dir.join("host-proxy.sock.admin");
     eprintln!("==> starting host-proxy (embedded default config, simulated GPU) on {}", socket.display());
@@ -153,12 +164,23 @@ fn demo() -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    eprintln!("==> running a guest session");
-    let session = run(Command::new("target/release/examples/guest_session").arg(&socket));
+    eprintln!("==> running a guest session (raw protocol)");
+    let mut result = run(Command::new("target/release/examples/guest_session").arg(&socket));
+    let ptx = Path::new("guest-agent/libvgpu/tests/fixtures/sim_kernels.ptx");
+    for args in [vec!["device"], vec!["copy"], vec!["launch", ptx.to_str().unwrap_or_default()]] {
+        if result.is_err() {
+            break;
+        }
+        eprintln!("==> an unmodified cudarc program through libvgpu (libcuda.so.1): cudarc_app {}", args.join(" "));
+        result = run(Command::new("target/release/examples/cudarc_app")
+            .args(&args)
+            .env("LD_LIBRARY_PATH", &libdir)
+            .env("VGPU_SOCKET", &socket));
+    }
     let _ = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
     let status = daemon.wait()?;
     eprintln!("==> host-proxy stopped ({status})");
-    session
+    result
 }
 
 /// Builds and collects the binaries the on-device scripts run (see `device/`).
