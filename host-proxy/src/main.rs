@@ -149,12 +149,16 @@ fn run_zone<B: GpuBackend>(
     quotas: Quotas,
     broker: Option<BrokerClient>,
 ) -> Result<i32> {
-    let idm_shm::ShmEndpoint { channel, window, layout, .. } = endpoint;
+    let idm_shm::ShmEndpoint { channel, window, layout, region, .. } = endpoint;
     let max_frame = u32::try_from(layout.ring_size() / 2).unwrap_or(u32::MAX);
     let mut buf = vec![0u8; layout.ring_size()];
     let mut scratch = vec![0u8; layout.ring_size()];
     let mut server = Server::accept(channel, max_frame, &mut buf).context("hello exchange failed")?;
     let mut zone = Zone::new(id, backend, quotas);
+    match zone.attach_window(region, layout.window_offset(), layout.window_size()) {
+        Ok(direct) => tracing::debug!(direct, "data window attached"),
+        Err(e) => tracing::warn!(error = %e, "could not register the data window; copies are staged"),
+    }
     if let Some(broker) = broker {
         zone.set_broker(Box::new(broker));
     }

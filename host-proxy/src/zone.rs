@@ -237,6 +237,11 @@ pub struct Zone<B: GpuBackend> {
     exports: HashMap<u64, Token>,
     /// Imports by start (the live ones are in `ranges` too).
     imports: BTreeMap<u64, Import>,
+    /// Whether the backend copies straight from and to the data window (no staging).
+    window_direct: bool,
+    /// Keeps the window's mapping alive while the backend may use it: declared after
+    /// `backend`, so dropped after it.
+    window_region: Option<idm_shm::MemfdRegion>,
 }
 
 impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
@@ -343,7 +348,27 @@ impl<B: GpuBackend> Zone<B> {
             broker: None,
             exports: HashMap::new(),
             imports: BTreeMap::new(),
+            window_direct: false,
+            window_region: None,
         }
+    }
+
+    /// Lets the backend copy straight from and to the shared data window: `region` is the
+    /// shared mapping, the window is its `len` bytes at `offset`. The zone keeps `region`
+    /// (so the mapping outlives the backend). Returns whether the backend took it; if not,
+    /// copies keep going through the staging buffer.
+    pub fn attach_window(&mut self, region: idm_shm::MemfdRegion, offset: usize, len: usize) -> CuResultOf<bool> {
+        let in_bounds = offset.checked_add(len).is_some_and(|end| end <= SharedMemory::size(region.raw()));
+        let base = std::ptr::NonNull::new(region.raw().as_ptr().wrapping_add(offset));
+        let (true, Some(base)) = (in_bounds, base) else { return Err(CuError::INVALID_VALUE) };
+        #[allow(unsafe_code)]
+        // SAFETY: `base .. base + len` lies in `region`'s mapping (checked above), which
+        // `self.window_region` keeps mapped until after `self.backend` is dropped (field
+        // order). The backend only hands the memory to the driver.
+        let direct = unsafe { self.backend.attach_window(base, len) }?;
+        self.window_region = Some(region);
+        self.window_direct = direct;
+        Ok(direct)
     }
 
     /// Offers CUDA IPC through the daemon's broker.
@@ -755,10 +780,18 @@ impl<B: GpuBackend> Zone<B> {
         dev: u64,
         bulk: BulkRef,
         stream: Handle,
+        wait: bool,
     ) -> CuResultOf<()> {
-        let (_, len) = window.check(bulk).map_err(|_| CuError::INVALID_VALUE)?;
+        let (offset, len) = window.check(bulk).map_err(|_| CuError::INVALID_VALUE)?;
         self.check_range(dev, len as u64)?;
         let s = stream_of(&self.streams, stream)?;
+        if self.window_direct {
+            // The backend DMAs straight from/to the registered window: no staging copy.
+            return match dir {
+                Direction::HtoD => self.backend.copy_window_to_device(dev, offset as u64, len as u64, s, wait),
+                Direction::DtoH => self.backend.copy_device_to_window(offset as u64, dev, len as u64, s, wait),
+            };
+        }
         let mut buf = std::mem::take(&mut self.staging);
         buf.resize(len.min(STAGING_CHUNK), 0);
         let mut done = 0usize;
@@ -1036,17 +1069,26 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     // ---- copies and memsets ----
 
     fn memcpy_hto_d(&mut self, req: MemcpyHtoD) -> CuResultOf<Done> {
-        self.zone.staged_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream)?;
+        // The guest reuses the window bytes (staging) once this is answered: wait.
+        self.zone.staged_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream, true)?;
         Ok(Done {})
     }
 
     fn memcpy_hto_d_async(&mut self, req: MemcpyHtoDAsync) -> CuResultOf<Done> {
-        self.zone.staged_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream)?;
+        // From pinned (window arena) memory, which the application leaves alone until it
+        // synchronises, as CUDA requires: the copy may run on.
+        self.zone.staged_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream, false)?;
         Ok(Done {})
     }
 
     fn memcpy_dto_h(&mut self, req: MemcpyDtoH) -> CuResultOf<Done> {
-        self.zone.staged_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream)?;
+        self.zone.staged_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream, true)?;
+        Ok(Done {})
+    }
+
+    fn memcpy_dto_h_async(&mut self, req: MemcpyDtoHAsync) -> CuResultOf<Done> {
+        // Into pinned memory, read by the application only after it synchronises.
+        self.zone.staged_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream, false)?;
         Ok(Done {})
     }
 

@@ -244,6 +244,17 @@ impl Message for MemcpyHtoDAsync {
     const ID: MessageId = MessageId(0x021a);
 }
 
+/// Request `MemcpyDtoHAsync` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemcpyDtoHAsync {
+    pub dst: BulkRef,
+    pub src: u64,
+    pub stream: Handle,
+}
+impl Message for MemcpyDtoHAsync {
+    const ID: MessageId = MessageId(0x021b);
+}
+
 /// Request `CtxCreate` (used by libvgpu's hand-written code).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CtxCreate {
@@ -1036,6 +1047,7 @@ pub const REQUEST_IDS: &[MessageId] = &[
     MemcpyHtoD::ID,
     MemcpyDtoH::ID,
     MemcpyHtoDAsync::ID,
+    MemcpyDtoHAsync::ID,
     CtxCreate::ID,
     CtxDestroy::ID,
     CtxSetCurrent::ID,
@@ -1134,6 +1146,8 @@ pub trait Api {
     fn memcpy_dto_h(&mut self, req: MemcpyDtoH) -> Result<crate::Done, Self::Error>;
     /// Handles [`MemcpyHtoDAsync`].
     fn memcpy_hto_d_async(&mut self, req: MemcpyHtoDAsync) -> Result<crate::Done, Self::Error>;
+    /// Handles [`MemcpyDtoHAsync`].
+    fn memcpy_dto_h_async(&mut self, req: MemcpyDtoHAsync) -> Result<crate::Done, Self::Error>;
     /// Handles [`CtxCreate`].
     fn ctx_create(&mut self, req: CtxCreate) -> Result<CtxCreateReply, Self::Error>;
     /// Handles [`CtxDestroy`].
@@ -1362,6 +1376,11 @@ pub fn dispatch<A: Api, R: Responder>(
         0x021a => {
             let req = decode_body::<MemcpyHtoDAsync>(body).map_err(|_| DispatchError::BadBody(id))?;
             let rep = api.memcpy_hto_d_async(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x021b => {
+            let req = decode_body::<MemcpyDtoHAsync>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.memcpy_dto_h_async(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
         0x0220 => {
@@ -1647,6 +1666,6 @@ pub fn dispatch<A: Api, R: Responder>(
 pub fn is_posted(id: MessageId) -> bool {
     matches!(
         id.0,
-        0x0211 | 0x0215 | 0x0216 | 0x0217 | 0x021a | 0x0222 | 0x0241 | 0x0255 | 0x0262 | 0x0263
+        0x0211 | 0x0215 | 0x0216 | 0x0217 | 0x021a | 0x021b | 0x0222 | 0x0241 | 0x0255 | 0x0262 | 0x0263
     )
 }

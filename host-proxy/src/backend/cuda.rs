@@ -324,6 +324,10 @@ driver_api! {
     stream_create = "cuStreamCreateWithPriority": fn(*mut sys::CUstream, c_uint, c_int);
     /// `cuStreamSynchronize`.
     stream_synchronize = "cuStreamSynchronize": fn(sys::CUstream);
+    /// `cuMemHostRegister_v2` (the shared data window, once per zone).
+    mem_host_register = "cuMemHostRegister_v2": fn(*mut c_void, usize, c_uint);
+    /// `cuMemHostUnregister`.
+    mem_host_unregister = "cuMemHostUnregister": fn(*mut c_void);
     /// `cuStreamQuery`.
     stream_query = "cuStreamQuery": fn(sys::CUstream);
     /// `cuStreamWaitEvent`.
@@ -866,6 +870,8 @@ pub struct CudaGpu {
     modules: HashMap<u64, ModuleEntry>,
     /// Live functions and kernels by [`CudaFunction`] id.
     functions: HashMap<u64, FunctionEntry>,
+    /// The zone's shared data window, registered with the driver (see `attach_window`).
+    window: Option<(std::ptr::NonNull<u8>, usize)>,
 }
 
 // SAFETY: the driver API is thread-safe and its handles (contexts, streams, events,
@@ -990,6 +996,7 @@ impl CudaGpu {
             allocs: HashMap::new(),
             imports: HashMap::new(),
             streams: HashMap::new(),
+            window: None,
             events: HashMap::new(),
             modules: HashMap::new(),
             functions: HashMap::new(),
@@ -1016,6 +1023,16 @@ impl CudaGpu {
         // `Drop`) or a context made by `ctx_create` that is still in `self.contexts`
         // (removed when it is destroyed).
         check(unsafe { (self.api.ctx_set_current)(raw) })
+    }
+
+    /// The address of `len` bytes at `offset` in the registered window.
+    fn window_ptr(&self, offset: u64, len: u64) -> CuResultOf<*mut u8> {
+        let (base, size) = self.window.ok_or(CuError::NOT_SUPPORTED)?;
+        let end = offset.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
+        if end > size as u64 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Ok(base.as_ptr().wrapping_add(offset as usize))
     }
 
     /// The driver context of `ctx`.
@@ -1282,6 +1299,69 @@ fn device_name(buf: &[c_char; NAME_BUF_LEN]) -> heapless::String<96> {
 }
 
 impl GpuBackend for CudaGpu {
+    unsafe fn attach_window(&mut self, base: std::ptr::NonNull<u8>, len: usize) -> CuResultOf<bool> {
+        if self.window.is_some() || len == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        self.enter()?;
+        /// `CU_MEMHOSTREGISTER_PORTABLE`: pinned for every context of the process.
+        const PORTABLE: c_uint = 0x01;
+        // SAFETY: the caller guarantees the range stays mapped until `self` is dropped,
+        // where it is unregistered first. Registering pins the pages; no Rust reference to
+        // them is ever made here.
+        check(unsafe { (self.api.mem_host_register)(base.as_ptr().cast(), len, PORTABLE) })?;
+        self.window = Some((base, len));
+        Ok(true)
+    }
+
+    fn copy_window_to_device(
+        &mut self,
+        dst: u64,
+        offset: u64,
+        len: u64,
+        stream: Option<&CudaStream>,
+        wait: bool,
+    ) -> CuResultOf<()> {
+        let src = self.window_ptr(offset, len)?;
+        let stream = self.raw_stream(stream)?;
+        let n = byte_count(len)?;
+        self.enter()?;
+        // SAFETY: `src .. src + n` lies in the registered window (checked by `window_ptr`),
+        // which stays mapped while `self` lives; `[dst, dst + n)` was checked by the zone.
+        // The driver DMAs from pinned memory, so an asynchronous copy reads it later: with
+        // `wait` the stream is synchronised before returning.
+        check(unsafe {
+            (self.api.memcpy_htod_async)(dst, src.cast_const().cast(), n, stream.unwrap_or(std::ptr::null_mut()))
+        })?;
+        if wait {
+            // SAFETY: a live stream of this backend or the NULL stream.
+            check(unsafe { (self.api.stream_synchronize)(stream.unwrap_or(std::ptr::null_mut())) })?;
+        }
+        Ok(())
+    }
+
+    fn copy_device_to_window(
+        &mut self,
+        offset: u64,
+        src: u64,
+        len: u64,
+        stream: Option<&CudaStream>,
+        wait: bool,
+    ) -> CuResultOf<()> {
+        let dst = self.window_ptr(offset, len)?;
+        let stream = self.raw_stream(stream)?;
+        let n = byte_count(len)?;
+        self.enter()?;
+        // SAFETY: as in `copy_window_to_device`, in the other direction: the driver writes
+        // the window (shared memory the guest reads after it synchronises).
+        check(unsafe { (self.api.memcpy_dtoh_async)(dst.cast(), src, n, stream.unwrap_or(std::ptr::null_mut())) })?;
+        if wait {
+            // SAFETY: a live stream of this backend or the NULL stream.
+            check(unsafe { (self.api.stream_synchronize)(stream.unwrap_or(std::ptr::null_mut())) })?;
+        }
+        Ok(())
+    }
+
     type Stream = CudaStream;
     type Event = CudaEvent;
     type Context = CudaContext;
@@ -2031,6 +2111,10 @@ impl GpuBackend for CudaGpu {
 
 impl Drop for CudaGpu {
     fn drop(&mut self) {
+        if let Some((base, _)) = self.window.take() {
+            // SAFETY: registered by `attach_window` and still mapped (its contract).
+            let _ = unsafe { (self.api.mem_host_unregister)(base.as_ptr().cast()) };
+        }
         // Contexts made by `ctx_create` first: scrub each one's memory in it, then destroy
         // it (which frees its memory, streams, events and modules).
         let contexts: Vec<(u64, sys::CUcontext)> = self.contexts.iter().map(|(&id, &raw)| (id, raw)).collect();

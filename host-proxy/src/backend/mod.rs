@@ -161,6 +161,49 @@ pub trait GpuBackend {
     /// was mapped in. The memory itself belongs to the exporter and is not scrubbed here.
     fn ipc_close(&mut self, dptr: u64) -> CuResultOf<()>;
 
+    // ---- the shared data window (fast path) ----
+    /// Makes the zone's shared data window known to the backend so that copies from and to
+    /// it need no staging copy (the cuda backend registers it with the driver: pinned,
+    /// DMA-able). Returns whether the window copies below are available; the default is
+    /// no, and the zone stages copies through host memory instead.
+    ///
+    /// # Safety
+    /// `base .. base + len` must stay mapped, readable and writable, until the backend is
+    /// dropped. Its contents may change at any time (the guest shares it): the backend
+    /// must only hand the memory to the device, never read it through a Rust reference.
+    #[allow(unsafe_code)] // The trait's declaration: the contract is the caller's.
+    unsafe fn attach_window(&mut self, base: std::ptr::NonNull<u8>, len: usize) -> CuResultOf<bool> {
+        let _ = (base, len);
+        Ok(false)
+    }
+    /// Copies `len` bytes at window offset `offset` (in bounds: checked by the caller) to
+    /// `dst`. With `wait`, returns only once the window bytes have been read (the guest may
+    /// reuse them); otherwise the copy may still be in flight on `stream`.
+    fn copy_window_to_device(
+        &mut self,
+        dst: u64,
+        offset: u64,
+        len: u64,
+        stream: Option<&Self::Stream>,
+        wait: bool,
+    ) -> CuResultOf<()> {
+        let _ = (dst, offset, len, stream, wait);
+        Err(CuError::NOT_SUPPORTED)
+    }
+    /// Copies `len` bytes at `src` into the window at `offset`. With `wait`, returns once
+    /// the bytes are in the window; otherwise they land when `stream` gets there.
+    fn copy_device_to_window(
+        &mut self,
+        offset: u64,
+        src: u64,
+        len: u64,
+        stream: Option<&Self::Stream>,
+        wait: bool,
+    ) -> CuResultOf<()> {
+        let _ = (offset, src, len, stream, wait);
+        Err(CuError::NOT_SUPPORTED)
+    }
+
     // ---- modules, libraries, functions ----
     /// Loads a module image (`cuModuleLoadData`): NUL-terminated PTX, a cubin or a fatbin,
     /// exactly `image.len()` bytes (the caller has sized it).

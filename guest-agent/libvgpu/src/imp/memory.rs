@@ -221,7 +221,7 @@ unsafe fn dtoh(dst: *mut c_void, src: u64, len: usize, stream: Handle, asynchron
         // The host writes the window in place, in request order: later synchronising
         // calls return only after it has.
         return if asynchronous {
-            c.post(&p::MemcpyDtoH { dst: desc, src, stream })
+            c.post(&p::MemcpyDtoHAsync { dst: desc, src, stream })
         } else {
             c.call::<_, Done>(&p::MemcpyDtoH { dst: desc, src, stream }).map(drop)
         };

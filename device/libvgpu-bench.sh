@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# On the GPU machine: native-versus-remoted benchmark of the CUDA driver API. Builds
+# guest-agent/libvgpu/bench (bench.c and bench_kernels.cu) with nvcc, then runs it twice in
+# alternation: natively (real libcuda), then through libvgpu against a host-proxy with the cuda
+# backend (started for each remoted run, without libvgpu on its library path, and stopped
+# after it, so the native runs see an idle machine). Prints a side-by-side table per round
+# (name, unit, native, remoted, remoted/native, which way is better), with the GPU, driver and
+# date.
+#
+# Carried (build here first: `cargo xtask device-build`): .device-carry/host-proxy and
+# .device-carry/libvgpu/libcuda.so.1. Results in /tmp/vgpu-bench-out (raw outputs, table,
+# host-proxy logs); when $OUT is set, $OUT gets bench.txt (the table), raw.txt (the four raw
+# outputs) and host-proxy.log. BENCH_COMMIT names the measured commit in the table (else
+# git's HEAD, which on a copied tree may be stale). HOST_PROXY_BACKEND=sim (a dry run of the
+# script itself off a GPU machine) gives the daemon the simulated test double instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+src=$root/guest-agent/libvgpu/bench
+carry=$root/.device-carry
+out=/tmp/vgpu-bench-out
+sockdir=/tmp/vgpu-bench
+sock=$sockdir/host-proxy.sock
+rounds=2
+
+for f in "$carry/host-proxy" "$carry/libvgpu/libcuda.so.1"; do
+    if [ ! -f "$f" ]; then echo "FAIL: $f not carried (run cargo xtask device-build)" >&2; exit 1; fi
+done
+
+work=$(mktemp -d /tmp/vgpu-bench-work.XXXXXX)
+rm -rf "$out"
+mkdir -p "$out" "$work/bin" "$work/kernels" "$work/lib"
+
+hp=""
+stop_daemon() {
+    if [ -n "$hp" ] && kill -0 "$hp" 2>/dev/null; then
+        kill "$hp" 2>/dev/null || true
+        wait "$hp" 2>/dev/null || true
+    fi
+    hp=""
+}
+on_exit() {
+    stop_daemon
+    if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+        [ -f "$out/bench.txt" ] && cp "$out/bench.txt" "$OUT/"
+        for f in "$out"/native-*.txt "$out"/remoted-*.txt; do
+            [ -f "$f" ] && { echo "==> $(basename "$f")"; cat "$f"; }
+        done >"$OUT/raw.txt" 2>/dev/null || true
+        cat "$out"/host-proxy-*.log >"$OUT/host-proxy.log" 2>/dev/null || true
+    fi
+}
+trap on_exit EXIT
+
+gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
+gpu=${gpu:-"nvidia-smi failed"}
+cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1 || true)
+echo "== GPU: $gpu"
+echo "== CPU: ${cpu:-?}, $(nproc) cores"
+
+# ---- toolkit ----
+nvcc=""
+if command -v nvcc >/dev/null 2>&1; then
+    nvcc=$(command -v nvcc)
+else
+    for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-13*/bin/nvcc /usr/local/cuda-*/bin/nvcc; do
+        if [ -x "$c" ]; then nvcc=$c; break; fi
+    done
+fi
+if [ -z "$nvcc" ]; then echo "FAIL: nvcc not found" >&2; exit 1; fi
+cuda_home=$(cd "$(dirname "$nvcc")/.." && pwd)
+echo "== nvcc: $nvcc ($("$nvcc" --version | tail -n 1))"
+inc=""
+for d in "$cuda_home/include" "$cuda_home/targets/x86_64-linux/include"; do
+    if [ -f "$d/cuda.h" ]; then inc=$d; break; fi
+done
+stubs=""
+for d in "$cuda_home/lib64/stubs" "$cuda_home/targets/x86_64-linux/lib/stubs"; do
+    if [ -f "$d/libcuda.so" ]; then stubs=$d; break; fi
+done
+if [ -z "$inc" ] || [ -z "$stubs" ]; then
+    echo "FAIL: cuda.h ($inc) or stubs/libcuda.so ($stubs) not found under $cuda_home" >&2
+    exit 1
+fi
+
+# ---- build ----
+k=$work/kernels
+"$nvcc" -fatbin -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90 \
+    "$src/bench_kernels.cu" -o "$k/bench_kernels.fatbin"
+bin=$work/bin/bench
+cc=""
+for c in "${CC:-}" gcc cc; do
+    if [ -n "$c" ] && command -v "$c" >/dev/null 2>&1; then cc=$c; break; fi
+done
+if [ -n "$cc" ]; then
+    "$cc" -std=c11 -O2 -Wall -Wextra -I"$inc" "$src/bench.c" -o "$bin" -L"$stubs" -lcuda
+else
+    "$nvcc" -x c -O2 -Xcompiler -std=c11 -I"$inc" "$src/bench.c" -o "$bin" -L"$stubs" -lcuda
+fi
+echo "== built bench (${cc:-nvcc}) and bench_kernels.fatbin"
+
+# ---- libvgpu and host-proxy ----
+lib=$work/lib
+cp -a "$carry/libvgpu/." "$lib/"
+chmod -R u+w "$lib"
+[ -e "$lib/libcuda.so" ] || ln -s libcuda.so.1 "$lib/libcuda.so"
+cp "$carry/host-proxy" "$work/host-proxy"
+chmod u+x "$work/host-proxy"
+cat >"$work/host-proxy.toml" <<EOF
+socket = "$sock"
+backend = "${HOST_PROXY_BACKEND:-cuda}"
+device = 0
+EOF
+guest_ld=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+resolved=$(LD_LIBRARY_PATH=$guest_ld ldd "$bin" | awk '/libcuda\.so\.1/ {print $3}')
+echo "== remoted runs resolve libcuda.so.1 to: $resolved"
+case "$resolved" in
+"$lib"/*) ;;
+*) echo "FAIL: libcuda.so.1 does not resolve to libvgpu ($lib)" >&2; exit 1 ;;
+esac
+
+start_daemon() { # start_daemon <round>
+    rm -rf "$sockdir"
+    mkdir -p "$sockdir"
+    # The daemon gets the inherited environment (never $lib): it must load the real libcuda.
+    NO_COLOR=1 VGPU_LOG="${HOST_PROXY_LOG:-info}" "$work/host-proxy" serve \
+        --config "$work/host-proxy.toml" >"$out/host-proxy-$1.log" 2>&1 &
+    hp=$!
+    for _ in $(seq 1 300); do
+        [ -S "$sock" ] && return 0
+        if ! kill -0 "$hp" 2>/dev/null; then
+            echo "FAIL: host-proxy exited before listening" >&2
+            tail -n 50 "$out/host-proxy-$1.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "FAIL: no socket $sock after 30 s" >&2
+    exit 1
+}
+
+# run_bench <native|remoted> <round>: output in $out/<mode>-<round>.txt; never fails the
+# script (a failed run leaves its partial output and an `exit status` line).
+run_bench() {
+    local mode=$1 r=$2 rc=0 f=$out/$1-$2.txt
+    if [ "$mode" = native ]; then
+        timeout 180 "$bin" "$k" >"$f" 2>"$out/$mode-$r.err" || rc=$?
+    else
+        LD_LIBRARY_PATH=$guest_ld VGPU_SOCKET=$sock VGPU_LOG=warn \
+            timeout 180 "$bin" "$k" >"$f" 2>"$out/$mode-$r.err" || rc=$?
+    fi
+    echo "# exit status: $rc" >>"$f"
+    if [ "$rc" -ne 0 ]; then any_fail=1; fi
+    printf '  round %s %-8s exit %s  (%s measures)\n' "$r" "$mode" "$rc" "$(grep -cv '^#' "$f" || true)"
+    if [ "$rc" -ne 0 ]; then
+        echo "  last lines:"; tail -n 5 "$f" | sed 's/^/    /'
+        sed 's/^/    stderr: /' "$out/$mode-$r.err" | tail -n 5
+    fi
+}
+
+any_fail=0
+echo "== runs (native and remoted alternately, $rounds rounds)"
+for r in $(seq 1 "$rounds"); do
+    run_bench native "$r"
+    start_daemon "$r"
+    run_bench remoted "$r"
+    stop_daemon
+done
+
+# ---- table ----
+# The device machine's copy of the tree may carry a stale .git: the caller's BENCH_COMMIT wins.
+commit=${BENCH_COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+{
+    echo "libvgpu benchmark: native libcuda vs libvgpu + host-proxy (cuda backend, local shm transport)"
+    echo "GPU: $gpu"
+    echo "CPU: ${cpu:-?}, $(nproc) cores"
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')   commit: $commit"
+    echo "ratio = remoted / native; 'better' says which way is better for the measure"
+    for r in $(seq 1 "$rounds"); do
+        echo
+        echo "round $r"
+        echo
+        awk -v nat="$out/native-$r.txt" -v rem="$out/remoted-$r.txt" '
+            function load(file, arr,   line, f) {
+                while ((getline line < file) > 0) {
+                    # Measures only: `name value unit`; comments and FAIL lines are skipped.
+                    if (split(line, f, " ") != 3 || f[2] !~ /^[0-9.eE+-]+$/) continue
+                    if (!(f[1] in unit)) { order[++n] = f[1]; unit[f[1]] = f[3] }
+                    arr[f[1]] = f[2]
+                }
+                close(file)
+            }
+            function fmt(v) {
+                return v >= 1000 ? sprintf("%.0f", v) : v >= 10 ? sprintf("%.1f", v) : sprintf("%.3f", v)
+            }
+            BEGIN {
+                load(nat, nv); load(rem, rv)
+                print "| measure | unit | native | remoted | ratio | better |"
+                print "|---|---|---|---|---|---|"
+                for (i = 1; i <= n; i++) {
+                    m = order[i]; u = unit[m]
+                    better = (u == "GB/s" || u == "GFLOP/s") ? "higher" : "lower"
+                    a = (m in nv) ? fmt(nv[m]) : "-"
+                    b = (m in rv) ? fmt(rv[m]) : "-"
+                    ratio = ((m in nv) && (m in rv) && nv[m] > 0) ? sprintf("%.2f", rv[m] / nv[m]) : "-"
+                    printf "| %s | %s | %s | %s | %s | %s |\n", m, u, a, b, ratio, better
+                }
+            }'
+        for mode in native remoted; do
+            st=$(sed -n 's/^# exit status: //p' "$out/$mode-$r.txt")
+            [ "$st" = 0 ] || echo "($mode run of round $r exited with status $st: its table entries are partial)"
+        done
+    done
+} >"$out/bench.txt"
+echo
+cat "$out/bench.txt"
+if [ "$any_fail" -ne 0 ]; then echo "libvgpu bench: FAIL (a run failed; see above)"; exit 1; fi
+echo "libvgpu bench: all runs completed"
