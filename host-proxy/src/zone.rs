@@ -1086,6 +1086,13 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
+    fn fence(&mut self, _req: Fence) -> CuResultOf<Done> {
+        // Answered once every earlier request has been handled (requests are served in
+        // order; staged copies complete before their handler returns): the guest's signal
+        // that a staging buffer may be reused.
+        Ok(Done {})
+    }
+
     fn memcpy_dto_h_async(&mut self, req: MemcpyDtoHAsync) -> CuResultOf<Done> {
         // Into pinned memory, read by the application only after it synchronises.
         self.zone.staged_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream, false)?;

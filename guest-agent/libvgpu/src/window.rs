@@ -46,16 +46,38 @@ impl Window {
         STAGING.min(self.size)
     }
 
-    /// Copies `src` into the staging area at its start.
-    pub fn stage_in(&self, src: &[u8]) -> CuResult<BulkRef> {
-        let desc = BulkRef { offset: 0, len: src.len() as u64 };
-        self.data.write(desc, src).map_err(|_| CuError::INVALID_VALUE)?;
-        Ok(desc)
+    /// The two halves of the staging area used to pipeline pageable copies: while the host
+    /// copies one half to or from the device, the guest fills or drains the other.
+    pub fn staging_halves(&self) -> [BulkRef; 2] {
+        let half = self.staging_len() / 2;
+        [BulkRef { offset: 0, len: half }, BulkRef { offset: half, len: half }]
     }
 
-    /// Copies the staging area's first `dst.len()` bytes out.
-    pub fn stage_out(&self, dst: &mut [u8]) -> CuResult<()> {
-        self.data.read(BulkRef { offset: 0, len: dst.len() as u64 }, dst).map_err(|_| CuError::INVALID_VALUE)
+    /// Copies `src` into the window at `at` (at most `at.len` bytes; `at` is inside the
+    /// staging area). A plain memcpy: this side trusts the host, which only reads a staging
+    /// half while the guest leaves it alone (the copy protocol's fences).
+    pub fn fill(&self, at: BulkRef, src: &[u8]) -> CuResult<BulkRef> {
+        let len = src.len() as u64;
+        if len > at.len || at.offset.checked_add(len).is_none_or(|end| end > self.staging_len()) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let dst = self.base.wrapping_add(at.offset as usize);
+        // SAFETY: `[at.offset, at.offset + len)` lies in the staging area of the window's
+        // live mapping (checked above); `src` is a distinct, readable slice.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        Ok(BulkRef { offset: at.offset, len })
+    }
+
+    /// Copies the first `dst.len()` bytes at `at` out of the window (see [`fill`](Self::fill)).
+    pub fn drain(&self, at: BulkRef, dst: &mut [u8]) -> CuResult<()> {
+        let len = dst.len() as u64;
+        if len > at.len || at.offset.checked_add(len).is_none_or(|end| end > self.staging_len()) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let src = self.base.wrapping_add(at.offset as usize);
+        // SAFETY: as in `fill`, in the other direction.
+        unsafe { std::ptr::copy_nonoverlapping(src.cast_const(), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
     }
 
     /// Writes bytes at a window offset (module images in a temporary arena block).

@@ -1027,6 +1027,13 @@ impl Message for IpcCloseMemHandle {
     const ID: MessageId = MessageId(0x0282);
 }
 
+/// Request `Fence` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Fence {}
+impl Message for Fence {
+    const ID: MessageId = MessageId(0x0290);
+}
+
 /// Every generated request id, in order.
 pub const REQUEST_IDS: &[MessageId] = &[
     CuMemAllocV2::ID,
@@ -1103,6 +1110,7 @@ pub const REQUEST_IDS: &[MessageId] = &[
     IpcGetMemHandle::ID,
     IpcOpenMemHandle::ID,
     IpcCloseMemHandle::ID,
+    Fence::ID,
 ];
 
 /// The host's implementation of every generated request. A method returns the reply
@@ -1258,6 +1266,8 @@ pub trait Api {
     fn ipc_open_mem_handle(&mut self, req: IpcOpenMemHandle) -> Result<IpcOpenMemHandleReply, Self::Error>;
     /// Handles [`IpcCloseMemHandle`].
     fn ipc_close_mem_handle(&mut self, req: IpcCloseMemHandle) -> Result<crate::Done, Self::Error>;
+    /// Handles [`Fence`].
+    fn fence(&mut self, req: Fence) -> Result<crate::Done, Self::Error>;
 }
 
 /// Sends a handler's reply.
@@ -1656,6 +1666,11 @@ pub fn dispatch<A: Api, R: Responder>(
         0x0282 => {
             let req = decode_body::<IpcCloseMemHandle>(body).map_err(|_| DispatchError::BadBody(id))?;
             let rep = api.ipc_close_mem_handle(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x0290 => {
+            let req = decode_body::<Fence>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.fence(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
         _ => Err(DispatchError::Unknown(id)),

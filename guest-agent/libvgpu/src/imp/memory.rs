@@ -195,13 +195,23 @@ unsafe fn htod(dst: u64, src: *const c_void, len: usize, stream: Handle, asynchr
     }
     // SAFETY: CUDA's contract: `src` is readable for `len` bytes.
     let bytes = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) };
-    let chunk = c.window.staging_len() as usize;
-    let mut off = 0usize;
-    for part in bytes.chunks(chunk) {
-        let desc = c.window.stage_in(part)?;
-        let dst = dst.checked_add(off as u64).ok_or(CuError::INVALID_VALUE)?;
-        let _: Done = c.call(&p::MemcpyHtoD { dst, src: desc, stream })?;
-        off += part.len();
+    // Pipelined through the two staging halves: the guest fills one while the host copies
+    // the other to the device. A fence after each posted chunk tells us the chunk before
+    // it is done, so its half can be refilled (and surfaces a failed chunk's error now).
+    let halves = c.window.staging_halves();
+    let chunk = halves[0].len as usize;
+    let mut parts = bytes.chunks(chunk).enumerate().peekable();
+    let mut desc = match parts.peek() {
+        Some((_, first)) => c.window.fill(halves[0], first)?,
+        None => return Ok(()),
+    };
+    while let Some((i, _)) = parts.next() {
+        let dst = dst.checked_add((i * chunk) as u64).ok_or(CuError::INVALID_VALUE)?;
+        c.post(&p::MemcpyHtoD { dst, src: desc, stream })?;
+        if let Some((j, next)) = parts.peek() {
+            desc = c.window.fill(halves[j % 2], next)?;
+        }
+        let _: Done = c.call(&p::Fence {})?;
     }
     Ok(())
 }
@@ -228,14 +238,26 @@ unsafe fn dtoh(dst: *mut c_void, src: u64, len: usize, stream: Handle, asynchron
     }
     // SAFETY: CUDA's contract: `dst` is writable for `len` bytes.
     let bytes = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len) };
-    let chunk = c.window.staging_len() as usize;
-    let mut off = 0usize;
-    for part in bytes.chunks_mut(chunk) {
-        let desc = idm_core::BulkRef { offset: 0, len: part.len() as u64 };
-        let src = src.checked_add(off as u64).ok_or(CuError::INVALID_VALUE)?;
-        let _: Done = c.call(&p::MemcpyDtoH { dst: desc, src, stream })?;
-        c.window.stage_out(part)?;
-        off += part.len();
+    // Pipelined: while the guest drains chunk i from one staging half, the host copies
+    // chunk i + 1 into the other. The fence after a posted chunk means it has landed.
+    let halves = c.window.staging_halves();
+    let chunk = halves[0].len as usize;
+    let count = len.div_ceil(chunk);
+    let request = |i: usize| -> CuResult<p::MemcpyDtoH> {
+        let n = chunk.min(len - i * chunk);
+        let src = src.checked_add((i * chunk) as u64).ok_or(CuError::INVALID_VALUE)?;
+        Ok(p::MemcpyDtoH { dst: idm_core::BulkRef { offset: halves[i % 2].offset, len: n as u64 }, src, stream })
+    };
+    c.post(&request(0)?)?;
+    let _: Done = c.call(&p::Fence {})?;
+    for (i, part) in bytes.chunks_mut(chunk).enumerate() {
+        if i + 1 < count {
+            c.post(&request(i + 1)?)?;
+        }
+        c.window.drain(halves[i % 2], part)?;
+        if i + 1 < count {
+            let _: Done = c.call(&p::Fence {})?;
+        }
     }
     Ok(())
 }
