@@ -66,6 +66,10 @@ const FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: u32 = 0;
 /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
 const FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: u32 = 8;
 
+/// Synchronous host-to-device copies up to this size are staged rather than DMAed from the
+/// window (see `staged_copy`).
+const SMALL_COPY: usize = 64 << 10;
+
 /// Largest chunk staged through host memory per copy step.
 const STAGING_CHUNK: usize = 4 << 20;
 /// Largest module or library image accepted (the data window may bound it further).
@@ -785,7 +789,11 @@ impl<B: GpuBackend> Zone<B> {
         let (offset, len) = window.check(bulk).map_err(|_| CuError::INVALID_VALUE)?;
         self.check_range(dev, len as u64)?;
         let s = stream_of(&self.streams, stream)?;
-        if self.window_direct {
+        // Small synchronous host-to-device copies are staged (a pageable copy returns once
+        // the driver has the bytes, without waiting for the DMA, as a native pageable copy
+        // does); everything else goes straight from/to the registered window.
+        let small_sync_htod = wait && matches!(dir, Direction::HtoD) && len <= SMALL_COPY;
+        if self.window_direct && !small_sync_htod {
             // The backend DMAs straight from/to the registered window: no staging copy.
             return match dir {
                 Direction::HtoD => self.backend.copy_window_to_device(dev, offset as u64, len as u64, s, wait),

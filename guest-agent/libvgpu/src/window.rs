@@ -62,9 +62,9 @@ impl Window {
             return Err(CuError::INVALID_VALUE);
         }
         let dst = self.base.wrapping_add(at.offset as usize);
-        // SAFETY: `[at.offset, at.offset + len)` lies in the staging area of the window's
-        // live mapping (checked above); `src` is a distinct, readable slice.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        // `[at.offset, at.offset + len)` lies in the staging area of the window's live
+        // mapping (checked above); `src` is a distinct, readable slice.
+        parallel_copy(src.as_ptr(), dst, src.len());
         Ok(BulkRef { offset: at.offset, len })
     }
 
@@ -75,8 +75,8 @@ impl Window {
             return Err(CuError::INVALID_VALUE);
         }
         let src = self.base.wrapping_add(at.offset as usize);
-        // SAFETY: as in `fill`, in the other direction.
-        unsafe { std::ptr::copy_nonoverlapping(src.cast_const(), dst.as_mut_ptr(), dst.len()) };
+        // As in `fill`, in the other direction.
+        parallel_copy(src.cast_const(), dst.as_mut_ptr(), dst.len());
         Ok(())
     }
 
@@ -135,4 +135,46 @@ impl Window {
         let off = (p.addr()).checked_sub(self.base.addr())? as u64;
         (off < self.size).then_some(off)
     }
+}
+
+/// Copies at least this many bytes with several threads (one memcpy thread cannot keep up
+/// with the DMA engine: ≈ 12 GB/s against 55 GB/s on an H200 host).
+const PARALLEL_COPY_MIN: usize = 2 << 20;
+/// Threads of a parallel copy.
+const COPY_THREADS: usize = 4;
+
+/// `memcpy` of `len` bytes, split across threads when large. Only called by [`Window::fill`]
+/// and [`Window::drain`], with ranges they checked: `src` readable and `dst` writable for
+/// `len` bytes, not overlapping.
+fn parallel_copy(src: *const u8, dst: *mut u8, len: usize) {
+    if len < PARALLEL_COPY_MIN {
+        // SAFETY: see the function's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+        return;
+    }
+    let part = len.div_ceil(COPY_THREADS);
+    // Addresses travel as integers (raw pointers are not `Send`); each thread copies its
+    // own disjoint part.
+    let (src, dst) = (src.expose_provenance(), dst.expose_provenance());
+    std::thread::scope(|scope| {
+        for i in 1..COPY_THREADS {
+            let off = i * part;
+            if off >= len {
+                break;
+            }
+            let n = part.min(len - off);
+            scope.spawn(move || {
+                let (s, d) = (
+                    std::ptr::with_exposed_provenance::<u8>(src + off),
+                    std::ptr::with_exposed_provenance_mut::<u8>(dst + off),
+                );
+                // SAFETY: `[off, off + n)` is inside both ranges (function contract) and
+                // disjoint from every other thread's part.
+                unsafe { std::ptr::copy_nonoverlapping(s, d, n) };
+            });
+        }
+        let (s, d) = (std::ptr::with_exposed_provenance::<u8>(src), std::ptr::with_exposed_provenance_mut::<u8>(dst));
+        // SAFETY: the first part, as above.
+        unsafe { std::ptr::copy_nonoverlapping(s, d, part.min(len)) };
+    });
 }
