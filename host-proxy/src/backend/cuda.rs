@@ -85,6 +85,15 @@ const CUDA_ERROR_NO_DEVICE: RawCuResult = 100;
 /// (the driver refuses 0 with `CUDA_ERROR_INVALID_VALUE`; checked here first).
 const IPC_MEM_LAZY_ENABLE_PEER_ACCESS: u32 = 1;
 
+/// The direction of a DMA between the device and the registered data window.
+#[derive(Clone, Copy, Debug)]
+enum WindowDma {
+    /// Window to device.
+    ToDevice,
+    /// Device to window.
+    FromDevice,
+}
+
 /// Length of the buffer for `cuDeviceGetName` (the name is at most 256 bytes with its NUL).
 const NAME_BUF_LEN: usize = 256;
 /// Length of the buffer for `cuDeviceGetPCIBusId` (`dddd:bb:dd.f` needs 13 bytes).
@@ -1025,6 +1034,40 @@ impl CudaGpu {
         check(unsafe { (self.api.ctx_set_current)(raw) })
     }
 
+    /// One DMA between device memory at `dev` and `len` bytes at `offset` in the registered
+    /// window, on `stream` (NULL stream for `None`); with `wait`, the stream is synchronised
+    /// before returning (the window bytes may then be reused or read).
+    fn window_dma(
+        &mut self,
+        dir: WindowDma,
+        dev: u64,
+        offset: u64,
+        len: u64,
+        stream: Option<&CudaStream>,
+        wait: bool,
+    ) -> CuResultOf<()> {
+        let host = self.window_ptr(offset, len)?;
+        let stream = self.raw_stream(stream)?.unwrap_or(std::ptr::null_mut());
+        let n = byte_count(len)?;
+        self.enter()?;
+        let rc = match dir {
+            // SAFETY: `host .. host + n` lies in the registered window (checked by
+            // `window_ptr`), which stays mapped while `self` lives; `[dev, dev + n)` was
+            // checked by the zone. The driver DMAs from pinned memory, so it may read the
+            // window after this returns: `wait` covers callers that reuse it at once.
+            WindowDma::ToDevice => unsafe { (self.api.memcpy_htod_async)(dev, host.cast_const().cast(), n, stream) },
+            // SAFETY: as above, in the other direction: the driver writes the window (shared
+            // memory the guest reads once it has synchronised).
+            WindowDma::FromDevice => unsafe { (self.api.memcpy_dtoh_async)(host.cast(), dev, n, stream) },
+        };
+        check(rc)?;
+        if wait {
+            // SAFETY: a live stream of this backend or the NULL stream.
+            check(unsafe { (self.api.stream_synchronize)(stream) })?;
+        }
+        Ok(())
+    }
+
     /// The address of `len` bytes at `offset` in the registered window.
     fn window_ptr(&self, offset: u64, len: u64) -> CuResultOf<*mut u8> {
         let (base, size) = self.window.ok_or(CuError::NOT_SUPPORTED)?;
@@ -1322,22 +1365,7 @@ impl GpuBackend for CudaGpu {
         stream: Option<&CudaStream>,
         wait: bool,
     ) -> CuResultOf<()> {
-        let src = self.window_ptr(offset, len)?;
-        let stream = self.raw_stream(stream)?;
-        let n = byte_count(len)?;
-        self.enter()?;
-        // SAFETY: `src .. src + n` lies in the registered window (checked by `window_ptr`),
-        // which stays mapped while `self` lives; `[dst, dst + n)` was checked by the zone.
-        // The driver DMAs from pinned memory, so an asynchronous copy reads it later: with
-        // `wait` the stream is synchronised before returning.
-        check(unsafe {
-            (self.api.memcpy_htod_async)(dst, src.cast_const().cast(), n, stream.unwrap_or(std::ptr::null_mut()))
-        })?;
-        if wait {
-            // SAFETY: a live stream of this backend or the NULL stream.
-            check(unsafe { (self.api.stream_synchronize)(stream.unwrap_or(std::ptr::null_mut())) })?;
-        }
-        Ok(())
+        self.window_dma(WindowDma::ToDevice, dst, offset, len, stream, wait)
     }
 
     fn copy_device_to_window(
@@ -1348,18 +1376,7 @@ impl GpuBackend for CudaGpu {
         stream: Option<&CudaStream>,
         wait: bool,
     ) -> CuResultOf<()> {
-        let dst = self.window_ptr(offset, len)?;
-        let stream = self.raw_stream(stream)?;
-        let n = byte_count(len)?;
-        self.enter()?;
-        // SAFETY: as in `copy_window_to_device`, in the other direction: the driver writes
-        // the window (shared memory the guest reads after it synchronises).
-        check(unsafe { (self.api.memcpy_dtoh_async)(dst.cast(), src, n, stream.unwrap_or(std::ptr::null_mut())) })?;
-        if wait {
-            // SAFETY: a live stream of this backend or the NULL stream.
-            check(unsafe { (self.api.stream_synchronize)(stream.unwrap_or(std::ptr::null_mut())) })?;
-        }
-        Ok(())
+        self.window_dma(WindowDma::FromDevice, src, offset, len, stream, wait)
     }
 
     type Stream = CudaStream;
