@@ -111,15 +111,20 @@ pub struct Peer {
     pub zone: String,
     /// The guest's uid on the local transport (SO_PEERCRED).
     pub uid: u32,
+    /// The configured sharing groups of its zone.
+    pub groups: Vec<String>,
 }
 
 /// The IPC policy, in one place: may `opener` map memory that `exporter` exported?
 ///
-/// For now only connections of the same configured zone may share memory (same zone name
-/// and same peer uid: two processes of one tenant); anything else is
-/// `CUDA_ERROR_NOT_PERMITTED`. Sharing groups across zones will be decided here.
+/// Yes for another connection of the same configured zone (same zone name and same peer
+/// uid: two processes of one tenant), and for a connection of another zone when both
+/// zones belong to one configured `[[sharing_group]]`. Anything else is
+/// `CUDA_ERROR_NOT_PERMITTED`.
 pub fn may_open(exporter: &Peer, opener: &Peer) -> CuResultOf<()> {
-    if exporter.zone == opener.zone && exporter.uid == opener.uid {
+    let same_zone = exporter.zone == opener.zone && exporter.uid == opener.uid;
+    let shared_group = exporter.groups.iter().any(|g| opener.groups.contains(g));
+    if same_zone || shared_group {
         Ok(())
     } else {
         Err(NOT_PERMITTED)
@@ -776,7 +781,7 @@ mod tests {
     use super::*;
 
     fn peer(conn: u32, zone: &str, uid: u32) -> Peer {
-        Peer { conn, zone: zone.into(), uid }
+        Peer { conn, zone: zone.into(), uid, groups: Vec::new() }
     }
 
     fn registry(peers: &[Peer]) -> Registry {
@@ -814,6 +819,20 @@ mod tests {
         assert_eq!(may_open(&a1, &peer(3, "tenant-b", 1001)), Err(NOT_PERMITTED));
         assert_eq!(may_open(&a1, &peer(4, "tenant-b", 1000)), Err(NOT_PERMITTED));
         assert_eq!(may_open(&a1, &peer(5, "tenant-a", 1001)), Err(NOT_PERMITTED));
+        // Zones of one sharing group may open each other's exports; a third zone may not.
+        let in_group = |conn, zone: &str, uid, groups: &[&str]| Peer {
+            conn,
+            zone: zone.into(),
+            uid,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        };
+        let producer = in_group(6, "producer", 2000, &["pipeline", "other-group"]);
+        let consumer = in_group(7, "consumer", 2001, &["pipeline"]);
+        let outsider = in_group(8, "outsider", 2002, &["unrelated"]);
+        assert_eq!(may_open(&producer, &consumer), Ok(()));
+        assert_eq!(may_open(&consumer, &producer), Ok(()));
+        assert_eq!(may_open(&producer, &outsider), Err(NOT_PERMITTED));
+        assert_eq!(may_open(&outsider, &consumer), Err(NOT_PERMITTED));
     }
 
     #[test]

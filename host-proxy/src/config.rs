@@ -75,6 +75,20 @@ pub struct Config {
     /// Known zones.
     #[serde(default, rename = "zone")]
     pub zones: Vec<ZoneConfig>,
+    /// Groups of zones allowed to share GPU memory through CUDA IPC (think of the
+    /// ResourceClaim two pods reference). Zones in no common group cannot.
+    #[serde(default, rename = "sharing_group")]
+    pub sharing_groups: Vec<SharingGroup>,
+}
+
+/// Zones allowed to open each other's CUDA IPC handles.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharingGroup {
+    /// Name used in logs.
+    pub name: String,
+    /// Names of `[[zone]]` entries.
+    pub zones: Vec<String>,
 }
 
 fn default_sim_memory() -> u64 {
@@ -162,15 +176,39 @@ impl Config {
         };
         check_quotas("quotas", &self.quotas)?;
         let mut seen = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
         for (i, z) in self.zones.iter().enumerate() {
             if !seen.insert(z.uid) {
                 return invalid(&format!("zone[{i}].uid"), &format!("uid {} is listed twice", z.uid));
+            }
+            if !names.insert(z.name.as_str()) {
+                return invalid(&format!("zone[{i}].name"), &format!("zone name {:?} is used twice", z.name));
             }
             if let Some(q) = &z.quotas {
                 check_quotas(&format!("zone[{i}].quotas"), q)?;
             }
         }
+        let mut groups = std::collections::HashSet::new();
+        for (i, g) in self.sharing_groups.iter().enumerate() {
+            if !groups.insert(g.name.as_str()) {
+                return invalid(&format!("sharing_group[{i}].name"), &format!("group name {:?} is used twice", g.name));
+            }
+            if g.zones.len() < 2 {
+                return invalid(&format!("sharing_group[{i}].zones"), "a sharing group needs at least two zones");
+            }
+            if let Some(z) = g.zones.iter().find(|z| !names.contains(z.as_str())) {
+                return invalid(
+                    &format!("sharing_group[{i}].zones"),
+                    &format!("{z:?} is not the name of a [[zone]] (unlisted peers cannot share)"),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The sharing groups zone `name` belongs to.
+    pub fn groups_of(&self, name: &str) -> Vec<String> {
+        self.sharing_groups.iter().filter(|g| g.zones.iter().any(|z| z == name)).map(|g| g.name.clone()).collect()
     }
 
     /// The zone name and quotas for a peer uid, or `None` if unlisted peers are refused.
@@ -186,6 +224,38 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sharing_groups_name_known_zones() {
+        let base = r#"
+            socket = "/tmp/s"
+            backend = "sim"
+            [[zone]]
+            name = "producer"
+            uid = 1000
+            [[zone]]
+            name = "consumer"
+            uid = 1001
+            [[zone]]
+            name = "other"
+            uid = 1002
+        "#;
+        let ok = Config::parse(
+            &format!("{base}[[sharing_group]]\nname = \"p\"\nzones = [\"producer\", \"consumer\"]\n"),
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(ok.groups_of("producer"), vec!["p".to_owned()]);
+        assert!(ok.groups_of("other").is_empty());
+        let unknown = Config::parse(
+            &format!("{base}[[sharing_group]]\nname = \"p\"\nzones = [\"producer\", \"nobody\"]\n"),
+            Path::new("t"),
+        );
+        assert!(unknown.unwrap_err().to_string().contains("\"nobody\" is not the name of a [[zone]]"));
+        let single =
+            Config::parse(&format!("{base}[[sharing_group]]\nname = \"p\"\nzones = [\"producer\"]\n"), Path::new("t"));
+        assert!(single.unwrap_err().to_string().contains("at least two zones"));
+    }
 
     #[test]
     fn embedded_default_is_valid() {

@@ -182,7 +182,8 @@ fn start_zone(
     drop(theirs);
     ours.set_nonblocking(true)?;
     let ours = UnixStream::from_std(ours).context("cannot serve the IPC broker channel")?;
-    broker.attach(Peer { conn: id, zone: name.clone(), uid: cred.uid() }, ours);
+    let groups = config.groups_of(&name);
+    broker.attach(Peer { conn: id, zone: name.clone(), uid: cred.uid(), groups }, ours);
     let record = ZoneRecord { name: name.clone(), uid: cred.uid(), peer_pid: cred.pid(), worker_pid: child.id() };
     tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), "zone started");
     zones.lock().unwrap_or_else(|p| p.into_inner()).insert(id, record);

@@ -2076,7 +2076,10 @@ mod tests {
     /// A zone of connection `conn` (zone name `zone`, uid 1000) on the hub's broker.
     fn ipc_fixture(hub: &Rc<RefCell<Hub>>, conn: u32, zone: &str) -> Fixture {
         let mut f = fixture(Quotas { max_handles: 8, ..Quotas::default() }, 8192);
-        f.z.set_broker(Box::new(LocalBroker::join(hub, Peer { conn, zone: zone.into(), uid: 1000 })));
+        f.z.set_broker(Box::new(LocalBroker::join(
+            hub,
+            Peer { conn, zone: zone.into(), uid: 1000, groups: Vec::new() },
+        )));
         f
     }
 

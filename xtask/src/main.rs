@@ -8,7 +8,8 @@
 //! * `cargo xtask codegen [--check]` — regenerates libvgpu's entry points, the wire
 //!   messages and the host dispatcher from `guest-agent/libvgpu/api.toml`.
 //! * `cargo xtask device-build` — release builds of what `device/*.sh` run on the GPU
-//!   machine (host-proxy, libvgpu as libcuda.so.1, host-proxy's test binaries), stripped,
+//!   machine (host-proxy, libvgpu as libcuda.so.1, the cudarc test program, host-proxy's
+//!   test binaries), stripped,
 //!   in `.device-carry/` (ignored by git; name it in the device tool's `carry`).
 //! * `cargo xtask demo`  — the main job with its embedded defaults: host-proxy (simulated GPU
 //!   test double) serving one raw guest session and an unmodified cudarc program through
@@ -188,9 +189,11 @@ fn device_build() -> Result<()> {
     let carry = PathBuf::from(".device-carry");
     std::fs::create_dir_all(carry.join("libvgpu")).context("creating .device-carry")?;
     run(cargo().args(["build", "--release", "-p", "host-proxy", "-p", "libvgpu"]))?;
+    run(cargo().args(["build", "--release", "-p", "libvgpu", "--example", "cudarc_app"]))?;
     let mut copies = vec![
         (PathBuf::from("target/release/host-proxy"), carry.join("host-proxy")),
         (PathBuf::from("target/release/libcuda.so"), carry.join("libvgpu/libcuda.so.1")),
+        (PathBuf::from("target/release/examples/cudarc_app"), carry.join("cudarc_app")),
     ];
     let out = cargo()
         .args(["test", "--release", "-p", "host-proxy", "--no-run", "--message-format=json"])

@@ -5,7 +5,7 @@
 //!
 //! Usage: `cudarc_app SCENARIO [PTX_FILE]` with SCENARIO one of `device`, `copy`, `memset`,
 //! `streams`, `launch PTX_FILE`, `errors`, `threads`, `ipc-export` (prints a handle, waits
-//! for a line on stdin), `ipc-open HANDLE`.
+//! for a line on stdin), `ipc-open HANDLE [denied]`.
 
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{sys, CudaContext, LaunchConfig, PushKernelArg};
@@ -211,13 +211,20 @@ fn ipc_export(ctx: &Arc<CudaContext>) -> Res {
 }
 
 /// The seeds' consumer: opens the producer's handle, verifies 42, 43, 44 …, writes back.
-fn ipc_open(ctx: &Arc<CudaContext>, hex: &str) -> Res {
+/// With `denied`, the open must be refused with `CUDA_ERROR_NOT_PERMITTED` (a zone outside
+/// the producer's sharing group).
+fn ipc_open(ctx: &Arc<CudaContext>, hex: &str, denied: bool) -> Res {
     ctx.bind_to_thread()?;
     let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
     for (i, b) in handle.reserved.iter_mut().enumerate() {
         *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or("short handle")?, 16)? as _;
     }
     let mut dptr = 0;
+    if denied {
+        // SAFETY: valid out-pointer; the handle is passed by value.
+        let rc = unsafe { sys::cuIpcOpenMemHandle_v2(&mut dptr, handle, 1) };
+        return ensure(rc == sys::CUresult::CUDA_ERROR_NOT_PERMITTED, "a zone outside the sharing group is refused");
+    }
     // SAFETY: valid out-pointer; the handle is passed by value.
     unsafe { sys::cuIpcOpenMemHandle_v2(&mut dptr, handle, 1) }.result()?;
     let n = 4096usize;
@@ -250,7 +257,11 @@ fn main() -> Res {
         Some("errors") => errors(&ctx),
         Some("threads") => threads(&ctx),
         Some("ipc-export") => ipc_export(&ctx),
-        Some("ipc-open") => ipc_open(&ctx, args.get(1).ok_or("ipc-open needs a handle")?),
+        Some("ipc-open") => ipc_open(
+            &ctx,
+            args.get(1).ok_or("ipc-open needs a handle")?,
+            args.get(2).map(String::as_str) == Some("denied"),
+        ),
         _ => Err("usage: cudarc_app device|copy|memset|streams|launch PTX|errors|threads".into()),
     }
 }

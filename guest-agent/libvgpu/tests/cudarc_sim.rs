@@ -100,8 +100,13 @@ fn lab() -> &'static Lab {
         let socket = dir.join("host-proxy.sock");
         // SAFETY: getuid has no preconditions.
         let uid = unsafe { libc::getuid() };
+        // Zone "test" is this user; "partner" (CONSUMER_UID) shares a group with it,
+        // "outsider" (OUTSIDER_UID) does not (the cross-zone IPC test runs them).
         let config = format!(
-            "socket = {socket:?}\nbackend = \"sim\"\nsim_memory_bytes = 4294967296\n\n[[zone]]\nname = \"test\"\nuid = {uid}\n[zone.quotas]\nmem_bytes = 268435456\nmax_handles = 4096\nmax_async_in_flight = 1024\n",
+            "socket = {socket:?}\nbackend = \"sim\"\nsim_memory_bytes = 4294967296\n\n\
+             [[zone]]\nname = \"test\"\nuid = {uid}\n[zone.quotas]\nmem_bytes = 268435456\nmax_handles = 4096\nmax_async_in_flight = 1024\n\n\
+             [[zone]]\nname = \"partner\"\nuid = {CONSUMER_UID}\n\n[[zone]]\nname = \"outsider\"\nuid = {OUTSIDER_UID}\n\n\
+             [[sharing_group]]\nname = \"pipeline\"\nzones = [\"test\", \"partner\"]\n",
         );
         std::fs::write(dir.join("host-proxy.toml"), config).unwrap();
         let daemon = Daemon(spawn_tied_to_this_process(
@@ -116,6 +121,10 @@ fn lab() -> &'static Lab {
             assert!(t.elapsed() < Duration::from_secs(20), "host-proxy did not create its socket");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Other users (the cross-zone test's zones) may connect; the daemon tells them
+        // apart by SO_PEERCRED.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
         Lab { dir, socket, libdir, _daemon: daemon }
     })
 }
@@ -221,6 +230,52 @@ fn ipc_between_two_processes_of_one_zone() {
     // The producer is gone: its export is revoked.
     let out = app_command(&["ipc-open", &handle]).output().unwrap();
     assert!(!out.status.success(), "a revoked handle must not open");
+}
+
+/// A zone's uid on the local transport for the cross-zone IPC test (nobody).
+const CONSUMER_UID: u32 = 65534;
+/// A third zone's uid, in no sharing group with the producer.
+const OUTSIDER_UID: u32 = 65533;
+
+/// The seeds' flow between two *zones* of one sharing group (the producer runs as this
+/// user, the consumer as another uid, so the daemon puts it in another zone, with its own
+/// worker and context), and a refusal for a zone outside the group. Needs root to run the
+/// other zones as other users; elsewhere it says it is skipped.
+#[test]
+fn ipc_across_zones_follows_sharing_groups() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: running other zones as other uids needs root");
+        return;
+    }
+    let mut producer = app_command(&["ipc-export"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(producer.stdout.take().unwrap()).lines();
+    let handle = loop {
+        let line = lines.next().expect("producer ended before printing its handle").unwrap();
+        if let Some(h) = line.strip_prefix("handle ") {
+            break h.to_owned();
+        }
+    };
+    let outsider = app_command(&["ipc-open", &handle, "denied"]).uid(OUTSIDER_UID).gid(OUTSIDER_UID).output().unwrap();
+    let outsider_out = String::from_utf8_lossy(&outsider.stdout);
+    assert!(
+        outsider.status.success() && outsider_out.contains("ok: a zone outside the sharing group is refused"),
+        "outsider: {outsider_out}{}",
+        String::from_utf8_lossy(&outsider.stderr)
+    );
+    let consumer = app_command(&["ipc-open", &handle]).uid(CONSUMER_UID).gid(CONSUMER_UID).output().unwrap();
+    let consumer_out = String::from_utf8_lossy(&consumer.stdout);
+    assert!(
+        consumer.status.success() && consumer_out.contains("ok: consumer reads 42, 43, 44, ..."),
+        "consumer: {consumer_out}{}",
+        String::from_utf8_lossy(&consumer.stderr)
+    );
+    writeln!(producer.stdin.as_mut().unwrap(), "done").unwrap();
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert!(producer.wait().unwrap().success(), "producer failed: {rest:?}");
+    assert!(rest.iter().any(|l| l == "ok: producer sees the consumer's writes"), "{rest:?}");
 }
 
 /// The shared library exports exactly the table's entry points (and nothing else named
