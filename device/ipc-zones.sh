@@ -45,15 +45,17 @@ chmod 777 "$sock"
 app() { env LD_LIBRARY_PATH="$work/lib" VGPU_SOCKET="$sock" VGPU_LOG=warn "$@"; }
 as_uid() { local u=$1; shift; setpriv --reuid="$u" --regid="$u" --clear-groups "$@"; }
 coproc PRODUCER { app "$work/cudarc_app" ipc-export; }
-read -r -u "${PRODUCER[0]}" line
+producer_pid=$PRODUCER_PID
+exec {from_producer}<&"${PRODUCER[0]}" {to_producer}>&"${PRODUCER[1]}"
+read -r -u "$from_producer" line
 handle=${line#handle }
 echo "producer: exported (handle of ${#handle} hex digits)"
 echo "== outsider (uid 65533, no shared group)"
 as_uid 65533 env LD_LIBRARY_PATH="$work/lib" VGPU_SOCKET="$sock" VGPU_LOG=warn "$work/cudarc_app" ipc-open "$handle" denied
 echo "== consumer (uid 65534, sharing group 'pipeline')"
 as_uid 65534 env LD_LIBRARY_PATH="$work/lib" VGPU_SOCKET="$sock" VGPU_LOG=warn "$work/cudarc_app" ipc-open "$handle"
-echo done >&"${PRODUCER[1]}"
-cat <&"${PRODUCER[0]}"
-wait "$PRODUCER_PID"
+echo done >&"$to_producer"
+cat <&"$from_producer"
+wait "$producer_pid"
 echo "ipc across zones: PASS"
 grep -E "zone started" "$work/host-proxy.log" | sed 's/\x1b\[[0-9;]*m//g' | head -5 || true
