@@ -12,9 +12,10 @@
 //!   payload, the size, and the workers that opened it. It is plain data, tested without
 //!   processes; [`Broker`] serves it to the workers.
 //! - **Policy.** [`may_open`] is the one place that decides whether a worker may open
-//!   another's export. Today: only a connection of the *same configured zone* (same zone
-//!   name, same peer uid on the local transport — two processes of one tenant); anything
-//!   else is `CUDA_ERROR_NOT_PERMITTED`. Opening a handle in the worker that exported it
+//!   another's export: a connection of the *same configured zone* (same zone name, same
+//!   peer uid on the local transport — two processes of one tenant) or of a zone that
+//!   shares a configured `[[sharing_group]]` with the exporter; anything else is
+//!   `CUDA_ERROR_NOT_PERMITTED`. Opening a handle in the worker that exported it
 //!   is `CUDA_ERROR_INVALID_CONTEXT`, as CUDA refuses an open in the exporting process.
 //! - **Channel.** At spawn the daemon makes a socket pair and the worker inherits its end
 //!   under the fd number named by `--broker-fd` ([`inherited_stream`]); nothing else
