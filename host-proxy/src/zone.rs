@@ -66,6 +66,11 @@ const FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: u32 = 0;
 /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
 const FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: u32 = 8;
 
+/// Most device memory a zone's free cache holds.
+const FREE_CACHE_MAX: u64 = 256 << 20;
+/// Largest allocation kept in the free cache.
+const FREE_CACHE_ENTRY_MAX: u64 = 64 << 20;
+
 /// Synchronous host-to-device copies up to this size are staged rather than DMAed from the
 /// window (see `staged_copy`).
 const SMALL_COPY: usize = 64 << 10;
@@ -241,6 +246,12 @@ pub struct Zone<B: GpuBackend> {
     exports: HashMap<u64, Token>,
     /// Imports by start (the live ones are in `ranges` too).
     imports: BTreeMap<u64, Import>,
+    /// Freed allocations kept for this zone's next allocations of the same size, by
+    /// (context, size). Memory never leaves the zone through this cache: it is scrubbed
+    /// when it goes back to the driver (`flush_free_cache`), as every free does.
+    free_cache: HashMap<(Handle, u64), Vec<u64>>,
+    /// Bytes held in `free_cache`.
+    cached_bytes: u64,
     /// Whether the backend copies straight from and to the data window (no staging).
     window_direct: bool,
     /// Keeps the window's mapping alive while the backend may use it: declared after
@@ -352,6 +363,8 @@ impl<B: GpuBackend> Zone<B> {
             broker: None,
             exports: HashMap::new(),
             imports: BTreeMap::new(),
+            free_cache: HashMap::new(),
+            cached_bytes: 0,
             window_direct: false,
             window_region: None,
         }
@@ -583,6 +596,26 @@ impl<B: GpuBackend> Zone<B> {
     /// `ctx` current; without, the objects are only forgotten (the caller destroys the
     /// context, which releases them). Returns the first backend error; everything is
     /// dropped from the zone either way.
+    /// Returns the cached freed allocations of `ctx` (all contexts for `None`) to the
+    /// backend, which scrubs them. The caller has made that context current (or passes
+    /// `None` at teardown, where each entry's context is entered).
+    fn flush_free_cache(&mut self, ctx: Option<Handle>) -> CuResultOf<()> {
+        let keys: Vec<(Handle, u64)> =
+            self.free_cache.keys().filter(|k| ctx.is_none_or(|c| k.0 == c)).copied().collect();
+        let mut first_err = Ok(());
+        for key in keys {
+            for dptr in self.free_cache.remove(&key).unwrap_or_default() {
+                self.cached_bytes = self.cached_bytes.saturating_sub(key.1);
+                let r =
+                    if ctx.is_some() { self.backend.mem_free(dptr) } else { self.in_ctx(key.0, |b| b.mem_free(dptr)) };
+                if first_err.is_ok() {
+                    first_err = r;
+                }
+            }
+        }
+        first_err
+    }
+
     fn purge(&mut self, ctx: Handle, destroy: bool) -> CuResultOf<()> {
         let mut first_err = Ok(());
         let mut note = |r: CuResultOf<()>| {
@@ -590,6 +623,16 @@ impl<B: GpuBackend> Zone<B> {
                 first_err = r;
             }
         };
+        if destroy {
+            note(self.flush_free_cache(Some(ctx)));
+        } else {
+            // The backend frees these with their context: forget them.
+            let keys: Vec<(Handle, u64)> = self.free_cache.keys().filter(|k| k.0 == ctx).copied().collect();
+            for key in keys {
+                let n = self.free_cache.remove(&key).map_or(0, |v| v.len() as u64);
+                self.cached_bytes = self.cached_bytes.saturating_sub(key.1.saturating_mul(n));
+            }
+        }
         let roots: HashSet<Handle> =
             self.modules.iter().filter(|(_, m)| m.ctx == ctx && m.library.is_none()).map(|(h, _)| h).collect();
         self.functions.remove_where(|_, f| f.ctx == ctx || roots.contains(&f.root));
@@ -657,6 +700,9 @@ impl<B: GpuBackend> Zone<B> {
     /// through the backend (allocations scrubbed and freed). The zone is left with only its
     /// primary context.
     pub fn teardown(&mut self) {
+        if let Err(e) = self.flush_free_cache(None) {
+            tracing::warn!(error = %e, "returning cached freed memory failed during teardown");
+        }
         let others: Vec<Handle> = self.contexts.iter().map(|(h, _)| h).filter(|h| *h != self.primary).collect();
         for h in others {
             let _ = self.purge(h, false);
@@ -980,7 +1026,19 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
             return Err(CuError::OUT_OF_MEMORY);
         }
         z.reserve()?;
-        let dptr = z.backend.mem_alloc(size)?;
+        if let Some(dptr) = z.free_cache.get_mut(&(z.current, size)).and_then(Vec::pop) {
+            z.cached_bytes = z.cached_bytes.saturating_sub(size);
+            return Ok(CuMemAllocV2Reply { dptr: z.register_alloc(dptr, size)? });
+        }
+        let dptr = match z.backend.mem_alloc(size) {
+            Err(e) if e == CuError::OUT_OF_MEMORY && z.cached_bytes > 0 => {
+                // Give the cached memory back (scrubbed) and try once more.
+                let current = z.current;
+                z.flush_free_cache(Some(current))?;
+                z.backend.mem_alloc(size)?
+            }
+            other => other?,
+        };
         Ok(CuMemAllocV2Reply { dptr: z.register_alloc(dptr, size)? })
     }
 
@@ -1016,7 +1074,17 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let r = *z.ranges.get(&req.dptr).filter(|r| r.owner == Owner::Alloc).ok_or(CuError::INVALID_VALUE)?;
         // An exported allocation's token dies first: no open can reach freed memory.
         z.unexport(req.dptr);
-        z.in_ctx(r.ctx, |b| b.mem_free(req.dptr))?;
+        let cacheable = r.size <= FREE_CACHE_ENTRY_MAX && z.cached_bytes.saturating_add(r.size) <= FREE_CACHE_MAX;
+        if cacheable {
+            // Kept for this zone's next allocation of the same size. As the driver's free,
+            // it waits for the context's work first, so no earlier kernel writes into the
+            // memory once it is handed out again.
+            z.in_ctx(r.ctx, |b| b.synchronize())?;
+            z.free_cache.entry((r.ctx, r.size)).or_default().push(req.dptr);
+            z.cached_bytes += r.size;
+        } else {
+            z.in_ctx(r.ctx, |b| b.mem_free(req.dptr))?;
+        }
         z.ranges.remove(&req.dptr);
         z.allocations = z.allocations.saturating_sub(1);
         z.mem_used = z.mem_used.saturating_sub(r.size);
@@ -2055,6 +2123,27 @@ mod tests {
         assert_eq!(f.free_bytes(), free0, "the backend got every byte back");
         // The zone is still usable (a session may go on after a reset).
         f.alloc(16).unwrap();
+    }
+
+    #[test]
+    fn freed_memory_is_reused_by_the_same_zone_and_returned_on_teardown() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let free0 = f.free_bytes();
+        let a = f.alloc(1 << 20).unwrap();
+        f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: a }).unwrap();
+        assert_eq!(f.z.mem_used(), 0, "cached memory is not charged to the zone");
+        assert_eq!(f.htod(a, 0, 16), Err(CuError::INVALID_VALUE), "freed memory is out of reach");
+        assert_eq!(f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: a }), Err(CuError::INVALID_VALUE), "double free");
+        assert_eq!(f.alloc(1 << 20).unwrap(), a, "the same zone gets its own freed block back");
+        let b = f.alloc(1 << 20).unwrap();
+        assert_ne!(a, b);
+        f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: a }).unwrap();
+        f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: b }).unwrap();
+        // Blocks above the per-entry bound go straight back to the backend.
+        let big = f.alloc(FREE_CACHE_ENTRY_MAX + 1).unwrap();
+        f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: big }).unwrap();
+        f.z.teardown();
+        assert_eq!(f.free_bytes(), free0, "the cache went back to the backend (scrubbed there)");
     }
 
     #[test]
