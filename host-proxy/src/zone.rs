@@ -72,7 +72,7 @@ const FREE_CACHE_MAX: u64 = 256 << 20;
 const FREE_CACHE_ENTRY_MAX: u64 = 64 << 20;
 
 /// Synchronous host-to-device copies up to this size are staged rather than DMAed from the
-/// window (see `staged_copy`).
+/// window (see `window_copy`).
 const SMALL_COPY: usize = 64 << 10;
 
 /// Largest chunk staged through host memory per copy step.
@@ -821,9 +821,11 @@ impl<B: GpuBackend> Zone<B> {
         }
     }
 
-    /// Copies `bulk.len` bytes between the data window and device address `dev`, staged
-    /// through the zone's buffer in chunks of at most [`STAGING_CHUNK`].
-    fn staged_copy<D: SharedMemory>(
+    /// Copies `bulk.len` bytes between the data window and device address `dev`: straight
+    /// from/to the window when the backend registered it, otherwise (and for small
+    /// synchronous host-to-device copies) staged through the zone's buffer in chunks of at
+    /// most [`STAGING_CHUNK`]. With `wait`, the window bytes are free again on return.
+    fn window_copy<D: SharedMemory>(
         &mut self,
         window: &DataWindow<D>,
         dir: Direction,
@@ -1146,19 +1148,19 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     fn memcpy_hto_d(&mut self, req: MemcpyHtoD) -> CuResultOf<Done> {
         // The guest reuses the window bytes (staging) once this is answered: wait.
-        self.zone.staged_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream, true)?;
+        self.zone.window_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream, true)?;
         Ok(Done {})
     }
 
     fn memcpy_hto_d_async(&mut self, req: MemcpyHtoDAsync) -> CuResultOf<Done> {
         // From pinned (window arena) memory, which the application leaves alone until it
         // synchronises, as CUDA requires: the copy may run on.
-        self.zone.staged_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream, false)?;
+        self.zone.window_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream, false)?;
         Ok(Done {})
     }
 
     fn memcpy_dto_h(&mut self, req: MemcpyDtoH) -> CuResultOf<Done> {
-        self.zone.staged_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream, true)?;
+        self.zone.window_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream, true)?;
         Ok(Done {})
     }
 
@@ -1171,7 +1173,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     fn memcpy_dto_h_async(&mut self, req: MemcpyDtoHAsync) -> CuResultOf<Done> {
         // Into pinned memory, read by the application only after it synchronises.
-        self.zone.staged_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream, false)?;
+        self.zone.window_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream, false)?;
         Ok(Done {})
     }
 

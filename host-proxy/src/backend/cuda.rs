@@ -1068,6 +1068,26 @@ impl CudaGpu {
         Ok(())
     }
 
+    /// One device operation of `n` units (nothing when `n == 0`): in the selected context,
+    /// through `sync` without a stream (the legacy NULL stream) or `on_stream` on a live one.
+    fn stream_op(
+        &self,
+        stream: Option<&CudaStream>,
+        n: usize,
+        sync: impl FnOnce(&DriverApi) -> RawCuResult,
+        on_stream: impl FnOnce(&DriverApi, sys::CUstream) -> RawCuResult,
+    ) -> CuResultOf<()> {
+        let stream = self.raw_stream(stream)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.enter()?;
+        check(match stream {
+            None => sync(&self.api),
+            Some(s) => on_stream(&self.api, s),
+        })
+    }
+
     /// The address of `len` bytes at `offset` in the registered window.
     fn window_ptr(&self, offset: u64, len: u64) -> CuResultOf<*mut u8> {
         let (base, size) = self.window.ok_or(CuError::NOT_SUPPORTED)?;
@@ -1603,114 +1623,93 @@ impl GpuBackend for CudaGpu {
     }
 
     fn copy_htod(&mut self, dst: u64, src: &[u8], stream: Option<&CudaStream>) -> CuResultOf<()> {
-        let stream = self.raw_stream(stream)?;
-        if src.is_empty() {
-            return Ok(());
-        }
-        self.enter()?;
-        let rc = match stream {
-            // SAFETY: `src` is readable for `src.len()` bytes; the caller checked that
-            // `[dst, dst + len)` lies in one of this zone's allocations. The synchronous
-            // copy has read `src` when it returns.
-            None => unsafe { (self.api.memcpy_htod)(dst, src.as_ptr().cast(), src.len()) },
+        let (p, n) = (src.as_ptr().cast::<c_void>(), src.len());
+        self.stream_op(
+            stream,
+            n,
+            // SAFETY: `src` is readable for `n` bytes; the caller checked that `[dst, dst + n)`
+            // lies in one of this zone's allocations. The synchronous copy has read `src`
+            // when it returns.
+            |api| unsafe { (api.memcpy_htod)(dst, p, n) },
             // SAFETY: as above, and `s` is a live stream of this backend. `src` is pageable
-            // (see the module docs), so the driver has staged it when the call returns
-            // and does not read the slice after its borrow ends.
-            Some(s) => unsafe { (self.api.memcpy_htod_async)(dst, src.as_ptr().cast(), src.len(), s) },
-        };
-        check(rc)
+            // (see the module docs), so the driver has staged it when the call returns and
+            // does not read the slice after its borrow ends.
+            |api, s| unsafe { (api.memcpy_htod_async)(dst, p, n, s) },
+        )
     }
 
     fn copy_dtoh(&mut self, dst: &mut [u8], src: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
-        let stream = self.raw_stream(stream)?;
-        if dst.is_empty() {
-            return Ok(());
-        }
-        self.enter()?;
-        match stream {
-            // SAFETY: `dst` is writable for `dst.len()` bytes and exclusively borrowed; the
-            // caller checked `[src, src + len)`. The synchronous copy has completed when
-            // it returns.
-            None => check(unsafe { (self.api.memcpy_dtoh)(dst.as_mut_ptr().cast(), src, dst.len()) }),
-            Some(s) => {
+        let (p, n) = (dst.as_mut_ptr().cast::<c_void>(), dst.len());
+        self.stream_op(
+            stream,
+            n,
+            // SAFETY: `dst` is writable for `n` bytes and exclusively borrowed; the caller
+            // checked `[src, src + n)`. The synchronous copy has completed when it returns.
+            |api| unsafe { (api.memcpy_dtoh)(p, src, n) },
+            |api, s| {
                 // SAFETY: as above, and `s` is a live stream of this backend. The copy is
-                // complete before `dst`'s borrow ends: the driver finishes copies into
-                // pageable memory before returning, and the stream is synchronized next.
-                let rc = unsafe { (self.api.memcpy_dtoh_async)(dst.as_mut_ptr().cast(), src, dst.len(), s) };
-                check(rc)?;
+                // complete before `dst`'s borrow ends: the stream is synchronized next.
+                let rc = unsafe { (api.memcpy_dtoh_async)(p, src, n, s) };
+                if rc != CUDA_SUCCESS {
+                    return rc;
+                }
                 // SAFETY: `s` is a live stream of this backend.
-                check(unsafe { (self.api.stream_synchronize)(s) })
-            }
-        }
+                unsafe { (api.stream_synchronize)(s) }
+            },
+        )
     }
 
     fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
-        let stream = self.raw_stream(stream)?;
         let n = byte_count(len)?;
-        if n == 0 {
-            return Ok(());
-        }
-        self.enter()?;
-        let rc = match stream {
+        self.stream_op(
+            stream,
+            n,
             // SAFETY: device addresses only; the caller checked both ranges against this
             // zone's allocations.
-            None => unsafe { (self.api.memcpy_dtod)(dst, src, n) },
+            |api| unsafe { (api.memcpy_dtod)(dst, src, n) },
             // SAFETY: as above, and `s` is a live stream of this backend.
-            Some(s) => unsafe { (self.api.memcpy_dtod_async)(dst, src, n, s) },
-        };
-        check(rc)
+            |api, s| unsafe { (api.memcpy_dtod_async)(dst, src, n, s) },
+        )
     }
 
     fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
-        let stream = self.raw_stream(stream)?;
         let n = byte_count(count)?;
-        if n == 0 {
-            return Ok(());
-        }
-        self.enter()?;
-        let rc = match stream {
+        self.stream_op(
+            stream,
+            n,
             // SAFETY: a device range the caller checked against this zone's allocations.
-            None => unsafe { (self.api.memset_d8)(dst, value, n) },
+            |api| unsafe { (api.memset_d8)(dst, value, n) },
             // SAFETY: as above, and `s` is a live stream of this backend.
-            Some(s) => unsafe { (self.api.memset_d8_async)(dst, value, n, s) },
-        };
-        check(rc)
+            |api, s| unsafe { (api.memset_d8_async)(dst, value, n, s) },
+        )
     }
 
     fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
-        let stream = self.raw_stream(stream)?;
         let n = byte_count(count)?;
-        if n == 0 {
-            return Ok(());
-        }
-        self.enter()?;
         // The driver itself refuses a `dst` that is not 2-byte aligned.
-        let rc = match stream {
-            // SAFETY: a device range (`count` words) the caller checked against this
-            // zone's allocations.
-            None => unsafe { (self.api.memset_d16)(dst, value, n) },
+        self.stream_op(
+            stream,
+            n,
+            // SAFETY: a device range (`count` words) the caller checked against this zone's
+            // allocations.
+            |api| unsafe { (api.memset_d16)(dst, value, n) },
             // SAFETY: as above, and `s` is a live stream of this backend.
-            Some(s) => unsafe { (self.api.memset_d16_async)(dst, value, n, s) },
-        };
-        check(rc)
+            |api, s| unsafe { (api.memset_d16_async)(dst, value, n, s) },
+        )
     }
 
     fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
-        let stream = self.raw_stream(stream)?;
         let n = byte_count(count)?;
-        if n == 0 {
-            return Ok(());
-        }
-        self.enter()?;
         // The driver itself refuses a `dst` that is not 4-byte aligned.
-        let rc = match stream {
-            // SAFETY: a device range (`count` words) the caller checked against this
-            // zone's allocations.
-            None => unsafe { (self.api.memset_d32)(dst, value, n) },
+        self.stream_op(
+            stream,
+            n,
+            // SAFETY: a device range (`count` words) the caller checked against this zone's
+            // allocations.
+            |api| unsafe { (api.memset_d32)(dst, value, n) },
             // SAFETY: as above, and `s` is a live stream of this backend.
-            Some(s) => unsafe { (self.api.memset_d32_async)(dst, value, n, s) },
-        };
-        check(rc)
+            |api, s| unsafe { (api.memset_d32_async)(dst, value, n, s) },
+        )
     }
 
     // ---- IPC ----
