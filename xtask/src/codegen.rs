@@ -45,6 +45,8 @@ struct FnEntry {
     cstr: Vec<String>,
     ctx: Option<bool>,
     valid: Option<String>,
+    #[serde(default)]
+    forget_launch_facts: bool,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -270,6 +272,13 @@ fn validate(table: &Table, b: &Bindings) -> Result<()> {
         }
         if f.mode == Mode::Async {
             ensure!(f.out.is_empty() && f.opt_out.is_empty(), "{}: async entries cannot have outputs", f.name);
+        }
+        if f.forget_launch_facts {
+            ensure!(
+                f.mode == Mode::Forward && f.out.is_empty() && f.opt_out.is_empty(),
+                "{}: forget_launch_facts is for forwarded calls without outputs",
+                f.name
+            );
         }
     }
     for m in &table.messages {
@@ -774,6 +783,10 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
                 };
                 if s.post {
                     let _ = writeln!(o, "        rt::post(&{req}, {})", s.ctx);
+                } else if s.reply.is_empty() && f.forget_launch_facts {
+                    let _ =
+                        writeln!(o, "        let r = rt::call::<_, vgpu_proto::Done>(&{req}, {}).map(drop);", s.ctx);
+                    let _ = writeln!(o, "        rt::forget_launch_facts();\n        r");
                 } else if s.reply.is_empty() {
                     let _ = writeln!(o, "        rt::call::<_, vgpu_proto::Done>(&{req}, {}).map(drop)", s.ctx);
                 } else {

@@ -995,7 +995,9 @@ pub unsafe extern "C" fn cuModuleLoadFatBinary(module: *mut sys::CUmodule, fatCu
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleUnload(hmod: sys::CUmodule) -> CUresult {
     rt::entry("cuModuleUnload", || {
-        rt::call::<_, vgpu_proto::Done>(&p::CuModuleUnload { hmod: rt::handle_of(hmod) }, true).map(drop)
+        let r = rt::call::<_, vgpu_proto::Done>(&p::CuModuleUnload { hmod: rt::handle_of(hmod) }, true).map(drop);
+        rt::forget_launch_facts();
+        r
     })
 }
 
@@ -1069,7 +1071,9 @@ pub unsafe extern "C" fn cuLibraryLoadFromFile(library: *mut sys::CUlibrary, fil
 #[no_mangle]
 pub unsafe extern "C" fn cuLibraryUnload(library: sys::CUlibrary) -> CUresult {
     rt::entry("cuLibraryUnload", || {
-        rt::call::<_, vgpu_proto::Done>(&p::CuLibraryUnload { library: rt::handle_of(library) }, false).map(drop)
+        let r = rt::call::<_, vgpu_proto::Done>(&p::CuLibraryUnload { library: rt::handle_of(library) }, false).map(drop);
+        rt::forget_launch_facts();
+        r
     })
 }
 
@@ -1164,7 +1168,9 @@ pub unsafe extern "C" fn cuFuncGetAttribute(pi: *mut ::core::ffi::c_int, attrib:
 #[no_mangle]
 pub unsafe extern "C" fn cuFuncSetAttribute(hfunc: sys::CUfunction, attrib: ::core::ffi::c_uint, value: ::core::ffi::c_int) -> CUresult {
     rt::entry("cuFuncSetAttribute", || {
-        rt::call::<_, vgpu_proto::Done>(&p::CuFuncSetAttribute { hfunc: rt::handle_of(hfunc), attrib, value }, true).map(drop)
+        let r = rt::call::<_, vgpu_proto::Done>(&p::CuFuncSetAttribute { hfunc: rt::handle_of(hfunc), attrib, value }, true).map(drop);
+        rt::forget_launch_facts();
+        r
     })
 }
 
@@ -1201,7 +1207,9 @@ pub unsafe extern "C" fn cuKernelGetAttribute(pi: *mut ::core::ffi::c_int, attri
 #[no_mangle]
 pub unsafe extern "C" fn cuKernelSetAttribute(attrib: ::core::ffi::c_uint, val: ::core::ffi::c_int, kernel: sys::CUkernel, dev: sys::CUdevice) -> CUresult {
     rt::entry("cuKernelSetAttribute", || {
-        rt::call::<_, vgpu_proto::Done>(&p::CuKernelSetAttribute { attrib, val, kernel: rt::handle_of(kernel), dev }, true).map(drop)
+        let r = rt::call::<_, vgpu_proto::Done>(&p::CuKernelSetAttribute { attrib, val, kernel: rt::handle_of(kernel), dev }, true).map(drop);
+        rt::forget_launch_facts();
+        r
     })
 }
 

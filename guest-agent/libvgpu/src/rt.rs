@@ -388,15 +388,7 @@ impl Conn {
         if let Some(code) = reply.deferred_error() {
             return Err(CuError::from_code(code));
         }
-        let r = reply.decode::<R>()?;
-        if [p::CuModuleUnload::ID, p::CuLibraryUnload::ID, p::CuFuncSetAttribute::ID, p::CuKernelSetAttribute::ID]
-            .contains(&Q::ID)
-        {
-            // Functions of an unloaded module are gone, and an attribute may have changed a
-            // launch limit: fetch launch facts again on next use.
-            self.layouts.clear();
-        }
-        Ok(r)
+        Ok(reply.decode::<R>()?)
     }
 
     /// An asynchronous request (no reply; its error surfaces at a later call).
@@ -429,6 +421,14 @@ pub fn call<Q: Message, R: Message>(req: &Q, needs_ctx: bool) -> CuResult<R> {
         c.enter_current()?;
     }
     c.call(req)
+}
+
+/// Drops the cached launch facts of every function (the table marks the calls that need
+/// it: a module unloaded, a function attribute set); they are fetched again on next use.
+pub fn forget_launch_facts() {
+    if let Ok(s) = session() {
+        s.lock().layouts.clear();
+    }
 }
 
 /// A forwarded asynchronous request.
