@@ -31,14 +31,8 @@ work=$(mktemp -d /tmp/vgpu-bench-work.XXXXXX)
 rm -rf "$out"
 mkdir -p "$out" "$work/bin" "$work/kernels" "$work/lib"
 
-hp=""
-stop_daemon() {
-    if [ -n "$hp" ] && kill -0 "$hp" 2>/dev/null; then
-        kill "$hp" 2>/dev/null || true
-        wait "$hp" 2>/dev/null || true
-    fi
-    hp=""
-}
+# shellcheck source=device/lib.sh
+. device/lib.sh # find_cuda_toolkit, stop_daemon ($hp); the working directory is the repository root
 on_exit() {
     stop_daemon
     if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
@@ -58,29 +52,7 @@ echo "== GPU: $gpu"
 echo "== CPU: ${cpu:-?}, $(nproc) cores"
 
 # ---- toolkit ----
-nvcc=""
-if command -v nvcc >/dev/null 2>&1; then
-    nvcc=$(command -v nvcc)
-else
-    for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-13*/bin/nvcc /usr/local/cuda-*/bin/nvcc; do
-        if [ -x "$c" ]; then nvcc=$c; break; fi
-    done
-fi
-if [ -z "$nvcc" ]; then echo "FAIL: nvcc not found" >&2; exit 1; fi
-cuda_home=$(cd "$(dirname "$nvcc")/.." && pwd)
-echo "== nvcc: $nvcc ($("$nvcc" --version | tail -n 1))"
-inc=""
-for d in "$cuda_home/include" "$cuda_home/targets/x86_64-linux/include"; do
-    if [ -f "$d/cuda.h" ]; then inc=$d; break; fi
-done
-stubs=""
-for d in "$cuda_home/lib64/stubs" "$cuda_home/targets/x86_64-linux/lib/stubs"; do
-    if [ -f "$d/libcuda.so" ]; then stubs=$d; break; fi
-done
-if [ -z "$inc" ] || [ -z "$stubs" ]; then
-    echo "FAIL: cuda.h ($inc) or stubs/libcuda.so ($stubs) not found under $cuda_home" >&2
-    exit 1
-fi
+find_cuda_toolkit
 
 # ---- build ----
 k=$work/kernels

@@ -1,0 +1,40 @@
+# shellcheck shell=bash
+# Shared by the on-device scripts (sourced, not run).
+
+# Finds the CUDA toolkit: sets nvcc, cuda_home, inc (cuda.h) and stubs (stub libcuda.so to
+# link against); exits with a clear message when any is missing.
+find_cuda_toolkit() {
+    nvcc=""
+    if command -v nvcc >/dev/null 2>&1; then
+        nvcc=$(command -v nvcc)
+    else
+        for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-13*/bin/nvcc /usr/local/cuda-*/bin/nvcc; do
+            if [ -x "$c" ]; then nvcc=$c; break; fi
+        done
+    fi
+    if [ -z "$nvcc" ]; then echo "FAIL: nvcc not found" >&2; exit 1; fi
+    cuda_home=$(cd "$(dirname "$nvcc")/.." && pwd)
+    echo "== nvcc: $nvcc ($("$nvcc" --version | tail -n 1))"
+    inc=""
+    for d in "$cuda_home/include" "$cuda_home/targets/x86_64-linux/include"; do
+        if [ -f "$d/cuda.h" ]; then inc=$d; break; fi
+    done
+    stubs=""
+    for d in "$cuda_home/lib64/stubs" "$cuda_home/targets/x86_64-linux/lib/stubs"; do
+        if [ -f "$d/libcuda.so" ]; then stubs=$d; break; fi
+    done
+    if [ -z "$inc" ] || [ -z "$stubs" ]; then
+        echo "FAIL: cuda.h ($inc) or stubs/libcuda.so ($stubs) not found under $cuda_home" >&2
+        exit 1
+    fi
+}
+
+# Stops the host-proxy daemon whose pid is in $hp, if it runs.
+hp=""
+stop_daemon() {
+    if [ -n "$hp" ] && kill -0 "$hp" 2>/dev/null; then
+        kill "$hp" 2>/dev/null || true
+        wait "$hp" 2>/dev/null || true
+    fi
+    hp=""
+}
