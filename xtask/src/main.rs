@@ -11,11 +11,16 @@
 //!   machine (host-proxy, libvgpu as libcuda.so.1, the cudarc test program, host-proxy's
 //!   test binaries), stripped,
 //!   in `.device-carry/` (ignored by git; name it in the device tool's `carry`).
+//! * `cargo xtask build-image [OPTIONS]` — the guest image (kernel from kernel-config/,
+//!   initramfs with the agent as /init and libvgpu as libcuda.so.1, xl config); see
+//!   `image/mod.rs`. `cargo xtask check-image [DIR]` runs its checks on a built image.
 //! * `cargo xtask demo`  — the main job with its embedded defaults: host-proxy (simulated GPU
 //!   test double) serving one raw guest session and an unmodified cudarc program through
 //!   libvgpu over the local transport.
 
 mod codegen;
+mod image;
+mod xenlab;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -25,22 +30,64 @@ use std::time::Instant;
 const BARE_METAL_TARGET: &str = "x86_64-unknown-none";
 const FUZZ_TARGETS: &[&str] = &["frame_decode", "ring_ops"];
 
+/// xen-vgpu build tasks.
+#[derive(clap::Parser)]
+#[command(name = "cargo xtask", about)]
+enum Task {
+    /// Everything CI checks (installs missing targets, components and packages first).
+    Ci,
+    /// Runs each cargo-fuzz target of idm-core briefly.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(default_value_t = 20)]
+        seconds: u64,
+    },
+    /// The idm round-trip/throughput benchmark over shared memory.
+    Bench,
+    /// The main job with its embedded defaults (simulated GPU, local transport).
+    Demo,
+    /// Regenerates the code made from guest-agent/libvgpu/api.toml.
+    Codegen {
+        /// Fail if the committed output is stale instead of writing it.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Release builds of what device/*.sh run on the GPU machine, in .device-carry/.
+    DeviceBuild,
+    /// Builds the guest image: kernel, initramfs, xl config.
+    BuildImage(image::ImageOptions),
+    /// Boots Xen + a dom0 under QEMU and runs guest scenarios in domUs (the Xen lab).
+    XenLab(xenlab::LabOptions),
+    /// Checks a built guest image folder (what build-image checks at its end).
+    CheckImage {
+        /// The image folder.
+        #[arg(default_value = "target/guest-image")]
+        dir: PathBuf,
+        /// The domain name the xl config was made for.
+        #[arg(long, default_value = "vgpu-guest")]
+        name: String,
+    },
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    use clap::Parser;
+    // `cargo xtask` runs the binary as `xtask`; clap sees its own arguments only.
+    let task = Task::parse();
     let root = workspace_root();
     std::env::set_current_dir(&root).with_context(|| format!("cannot enter {}", root.display()))?;
-    match args.first().map(String::as_str) {
-        Some("ci") => ci(),
-        Some("fuzz") => {
-            fuzz(args.get(1).map(|s| s.parse()).transpose().context("SECONDS must be a number")?.unwrap_or(20))
-        }
-        Some("bench") => run(cargo().args(["bench", "-p", "idm-shm", "--bench", "roundtrip"])),
-        Some("demo") => demo(),
-        Some("codegen") => codegen::main(&args[1..]),
-        Some("device-build") => device_build(),
-        _ => {
-            eprintln!("usage: cargo xtask <ci | fuzz [SECONDS] | bench | demo | codegen [--check] | device-build>");
-            bail!("unknown or missing subcommand")
+    match task {
+        Task::Ci => ci(),
+        Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Bench => run(cargo().args(["bench", "-p", "idm-shm", "--bench", "roundtrip"])),
+        Task::Demo => demo(),
+        Task::Codegen { check } => codegen::main(&if check { vec!["--check".to_string()] } else { vec![] }),
+        Task::DeviceBuild => device_build(),
+        Task::BuildImage(opts) => image::build(&opts).map(drop),
+        Task::XenLab(opts) => xenlab::main(&opts),
+        Task::CheckImage { dir, name } => {
+            image::check::check_image(&dir, &name)?;
+            println!("{}: all image checks passed", dir.display());
+            Ok(())
         }
     }
 }
@@ -79,6 +126,7 @@ fn has_nightly_miri() -> bool {
 }
 
 fn ci() -> Result<()> {
+    use clap::Parser;
     step("install rustup targets and components", || {
         run(Command::new("rustup").args(["target", "add", BARE_METAL_TARGET]))?;
         run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
@@ -90,6 +138,7 @@ fn ci() -> Result<()> {
         }
         Ok(())
     })?;
+    step("install Debian packages the guest image and the Xen lab need", || install_packages(IMAGE_PACKAGES))?;
     step("format", || run(cargo().args(["fmt", "--all", "--", "--check"])))?;
     step("clippy", || run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])))?;
     step("tests", || run(cargo().args(["test", "--workspace"])))?;
@@ -116,8 +165,62 @@ fn ci() -> Result<()> {
             .args(["+nightly", "miri", "test", "-p", "idm-core", "--lib", "--target-dir", "target/miri"])
             .env("MIRIFLAGS", "-Zmiri-disable-weak-memory-emulation"))
     })?;
+    step("guest image: build (kernel cached in ~/.cache/xen-vgpu) and check", || {
+        let opts = image::ImageOptions::parse_from(["build-image", "--out", "target/guest-image-ci"]);
+        let built = image::build(&opts)?;
+        let total = built.kernel_bytes + built.initramfs_bytes;
+        if total > image::BASE_IMAGE_GOAL_BYTES {
+            bail!("the base image is {}, over its {} goal", image::mb(total), image::mb(image::BASE_IMAGE_GOAL_BYTES));
+        }
+        Ok(())
+    })?;
     eprintln!("ci: all steps passed");
     Ok(())
+}
+
+/// (command that shows the package is there, Debian package) pairs the image build needs.
+const IMAGE_PACKAGES: &[(&str, &str)] = &[
+    ("make", "make"),
+    ("gcc", "gcc"),
+    ("flex", "flex"),
+    ("bison", "bison"),
+    ("bc", "bc"),
+    ("perl", "perl"),
+    ("xz", "xz-utils"),
+    ("strip", "binutils"),
+    ("/usr/include/gelf.h", "libelf-dev"),
+    (image::kernel::DEBIAN_SOURCE, "linux-source-6.1"),
+];
+
+/// Installs the Debian packages of `wanted` whose command or file is missing (CI runs as
+/// root on a fresh machine; elsewhere it says what to install).
+fn install_packages(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(
+            |(probe, _)| {
+                if probe.starts_with('/') {
+                    !Path::new(probe).exists()
+                } else {
+                    image::which(probe).is_none()
+                }
+            },
+        )
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
+    if !is_root {
+        bail!("missing Debian packages: {} (apt-get install {})", missing.join(" "), missing.join(" "));
+    }
+    eprintln!("installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn fuzz(seconds: u64) -> Result<()> {

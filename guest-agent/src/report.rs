@@ -1,0 +1,95 @@
+//! Reporting to the host through xenstore (`data/vgpu/*` in the domain's directory).
+//!
+//! Outside Xen (or before devtmpfs gives us `/dev/xen/xenbus`) there is no xenstore: the
+//! reporter then only prints, and says so once. A failed write is printed, never fatal —
+//! the console still carries the same facts.
+
+use idm_xen::XenStore;
+use std::time::{Duration, Instant};
+
+/// Where the agent's keys live, relative to the domain's xenstore home.
+const PREFIX: &str = "data/vgpu";
+/// The workload key the toolstack may write (relative to the domain's home).
+const WORKLOAD_KEY: &str = "vgpu/run";
+
+/// The agent's channel for status to the host.
+pub struct Reporter {
+    xs: Option<XenStore>,
+    warned: bool,
+}
+
+impl Reporter {
+    /// Opens xenstore if there is one.
+    pub fn open() -> Self {
+        Self { xs: XenStore::open().ok(), warned: false }
+    }
+
+    /// Retries opening (after devtmpfs is mounted, the xenbus device exists).
+    pub fn reopen(&mut self) {
+        if self.xs.is_none() {
+            match XenStore::open() {
+                Ok(xs) => self.xs = Some(xs),
+                Err(e) => {
+                    super::say(format_args!("no xenstore ({e}); status goes to the console only"));
+                    self.warned = true;
+                }
+            }
+        }
+    }
+
+    /// Writes `data/vgpu/<key>`.
+    pub fn set(&mut self, key: &str, value: &str) {
+        let Some(xs) = self.xs.as_mut() else {
+            if !self.warned {
+                super::say("no xenstore; status goes to the console only");
+                self.warned = true;
+            }
+            return;
+        };
+        if let Err(e) = xs.write(&format!("{PREFIX}/{key}"), value.as_bytes()) {
+            super::say(format_args!("warning: xenstore write {PREFIX}/{key}: {e}"));
+        }
+    }
+
+    /// Reports the workload's exit code.
+    pub fn exited(&mut self, code: i32) {
+        self.set("exit-status", &code.to_string());
+        self.set("state", "exited");
+    }
+
+    /// Reports a fatal error of the agent.
+    pub fn failed(&mut self, error: &str) {
+        self.set("error", error);
+        self.set("state", "failed");
+    }
+
+    /// Waits (bounded) for the toolstack to name the workload in xenstore.
+    pub fn wait_for_workload(&mut self, within: Duration) -> Option<String> {
+        let xs = self.xs.as_mut()?;
+        let deadline = Instant::now() + within;
+        // A watch fires once at registration and on every change below the path.
+        let watching = xs.watch(WORKLOAD_KEY, "vgpu-run").is_ok();
+        let found = loop {
+            if let Ok(Some(v)) = xs.read_string(WORKLOAD_KEY) {
+                if !v.trim().is_empty() {
+                    break Some(v);
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            if watching {
+                if xs.next_watch_event(Some(left)).is_err() {
+                    std::thread::sleep(left.min(Duration::from_millis(200)));
+                }
+            } else {
+                std::thread::sleep(left.min(Duration::from_millis(200)));
+            }
+        };
+        if watching {
+            let _ = xs.unwatch(WORKLOAD_KEY, "vgpu-run");
+        }
+        found
+    }
+}

@@ -1,0 +1,1064 @@
+//! `cargo xtask xen-lab [--shell] [--keep-going] [--timeout SECS] [--scenario NAME]...
+//! [--stand-in-guest] [--verbose]`: the project's Xen lab.
+//!
+//! Boots the real Xen 4.17 hypervisor with a Debian dom0 under QEMU (TCG: no hardware
+//! virtualization needed) and, from the dom0's `/init` (`xtask/lab/dom0-init.sh`), starts
+//! the Xen toolstack and `host-proxy`, then `xl create`s one guest domain per scenario (the
+//! project's guest image from `cargo xtask build-image`), relays its console, and reads the
+//! exit status the guest agent left in xenstore. The host side decides PASS/FAIL from the
+//! serial console: every scenario's guest must exit with the expected status and print the
+//! expected line.
+//!
+//! * Host tools come from apt (installed when missing, as root).
+//! * The Xen hypervisor and the dom0 kernel are Debian packages, downloaded and unpacked
+//!   (never installed) once into `~/.cache/xen-vgpu/lab` (`$XEN_VGPU_CACHE/lab` if set).
+//! * Everything else is rebuilt on each run in `target/xen-lab/`; the serial console, with
+//!   timestamps in seconds since QEMU started, is kept in `target/xen-lab/console.log`.
+//! * `--shell` leaves a dom0 shell on the terminal after the scenarios (Ctrl-a x quits QEMU);
+//!   `--keep-going` runs the remaining scenarios after one fails; `--stand-in-guest` boots a
+//!   busybox guest on Debian's kernel that follows the agent's contract instead of the
+//!   project's image, to debug the lab itself.
+
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// One guest workload the lab runs and checks.
+struct Scenario {
+    /// Short name: also names the guest domain (`vgpu-lab-<name>`) and its boot directory.
+    name: &'static str,
+    /// Programs `build-image` puts into the guest (as `/usr/bin/<basename>`, with libraries).
+    apps: &'static [&'static str],
+    /// The guest agent's command line.
+    run: &'static str,
+    /// A line the workload must print on the guest console (compared trimmed), if any.
+    expect_line: Option<&'static str>,
+    /// The exit status the guest agent must report.
+    expect_status: i32,
+    /// How long dom0 waits for the guest domain to shut down.
+    timeout_s: u32,
+}
+
+/// The lab's scenarios, run in this order in one boot.
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "hello",
+        apps: &["/bin/echo"],
+        run: "/usr/bin/echo vgpu-lab-hello",
+        expect_line: Some("vgpu-lab-hello"),
+        expect_status: 0,
+        timeout_s: 60,
+    },
+    Scenario {
+        name: "false",
+        apps: &["/bin/false"],
+        run: "/usr/bin/false",
+        expect_line: None,
+        expect_status: 1,
+        timeout_s: 60,
+    },
+];
+
+const DEFAULT_TIMEOUT_S: u64 = 240;
+const XEN_BIN: &str = "/usr/lib/xen-4.17/bin";
+/// Where the guest images lie inside dom0 (`build-image --boot-dir` + `/<scenario>`).
+const GUEST_BOOT_DIR: &str = "/usr/share/vgpu-guest";
+const GUEST_MEMORY_MIB: u32 = 256;
+const XEN_HYPERVISOR_PKG: &str = "xen-hypervisor-4.17-amd64";
+const XEN_MODULES: &[&str] = &["xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs"];
+const DOM0_INIT: &str = include_str!("../lab/dom0-init.sh");
+const STANDIN_INIT: &str = include_str!("../lab/standin-init.sh");
+/// Xen's command line. `smap=0` is required under TCG with `-cpu max`.
+const XEN_ARGS: &str = "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 smap=0";
+const DOM0_ARGS: &str = "console=hvc0 earlyprintk=xen loglevel=4";
+/// Lines of the console log shown when the lab fails.
+const FAIL_TAIL_LINES: usize = 150;
+
+/// Host files the lab needs, and the Debian package that has each.
+const HOST_TOOLS: &[(&str, &str)] = &[
+    ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+    ("/bin/busybox", "busybox-static"),
+    ("/usr/bin/cpio", "cpio"),
+    ("/usr/bin/gzip", "gzip"),
+    ("/usr/bin/xz", "xz-utils"),
+    ("/usr/bin/strip", "binutils"),
+    ("/usr/bin/dpkg-deb", "dpkg"),
+    ("/usr/bin/apt-get", "apt"),
+    ("/usr/bin/ldd", "libc-bin"),
+    ("/lib/x86_64-linux-gnu/libgcc_s.so.1", "libgcc-s1"),
+    ("/usr/lib/xen-4.17/bin/xl", "xen-utils-4.17"),
+    ("/usr/lib/xen-4.17/bin/xenstored", "xen-utils-4.17"),
+    ("/usr/lib/xen-4.17/bin/xenconsoled", "xen-utils-4.17"),
+    ("/usr/lib/xen-4.17/bin/xen-init-dom0", "xen-utils-4.17"),
+    ("/usr/lib/xen-4.17/bin/libxl-save-helper", "xen-utils-4.17"),
+    ("/usr/bin/xenstore", "xenstore-utils"),
+    ("/usr/bin/xenstore-read", "xenstore-utils"),
+];
+/// What `xenstore` (a multi-call binary) is also called in dom0.
+const XENSTORE_NAMES: &[&str] = &[
+    "xenstore-read",
+    "xenstore-write",
+    "xenstore-ls",
+    "xenstore-watch",
+    "xenstore-list",
+    "xenstore-rm",
+    "xenstore-exists",
+];
+
+/// `cargo xtask xen-lab`: boots Xen + dom0 in QEMU and runs the guest scenarios.
+#[derive(clap::Args)]
+pub struct LabOptions {
+    /// Leave a dom0 shell on the terminal after the scenarios (Ctrl-a x quits QEMU).
+    #[arg(long)]
+    shell: bool,
+    /// Run the remaining scenarios after one fails.
+    #[arg(long)]
+    keep_going: bool,
+    /// Stop QEMU after this many seconds (not with --shell).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_S)]
+    timeout: u64,
+    /// Run only this scenario (repeatable): hello, false.
+    #[arg(long = "scenario", value_name = "NAME")]
+    scenarios: Vec<String>,
+    /// Boot a busybox stand-in on Debian's kernel instead of the project's guest image
+    /// (debugging the lab itself).
+    #[arg(long)]
+    stand_in_guest: bool,
+    /// Show the whole serial console on the terminal, not only the markers.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+struct Options {
+    shell: bool,
+    keep_going: bool,
+    timeout: Duration,
+    stand_in: bool,
+    verbose: bool,
+    scenarios: Vec<&'static Scenario>,
+}
+
+impl Options {
+    fn new(a: &LabOptions) -> Result<Options> {
+        let mut scenarios = Vec::new();
+        for n in &a.scenarios {
+            let s = SCENARIOS.iter().find(|s| s.name == n).with_context(|| {
+                let names: Vec<_> = SCENARIOS.iter().map(|s| s.name).collect();
+                format!("no scenario {n:?}; there are: {}", names.join(", "))
+            })?;
+            scenarios.push(s);
+        }
+        if scenarios.is_empty() {
+            scenarios = SCENARIOS.iter().collect();
+        }
+        Ok(Options {
+            shell: a.shell,
+            keep_going: a.keep_going,
+            timeout: Duration::from_secs(a.timeout),
+            stand_in: a.stand_in_guest,
+            verbose: a.verbose,
+            scenarios,
+        })
+    }
+}
+
+/// `cargo xtask xen-lab ...`
+pub fn main(args: &LabOptions) -> Result<()> {
+    let opts = Options::new(args)?;
+    let started = Instant::now();
+    let lab = super::workspace_root().join("target/xen-lab");
+    fs::create_dir_all(&lab).with_context(|| format!("creating {}", lab.display()))?;
+
+    phase("host prerequisites", host_prerequisites)?;
+    let cache = cache_dir()?;
+    let assets = phase("lab assets (Xen, dom0 kernel)", || Assets::get(&cache))?;
+    let host_proxy = phase("host-proxy", build_host_proxy)?;
+    let guests = phase("guest images", || {
+        if opts.stand_in {
+            opts.scenarios.iter().map(|s| stand_in_guest(s, &assets, &cache, &lab)).collect()
+        } else {
+            opts.scenarios.iter().map(|s| build_guest(s, &lab)).collect::<Result<Vec<_>>>()
+        }
+    })?;
+    let dom0_cpio = phase("dom0 initramfs", || build_dom0(&opts, &assets, &host_proxy, &guests, &lab))?;
+    let log_path = lab.join("console.log");
+    let run = phase("boot Xen in QEMU", || boot(&opts, &assets, &dom0_cpio, &log_path))?;
+    let failures = verdict(&opts, &run);
+    let total = started.elapsed().as_secs_f64();
+    if failures.is_empty() {
+        eprintln!(
+            "xen-lab: PASS ({} scenario(s)) in {total:.1}s (QEMU {:.1}s); console log: {}",
+            opts.scenarios.len(),
+            run.qemu_seconds,
+            log_path.display()
+        );
+        return Ok(());
+    }
+    if !opts.shell {
+        print_tail(&log_path);
+    }
+    for f in &failures {
+        eprintln!("xen-lab: FAIL: {f}");
+    }
+    bail!("xen-lab FAILED after {total:.1}s; console log: {}", log_path.display())
+}
+
+/// Runs one preparation phase, timing it (like `step`, for phases that return a value).
+fn phase<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    eprintln!("==> xen-lab: {name}");
+    let t = Instant::now();
+    let r = f();
+    eprintln!("<== xen-lab: {name}: {} in {:.1}s", if r.is_ok() { "ok" } else { "FAILED" }, t.elapsed().as_secs_f64());
+    r.with_context(|| format!("xen-lab: {name}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host prerequisites and cached assets
+
+fn missing_host_packages() -> Vec<&'static str> {
+    let mut missing: Vec<&str> = Vec::new();
+    for (path, pkg) in HOST_TOOLS {
+        if !Path::new(path).exists() && !missing.contains(pkg) {
+            missing.push(pkg);
+        }
+    }
+    // A dynamically linked busybox (Debian's `busybox` package) would need its libraries.
+    if Path::new("/bin/busybox").exists() && !is_static("/bin/busybox") && !missing.contains(&"busybox-static") {
+        missing.push("busybox-static");
+    }
+    missing
+}
+
+fn is_static(path: &str) -> bool {
+    Command::new("ldd").arg(path).output().map(|o| !o.status.success()).unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+fn apt_get() -> Command {
+    let mut c = Command::new("apt-get");
+    c.env("DEBIAN_FRONTEND", "noninteractive");
+    c
+}
+
+fn host_prerequisites() -> Result<()> {
+    let missing = missing_host_packages();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing host packages: {} (install them: apt-get install {})", missing.join(" "), missing.join(" "));
+    }
+    eprintln!("installing {}", missing.join(" "));
+    super::run(apt_get().arg("update"))?;
+    super::run(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&missing))?;
+    let still = missing_host_packages();
+    if !still.is_empty() {
+        bail!("still missing after apt-get install: {}", still.join(" "));
+    }
+    Ok(())
+}
+
+/// `$XEN_VGPU_CACHE/lab`, by default `~/.cache/xen-vgpu/lab` (build-image keeps its kernel
+/// builds beside it).
+fn cache_dir() -> Result<PathBuf> {
+    let base = match std::env::var_os("XEN_VGPU_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let home = std::env::var_os("HOME").context("neither XEN_VGPU_CACHE nor HOME is set")?;
+            PathBuf::from(home).join(".cache/xen-vgpu")
+        }
+    };
+    let dir = base.join("lab");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The Xen hypervisor and the dom0 kernel, from Debian packages.
+struct Assets {
+    /// The gunzipped hypervisor (QEMU's multiboot loader does not take the .gz).
+    xen: PathBuf,
+    /// The dom0 kernel, uncompressed (Xen's dom0 builder would otherwise spend seconds
+    /// un-xz-ing it under emulation).
+    vmlinux: PathBuf,
+    /// The kernel's Xen modules (`<name>.ko`).
+    modules: PathBuf,
+    /// The kernel release (`uname -r`).
+    release: String,
+}
+
+impl Assets {
+    fn get(cache: &Path) -> Result<Assets> {
+        let stamp = cache.join("assets.done");
+        let assets = |release: String| Assets {
+            xen: cache.join("xen"),
+            vmlinux: cache.join("vmlinux"),
+            modules: cache.join("modules"),
+            release,
+        };
+        if let Ok(release) = fs::read_to_string(&stamp) {
+            let a = assets(release.trim().to_string());
+            if a.xen.exists() && a.vmlinux.exists() && a.modules.is_dir() {
+                eprintln!("cached in {} (kernel {}); delete it to refetch", cache.display(), a.release);
+                return Ok(a);
+            }
+        }
+        let kernel_pkg = kernel_package()?;
+        eprintln!("downloading {XEN_HYPERVISOR_PKG} and {kernel_pkg} into {}", cache.display());
+        let debs = cache.join("debs");
+        let unpacked = cache.join("unpacked");
+        for d in [&debs, &unpacked] {
+            let _ = fs::remove_dir_all(d);
+            fs::create_dir_all(d)?;
+        }
+        super::run(apt_get().current_dir(&debs).args(["download", XEN_HYPERVISOR_PKG, &kernel_pkg]))?;
+        for entry in fs::read_dir(&debs)? {
+            let deb = entry?.path();
+            super::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+        }
+
+        let xen_gz = unpacked.join("boot/xen-4.17-amd64.gz");
+        let out = fs::File::create(cache.join("xen"))?;
+        super::run(Command::new("gzip").arg("-dc").arg(&xen_gz).stdout(out))?;
+
+        let mods = unpacked.join("lib/modules");
+        let release = fs::read_dir(&mods)
+            .with_context(|| format!("{} has no lib/modules", kernel_pkg))?
+            .next()
+            .context("no kernel release in the kernel package")??
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        decompress_bzimage(&unpacked.join(format!("boot/vmlinuz-{release}")), &cache.join("vmlinux"))?;
+
+        let modules = cache.join("modules");
+        let _ = fs::remove_dir_all(&modules);
+        fs::create_dir_all(&modules)?;
+        let xen_drivers = mods.join(&release).join("kernel/drivers/xen");
+        for m in XEN_MODULES {
+            let file = find_module(&xen_drivers, m).with_context(|| format!("no module {m} in {kernel_pkg}"))?;
+            let dest = modules.join(format!("{m}.ko"));
+            if file.extension().is_some_and(|e| e == "xz") {
+                super::run(Command::new("xz").arg("-dc").arg(&file).stdout(fs::File::create(&dest)?))?;
+            } else {
+                fs::copy(&file, &dest)?;
+            }
+        }
+        // Only the pieces above are kept: the unpacked kernel package is ~400 MB.
+        fs::remove_dir_all(&unpacked)?;
+        fs::remove_dir_all(&debs)?;
+        let _ = fs::remove_file(cache.join("standin-vmlinuz.gz"));
+        fs::write(&stamp, format!("{release}\n"))?;
+        Ok(assets(release))
+    }
+}
+
+/// The current kernel package behind Debian's `linux-image-amd64` metapackage.
+fn kernel_package() -> Result<String> {
+    let query = || -> Option<String> {
+        let out = Command::new("apt-cache").args(["depends", "linux-image-amd64"]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .find(|w| w.starts_with("linux-image-") && w.ends_with("-amd64") && w != &"linux-image-amd64")
+            .map(str::to_string)
+    };
+    if let Some(p) = query() {
+        return Ok(p);
+    }
+    super::run(apt_get().arg("update"))?;
+    query().context("apt-cache cannot resolve linux-image-amd64 (is Debian's main archive in the apt sources?)")
+}
+
+fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            if let Some(found) = find_module(&p, name) {
+                return Some(found);
+            }
+        } else if let Some(f) = p.file_name().and_then(|f| f.to_str()) {
+            if f == format!("{name}.ko") || f == format!("{name}.ko.xz") {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// Extracts the xz-compressed kernel ELF from a bzImage.
+fn decompress_bzimage(bzimage: &Path, out: &Path) -> Result<()> {
+    let data = fs::read(bzimage).with_context(|| format!("reading {}", bzimage.display()))?;
+    const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";
+    let at = data
+        .windows(XZ_MAGIC.len())
+        .position(|w| w == XZ_MAGIC)
+        .with_context(|| format!("{} holds no xz-compressed kernel", bzimage.display()))?;
+    let mut xz = Command::new("xz")
+        .args(["-dc", "--single-stream"])
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(out)?)
+        .spawn()
+        .context("starting xz")?;
+    // xz stops reading after the first stream; what follows it in the bzImage is not xz data.
+    let _ = xz.stdin.take().context("xz stdin")?.write_all(&data[at..]);
+    let status = xz.wait()?;
+    if !status.success() {
+        bail!("xz could not decompress the kernel in {} ({status})", bzimage.display());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// host-proxy and the guest images
+
+struct HostProxy {
+    binary: PathBuf,
+    /// The listening socket of its embedded default configuration.
+    socket: String,
+}
+
+fn build_host_proxy() -> Result<HostProxy> {
+    super::run(super::cargo().args(["build", "--release", "-p", "host-proxy", "--bin", "host-proxy"]))?;
+    let binary = super::workspace_root().join("target/release/host-proxy");
+    let out = Command::new(&binary).arg("default-config").output().context("host-proxy default-config")?;
+    let config = String::from_utf8_lossy(&out.stdout);
+    let socket = config
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == "socket")
+        .map(|(_, v)| v.split('#').next().unwrap_or("").trim().trim_matches('"').to_string())
+        .context("host-proxy's default configuration names no socket")?;
+    Ok(HostProxy { binary, socket })
+}
+
+/// A guest image ready for dom0: `dir` holds `vmlinuz`, `initramfs.cpio.gz` and `<domain>.cfg`,
+/// which go to `boot_dir` inside dom0.
+struct Guest {
+    scenario: &'static Scenario,
+    domain: String,
+    dir: PathBuf,
+    boot_dir: String,
+}
+
+impl Guest {
+    fn new(scenario: &'static Scenario, lab: &Path) -> Guest {
+        Guest {
+            scenario,
+            domain: format!("vgpu-lab-{}", scenario.name),
+            dir: lab.join("guest").join(scenario.name),
+            boot_dir: format!("{GUEST_BOOT_DIR}/{}", scenario.name),
+        }
+    }
+    fn config(&self) -> String {
+        format!("{}/{}.cfg", self.boot_dir, self.domain)
+    }
+}
+
+/// The project's guest image, from `cargo xtask build-image`.
+fn build_guest(scenario: &'static Scenario, lab: &Path) -> Result<Guest> {
+    let g = Guest::new(scenario, lab);
+    let _ = fs::remove_dir_all(&g.dir);
+    let mut cmd = Command::new(std::env::current_exe().context("finding the xtask binary")?);
+    cmd.arg("build-image").arg("--out").arg(&g.dir).args(["--boot-dir", &g.boot_dir, "--name", &g.domain]);
+    cmd.args(["--memory", &GUEST_MEMORY_MIB.to_string()]);
+    for app in scenario.apps {
+        cmd.args(["--app", app]);
+    }
+    cmd.args(["--run", scenario.run]);
+    super::run(&mut cmd).context(
+        "`cargo xtask build-image` failed (to test the lab itself without the project's guest image, \
+         run `cargo xtask xen-lab --stand-in-guest`)",
+    )?;
+    let cfg_name = format!("{}.cfg", g.domain);
+    for f in ["vmlinuz", "initramfs.cpio.gz", &cfg_name] {
+        if !g.dir.join(f).is_file() {
+            bail!("build-image did not produce {}", g.dir.join(f).display());
+        }
+    }
+    let cfg = fs::read_to_string(g.dir.join(&cfg_name))?;
+    if !cfg.contains(&format!("{}/vmlinuz", g.boot_dir)) || !cfg.contains(&format!("{}/initramfs.cpio.gz", g.boot_dir))
+    {
+        eprintln!("warning: {cfg_name} does not point at {}/vmlinuz and initramfs.cpio.gz:\n{cfg}", g.boot_dir);
+    }
+    Ok(g)
+}
+
+/// A guest that follows the agent's contract with Debian's kernel and busybox (see
+/// `xtask/lab/standin-init.sh`); for debugging the lab, not the project's image.
+fn stand_in_guest(scenario: &'static Scenario, assets: &Assets, cache: &Path, lab: &Path) -> Result<Guest> {
+    let g = Guest::new(scenario, lab);
+    let _ = fs::remove_dir_all(&g.dir);
+    fs::create_dir_all(&g.dir)?;
+    // libxenguest gunzips a kernel much faster than it un-xz-es the bzImage under emulation.
+    let kernel = cache.join("standin-vmlinuz.gz");
+    if !kernel.exists() {
+        let tmp = cache.join("standin-vmlinuz.gz.tmp");
+        super::run(Command::new("gzip").arg("-1c").arg(&assets.vmlinux).stdout(fs::File::create(&tmp)?))?;
+        fs::rename(&tmp, &kernel)?;
+    }
+    fs::copy(&kernel, g.dir.join("vmlinuz"))?;
+
+    let root = g.dir.join("root");
+    let r = Staging::new(&root)?;
+    r.busybox()?;
+    for m in XEN_MODULES {
+        r.copy(&assets.modules.join(format!("{m}.ko")), &format!("/lib/modules/{}/{m}.ko", assets.release))?;
+    }
+    r.copy_with_libs(Path::new("/usr/bin/xenstore"), "/usr/bin/xenstore")?;
+    r.link("xenstore", "/usr/bin/xenstore-write")?;
+    for app in scenario.apps {
+        let name = Path::new(app).file_name().context("app without a file name")?.to_string_lossy().into_owned();
+        r.copy_with_libs(Path::new(app), &format!("/usr/bin/{name}"))?;
+    }
+    r.write("/etc/vgpu-run", scenario.run, 0o644)?;
+    r.write("/init", STANDIN_INIT, 0o755)?;
+    r.cpio_gz(&g.dir.join("initramfs.cpio.gz"))?;
+    fs::remove_dir_all(&root)?;
+
+    let cfg = format!(
+        "name = \"{dom}\"\ntype = \"pv\"\nkernel = \"{b}/vmlinuz\"\nramdisk = \"{b}/initramfs.cpio.gz\"\n\
+         extra = \"console=hvc0 quiet\"\nmemory = {GUEST_MEMORY_MIB}\nvcpus = 1\non_poweroff = \"destroy\"\n",
+        dom = g.domain,
+        b = g.boot_dir
+    );
+    fs::write(g.dir.join(format!("{}.cfg", g.domain)), cfg)?;
+    Ok(g)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initramfs staging
+
+/// A directory tree that becomes an initramfs.
+struct Staging {
+    root: PathBuf,
+}
+
+impl Staging {
+    fn new(root: &Path) -> Result<Staging> {
+        let _ = fs::remove_dir_all(root);
+        for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "root", "usr/bin", "lib64"] {
+            fs::create_dir_all(root.join(d)).with_context(|| format!("creating {}", root.join(d).display()))?;
+        }
+        fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+        Ok(Staging { root: root.to_path_buf() })
+    }
+
+    fn path(&self, inside: &str) -> PathBuf {
+        self.root.join(inside.trim_start_matches('/'))
+    }
+
+    fn mkdir(&self, inside: &str) -> Result<()> {
+        fs::create_dir_all(self.path(inside)).with_context(|| format!("creating {}", self.path(inside).display()))
+    }
+
+    fn copy(&self, from: &Path, inside: &str) -> Result<()> {
+        let to = self.path(inside);
+        fs::create_dir_all(to.parent().expect("absolute path"))?;
+        fs::copy(from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        Ok(())
+    }
+
+    /// Copies an executable and the shared libraries `ldd` names for it (to the same paths).
+    fn copy_with_libs(&self, from: &Path, inside: &str) -> Result<()> {
+        self.copy(from, inside)?;
+        self.libs_of(from)
+    }
+
+    fn libs_of(&self, exe: &Path) -> Result<()> {
+        let out = Command::new("ldd").arg(exe).output().context("running ldd")?;
+        if !out.status.success() {
+            return Ok(()); // statically linked
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libx.so => /lib/.../libx.so (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            let Some(path) = path.filter(|p| p.starts_with('/')) else { continue };
+            if !self.path(path).exists() {
+                self.copy(Path::new(path), path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn link(&self, target: &str, inside: &str) -> Result<()> {
+        let at = self.path(inside);
+        fs::create_dir_all(at.parent().expect("absolute path"))?;
+        let _ = fs::remove_file(&at);
+        symlink(target, &at).with_context(|| format!("linking {}", at.display()))
+    }
+
+    fn write(&self, inside: &str, text: &str, mode: u32) -> Result<()> {
+        let to = self.path(inside);
+        fs::create_dir_all(to.parent().expect("absolute path"))?;
+        fs::write(&to, text)?;
+        fs::set_permissions(&to, fs::Permissions::from_mode(mode))?;
+        Ok(())
+    }
+
+    /// Static busybox as /bin/busybox, with a link for each applet.
+    fn busybox(&self) -> Result<()> {
+        self.copy(Path::new("/bin/busybox"), "/bin/busybox")?;
+        let out = Command::new("/bin/busybox").arg("--list").output().context("busybox --list")?;
+        for applet in String::from_utf8_lossy(&out.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox") {
+            let at = format!("/bin/{applet}");
+            if !self.path(&at).exists() {
+                self.link("busybox", &at)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the tree as a gzip-compressed (level 1) newc cpio archive.
+    fn cpio_gz(&self, out: &Path) -> Result<()> {
+        let mut find = Command::new("find")
+            .args([".", "-print0"])
+            .current_dir(&self.root)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting find")?;
+        let mut cpio = Command::new("cpio")
+            .args(["-o", "-H", "newc", "-0", "--quiet", "-R", "0:0"])
+            .current_dir(&self.root)
+            .stdin(find.stdout.take().context("find stdout")?)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting cpio")?;
+        let gzip = Command::new("gzip")
+            .arg("-1")
+            .stdin(cpio.stdout.take().context("cpio stdout")?)
+            .stdout(fs::File::create(out).with_context(|| format!("creating {}", out.display()))?)
+            .status()
+            .context("running gzip")?;
+        let (f, c) = (find.wait()?, cpio.wait()?);
+        if !(f.success() && c.success() && gzip.success()) {
+            bail!("building {} failed (find {f}, cpio {c}, gzip {gzip})", out.display());
+        }
+        Ok(())
+    }
+}
+
+/// Files with the same contents as an earlier one in `seen` become hard links to it (the
+/// guest kernels of several scenarios are usually the same file).
+fn copy_dedup(from: &Path, to: &Path, seen: &mut Vec<PathBuf>) -> Result<()> {
+    let data = fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    for earlier in seen.iter() {
+        if fs::metadata(earlier)?.len() == data.len() as u64 && fs::read(earlier)? == data {
+            fs::hard_link(earlier, to)?;
+            return Ok(());
+        }
+    }
+    fs::write(to, &data)?;
+    seen.push(to.to_path_buf());
+    Ok(())
+}
+
+fn build_dom0(
+    opts: &Options,
+    assets: &Assets,
+    host_proxy: &HostProxy,
+    guests: &[Guest],
+    lab: &Path,
+) -> Result<PathBuf> {
+    let r = Staging::new(&lab.join("dom0-root"))?;
+    r.busybox()?;
+    for d in [
+        "/etc/xen",
+        "/var/lib/xen",
+        "/var/lib/xenstored",
+        "/var/log/xen/console",
+        "/var/lock",
+        "/run/xen",
+        "/run/xenstored",
+    ] {
+        r.mkdir(d)?;
+    }
+    r.link("../run", "/var/run")?;
+    for m in XEN_MODULES {
+        r.copy(&assets.modules.join(format!("{m}.ko")), &format!("/lib/modules/{}/{m}.ko", assets.release))?;
+    }
+    for exe in ["xl", "xenstored", "xenconsoled", "xen-init-dom0", "libxl-save-helper"] {
+        let p = format!("{XEN_BIN}/{exe}");
+        r.copy_with_libs(Path::new(&p), &p)?;
+    }
+    r.copy_with_libs(Path::new("/usr/bin/xenstore"), "/usr/bin/xenstore")?;
+    for name in XENSTORE_NAMES {
+        r.link("xenstore", &format!("/usr/bin/{name}"))?;
+    }
+    // glibc loads libgcc_s at run time (for pthread_cancel): ldd does not list it, xl aborts
+    // without it.
+    r.copy(Path::new("/lib/x86_64-linux-gnu/libgcc_s.so.1"), "/lib/x86_64-linux-gnu/libgcc_s.so.1")?;
+    r.write("/etc/xen/xl.conf", "autoballoon = \"off\"\n", 0o644)?;
+
+    // host-proxy, without its debug info (it would double the initramfs).
+    let hp = r.path("/usr/bin/host-proxy");
+    super::run(Command::new("strip").arg("-o").arg(&hp).arg(&host_proxy.binary))?;
+    r.libs_of(&host_proxy.binary)?;
+
+    let mut seen = Vec::new();
+    let mut scenarios = String::new();
+    for g in guests {
+        r.mkdir(&g.boot_dir)?;
+        for entry in fs::read_dir(&g.dir)? {
+            let p = entry?.path();
+            if p.is_file() {
+                copy_dedup(&p, &r.path(&g.boot_dir).join(p.file_name().expect("file")), &mut seen)?;
+            }
+        }
+        let s = g.scenario;
+        scenarios.push_str(&format!("{} {} {} {} {}\n", s.name, g.domain, g.config(), s.timeout_s, s.expect_status));
+    }
+    r.write("/etc/vgpu-lab/scenarios", &scenarios, 0o644)?;
+    let conf = format!(
+        "VGPU_LAB_SHELL={}\nVGPU_LAB_KEEP_GOING={}\nHOST_PROXY_SOCKET={}\n",
+        u8::from(opts.shell),
+        u8::from(opts.keep_going),
+        host_proxy.socket
+    );
+    r.write("/etc/vgpu-lab/lab.conf", &conf, 0o644)?;
+    r.write("/init", DOM0_INIT, 0o755)?;
+    let out = lab.join("dom0.cpio.gz");
+    r.cpio_gz(&out)?;
+    eprintln!("{} ({:.1} MiB)", out.display(), fs::metadata(&out)?.len() as f64 / (1 << 20) as f64);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Booting and watching the serial console
+
+enum Event {
+    Line(f64, String),
+    Closed,
+}
+
+/// What the serial console showed.
+#[derive(Default)]
+struct Run {
+    qemu_seconds: f64,
+    timed_out: bool,
+    qemu_status: String,
+    /// First time (s) each phase marker was seen.
+    phases: Vec<(String, f64)>,
+    host_proxy_start: Option<String>,
+    host_proxy_end: Option<String>,
+    setup_failed: Option<String>,
+    done: bool,
+    scenarios: BTreeMap<String, ScenarioRun>,
+}
+
+#[derive(Default)]
+struct ScenarioRun {
+    ended: bool,
+    /// "shutdown", "crashed", "vanished", "timeout"; None if not reached.
+    domain: Option<String>,
+    state: Option<String>,
+    exit_status: Option<String>,
+    error: Option<String>,
+    console: Vec<String>,
+    xl_create_failed: bool,
+    begin: f64,
+    end: f64,
+}
+
+/// Serial lines worth showing on the terminal (without --verbose), besides markers and the
+/// guests' consoles.
+const NOTABLE: &[(&str, &str)] = &[
+    ("(XEN) Xen version", "Xen started"),
+    ("*** Serial input to DOM0", "dom0 kernel starting"),
+    ("Kernel panic", ""),
+    ("(XEN) Panic", ""),
+    ("(XEN) ****", ""),
+    ("BUG:", ""),
+    ("Oops", ""),
+    ("Run /init as init process", "dom0 init"),
+];
+
+impl Run {
+    fn phase(&mut self, name: &str, t: f64) {
+        if !self.phases.iter().any(|(n, _)| n == name) {
+            self.phases.push((name.to_string(), t));
+        }
+    }
+
+    /// Updates from one serial line; returns whether it is worth showing on the terminal.
+    fn observe(&mut self, t: f64, line: &str) -> bool {
+        if let Some(guest) = line.strip_prefix("[domU] ") {
+            if let Some(s) = self.scenarios.values_mut().find(|s| !s.ended) {
+                s.console.push(guest.to_string());
+            }
+            return true;
+        }
+        if line.contains("VGPU-LAB-DONE") {
+            self.done = true;
+            self.phase("VGPU-LAB-DONE", t);
+            return true;
+        }
+        let Some(at) = line.find("VGPU-LAB ") else {
+            for (pattern, phase) in NOTABLE {
+                if line.contains(pattern) {
+                    if !phase.is_empty() {
+                        self.phase(phase, t);
+                    }
+                    return true;
+                }
+            }
+            return false;
+        };
+        let marker = &line[at + "VGPU-LAB ".len()..];
+        let fields: BTreeMap<&str, &str> = marker.split_whitespace().filter_map(|w| w.split_once('=')).collect();
+        let event = marker.split_whitespace().next().unwrap_or("");
+        if event == "dom0-init" {
+            self.phase("dom0 /init", t);
+        } else if event == "xen-ready" {
+            self.phase("Xen toolstack ready", t);
+        } else if event.starts_with("setup-failed") {
+            self.setup_failed = Some(fields.get("what").unwrap_or(&"?").to_string());
+        } else if let Some(v) = fields.get("host-proxy") {
+            self.host_proxy_start = Some(v.to_string());
+        } else if let Some(v) = fields.get("host-proxy-end") {
+            self.host_proxy_end = Some(v.to_string());
+        } else if let Some(name) = fields.get("scenario") {
+            let s = self.scenarios.entry(name.to_string()).or_default();
+            let word = marker.split_whitespace().nth(1).unwrap_or("");
+            if word == "begin" {
+                s.begin = t;
+            } else if word == "end" {
+                s.ended = true;
+                s.end = t;
+            } else if word == "xl-create-failed" {
+                s.xl_create_failed = true;
+            } else if let Some((_, err)) = marker.split_once("guest-error: ") {
+                s.error = Some(err.trim().to_string());
+            } else if let Some(how) = word.strip_prefix("domain-") {
+                s.domain = Some(how.to_string());
+            }
+            if let Some(v) = fields.get("guest-state") {
+                s.state = Some(v.to_string());
+            }
+            if let Some(v) = fields.get("guest-exit-status") {
+                s.exit_status = Some(v.to_string());
+            }
+        }
+        true
+    }
+}
+
+fn boot(opts: &Options, assets: &Assets, dom0_cpio: &Path, log_path: &Path) -> Result<Run> {
+    for p in [&assets.xen, &assets.vmlinux, &dom0_cpio.to_path_buf()] {
+        if p.to_string_lossy().contains([',', ' ']) {
+            bail!("{}: QEMU's -initrd cannot take paths with commas or spaces", p.display());
+        }
+    }
+    let initrd = format!("{} {},{}", assets.vmlinux.display(), DOM0_ARGS.replace(',', ",,"), dom0_cpio.display());
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-m", "2048", "-smp", "2", "-display", "none"]);
+    cmd.args(["-no-reboot", "-net", "none", "-kernel"])
+        .arg(&assets.xen)
+        .args(["-append", XEN_ARGS, "-initrd", &initrd]);
+    if opts.shell {
+        // Ctrl-a x quits, Ctrl-a c switches to the QEMU monitor.
+        cmd.args(["-serial", "mon:stdio"]).stdin(Stdio::inherit());
+    } else {
+        cmd.args(["-serial", "stdio", "-monitor", "none"]).stdin(Stdio::null());
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut log = fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    writeln!(log, "# {cmd:?}")?;
+    if opts.shell {
+        eprintln!("xen-lab: the dom0 shell follows the scenarios; Ctrl-a x quits QEMU");
+    } else {
+        eprintln!("xen-lab: timeout {}s; full serial console in {}", opts.timeout.as_secs(), log_path.display());
+    }
+    let t0 = Instant::now();
+    let mut qemu = cmd.spawn().context("starting qemu-system-x86_64")?;
+    let (tx, rx) = mpsc::channel();
+    let out = qemu.stdout.take().context("qemu stdout")?;
+    let err = qemu.stderr.take().context("qemu stderr")?;
+    let passthrough = opts.shell;
+    let readers =
+        [spawn_reader(out, "", t0, tx.clone(), passthrough), spawn_reader(err, "[qemu stderr] ", t0, tx, false)];
+
+    let mut run = Run::default();
+    let mut open = readers.len();
+    let mut done_at: Option<Instant> = None;
+    let mut killed = false;
+    while open > 0 {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Event::Line(t, line)) => {
+                writeln!(log, "[{t:7.2}] {line}")?;
+                let notable = run.observe(t, &line);
+                if !passthrough && (notable || opts.verbose) {
+                    eprintln!("[{t:6.1}s] {line}");
+                }
+                if run.done && done_at.is_none() {
+                    done_at = Some(Instant::now());
+                }
+            }
+            Ok(Event::Closed) => open -= 1,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if killed {
+            continue;
+        }
+        if !opts.shell && t0.elapsed() > opts.timeout {
+            run.timed_out = true;
+            eprintln!("xen-lab: timeout after {}s, stopping QEMU", opts.timeout.as_secs());
+            let _ = qemu.kill();
+            killed = true;
+        } else if !opts.shell && done_at.is_some_and(|d| d.elapsed() > Duration::from_secs(10)) {
+            // dom0 rebooted Xen, and -no-reboot should have ended QEMU by now.
+            let _ = qemu.kill();
+            killed = true;
+        }
+    }
+    let status = qemu.wait()?;
+    run.qemu_seconds = t0.elapsed().as_secs_f64();
+    run.qemu_status = status.to_string();
+    writeln!(log, "# QEMU ended after {:.2}s: {status}", run.qemu_seconds)?;
+    eprintln!("xen-lab: QEMU ended after {:.1}s ({status})", run.qemu_seconds);
+    let mut timeline: Vec<(f64, String)> = run.phases.iter().map(|(n, t)| (*t, n.clone())).collect();
+    for (name, s) in &run.scenarios {
+        timeline.push((s.begin, format!("scenario {name} begins")));
+        if s.ended {
+            timeline.push((s.end, format!("scenario {name} ends ({:.1}s)", s.end - s.begin)));
+        }
+    }
+    timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (t, what) in &timeline {
+        eprintln!("  {t:6.1}s  {what}");
+    }
+    Ok(run)
+}
+
+/// Reads a QEMU output stream into timestamped lines (echoing it raw when `passthrough`).
+fn spawn_reader(
+    mut stream: impl Read + Send + 'static,
+    prefix: &'static str,
+    t0: Instant,
+    tx: mpsc::Sender<Event>,
+    passthrough: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut line = Vec::new();
+        loop {
+            let n = match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if passthrough {
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(&buf[..n]);
+                let _ = o.flush();
+            }
+            let t = t0.elapsed().as_secs_f64();
+            for &b in &buf[..n] {
+                if b == b'\n' {
+                    let text =
+                        String::from_utf8_lossy(&line).trim_end_matches('\r').trim_start_matches('\r').to_string();
+                    let _ = tx.send(Event::Line(t, format!("{prefix}{text}")));
+                    line.clear();
+                } else {
+                    line.push(b);
+                }
+            }
+        }
+        if !line.is_empty() {
+            let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+            let _ = tx.send(Event::Line(t0.elapsed().as_secs_f64(), format!("{prefix}{text}")));
+        }
+        let _ = tx.send(Event::Closed);
+    })
+}
+
+/// Why the run failed; empty when it passed.
+fn verdict(opts: &Options, run: &Run) -> Vec<String> {
+    let mut failures = Vec::new();
+    if run.timed_out {
+        failures.push(format!("timed out after {}s", opts.timeout.as_secs()));
+    }
+    if let Some(what) = &run.setup_failed {
+        failures.push(format!("dom0 setup failed: {what}"));
+    }
+    match run.host_proxy_start.as_deref() {
+        Some("alive") => {}
+        Some(s) => failures.push(format!("host-proxy did not come up in dom0 ({s})")),
+        None => failures.push("host-proxy was never started in dom0".into()),
+    }
+    if run.host_proxy_start.as_deref() == Some("alive") && run.host_proxy_end.as_deref() != Some("alive") {
+        failures.push(format!("host-proxy did not survive the scenarios ({:?})", run.host_proxy_end));
+    }
+    for s in &opts.scenarios {
+        let Some(r) = run.scenarios.get(s.name) else {
+            failures.push(format!("scenario {}: never started", s.name));
+            continue;
+        };
+        let mut why = Vec::new();
+        if r.xl_create_failed {
+            why.push("xl create failed".to_string());
+        }
+        if let Some(err) = &r.error {
+            why.push(format!("the guest agent reported an error: {err}"));
+        }
+        match r.domain.as_deref() {
+            Some("shutdown") => {}
+            Some("timeout") => why.push(format!("the domain did not shut down within {}s", s.timeout_s)),
+            Some(other) => why.push(format!("the domain {other}")),
+            None if !r.xl_create_failed => why.push("the domain's end was never reported".into()),
+            None => {}
+        }
+        let status = s.expect_status.to_string();
+        if r.exit_status.as_deref() != Some(status.as_str()) || r.state.as_deref() != Some("exited") {
+            why.push(format!(
+                "guest state {} exit status {} (expected exited, {status})",
+                r.state.as_deref().unwrap_or("?"),
+                r.exit_status.as_deref().unwrap_or("?")
+            ));
+        }
+        if let Some(expect) = s.expect_line {
+            if !r.console.iter().any(|l| l.trim() == expect) {
+                let near = r.console.iter().find(|l| l.contains(expect));
+                why.push(match near {
+                    Some(l) => format!("{expect:?} only appeared inside the guest console line {l:?}"),
+                    None => format!("the guest console never showed {expect:?}"),
+                });
+            }
+        }
+        if why.is_empty() {
+            eprintln!(
+                "xen-lab: scenario {}: PASS (exit status {status}{}; {:.1}s)",
+                s.name,
+                s.expect_line.map(|l| format!(", printed {l:?}")).unwrap_or_default(),
+                r.end - r.begin
+            );
+        } else {
+            failures.push(format!("scenario {}: {}", s.name, why.join("; ")));
+        }
+    }
+    if !run.done && !opts.shell {
+        failures.push("dom0 never printed VGPU-LAB-DONE".into());
+    }
+    failures
+}
+
+fn print_tail(log_path: &Path) {
+    let Ok(text) = fs::read_to_string(log_path) else { return };
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(FAIL_TAIL_LINES);
+    eprintln!("---- last {} lines of {} ----", lines.len() - from, log_path.display());
+    for l in &lines[from..] {
+        eprintln!("{l}");
+    }
+    eprintln!("---- end of {} ----", log_path.display());
+}
