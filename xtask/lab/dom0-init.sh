@@ -1,0 +1,157 @@
+#!/bin/sh
+# /init of the Xen lab's dom0 (`cargo xtask xen-lab`, see xtask/src/xenlab.rs).
+#
+# Brings up the Xen toolstack, starts host-proxy, runs each scenario's guest domain with
+# `xl create`, relays its console to ours as "[domU] ..." lines and prints "VGPU-LAB ..."
+# markers that the host side turns into PASS/FAIL. Markers are single lines:
+#   VGPU-LAB <event> [key=value ...] uptime=<dom0 seconds>
+#   VGPU-LAB-DONE
+# The lab's settings come from /etc/vgpu-lab/lab.conf, the scenarios (one a line:
+# name domain-name xl-config timeout-seconds expected-exit-status) from
+# /etc/vgpu-lab/scenarios; both are written by the host side.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin:/usr/lib/xen-4.17/bin
+export HOME=/root
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+
+VGPU_LAB_SHELL=0
+VGPU_LAB_KEEP_GOING=0
+HOST_PROXY_SOCKET=/tmp/xen-vgpu/host-proxy.sock
+. /etc/vgpu-lab/lab.conf
+
+up() { cut -d' ' -f1 /proc/uptime; }
+mark() { echo "VGPU-LAB $* uptime=$(up)"; }
+since() { awk -v a="$(up)" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
+
+finish() {
+    echo "VGPU-LAB-DONE"
+    if [ "$VGPU_LAB_SHELL" = 1 ]; then
+        echo "dom0 shell: xl list, xl create /usr/share/vgpu-guest/<scenario>/<name>.cfg, xl console <name>;"
+        echo "guest consoles in /var/log/xen/console/; host-proxy log /var/log/host-proxy.log."
+        echo "Leave with 'reboot -f' (or Ctrl-a x)."
+        exec setsid cttyhack sh -l
+    fi
+    sync
+    reboot -f
+    sleep 10
+}
+
+setup_failed() {
+    mark "setup-failed what=$1"
+    finish
+}
+
+mark "dom0-init kernel=$(uname -r) hypervisor=$(cat /sys/hypervisor/type 2>/dev/null)"
+
+KV=$(uname -r)
+for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs; do
+    ko=/lib/modules/$KV/$m.ko
+    [ -e "$ko" ] || continue   # built in
+    insmod "$ko" || mark "insmod-failed module=$m"
+done
+mkdir -p /proc/xen
+mount -t xenfs xenfs /proc/xen || setup_failed "mount-xenfs"
+for n in privcmd evtchn gntdev xenbus; do
+    [ -e /dev/xen/$n ] || setup_failed "missing-/dev/xen/$n"
+done
+
+xenstored --pid-file /run/xenstored.pid || setup_failed xenstored
+xen-init-dom0 >/var/log/xen-init-dom0.log 2>&1 || { cat /var/log/xen-init-dom0.log; setup_failed xen-init-dom0; }
+xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console || setup_failed xenconsoled
+mark "xen-ready"
+
+# host-proxy with its embedded default configuration (the simulated GPU test double).
+host-proxy serve >/var/log/host-proxy.log 2>&1 &
+HP=$!
+i=0
+while [ $i -lt 100 ] && kill -0 $HP 2>/dev/null && [ ! -S "$HOST_PROXY_SOCKET.admin" ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+host_proxy_state() {
+    if kill -0 $HP 2>/dev/null && [ -S "$HOST_PROXY_SOCKET.admin" ]; then echo alive; else echo dead; fi
+}
+HP_STATE=$(host_proxy_state)
+mark "host-proxy=$HP_STATE pid=$HP socket=$HOST_PROXY_SOCKET"
+[ "$HP_STATE" = alive ] || sed 's/^/[host-proxy] /' /var/log/host-proxy.log
+
+# Prints the guest console lines from line $RELAYED+1 on, "[domU] "-prefixed; with "all",
+# also a last line without its newline.
+relay() {
+    if [ "$2" = all ]; then last='$'; else last=$(wc -l <"$1"); fi
+    [ "$last" = '$' ] || [ "$last" -gt "$RELAYED" ] || return 0
+    sed -n "$((RELAYED + 1)),${last}{s/^/[domU] /;p}" "$1" | tr -d '\r'
+    [ "$last" = '$' ] || RELAYED=$last
+}
+
+# run_scenario NAME DOMAIN CONFIG TIMEOUT EXPECTED-STATUS; fails when the guest did not exit
+# with the expected status.
+run_scenario() {
+    name=$1 dom=$2 cfg=$3 tmo=$4 want=$5
+    log=/var/log/xen/console/guest-$dom.log
+    mark "scenario=$name begin domain=$dom config=$cfg"
+    : >"$log"
+    RELAYED=0
+    t0=$(up)
+    if ! xl create "$cfg" 'on_poweroff="preserve"' 'on_crash="preserve"'; then
+        relay "$log" all
+        mark "scenario=$name xl-create-failed"
+        mark "scenario=$name end"
+        return 1
+    fi
+    domid=$(xl domid "$dom" 2>/dev/null)
+    mark "scenario=$name created domid=$domid after=$(since "$t0")"
+    # Wait (bounded) for the domain to shut down (s) or crash (c); relay its console meanwhile.
+    how=timeout
+    n=0
+    while [ $n -lt $((tmo * 4)) ]; do
+        st=$(xl list "$dom" 2>/dev/null | awk 'NR == 2 { print $5 }')
+        case "$st" in
+        "") how=vanished; break ;;
+        *c*) how=crashed; break ;;
+        *s*) how=shutdown; break ;;
+        esac
+        relay "$log"
+        sleep 0.25
+        n=$((n + 1))
+    done
+    sleep 0.2   # xenconsoled's last read of the ring
+    relay "$log" all
+    base=/local/domain/$domid/data/vgpu
+    gstate=$(xenstore-read "$base/state" 2>/dev/null) || gstate=unset
+    gstatus=$(xenstore-read "$base/exit-status" 2>/dev/null) || gstatus=unset
+    gerror=$(xenstore-read "$base/error" 2>/dev/null) || gerror=
+    mark "scenario=$name domain-$how after=$(since "$t0")"
+    [ -n "$gerror" ] && echo "VGPU-LAB scenario=$name guest-error: $(echo "$gerror" | tr '\n' ' ')"
+    mark "scenario=$name guest-state=$gstate guest-exit-status=$gstatus expected-exit-status=$want"
+    if [ "$how" = timeout ]; then
+        xl list
+        xenstore-ls -f "/local/domain/$domid" 2>/dev/null | grep -v '/device\|/control\|/console' | head -40
+    fi
+    xl destroy "$dom" 2>/dev/null
+    mark "scenario=$name end"
+    [ "$how" = shutdown ] && [ "$gstate" = exited ] && [ "$gstatus" = "$want" ]
+}
+
+failed=0
+exec 3</etc/vgpu-lab/scenarios
+while read -r name dom cfg tmo want <&3; do
+    [ -n "$name" ] || continue
+    if ! run_scenario "$name" "$dom" "$cfg" "$tmo" "$want" </dev/null; then
+        failed=$((failed + 1))
+        [ "$VGPU_LAB_KEEP_GOING" = 1 ] || { mark "stopping-after-failure scenario=$name"; break; }
+    fi
+done
+exec 3<&-
+
+HP_STATE=$(host_proxy_state)
+mark "host-proxy-end=$HP_STATE"
+[ "$HP_STATE" = alive ] || sed 's/^/[host-proxy] /' /var/log/host-proxy.log
+mark "scenarios-failed=$failed"
+finish
