@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 /// How long the agent waits for `vgpu/run` in xenstore when the command line names no
 /// workload (the toolstack may write it right after `xl create`).
 const XENSTORE_WORKLOAD_WAIT: Duration = Duration::from_secs(30);
+/// How long the agent waits for host-proxy to offer the vgpu device.
+const HOST_PROXY_WAIT: Duration = Duration::from_secs(30);
 /// How long leftover processes get after SIGTERM before SIGKILL, once the workload ended.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
 
@@ -108,6 +110,25 @@ fn run(pid1: bool, cmdline_override: Option<String>, reporter: &mut Reporter) ->
     if workload.argv.is_empty() {
         return Err(AgentError::NoWorkload);
     }
+    // The channel to host-proxy: each CUDA process of the workload claims its own device
+    // slot (libvgpu's Xen frontend); the agent makes sure the backend is there first, so a
+    // missing host-proxy is reported here, once, rather than as cuInit failures.
+    let mut env = workload.env.clone();
+    if reporter.has_xenstore() {
+        match reporter.wait_for_host_proxy(HOST_PROXY_WAIT) {
+            Ok(n) => {
+                say(format_args!("host-proxy offers {n} vgpu device slot(s)"));
+                reporter.set("channel", "ready");
+            }
+            Err(e) => {
+                say(format_args!("warning: {e}; CUDA calls will fail with CUDA_ERROR_NO_DEVICE"));
+                reporter.set("channel", "unavailable");
+            }
+        }
+        if !env.iter().any(|(k, _)| k == "VGPU_TRANSPORT") {
+            env.push(("VGPU_TRANSPORT".into(), "xen".into()));
+        }
+    }
     say(format_args!("starting {}", workload.argv.join(" ")));
     let started = Instant::now();
     let child = Command::new(&workload.argv[0])
@@ -115,7 +136,7 @@ fn run(pid1: bool, cmdline_override: Option<String>, reporter: &mut Reporter) ->
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .env("HOME", "/root")
-        .envs(workload.env.iter().map(|(k, v)| (k, v)))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir("/")
         .spawn()
         .map_err(|err| AgentError::Spawn { program: workload.argv[0].clone(), err })?;

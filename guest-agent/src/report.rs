@@ -63,6 +63,44 @@ impl Reporter {
         self.set("state", "failed");
     }
 
+    /// Whether xenstore is reachable (this is a Xen guest).
+    pub fn has_xenstore(&self) -> bool {
+        self.xs.is_some()
+    }
+
+    /// Waits (bounded) until host-proxy in dom0 offers this domain its vgpu device slots
+    /// (`device/vgpu/N` with a backend in InitWait); returns how many are free.
+    pub fn wait_for_host_proxy(&mut self, within: Duration) -> Result<usize, String> {
+        let xs = self.xs.as_mut().ok_or("no xenstore")?;
+        let deadline = Instant::now() + within;
+        let watching = xs.watch("device", "vgpu-device").is_ok();
+        let result = loop {
+            let mut free = 0;
+            for slot in xs.directory("device/vgpu").unwrap_or_default() {
+                let backend = xs.read_string(&format!("device/vgpu/{slot}/backend")).ok().flatten();
+                let state = backend.and_then(|b| xs.read_string(&format!("{b}/state")).ok().flatten());
+                if state.as_deref().map(str::trim) == Some("2") {
+                    free += 1;
+                }
+            }
+            if free > 0 {
+                break Ok(free);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(format!("host-proxy offered no vgpu device within {} s", within.as_secs()));
+            }
+            let slice = left.min(Duration::from_millis(500));
+            if !watching || xs.next_watch_event(Some(slice)).is_err() {
+                std::thread::sleep(slice);
+            }
+        };
+        if watching {
+            let _ = xs.unwatch("device", "vgpu-device");
+        }
+        result
+    }
+
     /// Waits (bounded) for the toolstack to name the workload in xenstore.
     pub fn wait_for_workload(&mut self, within: Duration) -> Option<String> {
         let xs = self.xs.as_mut()?;

@@ -79,6 +79,31 @@ pub struct Config {
     /// ResourceClaim two pods reference). Zones in no common group cannot.
     #[serde(default, rename = "sharing_group")]
     pub sharing_groups: Vec<SharingGroup>,
+    /// Serve Xen guests (grant tables + event channels, handshake in xenstore): `auto`
+    /// (when this is dom0 with xenstore), `on` (fail if not), `off`.
+    #[serde(default)]
+    pub xen: XenMode,
+    /// Device slots (`device/vgpu/N`) offered to each Xen guest: how many of its
+    /// processes may hold a session at once.
+    #[serde(default = "default_xen_slots")]
+    pub xen_slots: u32,
+}
+
+/// Whether host-proxy serves Xen guests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XenMode {
+    /// When running in dom0 with xenstore reachable.
+    #[default]
+    Auto,
+    /// Always; failing to reach xenstore is an error.
+    On,
+    /// Never.
+    Off,
+}
+
+fn default_xen_slots() -> u32 {
+    4
 }
 
 /// Zones allowed to open each other's CUDA IPC handles.
@@ -159,6 +184,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, why: &str| Err(ConfigError::Invalid { key: key.into(), why: why.into() });
+        if !(1..=64).contains(&self.xen_slots) {
+            return invalid("xen_slots", "must be 1..=64");
+        }
         if self.device < 0 {
             return invalid("device", "must be a CUDA device ordinal (0 or more)");
         }
@@ -209,6 +237,16 @@ impl Config {
     /// The sharing groups zone `name` belongs to.
     pub fn groups_of(&self, name: &str) -> Vec<String> {
         self.sharing_groups.iter().filter(|g| g.zones.iter().any(|z| z == name)).map(|g| g.name.clone()).collect()
+    }
+
+    /// The zone of a Xen guest: the `[[zone]]` named like the domain, or, with
+    /// `allow_unlisted`, `dom-<name>` with the default quotas.
+    pub fn zone_for_domain(&self, domain: &str) -> Option<(String, Quotas)> {
+        match self.zones.iter().find(|z| z.name == domain) {
+            Some(z) => Some((z.name.clone(), z.quotas.unwrap_or(self.quotas))),
+            None if self.allow_unlisted => Some((format!("dom-{domain}"), self.quotas)),
+            None => None,
+        }
     }
 
     /// The zone name and quotas for a peer uid, or `None` if unlisted peers are refused.

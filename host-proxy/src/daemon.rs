@@ -14,7 +14,8 @@
 //! reported gone.
 
 use crate::broker::{Broker, Peer};
-use crate::config::{BackendKind, Config};
+use crate::config::{BackendKind, Config, XenMode};
+use crate::xen::{ToDaemon, ToToolstack};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -72,8 +73,27 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
     let config = Arc::new(config);
     let mut next_zone = 1u32;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (xen_tx, mut xen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut xen = start_toolstack(&config, xen_tx)?;
     loop {
         tokio::select! {
+            Some(msg) = xen_rx.recv() => if let Some(x) = xen.as_mut() {
+                match msg {
+                    ToDaemon::Start { domid, slot, name } => {
+                        let id = next_zone;
+                        next_zone = next_zone.wrapping_add(1).max(1);
+                        if let Err(e) = start_xen_zone(id, domid, slot, &name, &config, &exe, &zones, &broker, x) {
+                            tracing::warn!(zone = id, domid, slot, error = %format!("{e:#}"), "could not start zone");
+                            let _ = x.done.send(ToToolstack::SlotDone { domid, slot });
+                        }
+                    }
+                    ToDaemon::DomainGone { domid } => {
+                        for kill in x.kills.lock().unwrap_or_else(|p| p.into_inner()).remove(&domid).unwrap_or_default() {
+                            kill.notify_one();
+                        }
+                    }
+                }
+            },
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
                     let id = next_zone;
@@ -98,6 +118,33 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
     let _ = std::fs::remove_file(&config.socket);
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
+}
+
+/// The daemon's end of the Xen toolstack thread.
+struct XenSide {
+    done: std::sync::mpsc::Sender<ToToolstack>,
+    /// Per guest domain, the kill switches of its workers.
+    kills: Arc<Mutex<BTreeMap<u16, Vec<Arc<tokio::sync::Notify>>>>>,
+}
+
+fn start_toolstack(config: &Config, tx: tokio::sync::mpsc::UnboundedSender<ToDaemon>) -> Result<Option<XenSide>> {
+    let wanted = match config.xen {
+        XenMode::Off => false,
+        XenMode::On => true,
+        XenMode::Auto => crate::xen::available(),
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let toolstack = crate::xen::Toolstack::new(config.xen_slots, tx, done_rx).context("cannot serve Xen guests")?;
+    std::thread::Builder::new().name("xen-toolstack".into()).spawn(move || {
+        if let Err(e) = toolstack.run() {
+            tracing::error!(error = %format!("{e:#}"), "the Xen toolstack thread stopped");
+        }
+    })?;
+    tracing::info!(slots = config.xen_slots, "serving Xen guests (xenstore device vgpu)");
+    Ok(Some(XenSide { done: done_tx, kills: Arc::default() }))
 }
 
 async fn report(mut stream: UnixStream, zones: &Zones) -> std::io::Result<()> {
@@ -154,11 +201,100 @@ fn start_zone(
     let std_stream = stream.into_std().context("cannot take the connection")?;
     std_stream.set_nonblocking(false)?;
     let fd: OwnedFd = std_stream.into();
+    let (mut cmd, ours, theirs) = worker_command(id, &name, &quotas, config, exe)?;
+    cmd.stdin(Stdio::from(fd));
+    let mut child = cmd.spawn().with_context(|| format!("cannot spawn worker {}", exe.display()))?;
+    // Only the worker holds its end now: when it exits, the channel closes.
+    drop(theirs);
+    ours.set_nonblocking(true)?;
+    let ours = UnixStream::from_std(ours).context("cannot serve the IPC broker channel")?;
+    let groups = config.groups_of(&name);
+    broker.attach(Peer { conn: id, zone: name.clone(), uid: cred.uid(), groups }, ours);
+    let record = ZoneRecord { name: name.clone(), uid: cred.uid(), peer_pid: cred.pid(), worker_pid: child.id() };
+    tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), "zone started");
+    zones.lock().unwrap_or_else(|p| p.into_inner()).insert(id, record);
+    let zones = zones.clone();
+    let broker = broker.clone();
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        zone_ended(id, status, &broker, &zones).await;
+    });
+    Ok(())
+}
+
+/// After a worker exits: its exports die with it (importers are told) before the zone is
+/// reported gone.
+async fn zone_ended(id: u32, status: std::io::Result<std::process::ExitStatus>, broker: &Arc<Broker>, zones: &Zones) {
+    broker.detach(id).await;
+    zones.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    match status {
+        Ok(s) if s.success() => tracing::info!(zone = id, "zone ended: guest disconnected"),
+        Ok(s) => tracing::warn!(zone = id, status = %s, "zone ended abnormally; its resources are released"),
+        Err(e) => tracing::error!(zone = id, error = %e, "lost track of zone worker"),
+    }
+}
+
+/// A Xen guest's slot reached Initialised: a worker maps its grants and serves it.
+#[allow(clippy::too_many_arguments)]
+fn start_xen_zone(
+    id: u32,
+    domid: u16,
+    slot: u32,
+    domain: &str,
+    config: &Arc<Config>,
+    exe: &Path,
+    zones: &Zones,
+    broker: &Arc<Broker>,
+    xen: &XenSide,
+) -> Result<()> {
+    let Some((name, quotas)) = config.zone_for_domain(domain) else {
+        tracing::warn!(domid, domain, "refusing guest: its name matches no [[zone]] and allow_unlisted = false");
+        return Ok(());
+    };
+    let (mut cmd, ours, theirs) = worker_command(id, &name, &quotas, config, exe)?;
+    cmd.args(["--xen-domid", &domid.to_string(), "--xen-slot", &slot.to_string()]).stdin(Stdio::null());
+    let mut child = cmd.spawn().with_context(|| format!("cannot spawn worker {}", exe.display()))?;
+    drop(theirs);
+    ours.set_nonblocking(true)?;
+    let ours = UnixStream::from_std(ours).context("cannot serve the IPC broker channel")?;
+    broker.attach(Peer { conn: id, zone: name.clone(), uid: 0, groups: config.groups_of(&name) }, ours);
+    let record = ZoneRecord { name: name.clone(), uid: 0, peer_pid: None, worker_pid: child.id() };
+    tracing::info!(zone = id, name = %name, domid, slot, worker_pid = ?child.id(), "zone started (Xen guest)");
+    zones.lock().unwrap_or_else(|p| p.into_inner()).insert(id, record);
+    let kill = Arc::new(tokio::sync::Notify::new());
+    xen.kills.lock().unwrap_or_else(|p| p.into_inner()).entry(domid).or_default().push(kill.clone());
+    let (zones, broker, done, kills) = (zones.clone(), broker.clone(), xen.done.clone(), xen.kills.clone());
+    tokio::spawn(async move {
+        let status = tokio::select! {
+            s = child.wait() => s,
+            _ = kill.notified() => {
+                tracing::info!(zone = id, domid, "guest domain gone: killing its worker");
+                let _ = child.kill().await;
+                child.wait().await
+            }
+        };
+        if let Some(list) = kills.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&domid) {
+            list.retain(|k| !Arc::ptr_eq(k, &kill));
+        }
+        zone_ended(id, status, &broker, &zones).await;
+        let _ = done.send(ToToolstack::SlotDone { domid, slot });
+    });
+    Ok(())
+}
+
+/// The worker command for a zone, and the IPC broker socket pair (ours, the worker's).
+fn worker_command(
+    id: u32,
+    name: &str,
+    quotas: &crate::zone::Quotas,
+    config: &Config,
+    exe: &Path,
+) -> Result<(tokio::process::Command, std::os::unix::net::UnixStream, std::os::unix::net::UnixStream)> {
     // The broker channel: ours stays close-on-exec; the worker's end is inherited only by it.
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("cannot make the IPC broker channel")?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("worker")
-        .args(["--zone-id", &id.to_string(), "--zone-name", &name])
+        .args(["--zone-id", &id.to_string(), "--zone-name", name])
         .args([
             "--backend",
             match config.backend {
@@ -174,31 +310,7 @@ fn start_zone(
         .args(["--max-ring-bytes", &config.max_ring_bytes.to_string()])
         .args(["--max-window-bytes", &config.max_window_bytes.to_string()])
         .args(["--broker-fd", &theirs.as_raw_fd().to_string()])
-        .stdin(Stdio::from(fd))
         .kill_on_drop(true);
     inherit_across_exec(&mut cmd, theirs.as_raw_fd());
-    let mut child = cmd.spawn().with_context(|| format!("cannot spawn worker {}", exe.display()))?;
-    // Only the worker holds its end now: when it exits, the channel closes.
-    drop(theirs);
-    ours.set_nonblocking(true)?;
-    let ours = UnixStream::from_std(ours).context("cannot serve the IPC broker channel")?;
-    let groups = config.groups_of(&name);
-    broker.attach(Peer { conn: id, zone: name.clone(), uid: cred.uid(), groups }, ours);
-    let record = ZoneRecord { name: name.clone(), uid: cred.uid(), peer_pid: cred.pid(), worker_pid: child.id() };
-    tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), "zone started");
-    zones.lock().unwrap_or_else(|p| p.into_inner()).insert(id, record);
-    let zones = zones.clone();
-    let broker = broker.clone();
-    tokio::spawn(async move {
-        let status = child.wait().await;
-        // Its exports die with it (importers are told) before the zone is reported gone.
-        broker.detach(id).await;
-        zones.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-        match status {
-            Ok(s) if s.success() => tracing::info!(zone = id, "zone ended: guest disconnected"),
-            Ok(s) => tracing::warn!(zone = id, status = %s, "zone ended abnormally; its resources are released"),
-            Err(e) => tracing::error!(zone = id, error = %e, "lost track of zone worker"),
-        }
-    });
-    Ok(())
+    Ok((cmd, ours, theirs))
 }

@@ -16,4 +16,5 @@ pub mod config;
 pub mod daemon;
 pub mod handles;
 pub mod worker;
+pub mod xen;
 pub mod zone;

@@ -72,6 +72,13 @@ struct WorkerArgs {
     /// The inherited end of the daemon's IPC broker channel (without it, IPC is not offered).
     #[arg(long)]
     broker_fd: Option<i32>,
+    /// Serve the Xen guest `domid`'s device slot `--xen-slot` (grant mapping, event
+    /// channel) instead of the connection on standard input.
+    #[arg(long, requires = "xen_slot")]
+    xen_domid: Option<u16>,
+    /// The slot of `--xen-domid`.
+    #[arg(long)]
+    xen_slot: Option<u32>,
 }
 
 fn main() -> Result<()> {
@@ -117,6 +124,15 @@ fn worker(args: WorkerArgs) -> Result<i32> {
         }
         None => None,
     };
+    let quotas = Quotas {
+        mem_bytes: args.mem_bytes,
+        max_handles: args.max_handles,
+        max_async_in_flight: args.max_async_in_flight,
+    };
+    let policy = WaitPolicy { spin_iters: 20_000, timeout: None };
+    if let (Some(domid), Some(slot)) = (args.xen_domid, args.xen_slot) {
+        return xen_worker(&args, domid, slot, policy, quotas, broker);
+    }
     let fd: OwnedFd =
         std::io::stdin().as_fd().try_clone_to_owned().context("worker needs the guest connection on stdin")?;
     let stream = UnixStream::from(fd);
@@ -125,39 +141,93 @@ fn worker(args: WorkerArgs) -> Result<i32> {
         max_window_size: usize::try_from(args.max_window_bytes)?,
         handshake_timeout: Duration::from_secs(5),
     };
-    // A zone that stops answering is failed after this long, instead of hanging a worker.
-    let policy = WaitPolicy { spin_iters: 20_000, timeout: None };
     let endpoint = idm_shm::accept_stream(stream, &limits, policy).context("shared-memory handshake failed")?;
-    let quotas = Quotas {
-        mem_bytes: args.mem_bytes,
-        max_handles: args.max_handles,
-        max_async_in_flight: args.max_async_in_flight,
-    };
+    let idm_shm::ShmEndpoint { channel, window, layout, region, .. } = endpoint;
+    let session = Session { id: args.zone_id, channel, window, layout, dma_region: Some(region), quotas, broker };
     match args.backend {
-        Backend::Sim => run_zone(args.zone_id, endpoint, SimGpu::new(args.sim_memory_bytes), quotas, broker),
+        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes)),
         Backend::Cuda => {
             let gpu = host_proxy::backend::cuda::CudaGpu::open(args.device).context("cannot open the GPU")?;
-            run_zone(args.zone_id, endpoint, gpu, quotas, broker)
+            run_zone(session, gpu)
         }
     }
 }
 
-fn run_zone<B: GpuBackend>(
-    id: u32,
-    endpoint: idm_shm::ShmEndpoint,
-    backend: B,
+/// A Xen guest's slot: map its grants, bind its event channel, serve it, close the slot.
+fn xen_worker(
+    args: &WorkerArgs,
+    domid: u16,
+    slot: u32,
+    policy: WaitPolicy,
     quotas: Quotas,
     broker: Option<BrokerClient>,
 ) -> Result<i32> {
-    let idm_shm::ShmEndpoint { channel, window, layout, region, .. } = endpoint;
+    use host_proxy::xen::{backend_dir, frontend_dir};
+    let mut xs = idm_xen::XenStore::open().context("cannot reach xenstore")?;
+    let (front, back) = (frontend_dir(domid, slot), backend_dir(domid, slot));
+    let limits = idm_xen::channel::BackendLimits {
+        max_ring_size: usize::try_from(args.max_ring_bytes)?,
+        max_window_size: usize::try_from(args.max_window_bytes)?,
+    };
+    let ep = match idm_xen::channel::backend_accept(&mut xs, &front, &back, domid, limits, policy) {
+        Ok(ep) => ep,
+        Err(e) => {
+            let _ = idm_xen::xenbus::set_state(&mut xs, &back, idm_xen::XenbusState::Closed);
+            return Err(e).with_context(|| format!("cannot connect to the frontend {front}"));
+        }
+    };
+    tracing::info!(domid, slot, "Xen channel connected");
+    let session = Session {
+        id: args.zone_id,
+        channel: ep.channel,
+        window: ep.window,
+        layout: ep.layout,
+        dma_region: None,
+        quotas,
+        broker,
+    };
+    let code = match args.backend {
+        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes)),
+        Backend::Cuda => {
+            let gpu = host_proxy::backend::cuda::CudaGpu::open(args.device).context("cannot open the GPU")?;
+            run_zone(session, gpu)
+        }
+    };
+    let _ = idm_xen::xenbus::set_state(&mut xs, &back, idm_xen::XenbusState::Closed);
+    code
+}
+
+/// One zone's connected transport, whatever carries it.
+struct Session<M, N, W, D> {
+    id: u32,
+    channel: idm_core::Channel<M, N, W>,
+    window: idm_core::DataWindow<D>,
+    layout: idm_shm::ChannelLayout,
+    /// The shared memory to register with the GPU driver for direct DMA (local transport).
+    dma_region: Option<idm_shm::MemfdRegion>,
+    quotas: Quotas,
+    broker: Option<BrokerClient>,
+}
+
+fn run_zone<B, M, N, W, D>(session: Session<M, N, W, D>, backend: B) -> Result<i32>
+where
+    B: GpuBackend,
+    M: idm_core::SharedMemory,
+    N: idm_core::Notifier,
+    W: idm_core::Waiter,
+    D: idm_core::SharedMemory,
+{
+    let Session { id, channel, window, layout, dma_region, quotas, broker } = session;
     let max_frame = u32::try_from(layout.ring_size() / 2).unwrap_or(u32::MAX);
     let mut buf = vec![0u8; layout.ring_size()];
     let mut scratch = vec![0u8; layout.ring_size()];
     let mut server = Server::accept(channel, max_frame, &mut buf).context("hello exchange failed")?;
     let mut zone = Zone::new(id, backend, quotas);
-    match zone.attach_window(region, layout.window_offset(), layout.window_size()) {
-        Ok(direct) => tracing::debug!(direct, "data window attached"),
-        Err(e) => tracing::warn!(error = %e, "could not register the data window; copies are staged"),
+    if let Some(region) = dma_region {
+        match zone.attach_window(region, layout.window_offset(), layout.window_size()) {
+            Ok(direct) => tracing::debug!(direct, "data window attached"),
+            Err(e) => tracing::warn!(error = %e, "could not register the data window; copies are staged"),
+        }
     }
     if let Some(broker) = broker {
         zone.set_broker(Box::new(broker));

@@ -58,6 +58,13 @@ pub struct DataWindow<M> {
     mem: M,
 }
 
+impl<M> DataWindow<M> {
+    /// The same window, its memory wrapped by `f` (which must give access to the same bytes).
+    pub fn map_memory<M2>(self, f: impl FnOnce(M) -> M2) -> DataWindow<M2> {
+        DataWindow { mem: f(self.mem) }
+    }
+}
+
 impl<M: SharedMemory> DataWindow<M> {
     /// Wraps the window's memory.
     pub fn new(mem: M) -> Self {

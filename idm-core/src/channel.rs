@@ -131,6 +131,12 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Channel<M, N, W> {
         Channel { tx, rx, notifier, waiter, policy }
     }
 
+    /// Takes the channel apart (to rewrap its memory or doorbell in another type, e.g. an
+    /// enum over transports); [`Channel::new`] puts it back together with its state.
+    pub fn into_parts(self) -> (RingProducer<M>, RingConsumer<M>, N, W, WaitPolicy) {
+        (self.tx, self.rx, self.notifier, self.waiter, self.policy)
+    }
+
     /// The wait policy.
     pub fn policy_mut(&mut self) -> &mut WaitPolicy {
         &mut self.policy

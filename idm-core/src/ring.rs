@@ -182,6 +182,14 @@ pub struct RingProducer<M> {
     failed: Option<RingError>,
 }
 
+impl<M> RingProducer<M> {
+    /// The same ring, its memory wrapped by `f` (which must give access to the same bytes).
+    pub fn map_memory<M2>(self, f: impl FnOnce(M) -> M2) -> RingProducer<M2> {
+        let RingProducer { mem, mask, prod, cons_seen, failed } = self;
+        RingProducer { mem: f(mem), mask, prod, cons_seen, failed }
+    }
+}
+
 /// Outcome of a successful send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
@@ -308,6 +316,14 @@ pub struct RingConsumer<M> {
     prod_seen: u32,
     max_frame: u32,
     failed: Option<RingError>,
+}
+
+impl<M> RingConsumer<M> {
+    /// The same ring, its memory wrapped by `f` (which must give access to the same bytes).
+    pub fn map_memory<M2>(self, f: impl FnOnce(M) -> M2) -> RingConsumer<M2> {
+        let RingConsumer { mem, mask, cons, prod_seen, max_frame, failed } = self;
+        RingConsumer { mem: f(mem), mask, cons, prod_seen, max_frame, failed }
+    }
 }
 
 impl<M: SharedMemory> RingConsumer<M> {

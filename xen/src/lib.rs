@@ -28,6 +28,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod channel;
 mod doorbell;
 mod error;
 #[allow(unsafe_code)]

@@ -22,4 +22,5 @@
 pub mod generated;
 mod imp;
 pub mod rt;
+mod transport;
 mod window;

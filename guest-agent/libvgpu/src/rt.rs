@@ -2,10 +2,11 @@
 //! argument conversion, logging, and the session with host-proxy (one connection per
 //! process, shared by all threads under a lock; per-thread current contexts).
 
+use crate::transport::{Bell, Connected, Mem};
 use crate::window::Window;
 use idm_core::wire::Message;
 use idm_core::{ChannelError, Client, WaitPolicy};
-use idm_shm::{ChannelLayout, ShmClient, ShmEndpoint};
+use idm_shm::ChannelLayout;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{c_char, CStr};
@@ -222,10 +223,13 @@ const RING_SIZE: usize = 1 << 20;
 const MAX_FRAME: u32 = 512 << 10;
 /// Default size of the shared data window (`VGPU_WINDOW_MB`).
 const DEFAULT_WINDOW_MB: usize = 256;
+/// Default window over Xen: every page is a grant, and a domain has 32768 grant entries by
+/// default (64 grant-table frames), so the window stays well under 128 MiB.
+const DEFAULT_XEN_WINDOW_MB: usize = 64;
 
 /// The connection and what is guarded with it.
 pub struct Conn {
-    client: ShmClient,
+    client: Client<Mem, Bell, Bell>,
     buf: Vec<u8>,
     /// The context the host currently has current for this connection.
     host_ctx: Handle,
@@ -290,18 +294,41 @@ pub fn init() -> CuResult<&'static Session> {
     }
 }
 
+/// Which transport to use: `VGPU_TRANSPORT`, else Xen when this is a Xen guest and no
+/// `VGPU_SOCKET` names a local host-proxy.
+fn use_xen() -> bool {
+    match std::env::var("VGPU_TRANSPORT").as_deref() {
+        Ok("xen") => true,
+        Ok(_) => false,
+        Err(_) => std::env::var_os("VGPU_SOCKET").is_none() && std::path::Path::new(idm_xen::GntAlloc::PATH).exists(),
+    }
+}
+
+/// How long a Xen frontend waits for host-proxy's backend to connect.
+const XEN_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn connect() -> CuResult<Session> {
+    let xen = use_xen();
     let socket = std::env::var("VGPU_SOCKET").unwrap_or_else(|_| DEFAULT_SOCKET.to_owned());
-    let window_mb =
-        std::env::var("VGPU_WINDOW_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DEFAULT_WINDOW_MB);
+    let default_mb = if xen { DEFAULT_XEN_WINDOW_MB } else { DEFAULT_WINDOW_MB };
+    let window_mb = std::env::var("VGPU_WINDOW_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(default_mb);
+    let peer =
+        if xen { "host-proxy over Xen (xenstore device/vgpu)".to_string() } else { format!("host-proxy at {socket}") };
     let fail = |what: &str, e: &dyn std::fmt::Display| {
-        log(Level::Error, format_args!("cannot reach host-proxy at {socket}: {what}: {e} (set VGPU_SOCKET?)"));
+        let hint = if xen { "is host-proxy running in dom0?" } else { "set VGPU_SOCKET?" };
+        log(Level::Error, format_args!("cannot reach {peer}: {what}: {e} ({hint})"));
         CuError::NO_DEVICE
     };
     let layout = ChannelLayout::new(RING_SIZE, window_mb << 20).map_err(|e| fail("window size", &e))?;
     let policy = WaitPolicy { spin_iters: 20_000, timeout: None };
-    let ShmEndpoint { channel, window, layout, region, .. } =
-        idm_shm::connect(&socket, layout, policy).map_err(|e| fail("connect", &e))?;
+    let Connected { channel, window, layout, mapping } = if xen {
+        let mut xs = idm_xen::XenStore::open().map_err(|e| fail("xenstore", &e))?;
+        let ep = idm_xen::channel::frontend_connect(&mut xs, "device/vgpu", layout, policy, XEN_CONNECT_TIMEOUT)
+            .map_err(|e| fail("connect", &e))?;
+        crate::transport::from_xen(ep)
+    } else {
+        idm_shm::connect(&socket, layout, policy).map_err(|e| fail("connect", &e))?.into()
+    };
     let mut buf = vec![0u8; MAX_FRAME as usize];
     let mut client = Client::connect(channel, MAX_FRAME, &mut buf).map_err(|e| fail("hello", &e))?;
     let attach = client
@@ -317,7 +344,7 @@ fn connect() -> CuResult<Session> {
             attach.device.driver_version
         ),
     );
-    let window = Window::new(window, region, layout);
+    let window = Window::new(window, mapping, layout);
     let primary = attach.primary_ctx;
     Ok(Session {
         conn: Mutex::new(Conn { client, buf, host_ctx: primary, window, layouts: HashMap::new() }),

@@ -4,8 +4,10 @@
 //! need no extra copy on the guest side.
 
 use crate::rt::{CuError, CuResult};
+use crate::transport::{Mapping, Mem};
 use idm_core::BulkRef;
-use idm_shm::{ChannelLayout, MemfdRegion, ShmWindow};
+use idm_core::DataWindow;
+use idm_shm::ChannelLayout;
 use std::collections::BTreeMap;
 
 /// Bytes at the window's start used to stage pageable copies (the rest is the arena).
@@ -22,9 +24,9 @@ struct Block {
 
 /// The window of this process's connection.
 pub struct Window {
-    data: ShmWindow,
+    data: DataWindow<Mem>,
     /// Keeps the mapping alive; `base` points into it.
-    _region: MemfdRegion,
+    _region: Mapping,
     base: *mut u8,
     size: u64,
     blocks: BTreeMap<u64, Block>,
@@ -36,8 +38,8 @@ unsafe impl Send for Window {}
 
 impl Window {
     /// Wraps the client's window of `region` (laid out by `layout`).
-    pub fn new(data: ShmWindow, region: MemfdRegion, layout: ChannelLayout) -> Window {
-        let base = region.raw().as_ptr().wrapping_add(layout.window_offset());
+    pub fn new(data: DataWindow<Mem>, region: Mapping, layout: ChannelLayout) -> Window {
+        let base = region.base().wrapping_add(layout.window_offset());
         Window { data, _region: region, base, size: layout.window_size() as u64, blocks: BTreeMap::new() }
     }
 

@@ -137,7 +137,9 @@ pub fn parse_run(run: &str) -> Result<Vec<String>> {
 
 /// The kernel command line of the guest.
 pub fn kernel_cmdline(opts: &ImageOptions) -> Result<String> {
-    let mut cmdline = String::from("console=hvc0 quiet");
+    // gntalloc's default limit (1024 pages) is far below one channel's region (ring pages
+    // plus a 64 MiB data window): raise it.
+    let mut cmdline = String::from("console=hvc0 quiet xen_gntalloc.limit=65536");
     if let Some(run) = &opts.run {
         cmdline.push_str(&format!(" vgpu.run=\"{}\"", parse_run(run)?.join(" ")));
     }
@@ -396,7 +398,10 @@ mod tests {
         let keys = check::parse_xl(&cfg).unwrap();
         assert_eq!(keys["kernel"], "/srv/guest/vmlinuz");
         assert_eq!(keys["ramdisk"], "/srv/guest/initramfs.cpio.gz");
-        assert_eq!(keys["extra"], "console=hvc0 quiet vgpu.run=\"/usr/bin/app --n 3\" loglevel=3");
+        assert_eq!(
+            keys["extra"],
+            "console=hvc0 quiet xen_gntalloc.limit=65536 vgpu.run=\"/usr/bin/app --n 3\" loglevel=3"
+        );
         assert_eq!(keys["memory"], "256");
         check::check_xl(&cfg, "g1").unwrap();
     }

@@ -1,0 +1,224 @@
+//! The Xen side of the daemon: the toolstack part of the split-driver handshake.
+//!
+//! A thread with its own xenstore connection watches `@introduceDomain` and
+//! `@releaseDomain`. For each guest domain it creates `xen_slots` device slots — the
+//! frontend directory `/local/domain/D/device/vgpu/N` (owned by the guest, state
+//! Initialising) and the backend directory `/local/domain/0/backend/vgpu/D/N` (owned by
+//! dom0, readable by the guest, state InitWait) — and watches the frontends. When a
+//! frontend (a libvgpu process in the guest) reaches Initialised, the daemon starts a
+//! worker for that slot; the worker maps the guest's grants itself
+//! ([`idm_xen::channel::backend_accept`]), so guest memory is mapped only in that zone's
+//! process. When the worker ends, the slot is reset for the next process; when the domain
+//! goes away, its workers are killed and its backend directory removed.
+//!
+//! See `idm_xen::channel` for the keys and the handshake's states.
+
+use anyhow::{Context, Result};
+use idm_xen::xenbus::{read_state, set_state};
+use idm_xen::{Access, Perm, XenStore, XenbusState, XsErrno, XsError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// What the toolstack asks of the daemon.
+#[derive(Debug)]
+pub enum ToDaemon {
+    /// A frontend is Initialised: start a worker for it.
+    Start {
+        /// The guest domain.
+        domid: u16,
+        /// The slot.
+        slot: u32,
+        /// The domain's name (`/local/domain/D/name`).
+        name: String,
+    },
+    /// The domain is gone: kill its workers.
+    DomainGone {
+        /// The guest domain.
+        domid: u16,
+    },
+}
+
+/// What the daemon tells the toolstack.
+#[derive(Debug)]
+pub enum ToToolstack {
+    /// The worker of a slot ended: reset the slot.
+    SlotDone {
+        /// The guest domain.
+        domid: u16,
+        /// The slot.
+        slot: u32,
+    },
+}
+
+/// The frontend directory of a slot.
+pub fn frontend_dir(domid: u16, slot: u32) -> String {
+    format!("/local/domain/{domid}/device/vgpu/{slot}")
+}
+
+/// The backend directory of a slot.
+pub fn backend_dir(domid: u16, slot: u32) -> String {
+    format!("/local/domain/0/backend/vgpu/{domid}/{slot}")
+}
+
+/// Whether this looks like dom0 with xenstore (for `xen = "auto"`).
+pub fn available() -> bool {
+    std::fs::read_to_string("/proc/xen/capabilities").is_ok_and(|c| c.contains("control_d"))
+        && std::path::Path::new(idm_xen::GntDev::PATH).exists()
+}
+
+struct Domain {
+    name: String,
+    /// Slots with a running worker.
+    busy: BTreeSet<u32>,
+}
+
+/// The toolstack loop; runs on its own thread until the daemon goes away.
+pub struct Toolstack {
+    xs: XenStore,
+    slots: u32,
+    domains: BTreeMap<u16, Domain>,
+    to_daemon: tokio::sync::mpsc::UnboundedSender<ToDaemon>,
+    from_daemon: mpsc::Receiver<ToToolstack>,
+}
+
+impl Toolstack {
+    /// Connects to xenstore and registers the domain watches.
+    pub fn new(
+        slots: u32,
+        to_daemon: tokio::sync::mpsc::UnboundedSender<ToDaemon>,
+        from_daemon: mpsc::Receiver<ToToolstack>,
+    ) -> Result<Self> {
+        let mut xs = XenStore::open().context("cannot reach xenstore")?;
+        xs.watch("@introduceDomain", "introduce")?;
+        xs.watch("@releaseDomain", "release")?;
+        Ok(Toolstack { xs, slots, domains: BTreeMap::new(), to_daemon, from_daemon })
+    }
+
+    /// Serves until the daemon drops its end.
+    pub fn run(mut self) -> Result<()> {
+        loop {
+            if let Err(e) = self.scan() {
+                tracing::warn!(error = %e, "xenstore scan failed");
+            }
+            loop {
+                match self.from_daemon.try_recv() {
+                    Ok(ToToolstack::SlotDone { domid, slot }) => self.reset_slot(domid, slot),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            // Watches wake us for domains and frontends; the timeout serves SlotDone.
+            match self.xs.next_watch_event(Some(Duration::from_millis(200))) {
+                Ok(_) => {}
+                Err(e @ (XsError::Broken | XsError::Io { .. })) => return Err(e).context("xenstore connection lost"),
+                Err(e) => tracing::debug!(error = %e, "watch wait"),
+            }
+        }
+    }
+
+    fn scan(&mut self) -> Result<(), XsError> {
+        let mut live = BTreeSet::new();
+        for entry in self.xs.directory("/local/domain")? {
+            match entry.parse::<u16>() {
+                Ok(0) | Err(_) => {}
+                Ok(d) => {
+                    live.insert(d);
+                }
+            }
+        }
+        let gone: Vec<u16> = self.domains.keys().filter(|d| !live.contains(d)).copied().collect();
+        for domid in gone {
+            self.domains.remove(&domid);
+            tracing::info!(domid, "domain gone: stopping its zones");
+            let _ = self.xs.unwatch(&format!("/local/domain/{domid}/device/vgpu"), &format!("front:{domid}"));
+            let _ = self.xs.rm(&format!("/local/domain/0/backend/vgpu/{domid}"));
+            let _ = self.to_daemon.send(ToDaemon::DomainGone { domid });
+        }
+        for domid in live {
+            if !self.domains.contains_key(&domid) {
+                // A domain being built may not have its name yet; the next event retries.
+                let Some(name) = self.xs.read_string(&format!("/local/domain/{domid}/name"))? else { continue };
+                match self.offer_slots(domid) {
+                    Ok(()) => {
+                        tracing::info!(domid, name = %name, slots = self.slots, "offering vgpu device slots");
+                        self.domains.insert(domid, Domain { name, busy: BTreeSet::new() });
+                    }
+                    Err(e) => {
+                        tracing::warn!(domid, error = %e, "cannot offer vgpu slots");
+                        continue;
+                    }
+                }
+            }
+            self.start_ready(domid)?;
+        }
+        Ok(())
+    }
+
+    fn offer_slots(&mut self, domid: u16) -> Result<(), XsError> {
+        let devices = format!("/local/domain/{domid}/device/vgpu");
+        self.xs.mkdir(&devices)?;
+        self.xs.set_perms(&devices, &[Perm { domid, access: Access::None }])?;
+        for slot in 0..self.slots {
+            self.write_slot(domid, slot)?;
+        }
+        self.xs.watch(&format!("/local/domain/{domid}/device/vgpu"), &format!("front:{domid}"))
+    }
+
+    /// Writes a fresh slot: frontend Initialising, backend InitWait, with permissions.
+    fn write_slot(&mut self, domid: u16, slot: u32) -> Result<(), XsError> {
+        let front = frontend_dir(domid, slot);
+        let back = backend_dir(domid, slot);
+        self.xs.transaction(8, |xs, tx| {
+            let _ = xs.rm_tx(tx, &front);
+            let _ = xs.rm_tx(tx, &back);
+            xs.write_tx(tx, &format!("{front}/backend"), back.as_bytes())?;
+            xs.write_tx(tx, &format!("{front}/backend-id"), b"0")?;
+            xs.write_tx(tx, &format!("{front}/state"), XenbusState::Initialising.to_string().as_bytes())?;
+            xs.write_tx(tx, &format!("{back}/frontend"), front.as_bytes())?;
+            xs.write_tx(tx, &format!("{back}/frontend-id"), domid.to_string().as_bytes())?;
+            xs.write_tx(tx, &format!("{back}/state"), XenbusState::InitWait.to_string().as_bytes())?;
+            // The guest owns its frontend directory; dom0 owns the backend, the guest reads it.
+            let guest_owns = [Perm { domid, access: Access::None }];
+            for p in ["", "/backend", "/backend-id", "/state"] {
+                xs.set_perms_tx(tx, &format!("{front}{p}"), &guest_owns)?;
+            }
+            let dom0_owns = [Perm { domid: 0, access: Access::None }, Perm { domid, access: Access::Read }];
+            for p in ["", "/frontend", "/frontend-id", "/state"] {
+                xs.set_perms_tx(tx, &format!("{back}{p}"), &dom0_owns)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn start_ready(&mut self, domid: u16) -> Result<(), XsError> {
+        let Some(dom) = self.domains.get_mut(&domid) else { return Ok(()) };
+        for slot in 0..self.slots {
+            if dom.busy.contains(&slot) {
+                continue;
+            }
+            match read_state(&mut self.xs, &frontend_dir(domid, slot)) {
+                Ok(Some(XenbusState::Initialised)) => {
+                    dom.busy.insert(slot);
+                    tracing::info!(domid, slot, "frontend initialised: starting a zone worker");
+                    let _ = self.to_daemon.send(ToDaemon::Start { domid, slot, name: dom.name.clone() });
+                }
+                Ok(_) => {}
+                Err(XsError::Daemon(XsErrno::NoEntry)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn reset_slot(&mut self, domid: u16, slot: u32) {
+        let Some(dom) = self.domains.get_mut(&domid) else { return };
+        dom.busy.remove(&slot);
+        let _ = set_state(&mut self.xs, &backend_dir(domid, slot), XenbusState::Closed);
+        if let Err(e) = self.write_slot(domid, slot) {
+            tracing::warn!(domid, slot, error = %e, "cannot reset the slot");
+        } else {
+            tracing::debug!(domid, slot, "slot reset");
+        }
+    }
+}
