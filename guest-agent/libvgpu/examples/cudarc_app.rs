@@ -4,7 +4,8 @@
 //! checked and exits non-zero on the first failure.
 //!
 //! Usage: `cudarc_app SCENARIO [PTX_FILE]` with SCENARIO one of `device`, `copy`, `memset`,
-//! `streams`, `launch PTX_FILE`, `errors`, `threads`, `ipc-export` (prints a handle, waits
+//! `streams`, `launch PTX_FILE`, `errors`, `threads`, `suite` (all that need no file),
+//! `bench [ITERS]` (round trip and copy throughput), `ipc-export` (prints a handle, waits
 //! for a line on stdin), `ipc-open HANDLE [denied]`.
 
 use cudarc::driver::result::DriverError;
@@ -245,6 +246,61 @@ fn ipc_open(ctx: &Arc<CudaContext>, hex: &str, denied: bool) -> Res {
     ensure(rc == sys::CUresult::CUDA_ERROR_INVALID_VALUE, "a forged handle is refused")
 }
 
+/// Every scenario that needs no file, second process or quota configuration, in one run (the Xen lab's guest
+/// workload: one domain boot checks them all).
+fn suite(ctx: &Arc<CudaContext>) -> Res {
+    for (name, f) in [
+        ("device", device as fn(&Arc<CudaContext>) -> Res),
+        ("copy", copy),
+        ("memset", memset),
+        ("streams", streams),
+        ("threads", threads),
+    ] {
+        println!("== {name}");
+        f(ctx)?;
+    }
+    println!("suite: all scenarios passed");
+    Ok(())
+}
+
+/// Remoting cost as a program sees it: the round trip of a host-served synchronous call
+/// (cuStreamQuery on an idle stream; median of `iters`) and pageable copy throughput
+/// (16 MiB each way, best of 5). For comparing transports on one machine, not for
+/// absolute figures.
+fn bench(ctx: &Arc<CudaContext>, iters: usize) -> Res {
+    let stream = ctx.new_stream()?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = std::time::Instant::now();
+        // SAFETY: a live stream handle.
+        unsafe { sys::cuStreamQuery(stream.cu_stream()) }.result()?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let p50 = times[times.len() / 2];
+    let p99 = times[times.len() * 99 / 100];
+    println!("bench: sync call round trip p50 {:.1} us p99 {:.1} us ({iters} calls)", p50.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6);
+    let n = (16 << 20) / 4;
+    let host = pattern(n, 9);
+    let mut dev = stream.alloc_zeros::<u32>(n)?;
+    let mut back = vec![0u32; n];
+    let (mut best_h2d, mut best_d2h) = (f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        stream.memcpy_htod(&host, &mut dev)?;
+        stream.synchronize()?;
+        best_h2d = best_h2d.min(t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        stream.memcpy_dtoh(&dev, &mut back)?;
+        stream.synchronize()?;
+        best_d2h = best_d2h.min(t.elapsed().as_secs_f64());
+    }
+    ensure(back == host, "16 MiB came back intact")?;
+    let mb = (n * 4) as f64 / 1e6;
+    println!("bench: copy 16 MiB pageable host->device {:.0} MB/s device->host {:.0} MB/s", mb / best_h2d, mb / best_d2h);
+    Ok(())
+}
+
 fn main() -> Res {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let ctx = CudaContext::new(0)?;
@@ -256,12 +312,14 @@ fn main() -> Res {
         Some("launch") => launch(&ctx, args.get(1).ok_or("launch needs a PTX file")?),
         Some("errors") => errors(&ctx),
         Some("threads") => threads(&ctx),
+        Some("suite") => suite(&ctx),
+        Some("bench") => bench(&ctx, args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(2000)),
         Some("ipc-export") => ipc_export(&ctx),
         Some("ipc-open") => ipc_open(
             &ctx,
             args.get(1).ok_or("ipc-open needs a handle")?,
             args.get(2).map(String::as_str) == Some("denied"),
         ),
-        _ => Err("usage: cudarc_app device|copy|memset|streams|launch PTX|errors|threads".into()),
+        _ => Err("usage: cudarc_app device|copy|memset|streams|launch PTX|errors|threads|suite|bench [ITERS]".into()),
     }
 }
