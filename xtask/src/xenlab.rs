@@ -996,8 +996,8 @@ fn verdict(opts: &Options, run: &Run) -> Vec<String> {
         Some(s) => failures.push(format!("host-proxy did not come up in dom0 ({s})")),
         None => failures.push("host-proxy was never started in dom0".into()),
     }
-    if run.host_proxy_start.as_deref() == Some("alive") && run.host_proxy_end.as_deref() != Some("alive") {
-        failures.push(format!("host-proxy did not survive the scenarios ({:?})", run.host_proxy_end));
+    if let Some(end) = run.host_proxy_end.as_deref().filter(|e| *e != "alive") {
+        failures.push(format!("host-proxy did not survive the scenarios ({end})"));
     }
     for s in &opts.scenarios {
         let Some(r) = run.scenarios.get(s.name) else {
@@ -1005,6 +1005,10 @@ fn verdict(opts: &Options, run: &Run) -> Vec<String> {
             continue;
         };
         let mut why = Vec::new();
+        if !r.ended {
+            failures.push(format!("scenario {}: did not finish", s.name));
+            continue;
+        }
         if r.xl_create_failed {
             why.push("xl create failed".to_string());
         }
@@ -1061,4 +1065,85 @@ fn print_tail(log_path: &Path) {
         eprintln!("{l}");
     }
     eprintln!("---- end of {} ----", log_path.display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_of(lines: &[&str]) -> Run {
+        let mut run = Run::default();
+        for (i, l) in lines.iter().enumerate() {
+            run.observe(i as f64, l);
+        }
+        run
+    }
+
+    fn options() -> Options {
+        Options {
+            shell: false,
+            keep_going: false,
+            timeout: Duration::from_secs(1),
+            stand_in: false,
+            verbose: false,
+            scenarios: SCENARIOS.iter().collect(),
+        }
+    }
+
+    const GOOD: &[&str] = &[
+        "VGPU-LAB dom0-init kernel=6.1.0 hypervisor=xen uptime=7.0",
+        "VGPU-LAB xen-ready uptime=8.0",
+        "VGPU-LAB host-proxy=alive pid=119 socket=/tmp/s uptime=8.1",
+        "VGPU-LAB scenario=hello begin domain=vgpu-lab-hello config=/x.cfg uptime=8.2",
+        "VGPU-LAB scenario=hello created domid=1 after=2.1 uptime=10.3",
+        "[domU] vgpu-agent: starting /usr/bin/echo vgpu-lab-hello",
+        "[domU] vgpu-lab-hello",
+        "VGPU-LAB scenario=hello domain-shutdown after=4.0 uptime=12.0",
+        "VGPU-LAB scenario=hello guest-state=exited guest-exit-status=0 expected-exit-status=0 uptime=12.1",
+        "VGPU-LAB scenario=hello end uptime=12.5",
+        "VGPU-LAB scenario=false begin domain=vgpu-lab-false config=/y.cfg uptime=12.6",
+        "VGPU-LAB scenario=false created domid=2 after=2.1 uptime=14.7",
+        "[domU] VGPU-LAB scenario=hello guest-exit-status=7",
+        "VGPU-LAB scenario=false domain-shutdown after=4.0 uptime=16.0",
+        "VGPU-LAB scenario=false guest-state=exited guest-exit-status=1 expected-exit-status=1 uptime=16.1",
+        "VGPU-LAB scenario=false end uptime=16.5",
+        "VGPU-LAB host-proxy-end=alive uptime=16.6",
+        "VGPU-LAB-DONE",
+    ];
+
+    #[test]
+    fn a_good_run_passes_and_guest_lines_cannot_fake_markers() {
+        let run = run_of(GOOD);
+        assert_eq!(
+            run.scenarios["hello"].console,
+            ["vgpu-agent: starting /usr/bin/echo vgpu-lab-hello", "vgpu-lab-hello"]
+        );
+        assert_eq!(run.scenarios["hello"].exit_status.as_deref(), Some("0"));
+        assert_eq!(run.scenarios["false"].console, ["VGPU-LAB scenario=hello guest-exit-status=7"]);
+        assert_eq!(verdict(&options(), &run), Vec::<String>::new());
+    }
+
+    #[test]
+    fn wrong_status_missing_line_and_errors_fail() {
+        let lines: Vec<String> = GOOD
+            .iter()
+            .filter(|l| **l != "[domU] vgpu-lab-hello")
+            .map(|l| l.replace("guest-exit-status=1", "guest-exit-status=139"))
+            .chain(["VGPU-LAB scenario=false guest-error: cannot mount /proc".to_string()])
+            .collect();
+        let run = run_of(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+        let f = verdict(&options(), &run);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(f[0].contains("hello") && f[0].contains("appeared inside"), "{f:?}");
+        assert!(f[1].contains("139") && f[1].contains("cannot mount /proc"), "{f:?}");
+    }
+
+    #[test]
+    fn an_unfinished_run_fails() {
+        let run = run_of(&GOOD[..6]);
+        let f = verdict(&options(), &run);
+        assert!(f.iter().any(|f| f.contains("hello: did not finish")), "{f:?}");
+        assert!(f.iter().any(|f| f.contains("false: never started")), "{f:?}");
+        assert!(f.iter().any(|f| f.contains("VGPU-LAB-DONE")), "{f:?}");
+    }
 }
