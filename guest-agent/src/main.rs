@@ -61,7 +61,10 @@ fn say(msg: impl std::fmt::Display) {
 fn main() {
     let pid1 = std::process::id() == 1;
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // As PID 1 the arguments are the kernel's leftovers (command-line words it did not
+    // recognise, such as `noxsave`): ignored, the agent reads /proc/cmdline itself.
     let cmdline_override = match args.as_slice() {
+        _ if pid1 => None,
         [flag, text] if flag == "--cmdline" => Some(text.clone()),
         [] => None,
         _ => {

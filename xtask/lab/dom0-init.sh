@@ -150,6 +150,14 @@ while read -r name dom cfg tmo want <&3; do
 done
 exec 3<&-
 
+# The Xen benchmark's counterpart: the same program in dom0 over the local transport.
+if grep -q '^bench ' /etc/vgpu-lab/scenarios && [ -x /usr/bin/cudarc_app ]; then
+    mark "local-bench begin"
+    LD_LIBRARY_PATH=/usr/lib/vgpu VGPU_TRANSPORT=shm VGPU_SOCKET=$HOST_PROXY_SOCKET VGPU_WINDOW_MB=32 \
+        cudarc_app bench 1000 2>&1 | sed 's/^/[dom0-local] /'
+    mark "local-bench end"
+fi
+
 HP_STATE=$(host_proxy_state)
 mark "host-proxy-end=$HP_STATE"
 [ "$HP_STATE" = alive ] || sed 's/^/[host-proxy] /' /var/log/host-proxy.log

@@ -45,6 +45,20 @@ fn pattern(n: usize, seed: u32) -> Vec<u32> {
     (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(seed)).collect()
 }
 
+/// Up to 8 `(first word, count)` ranges where `a` and `b` differ (diagnostics).
+fn differences(a: &[u32], b: &[u32]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for i in (0..a.len().min(b.len())).filter(|&i| a[i] != b[i]) {
+        let len = out.len();
+        match out.last_mut() {
+            Some((start, n)) if *start + *n == i => *n += 1,
+            _ if len == 8 => break,
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
 fn copy(ctx: &Arc<CudaContext>) -> Res {
     let stream = ctx.default_stream();
     for &n in &[1usize, 1024, (40 << 20) / 4 + 3] {
@@ -53,6 +67,13 @@ fn copy(ctx: &Arc<CudaContext>) -> Res {
         let mut dev2 = stream.alloc_zeros::<u32>(n)?;
         stream.memcpy_dtod(&dev, &mut dev2)?;
         let back = stream.clone_dtoh(&dev2)?;
+        if back != host {
+            println!("copied back: differing word ranges {:?}", differences(&back, &host));
+            println!(
+                "device source read again: differing word ranges {:?}",
+                differences(&stream.clone_dtoh(&dev)?, &host)
+            );
+        }
         ensure(back == host, &format!("{n} words: host -> device -> device -> host"))?;
     }
     Ok(())
@@ -279,7 +300,11 @@ fn bench(ctx: &Arc<CudaContext>, iters: usize) -> Res {
     times.sort();
     let p50 = times[times.len() / 2];
     let p99 = times[times.len() * 99 / 100];
-    println!("bench: sync call round trip p50 {:.1} us p99 {:.1} us ({iters} calls)", p50.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6);
+    println!(
+        "bench: sync call round trip p50 {:.1} us p99 {:.1} us ({iters} calls)",
+        p50.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6
+    );
     let n = (16 << 20) / 4;
     let host = pattern(n, 9);
     let mut dev = stream.alloc_zeros::<u32>(n)?;
@@ -297,7 +322,11 @@ fn bench(ctx: &Arc<CudaContext>, iters: usize) -> Res {
     }
     ensure(back == host, "16 MiB came back intact")?;
     let mb = (n * 4) as f64 / 1e6;
-    println!("bench: copy 16 MiB pageable host->device {:.0} MB/s device->host {:.0} MB/s", mb / best_h2d, mb / best_d2h);
+    println!(
+        "bench: copy 16 MiB pageable host->device {:.0} MB/s device->host {:.0} MB/s",
+        mb / best_h2d,
+        mb / best_d2h
+    );
     Ok(())
 }
 

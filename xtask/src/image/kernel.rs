@@ -6,8 +6,10 @@
 //! `kernel/src-<id>/` the unpacked tarball (`<id>` from its name, size and mtime; a
 //! `.unpacked` marker is written last, so an interrupted unpack is redone),
 //! `kernel/config-<id>/` a scratch tree where the config is generated, and
-//! `kernel/build-<id>/` the build tree. The build tree's `.config` is replaced only when the
-//! generated one differs, so an unchanged config costs one `make` that finds nothing to do.
+//! `kernel/build-<id>/` the build tree. A stamp in the build tree records the source and the
+//! fragment of the last finished build: when both match, nothing runs. Otherwise the build
+//! tree's `.config` is replaced only when the generated one differs, and `make` rebuilds
+//! what changed.
 
 use super::progress::Progress;
 use super::{cache_dir, need_tool};
@@ -194,9 +196,22 @@ pub fn build(source: Option<&Path>, fragment_path: &Path, jobs: usize) -> Result
         std::fs::read_to_string(fragment_path).with_context(|| format!("reading {}", fragment_path.display()))?;
     let fragment = parse_config(&fragment_text);
     ensure!(!fragment.is_empty(), "{} holds no CONFIG_ options", fragment_path.display());
+    let kdir = cache_dir()?.join("kernel");
+    let build = kdir.join(format!("build-{id}"));
+    let image = build.join("arch/x86/boot/bzImage");
+    let config = build.join(".config");
+
+    // 0. A finished build of this source with this fragment: nothing to do.
+    let stamp_file = build.join(".xen-vgpu-stamp");
+    let stamp = format!("{id} {:016x}\n", super::fnv64(fragment_text.as_bytes()));
+    if image.exists() && config.exists() && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str())
+    {
+        eprintln!("kernel: up to date ({})", image.display());
+        return Ok(Kernel { image, config });
+    }
+    let _ = std::fs::remove_file(&stamp_file);
 
     // 1. Generate the config in a scratch tree: tinyconfig, the fragment, olddefconfig.
-    let kdir = cache_dir()?.join("kernel");
     let scratch = kdir.join(format!("config-{id}"));
     std::fs::create_dir_all(&scratch)?;
     let t = std::time::Instant::now();
@@ -216,16 +231,14 @@ pub fn build(source: Option<&Path>, fragment_path: &Path, jobs: usize) -> Result
     eprintln!("kernel: config generated and checked ({:.1} s)", t.elapsed().as_secs_f64());
 
     // 2. Build out of tree, replacing .config only when it changed.
-    let build = kdir.join(format!("build-{id}"));
     std::fs::create_dir_all(&build)?;
-    let config = build.join(".config");
     if std::fs::read_to_string(&config).ok().as_deref() != Some(generated.as_str()) {
         std::fs::write(&config, &generated)?;
         eprintln!("kernel: new or changed config, building in {}", build.display());
     }
     compile(&src, &build, jobs)?;
-    let image = build.join("arch/x86/boot/bzImage");
     ensure!(image.exists(), "the kernel build finished without {}", image.display());
+    std::fs::write(&stamp_file, stamp)?;
     Ok(Kernel { image, config })
 }
 
