@@ -90,10 +90,11 @@ relay() {
     [ "$last" = '$' ] || RELAYED=$last
 }
 
-# run_scenario NAME DOMAIN CONFIG TIMEOUT EXPECTED-STATUS; fails when the guest did not exit
-# with the expected status.
+# run_scenario NAME DOMAIN CONFIG TIMEOUT EXPECTED-STATUS DESTROY-ON; fails when the guest did
+# not exit with the expected status. With DESTROY-ON (not "-"): when the guest console shows
+# that line, the domain is destroyed, and the scenario passes when host-proxy ends its zone.
 run_scenario() {
-    name=$1 dom=$2 cfg=$3 tmo=$4 want=$5
+    name=$1 dom=$2 cfg=$3 tmo=$4 want=$5 destroy_on=$6
     log=/var/log/xen/console/guest-$dom.log
     mark "scenario=$name begin domain=$dom config=$cfg"
     : >"$log"
@@ -112,6 +113,12 @@ run_scenario() {
     n=0
     while [ $n -lt $((tmo * 4)) ]; do
         st=$(xl list "$dom" 2>/dev/null | awk 'NR == 2 { print $5 }')
+        if [ "$destroy_on" != - ] && grep -q "$destroy_on" "$log" 2>/dev/null; then
+            relay "$log"
+            xl destroy "$dom"
+            how=destroyed
+            break
+        fi
         case "$st" in
         "") how=vanished; break ;;
         *c*) how=crashed; break ;;
@@ -135,15 +142,34 @@ run_scenario() {
         xenstore-ls -f "/local/domain/$domid" 2>/dev/null | grep -v '/device\|/control\|/console' | head -40
     fi
     xl destroy "$dom" 2>/dev/null
+    if [ "$how" = destroyed ]; then
+        # host-proxy must notice (@releaseDomain), kill the zone's worker and end the zone.
+        cleanup=missing
+        n=0
+        while [ $n -lt 40 ]; do
+            if grep "domid=$domid" /var/log/host-proxy.log | grep -q "killing its worker" &&
+                [ "$(grep -c 'zone started' /var/log/host-proxy.log)" = "$(grep -c 'zone ended' /var/log/host-proxy.log)" ]; then
+                cleanup=ok
+                break
+            fi
+            sleep 0.25
+            n=$((n + 1))
+        done
+        mark "scenario=$name host-cleanup=$cleanup after=$(since "$t0")"
+        [ $cleanup = ok ] || grep -i "zone\|domain" /var/log/host-proxy.log | tail -5 | sed 's/^/[host-proxy] /'
+        mark "scenario=$name end"
+        [ $cleanup = ok ]
+        return
+    fi
     mark "scenario=$name end"
     [ "$how" = shutdown ] && [ "$gstate" = exited ] && [ "$gstatus" = "$want" ]
 }
 
 failed=0
 exec 3</etc/vgpu-lab/scenarios
-while read -r name dom cfg tmo want <&3; do
+while read -r name dom cfg tmo want destroy_on <&3; do
     [ -n "$name" ] || continue
-    if ! run_scenario "$name" "$dom" "$cfg" "$tmo" "$want" </dev/null; then
+    if ! run_scenario "$name" "$dom" "$cfg" "$tmo" "$want" "$destroy_on" </dev/null; then
         failed=$((failed + 1))
         [ "$VGPU_LAB_KEEP_GOING" = 1 ] || { mark "stopping-after-failure scenario=$name"; break; }
     fi
@@ -158,6 +184,8 @@ if grep -q '^bench ' /etc/vgpu-lab/scenarios && [ -x /usr/bin/cudarc_app ]; then
     mark "local-bench end"
 fi
 
+sleep 0.5
+mark "zones started=$(grep -c 'zone started' /var/log/host-proxy.log) ended=$(grep -c 'zone ended' /var/log/host-proxy.log)"
 HP_STATE=$(host_proxy_state)
 mark "host-proxy-end=$HP_STATE"
 [ "$HP_STATE" = alive ] || sed 's/^/[host-proxy] /' /var/log/host-proxy.log

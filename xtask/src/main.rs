@@ -14,6 +14,9 @@
 //! * `cargo xtask build-image [OPTIONS]` — the guest image (kernel from kernel-config/,
 //!   initramfs with the agent as /init and libvgpu as libcuda.so.1, xl config); see
 //!   `image/mod.rs`. `cargo xtask check-image [DIR]` runs its checks on a built image.
+//! * `cargo xtask xen-lab [--shell]` — boots Xen and a dom0 under QEMU (TCG) and runs
+//!   guest scenarios in domUs made by build-image, a CUDA program over the Xen ring among
+//!   them; see `xenlab.rs`.
 //! * `cargo xtask demo`  — the main job with its embedded defaults: host-proxy (simulated GPU
 //!   test double) serving one raw guest session and an unmodified cudarc program through
 //!   libvgpu over the local transport.
@@ -173,6 +176,10 @@ fn ci() -> Result<()> {
             bail!("the base image is {}, over its {} goal", image::mb(total), image::mb(image::BASE_IMAGE_GOAL_BYTES));
         }
         Ok(())
+    })?;
+    step("Xen lab: Xen + dom0 under QEMU, the guest images in domUs, CUDA over the Xen ring", || {
+        let opts = xenlab::LabOptions::parse_from(["xen-lab", "--keep-going"]);
+        xenlab::main(&opts)
     })?;
     eprintln!("ci: all steps passed");
     Ok(())

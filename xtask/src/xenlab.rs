@@ -45,6 +45,9 @@ struct Scenario {
     expect_status: i32,
     /// How long dom0 waits for the guest domain to shut down.
     timeout_s: u32,
+    /// When the guest console shows this line, dom0 destroys the domain (a guest dying
+    /// mid-session) and checks that host-proxy ended its zone; exit status is not checked.
+    destroy_on: Option<&'static str>,
 }
 
 /// The lab's scenarios, run in this order in one boot.
@@ -57,6 +60,7 @@ const SCENARIOS: &[Scenario] = &[
         expect_line: Some("vgpu-lab-hello"),
         expect_status: 0,
         timeout_s: 60,
+        destroy_on: None,
     },
     Scenario {
         name: "false",
@@ -66,6 +70,7 @@ const SCENARIOS: &[Scenario] = &[
         expect_line: None,
         expect_status: 1,
         timeout_s: 60,
+        destroy_on: None,
     },
     // An unmodified cudarc program through libvgpu over the Xen ring (grant pages, event
     // channel, xenstore handshake) to host-proxy in dom0 (simulated GPU).
@@ -77,6 +82,7 @@ const SCENARIOS: &[Scenario] = &[
         expect_line: Some("suite: all scenarios passed"),
         expect_status: 0,
         timeout_s: 180,
+        destroy_on: None,
     },
     // The same program's round-trip and copy benchmark over the Xen transport; dom0 runs it
     // over the local transport afterwards for comparison (`VGPU-LAB local-bench`).
@@ -88,10 +94,24 @@ const SCENARIOS: &[Scenario] = &[
         expect_line: Some("ok: 16 MiB came back intact"),
         expect_status: 0,
         timeout_s: 180,
+        destroy_on: None,
     },
+    DIE,
 ];
 
 /// The cudarc test program (built by the lab; relative to the workspace root).
+/// Scenario `die` (appended to SCENARIOS below via `DIE`): a guest destroyed while its CUDA
+/// program holds device memory; host-proxy must notice (@releaseDomain) and end the zone.
+const DIE: Scenario = Scenario {
+    name: "die",
+    apps: &[CUDA_APP],
+    run: "/usr/bin/cudarc_app hold",
+    extra: "vgpu.env=VGPU_WINDOW_MB=32",
+    expect_line: None,
+    expect_status: 0,
+    timeout_s: 120,
+    destroy_on: Some("holding-gpu-memory"),
+};
 const CUDA_APP: &str = "target/release/examples/cudarc_app";
 
 const DEFAULT_TIMEOUT_S: u64 = 240;
@@ -146,7 +166,7 @@ const XENSTORE_NAMES: &[&str] = &[
 ];
 
 /// `cargo xtask xen-lab`: boots Xen + dom0 in QEMU and runs the guest scenarios.
-#[derive(clap::Args)]
+#[derive(clap::Parser)]
 pub struct LabOptions {
     /// Leave a dom0 shell on the terminal after the scenarios (Ctrl-a x quits QEMU).
     #[arg(long)]
@@ -771,7 +791,15 @@ fn build_dom0(
             }
         }
         let s = g.scenario;
-        scenarios.push_str(&format!("{} {} {} {} {}\n", s.name, g.domain, g.config(), s.timeout_s, s.expect_status));
+        scenarios.push_str(&format!(
+            "{} {} {} {} {} {}\n",
+            s.name,
+            g.domain,
+            g.config(),
+            s.timeout_s,
+            s.expect_status,
+            s.destroy_on.unwrap_or("-")
+        ));
     }
     r.write("/etc/vgpu-lab/scenarios", &scenarios, 0o644)?;
     let conf = format!(
@@ -809,10 +837,14 @@ struct Run {
     setup_failed: Option<String>,
     done: bool,
     scenarios: BTreeMap<String, ScenarioRun>,
+    /// Zones host-proxy started and ended over the whole run (from its log).
+    zones: Option<(u32, u32)>,
 }
 
 #[derive(Default)]
 struct ScenarioRun {
+    /// "ok" or why not, for a scenario whose domain dom0 destroyed.
+    cleanup: Option<String>,
     ended: bool,
     /// "shutdown", "crashed", "vanished", "timeout"; None if not reached.
     domain: Option<String>,
@@ -903,6 +935,12 @@ impl Run {
             if let Some(v) = fields.get("guest-exit-status") {
                 s.exit_status = Some(v.to_string());
             }
+            if let Some(v) = fields.get("host-cleanup") {
+                s.cleanup = Some(v.to_string());
+            }
+        } else if event == "zones" {
+            let n = |k: &str| fields.get(k).and_then(|v| v.parse().ok());
+            self.zones = Some((n("started").unwrap_or(0), n("ended").unwrap_or(0)));
         }
         true
     }
@@ -1054,6 +1092,11 @@ fn verdict(opts: &Options, run: &Run) -> Vec<String> {
     if let Some(end) = run.host_proxy_end.as_deref().filter(|e| *e != "alive") {
         failures.push(format!("host-proxy did not survive the scenarios ({end})"));
     }
+    if let Some((started, ended)) = run.zones {
+        if started != ended {
+            failures.push(format!("host-proxy started {started} zones but ended {ended}: a zone outlived its guest"));
+        }
+    }
     for s in &opts.scenarios {
         let Some(r) = run.scenarios.get(s.name) else {
             failures.push(format!("scenario {}: never started", s.name));
@@ -1069,6 +1112,29 @@ fn verdict(opts: &Options, run: &Run) -> Vec<String> {
         }
         if let Some(err) = &r.error {
             why.push(format!("the guest agent reported an error: {err}"));
+        }
+        if s.destroy_on.is_some() {
+            match (r.domain.as_deref(), r.cleanup.as_deref()) {
+                (Some("destroyed"), Some("ok")) => {}
+                (Some("destroyed"), c) => {
+                    why.push(format!("host-proxy did not end the zone of the destroyed guest ({})", c.unwrap_or("?")))
+                }
+                (d, _) => why.push(format!(
+                    "the guest never showed {:?} to be destroyed (domain {})",
+                    s.destroy_on.unwrap_or(""),
+                    d.unwrap_or("?")
+                )),
+            }
+            if why.is_empty() {
+                eprintln!(
+                    "xen-lab: scenario {}: PASS (guest destroyed mid-session, host-proxy ended its zone; {:.1}s)",
+                    s.name,
+                    r.end - r.begin
+                );
+            } else {
+                failures.push(format!("scenario {}: {}", s.name, why.join("; ")));
+            }
+            continue;
         }
         match r.domain.as_deref() {
             Some("shutdown") => {}
@@ -1141,7 +1207,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             stand_in: false,
             verbose: false,
-            scenarios: SCENARIOS.iter().collect(),
+            scenarios: SCENARIOS.iter().filter(|s| s.name == "hello" || s.name == "false").collect(),
         }
     }
 
@@ -1191,6 +1257,30 @@ mod tests {
         assert_eq!(f.len(), 2, "{f:?}");
         assert!(f[0].contains("hello") && f[0].contains("appeared inside"), "{f:?}");
         assert!(f[1].contains("139") && f[1].contains("cannot mount /proc"), "{f:?}");
+    }
+
+    #[test]
+    fn a_destroyed_guest_passes_only_when_its_zone_ended() {
+        let opts = Options { scenarios: vec![&DIE], ..options() };
+        let lines = |cleanup: &str, ended: u32| {
+            vec![
+                "VGPU-LAB host-proxy=alive pid=1 socket=/tmp/s uptime=1".to_string(),
+                "VGPU-LAB scenario=die begin domain=d config=/d.cfg uptime=2".into(),
+                "[domU] holding-gpu-memory".into(),
+                "VGPU-LAB scenario=die domain-destroyed after=3 uptime=5".into(),
+                format!("VGPU-LAB scenario=die host-cleanup={cleanup} after=3.5 uptime=5.5"),
+                "VGPU-LAB scenario=die end uptime=6".into(),
+                format!("VGPU-LAB zones started=1 ended={ended} uptime=7"),
+                "VGPU-LAB host-proxy-end=alive uptime=8".into(),
+                "VGPU-LAB-DONE".into(),
+            ]
+        };
+        let verdict_of = |l: Vec<String>| verdict(&opts, &run_of(&l.iter().map(String::as_str).collect::<Vec<_>>()));
+        assert_eq!(verdict_of(lines("ok", 1)), Vec::<String>::new());
+        let f = verdict_of(lines("missing", 1));
+        assert!(f.iter().any(|f| f.contains("did not end the zone")), "{f:?}");
+        let f = verdict_of(lines("ok", 0));
+        assert!(f.iter().any(|f| f.contains("outlived its guest")), "{f:?}");
     }
 
     #[test]

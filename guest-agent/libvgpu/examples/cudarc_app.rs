@@ -5,7 +5,7 @@
 //!
 //! Usage: `cudarc_app SCENARIO [PTX_FILE]` with SCENARIO one of `device`, `copy`, `memset`,
 //! `streams`, `launch PTX_FILE`, `errors`, `threads`, `suite` (all that need no file),
-//! `bench [ITERS]` (round trip and copy throughput), `ipc-export` (prints a handle, waits
+//! `bench [ITERS]` (round trip and copy throughput), `hold` (holds 64 MiB until killed), `ipc-export` (prints a handle, waits
 //! for a line on stdin), `ipc-open HANDLE [denied]`.
 
 use cudarc::driver::result::DriverError;
@@ -342,6 +342,15 @@ fn main() -> Res {
         Some("errors") => errors(&ctx),
         Some("threads") => threads(&ctx),
         Some("suite") => suite(&ctx),
+        Some("hold") => {
+            // Holds a session and device memory until killed (the Xen lab destroys the guest).
+            let _mem = ctx.default_stream().alloc_zeros::<u8>(64 << 20)?;
+            println!("holding-gpu-memory");
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+            Ok(())
+        }
         Some("bench") => bench(&ctx, args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(2000)),
         Some("ipc-export") => ipc_export(&ctx),
         Some("ipc-open") => ipc_open(
