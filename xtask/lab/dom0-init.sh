@@ -108,6 +108,11 @@ run_scenario() {
     fi
     domid=$(xl domid "$dom" 2>/dev/null)
     mark "scenario=$name created domid=$domid after=$(since "$t0")"
+    # A workload named in xenstore (the guest agent waits for it, bounded).
+    if [ -e "/etc/vgpu-lab/$name.xenstore-run" ]; then
+        xenstore-write "/local/domain/$domid/vgpu/run" "$(cat "/etc/vgpu-lab/$name.xenstore-run")" ||
+            mark "scenario=$name xenstore-write-failed"
+    fi
     # Wait (bounded) for the domain to shut down (s) or crash (c); relay its console meanwhile.
     how=timeout
     n=0

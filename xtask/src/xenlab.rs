@@ -45,6 +45,9 @@ struct Scenario {
     expect_status: i32,
     /// How long dom0 waits for the guest domain to shut down.
     timeout_s: u32,
+    /// Name the workload in xenstore (`vgpu/run`, written by dom0 right after `xl create`)
+    /// instead of on the kernel command line.
+    run_via_xenstore: bool,
     /// When the guest console shows this line, dom0 destroys the domain (a guest dying
     /// mid-session) and checks that host-proxy ended its zone; exit status is not checked.
     destroy_on: Option<&'static str>,
@@ -60,6 +63,7 @@ const SCENARIOS: &[Scenario] = &[
         expect_line: Some("vgpu-lab-hello"),
         expect_status: 0,
         timeout_s: 60,
+        run_via_xenstore: false,
         destroy_on: None,
     },
     Scenario {
@@ -70,6 +74,7 @@ const SCENARIOS: &[Scenario] = &[
         expect_line: None,
         expect_status: 1,
         timeout_s: 60,
+        run_via_xenstore: false,
         destroy_on: None,
     },
     // An unmodified cudarc program through libvgpu over the Xen ring (grant pages, event
@@ -82,6 +87,7 @@ const SCENARIOS: &[Scenario] = &[
         expect_line: Some("suite: all scenarios passed"),
         expect_status: 0,
         timeout_s: 180,
+        run_via_xenstore: false,
         destroy_on: None,
     },
     // The same program's round-trip and copy benchmark over the Xen transport; dom0 runs it
@@ -94,9 +100,22 @@ const SCENARIOS: &[Scenario] = &[
         expect_line: Some("ok: 16 MiB came back intact"),
         expect_status: 0,
         timeout_s: 180,
+        run_via_xenstore: false,
         destroy_on: None,
     },
     DIE,
+    // The workload named in xenstore by the toolstack instead of on the command line.
+    Scenario {
+        name: "xenstore-run",
+        apps: &["/bin/echo"],
+        run: "/usr/bin/echo named-in-xenstore",
+        extra: "",
+        expect_line: Some("named-in-xenstore"),
+        expect_status: 0,
+        timeout_s: 60,
+        run_via_xenstore: true,
+        destroy_on: None,
+    },
 ];
 
 /// The cudarc test program (built by the lab; relative to the workspace root).
@@ -110,6 +129,7 @@ const DIE: Scenario = Scenario {
     expect_line: None,
     expect_status: 0,
     timeout_s: 120,
+    run_via_xenstore: false,
     destroy_on: Some("holding-gpu-memory"),
 };
 const CUDA_APP: &str = "target/release/examples/cudarc_app";
@@ -533,7 +553,9 @@ fn build_guest(scenario: &'static Scenario, lab: &Path) -> Result<Guest> {
     for app in scenario.apps {
         cmd.args(["--app", app]);
     }
-    cmd.args(["--run", scenario.run]);
+    if !scenario.run_via_xenstore {
+        cmd.args(["--run", scenario.run]);
+    }
     if !scenario.extra.is_empty() {
         cmd.args(["--extra-cmdline", scenario.extra]);
     }
@@ -802,6 +824,9 @@ fn build_dom0(
         ));
     }
     r.write("/etc/vgpu-lab/scenarios", &scenarios, 0o644)?;
+    for g in guests.iter().filter(|g| g.scenario.run_via_xenstore) {
+        r.write(&format!("/etc/vgpu-lab/{}.xenstore-run", g.scenario.name), g.scenario.run, 0o644)?;
+    }
     let conf = format!(
         "VGPU_LAB_SHELL={}\nVGPU_LAB_KEEP_GOING={}\nHOST_PROXY_SOCKET={}\n",
         u8::from(opts.shell),

@@ -37,7 +37,7 @@ pub struct ImageOptions {
     /// Domain name in the xl config.
     #[arg(long, default_value = "vgpu-guest")]
     pub name: String,
-    /// An application to include, installed as /usr/bin/<file name> with the shared
+    /// An application to include, installed as `/usr/bin/<file name>` with the shared
     /// libraries `ldd` finds for it. Repeatable.
     #[arg(long = "app", value_name = "PATH")]
     pub apps: Vec<PathBuf>,
