@@ -12,6 +12,11 @@
 //! `data/vgpu/exit-status` = the workload's exit code (128 + signal number when a signal
 //! ended it), `data/vgpu/error` = why the agent failed.
 //!
+//! Shutdown: the image links `/sbin/poweroff`, `/sbin/reboot` and `/sbin/halt` to the agent;
+//! the kernel runs them for `xl shutdown`/`xl reboot`, and so invoked the agent sends
+//! SIGTERM to PID 1 (only if PID 1 is the agent), which stops the workload (SIGTERM, then
+//! SIGKILL after 2 s), reports its exit and powers off.
+//!
 //! Run as an ordinary process (PID ≠ 1, for tests and debugging) it mounts nothing and
 //! exits with the workload's status instead of powering off; `--cmdline TEXT` replaces
 //! `/proc/cmdline`.
@@ -60,6 +65,21 @@ fn say(msg: impl std::fmt::Display) {
 
 fn main() {
     let pid1 = std::process::id() == 1;
+    // The kernel runs /sbin/poweroff or /sbin/reboot (links to this binary) when the
+    // toolstack asks the domain to shut down (`xl shutdown`, `xl reboot`): ask PID 1.
+    let invoked_as = std::env::args().next().unwrap_or_default();
+    if !pid1
+        && ["poweroff", "reboot", "halt"].iter().any(|n| invoked_as.ends_with(&format!("/{n}")) || invoked_as == *n)
+    {
+        // Only when PID 1 is this very agent (never signal another system's init).
+        let same = std::fs::read_link("/proc/1/exe").ok() == std::fs::read_link("/proc/self/exe").ok();
+        if !same {
+            say("not running under the guest agent as PID 1; nothing to do");
+            std::process::exit(1);
+        }
+        let sent = kill(Pid::from_raw(1), Signal::SIGTERM);
+        std::process::exit(i32::from(sent.is_err()));
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     // As PID 1 the arguments are the kernel's leftovers (command-line words it did not
     // recognise, such as `noxsave`): ignored, the agent reads /proc/cmdline itself.
@@ -144,10 +164,40 @@ fn run(pid1: bool, cmdline_override: Option<String>, reporter: &mut Reporter) ->
         .spawn()
         .map_err(|err| AgentError::Spawn { program: workload.argv[0].clone(), err })?;
     reporter.set("state", "running");
-    let code = reap_until(Pid::from_raw(child.id() as i32), pid1)?;
+    let workload_pid = Pid::from_raw(child.id() as i32);
+    if pid1 {
+        forward_shutdown(workload_pid);
+    }
+    let code = reap_until(workload_pid, pid1)?;
     say(format_args!("workload exited with status {code} after {:.2} s", started.elapsed().as_secs_f64()));
     reporter.exited(code);
     Ok(code)
+}
+
+/// A shutdown request (SIGTERM to PID 1, from `/sbin/poweroff` run by the kernel for
+/// `xl shutdown`) ends the workload: SIGTERM, then SIGKILL after [`LEFTOVER_GRACE`]. The
+/// workload's exit is then reported as usual and the domain powers off. SIGTERM is blocked
+/// in PID 1's threads (after the workload was started with the default mask) and taken by
+/// a thread in `sigwait`.
+fn forward_shutdown(workload: Pid) {
+    use nix::sys::signal::{SigSet, SigmaskHow};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    if nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).is_err() {
+        say("warning: cannot take shutdown requests (sigmask)");
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("shutdown".into()).spawn(move || {
+        if set.wait().is_ok() {
+            say("shutdown requested: stopping the workload");
+            let _ = kill(workload, Signal::SIGTERM);
+            std::thread::sleep(LEFTOVER_GRACE);
+            let _ = kill(workload, Signal::SIGKILL);
+        }
+    });
+    if spawned.is_err() {
+        say("warning: cannot take shutdown requests (thread)");
+    }
 }
 
 /// The exit code the host sees: the program's, or 128 + the signal that ended it.

@@ -52,3 +52,16 @@ fn missing_or_bad_workloads_are_fatal_errors_with_a_reason() {
         assert!(stderr(&o).contains("fatal"), "{cmdline}: {}", stderr(&o));
     }
 }
+
+#[test]
+fn as_poweroff_it_never_signals_another_systems_init() {
+    let dir = std::env::temp_dir().join(format!("vgpu-agent-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("poweroff");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_guest-agent"), &link).unwrap();
+    let o = Command::new(&link).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not running under the guest agent"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}

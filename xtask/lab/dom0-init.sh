@@ -94,7 +94,8 @@ relay() {
 # not exit with the expected status. With DESTROY-ON (not "-"): when the guest console shows
 # that line, the domain is destroyed, and the scenario passes when host-proxy ends its zone.
 run_scenario() {
-    name=$1 dom=$2 cfg=$3 tmo=$4 want=$5 destroy_on=$6
+    name=$1 dom=$2 cfg=$3 tmo=$4 want=$5 destroy_on=$6 shutdown_on=$7
+    asked=0
     log=/var/log/xen/console/guest-$dom.log
     mark "scenario=$name begin domain=$dom config=$cfg"
     : >"$log"
@@ -118,6 +119,11 @@ run_scenario() {
     n=0
     while [ $n -lt $((tmo * 4)) ]; do
         st=$(xl list "$dom" 2>/dev/null | awk 'NR == 2 { print $5 }')
+        if [ "$shutdown_on" != - ] && [ $asked = 0 ] && grep -q "$shutdown_on" "$log" 2>/dev/null; then
+            mark "scenario=$name xl-shutdown"
+            xl shutdown "$dom" || mark "scenario=$name xl-shutdown-failed"
+            asked=1
+        fi
         if [ "$destroy_on" != - ] && grep -q "$destroy_on" "$log" 2>/dev/null; then
             relay "$log"
             xl destroy "$dom"
@@ -172,9 +178,9 @@ run_scenario() {
 
 failed=0
 exec 3</etc/vgpu-lab/scenarios
-while read -r name dom cfg tmo want destroy_on <&3; do
+while read -r name dom cfg tmo want destroy_on shutdown_on <&3; do
     [ -n "$name" ] || continue
-    if ! run_scenario "$name" "$dom" "$cfg" "$tmo" "$want" "$destroy_on" </dev/null; then
+    if ! run_scenario "$name" "$dom" "$cfg" "$tmo" "$want" "$destroy_on" "$shutdown_on" </dev/null; then
         failed=$((failed + 1))
         [ "$VGPU_LAB_KEEP_GOING" = 1 ] || { mark "stopping-after-failure scenario=$name"; break; }
     fi

@@ -48,6 +48,9 @@ struct Scenario {
     /// Name the workload in xenstore (`vgpu/run`, written by dom0 right after `xl create`)
     /// instead of on the kernel command line.
     run_via_xenstore: bool,
+    /// When the guest console shows this line, dom0 asks the domain to shut down
+    /// (`xl shutdown`); the exit status is checked as usual.
+    shutdown_on: Option<&'static str>,
     /// When the guest console shows this line, dom0 destroys the domain (a guest dying
     /// mid-session) and checks that host-proxy ended its zone; exit status is not checked.
     destroy_on: Option<&'static str>,
@@ -64,6 +67,7 @@ const SCENARIOS: &[Scenario] = &[
         expect_status: 0,
         timeout_s: 60,
         run_via_xenstore: false,
+        shutdown_on: None,
         destroy_on: None,
     },
     Scenario {
@@ -75,6 +79,7 @@ const SCENARIOS: &[Scenario] = &[
         expect_status: 1,
         timeout_s: 60,
         run_via_xenstore: false,
+        shutdown_on: None,
         destroy_on: None,
     },
     // An unmodified cudarc program through libvgpu over the Xen ring (grant pages, event
@@ -88,6 +93,7 @@ const SCENARIOS: &[Scenario] = &[
         expect_status: 0,
         timeout_s: 180,
         run_via_xenstore: false,
+        shutdown_on: None,
         destroy_on: None,
     },
     // The same program's round-trip and copy benchmark over the Xen transport; dom0 runs it
@@ -101,9 +107,24 @@ const SCENARIOS: &[Scenario] = &[
         expect_status: 0,
         timeout_s: 180,
         run_via_xenstore: false,
+        shutdown_on: None,
         destroy_on: None,
     },
     DIE,
+    // `xl shutdown` while the CUDA program holds a session: the agent stops it (SIGTERM:
+    // status 143), reports, powers off; host-proxy ends the zone.
+    Scenario {
+        name: "shutdown",
+        apps: &[CUDA_APP],
+        run: "/usr/bin/cudarc_app hold",
+        extra: "vgpu.env=VGPU_WINDOW_MB=32",
+        expect_line: Some("holding-gpu-memory"),
+        expect_status: 143,
+        timeout_s: 120,
+        run_via_xenstore: false,
+        shutdown_on: Some("holding-gpu-memory"),
+        destroy_on: None,
+    },
     // The workload named in xenstore by the toolstack instead of on the command line.
     Scenario {
         name: "xenstore-run",
@@ -114,6 +135,7 @@ const SCENARIOS: &[Scenario] = &[
         expect_status: 0,
         timeout_s: 60,
         run_via_xenstore: true,
+        shutdown_on: None,
         destroy_on: None,
     },
 ];
@@ -130,6 +152,7 @@ const DIE: Scenario = Scenario {
     expect_status: 0,
     timeout_s: 120,
     run_via_xenstore: false,
+    shutdown_on: None,
     destroy_on: Some("holding-gpu-memory"),
 };
 const CUDA_APP: &str = "target/release/examples/cudarc_app";
@@ -814,13 +837,14 @@ fn build_dom0(
         }
         let s = g.scenario;
         scenarios.push_str(&format!(
-            "{} {} {} {} {} {}\n",
+            "{} {} {} {} {} {} {}\n",
             s.name,
             g.domain,
             g.config(),
             s.timeout_s,
             s.expect_status,
-            s.destroy_on.unwrap_or("-")
+            s.destroy_on.unwrap_or("-"),
+            s.shutdown_on.unwrap_or("-")
         ));
     }
     r.write("/etc/vgpu-lab/scenarios", &scenarios, 0o644)?;

@@ -271,6 +271,10 @@ pub fn rootfs(agent: &Path, libvgpu: &Path, apps: &[PathBuf], libs: &[PathBuf]) 
     t.insert("/etc/passwd", Node::File { mode: 0o644, data: b"root:x:0:0:root:/root:/init\n".to_vec() })?;
     t.insert("/etc/group", Node::File { mode: 0o644, data: b"root:x:0:\n".to_vec() })?;
     add_file(&mut t, "/init", stripped(agent)?, 0o755)?;
+    // The kernel runs these for `xl shutdown` / `xl reboot`; the agent asks PID 1 to stop.
+    for name in ["poweroff", "reboot", "halt"] {
+        t.insert(&format!("/sbin/{name}"), Node::Symlink { target: "/init".into() })?;
+    }
     add_file(&mut t, &format!("{LIBCUDA_DIR}/libcuda.so.1"), stripped(libvgpu)?, 0o755)?;
     t.insert(&format!("{LIBCUDA_DIR}/libcuda.so"), Node::Symlink { target: "libcuda.so.1".into() })?;
     add_libs(&mut t, libvgpu)?;
