@@ -146,10 +146,10 @@ fn worker(args: WorkerArgs) -> Result<i32> {
     let idm_shm::ShmEndpoint { channel, window, layout, region, .. } = endpoint;
     let session = Session { id: args.zone_id, channel, window, layout, dma_region: Some(region), quotas, broker };
     match args.backend {
-        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes)),
+        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes), || ()),
         Backend::Cuda => {
             let gpu = host_proxy::backend::cuda::CudaGpu::open(args.device).context("cannot open the GPU")?;
-            run_zone(session, gpu)
+            run_zone(session, gpu, || ())
         }
     }
 }
@@ -187,12 +187,16 @@ fn xen_worker(
         quotas,
         broker,
     };
+    // Closing once the session has ended (the zone is being torn down), Closed after.
+    let closing = |xs: &mut idm_xen::XenStore| {
+        let _ = idm_xen::xenbus::set_state(xs, &back, idm_xen::XenbusState::Closing);
+    };
     let code = match args.backend {
-        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes)),
-        Backend::Cuda => {
-            let gpu = host_proxy::backend::cuda::CudaGpu::open(args.device).context("cannot open the GPU")?;
-            run_zone(session, gpu)
-        }
+        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes), || closing(&mut xs)),
+        Backend::Cuda => match host_proxy::backend::cuda::CudaGpu::open(args.device) {
+            Ok(gpu) => run_zone(session, gpu, || closing(&mut xs)),
+            Err(e) => Err(e).context("cannot open the GPU"),
+        },
     };
     let _ = idm_xen::xenbus::set_state(&mut xs, &back, idm_xen::XenbusState::Closed);
     code
@@ -210,7 +214,8 @@ struct Session<M, N, W, D> {
     broker: Option<BrokerClient>,
 }
 
-fn run_zone<B, M, N, W, D>(session: Session<M, N, W, D>, backend: B) -> Result<i32>
+/// Serves one zone; `ended` runs when the session is over, before the zone is torn down.
+fn run_zone<B, M, N, W, D>(session: Session<M, N, W, D>, backend: B, ended: impl FnOnce()) -> Result<i32>
 where
     B: GpuBackend,
     M: idm_core::SharedMemory,
@@ -235,6 +240,7 @@ where
     }
     tracing::info!(max_frame = server.max_frame(), window = window.size(), "zone attached");
     let end = serve(&mut server, &window, &mut zone, &mut buf, &mut scratch);
+    ended();
     tracing::info!(mem_used = zone.mem_used(), objects = zone.live_objects(), "releasing zone resources");
     zone.teardown();
     Ok(match end {

@@ -15,8 +15,11 @@
 //!                                                                     region, binds the
 //!                                 ◄─────────────────────────────────  channel: Connected
 //!                                 Connected, hello over the rings
-//!  worker exits (guest closed or died): the toolstack resets the slot (frontend
-//!  Initialising, backend InitWait) for the next process
+//!                                                                     session over (peer
+//!                                                                     gone): Closing, zone
+//!                                                                     torn down, Closed
+//!  worker exited: the toolstack resets the slot (frontend Initialising, backend
+//!  InitWait) for the next process
 //! ```
 //!
 //! Frontend keys (`device/vgpu/N/`): `ring-ref<i>` (grant refs of the directory pages,
