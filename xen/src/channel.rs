@@ -359,16 +359,28 @@ pub struct BackendLimits {
     pub max_window_size: usize,
 }
 
-/// The backend: maps the region the frontend in domain `front_domid` offered under
-/// `front_dir`, binds its event channel, and marks `back_dir` Connected.
-pub fn backend_accept<S: Read + Write + AsFd>(
+/// What a frontend offers, read from its keys and checked against the backend's limits
+/// before anything is mapped.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Offer {
+    /// The channel geometry.
+    pub layout: ChannelLayout,
+    /// Pages of the region.
+    pub npages: usize,
+    /// Grant refs of the directory pages.
+    pub dir_refs: Vec<u32>,
+    /// The frontend's event-channel port.
+    pub port: u32,
+}
+
+/// Reads and validates the frontend's keys under `front_dir` (every number bounded, the
+/// geometry checked by idm-shm's layout rules and against `limits`, page and directory
+/// counts consistent).
+pub fn read_offer<S: Read + Write + AsFd>(
     xs: &mut XenStore<S>,
     front_dir: &str,
-    back_dir: &str,
-    front_domid: u16,
     limits: BackendLimits,
-    policy: WaitPolicy,
-) -> Result<XenEndpoint, ChannelSetupError> {
+) -> Result<Offer, ChannelSetupError> {
     let key = |k: &str| format!("{front_dir}/{k}");
     let version = read_number(xs, &key("protocol-version"), u64::from(u32::MAX))?;
     if version != u64::from(PROTOCOL_VERSION) {
@@ -391,6 +403,20 @@ pub fn backend_accept<S: Read + Write + AsFd>(
     }
     let port = read_number(xs, &key("event-channel"), u64::from(u32::MAX))? as u32;
 
+    Ok(Offer { layout, npages, dir_refs, port })
+}
+
+/// The backend: maps the region the frontend in domain `front_domid` offered under
+/// `front_dir`, binds its event channel, and marks `back_dir` Connected.
+pub fn backend_accept<S: Read + Write + AsFd>(
+    xs: &mut XenStore<S>,
+    front_dir: &str,
+    back_dir: &str,
+    front_domid: u16,
+    limits: BackendLimits,
+    policy: WaitPolicy,
+) -> Result<XenEndpoint, ChannelSetupError> {
+    let Offer { layout, npages, dir_refs, port } = read_offer(xs, front_dir, limits)?;
     let gnt = GntDev::open()?;
     // The directory: mapped, copied out once, unmapped; only the copy is used.
     let list = {
@@ -416,4 +442,72 @@ pub fn backend_accept<S: Read + Write + AsFd>(
     }
     set_state(xs, back_dir, XenbusState::Connected)?;
     Ok(XenEndpoint { channel, window, layout, region, _directory: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xenstore::tests::{connect, Fake};
+
+    const DIR: &str = "/local/domain/5/device/vgpu/0";
+    const LIMITS: BackendLimits = BackendLimits { max_ring_size: 1 << 20, max_window_size: 64 << 20 };
+
+    /// A well-formed offer: 64 KiB rings, a 1 MiB window.
+    fn keys() -> Vec<(&'static str, String)> {
+        let layout = ChannelLayout::new(64 << 10, 1 << 20).unwrap();
+        let npages = layout.total_size() / XEN_PAGE_SIZE;
+        vec![
+            ("protocol-version", "1".into()),
+            ("ring-size", (64 << 10).to_string()),
+            ("window-size", (1 << 20).to_string()),
+            ("nr-pages", npages.to_string()),
+            ("nr-ring-refs", "1".into()),
+            ("ring-ref0", "77".into()),
+            ("event-channel", "9".into()),
+        ]
+    }
+
+    fn offer(keys: &[(&str, String)]) -> Result<Offer, ChannelSetupError> {
+        let mut fake = Fake::default();
+        for (k, v) in keys {
+            fake.nodes.insert(format!("{DIR}/{k}"), v.as_bytes().to_vec());
+        }
+        read_offer(&mut connect(fake), DIR, LIMITS)
+    }
+
+    fn with(key: &str, value: &str) -> Vec<(&'static str, String)> {
+        keys().into_iter().map(|(k, v)| if k == key { (k, value.to_string()) } else { (k, v) }).collect()
+    }
+
+    #[test]
+    fn a_well_formed_offer_is_read() {
+        let o = offer(&keys()).unwrap();
+        assert_eq!((o.layout.ring_size(), o.layout.window_size()), (64 << 10, 1 << 20));
+        assert_eq!(o.dir_refs, [77]);
+        assert_eq!(o.port, 9);
+        assert_eq!(o.npages * XEN_PAGE_SIZE, o.layout.total_size());
+    }
+
+    #[test]
+    fn hostile_offers_are_refused_naming_the_key() {
+        let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+            (with("protocol-version", "2"), "protocol-version"),
+            (with("ring-size", "65535"), "geometry"),
+            (with("ring-size", (2 << 20).to_string().as_str()), "ring-size"),
+            (with("window-size", (128 << 20).to_string().as_str()), "window-size"),
+            (with("window-size", "-1"), "window-size"),
+            (with("nr-pages", "1"), "nr-pages"),
+            (with("nr-pages", "99999999999"), "nr-pages"),
+            (with("nr-ring-refs", "2"), "nr-ring-refs"),
+            (with("nr-ring-refs", "65"), "nr-ring-refs"),
+            (with("ring-ref0", "0x4d"), "ring-ref0"),
+            (with("event-channel", "4294967296"), "event-channel"),
+            (keys().into_iter().filter(|(k, _)| *k != "ring-ref0").collect(), "ring-ref0"),
+            (keys().into_iter().filter(|(k, _)| *k != "event-channel").collect(), "event-channel"),
+        ];
+        for (keys, names) in cases {
+            let err = offer(&keys).expect_err(names).to_string();
+            assert!(err.contains(names), "{names}: {err}");
+        }
+    }
 }
