@@ -84,7 +84,7 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
                         next_zone = next_zone.wrapping_add(1).max(1);
                         if let Err(e) = start_xen_zone(id, domid, slot, &name, &config, &exe, &zones, &broker, x) {
                             tracing::warn!(zone = id, domid, slot, error = %format!("{e:#}"), "could not start zone");
-                            let _ = x.done.send(ToToolstack::SlotDone { domid, slot });
+                            let _ = x.done.send(ToToolstack::SlotDone { domid, slot, failed: true });
                         }
                     }
                     ToDaemon::DomainGone { domid } => {
@@ -276,8 +276,9 @@ fn start_xen_zone(
         if let Some(list) = kills.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&domid) {
             list.retain(|k| !Arc::ptr_eq(k, &kill));
         }
+        let failed = !matches!(&status, Ok(s) if s.success());
         zone_ended(id, status, &broker, &zones).await;
-        let _ = done.send(ToToolstack::SlotDone { domid, slot });
+        let _ = done.send(ToToolstack::SlotDone { domid, slot, failed });
     });
     Ok(())
 }

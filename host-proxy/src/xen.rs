@@ -48,6 +48,9 @@ pub enum ToToolstack {
         domid: u16,
         /// The slot.
         slot: u32,
+        /// The worker failed (bad offer, protocol violation, crash): the slot is reset only
+        /// after a back-off, so a guest cannot make dom0 spawn workers in a tight loop.
+        failed: bool,
     },
 }
 
@@ -69,13 +72,22 @@ pub fn available() -> bool {
 
 struct Domain {
     name: String,
-    /// Slots with a running worker.
+    /// Slots with a running worker (or waiting out a back-off).
     busy: BTreeSet<u32>,
+    /// Current back-off per slot after failed workers (doubles up to [`MAX_BACKOFF`]).
+    backoff: BTreeMap<u32, Duration>,
 }
+
+/// First delay before a slot whose worker failed is offered again.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest such delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// The toolstack loop; runs on its own thread until the daemon goes away.
 pub struct Toolstack {
     xs: XenStore,
+    /// Slot resets waiting out a back-off: (when, domid, slot).
+    delayed: Vec<(std::time::Instant, u16, u32)>,
     slots: u32,
     domains: BTreeMap<u16, Domain>,
     to_daemon: tokio::sync::mpsc::UnboundedSender<ToDaemon>,
@@ -92,7 +104,7 @@ impl Toolstack {
         let mut xs = XenStore::open().context("cannot reach xenstore")?;
         xs.watch("@introduceDomain", "introduce")?;
         xs.watch("@releaseDomain", "release")?;
-        Ok(Toolstack { xs, slots, domains: BTreeMap::new(), to_daemon, from_daemon })
+        Ok(Toolstack { xs, delayed: Vec::new(), slots, domains: BTreeMap::new(), to_daemon, from_daemon })
     }
 
     /// Serves until the daemon drops its end.
@@ -103,10 +115,17 @@ impl Toolstack {
             }
             loop {
                 match self.from_daemon.try_recv() {
-                    Ok(ToToolstack::SlotDone { domid, slot }) => self.reset_slot(domid, slot),
+                    Ok(ToToolstack::SlotDone { domid, slot, failed }) => self.slot_done(domid, slot, failed),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
                 }
+            }
+            let now = std::time::Instant::now();
+            let due: Vec<(u16, u32)> =
+                self.delayed.iter().filter(|(at, ..)| *at <= now).map(|&(_, d, s)| (d, s)).collect();
+            self.delayed.retain(|(at, ..)| *at > now);
+            for (domid, slot) in due {
+                self.reset_slot(domid, slot);
             }
             // Watches wake us for domains and frontends; the timeout serves SlotDone.
             match self.xs.next_watch_event(Some(Duration::from_millis(200))) {
@@ -142,7 +161,7 @@ impl Toolstack {
                 match self.offer_slots(domid) {
                     Ok(()) => {
                         tracing::info!(domid, name = %name, slots = self.slots, "offering vgpu device slots");
-                        self.domains.insert(domid, Domain { name, busy: BTreeSet::new() });
+                        self.domains.insert(domid, Domain { name, busy: BTreeSet::new(), backoff: BTreeMap::new() });
                     }
                     Err(e) => {
                         tracing::warn!(domid, error = %e, "cannot offer vgpu slots");
@@ -209,6 +228,25 @@ impl Toolstack {
             }
         }
         Ok(())
+    }
+
+    fn slot_done(&mut self, domid: u16, slot: u32, failed: bool) {
+        let Some(dom) = self.domains.get_mut(&domid) else { return };
+        if !failed {
+            dom.backoff.remove(&slot);
+            self.reset_slot(domid, slot);
+            return;
+        }
+        let delay = dom.backoff.get(&slot).map_or(FIRST_BACKOFF, |d| (*d * 2).min(MAX_BACKOFF));
+        dom.backoff.insert(slot, delay);
+        tracing::warn!(
+            domid,
+            slot,
+            delay_ms = delay.as_millis() as u64,
+            "zone worker failed; slot offered again after a back-off"
+        );
+        // The slot stays busy (no new worker) until the delay has passed.
+        self.delayed.push((std::time::Instant::now() + delay, domid, slot));
     }
 
     fn reset_slot(&mut self, domid: u16, slot: u32) {
