@@ -65,6 +65,24 @@ static void bench_ctx_get_device(void) {
     free(v);
 }
 
+/* cuCtxSetCurrent of the context already current: natively, what host-proxy's worker pays
+ * on every request (its backend makes the zone's context current before each driver call);
+ * through libvgpu, answered in the guest. Batches of 1000, the median batch, per call. */
+static void bench_ctx_set_current(void) {
+    enum { BATCH = 1000, BATCHES = 200 };
+    CUcontext c;
+    CHECK(cuCtxGetCurrent(&c));
+    for (int i = 0; i < 10 * BATCH; i++) CHECK(cuCtxSetCurrent(c));
+    double *v = samples(BATCHES);
+    for (int b = 0; b < BATCHES; b++) {
+        uint64_t t0 = now_ns();
+        for (int i = 0; i < BATCH; i++) CHECK(cuCtxSetCurrent(c));
+        v[b] = (double)(now_ns() - t0) / BATCH;
+    }
+    report("call_ctx_set_current_same_p50", median(v, BATCHES), "ns");
+    free(v);
+}
+
 /* cuStreamQuery of an idle stream: one host round trip through libvgpu. */
 static void bench_stream_query(void) {
     enum { N = 20000 };
@@ -280,6 +298,7 @@ int main(int argc, char **argv) {
     CHECK(cuMemAlloc(&g_dbuf, BIG));
 
     bench_ctx_get_device();
+    bench_ctx_set_current();
     bench_stream_query();
     bench_alloc_free();
     bench_launch_async();
