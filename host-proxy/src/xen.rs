@@ -15,8 +15,11 @@
 
 use anyhow::{Context, Result};
 use idm_xen::xenbus::{read_state, set_state};
+use idm_xen::xenstore::XsTransport;
 use idm_xen::{Access, Perm, XenStore, XenbusState, XsErrno, XsError};
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -84,8 +87,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// The toolstack loop; runs on its own thread until the daemon goes away.
-pub struct Toolstack {
-    xs: XenStore,
+pub struct Toolstack<S = XsTransport> {
+    xs: XenStore<S>,
     /// Slot resets waiting out a back-off: (when, domid, slot).
     delayed: Vec<(std::time::Instant, u16, u32)>,
     slots: u32,
@@ -101,7 +104,19 @@ impl Toolstack {
         to_daemon: tokio::sync::mpsc::UnboundedSender<ToDaemon>,
         from_daemon: mpsc::Receiver<ToToolstack>,
     ) -> Result<Self> {
-        let mut xs = XenStore::open().context("cannot reach xenstore")?;
+        let xs = XenStore::open().context("cannot reach xenstore")?;
+        Toolstack::with_store(xs, slots, to_daemon, from_daemon)
+    }
+}
+
+impl<S: Read + Write + AsFd> Toolstack<S> {
+    /// The toolstack over an open xenstore connection (tests use a fake daemon).
+    pub fn with_store(
+        mut xs: XenStore<S>,
+        slots: u32,
+        to_daemon: tokio::sync::mpsc::UnboundedSender<ToDaemon>,
+        from_daemon: mpsc::Receiver<ToToolstack>,
+    ) -> Result<Self> {
         xs.watch("@introduceDomain", "introduce")?;
         xs.watch("@releaseDomain", "release")?;
         Ok(Toolstack { xs, delayed: Vec::new(), slots, domains: BTreeMap::new(), to_daemon, from_daemon })
@@ -120,13 +135,7 @@ impl Toolstack {
                     Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
                 }
             }
-            let now = std::time::Instant::now();
-            let due: Vec<(u16, u32)> =
-                self.delayed.iter().filter(|(at, ..)| *at <= now).map(|&(_, d, s)| (d, s)).collect();
-            self.delayed.retain(|(at, ..)| *at > now);
-            for (domid, slot) in due {
-                self.reset_slot(domid, slot);
-            }
+            self.reset_due(std::time::Instant::now());
             // Watches wake us for domains and frontends; the timeout serves SlotDone.
             match self.xs.next_watch_event(Some(Duration::from_millis(200))) {
                 Ok(_) => {}
@@ -230,6 +239,15 @@ impl Toolstack {
         Ok(())
     }
 
+    /// Resets the slots whose back-off has passed by `now`.
+    fn reset_due(&mut self, now: std::time::Instant) {
+        let due: Vec<(u16, u32)> = self.delayed.iter().filter(|(at, ..)| *at <= now).map(|&(_, d, s)| (d, s)).collect();
+        self.delayed.retain(|(at, ..)| *at > now);
+        for (domid, slot) in due {
+            self.reset_slot(domid, slot);
+        }
+    }
+
     fn slot_done(&mut self, domid: u16, slot: u32, failed: bool) {
         let Some(dom) = self.domains.get_mut(&domid) else { return };
         if !failed {
@@ -258,5 +276,95 @@ impl Toolstack {
         } else {
             tracing::debug!(domid, slot, "slot reset");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idm_xen::xenstore::fake::{connect, Fake};
+    use std::time::Instant;
+
+    fn toolstack() -> (Toolstack<std::os::unix::net::UnixStream>, tokio::sync::mpsc::UnboundedReceiver<ToDaemon>) {
+        let mut fake = Fake::default();
+        fake.nodes.insert("/local/domain/0/name".into(), b"Domain-0".to_vec());
+        fake.nodes.insert("/local/domain/5/name".into(), b"guest".to_vec());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (_done_tx, done_rx) = mpsc::channel();
+        (Toolstack::with_store(connect(fake), 2, tx, done_rx).unwrap(), rx)
+    }
+
+    fn read(t: &mut Toolstack<std::os::unix::net::UnixStream>, path: &str) -> Option<String> {
+        t.xs.read_string(path).unwrap()
+    }
+
+    #[test]
+    fn a_new_domain_gets_its_slots_with_the_right_owners() {
+        let (mut t, _rx) = toolstack();
+        t.scan().unwrap();
+        for slot in 0..2 {
+            let front = frontend_dir(5, slot);
+            let back = backend_dir(5, slot);
+            assert_eq!(read(&mut t, &format!("{front}/backend")), Some(back.clone()));
+            assert_eq!(read(&mut t, &format!("{front}/state")).as_deref(), Some("1"));
+            assert_eq!(read(&mut t, &format!("{back}/state")).as_deref(), Some("2"));
+            assert_eq!(read(&mut t, &format!("{back}/frontend-id")).as_deref(), Some("5"));
+            assert_eq!(t.xs.get_perms(&front).unwrap(), [Perm { domid: 5, access: Access::None }]);
+            assert_eq!(
+                t.xs.get_perms(&back).unwrap(),
+                [Perm { domid: 0, access: Access::None }, Perm { domid: 5, access: Access::Read }]
+            );
+        }
+        assert!(read(&mut t, &frontend_dir(0, 0)).is_none(), "dom0 gets no slots");
+    }
+
+    #[test]
+    fn an_initialised_frontend_starts_one_worker_and_a_failing_one_backs_off() {
+        let (mut t, mut rx) = toolstack();
+        t.scan().unwrap();
+        t.xs.write(&format!("{}/state", frontend_dir(5, 1)), b"3").unwrap();
+        t.scan().unwrap();
+        t.scan().unwrap();
+        match rx.try_recv() {
+            Ok(ToDaemon::Start { domid: 5, slot: 1, name }) => assert_eq!(name, "guest"),
+            other => panic!("expected a start for slot 1, got {other:?}"),
+        }
+        assert!(rx.try_recv().is_err(), "one worker per slot");
+
+        // The worker failed: no new worker before the back-off, the slot reset after it.
+        let t0 = Instant::now();
+        t.slot_done(5, 1, true);
+        t.reset_due(t0);
+        t.scan().unwrap();
+        assert!(rx.try_recv().is_err(), "no restart during the back-off");
+        assert_eq!(read(&mut t, &format!("{}/state", frontend_dir(5, 1))).as_deref(), Some("3"));
+        t.reset_due(t0 + FIRST_BACKOFF + Duration::from_millis(1));
+        assert_eq!(read(&mut t, &format!("{}/state", frontend_dir(5, 1))).as_deref(), Some("1"));
+        assert_eq!(read(&mut t, &format!("{}/state", backend_dir(5, 1))).as_deref(), Some("2"));
+
+        // A second failure doubles the delay; a clean end resets at once and forgets it.
+        t.xs.write(&format!("{}/state", frontend_dir(5, 1)), b"3").unwrap();
+        t.scan().unwrap();
+        assert!(matches!(rx.try_recv(), Ok(ToDaemon::Start { slot: 1, .. })));
+        t.slot_done(5, 1, true);
+        assert_eq!(t.domains[&5].backoff[&1], FIRST_BACKOFF * 2);
+        t.reset_due(Instant::now() + MAX_BACKOFF);
+        t.xs.write(&format!("{}/state", frontend_dir(5, 1)), b"3").unwrap();
+        t.scan().unwrap();
+        assert!(matches!(rx.try_recv(), Ok(ToDaemon::Start { slot: 1, .. })));
+        t.slot_done(5, 1, false);
+        assert!(!t.domains[&5].backoff.contains_key(&1));
+        assert_eq!(read(&mut t, &format!("{}/state", frontend_dir(5, 1))).as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn a_vanished_domain_is_reported_and_its_backend_removed() {
+        let (mut t, mut rx) = toolstack();
+        t.scan().unwrap();
+        t.xs.rm("/local/domain/5").unwrap();
+        t.scan().unwrap();
+        assert!(matches!(rx.try_recv(), Ok(ToDaemon::DomainGone { domid: 5 })));
+        assert!(read(&mut t, &backend_dir(5, 0)).is_none());
+        assert!(t.domains.is_empty());
     }
 }

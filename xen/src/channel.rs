@@ -447,7 +447,7 @@ pub fn backend_accept<S: Read + Write + AsFd>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xenstore::tests::{connect, Fake};
+    use crate::xenstore::fake::{connect, Fake};
 
     const DIR: &str = "/local/domain/5/device/vgpu/0";
     const LIMITS: BackendLimits = BackendLimits { max_ring_size: 1 << 20, max_window_size: 64 << 20 };

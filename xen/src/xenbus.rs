@@ -146,7 +146,7 @@ mod tests {
 #[cfg(test)]
 mod wait_tests {
     use super::*;
-    use crate::xenstore::tests::{connect, Fake};
+    use crate::xenstore::fake::{connect, Fake};
 
     #[test]
     fn wait_for_state_follows_the_watch() {

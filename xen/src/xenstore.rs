@@ -680,21 +680,27 @@ fn parse_error(body: &[u8]) -> Result<XsError, XsError> {
     Ok(if name == "EAGAIN" { XsError::Again } else { XsError::Daemon(XsErrno::from_name(name)) })
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// A fake xenstored for tests (here and in crates that drive xenstore): an in-memory tree,
+/// watches, transactions that conflict a set number of times, and paths (`/hostile/...`)
+/// that make it misbehave. Permissions are stored, not enforced.
+#[cfg(any(test, feature = "test-utils"))]
+#[allow(clippy::unwrap_used)]
+pub mod fake {
     use super::*;
     use std::collections::BTreeMap;
 
     /// A fake xenstored: an in-memory tree, watches, transactions that conflict a set
     /// number of times, and paths that make it misbehave.
     #[derive(Default)]
-    pub(crate) struct Fake {
-        pub(crate) nodes: BTreeMap<String, Vec<u8>>,
+    pub struct Fake {
+        /// The tree: path → value.
+        pub nodes: BTreeMap<String, Vec<u8>>,
         perms: BTreeMap<String, Vec<String>>,
         watches: Vec<(String, String)>,
-        pub(crate) conflicts: u32,
+        /// How many transaction ends answer EAGAIN before one commits.
+        pub conflicts: u32,
         /// When a watch on `.0` is set, write `.1` there afterwards (a peer moving on).
-        pub(crate) advance: Option<(String, Vec<u8>)>,
+        pub advance: Option<(String, Vec<u8>)>,
     }
 
     fn send(s: &mut UnixStream, ty: u32, req_id: u32, body: &[u8]) {
@@ -709,6 +715,12 @@ pub(crate) mod tests {
     }
 
     impl Fake {
+        /// The fake with `n` transaction conflicts to answer first.
+        pub fn with_conflicts(mut self, n: u32) -> Self {
+            self.conflicts = n;
+            self
+        }
+
         fn fire(&self, s: &mut UnixStream, path: &str) {
             for (w, tok) in &self.watches {
                 if path == w || path.starts_with(&format!("{w}/")) {
@@ -769,11 +781,13 @@ pub(crate) mod tests {
                         ok(&mut s);
                     }
                     (ty::RM, _) => {
-                        if self.nodes.remove(&path).is_none() {
+                        // As in xenstored, parents of written nodes exist implicitly.
+                        let below = format!("{path}/");
+                        let had_children = self.nodes.keys().any(|k| k.starts_with(&below));
+                        if self.nodes.remove(&path).is_none() && !had_children {
                             err(&mut s, "ENOENT");
                             continue;
                         }
-                        let below = format!("{path}/");
                         self.nodes.retain(|k, _| !k.starts_with(&below));
                         ok(&mut s);
                     }
@@ -828,13 +842,20 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn connect(fake: Fake) -> XenStore<UnixStream> {
-        let (a, b) = UnixStream::pair().unwrap();
+    /// A client connected to `fake`, served on its own thread.
+    pub fn connect(fake: Fake) -> XenStore<UnixStream> {
+        let (a, b) = UnixStream::pair().expect("socketpair");
         std::thread::spawn(move || fake.serve(b));
         let mut xs = XenStore::from_stream(a);
         xs.set_reply_timeout(Duration::from_secs(10));
         xs
     }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::fake::{connect, Fake};
+    use super::*;
 
     #[test]
     fn read_write_mkdir_directory_rm() {
@@ -918,14 +939,14 @@ pub(crate) mod tests {
 
     #[test]
     fn transactions_surface_eagain_and_retry_bounded() {
-        let mut xs = connect(Fake { conflicts: 1, ..Fake::default() });
+        let mut xs = connect(Fake::default().with_conflicts(1));
         let tx = xs.transaction_start().unwrap();
         assert_eq!(tx, TxId(42));
         xs.write_tx(tx, "/t", b"1").unwrap();
         assert!(matches!(xs.transaction_end(tx, true), Err(XsError::Again)));
         xs.transaction_end(tx, true).unwrap();
 
-        let mut xs = connect(Fake { conflicts: 2, ..Fake::default() });
+        let mut xs = connect(Fake::default().with_conflicts(2));
         let mut runs = 0;
         let v = xs.transaction(3, |xs, tx| {
             runs += 1;
@@ -933,7 +954,7 @@ pub(crate) mod tests {
         });
         assert_eq!((v.unwrap(), runs), (7, 3));
 
-        let mut xs = connect(Fake { conflicts: 5, ..Fake::default() });
+        let mut xs = connect(Fake::default().with_conflicts(5));
         assert!(matches!(xs.transaction(2, |_, _| Ok(())), Err(XsError::Again)));
     }
 
