@@ -71,10 +71,7 @@ impl Reporter {
     /// Waits (bounded) until host-proxy in dom0 offers this domain its vgpu device slots
     /// (`device/vgpu/N` with a backend in InitWait); returns how many are free.
     pub fn wait_for_host_proxy(&mut self, within: Duration) -> Result<usize, String> {
-        let xs = self.xs.as_mut().ok_or("no xenstore")?;
-        let deadline = Instant::now() + within;
-        let watching = xs.watch("device", "vgpu-device").is_ok();
-        let result = loop {
+        let found = self.watch_until("device", within, |xs| {
             let mut free = 0;
             for slot in xs.directory("device/vgpu").unwrap_or_default() {
                 let backend = xs.read_string(&format!("device/vgpu/{slot}/backend")).ok().flatten();
@@ -83,12 +80,42 @@ impl Reporter {
                     free += 1;
                 }
             }
-            if free > 0 {
-                break Ok(free);
+            (free > 0).then_some(free)
+        });
+        match found {
+            Some(n) => Ok(n),
+            None if self.xs.is_none() => Err("no xenstore".into()),
+            None => Err(format!("host-proxy offered no vgpu device within {} s", within.as_secs())),
+        }
+    }
+
+    /// Waits (bounded) for the toolstack to name the workload in xenstore.
+    pub fn wait_for_workload(&mut self, within: Duration) -> Option<String> {
+        self.watch_until(WORKLOAD_KEY, within, |xs| {
+            xs.read_string(WORKLOAD_KEY).ok().flatten().filter(|v| !v.trim().is_empty())
+        })
+    }
+
+    /// Re-evaluates `check` whenever something below `path` changes (a watch fires once at
+    /// registration too), and at least every 500 ms (what it reads may lie outside `path`),
+    /// until it gives a value or `within` has passed.
+    fn watch_until<T>(
+        &mut self,
+        path: &str,
+        within: Duration,
+        mut check: impl FnMut(&mut XenStore) -> Option<T>,
+    ) -> Option<T> {
+        let xs = self.xs.as_mut()?;
+        let deadline = Instant::now() + within;
+        let token = format!("vgpu-agent:{path}");
+        let watching = xs.watch(path, &token).is_ok();
+        let found = loop {
+            if let Some(v) = check(xs) {
+                break Some(v);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break Err(format!("host-proxy offered no vgpu device within {} s", within.as_secs()));
+                break None;
             }
             let slice = left.min(Duration::from_millis(500));
             if !watching || xs.next_watch_event(Some(slice)).is_err() {
@@ -96,37 +123,7 @@ impl Reporter {
             }
         };
         if watching {
-            let _ = xs.unwatch("device", "vgpu-device");
-        }
-        result
-    }
-
-    /// Waits (bounded) for the toolstack to name the workload in xenstore.
-    pub fn wait_for_workload(&mut self, within: Duration) -> Option<String> {
-        let xs = self.xs.as_mut()?;
-        let deadline = Instant::now() + within;
-        // A watch fires once at registration and on every change below the path.
-        let watching = xs.watch(WORKLOAD_KEY, "vgpu-run").is_ok();
-        let found = loop {
-            if let Ok(Some(v)) = xs.read_string(WORKLOAD_KEY) {
-                if !v.trim().is_empty() {
-                    break Some(v);
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break None;
-            }
-            if watching {
-                if xs.next_watch_event(Some(left)).is_err() {
-                    std::thread::sleep(left.min(Duration::from_millis(200)));
-                }
-            } else {
-                std::thread::sleep(left.min(Duration::from_millis(200)));
-            }
-        };
-        if watching {
-            let _ = xs.unwatch(WORKLOAD_KEY, "vgpu-run");
+            let _ = xs.unwatch(path, &token);
         }
         found
     }

@@ -201,18 +201,11 @@ fn start_zone(
     let std_stream = stream.into_std().context("cannot take the connection")?;
     std_stream.set_nonblocking(false)?;
     let fd: OwnedFd = std_stream.into();
-    let (mut cmd, ours, theirs) = worker_command(id, &name, &quotas, config, exe)?;
+    let (mut cmd, pair) = worker_command(id, &name, &quotas, config, exe)?;
     cmd.stdin(Stdio::from(fd));
-    let mut child = cmd.spawn().with_context(|| format!("cannot spawn worker {}", exe.display()))?;
-    // Only the worker holds its end now: when it exits, the channel closes.
-    drop(theirs);
-    ours.set_nonblocking(true)?;
-    let ours = UnixStream::from_std(ours).context("cannot serve the IPC broker channel")?;
-    let groups = config.groups_of(&name);
-    broker.attach(Peer { conn: id, zone: name.clone(), uid: cred.uid(), groups }, ours);
-    let record = ZoneRecord { name: name.clone(), uid: cred.uid(), peer_pid: cred.pid(), worker_pid: child.id() };
+    let peer = Peer { conn: id, zone: name.clone(), uid: cred.uid(), groups: config.groups_of(&name) };
+    let mut child = spawn_worker(cmd, pair, peer, cred.pid(), exe, zones, broker)?;
     tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), "zone started");
-    zones.lock().unwrap_or_else(|p| p.into_inner()).insert(id, record);
     let zones = zones.clone();
     let broker = broker.clone();
     tokio::spawn(async move {
@@ -251,16 +244,11 @@ fn start_xen_zone(
         tracing::warn!(domid, domain, "refusing guest: its name matches no [[zone]] and allow_unlisted = false");
         return Ok(());
     };
-    let (mut cmd, ours, theirs) = worker_command(id, &name, &quotas, config, exe)?;
+    let (mut cmd, pair) = worker_command(id, &name, &quotas, config, exe)?;
     cmd.args(["--xen-domid", &domid.to_string(), "--xen-slot", &slot.to_string()]).stdin(Stdio::null());
-    let mut child = cmd.spawn().with_context(|| format!("cannot spawn worker {}", exe.display()))?;
-    drop(theirs);
-    ours.set_nonblocking(true)?;
-    let ours = UnixStream::from_std(ours).context("cannot serve the IPC broker channel")?;
-    broker.attach(Peer { conn: id, zone: name.clone(), uid: 0, groups: config.groups_of(&name) }, ours);
-    let record = ZoneRecord { name: name.clone(), uid: 0, peer_pid: None, worker_pid: child.id() };
+    let peer = Peer { conn: id, zone: name.clone(), uid: 0, groups: config.groups_of(&name) };
+    let mut child = spawn_worker(cmd, pair, peer, None, exe, zones, broker)?;
     tracing::info!(zone = id, name = %name, domid, slot, worker_pid = ?child.id(), "zone started (Xen guest)");
-    zones.lock().unwrap_or_else(|p| p.into_inner()).insert(id, record);
     let kill = Arc::new(tokio::sync::Notify::new());
     xen.kills.lock().unwrap_or_else(|p| p.into_inner()).entry(domid).or_default().push(kill.clone());
     let (zones, broker, done, kills) = (zones.clone(), broker.clone(), xen.done.clone(), xen.kills.clone());
@@ -283,14 +271,38 @@ fn start_xen_zone(
     Ok(())
 }
 
-/// The worker command for a zone, and the IPC broker socket pair (ours, the worker's).
+/// The IPC broker socket pair of a worker: (the daemon's end, the worker's end).
+type BrokerPair = (std::os::unix::net::UnixStream, std::os::unix::net::UnixStream);
+
+/// Spawns a zone worker and registers it: its broker channel, its admin record.
+fn spawn_worker(
+    mut cmd: tokio::process::Command,
+    (ours, theirs): BrokerPair,
+    peer: Peer,
+    peer_pid: Option<i32>,
+    exe: &Path,
+    zones: &Zones,
+    broker: &Arc<Broker>,
+) -> Result<tokio::process::Child> {
+    let child = cmd.spawn().with_context(|| format!("cannot spawn worker {}", exe.display()))?;
+    // Only the worker holds its end now: when it exits, the channel closes.
+    drop(theirs);
+    ours.set_nonblocking(true)?;
+    let ours = UnixStream::from_std(ours).context("cannot serve the IPC broker channel")?;
+    let record = ZoneRecord { name: peer.zone.clone(), uid: peer.uid, peer_pid, worker_pid: child.id() };
+    zones.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.conn, record);
+    broker.attach(peer, ours);
+    Ok(child)
+}
+
+/// The worker command for a zone, and its IPC broker socket pair.
 fn worker_command(
     id: u32,
     name: &str,
     quotas: &crate::zone::Quotas,
     config: &Config,
     exe: &Path,
-) -> Result<(tokio::process::Command, std::os::unix::net::UnixStream, std::os::unix::net::UnixStream)> {
+) -> Result<(tokio::process::Command, BrokerPair)> {
     // The broker channel: ours stays close-on-exec; the worker's end is inherited only by it.
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("cannot make the IPC broker channel")?;
     let mut cmd = tokio::process::Command::new(exe);
@@ -313,5 +325,5 @@ fn worker_command(
         .args(["--broker-fd", &theirs.as_raw_fd().to_string()])
         .kill_on_drop(true);
     inherit_across_exec(&mut cmd, theirs.as_raw_fd());
-    Ok((cmd, ours, theirs))
+    Ok((cmd, (ours, theirs)))
 }

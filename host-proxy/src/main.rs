@@ -145,11 +145,22 @@ fn worker(args: WorkerArgs) -> Result<i32> {
     let endpoint = idm_shm::accept_stream(stream, &limits, policy).context("shared-memory handshake failed")?;
     let idm_shm::ShmEndpoint { channel, window, layout, region, .. } = endpoint;
     let session = Session { id: args.zone_id, channel, window, layout, dma_region: Some(region), quotas, broker };
+    run_on_backend(&args, session, || ())
+}
+
+/// Opens the configured backend and serves the zone on it.
+fn run_on_backend<M, N, W, D>(args: &WorkerArgs, session: Session<M, N, W, D>, ended: impl FnOnce()) -> Result<i32>
+where
+    M: idm_core::SharedMemory,
+    N: idm_core::Notifier,
+    W: idm_core::Waiter,
+    D: idm_core::SharedMemory,
+{
     match args.backend {
-        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes), || ()),
+        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes), ended),
         Backend::Cuda => {
             let gpu = host_proxy::backend::cuda::CudaGpu::open(args.device).context("cannot open the GPU")?;
-            run_zone(session, gpu, || ())
+            run_zone(session, gpu, ended)
         }
     }
 }
@@ -191,13 +202,7 @@ fn xen_worker(
     let closing = |xs: &mut idm_xen::XenStore| {
         let _ = idm_xen::xenbus::set_state(xs, &back, idm_xen::XenbusState::Closing);
     };
-    let code = match args.backend {
-        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes), || closing(&mut xs)),
-        Backend::Cuda => match host_proxy::backend::cuda::CudaGpu::open(args.device) {
-            Ok(gpu) => run_zone(session, gpu, || closing(&mut xs)),
-            Err(e) => Err(e).context("cannot open the GPU"),
-        },
-    };
+    let code = run_on_backend(args, session, || closing(&mut xs));
     let _ = idm_xen::xenbus::set_state(&mut xs, &back, idm_xen::XenbusState::Closed);
     code
 }

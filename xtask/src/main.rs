@@ -141,7 +141,9 @@ fn ci() -> Result<()> {
         }
         Ok(())
     })?;
-    step("install Debian packages the guest image and the Xen lab need", || install_packages(IMAGE_PACKAGES))?;
+    step("install Debian packages the guest image and the Xen lab need", || {
+        apt_install(&missing_packages(IMAGE_PACKAGES))
+    })?;
     step("format", || run(cargo().args(["fmt", "--all", "--", "--check"])))?;
     step("clippy", || run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])))?;
     step("tests", || run(cargo().args(["test", "--workspace"])))?;
@@ -199,34 +201,34 @@ const IMAGE_PACKAGES: &[(&str, &str)] = &[
     (image::kernel::DEBIAN_SOURCE, "linux-source-6.1"),
 ];
 
-/// Installs the Debian packages of `wanted` whose command or file is missing (CI runs as
-/// root on a fresh machine; elsewhere it says what to install).
-fn install_packages(wanted: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(
-            |(probe, _)| {
-                if probe.starts_with('/') {
-                    !Path::new(probe).exists()
-                } else {
-                    image::which(probe).is_none()
-                }
-            },
-        )
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if missing.is_empty() {
+/// The Debian packages of `wanted` whose probe — a command on PATH, or an absolute file
+/// path — is missing (each package once).
+pub(crate) fn missing_packages(wanted: &[(&str, &'static str)]) -> Vec<&'static str> {
+    let mut missing: Vec<&'static str> = Vec::new();
+    for (probe, pkg) in wanted {
+        let present = if probe.starts_with('/') { Path::new(probe).exists() } else { image::which(probe).is_some() };
+        if !present && !missing.contains(pkg) {
+            missing.push(pkg);
+        }
+    }
+    missing
+}
+
+/// Installs Debian packages with apt-get (CI runs as root on a fresh machine); elsewhere
+/// fails saying what to install.
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
         return Ok(());
     }
     let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
     if !is_root {
-        bail!("missing Debian packages: {} (apt-get install {})", missing.join(" "), missing.join(" "));
+        bail!("missing Debian packages: {} (apt-get install {})", packages.join(" "), packages.join(" "));
     }
-    eprintln!("installing {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    eprintln!("installing {}", packages.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 

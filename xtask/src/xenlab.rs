@@ -188,7 +188,6 @@ const HOST_TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/dpkg-deb", "dpkg"),
     ("/usr/bin/apt-get", "apt"),
     ("/usr/bin/ldd", "libc-bin"),
-    ("/lib/x86_64-linux-gnu/libgcc_s.so.1", "libgcc-s1"),
     ("/usr/lib/xen-4.17/bin/xl", "xen-utils-4.17"),
     ("/usr/lib/xen-4.17/bin/xenstored", "xen-utils-4.17"),
     ("/usr/lib/xen-4.17/bin/xenconsoled", "xen-utils-4.17"),
@@ -324,25 +323,16 @@ fn phase<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 // Host prerequisites and cached assets
 
 fn missing_host_packages() -> Vec<&'static str> {
-    let mut missing: Vec<&str> = Vec::new();
-    for (path, pkg) in HOST_TOOLS {
-        if !Path::new(path).exists() && !missing.contains(pkg) {
-            missing.push(pkg);
-        }
-    }
+    let mut missing = super::missing_packages(HOST_TOOLS);
     // A dynamically linked busybox (Debian's `busybox` package) would need its libraries.
-    if Path::new("/bin/busybox").exists() && !is_static("/bin/busybox") && !missing.contains(&"busybox-static") {
+    let busybox_static = fs::read("/bin/busybox")
+        .ok()
+        .and_then(|elf| super::image::check::elf_deps(&elf).ok().flatten())
+        .is_some_and(|d| d.interp.is_none() && d.needed.is_empty());
+    if Path::new("/bin/busybox").exists() && !busybox_static && !missing.contains(&"busybox-static") {
         missing.push("busybox-static");
     }
     missing
-}
-
-fn is_static(path: &str) -> bool {
-    Command::new("ldd").arg(path).output().map(|o| !o.status.success()).unwrap_or(false)
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 fn apt_get() -> Command {
@@ -352,16 +342,7 @@ fn apt_get() -> Command {
 }
 
 fn host_prerequisites() -> Result<()> {
-    let missing = missing_host_packages();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!("missing host packages: {} (install them: apt-get install {})", missing.join(" "), missing.join(" "));
-    }
-    eprintln!("installing {}", missing.join(" "));
-    super::run(apt_get().arg("update"))?;
-    super::run(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&missing))?;
+    super::apt_install(&missing_host_packages())?;
     let still = missing_host_packages();
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(" "));
@@ -372,14 +353,7 @@ fn host_prerequisites() -> Result<()> {
 /// `$XEN_VGPU_CACHE/lab`, by default `~/.cache/xen-vgpu/lab` (build-image keeps its kernel
 /// builds beside it).
 fn cache_dir() -> Result<PathBuf> {
-    let base = match std::env::var_os("XEN_VGPU_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let home = std::env::var_os("HOME").context("neither XEN_VGPU_CACHE nor HOME is set")?;
-            PathBuf::from(home).join(".cache/xen-vgpu")
-        }
-    };
-    let dir = base.join("lab");
+    let dir = super::image::cache_dir()?.join("lab");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
@@ -682,19 +656,10 @@ impl Staging {
     }
 
     fn libs_of(&self, exe: &Path) -> Result<()> {
-        let out = Command::new("ldd").arg(exe).output().context("running ldd")?;
-        if !out.status.success() {
-            return Ok(()); // statically linked
-        }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            // "libx.so => /lib/.../libx.so (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-            let path = match line.split_once("=>") {
-                Some((_, rest)) => rest.split_whitespace().next(),
-                None => line.split_whitespace().next(),
-            };
-            let Some(path) = path.filter(|p| p.starts_with('/')) else { continue };
-            if !self.path(path).exists() {
-                self.copy(Path::new(path), path)?;
+        for lib in super::image::shared_libs(exe)? {
+            let inside = lib.to_str().context("library path is not UTF-8")?;
+            if !self.path(inside).exists() {
+                self.copy(&lib, inside)?;
             }
         }
         Ok(())
@@ -804,9 +769,6 @@ fn build_dom0(
     for name in XENSTORE_NAMES {
         r.link("xenstore", &format!("/usr/bin/{name}"))?;
     }
-    // glibc loads libgcc_s at run time (for pthread_cancel): ldd does not list it, xl aborts
-    // without it.
-    r.copy(Path::new("/lib/x86_64-linux-gnu/libgcc_s.so.1"), "/lib/x86_64-linux-gnu/libgcc_s.so.1")?;
     r.write("/etc/xen/xl.conf", "autoballoon = \"off\"\n", 0o644)?;
 
     // host-proxy, without its debug info (it would double the initramfs).

@@ -203,7 +203,9 @@ fn stripped(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// The shared libraries `ldd` resolves for `elf` (absolute paths as the loader names
-/// them). libcuda is skipped: the image provides libvgpu under that name.
+/// them), plus `libgcc_s.so.1` beside glibc's `libc.so.6` (glibc loads it at run time for
+/// thread cancellation and unwinding; ldd cannot see that). libcuda is skipped: the image
+/// provides libvgpu under that name.
 pub fn shared_libs(elf: &Path) -> Result<Vec<PathBuf>> {
     need_tool("ldd", "libc-bin")?;
     let out = Command::new("ldd").arg(elf).output().context("running ldd")?;
@@ -228,6 +230,11 @@ pub fn shared_libs(elf: &Path) -> Result<Vec<PathBuf>> {
             libs.push(PathBuf::from(path));
         }
     }
+    let libgcc =
+        libs.iter().find(|l| l.ends_with("libc.so.6")).and_then(|l| l.parent()).map(|d| d.join("libgcc_s.so.1"));
+    if let Some(gcc) = libgcc.filter(|g| g.exists() && !libs.contains(g)) {
+        libs.push(gcc);
+    }
     Ok(libs)
 }
 
@@ -235,21 +242,9 @@ fn add_file(tree: &mut Tree, at: &str, data: Vec<u8>, mode: u32) -> Result<()> {
     tree.insert(at, Node::File { mode, data })
 }
 
-/// Adds `elf`'s shared libraries (and, with glibc, `libgcc_s`, which glibc loads at run
-/// time for thread cancellation and unwinding, invisible to ldd).
+/// Adds `elf`'s shared libraries.
 fn add_libs(tree: &mut Tree, elf: &Path) -> Result<()> {
-    let mut libs = shared_libs(elf)?;
-    if libs.iter().any(|l| l.file_name().is_some_and(|n| n == "libc.so.6")) {
-        if let Some(dir) =
-            libs.iter().find(|l| l.file_name().is_some_and(|n| n == "libc.so.6")).and_then(|l| l.parent())
-        {
-            let gcc = dir.join("libgcc_s.so.1");
-            if gcc.exists() && !libs.contains(&gcc) {
-                libs.push(gcc);
-            }
-        }
-    }
-    for lib in libs {
+    for lib in shared_libs(elf)? {
         let at = lib.to_str().context("library path is not UTF-8")?.to_string();
         if tree.get(&at).is_none() {
             add_file(tree, &at, stripped(&lib)?, 0o755)?;
@@ -428,5 +423,6 @@ mod tests {
     fn ldd_finds_glibc_for_a_dynamic_program() {
         let libs = shared_libs(Path::new("/bin/sh")).unwrap();
         assert!(libs.iter().any(|l| l.ends_with("libc.so.6")), "{libs:?}");
+        assert!(libs.iter().any(|l| l.ends_with("libgcc_s.so.1")), "glibc's run-time dependency: {libs:?}");
     }
 }
