@@ -38,3 +38,15 @@ stop_daemon() {
     fi
     hp=""
 }
+
+# require_libvgpu <binary> <libdir>: with <libdir> first on LD_LIBRARY_PATH, <binary>'s
+# libcuda.so.1 must resolve into <libdir> (libvgpu), not to a driver's libcuda; exits if not.
+require_libvgpu() {
+    local resolved
+    resolved=$(LD_LIBRARY_PATH=$2${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} ldd "$1" | awk '/libcuda\.so\.1/ {print $3}')
+    echo "== libcuda.so.1 of $(basename "$1") resolves to: $resolved"
+    case "$resolved" in
+    "$2"/*) ;;
+    *) echo "FAIL: libcuda.so.1 does not resolve to libvgpu ($2)" >&2; exit 1 ;;
+    esac
+}

@@ -32,7 +32,7 @@ rm -rf "$out"
 mkdir -p "$out" "$work/bin" "$work/kernels" "$work/lib"
 
 # shellcheck source=device/lib.sh
-. device/lib.sh # find_cuda_toolkit, stop_daemon ($hp); the working directory is the repository root
+. device/lib.sh # find_cuda_toolkit, stop_daemon ($hp), require_libvgpu; the working directory is the repository root
 on_exit() {
     stop_daemon
     if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
@@ -83,12 +83,7 @@ backend = "${HOST_PROXY_BACKEND:-cuda}"
 device = 0
 EOF
 guest_ld=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-resolved=$(LD_LIBRARY_PATH=$guest_ld ldd "$bin" | awk '/libcuda\.so\.1/ {print $3}')
-echo "== remoted runs resolve libcuda.so.1 to: $resolved"
-case "$resolved" in
-"$lib"/*) ;;
-*) echo "FAIL: libcuda.so.1 does not resolve to libvgpu ($lib)" >&2; exit 1 ;;
-esac
+require_libvgpu "$bin" "$lib"
 
 start_daemon() { # start_daemon <round>
     rm -rf "$sockdir"

@@ -24,7 +24,7 @@ rm -rf "$out"
 mkdir -p "$out/native" "$out/remoted" "$out/diff" "$work/bin" "$work/kernels" "$work/lib"
 
 # shellcheck source=device/lib.sh
-. device/lib.sh # find_cuda_toolkit, stop_daemon ($hp); the working directory is the repository root
+. device/lib.sh # find_cuda_toolkit, stop_daemon ($hp), require_libvgpu; the working directory is the repository root
 # On any exit: stop the daemon, and bundle the results into $OUT where it is set.
 on_exit() {
     stop_daemon
@@ -138,12 +138,7 @@ done
 if [ ! -S "$sock" ]; then echo "FAIL: no socket $sock after 30 s" >&2; exit 1; fi
 
 guest_ld=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-resolved=$(LD_LIBRARY_PATH=$guest_ld ldd "$work/bin/device_query" | awk '/libcuda\.so\.1/ {print $3}')
-echo "== libcuda.so.1 resolves to: $resolved"
-case "$resolved" in
-"$lib"/*) ;;
-*) echo "FAIL: libcuda.so.1 does not resolve to libvgpu ($lib)" >&2; exit 1 ;;
-esac
+require_libvgpu "$work/bin/device_query" "$lib"
 
 echo "== remoted runs (through libvgpu)"
 any_fail=$native_fail
