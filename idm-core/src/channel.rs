@@ -147,6 +147,12 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Channel<M, N, W> {
         self.rx.max_frame()
     }
 
+    /// The receive ring's index of the next frame (diagnostics; tests that play a hostile
+    /// peer use it to forge a frame exactly where this side will look).
+    pub fn rx_index(&self) -> u32 {
+        self.rx.index()
+    }
+
     /// The sticky ring failure, if any.
     pub fn failure(&self) -> Option<RingError> {
         self.tx.failure().or(self.rx.failure())
@@ -171,13 +177,13 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Channel<M, N, W> {
                 }
                 return Ok(());
             }
-            let need = HEADER_LEN + body.len();
+            let need = crate::ring::frame_slots(body.len());
             let tx = &mut self.tx;
             let cell = core::cell::RefCell::new(tx);
             wait_until(
                 &self.waiter,
                 &self.policy,
-                || cell.borrow_mut().free_space().map(|f| f >= need),
+                || cell.borrow_mut().free_slots().map(|f| f >= need),
                 || cell.borrow().request_space_notify(),
             )?;
         }
@@ -203,12 +209,7 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Channel<M, N, W> {
                 return Ok(h);
             }
             let cell = core::cell::RefCell::new(&mut self.rx);
-            wait_until(
-                &self.waiter,
-                &self.policy,
-                || cell.borrow_mut().available().map(|a| a > 0),
-                || cell.borrow().request_data_notify(),
-            )?;
+            wait_until(&self.waiter, &self.policy, || cell.borrow().ready(), || cell.borrow().request_data_notify())?;
         }
     }
 
@@ -375,7 +376,7 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
             return Err(ChannelError::Remote { kind: ErrorKind::VersionMismatch, code: 0 });
         }
         // The frame limit is the smaller of both sides' and what the rings can carry.
-        let ring_limit = (ch.tx.size().min(ch.rx_size()) - HEADER_LEN) as u32;
+        let ring_limit = (ch.tx.capacity().min(ch.rx_capacity()) - HEADER_LEN) as u32;
         let negotiated = hello.max_frame.min(max_frame).min(ring_limit);
         let ack = HelloAck { version: PROTOCOL_VERSION, max_frame: negotiated };
         ch.send_message(&ack, resp, 0, 0, buf, BOOTSTRAP_MAX_FRAME)?;
@@ -462,8 +463,8 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
 }
 
 impl<M: SharedMemory, N: Notifier, W: Waiter> Channel<M, N, W> {
-    fn rx_size(&self) -> usize {
-        self.rx.size()
+    fn rx_capacity(&self) -> usize {
+        self.rx.capacity()
     }
 }
 
@@ -552,12 +553,12 @@ mod tests {
             scope.spawn(|| {
                 let mut buf = [0u8; 4096];
                 let server = Server::accept(s, 4096, &mut buf).unwrap();
-                assert_eq!(server.max_frame(), 1024 - 16, "limited by the ring");
+                assert_eq!(server.max_frame(), 16 * 60 - 16, "limited by the ring: 16 slots of 60 bytes");
                 serve(server, 5);
             });
             let mut buf = [0u8; 4096];
             let mut client = Client::connect(c, 4096, &mut buf).unwrap();
-            assert_eq!(client.max_frame(), 1008);
+            assert_eq!(client.max_frame(), 944);
             let r = client.call(&Add { a: 2, b: 40 }, &mut buf).unwrap();
             assert_eq!((r.decode::<Sum>().unwrap(), r.deferred_error()), (Sum(42), None));
             // An asynchronous failure surfaces at the next synchronous call, once.

@@ -1,71 +1,104 @@
-//! A single-producer/single-consumer byte ring over peer-writable memory.
+//! A single-producer/single-consumer ring of cache-line slots over peer-writable memory.
 //!
 //! # Design
-//! One ring carries frames in one direction, in the spirit of Xen's vchan:
+//! One ring carries frames in one direction, in the spirit of Xen's vchan, but the data
+//! area is cut into 64-byte slots, each stamped by the producer:
 //!
 //! ```text
-//!  offset  0   prod          written by the producer only (free-running u32)
-//!  offset 64   cons          written by the consumer only (free-running u32)
+//!  offset  0   prod          written by the producer only (free-running u32, in slots)
+//!  offset 64   cons          written by the consumer only (free-running u32, in slots)
 //!  offset 128  data_wanted   set by a consumer about to sleep; cleared by the producer
 //!  offset 192  space_wanted  set by a producer about to sleep; cleared by the consumer
-//!  offset 256  data[size]    size is a power of two; byte i lives at data[i & (size-1)]
+//!  offset 256  slots[size / 64]
+//!
+//!  slot i (at 256 + (i mod n) * 64):  payload[60] | stamp: u32 = i
 //! ```
 //!
-//! Each index sits on its own cache line so the two sides do not false-share.
+//! A frame (16-byte header, then the body) is laid out across `ceil((16 + len) / 60)`
+//! consecutive slots, 60 payload bytes each; every slot of it carries the stamp of its own
+//! free-running index. The producer writes the payloads and the stamps of the later slots,
+//! then publishes the frame with the stamp of its first slot. The consumer waits for the
+//! stamp it expects at its own index: a small frame and the word that publishes it share
+//! one cache line, so a message costs one line transfer instead of two (the index line,
+//! then the data line) — the ring's share of a round trip on an idle pair of cores drops
+//! by about a third (docs/BENCHMARKS.md). A slot's stamp is rewritten on every lap, so a
+//! stale slot holds the previous lap's stamp, `i - n`, never `i`; [`RingProducer::init`]
+//! writes those previous-lap stamps into a fresh ring.
 //!
 //! **Who owns what.** Each side keeps its own index privately and only *publishes* it to
 //! shared memory; it never reads its own index back (the peer could have scribbled it).
-//! The other side's index is read at most once per operation and validated: the in-flight
-//! byte count `prod - cons` (wrapping) must never exceed `size` (XSA-86). Each side keeps
-//! the last validated value and reads the index again only when that value no longer
-//! covers the operation (no frame left to receive, not enough space to send), so on the
-//! hot path neither side touches the other's index line. A frame is copied out
-//! of the ring once, into the caller's buffer, and only that copy is parsed (XSA-155).
+//! The producer reads the consumer's index at most once per operation and validates it:
+//! the in-flight slot count `prod - cons` (wrapping) must never exceed the slot count
+//! (XSA-86). It keeps the last validated value and reads the index again only when that
+//! value no longer leaves room, so on the hot path it does not touch the consumer's index
+//! line. The consumer never reads `prod` (the producer publishes it only so a ring can be
+//! re-attached); it trusts nothing but stamps: a frame is complete when every slot it
+//! claims carries its own index. A frame is copied out of the ring once, into the caller's
+//! buffer, and only that copy is parsed (XSA-155); a frame can claim at most the whole
+//! ring, so the consumer never reads outside it.
 //!
-//! **Ordering.** The producer writes frame bytes, then publishes `prod` with release;
-//! the consumer reads `prod` with acquire before reading bytes. Symmetrically for `cons`
-//! and the space it frees. The notify-request handshake (a side sets its *wanted* word,
-//! then re-checks the index; the other side publishes its index, then reads the wanted
-//! word) is a store-then-load pattern on both sides, so those four accesses are `SeqCst`:
-//! the *wanted* store and the index re-load (every index load in [`RingProducer::free_space`]
-//! and [`RingConsumer::available`], which double as the re-check) on the waiting side, the
-//! index store and the *wanted* load on the other. An acquire re-load is not enough: it may
-//! be satisfied before the *wanted* store is visible, and both sides then miss each other
-//! (a lost wake-up; found by the loom model in `tests/loom_ring.rs`).
+//! **Ordering.** The producer writes a frame's payload and later stamps, then stores the
+//! first stamp with release (`SeqCst`, see below); the consumer loads the first stamp with
+//! acquire before reading anything else of the frame. Symmetrically the consumer frees
+//! slots by publishing `cons` with release. The notify-request handshake (a side sets its
+//! *wanted* word, then re-checks; the other side publishes, then reads the wanted word) is
+//! a store-then-load pattern on both sides, so those four accesses are `SeqCst`: the
+//! *wanted* store and the re-check load on the waiting side (the first-stamp load in
+//! [`RingConsumer::ready`], the index load in [`RingProducer::free_slots`]), the
+//! publishing store and the *wanted* load on the other. An acquire re-check is not
+//! enough: it may be satisfied before the *wanted* store is visible, and both sides then
+//! miss each other (a lost wake-up; found by the loom model in `tests/loom_ring.rs`).
 //!
 //! **Suppression.** A producer reports "notify the peer" only when the consumer has asked
 //! for it (set `data_wanted`), so a busy producer talking to a polling consumer sends no
 //! notifications at all.
 //!
-//! **Failure.** Any violation (index out of range, impossible frame length, bad header)
-//! stores a [`RingError`] and every later call returns it: the connection is dead, and
-//! the owner tears it down.
+//! **Failure.** Any violation (index out of range, impossible frame length, bad header, a
+//! frame whose later slots are not stamped) stores a [`RingError`] and every later call
+//! returns it: the connection is dead, and the owner tears it down.
 
 use crate::region::SharedMemory;
 use crate::wire::{FrameHeader, WireError, HEADER_LEN};
-use core::sync::atomic::Ordering::{Acquire, Relaxed, SeqCst};
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 /// Byte offsets of the ring header fields.
 pub mod field {
-    /// Producer index.
+    /// Producer index (slots; informational: the consumer never reads it).
     pub const PROD: usize = 0;
-    /// Consumer index.
+    /// Consumer index (slots).
     pub const CONS: usize = 64;
     /// Consumer asks to be notified when data arrives.
     pub const DATA_WANTED: usize = 128;
     /// Producer asks to be notified when space frees up.
     pub const SPACE_WANTED: usize = 192;
-    /// First data byte.
+    /// First slot.
     pub const DATA: usize = 256;
 }
+
+/// Bytes per slot: one cache line.
+pub const SLOT: usize = 64;
+/// Frame bytes a slot carries; the slot's last four bytes are its stamp.
+pub const SLOT_PAYLOAD: usize = SLOT - 4;
+/// Offset of the stamp inside a slot.
+const STAMP: usize = SLOT_PAYLOAD;
 
 /// Bytes a ring of `data_size` data bytes occupies.
 pub const fn footprint(data_size: usize) -> usize {
     field::DATA + data_size
 }
 
-/// Smallest permitted data size.
-pub const MIN_SIZE: usize = 64;
+/// Frame bytes (header and body) a ring of `data_size` data bytes can carry in one frame.
+pub const fn capacity(data_size: usize) -> usize {
+    data_size / SLOT * SLOT_PAYLOAD
+}
+
+/// Slots a frame with a body of `body_len` bytes occupies.
+pub const fn frame_slots(body_len: usize) -> usize {
+    (HEADER_LEN + body_len).div_ceil(SLOT_PAYLOAD)
+}
+
+/// Smallest permitted data size (one slot).
+pub const MIN_SIZE: usize = SLOT;
 /// Largest permitted data size (indices are u32, so in-flight must fit well inside).
 pub const MAX_SIZE: usize = 1 << 30;
 
@@ -77,11 +110,11 @@ pub enum RingError {
     /// The region is too small for the requested size, or the size is not a power of two
     /// in `MIN_SIZE..=MAX_SIZE` (a local configuration error).
     BadGeometry,
-    /// The peer's index implies more bytes in flight than the ring holds: corruption.
+    /// The peer's index implies more slots in flight than the ring holds: corruption.
     IndexOutOfRange {
-        /// Bytes in flight the indices imply.
+        /// Slots in flight the indices imply.
         in_flight: u32,
-        /// Ring size.
+        /// Slots in the ring.
         size: u32,
     },
     /// A frame header in the ring was malformed.
@@ -90,7 +123,7 @@ pub enum RingError {
     TruncatedFrame {
         /// Bytes the frame needs.
         need: u32,
-        /// Bytes published.
+        /// Bytes published (in whole stamped slots) or the ring's capacity.
         available: u32,
     },
     /// A frame larger than the ring could ever hold was offered for sending (a local error;
@@ -98,7 +131,7 @@ pub enum RingError {
     FrameTooLarge {
         /// Total frame length.
         len: usize,
-        /// Ring size.
+        /// Frame bytes the ring can carry ([`capacity`]).
         size: usize,
     },
     /// The caller's buffer is smaller than the frame (a local error; nothing consumed).
@@ -117,14 +150,16 @@ impl core::fmt::Display for RingError {
             RingError::IndexOutOfRange { in_flight, size } => {
                 write!(
                     f,
-                    "peer's ring index claims {in_flight} bytes in flight in a {size}-byte ring; connection failed"
+                    "peer's ring index claims {in_flight} slots in flight in a {size}-slot ring; connection failed"
                 )
             }
             RingError::BadFrame(e) => write!(f, "malformed frame in ring ({e}); connection failed"),
             RingError::TruncatedFrame { need, available } => {
                 write!(f, "frame needs {need} bytes but peer published {available}; connection failed")
             }
-            RingError::FrameTooLarge { len, size } => write!(f, "frame of {len} bytes cannot fit a {size}-byte ring"),
+            RingError::FrameTooLarge { len, size } => {
+                write!(f, "frame of {len} bytes cannot fit a ring carrying {size}-byte frames")
+            }
             RingError::BufferTooSmall { need } => write!(f, "receive buffer too small: frame needs {need} bytes"),
         }
     }
@@ -146,26 +181,33 @@ fn check_geometry<M: SharedMemory>(mem: &M, size: usize) -> Result<(), RingError
     Ok(())
 }
 
-/// Copies `dst.len()` bytes starting at ring position `pos`, wrapping at the end.
-fn copy_out<M: SharedMemory>(mem: &M, mask: u32, pos: u32, dst: &mut [u8]) {
-    let start = (pos & mask) as usize;
-    let size = mask as usize + 1;
-    let first = dst.len().min(size - start);
-    let (a, b) = dst.split_at_mut(first);
-    mem.read_bytes(field::DATA + start, a);
-    if !b.is_empty() {
-        mem.read_bytes(field::DATA, b);
+/// Offset of slot `index` (free-running) in a ring with slot mask `mask`.
+fn slot_at(mask: u32, index: u32) -> usize {
+    field::DATA + (index & mask) as usize * SLOT
+}
+
+/// Copies `dst.len()` frame bytes starting `pos` bytes into the frame whose first slot is
+/// `first`, slot by slot.
+fn copy_out<M: SharedMemory>(mem: &M, mask: u32, first: u32, mut pos: usize, dst: &mut [u8]) {
+    let mut done = 0;
+    while done < dst.len() {
+        let (slot, off) = (pos / SLOT_PAYLOAD, pos % SLOT_PAYLOAD);
+        let n = (SLOT_PAYLOAD - off).min(dst.len() - done);
+        mem.read_bytes(slot_at(mask, first.wrapping_add(slot as u32)) + off, &mut dst[done..done + n]);
+        done += n;
+        pos += n;
     }
 }
 
-/// Copies `src` into the ring starting at position `pos`, wrapping at the end.
-fn copy_in<M: SharedMemory>(mem: &M, mask: u32, pos: u32, src: &[u8]) {
-    let start = (pos & mask) as usize;
-    let size = mask as usize + 1;
-    let first = src.len().min(size - start);
-    mem.write_bytes(field::DATA + start, &src[..first]);
-    if first < src.len() {
-        mem.write_bytes(field::DATA, &src[first..]);
+/// Copies `src` into the frame whose first slot is `first`, starting `pos` bytes into it.
+fn copy_in<M: SharedMemory>(mem: &M, mask: u32, first: u32, mut pos: usize, src: &[u8]) {
+    let mut done = 0;
+    while done < src.len() {
+        let (slot, off) = (pos / SLOT_PAYLOAD, pos % SLOT_PAYLOAD);
+        let n = (SLOT_PAYLOAD - off).min(src.len() - done);
+        mem.write_bytes(slot_at(mask, first.wrapping_add(slot as u32)) + off, &src[done..done + n]);
+        done += n;
+        pos += n;
     }
 }
 
@@ -173,10 +215,11 @@ fn copy_in<M: SharedMemory>(mem: &M, mask: u32, pos: u32, src: &[u8]) {
 #[derive(Debug)]
 pub struct RingProducer<M> {
     mem: M,
+    /// Slot count minus one.
     mask: u32,
     prod: u32,
-    /// The consumer's index as last read and validated (`prod - cons_seen <= size`). The
-    /// space it leaves is certainly free, so a send that fits skips re-reading the index
+    /// The consumer's index as last read and validated (`prod - cons_seen <= slots`). The
+    /// slots it leaves are certainly free, so a send that fits skips re-reading the index
     /// and the producer stays off the consumer's cache line on the hot path.
     cons_seen: u32,
     failed: Option<RingError>,
@@ -206,28 +249,48 @@ impl<M: SharedMemory> RingProducer<M> {
     pub fn attach(mem: M, size: usize) -> Result<Self, RingError> {
         check_geometry(&mem, size)?;
         let prod = mem.load_u32(field::PROD, Acquire);
+        let slots = (size / SLOT) as u32;
         Ok(RingProducer {
             mem,
-            mask: (size - 1) as u32,
+            mask: slots - 1,
             prod,
             // "Full" until the consumer's index has been read and checked.
-            cons_seen: prod.wrapping_sub(size as u32),
+            cons_seen: prod.wrapping_sub(slots),
             failed: None,
         })
     }
 
-    /// Zeroes the header of a fresh ring and takes its producer end.
+    /// Initialises a fresh ring (indices zero, every slot stamped as if from the previous
+    /// lap) and takes its producer end.
     pub fn init(mem: M, size: usize) -> Result<Self, RingError> {
+        Self::init_at(mem, size, 0)
+    }
+
+    /// [`init`](Self::init) with both indices starting at `start` (tests use it to cross
+    /// the u32 wrap-around).
+    pub fn init_at(mem: M, size: usize, start: u32) -> Result<Self, RingError> {
         check_geometry(&mem, size)?;
-        for off in [field::PROD, field::CONS, field::DATA_WANTED, field::SPACE_WANTED] {
+        let slots = (size / SLOT) as u32;
+        for off in [field::DATA_WANTED, field::SPACE_WANTED] {
             mem.store_u32(off, 0, Relaxed);
         }
+        for i in 0..slots {
+            let index = start.wrapping_add(i);
+            mem.store_u32(slot_at(slots - 1, index) + STAMP, index.wrapping_sub(slots), Relaxed);
+        }
+        mem.store_u32(field::CONS, start, Relaxed);
+        mem.store_u32(field::PROD, start, Release);
         Self::attach(mem, size)
     }
 
-    /// Data size of the ring.
-    pub fn size(&self) -> usize {
+    /// Slots in the ring.
+    pub fn slots(&self) -> usize {
         self.mask as usize + 1
+    }
+
+    /// Frame bytes (header and body) one frame may take.
+    pub fn capacity(&self) -> usize {
+        self.slots() * SLOT_PAYLOAD
     }
 
     /// The sticky error, if the ring has failed.
@@ -240,8 +303,8 @@ impl<M: SharedMemory> RingProducer<M> {
         e
     }
 
-    /// Bytes free for writing, reading the consumer's index once and validating it.
-    pub fn free_space(&mut self) -> Result<usize, RingError> {
+    /// Free slots, reading the consumer's index once and validating it.
+    pub fn free_slots(&mut self) -> Result<usize, RingError> {
         if let Some(e) = self.failed {
             return Err(e);
         }
@@ -249,12 +312,12 @@ impl<M: SharedMemory> RingProducer<M> {
         // `request_space_notify` (see "Ordering" above).
         let cons = self.mem.load_u32(field::CONS, SeqCst);
         let in_flight = self.prod.wrapping_sub(cons);
-        let size = self.mask.wrapping_add(1);
-        if in_flight > size {
-            return Err(self.fail(RingError::IndexOutOfRange { in_flight, size }));
+        let slots = self.mask.wrapping_add(1);
+        if in_flight > slots {
+            return Err(self.fail(RingError::IndexOutOfRange { in_flight, size: slots }));
         }
         self.cons_seen = cons;
-        Ok((size - in_flight) as usize)
+        Ok((slots - in_flight) as usize)
     }
 
     /// Writes one frame (header then body) if it fits; `Ok(None)` when the ring is full
@@ -262,20 +325,28 @@ impl<M: SharedMemory> RingProducer<M> {
     pub fn try_send(&mut self, header: &FrameHeader, body: &[u8]) -> Result<Option<Sent>, RingError> {
         debug_assert_eq!(header.len as usize, body.len());
         let total = HEADER_LEN + body.len();
-        if total > self.size() {
-            return Err(RingError::FrameTooLarge { len: total, size: self.size() });
+        if total > self.capacity() {
+            return Err(RingError::FrameTooLarge { len: total, size: self.capacity() });
         }
         if let Some(e) = self.failed {
             return Err(e);
         }
-        let seen_free = self.size() - self.prod.wrapping_sub(self.cons_seen) as usize;
-        if seen_free < total && self.free_space()? < total {
+        let need = frame_slots(body.len());
+        let seen_free = self.slots() - self.prod.wrapping_sub(self.cons_seen) as usize;
+        if seen_free < need && self.free_slots()? < need {
             return Ok(None);
         }
-        copy_in(&self.mem, self.mask, self.prod, &header.emit());
-        copy_in(&self.mem, self.mask, self.prod.wrapping_add(HEADER_LEN as u32), body);
-        self.prod = self.prod.wrapping_add(total as u32);
-        self.mem.store_u32(field::PROD, self.prod, SeqCst);
+        let first = self.prod;
+        copy_in(&self.mem, self.mask, first, HEADER_LEN, body);
+        for k in 1..need as u32 {
+            let index = first.wrapping_add(k);
+            self.mem.store_u32(slot_at(self.mask, index) + STAMP, index, Relaxed);
+        }
+        copy_in(&self.mem, self.mask, first, 0, &header.emit());
+        // Publishes the frame; SeqCst for the notify handshake (see "Ordering" above).
+        self.mem.store_u32(slot_at(self.mask, first) + STAMP, first, SeqCst);
+        self.prod = first.wrapping_add(need as u32);
+        self.mem.store_u32(field::PROD, self.prod, Release);
         Ok(Some(Sent { notify: self.take_request(field::DATA_WANTED) }))
     }
 
@@ -288,8 +359,8 @@ impl<M: SharedMemory> RingProducer<M> {
         }
     }
 
-    /// Asks the consumer to notify us when it frees space. Call, then re-check
-    /// [`free_space`](Self::free_space) before blocking.
+    /// Asks the consumer to notify us when it frees slots. Call, then re-check
+    /// [`free_slots`](Self::free_slots) before blocking.
     pub fn request_space_notify(&self) {
         self.mem.store_u32(field::SPACE_WANTED, 1, SeqCst);
     }
@@ -308,12 +379,9 @@ pub struct Received {
 #[derive(Debug)]
 pub struct RingConsumer<M> {
     mem: M,
+    /// Slot count minus one.
     mask: u32,
     cons: u32,
-    /// The producer's index as last read and validated (`prod_seen - cons <= size`). Frames
-    /// before it are published, so while any remain the consumer does not re-read the
-    /// index, and a backlog is drained without touching the producer's cache line.
-    prod_seen: u32,
     max_frame: u32,
     failed: Option<RingError>,
 }
@@ -321,8 +389,8 @@ pub struct RingConsumer<M> {
 impl<M> RingConsumer<M> {
     /// The same ring, its memory wrapped by `f` (which must give access to the same bytes).
     pub fn map_memory<M2>(self, f: impl FnOnce(M) -> M2) -> RingConsumer<M2> {
-        let RingConsumer { mem, mask, cons, prod_seen, max_frame, failed } = self;
-        RingConsumer { mem: f(mem), mask, cons, prod_seen, max_frame, failed }
+        let RingConsumer { mem, mask, cons, max_frame, failed } = self;
+        RingConsumer { mem: f(mem), mask, cons, max_frame, failed }
     }
 }
 
@@ -332,7 +400,7 @@ impl<M: SharedMemory> RingConsumer<M> {
     pub fn attach(mem: M, size: usize, max_frame: u32) -> Result<Self, RingError> {
         check_geometry(&mem, size)?;
         let cons = mem.load_u32(field::CONS, Acquire);
-        Ok(RingConsumer { mem, mask: (size - 1) as u32, cons, prod_seen: cons, max_frame, failed: None })
+        Ok(RingConsumer { mem, mask: (size / SLOT) as u32 - 1, cons, max_frame, failed: None })
     }
 
     /// Changes the largest accepted body (after the hello exchange).
@@ -340,14 +408,24 @@ impl<M: SharedMemory> RingConsumer<M> {
         self.max_frame = max_frame;
     }
 
-    /// Data size of the ring.
-    pub fn size(&self) -> usize {
+    /// Slots in the ring.
+    pub fn slots(&self) -> usize {
         self.mask as usize + 1
+    }
+
+    /// Frame bytes (header and body) one frame may take.
+    pub fn capacity(&self) -> usize {
+        self.slots() * SLOT_PAYLOAD
     }
 
     /// The largest accepted body.
     pub fn max_frame(&self) -> u32 {
         self.max_frame
+    }
+
+    /// The free-running index of the next frame's first slot.
+    pub fn index(&self) -> u32 {
+        self.cons
     }
 
     /// The sticky error, if the ring has failed.
@@ -360,21 +438,18 @@ impl<M: SharedMemory> RingConsumer<M> {
         e
     }
 
-    /// Published bytes not yet consumed, reading the producer's index once.
-    pub fn available(&mut self) -> Result<u32, RingError> {
+    fn stamp(&self, index: u32, order: core::sync::atomic::Ordering) -> u32 {
+        self.mem.load_u32(slot_at(self.mask, index) + STAMP, order)
+    }
+
+    /// Whether the next frame has been published (its first slot carries our index).
+    pub fn ready(&self) -> Result<bool, RingError> {
         if let Some(e) = self.failed {
             return Err(e);
         }
         // SeqCst, not just Acquire: this is also the re-check after
         // `request_data_notify` (see "Ordering" above).
-        let prod = self.mem.load_u32(field::PROD, SeqCst);
-        let in_flight = prod.wrapping_sub(self.cons);
-        let size = self.mask.wrapping_add(1);
-        if in_flight > size {
-            return Err(self.fail(RingError::IndexOutOfRange { in_flight, size }));
-        }
-        self.prod_seen = prod;
-        Ok(in_flight)
+        Ok(self.stamp(self.cons, SeqCst) == self.cons)
     }
 
     /// Copies the next frame's body into `buf` and returns its header; `Ok(None)` when the
@@ -384,33 +459,35 @@ impl<M: SharedMemory> RingConsumer<M> {
         if let Some(e) = self.failed {
             return Err(e);
         }
-        let mut available = self.prod_seen.wrapping_sub(self.cons);
-        if available == 0 {
-            available = self.available()?;
-            if available == 0 {
-                return Ok(None);
-            }
-        }
-        if (available as usize) < HEADER_LEN {
-            return Err(self.fail(RingError::TruncatedFrame { need: HEADER_LEN as u32, available }));
+        let first = self.cons;
+        if self.stamp(first, Acquire) != first {
+            return Ok(None);
         }
         let mut raw = [0u8; HEADER_LEN];
-        copy_out(&self.mem, self.mask, self.cons, &mut raw);
+        copy_out(&self.mem, self.mask, first, 0, &mut raw);
         let header = match FrameHeader::parse(&raw, self.max_frame) {
             Ok(h) => h,
             Err(e) => return Err(self.fail(RingError::BadFrame(e))),
         };
-        // `len <= max_frame <= u32::MAX`; the sum is computed in u64 so it cannot wrap.
-        let need = HEADER_LEN as u64 + u64::from(header.len);
-        if need > u64::from(available) {
-            return Err(self.fail(RingError::TruncatedFrame { need: need.min(u64::from(u32::MAX)) as u32, available }));
-        }
         let len = header.len as usize;
+        let total = HEADER_LEN + len;
+        let need = frame_slots(len);
+        if need > self.slots() {
+            let capacity = self.capacity().min(u32::MAX as usize) as u32;
+            return Err(self.fail(RingError::TruncatedFrame { need: total as u32, available: capacity }));
+        }
         if buf.len() < len {
             return Err(RingError::BufferTooSmall { need: len });
         }
-        copy_out(&self.mem, self.mask, self.cons.wrapping_add(HEADER_LEN as u32), &mut buf[..len]);
-        self.cons = self.cons.wrapping_add(need as u32);
+        // The first stamp's acquire covers the later slots of an honest producer; one whose
+        // stamp is wrong was never published, and the frame is corrupt.
+        if let Some(k) = (1..need as u32).find(|&k| self.stamp(first.wrapping_add(k), Relaxed) != first.wrapping_add(k))
+        {
+            let published = (k as usize * SLOT_PAYLOAD) as u32;
+            return Err(self.fail(RingError::TruncatedFrame { need: total as u32, available: published }));
+        }
+        copy_out(&self.mem, self.mask, first, HEADER_LEN, &mut buf[..len]);
+        self.cons = first.wrapping_add(need as u32);
         self.mem.store_u32(field::CONS, self.cons, SeqCst);
         let notify = if self.mem.load_u32(field::SPACE_WANTED, SeqCst) != 0 {
             self.mem.store_u32(field::SPACE_WANTED, 0, Relaxed);
@@ -422,7 +499,7 @@ impl<M: SharedMemory> RingConsumer<M> {
     }
 
     /// Asks the producer to notify us when data arrives. Call, then re-check
-    /// [`available`](Self::available) before blocking.
+    /// [`ready`](Self::ready) before blocking.
     pub fn request_data_notify(&self) {
         self.mem.store_u32(field::DATA_WANTED, 1, SeqCst);
     }
@@ -434,7 +511,6 @@ mod tests {
     use super::*;
     use crate::region::test_utils::heap_region;
     use crate::wire::{Flags, MessageId};
-    use core::sync::atomic::Ordering::Release;
     use std::vec::Vec;
 
     fn hdr(len: usize, seq: u32) -> FrameHeader {
@@ -442,53 +518,71 @@ mod tests {
     }
 
     #[test]
+    fn a_small_frame_fits_one_cache_line() {
+        assert_eq!(frame_slots(0), 1);
+        assert_eq!(frame_slots(SLOT_PAYLOAD - HEADER_LEN), 1);
+        assert_eq!(frame_slots(SLOT_PAYLOAD - HEADER_LEN + 1), 2);
+        assert_eq!(capacity(1 << 20), (1 << 20) / 64 * 60);
+    }
+
+    #[test]
     fn send_receive_and_wrap() {
-        let (_buf, region) = heap_region(footprint(64));
-        let mut p = RingProducer::init(&region, 64).unwrap();
-        let mut c = RingConsumer::attach(&region, 64, 64).unwrap();
-        let mut out = [0u8; 64];
-        for seq in 0..50u32 {
-            let body: Vec<u8> = (0..(seq as usize % 30)).map(|i| i as u8 ^ seq as u8).collect();
+        let (_buf, region) = heap_region(footprint(256));
+        let mut p = RingProducer::init(&region, 256).unwrap();
+        let mut c = RingConsumer::attach(&region, 256, 256).unwrap();
+        let mut out = [0u8; 256];
+        for seq in 0..80u32 {
+            // 0..150 bytes: one, two or three slots, wrapping many times.
+            let body: Vec<u8> = (0..(seq as usize * 37 % 151)).map(|i| i as u8 ^ seq as u8).collect();
             assert!(p.try_send(&hdr(body.len(), seq), &body).unwrap().is_some());
             let r = c.try_recv(&mut out).unwrap().unwrap();
             assert_eq!(r.header.seq, seq);
             assert_eq!(&out[..body.len()], &body[..]);
         }
-        assert_eq!(c.try_recv(&mut out).unwrap(), None);
+        assert_eq!(c.try_recv(&mut out).unwrap(), None, "stale slots of earlier laps are not frames");
+        assert!(!c.ready().unwrap());
     }
 
     #[test]
     fn full_ring_applies_backpressure() {
-        let (_buf, region) = heap_region(footprint(64));
-        let mut p = RingProducer::init(&region, 64).unwrap();
-        let mut c = RingConsumer::attach(&region, 64, 64).unwrap();
+        let (_buf, region) = heap_region(footprint(128));
+        let mut p = RingProducer::init(&region, 128).unwrap();
+        let mut c = RingConsumer::attach(&region, 128, 128).unwrap();
         assert!(p.try_send(&hdr(16, 0), &[1; 16]).unwrap().is_some());
         assert!(p.try_send(&hdr(16, 1), &[2; 16]).unwrap().is_some());
         assert_eq!(p.try_send(&hdr(1, 2), &[3]).unwrap(), None, "full: must wait, not drop");
         let mut out = [0u8; 64];
         assert_eq!(c.try_recv(&mut out).unwrap().unwrap().header.seq, 0);
         assert!(p.try_send(&hdr(1, 2), &[3]).unwrap().is_some());
-        assert_eq!(p.try_send(&hdr(60, 3), &[0; 60]), Err(RingError::FrameTooLarge { len: 76, size: 64 }));
+        assert_eq!(p.try_send(&hdr(105, 3), &[0; 105]), Err(RingError::FrameTooLarge { len: 121, size: 120 }));
+        assert_eq!(c.try_recv(&mut out).unwrap().unwrap().header.seq, 1);
+        assert_eq!(c.try_recv(&mut out).unwrap().unwrap().header.seq, 2);
+        // A frame the size of the whole ring goes through once the ring is empty.
+        assert!(p.try_send(&hdr(104, 3), &[7; 104]).unwrap().is_some());
+        let mut big = [0u8; 104];
+        assert_eq!(c.try_recv(&mut big).unwrap().unwrap().header.seq, 3);
+        assert_eq!(big, [7; 104]);
     }
 
     #[test]
-    fn corrupt_producer_index_fails_connection() {
-        let (_buf, region) = heap_region(footprint(64));
-        let _p = RingProducer::init(&region, 64).unwrap();
-        let mut c = RingConsumer::attach(&region, 64, 64).unwrap();
+    fn the_consumer_trusts_stamps_not_the_producer_index() {
+        let (_buf, region) = heap_region(footprint(128));
+        let mut p = RingProducer::init(&region, 128).unwrap();
+        let mut c = RingConsumer::attach(&region, 128, 64).unwrap();
         region.store_u32(field::PROD, 65, Release);
         let mut out = [0u8; 64];
-        let e = c.try_recv(&mut out).unwrap_err();
-        assert_eq!(e, RingError::IndexOutOfRange { in_flight: 65, size: 64 });
-        // Sticky: fixing the index does not revive the connection.
-        region.store_u32(field::PROD, 0, Release);
-        assert_eq!(c.try_recv(&mut out), Err(e));
+        assert_eq!(c.try_recv(&mut out), Ok(None), "a moved producer index publishes nothing");
+        // A stamp from another lap does not publish the slot either.
+        region.store_u32(field::DATA + STAMP, 2, Release);
+        assert_eq!(c.try_recv(&mut out), Ok(None));
+        assert!(p.try_send(&hdr(3, 9), &[1, 2, 3]).unwrap().is_some());
+        assert_eq!(c.try_recv(&mut out).unwrap().unwrap().header.seq, 9);
     }
 
     #[test]
     fn corrupt_consumer_index_fails_producer() {
-        let (_buf, region) = heap_region(footprint(64));
-        let mut p = RingProducer::init(&region, 64).unwrap();
+        let (_buf, region) = heap_region(footprint(256));
+        let mut p = RingProducer::init(&region, 256).unwrap();
         assert!(p.try_send(&hdr(0, 0), &[]).unwrap().is_some());
         region.store_u32(field::CONS, 0x8000_0000, Release);
         // Detected as soon as the producer needs the index again: when the space it last
@@ -497,27 +591,32 @@ mod tests {
             assert!(p.try_send(&hdr(0, seq), &[]).unwrap().is_some());
         }
         assert!(matches!(p.try_send(&hdr(0, 4), &[]), Err(RingError::IndexOutOfRange { .. })));
+        assert!(matches!(p.free_slots(), Err(RingError::IndexOutOfRange { .. })), "sticky");
     }
 
     #[test]
     fn lying_length_fails_instead_of_overreading() {
-        let (_buf, region) = heap_region(footprint(64));
-        let mut p = RingProducer::init(&region, 64).unwrap();
-        let mut c = RingConsumer::attach(&region, 64, 1 << 20).unwrap();
+        let (_buf, region) = heap_region(footprint(256));
+        let mut p = RingProducer::init(&region, 256).unwrap();
+        let mut c = RingConsumer::attach(&region, 256, 1 << 20).unwrap();
         assert!(p.try_send(&hdr(4, 0), &[9; 4]).unwrap().is_some());
-        // Peer rewrites the length field after publishing: claims 40 body bytes, 4 exist.
-        region.write_bytes(field::DATA, &40u32.to_le_bytes());
-        let mut out = [0u8; 64];
-        assert_eq!(c.try_recv(&mut out), Err(RingError::TruncatedFrame { need: 56, available: 20 }));
+        // Peer rewrites the length field after publishing: claims 100 body bytes (two
+        // slots), but only the first slot was stamped.
+        region.write_bytes(field::DATA, &100u32.to_le_bytes());
+        let mut out = [0u8; 128];
+        assert_eq!(c.try_recv(&mut out), Err(RingError::TruncatedFrame { need: 116, available: 60 }));
+        assert_eq!(c.try_recv(&mut out), Err(RingError::TruncatedFrame { need: 116, available: 60 }), "sticky");
     }
 
     #[test]
-    fn partial_header_is_corruption() {
+    fn a_frame_larger_than_the_ring_is_corruption() {
         let (_buf, region) = heap_region(footprint(64));
-        let mut c = RingConsumer::attach(&region, 64, 64).unwrap();
-        region.store_u32(field::PROD, 7, Release);
-        let mut out = [0u8; 64];
-        assert!(matches!(c.try_recv(&mut out), Err(RingError::TruncatedFrame { need: 16, available: 7 })));
+        let mut c = RingConsumer::attach(&region, 64, 1 << 20).unwrap();
+        let forged = hdr(100, 0).emit();
+        region.write_bytes(field::DATA, &forged);
+        region.store_u32(field::DATA + STAMP, 0, Release);
+        let mut out = [0u8; 128];
+        assert_eq!(c.try_recv(&mut out), Err(RingError::TruncatedFrame { need: 116, available: 60 }));
     }
 
     #[test]
@@ -542,9 +641,9 @@ mod tests {
 
     #[test]
     fn notification_is_suppressed_unless_requested() {
-        let (_buf, region) = heap_region(footprint(128));
-        let mut p = RingProducer::init(&region, 128).unwrap();
-        let mut c = RingConsumer::attach(&region, 128, 64).unwrap();
+        let (_buf, region) = heap_region(footprint(256));
+        let mut p = RingProducer::init(&region, 256).unwrap();
+        let mut c = RingConsumer::attach(&region, 256, 64).unwrap();
         assert_eq!(p.try_send(&hdr(1, 0), &[0]).unwrap(), Some(Sent { notify: false }));
         c.request_data_notify();
         assert_eq!(p.try_send(&hdr(1, 1), &[0]).unwrap(), Some(Sent { notify: true }));
@@ -565,16 +664,18 @@ mod tests {
 
     #[test]
     fn indices_wrap_around_u32() {
-        let (_buf, region) = heap_region(footprint(64));
-        region.store_u32(field::PROD, u32::MAX - 20, Relaxed);
-        region.store_u32(field::CONS, u32::MAX - 20, Relaxed);
-        let mut p = RingProducer::attach(&region, 64).unwrap();
-        let mut c = RingConsumer::attach(&region, 64, 64).unwrap();
-        let mut out = [0u8; 64];
-        for seq in 0..10 {
-            assert!(p.try_send(&hdr(10, seq), &[seq as u8; 10]).unwrap().is_some());
+        let (_buf, region) = heap_region(footprint(256));
+        let mut p = RingProducer::init_at(&region, 256, u32::MAX - 6).unwrap();
+        let mut c = RingConsumer::attach(&region, 256, 256).unwrap();
+        let mut out = [0u8; 256];
+        for seq in 0..12 {
+            // One- and two-slot frames, so frames straddle the u32 wrap as well.
+            let len = if seq % 2 == 0 { 10 } else { 70 };
+            let body = [seq as u8; 70];
+            assert!(p.try_send(&hdr(len, seq), &body[..len]).unwrap().is_some());
             let r = c.try_recv(&mut out).unwrap().unwrap();
-            assert_eq!((r.header.seq, &out[..10]), (seq, &[seq as u8; 10][..]));
+            assert_eq!((r.header.seq, &out[..len]), (seq, &body[..len]));
         }
+        assert_eq!(c.try_recv(&mut out), Ok(None));
     }
 }

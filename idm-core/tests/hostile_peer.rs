@@ -19,7 +19,7 @@ use idm_core::channel::{Channel, ChannelError, Client, Server};
 use idm_core::idm_messages;
 use idm_core::notify::{Notifier, NotifyError, WaitOutcome, WaitPolicy, WaitToken, Waiter};
 use idm_core::region::{RawRegion, SharedMemory, SubRegion};
-use idm_core::ring::{field, footprint, RingConsumer, RingError, RingProducer};
+use idm_core::ring::{capacity, field, footprint, RingConsumer, RingError, RingProducer, SLOT, SLOT_PAYLOAD};
 use idm_core::wire::proto::ErrorKind;
 use idm_core::wire::{Flags, FrameHeader, Message, MessageId, HEADER_LEN};
 use serde::{Deserialize, Serialize};
@@ -76,9 +76,9 @@ enum Target {
 
 /// Writes one random corruption of `target` into the ring at `mem`.
 fn scribble<M: SharedMemory>(mem: &M, size: usize, target: Target, rng: &mut Rng) {
-    let size32 = size as u32;
+    let slots = (size / SLOT) as u32;
     let what = match target {
-        Target::Frames => 8 + rng.below(2),
+        Target::Frames => 7 + rng.below(3),
         Target::NearbyIndices => rng.below(3),
         Target::Anything => rng.below(10),
     };
@@ -86,8 +86,8 @@ fn scribble<M: SharedMemory>(mem: &M, size: usize, target: Target, rng: &mut Rng
         0 | 1 => {
             let at = if rng.below(2) == 0 { field::PROD } else { field::CONS };
             let near = mem.load_u32(at, Relaxed);
-            let delta = rng.below(2 * u64::from(size32) + 1) as u32;
-            mem.store_u32(at, near.wrapping_add(delta).wrapping_sub(size32), Release);
+            let delta = rng.below(2 * u64::from(slots) + 1) as u32;
+            mem.store_u32(at, near.wrapping_add(delta).wrapping_sub(slots), Release);
         }
         2 => {
             let at = if rng.below(2) == 0 { field::DATA_WANTED } else { field::SPACE_WANTED };
@@ -97,10 +97,16 @@ fn scribble<M: SharedMemory>(mem: &M, size: usize, target: Target, rng: &mut Rng
             let at = if rng.below(2) == 0 { field::PROD } else { field::CONS };
             mem.store_u32(at, rng.next() as u32, Release);
         }
+        7 => {
+            // A stamp near the consumer's index: publishes a stale slot, or unpublishes one.
+            let next = mem.load_u32(field::CONS, Relaxed).wrapping_add(rng.below(3) as u32);
+            let stamp = next.wrapping_sub(slots * rng.below(2) as u32);
+            mem.store_u32(field::DATA + (next % slots) as usize * SLOT + SLOT_PAYLOAD, stamp, Release);
+        }
         8 => {
             // The header the consumer reads next.
-            let next = mem.load_u32(field::CONS, Relaxed) as usize % size;
-            let off = (next + rng.below(HEADER_LEN as u64) as usize) % size;
+            let next = mem.load_u32(field::CONS, Relaxed) % slots;
+            let off = next as usize * SLOT + rng.below(HEADER_LEN as u64) as usize;
             mem.write_bytes(field::DATA + off, &[rng.next() as u8]);
         }
         _ => {
@@ -152,7 +158,7 @@ fn ring_survives_a_scribbling_peer() {
     let (mut frames, mut producer_errors, mut consumer_errors) = (0, 0, 0);
     for round in 0..RING_ROUNDS {
         let size = 64usize << (round % 5);
-        let max_frame = (size - HEADER_LEN) as u32;
+        let max_frame = (capacity(size) - HEADER_LEN) as u32;
         let heap = HeapRegion::new(footprint(size));
         let mem = &heap.region;
         let mut p = RingProducer::init(mem, size).unwrap();
@@ -167,7 +173,7 @@ fn ring_survives_a_scribbling_peer() {
                         Ok(Some(_)) => out.frames += 1,
                         Ok(None) => thread::yield_now(),
                         Err(e) => {
-                            let again = p.free_space().map(|_| ());
+                            let again = p.free_slots().map(|_| ());
                             assert_fatal_and_sticky(e, p.failure(), again);
                             assert_eq!(p.try_send(&h, &body), Err(e));
                             out.error = Some(e);
@@ -191,7 +197,7 @@ fn ring_survives_a_scribbling_peer() {
                         }
                         Ok(None) => thread::yield_now(),
                         Err(e) => {
-                            let again = c.available().map(|_| ());
+                            let again = c.ready().map(|_| ());
                             assert_fatal_and_sticky(e, c.failure(), again);
                             assert_eq!(c.try_recv(&mut buf), Err(e));
                             out.error = Some(e);
@@ -329,10 +335,11 @@ fn channel_survives_a_scribbling_peer() {
         let healthy = AtomicU32::new(0);
         let client_done = AtomicBool::new(false);
         let server_done = AtomicBool::new(false);
+        let server_index = AtomicU32::new(0);
 
         thread::scope(|s| {
             let server = s.spawn(|| {
-                let r = serve(server_ch);
+                let r = serve(server_ch, &server_index);
                 server_done.store(true, Release);
                 r
             });
@@ -356,19 +363,20 @@ fn channel_survives_a_scribbling_peer() {
                 pause(&mut rng);
             }
             // Poison the request ring once the client is gone, so the server's receive
-            // loop must end: every data byte 0xff (unknown flag bits in any header), then a
-            // producer index one or two bytes past the published consumer index. Whatever
-            // private index the server holds, one of the two is a non-empty, bad ring.
+            // loop must end: every payload byte 0xff (unknown flag bits in any header), and
+            // the slot where the server looks next stamped as published.
             while !client_done.load(Acquire) {
                 thread::yield_now();
             }
-            to_server.write_bytes(field::DATA, &vec![0xff; size]);
-            for k in 0..1_000_000u32 {
+            let slots = (size / SLOT) as u32;
+            for _ in 0..1_000_000u32 {
                 if server_done.load(Acquire) {
                     break;
                 }
-                let cons = to_server.load_u32(field::CONS, Acquire);
-                to_server.store_u32(field::PROD, cons.wrapping_add(1 + k % 2), Release);
+                let next = server_index.load(Acquire);
+                let slot = field::DATA + (next % slots) as usize * SLOT;
+                to_server.write_bytes(slot, &[0xff; SLOT_PAYLOAD]);
+                to_server.store_u32(slot + SLOT_PAYLOAD, next, Release);
                 thread::yield_now();
             }
 
@@ -431,14 +439,16 @@ fn run_client(ch: Ch<'_>, healthy: &AtomicU32) -> ClientOutcome {
     out
 }
 
-/// Serves requests with a bounded, non-blocking receive loop until the channel fails.
-fn serve(ch: Ch<'_>) -> Result<u64, ChannelError> {
+/// Serves requests with a bounded, non-blocking receive loop until the channel fails,
+/// publishing the index it will receive at next into `index` (for the poisoning).
+fn serve(ch: Ch<'_>, index: &AtomicU32) -> Result<u64, ChannelError> {
     let mut buf = [0u8; 2048];
     let mut scratch = [0u8; 2048];
     let mut server = Server::accept(ch, 1024, &mut buf)?;
     server.channel_mut().policy_mut().timeout = Some(HOSTILE_TIMEOUT);
     let mut served = 0u64;
     for _ in 0..20_000_000u64 {
+        index.store(server.channel_mut().rx_index(), Release);
         let result = match server.try_recv(&mut buf) {
             Ok(Some(req)) => {
                 served += 1;

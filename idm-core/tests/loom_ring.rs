@@ -17,7 +17,7 @@
 #![cfg(loom)]
 
 use idm_core::region::SharedMemory;
-use idm_core::ring::{field, footprint, RingConsumer, RingProducer};
+use idm_core::ring::{capacity, footprint, RingConsumer, RingProducer};
 use idm_core::wire::{Flags, FrameHeader, MessageId, HEADER_LEN};
 use loom::sync::atomic::{fence, AtomicU32};
 use loom::sync::Arc;
@@ -82,7 +82,9 @@ impl SharedMemory for LoomMemory {
     }
 }
 
-const SIZE: usize = 64;
+/// Two slots of 60 payload bytes: room for two small frames, or one of up to 104 bytes.
+const SIZE: usize = 128;
+const CAPACITY: usize = capacity(SIZE);
 
 fn frame(seq: u32, len: usize) -> (FrameHeader, Vec<u8>) {
     let header = FrameHeader { len: len as u32, id: MessageId(0x0100), flags: Flags::empty(), seq, aux: 0 };
@@ -112,8 +114,7 @@ fn model_bounded(preemptions: Option<usize>, f: impl Fn() + Sync + Send + 'stati
 fn deliver(start: u32, lens: &'static [usize], preemptions: Option<usize>) {
     model_bounded(preemptions, move || {
         let mem = Arc::new(LoomMemory::new(footprint(SIZE)));
-        mem.store_u32(field::PROD, start, Relaxed);
-        mem.store_u32(field::CONS, start, Relaxed);
+        drop(RingProducer::init_at(&*mem, SIZE, start).unwrap());
 
         let m = mem.clone();
         let producer = thread::spawn(move || {
@@ -126,8 +127,8 @@ fn deliver(start: u32, lens: &'static [usize], preemptions: Option<usize>) {
             }
         });
 
-        let mut c = RingConsumer::attach(&*mem, SIZE, (SIZE - HEADER_LEN) as u32).unwrap();
-        let mut buf = [0u8; SIZE];
+        let mut c = RingConsumer::attach(&*mem, SIZE, (CAPACITY - HEADER_LEN) as u32).unwrap();
+        let mut buf = [0u8; CAPACITY];
         for (seq, &len) in lens.iter().enumerate() {
             let r = loop {
                 match c.try_recv(&mut buf).unwrap() {
@@ -149,21 +150,22 @@ fn two_frames_arrive_in_order() {
     deliver(0, &[8, 4], None);
 }
 
-/// Three 28-byte frames in a 64-byte ring: the producer must wait for space, the first
-/// frame straddles the end of the data area, and the u32 indices wrap during the run.
+/// Three one-slot frames in a two-slot ring: the producer must wait for space, the ring
+/// wraps, and so do the u32 indices during the run.
 #[test]
 fn backpressure_and_wraparound_keep_frames_intact() {
-    deliver(u32::MAX - 15, &[12, 12, 12], None);
+    deliver(u32::MAX - 1, &[12, 12, 12], None);
 }
 
-/// A longer run mixing sizes: empty bodies, a frame that fills most of the ring, and
-/// several rounds of waiting for space. Too large for an exhaustive search.
+/// A longer run mixing sizes: empty bodies, frames of two slots (one of them the whole
+/// ring, published by its first stamp after its second), and several rounds of waiting for
+/// space. Too large for an exhaustive search.
 #[test]
 fn mixed_sizes_under_backpressure() {
-    deliver(u32::MAX - 40, &[0, 20, 36, 4, 0], Some(5));
+    deliver(u32::MAX - 2, &[0, 50, 104, 4, 0], Some(4));
 }
 
-/// Odd lengths: frames start mid-word, so the byte copies take the partial-word paths.
+/// Odd lengths: bodies end mid-word, so the byte copies take the partial-word paths.
 #[test]
 fn unaligned_frames_arrive_intact() {
     deliver(u32::MAX - 2, &[3, 5], None);
@@ -177,6 +179,7 @@ fn unaligned_frames_arrive_intact() {
 fn data_notify_request_is_never_lost() {
     model(|| {
         let mem = Arc::new(LoomMemory::new(footprint(SIZE)));
+        drop(RingProducer::init(&*mem, SIZE).unwrap());
         let m = mem.clone();
         let producer = thread::spawn(move || {
             let mut p = RingProducer::attach(&*m, SIZE).unwrap();
@@ -185,10 +188,10 @@ fn data_notify_request_is_never_lost() {
         });
         let mut c = RingConsumer::attach(&*mem, SIZE, 32).unwrap();
         c.request_data_notify();
-        let seen = c.available().unwrap();
+        let seen = c.ready().unwrap();
         let notified = producer.join().unwrap();
         assert!(
-            seen > 0 || notified,
+            seen || notified,
             "lost wake-up: the consumer found the ring empty after asking to be notified, \
              and the producer did not notify"
         );
@@ -201,21 +204,22 @@ fn data_notify_request_is_never_lost() {
 fn space_notify_request_is_never_lost() {
     model(|| {
         let mem = Arc::new(LoomMemory::new(footprint(SIZE)));
+        drop(RingProducer::init(&*mem, SIZE).unwrap());
         let m = mem.clone();
         let producer = thread::spawn(move || {
             let mut p = RingProducer::attach(&*m, SIZE).unwrap();
             // One frame fills the whole ring.
-            let (h, body) = frame(0, SIZE - HEADER_LEN);
+            let (h, body) = frame(0, CAPACITY - HEADER_LEN);
             assert!(p.try_send(&h, &body).unwrap().is_some());
             let (h, body) = frame(1, 0);
             if p.try_send(&h, &body).unwrap().is_some() {
                 return None; // The consumer was quick: no need to wait.
             }
             p.request_space_notify();
-            Some(p.free_space().unwrap() >= HEADER_LEN)
+            Some(p.free_slots().unwrap() >= 1)
         });
-        let mut c = RingConsumer::attach(&*mem, SIZE, SIZE as u32).unwrap();
-        let mut buf = [0u8; SIZE];
+        let mut c = RingConsumer::attach(&*mem, SIZE, CAPACITY as u32).unwrap();
+        let mut buf = [0u8; CAPACITY];
         let r = loop {
             match c.try_recv(&mut buf).unwrap() {
                 Some(r) => break r,

@@ -7,11 +7,10 @@ mod common;
 
 use common::{proptest_config, HeapRegion};
 use idm_core::region::{SharedMemory, SubRegion};
-use idm_core::ring::{field, footprint, RingConsumer, RingError, RingProducer};
+use idm_core::ring::{capacity, footprint, frame_slots, RingConsumer, RingError, RingProducer, SLOT};
 use idm_core::wire::{Flags, FrameHeader, MessageId, HEADER_LEN};
 use proptest::prelude::*;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::Relaxed;
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
@@ -63,19 +62,19 @@ fn expect_frame<M: SharedMemory>(
     let (seq, len) = model.pop_front().unwrap();
     assert_eq!(r.header, header(seq, len), "frames arrive in order");
     assert_eq!(&buf[..len], &body(seq, len)[..], "frame {seq} intact");
-    *used -= HEADER_LEN + len;
+    *used -= frame_slots(len);
 }
 
-/// Runs `ops` against a ring and a model (a queue of frame lengths), then drains the ring.
+/// Runs `ops` against a ring and a model (a queue of frames; `used` counts slots), then
+/// drains the ring.
 fn run_ops(size_log2: u32, base_words: usize, start: u32, ops: &[Op]) {
     let size = 1usize << size_log2;
-    let max_body = size - HEADER_LEN;
+    let slots = size / SLOT;
+    let max_body = capacity(size) - HEADER_LEN;
     let base = base_words * 8;
     let heap = HeapRegion::new(base + footprint(size));
     let mem = SubRegion::new(&heap.region, base, footprint(size)).unwrap();
-    mem.store_u32(field::PROD, start, Relaxed);
-    mem.store_u32(field::CONS, start, Relaxed);
-    let mut p = RingProducer::attach(mem, size).unwrap();
+    let mut p = RingProducer::init_at(mem, size, start).unwrap();
     let mut c = RingConsumer::attach(mem, size, max_body as u32).unwrap();
 
     let mut model: VecDeque<(u32, usize)> = VecDeque::new();
@@ -87,17 +86,17 @@ fn run_ops(size_log2: u32, base_words: usize, start: u32, ops: &[Op]) {
         match op {
             Op::Send(n) => {
                 let len = n as usize % (max_body + 1);
-                let total = HEADER_LEN + len;
+                let need = frame_slots(len);
                 let sent = p.try_send(&header(next_seq, len), &body(next_seq, len)).unwrap();
-                if used + total <= size {
-                    assert!(sent.is_some(), "room for {total} bytes, {used} in use");
+                if used + need <= slots {
+                    assert!(sent.is_some(), "room for {need} slots, {used} in use");
                     model.push_back((next_seq, len));
-                    used += total;
+                    used += need;
                     next_seq += 1;
                 } else {
                     assert_eq!(sent, None, "a full ring pushes back, never overwrites");
                 }
-                assert_eq!(p.free_space().unwrap(), size - used);
+                assert_eq!(p.free_slots().unwrap(), slots - used);
             }
             Op::Recv => {
                 if model.is_empty() {
@@ -119,13 +118,13 @@ fn run_ops(size_log2: u32, base_words: usize, start: u32, ops: &[Op]) {
                 }
             }
         }
-        assert_eq!(c.available().unwrap() as usize, used);
+        assert_eq!(c.ready().unwrap(), used > 0, "published exactly when the model holds a frame");
     }
     while !model.is_empty() {
         expect_frame(&mut c, &mut model, &mut used, &mut buf);
     }
     assert_eq!(c.try_recv(&mut buf).unwrap(), None);
-    assert_eq!(p.free_space().unwrap(), size);
+    assert_eq!(p.free_slots().unwrap(), slots);
     assert_eq!((p.failure(), c.failure()), (None, None));
 }
 
@@ -148,10 +147,10 @@ proptest! {
         let size = 1usize << size_log2;
         let heap = HeapRegion::new(footprint(size));
         let mut p = RingProducer::init(&heap.region, size).unwrap();
-        let len = size - HEADER_LEN + extra;
+        let len = capacity(size) - HEADER_LEN + extra;
         prop_assert_eq!(
             p.try_send(&header(0, len), &body(0, len)),
-            Err(RingError::FrameTooLarge { len: HEADER_LEN + len, size })
+            Err(RingError::FrameTooLarge { len: HEADER_LEN + len, size: capacity(size) })
         );
         prop_assert_eq!(p.failure(), None);
         prop_assert!(p.try_send(&header(0, 1), &[0]).unwrap().is_some());
@@ -171,12 +170,10 @@ proptest! {
         lens in proptest::collection::vec(0usize..=1000, 1..if cfg!(miri) { 12 } else { 400 }),
     ) {
         let size = 1usize << size_log2;
-        let max_body = size - HEADER_LEN;
+        let max_body = capacity(size) - HEADER_LEN;
         let lens: Vec<usize> = lens.into_iter().map(|l| l % (max_body + 1)).collect();
         let heap = HeapRegion::new(footprint(size));
-        heap.region.store_u32(field::PROD, start, Relaxed);
-        heap.region.store_u32(field::CONS, start, Relaxed);
-        let mut p = RingProducer::attach(&heap.region, size).unwrap();
+        let mut p = RingProducer::init_at(&heap.region, size, start).unwrap();
         let mut c = RingConsumer::attach(&heap.region, size, max_body as u32).unwrap();
         std::thread::scope(|s| {
             s.spawn(|| {

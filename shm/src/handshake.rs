@@ -42,8 +42,9 @@ use std::time::Duration;
 
 /// Magic number opening every offer and answer: "IDMS".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"IDMS");
-/// Version of the handshake this crate speaks.
-pub const HANDSHAKE_VERSION: u16 = 1;
+/// Version of the handshake this crate speaks; it also names the layout of the shared
+/// region's rings (2: idm-core's stamped 64-byte slots).
+pub const HANDSHAKE_VERSION: u16 = 2;
 /// How long the client waits for the server's answer.
 pub const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -343,7 +344,7 @@ mod tests {
     fn offer_fixture_round_trip() {
         let bytes: [u8; 24] = [
             b'I', b'D', b'M', b'S', // magic
-            0x01, 0x00, // version 1
+            0x02, 0x00, // version 2
             0x00, 0x00, // flags
             0x00, 0x10, 0x00, 0x00, // ring 4096
             0x00, 0x00, 0x00, 0x00, // reserved
@@ -359,8 +360,11 @@ mod tests {
         bad[0] = b'X';
         assert!(matches!(Offer::parse(&bad), Err(ShmError::BadMagic { .. })));
         let mut bad = bytes;
-        bad[4] = 2;
-        assert!(matches!(Offer::parse(&bad), Err(ShmError::UnsupportedVersion { found: 2, .. })));
+        bad[4] = 1;
+        assert!(
+            matches!(Offer::parse(&bad), Err(ShmError::UnsupportedVersion { found: 1, .. })),
+            "the byte-ring layout"
+        );
     }
 
     #[test]

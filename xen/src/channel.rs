@@ -56,8 +56,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The handshake's protocol version (the `protocol-version` keys).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The handshake's protocol version (the `protocol-version` keys); it also names the layout
+/// of the granted rings (2: idm-core's stamped 64-byte slots).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Grant refs per directory page.
 pub const REFS_PER_DIR_PAGE: usize = XEN_PAGE_SIZE / 4;
 /// Most directory pages a frontend may use (64 × 1024 pages = a 256 MiB region).
@@ -457,7 +458,7 @@ mod tests {
         let layout = ChannelLayout::new(64 << 10, 1 << 20).unwrap();
         let npages = layout.total_size() / XEN_PAGE_SIZE;
         vec![
-            ("protocol-version", "1".into()),
+            ("protocol-version", PROTOCOL_VERSION.to_string()),
             ("ring-size", (64 << 10).to_string()),
             ("window-size", (1 << 20).to_string()),
             ("nr-pages", npages.to_string()),
@@ -491,7 +492,7 @@ mod tests {
     #[test]
     fn hostile_offers_are_refused_naming_the_key() {
         let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
-            (with("protocol-version", "2"), "protocol-version"),
+            (with("protocol-version", "1"), "protocol-version"),
             (with("ring-size", "65535"), "geometry"),
             (with("ring-size", (2 << 20).to_string().as_str()), "ring-size"),
             (with("window-size", (128 << 20).to_string().as_str()), "window-size"),

@@ -9,7 +9,7 @@
 
 use idm_core::idm_messages;
 use idm_core::region::{RawRegion, SharedMemory};
-use idm_core::ring::{field, footprint, RingConsumer, RingError, RingProducer};
+use idm_core::ring::{capacity, field, footprint, frame_slots, RingConsumer, RingError, RingProducer, SLOT};
 use idm_core::stream::read_frame;
 use idm_core::wire::proto::{ErrorKind, ErrorReply, Hello, HelloAck};
 use idm_core::wire::{
@@ -232,13 +232,12 @@ pub fn ring_ops(data: &[u8]) {
         return;
     };
     let size = 64usize << (setup.size_log2 % 5);
-    let max_body = size - HEADER_LEN;
+    let (slots, capacity) = (size / SLOT, capacity(size));
+    let max_body = capacity - HEADER_LEN;
     let max_frame = if setup.max_frame == 0xff { max_body as u32 } else { u32::from(setup.max_frame) * 8 };
     let heap = HeapRegion::new(footprint(size));
     let mem = &heap.region;
-    mem.store_u32(field::PROD, setup.start, Relaxed);
-    mem.store_u32(field::CONS, setup.start, Relaxed);
-    let mut p = RingProducer::attach(mem, size).unwrap();
+    let mut p = RingProducer::init_at(mem, size, setup.start).unwrap();
     let mut c = RingConsumer::attach(mem, size, max_frame).unwrap();
 
     // The model, valid until the first corruption.
@@ -258,27 +257,27 @@ pub fn ring_ops(data: &[u8]) {
                 let (h, body) = frame(next_seq, len);
                 match p.try_send(&h, &body) {
                     Ok(sent) => {
-                        assert!(total <= size && p_failed.is_none());
+                        assert!(total <= capacity && p_failed.is_none());
                         if !corrupted {
-                            assert_eq!(sent.is_some(), used + total <= size, "backpressure");
+                            assert_eq!(sent.is_some(), used + frame_slots(len) <= slots, "backpressure");
                         }
                         if let Some(sent) = sent {
                             if !corrupted {
                                 assert_eq!(sent.notify, data_wanted, "notify iff requested");
                                 data_wanted = false;
                                 queue.push_back((next_seq, len));
-                                used += total;
+                                used += frame_slots(len);
                             }
                             next_seq += 1;
                         }
                     }
                     Err(RingError::FrameTooLarge { len: l, size: s }) => {
-                        assert_eq!((l, s), (total, size));
-                        assert!(total > size);
+                        assert_eq!((l, s), (total, capacity));
+                        assert!(total > capacity);
                     }
                     Err(e) => {
                         assert!(corrupted, "uncorrupted ring failed: {e:?}");
-                        assert!(total <= size);
+                        assert!(total <= capacity);
                         check_sticky(&mut p_failed, e);
                         assert!(e.is_fatal(), "{e:?}");
                     }
@@ -301,7 +300,7 @@ pub fn ring_ops(data: &[u8]) {
                             assert_eq!(&buf[..len], &body[..], "intact");
                             assert_eq!(r.notify, space_wanted, "notify iff requested");
                             space_wanted = false;
-                            used -= HEADER_LEN + len;
+                            used -= frame_slots(len);
                         }
                     }
                     Ok(None) => {
@@ -352,20 +351,20 @@ pub fn ring_ops(data: &[u8]) {
                 space_wanted = true;
             }
             Op::Query => {
-                match p.free_space() {
+                match p.free_slots() {
                     Ok(free) => {
-                        assert!(p_failed.is_none() && free <= size);
-                        assert!(corrupted || free == size - used);
+                        assert!(p_failed.is_none() && free <= slots);
+                        assert!(corrupted || free == slots - used);
                     }
                     Err(e) => {
                         assert!(corrupted && e.is_fatal(), "{e:?}");
                         check_sticky(&mut p_failed, e);
                     }
                 }
-                match c.available() {
-                    Ok(avail) => {
-                        assert!(c_failed.is_none() && avail as usize <= size);
-                        assert!(corrupted || avail as usize == used);
+                match c.ready() {
+                    Ok(ready) => {
+                        assert!(c_failed.is_none());
+                        assert!(corrupted || ready == (used > 0));
                     }
                     Err(e) => {
                         assert!(e.is_fatal(), "{e:?}");
@@ -422,7 +421,8 @@ pub mod seeds {
 
     /// Seeds for `ring_ops`, one per ring unit test.
     pub fn ring_ops() -> Vec<(&'static str, Vec<u8>)> {
-        let small = |start| Setup { size_log2: 0, max_frame: 0xff, start };
+        // Two slots (128 bytes): two small frames, or one of up to 104 bytes.
+        let small = |start| Setup { size_log2: 1, max_frame: 0xff, start };
         let mut wrap = Vec::new();
         for i in 0..10 {
             wrap.extend([Op::Send(10 + i), Op::Recv]);
@@ -433,7 +433,7 @@ pub mod seeds {
                 "seed-backpressure",
                 encode_ops(
                     small(0),
-                    &[Op::Send(16), Op::Send(16), Op::Send(1), Op::Recv, Op::Send(1), Op::Send(60), Op::Query],
+                    &[Op::Send(16), Op::Send(16), Op::Send(1), Op::Recv, Op::Send(1), Op::Send(105), Op::Query],
                 ),
             ),
             (
@@ -452,10 +452,17 @@ pub mod seeds {
                     ],
                 ),
             ),
-            ("seed-lying-length", encode_ops(small(0), &[Op::Send(4), Op::SetData { offset: 0, value: 40 }, Op::Recv])),
             (
-                "seed-partial-header",
-                encode_ops(small(0), &[Op::SetIndex { which: 0, value: IndexValue::Delta(7) }, Op::Recv]),
+                "seed-lying-length",
+                encode_ops(small(0), &[Op::Send(4), Op::SetData { offset: 0, value: 100 }, Op::Recv]),
+            ),
+            (
+                // Stamps slot 0 as published (index 0) over zeroed payload.
+                "seed-forged-stamp",
+                encode_ops(
+                    small(0),
+                    &(60..64).map(|offset| Op::SetData { offset, value: 0 }).chain([Op::Recv]).collect::<Vec<_>>(),
+                ),
             ),
             (
                 "seed-oversize-on-receive",
@@ -465,7 +472,7 @@ pub mod seeds {
             (
                 "seed-notify",
                 encode_ops(
-                    Setup { size_log2: 1, max_frame: 8, start: 0 },
+                    Setup { size_log2: 2, max_frame: 8, start: 0 },
                     &[
                         Op::Send(1),
                         Op::RequestData,
