@@ -11,7 +11,7 @@
 # .device-carry/libvgpu/libcuda.so.1. Results in /tmp/vgpu-bench-out (raw outputs, table,
 # host-proxy logs); when $OUT is set, $OUT gets bench.txt (the table), raw.txt (the four raw
 # outputs) and host-proxy.log. BENCH_COMMIT names the measured commit in the table (else
-# git's HEAD, which on a copied tree may be stale). HOST_PROXY_BACKEND=sim (a dry run of the
+# git's HEAD, which on a copied tree may be stale); BENCH_ROUNDS sets the rounds (default 2). HOST_PROXY_BACKEND=sim (a dry run of the
 # script itself off a GPU machine) gives the daemon the simulated test double instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ carry=$root/.device-carry
 out=/tmp/vgpu-bench-out
 sockdir=/tmp/vgpu-bench
 sock=$sockdir/host-proxy.sock
-rounds=2
+rounds=${BENCH_ROUNDS:-2}
 
 for f in "$carry/host-proxy" "$carry/libvgpu/libcuda.so.1"; do
     if [ ! -f "$f" ]; then echo "FAIL: $f not carried (run cargo xtask device-build)" >&2; exit 1; fi
@@ -29,10 +29,10 @@ done
 
 work=$(mktemp -d /tmp/vgpu-bench-work.XXXXXX)
 rm -rf "$out"
-mkdir -p "$out" "$work/bin" "$work/kernels" "$work/lib"
+mkdir -p "$out"
 
 # shellcheck source=device/lib.sh
-. device/lib.sh # find_cuda_toolkit, stop_daemon ($hp), require_libvgpu; the working directory is the repository root
+. device/lib.sh # find_cuda_toolkit, build_bench, start_daemon/stop_daemon ($hp), require_libvgpu; run from the repository root
 on_exit() {
     stop_daemon
     if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
@@ -55,55 +55,11 @@ echo "== CPU: ${cpu:-?}, $(nproc) cores"
 find_cuda_toolkit
 
 # ---- build ----
-k=$work/kernels
-"$nvcc" -fatbin -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90 \
-    "$src/bench_kernels.cu" -o "$k/bench_kernels.fatbin"
-bin=$work/bin/bench
-cc=""
-for c in "${CC:-}" gcc cc; do
-    if [ -n "$c" ] && command -v "$c" >/dev/null 2>&1; then cc=$c; break; fi
-done
-if [ -n "$cc" ]; then
-    "$cc" -std=c11 -O2 -Wall -Wextra -I"$inc" "$src/bench.c" -o "$bin" -L"$stubs" -lcuda
-else
-    "$nvcc" -x c -O2 -Xcompiler -std=c11 -I"$inc" "$src/bench.c" -o "$bin" -L"$stubs" -lcuda
-fi
-echo "== built bench (${cc:-nvcc}) and bench_kernels.fatbin"
+build_bench "$src" "$work" # sets $bin and $k
 
 # ---- libvgpu and host-proxy ----
-lib=$work/lib
-cp -a "$carry/libvgpu/." "$lib/"
-chmod -R u+w "$lib"
-[ -e "$lib/libcuda.so" ] || ln -s libcuda.so.1 "$lib/libcuda.so"
-cp "$carry/host-proxy" "$work/host-proxy"
-chmod u+x "$work/host-proxy"
-cat >"$work/host-proxy.toml" <<EOF
-socket = "$sock"
-backend = "${HOST_PROXY_BACKEND:-cuda}"
-device = 0
-EOF
-guest_ld=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+stage_remoting "$carry" "$work" # sets $lib and $guest_ld
 require_libvgpu "$bin" "$lib"
-
-start_daemon() { # start_daemon <round>
-    rm -rf "$sockdir"
-    mkdir -p "$sockdir"
-    # The daemon gets the inherited environment (never $lib): it must load the real libcuda.
-    NO_COLOR=1 VGPU_LOG="${HOST_PROXY_LOG:-info}" "$work/host-proxy" serve \
-        --config "$work/host-proxy.toml" >"$out/host-proxy-$1.log" 2>&1 &
-    hp=$!
-    for _ in $(seq 1 300); do
-        [ -S "$sock" ] && return 0
-        if ! kill -0 "$hp" 2>/dev/null; then
-            echo "FAIL: host-proxy exited before listening" >&2
-            tail -n 50 "$out/host-proxy-$1.log" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
-    echo "FAIL: no socket $sock after 30 s" >&2
-    exit 1
-}
 
 # run_bench <native|remoted> <round>: output in $out/<mode>-<round>.txt; never fails the
 # script (a failed run leaves its partial output and an `exit status` line).
@@ -128,7 +84,7 @@ any_fail=0
 echo "== runs (native and remoted alternately, $rounds rounds)"
 for r in $(seq 1 "$rounds"); do
     run_bench native "$r"
-    start_daemon "$r"
+    start_daemon "$out/host-proxy-$r.log"
     run_bench remoted "$r"
     stop_daemon
 done

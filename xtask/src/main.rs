@@ -315,21 +315,31 @@ fn device_build() -> Result<()> {
     if !out.status.success() {
         bail!("building host-proxy's tests failed");
     }
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    let bench = cargo()
+        .args(["bench", "-p", "idm-shm", "--bench", "roundtrip", "--no-run", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building idm-shm's round-trip benchmark")?;
+    if !bench.status.success() {
+        bail!("building idm-shm's round-trip benchmark failed");
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines().chain(String::from_utf8_lossy(&bench.stdout).lines()) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let (Some(exe), Some(name)) = (v["executable"].as_str(), v["target"]["name"].as_str()) else { continue };
         let kind = v["target"]["kind"][0].as_str().unwrap_or("");
         let dest = match (kind, name) {
             ("lib", _) => "host_proxy_lib_tests",
             ("test", "zones") => "zones_test",
+            ("bench", "roundtrip") => "shm_roundtrip",
             _ => continue,
         };
         copies.push((PathBuf::from(exe), carry.join(dest)));
     }
     for (from, to) in &copies {
         std::fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-        // Debug info would not fit the device tool's carry limit.
-        if Command::new("strip").arg(to).status().map(|s| !s.success()).unwrap_or(true) {
+        // Debug info would not fit the device tool's carry limit; the symbol table stays, so
+        // a profile on the device names our functions.
+        if Command::new("strip").arg("--strip-debug").arg(to).status().map(|s| !s.success()).unwrap_or(true) {
             eprintln!("warning: could not strip {} (install binutils)", to.display());
         }
         let size = std::fs::metadata(to)?.len();

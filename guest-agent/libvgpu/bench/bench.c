@@ -2,6 +2,8 @@
  * natively and through libvgpu + host-proxy and puts the two side by side).
  *
  * Usage: bench [KERNEL_DIR]   (KERNEL_DIR holds bench_kernels.fatbin; default ".")
+ * BENCH_ONLY=GROUP[,GROUP...] runs only those groups: calls, alloc, launch, copies, compute
+ * (device/libvgpu-profile.sh uses it to profile one kind of work).
  *
  * Prints one measure per line, `name value unit`; lines starting with '#' are comments.
  * Units: ns, us and ms (lower is better), GB/s (10^9 bytes per second) and GFLOP/s (higher is
@@ -280,6 +282,18 @@ static void bench_compute(CUdevice dev) {
     CHECK(cuMemFree(out));
 }
 
+/* Whether BENCH_ONLY (a comma-separated list of groups) is unset or names `group`. */
+static int wanted(const char *group) {
+    const char *only = getenv("BENCH_ONLY");
+    if (!only || !*only) return 1;
+    size_t n = strlen(group);
+    for (const char *p = only; p; p = strchr(p, ',')) {
+        if (*p == ',') p++;
+        if (strncmp(p, group, n) == 0 && (p[n] == ',' || p[n] == '\0')) return 1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     start();
     CUdevice dev;
@@ -297,14 +311,18 @@ int main(int argc, char **argv) {
     CHECK(cuStreamCreate(&g_s, CU_STREAM_DEFAULT));
     CHECK(cuMemAlloc(&g_dbuf, BIG));
 
-    bench_ctx_get_device();
-    bench_ctx_set_current();
-    bench_stream_query();
-    bench_alloc_free();
-    bench_launch_async();
-    bench_launch_sync();
-    bench_copies();
-    bench_compute(dev);
+    if (wanted("calls")) {
+        bench_ctx_get_device();
+        bench_ctx_set_current();
+        bench_stream_query();
+    }
+    if (wanted("alloc")) bench_alloc_free();
+    if (wanted("launch")) {
+        bench_launch_async();
+        bench_launch_sync();
+    }
+    if (wanted("copies")) bench_copies();
+    if (wanted("compute")) bench_compute(dev);
 
     CHECK(cuCtxSynchronize());
     CHECK(cuMemFree(g_dbuf));

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# On the GPU machine: where the remoted time of small calls and launches goes.
+#
+#  1. transport floor — idm-shm's round-trip benchmark (carried as shm_roundtrip): a bare
+#     shared-memory ping-pong against a polled idm call, client and server on cores 0 and 1.
+#  2. pinning — the bench's `calls` and `launch` groups (BENCH_ONLY) natively and remoted,
+#     first unpinned (as libvgpu-bench.sh runs them), then with the program on one core and
+#     host-proxy (and so its zone worker) on another, to separate scheduling and migration
+#     from the per-request work.
+#  3. profile — when `perf` is installed: the remoted `launch` and `calls` groups with the
+#     daemon and its zone worker under `perf record -g`, top symbols of the worker, and
+#     the share of the worker's samples per shared object (our code, libcuda, the kernel).
+#
+# Carried (build here first: `cargo xtask device-build`): .device-carry/host-proxy,
+# .device-carry/libvgpu/libcuda.so.1, .device-carry/shm_roundtrip. Results in
+# /tmp/vgpu-profile-out; with $OUT set, copied there (profile.txt, perf-*.txt). PIN_APP and
+# PIN_HOST choose the two cores of step 2 (default 2 and 3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+src=$root/guest-agent/libvgpu/bench
+carry=$root/.device-carry
+out=/tmp/vgpu-profile-out
+sock=/tmp/vgpu-profile/host-proxy.sock
+pin_app=${PIN_APP:-2}
+pin_host=${PIN_HOST:-3}
+
+for f in "$carry/host-proxy" "$carry/libvgpu/libcuda.so.1" "$carry/shm_roundtrip"; do
+    if [ ! -f "$f" ]; then echo "FAIL: $f not carried (run cargo xtask device-build)" >&2; exit 1; fi
+done
+work=$(mktemp -d /tmp/vgpu-profile-work.XXXXXX)
+rm -rf "$out"
+mkdir -p "$out"
+
+# shellcheck source=device/lib.sh
+. device/lib.sh # find_cuda_toolkit, build_bench, stage_remoting, start_daemon/stop_daemon, require_libvgpu
+on_exit() {
+    stop_daemon
+    if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+        cp "$out"/*.txt "$OUT/" 2>/dev/null || true
+    fi
+}
+trap on_exit EXIT
+
+echo "== GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1 || echo '?')"
+echo "== CPU: $(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1), $(nproc) cores"
+find_cuda_toolkit
+build_bench "$src" "$work"
+stage_remoting "$carry" "$work"
+require_libvgpu "$bin" "$lib"
+
+# measure <label> <mode> [WRAPPER...]: one run of the calls and launch groups; prints the
+# label and the measures.
+measure() {
+    local label=$1 mode=$2
+    shift 2
+    echo "-- $label"
+    if [ "$mode" = native ]; then
+        BENCH_ONLY=calls,launch timeout 120 "$@" "$bin" "$k" | grep -v '^#' || echo "(run failed)"
+    else
+        BENCH_ONLY=calls,launch LD_LIBRARY_PATH=$guest_ld VGPU_SOCKET=$sock VGPU_LOG=warn \
+            timeout 120 "$@" "$bin" "$k" | grep -v '^#' || echo "(run failed)"
+    fi
+}
+
+{
+    echo "# 1. transport floor (idm-shm round trip, cores 0 and 1)"
+    cp "$carry/shm_roundtrip" "$work/shm_roundtrip"
+    chmod u+x "$work/shm_roundtrip"
+    timeout 120 "$work/shm_roundtrip" --bench 2>&1 | grep -E 'ping-pong|call round trip|64 B' || echo "shm_roundtrip failed"
+
+    echo
+    echo "# 2. pinning (calls and launch groups)"
+    measure "native, unpinned" native
+    start_daemon "$out/host-proxy-unpinned.log"
+    measure "remoted, unpinned" remoted
+    stop_daemon
+    measure "native, program on cpu $pin_app" native taskset -c "$pin_app"
+    start_daemon "$out/host-proxy-pinned.log" taskset -c "$pin_host"
+    measure "remoted, program on cpu $pin_app, host-proxy on cpu $pin_host" remoted taskset -c "$pin_app"
+    stop_daemon
+} 2>&1 | tee "$out/profile.txt"
+
+echo
+echo "# 3. profile of the zone worker" | tee -a "$out/profile.txt"
+if ! command -v perf >/dev/null 2>&1; then
+    echo "perf is not installed on this machine: no profile" | tee -a "$out/profile.txt"
+    exit 0
+fi
+for group in launch calls; do
+    data=$out/perf-$group.data
+    start_daemon "$out/host-proxy-perf-$group.log" perf record -F 20000 -g -o "$data" --
+    BENCH_ONLY=$group LD_LIBRARY_PATH=$guest_ld VGPU_SOCKET=$sock VGPU_LOG=warn \
+        timeout 120 "$bin" "$k" >"$out/perf-$group-bench.txt" 2>&1 || echo "bench under perf failed ($group)"
+    # perf record writes its data when it is stopped by a signal.
+    kill -INT "$hp" 2>/dev/null || true
+    wait "$hp" 2>/dev/null || true
+    hp=""
+    {
+        echo "## $group: worker samples per shared object"
+        perf report -i "$data" --no-children --comm host-proxy --sort dso --stdio 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -n 12
+        echo "## $group: worker top symbols"
+        perf report -i "$data" --no-children --comm host-proxy --sort dso,sym --stdio -g none 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -n 40
+    } >"$out/perf-$group.txt" 2>&1
+    cat "$out/perf-$group.txt" | tee -a "$out/profile.txt"
+done
