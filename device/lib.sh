@@ -73,10 +73,13 @@ build_bench() {
     echo "== built bench (${cc:-nvcc}) and bench_kernels.fatbin"
 }
 
-# write_daemon_config <file> <socket>: host-proxy's config for the on-device runs (cuda
-# backend unless HOST_PROXY_BACKEND says otherwise, device 0).
+# write_daemon_config <file> <socket> [EXTRA TOML LINE...]: host-proxy's config for the
+# on-device runs (cuda backend unless HOST_PROXY_BACKEND says otherwise, device 0).
 write_daemon_config() {
-    printf 'socket = "%s"\nbackend = "%s"\ndevice = 0\n' "$2" "${HOST_PROXY_BACKEND:-cuda}" >"$1"
+    local file=$1 socket=$2
+    shift 2
+    printf 'socket = "%s"\nbackend = "%s"\ndevice = 0\n' "$socket" "${HOST_PROXY_BACKEND:-cuda}" >"$file"
+    if [ "$#" -gt 0 ]; then printf '%s\n' "$@" >>"$file"; fi
 }
 
 # start_daemon <log> [WRAPPER...]: starts $work/host-proxy serve with $work/host-proxy.toml

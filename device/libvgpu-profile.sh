@@ -7,14 +7,17 @@
 #     first unpinned (as libvgpu-bench.sh runs them), then with the program on one core and
 #     host-proxy (and so its zone worker) on another, to separate scheduling and migration
 #     from the per-request work.
-#  3. profile — when `perf` is installed: the remoted `launch` and `calls` groups with the
-#     daemon and its zone worker under `perf record -g`, top symbols of the worker, and
-#     the share of the worker's samples per shared object (our code, libcuda, the kernel).
+#  3. request profile — the remoted `calls` and `launch` groups with host-proxy's
+#     `profile_requests`: per request kind, the worker's service time (private copy in hand
+#     to answer sent: decode, checks, driver call, reply) and the gap before each request.
+#  4. perf — when installed: the same groups with the daemon and its zone worker under
+#     `perf record -g`, the worker's samples per shared object and its top symbols.
 #
 # Carried (build here first: `cargo xtask device-build`): .device-carry/host-proxy,
 # .device-carry/libvgpu/libcuda.so.1, .device-carry/shm_roundtrip. Results in
 # /tmp/vgpu-profile-out; with $OUT set, copied there (profile.txt, perf-*.txt). PIN_APP and
-# PIN_HOST choose the two cores of step 2 (default 2 and 3).
+# PIN_HOST choose the two cores of step 2 (default 2 and 3); PROFILE_ROUNDS repeats step 2
+# (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -24,6 +27,7 @@ out=/tmp/vgpu-profile-out
 sock=/tmp/vgpu-profile/host-proxy.sock
 pin_app=${PIN_APP:-2}
 pin_host=${PIN_HOST:-3}
+rounds=${PROFILE_ROUNDS:-3}
 
 for f in "$carry/host-proxy" "$carry/libvgpu/libcuda.so.1" "$carry/shm_roundtrip"; do
     if [ ! -f "$f" ]; then echo "FAIL: $f not carried (run cargo xtask device-build)" >&2; exit 1; fi
@@ -70,19 +74,30 @@ measure() {
     timeout 120 "$work/shm_roundtrip" --bench 2>&1 | grep -E 'ping-pong|call round trip|64 B' || echo "shm_roundtrip failed"
 
     echo
-    echo "# 2. pinning (calls and launch groups)"
-    measure "native, unpinned" native
-    start_daemon "$out/host-proxy-unpinned.log"
-    measure "remoted, unpinned" remoted
+    echo "# 2. pinning (calls and launch groups, $rounds rounds)"
+    for r in $(seq 1 "$rounds"); do
+        measure "round $r: native, unpinned" native
+        start_daemon "$out/host-proxy-unpinned.log"
+        measure "round $r: remoted, unpinned" remoted
+        stop_daemon
+        measure "round $r: native, program on cpu $pin_app" native taskset -c "$pin_app"
+        start_daemon "$out/host-proxy-pinned.log" taskset -c "$pin_host"
+        measure "round $r: remoted, program on cpu $pin_app, host-proxy on cpu $pin_host" remoted taskset -c "$pin_app"
+        stop_daemon
+    done
+
+    echo
+    echo "# 3. request profile (profile_requests; unpinned)"
+    write_daemon_config "$work/host-proxy.toml" "$sock" "profile_requests = true"
+    start_daemon "$out/host-proxy-profile.log"
+    measure "remoted with profile_requests" remoted
     stop_daemon
-    measure "native, program on cpu $pin_app" native taskset -c "$pin_app"
-    start_daemon "$out/host-proxy-pinned.log" taskset -c "$pin_host"
-    measure "remoted, program on cpu $pin_app, host-proxy on cpu $pin_host" remoted taskset -c "$pin_app"
-    stop_daemon
+    sed -n 's/.*request profile: //p' "$out/host-proxy-profile.log"
+    write_daemon_config "$work/host-proxy.toml" "$sock"
 } 2>&1 | tee "$out/profile.txt"
 
 echo
-echo "# 3. profile of the zone worker" | tee -a "$out/profile.txt"
+echo "# 4. perf profile of the zone worker" | tee -a "$out/profile.txt"
 if ! command -v perf >/dev/null 2>&1; then
     echo "perf is not installed on this machine: no profile" | tee -a "$out/profile.txt"
     exit 0

@@ -8,6 +8,7 @@
 //! max_ring_bytes = 4194304                   # largest ring a guest may ask for
 //! max_window_bytes = 268435456               # largest data window a guest may ask for
 //! allow_unlisted = true                      # serve peers with no [[zone]] entry
+//! profile_requests = false                   # log per-request timings at each session's end
 //!
 //! [quotas]                                   # defaults for every zone
 //! mem_bytes = 4294967296
@@ -87,6 +88,10 @@ pub struct Config {
     /// processes may hold a session at once.
     #[serde(default = "default_xen_slots")]
     pub xen_slots: u32,
+    /// Workers record each request's service time and the gap before it, and log a summary
+    /// per request kind when the session ends (a diagnostic: two clock reads per request).
+    #[serde(default)]
+    pub profile_requests: bool,
 }
 
 /// Whether host-proxy serves Xen guests.

@@ -322,6 +322,7 @@ fn worker_command(
         .args(["--max-async-in-flight", &quotas.max_async_in_flight.to_string()])
         .args(["--max-ring-bytes", &config.max_ring_bytes.to_string()])
         .args(["--max-window-bytes", &config.max_window_bytes.to_string()])
+        .args(config.profile_requests.then_some("--profile-requests"))
         .args(["--broker-fd", &theirs.as_raw_fd().to_string()])
         .kill_on_drop(true);
     inherit_across_exec(&mut cmd, theirs.as_raw_fd());

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use host_proxy::backend::{sim::SimGpu, GpuBackend};
 use host_proxy::broker::{inherited_stream, BrokerClient};
 use host_proxy::config::{Config, EMBEDDED_DEFAULT};
-use host_proxy::worker::{serve, SessionEnd};
+use host_proxy::worker::{serve, RequestProfile, SessionEnd};
 use host_proxy::zone::{Quotas, Zone};
 use idm_core::{Server, WaitPolicy};
 use std::os::fd::{AsFd, OwnedFd};
@@ -79,6 +79,9 @@ struct WorkerArgs {
     /// The slot of `--xen-domid`.
     #[arg(long)]
     xen_slot: Option<u32>,
+    /// Record per-request timings and log them when the session ends.
+    #[arg(long)]
+    profile_requests: bool,
 }
 
 fn main() -> Result<()> {
@@ -157,10 +160,10 @@ where
     D: idm_core::SharedMemory,
 {
     match args.backend {
-        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes), ended),
+        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes), args.profile_requests, ended),
         Backend::Cuda => {
             let gpu = host_proxy::backend::cuda::CudaGpu::open(args.device).context("cannot open the GPU")?;
-            run_zone(session, gpu, ended)
+            run_zone(session, gpu, args.profile_requests, ended)
         }
     }
 }
@@ -220,7 +223,13 @@ struct Session<M, N, W, D> {
 }
 
 /// Serves one zone; `ended` runs when the session is over, before the zone is torn down.
-fn run_zone<B, M, N, W, D>(session: Session<M, N, W, D>, backend: B, ended: impl FnOnce()) -> Result<i32>
+/// With `profile`, per-request timings are logged at the end.
+fn run_zone<B, M, N, W, D>(
+    session: Session<M, N, W, D>,
+    backend: B,
+    profile: bool,
+    ended: impl FnOnce(),
+) -> Result<i32>
 where
     B: GpuBackend,
     M: idm_core::SharedMemory,
@@ -244,8 +253,12 @@ where
         zone.set_broker(Box::new(broker));
     }
     tracing::info!(max_frame = server.max_frame(), window = window.size(), "zone attached");
-    let end = serve(&mut server, &window, &mut zone, &mut buf, &mut scratch);
+    let mut profile = profile.then(RequestProfile::default);
+    let end = serve(&mut server, &window, &mut zone, &mut buf, &mut scratch, profile.as_mut());
     ended();
+    for line in profile.as_mut().map(RequestProfile::report).unwrap_or_default() {
+        tracing::info!("request profile: {line}");
+    }
     tracing::info!(mem_used = zone.mem_used(), objects = zone.live_objects(), "releasing zone resources");
     zone.teardown();
     Ok(match end {

@@ -672,7 +672,12 @@ fn gen_proto(table: &Table, b: &Bindings) -> Result<String> {
     o.push_str("/// Whether request `id` is posted without a reply (asynchronous).\npub fn is_posted(id: MessageId) -> bool {\n    matches!(\n        id.0,\n");
     let posted: Vec<_> = msgs.iter().filter(|m| m.post).map(|m| format!("{:#06x}", m.id)).collect();
     let _ = writeln!(o, "        {}", if posted.is_empty() { "0".to_owned() } else { posted.join(" | ") });
-    o.push_str("    )\n}\n");
+    o.push_str("    )\n}\n\n");
+    o.push_str("/// The name of generated request `id` (for logs and profiles).\npub fn request_name(id: MessageId) -> Option<&'static str> {\n    Some(match id.0 {\n");
+    for m in &msgs {
+        let _ = writeln!(o, "        {:#06x} => \"{}\",", m.id, m.name);
+    }
+    o.push_str("        _ => return None,\n    })\n}\n");
     Ok(o)
 }
 
