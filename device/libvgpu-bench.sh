@@ -8,7 +8,8 @@
 # date.
 #
 # Carried (build here first: `cargo xtask device-build`): .device-carry/host-proxy and
-# .device-carry/libvgpu/libcuda.so.1. Results in /tmp/vgpu-bench-out (raw outputs, table,
+# .device-carry/libvgpu/libcuda.so.1 (CARRY names another directory, e.g. a build of another
+# commit for an A/B comparison). Results in /tmp/vgpu-bench-out (raw outputs, table,
 # host-proxy logs); when $OUT is set, $OUT gets bench.txt (the table), raw.txt (the four raw
 # outputs) and host-proxy.log. BENCH_COMMIT names the measured commit in the table (else
 # git's HEAD, which on a copied tree may be stale); BENCH_ROUNDS sets the rounds (default 2). HOST_PROXY_BACKEND=sim (a dry run of the
@@ -17,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 src=$root/guest-agent/libvgpu/bench
-carry=$root/.device-carry
+carry=$root/${CARRY:-.device-carry}
 out=/tmp/vgpu-bench-out
 sockdir=/tmp/vgpu-bench
 sock=$sockdir/host-proxy.sock

@@ -10,11 +10,13 @@
 #  3. request profile — the remoted `calls` and `launch` groups with host-proxy's
 #     `profile_requests`: per request kind, the worker's service time (private copy in hand
 #     to answer sent: decode, checks, driver call, reply) and the gap before each request.
-#  4. perf — when installed: the same groups with the daemon and its zone worker under
-#     `perf record -g`, the worker's samples per shared object and its top symbols.
+#  4. perf — installed, or bundled by device/bundle-perf.sh and carried as
+#     .device-carry-perf: the same groups with the daemon and its zone worker under
+#     `perf record`, the worker's samples per shared object and its top symbols.
 #
 # Carried (build here first: `cargo xtask device-build`): .device-carry/host-proxy,
-# .device-carry/libvgpu/libcuda.so.1, .device-carry/shm_roundtrip. Results in
+# .device-carry/libvgpu/libcuda.so.1, .device-carry/shm_roundtrip (CARRY names another
+# directory, e.g. a build of another commit for an A/B comparison). Results in
 # /tmp/vgpu-profile-out; with $OUT set, copied there (profile.txt, perf-*.txt). PIN_APP and
 # PIN_HOST choose the two cores of step 2 (default 2 and 3); PROFILE_ROUNDS repeats step 2
 # (default 3).
@@ -22,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 src=$root/guest-agent/libvgpu/bench
-carry=$root/.device-carry
+carry=$root/${CARRY:-.device-carry}
 out=/tmp/vgpu-profile-out
 sock=/tmp/vgpu-profile/host-proxy.sock
 pin_app=${PIN_APP:-2}
@@ -91,6 +93,13 @@ measure() {
     write_daemon_config "$work/host-proxy.toml" "$sock" "profile_requests = true"
     start_daemon "$out/host-proxy-profile.log"
     measure "remoted with profile_requests" remoted
+    # The worker logs its profile once it sees the program gone; give it that moment
+    # before the daemon (and with it the worker) is stopped.
+    for _ in $(seq 1 50); do
+        grep -q 'request profile' "$out/host-proxy-profile.log" && break
+        sleep 0.1
+    done
+    sleep 0.2
     stop_daemon
     sed -n 's/.*request profile: //p' "$out/host-proxy-profile.log"
     write_daemon_config "$work/host-proxy.toml" "$sock"
@@ -98,13 +107,21 @@ measure() {
 
 echo
 echo "# 4. perf profile of the zone worker" | tee -a "$out/profile.txt"
-if ! command -v perf >/dev/null 2>&1; then
-    echo "perf is not installed on this machine: no profile" | tee -a "$out/profile.txt"
+# The machine's perf, else one bundled by device/bundle-perf.sh and carried.
+perf_cmd=""
+if command -v perf >/dev/null 2>&1; then
+    perf_cmd=$(command -v perf)
+elif [ -x "$root/.device-carry-perf/run-perf" ]; then
+    perf_cmd=$root/.device-carry-perf/run-perf
+fi
+if [ -z "$perf_cmd" ]; then
+    echo "perf is neither installed nor carried (device/bundle-perf.sh): no profile" | tee -a "$out/profile.txt"
     exit 0
 fi
-for group in launch calls; do
+for group in calls launch; do
     data=$out/perf-$group.data
-    start_daemon "$out/host-proxy-perf-$group.log" perf record -F 20000 -g -o "$data" --
+    # Flat samples (no call graphs: the carried binaries have no frame pointers).
+    start_daemon "$out/host-proxy-perf-$group.log" "$perf_cmd" record -F 20000 -o "$data" --
     BENCH_ONLY=$group LD_LIBRARY_PATH=$guest_ld VGPU_SOCKET=$sock VGPU_LOG=warn \
         timeout 120 "$bin" "$k" >"$out/perf-$group-bench.txt" 2>&1 || echo "bench under perf failed ($group)"
     # perf record writes its data when it is stopped by a signal.
@@ -112,12 +129,12 @@ for group in launch calls; do
     wait "$hp" 2>/dev/null || true
     hp=""
     {
-        echo "## $group: worker samples per shared object"
-        perf report -i "$data" --no-children --comm host-proxy --sort dso --stdio 2>/dev/null |
+        echo "## $group: the zone worker's samples per shared object"
+        "$perf_cmd" report -i "$data" --no-children --comm host-proxy --sort dso --stdio 2>/dev/null |
             grep -v '^#' | grep -v '^$' | head -n 12
-        echo "## $group: worker top symbols"
-        perf report -i "$data" --no-children --comm host-proxy --sort dso,sym --stdio -g none 2>/dev/null |
-            grep -v '^#' | grep -v '^$' | head -n 40
+        echo "## $group: the zone worker's top symbols"
+        "$perf_cmd" report -i "$data" --no-children --comm host-proxy --sort dso,sym --stdio 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -n 45
     } >"$out/perf-$group.txt" 2>&1
-    cat "$out/perf-$group.txt" | tee -a "$out/profile.txt"
+    tee -a "$out/profile.txt" <"$out/perf-$group.txt"
 done
