@@ -2,8 +2,9 @@
  * natively and through libvgpu + host-proxy and puts the two side by side).
  *
  * Usage: bench [KERNEL_DIR]   (KERNEL_DIR holds bench_kernels.fatbin; default ".")
- * BENCH_ONLY=GROUP[,GROUP...] runs only those groups: calls, alloc, launch, copies, compute
- * (device/libvgpu-profile.sh uses it to profile one kind of work).
+ * BENCH_ONLY=GROUP[,GROUP...] runs only those groups: calls, alloc, launch, copies, compute;
+ * BENCH_REPEAT=N runs them N times (device/libvgpu-profile.sh uses both to profile one kind of
+ * work long enough that start-up does not dominate the samples).
  *
  * Prints one measure per line, `name value unit`; lines starting with '#' are comments.
  * Units: ns, us and ms (lower is better), GB/s (10^9 bytes per second) and GFLOP/s (higher is
@@ -311,18 +312,22 @@ int main(int argc, char **argv) {
     CHECK(cuStreamCreate(&g_s, CU_STREAM_DEFAULT));
     CHECK(cuMemAlloc(&g_dbuf, BIG));
 
-    if (wanted("calls")) {
-        bench_ctx_get_device();
-        bench_ctx_set_current();
-        bench_stream_query();
+    const char *repeat_env = getenv("BENCH_REPEAT");
+    int repeat = repeat_env ? atoi(repeat_env) : 1;
+    for (int rep = 0; rep < (repeat > 0 ? repeat : 1); rep++) {
+        if (wanted("calls")) {
+            bench_ctx_get_device();
+            bench_ctx_set_current();
+            bench_stream_query();
+        }
+        if (wanted("alloc")) bench_alloc_free();
+        if (wanted("launch")) {
+            bench_launch_async();
+            bench_launch_sync();
+        }
+        if (wanted("copies")) bench_copies();
+        if (wanted("compute")) bench_compute(dev);
     }
-    if (wanted("alloc")) bench_alloc_free();
-    if (wanted("launch")) {
-        bench_launch_async();
-        bench_launch_sync();
-    }
-    if (wanted("copies")) bench_copies();
-    if (wanted("compute")) bench_compute(dev);
 
     CHECK(cuCtxSynchronize());
     CHECK(cuMemFree(g_dbuf));
