@@ -224,12 +224,7 @@ struct Session<M, N, W, D> {
 
 /// Serves one zone; `ended` runs when the session is over, before the zone is torn down.
 /// With `profile`, per-request timings are logged at the end.
-fn run_zone<B, M, N, W, D>(
-    session: Session<M, N, W, D>,
-    backend: B,
-    profile: bool,
-    ended: impl FnOnce(),
-) -> Result<i32>
+fn run_zone<B, M, N, W, D>(session: Session<M, N, W, D>, backend: B, profile: bool, ended: impl FnOnce()) -> Result<i32>
 where
     B: GpuBackend,
     M: idm_core::SharedMemory,

@@ -155,7 +155,7 @@ impl RequestProfile {
                 (n, format!("{name} ({id:#06x}): n={n} service p50={p50} ns p99={p99} ns, gap p50={gap} ns"))
             })
             .collect();
-        rows.sort_by(|a, b| b.0.cmp(&a.0));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.0));
         rows.into_iter().map(|(_, line)| line).collect()
     }
 }

@@ -66,7 +66,8 @@
 
 use super::{CuError, CuResultOf, GpuBackend, LaunchConfig, ParamSlot};
 use cudarc::driver::sys;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 use std::ffi::{c_char, c_int, c_uchar, c_uint, c_ushort, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use vgpu_proto::{CuResult, DeviceInfo, LaunchAttr};
@@ -646,7 +647,8 @@ fn raw_launch_attribute(attr: &LaunchAttr) -> CuResultOf<RawLaunchAttribute> {
 /// driver reads each parameter.
 #[derive(Debug)]
 struct ParamBuffer {
-    words: Vec<u64>,
+    /// Inline up to 256 bytes of parameters: no allocation on a typical launch.
+    words: SmallVec<[u64; 32]>,
     len: usize,
 }
 
@@ -667,7 +669,7 @@ impl ParamBuffer {
     /// A pointer to each parameter of `layout`, each `[offset, offset + size)` checked to
     /// lie in the buffer (`CUDA_ERROR_INVALID_VALUE` otherwise). The pointers are valid
     /// while `self` is neither dropped nor changed.
-    fn pointers(&mut self, layout: &[ParamSlot]) -> CuResultOf<Vec<*mut c_void>> {
+    fn pointers(&mut self, layout: &[ParamSlot]) -> CuResultOf<SmallVec<[*mut c_void; 32]>> {
         let base = self.words.as_mut_ptr().cast::<u8>();
         layout
             .iter()
@@ -865,20 +867,23 @@ pub struct CudaGpu {
     /// The selected context, made current by every operation.
     current: CtxId,
     info: DeviceInfo,
+    // The maps are keyed by ids this backend hands out and by driver addresses, never by
+    // values a guest chooses, so an unkeyed fast hash is safe (and several lookups sit on
+    // every launch's path).
     /// Contexts made by `ctx_create`, by [`CudaContext`] id.
-    contexts: HashMap<u64, sys::CUcontext>,
+    contexts: FxHashMap<u64, sys::CUcontext>,
     /// Live allocations by start address.
-    allocs: HashMap<u64, Allocation>,
+    allocs: FxHashMap<u64, Allocation>,
     /// Memory of other processes mapped by `ipc_open`, by address: its context.
-    imports: HashMap<u64, CtxId>,
+    imports: FxHashMap<u64, CtxId>,
     /// Live streams by [`CudaStream`] id.
-    streams: HashMap<u64, Owned<sys::CUstream>>,
+    streams: FxHashMap<u64, Owned<sys::CUstream>>,
     /// Live events by [`CudaEvent`] id.
-    events: HashMap<u64, Owned<sys::CUevent>>,
+    events: FxHashMap<u64, Owned<sys::CUevent>>,
     /// Live modules, libraries and library views by [`CudaModule`] id.
-    modules: HashMap<u64, ModuleEntry>,
+    modules: FxHashMap<u64, ModuleEntry>,
     /// Live functions and kernels by [`CudaFunction`] id.
-    functions: HashMap<u64, FunctionEntry>,
+    functions: FxHashMap<u64, FunctionEntry>,
     /// The zone's shared data window, registered with the driver (see `attach_window`).
     window: Option<(std::ptr::NonNull<u8>, usize)>,
 }
@@ -1001,14 +1006,14 @@ impl CudaGpu {
             primary: ctx,
             current: None,
             info,
-            contexts: HashMap::new(),
-            allocs: HashMap::new(),
-            imports: HashMap::new(),
-            streams: HashMap::new(),
+            contexts: FxHashMap::default(),
+            allocs: FxHashMap::default(),
+            imports: FxHashMap::default(),
+            streams: FxHashMap::default(),
             window: None,
-            events: HashMap::new(),
-            modules: HashMap::new(),
-            functions: HashMap::new(),
+            events: FxHashMap::default(),
+            modules: FxHashMap::default(),
+            functions: FxHashMap::default(),
         };
         gpu.enter().map_err(|err| CudaOpenError::Context {
             call: "cuCtxSetCurrent",
@@ -1210,16 +1215,16 @@ impl CudaGpu {
 
     /// The parameter layout of a function as the driver reports it, from the cache or
     /// asked once (then cached). The context must be current.
-    fn param_layout(&mut self, func: &CudaFunction) -> CuResultOf<Vec<ParamSlot>> {
+    fn param_layout(&mut self, func: &CudaFunction) -> CuResultOf<&[ParamSlot]> {
         let entry = self.functions.get(&func.id).ok_or(CuError::INVALID_HANDLE)?;
-        if let Some(layout) = &entry.layout {
-            return Ok(layout.clone());
+        if entry.layout.is_none() {
+            let layout = self.query_param_layout(entry.kind)?;
+            if let Some(entry) = self.functions.get_mut(&func.id) {
+                entry.layout = Some(layout);
+            }
         }
-        let layout = self.query_param_layout(entry.kind)?;
-        if let Some(entry) = self.functions.get_mut(&func.id) {
-            entry.layout = Some(layout.clone());
-        }
-        Ok(layout)
+        let entry = self.functions.get(&func.id).ok_or(CuError::INVALID_HANDLE)?;
+        Ok(entry.layout.as_deref().unwrap_or_default())
     }
 
     /// Asks the driver for every parameter's offset and size, from index 0 until it
@@ -1924,7 +1929,7 @@ impl GpuBackend for CudaGpu {
     fn func_param_layout(&mut self, func: &CudaFunction) -> CuResultOf<Vec<ParamSlot>> {
         self.function_kind(func)?;
         self.enter()?;
-        self.param_layout(func)
+        self.param_layout(func).map(<[ParamSlot]>::to_vec)
     }
 
     fn launch(
@@ -1937,7 +1942,7 @@ impl GpuBackend for CudaGpu {
     ) -> CuResultOf<()> {
         let f = self.function_kind(func)?.as_function();
         let stream = self.stream_or_null(stream)?;
-        let mut attrs = config.attrs.iter().map(raw_launch_attribute).collect::<CuResultOf<Vec<_>>>()?;
+        let mut attrs = config.attrs.iter().map(raw_launch_attribute).collect::<CuResultOf<SmallVec<[_; 4]>>>()?;
         let num_attrs = c_uint::try_from(attrs.len()).map_err(|_| CuError::INVALID_VALUE)?;
         self.enter()?;
         // The driver reads each parameter at the offset and size *it* knows; the caller's
@@ -1947,7 +1952,7 @@ impl GpuBackend for CudaGpu {
             return Err(CuError::INVALID_VALUE);
         }
         let mut buffer = ParamBuffer::new(params);
-        let mut pointers = buffer.pointers(&driver_layout)?;
+        let mut pointers = buffer.pointers(driver_layout)?;
         let kernel_params = if pointers.is_empty() { std::ptr::null_mut() } else { pointers.as_mut_ptr() };
         let [gx, gy, gz] = config.grid;
         let [bx, by, bz] = config.block;
@@ -2555,7 +2560,7 @@ $L__done:
         assert_eq!(buf.words[1].to_ne_bytes()[..4], [8, 9, 10, 11]);
         assert_eq!(buf.pointers(&[ParamSlot { offset: 20, size: 8 }]), Err(CuError::INVALID_VALUE));
         assert_eq!(buf.pointers(&[ParamSlot { offset: u32::MAX, size: u32::MAX }]), Err(CuError::INVALID_VALUE));
-        assert_eq!(ParamBuffer::new(&[]).pointers(&[]), Ok(Vec::new()));
+        assert_eq!(ParamBuffer::new(&[]).pointers(&[]).map(|p| p.is_empty()), Ok(true));
         let mut odd = ParamBuffer::new(&[1, 2, 3]);
         assert_eq!(odd.pointers(&[ParamSlot { offset: 1, size: 2 }]).map(|p| p.len()), Ok(1));
         assert_eq!(odd.pointers(&[ParamSlot { offset: 2, size: 2 }]), Err(CuError::INVALID_VALUE));
