@@ -140,4 +140,16 @@ for group in calls launch; do
             grep -v '^#' | grep -v '^$' | head -n 45 || true
     } >"$out/perf-$group.txt" 2>&1
     tee -a "$out/profile.txt" <"$out/perf-$group.txt"
+    # The same work natively, for comparison: how much of the driver's time is its own.
+    "$perf_cmd" record -F 20000 -o "$out/perf-native-$group.data" -- env BENCH_ONLY=$group BENCH_REPEAT=$repeat \
+        timeout 120 "$bin" "$k" >"$out/perf-native-$group-bench.txt" 2>&1 || echo "native bench under perf failed ($group)"
+    {
+        echo "## $group, native: the program's samples per shared object"
+        "$perf_cmd" report -i "$out/perf-native-$group.data" --no-children --sort dso --stdio 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -n 12 || true
+        echo "## $group, native: top symbols"
+        "$perf_cmd" report -i "$out/perf-native-$group.data" --no-children --sort dso,sym --stdio 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -n 25 || true
+    } >"$out/perf-native-$group.txt" 2>&1
+    tee -a "$out/profile.txt" <"$out/perf-native-$group.txt"
 done
