@@ -305,6 +305,11 @@ mod tests {
         let c = Config::parse(EMBEDDED_DEFAULT, Path::new("<embedded>")).unwrap();
         assert_eq!(c.backend, BackendKind::Sim);
         assert_eq!(c.zone_for_uid(1234).unwrap().1, Quotas::default());
+        assert!(!c.profile_requests, "request profiling is opt-in");
+        let on = format!("{EMBEDDED_DEFAULT}profile_requests = true\n");
+        assert!(Config::parse(&on, Path::new("t")).unwrap().profile_requests);
+        let typo = format!("{EMBEDDED_DEFAULT}profile_requests = \"yes\"\n");
+        assert!(Config::parse(&typo, Path::new("t")).unwrap_err().to_string().contains("profile_requests"));
     }
 
     #[test]
