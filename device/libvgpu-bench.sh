@@ -134,6 +134,51 @@ commit=${BENCH_COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || ec
             [ "$st" = 0 ] || echo "($mode run of round $r exited with status $st: its table entries are partial)"
         done
     done
+    if [ "$rounds" -ge 2 ]; then
+        echo
+        echo "over the $rounds rounds: medians of each side, and the median of the rounds' ratios"
+        echo "(each round's pair ran back to back, so its ratio is the least disturbed by the machine)"
+        echo
+        nats="" rems=""
+        for r in $(seq 1 "$rounds"); do nats="$nats $out/native-$r.txt"; rems="$rems $out/remoted-$r.txt"; done
+        awk -v nats="$nats" -v rems="$rems" '
+            function load(file, side, r,   line, f) {
+                while ((getline line < file) > 0) {
+                    if (split(line, f, " ") != 3 || f[2] !~ /^[0-9.eE+-]+$/) continue
+                    if (!(f[1] in unit)) { order[++n] = f[1]; unit[f[1]] = f[3] }
+                    val[side, r, f[1]] = f[2]
+                }
+                close(file)
+            }
+            function median(a, k,   i, j, t) { # sorts a[1..k] in place
+                for (i = 2; i <= k; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+                return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+            }
+            function fmt(v) {
+                return v >= 1000 ? sprintf("%.0f", v) : v >= 10 ? sprintf("%.1f", v) : sprintf("%.3f", v)
+            }
+            BEGIN {
+                rounds = split(nats, nf, " "); split(rems, rf, " ")
+                for (r = 1; r <= rounds; r++) { load(nf[r], "n", r); load(rf[r], "r", r) }
+                print "| measure | unit | native | remoted | ratio | ratios of the rounds | better |"
+                print "|---|---|---|---|---|---|---|"
+                for (i = 1; i <= n; i++) {
+                    m = order[i]; kn = kr = kq = 0; list = ""
+                    for (r = 1; r <= rounds; r++) {
+                        if (("n", r, m) in val) na[++kn] = val["n", r, m]
+                        if (("r", r, m) in val) ra[++kr] = val["r", r, m]
+                        if ((("n", r, m) in val) && (("r", r, m) in val) && val["n", r, m] > 0) {
+                            q = val["r", r, m] / val["n", r, m]; qa[++kq] = q
+                            list = list (list == "" ? "" : " ") sprintf("%.2f", q)
+                        }
+                    }
+                    better = (unit[m] == "GB/s" || unit[m] == "GFLOP/s") ? "higher" : "lower"
+                    printf "| %s | %s | %s | %s | %s | %s | %s |\n", m, unit[m],
+                        kn ? fmt(median(na, kn)) : "-", kr ? fmt(median(ra, kr)) : "-",
+                        kq ? sprintf("%.2f", median(qa, kq)) : "-", list == "" ? "-" : list, better
+                }
+            }'
+    fi
 } >"$out/bench.txt"
 echo
 cat "$out/bench.txt"
