@@ -98,6 +98,18 @@ static void bench_stream_query(void) {
         v[i] = (double)(now_ns() - t0) / 1e3;
     }
     report("call_stream_query_idle_p50", median(v, N), "us");
+    /* The same call with the current context set again just before it, as host-proxy's
+     * worker does for every request: natively, whether re-setting the context makes the
+     * next driver call dearer than the two calls' separate costs. */
+    CUcontext c;
+    CHECK(cuCtxGetCurrent(&c));
+    for (int i = 0; i < N; i++) {
+        uint64_t t0 = now_ns();
+        CHECK(cuCtxSetCurrent(c));
+        CHECK(cuStreamQuery(g_s));
+        v[i] = (double)(now_ns() - t0) / 1e3;
+    }
+    report("call_set_current_stream_query_p50", median(v, N), "us");
     free(v);
 }
 
