@@ -12,7 +12,8 @@
 #     to answer sent: decode, checks, driver call, reply) and the gap before each request.
 #  4. perf — installed, or bundled by device/bundle-perf.sh and carried as
 #     .device-carry-perf: the same groups with the daemon and its zone worker under
-#     `perf record`, the worker's samples per shared object and its top symbols.
+#     `perf record` (the worker's samples per shared object and its top symbols), the
+#     program through libvgpu (the guest side), and the program natively.
 #
 # Carried (build here first: `cargo xtask device-build`): .device-carry/host-proxy,
 # .device-carry/libvgpu/libcuda.so.1, .device-carry/shm_roundtrip (CARRY names another
@@ -140,6 +141,21 @@ for group in calls launch; do
             grep -v '^#' | grep -v '^$' | head -n 45 || true
     } >"$out/perf-$group.txt" 2>&1
     tee -a "$out/profile.txt" <"$out/perf-$group.txt"
+    # The guest side of the same work: the program through libvgpu.
+    start_daemon "$out/host-proxy-perf-guest-$group.log"
+    "$perf_cmd" record -F 20000 -o "$out/perf-guest-$group.data" -- env BENCH_ONLY=$group BENCH_REPEAT=$repeat \
+        LD_LIBRARY_PATH=$guest_ld VGPU_SOCKET=$sock VGPU_LOG=warn \
+        timeout 120 "$bin" "$k" >"$out/perf-guest-$group-bench.txt" 2>&1 || echo "remoted bench under perf failed ($group)"
+    stop_daemon
+    {
+        echo "## $group, the program through libvgpu: samples per shared object"
+        "$perf_cmd" report -i "$out/perf-guest-$group.data" --no-children --comm bench --sort dso --stdio 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -n 12 || true
+        echo "## $group, the program through libvgpu: top symbols"
+        "$perf_cmd" report -i "$out/perf-guest-$group.data" --no-children --comm bench --sort dso,sym --stdio 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -n 30 || true
+    } >"$out/perf-guest-$group.txt" 2>&1
+    tee -a "$out/profile.txt" <"$out/perf-guest-$group.txt"
     # The same work natively, for comparison: how much of the driver's time is its own.
     "$perf_cmd" record -F 20000 -o "$out/perf-native-$group.data" -- env BENCH_ONLY=$group BENCH_REPEAT=$repeat \
         timeout 120 "$bin" "$k" >"$out/perf-native-$group-bench.txt" 2>&1 || echo "native bench under perf failed ($group)"

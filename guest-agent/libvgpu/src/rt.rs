@@ -7,8 +7,9 @@ use crate::window::Window;
 use idm_core::wire::Message;
 use idm_core::{ChannelError, Client, WaitPolicy};
 use idm_shm::ChannelLayout;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::{c_char, CStr};
 use std::num::NonZeroU32;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -235,8 +236,10 @@ pub struct Conn {
     host_ctx: Handle,
     /// The data window (staging area and pinned host memory).
     pub window: Window,
-    /// Cached launch facts by function/kernel handle.
-    pub layouts: HashMap<u64, std::sync::Arc<FuncInfo>>,
+    /// Cached launch facts by function/kernel handle. (The maps of handles here hash with
+    /// an unkeyed fast hash: the keys are the host's handles, on every launch's and context
+    /// call's path.)
+    pub layouts: FxHashMap<u64, std::sync::Arc<FuncInfo>>,
 }
 
 /// What a launch needs to know about a function, fetched once from the host.
@@ -267,10 +270,10 @@ pub struct Session {
     /// What the host told us at attach (device facts, attributes, primary context).
     pub info: AttachReply,
     /// Live contexts (primary included), for checking handles given to context calls.
-    pub contexts: Mutex<HashSet<u64>>,
+    pub contexts: Mutex<FxHashSet<u64>>,
     /// Contexts destroyed in this process (`CUDA_ERROR_CONTEXT_IS_DESTROYED` where the
     /// driver says so).
-    pub destroyed: Mutex<HashSet<u64>>,
+    pub destroyed: Mutex<FxHashSet<u64>>,
     /// The primary context's state.
     pub primary: Mutex<PrimaryState>,
 }
@@ -347,10 +350,10 @@ fn connect() -> CuResult<Session> {
     let window = Window::new(window, mapping, layout);
     let primary = attach.primary_ctx;
     Ok(Session {
-        conn: Mutex::new(Conn { client, buf, host_ctx: primary, window, layouts: HashMap::new() }),
-        contexts: Mutex::new(HashSet::from([primary.0])),
+        conn: Mutex::new(Conn { client, buf, host_ctx: primary, window, layouts: FxHashMap::default() }),
+        contexts: Mutex::new(FxHashSet::from_iter([primary.0])),
         info: attach,
-        destroyed: Mutex::new(HashSet::new()),
+        destroyed: Mutex::new(FxHashSet::default()),
         primary: Mutex::new(PrimaryState::default()),
     })
 }
