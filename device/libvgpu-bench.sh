@@ -12,16 +12,16 @@
 # commit for an A/B comparison). Results in /tmp/vgpu-bench-out (raw outputs, table,
 # host-proxy logs); when $OUT is set, $OUT gets bench.txt (the table), raw.txt (the four raw
 # outputs) and host-proxy.log. BENCH_COMMIT names the measured commit in the table (else
-# git's HEAD, which on a copied tree may be stale); BENCH_ROUNDS sets the rounds (default 2). HOST_PROXY_BACKEND=sim (a dry run of the
-# script itself off a GPU machine) gives the daemon the simulated test double instead.
+# git's HEAD, which on a copied tree may be stale); BENCH_ROUNDS sets the rounds (default
+# 2). HOST_PROXY_BACKEND=sim (a dry run of the script itself off a GPU machine) gives the
+# daemon the simulated test double instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 src=$root/guest-agent/libvgpu/bench
 carry=$root/${CARRY:-.device-carry}
 out=/tmp/vgpu-bench-out
-sockdir=/tmp/vgpu-bench
-sock=$sockdir/host-proxy.sock
+sock=/tmp/vgpu-bench/host-proxy.sock
 rounds=${BENCH_ROUNDS:-2}
 
 for f in "$carry/host-proxy" "$carry/libvgpu/libcuda.so.1"; do

@@ -16,15 +16,14 @@ src=$root/guest-agent/libvgpu/tests/c
 carry=$root/.device-carry
 out=/tmp/vgpu-out
 progs=(device_query contexts memory launch streams_events errors_misc ipc)
-sockdir=/tmp/vgpu-gpu
-sock=$sockdir/host-proxy.sock
+sock=/tmp/vgpu-gpu/host-proxy.sock
 
 work=$(mktemp -d /tmp/vgpu-gpu-work.XXXXXX)
 rm -rf "$out"
 mkdir -p "$out/native" "$out/remoted" "$out/diff" "$work/bin" "$work/kernels" "$work/lib"
 
 # shellcheck source=device/lib.sh
-. device/lib.sh # find_cuda_toolkit, stop_daemon ($hp), require_libvgpu; the working directory is the repository root
+. device/lib.sh # find_cuda_toolkit, stage_remoting, start_daemon/stop_daemon ($hp), require_libvgpu; run from the repository root
 # On any exit: stop the daemon, and bundle the results into $OUT where it is set.
 on_exit() {
     stop_daemon
@@ -106,38 +105,9 @@ fi
 if [ ! -f "$carry/host-proxy" ]; then echo "FAIL: $carry/host-proxy not carried" >&2; exit 1; fi
 
 # ---- remoted ----
-lib=$work/lib
-cp -a "$carry/libvgpu/." "$lib/"
-chmod -R u+w "$lib"
-[ -e "$lib/libcuda.so" ] || ln -s libcuda.so.1 "$lib/libcuda.so"
-cp "$carry/host-proxy" "$work/host-proxy"
-chmod u+x "$work/host-proxy"
-
-rm -rf "$sockdir"
-mkdir -p "$sockdir"
-cat >"$work/host-proxy.toml" <<EOF
-socket = "$sock"
-backend = "cuda"
-device = 0
-EOF
-
+stage_remoting "$carry" "$work" # sets $lib and $guest_ld (cuda backend unless HOST_PROXY_BACKEND says otherwise)
 echo "== starting host-proxy (cuda backend)"
-# The daemon gets the inherited environment (never $lib): it must load the real libcuda.
-NO_COLOR=1 VGPU_LOG="${HOST_PROXY_LOG:-info}" "$work/host-proxy" serve --config "$work/host-proxy.toml" \
-    >"$out/host-proxy.log" 2>&1 &
-hp=$!
-for _ in $(seq 1 300); do
-    [ -S "$sock" ] && break
-    if ! kill -0 "$hp" 2>/dev/null; then
-        echo "FAIL: host-proxy exited before listening" >&2
-        tail -n 50 "$out/host-proxy.log" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-if [ ! -S "$sock" ]; then echo "FAIL: no socket $sock after 30 s" >&2; exit 1; fi
-
-guest_ld=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+start_daemon "$out/host-proxy.log"
 require_libvgpu "$work/bin/device_query" "$lib"
 
 echo "== remoted runs (through libvgpu)"
