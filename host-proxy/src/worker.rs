@@ -116,6 +116,8 @@ where
 #[derive(Debug, Default)]
 pub struct RequestProfile {
     by_id: BTreeMap<u16, Samples>,
+    /// Samples held, over all ids (bounded: the ids come from the guest).
+    held: usize,
 }
 
 #[derive(Debug, Default)]
@@ -126,13 +128,19 @@ struct Samples {
 
 /// Samples kept per request id (the first ones; enough for stable medians).
 const PROFILE_SAMPLES: usize = 1 << 18;
+/// Samples kept in all (8 bytes each: 16 MiB), whatever ids a guest sends.
+const PROFILE_SAMPLES_TOTAL: usize = 1 << 21;
 
 impl RequestProfile {
     fn record(&mut self, id: u16, gap_ns: u64, service_ns: u64) {
+        if self.held >= PROFILE_SAMPLES_TOTAL {
+            return;
+        }
         let s = self.by_id.entry(id).or_default();
         if s.service_ns.len() < PROFILE_SAMPLES {
             s.service_ns.push(u32::try_from(service_ns).unwrap_or(u32::MAX));
             s.gap_ns.push(u32::try_from(gap_ns).unwrap_or(u32::MAX));
+            self.held += 1;
         }
     }
 
@@ -149,7 +157,8 @@ impl RequestProfile {
             .iter_mut()
             .map(|(&id, s)| {
                 let n = s.service_ns.len();
-                let name = request_name(idm_core::MessageId(id)).unwrap_or("(protocol)");
+                let fallback = if id < 0x0200 { "(protocol)" } else { "(unknown)" };
+                let name = request_name(idm_core::MessageId(id)).unwrap_or(fallback);
                 let (p50, p99) = (pct(&mut s.service_ns, 50), pct(&mut s.service_ns, 99));
                 let gap = pct(&mut s.gap_ns, 50);
                 (n, format!("{name} ({id:#06x}): n={n} service p50={p50} ns p99={p99} ns, gap p50={gap} ns"))
@@ -221,10 +230,26 @@ mod tests {
             p.record(CuStreamQuery::ID.0, gap, service);
         }
         p.record(0x0001, 5, 7);
+        p.record(0xfff0, 1, 1);
         let lines = p.report();
-        assert_eq!(lines.len(), 2);
+        assert_eq!(lines.len(), 3);
         let id = CuStreamQuery::ID.0;
         assert_eq!(lines[0], format!("CuStreamQuery ({id:#06x}): n=4 service p50=20 ns p99=1000 ns, gap p50=200 ns"));
-        assert_eq!(lines[1], "(protocol) (0x0001): n=1 service p50=7 ns p99=7 ns, gap p50=5 ns");
+        assert!(lines.contains(&"(protocol) (0x0001): n=1 service p50=7 ns p99=7 ns, gap p50=5 ns".to_owned()));
+        assert!(lines.contains(&"(unknown) (0xfff0): n=1 service p50=1 ns p99=1 ns, gap p50=1 ns".to_owned()));
+    }
+
+    #[test]
+    fn request_profile_memory_is_bounded_whatever_the_guest_sends() {
+        let mut p = RequestProfile::default();
+        for i in 0..(PROFILE_SAMPLES_TOTAL + 1000) {
+            p.record((i % 65536) as u16, 1, 1);
+        }
+        assert_eq!(p.held, PROFILE_SAMPLES_TOTAL);
+        assert_eq!(p.by_id.values().map(|s| s.service_ns.len()).sum::<usize>(), PROFILE_SAMPLES_TOTAL);
+        for _ in 0..PROFILE_SAMPLES + 10 {
+            p.record(7, 1, 1);
+        }
+        assert_eq!(p.by_id[&7].service_ns.len(), PROFILE_SAMPLES_TOTAL / 65536, "nothing added past the total");
     }
 }

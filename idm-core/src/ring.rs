@@ -20,8 +20,8 @@
 //! then publishes the frame with the stamp of its first slot. The consumer waits for the
 //! stamp it expects at its own index: a small frame and the word that publishes it share
 //! one cache line, so a message costs one line transfer instead of two (the index line,
-//! then the data line) — the ring's share of a round trip on an idle pair of cores drops
-//! by about a third (docs/BENCHMARKS.md). A slot's stamp is rewritten on every lap, so a
+//! then the data line) — a polled round trip on an idle pair of cores drops by about a
+//! quarter (docs/BENCHMARKS.md). A slot's stamp is rewritten on every lap, so a
 //! stale slot holds the previous lap's stamp, `i - n`, never `i`; [`RingProducer::init`]
 //! writes those previous-lap stamps into a fresh ring.
 //!
@@ -470,11 +470,11 @@ impl<M: SharedMemory> RingConsumer<M> {
             Err(e) => return Err(self.fail(RingError::BadFrame(e))),
         };
         let len = header.len as usize;
-        let total = HEADER_LEN + len;
+        let total = u32::try_from(HEADER_LEN + len).unwrap_or(u32::MAX);
         let need = frame_slots(len);
         if need > self.slots() {
-            let capacity = self.capacity().min(u32::MAX as usize) as u32;
-            return Err(self.fail(RingError::TruncatedFrame { need: total as u32, available: capacity }));
+            let capacity = u32::try_from(self.capacity()).unwrap_or(u32::MAX);
+            return Err(self.fail(RingError::TruncatedFrame { need: total, available: capacity }));
         }
         if buf.len() < len {
             return Err(RingError::BufferTooSmall { need: len });
@@ -483,8 +483,8 @@ impl<M: SharedMemory> RingConsumer<M> {
         // stamp is wrong was never published, and the frame is corrupt.
         if let Some(k) = (1..need as u32).find(|&k| self.stamp(first.wrapping_add(k), Relaxed) != first.wrapping_add(k))
         {
-            let published = (k as usize * SLOT_PAYLOAD) as u32;
-            return Err(self.fail(RingError::TruncatedFrame { need: total as u32, available: published }));
+            let published = u32::try_from(k as usize * SLOT_PAYLOAD).unwrap_or(u32::MAX);
+            return Err(self.fail(RingError::TruncatedFrame { need: total, available: published }));
         }
         copy_out(&self.mem, self.mask, first, HEADER_LEN, &mut buf[..len]);
         self.cons = first.wrapping_add(need as u32);
