@@ -27,9 +27,12 @@ pub enum XenError {
     },
     /// gntalloc refused to grant more pages.
     #[error(
-        "gntalloc could not grant {count} page(s): {source}; the xen_gntalloc module grants at most \
-         `limit` pages in all (default 1024): raise it with the kernel parameter xen_gntalloc.limit=N \
-         or /sys/module/xen_gntalloc/parameters/limit"
+        "gntalloc could not grant {count} page(s): {source}; either the xen_gntalloc module's \
+         `limit` (pages in all, default 1024: raise it with the kernel parameter \
+         xen_gntalloc.limit=N or /sys/module/xen_gntalloc/parameters/limit) or the domain's grant \
+         table is full (512 grants per frame: raise `max_grant_frames` in the xl config — \
+         `cargo xtask build-image --window-mib/--cuda-processes` sizes it — within Xen's \
+         `gnttab_max_frames`, default 64)"
     )]
     GrantLimit {
         /// Pages asked for.

@@ -225,8 +225,9 @@ mod tests {
     }
 
     #[test]
-    fn grant_limit_error_mentions_the_module_parameter() {
+    fn grant_limit_error_mentions_both_limits() {
         let e = XenError::GrantLimit { count: 2048, source: std::io::Error::from_raw_os_error(libc::ENOSPC) };
-        assert!(e.to_string().contains("xen_gntalloc.limit"), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("xen_gntalloc.limit") && text.contains("max_grant_frames"), "{text}");
     }
 }

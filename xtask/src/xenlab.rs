@@ -39,6 +39,9 @@ struct Scenario {
     run: &'static str,
     /// More guest kernel command line (`vgpu.env=…` for the workload).
     extra: &'static str,
+    /// Each CUDA process's data window in MiB (`build-image --window-mib`, which also sizes
+    /// the guest's grant table).
+    window_mib: u32,
     /// A line the workload must print on the guest console (compared trimmed), if any.
     expect_line: Option<&'static str>,
     /// The exit status the guest agent must report.
@@ -63,6 +66,7 @@ const SCENARIOS: &[Scenario] = &[
         apps: &["/bin/echo"],
         run: "/usr/bin/echo vgpu-lab-hello",
         extra: "",
+        window_mib: 64,
         expect_line: Some("vgpu-lab-hello"),
         expect_status: 0,
         timeout_s: 60,
@@ -75,6 +79,7 @@ const SCENARIOS: &[Scenario] = &[
         apps: &["/bin/false"],
         run: "/usr/bin/false",
         extra: "",
+        window_mib: 64,
         expect_line: None,
         expect_status: 1,
         timeout_s: 60,
@@ -88,7 +93,8 @@ const SCENARIOS: &[Scenario] = &[
         name: "cuda",
         apps: &[CUDA_APP],
         run: "/usr/bin/cudarc_app suite",
-        extra: "vgpu.env=VGPU_WINDOW_MB=32 vgpu.env=VGPU_LOG=info",
+        extra: "vgpu.env=VGPU_LOG=info",
+        window_mib: 32,
         expect_line: Some("suite: all scenarios passed"),
         expect_status: 0,
         timeout_s: 180,
@@ -102,7 +108,8 @@ const SCENARIOS: &[Scenario] = &[
         name: "bench",
         apps: &[CUDA_APP],
         run: "/usr/bin/cudarc_app bench 1000",
-        extra: "vgpu.env=VGPU_WINDOW_MB=32",
+        extra: "",
+        window_mib: 32,
         expect_line: Some("ok: 16 MiB came back intact"),
         expect_status: 0,
         timeout_s: 180,
@@ -117,12 +124,29 @@ const SCENARIOS: &[Scenario] = &[
         name: "shutdown",
         apps: &[CUDA_APP],
         run: "/usr/bin/cudarc_app hold",
-        extra: "vgpu.env=VGPU_WINDOW_MB=32",
+        extra: "",
+        window_mib: 32,
         expect_line: Some("holding-gpu-memory"),
         expect_status: 143,
         timeout_s: 120,
         run_via_xenstore: false,
         shutdown_on: Some("holding-gpu-memory"),
+        destroy_on: None,
+    },
+    // A 128 MiB window: 33 000 grants, over the 32 768 of Xen's default grant table, so the
+    // guest needs build-image's `max_grant_frames` (and Xen booted with a larger
+    // `gnttab_max_frames`, as the lab's is).
+    Scenario {
+        name: "bigwindow",
+        apps: &[CUDA_APP],
+        run: "/usr/bin/cudarc_app bench 200",
+        extra: "",
+        window_mib: 128,
+        expect_line: Some("ok: 16 MiB came back intact"),
+        expect_status: 0,
+        timeout_s: 180,
+        run_via_xenstore: false,
+        shutdown_on: None,
         destroy_on: None,
     },
     // The workload named in xenstore by the toolstack instead of on the command line.
@@ -131,6 +155,7 @@ const SCENARIOS: &[Scenario] = &[
         apps: &["/bin/echo"],
         run: "/usr/bin/echo named-in-xenstore",
         extra: "",
+        window_mib: 64,
         expect_line: Some("named-in-xenstore"),
         expect_status: 0,
         timeout_s: 60,
@@ -147,7 +172,8 @@ const DIE: Scenario = Scenario {
     name: "die",
     apps: &[CUDA_APP],
     run: "/usr/bin/cudarc_app hold",
-    extra: "vgpu.env=VGPU_WINDOW_MB=32",
+    extra: "",
+    window_mib: 32,
     expect_line: None,
     expect_status: 0,
     timeout_s: 120,
@@ -170,8 +196,10 @@ const STANDIN_INIT: &str = include_str!("../lab/standin-init.sh");
 /// XSAVE, vector registers of guest threads came back corrupted across context switches
 /// under QEMU 7.2's TCG (16- or 128-byte holes, at the vector width, in data memcpy'd by
 /// the cudarc program's threads; gone with FXSAVE, in a single-threaded TCG too). An
-/// emulation fault: real hardware needs no such option.
-const XEN_ARGS: &str = "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 smap=0 xsave=0";
+/// emulation fault: real hardware needs no such option. `gnttab_max_frames=128`: room for
+/// the `bigwindow` guest's grant table (Xen's default allows 64 frames).
+const XEN_ARGS: &str =
+    "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 smap=0 xsave=0 gnttab_max_frames=128";
 /// `nokaslr`: dom0 once hung under TCG right after "Poking KASLR using RDRAND RDTSC".
 const DOM0_ARGS: &str = "console=hvc0 earlyprintk=xen loglevel=4 nokaslr";
 /// Lines of the console log shown when the lab fails.
@@ -546,7 +574,7 @@ fn build_guest(scenario: &'static Scenario, lab: &Path) -> Result<Guest> {
     let _ = fs::remove_dir_all(&g.dir);
     let mut cmd = Command::new(std::env::current_exe().context("finding the xtask binary")?);
     cmd.arg("build-image").arg("--out").arg(&g.dir).args(["--boot-dir", &g.boot_dir, "--name", &g.domain]);
-    cmd.args(["--memory", &GUEST_MEMORY_MIB.to_string()]);
+    cmd.args(["--memory", &GUEST_MEMORY_MIB.to_string(), "--window-mib", &scenario.window_mib.to_string()]);
     for app in scenario.apps {
         cmd.args(["--app", app]);
     }

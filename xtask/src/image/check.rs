@@ -16,7 +16,8 @@ use std::path::Path;
 /// Directories glibc's loader searches without an `ld.so.cache` (Debian's build).
 const SEARCH_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib", "usr/lib"];
 /// Keys `xl create` of a PV guest needs from us.
-const XL_KEYS: &[&str] = &["name", "type", "kernel", "ramdisk", "extra", "memory", "vcpus", "on_poweroff", "on_crash"];
+const XL_KEYS: &[&str] =
+    &["name", "type", "kernel", "ramdisk", "extra", "memory", "vcpus", "max_grant_frames", "on_poweroff", "on_crash"];
 
 /// What the loader needs for one ELF: its interpreter and `DT_NEEDED` names, its SONAME.
 #[derive(Debug, Default)]
@@ -199,7 +200,7 @@ pub fn check_xl(text: &str, name: &str) -> Result<()> {
         keys["extra"].split_whitespace().any(|a| a == "console=hvc0"),
         "the kernel command line lacks console=hvc0"
     );
-    for k in ["memory", "vcpus"] {
+    for k in ["memory", "vcpus", "max_grant_frames"] {
         ensure!(keys[k].parse::<u32>().is_ok_and(|v| v > 0), "xl config {k} = {:?}", keys[k]);
     }
     Ok(())
@@ -262,7 +263,7 @@ mod tests {
     fn kernel_config_and_xl_checks_name_what_is_missing() {
         let err = check_kernel_config("CONFIG_XEN_PV=y\n").unwrap_err().to_string();
         assert!(err.contains("CONFIG_HVC_XEN"), "{err}");
-        let good = "name = 'g'\ntype = 'pv'\nkernel = '/b/vmlinuz'\nramdisk = '/b/initramfs.cpio.gz'\nextra = 'console=hvc0'\nmemory = 256\nvcpus = 1\non_poweroff = 'destroy'\non_crash = 'destroy'\n";
+        let good = "name = 'g'\ntype = 'pv'\nkernel = '/b/vmlinuz'\nramdisk = '/b/initramfs.cpio.gz'\nextra = 'console=hvc0'\nmemory = 256\nvcpus = 1\nmax_grant_frames = 35\non_poweroff = 'destroy'\non_crash = 'destroy'\n";
         check_xl(good, "g").unwrap();
         let err = check_xl(&good.replace("vcpus = 1\n", ""), "g").unwrap_err().to_string();
         assert!(err.contains("vcpus"), "{err}");

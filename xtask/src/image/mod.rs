@@ -56,6 +56,15 @@ pub struct ImageOptions {
     /// Virtual CPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
+    /// Data window of each CUDA process, in MiB (libvgpu's `VGPU_WINDOW_MB`): copies are
+    /// staged and pinned host memory is carved from it; over Xen every 4 KiB of it is a
+    /// grant. A power of two, at most 128 (the channel's 64 directory pages).
+    #[arg(long, default_value_t = 64)]
+    pub window_mib: u32,
+    /// CUDA processes that may hold a session at once (at most host-proxy's `xen_slots`,
+    /// default 4): the guest's grant table (`max_grant_frames`) is sized for them.
+    #[arg(long, default_value_t = 1)]
+    pub cuda_processes: u32,
     /// Folder the xl config names for the kernel and ramdisk (where the files will be in the
     /// domain that runs `xl create`); default: the output folder's absolute path.
     #[arg(long)]
@@ -138,8 +147,10 @@ pub fn parse_run(run: &str) -> Result<Vec<String>> {
 /// The kernel command line of the guest.
 pub fn kernel_cmdline(opts: &ImageOptions) -> Result<String> {
     // gntalloc's default limit (1024 pages) is far below one channel's region (ring pages
-    // plus a 64 MiB data window): raise it.
-    let mut cmdline = String::from("console=hvc0 quiet xen_gntalloc.limit=65536");
+    // plus the data window): raise it to what the processes need, 65536 at least.
+    let grants = GrantSizing::of(opts)?.grants.max(65536);
+    let mut cmdline =
+        format!("console=hvc0 quiet xen_gntalloc.limit={grants} vgpu.env=VGPU_WINDOW_MB={}", opts.window_mib);
     if let Some(run) = &opts.run {
         cmdline.push_str(&format!(" vgpu.run=\"{}\"", parse_run(run)?.join(" ")));
     }
@@ -152,6 +163,54 @@ pub fn kernel_cmdline(opts: &ImageOptions) -> Result<String> {
         cmdline.push_str(&opts.extra_cmdline);
     }
     Ok(cmdline)
+}
+
+/// libvgpu's ring size each way (`rt.rs`, `RING_SIZE`).
+const LIBVGPU_RING_SIZE: usize = 1 << 20;
+/// Grant references per directory page, and the most directory pages a frontend may use
+/// (`idm_xen::channel::{REFS_PER_DIR_PAGE, MAX_DIR_PAGES}`).
+const REFS_PER_DIR_PAGE: usize = 1024;
+const MAX_DIR_PAGES: usize = 64;
+/// Grant entries per grant-table frame (version 1 entries, 8 bytes, in a 4 KiB frame).
+const GRANTS_PER_FRAME: usize = 512;
+/// Xen's default `gnttab_max_frames`: a domain's `max_grant_frames` above it needs Xen
+/// booted with a larger one.
+const XEN_DEFAULT_GNTTAB_MAX_FRAMES: u32 = 64;
+
+/// How many grants the guest's CUDA processes need over Xen, and the grant-table frames
+/// (`max_grant_frames`) that hold them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GrantSizing {
+    /// Grants of all the processes' channel regions and directory pages.
+    pub grants: usize,
+    /// Grant-table frames for them plus the kernel's own grants (console, xenstore).
+    pub frames: u32,
+}
+
+impl GrantSizing {
+    /// The sizing for `opts.cuda_processes` processes with `opts.window_mib` windows: each
+    /// grants every page of its region (control page, two rings, the window) and the
+    /// directory pages that list them.
+    pub fn of(opts: &ImageOptions) -> Result<GrantSizing> {
+        ensure!(opts.window_mib.is_power_of_two(), "--window-mib must be a power of two (1, 2, 4, … 128)");
+        ensure!(
+            (1..=64).contains(&opts.cuda_processes),
+            "--cuda-processes must be 1..=64 (host-proxy offers at most 64 slots)"
+        );
+        let layout = idm_shm::ChannelLayout::new(LIBVGPU_RING_SIZE, (opts.window_mib as usize) << 20)
+            .map_err(|e| anyhow::anyhow!("--window-mib {}: {e}", opts.window_mib))?;
+        let pages = layout.total_size().div_ceil(4096);
+        let dir = pages.div_ceil(REFS_PER_DIR_PAGE);
+        ensure!(
+            dir <= MAX_DIR_PAGES,
+            "--window-mib {}: a channel region of {pages} pages needs {dir} directory pages, over the {MAX_DIR_PAGES} the Xen handshake allows (128 MiB at most)",
+            opts.window_mib
+        );
+        let grants = (pages + dir) * opts.cuda_processes as usize;
+        // The kernel's own grants (console and xenstore rings, a few more) fit in one frame.
+        let frames = u32::try_from(grants.div_ceil(GRANTS_PER_FRAME) + 1)?;
+        Ok(GrantSizing { grants, frames })
+    }
 }
 
 /// The xl config for a PV guest. Values are single-quoted (xl takes them literally).
@@ -174,6 +233,7 @@ pub fn xl_config(opts: &ImageOptions, boot_dir: &Path) -> Result<String> {
          extra = '{cmdline}'\n\
          memory = {memory}\n\
          vcpus = {vcpus}\n\
+         max_grant_frames = {frames}\n\
          on_poweroff = 'destroy'\n\
          on_reboot = 'destroy'\n\
          on_crash = 'destroy'\n",
@@ -181,6 +241,7 @@ pub fn xl_config(opts: &ImageOptions, boot_dir: &Path) -> Result<String> {
         cmdline = kernel_cmdline(opts)?,
         memory = opts.memory,
         vcpus = opts.vcpus,
+        frames = GrantSizing::of(opts)?.frames,
     ))
 }
 
@@ -368,6 +429,17 @@ pub fn build(opts: &ImageOptions) -> Result<Built> {
     if opts.apps.is_empty() && total > BASE_IMAGE_GOAL_BYTES {
         eprintln!("warning: the base image is {} , over its {} goal", mb(total), mb(BASE_IMAGE_GOAL_BYTES));
     }
+    let grants = GrantSizing::of(opts)?;
+    println!(
+        "  grants     {} for {} CUDA process(es) with {} MiB windows: max_grant_frames = {}",
+        grants.grants, opts.cuda_processes, opts.window_mib, grants.frames
+    );
+    if grants.frames > XEN_DEFAULT_GNTTAB_MAX_FRAMES {
+        eprintln!(
+            "note: max_grant_frames = {} is over Xen's default limit ({XEN_DEFAULT_GNTTAB_MAX_FRAMES}): boot Xen with gnttab_max_frames={} or more, or xl create refuses the guest",
+            grants.frames, grants.frames
+        );
+    }
     Ok(built)
 }
 
@@ -384,6 +456,8 @@ mod tests {
             run: Some("/usr/bin/app --n 3".into()),
             memory: 256,
             vcpus: 2,
+            window_mib: 64,
+            cuda_processes: 1,
             boot_dir: None,
             extra_cmdline: "loglevel=3".into(),
             kernel_source: None,
@@ -399,10 +473,34 @@ mod tests {
         assert_eq!(keys["ramdisk"], "/srv/guest/initramfs.cpio.gz");
         assert_eq!(
             keys["extra"],
-            "console=hvc0 quiet xen_gntalloc.limit=65536 vgpu.run=\"/usr/bin/app --n 3\" loglevel=3"
+            "console=hvc0 quiet xen_gntalloc.limit=65536 vgpu.env=VGPU_WINDOW_MB=64 vgpu.run=\"/usr/bin/app --n 3\" loglevel=3"
         );
         assert_eq!(keys["memory"], "256");
+        // One process: 16384 window pages, 2 × 257 ring pages, the control page, 17
+        // directory pages; 34 frames with the kernel's.
+        assert_eq!(keys["max_grant_frames"], "35");
         check::check_xl(&cfg, "g1").unwrap();
+    }
+
+    #[test]
+    fn the_grant_table_is_sized_for_the_processes_and_their_windows() {
+        let sizing =
+            |window_mib, cuda_processes| GrantSizing::of(&ImageOptions { window_mib, cuda_processes, ..opts() });
+        let one = sizing(64, 1).unwrap();
+        let four = sizing(64, 4).unwrap();
+        assert_eq!(four.grants, 4 * one.grants);
+        assert!(four.frames as usize * GRANTS_PER_FRAME >= four.grants + GRANTS_PER_FRAME - 1);
+        assert!(four.frames > XEN_DEFAULT_GNTTAB_MAX_FRAMES, "four 64 MiB windows need Xen's limit raised");
+        let big = sizing(128, 1).unwrap();
+        assert!(big.grants > 128 * 256 && big.frames > XEN_DEFAULT_GNTTAB_MAX_FRAMES, "{big:?}");
+        let err = sizing(256, 1).unwrap_err().to_string();
+        assert!(err.contains("directory pages"), "{err}");
+        assert!(sizing(96, 1).unwrap_err().to_string().contains("power of two"));
+        assert!(sizing(0, 1).is_err() && sizing(64, 0).is_err() && sizing(64, 65).is_err());
+        // gntalloc's limit follows when the processes need more than the default.
+        let cmdline = kernel_cmdline(&ImageOptions { window_mib: 128, cuda_processes: 2, ..opts() }).unwrap();
+        let limit = sizing(128, 2).unwrap().grants;
+        assert!(cmdline.contains(&format!("xen_gntalloc.limit={limit} ")), "{cmdline}");
     }
 
     #[test]
