@@ -156,6 +156,14 @@ mod raw {
             unsafe { AtomicU8::from_ptr(self.ptr_at(offset)) }
         }
 
+        fn word32(&self, offset: usize) -> &AtomicU32 {
+            debug_assert!((self.base.as_ptr() as usize + offset) % 4 == 0);
+            // SAFETY: in bounds (checked by caller), 4-byte aligned (the caller has just
+            // finished 8-byte words from an aligned base), valid for `self`'s lifetime, and
+            // only accessed atomically.
+            unsafe { AtomicU32::from_ptr(self.ptr_at(offset).cast::<u32>()) }
+        }
+
         fn word64(&self, offset: usize) -> &AtomicU64 {
             debug_assert!((self.base.as_ptr() as usize + offset) % 8 == 0);
             // SAFETY: in bounds (checked by caller), 8-byte aligned (asserted above from
@@ -199,6 +207,12 @@ mod raw {
                 dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
                 i += 8;
             }
+            // A 4-byte tail (a ring slot's 60 payload bytes end in one) in one access.
+            if dst.len() - i >= 4 {
+                let w = self.word32(offset + i).load(Ordering::Relaxed);
+                dst[i..i + 4].copy_from_slice(&w.to_ne_bytes());
+                i += 4;
+            }
             while i < dst.len() {
                 dst[i] = self.byte(offset + i).load(Ordering::Relaxed);
                 i += 1;
@@ -217,6 +231,12 @@ mod raw {
                 w.copy_from_slice(&src[i..i + 8]);
                 self.word64(offset + i).store(u64::from_ne_bytes(w), Ordering::Relaxed);
                 i += 8;
+            }
+            if src.len() - i >= 4 {
+                let mut w = [0u8; 4];
+                w.copy_from_slice(&src[i..i + 4]);
+                self.word32(offset + i).store(u32::from_ne_bytes(w), Ordering::Relaxed);
+                i += 4;
             }
             while i < src.len() {
                 self.byte(offset + i).store(src[i], Ordering::Relaxed);

@@ -187,25 +187,46 @@ fn slot_at(mask: u32, index: u32) -> usize {
 }
 
 /// Copies `dst.len()` frame bytes starting `pos` bytes into the frame whose first slot is
-/// `first`, slot by slot.
-fn copy_out<M: SharedMemory>(mem: &M, mask: u32, first: u32, mut pos: usize, dst: &mut [u8]) {
+/// `first`, slot by slot. With `check`, each slot after the first must carry its own
+/// stamp (verified just before its bytes are copied, in the same pass); `Err(k)` names the
+/// first that does not (`dst` then holds a partial copy, to be discarded).
+fn copy_out<M: SharedMemory>(
+    mem: &M,
+    mask: u32,
+    first: u32,
+    mut pos: usize,
+    dst: &mut [u8],
+    check: bool,
+) -> Result<(), u32> {
     let mut done = 0;
     while done < dst.len() {
         let (slot, off) = (pos / SLOT_PAYLOAD, pos % SLOT_PAYLOAD);
+        let index = first.wrapping_add(slot as u32);
+        let at = slot_at(mask, index);
+        if check && slot > 0 && off == 0 && mem.load_u32(at + STAMP, Relaxed) != index {
+            return Err(slot as u32);
+        }
         let n = (SLOT_PAYLOAD - off).min(dst.len() - done);
-        mem.read_bytes(slot_at(mask, first.wrapping_add(slot as u32)) + off, &mut dst[done..done + n]);
+        mem.read_bytes(at + off, &mut dst[done..done + n]);
         done += n;
         pos += n;
     }
+    Ok(())
 }
 
-/// Copies `src` into the frame whose first slot is `first`, starting `pos` bytes into it.
+/// Copies `src` into the frame whose first slot is `first`, starting `pos` bytes into it;
+/// each slot after the first that it starts gets its stamp in the same pass.
 fn copy_in<M: SharedMemory>(mem: &M, mask: u32, first: u32, mut pos: usize, src: &[u8]) {
     let mut done = 0;
     while done < src.len() {
         let (slot, off) = (pos / SLOT_PAYLOAD, pos % SLOT_PAYLOAD);
+        let index = first.wrapping_add(slot as u32);
+        let at = slot_at(mask, index);
         let n = (SLOT_PAYLOAD - off).min(src.len() - done);
-        mem.write_bytes(slot_at(mask, first.wrapping_add(slot as u32)) + off, &src[done..done + n]);
+        mem.write_bytes(at + off, &src[done..done + n]);
+        if slot > 0 && off == 0 {
+            mem.store_u32(at + STAMP, index, Relaxed);
+        }
         done += n;
         pos += n;
     }
@@ -337,11 +358,9 @@ impl<M: SharedMemory> RingProducer<M> {
             return Ok(None);
         }
         let first = self.prod;
+        // The body, each later slot stamped as it is filled (every later slot holds body
+        // bytes), then the header, then the first stamp.
         copy_in(&self.mem, self.mask, first, HEADER_LEN, body);
-        for k in 1..need as u32 {
-            let index = first.wrapping_add(k);
-            self.mem.store_u32(slot_at(self.mask, index) + STAMP, index, Relaxed);
-        }
         copy_in(&self.mem, self.mask, first, 0, &header.emit());
         // Publishes the frame; SeqCst for the notify handshake (see "Ordering" above).
         self.mem.store_u32(slot_at(self.mask, first) + STAMP, first, SeqCst);
@@ -464,7 +483,7 @@ impl<M: SharedMemory> RingConsumer<M> {
             return Ok(None);
         }
         let mut raw = [0u8; HEADER_LEN];
-        copy_out(&self.mem, self.mask, first, 0, &mut raw);
+        let _ = copy_out(&self.mem, self.mask, first, 0, &mut raw, false);
         let header = match FrameHeader::parse(&raw, self.max_frame) {
             Ok(h) => h,
             Err(e) => return Err(self.fail(RingError::BadFrame(e))),
@@ -480,13 +499,12 @@ impl<M: SharedMemory> RingConsumer<M> {
             return Err(RingError::BufferTooSmall { need: len });
         }
         // The first stamp's acquire covers the later slots of an honest producer; one whose
-        // stamp is wrong was never published, and the frame is corrupt.
-        if let Some(k) = (1..need as u32).find(|&k| self.stamp(first.wrapping_add(k), Relaxed) != first.wrapping_add(k))
-        {
+        // stamp is wrong was never published, and the frame is corrupt (every later slot
+        // holds body bytes, so the body's copy checks them all).
+        if let Err(k) = copy_out(&self.mem, self.mask, first, HEADER_LEN, &mut buf[..len], true) {
             let published = u32::try_from(k as usize * SLOT_PAYLOAD).unwrap_or(u32::MAX);
             return Err(self.fail(RingError::TruncatedFrame { need: total, available: published }));
         }
-        copy_out(&self.mem, self.mask, first, HEADER_LEN, &mut buf[..len]);
         self.cons = first.wrapping_add(need as u32);
         self.mem.store_u32(field::CONS, self.cons, SeqCst);
         let notify = if self.mem.load_u32(field::SPACE_WANTED, SeqCst) != 0 {
