@@ -93,6 +93,52 @@ done
 # ---- table ----
 # The device machine's copy of the tree may carry a stale .git: the caller's BENCH_COMMIT wins.
 commit=${BENCH_COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# table <round>...: the side-by-side table of those rounds — each side's median, the median
+# of the rounds' ratios, and (over several rounds) the ratios of the rounds.
+table() {
+    local nats="" rems="" r
+    for r in "$@"; do nats="$nats $out/native-$r.txt"; rems="$rems $out/remoted-$r.txt"; done
+    awk -v nats="$nats" -v rems="$rems" '
+        function load(file, side, r,   line, f) {
+            while ((getline line < file) > 0) {
+                # Measures only: `name value unit`; comments and FAIL lines are skipped.
+                if (split(line, f, " ") != 3 || f[2] !~ /^[0-9.eE+-]+$/) continue
+                if (!(f[1] in unit)) { order[++n] = f[1]; unit[f[1]] = f[3] }
+                val[side, r, f[1]] = f[2]
+            }
+            close(file)
+        }
+        function median(a, k,   i, j, t) { # sorts a[1..k] in place
+            for (i = 2; i <= k; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+            return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+        }
+        function fmt(v) {
+            return v >= 1000 ? sprintf("%.0f", v) : v >= 10 ? sprintf("%.1f", v) : sprintf("%.3f", v)
+        }
+        BEGIN {
+            rounds = split(nats, nf, " "); split(rems, rf, " ")
+            for (r = 1; r <= rounds; r++) { load(nf[r], "n", r); load(rf[r], "r", r) }
+            several = rounds > 1
+            print "| measure | unit | native | remoted | ratio |" (several ? " ratios of the rounds |" : "") " better |"
+            print "|---|---|---|---|---|" (several ? "---|" : "") "---|"
+            for (i = 1; i <= n; i++) {
+                m = order[i]; kn = kr = kq = 0; list = ""
+                for (r = 1; r <= rounds; r++) {
+                    if (("n", r, m) in val) na[++kn] = val["n", r, m]
+                    if (("r", r, m) in val) ra[++kr] = val["r", r, m]
+                    if ((("n", r, m) in val) && (("r", r, m) in val) && val["n", r, m] > 0) {
+                        q = val["r", r, m] / val["n", r, m]; qa[++kq] = q
+                        list = list (list == "" ? "" : " ") sprintf("%.2f", q)
+                    }
+                }
+                better = (unit[m] == "GB/s" || unit[m] == "GFLOP/s") ? "higher" : "lower"
+                printf "| %s | %s | %s | %s | %s |", m, unit[m], kn ? fmt(median(na, kn)) : "-",
+                    kr ? fmt(median(ra, kr)) : "-", kq ? sprintf("%.2f", median(qa, kq)) : "-"
+                if (several) printf " %s |", list == "" ? "-" : list
+                printf " %s |\n", better
+            }
+        }'
+}
 {
     echo "libvgpu benchmark: native libcuda vs libvgpu + host-proxy (cuda backend, local shm transport)"
     echo "GPU: $gpu"
@@ -103,32 +149,7 @@ commit=${BENCH_COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || ec
         echo
         echo "round $r"
         echo
-        awk -v nat="$out/native-$r.txt" -v rem="$out/remoted-$r.txt" '
-            function load(file, arr,   line, f) {
-                while ((getline line < file) > 0) {
-                    # Measures only: `name value unit`; comments and FAIL lines are skipped.
-                    if (split(line, f, " ") != 3 || f[2] !~ /^[0-9.eE+-]+$/) continue
-                    if (!(f[1] in unit)) { order[++n] = f[1]; unit[f[1]] = f[3] }
-                    arr[f[1]] = f[2]
-                }
-                close(file)
-            }
-            function fmt(v) {
-                return v >= 1000 ? sprintf("%.0f", v) : v >= 10 ? sprintf("%.1f", v) : sprintf("%.3f", v)
-            }
-            BEGIN {
-                load(nat, nv); load(rem, rv)
-                print "| measure | unit | native | remoted | ratio | better |"
-                print "|---|---|---|---|---|---|"
-                for (i = 1; i <= n; i++) {
-                    m = order[i]; u = unit[m]
-                    better = (u == "GB/s" || u == "GFLOP/s") ? "higher" : "lower"
-                    a = (m in nv) ? fmt(nv[m]) : "-"
-                    b = (m in rv) ? fmt(rv[m]) : "-"
-                    ratio = ((m in nv) && (m in rv) && nv[m] > 0) ? sprintf("%.2f", rv[m] / nv[m]) : "-"
-                    printf "| %s | %s | %s | %s | %s | %s |\n", m, u, a, b, ratio, better
-                }
-            }'
+        table "$r"
         for mode in native remoted; do
             st=$(sed -n 's/^# exit status: //p' "$out/$mode-$r.txt")
             [ "$st" = 0 ] || echo "($mode run of round $r exited with status $st: its table entries are partial)"
@@ -139,45 +160,8 @@ commit=${BENCH_COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || ec
         echo "over the $rounds rounds: medians of each side, and the median of the rounds' ratios"
         echo "(each round's pair ran back to back, so its ratio is the least disturbed by the machine)"
         echo
-        nats="" rems=""
-        for r in $(seq 1 "$rounds"); do nats="$nats $out/native-$r.txt"; rems="$rems $out/remoted-$r.txt"; done
-        awk -v nats="$nats" -v rems="$rems" '
-            function load(file, side, r,   line, f) {
-                while ((getline line < file) > 0) {
-                    if (split(line, f, " ") != 3 || f[2] !~ /^[0-9.eE+-]+$/) continue
-                    if (!(f[1] in unit)) { order[++n] = f[1]; unit[f[1]] = f[3] }
-                    val[side, r, f[1]] = f[2]
-                }
-                close(file)
-            }
-            function median(a, k,   i, j, t) { # sorts a[1..k] in place
-                for (i = 2; i <= k; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
-                return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
-            }
-            function fmt(v) {
-                return v >= 1000 ? sprintf("%.0f", v) : v >= 10 ? sprintf("%.1f", v) : sprintf("%.3f", v)
-            }
-            BEGIN {
-                rounds = split(nats, nf, " "); split(rems, rf, " ")
-                for (r = 1; r <= rounds; r++) { load(nf[r], "n", r); load(rf[r], "r", r) }
-                print "| measure | unit | native | remoted | ratio | ratios of the rounds | better |"
-                print "|---|---|---|---|---|---|---|"
-                for (i = 1; i <= n; i++) {
-                    m = order[i]; kn = kr = kq = 0; list = ""
-                    for (r = 1; r <= rounds; r++) {
-                        if (("n", r, m) in val) na[++kn] = val["n", r, m]
-                        if (("r", r, m) in val) ra[++kr] = val["r", r, m]
-                        if ((("n", r, m) in val) && (("r", r, m) in val) && val["n", r, m] > 0) {
-                            q = val["r", r, m] / val["n", r, m]; qa[++kq] = q
-                            list = list (list == "" ? "" : " ") sprintf("%.2f", q)
-                        }
-                    }
-                    better = (unit[m] == "GB/s" || unit[m] == "GFLOP/s") ? "higher" : "lower"
-                    printf "| %s | %s | %s | %s | %s | %s | %s |\n", m, unit[m],
-                        kn ? fmt(median(na, kn)) : "-", kr ? fmt(median(ra, kr)) : "-",
-                        kq ? sprintf("%.2f", median(qa, kq)) : "-", list == "" ? "-" : list, better
-                }
-            }'
+        # shellcheck disable=SC2046 # the round numbers are words on purpose
+        table $(seq 1 "$rounds")
     fi
 } >"$out/bench.txt"
 echo
