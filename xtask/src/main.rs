@@ -296,6 +296,20 @@ fn demo() -> Result<()> {
     result
 }
 
+/// Runs `cargo <args> --message-format=json` (building `what`) and returns its messages.
+fn cargo_json(args: &[&str], what: &str) -> Result<String> {
+    let out = cargo()
+        .args(args)
+        .arg("--message-format=json")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("building {what}"))?;
+    if !out.status.success() {
+        bail!("building {what} failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Builds and collects the binaries the on-device scripts run (see `device/`).
 fn device_build() -> Result<()> {
     let carry = PathBuf::from(".device-carry");
@@ -307,23 +321,10 @@ fn device_build() -> Result<()> {
         (PathBuf::from("target/release/libcuda.so"), carry.join("libvgpu/libcuda.so.1")),
         (PathBuf::from("target/release/examples/cudarc_app"), carry.join("cudarc_app")),
     ];
-    let out = cargo()
-        .args(["test", "--release", "-p", "host-proxy", "--no-run", "--message-format=json"])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("building host-proxy's tests")?;
-    if !out.status.success() {
-        bail!("building host-proxy's tests failed");
-    }
-    let bench = cargo()
-        .args(["bench", "-p", "idm-shm", "--bench", "roundtrip", "--no-run", "--message-format=json"])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("building idm-shm's round-trip benchmark")?;
-    if !bench.status.success() {
-        bail!("building idm-shm's round-trip benchmark failed");
-    }
-    for line in String::from_utf8_lossy(&out.stdout).lines().chain(String::from_utf8_lossy(&bench.stdout).lines()) {
+    let tests = cargo_json(&["test", "--release", "-p", "host-proxy", "--no-run"], "host-proxy's tests")?;
+    let bench =
+        cargo_json(&["bench", "-p", "idm-shm", "--bench", "roundtrip", "--no-run"], "idm-shm's round-trip benchmark")?;
+    for line in tests.lines().chain(bench.lines()) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let (Some(exe), Some(name)) = (v["executable"].as_str(), v["target"]["name"].as_str()) else { continue };
         let kind = v["target"]["kind"][0].as_str().unwrap_or("");
