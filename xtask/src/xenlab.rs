@@ -59,128 +59,94 @@ struct Scenario {
     destroy_on: Option<&'static str>,
 }
 
+/// What a scenario does unless it says otherwise: a workload on the kernel command line,
+/// exit status 0, 64 MiB windows, a minute to finish, no shutdown or destruction.
+const BASE: Scenario = Scenario {
+    name: "",
+    apps: &[],
+    run: "",
+    extra: "",
+    window_mib: 64,
+    expect_line: None,
+    expect_status: 0,
+    timeout_s: 60,
+    run_via_xenstore: false,
+    shutdown_on: None,
+    destroy_on: None,
+};
+
+/// A CUDA program scenario: cudarc_app, 32 MiB windows, three minutes.
+const CUDA: Scenario = Scenario { apps: &[CUDA_APP], window_mib: 32, timeout_s: 180, ..BASE };
+
 /// The lab's scenarios, run in this order in one boot.
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "hello",
         apps: &["/bin/echo"],
         run: "/usr/bin/echo vgpu-lab-hello",
-        extra: "",
-        window_mib: 64,
         expect_line: Some("vgpu-lab-hello"),
-        expect_status: 0,
-        timeout_s: 60,
-        run_via_xenstore: false,
-        shutdown_on: None,
-        destroy_on: None,
+        ..BASE
     },
-    Scenario {
-        name: "false",
-        apps: &["/bin/false"],
-        run: "/usr/bin/false",
-        extra: "",
-        window_mib: 64,
-        expect_line: None,
-        expect_status: 1,
-        timeout_s: 60,
-        run_via_xenstore: false,
-        shutdown_on: None,
-        destroy_on: None,
-    },
+    Scenario { name: "false", apps: &["/bin/false"], run: "/usr/bin/false", expect_status: 1, ..BASE },
     // An unmodified cudarc program through libvgpu over the Xen ring (grant pages, event
     // channel, xenstore handshake) to host-proxy in dom0 (simulated GPU).
     Scenario {
         name: "cuda",
-        apps: &[CUDA_APP],
         run: "/usr/bin/cudarc_app suite",
         extra: "vgpu.env=VGPU_LOG=info",
-        window_mib: 32,
         expect_line: Some("suite: all scenarios passed"),
-        expect_status: 0,
-        timeout_s: 180,
-        run_via_xenstore: false,
-        shutdown_on: None,
-        destroy_on: None,
+        ..CUDA
     },
     // The same program's round-trip and copy benchmark over the Xen transport; dom0 runs it
     // over the local transport afterwards for comparison (`VGPU-LAB local-bench`).
     Scenario {
         name: "bench",
-        apps: &[CUDA_APP],
         run: "/usr/bin/cudarc_app bench 1000",
-        extra: "",
-        window_mib: 32,
         expect_line: Some("ok: 16 MiB came back intact"),
-        expect_status: 0,
-        timeout_s: 180,
-        run_via_xenstore: false,
-        shutdown_on: None,
-        destroy_on: None,
+        ..CUDA
     },
-    DIE,
+    // A guest destroyed while its CUDA program holds device memory; host-proxy must notice
+    // (@releaseDomain) and end the zone. Exit status is not checked.
+    Scenario {
+        name: "die",
+        run: "/usr/bin/cudarc_app hold",
+        timeout_s: 120,
+        destroy_on: Some("holding-gpu-memory"),
+        ..CUDA
+    },
     // `xl shutdown` while the CUDA program holds a session: the agent stops it (SIGTERM:
     // status 143), reports, powers off; host-proxy ends the zone.
     Scenario {
         name: "shutdown",
-        apps: &[CUDA_APP],
         run: "/usr/bin/cudarc_app hold",
-        extra: "",
-        window_mib: 32,
         expect_line: Some("holding-gpu-memory"),
         expect_status: 143,
         timeout_s: 120,
-        run_via_xenstore: false,
         shutdown_on: Some("holding-gpu-memory"),
-        destroy_on: None,
+        ..CUDA
     },
     // A 128 MiB window: 33 000 grants, over the 32 768 of Xen's default grant table, so the
     // guest needs build-image's `max_grant_frames` (and Xen booted with a larger
     // `gnttab_max_frames`, as the lab's is).
     Scenario {
         name: "bigwindow",
-        apps: &[CUDA_APP],
         run: "/usr/bin/cudarc_app bench 200",
-        extra: "",
         window_mib: 128,
         expect_line: Some("ok: 16 MiB came back intact"),
-        expect_status: 0,
-        timeout_s: 180,
-        run_via_xenstore: false,
-        shutdown_on: None,
-        destroy_on: None,
+        ..CUDA
     },
     // The workload named in xenstore by the toolstack instead of on the command line.
     Scenario {
         name: "xenstore-run",
         apps: &["/bin/echo"],
         run: "/usr/bin/echo named-in-xenstore",
-        extra: "",
-        window_mib: 64,
         expect_line: Some("named-in-xenstore"),
-        expect_status: 0,
-        timeout_s: 60,
         run_via_xenstore: true,
-        shutdown_on: None,
-        destroy_on: None,
+        ..BASE
     },
 ];
 
 /// The cudarc test program (built by the lab; relative to the workspace root).
-/// Scenario `die` (appended to SCENARIOS below via `DIE`): a guest destroyed while its CUDA
-/// program holds device memory; host-proxy must notice (@releaseDomain) and end the zone.
-const DIE: Scenario = Scenario {
-    name: "die",
-    apps: &[CUDA_APP],
-    run: "/usr/bin/cudarc_app hold",
-    extra: "",
-    window_mib: 32,
-    expect_line: None,
-    expect_status: 0,
-    timeout_s: 120,
-    run_via_xenstore: false,
-    shutdown_on: None,
-    destroy_on: Some("holding-gpu-memory"),
-};
 const CUDA_APP: &str = "target/release/examples/cudarc_app";
 
 const DEFAULT_TIMEOUT_S: u64 = 240;
@@ -1300,7 +1266,8 @@ mod tests {
 
     #[test]
     fn a_destroyed_guest_passes_only_when_its_zone_ended() {
-        let opts = Options { scenarios: vec![&DIE], ..options() };
+        let die = SCENARIOS.iter().find(|s| s.name == "die").expect("the die scenario");
+        let opts = Options { scenarios: vec![die], ..options() };
         let lines = |cleanup: &str, ended: u32| {
             vec![
                 "VGPU-LAB host-proxy=alive pid=1 socket=/tmp/s uptime=1".to_string(),
