@@ -27,6 +27,18 @@ struct Table {
     fns: Vec<FnEntry>,
     #[serde(rename = "message", default)]
     messages: Vec<MessageEntry>,
+    #[serde(rename = "legacy", default)]
+    legacy: Vec<LegacyEntry>,
+}
+
+/// An older name the real libcuda.so.1 still exports beside its successor, with the
+/// successor's C signature (so it can be the same function).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegacyEntry {
+    name: String,
+    same_as: String,
+    since: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,6 +306,12 @@ fn validate(table: &Table, b: &Bindings) -> Result<()> {
     for n in &table.unsupported {
         ensure!(b.fns.contains_key(n), "{n} (unsupported) is not in cudarc's bindings");
         ensure!(names.insert(n.clone()), "{n} is listed twice");
+    }
+    for l in &table.legacy {
+        ensure!(!b.fns.contains_key(&l.name), "{}: in cudarc's bindings, list it as a [[fn]]", l.name);
+        ensure!(names.contains(&l.same_as), "{}: same_as {} is not in the table", l.name, l.same_as);
+        ensure!(base_name(&l.name) == base_name(&l.same_as), "{}: not a variant of {}", l.name, l.same_as);
+        ensure!(names.insert(l.name.clone()), "{} is listed twice", l.name);
     }
     let missing: Vec<_> = b
         .fns
@@ -817,6 +835,32 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
         let params: Vec<String> = sig.args.iter().map(|(n, t)| format!("_{n}: {}", export_ty(b, t))).collect();
         let _ = writeln!(o, "/// `{name}`: not supported by libvgpu.\n#[no_mangle]\npub extern \"C\" fn {name}({}) -> CUresult {{\n    rt::unsupported(\"{name}\")\n}}\n", params.join(", "));
         exports.push((name.clone(), 0));
+    }
+    for l in &table.legacy {
+        let sig = &b.fns[&l.same_as];
+        let params: Vec<String> = sig.args.iter().map(|(n, t)| format!("{n}: {}", export_ty(b, t))).collect();
+        let args: Vec<&str> = sig.args.iter().map(|(n, _)| n.as_str()).collect();
+        let _ = writeln!(
+            o,
+            "/// `{name}`: the older name of `{to}` (same signature), as libcuda.so.1 exports both.\n///\n/// # Safety\n/// `{to}`'s contract.\n#[no_mangle]",
+            name = l.name,
+            to = l.same_as
+        );
+        if table.unsupported.contains(&l.same_as) {
+            let params: Vec<String> = params.iter().map(|p| format!("_{p}")).collect();
+            let _ = writeln!(o, "pub extern \"C\" fn {}({}) -> CUresult {{\n    rt::unsupported(\"{}\")\n}}\n", l.name, params.join(", "), l.name);
+        } else {
+            let _ = writeln!(
+                o,
+                "pub unsafe extern \"C\" fn {}({}) -> CUresult {{\n    // SAFETY: the caller upholds {}'s contract.\n    unsafe {{ {}({}) }}\n}}\n",
+                l.name,
+                params.join(", "),
+                l.same_as,
+                l.same_as,
+                args.join(", ")
+            );
+        }
+        exports.push((l.name.clone(), l.since));
     }
     o.push_str("/// Every exported entry point, in table order.\npub const EXPORTS: &[&str] = &[\n");
     for (n, _) in &exports {

@@ -988,6 +988,18 @@ pub unsafe extern "C" fn cuModuleLoadFatBinary(module: *mut sys::CUmodule, fatCu
     })
 }
 
+/// `cuModuleGetLoadingMode` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleGetLoadingMode(mode: *mut ::core::ffi::c_uint) -> CUresult {
+    rt::entry("cuModuleGetLoadingMode", || {
+        // SAFETY: the caller upholds cuModuleGetLoadingMode's contract, which the implementation documents.
+        unsafe { crate::imp::cu_module_get_loading_mode(mode) }
+    })
+}
+
 /// `cuModuleUnload` (forwarded).
 ///
 /// # Safety
@@ -2998,12 +3010,6 @@ pub extern "C" fn cuModuleGetFunctionCount(_count: *mut ::core::ffi::c_uint, _mo
     rt::unsupported("cuModuleGetFunctionCount")
 }
 
-/// `cuModuleGetLoadingMode`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuModuleGetLoadingMode(_mode: *mut ::core::ffi::c_uint) -> CUresult {
-    rt::unsupported("cuModuleGetLoadingMode")
-}
-
 /// `cuModuleGetSurfRef`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuModuleGetSurfRef(_pSurfRef: *mut sys::CUsurfref, _hmod: sys::CUmodule, _name: *const ::core::ffi::c_char) -> CUresult {
@@ -3142,6 +3148,12 @@ pub extern "C" fn cuStreamAttachMemAsync(_hStream: sys::CUstream, _dptr: sys::CU
     rt::unsupported("cuStreamAttachMemAsync")
 }
 
+/// `cuStreamBatchMemOp`: not supported by libvgpu.
+#[no_mangle]
+pub extern "C" fn cuStreamBatchMemOp(_stream: sys::CUstream, _count: ::core::ffi::c_uint, _paramArray: *mut sys::CUstreamBatchMemOpParams, _flags: ::core::ffi::c_uint) -> CUresult {
+    rt::unsupported("cuStreamBatchMemOp")
+}
+
 /// `cuStreamBatchMemOp_v2`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuStreamBatchMemOp_v2(_stream: sys::CUstream, _count: ::core::ffi::c_uint, _paramArray: *mut sys::CUstreamBatchMemOpParams, _flags: ::core::ffi::c_uint) -> CUresult {
@@ -3226,10 +3238,22 @@ pub extern "C" fn cuStreamUpdateCaptureDependencies_v2(_hStream: sys::CUstream, 
     rt::unsupported("cuStreamUpdateCaptureDependencies_v2")
 }
 
+/// `cuStreamWaitValue32`: not supported by libvgpu.
+#[no_mangle]
+pub extern "C" fn cuStreamWaitValue32(_stream: sys::CUstream, _addr: sys::CUdeviceptr, _value: sys::cuuint32_t, _flags: ::core::ffi::c_uint) -> CUresult {
+    rt::unsupported("cuStreamWaitValue32")
+}
+
 /// `cuStreamWaitValue32_v2`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuStreamWaitValue32_v2(_stream: sys::CUstream, _addr: sys::CUdeviceptr, _value: sys::cuuint32_t, _flags: ::core::ffi::c_uint) -> CUresult {
     rt::unsupported("cuStreamWaitValue32_v2")
+}
+
+/// `cuStreamWaitValue64`: not supported by libvgpu.
+#[no_mangle]
+pub extern "C" fn cuStreamWaitValue64(_stream: sys::CUstream, _addr: sys::CUdeviceptr, _value: sys::cuuint64_t, _flags: ::core::ffi::c_uint) -> CUresult {
+    rt::unsupported("cuStreamWaitValue64")
 }
 
 /// `cuStreamWaitValue64_v2`: not supported by libvgpu.
@@ -3238,10 +3262,22 @@ pub extern "C" fn cuStreamWaitValue64_v2(_stream: sys::CUstream, _addr: sys::CUd
     rt::unsupported("cuStreamWaitValue64_v2")
 }
 
+/// `cuStreamWriteValue32`: not supported by libvgpu.
+#[no_mangle]
+pub extern "C" fn cuStreamWriteValue32(_stream: sys::CUstream, _addr: sys::CUdeviceptr, _value: sys::cuuint32_t, _flags: ::core::ffi::c_uint) -> CUresult {
+    rt::unsupported("cuStreamWriteValue32")
+}
+
 /// `cuStreamWriteValue32_v2`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuStreamWriteValue32_v2(_stream: sys::CUstream, _addr: sys::CUdeviceptr, _value: sys::cuuint32_t, _flags: ::core::ffi::c_uint) -> CUresult {
     rt::unsupported("cuStreamWriteValue32_v2")
+}
+
+/// `cuStreamWriteValue64`: not supported by libvgpu.
+#[no_mangle]
+pub extern "C" fn cuStreamWriteValue64(_stream: sys::CUstream, _addr: sys::CUdeviceptr, _value: sys::cuuint64_t, _flags: ::core::ffi::c_uint) -> CUresult {
+    rt::unsupported("cuStreamWriteValue64")
 }
 
 /// `cuStreamWriteValue64_v2`: not supported by libvgpu.
@@ -3526,6 +3562,116 @@ pub extern "C" fn cuWaitExternalSemaphoresAsync(_extSemArray: *const sys::CUexte
     rt::unsupported("cuWaitExternalSemaphoresAsync")
 }
 
+/// `cuCtxCreate`: the older name of `cuCtxCreate_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuCtxCreate_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxCreate(pctx: *mut sys::CUcontext, flags: ::core::ffi::c_uint, dev: sys::CUdevice) -> CUresult {
+    // SAFETY: the caller upholds cuCtxCreate_v2's contract.
+    unsafe { cuCtxCreate_v2(pctx, flags, dev) }
+}
+
+/// `cuCtxDestroy`: the older name of `cuCtxDestroy_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuCtxDestroy_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxDestroy(ctx: sys::CUcontext) -> CUresult {
+    // SAFETY: the caller upholds cuCtxDestroy_v2's contract.
+    unsafe { cuCtxDestroy_v2(ctx) }
+}
+
+/// `cuCtxPopCurrent`: the older name of `cuCtxPopCurrent_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuCtxPopCurrent_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxPopCurrent(pctx: *mut sys::CUcontext) -> CUresult {
+    // SAFETY: the caller upholds cuCtxPopCurrent_v2's contract.
+    unsafe { cuCtxPopCurrent_v2(pctx) }
+}
+
+/// `cuCtxPushCurrent`: the older name of `cuCtxPushCurrent_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuCtxPushCurrent_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxPushCurrent(ctx: sys::CUcontext) -> CUresult {
+    // SAFETY: the caller upholds cuCtxPushCurrent_v2's contract.
+    unsafe { cuCtxPushCurrent_v2(ctx) }
+}
+
+/// `cuStreamDestroy`: the older name of `cuStreamDestroy_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuStreamDestroy_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamDestroy(hStream: sys::CUstream) -> CUresult {
+    // SAFETY: the caller upholds cuStreamDestroy_v2's contract.
+    unsafe { cuStreamDestroy_v2(hStream) }
+}
+
+/// `cuEventDestroy`: the older name of `cuEventDestroy_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuEventDestroy_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuEventDestroy(hEvent: sys::CUevent) -> CUresult {
+    // SAFETY: the caller upholds cuEventDestroy_v2's contract.
+    unsafe { cuEventDestroy_v2(hEvent) }
+}
+
+/// `cuDevicePrimaryCtxRelease`: the older name of `cuDevicePrimaryCtxRelease_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuDevicePrimaryCtxRelease_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRelease(dev: sys::CUdevice) -> CUresult {
+    // SAFETY: the caller upholds cuDevicePrimaryCtxRelease_v2's contract.
+    unsafe { cuDevicePrimaryCtxRelease_v2(dev) }
+}
+
+/// `cuDevicePrimaryCtxReset`: the older name of `cuDevicePrimaryCtxReset_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuDevicePrimaryCtxReset_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxReset(dev: sys::CUdevice) -> CUresult {
+    // SAFETY: the caller upholds cuDevicePrimaryCtxReset_v2's contract.
+    unsafe { cuDevicePrimaryCtxReset_v2(dev) }
+}
+
+/// `cuDevicePrimaryCtxSetFlags`: the older name of `cuDevicePrimaryCtxSetFlags_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuDevicePrimaryCtxSetFlags_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxSetFlags(dev: sys::CUdevice, flags: ::core::ffi::c_uint) -> CUresult {
+    // SAFETY: the caller upholds cuDevicePrimaryCtxSetFlags_v2's contract.
+    unsafe { cuDevicePrimaryCtxSetFlags_v2(dev, flags) }
+}
+
+/// `cuIpcOpenMemHandle`: the older name of `cuIpcOpenMemHandle_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuIpcOpenMemHandle_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuIpcOpenMemHandle(pdptr: *mut sys::CUdeviceptr, handle: sys::CUipcMemHandle, Flags: ::core::ffi::c_uint) -> CUresult {
+    // SAFETY: the caller upholds cuIpcOpenMemHandle_v2's contract.
+    unsafe { cuIpcOpenMemHandle_v2(pdptr, handle, Flags) }
+}
+
+/// `cuMemHostRegister`: the older name of `cuMemHostRegister_v2` (same signature), as libcuda.so.1 exports both.
+///
+/// # Safety
+/// `cuMemHostRegister_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemHostRegister(p: *mut ::core::ffi::c_void, bytesize: usize, Flags: ::core::ffi::c_uint) -> CUresult {
+    // SAFETY: the caller upholds cuMemHostRegister_v2's contract.
+    unsafe { cuMemHostRegister_v2(p, bytesize, Flags) }
+}
+
 /// Every exported entry point, in table order.
 pub const EXPORTS: &[&str] = &[
     "cuInit",
@@ -3607,6 +3753,7 @@ pub const EXPORTS: &[&str] = &[
     "cuModuleLoadData",
     "cuModuleLoadDataEx",
     "cuModuleLoadFatBinary",
+    "cuModuleGetLoadingMode",
     "cuModuleUnload",
     "cuModuleGetFunction",
     "cuModuleGetGlobal_v2",
@@ -3889,7 +4036,6 @@ pub const EXPORTS: &[&str] = &[
     "cuMipmappedArrayGetSparseProperties",
     "cuModuleEnumerateFunctions",
     "cuModuleGetFunctionCount",
-    "cuModuleGetLoadingMode",
     "cuModuleGetSurfRef",
     "cuModuleGetTexRef",
     "cuMulticastAddDevice",
@@ -3913,6 +4059,7 @@ pub const EXPORTS: &[&str] = &[
     "cuSignalExternalSemaphoresAsync",
     "cuStreamAddCallback",
     "cuStreamAttachMemAsync",
+    "cuStreamBatchMemOp",
     "cuStreamBatchMemOp_v2",
     "cuStreamBeginCaptureToGraph",
     "cuStreamBeginCapture_v2",
@@ -3927,9 +4074,13 @@ pub const EXPORTS: &[&str] = &[
     "cuStreamIsCapturing",
     "cuStreamSetAttribute",
     "cuStreamUpdateCaptureDependencies_v2",
+    "cuStreamWaitValue32",
     "cuStreamWaitValue32_v2",
+    "cuStreamWaitValue64",
     "cuStreamWaitValue64_v2",
+    "cuStreamWriteValue32",
     "cuStreamWriteValue32_v2",
+    "cuStreamWriteValue64",
     "cuStreamWriteValue64_v2",
     "cuSurfObjectCreate",
     "cuSurfObjectDestroy",
@@ -3977,6 +4128,17 @@ pub const EXPORTS: &[&str] = &[
     "cuUserObjectRelease",
     "cuUserObjectRetain",
     "cuWaitExternalSemaphoresAsync",
+    "cuCtxCreate",
+    "cuCtxDestroy",
+    "cuCtxPopCurrent",
+    "cuCtxPushCurrent",
+    "cuStreamDestroy",
+    "cuEventDestroy",
+    "cuDevicePrimaryCtxRelease",
+    "cuDevicePrimaryCtxReset",
+    "cuDevicePrimaryCtxSetFlags",
+    "cuIpcOpenMemHandle",
+    "cuMemHostRegister",
 ];
 
 /// The `cuGetProcAddress` table: (base name, CUDA version that introduced the variant,
@@ -3995,8 +4157,10 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuCoredumpSetAttribute", since: 0, symbol: "cuCoredumpSetAttribute", ptr: cuCoredumpSetAttribute as *const () },
     rt::ProcEntry { base: "cuCoredumpSetAttributeGlobal", since: 0, symbol: "cuCoredumpSetAttributeGlobal", ptr: cuCoredumpSetAttributeGlobal as *const () },
     rt::ProcEntry { base: "cuCtxAttach", since: 0, symbol: "cuCtxAttach", ptr: cuCtxAttach as *const () },
+    rt::ProcEntry { base: "cuCtxCreate", since: 2000, symbol: "cuCtxCreate", ptr: cuCtxCreate as *const () },
     rt::ProcEntry { base: "cuCtxCreate", since: 3020, symbol: "cuCtxCreate_v2", ptr: cuCtxCreate_v2 as *const () },
     rt::ProcEntry { base: "cuCtxCreate", since: 12050, symbol: "cuCtxCreate_v4", ptr: cuCtxCreate_v4 as *const () },
+    rt::ProcEntry { base: "cuCtxDestroy", since: 2000, symbol: "cuCtxDestroy", ptr: cuCtxDestroy as *const () },
     rt::ProcEntry { base: "cuCtxDestroy", since: 4000, symbol: "cuCtxDestroy_v2", ptr: cuCtxDestroy_v2 as *const () },
     rt::ProcEntry { base: "cuCtxDetach", since: 0, symbol: "cuCtxDetach", ptr: cuCtxDetach as *const () },
     rt::ProcEntry { base: "cuCtxDisablePeerAccess", since: 0, symbol: "cuCtxDisablePeerAccess", ptr: cuCtxDisablePeerAccess as *const () },
@@ -4014,7 +4178,9 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuCtxGetLimit", since: 0, symbol: "cuCtxGetLimit", ptr: cuCtxGetLimit as *const () },
     rt::ProcEntry { base: "cuCtxGetSharedMemConfig", since: 0, symbol: "cuCtxGetSharedMemConfig", ptr: cuCtxGetSharedMemConfig as *const () },
     rt::ProcEntry { base: "cuCtxGetStreamPriorityRange", since: 0, symbol: "cuCtxGetStreamPriorityRange", ptr: cuCtxGetStreamPriorityRange as *const () },
+    rt::ProcEntry { base: "cuCtxPopCurrent", since: 2000, symbol: "cuCtxPopCurrent", ptr: cuCtxPopCurrent as *const () },
     rt::ProcEntry { base: "cuCtxPopCurrent", since: 4000, symbol: "cuCtxPopCurrent_v2", ptr: cuCtxPopCurrent_v2 as *const () },
+    rt::ProcEntry { base: "cuCtxPushCurrent", since: 2000, symbol: "cuCtxPushCurrent", ptr: cuCtxPushCurrent as *const () },
     rt::ProcEntry { base: "cuCtxPushCurrent", since: 4000, symbol: "cuCtxPushCurrent_v2", ptr: cuCtxPushCurrent_v2 as *const () },
     rt::ProcEntry { base: "cuCtxRecordEvent", since: 0, symbol: "cuCtxRecordEvent", ptr: cuCtxRecordEvent as *const () },
     rt::ProcEntry { base: "cuCtxResetPersistingL2Cache", since: 0, symbol: "cuCtxResetPersistingL2Cache", ptr: cuCtxResetPersistingL2Cache as *const () },
@@ -4053,9 +4219,12 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuDeviceGetUuid", since: 11040, symbol: "cuDeviceGetUuid_v2", ptr: cuDeviceGetUuid_v2 as *const () },
     rt::ProcEntry { base: "cuDeviceGraphMemTrim", since: 0, symbol: "cuDeviceGraphMemTrim", ptr: cuDeviceGraphMemTrim as *const () },
     rt::ProcEntry { base: "cuDevicePrimaryCtxGetState", since: 0, symbol: "cuDevicePrimaryCtxGetState", ptr: cuDevicePrimaryCtxGetState as *const () },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxRelease", since: 7000, symbol: "cuDevicePrimaryCtxRelease", ptr: cuDevicePrimaryCtxRelease as *const () },
     rt::ProcEntry { base: "cuDevicePrimaryCtxRelease", since: 11000, symbol: "cuDevicePrimaryCtxRelease_v2", ptr: cuDevicePrimaryCtxRelease_v2 as *const () },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxReset", since: 7000, symbol: "cuDevicePrimaryCtxReset", ptr: cuDevicePrimaryCtxReset as *const () },
     rt::ProcEntry { base: "cuDevicePrimaryCtxReset", since: 11000, symbol: "cuDevicePrimaryCtxReset_v2", ptr: cuDevicePrimaryCtxReset_v2 as *const () },
     rt::ProcEntry { base: "cuDevicePrimaryCtxRetain", since: 0, symbol: "cuDevicePrimaryCtxRetain", ptr: cuDevicePrimaryCtxRetain as *const () },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxSetFlags", since: 7000, symbol: "cuDevicePrimaryCtxSetFlags", ptr: cuDevicePrimaryCtxSetFlags as *const () },
     rt::ProcEntry { base: "cuDevicePrimaryCtxSetFlags", since: 11000, symbol: "cuDevicePrimaryCtxSetFlags_v2", ptr: cuDevicePrimaryCtxSetFlags_v2 as *const () },
     rt::ProcEntry { base: "cuDeviceRegisterAsyncNotification", since: 0, symbol: "cuDeviceRegisterAsyncNotification", ptr: cuDeviceRegisterAsyncNotification as *const () },
     rt::ProcEntry { base: "cuDeviceSetGraphMemAttribute", since: 0, symbol: "cuDeviceSetGraphMemAttribute", ptr: cuDeviceSetGraphMemAttribute as *const () },
@@ -4064,6 +4233,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuDeviceUnregisterAsyncNotification", since: 0, symbol: "cuDeviceUnregisterAsyncNotification", ptr: cuDeviceUnregisterAsyncNotification as *const () },
     rt::ProcEntry { base: "cuDriverGetVersion", since: 0, symbol: "cuDriverGetVersion", ptr: cuDriverGetVersion as *const () },
     rt::ProcEntry { base: "cuEventCreate", since: 0, symbol: "cuEventCreate", ptr: cuEventCreate as *const () },
+    rt::ProcEntry { base: "cuEventDestroy", since: 2000, symbol: "cuEventDestroy", ptr: cuEventDestroy as *const () },
     rt::ProcEntry { base: "cuEventDestroy", since: 4000, symbol: "cuEventDestroy_v2", ptr: cuEventDestroy_v2 as *const () },
     rt::ProcEntry { base: "cuEventElapsedTime", since: 0, symbol: "cuEventElapsedTime", ptr: cuEventElapsedTime as *const () },
     rt::ProcEntry { base: "cuEventElapsedTime", since: 12080, symbol: "cuEventElapsedTime_v2", ptr: cuEventElapsedTime_v2 as *const () },
@@ -4187,6 +4357,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuIpcGetEventHandle", since: 0, symbol: "cuIpcGetEventHandle", ptr: cuIpcGetEventHandle as *const () },
     rt::ProcEntry { base: "cuIpcGetMemHandle", since: 0, symbol: "cuIpcGetMemHandle", ptr: cuIpcGetMemHandle as *const () },
     rt::ProcEntry { base: "cuIpcOpenEventHandle", since: 0, symbol: "cuIpcOpenEventHandle", ptr: cuIpcOpenEventHandle as *const () },
+    rt::ProcEntry { base: "cuIpcOpenMemHandle", since: 4010, symbol: "cuIpcOpenMemHandle", ptr: cuIpcOpenMemHandle as *const () },
     rt::ProcEntry { base: "cuIpcOpenMemHandle", since: 11000, symbol: "cuIpcOpenMemHandle_v2", ptr: cuIpcOpenMemHandle_v2 as *const () },
     rt::ProcEntry { base: "cuKernelGetAttribute", since: 0, symbol: "cuKernelGetAttribute", ptr: cuKernelGetAttribute as *const () },
     rt::ProcEntry { base: "cuKernelGetFunction", since: 0, symbol: "cuKernelGetFunction", ptr: cuKernelGetFunction as *const () },
@@ -4251,6 +4422,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMemHostAlloc", since: 0, symbol: "cuMemHostAlloc", ptr: cuMemHostAlloc as *const () },
     rt::ProcEntry { base: "cuMemHostGetDevicePointer", since: 0, symbol: "cuMemHostGetDevicePointer_v2", ptr: cuMemHostGetDevicePointer_v2 as *const () },
     rt::ProcEntry { base: "cuMemHostGetFlags", since: 0, symbol: "cuMemHostGetFlags", ptr: cuMemHostGetFlags as *const () },
+    rt::ProcEntry { base: "cuMemHostRegister", since: 4000, symbol: "cuMemHostRegister", ptr: cuMemHostRegister as *const () },
     rt::ProcEntry { base: "cuMemHostRegister", since: 6050, symbol: "cuMemHostRegister_v2", ptr: cuMemHostRegister_v2 as *const () },
     rt::ProcEntry { base: "cuMemHostUnregister", since: 0, symbol: "cuMemHostUnregister", ptr: cuMemHostUnregister as *const () },
     rt::ProcEntry { base: "cuMemImportFromShareableHandle", since: 0, symbol: "cuMemImportFromShareableHandle", ptr: cuMemImportFromShareableHandle as *const () },
@@ -4358,12 +4530,14 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuSignalExternalSemaphoresAsync", since: 0, symbol: "cuSignalExternalSemaphoresAsync", ptr: cuSignalExternalSemaphoresAsync as *const () },
     rt::ProcEntry { base: "cuStreamAddCallback", since: 0, symbol: "cuStreamAddCallback", ptr: cuStreamAddCallback as *const () },
     rt::ProcEntry { base: "cuStreamAttachMemAsync", since: 0, symbol: "cuStreamAttachMemAsync", ptr: cuStreamAttachMemAsync as *const () },
+    rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp", ptr: cuStreamBatchMemOp as *const () },
     rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp_v2", ptr: cuStreamBatchMemOp_v2 as *const () },
     rt::ProcEntry { base: "cuStreamBeginCapture", since: 0, symbol: "cuStreamBeginCapture_v2", ptr: cuStreamBeginCapture_v2 as *const () },
     rt::ProcEntry { base: "cuStreamBeginCaptureToGraph", since: 0, symbol: "cuStreamBeginCaptureToGraph", ptr: cuStreamBeginCaptureToGraph as *const () },
     rt::ProcEntry { base: "cuStreamCopyAttributes", since: 0, symbol: "cuStreamCopyAttributes", ptr: cuStreamCopyAttributes as *const () },
     rt::ProcEntry { base: "cuStreamCreate", since: 0, symbol: "cuStreamCreate", ptr: cuStreamCreate as *const () },
     rt::ProcEntry { base: "cuStreamCreateWithPriority", since: 0, symbol: "cuStreamCreateWithPriority", ptr: cuStreamCreateWithPriority as *const () },
+    rt::ProcEntry { base: "cuStreamDestroy", since: 2000, symbol: "cuStreamDestroy", ptr: cuStreamDestroy as *const () },
     rt::ProcEntry { base: "cuStreamDestroy", since: 4000, symbol: "cuStreamDestroy_v2", ptr: cuStreamDestroy_v2 as *const () },
     rt::ProcEntry { base: "cuStreamEndCapture", since: 0, symbol: "cuStreamEndCapture", ptr: cuStreamEndCapture as *const () },
     rt::ProcEntry { base: "cuStreamGetAttribute", since: 0, symbol: "cuStreamGetAttribute", ptr: cuStreamGetAttribute as *const () },
@@ -4381,9 +4555,13 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuStreamSynchronize", since: 0, symbol: "cuStreamSynchronize", ptr: cuStreamSynchronize as *const () },
     rt::ProcEntry { base: "cuStreamUpdateCaptureDependencies", since: 0, symbol: "cuStreamUpdateCaptureDependencies_v2", ptr: cuStreamUpdateCaptureDependencies_v2 as *const () },
     rt::ProcEntry { base: "cuStreamWaitEvent", since: 0, symbol: "cuStreamWaitEvent", ptr: cuStreamWaitEvent as *const () },
+    rt::ProcEntry { base: "cuStreamWaitValue32", since: 0, symbol: "cuStreamWaitValue32", ptr: cuStreamWaitValue32 as *const () },
     rt::ProcEntry { base: "cuStreamWaitValue32", since: 0, symbol: "cuStreamWaitValue32_v2", ptr: cuStreamWaitValue32_v2 as *const () },
+    rt::ProcEntry { base: "cuStreamWaitValue64", since: 0, symbol: "cuStreamWaitValue64", ptr: cuStreamWaitValue64 as *const () },
     rt::ProcEntry { base: "cuStreamWaitValue64", since: 0, symbol: "cuStreamWaitValue64_v2", ptr: cuStreamWaitValue64_v2 as *const () },
+    rt::ProcEntry { base: "cuStreamWriteValue32", since: 0, symbol: "cuStreamWriteValue32", ptr: cuStreamWriteValue32 as *const () },
     rt::ProcEntry { base: "cuStreamWriteValue32", since: 0, symbol: "cuStreamWriteValue32_v2", ptr: cuStreamWriteValue32_v2 as *const () },
+    rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64", ptr: cuStreamWriteValue64 as *const () },
     rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64_v2", ptr: cuStreamWriteValue64_v2 as *const () },
     rt::ProcEntry { base: "cuSurfObjectCreate", since: 0, symbol: "cuSurfObjectCreate", ptr: cuSurfObjectCreate as *const () },
     rt::ProcEntry { base: "cuSurfObjectDestroy", since: 0, symbol: "cuSurfObjectDestroy", ptr: cuSurfObjectDestroy as *const () },

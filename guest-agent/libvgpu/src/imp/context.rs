@@ -64,6 +64,15 @@ pub unsafe fn cu_device_primary_ctx_retain(pctx: *mut sys::CUcontext, dev: sys::
 pub unsafe fn cu_device_primary_ctx_release_v2(dev: sys::CUdevice) -> CuResult<()> {
     let s = session()?;
     check_device(dev)?;
+    let last = {
+        let st = primary(s)?;
+        st.retains == 1 && st.active
+    };
+    if last {
+        // Context-local storage destructors run first, with no lock held (they call back
+        // into the driver).
+        super::context_gone(s.info.primary_ctx);
+    }
     let mut st = primary(s)?;
     st.retains = st.retains.checked_sub(1).ok_or(CuError::INVALID_CONTEXT)?;
     if st.retains == 0 && st.active {
@@ -77,6 +86,7 @@ pub unsafe fn cu_device_primary_ctx_release_v2(dev: sys::CUdevice) -> CuResult<(
 pub unsafe fn cu_device_primary_ctx_reset_v2(dev: sys::CUdevice) -> CuResult<()> {
     let s = session()?;
     check_device(dev)?;
+    super::context_gone(s.info.primary_ctx);
     let mut st = primary(s)?;
     deactivate(s, &mut st)
 }
@@ -157,6 +167,7 @@ pub unsafe fn cu_ctx_destroy_v2(ctx: sys::CUcontext) -> CuResult<()> {
     }
     let h = live(ctx)?;
     let s = session()?;
+    super::context_gone(h);
     let mut c = s.lock();
     let _: Done = c.call(&p::CtxDestroy { ctx: h })?;
     if c.host_ctx() == h {

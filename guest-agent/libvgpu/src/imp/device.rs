@@ -122,6 +122,7 @@ unsafe fn get_proc(
             Ok(())
         }
         Err(st) => {
+            rt::log(rt::Level::Debug, format_args!("cuGetProcAddress: {name} (version {version}, flags {flags}) not found"));
             pfn.set(std::ptr::null_mut());
             status.set(st);
             // With a status out-parameter (v2) the driver reports "not found" there and
@@ -156,17 +157,6 @@ pub unsafe fn cu_get_proc_address_v2(
 ) -> CuResult<()> {
     // SAFETY: forwarded contract.
     unsafe { get_proc(symbol, pfn, cuda_version, flags, symbol_status) }
-}
-
-/// `cuGetExportTable`: libvgpu has none of the CUDA runtime's private tables yet (a later
-/// issue), so every id is unknown — `CUDA_ERROR_INVALID_VALUE`, as the driver answers an
-/// unknown id — and the first request is logged.
-pub unsafe fn cu_get_export_table(table: *mut *const c_void, _id: *const sys::CUuuid) -> CuResult<()> {
-    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
-    let out = unsafe { Out::optional(table) }?;
-    out.set(std::ptr::null());
-    rt::unsupported("cuGetExportTable (the CUDA runtime's export tables)");
-    Err(CuError::INVALID_VALUE)
 }
 
 /// `cuProfilerStart`: no profiler runs in a zone; accepted as a no-op.

@@ -6,12 +6,14 @@
 
 mod context;
 mod device;
+mod export_tables;
 mod ipc;
 mod memory;
 mod module;
 
 pub use context::*;
 pub use device::*;
+pub use export_tables::{context_gone, cu_get_export_table};
 pub use ipc::*;
 pub use memory::*;
 pub use module::*;

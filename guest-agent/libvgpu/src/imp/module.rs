@@ -168,6 +168,23 @@ pub unsafe fn cu_module_load_data_ex(
     unsafe { cu_module_load_data(module, image) }
 }
 
+/// `cuModuleGetLoadingMode`: `CUDA_MODULE_LOADING` as the driver reads it — `EAGER`
+/// (or `eager`) for eager loading, anything else lazy (the driver's default since 12.2).
+/// The mode the guest sees decides only how the runtime registers its modules; the host
+/// loads every module it is given.
+pub unsafe fn cu_module_get_loading_mode(mode: *mut c_uint) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(mode) }?;
+    session()?;
+    let eager = std::env::var("CUDA_MODULE_LOADING").is_ok_and(|v| v.eq_ignore_ascii_case("eager"));
+    out.set(if eager {
+        sys::CUmoduleLoadingMode::CU_MODULE_EAGER_LOADING as c_uint
+    } else {
+        sys::CUmoduleLoadingMode::CU_MODULE_LAZY_LOADING as c_uint
+    });
+    Ok(())
+}
+
 /// `cuModuleLoadFatBinary`.
 pub unsafe fn cu_module_load_fat_binary(module: *mut sys::CUmodule, fat: *const c_void) -> CuResult<()> {
     // SAFETY: forwarded contract.

@@ -1,0 +1,774 @@
+//! The driver's private export tables (`cuGetExportTable`), served in the guest.
+//!
+//! NVIDIA's libcudart (and the libraries built on it: cuBLAS, cuFFT, cuDNN, NVRTC) asks
+//! the driver for tables of function pointers keyed by a 16-byte id before anything else;
+//! without them `cudaGetDeviceCount` fails with `cudaErrorInvalidValue`. The tables are
+//! undocumented. What each slot does was taken from the public record (ZLUDA's `dark_api`
+//! notes and other replacement drivers' write-ups) and from traces of the real driver
+//! (`tools/cuda-trace`, `device/cuda-trace.sh`); the code here is our own.
+//!
+//! Design:
+//! - Every table is a `static` array of pointer-sized words. Slot 0 of most tables holds
+//!   the table's size in bytes (the runtime checks it); the context-local-storage table
+//!   has a function there.
+//! - Every slot we do not implement holds a *trap*: a distinct function per (table, slot)
+//!   that names itself once in the log (`VGPU_LOG=warn`, the default) and returns
+//!   `CUDA_ERROR_NOT_SUPPORTED`, so an unknown slot becomes data instead of a jump through
+//!   a null pointer.
+//! - What has a local answer is answered here: the primary context's handle, context-local
+//!   storage (kept per context; destructors run when the context is destroyed or the
+//!   primary context is reset or released for the last time), the tools hooks' buffers,
+//!   the context checks, and the integrity check (an HMAC-MD2 over the same driver
+//!   version, device UUID and PCI ids that libvgpu reports, so it matches what the runtime
+//!   computes from those answers). Module loading from fatbin wrappers goes to the host
+//!   like `cuModuleLoadData`.
+//! - An unknown table id gets `CUDA_ERROR_NOT_FOUND` (the runtime then takes its ordinary
+//!   path) and is named once in the log.
+//!
+//! Every slot function is `extern "C"` and catches panics (`rt::entry`): nothing unwinds
+//! into the runtime.
+
+use crate::rt::{self, handle_of, handle_ptr, session, CuError, CuResult, Level, Out, CUresult};
+use cudarc::driver::sys;
+use std::collections::HashMap;
+use std::ffi::{c_uint, c_void};
+use std::sync::Mutex;
+use vgpu_proto::{AttrValue, Handle};
+
+/// One table: pointer-sized words (sizes or function addresses).
+#[repr(transparent)]
+pub struct Table<const N: usize>([*const c_void; N]);
+
+// SAFETY: the tables are immutable after construction and hold only code addresses and
+// integers; sharing them between threads cannot race.
+unsafe impl<const N: usize> Sync for Table<N> {}
+
+impl<const N: usize> Table<N> {
+    fn as_ptr(&'static self) -> *const c_void {
+        self.0.as_ptr().cast()
+    }
+}
+
+/// A table's byte size as its slot 0 holds it.
+const fn size_word<const N: usize>() -> *const c_void {
+    std::ptr::without_provenance(N * size_of::<usize>())
+}
+
+/// A slot nobody has implemented: names (table, slot) once and returns
+/// `CUDA_ERROR_NOT_SUPPORTED`. The arguments are not read (their number is unknown).
+extern "C" fn trap<const T: usize, const S: usize>() -> CUresult {
+    static SEEN: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+    let first = SEEN
+        .lock()
+        .map(|mut seen| {
+            let new = !seen.contains(&(T, S));
+            if new {
+                seen.push((T, S));
+            }
+            new
+        })
+        .unwrap_or(false);
+    if first {
+        rt::log(
+            Level::Warn,
+            format_args!(
+                "export table {} slot {S} called: not implemented by libvgpu, returning CUDA_ERROR_NOT_SUPPORTED",
+                TABLES[T].name
+            ),
+        );
+    }
+    CuError::NOT_SUPPORTED.0.get()
+}
+
+macro_rules! traps {
+    ($t:expr; $($s:literal)*) => { [$(trap::<{ $t }, $s> as *const c_void),*] };
+}
+
+/// Table indices into [`TABLES`] (used by the traps' names).
+const T_CUDART: usize = 0;
+const T_TOOLS_TLS: usize = 1;
+const T_CALLBACK_HOOKS: usize = 2;
+const T_CLS: usize = 3;
+const T_CTX_BYPASS: usize = 4;
+const T_HEAP: usize = 5;
+const T_DEVICE_EXT: usize = 6;
+const T_INTEGRITY: usize = 7;
+const T_CTX_CHECKS: usize = 8;
+
+/// Fills `table` with traps, then sets what `f` sets.
+const fn with_traps<const N: usize>(traps: [*const c_void; N]) -> [*const c_void; N] {
+    traps
+}
+
+static CUDART_INTERFACE: Table<13> = Table({
+    let mut t = with_traps(traps!(T_CUDART; 0 1 2 3 4 5 6 7 8 9 10 11 12));
+    t[0] = size_word::<13>();
+    t[1] = cudart_get_module_from_cubin as *const c_void;
+    t[2] = cudart_primary_context as *const c_void;
+    t[6] = cudart_get_module_from_cubin_ext1 as *const c_void;
+    t[7] = cudart_fn7 as *const c_void;
+    t[8] = cudart_get_module_from_cubin_ext2 as *const c_void;
+    t[12] = cudart_load_compilers as *const c_void;
+    t
+});
+
+static TOOLS_TLS: Table<4> = Table({
+    let mut t = with_traps(traps!(T_TOOLS_TLS; 0 1 2 3));
+    t[0] = size_word::<4>();
+    t
+});
+
+static CALLBACK_HOOKS: Table<7> = Table({
+    let mut t = with_traps(traps!(T_CALLBACK_HOOKS; 0 1 2 3 4 5 6));
+    t[0] = size_word::<7>();
+    t[2] = hooks_buffer1 as *const c_void;
+    t[6] = hooks_buffer2 as *const c_void;
+    t
+});
+
+static CONTEXT_LOCAL_STORAGE: Table<4> = Table({
+    let mut t = with_traps(traps!(T_CLS; 0 1 2 3));
+    t[0] = cls_put as *const c_void;
+    t[1] = cls_delete as *const c_void;
+    t[2] = cls_get as *const c_void;
+    t
+});
+
+static CTX_CREATE_BYPASS: Table<2> = Table({
+    let mut t = with_traps(traps!(T_CTX_BYPASS; 0 1));
+    t[0] = size_word::<2>();
+    t
+});
+
+static HEAP_ACCESS: Table<3> = Table({
+    let mut t = with_traps(traps!(T_HEAP; 0 1 2));
+    t[0] = size_word::<3>();
+    t
+});
+
+static DEVICE_EXTENDED_RT: Table<26> = Table({
+    let mut t = with_traps(traps!(T_DEVICE_EXT; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25));
+    t[0] = size_word::<26>();
+    t
+});
+
+static INTEGRITY_CHECK: Table<3> = Table({
+    let mut t = with_traps(traps!(T_INTEGRITY; 0 1 2));
+    t[0] = size_word::<3>();
+    t[1] = integrity_check as *const c_void;
+    t
+});
+
+static CONTEXT_CHECKS: Table<4> = Table({
+    let mut t = with_traps(traps!(T_CTX_CHECKS; 0 1 2 3));
+    t[0] = size_word::<4>();
+    t[2] = context_check as *const c_void;
+    t[3] = context_check_flags as *const c_void;
+    t
+});
+
+/// A known table: its id, a name for the log, and where it is.
+struct Known {
+    id: [u8; 16],
+    name: &'static str,
+    table: fn() -> *const c_void,
+}
+
+/// Every table libvgpu serves, in the order of the `T_*` indices.
+static TABLES: [Known; 9] = [
+    Known { id: uuid(0x6bd5fb6c, 0x5bf4, 0xe74a, 0x8987_d93912fd9df9), name: "CUDART_INTERFACE", table: || CUDART_INTERFACE.as_ptr() },
+    Known { id: uuid(0x42d85a81, 0x23f6, 0xcb47, 0x8298_f6e78a3aecdc), name: "TOOLS_TLS", table: || TOOLS_TLS.as_ptr() },
+    Known { id: uuid(0xa094798c, 0x2e74, 0x2e74, 0x93f2_0800200c0a66), name: "TOOLS_RUNTIME_CALLBACK_HOOKS", table: || CALLBACK_HOOKS.as_ptr() },
+    Known { id: uuid(0xc693336e, 0x1121, 0xdf11, 0xa8c3_68f355d89593), name: "CONTEXT_LOCAL_STORAGE", table: || CONTEXT_LOCAL_STORAGE.as_ptr() },
+    Known { id: uuid(0x0ca50b8c, 0x1004, 0x929a, 0x89a7_d0df10e77286), name: "CTX_CREATE_BYPASS", table: || CTX_CREATE_BYPASS.as_ptr() },
+    Known { id: uuid(0x195bcbf4, 0xd67d, 0x024a, 0xacc5_1d29cea631ae), name: "HEAP_ACCESS", table: || HEAP_ACCESS.as_ptr() },
+    Known { id: uuid(0xb10541e1, 0xf7c7, 0xc74a, 0x9f64_f223be99f1e2), name: "DEVICE_EXTENDED_RT", table: || DEVICE_EXTENDED_RT.as_ptr() },
+    Known { id: uuid(0xd4082055, 0xbde6, 0x704b, 0x8d34_ba123c66e1f2), name: "INTEGRITY_CHECK", table: || INTEGRITY_CHECK.as_ptr() },
+    Known { id: uuid(0x263e8860, 0x7cd2, 0x6143, 0x92f6_bbd5006dfa7e), name: "CONTEXT_CHECKS", table: || CONTEXT_CHECKS.as_ptr() },
+];
+
+/// Ids the runtime probes for and handles the absence of: answered `CUDA_ERROR_NOT_FOUND`
+/// without a warning. f8cff951… is asked for first by libcudart 12.x/13.x (success would
+/// make it skip its usual bootstrap through CUDART_INTERFACE); dd9e98a4… is the Windows
+/// hybrid-runtime loader.
+static PROBED: [([u8; 16], &str); 2] = [
+    (uuid(0xf8cff951, 0x2146, 0x8b4e, 0xb9e2_fb469e7c0dd9), "RUNTIME_BOOTSTRAP_BYPASS"),
+    (uuid(0xdd9e98a4, 0xf410, 0x4844, 0x99b0_e2aeb7b432b5), "HYBRID_CUDART"),
+];
+
+/// The id's bytes in memory order, written as the `{XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX}`
+/// groups read left to right.
+const fn uuid(a: u32, b: u16, c: u16, d: u64) -> [u8; 16] {
+    let a = a.to_be_bytes();
+    let b = b.to_be_bytes();
+    let c = c.to_be_bytes();
+    let d = d.to_be_bytes();
+    [a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]
+}
+
+/// `{6BD5FB6C-5BF4-E74A-8987-D93912FD9DF9}` form of an id, for the log.
+fn id_text(id: &[u8; 16]) -> String {
+    let h: Vec<String> = id.iter().map(|b| format!("{b:02X}")).collect();
+    format!("{{{}-{}-{}-{}-{}}}", h[..4].concat(), h[4..6].concat(), h[6..8].concat(), h[8..10].concat(), h[10..].concat())
+}
+
+/// `cuGetExportTable`: callable before `cuInit` (the runtime asks first).
+pub unsafe fn cu_get_export_table(table: *mut *const c_void, id: *const sys::CUuuid) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(table) }?;
+    if id.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract: a non-null id points to a CUuuid (16 bytes).
+    let id = unsafe { id.read_unaligned() }.bytes.map(|b| b as u8);
+    if let Some(k) = TABLES.iter().find(|k| k.id == id) {
+        rt::log(Level::Debug, format_args!("cuGetExportTable: {} {}", k.name, id_text(&id)));
+        out.set((k.table)());
+        return Ok(());
+    }
+    out.set(std::ptr::null());
+    if let Some((_, name)) = PROBED.iter().find(|(p, _)| *p == id) {
+        rt::log(Level::Debug, format_args!("cuGetExportTable: {name} {} not provided", id_text(&id)));
+    } else {
+        unknown_table(&id);
+    }
+    Err(CuError::NOT_FOUND)
+}
+
+/// Names an unknown table id once.
+fn unknown_table(id: &[u8; 16]) {
+    static SEEN: Mutex<Vec<[u8; 16]>> = Mutex::new(Vec::new());
+    let first = SEEN
+        .lock()
+        .map(|mut s| {
+            let new = !s.contains(id);
+            if new {
+                s.push(*id);
+            }
+            new
+        })
+        .unwrap_or(false);
+    if first {
+        rt::log(
+            Level::Warn,
+            format_args!("cuGetExportTable: unknown table {}: not provided by libvgpu (CUDA_ERROR_NOT_FOUND)", id_text(id)),
+        );
+    }
+}
+
+/// Runs a slot's body as an entry point (panics stopped, result as a `CUresult`).
+fn slot(name: &'static str, body: impl FnOnce() -> CuResult<()>) -> CUresult {
+    rt::entry(name, body)
+}
+
+// ---- CUDART_INTERFACE ------------------------------------------------------------------
+
+/// Slot 1: loads a module from a fatbin wrapper (`__fatBinC_Wrapper_t`).
+unsafe extern "C" fn cudart_get_module_from_cubin(module: *mut sys::CUmodule, wrapper: *const c_void) -> CUresult {
+    // SAFETY: the runtime's contract: the wrapper describes a fatbin in its memory.
+    slot("CUDART_INTERFACE[1] (module from fatbin)", || unsafe { super::cu_module_load_data(module, wrapper) })
+}
+
+/// Slot 6: as slot 1, with three more arguments (seen null/zero in the traces; anything
+/// else is refused so that a difference shows instead of being ignored).
+unsafe extern "C" fn cudart_get_module_from_cubin_ext1(
+    module: *mut sys::CUmodule,
+    wrapper: *const c_void,
+    arg3: *mut c_void,
+    arg4: *mut c_void,
+    arg5: c_uint,
+) -> CUresult {
+    slot("CUDART_INTERFACE[6] (module from fatbin)", || {
+        extra_args_unused(6, arg3, arg4, arg5)?;
+        // SAFETY: as slot 1.
+        unsafe { super::cu_module_load_data(module, wrapper) }
+    })
+}
+
+/// Slot 8: loads a module from a fatbin header (not its wrapper).
+unsafe extern "C" fn cudart_get_module_from_cubin_ext2(
+    fatbin: *const c_void,
+    module: *mut sys::CUmodule,
+    arg3: *mut c_void,
+    arg4: *mut c_void,
+    arg5: c_uint,
+) -> CUresult {
+    slot("CUDART_INTERFACE[8] (module from fatbin)", || {
+        extra_args_unused(8, arg3, arg4, arg5)?;
+        // SAFETY: the runtime's contract: a fatbin image in its memory.
+        unsafe { super::cu_module_load_data(module, fatbin) }
+    })
+}
+
+fn extra_args_unused(slot: usize, arg3: *mut c_void, arg4: *mut c_void, arg5: c_uint) -> CuResult<()> {
+    if arg3.is_null() && arg4.is_null() && arg5 == 0 {
+        return Ok(());
+    }
+    rt::log(
+        Level::Warn,
+        format_args!("CUDART_INTERFACE[{slot}]: extra arguments {arg3:p} {arg4:p} {arg5} are not supported"),
+    );
+    Err(CuError::NOT_SUPPORTED)
+}
+
+/// Slot 2: the device's primary context, without retaining it (the runtime retains it
+/// with `cuDevicePrimaryCtxRetain` when it starts using it).
+unsafe extern "C" fn cudart_primary_context(pctx: *mut sys::CUcontext, dev: sys::CUdevice) -> CUresult {
+    slot("CUDART_INTERFACE[2] (primary context)", || {
+        // SAFETY: the runtime's contract: a non-null out-pointer is valid for one write.
+        let out = unsafe { Out::required(pctx) }?;
+        let s = rt::init()?;
+        if dev != 0 {
+            return Err(CuError::INVALID_DEVICE);
+        }
+        out.set(handle_ptr(s.info.primary_ctx));
+        Ok(())
+    })
+}
+
+/// Slot 7: called with one word during start-up; it has no effect the program can see.
+extern "C" fn cudart_fn7(_arg: usize) {}
+
+/// Slot 12: loads the driver's PTX compiler and friends; the host does that by itself.
+extern "C" fn cudart_load_compilers() -> CUresult {
+    0
+}
+
+// ---- TOOLS_RUNTIME_CALLBACK_HOOKS ------------------------------------------------------
+
+/// Scratch areas the runtime's tool-callback code writes into; no tool reads them here.
+struct HookBuffer<const N: usize>(std::cell::UnsafeCell<[u64; N]>);
+// SAFETY: the buffers are only ever handed out as raw pointers; libvgpu never reads or
+// writes them itself, so there is nothing for it to race on.
+unsafe impl<const N: usize> Sync for HookBuffer<N> {}
+
+/// Sizes as reported (the runtime's unit is not known for certain, so each buffer is
+/// eight times larger than its reported size in bytes would need).
+const HOOK1_LEN: usize = 1024;
+const HOOK2_LEN: usize = 14;
+static HOOK1: HookBuffer<HOOK1_LEN> = HookBuffer(std::cell::UnsafeCell::new([0; HOOK1_LEN]));
+static HOOK2: HookBuffer<HOOK2_LEN> = HookBuffer(std::cell::UnsafeCell::new([0; HOOK2_LEN]));
+
+/// Slot 2: a buffer and its size.
+unsafe extern "C" fn hooks_buffer1(ptr: *mut *mut c_void, size: *mut usize) {
+    // SAFETY: the runtime's contract: two out-pointers, each valid for one write or null.
+    unsafe { hand_out(ptr, size, HOOK1.0.get().cast(), HOOK1_LEN) }
+}
+
+/// Slot 6: a second buffer and its size.
+unsafe extern "C" fn hooks_buffer2(ptr: *mut *mut c_void, size: *mut usize) {
+    // SAFETY: as slot 2.
+    unsafe { hand_out(ptr, size, HOOK2.0.get().cast(), HOOK2_LEN) }
+}
+
+/// # Safety
+/// Each non-null pointer must be valid for one write.
+unsafe fn hand_out(ptr: *mut *mut c_void, size: *mut usize, buf: *mut c_void, len: usize) {
+    if !ptr.is_null() {
+        // SAFETY: the caller's contract.
+        unsafe { ptr.write_unaligned(buf) };
+    }
+    if !size.is_null() {
+        // SAFETY: the caller's contract.
+        unsafe { size.write_unaligned(len) };
+    }
+}
+
+// ---- CONTEXT_LOCAL_STORAGE -------------------------------------------------------------
+
+/// A destructor the runtime registers with a value: `(context, key, value)`.
+type ClsDtor = unsafe extern "C" fn(sys::CUcontext, *mut c_void, *mut c_void);
+
+/// One stored value.
+struct ClsEntry {
+    value: usize,
+    dtor: Option<ClsDtor>,
+}
+
+/// Values by (context handle, key).
+static CLS: Mutex<Option<HashMap<(u64, usize), ClsEntry>>> = Mutex::new(None);
+
+fn with_cls<R>(f: impl FnOnce(&mut HashMap<(u64, usize), ClsEntry>) -> R) -> R {
+    let mut g = CLS.lock().unwrap_or_else(|p| p.into_inner());
+    f(g.get_or_insert_with(HashMap::new))
+}
+
+/// The context a CLS call names: the given one (must be live), else the calling
+/// thread's current context, else the primary context (the one the runtime uses).
+fn cls_context(ctx: sys::CUcontext) -> CuResult<Handle> {
+    let s = session()?;
+    if !ctx.is_null() {
+        let h = handle_of(ctx);
+        return if s.is_context(h) { Ok(h) } else { Err(CuError::INVALID_CONTEXT) };
+    }
+    Ok(rt::current_ctx().unwrap_or(s.info.primary_ctx))
+}
+
+/// Slot 0: stores `value` under `key` in the context, with a destructor.
+unsafe extern "C" fn cls_put(ctx: sys::CUcontext, key: *mut c_void, value: *mut c_void, dtor: Option<ClsDtor>) -> CUresult {
+    slot("CONTEXT_LOCAL_STORAGE[0] (put)", || {
+        let h = cls_context(ctx)?;
+        with_cls(|m| m.insert((h.0, key as usize), ClsEntry { value: value as usize, dtor }));
+        Ok(())
+    })
+}
+
+/// Slot 1: deletes `key`'s value (without running its destructor).
+unsafe extern "C" fn cls_delete(ctx: sys::CUcontext, key: *mut c_void) -> CUresult {
+    slot("CONTEXT_LOCAL_STORAGE[1] (delete)", || {
+        let h = cls_context(ctx)?;
+        with_cls(|m| m.remove(&(h.0, key as usize)));
+        Ok(())
+    })
+}
+
+/// Slot 2: the value under `key`; `CUDA_ERROR_INVALID_HANDLE` when there is none.
+unsafe extern "C" fn cls_get(value: *mut *mut c_void, ctx: sys::CUcontext, key: *mut c_void) -> CUresult {
+    slot("CONTEXT_LOCAL_STORAGE[2] (get)", || {
+        // SAFETY: the runtime's contract: a non-null out-pointer is valid for one write.
+        let out = unsafe { Out::required(value) }?;
+        let h = cls_context(ctx)?;
+        match with_cls(|m| m.get(&(h.0, key as usize)).map(|e| e.value)) {
+            Some(v) => {
+                out.set(v as *mut c_void);
+                Ok(())
+            }
+            None => Err(CuError::INVALID_HANDLE),
+        }
+    })
+}
+
+/// The context `ctx` is going away (destroyed, or the primary context reset or released
+/// for the last time): runs the destructors of its stored values, with no lock of
+/// libvgpu's held (they call back into the driver), and forgets them.
+pub fn context_gone(ctx: Handle) {
+    let gone: Vec<((u64, usize), ClsEntry)> = with_cls(|m| {
+        let keys: Vec<(u64, usize)> = m.keys().filter(|(c, _)| *c == ctx.0).copied().collect();
+        keys.into_iter().filter_map(|k| m.remove(&k).map(|e| (k, e))).collect()
+    });
+    for ((_, key), e) in gone {
+        if let Some(dtor) = e.dtor {
+            // SAFETY: the runtime registered this destructor for exactly this call: the
+            // context it stored the value in, the key and the value.
+            unsafe { dtor(handle_ptr(ctx), key as *mut c_void, e.value as *mut c_void) };
+        }
+    }
+}
+
+// ---- CONTEXT_CHECKS --------------------------------------------------------------------
+
+/// Slot 2: reports no special condition on the context (flags 0, no detail).
+unsafe extern "C" fn context_check(_ctx: sys::CUcontext, flags: *mut u32, detail: *mut *const c_void) -> CUresult {
+    if !flags.is_null() {
+        // SAFETY: the runtime's contract: a non-null out-pointer is valid for one write.
+        unsafe { flags.write_unaligned(0) };
+    }
+    if !detail.is_null() {
+        // SAFETY: as above.
+        unsafe { detail.write_unaligned(std::ptr::null()) };
+    }
+    0
+}
+
+/// Slot 3: global flags; none set.
+extern "C" fn context_check_flags() -> u32 {
+    0
+}
+
+// ---- INTEGRITY_CHECK -------------------------------------------------------------------
+
+/// Slot 1: the runtime's check that it talks to the driver it believes it does. The
+/// answer is an HMAC-MD2 (a fixed key) over the driver version, the caller's `version`,
+/// process and thread ids, three addresses of these tables, the caller's `unix_seconds`,
+/// and per device its UUID and PCI domain, bus and device — the same facts libvgpu
+/// reports through the public API.
+unsafe extern "C" fn integrity_check(version: u32, unix_seconds: u64, result: *mut [u64; 2]) -> CUresult {
+    slot("INTEGRITY_CHECK[1]", || {
+        // SAFETY: the runtime's contract: a non-null out-pointer is valid for one write.
+        let out = unsafe { Out::required(result) }?;
+        let s = rt::init()?;
+        let attr = |a: usize| match s.info.attributes.get(a - 1) {
+            Some(AttrValue::Value(v)) => *v,
+            _ => 0,
+        };
+        let device = integrity::Device {
+            uuid: s.info.device.uuid,
+            pci_domain: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID as usize),
+            pci_bus: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID as usize),
+            pci_device: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID as usize),
+        };
+        let input = integrity::Input {
+            driver_version: s.info.device.driver_version,
+            version,
+            process: std::process::id(),
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() } as u32,
+            cudart_table: CUDART_INTERFACE.as_ptr() as u64,
+            integrity_table: INTEGRITY_CHECK.as_ptr() as u64,
+            function: INTEGRITY_CHECK.0[1] as usize as u64,
+            unix_seconds,
+        };
+        out.set(integrity::answer(&input, &[device]));
+        Ok(())
+    })
+}
+
+/// The integrity check's arithmetic: MD2 (RFC 1319) in HMAC form.
+pub mod integrity {
+    /// MD2's substitution table (RFC 1319, from the digits of pi).
+    const S: [u8; 256] = [
+        41, 46, 67, 201, 162, 216, 124, 1, 61, 54, 84, 161, 236, 240, 6, 19, 98, 167, 5, 243, 192, 199, 115, 140, 152,
+        147, 43, 217, 188, 76, 130, 202, 30, 155, 87, 60, 253, 212, 224, 22, 103, 66, 111, 24, 138, 23, 229, 18, 190,
+        78, 196, 214, 218, 158, 222, 73, 160, 251, 245, 142, 187, 47, 238, 122, 169, 104, 121, 145, 21, 178, 7, 63,
+        148, 194, 16, 137, 11, 34, 95, 33, 128, 127, 93, 154, 90, 144, 50, 39, 53, 62, 204, 231, 191, 247, 151, 3, 255,
+        25, 48, 179, 72, 165, 181, 209, 215, 94, 146, 42, 172, 86, 170, 198, 79, 184, 56, 210, 150, 164, 125, 182, 118,
+        252, 107, 226, 156, 116, 4, 241, 69, 157, 112, 89, 100, 113, 135, 32, 134, 91, 207, 101, 230, 45, 168, 2, 27,
+        96, 37, 173, 174, 176, 185, 246, 28, 70, 97, 105, 52, 64, 126, 15, 85, 71, 163, 35, 221, 81, 175, 58, 195, 92,
+        249, 206, 186, 197, 234, 38, 44, 83, 13, 110, 133, 40, 132, 9, 211, 223, 205, 244, 65, 129, 77, 82, 106, 220,
+        55, 200, 108, 193, 171, 250, 36, 225, 123, 8, 12, 189, 177, 74, 120, 136, 149, 139, 227, 99, 232, 109, 233,
+        203, 213, 254, 59, 0, 29, 57, 242, 239, 183, 14, 102, 88, 208, 228, 166, 119, 114, 248, 235, 117, 75, 10, 49,
+        68, 80, 180, 143, 237, 31, 26, 219, 153, 141, 51, 159, 17, 131, 20,
+    ];
+
+    /// An incremental MD2.
+    #[derive(Clone)]
+    pub struct Md2 {
+        x: [u8; 48],
+        checksum: [u8; 16],
+        block: [u8; 16],
+        fill: usize,
+    }
+
+    impl Default for Md2 {
+        fn default() -> Self {
+            Md2 { x: [0; 48], checksum: [0; 16], block: [0; 16], fill: 0 }
+        }
+    }
+
+    impl Md2 {
+        /// Adds bytes.
+        pub fn update(&mut self, data: &[u8]) {
+            for &b in data {
+                self.block[self.fill] = b;
+                self.fill += 1;
+                if self.fill == 16 {
+                    self.compress();
+                    self.fill = 0;
+                }
+            }
+        }
+
+        fn compress(&mut self) {
+            // The checksum runs over the message blocks only (not over itself when it is
+            // appended at the end, since `finish` compresses it through `mix` directly).
+            let mut l = self.checksum[15];
+            for i in 0..16 {
+                self.checksum[i] ^= S[(self.block[i] ^ l) as usize];
+                l = self.checksum[i];
+            }
+            self.mix();
+        }
+
+        fn mix(&mut self) {
+            for i in 0..16 {
+                self.x[16 + i] = self.block[i];
+                self.x[32 + i] = self.x[16 + i] ^ self.x[i];
+            }
+            let mut t = 0u8;
+            for round in 0..18u8 {
+                for k in 0..48 {
+                    self.x[k] ^= S[t as usize];
+                    t = self.x[k];
+                }
+                t = t.wrapping_add(round);
+            }
+        }
+
+        /// Pads, appends the checksum and returns the 16-byte digest.
+        pub fn finish(mut self) -> [u8; 16] {
+            let pad = (16 - self.fill) as u8;
+            self.update(&vec![pad; pad as usize]);
+            self.block = self.checksum;
+            self.mix();
+            let mut d = [0u8; 16];
+            d.copy_from_slice(&self.x[..16]);
+            d
+        }
+    }
+
+    /// HMAC with MD2 (block size 16) and a 16-byte key.
+    pub fn hmac_md2(key: &[u8; 16], message: &[u8]) -> [u8; 16] {
+        let mut inner = Md2::default();
+        inner.update(&key.map(|b| b ^ 0x36));
+        inner.update(message);
+        let inner = inner.finish();
+        let mut outer = Md2::default();
+        outer.update(&key.map(|b| b ^ 0x5c));
+        outer.update(&inner);
+        outer.finish()
+    }
+
+    /// The runtime's fixed key.
+    const KEY: [u8; 16] = [0x14, 0x6a, 0xdd, 0xae, 0x53, 0xa9, 0xa7, 0x52, 0xaa, 0x08, 0x41, 0x36, 0x0b, 0xf5, 0x5a, 0x9f];
+
+    /// What the hash covers besides the devices (laid out as the runtime lays it out: four
+    /// 32-bit words, three addresses, the time).
+    pub struct Input {
+        /// The driver's version (`cuDriverGetVersion`).
+        pub driver_version: u32,
+        /// The caller's version argument.
+        pub version: u32,
+        /// `getpid()`.
+        pub process: u32,
+        /// `pthread_self()`, truncated.
+        pub thread: u32,
+        /// CUDART_INTERFACE's address.
+        pub cudart_table: u64,
+        /// INTEGRITY_CHECK's address.
+        pub integrity_table: u64,
+        /// The check function's address.
+        pub function: u64,
+        /// The caller's time argument.
+        pub unix_seconds: u64,
+    }
+
+    /// One device's identity in the hash.
+    pub struct Device {
+        /// `cuDeviceGetUuid`.
+        pub uuid: [u8; 16],
+        /// `CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID`.
+        pub pci_domain: i32,
+        /// `CU_DEVICE_ATTRIBUTE_PCI_BUS_ID`.
+        pub pci_bus: i32,
+        /// `CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID`.
+        pub pci_device: i32,
+    }
+
+    /// The two words the check returns.
+    pub fn answer(input: &Input, devices: &[Device]) -> [u64; 2] {
+        // Versions ending in 0 or 1 get fixed answers (older runtimes' protocol).
+        match input.version % 10 {
+            0 => return [0x3341_181c_03cb_675c, 0x8ed3_83aa_1f4c_d1e8],
+            1 => return [0x1841_181c_03cb_675c, 0x8ed3_83aa_1f4c_d1e8],
+            _ => {}
+        }
+        let mut m = Vec::with_capacity(48 + 28 * devices.len());
+        for w in [input.driver_version, input.version, input.process, input.thread] {
+            m.extend_from_slice(&w.to_le_bytes());
+        }
+        for w in [input.cudart_table, input.integrity_table, input.function, input.unix_seconds] {
+            m.extend_from_slice(&w.to_le_bytes());
+        }
+        for d in devices {
+            m.extend_from_slice(&d.uuid);
+            for w in [d.pci_domain, d.pci_bus, d.pci_device] {
+                m.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        let d = hmac_md2(&KEY, &m);
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        lo.copy_from_slice(&d[..8]);
+        hi.copy_from_slice(&d[8..]);
+        [u64::from_le_bytes(lo), u64::from_le_bytes(hi)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::integrity::*;
+    use super::*;
+
+    fn hex(d: &[u8]) -> String {
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn md2_matches_rfc_1319_test_suite() {
+        let cases = [
+            ("", "8350e5a3e24c153df2275c9f80692773"),
+            ("a", "32ec01ec4a6dac72c0ab96fb34c0b5d1"),
+            ("abc", "da853b0d3f88d99b30283a69e6ded6bb"),
+            ("message digest", "ab4f496bfb2a530b219ff33031fe06b0"),
+            ("abcdefghijklmnopqrstuvwxyz", "4e8ddff3650292ab5a4108c3aa47940b"),
+            (
+                "12345678901234567890123456789012345678901234567890123456789012345678901234567890",
+                "d5976f79d83d3a0dc9806c3c66f3efd8",
+            ),
+        ];
+        for (input, want) in cases {
+            let mut h = Md2::default();
+            h.update(input.as_bytes());
+            assert_eq!(hex(&h.finish()), want, "MD2({input:?})");
+        }
+    }
+
+    #[test]
+    fn md2_is_incremental() {
+        let data: Vec<u8> = (0..100u8).collect();
+        let mut one = Md2::default();
+        one.update(&data);
+        let mut parts = Md2::default();
+        for c in data.chunks(7) {
+            parts.update(c);
+        }
+        assert_eq!(one.finish(), parts.finish());
+    }
+
+    /// A vector observed from the real driver and published with ZLUDA's dark-API notes
+    /// (driver 12.8, runtime version 12082): the intermediate states there pin the
+    /// message layout; here the whole answer must be reproducible and depend on every
+    /// field.
+    #[test]
+    fn integrity_answer_depends_on_every_field() {
+        let input = || Input {
+            driver_version: 12080,
+            version: 12082,
+            process: 0x002f_a423,
+            thread: 0xf79c_1000,
+            cudart_table: 0x7fff_f695_8240,
+            integrity_table: 0x7fff_f695_8220,
+            function: 0x7fff_f2aa_f4a0,
+            unix_seconds: 0x682b_9cee,
+        };
+        let dev = || Device { uuid: [7; 16], pci_domain: 0, pci_bus: 2, pci_device: 0 };
+        let base = answer(&input(), &[dev()]);
+        assert_eq!(base, answer(&input(), &[dev()]));
+        let mut i = input();
+        i.process += 1;
+        assert_ne!(answer(&i, &[dev()]), base);
+        let mut i = input();
+        i.unix_seconds += 1;
+        assert_ne!(answer(&i, &[dev()]), base);
+        let mut d = dev();
+        d.pci_bus = 3;
+        assert_ne!(answer(&input(), &[d]), base);
+        let mut d = dev();
+        d.uuid[15] = 8;
+        assert_ne!(answer(&input(), &[d]), base);
+        assert_ne!(answer(&input(), &[]), base);
+        let mut i = input();
+        i.version = 12080;
+        assert_eq!(answer(&i, &[dev()]), [0x3341_181c_03cb_675c, 0x8ed3_83aa_1f4c_d1e8]);
+    }
+
+    #[test]
+    fn ids_are_in_memory_order() {
+        assert_eq!(
+            TABLES[T_CUDART].id,
+            [0x6b, 0xd5, 0xfb, 0x6c, 0x5b, 0xf4, 0xe7, 0x4a, 0x89, 0x87, 0xd9, 0x39, 0x12, 0xfd, 0x9d, 0xf9]
+        );
+        assert_eq!(id_text(&TABLES[T_CUDART].id), "{6BD5FB6C-5BF4-E74A-8987-D93912FD9DF9}");
+        for (i, k) in TABLES.iter().enumerate() {
+            assert!(TABLES.iter().skip(i + 1).all(|o| o.id != k.id), "{} twice", k.name);
+        }
+    }
+
+    #[test]
+    fn sized_tables_say_their_size_and_every_slot_is_code() {
+        assert_eq!(CUDART_INTERFACE.0[0] as usize, 13 * 8);
+        assert_eq!(DEVICE_EXTENDED_RT.0[0] as usize, 26 * 8);
+        assert!(CUDART_INTERFACE.0[1..].iter().all(|p| !p.is_null() && *p as usize > 4096));
+        assert!(CONTEXT_LOCAL_STORAGE.0.iter().all(|p| !p.is_null() && *p as usize > 4096));
+    }
+}

@@ -1,0 +1,149 @@
+/* A CUDA runtime (libcudart) program without kernels of its own: device count and
+ * properties, memory, copies, memsets, streams, events, pinned memory and error names.
+ * Built with the system compiler against NVIDIA's libcudart (shared or static, from the
+ * PyPI wheels) and run against libvgpu + host-proxy by tests/cudart_sim.rs; the same
+ * source runs natively on the GPU machine. Prints "ok: ..." per check, exits 1 at the
+ * first failure. */
+#include <cuda_runtime_api.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures;
+
+#define CHECK(call)                                                                        \
+    do {                                                                                   \
+        cudaError_t err_ = (call);                                                         \
+        if (err_ != cudaSuccess) {                                                         \
+            printf("FAIL: %s -> %s (%d): %s\n", #call, cudaGetErrorName(err_), (int)err_,  \
+                   cudaGetErrorString(err_));                                              \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+#define EXPECT(cond, ...)                                                                  \
+    do {                                                                                   \
+        if (!(cond)) {                                                                     \
+            printf("FAIL: " __VA_ARGS__);                                                  \
+            printf("\n");                                                                  \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+int main(void) {
+    int runtime = 0, driver = 0, count = -1;
+    CHECK(cudaRuntimeGetVersion(&runtime));
+    CHECK(cudaDriverGetVersion(&driver));
+    printf("ok: runtime %d, driver %d\n", runtime, driver);
+    CHECK(cudaGetDeviceCount(&count));
+    EXPECT(count == 1, "device count %d", count);
+    printf("ok: %d device\n", count);
+
+    struct cudaDeviceProp prop;
+    memset(&prop, 0, sizeof prop);
+    CHECK(cudaGetDeviceProperties(&prop, 0));
+    EXPECT(prop.name[0] != 0, "device name empty");
+    EXPECT(prop.totalGlobalMem > 0, "totalGlobalMem 0");
+    EXPECT(prop.major >= 3, "compute capability %d.%d", prop.major, prop.minor);
+    printf("ok: properties: %s, cc %d.%d, %zu MiB, %d SMs, warp %d\n", prop.name, prop.major,
+           prop.minor, prop.totalGlobalMem >> 20, prop.multiProcessorCount, prop.warpSize);
+    int value = 0;
+    CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxThreadsPerBlock, 0));
+    EXPECT(value == prop.maxThreadsPerBlock, "attribute %d vs property %d", value,
+           prop.maxThreadsPerBlock);
+    printf("ok: max threads per block %d\n", value);
+    CHECK(cudaSetDevice(0));
+    int dev = -1;
+    CHECK(cudaGetDevice(&dev));
+    EXPECT(dev == 0, "current device %d", dev);
+
+    size_t free_b = 0, total_b = 0;
+    CHECK(cudaMemGetInfo(&free_b, &total_b));
+    EXPECT(total_b > 0 && free_b <= total_b, "mem info %zu / %zu", free_b, total_b);
+    printf("ok: memory info %zu of %zu MiB free\n", free_b >> 20, total_b >> 20);
+
+    /* Copies: host -> device -> device -> host, pageable. */
+    const size_t n = (4u << 20) + 3; /* not a multiple of anything nice */
+    unsigned char *h = malloc(n), *back = malloc(n);
+    for (size_t i = 0; i < n; i++) h[i] = (unsigned char)(i * 7 + 3);
+    void *d1 = NULL, *d2 = NULL;
+    CHECK(cudaMalloc(&d1, n));
+    CHECK(cudaMalloc(&d2, n));
+    CHECK(cudaMemcpy(d1, h, n, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(d2, d1, n, cudaMemcpyDeviceToDevice));
+    memset(back, 0, n);
+    CHECK(cudaMemcpy(back, d2, n, cudaMemcpyDeviceToHost));
+    EXPECT(memcmp(h, back, n) == 0, "pageable round trip differs");
+    printf("ok: %zu bytes host -> device -> device -> host\n", n);
+    CHECK(cudaMemcpy(back, d2, n, cudaMemcpyDefault));
+    EXPECT(memcmp(h, back, n) == 0, "cudaMemcpyDefault round trip differs");
+    printf("ok: cudaMemcpyDefault\n");
+
+    /* Memset. */
+    CHECK(cudaMemset(d1, 0x5a, 1000));
+    CHECK(cudaMemcpy(back, d1, 1000, cudaMemcpyDeviceToHost));
+    for (int i = 0; i < 1000; i++) EXPECT(back[i] == 0x5a, "memset byte %d = %x", i, back[i]);
+    printf("ok: memset\n");
+
+    /* Pinned memory, streams and events. */
+    unsigned char *pin = NULL, *pin2 = NULL;
+    CHECK(cudaMallocHost((void **)&pin, n));
+    CHECK(cudaHostAlloc((void **)&pin2, n, cudaHostAllocDefault));
+    for (size_t i = 0; i < n; i++) pin[i] = (unsigned char)(i ^ 0x33);
+    cudaStream_t s;
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaEvent_t e0, e1;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+    CHECK(cudaEventRecord(e0, s));
+    CHECK(cudaMemcpyAsync(d1, pin, n, cudaMemcpyHostToDevice, s));
+    CHECK(cudaMemsetAsync(d2, 0, n, s));
+    CHECK(cudaMemcpyAsync(d2, d1, n / 2, cudaMemcpyDeviceToDevice, s));
+    CHECK(cudaMemcpyAsync(pin2, d2, n, cudaMemcpyDeviceToHost, s));
+    CHECK(cudaEventRecord(e1, s));
+    CHECK(cudaEventSynchronize(e1));
+    CHECK(cudaStreamSynchronize(s));
+    for (size_t i = 0; i < n; i++) {
+        unsigned char want = i < n / 2 ? (unsigned char)(i ^ 0x33) : 0;
+        EXPECT(pin2[i] == want, "async pinned byte %zu = %x, want %x", i, pin2[i], want);
+    }
+    float ms = -1;
+    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    EXPECT(ms >= 0, "elapsed %f", ms);
+    EXPECT(cudaStreamQuery(s) == cudaSuccess, "stream query");
+    EXPECT(cudaEventQuery(e1) == cudaSuccess, "event query");
+    printf("ok: stream: pinned copies, memset, events\n");
+    CHECK(cudaEventDestroy(e0));
+    CHECK(cudaEventDestroy(e1));
+    CHECK(cudaStreamDestroy(s));
+    CHECK(cudaFreeHost(pin));
+    CHECK(cudaFreeHost(pin2));
+
+    /* Errors are CUDA-exact. */
+    void *huge = NULL;
+    cudaError_t err = cudaMalloc(&huge, (size_t)1 << 50);
+    EXPECT(err == cudaErrorMemoryAllocation, "1 PiB cudaMalloc -> %s", cudaGetErrorName(err));
+    EXPECT(cudaGetLastError() == cudaErrorMemoryAllocation, "last error after failed malloc");
+    EXPECT(cudaGetLastError() == cudaSuccess, "last error is reset");
+    printf("ok: 1 PiB allocation -> %s\n", cudaGetErrorName(err));
+    EXPECT(strcmp(cudaGetErrorName(cudaErrorInvalidValue), "cudaErrorInvalidValue") == 0,
+           "error name");
+    printf("ok: error string: %s\n", cudaGetErrorString(cudaErrorInvalidDevicePointer));
+    err = cudaSetDevice(7);
+    EXPECT(err == cudaErrorInvalidDevice, "cudaSetDevice(7) -> %s", cudaGetErrorName(err));
+    (void)cudaGetLastError();
+    printf("ok: cudaSetDevice(7) -> %s\n", cudaGetErrorName(err));
+
+    CHECK(cudaFree(d1));
+    CHECK(cudaFree(d2));
+    CHECK(cudaDeviceSynchronize());
+    CHECK(cudaDeviceReset());
+    /* The runtime re-initialises after a reset. */
+    CHECK(cudaMalloc(&d1, 64));
+    CHECK(cudaFree(d1));
+    printf("ok: reset and re-initialised\n");
+    free(h);
+    free(back);
+    printf("%s\n", failures ? "FAILED" : "PASSED");
+    return failures ? 1 : 0;
+}
