@@ -22,6 +22,7 @@
 //!   libvgpu over the local transport.
 
 mod codegen;
+mod cudart;
 mod image;
 mod xenlab;
 
@@ -57,6 +58,8 @@ enum Task {
     },
     /// Release builds of what device/*.sh run on the GPU machine, in .device-carry/.
     DeviceBuild,
+    /// Downloads NVIDIA's CUDA runtime wheels (pinned) for the runtime tests; prints where.
+    FetchCudart,
     /// Builds the guest image: kernel, initramfs, xl config.
     BuildImage(image::ImageOptions),
     /// Boots Xen + a dom0 under QEMU and runs guest scenarios in domUs (the Xen lab).
@@ -85,6 +88,7 @@ fn main() -> Result<()> {
         Task::Demo => demo(),
         Task::Codegen { check } => codegen::main(&if check { vec!["--check".to_string()] } else { vec![] }),
         Task::DeviceBuild => device_build(),
+        Task::FetchCudart => cudart::fetch().map(|d| println!("{}", d.display())),
         Task::BuildImage(opts) => image::build(&opts).map(drop),
         Task::XenLab(opts) => xenlab::main(&opts),
         Task::CheckImage { dir, name } => {
@@ -146,7 +150,12 @@ fn ci() -> Result<()> {
     })?;
     step("format", || run(cargo().args(["fmt", "--all", "--", "--check"])))?;
     step("clippy", || run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])))?;
-    step("tests", || run(cargo().args(["test", "--workspace"])))?;
+    let cudart = std::cell::RefCell::new(PathBuf::new());
+    step("NVIDIA's CUDA runtime 12.9 and 13.0 from PyPI (cached in ~/.cache/xen-vgpu)", || {
+        *cudart.borrow_mut() = cudart::fetch()?;
+        Ok(())
+    })?;
+    step("tests", || run(cargo().args(["test", "--workspace"]).env("VGPU_CUDART_DIR", &*cudart.borrow())))?;
     step("idm-core bare-metal build", || {
         run(cargo().args(["build", "-p", "idm-core", "--target", BARE_METAL_TARGET]))?;
         run(cargo().args(["build", "-p", "idm-core", "--target", BARE_METAL_TARGET, "--features", "defmt"]))

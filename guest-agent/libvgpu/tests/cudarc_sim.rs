@@ -2,7 +2,10 @@
 //! `libcuda.so` dynamically, unmodified) run against libvgpu and a real host-proxy daemon
 //! with the simulated backend (a test double) over the local shared-memory transport.
 //!
-//! Also: the library's exported symbols are exactly the API table's.
+//! Also: C programs on NVIDIA's own CUDA runtime (libcudart 12.9 and 13.0 from the PyPI
+//! wheels, shared and static; `cargo xtask fetch-cudart` puts them in the cache) run
+//! against the same daemon, and the library's exported symbols are exactly the API
+//! table's.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -310,4 +313,98 @@ fn soname_is_libcuda_so_1() {
     lab();
     let bytes = std::fs::read(target_dir().join("libcuda.so")).unwrap();
     assert!(bytes.windows(13).any(|w| w == b"libcuda.so.1\0"));
+}
+
+/// Where `cargo xtask fetch-cudart` unpacked NVIDIA's runtimes (`VGPU_CUDART_DIR`, else
+/// the xtask cache).
+fn cudart_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VGPU_CUDART_DIR") {
+        return d.into();
+    }
+    let cache = match std::env::var_os("XEN_VGPU_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/xen-vgpu"),
+    };
+    cache.join("cudart")
+}
+
+/// Builds `tests/cudart/cudart_basic.c` against runtime `version`, linked shared or
+/// static, with the system C compiler; returns the program.
+fn cudart_program(version: &str, shared: bool) -> PathBuf {
+    let rt = cudart_dir().join(version);
+    assert!(
+        rt.join("include/cuda_runtime_api.h").exists(),
+        "NVIDIA's CUDA runtime {version} is not in {}: run `cargo xtask fetch-cudart` (cargo xtask ci does)",
+        rt.display()
+    );
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cudart/cudart_basic.c");
+    let exe = lab().dir.join(format!("cudart_basic-{version}-{}", if shared { "shared" } else { "static" }));
+    let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+    cc.args(["-std=c11", "-O1", "-Wall", "-Werror", "-o"]).arg(&exe).arg("-I").arg(rt.join("include")).arg(&src);
+    if shared {
+        let so = std::fs::read_dir(rt.join("lib"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("libcudart.so."))
+            .expect("libcudart.so.N in the wheel");
+        cc.arg(&so).arg(format!("-Wl,-rpath,{}", rt.join("lib").display()));
+    } else {
+        cc.arg(rt.join("lib/libcudart_static.a")).args(["-ldl", "-lpthread", "-lrt"]);
+    }
+    let out = cc.output().expect("running the C compiler");
+    assert!(out.status.success(), "building {}: {}", exe.display(), String::from_utf8_lossy(&out.stderr));
+    exe
+}
+
+/// Runs the runtime program with libvgpu as its libcuda; returns its stdout.
+fn cudart_run(version: &str, shared: bool) -> String {
+    let lab = lab();
+    let exe = cudart_program(version, shared);
+    let out = Command::new(&exe)
+        .env("LD_LIBRARY_PATH", &lab.libdir)
+        .env("VGPU_SOCKET", &lab.socket)
+        .env("VGPU_LOG", "warn")
+        .current_dir(&lab.dir)
+        .output()
+        .expect("running the runtime program");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{} failed ({}):\n{stdout}\n{stderr}", exe.display(), out.status);
+    // Every export-table slot the runtime used is implemented (a trap names itself).
+    assert!(!stderr.contains("export table"), "the runtime reached an unimplemented slot:\n{stderr}");
+    for line in [
+        "ok: 1 device",
+        "ok: properties: xen-vgpu simulated GPU (test double), cc 9.0",
+        "ok: 4194307 bytes host -> device -> device -> host",
+        "ok: stream: pinned copies, memset, events",
+        "ok: 1 PiB allocation -> cudaErrorMemoryAllocation",
+        "ok: cudaSetDevice(7) -> cudaErrorInvalidDevice",
+        "ok: reset and re-initialised",
+        "PASSED",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    stdout
+}
+
+#[test]
+fn nvidia_cudart_12_shared_runs_through_libvgpu() {
+    let out = cudart_run("12.9.79", true);
+    assert!(out.contains("ok: runtime 12090"), "{out}");
+}
+
+#[test]
+fn nvidia_cudart_12_static_runs_through_libvgpu() {
+    cudart_run("12.9.79", false);
+}
+
+#[test]
+fn nvidia_cudart_13_shared_runs_through_libvgpu() {
+    let out = cudart_run("13.0.96", true);
+    assert!(out.contains("ok: runtime 13000"), "{out}");
+}
+
+#[test]
+fn nvidia_cudart_13_static_runs_through_libvgpu() {
+    cudart_run("13.0.96", false);
 }
