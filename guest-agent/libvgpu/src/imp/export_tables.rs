@@ -22,8 +22,9 @@
 //!   version, device UUID and PCI ids that libvgpu reports, so it matches what the runtime
 //!   computes from those answers). Module loading from fatbin wrappers goes to the host
 //!   like `cuModuleLoadData`.
-//! - An unknown table id gets `CUDA_ERROR_NOT_FOUND` (the runtime then takes its ordinary
-//!   path) and is named once in the log.
+//! - An unknown table id gets `CUDA_ERROR_INVALID_VALUE`, the real driver's answer (driver
+//!   580, measured by `tests/c/errors_misc.c`), and is named once in the log; the runtime
+//!   then takes its ordinary path.
 //!
 //! Every slot function is `extern "C"` and catches panics (`rt::entry`): nothing unwinds
 //! into the runtime.
@@ -187,7 +188,7 @@ static TABLES: [Known; 9] = [
     Known { id: uuid(0x263e8860, 0x7cd2, 0x6143, 0x92f6_bbd5006dfa7e), name: "CONTEXT_CHECKS", table: || CONTEXT_CHECKS.as_ptr() },
 ];
 
-/// Ids the runtime probes for and handles the absence of: answered `CUDA_ERROR_NOT_FOUND`
+/// Ids the runtime probes for and handles the absence of: refused like unknown ids, but
 /// without a warning. f8cff951… is asked for first by libcudart 12.x/13.x (success would
 /// make it skip its usual bootstrap through CUDART_INTERFACE); dd9e98a4… is the Windows
 /// hybrid-runtime loader.
@@ -232,7 +233,7 @@ pub unsafe fn cu_get_export_table(table: *mut *const c_void, id: *const sys::CUu
     } else {
         unknown_table(&id);
     }
-    Err(CuError::NOT_FOUND)
+    Err(CuError::INVALID_VALUE)
 }
 
 /// Names an unknown table id once.
@@ -251,7 +252,7 @@ fn unknown_table(id: &[u8; 16]) {
     if first {
         rt::log(
             Level::Warn,
-            format_args!("cuGetExportTable: unknown table {}: not provided by libvgpu (CUDA_ERROR_NOT_FOUND)", id_text(id)),
+            format_args!("cuGetExportTable: unknown table {}: not provided by libvgpu (CUDA_ERROR_INVALID_VALUE)", id_text(id)),
         );
     }
 }

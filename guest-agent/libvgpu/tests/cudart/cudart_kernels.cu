@@ -1,0 +1,117 @@
+// CUDA runtime kernels as nvcc builds them (fatbins registered by the runtime, launched
+// with <<<>>> and cudaLaunchKernel): device/cudart-gpu.sh builds this with nvcc (static
+// and shared libcudart), runs it natively and through libvgpu, and compares the outputs.
+// Every check prints "ok: ..." with values that are the same on any run; the first
+// failure prints "FAIL: ..." and exits 1.
+#include <cstdio>
+#include <cstdlib>
+#include <cuda_runtime.h>
+
+#define CHECK(call)                                                                      \
+    do {                                                                                 \
+        cudaError_t err_ = (call);                                                       \
+        if (err_ != cudaSuccess) {                                                       \
+            printf("FAIL: %s -> %s: %s\n", #call, cudaGetErrorName(err_),                \
+                   cudaGetErrorString(err_));                                            \
+            exit(1);                                                                     \
+        }                                                                                \
+    } while (0)
+
+__constant__ float scale_c;
+__device__ int counter_d;
+
+__global__ void add_one(float *x, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += 1.0f;
+}
+
+template <typename T> __global__ void axpy(T a, const T *x, T *y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i] * scale_c + y[i];
+}
+
+__global__ void count(int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) atomicAdd(&counter_d, 1);
+}
+
+__global__ void reverse_shared(int *x, int n) {
+    extern __shared__ int s[];
+    int t = threadIdx.x;
+    if (t < n) s[t] = x[t];
+    __syncthreads();
+    if (t < n) x[t] = s[n - 1 - t];
+}
+
+int main() {
+    const int n = 1 << 20;
+    float *d = nullptr;
+    CHECK(cudaMalloc(&d, n * sizeof(float)));
+    CHECK(cudaMemset(d, 0, n * sizeof(float)));
+    add_one<<<(n + 255) / 256, 256>>>(d, n);
+    add_one<<<(n + 255) / 256, 256>>>(d, n);
+    CHECK(cudaGetLastError());
+    CHECK(cudaDeviceSynchronize());
+    float *h = (float *)malloc(n * sizeof(float));
+    CHECK(cudaMemcpy(h, d, n * sizeof(float), cudaMemcpyDeviceToHost));
+    for (int i = 0; i < n; i++)
+        if (h[i] != 2.0f) { printf("FAIL: add_one x[%d] = %f\n", i, h[i]); return 1; }
+    printf("ok: two <<<>>> launches of add_one over %d floats\n", n);
+
+    // Templates, __constant__ memory and cudaLaunchKernel.
+    float s = 0.5f;
+    CHECK(cudaMemcpyToSymbol(scale_c, &s, sizeof s));
+    float *y = nullptr;
+    CHECK(cudaMalloc(&y, n * sizeof(float)));
+    for (int i = 0; i < n; i++) h[i] = (float)(i % 100);
+    CHECK(cudaMemcpy(y, h, n * sizeof(float), cudaMemcpyHostToDevice));
+    float a = 3.0f;
+    int nn = n;
+    const float *dx = d;
+    void *args[] = {&a, &dx, &y, &nn};
+    CHECK(cudaLaunchKernel((const void *)axpy<float>, dim3((n + 127) / 128), dim3(128), args, 0, 0));
+    CHECK(cudaMemcpy(h, y, n * sizeof(float), cudaMemcpyDeviceToHost));
+    for (int i = 0; i < n; i++) {
+        float want = 3.0f * 2.0f * 0.5f + (float)(i % 100);
+        if (h[i] != want) { printf("FAIL: axpy y[%d] = %f, want %f\n", i, h[i], want); return 1; }
+    }
+    printf("ok: cudaLaunchKernel of axpy<float> with a __constant__ scale\n");
+
+    // A __device__ global, atomics, cudaMemcpyFromSymbol.
+    int zero = 0, got = -1;
+    CHECK(cudaMemcpyToSymbol(counter_d, &zero, sizeof zero));
+    count<<<64, 128>>>(5000);
+    CHECK(cudaMemcpyFromSymbol(&got, counter_d, sizeof got));
+    if (got != 5000) { printf("FAIL: counter %d\n", got); return 1; }
+    printf("ok: atomics on a __device__ global: %d\n", got);
+
+    // Dynamic shared memory, a stream, function attributes.
+    int *xi = nullptr, hi[256];
+    for (int i = 0; i < 256; i++) hi[i] = i;
+    CHECK(cudaMalloc(&xi, sizeof hi));
+    cudaStream_t st;
+    CHECK(cudaStreamCreate(&st));
+    CHECK(cudaMemcpyAsync(xi, hi, sizeof hi, cudaMemcpyHostToDevice, st));
+    reverse_shared<<<1, 256, 256 * sizeof(int), st>>>(xi, 256);
+    CHECK(cudaMemcpyAsync(hi, xi, sizeof hi, cudaMemcpyDeviceToHost, st));
+    CHECK(cudaStreamSynchronize(st));
+    for (int i = 0; i < 256; i++)
+        if (hi[i] != 255 - i) { printf("FAIL: reverse x[%d] = %d\n", i, hi[i]); return 1; }
+    printf("ok: dynamic shared memory on a stream\n");
+    cudaFuncAttributes fa;
+    CHECK(cudaFuncGetAttributes(&fa, reverse_shared));
+    printf("ok: reverse_shared: max threads per block %d\n", fa.maxThreadsPerBlock);
+
+    // A launch error is reported as natively.
+    add_one<<<1, 4096>>>(d, n);
+    cudaError_t e = cudaGetLastError();
+    printf("ok: 4096 threads per block -> %s\n", cudaGetErrorName(e));
+
+    CHECK(cudaStreamDestroy(st));
+    CHECK(cudaFree(d));
+    CHECK(cudaFree(y));
+    CHECK(cudaFree(xi));
+    free(h);
+    printf("PASSED\n");
+    return 0;
+}
