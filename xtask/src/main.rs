@@ -325,7 +325,12 @@ fn device_build() -> Result<()> {
     std::fs::create_dir_all(carry.join("libvgpu")).context("creating .device-carry")?;
     run(cargo().args(["build", "--release", "-p", "host-proxy", "-p", "libvgpu"]))?;
     run(cargo().args(["build", "--release", "-p", "libvgpu", "--example", "cudarc_app"]))?;
+    // The tracer (tools/cuda-trace): its own file name, so it never overwrites libvgpu's
+    // libcuda.so in target/; carried as libcuda.so for device/cuda-trace.sh.
+    std::fs::create_dir_all(carry.join("cuda-trace")).context("creating .device-carry/cuda-trace")?;
+    run(cargo().args(["build", "--release", "-p", "cuda-trace", "--lib"]))?;
     let mut copies = vec![
+        (PathBuf::from("target/release/libcuda_trace.so"), carry.join("cuda-trace/libcuda.so")),
         (PathBuf::from("target/release/host-proxy"), carry.join("host-proxy")),
         (PathBuf::from("target/release/libcuda.so"), carry.join("libvgpu/libcuda.so.1")),
         (PathBuf::from("target/release/examples/cudarc_app"), carry.join("cudarc_app")),

@@ -1264,6 +1264,30 @@ pub unsafe extern "C" fn cuOccupancyMaxActiveBlocksPerMultiprocessor(numBlocks: 
     })
 }
 
+/// `cuOccupancyMaxPotentialBlockSize` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuOccupancyMaxPotentialBlockSize(minGridSize: *mut ::core::ffi::c_int, blockSize: *mut ::core::ffi::c_int, func: sys::CUfunction, blockSizeToDynamicSMemSize: sys::CUoccupancyB2DSize, dynamicSMemSize: usize, blockSizeLimit: ::core::ffi::c_int) -> CUresult {
+    rt::entry("cuOccupancyMaxPotentialBlockSize", || {
+        // SAFETY: the caller upholds cuOccupancyMaxPotentialBlockSize's contract, which the implementation documents.
+        unsafe { crate::imp::cu_occupancy_max_potential_block_size(minGridSize, blockSize, func, blockSizeToDynamicSMemSize, dynamicSMemSize, blockSizeLimit) }
+    })
+}
+
+/// `cuOccupancyMaxPotentialBlockSizeWithFlags` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuOccupancyMaxPotentialBlockSizeWithFlags(minGridSize: *mut ::core::ffi::c_int, blockSize: *mut ::core::ffi::c_int, func: sys::CUfunction, blockSizeToDynamicSMemSize: sys::CUoccupancyB2DSize, dynamicSMemSize: usize, blockSizeLimit: ::core::ffi::c_int, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::entry("cuOccupancyMaxPotentialBlockSizeWithFlags", || {
+        // SAFETY: the caller upholds cuOccupancyMaxPotentialBlockSizeWithFlags's contract, which the implementation documents.
+        unsafe { crate::imp::cu_occupancy_max_potential_block_size_with_flags(minGridSize, blockSize, func, blockSizeToDynamicSMemSize, dynamicSMemSize, blockSizeLimit, flags) }
+    })
+}
+
 /// `cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags` (forwarded).
 ///
 /// # Safety
@@ -3070,18 +3094,6 @@ pub extern "C" fn cuOccupancyMaxActiveClusters(_numClusters: *mut ::core::ffi::c
     rt::unsupported("cuOccupancyMaxActiveClusters")
 }
 
-/// `cuOccupancyMaxPotentialBlockSize`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuOccupancyMaxPotentialBlockSize(_minGridSize: *mut ::core::ffi::c_int, _blockSize: *mut ::core::ffi::c_int, _func: sys::CUfunction, _blockSizeToDynamicSMemSize: sys::CUoccupancyB2DSize, _dynamicSMemSize: usize, _blockSizeLimit: ::core::ffi::c_int) -> CUresult {
-    rt::unsupported("cuOccupancyMaxPotentialBlockSize")
-}
-
-/// `cuOccupancyMaxPotentialBlockSizeWithFlags`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuOccupancyMaxPotentialBlockSizeWithFlags(_minGridSize: *mut ::core::ffi::c_int, _blockSize: *mut ::core::ffi::c_int, _func: sys::CUfunction, _blockSizeToDynamicSMemSize: sys::CUoccupancyB2DSize, _dynamicSMemSize: usize, _blockSizeLimit: ::core::ffi::c_int, _flags: ::core::ffi::c_uint) -> CUresult {
-    rt::unsupported("cuOccupancyMaxPotentialBlockSizeWithFlags")
-}
-
 /// `cuOccupancyMaxPotentialClusterSize`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuOccupancyMaxPotentialClusterSize(_clusterSize: *mut ::core::ffi::c_int, _func: sys::CUfunction, _config: *const sys::CUlaunchConfig) -> CUresult {
@@ -3772,6 +3784,8 @@ pub const EXPORTS: &[&str] = &[
     "cuFuncGetParamInfo",
     "cuKernelGetParamInfo",
     "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+    "cuOccupancyMaxPotentialBlockSize",
+    "cuOccupancyMaxPotentialBlockSizeWithFlags",
     "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags",
     "cuLaunchKernel",
     "cuLaunchKernelEx",
@@ -4046,8 +4060,6 @@ pub const EXPORTS: &[&str] = &[
     "cuMulticastUnbind",
     "cuOccupancyAvailableDynamicSMemPerBlock",
     "cuOccupancyMaxActiveClusters",
-    "cuOccupancyMaxPotentialBlockSize",
-    "cuOccupancyMaxPotentialBlockSizeWithFlags",
     "cuOccupancyMaxPotentialClusterSize",
     "cuParamSetSize",
     "cuParamSetTexRef",

@@ -10,7 +10,7 @@
 
 use crate::rt::{handle_of, handle_ptr, session, CuError, CuResult, FuncInfo, Out};
 use cudarc::driver::sys;
-use std::ffi::{c_char, c_uint, c_void};
+use std::ffi::{c_char, c_int, c_uint, c_void};
 use vgpu_proto::generated as p;
 use vgpu_proto::{AttrValue, Handle, LaunchAttr, LaunchConfig, ParamSlot};
 
@@ -462,4 +462,100 @@ pub unsafe fn cu_launch_kernel_ex(
     };
     // SAFETY: forwarded contract.
     unsafe { launch(handle_of(f), lc, handle_of(cfg.hStream), params, extra) }
+}
+
+/// A block size → dynamic shared memory callback (`CUoccupancyB2DSize`).
+type BlockToSmem = Option<unsafe extern "C" fn(c_int) -> usize>;
+
+/// `cuOccupancyMaxPotentialBlockSize`: the block size with the highest occupancy, searched
+/// in the guest as NVIDIA's published occupancy calculator does (`cuda_runtime.h`'s
+/// `cudaOccupancyMaxPotentialBlockSizeVariableSMemWithFlags`): every multiple of the warp
+/// size from the largest allowed down, the callback (run here, in the program) giving each
+/// size's dynamic shared memory, the host's driver the blocks per multiprocessor.
+pub unsafe fn cu_occupancy_max_potential_block_size(
+    min_grid: *mut c_int,
+    block: *mut c_int,
+    func: sys::CUfunction,
+    to_smem: BlockToSmem,
+    smem: usize,
+    limit: c_int,
+) -> CuResult<()> {
+    // SAFETY: forwarded contract.
+    unsafe { cu_occupancy_max_potential_block_size_with_flags(min_grid, block, func, to_smem, smem, limit, 0) }
+}
+
+/// `cuOccupancyMaxPotentialBlockSizeWithFlags`.
+pub unsafe fn cu_occupancy_max_potential_block_size_with_flags(
+    min_grid: *mut c_int,
+    block: *mut c_int,
+    func: sys::CUfunction,
+    to_smem: BlockToSmem,
+    smem: usize,
+    limit: c_int,
+    flags: c_uint,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: non-null out-pointers are valid for one write.
+    let min_grid = unsafe { Out::required(min_grid) }?;
+    // SAFETY: as above.
+    let block = unsafe { Out::required(block) }?;
+    if func.is_null() || limit < 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let s = session()?;
+    let attr = |a: sys::CUdevice_attribute| match s.info.attributes.get(a as usize - 1) {
+        Some(AttrValue::Value(v)) => Ok(*v),
+        _ => Err(CuError::INVALID_VALUE),
+    };
+    let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let warp = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_WARP_SIZE)?.max(1);
+    let dev_max = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?;
+    let sm_threads = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR)?;
+    let mut func_max: c_int = 0;
+    // SAFETY: one valid out-pointer; `func` is the caller's function handle.
+    let r = unsafe {
+        crate::generated::cuFuncGetAttribute(
+            &mut func_max,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK as c_uint,
+            func,
+        )
+    };
+    if r != 0 {
+        return Err(CuError::from_code(r));
+    }
+    let mut limit = if limit == 0 { dev_max } else { limit.min(dev_max) };
+    limit = limit.min(func_max);
+    let (mut best_block, mut best_blocks, mut best) = (0, 0, 0);
+    let mut aligned = (limit + warp - 1) / warp * warp;
+    while aligned > 0 {
+        let try_block = limit.min(aligned);
+        let dyn_smem = match to_smem {
+            // SAFETY: the caller's callback, called with a block size as CUDA does.
+            Some(f) => unsafe { f(try_block) },
+            None => smem,
+        };
+        let mut blocks: c_int = 0;
+        // SAFETY: one valid out-pointer; the other arguments are plain values.
+        let r = unsafe {
+            crate::generated::cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
+                &mut blocks,
+                func,
+                try_block,
+                dyn_smem,
+                flags,
+            )
+        };
+        if r != 0 {
+            return Err(CuError::from_code(r));
+        }
+        if try_block * blocks > best {
+            (best_block, best_blocks, best) = (try_block, blocks, try_block * blocks);
+        }
+        if best == sm_threads {
+            break;
+        }
+        aligned -= warp;
+    }
+    min_grid.set(best_blocks * sms);
+    block.set(best_block);
+    Ok(())
 }
