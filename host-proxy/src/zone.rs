@@ -1072,6 +1072,11 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     fn cu_mem_free_v2(&mut self, req: CuMemFreeV2) -> CuResultOf<Done> {
         let z = &mut *self.zone;
+        // Freeing 0 succeeds and does nothing, as the driver's does (measured on an H200 with
+        // tools/cuda-trace: cuBLAS's start-up calls cuMemFree_v2(0) and fails otherwise).
+        if req.dptr == 0 {
+            return Ok(Done {});
+        }
         // Only the exact start of one of this zone's allocations may be freed.
         let r = *z.ranges.get(&req.dptr).filter(|r| r.owner == Owner::Alloc).ok_or(CuError::INVALID_VALUE)?;
         // An exported allocation's token dies first: no open can reach freed memory.

@@ -295,6 +295,8 @@ fn two_zones_are_isolated_and_quotas_hold() {
     assert_eq!(b.done(&CuStreamSynchronize { h_stream: a_stream }), Err(CuResult::INVALID_HANDLE));
     assert_eq!(b.done(&CuStreamDestroyV2 { h_stream: a_stream }), Err(CuResult::INVALID_HANDLE));
     assert_eq!(b.done(&CuMemFreeV2 { dptr: a_buf + 8 }), Err(CuResult::INVALID_VALUE));
+    // Freeing 0 is a no-op that succeeds, as the driver's (cuBLAS's start-up relies on it).
+    assert_eq!(b.done(&CuMemFreeV2 { dptr: 0 }), Ok(()));
     // Nothing B did touched A.
     assert_eq!(a.read(a_buf, 4096).unwrap(), a_data);
     a.done(&CuStreamSynchronize { h_stream: a_stream }).unwrap();

@@ -848,7 +848,13 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
         );
         if table.unsupported.contains(&l.same_as) {
             let params: Vec<String> = params.iter().map(|p| format!("_{p}")).collect();
-            let _ = writeln!(o, "pub extern \"C\" fn {}({}) -> CUresult {{\n    rt::unsupported(\"{}\")\n}}\n", l.name, params.join(", "), l.name);
+            let _ = writeln!(
+                o,
+                "pub extern \"C\" fn {}({}) -> CUresult {{\n    rt::unsupported(\"{}\")\n}}\n",
+                l.name,
+                params.join(", "),
+                l.name
+            );
         } else {
             let _ = writeln!(
                 o,

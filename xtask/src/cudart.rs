@@ -94,7 +94,11 @@ pub fn fetch() -> Result<PathBuf> {
         if !dest.join("include/crt").exists() {
             std::fs::rename(&crt_dir, dest.join("include/crt")).context("moving crt/ headers")?;
         }
-        ensure!(dest.join("lib/libcudart_static.a").exists(), "{} has no lib/libcudart_static.a", rt.runtime.file_name());
+        ensure!(
+            dest.join("lib/libcudart_static.a").exists(),
+            "{} has no lib/libcudart_static.a",
+            rt.runtime.file_name()
+        );
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::write(&stamp, rt.runtime.file_name())?;
         eprintln!("fetch-cudart: {} {} unpacked into {}", rt.runtime.package, rt.runtime.version, dest.display());

@@ -79,7 +79,10 @@ impl From<ChannelError> for CuError {
 /// C boundary (a bug in libvgpu becomes `CUDA_ERROR_UNKNOWN`, never a crash).
 pub fn entry(name: &'static str, body: impl FnOnce() -> CuResult<()>) -> CUresult {
     match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(())) => 0,
+        Ok(Ok(())) => {
+            log(Level::Trace, format_args!("{name} -> 0"));
+            0
+        }
         Ok(Err(e)) => {
             log(Level::Debug, format_args!("{name} -> {}", e.0));
             e.0.get()
@@ -103,7 +106,7 @@ pub fn unsupported(name: &'static str) -> CUresult {
 
 // ---- logging ----------------------------------------------------------------------------
 
-/// Log levels of `VGPU_LOG` (`error`, `warn` — the default —, `info`, `debug`, `off`).
+/// Log levels of `VGPU_LOG` (`error`, `warn` — the default —, `info`, `debug`, `trace`, `off`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     /// Something failed.
@@ -114,6 +117,8 @@ pub enum Level {
     Info = 3,
     /// Every failing call.
     Debug = 4,
+    /// Every call (`VGPU_LOG=trace`).
+    Trace = 5,
 }
 
 fn max_level() -> u8 {
@@ -122,7 +127,8 @@ fn max_level() -> u8 {
         Ok("off") => 0,
         Ok("error") => 1,
         Ok("info") => 3,
-        Ok("debug") | Ok("trace") => 4,
+        Ok("debug") => 4,
+        Ok("trace") => 5,
         _ => 2,
     })
 }

@@ -308,6 +308,134 @@ fn exported_symbols_match_the_table() {
 }
 
 /// The SONAME is the driver's, so programs linked against libvgpu record `libcuda.so.1`.
+/// What the real driver exports and libvgpu does not yet, by kind (the names of the real
+/// libcuda.so.1 580 are in `tests/fixtures/libcuda-580.159.04-exports.txt`).
+fn missing_kind(name: &str) -> Option<&'static str> {
+    let legacy_32bit = [
+        "cuArray3DCreate",
+        "cuArray3DGetDescriptor",
+        "cuArrayCreate",
+        "cuArrayGetDescriptor",
+        "cuCtxCreate_v3",
+        "cuDeviceTotalMem",
+        "cuMemAlloc",
+        "cuMemAllocHost",
+        "cuMemAllocPitch",
+        "cuMemFree",
+        "cuMemGetAddressRange",
+        "cuMemGetInfo",
+        "cuMemHostGetDevicePointer",
+        "cuModuleGetGlobal",
+        "cuMemcpy2D",
+        "cuMemcpy2DAsync",
+        "cuMemcpy2DUnaligned",
+        "cuMemcpy3D",
+        "cuMemcpy3DAsync",
+        "cuMemcpyAtoA",
+        "cuMemcpyAtoD",
+        "cuMemcpyAtoH",
+        "cuMemcpyAtoHAsync",
+        "cuMemcpyDtoA",
+        "cuMemcpyDtoD",
+        "cuMemcpyDtoDAsync",
+        "cuMemcpyDtoH",
+        "cuMemcpyDtoHAsync",
+        "cuMemcpyHtoA",
+        "cuMemcpyHtoAAsync",
+        "cuMemcpyHtoD",
+        "cuMemcpyHtoDAsync",
+        "cuMemsetD16",
+        "cuMemsetD2D16",
+        "cuMemsetD2D32",
+        "cuMemsetD2D8",
+        "cuMemsetD32",
+        "cuMemsetD8",
+        "cuTexRefGetAddress",
+        "cuTexRefSetAddress",
+        "cuTexRefSetAddress2D",
+        "cuTexRefSetAddress2D_v2",
+        "cuLinkAddData",
+        "cuLinkAddFile",
+        "cuLinkCreate",
+        "cuGraphicsResourceGetMappedPointer",
+        "cuGraphicsResourceSetMapFlags",
+    ];
+    // Older variants whose signature differs from their successor's (cuGraphInstantiate's log
+    // buffer, the capture-info and graph-edge calls before edge data, cuMemAdvise before
+    // locations, cuMemGetAttribute of the old tools interface).
+    let legacy_abi = [
+        "cuGraphAddDependencies",
+        "cuGraphAddKernelNode",
+        "cuGraphAddNode",
+        "cuGraphExecKernelNodeSetParams",
+        "cuGraphExecUpdate",
+        "cuGraphGetEdges",
+        "cuGraphInstantiate",
+        "cuGraphInstantiate_v2",
+        "cuGraphKernelNodeGetParams",
+        "cuGraphKernelNodeSetParams",
+        "cuGraphNodeGetDependencies",
+        "cuGraphNodeGetDependentNodes",
+        "cuGraphRemoveDependencies",
+        "cuStreamBeginCapture",
+        "cuStreamGetCaptureInfo",
+        "cuStreamGetCaptureInfo_v2",
+        "cuStreamUpdateCaptureDependencies",
+        "cuMemAdvise",
+        "cuMemPrefetchAsync",
+        "cuMemGetAttribute",
+        "cuMemGetAttribute_v2",
+        "cuMemcpy3DBatchAsync",
+        "cuMemcpyBatchAsync",
+    ];
+    if name.ends_with("_ptsz") || name.ends_with("_ptds") {
+        Some("per-thread default stream variant")
+    } else if [
+        "cuGL",
+        "cuEGL",
+        "cuVDPAU",
+        "cuGraphicsGL",
+        "cuGraphicsEGL",
+        "cuGraphicsVDPAU",
+        "cuGraphicsResourceGetMappedEgl",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+    {
+        Some("graphics interop (no display in a zone)")
+    } else if name.starts_with("cuCheckpoint") || name == "cuDeviceGetNvSciSyncAttributes" {
+        Some("process checkpoint / NvSci (not offered to zones)")
+    } else if legacy_32bit.contains(&name) {
+        Some("pre-3.2 variant with 32-bit sizes or device pointers")
+    } else if legacy_abi.contains(&name) {
+        Some("older variant with a different signature")
+    } else {
+        None
+    }
+}
+
+#[test]
+fn every_export_of_the_real_driver_is_provided_or_a_named_gap() {
+    let list = include_str!("fixtures/libcuda-580.159.04-exports.txt");
+    let ours: std::collections::BTreeSet<&str> = cuda::generated::EXPORTS.iter().copied().collect();
+    let mut unexplained = Vec::new();
+    let mut gaps: std::collections::BTreeMap<&str, usize> = Default::default();
+    for name in list.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        match (ours.contains(name), missing_kind(name)) {
+            (true, None) => {}
+            (true, Some(kind)) => panic!("{name} is exported now: take it off the {kind:?} gap list"),
+            (false, Some(kind)) => *gaps.entry(kind).or_default() += 1,
+            (false, None) => unexplained.push(name),
+        }
+    }
+    assert!(unexplained.is_empty(), "the real driver exports these and libvgpu does not: {unexplained:?}");
+    // Everything libvgpu exports, the real driver exports too (no invented names).
+    let real: std::collections::BTreeSet<&str> = list.lines().collect();
+    let invented: Vec<&&str> = ours.iter().filter(|n| !real.contains(**n)).collect();
+    assert!(invented.is_empty(), "not exported by the real driver: {invented:?}");
+    eprintln!("gaps against libcuda 580: {gaps:?}");
+}
+
 #[test]
 fn soname_is_libcuda_so_1() {
     lab();

@@ -122,7 +122,10 @@ unsafe fn get_proc(
             Ok(())
         }
         Err(st) => {
-            rt::log(rt::Level::Debug, format_args!("cuGetProcAddress: {name} (version {version}, flags {flags}) not found"));
+            rt::log(
+                rt::Level::Debug,
+                format_args!("cuGetProcAddress: {name} (version {version}, flags {flags}) not found"),
+            );
             pfn.set(std::ptr::null_mut());
             status.set(st);
             // With a status out-parameter (v2) the driver reports "not found" there and

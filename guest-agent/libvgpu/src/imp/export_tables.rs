@@ -29,7 +29,7 @@
 //! Every slot function is `extern "C"` and catches panics (`rt::entry`): nothing unwinds
 //! into the runtime.
 
-use crate::rt::{self, handle_of, handle_ptr, session, CuError, CuResult, Level, Out, CUresult};
+use crate::rt::{self, handle_of, handle_ptr, session, CUresult, CuError, CuResult, Level, Out};
 use cudarc::driver::sys;
 use std::collections::HashMap;
 use std::ffi::{c_uint, c_void};
@@ -113,9 +113,10 @@ static CUDART_INTERFACE: Table<13> = Table({
     t
 });
 
-static TOOLS_TLS: Table<4> = Table({
-    let mut t = with_traps(traps!(T_TOOLS_TLS; 0 1 2 3));
-    t[0] = size_word::<4>();
+/// Three slots, as the real driver's (driver 580; the runtime calls none of them).
+static TOOLS_TLS: Table<3> = Table({
+    let mut t = with_traps(traps!(T_TOOLS_TLS; 0 1 2));
+    t[0] = size_word::<3>();
     t
 });
 
@@ -160,9 +161,10 @@ static INTEGRITY_CHECK: Table<3> = Table({
     t
 });
 
-static CONTEXT_CHECKS: Table<4> = Table({
-    let mut t = with_traps(traps!(T_CTX_CHECKS; 0 1 2 3));
-    t[0] = size_word::<4>();
+/// Fifteen slots, as the real driver's (driver 580; the runtime calls [2] and [3]).
+static CONTEXT_CHECKS: Table<15> = Table({
+    let mut t = with_traps(traps!(T_CTX_CHECKS; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14));
+    t[0] = size_word::<15>();
     t[2] = context_check as *const c_void;
     t[3] = context_check_flags as *const c_void;
     t
@@ -177,15 +179,51 @@ struct Known {
 
 /// Every table libvgpu serves, in the order of the `T_*` indices.
 static TABLES: [Known; 9] = [
-    Known { id: uuid(0x6bd5fb6c, 0x5bf4, 0xe74a, 0x8987_d93912fd9df9), name: "CUDART_INTERFACE", table: || CUDART_INTERFACE.as_ptr() },
-    Known { id: uuid(0x42d85a81, 0x23f6, 0xcb47, 0x8298_f6e78a3aecdc), name: "TOOLS_TLS", table: || TOOLS_TLS.as_ptr() },
-    Known { id: uuid(0xa094798c, 0x2e74, 0x2e74, 0x93f2_0800200c0a66), name: "TOOLS_RUNTIME_CALLBACK_HOOKS", table: || CALLBACK_HOOKS.as_ptr() },
-    Known { id: uuid(0xc693336e, 0x1121, 0xdf11, 0xa8c3_68f355d89593), name: "CONTEXT_LOCAL_STORAGE", table: || CONTEXT_LOCAL_STORAGE.as_ptr() },
-    Known { id: uuid(0x0ca50b8c, 0x1004, 0x929a, 0x89a7_d0df10e77286), name: "CTX_CREATE_BYPASS", table: || CTX_CREATE_BYPASS.as_ptr() },
-    Known { id: uuid(0x195bcbf4, 0xd67d, 0x024a, 0xacc5_1d29cea631ae), name: "HEAP_ACCESS", table: || HEAP_ACCESS.as_ptr() },
-    Known { id: uuid(0xb10541e1, 0xf7c7, 0xc74a, 0x9f64_f223be99f1e2), name: "DEVICE_EXTENDED_RT", table: || DEVICE_EXTENDED_RT.as_ptr() },
-    Known { id: uuid(0xd4082055, 0xbde6, 0x704b, 0x8d34_ba123c66e1f2), name: "INTEGRITY_CHECK", table: || INTEGRITY_CHECK.as_ptr() },
-    Known { id: uuid(0x263e8860, 0x7cd2, 0x6143, 0x92f6_bbd5006dfa7e), name: "CONTEXT_CHECKS", table: || CONTEXT_CHECKS.as_ptr() },
+    Known {
+        id: uuid(0x6bd5fb6c, 0x5bf4, 0xe74a, 0x8987_d93912fd9df9),
+        name: "CUDART_INTERFACE",
+        table: || CUDART_INTERFACE.as_ptr(),
+    },
+    Known {
+        id: uuid(0x42d85a81, 0x23f6, 0xcb47, 0x8298_f6e78a3aecdc),
+        name: "TOOLS_TLS",
+        table: || TOOLS_TLS.as_ptr(),
+    },
+    Known {
+        id: uuid(0xa094798c, 0x2e74, 0x2e74, 0x93f2_0800200c0a66),
+        name: "TOOLS_RUNTIME_CALLBACK_HOOKS",
+        table: || CALLBACK_HOOKS.as_ptr(),
+    },
+    Known {
+        id: uuid(0xc693336e, 0x1121, 0xdf11, 0xa8c3_68f355d89593),
+        name: "CONTEXT_LOCAL_STORAGE",
+        table: || CONTEXT_LOCAL_STORAGE.as_ptr(),
+    },
+    Known {
+        id: uuid(0x0ca50b8c, 0x1004, 0x929a, 0x89a7_d0df10e77286),
+        name: "CTX_CREATE_BYPASS",
+        table: || CTX_CREATE_BYPASS.as_ptr(),
+    },
+    Known {
+        id: uuid(0x195bcbf4, 0xd67d, 0x024a, 0xacc5_1d29cea631ae),
+        name: "HEAP_ACCESS",
+        table: || HEAP_ACCESS.as_ptr(),
+    },
+    Known {
+        id: uuid(0xb10541e1, 0xf7c7, 0xc74a, 0x9f64_f223be99f1e2),
+        name: "DEVICE_EXTENDED_RT",
+        table: || DEVICE_EXTENDED_RT.as_ptr(),
+    },
+    Known {
+        id: uuid(0xd4082055, 0xbde6, 0x704b, 0x8d34_ba123c66e1f2),
+        name: "INTEGRITY_CHECK",
+        table: || INTEGRITY_CHECK.as_ptr(),
+    },
+    Known {
+        id: uuid(0x263e8860, 0x7cd2, 0x6143, 0x92f6_bbd5006dfa7e),
+        name: "CONTEXT_CHECKS",
+        table: || CONTEXT_CHECKS.as_ptr(),
+    },
 ];
 
 /// Ids the runtime probes for and handles the absence of: refused like unknown ids, but
@@ -210,7 +248,14 @@ const fn uuid(a: u32, b: u16, c: u16, d: u64) -> [u8; 16] {
 /// `{6BD5FB6C-5BF4-E74A-8987-D93912FD9DF9}` form of an id, for the log.
 fn id_text(id: &[u8; 16]) -> String {
     let h: Vec<String> = id.iter().map(|b| format!("{b:02X}")).collect();
-    format!("{{{}-{}-{}-{}-{}}}", h[..4].concat(), h[4..6].concat(), h[6..8].concat(), h[8..10].concat(), h[10..].concat())
+    format!(
+        "{{{}-{}-{}-{}-{}}}",
+        h[..4].concat(),
+        h[4..6].concat(),
+        h[6..8].concat(),
+        h[8..10].concat(),
+        h[10..].concat()
+    )
 }
 
 /// `cuGetExportTable`: callable before `cuInit` (the runtime asks first).
@@ -252,7 +297,10 @@ fn unknown_table(id: &[u8; 16]) {
     if first {
         rt::log(
             Level::Warn,
-            format_args!("cuGetExportTable: unknown table {}: not provided by libvgpu (CUDA_ERROR_INVALID_VALUE)", id_text(id)),
+            format_args!(
+                "cuGetExportTable: unknown table {}: not provided by libvgpu (CUDA_ERROR_INVALID_VALUE)",
+                id_text(id)
+            ),
         );
     }
 }
@@ -406,7 +454,12 @@ fn cls_context(ctx: sys::CUcontext) -> CuResult<Handle> {
 }
 
 /// Slot 0: stores `value` under `key` in the context, with a destructor.
-unsafe extern "C" fn cls_put(ctx: sys::CUcontext, key: *mut c_void, value: *mut c_void, dtor: Option<ClsDtor>) -> CUresult {
+unsafe extern "C" fn cls_put(
+    ctx: sys::CUcontext,
+    key: *mut c_void,
+    value: *mut c_void,
+    dtor: Option<ClsDtor>,
+) -> CUresult {
     slot("CONTEXT_LOCAL_STORAGE[0] (put)", || {
         let h = cls_context(ctx)?;
         with_cls(|m| m.insert((h.0, key as usize), ClsEntry { value: value as usize, dtor }));
@@ -610,7 +663,8 @@ pub mod integrity {
     }
 
     /// The runtime's fixed key.
-    const KEY: [u8; 16] = [0x14, 0x6a, 0xdd, 0xae, 0x53, 0xa9, 0xa7, 0x52, 0xaa, 0x08, 0x41, 0x36, 0x0b, 0xf5, 0x5a, 0x9f];
+    const KEY: [u8; 16] =
+        [0x14, 0x6a, 0xdd, 0xae, 0x53, 0xa9, 0xa7, 0x52, 0xaa, 0x08, 0x41, 0x36, 0x0b, 0xf5, 0x5a, 0x9f];
 
     /// What the hash covers besides the devices (laid out as the runtime lays it out: four
     /// 32-bit words, three addresses, the time).
@@ -769,6 +823,11 @@ mod tests {
     fn sized_tables_say_their_size_and_every_slot_is_code() {
         assert_eq!(CUDART_INTERFACE.0[0] as usize, 13 * 8);
         assert_eq!(DEVICE_EXTENDED_RT.0[0] as usize, 26 * 8);
+        // The sizes the real driver 580 reports (tools/cuda-trace on an H200).
+        assert_eq!(CONTEXT_CHECKS.0[0] as usize, 120);
+        assert_eq!(TOOLS_TLS.0[0] as usize, 24);
+        assert_eq!(CALLBACK_HOOKS.0[0] as usize, 56);
+        assert_eq!(INTEGRITY_CHECK.0[0] as usize, 24);
         assert!(CUDART_INTERFACE.0[1..].iter().all(|p| !p.is_null() && *p as usize > 4096));
         assert!(CONTEXT_LOCAL_STORAGE.0.iter().all(|p| !p.is_null() && *p as usize > 4096));
     }
