@@ -1515,6 +1515,26 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlagsReply { num_blocks })
     }
 
+    fn cu_occupancy_available_dynamic_s_mem_per_block(
+        &mut self,
+        req: CuOccupancyAvailableDynamicSMemPerBlock,
+    ) -> CuResultOf<CuOccupancyAvailableDynamicSMemPerBlockReply> {
+        let z = &mut *self.zone;
+        let f = func_of(&z.functions, &z.kernels, req.func)?;
+        let bytes = z.backend.occupancy_available_dynamic_smem(&f.func, req.num_blocks, req.block_size)?;
+        Ok(CuOccupancyAvailableDynamicSMemPerBlockReply { dynamic_smem_size: bytes })
+    }
+
+    fn occupancy_max_active_clusters(
+        &mut self,
+        req: OccupancyMaxActiveClusters,
+    ) -> CuResultOf<OccupancyMaxActiveClustersReply> {
+        let z = &mut *self.zone;
+        let f = func_of(&z.functions, &z.kernels, req.func)?;
+        let clusters = z.backend.occupancy_max_active_clusters(&f.func, &req.config)?;
+        Ok(OccupancyMaxActiveClustersReply { clusters })
+    }
+
     fn launch(&mut self, req: Launch) -> CuResultOf<Done> {
         let Launch { func, config, stream, params } = req;
         if config.grid.contains(&0) || config.block.contains(&0) {

@@ -112,6 +112,16 @@ fn streams(ctx: &Arc<CudaContext>) -> Res {
     Ok(b.synchronize()?)
 }
 
+/// How often [`smem_per_block`] ran (it must run in this process, called by the driver
+/// library).
+static SMEM_CALLBACKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The occupancy search's block size → dynamic shared memory callback: 4 bytes a thread.
+extern "C" fn smem_per_block(block_size: std::ffi::c_int) -> usize {
+    SMEM_CALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    block_size as usize * 4
+}
+
 fn launch(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
     let stream = ctx.default_stream();
     let ptx = std::fs::read_to_string(ptx_path)?;
@@ -134,7 +144,21 @@ fn launch(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
     unsafe { stream.launch_builder(&saxpy).arg(&a).arg(&dx).arg(&mut dy).arg(&nn).launch(cfg) }?;
     let got = stream.clone_dtoh(&dy)?;
     let want: Vec<f32> = x.iter().zip(&y).map(|(x, y)| 2.0 * x + y).collect();
-    ensure(got == want, "scale_add computed y = 2x + y")
+    ensure(got == want, "scale_add computed y = 2x + y")?;
+    // Occupancy: the blocks per multiprocessor come from the host's driver; the potential
+    // block size is searched in the guest with them; the other two are forwarded.
+    let blocks = saxpy.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?;
+    let (min_grid, block) = saxpy.occupancy_max_potential_block_size(smem_per_block, 0, 0, None)?;
+    let calls = SMEM_CALLBACKS.load(std::sync::atomic::Ordering::Relaxed);
+    ensure(
+        block > 0 && block % 32 == 0 && min_grid > 0 && calls > 0,
+        &format!(
+            "occupancy: {blocks} blocks of 256 per SM; potential block size {block} (grid >= {min_grid}), callback ran"
+        ),
+    )?;
+    let smem = saxpy.occupancy_available_dynamic_smem_per_block(blocks.max(1), 256)?;
+    let clusters = saxpy.occupancy_max_active_clusters(LaunchConfig::for_num_elems(n as u32), &stream)?;
+    ensure(clusters > 0, &format!("occupancy: {smem} bytes of dynamic shared memory per block, {clusters} clusters"))
 }
 
 fn expect_err<T>(r: Result<T, DriverError>, code: sys::CUresult, what: &str) -> Res {

@@ -1264,6 +1264,33 @@ pub unsafe extern "C" fn cuOccupancyMaxActiveBlocksPerMultiprocessor(numBlocks: 
     })
 }
 
+/// `cuOccupancyAvailableDynamicSMemPerBlock` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuOccupancyAvailableDynamicSMemPerBlock(dynamicSmemSize: *mut usize, func: sys::CUfunction, numBlocks: ::core::ffi::c_int, blockSize: ::core::ffi::c_int) -> CUresult {
+    rt::entry("cuOccupancyAvailableDynamicSMemPerBlock", || {
+        // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+        let dynamic_smem_size_out = unsafe { rt::Out::required(dynamicSmemSize) }?;
+        let rep: p::CuOccupancyAvailableDynamicSMemPerBlockReply = rt::call(&p::CuOccupancyAvailableDynamicSMemPerBlock { func: rt::handle_of(func), num_blocks: numBlocks, block_size: blockSize }, true)?;
+        dynamic_smem_size_out.set(rep.dynamic_smem_size as _);
+        Ok(())
+    })
+}
+
+/// `cuOccupancyMaxActiveClusters` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuOccupancyMaxActiveClusters(numClusters: *mut ::core::ffi::c_int, func: sys::CUfunction, config: *const sys::CUlaunchConfig) -> CUresult {
+    rt::entry("cuOccupancyMaxActiveClusters", || {
+        // SAFETY: the caller upholds cuOccupancyMaxActiveClusters's contract, which the implementation documents.
+        unsafe { crate::imp::cu_occupancy_max_active_clusters(numClusters, func, config) }
+    })
+}
+
 /// `cuOccupancyMaxPotentialBlockSize` (served in the guest).
 ///
 /// # Safety
@@ -3082,18 +3109,6 @@ pub extern "C" fn cuMulticastUnbind(_mcHandle: sys::CUmemGenericAllocationHandle
     rt::unsupported("cuMulticastUnbind")
 }
 
-/// `cuOccupancyAvailableDynamicSMemPerBlock`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuOccupancyAvailableDynamicSMemPerBlock(_dynamicSmemSize: *mut usize, _func: sys::CUfunction, _numBlocks: ::core::ffi::c_int, _blockSize: ::core::ffi::c_int) -> CUresult {
-    rt::unsupported("cuOccupancyAvailableDynamicSMemPerBlock")
-}
-
-/// `cuOccupancyMaxActiveClusters`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuOccupancyMaxActiveClusters(_numClusters: *mut ::core::ffi::c_int, _func: sys::CUfunction, _config: *const sys::CUlaunchConfig) -> CUresult {
-    rt::unsupported("cuOccupancyMaxActiveClusters")
-}
-
 /// `cuOccupancyMaxPotentialClusterSize`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuOccupancyMaxPotentialClusterSize(_clusterSize: *mut ::core::ffi::c_int, _func: sys::CUfunction, _config: *const sys::CUlaunchConfig) -> CUresult {
@@ -3784,6 +3799,8 @@ pub const EXPORTS: &[&str] = &[
     "cuFuncGetParamInfo",
     "cuKernelGetParamInfo",
     "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+    "cuOccupancyAvailableDynamicSMemPerBlock",
+    "cuOccupancyMaxActiveClusters",
     "cuOccupancyMaxPotentialBlockSize",
     "cuOccupancyMaxPotentialBlockSizeWithFlags",
     "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags",
@@ -4058,8 +4075,6 @@ pub const EXPORTS: &[&str] = &[
     "cuMulticastCreate",
     "cuMulticastGetGranularity",
     "cuMulticastUnbind",
-    "cuOccupancyAvailableDynamicSMemPerBlock",
-    "cuOccupancyMaxActiveClusters",
     "cuOccupancyMaxPotentialClusterSize",
     "cuParamSetSize",
     "cuParamSetTexRef",

@@ -185,6 +185,11 @@ fn kernels_launch_with_their_parameters_packed_by_the_host_layout() {
     let ptx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sim_kernels.ptx");
     let out = app(&["launch", ptx.to_str().unwrap()]);
     assert!(out.contains("ok: scale_add computed y = 2x + y"));
+    assert!(
+        out.contains("ok: occupancy: 8 blocks of 256 per SM; potential block size 1024 (grid >= 264), callback ran"),
+        "{out}"
+    );
+    assert!(out.contains("ok: occupancy: 29184 bytes of dynamic shared memory per block, 2 clusters"), "{out}");
 }
 
 #[test]

@@ -738,6 +738,43 @@ impl Message for Launch {
     const ID: MessageId = MessageId(0x0241);
 }
 
+/// Request `cuOccupancyAvailableDynamicSMemPerBlock`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuOccupancyAvailableDynamicSMemPerBlock {
+    pub func: Handle,
+    pub num_blocks: i32,
+    pub block_size: i32,
+}
+impl Message for CuOccupancyAvailableDynamicSMemPerBlock {
+    const ID: MessageId = MessageId(0x0248);
+}
+/// Reply to [`CuOccupancyAvailableDynamicSMemPerBlock`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuOccupancyAvailableDynamicSMemPerBlockReply {
+    pub dynamic_smem_size: u64,
+}
+impl Message for CuOccupancyAvailableDynamicSMemPerBlockReply {
+    const ID: MessageId = MessageId(0x8248);
+}
+
+/// Request `OccupancyMaxActiveClusters` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OccupancyMaxActiveClusters {
+    pub func: Handle,
+    pub config: LaunchConfig,
+}
+impl Message for OccupancyMaxActiveClusters {
+    const ID: MessageId = MessageId(0x0249);
+}
+/// Reply to [`OccupancyMaxActiveClusters`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OccupancyMaxActiveClustersReply {
+    pub clusters: i32,
+}
+impl Message for OccupancyMaxActiveClustersReply {
+    const ID: MessageId = MessageId(0x8249);
+}
+
 /// Request `cuStreamCreate`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CuStreamCreate {
@@ -1089,6 +1126,8 @@ pub const REQUEST_IDS: &[MessageId] = &[
     CuOccupancyMaxActiveBlocksPerMultiprocessor::ID,
     CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags::ID,
     Launch::ID,
+    CuOccupancyAvailableDynamicSMemPerBlock::ID,
+    OccupancyMaxActiveClusters::ID,
     CuStreamCreate::ID,
     CuStreamCreateWithPriority::ID,
     CuStreamDestroyV2::ID,
@@ -1224,6 +1263,10 @@ pub trait Api {
     fn cu_occupancy_max_active_blocks_per_multiprocessor_with_flags(&mut self, req: CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags) -> Result<CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlagsReply, Self::Error>;
     /// Handles [`Launch`].
     fn launch(&mut self, req: Launch) -> Result<crate::Done, Self::Error>;
+    /// Handles [`CuOccupancyAvailableDynamicSMemPerBlock`].
+    fn cu_occupancy_available_dynamic_s_mem_per_block(&mut self, req: CuOccupancyAvailableDynamicSMemPerBlock) -> Result<CuOccupancyAvailableDynamicSMemPerBlockReply, Self::Error>;
+    /// Handles [`OccupancyMaxActiveClusters`].
+    fn occupancy_max_active_clusters(&mut self, req: OccupancyMaxActiveClusters) -> Result<OccupancyMaxActiveClustersReply, Self::Error>;
     /// Handles [`CuStreamCreate`].
     fn cu_stream_create(&mut self, req: CuStreamCreate) -> Result<CuStreamCreateReply, Self::Error>;
     /// Handles [`CuStreamCreateWithPriority`].
@@ -1563,6 +1606,16 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.launch(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x0248 => {
+            let req = decode_body::<CuOccupancyAvailableDynamicSMemPerBlock>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_occupancy_available_dynamic_s_mem_per_block(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x0249 => {
+            let req = decode_body::<OccupancyMaxActiveClusters>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.occupancy_max_active_clusters(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         0x0250 => {
             let req = decode_body::<CuStreamCreate>(body).map_err(|_| DispatchError::BadBody(id))?;
             let rep = api.cu_stream_create(req).map_err(DispatchError::Api)?;
@@ -1741,6 +1794,8 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x023f => "CuOccupancyMaxActiveBlocksPerMultiprocessor",
         0x0240 => "CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags",
         0x0241 => "Launch",
+        0x0248 => "CuOccupancyAvailableDynamicSMemPerBlock",
+        0x0249 => "OccupancyMaxActiveClusters",
         0x0250 => "CuStreamCreate",
         0x0251 => "CuStreamCreateWithPriority",
         0x0252 => "CuStreamDestroyV2",

@@ -330,6 +330,10 @@ driver_api! {
         usize,
         c_uint,
     );
+    /// `cuOccupancyAvailableDynamicSMemPerBlock`.
+    occupancy_available_smem = "cuOccupancyAvailableDynamicSMemPerBlock": fn(*mut usize, sys::CUfunction, c_int, c_int);
+    /// `cuOccupancyMaxActiveClusters`.
+    occupancy_max_active_clusters = "cuOccupancyMaxActiveClusters": fn(*mut c_int, sys::CUfunction, *const RawLaunchConfig);
     /// `cuStreamCreateWithPriority`.
     stream_create = "cuStreamCreateWithPriority": fn(*mut sys::CUstream, c_uint, c_int);
     /// `cuStreamSynchronize`.
@@ -2010,6 +2014,42 @@ impl GpuBackend for CudaGpu {
         // accepts); the driver validates the rest.
         check(unsafe { (self.api.occupancy_max_active_blocks)(&mut blocks, f, block_size, smem, flags) })?;
         Ok(blocks)
+    }
+
+    fn occupancy_available_dynamic_smem(
+        &mut self,
+        func: &CudaFunction,
+        blocks: i32,
+        block_size: i32,
+    ) -> CuResultOf<u64> {
+        let f = self.function_kind(func)?.as_function();
+        self.enter()?;
+        let mut bytes: usize = 0;
+        // SAFETY: valid out-pointer; a live function or kernel (cast as the driver accepts);
+        // the driver validates the counts.
+        check(unsafe { (self.api.occupancy_available_smem)(&mut bytes, f, blocks, block_size) })?;
+        Ok(bytes as u64)
+    }
+
+    fn occupancy_max_active_clusters(&mut self, func: &CudaFunction, config: &LaunchConfig) -> CuResultOf<i32> {
+        let f = self.function_kind(func)?.as_function();
+        let mut attrs = config.attrs.iter().map(raw_launch_attribute).collect::<CuResultOf<SmallVec<[_; 4]>>>()?;
+        let num_attrs = c_uint::try_from(attrs.len()).map_err(|_| CuError::INVALID_VALUE)?;
+        self.enter()?;
+        let launch_config = RawLaunchConfig {
+            grid_dim: config.grid,
+            block_dim: config.block,
+            shared_mem_bytes: config.shared_mem_bytes,
+            stream: std::ptr::null_mut(),
+            attrs: attrs.as_mut_ptr(),
+            num_attrs,
+        };
+        let mut clusters: c_int = 0;
+        // SAFETY: valid out-pointer; a live function or kernel; `launch_config` has
+        // `CUlaunchConfig`'s layout (asserted at compile time) and points at `num_attrs`
+        // plain-valued attributes alive for the call; the stream is NULL.
+        check(unsafe { (self.api.occupancy_max_active_clusters)(&mut clusters, f, &launch_config) })?;
+        Ok(clusters)
     }
 
     // ---- streams ----

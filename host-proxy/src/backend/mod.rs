@@ -252,6 +252,15 @@ pub trait GpuBackend {
         dynamic_smem: u64,
         flags: u32,
     ) -> CuResultOf<i32>;
+    /// `cuOccupancyAvailableDynamicSMemPerBlock`.
+    fn occupancy_available_dynamic_smem(
+        &mut self,
+        func: &Self::Function,
+        blocks: i32,
+        block_size: i32,
+    ) -> CuResultOf<u64>;
+    /// `cuOccupancyMaxActiveClusters` for a launch configuration (plain attributes only).
+    fn occupancy_max_active_clusters(&mut self, func: &Self::Function, config: &LaunchConfig) -> CuResultOf<i32>;
 
     // ---- streams ----
     /// Creates a stream (`cuStreamCreateWithPriority`; priority 0 is the default).

@@ -1505,6 +1505,30 @@ impl GpuBackend for SimGpu {
         Ok((THREADS_PER_SM / block_size).max(1))
     }
 
+    fn occupancy_available_dynamic_smem(
+        &mut self,
+        func: &SimFunction,
+        blocks: i32,
+        block_size: i32,
+    ) -> CuResultOf<u64> {
+        self.function(func)?;
+        if blocks <= 0 || block_size <= 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        // The test double's multiprocessor has 228 KiB of shared memory, split evenly.
+        Ok((228 * 1024 / blocks as u64).min(227 * 1024))
+    }
+
+    fn occupancy_max_active_clusters(&mut self, func: &SimFunction, config: &LaunchConfig) -> CuResultOf<i32> {
+        self.function(func)?;
+        if config.block.contains(&0) || config.grid.contains(&0) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        // One cluster per multiprocessor's worth of threads, at least one.
+        let threads: u64 = config.block.iter().map(|&b| u64::from(b)).product();
+        Ok(i32::try_from((THREADS_PER_SM as u64 / threads.max(1)).max(1)).unwrap_or(i32::MAX))
+    }
+
     // ---- streams ----
 
     fn stream_create(&mut self, flags: u32, priority: i32) -> CuResultOf<SimStream> {

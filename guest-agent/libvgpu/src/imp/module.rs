@@ -418,17 +418,17 @@ const PLAIN_ATTRIBUTES: &[u32] = &[
     8, // PRIORITY
 ];
 
-/// `cuLaunchKernelEx`: attributes that carry pointers or handles are not supported.
-pub unsafe fn cu_launch_kernel_ex(
-    config: *const sys::CUlaunchConfig,
-    f: sys::CUfunction,
-    params: *mut *mut c_void,
-    extra: *mut *mut c_void,
-) -> CuResult<()> {
+/// A `CUlaunchConfig` as the wire's [`LaunchConfig`]: attributes that carry pointers or
+/// handles are not supported.
+///
+/// # Safety
+/// `config` must be null or point to a `CUlaunchConfig` whose `attrs` holds `numAttrs`
+/// attributes.
+unsafe fn launch_config(config: *const sys::CUlaunchConfig) -> CuResult<(LaunchConfig, sys::CUstream)> {
     if config.is_null() {
         return Err(CuError::INVALID_VALUE);
     }
-    // SAFETY: CUDA's contract: a non-null config points to a CUlaunchConfig.
+    // SAFETY: the caller's contract: a non-null config points to a CUlaunchConfig.
     let cfg = unsafe { config.read_unaligned() };
     let mut attrs = Vec::new();
     if cfg.numAttrs > 0 {
@@ -437,7 +437,7 @@ pub unsafe fn cu_launch_kernel_ex(
         }
         for i in 0..cfg.numAttrs as usize {
             // The id is read as an integer: a value outside the bindings' enum is not UB.
-            // SAFETY: CUDA's contract: `attrs` holds `numAttrs` CUlaunchAttribute values.
+            // SAFETY: the caller's contract: `attrs` holds `numAttrs` CUlaunchAttribute values.
             let base = cfg.attrs.wrapping_add(i).cast::<u8>();
             // SAFETY: as above; the id is the struct's first field.
             let id = unsafe { base.cast::<u32>().read_unaligned() };
@@ -460,8 +460,40 @@ pub unsafe fn cu_launch_kernel_ex(
         shared_mem_bytes: cfg.sharedMemBytes,
         attrs,
     };
+    Ok((lc, cfg.hStream))
+}
+
+/// `cuLaunchKernelEx`: attributes that carry pointers or handles are not supported.
+pub unsafe fn cu_launch_kernel_ex(
+    config: *const sys::CUlaunchConfig,
+    f: sys::CUfunction,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract for the config.
+    let (lc, stream) = unsafe { launch_config(config) }?;
     // SAFETY: forwarded contract.
-    unsafe { launch(handle_of(f), lc, handle_of(cfg.hStream), params, extra) }
+    unsafe { launch(handle_of(f), lc, handle_of(stream), params, extra) }
+}
+
+/// `cuOccupancyMaxActiveClusters`: the host's driver answers for the configuration (its
+/// stream is not needed for the answer).
+pub unsafe fn cu_occupancy_max_active_clusters(
+    num_clusters: *mut c_int,
+    func: sys::CUfunction,
+    config: *const sys::CUlaunchConfig,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(num_clusters) }?;
+    if func.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract for the config.
+    let (config, _stream) = unsafe { launch_config(config) }?;
+    let r: p::OccupancyMaxActiveClustersReply =
+        crate::rt::call(&p::OccupancyMaxActiveClusters { func: handle_of(func), config }, true)?;
+    out.set(r.clusters);
+    Ok(())
 }
 
 /// A block size → dynamic shared memory callback (`CUoccupancyB2DSize`).
