@@ -250,6 +250,8 @@ where
     tracing::info!(max_frame = server.max_frame(), window = window.size(), "zone attached");
     let mut profile = profile.then(RequestProfile::default);
     let end = serve(&mut server, &window, &mut zone, &mut buf, &mut scratch, profile.as_mut());
+    // Host functions still waiting for this guest give up (the zone is being torn down).
+    host_proxy::backend::WORKER_ENDING.store(true, std::sync::atomic::Ordering::Release);
     ended();
     for line in profile.as_mut().map(RequestProfile::report).unwrap_or_default() {
         tracing::info!("request profile: {line}");

@@ -257,6 +257,9 @@ pub struct Zone<B: GpuBackend> {
     /// Keeps the window's mapping alive while the backend may use it: declared after
     /// `backend`, so dropped after it.
     window_region: Option<idm_shm::MemfdRegion>,
+    /// The window's first byte and length in `window_region`'s mapping (host functions'
+    /// rendezvous words live there).
+    window_at: Option<(std::ptr::NonNull<u8>, usize)>,
 }
 
 impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
@@ -367,6 +370,7 @@ impl<B: GpuBackend> Zone<B> {
             cached_bytes: 0,
             window_direct: false,
             window_region: None,
+            window_at: None,
         }
     }
 
@@ -384,6 +388,7 @@ impl<B: GpuBackend> Zone<B> {
         // order). The backend only hands the memory to the driver.
         let direct = unsafe { self.backend.attach_window(base, len) }?;
         self.window_region = Some(region);
+        self.window_at = Some((base, len));
         self.window_direct = direct;
         Ok(direct)
     }
@@ -1523,6 +1528,37 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let f = func_of(&z.functions, &z.kernels, req.func)?;
         let bytes = z.backend.occupancy_available_dynamic_smem(&f.func, req.num_blocks, req.block_size)?;
         Ok(CuOccupancyAvailableDynamicSMemPerBlockReply { dynamic_smem_size: bytes })
+    }
+
+    fn host_func(&mut self, req: HostFunc) -> CuResultOf<Done> {
+        let z = &mut *self.zone;
+        // Over Xen the window is not mapped in a way the driver's callback thread may
+        // keep: host functions need the local transport for now.
+        let (base, len) = z.window_at.ok_or(CuError::NOT_SUPPORTED)?;
+        let slot = usize::try_from(req.slot).map_err(|_| CuError::INVALID_VALUE)?;
+        if slot % 8 != 0 || slot.checked_add(8).is_none_or(|end| end > len) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let s = stream_of(&z.streams, req.stream)?;
+        let word = std::ptr::NonNull::new(base.as_ptr().wrapping_add(slot)).ok_or(CuError::INVALID_VALUE)?;
+        #[allow(unsafe_code)]
+        // SAFETY: `word` is an 8-byte aligned word inside the window (checked above; the
+        // window starts page-aligned), which `window_region` keeps mapped until after the
+        // backend — and with it every context whose streams could still run the function —
+        // is dropped; the guest and the slot only access it atomically.
+        let slot = unsafe { crate::backend::HostFuncSlot::new(word) };
+        z.backend.launch_host_func(s, slot)?;
+        Ok(Done {})
+    }
+
+    fn window_device_pointer(&mut self, req: WindowDevicePointer) -> CuResultOf<WindowDevicePointerReply> {
+        // The window is this zone's own memory (shared only with its guest); its device
+        // mapping gives kernels nothing they could not already reach through copies.
+        let in_window = usize::try_from(req.offset).is_ok_and(|o| o < self.window.size());
+        if !in_window {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Ok(WindowDevicePointerReply { dptr: self.zone.backend.window_device_pointer(req.offset)? })
     }
 
     fn occupancy_max_active_clusters(

@@ -109,7 +109,44 @@ fn streams(ctx: &Arc<CudaContext>) -> Res {
     ensure(ms >= 0.0, "elapsed time between events is >= 0")?;
     ensure(end.is_complete(), "event query reports completion")?;
     a.synchronize()?;
-    Ok(b.synchronize()?)
+    b.synchronize()?;
+    host_functions(&a)
+}
+
+/// What the host functions of [`host_functions`] saw, in the order they ran.
+static HOST_FN_ORDER: std::sync::Mutex<Vec<(u32, bool)>> = std::sync::Mutex::new(Vec::new());
+
+/// `cuLaunchHostFunc`'s function: records its tag and whether it ran off the main thread.
+unsafe extern "C" fn record_host_fn(data: *mut std::ffi::c_void) {
+    let off_main = std::thread::current().name() != Some("main");
+    HOST_FN_ORDER.lock().unwrap().push((data.addr() as u32, off_main));
+}
+
+/// `cuStreamAddCallback`'s function: also checks the stream and status it was given.
+unsafe extern "C" fn record_callback(stream: sys::CUstream, status: sys::CUresult, data: *mut std::ffi::c_void) {
+    let tag = if status == sys::CUresult::CUDA_SUCCESS && !stream.is_null() { data.addr() as u32 } else { 0 };
+    HOST_FN_ORDER.lock().unwrap().push((tag, true));
+}
+
+/// Host functions and stream callbacks run in the program, in stream order, between copies.
+fn host_functions(stream: &Arc<cudarc::driver::CudaStream>) -> Res {
+    let cu = stream.cu_stream();
+    let data = stream.clone_htod(&pattern(1 << 16, 9))?;
+    let tag = |t: usize| std::ptr::without_provenance_mut::<std::ffi::c_void>(t);
+    // SAFETY: valid stream; the functions take their tag as data and make no CUDA calls.
+    unsafe { sys::cuLaunchHostFunc(cu, Some(record_host_fn), tag(1)) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuStreamAddCallback(cu, Some(record_callback), tag(2), 0) }.result()?;
+    let back = stream.clone_dtoh(&data)?;
+    // SAFETY: as above.
+    unsafe { sys::cuLaunchHostFunc(cu, Some(record_host_fn), tag(3)) }.result()?;
+    stream.synchronize()?;
+    let order = HOST_FN_ORDER.lock().unwrap().clone();
+    ensure(back == pattern(1 << 16, 9), "copies around the host functions")?;
+    ensure(
+        order == [(1, true), (2, true), (3, true)],
+        &format!("host functions and a stream callback ran in stream order off the main thread: {order:?}"),
+    )
 }
 
 /// How often [`smem_per_block`] ran (it must run in this process, called by the driver

@@ -732,6 +732,18 @@ pub unsafe extern "C" fn cuMemHostGetFlags(pFlags: *mut ::core::ffi::c_uint, p: 
     })
 }
 
+/// `cuMemHostGetDevicePointer_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemHostGetDevicePointer_v2(pdptr: *mut sys::CUdeviceptr, p: *mut ::core::ffi::c_void, Flags: ::core::ffi::c_uint) -> CUresult {
+    rt::entry("cuMemHostGetDevicePointer_v2", || {
+        // SAFETY: the caller upholds cuMemHostGetDevicePointer_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_mem_host_get_device_pointer_v2(pdptr, p, Flags) }
+    })
+}
+
 /// `cuMemHostRegister_v2` (served in the guest).
 ///
 /// # Safety
@@ -1261,6 +1273,30 @@ pub unsafe extern "C" fn cuOccupancyMaxActiveBlocksPerMultiprocessor(numBlocks: 
         let rep: p::CuOccupancyMaxActiveBlocksPerMultiprocessorReply = rt::call(&p::CuOccupancyMaxActiveBlocksPerMultiprocessor { func: rt::handle_of(func), block_size: blockSize, dynamic_s_mem_size: dynamicSMemSize as u64 }, true)?;
         num_blocks_out.set(rep.num_blocks as _);
         Ok(())
+    })
+}
+
+/// `cuLaunchHostFunc` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchHostFunc(hStream: sys::CUstream, fn_: sys::CUhostFn, userData: *mut ::core::ffi::c_void) -> CUresult {
+    rt::entry("cuLaunchHostFunc", || {
+        // SAFETY: the caller upholds cuLaunchHostFunc's contract, which the implementation documents.
+        unsafe { crate::imp::cu_launch_host_func(hStream, fn_, userData) }
+    })
+}
+
+/// `cuStreamAddCallback` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamAddCallback(hStream: sys::CUstream, callback: sys::CUstreamCallback, userData: *mut ::core::ffi::c_void, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::entry("cuStreamAddCallback", || {
+        // SAFETY: the caller upholds cuStreamAddCallback's contract, which the implementation documents.
+        unsafe { crate::imp::cu_stream_add_callback(hStream, callback, userData, flags) }
     })
 }
 
@@ -2545,12 +2581,6 @@ pub extern "C" fn cuLaunchGridAsync(_f: sys::CUfunction, _grid_width: ::core::ff
     rt::unsupported("cuLaunchGridAsync")
 }
 
-/// `cuLaunchHostFunc`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuLaunchHostFunc(_hStream: sys::CUstream, _fn_: sys::CUhostFn, _userData: *mut ::core::ffi::c_void) -> CUresult {
-    rt::unsupported("cuLaunchHostFunc")
-}
-
 /// `cuLibraryEnumerateKernels`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuLibraryEnumerateKernels(_kernels: *mut sys::CUkernel, _numKernels: ::core::ffi::c_uint, _lib: sys::CUlibrary) -> CUresult {
@@ -2729,12 +2759,6 @@ pub extern "C" fn cuMemGetHandleForAddressRange(_handle: *mut ::core::ffi::c_voi
 #[no_mangle]
 pub extern "C" fn cuMemGetMemPool(_pool: *mut sys::CUmemoryPool, _location: *mut sys::CUmemLocation, _type_: ::core::ffi::c_uint) -> CUresult {
     rt::unsupported("cuMemGetMemPool")
-}
-
-/// `cuMemHostGetDevicePointer_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemHostGetDevicePointer_v2(_pdptr: *mut sys::CUdeviceptr, _p: *mut ::core::ffi::c_void, _Flags: ::core::ffi::c_uint) -> CUresult {
-    rt::unsupported("cuMemHostGetDevicePointer_v2")
 }
 
 /// `cuMemImportFromShareableHandle`: not supported by libvgpu.
@@ -3161,12 +3185,6 @@ pub extern "C" fn cuProfilerInitialize(_configFile: *const ::core::ffi::c_char, 
 #[no_mangle]
 pub extern "C" fn cuSignalExternalSemaphoresAsync(_extSemArray: *const sys::CUexternalSemaphore, _paramsArray: *const sys::CUDA_EXTERNAL_SEMAPHORE_SIGNAL_PARAMS, _numExtSems: ::core::ffi::c_uint, _stream: sys::CUstream) -> CUresult {
     rt::unsupported("cuSignalExternalSemaphoresAsync")
-}
-
-/// `cuStreamAddCallback`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuStreamAddCallback(_hStream: sys::CUstream, _callback: sys::CUstreamCallback, _userData: *mut ::core::ffi::c_void, _flags: ::core::ffi::c_uint) -> CUresult {
-    rt::unsupported("cuStreamAddCallback")
 }
 
 /// `cuStreamAttachMemAsync`: not supported by libvgpu.
@@ -3758,6 +3776,7 @@ pub const EXPORTS: &[&str] = &[
     "cuMemFreeHost",
     "cuMemHostAlloc",
     "cuMemHostGetFlags",
+    "cuMemHostGetDevicePointer_v2",
     "cuMemHostRegister_v2",
     "cuMemHostUnregister",
     "cuPointerGetAttribute",
@@ -3799,6 +3818,8 @@ pub const EXPORTS: &[&str] = &[
     "cuFuncGetParamInfo",
     "cuKernelGetParamInfo",
     "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+    "cuLaunchHostFunc",
+    "cuStreamAddCallback",
     "cuOccupancyAvailableDynamicSMemPerBlock",
     "cuOccupancyMaxActiveClusters",
     "cuOccupancyMaxPotentialBlockSize",
@@ -3981,7 +4002,6 @@ pub const EXPORTS: &[&str] = &[
     "cuLaunchCooperativeKernelMultiDevice",
     "cuLaunchGrid",
     "cuLaunchGridAsync",
-    "cuLaunchHostFunc",
     "cuLibraryEnumerateKernels",
     "cuLibraryGetKernelCount",
     "cuLibraryGetManaged",
@@ -4012,7 +4032,6 @@ pub const EXPORTS: &[&str] = &[
     "cuMemGetDefaultMemPool",
     "cuMemGetHandleForAddressRange",
     "cuMemGetMemPool",
-    "cuMemHostGetDevicePointer_v2",
     "cuMemImportFromShareableHandle",
     "cuMemMap",
     "cuMemMapArrayAsync",
@@ -4084,7 +4103,6 @@ pub const EXPORTS: &[&str] = &[
     "cuPointerSetAttribute",
     "cuProfilerInitialize",
     "cuSignalExternalSemaphoresAsync",
-    "cuStreamAddCallback",
     "cuStreamAttachMemAsync",
     "cuStreamBatchMemOp",
     "cuStreamBatchMemOp_v2",
@@ -4398,7 +4416,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuLaunchCooperativeKernelMultiDevice", since: 0, symbol: "cuLaunchCooperativeKernelMultiDevice", ptr: cuLaunchCooperativeKernelMultiDevice as *const () },
     rt::ProcEntry { base: "cuLaunchGrid", since: 0, symbol: "cuLaunchGrid", ptr: cuLaunchGrid as *const () },
     rt::ProcEntry { base: "cuLaunchGridAsync", since: 0, symbol: "cuLaunchGridAsync", ptr: cuLaunchGridAsync as *const () },
-    rt::ProcEntry { base: "cuLaunchHostFunc", since: 0, symbol: "cuLaunchHostFunc", ptr: cuLaunchHostFunc as *const () },
+    rt::ProcEntry { base: "cuLaunchHostFunc", since: 10000, symbol: "cuLaunchHostFunc", ptr: cuLaunchHostFunc as *const () },
     rt::ProcEntry { base: "cuLaunchKernel", since: 0, symbol: "cuLaunchKernel", ptr: cuLaunchKernel as *const () },
     rt::ProcEntry { base: "cuLaunchKernelEx", since: 0, symbol: "cuLaunchKernelEx", ptr: cuLaunchKernelEx as *const () },
     rt::ProcEntry { base: "cuLibraryEnumerateKernels", since: 0, symbol: "cuLibraryEnumerateKernels", ptr: cuLibraryEnumerateKernels as *const () },
@@ -4447,7 +4465,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMemGetInfo", since: 3020, symbol: "cuMemGetInfo_v2", ptr: cuMemGetInfo_v2 as *const () },
     rt::ProcEntry { base: "cuMemGetMemPool", since: 0, symbol: "cuMemGetMemPool", ptr: cuMemGetMemPool as *const () },
     rt::ProcEntry { base: "cuMemHostAlloc", since: 0, symbol: "cuMemHostAlloc", ptr: cuMemHostAlloc as *const () },
-    rt::ProcEntry { base: "cuMemHostGetDevicePointer", since: 0, symbol: "cuMemHostGetDevicePointer_v2", ptr: cuMemHostGetDevicePointer_v2 as *const () },
+    rt::ProcEntry { base: "cuMemHostGetDevicePointer", since: 3020, symbol: "cuMemHostGetDevicePointer_v2", ptr: cuMemHostGetDevicePointer_v2 as *const () },
     rt::ProcEntry { base: "cuMemHostGetFlags", since: 0, symbol: "cuMemHostGetFlags", ptr: cuMemHostGetFlags as *const () },
     rt::ProcEntry { base: "cuMemHostRegister", since: 4000, symbol: "cuMemHostRegister", ptr: cuMemHostRegister as *const () },
     rt::ProcEntry { base: "cuMemHostRegister", since: 6050, symbol: "cuMemHostRegister_v2", ptr: cuMemHostRegister_v2 as *const () },
@@ -4555,7 +4573,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuProfilerStart", since: 0, symbol: "cuProfilerStart", ptr: cuProfilerStart as *const () },
     rt::ProcEntry { base: "cuProfilerStop", since: 0, symbol: "cuProfilerStop", ptr: cuProfilerStop as *const () },
     rt::ProcEntry { base: "cuSignalExternalSemaphoresAsync", since: 0, symbol: "cuSignalExternalSemaphoresAsync", ptr: cuSignalExternalSemaphoresAsync as *const () },
-    rt::ProcEntry { base: "cuStreamAddCallback", since: 0, symbol: "cuStreamAddCallback", ptr: cuStreamAddCallback as *const () },
+    rt::ProcEntry { base: "cuStreamAddCallback", since: 5000, symbol: "cuStreamAddCallback", ptr: cuStreamAddCallback as *const () },
     rt::ProcEntry { base: "cuStreamAttachMemAsync", since: 0, symbol: "cuStreamAttachMemAsync", ptr: cuStreamAttachMemAsync as *const () },
     rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp", ptr: cuStreamBatchMemOp as *const () },
     rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp_v2", ptr: cuStreamBatchMemOp_v2 as *const () },

@@ -178,6 +178,7 @@ fn memsets_set_every_byte() {
 fn streams_and_events_order_work() {
     let out = app(&["streams"]);
     assert!(out.contains("ok: elapsed time between events is >= 0"));
+    assert!(out.contains("ok: host functions and a stream callback ran in stream order off the main thread"), "{out}");
 }
 
 #[test]

@@ -1071,6 +1071,33 @@ impl Message for Fence {
     const ID: MessageId = MessageId(0x0290);
 }
 
+/// Request `WindowDevicePointer` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowDevicePointer {
+    pub offset: u64,
+}
+impl Message for WindowDevicePointer {
+    const ID: MessageId = MessageId(0x0291);
+}
+/// Reply to [`WindowDevicePointer`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowDevicePointerReply {
+    pub dptr: u64,
+}
+impl Message for WindowDevicePointerReply {
+    const ID: MessageId = MessageId(0x8291);
+}
+
+/// Request `HostFunc` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostFunc {
+    pub stream: Handle,
+    pub slot: u64,
+}
+impl Message for HostFunc {
+    const ID: MessageId = MessageId(0x0292);
+}
+
 /// Every generated request id, in order.
 pub const REQUEST_IDS: &[MessageId] = &[
     CuMemAllocV2::ID,
@@ -1150,6 +1177,8 @@ pub const REQUEST_IDS: &[MessageId] = &[
     IpcOpenMemHandle::ID,
     IpcCloseMemHandle::ID,
     Fence::ID,
+    WindowDevicePointer::ID,
+    HostFunc::ID,
 ];
 
 /// The host's implementation of every generated request. A method returns the reply
@@ -1311,6 +1340,10 @@ pub trait Api {
     fn ipc_close_mem_handle(&mut self, req: IpcCloseMemHandle) -> Result<crate::Done, Self::Error>;
     /// Handles [`Fence`].
     fn fence(&mut self, req: Fence) -> Result<crate::Done, Self::Error>;
+    /// Handles [`WindowDevicePointer`].
+    fn window_device_pointer(&mut self, req: WindowDevicePointer) -> Result<WindowDevicePointerReply, Self::Error>;
+    /// Handles [`HostFunc`].
+    fn host_func(&mut self, req: HostFunc) -> Result<crate::Done, Self::Error>;
 }
 
 /// Sends a handler's reply.
@@ -1726,6 +1759,16 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.fence(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x0291 => {
+            let req = decode_body::<WindowDevicePointer>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.window_device_pointer(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x0292 => {
+            let req = decode_body::<HostFunc>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.host_func(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         _ => Err(DispatchError::Unknown(id)),
     }
 }
@@ -1734,7 +1777,7 @@ pub fn dispatch<A: Api, R: Responder>(
 pub fn is_posted(id: MessageId) -> bool {
     matches!(
         id.0,
-        0x0211 | 0x0215 | 0x0216 | 0x0217 | 0x021a | 0x021b | 0x0222 | 0x0241 | 0x0255 | 0x0262 | 0x0263
+        0x0211 | 0x0215 | 0x0216 | 0x0217 | 0x021a | 0x021b | 0x0222 | 0x0241 | 0x0255 | 0x0262 | 0x0263 | 0x0292
     )
 }
 
@@ -1818,6 +1861,8 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x0281 => "IpcOpenMemHandle",
         0x0282 => "IpcCloseMemHandle",
         0x0290 => "Fence",
+        0x0291 => "WindowDevicePointer",
+        0x0292 => "HostFunc",
         _ => return None,
     })
 }

@@ -340,6 +340,10 @@ driver_api! {
     stream_synchronize = "cuStreamSynchronize": fn(sys::CUstream);
     /// `cuMemHostRegister_v2` (the shared data window, once per zone).
     mem_host_register = "cuMemHostRegister_v2": fn(*mut c_void, usize, c_uint);
+    /// `cuLaunchHostFunc`.
+    launch_host_func = "cuLaunchHostFunc": fn(sys::CUstream, Option<unsafe extern "C" fn(*mut c_void)>, *mut c_void);
+    /// `cuMemHostGetDevicePointer_v2`.
+    mem_host_get_device_pointer = "cuMemHostGetDevicePointer_v2": fn(*mut sys::CUdeviceptr, *mut c_void, c_uint);
     /// `cuMemHostUnregister`.
     mem_host_unregister = "cuMemHostUnregister": fn(*mut c_void);
     /// `cuStreamQuery`.
@@ -1378,12 +1382,49 @@ impl GpuBackend for CudaGpu {
         self.enter()?;
         /// `CU_MEMHOSTREGISTER_PORTABLE`: pinned for every context of the process.
         const PORTABLE: c_uint = 0x01;
+        /// `CU_MEMHOSTREGISTER_DEVICEMAP`: kernels may read and write it (zero-copy host
+        /// memory the guest allocates with `cuMemHostAlloc(DEVICEMAP)`).
+        const DEVICEMAP: c_uint = 0x02;
         // SAFETY: the caller guarantees the range stays mapped until `self` is dropped,
         // where it is unregistered first. Registering pins the pages; no Rust reference to
         // them is ever made here.
-        check(unsafe { (self.api.mem_host_register)(base.as_ptr().cast(), len, PORTABLE) })?;
+        check(unsafe { (self.api.mem_host_register)(base.as_ptr().cast(), len, PORTABLE | DEVICEMAP) })?;
         self.window = Some((base, len));
         Ok(true)
+    }
+
+    fn launch_host_func(&mut self, stream: Option<&CudaStream>, slot: super::HostFuncSlot) -> CuResultOf<()> {
+        /// Runs in the driver's callback thread when the stream reaches the function.
+        unsafe extern "C" fn run(data: *mut c_void) {
+            // SAFETY: `data` is the box `launch_host_func` leaked for exactly this call.
+            let slot = unsafe { Box::from_raw(data.cast::<super::HostFuncSlot>()) };
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slot.run()));
+        }
+        let stream = self.stream_or_null(stream)?;
+        self.enter()?;
+        let data = Box::into_raw(Box::new(slot));
+        // SAFETY: `stream` is NULL or live; `run` takes ownership of `data` when the driver
+        // calls it (once); on failure the driver never calls it and the box is freed here.
+        let rc = unsafe { (self.api.launch_host_func)(stream, Some(run), data.cast()) };
+        if let Err(e) = check(rc) {
+            // SAFETY: the driver refused the function, so `data` is still ours.
+            drop(unsafe { Box::from_raw(data) });
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn window_device_pointer(&mut self, offset: u64) -> CuResultOf<u64> {
+        let (base, len) = self.window.ok_or(CuError::NOT_SUPPORTED)?;
+        let offset = usize::try_from(offset).ok().filter(|&o| o < len).ok_or(CuError::INVALID_VALUE)?;
+        self.enter()?;
+        let mut dptr: sys::CUdeviceptr = 0;
+        // `base + offset` lies in the window, registered with DEVICEMAP by `attach_window`
+        // and mapped until `self` is dropped; `dptr` is one valid out-pointer.
+        let host = base.as_ptr().wrapping_add(offset);
+        // SAFETY: as above.
+        check(unsafe { (self.api.mem_host_get_device_pointer)(&mut dptr, host.cast(), 0) })?;
+        Ok(dptr)
     }
 
     fn copy_window_to_device(

@@ -176,6 +176,15 @@ pub trait GpuBackend {
         let _ = (base, len);
         Ok(false)
     }
+    /// Queues a host function on `stream` (NULL: the context's default stream): when the
+    /// stream gets there, `slot.run()` is called and the stream's later work waits for it.
+    fn launch_host_func(&mut self, stream: Option<&Self::Stream>, slot: HostFuncSlot) -> CuResultOf<()>;
+    /// The device address of window byte `offset` (zero-copy host memory), when the backend
+    /// took the window (`attach_window`) and maps it for kernels.
+    fn window_device_pointer(&mut self, offset: u64) -> CuResultOf<u64> {
+        let _ = offset;
+        Err(CuError::NOT_SUPPORTED)
+    }
     /// Copies `len` bytes at window offset `offset` (in bounds: checked by the caller) to
     /// `dst`. With `wait`, returns only once the window bytes have been read (the guest may
     /// reuse them); otherwise the copy may still be in flight on `stream`.
@@ -291,4 +300,57 @@ pub trait GpuBackend {
     fn event_synchronize(&mut self, event: &Self::Event) -> CuResultOf<()>;
     /// Milliseconds between two recorded events.
     fn event_elapsed_time(&mut self, start: &Self::Event, end: &Self::Event) -> CuResultOf<f32>;
+}
+
+/// A host function's rendezvous word in the zone's shared window (`HostFunc` requests):
+/// the guest arms it (`…01`), the stream reaches the function and the host marks it reached
+/// (`…10`), the guest runs the program's function and marks it done (any other value, in
+/// practice `…11`). The upper 30 bits are the guest's generation, so a word re-armed for the
+/// next function never reads as this one's "reached". The work queued after the function
+/// waits for it, as with the driver: the host's side blocks in the driver's callback thread
+/// (or, for the test double, in place) until the guest answers or the worker ends.
+pub struct HostFuncSlot {
+    word: idm_core::RawRegion,
+}
+
+/// Set when the worker's session is over: blocked host functions stop waiting for the guest.
+pub static WORKER_ENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl HostFuncSlot {
+    /// `ARMED` in the low two bits: written by the guest before it posts the request.
+    pub const ARMED: u32 = 1;
+    /// `REACHED`: written here when the stream gets to the function.
+    pub const REACHED: u32 = 2;
+
+    /// Wraps the 8-byte word at `word` (see [`idm_core::RawRegion::new`] for the contract).
+    ///
+    /// # Safety
+    /// `word` must be 8-byte aligned and stay mapped, and only accessed atomically, for as
+    /// long as the slot lives.
+    #[allow(unsafe_code)]
+    pub unsafe fn new(word: std::ptr::NonNull<u8>) -> HostFuncSlot {
+        // SAFETY: forwarded contract.
+        HostFuncSlot { word: unsafe { idm_core::RawRegion::new(word, 8) } }
+    }
+
+    /// The stream reached the function: tells the guest and waits until it has run it.
+    /// A word that was not armed (a confused or hostile guest) is left alone.
+    pub fn run(&self) {
+        use idm_core::SharedMemory;
+        use std::sync::atomic::Ordering;
+        let armed = self.word.load_u32(0, Ordering::Acquire);
+        if armed & 3 != Self::ARMED {
+            return;
+        }
+        let reached = (armed & !3) | Self::REACHED;
+        self.word.store_u32(0, reached, Ordering::Release);
+        let mut pause = std::time::Duration::from_micros(2);
+        while self.word.load_u32(0, Ordering::Acquire) == reached {
+            if WORKER_ENDING.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(1));
+        }
+    }
 }

@@ -61,6 +61,28 @@ pub unsafe fn cu_mem_host_get_flags(flags: *mut c_uint, ptr: *mut c_void) -> CuR
     Ok(())
 }
 
+/// `cuMemHostGetDevicePointer_v2`: the device address of pinned memory from
+/// `cuMemHostAlloc`/`cuMemAllocHost` (it lives in the shared window, which the host maps for
+/// kernels: zero-copy). Memory registered with `cuMemHostRegister` has no device mapping.
+pub unsafe fn cu_mem_host_get_device_pointer_v2(
+    pdptr: *mut sys::CUdeviceptr,
+    p: *mut c_void,
+    flags: c_uint,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(pdptr) }?;
+    if flags != 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let s = session()?;
+    let mut c = s.lock();
+    c.enter_current()?;
+    let at = c.window.pinned(p.cast(), 1).ok_or(CuError::INVALID_VALUE)?;
+    let r: p::WindowDevicePointerReply = c.call(&p::WindowDevicePointer { offset: at.offset })?;
+    out.set(r.dptr);
+    Ok(())
+}
+
 /// `cuMemHostRegister_v2`: recorded; copies from the range stay staged (see module docs).
 pub unsafe fn cu_mem_host_register_v2(ptr: *mut c_void, bytesize: usize, flags: c_uint) -> CuResult<()> {
     session()?;

@@ -7,6 +7,7 @@
 mod context;
 mod device;
 mod export_tables;
+mod host_func;
 mod ipc;
 mod memory;
 mod module;
@@ -14,6 +15,7 @@ mod module;
 pub use context::*;
 pub use device::*;
 pub use export_tables::{context_gone, cu_get_export_table};
+pub use host_func::*;
 pub use ipc::*;
 pub use memory::*;
 pub use module::*;

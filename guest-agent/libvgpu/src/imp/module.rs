@@ -191,20 +191,47 @@ pub unsafe fn cu_module_load_fat_binary(module: *mut sys::CUmodule, fat: *const 
     unsafe { cu_module_load_data(module, fat) }
 }
 
+/// Names options a call received and libvgpu does not apply (`VGPU_LOG=debug`).
+///
+/// # Safety
+/// `options` and `values` must be null or hold `n` entries.
+unsafe fn log_options(what: &str, options: *const c_uint, values: *const *mut c_void, n: c_uint) {
+    if n == 0 || options.is_null() {
+        return;
+    }
+    let mut list = Vec::new();
+    for i in 0..n.min(64) as usize {
+        // SAFETY: the caller's contract: `options` holds `n` entries.
+        let id = unsafe { options.wrapping_add(i).read_unaligned() };
+        let v = if values.is_null() {
+            std::ptr::null_mut()
+        } else {
+            // SAFETY: as above, for `values`.
+            unsafe { values.wrapping_add(i).read_unaligned() }
+        };
+        list.push(format!("{id}={v:p}"));
+    }
+    crate::rt::log(crate::rt::Level::Debug, format_args!("{what} options not applied: {}", list.join(" ")));
+}
+
 /// `cuLibraryLoadData`: JIT and library options are not applied.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn cu_library_load_data(
     library: *mut sys::CUlibrary,
     code: *const c_void,
-    _jit_options: *mut c_uint,
-    _jit_values: *mut *mut c_void,
-    _num_jit: c_uint,
-    _lib_options: *mut c_uint,
-    _lib_values: *mut *mut c_void,
-    _num_lib: c_uint,
+    jit_options: *mut c_uint,
+    jit_values: *mut *mut c_void,
+    num_jit: c_uint,
+    lib_options: *mut c_uint,
+    lib_values: *mut *mut c_void,
+    num_lib: c_uint,
 ) -> CuResult<()> {
     // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
     let out = unsafe { Out::required(library) }?;
+    // SAFETY: CUDA's contract: each option array holds its count of entries.
+    unsafe { log_options("cuLibraryLoadData JIT", jit_options, jit_values, num_jit) };
+    // SAFETY: as above.
+    unsafe { log_options("cuLibraryLoadData library", lib_options, lib_values, num_lib) };
     // SAFETY: forwarded contract.
     out.set(handle_ptr(unsafe { load_ptr(code, true) }?));
     Ok(())
@@ -215,15 +242,19 @@ pub unsafe fn cu_library_load_data(
 pub unsafe fn cu_library_load_from_file(
     library: *mut sys::CUlibrary,
     file: *const c_char,
-    _jit_options: *mut c_uint,
-    _jit_values: *mut *mut c_void,
-    _num_jit: c_uint,
-    _lib_options: *mut c_uint,
-    _lib_values: *mut *mut c_void,
-    _num_lib: c_uint,
+    jit_options: *mut c_uint,
+    jit_values: *mut *mut c_void,
+    num_jit: c_uint,
+    lib_options: *mut c_uint,
+    lib_values: *mut *mut c_void,
+    num_lib: c_uint,
 ) -> CuResult<()> {
     // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
     let out = unsafe { Out::required(library) }?;
+    // SAFETY: CUDA's contract: each option array holds its count of entries.
+    unsafe { log_options("cuLibraryLoadData JIT", jit_options, jit_values, num_jit) };
+    // SAFETY: as above.
+    unsafe { log_options("cuLibraryLoadData library", lib_options, lib_values, num_lib) };
     // SAFETY: forwarded contract.
     let bytes = unsafe { read_file(file) }?;
     out.set(handle_ptr(load(&bytes, true)?));

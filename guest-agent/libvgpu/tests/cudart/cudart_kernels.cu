@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>
+#include <unistd.h>
 
 #define CHECK(call)                                                                      \
     do {                                                                                 \
@@ -41,6 +42,15 @@ __global__ void reverse_shared(int *x, int n) {
     if (t < n) s[t] = x[t];
     __syncthreads();
     if (t < n) x[t] = s[n - 1 - t];
+}
+
+static volatile int release_gate = 0;
+static volatile int gate_ran = 0;
+
+// A host function that holds its stream until the main thread releases it (at most 5 s).
+static void CUDART_CB gate(void *) {
+    for (int i = 0; i < 5000 && !release_gate; i++) usleep(1000);
+    gate_ran = 1;
 }
 
 int main() {
@@ -101,6 +111,33 @@ int main() {
     cudaFuncAttributes fa;
     CHECK(cudaFuncGetAttributes(&fa, reverse_shared));
     printf("ok: reverse_shared: max threads per block %d\n", fa.maxThreadsPerBlock);
+
+    // Zero-copy: mapped pinned host memory written by a kernel, read by the host.
+    float *zh = nullptr, *zd = nullptr;
+    CHECK(cudaHostAlloc((void **)&zh, 4096 * sizeof(float), cudaHostAllocMapped));
+    for (int i = 0; i < 4096; i++) zh[i] = (float)i;
+    CHECK(cudaHostGetDevicePointer((void **)&zd, zh, 0));
+    add_one<<<16, 256>>>(zd, 4096);
+    CHECK(cudaDeviceSynchronize());
+    for (int i = 0; i < 4096; i++)
+        if (zh[i] != (float)i + 1.0f) { printf("FAIL: zero-copy x[%d] = %f\n", i, zh[i]); return 1; }
+    unsigned int hflags = 0;
+    CHECK(cudaHostGetFlags(&hflags, zh));
+    printf("ok: zero-copy host memory written by a kernel (flags %u)\n", hflags);
+    CHECK(cudaFreeHost(zh));
+
+    // A host function runs in stream order and holds the stream's later work.
+    cudaEvent_t after;
+    CHECK(cudaEventCreate(&after));
+    CHECK(cudaLaunchHostFunc(st, gate, nullptr));
+    CHECK(cudaEventRecord(after, st));
+    usleep(20000);
+    cudaError_t held = cudaEventQuery(after);
+    release_gate = 1;
+    CHECK(cudaEventSynchronize(after));
+    printf("ok: a host function holds its stream: query while held -> %s, then ran %d\n", cudaGetErrorName(held),
+           gate_ran);
+    CHECK(cudaEventDestroy(after));
 
     // A launch error is reported as natively.
     add_one<<<1, 4096>>>(d, n);

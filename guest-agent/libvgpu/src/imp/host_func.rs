@@ -1,0 +1,184 @@
+//! Host functions and stream callbacks (`cuLaunchHostFunc`, `cuStreamAddCallback`), run in
+//! the guest in stream order.
+//!
+//! The program's function must run here, in its own process, while the stream's later work
+//! waits for it, as with the driver. Each queued function gets an 8-byte rendezvous word in
+//! a block of the shared window:
+//!
+//! ```text
+//!  guest (program thread)        host (driver callback thread)      guest (runner thread)
+//!  word = gen|ARMED
+//!  post HostFunc{stream, word} ─► stream reaches it: word = gen|REACHED
+//!                                  waits while word == gen|REACHED ◄─ sees REACHED, runs fn,
+//!                                                                     word = gen|DONE
+//!                                  returns: the stream goes on
+//! ```
+//!
+//! The runner thread polls only the words it armed (sleeping between rounds) and needs no
+//! lock of the connection, so a program thread blocked in a synchronising call while the
+//! stream waits for a function cannot deadlock with it. As with the driver, the function
+//! must not call CUDA.
+
+use crate::rt::{handle_of, session, CuError, CuResult};
+use cudarc::driver::sys;
+use idm_core::{RawRegion, SharedMemory};
+use std::ffi::{c_uint, c_void};
+use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::Duration;
+use vgpu_proto::generated as p;
+
+/// Rendezvous words per process (functions queued at once; more wait for a free word).
+const SLOTS: usize = 512;
+const ARMED: u32 = 1;
+const REACHED: u32 = 2;
+const DONE: u32 = 3;
+
+/// What to call when the stream gets there.
+#[derive(Clone, Copy)]
+enum Pending {
+    /// `cuLaunchHostFunc`'s `fn(userData)`.
+    Func(unsafe extern "C" fn(*mut c_void), usize),
+    /// `cuStreamAddCallback`'s `fn(stream, status, userData)`.
+    Callback(unsafe extern "C" fn(sys::CUstream, sys::CUresult, *mut c_void), usize, usize),
+}
+
+struct State {
+    free: Vec<usize>,
+    /// Armed words: (slot, the value written, what to run).
+    armed: Vec<(usize, u32, Pending)>,
+    generation: u32,
+}
+
+struct Runner {
+    /// The words' block (in the window; lives as long as the process's session).
+    words: RawRegion,
+    /// Its offset in the window.
+    offset: u64,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+// SAFETY: `words` is only accessed atomically (RawRegion), from any thread; the rest is
+// behind the mutex.
+unsafe impl Sync for Runner {}
+// SAFETY: as above; nothing is tied to the creating thread.
+unsafe impl Send for Runner {}
+
+static RUNNER: OnceLock<CuResult<Runner>> = OnceLock::new();
+
+fn runner() -> CuResult<&'static Runner> {
+    let r = RUNNER.get_or_init(|| {
+        let s = session()?;
+        let mut c = s.lock();
+        let block = c.window.alloc((SLOTS * 8) as u64, 0)?;
+        let at = c.window.desc_of(block, (SLOTS * 8) as u64)?;
+        let base = std::ptr::NonNull::new(block).ok_or(CuError::OUT_OF_MEMORY)?;
+        // SAFETY: the block lies in the shared window, which the session (a process-wide
+        // static) keeps mapped for the life of the process; its start is 64-byte aligned
+        // (window arena blocks); it is only accessed atomically, here and by the host.
+        let words = unsafe { RawRegion::new(base, SLOTS * 8) };
+        for i in 0..SLOTS {
+            words.store_u32(i * 8, DONE, Ordering::Relaxed);
+        }
+        let runner = Runner {
+            words,
+            offset: at.offset,
+            state: Mutex::new(State { free: (0..SLOTS).rev().collect(), armed: Vec::new(), generation: 0 }),
+            changed: Condvar::new(),
+        };
+        Ok(runner)
+    });
+    let r = r.as_ref().map_err(|e| *e)?;
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        let _ = std::thread::Builder::new().name("libvgpu-hostfn".into()).spawn(move || run_loop(r));
+    });
+    Ok(r)
+}
+
+/// Runs each armed function once the host marks its word reached.
+fn run_loop(r: &'static Runner) {
+    let mut pause = Duration::from_micros(1);
+    loop {
+        let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.armed.is_empty() {
+            st = r.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            pause = Duration::from_micros(1);
+        }
+        let reached = st
+            .armed
+            .iter()
+            .position(|&(slot, value, _)| r.words.load_u32(slot * 8, Ordering::Acquire) == (value & !3) | REACHED);
+        let Some(i) = reached else {
+            drop(st);
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_micros(200));
+            continue;
+        };
+        let (slot, value, what) = st.armed.swap_remove(i);
+        drop(st);
+        pause = Duration::from_micros(1);
+        let _ = std::panic::catch_unwind(|| match what {
+            // SAFETY: the program gave this function and argument to be called once, now.
+            Pending::Func(f, data) => unsafe { f(data as *mut c_void) },
+            // SAFETY: as above, with the stream it was queued on and success (errors of
+            // earlier work surface at the next synchronising call instead).
+            Pending::Callback(f, stream, data) => unsafe {
+                f(stream as sys::CUstream, sys::CUresult::CUDA_SUCCESS, data as *mut c_void)
+            },
+        });
+        r.words.store_u32(slot * 8, (value & !3) | DONE, Ordering::Release);
+        let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.free.push(slot);
+        r.changed.notify_all();
+    }
+}
+
+/// Arms a word for `what` and queues the host's side on `stream`.
+fn queue(stream: sys::CUstream, what: Pending) -> CuResult<()> {
+    let r = runner()?;
+    let (slot, value) = {
+        let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(slot) = st.free.pop() {
+                st.generation = st.generation.wrapping_add(1) & (u32::MAX >> 2);
+                let value = (st.generation << 2) | ARMED;
+                r.words.store_u32(slot * 8, value, Ordering::Release);
+                st.armed.push((slot, value, what));
+                r.changed.notify_all();
+                break (slot, value);
+            }
+            // Every word is in use: wait for a function to finish.
+            st = r.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    };
+    let posted = crate::rt::post(&p::HostFunc { stream: handle_of(stream), slot: r.offset + (slot * 8) as u64 }, true);
+    if posted.is_err() {
+        let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.armed.retain(|&(s, v, _)| !(s == slot && v == value));
+        r.words.store_u32(slot * 8, (value & !3) | DONE, Ordering::Release);
+        st.free.push(slot);
+    }
+    posted
+}
+
+/// `cuLaunchHostFunc`.
+pub unsafe fn cu_launch_host_func(stream: sys::CUstream, f: sys::CUhostFn, data: *mut c_void) -> CuResult<()> {
+    let f = f.ok_or(CuError::INVALID_VALUE)?;
+    queue(stream, Pending::Func(f, data as usize))
+}
+
+/// `cuStreamAddCallback` (flags must be 0).
+pub unsafe fn cu_stream_add_callback(
+    stream: sys::CUstream,
+    callback: sys::CUstreamCallback,
+    data: *mut c_void,
+    flags: c_uint,
+) -> CuResult<()> {
+    let cb = callback.ok_or(CuError::INVALID_VALUE)?;
+    if flags != 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    queue(stream, Pending::Callback(cb, stream as usize, data as usize))
+}
