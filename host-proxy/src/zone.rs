@@ -81,6 +81,9 @@ const STAGING_CHUNK: usize = 4 << 20;
 const MAX_IMAGE_BYTES: u64 = 256 << 20;
 /// Longest symbol name accepted, in bytes (without the terminating NUL).
 const MAX_NAME_BYTES: usize = 4096;
+/// What an event's broker payload starts with (a memory handle's payload never does), so
+/// that a token of one kind cannot be opened as the other.
+const EVENT_PAYLOAD: &[u8] = b"VGPUEVT1";
 
 /// Handle kinds (the top byte of a handle value).
 mod kind {
@@ -244,6 +247,8 @@ pub struct Zone<B: GpuBackend> {
     broker: Option<Box<dyn IpcBroker>>,
     /// Exported allocations: start → token.
     exports: HashMap<u64, Token>,
+    /// Exported events (`cuIpcGetEventHandle`): event handle → token.
+    event_exports: HashMap<Handle, Token>,
     /// Imports by start (the live ones are in `ranges` too).
     imports: BTreeMap<u64, Import>,
     /// Freed allocations kept for this zone's next allocations of the same size, by
@@ -365,6 +370,7 @@ impl<B: GpuBackend> Zone<B> {
             staging: Vec::new(),
             broker: None,
             exports: HashMap::new(),
+            event_exports: HashMap::new(),
             imports: BTreeMap::new(),
             free_cache: HashMap::new(),
             cached_bytes: 0,
@@ -1671,6 +1677,12 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn cu_event_destroy_v2(&mut self, req: CuEventDestroyV2) -> CuResultOf<Done> {
         let z = &mut *self.zone;
         let e = z.events.remove(req.h_event)?;
+        // Its IPC handle dies with it: no other zone can open it any more.
+        if let Some(token) = z.event_exports.remove(&req.h_event) {
+            if let Some(b) = z.broker.as_mut() {
+                b.revoke(&token);
+            }
+        }
         z.backend.event_destroy(e.obj)?;
         Ok(Done {})
     }
@@ -1760,6 +1772,42 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         z.imports.insert(dptr, Import { token, ctx: current, refs: 1, live: true });
         z.insert_range(dptr, size, current, Owner::Import);
         Ok(IpcOpenMemHandleReply { dptr })
+    }
+
+    fn ipc_get_event_handle(&mut self, req: IpcGetEventHandle) -> CuResultOf<IpcGetEventHandleReply> {
+        let z = &mut *self.zone;
+        if z.broker.is_none() {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        if let Some(token) = z.event_exports.get(&req.event) {
+            return Ok(IpcGetEventHandleReply { handle: guest_handle(token) });
+        }
+        let e = &z.events.get(req.event)?.obj;
+        let mut payload = EVENT_PAYLOAD.to_vec();
+        payload.extend_from_slice(&z.backend.ipc_event_export(e)?);
+        let broker = z.broker.as_mut().ok_or(CuError::NOT_SUPPORTED)?;
+        let token = broker.export(&payload, 0)?;
+        z.event_exports.insert(req.event, token);
+        Ok(IpcGetEventHandleReply { handle: guest_handle(&token) })
+    }
+
+    fn ipc_open_event_handle(&mut self, req: IpcOpenEventHandle) -> CuResultOf<IpcOpenEventHandleReply> {
+        let z = &mut *self.zone;
+        let broker = z.broker.as_mut().ok_or(CuError::NOT_SUPPORTED)?;
+        let token = parse_guest_handle(&req.handle)?;
+        // Unknown, revoked, our own, or refused by the policy: the broker says which.
+        let (payload, _) = broker.open(&token)?;
+        // Opening an event does not keep the exporter's token busy (an event has no
+        // mapping to unmap): the reference is given back at once.
+        z.release_token(&token);
+        // A memory handle's token names no event.
+        let driver = payload.strip_prefix(EVENT_PAYLOAD).ok_or(CuError::INVALID_VALUE)?;
+        z.reserve()?;
+        let e = z.backend.ipc_event_open(driver)?;
+        match z.events.insert(Obj { obj: e, ctx: z.current }) {
+            Ok(event) => Ok(IpcOpenEventHandleReply { event }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn ipc_close_mem_handle(&mut self, req: IpcCloseMemHandle) -> CuResultOf<Done> {

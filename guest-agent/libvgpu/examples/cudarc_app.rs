@@ -6,7 +6,7 @@
 //! Usage: `cudarc_app SCENARIO [PTX_FILE]` with SCENARIO one of `device`, `copy`, `memset`,
 //! `streams`, `launch PTX_FILE`, `errors`, `threads`, `suite` (all that need no file),
 //! `bench [ITERS]` (round trip and copy throughput), `hold` (holds 64 MiB until killed), `ipc-export` (prints a handle, waits
-//! for a line on stdin), `ipc-open HANDLE [denied]`.
+//! for a line on stdin), `ipc-open HANDLE [denied|event=EVENT_HANDLE]`.
 
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{sys, CudaContext, LaunchConfig, PushKernelArg};
@@ -286,6 +286,18 @@ fn ipc_export(ctx: &Arc<CudaContext>) -> Res {
     drop(guard);
     let hex: String = handle.reserved.iter().map(|&b| format!("{:02x}", b as u8)).collect();
     println!("handle {hex}");
+    // An interprocess event, recorded after the data was written, for the consumer to wait on.
+    let mut event: sys::CUevent = std::ptr::null_mut();
+    let flags = sys::CUevent_flags::CU_EVENT_INTERPROCESS as u32 | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+    // SAFETY: valid out-pointer; the flags the driver wants for an interprocess event.
+    unsafe { sys::cuEventCreate(&mut event, flags) }.result()?;
+    // SAFETY: a live event and stream.
+    unsafe { sys::cuEventRecord(event, stream.cu_stream()) }.result()?;
+    let mut ev_handle = sys::CUipcEventHandle { reserved: [0; 64] };
+    // SAFETY: valid out-pointer; a live interprocess event.
+    unsafe { sys::cuIpcGetEventHandle(&mut ev_handle, event) }.result()?;
+    let ev_hex: String = ev_handle.reserved.iter().map(|&b| format!("{:02x}", b as u8)).collect();
+    println!("event {ev_hex}");
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
     ensure(line.trim() == "done", "consumer finished")?;
@@ -296,7 +308,7 @@ fn ipc_export(ctx: &Arc<CudaContext>) -> Res {
 /// The seeds' consumer: opens the producer's handle, verifies 42, 43, 44 …, writes back.
 /// With `denied`, the open must be refused with `CUDA_ERROR_NOT_PERMITTED` (a zone outside
 /// the producer's sharing group).
-fn ipc_open(ctx: &Arc<CudaContext>, hex: &str, denied: bool) -> Res {
+fn ipc_open(ctx: &Arc<CudaContext>, hex: &str, denied: bool, event_hex: Option<&str>) -> Res {
     ctx.bind_to_thread()?;
     let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
     for (i, b) in handle.reserved.iter_mut().enumerate() {
@@ -320,6 +332,25 @@ fn ipc_open(ctx: &Arc<CudaContext>, hex: &str, denied: bool) -> Res {
     unsafe { sys::cuMemcpyHtoD_v2(dptr, new.as_ptr().cast(), n * 4) }.result()?;
     // SAFETY: `dptr` came from cuIpcOpenMemHandle.
     unsafe { sys::cuIpcCloseMemHandle(dptr) }.result()?;
+    if let Some(ev_hex) = event_hex {
+        let mut ev_handle = sys::CUipcEventHandle { reserved: [0; 64] };
+        for (i, b) in ev_handle.reserved.iter_mut().enumerate() {
+            *b = u8::from_str_radix(ev_hex.get(2 * i..2 * i + 2).ok_or("short event handle")?, 16)? as _;
+        }
+        let mut event: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the handle is passed by value.
+        unsafe { sys::cuIpcOpenEventHandle(&mut event, ev_handle) }.result()?;
+        // SAFETY: a live event.
+        unsafe { sys::cuEventSynchronize(event) }.result()?;
+        // SAFETY: as above.
+        unsafe { sys::cuEventDestroy_v2(event) }.result()?;
+        ensure(true, "consumer opened and waited on the producer's interprocess event")?;
+        let mut as_event = sys::CUipcEventHandle { reserved: [0; 64] };
+        as_event.reserved.copy_from_slice(&handle.reserved);
+        // SAFETY: valid out-pointer; the handle is passed by value.
+        let rc = unsafe { sys::cuIpcOpenEventHandle(&mut event, as_event) };
+        ensure(rc == sys::CUresult::CUDA_ERROR_INVALID_VALUE, "a memory handle does not open as an event")?;
+    }
     // A handle that was never issued is refused.
     let mut forged = handle;
     forged.reserved[20] ^= 0x5a;
@@ -418,6 +449,7 @@ fn main() -> Res {
             &ctx,
             args.get(1).ok_or("ipc-open needs a handle")?,
             args.get(2).map(String::as_str) == Some("denied"),
+            args.get(2).and_then(|a| a.strip_prefix("event=")),
         ),
         _ => Err("usage: cudarc_app device|copy|memset|streams|launch PTX|errors|threads|suite|bench [ITERS]".into()),
     }

@@ -1651,6 +1651,30 @@ pub unsafe extern "C" fn cuIpcCloseMemHandle(dptr: sys::CUdeviceptr) -> CUresult
     })
 }
 
+/// `cuIpcGetEventHandle` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuIpcGetEventHandle(pHandle: *mut sys::CUipcEventHandle, event: sys::CUevent) -> CUresult {
+    rt::entry("cuIpcGetEventHandle", || {
+        // SAFETY: the caller upholds cuIpcGetEventHandle's contract, which the implementation documents.
+        unsafe { crate::imp::cu_ipc_get_event_handle(pHandle, event) }
+    })
+}
+
+/// `cuIpcOpenEventHandle` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuIpcOpenEventHandle(phEvent: *mut sys::CUevent, handle: sys::CUipcEventHandle) -> CUresult {
+    rt::entry("cuIpcOpenEventHandle", || {
+        // SAFETY: the caller upholds cuIpcOpenEventHandle's contract, which the implementation documents.
+        unsafe { crate::imp::cu_ipc_open_event_handle(phEvent, handle) }
+    })
+}
+
 /// `cuArray3DCreate_v2`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuArray3DCreate_v2(_pHandle: *mut sys::CUarray, _pAllocateArray: *const sys::CUDA_ARRAY3D_DESCRIPTOR) -> CUresult {
@@ -2519,18 +2543,6 @@ pub extern "C" fn cuImportExternalMemory(_extMem_out: *mut sys::CUexternalMemory
 #[no_mangle]
 pub extern "C" fn cuImportExternalSemaphore(_extSem_out: *mut sys::CUexternalSemaphore, _semHandleDesc: *const sys::CUDA_EXTERNAL_SEMAPHORE_HANDLE_DESC) -> CUresult {
     rt::unsupported("cuImportExternalSemaphore")
-}
-
-/// `cuIpcGetEventHandle`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuIpcGetEventHandle(_pHandle: *mut sys::CUipcEventHandle, _event: sys::CUevent) -> CUresult {
-    rt::unsupported("cuIpcGetEventHandle")
-}
-
-/// `cuIpcOpenEventHandle`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuIpcOpenEventHandle(_phEvent: *mut sys::CUevent, _handle: sys::CUipcEventHandle) -> CUresult {
-    rt::unsupported("cuIpcOpenEventHandle")
 }
 
 /// `cuKernelGetLibrary`: not supported by libvgpu.
@@ -3847,6 +3859,8 @@ pub const EXPORTS: &[&str] = &[
     "cuIpcGetMemHandle",
     "cuIpcOpenMemHandle_v2",
     "cuIpcCloseMemHandle",
+    "cuIpcGetEventHandle",
+    "cuIpcOpenEventHandle",
     "cuArray3DCreate_v2",
     "cuArray3DGetDescriptor_v2",
     "cuArrayCreate_v2",
@@ -3992,8 +4006,6 @@ pub const EXPORTS: &[&str] = &[
     "cuGreenCtxWaitEvent",
     "cuImportExternalMemory",
     "cuImportExternalSemaphore",
-    "cuIpcGetEventHandle",
-    "cuIpcOpenEventHandle",
     "cuKernelGetLibrary",
     "cuKernelGetName",
     "cuKernelSetCacheConfig",
@@ -4399,9 +4411,9 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuImportExternalSemaphore", since: 0, symbol: "cuImportExternalSemaphore", ptr: cuImportExternalSemaphore as *const () },
     rt::ProcEntry { base: "cuInit", since: 0, symbol: "cuInit", ptr: cuInit as *const () },
     rt::ProcEntry { base: "cuIpcCloseMemHandle", since: 0, symbol: "cuIpcCloseMemHandle", ptr: cuIpcCloseMemHandle as *const () },
-    rt::ProcEntry { base: "cuIpcGetEventHandle", since: 0, symbol: "cuIpcGetEventHandle", ptr: cuIpcGetEventHandle as *const () },
+    rt::ProcEntry { base: "cuIpcGetEventHandle", since: 4010, symbol: "cuIpcGetEventHandle", ptr: cuIpcGetEventHandle as *const () },
     rt::ProcEntry { base: "cuIpcGetMemHandle", since: 0, symbol: "cuIpcGetMemHandle", ptr: cuIpcGetMemHandle as *const () },
-    rt::ProcEntry { base: "cuIpcOpenEventHandle", since: 0, symbol: "cuIpcOpenEventHandle", ptr: cuIpcOpenEventHandle as *const () },
+    rt::ProcEntry { base: "cuIpcOpenEventHandle", since: 4010, symbol: "cuIpcOpenEventHandle", ptr: cuIpcOpenEventHandle as *const () },
     rt::ProcEntry { base: "cuIpcOpenMemHandle", since: 4010, symbol: "cuIpcOpenMemHandle", ptr: cuIpcOpenMemHandle as *const () },
     rt::ProcEntry { base: "cuIpcOpenMemHandle", since: 11000, symbol: "cuIpcOpenMemHandle_v2", ptr: cuIpcOpenMemHandle_v2 as *const () },
     rt::ProcEntry { base: "cuKernelGetAttribute", since: 0, symbol: "cuKernelGetAttribute", ptr: cuKernelGetAttribute as *const () },

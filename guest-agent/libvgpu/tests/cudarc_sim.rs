@@ -222,15 +222,20 @@ fn ipc_between_two_processes_of_one_zone() {
     use std::io::{BufRead, BufReader, Write};
     let mut producer = app_command(&["ipc-export"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(producer.stdout.take().unwrap()).lines();
-    let handle = loop {
-        let line = lines.next().expect("producer ended before printing its handle").unwrap();
-        if let Some(h) = line.strip_prefix("handle ") {
+    let mut next = |prefix: &str| loop {
+        let line = lines.next().expect("producer ended before printing its handles").unwrap();
+        if let Some(h) = line.strip_prefix(prefix) {
             break h.to_owned();
         }
     };
+    let handle = next("handle ");
+    let event = next("event ");
     assert_eq!(handle.len(), 128);
-    let consumer = app(&["ipc-open", &handle]);
+    assert_eq!(event.len(), 128);
+    let consumer = app(&["ipc-open", &handle, &format!("event={event}")]);
     assert!(consumer.contains("ok: consumer reads 42, 43, 44, ..."), "{consumer}");
+    assert!(consumer.contains("ok: consumer opened and waited on the producer's interprocess event"), "{consumer}");
+    assert!(consumer.contains("ok: a memory handle does not open as an event"), "{consumer}");
     assert!(consumer.contains("ok: a forged handle is refused"), "{consumer}");
     writeln!(producer.stdin.as_mut().unwrap(), "done").unwrap();
     let rest: Vec<String> = lines.map(Result::unwrap).collect();

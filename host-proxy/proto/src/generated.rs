@@ -1064,6 +1064,42 @@ impl Message for IpcCloseMemHandle {
     const ID: MessageId = MessageId(0x0282);
 }
 
+/// Request `IpcGetEventHandle` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpcGetEventHandle {
+    pub event: Handle,
+}
+impl Message for IpcGetEventHandle {
+    const ID: MessageId = MessageId(0x0283);
+}
+/// Reply to [`IpcGetEventHandle`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpcGetEventHandleReply {
+    #[serde(with = "serde_bytes")]
+    pub handle: Vec<u8>,
+}
+impl Message for IpcGetEventHandleReply {
+    const ID: MessageId = MessageId(0x8283);
+}
+
+/// Request `IpcOpenEventHandle` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpcOpenEventHandle {
+    #[serde(with = "serde_bytes")]
+    pub handle: Vec<u8>,
+}
+impl Message for IpcOpenEventHandle {
+    const ID: MessageId = MessageId(0x0284);
+}
+/// Reply to [`IpcOpenEventHandle`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpcOpenEventHandleReply {
+    pub event: Handle,
+}
+impl Message for IpcOpenEventHandleReply {
+    const ID: MessageId = MessageId(0x8284);
+}
+
 /// Request `Fence` (used by libvgpu's hand-written code).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Fence {}
@@ -1176,6 +1212,8 @@ pub const REQUEST_IDS: &[MessageId] = &[
     IpcGetMemHandle::ID,
     IpcOpenMemHandle::ID,
     IpcCloseMemHandle::ID,
+    IpcGetEventHandle::ID,
+    IpcOpenEventHandle::ID,
     Fence::ID,
     WindowDevicePointer::ID,
     HostFunc::ID,
@@ -1338,6 +1376,10 @@ pub trait Api {
     fn ipc_open_mem_handle(&mut self, req: IpcOpenMemHandle) -> Result<IpcOpenMemHandleReply, Self::Error>;
     /// Handles [`IpcCloseMemHandle`].
     fn ipc_close_mem_handle(&mut self, req: IpcCloseMemHandle) -> Result<crate::Done, Self::Error>;
+    /// Handles [`IpcGetEventHandle`].
+    fn ipc_get_event_handle(&mut self, req: IpcGetEventHandle) -> Result<IpcGetEventHandleReply, Self::Error>;
+    /// Handles [`IpcOpenEventHandle`].
+    fn ipc_open_event_handle(&mut self, req: IpcOpenEventHandle) -> Result<IpcOpenEventHandleReply, Self::Error>;
     /// Handles [`Fence`].
     fn fence(&mut self, req: Fence) -> Result<crate::Done, Self::Error>;
     /// Handles [`WindowDevicePointer`].
@@ -1754,6 +1796,16 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.ipc_close_mem_handle(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x0283 => {
+            let req = decode_body::<IpcGetEventHandle>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.ipc_get_event_handle(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x0284 => {
+            let req = decode_body::<IpcOpenEventHandle>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.ipc_open_event_handle(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         0x0290 => {
             let req = decode_body::<Fence>(body).map_err(|_| DispatchError::BadBody(id))?;
             let rep = api.fence(req).map_err(DispatchError::Api)?;
@@ -1860,6 +1912,8 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x0280 => "IpcGetMemHandle",
         0x0281 => "IpcOpenMemHandle",
         0x0282 => "IpcCloseMemHandle",
+        0x0283 => "IpcGetEventHandle",
+        0x0284 => "IpcOpenEventHandle",
         0x0290 => "Fence",
         0x0291 => "WindowDevicePointer",
         0x0292 => "HostFunc",

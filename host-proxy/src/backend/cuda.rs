@@ -237,6 +237,10 @@ driver_api! {
     ipc_open_mem_handle = "cuIpcOpenMemHandle_v2": fn(*mut sys::CUdeviceptr, sys::CUipcMemHandle, c_uint);
     /// `cuIpcCloseMemHandle`.
     ipc_close_mem_handle = "cuIpcCloseMemHandle": fn(sys::CUdeviceptr);
+    /// `cuIpcGetEventHandle`.
+    ipc_get_event_handle = "cuIpcGetEventHandle": fn(*mut sys::CUipcEventHandle, sys::CUevent);
+    /// `cuIpcOpenEventHandle`.
+    ipc_open_event_handle = "cuIpcOpenEventHandle": fn(*mut sys::CUevent, sys::CUipcEventHandle);
     /// `cuMemcpyHtoD_v2`.
     memcpy_htod = "cuMemcpyHtoD_v2": fn(sys::CUdeviceptr, *const c_void, usize);
     /// `cuMemcpyHtoDAsync_v2`.
@@ -1772,6 +1776,29 @@ impl GpuBackend for CudaGpu {
         // struct); `dptr` is the start of a live allocation of the current context.
         check(unsafe { (self.api.ipc_get_mem_handle)(&mut handle, dptr) })?;
         Ok(handle.reserved.iter().map(|&c| c as u8).collect())
+    }
+
+    fn ipc_event_export(&mut self, event: &CudaEvent) -> CuResultOf<Vec<u8>> {
+        let entry = self.events.get(&event.id).copied().ok_or(CuError::INVALID_HANDLE)?;
+        self.make_current(entry.ctx)?;
+        let mut handle = sys::CUipcEventHandle { reserved: [0; 64] };
+        // SAFETY: valid out-pointer to a local 64-byte handle; a live event of the current
+        // context (the driver refuses one made without CU_EVENT_INTERPROCESS).
+        check(unsafe { (self.api.ipc_get_event_handle)(&mut handle, entry.raw) })?;
+        Ok(handle.reserved.iter().map(|&c| c as u8).collect())
+    }
+
+    fn ipc_event_open(&mut self, payload: &[u8]) -> CuResultOf<CudaEvent> {
+        let bytes: [u8; 64] = payload.try_into().map_err(|_| CuError::INVALID_VALUE)?;
+        let handle = sys::CUipcEventHandle { reserved: bytes.map(|b| b as c_char) };
+        self.enter()?;
+        let mut raw: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the handle by value (a plain 64-byte struct) is
+        // validated by the driver; the selected context is current.
+        check(unsafe { (self.api.ipc_open_event_handle)(&mut raw, handle) })?;
+        let id = next_id();
+        self.events.insert(id, Owned { raw, ctx: self.current });
+        Ok(CudaEvent { id })
     }
 
     fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResultOf<u64> {

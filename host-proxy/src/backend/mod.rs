@@ -160,6 +160,12 @@ pub trait GpuBackend {
     /// Unmaps memory mapped by [`ipc_open`](Self::ipc_open) (its start), in the context it
     /// was mapped in. The memory itself belongs to the exporter and is not scrubbed here.
     fn ipc_close(&mut self, dptr: u64) -> CuResultOf<()>;
+    /// Makes an event created with `CU_EVENT_INTERPROCESS` openable by another worker of this
+    /// host; returns the backend's payload (cuda: the driver's 64-byte `CUipcEventHandle`),
+    /// host-internal like [`ipc_export`](Self::ipc_export)'s.
+    fn ipc_event_export(&mut self, event: &Self::Event) -> CuResultOf<Vec<u8>>;
+    /// Opens an event exported by another worker, in the current context.
+    fn ipc_event_open(&mut self, payload: &[u8]) -> CuResultOf<Self::Event>;
 
     // ---- the shared data window (fast path) ----
     /// Makes the zone's shared data window known to the backend so that copies from and to

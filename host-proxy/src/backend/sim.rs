@@ -1321,6 +1321,29 @@ impl GpuBackend for SimGpu {
         }
     }
 
+    fn ipc_event_export(&mut self, event: &SimEvent) -> CuResultOf<Vec<u8>> {
+        let e = self.events.get(&event.0).ok_or(CuError::INVALID_HANDLE)?;
+        if e.flags & EVENT_INTERPROCESS == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        // The test double's work completes as it is queued, so every event is complete
+        // wherever it is opened: the payload only has to name it (64 bytes, as the driver's).
+        let mut payload = vec![0u8; 64];
+        payload[..8].copy_from_slice(b"SIMEVENT");
+        getrandom::fill(&mut payload[8..]).map_err(|_| CuError::UNKNOWN)?;
+        Ok(payload)
+    }
+
+    fn ipc_event_open(&mut self, payload: &[u8]) -> CuResultOf<SimEvent> {
+        if payload.len() != 64 || &payload[..8] != b"SIMEVENT" {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let id = next_id();
+        let flags = EVENT_INTERPROCESS | EVENT_DISABLE_TIMING;
+        self.events.insert(id, EventState { ctx: self.current, flags, recorded: None });
+        Ok(SimEvent(id))
+    }
+
     fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResultOf<u64> {
         if flags != IPC_MEM_LAZY_ENABLE_PEER_ACCESS {
             return Err(CuError::INVALID_VALUE);
