@@ -2,7 +2,8 @@
 # On the GPU machine: CUDA runtime (libcudart) programs natively and through libvgpu +
 # host-proxy (cuda backend), outputs compared. Builds guest-agent/libvgpu/tests/cudart/:
 # cudart_basic.c with the C compiler against the toolkit's libcudart (shared and static)
-# and cudart_kernels.cu with nvcc (its default static runtime, and -cudart shared). Needs
+# and cudart_kernels.cu with nvcc (its default static runtime, and -cudart shared), and
+# cudart_ptds.cu with nvcc --default-stream per-thread (per-thread default streams). Needs
 # `cargo xtask device-build`'s .device-carry (CARRY selects another). Prints one verdict
 # per program and exits 1 if any differs.
 set -uo pipefail
@@ -29,11 +30,12 @@ timeout 120 "$cc" -std=c11 -O1 -I"$inc" "$src/cudart_basic.c" -o "$work/bin/basi
     "$libdir/libcudart_static.a" -ldl -lpthread -lrt || exit 1
 timeout 300 "$nvcc" -arch=sm_90 -o "$work/bin/kernels-static" "$src/cudart_kernels.cu" || exit 1
 timeout 300 "$nvcc" -arch=sm_90 -cudart shared -o "$work/bin/kernels-shared" "$src/cudart_kernels.cu" || exit 1
+timeout 300 "$nvcc" -arch=sm_90 --default-stream per-thread -o "$work/bin/ptds" "$src/cudart_ptds.cu" || exit 1
 echo "== built $(ls "$work/bin" | tr '\n' ' ')"
 stage_remoting "$carry" "$work"
 start_daemon "$work/host-proxy.log"
 fails=0
-for p in basic-shared basic-static kernels-static kernels-shared; do
+for p in basic-shared basic-static kernels-static kernels-shared ptds; do
     timeout 60 "$work/bin/$p" >"$work/$p.native" 2>&1
     ns=$?
     # libcudart dlopens libcuda.so.1 (ldd cannot show it): libvgpu's "attached" line at
@@ -60,5 +62,5 @@ for p in basic-shared basic-static kernels-static kernels-shared; do
 done
 echo "== host-proxy log (warnings and errors)"
 grep -E "WARN|ERROR" "$work/host-proxy.log" | tail -n 20
-echo "== cudart-gpu: $fails of 4 programs differ"
+echo "== cudart-gpu: $fails of 5 programs differ"
 [ "$fails" = 0 ]

@@ -29,6 +29,9 @@ struct Table {
     messages: Vec<MessageEntry>,
     #[serde(rename = "legacy", default)]
     legacy: Vec<LegacyEntry>,
+    /// Per-thread-default-stream variants (`…_ptsz`, `…_ptds`) of exported entry points.
+    #[serde(default)]
+    per_thread: Vec<String>,
 }
 
 /// An older name the real libcuda.so.1 still exports beside its successor, with the
@@ -307,6 +310,10 @@ fn validate(table: &Table, b: &Bindings) -> Result<()> {
         ensure!(b.fns.contains_key(n), "{n} (unsupported) is not in cudarc's bindings");
         ensure!(names.insert(n.clone()), "{n} is listed twice");
     }
+    for v in &table.per_thread {
+        let base = per_thread_base(v).with_context(|| format!("{v}: a per-thread variant ends in _ptsz or _ptds"))?;
+        ensure!(names.contains(base), "{v}: {base} is not in the table");
+    }
     for l in &table.legacy {
         ensure!(!b.fns.contains_key(&l.name), "{}: in cudarc's bindings, list it as a [[fn]]", l.name);
         ensure!(names.contains(&l.same_as), "{}: same_as {} is not in the table", l.name, l.same_as);
@@ -455,6 +462,17 @@ fn field(name: &str) -> String {
 }
 
 /// The symbol without its `_vN` suffix.
+/// Whether argument `arg` is a `CUstream` (its NULL and `CU_STREAM_PER_THREAD` values name
+/// the calling thread's per-thread stream where the call says so: `rt::stream_arg`).
+fn is_stream(args: &[(String, syn::Type)], arg: &str) -> bool {
+    args.iter().any(|(n, t)| n == arg && last_ident(t).as_deref() == Some("CUstream"))
+}
+
+/// The entry point a per-thread-default-stream variant belongs to.
+fn per_thread_base(name: &str) -> Option<&str> {
+    name.strip_suffix("_ptsz").or_else(|| name.strip_suffix("_ptds"))
+}
+
 pub fn base_name(name: &str) -> &str {
     if let Some(i) = name.rfind("_v") {
         if name[i + 2..].chars().all(|c| c.is_ascii_digit()) && i + 2 < name.len() {
@@ -779,6 +797,7 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
                 let mut inits = Vec::new();
                 for (fname, _, arg, kind) in &s.req {
                     let expr = match kind {
+                        Kind::Handle if is_stream(&sig.args, arg) => format!("rt::stream_arg({arg})?"),
                         Kind::Handle => format!("rt::handle_of({arg})"),
                         Kind::Ptr { .. } => format!(
                             "{{\n            // SAFETY: CUDA's contract: a non-null name is a NUL-terminated string.\n            unsafe {{ rt::c_string({arg}) }}?\n        }}"
@@ -868,13 +887,44 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
         }
         exports.push((l.name.clone(), l.since));
     }
+    let since_of = |n: &str| exports.iter().find(|(e, _)| e == n).map(|(_, s)| *s).unwrap_or(0);
+    let mut per_thread: Vec<(String, u32, String)> = Vec::new();
+    for v in &table.per_thread {
+        let base = per_thread_base(v).expect("validated");
+        let sig = b
+            .fns
+            .get(base)
+            .or_else(|| table.legacy.iter().find(|l| l.name == base).and_then(|l| b.fns.get(&l.same_as)));
+        let sig = sig.with_context(|| format!("{v}: no signature for {base}"))?;
+        let params: Vec<String> = sig.args.iter().map(|(n, t)| format!("{n}: {}", export_ty(b, t))).collect();
+        let args: Vec<&str> = sig.args.iter().map(|(n, _)| n.as_str()).collect();
+        let unsafe_call = !table.unsupported.iter().any(|u| u == base);
+        let call = if unsafe_call {
+            format!(
+                "// SAFETY: the caller upholds {base}'s contract.\n        unsafe {{ {base}({}) }}",
+                args.join(", ")
+            )
+        } else {
+            format!("{base}({})", args.join(", "))
+        };
+        let _ = writeln!(
+            o,
+            "/// `{v}`: `{base}` with the calling thread's per-thread default stream for the NULL stream.\n///\n/// # Safety\n/// `{base}`'s contract.\n#[no_mangle]\npub unsafe extern \"C\" fn {v}({}) -> CUresult {{\n    rt::per_thread(|| {{\n        {call}\n    }})\n}}\n",
+            params.join(", ")
+        );
+        per_thread.push((v.clone(), since_of(base), base.to_string()));
+    }
+    for (v, since, _) in &per_thread {
+        exports.push((v.clone(), *since));
+    }
     o.push_str("/// Every exported entry point, in table order.\npub const EXPORTS: &[&str] = &[\n");
     for (n, _) in &exports {
         let _ = writeln!(o, "    \"{n}\",");
     }
     o.push_str("];\n\n");
+    let proc_base = |n: &str| base_name(per_thread_base(n).unwrap_or(n)).to_string();
     let mut procs = exports.clone();
-    procs.sort_by(|a, b| base_name(&a.0).cmp(base_name(&b.0)).then(a.1.cmp(&b.1)));
+    procs.sort_by(|a, b| proc_base(&a.0).cmp(&proc_base(&b.0)).then(a.1.cmp(&b.1)).then(a.0.cmp(&b.0)));
     o.push_str(
         "/// The `cuGetProcAddress` table: (base name, CUDA version that introduced the variant,\n\
          /// entry point), sorted by base name then version.\npub static PROC_TABLE: &[rt::ProcEntry] = &[\n",
@@ -882,8 +932,9 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
     for (n, since) in &procs {
         let _ = writeln!(
             o,
-            "    rt::ProcEntry {{ base: \"{}\", since: {since}, symbol: \"{n}\", ptr: {n} as *const () }},",
-            base_name(n)
+            "    rt::ProcEntry {{ base: \"{}\", since: {since}, symbol: \"{n}\", ptr: {n} as *const (), per_thread: {} }},",
+            proc_base(n),
+            per_thread_base(n).is_some()
         );
     }
     o.push_str("];\n\n");

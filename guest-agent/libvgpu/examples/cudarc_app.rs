@@ -110,7 +110,43 @@ fn streams(ctx: &Arc<CudaContext>) -> Res {
     ensure(end.is_complete(), "event query reports completion")?;
     a.synchronize()?;
     b.synchronize()?;
-    host_functions(&a)
+    host_functions(&a)?;
+    per_thread_streams(ctx)
+}
+
+/// `cuGetProcAddress` with the per-thread flag gives the `_ptsz` variant, whose NULL stream
+/// is this thread's per-thread stream, as is `CU_STREAM_PER_THREAD` everywhere.
+fn per_thread_streams(ctx: &Arc<CudaContext>) -> Res {
+    type Htod = unsafe extern "C" fn(sys::CUdeviceptr, *const std::ffi::c_void, usize, sys::CUstream) -> sys::CUresult;
+    ctx.bind_to_thread()?;
+    let lookup = |flags: u64| -> Result<*mut std::ffi::c_void, DriverError> {
+        let mut pfn = std::ptr::null_mut();
+        let mut status = sys::CUdriverProcAddressQueryResult::CU_GET_PROC_ADDRESS_SUCCESS;
+        // SAFETY: valid out-pointers and a NUL-terminated name.
+        unsafe { sys::cuGetProcAddress_v2(c"cuMemcpyHtoDAsync".as_ptr(), &mut pfn, 12000, flags, &mut status) }
+            .result()?;
+        Ok(pfn)
+    };
+    let legacy = lookup(1)?;
+    let per_thread = lookup(2)?;
+    ensure(
+        !per_thread.is_null() && per_thread != legacy,
+        "cuGetProcAddress gives the _ptsz variant with the per-thread flag",
+    )?;
+    // SAFETY: the driver's signature of cuMemcpyHtoDAsync_v2(_ptsz).
+    let htod: Htod = unsafe { std::mem::transmute::<*mut std::ffi::c_void, Htod>(per_thread) };
+    let stream = ctx.default_stream();
+    let data = pattern(1 << 12, 3);
+    let bytes = std::mem::size_of_val(data.as_slice());
+    let mut dev = stream.alloc_zeros::<u32>(data.len())?;
+    let (ptr, guard) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut dev, &stream);
+    // SAFETY: `ptr` holds `bytes` bytes; NULL is the per-thread stream in this variant.
+    unsafe { htod(ptr, data.as_ptr().cast(), bytes, std::ptr::null_mut()) }.result()?;
+    let per_thread_stream = std::ptr::without_provenance_mut::<sys::CUstream_st>(2);
+    // SAFETY: CU_STREAM_PER_THREAD is a valid stream value.
+    unsafe { sys::cuStreamSynchronize(per_thread_stream) }.result()?;
+    drop(guard);
+    ensure(stream.clone_dtoh(&dev)? == data, "a copy on the per-thread stream, synchronised as CU_STREAM_PER_THREAD")
 }
 
 /// What the host functions of [`host_functions`] saw, in the order they ran.

@@ -667,7 +667,7 @@ pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut sys::CUdeviceptr, bytesize: 
     rt::entry("cuMemAllocAsync", || {
         // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
         let dptr_out = unsafe { rt::Out::required(dptr) }?;
-        let rep: p::CuMemAllocAsyncReply = rt::call(&p::CuMemAllocAsync { bytesize: bytesize as u64, h_stream: rt::handle_of(hStream) }, true)?;
+        let rep: p::CuMemAllocAsyncReply = rt::call(&p::CuMemAllocAsync { bytesize: bytesize as u64, h_stream: rt::stream_arg(hStream)? }, true)?;
         dptr_out.set(rep.dptr as _);
         Ok(())
     })
@@ -680,7 +680,7 @@ pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut sys::CUdeviceptr, bytesize: 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFreeAsync(dptr: sys::CUdeviceptr, hStream: sys::CUstream) -> CUresult {
     rt::entry("cuMemFreeAsync", || {
-        rt::call::<_, vgpu_proto::Done>(&p::CuMemFreeAsync { dptr, h_stream: rt::handle_of(hStream) }, true).map(drop)
+        rt::call::<_, vgpu_proto::Done>(&p::CuMemFreeAsync { dptr, h_stream: rt::stream_arg(hStream)? }, true).map(drop)
     })
 }
 
@@ -858,7 +858,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(dstHost: *mut ::core::ffi::c_void,
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(dstDevice: sys::CUdeviceptr, srcDevice: sys::CUdeviceptr, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
     rt::entry("cuMemcpyDtoDAsync_v2", || {
-        rt::post(&p::CuMemcpyDtoDAsyncV2 { dst_device: dstDevice, src_device: srcDevice, byte_count: ByteCount as u64, h_stream: rt::handle_of(hStream) }, true)
+        rt::post(&p::CuMemcpyDtoDAsyncV2 { dst_device: dstDevice, src_device: srcDevice, byte_count: ByteCount as u64, h_stream: rt::stream_arg(hStream)? }, true)
     })
 }
 
@@ -926,7 +926,7 @@ pub unsafe extern "C" fn cuMemsetD32_v2(dstDevice: sys::CUdeviceptr, ui: ::core:
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD8Async(dstDevice: sys::CUdeviceptr, uc: ::core::ffi::c_uchar, N: usize, hStream: sys::CUstream) -> CUresult {
     rt::entry("cuMemsetD8Async", || {
-        rt::post(&p::CuMemsetD8Async { dst_device: dstDevice, uc, n: N as u64, h_stream: rt::handle_of(hStream) }, true)
+        rt::post(&p::CuMemsetD8Async { dst_device: dstDevice, uc, n: N as u64, h_stream: rt::stream_arg(hStream)? }, true)
     })
 }
 
@@ -937,7 +937,7 @@ pub unsafe extern "C" fn cuMemsetD8Async(dstDevice: sys::CUdeviceptr, uc: ::core
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD16Async(dstDevice: sys::CUdeviceptr, us: ::core::ffi::c_ushort, N: usize, hStream: sys::CUstream) -> CUresult {
     rt::entry("cuMemsetD16Async", || {
-        rt::post(&p::CuMemsetD16Async { dst_device: dstDevice, us, n: N as u64, h_stream: rt::handle_of(hStream) }, true)
+        rt::post(&p::CuMemsetD16Async { dst_device: dstDevice, us, n: N as u64, h_stream: rt::stream_arg(hStream)? }, true)
     })
 }
 
@@ -948,7 +948,7 @@ pub unsafe extern "C" fn cuMemsetD16Async(dstDevice: sys::CUdeviceptr, us: ::cor
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD32Async(dstDevice: sys::CUdeviceptr, ui: ::core::ffi::c_uint, N: usize, hStream: sys::CUstream) -> CUresult {
     rt::entry("cuMemsetD32Async", || {
-        rt::post(&p::CuMemsetD32Async { dst_device: dstDevice, ui, n: N as u64, h_stream: rt::handle_of(hStream) }, true)
+        rt::post(&p::CuMemsetD32Async { dst_device: dstDevice, ui, n: N as u64, h_stream: rt::stream_arg(hStream)? }, true)
     })
 }
 
@@ -1427,7 +1427,7 @@ pub unsafe extern "C" fn cuStreamCreateWithPriority(phStream: *mut sys::CUstream
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamDestroy_v2(hStream: sys::CUstream) -> CUresult {
     rt::entry("cuStreamDestroy_v2", || {
-        rt::call::<_, vgpu_proto::Done>(&p::CuStreamDestroyV2 { h_stream: rt::handle_of(hStream) }, true).map(drop)
+        rt::call::<_, vgpu_proto::Done>(&p::CuStreamDestroyV2 { h_stream: rt::stream_arg(hStream)? }, true).map(drop)
     })
 }
 
@@ -1438,7 +1438,7 @@ pub unsafe extern "C" fn cuStreamDestroy_v2(hStream: sys::CUstream) -> CUresult 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamSynchronize(hStream: sys::CUstream) -> CUresult {
     rt::entry("cuStreamSynchronize", || {
-        rt::call::<_, vgpu_proto::Done>(&p::CuStreamSynchronize { h_stream: rt::handle_of(hStream) }, true).map(drop)
+        rt::call::<_, vgpu_proto::Done>(&p::CuStreamSynchronize { h_stream: rt::stream_arg(hStream)? }, true).map(drop)
     })
 }
 
@@ -1449,7 +1449,7 @@ pub unsafe extern "C" fn cuStreamSynchronize(hStream: sys::CUstream) -> CUresult
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamQuery(hStream: sys::CUstream) -> CUresult {
     rt::entry("cuStreamQuery", || {
-        rt::call::<_, vgpu_proto::Done>(&p::CuStreamQuery { h_stream: rt::handle_of(hStream) }, true).map(drop)
+        rt::call::<_, vgpu_proto::Done>(&p::CuStreamQuery { h_stream: rt::stream_arg(hStream)? }, true).map(drop)
     })
 }
 
@@ -1463,7 +1463,7 @@ pub unsafe extern "C" fn cuStreamWaitEvent(hStream: sys::CUstream, hEvent: sys::
         if !(Flags <= 1) {
             return Err(rt::CuError::INVALID_VALUE);
         }
-        rt::post(&p::CuStreamWaitEvent { h_stream: rt::handle_of(hStream), h_event: rt::handle_of(hEvent), flags: Flags }, true)
+        rt::post(&p::CuStreamWaitEvent { h_stream: rt::stream_arg(hStream)?, h_event: rt::handle_of(hEvent), flags: Flags }, true)
     })
 }
 
@@ -1476,7 +1476,7 @@ pub unsafe extern "C" fn cuStreamGetFlags(hStream: sys::CUstream, flags: *mut ::
     rt::entry("cuStreamGetFlags", || {
         // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
         let flags_out = unsafe { rt::Out::required(flags) }?;
-        let rep: p::CuStreamGetFlagsReply = rt::call(&p::CuStreamGetFlags { h_stream: rt::handle_of(hStream) }, true)?;
+        let rep: p::CuStreamGetFlagsReply = rt::call(&p::CuStreamGetFlags { h_stream: rt::stream_arg(hStream)? }, true)?;
         flags_out.set(rep.flags as _);
         Ok(())
     })
@@ -1491,7 +1491,7 @@ pub unsafe extern "C" fn cuStreamGetPriority(hStream: sys::CUstream, priority: *
     rt::entry("cuStreamGetPriority", || {
         // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
         let priority_out = unsafe { rt::Out::required(priority) }?;
-        let rep: p::CuStreamGetPriorityReply = rt::call(&p::CuStreamGetPriority { h_stream: rt::handle_of(hStream) }, true)?;
+        let rep: p::CuStreamGetPriorityReply = rt::call(&p::CuStreamGetPriority { h_stream: rt::stream_arg(hStream)? }, true)?;
         priority_out.set(rep.priority as _);
         Ok(())
     })
@@ -1506,7 +1506,7 @@ pub unsafe extern "C" fn cuStreamGetCtx(hStream: sys::CUstream, pctx: *mut sys::
     rt::entry("cuStreamGetCtx", || {
         // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
         let pctx_out = unsafe { rt::Out::required(pctx) }?;
-        let rep: p::CuStreamGetCtxReply = rt::call(&p::CuStreamGetCtx { h_stream: rt::handle_of(hStream) }, true)?;
+        let rep: p::CuStreamGetCtxReply = rt::call(&p::CuStreamGetCtx { h_stream: rt::stream_arg(hStream)? }, true)?;
         pctx_out.set(rt::handle_ptr(rep.pctx));
         Ok(())
     })
@@ -1545,7 +1545,7 @@ pub unsafe extern "C" fn cuEventDestroy_v2(hEvent: sys::CUevent) -> CUresult {
 #[no_mangle]
 pub unsafe extern "C" fn cuEventRecord(hEvent: sys::CUevent, hStream: sys::CUstream) -> CUresult {
     rt::entry("cuEventRecord", || {
-        rt::post(&p::CuEventRecord { h_event: rt::handle_of(hEvent), h_stream: rt::handle_of(hStream) }, true)
+        rt::post(&p::CuEventRecord { h_event: rt::handle_of(hEvent), h_stream: rt::stream_arg(hStream)? }, true)
     })
 }
 
@@ -1559,7 +1559,7 @@ pub unsafe extern "C" fn cuEventRecordWithFlags(hEvent: sys::CUevent, hStream: s
         if !(flags <= 1) {
             return Err(rt::CuError::INVALID_VALUE);
         }
-        rt::post(&p::CuEventRecordWithFlags { h_event: rt::handle_of(hEvent), h_stream: rt::handle_of(hStream), flags }, true)
+        rt::post(&p::CuEventRecordWithFlags { h_event: rt::handle_of(hEvent), h_stream: rt::stream_arg(hStream)?, flags }, true)
     })
 }
 
@@ -3729,6 +3729,1024 @@ pub unsafe extern "C" fn cuMemHostRegister(p: *mut ::core::ffi::c_void, bytesize
     unsafe { cuMemHostRegister_v2(p, bytesize, Flags) }
 }
 
+/// `cuEventRecordWithFlags_ptsz`: `cuEventRecordWithFlags` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuEventRecordWithFlags`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuEventRecordWithFlags_ptsz(hEvent: sys::CUevent, hStream: sys::CUstream, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuEventRecordWithFlags's contract.
+        unsafe { cuEventRecordWithFlags(hEvent, hStream, flags) }
+    })
+}
+
+/// `cuEventRecord_ptsz`: `cuEventRecord` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuEventRecord`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuEventRecord_ptsz(hEvent: sys::CUevent, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuEventRecord's contract.
+        unsafe { cuEventRecord(hEvent, hStream) }
+    })
+}
+
+/// `cuGraphInstantiateWithParams_ptsz`: `cuGraphInstantiateWithParams` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuGraphInstantiateWithParams`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphInstantiateWithParams_ptsz(phGraphExec: *mut sys::CUgraphExec, hGraph: sys::CUgraph, instantiateParams: *mut sys::CUDA_GRAPH_INSTANTIATE_PARAMS) -> CUresult {
+    rt::per_thread(|| {
+        cuGraphInstantiateWithParams(phGraphExec, hGraph, instantiateParams)
+    })
+}
+
+/// `cuGraphLaunch_ptsz`: `cuGraphLaunch` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuGraphLaunch`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphLaunch_ptsz(hGraphExec: sys::CUgraphExec, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuGraphLaunch(hGraphExec, hStream)
+    })
+}
+
+/// `cuGraphUpload_ptsz`: `cuGraphUpload` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuGraphUpload`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphUpload_ptsz(hGraphExec: sys::CUgraphExec, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuGraphUpload(hGraphExec, hStream)
+    })
+}
+
+/// `cuGraphicsMapResources_ptsz`: `cuGraphicsMapResources` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuGraphicsMapResources`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphicsMapResources_ptsz(count: ::core::ffi::c_uint, resources: *mut sys::CUgraphicsResource, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuGraphicsMapResources(count, resources, hStream)
+    })
+}
+
+/// `cuGraphicsUnmapResources_ptsz`: `cuGraphicsUnmapResources` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuGraphicsUnmapResources`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphicsUnmapResources_ptsz(count: ::core::ffi::c_uint, resources: *mut sys::CUgraphicsResource, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuGraphicsUnmapResources(count, resources, hStream)
+    })
+}
+
+/// `cuLaunchCooperativeKernel_ptsz`: `cuLaunchCooperativeKernel` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuLaunchCooperativeKernel`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(f: sys::CUfunction, gridDimX: ::core::ffi::c_uint, gridDimY: ::core::ffi::c_uint, gridDimZ: ::core::ffi::c_uint, blockDimX: ::core::ffi::c_uint, blockDimY: ::core::ffi::c_uint, blockDimZ: ::core::ffi::c_uint, sharedMemBytes: ::core::ffi::c_uint, hStream: sys::CUstream, kernelParams: *mut *mut ::core::ffi::c_void) -> CUresult {
+    rt::per_thread(|| {
+        cuLaunchCooperativeKernel(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes, hStream, kernelParams)
+    })
+}
+
+/// `cuLaunchHostFunc_ptsz`: `cuLaunchHostFunc` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuLaunchHostFunc`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchHostFunc_ptsz(hStream: sys::CUstream, fn_: sys::CUhostFn, userData: *mut ::core::ffi::c_void) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuLaunchHostFunc's contract.
+        unsafe { cuLaunchHostFunc(hStream, fn_, userData) }
+    })
+}
+
+/// `cuLaunchKernelEx_ptsz`: `cuLaunchKernelEx` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuLaunchKernelEx`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(config: *const sys::CUlaunchConfig, f: sys::CUfunction, kernelParams: *mut *mut ::core::ffi::c_void, extra: *mut *mut ::core::ffi::c_void) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuLaunchKernelEx's contract.
+        unsafe { cuLaunchKernelEx(config, f, kernelParams, extra) }
+    })
+}
+
+/// `cuLaunchKernel_ptsz`: `cuLaunchKernel` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuLaunchKernel`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchKernel_ptsz(f: sys::CUfunction, gridDimX: ::core::ffi::c_uint, gridDimY: ::core::ffi::c_uint, gridDimZ: ::core::ffi::c_uint, blockDimX: ::core::ffi::c_uint, blockDimY: ::core::ffi::c_uint, blockDimZ: ::core::ffi::c_uint, sharedMemBytes: ::core::ffi::c_uint, hStream: sys::CUstream, kernelParams: *mut *mut ::core::ffi::c_void, extra: *mut *mut ::core::ffi::c_void) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuLaunchKernel's contract.
+        unsafe { cuLaunchKernel(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes, hStream, kernelParams, extra) }
+    })
+}
+
+/// `cuMemAllocAsync_ptsz`: `cuMemAllocAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemAllocAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocAsync_ptsz(dptr: *mut sys::CUdeviceptr, bytesize: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemAllocAsync's contract.
+        unsafe { cuMemAllocAsync(dptr, bytesize, hStream) }
+    })
+}
+
+/// `cuMemAllocFromPoolAsync_ptsz`: `cuMemAllocFromPoolAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemAllocFromPoolAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(dptr: *mut sys::CUdeviceptr, bytesize: usize, pool: sys::CUmemoryPool, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemAllocFromPoolAsync(dptr, bytesize, pool, hStream)
+    })
+}
+
+/// `cuMemBatchDecompressAsync_ptsz`: `cuMemBatchDecompressAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemBatchDecompressAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemBatchDecompressAsync_ptsz(paramsArray: *mut sys::CUmemDecompressParams, count: usize, flags: ::core::ffi::c_uint, errorIndex: *mut usize, stream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemBatchDecompressAsync(paramsArray, count, flags, errorIndex, stream)
+    })
+}
+
+/// `cuMemDiscardAndPrefetchBatchAsync_ptsz`: `cuMemDiscardAndPrefetchBatchAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemDiscardAndPrefetchBatchAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemDiscardAndPrefetchBatchAsync_ptsz(dptrs: *mut sys::CUdeviceptr, sizes: *mut usize, count: usize, prefetchLocs: *mut sys::CUmemLocation, prefetchLocIdxs: *mut usize, numPrefetchLocs: usize, flags: ::core::ffi::c_ulonglong, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemDiscardAndPrefetchBatchAsync(dptrs, sizes, count, prefetchLocs, prefetchLocIdxs, numPrefetchLocs, flags, hStream)
+    })
+}
+
+/// `cuMemDiscardBatchAsync_ptsz`: `cuMemDiscardBatchAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemDiscardBatchAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemDiscardBatchAsync_ptsz(dptrs: *mut sys::CUdeviceptr, sizes: *mut usize, count: usize, flags: ::core::ffi::c_ulonglong, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemDiscardBatchAsync(dptrs, sizes, count, flags, hStream)
+    })
+}
+
+/// `cuMemFreeAsync_ptsz`: `cuMemFreeAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemFreeAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: sys::CUdeviceptr, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemFreeAsync's contract.
+        unsafe { cuMemFreeAsync(dptr, hStream) }
+    })
+}
+
+/// `cuMemMapArrayAsync_ptsz`: `cuMemMapArrayAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemMapArrayAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemMapArrayAsync_ptsz(mapInfoList: *mut sys::CUarrayMapInfo, count: ::core::ffi::c_uint, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemMapArrayAsync(mapInfoList, count, hStream)
+    })
+}
+
+/// `cuMemPrefetchAsync_v2_ptsz`: `cuMemPrefetchAsync_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemPrefetchAsync_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemPrefetchAsync_v2_ptsz(devPtr: sys::CUdeviceptr, count: usize, location: sys::CUmemLocation, flags: ::core::ffi::c_uint, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemPrefetchAsync_v2(devPtr, count, location, flags, hStream)
+    })
+}
+
+/// `cuMemPrefetchBatchAsync_ptsz`: `cuMemPrefetchBatchAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemPrefetchBatchAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemPrefetchBatchAsync_ptsz(dptrs: *mut sys::CUdeviceptr, sizes: *mut usize, count: usize, prefetchLocs: *mut sys::CUmemLocation, prefetchLocIdxs: *mut usize, numPrefetchLocs: usize, flags: ::core::ffi::c_ulonglong, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemPrefetchBatchAsync(dptrs, sizes, count, prefetchLocs, prefetchLocIdxs, numPrefetchLocs, flags, hStream)
+    })
+}
+
+/// `cuMemcpy2DAsync_v2_ptsz`: `cuMemcpy2DAsync_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpy2DAsync_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy2DAsync_v2_ptsz(pCopy: *const sys::CUDA_MEMCPY2D, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpy2DAsync_v2(pCopy, hStream)
+    })
+}
+
+/// `cuMemcpy2DUnaligned_v2_ptds`: `cuMemcpy2DUnaligned_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpy2DUnaligned_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy2DUnaligned_v2_ptds(pCopy: *const sys::CUDA_MEMCPY2D) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpy2DUnaligned_v2(pCopy)
+    })
+}
+
+/// `cuMemcpy2D_v2_ptds`: `cuMemcpy2D_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpy2D_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy2D_v2_ptds(pCopy: *const sys::CUDA_MEMCPY2D) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpy2D_v2(pCopy)
+    })
+}
+
+/// `cuMemcpy3DAsync_v2_ptsz`: `cuMemcpy3DAsync_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpy3DAsync_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy3DAsync_v2_ptsz(pCopy: *const sys::CUDA_MEMCPY3D, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpy3DAsync_v2(pCopy, hStream)
+    })
+}
+
+/// `cuMemcpy3DBatchAsync_v2_ptsz`: `cuMemcpy3DBatchAsync_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpy3DBatchAsync_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy3DBatchAsync_v2_ptsz(numOps: usize, opList: *mut sys::CUDA_MEMCPY3D_BATCH_OP, flags: ::core::ffi::c_ulonglong, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpy3DBatchAsync_v2(numOps, opList, flags, hStream)
+    })
+}
+
+/// `cuMemcpy3DPeerAsync_ptsz`: `cuMemcpy3DPeerAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpy3DPeerAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy3DPeerAsync_ptsz(pCopy: *const sys::CUDA_MEMCPY3D_PEER, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpy3DPeerAsync(pCopy, hStream)
+    })
+}
+
+/// `cuMemcpy3DPeer_ptds`: `cuMemcpy3DPeer` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpy3DPeer`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy3DPeer_ptds(pCopy: *const sys::CUDA_MEMCPY3D_PEER) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpy3DPeer(pCopy)
+    })
+}
+
+/// `cuMemcpy3D_v2_ptds`: `cuMemcpy3D_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpy3D_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy3D_v2_ptds(pCopy: *const sys::CUDA_MEMCPY3D) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpy3D_v2(pCopy)
+    })
+}
+
+/// `cuMemcpyAsync_ptsz`: `cuMemcpyAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyAsync_ptsz(dst: sys::CUdeviceptr, src: sys::CUdeviceptr, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemcpyAsync's contract.
+        unsafe { cuMemcpyAsync(dst, src, ByteCount, hStream) }
+    })
+}
+
+/// `cuMemcpyAtoA_v2_ptds`: `cuMemcpyAtoA_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyAtoA_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyAtoA_v2_ptds(dstArray: sys::CUarray, dstOffset: usize, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpyAtoA_v2(dstArray, dstOffset, srcArray, srcOffset, ByteCount)
+    })
+}
+
+/// `cuMemcpyAtoD_v2_ptds`: `cuMemcpyAtoD_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyAtoD_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyAtoD_v2_ptds(dstDevice: sys::CUdeviceptr, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpyAtoD_v2(dstDevice, srcArray, srcOffset, ByteCount)
+    })
+}
+
+/// `cuMemcpyAtoHAsync_v2_ptsz`: `cuMemcpyAtoHAsync_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyAtoHAsync_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyAtoHAsync_v2_ptsz(dstHost: *mut ::core::ffi::c_void, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpyAtoHAsync_v2(dstHost, srcArray, srcOffset, ByteCount, hStream)
+    })
+}
+
+/// `cuMemcpyAtoH_v2_ptds`: `cuMemcpyAtoH_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyAtoH_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyAtoH_v2_ptds(dstHost: *mut ::core::ffi::c_void, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpyAtoH_v2(dstHost, srcArray, srcOffset, ByteCount)
+    })
+}
+
+/// `cuMemcpyBatchAsync_v2_ptsz`: `cuMemcpyBatchAsync_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyBatchAsync_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyBatchAsync_v2_ptsz(dsts: *mut sys::CUdeviceptr, srcs: *mut sys::CUdeviceptr, sizes: *mut usize, count: usize, attrs: *mut sys::CUmemcpyAttributes, attrsIdxs: *mut usize, numAttrs: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpyBatchAsync_v2(dsts, srcs, sizes, count, attrs, attrsIdxs, numAttrs, hStream)
+    })
+}
+
+/// `cuMemcpyDtoA_v2_ptds`: `cuMemcpyDtoA_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyDtoA_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoA_v2_ptds(dstArray: sys::CUarray, dstOffset: usize, srcDevice: sys::CUdeviceptr, ByteCount: usize) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpyDtoA_v2(dstArray, dstOffset, srcDevice, ByteCount)
+    })
+}
+
+/// `cuMemcpyDtoDAsync_v2_ptsz`: `cuMemcpyDtoDAsync_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyDtoDAsync_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2_ptsz(dstDevice: sys::CUdeviceptr, srcDevice: sys::CUdeviceptr, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemcpyDtoDAsync_v2's contract.
+        unsafe { cuMemcpyDtoDAsync_v2(dstDevice, srcDevice, ByteCount, hStream) }
+    })
+}
+
+/// `cuMemcpyDtoD_v2_ptds`: `cuMemcpyDtoD_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyDtoD_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoD_v2_ptds(dstDevice: sys::CUdeviceptr, srcDevice: sys::CUdeviceptr, ByteCount: usize) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemcpyDtoD_v2's contract.
+        unsafe { cuMemcpyDtoD_v2(dstDevice, srcDevice, ByteCount) }
+    })
+}
+
+/// `cuMemcpyDtoHAsync_v2_ptsz`: `cuMemcpyDtoHAsync_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyDtoHAsync_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2_ptsz(dstHost: *mut ::core::ffi::c_void, srcDevice: sys::CUdeviceptr, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemcpyDtoHAsync_v2's contract.
+        unsafe { cuMemcpyDtoHAsync_v2(dstHost, srcDevice, ByteCount, hStream) }
+    })
+}
+
+/// `cuMemcpyDtoH_v2_ptds`: `cuMemcpyDtoH_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyDtoH_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoH_v2_ptds(dstHost: *mut ::core::ffi::c_void, srcDevice: sys::CUdeviceptr, ByteCount: usize) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemcpyDtoH_v2's contract.
+        unsafe { cuMemcpyDtoH_v2(dstHost, srcDevice, ByteCount) }
+    })
+}
+
+/// `cuMemcpyHtoAAsync_v2_ptsz`: `cuMemcpyHtoAAsync_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyHtoAAsync_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoAAsync_v2_ptsz(dstArray: sys::CUarray, dstOffset: usize, srcHost: *const ::core::ffi::c_void, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpyHtoAAsync_v2(dstArray, dstOffset, srcHost, ByteCount, hStream)
+    })
+}
+
+/// `cuMemcpyHtoA_v2_ptds`: `cuMemcpyHtoA_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyHtoA_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoA_v2_ptds(dstArray: sys::CUarray, dstOffset: usize, srcHost: *const ::core::ffi::c_void, ByteCount: usize) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpyHtoA_v2(dstArray, dstOffset, srcHost, ByteCount)
+    })
+}
+
+/// `cuMemcpyHtoDAsync_v2_ptsz`: `cuMemcpyHtoDAsync_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyHtoDAsync_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2_ptsz(dstDevice: sys::CUdeviceptr, srcHost: *const ::core::ffi::c_void, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemcpyHtoDAsync_v2's contract.
+        unsafe { cuMemcpyHtoDAsync_v2(dstDevice, srcHost, ByteCount, hStream) }
+    })
+}
+
+/// `cuMemcpyHtoD_v2_ptds`: `cuMemcpyHtoD_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyHtoD_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoD_v2_ptds(dstDevice: sys::CUdeviceptr, srcHost: *const ::core::ffi::c_void, ByteCount: usize) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemcpyHtoD_v2's contract.
+        unsafe { cuMemcpyHtoD_v2(dstDevice, srcHost, ByteCount) }
+    })
+}
+
+/// `cuMemcpyPeerAsync_ptsz`: `cuMemcpyPeerAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyPeerAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyPeerAsync_ptsz(dstDevice: sys::CUdeviceptr, dstContext: sys::CUcontext, srcDevice: sys::CUdeviceptr, srcContext: sys::CUcontext, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpyPeerAsync(dstDevice, dstContext, srcDevice, srcContext, ByteCount, hStream)
+    })
+}
+
+/// `cuMemcpyPeer_ptds`: `cuMemcpyPeer` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpyPeer`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyPeer_ptds(dstDevice: sys::CUdeviceptr, dstContext: sys::CUcontext, srcDevice: sys::CUdeviceptr, srcContext: sys::CUcontext, ByteCount: usize) -> CUresult {
+    rt::per_thread(|| {
+        cuMemcpyPeer(dstDevice, dstContext, srcDevice, srcContext, ByteCount)
+    })
+}
+
+/// `cuMemcpy_ptds`: `cuMemcpy` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemcpy`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy_ptds(dst: sys::CUdeviceptr, src: sys::CUdeviceptr, ByteCount: usize) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemcpy's contract.
+        unsafe { cuMemcpy(dst, src, ByteCount) }
+    })
+}
+
+/// `cuMemsetD16Async_ptsz`: `cuMemsetD16Async` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD16Async`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD16Async_ptsz(dstDevice: sys::CUdeviceptr, us: ::core::ffi::c_ushort, N: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemsetD16Async's contract.
+        unsafe { cuMemsetD16Async(dstDevice, us, N, hStream) }
+    })
+}
+
+/// `cuMemsetD16_v2_ptds`: `cuMemsetD16_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD16_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD16_v2_ptds(dstDevice: sys::CUdeviceptr, us: ::core::ffi::c_ushort, N: usize) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemsetD16_v2's contract.
+        unsafe { cuMemsetD16_v2(dstDevice, us, N) }
+    })
+}
+
+/// `cuMemsetD2D16Async_ptsz`: `cuMemsetD2D16Async` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD2D16Async`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D16Async_ptsz(dstDevice: sys::CUdeviceptr, dstPitch: usize, us: ::core::ffi::c_ushort, Width: usize, Height: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemsetD2D16Async(dstDevice, dstPitch, us, Width, Height, hStream)
+    })
+}
+
+/// `cuMemsetD2D16_v2_ptds`: `cuMemsetD2D16_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD2D16_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D16_v2_ptds(dstDevice: sys::CUdeviceptr, dstPitch: usize, us: ::core::ffi::c_ushort, Width: usize, Height: usize) -> CUresult {
+    rt::per_thread(|| {
+        cuMemsetD2D16_v2(dstDevice, dstPitch, us, Width, Height)
+    })
+}
+
+/// `cuMemsetD2D32Async_ptsz`: `cuMemsetD2D32Async` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD2D32Async`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D32Async_ptsz(dstDevice: sys::CUdeviceptr, dstPitch: usize, ui: ::core::ffi::c_uint, Width: usize, Height: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemsetD2D32Async(dstDevice, dstPitch, ui, Width, Height, hStream)
+    })
+}
+
+/// `cuMemsetD2D32_v2_ptds`: `cuMemsetD2D32_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD2D32_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D32_v2_ptds(dstDevice: sys::CUdeviceptr, dstPitch: usize, ui: ::core::ffi::c_uint, Width: usize, Height: usize) -> CUresult {
+    rt::per_thread(|| {
+        cuMemsetD2D32_v2(dstDevice, dstPitch, ui, Width, Height)
+    })
+}
+
+/// `cuMemsetD2D8Async_ptsz`: `cuMemsetD2D8Async` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD2D8Async`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D8Async_ptsz(dstDevice: sys::CUdeviceptr, dstPitch: usize, uc: ::core::ffi::c_uchar, Width: usize, Height: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuMemsetD2D8Async(dstDevice, dstPitch, uc, Width, Height, hStream)
+    })
+}
+
+/// `cuMemsetD2D8_v2_ptds`: `cuMemsetD2D8_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD2D8_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D8_v2_ptds(dstDevice: sys::CUdeviceptr, dstPitch: usize, uc: ::core::ffi::c_uchar, Width: usize, Height: usize) -> CUresult {
+    rt::per_thread(|| {
+        cuMemsetD2D8_v2(dstDevice, dstPitch, uc, Width, Height)
+    })
+}
+
+/// `cuMemsetD32Async_ptsz`: `cuMemsetD32Async` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD32Async`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD32Async_ptsz(dstDevice: sys::CUdeviceptr, ui: ::core::ffi::c_uint, N: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemsetD32Async's contract.
+        unsafe { cuMemsetD32Async(dstDevice, ui, N, hStream) }
+    })
+}
+
+/// `cuMemsetD32_v2_ptds`: `cuMemsetD32_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD32_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD32_v2_ptds(dstDevice: sys::CUdeviceptr, ui: ::core::ffi::c_uint, N: usize) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemsetD32_v2's contract.
+        unsafe { cuMemsetD32_v2(dstDevice, ui, N) }
+    })
+}
+
+/// `cuMemsetD8Async_ptsz`: `cuMemsetD8Async` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD8Async`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD8Async_ptsz(dstDevice: sys::CUdeviceptr, uc: ::core::ffi::c_uchar, N: usize, hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemsetD8Async's contract.
+        unsafe { cuMemsetD8Async(dstDevice, uc, N, hStream) }
+    })
+}
+
+/// `cuMemsetD8_v2_ptds`: `cuMemsetD8_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuMemsetD8_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD8_v2_ptds(dstDevice: sys::CUdeviceptr, uc: ::core::ffi::c_uchar, N: usize) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuMemsetD8_v2's contract.
+        unsafe { cuMemsetD8_v2(dstDevice, uc, N) }
+    })
+}
+
+/// `cuSignalExternalSemaphoresAsync_ptsz`: `cuSignalExternalSemaphoresAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuSignalExternalSemaphoresAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuSignalExternalSemaphoresAsync_ptsz(extSemArray: *const sys::CUexternalSemaphore, paramsArray: *const sys::CUDA_EXTERNAL_SEMAPHORE_SIGNAL_PARAMS, numExtSems: ::core::ffi::c_uint, stream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuSignalExternalSemaphoresAsync(extSemArray, paramsArray, numExtSems, stream)
+    })
+}
+
+/// `cuStreamAddCallback_ptsz`: `cuStreamAddCallback` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamAddCallback`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamAddCallback_ptsz(hStream: sys::CUstream, callback: sys::CUstreamCallback, userData: *mut ::core::ffi::c_void, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuStreamAddCallback's contract.
+        unsafe { cuStreamAddCallback(hStream, callback, userData, flags) }
+    })
+}
+
+/// `cuStreamAttachMemAsync_ptsz`: `cuStreamAttachMemAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamAttachMemAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamAttachMemAsync_ptsz(hStream: sys::CUstream, dptr: sys::CUdeviceptr, length: usize, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamAttachMemAsync(hStream, dptr, length, flags)
+    })
+}
+
+/// `cuStreamBatchMemOp_ptsz`: `cuStreamBatchMemOp` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamBatchMemOp`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamBatchMemOp_ptsz(stream: sys::CUstream, count: ::core::ffi::c_uint, paramArray: *mut sys::CUstreamBatchMemOpParams, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamBatchMemOp(stream, count, paramArray, flags)
+    })
+}
+
+/// `cuStreamBatchMemOp_v2_ptsz`: `cuStreamBatchMemOp_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamBatchMemOp_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamBatchMemOp_v2_ptsz(stream: sys::CUstream, count: ::core::ffi::c_uint, paramArray: *mut sys::CUstreamBatchMemOpParams, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamBatchMemOp_v2(stream, count, paramArray, flags)
+    })
+}
+
+/// `cuStreamBeginCaptureToGraph_ptsz`: `cuStreamBeginCaptureToGraph` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamBeginCaptureToGraph`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamBeginCaptureToGraph_ptsz(hStream: sys::CUstream, hGraph: sys::CUgraph, dependencies: *const sys::CUgraphNode, dependencyData: *const sys::CUgraphEdgeData, numDependencies: usize, mode: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamBeginCaptureToGraph(hStream, hGraph, dependencies, dependencyData, numDependencies, mode)
+    })
+}
+
+/// `cuStreamBeginCapture_v2_ptsz`: `cuStreamBeginCapture_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamBeginCapture_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamBeginCapture_v2_ptsz(hStream: sys::CUstream, mode: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamBeginCapture_v2(hStream, mode)
+    })
+}
+
+/// `cuStreamCopyAttributes_ptsz`: `cuStreamCopyAttributes` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamCopyAttributes`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCopyAttributes_ptsz(dst: sys::CUstream, src: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamCopyAttributes(dst, src)
+    })
+}
+
+/// `cuStreamEndCapture_ptsz`: `cuStreamEndCapture` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamEndCapture`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamEndCapture_ptsz(hStream: sys::CUstream, phGraph: *mut sys::CUgraph) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamEndCapture(hStream, phGraph)
+    })
+}
+
+/// `cuStreamGetAttribute_ptsz`: `cuStreamGetAttribute` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamGetAttribute`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetAttribute_ptsz(hStream: sys::CUstream, attr: ::core::ffi::c_uint, value_out: *mut sys::CUstreamAttrValue) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamGetAttribute(hStream, attr, value_out)
+    })
+}
+
+/// `cuStreamGetCaptureInfo_v3_ptsz`: `cuStreamGetCaptureInfo_v3` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamGetCaptureInfo_v3`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetCaptureInfo_v3_ptsz(hStream: sys::CUstream, captureStatus_out: *mut ::core::ffi::c_uint, id_out: *mut sys::cuuint64_t, graph_out: *mut sys::CUgraph, dependencies_out: *mut *const sys::CUgraphNode, edgeData_out: *mut *const sys::CUgraphEdgeData, numDependencies_out: *mut usize) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamGetCaptureInfo_v3(hStream, captureStatus_out, id_out, graph_out, dependencies_out, edgeData_out, numDependencies_out)
+    })
+}
+
+/// `cuStreamGetCtx_ptsz`: `cuStreamGetCtx` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamGetCtx`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetCtx_ptsz(hStream: sys::CUstream, pctx: *mut sys::CUcontext) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuStreamGetCtx's contract.
+        unsafe { cuStreamGetCtx(hStream, pctx) }
+    })
+}
+
+/// `cuStreamGetCtx_v2_ptsz`: `cuStreamGetCtx_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamGetCtx_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetCtx_v2_ptsz(hStream: sys::CUstream, pCtx: *mut sys::CUcontext, pGreenCtx: *mut sys::CUgreenCtx) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamGetCtx_v2(hStream, pCtx, pGreenCtx)
+    })
+}
+
+/// `cuStreamGetDevice_ptsz`: `cuStreamGetDevice` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamGetDevice`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetDevice_ptsz(hStream: sys::CUstream, device: *mut sys::CUdevice) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamGetDevice(hStream, device)
+    })
+}
+
+/// `cuStreamGetFlags_ptsz`: `cuStreamGetFlags` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamGetFlags`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetFlags_ptsz(hStream: sys::CUstream, flags: *mut ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuStreamGetFlags's contract.
+        unsafe { cuStreamGetFlags(hStream, flags) }
+    })
+}
+
+/// `cuStreamGetId_ptsz`: `cuStreamGetId` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamGetId`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetId_ptsz(hStream: sys::CUstream, streamId: *mut ::core::ffi::c_ulonglong) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamGetId(hStream, streamId)
+    })
+}
+
+/// `cuStreamGetPriority_ptsz`: `cuStreamGetPriority` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamGetPriority`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetPriority_ptsz(hStream: sys::CUstream, priority: *mut ::core::ffi::c_int) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuStreamGetPriority's contract.
+        unsafe { cuStreamGetPriority(hStream, priority) }
+    })
+}
+
+/// `cuStreamIsCapturing_ptsz`: `cuStreamIsCapturing` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamIsCapturing`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamIsCapturing_ptsz(hStream: sys::CUstream, captureStatus: *mut ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamIsCapturing(hStream, captureStatus)
+    })
+}
+
+/// `cuStreamQuery_ptsz`: `cuStreamQuery` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamQuery`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamQuery_ptsz(hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuStreamQuery's contract.
+        unsafe { cuStreamQuery(hStream) }
+    })
+}
+
+/// `cuStreamSetAttribute_ptsz`: `cuStreamSetAttribute` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamSetAttribute`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamSetAttribute_ptsz(hStream: sys::CUstream, attr: ::core::ffi::c_uint, value: *const sys::CUstreamAttrValue) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamSetAttribute(hStream, attr, value)
+    })
+}
+
+/// `cuStreamSynchronize_ptsz`: `cuStreamSynchronize` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamSynchronize`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamSynchronize_ptsz(hStream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuStreamSynchronize's contract.
+        unsafe { cuStreamSynchronize(hStream) }
+    })
+}
+
+/// `cuStreamUpdateCaptureDependencies_v2_ptsz`: `cuStreamUpdateCaptureDependencies_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamUpdateCaptureDependencies_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamUpdateCaptureDependencies_v2_ptsz(hStream: sys::CUstream, dependencies: *mut sys::CUgraphNode, dependencyData: *const sys::CUgraphEdgeData, numDependencies: usize, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamUpdateCaptureDependencies_v2(hStream, dependencies, dependencyData, numDependencies, flags)
+    })
+}
+
+/// `cuStreamWaitEvent_ptsz`: `cuStreamWaitEvent` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamWaitEvent`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWaitEvent_ptsz(hStream: sys::CUstream, hEvent: sys::CUevent, Flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuStreamWaitEvent's contract.
+        unsafe { cuStreamWaitEvent(hStream, hEvent, Flags) }
+    })
+}
+
+/// `cuStreamWaitValue32_ptsz`: `cuStreamWaitValue32` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamWaitValue32`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWaitValue32_ptsz(stream: sys::CUstream, addr: sys::CUdeviceptr, value: sys::cuuint32_t, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamWaitValue32(stream, addr, value, flags)
+    })
+}
+
+/// `cuStreamWaitValue32_v2_ptsz`: `cuStreamWaitValue32_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamWaitValue32_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWaitValue32_v2_ptsz(stream: sys::CUstream, addr: sys::CUdeviceptr, value: sys::cuuint32_t, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamWaitValue32_v2(stream, addr, value, flags)
+    })
+}
+
+/// `cuStreamWaitValue64_ptsz`: `cuStreamWaitValue64` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamWaitValue64`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWaitValue64_ptsz(stream: sys::CUstream, addr: sys::CUdeviceptr, value: sys::cuuint64_t, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamWaitValue64(stream, addr, value, flags)
+    })
+}
+
+/// `cuStreamWaitValue64_v2_ptsz`: `cuStreamWaitValue64_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamWaitValue64_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWaitValue64_v2_ptsz(stream: sys::CUstream, addr: sys::CUdeviceptr, value: sys::cuuint64_t, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamWaitValue64_v2(stream, addr, value, flags)
+    })
+}
+
+/// `cuStreamWriteValue32_ptsz`: `cuStreamWriteValue32` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamWriteValue32`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWriteValue32_ptsz(stream: sys::CUstream, addr: sys::CUdeviceptr, value: sys::cuuint32_t, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamWriteValue32(stream, addr, value, flags)
+    })
+}
+
+/// `cuStreamWriteValue32_v2_ptsz`: `cuStreamWriteValue32_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamWriteValue32_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWriteValue32_v2_ptsz(stream: sys::CUstream, addr: sys::CUdeviceptr, value: sys::cuuint32_t, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamWriteValue32_v2(stream, addr, value, flags)
+    })
+}
+
+/// `cuStreamWriteValue64_ptsz`: `cuStreamWriteValue64` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamWriteValue64`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWriteValue64_ptsz(stream: sys::CUstream, addr: sys::CUdeviceptr, value: sys::cuuint64_t, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamWriteValue64(stream, addr, value, flags)
+    })
+}
+
+/// `cuStreamWriteValue64_v2_ptsz`: `cuStreamWriteValue64_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamWriteValue64_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWriteValue64_v2_ptsz(stream: sys::CUstream, addr: sys::CUdeviceptr, value: sys::cuuint64_t, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::per_thread(|| {
+        cuStreamWriteValue64_v2(stream, addr, value, flags)
+    })
+}
+
+/// `cuWaitExternalSemaphoresAsync_ptsz`: `cuWaitExternalSemaphoresAsync` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuWaitExternalSemaphoresAsync`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuWaitExternalSemaphoresAsync_ptsz(extSemArray: *const sys::CUexternalSemaphore, paramsArray: *const sys::CUDA_EXTERNAL_SEMAPHORE_WAIT_PARAMS, numExtSems: ::core::ffi::c_uint, stream: sys::CUstream) -> CUresult {
+    rt::per_thread(|| {
+        cuWaitExternalSemaphoresAsync(extSemArray, paramsArray, numExtSems, stream)
+    })
+}
+
 /// Every exported entry point, in table order.
 pub const EXPORTS: &[&str] = &[
     "cuInit",
@@ -4196,476 +5214,656 @@ pub const EXPORTS: &[&str] = &[
     "cuDevicePrimaryCtxSetFlags",
     "cuIpcOpenMemHandle",
     "cuMemHostRegister",
+    "cuEventRecordWithFlags_ptsz",
+    "cuEventRecord_ptsz",
+    "cuGraphInstantiateWithParams_ptsz",
+    "cuGraphLaunch_ptsz",
+    "cuGraphUpload_ptsz",
+    "cuGraphicsMapResources_ptsz",
+    "cuGraphicsUnmapResources_ptsz",
+    "cuLaunchCooperativeKernel_ptsz",
+    "cuLaunchHostFunc_ptsz",
+    "cuLaunchKernelEx_ptsz",
+    "cuLaunchKernel_ptsz",
+    "cuMemAllocAsync_ptsz",
+    "cuMemAllocFromPoolAsync_ptsz",
+    "cuMemBatchDecompressAsync_ptsz",
+    "cuMemDiscardAndPrefetchBatchAsync_ptsz",
+    "cuMemDiscardBatchAsync_ptsz",
+    "cuMemFreeAsync_ptsz",
+    "cuMemMapArrayAsync_ptsz",
+    "cuMemPrefetchAsync_v2_ptsz",
+    "cuMemPrefetchBatchAsync_ptsz",
+    "cuMemcpy2DAsync_v2_ptsz",
+    "cuMemcpy2DUnaligned_v2_ptds",
+    "cuMemcpy2D_v2_ptds",
+    "cuMemcpy3DAsync_v2_ptsz",
+    "cuMemcpy3DBatchAsync_v2_ptsz",
+    "cuMemcpy3DPeerAsync_ptsz",
+    "cuMemcpy3DPeer_ptds",
+    "cuMemcpy3D_v2_ptds",
+    "cuMemcpyAsync_ptsz",
+    "cuMemcpyAtoA_v2_ptds",
+    "cuMemcpyAtoD_v2_ptds",
+    "cuMemcpyAtoHAsync_v2_ptsz",
+    "cuMemcpyAtoH_v2_ptds",
+    "cuMemcpyBatchAsync_v2_ptsz",
+    "cuMemcpyDtoA_v2_ptds",
+    "cuMemcpyDtoDAsync_v2_ptsz",
+    "cuMemcpyDtoD_v2_ptds",
+    "cuMemcpyDtoHAsync_v2_ptsz",
+    "cuMemcpyDtoH_v2_ptds",
+    "cuMemcpyHtoAAsync_v2_ptsz",
+    "cuMemcpyHtoA_v2_ptds",
+    "cuMemcpyHtoDAsync_v2_ptsz",
+    "cuMemcpyHtoD_v2_ptds",
+    "cuMemcpyPeerAsync_ptsz",
+    "cuMemcpyPeer_ptds",
+    "cuMemcpy_ptds",
+    "cuMemsetD16Async_ptsz",
+    "cuMemsetD16_v2_ptds",
+    "cuMemsetD2D16Async_ptsz",
+    "cuMemsetD2D16_v2_ptds",
+    "cuMemsetD2D32Async_ptsz",
+    "cuMemsetD2D32_v2_ptds",
+    "cuMemsetD2D8Async_ptsz",
+    "cuMemsetD2D8_v2_ptds",
+    "cuMemsetD32Async_ptsz",
+    "cuMemsetD32_v2_ptds",
+    "cuMemsetD8Async_ptsz",
+    "cuMemsetD8_v2_ptds",
+    "cuSignalExternalSemaphoresAsync_ptsz",
+    "cuStreamAddCallback_ptsz",
+    "cuStreamAttachMemAsync_ptsz",
+    "cuStreamBatchMemOp_ptsz",
+    "cuStreamBatchMemOp_v2_ptsz",
+    "cuStreamBeginCaptureToGraph_ptsz",
+    "cuStreamBeginCapture_v2_ptsz",
+    "cuStreamCopyAttributes_ptsz",
+    "cuStreamEndCapture_ptsz",
+    "cuStreamGetAttribute_ptsz",
+    "cuStreamGetCaptureInfo_v3_ptsz",
+    "cuStreamGetCtx_ptsz",
+    "cuStreamGetCtx_v2_ptsz",
+    "cuStreamGetDevice_ptsz",
+    "cuStreamGetFlags_ptsz",
+    "cuStreamGetId_ptsz",
+    "cuStreamGetPriority_ptsz",
+    "cuStreamIsCapturing_ptsz",
+    "cuStreamQuery_ptsz",
+    "cuStreamSetAttribute_ptsz",
+    "cuStreamSynchronize_ptsz",
+    "cuStreamUpdateCaptureDependencies_v2_ptsz",
+    "cuStreamWaitEvent_ptsz",
+    "cuStreamWaitValue32_ptsz",
+    "cuStreamWaitValue32_v2_ptsz",
+    "cuStreamWaitValue64_ptsz",
+    "cuStreamWaitValue64_v2_ptsz",
+    "cuStreamWriteValue32_ptsz",
+    "cuStreamWriteValue32_v2_ptsz",
+    "cuStreamWriteValue64_ptsz",
+    "cuStreamWriteValue64_v2_ptsz",
+    "cuWaitExternalSemaphoresAsync_ptsz",
 ];
 
 /// The `cuGetProcAddress` table: (base name, CUDA version that introduced the variant,
 /// entry point), sorted by base name then version.
 pub static PROC_TABLE: &[rt::ProcEntry] = &[
-    rt::ProcEntry { base: "cuArray3DCreate", since: 0, symbol: "cuArray3DCreate_v2", ptr: cuArray3DCreate_v2 as *const () },
-    rt::ProcEntry { base: "cuArray3DGetDescriptor", since: 0, symbol: "cuArray3DGetDescriptor_v2", ptr: cuArray3DGetDescriptor_v2 as *const () },
-    rt::ProcEntry { base: "cuArrayCreate", since: 0, symbol: "cuArrayCreate_v2", ptr: cuArrayCreate_v2 as *const () },
-    rt::ProcEntry { base: "cuArrayDestroy", since: 0, symbol: "cuArrayDestroy", ptr: cuArrayDestroy as *const () },
-    rt::ProcEntry { base: "cuArrayGetDescriptor", since: 0, symbol: "cuArrayGetDescriptor_v2", ptr: cuArrayGetDescriptor_v2 as *const () },
-    rt::ProcEntry { base: "cuArrayGetMemoryRequirements", since: 0, symbol: "cuArrayGetMemoryRequirements", ptr: cuArrayGetMemoryRequirements as *const () },
-    rt::ProcEntry { base: "cuArrayGetPlane", since: 0, symbol: "cuArrayGetPlane", ptr: cuArrayGetPlane as *const () },
-    rt::ProcEntry { base: "cuArrayGetSparseProperties", since: 0, symbol: "cuArrayGetSparseProperties", ptr: cuArrayGetSparseProperties as *const () },
-    rt::ProcEntry { base: "cuCoredumpGetAttribute", since: 0, symbol: "cuCoredumpGetAttribute", ptr: cuCoredumpGetAttribute as *const () },
-    rt::ProcEntry { base: "cuCoredumpGetAttributeGlobal", since: 0, symbol: "cuCoredumpGetAttributeGlobal", ptr: cuCoredumpGetAttributeGlobal as *const () },
-    rt::ProcEntry { base: "cuCoredumpSetAttribute", since: 0, symbol: "cuCoredumpSetAttribute", ptr: cuCoredumpSetAttribute as *const () },
-    rt::ProcEntry { base: "cuCoredumpSetAttributeGlobal", since: 0, symbol: "cuCoredumpSetAttributeGlobal", ptr: cuCoredumpSetAttributeGlobal as *const () },
-    rt::ProcEntry { base: "cuCtxAttach", since: 0, symbol: "cuCtxAttach", ptr: cuCtxAttach as *const () },
-    rt::ProcEntry { base: "cuCtxCreate", since: 2000, symbol: "cuCtxCreate", ptr: cuCtxCreate as *const () },
-    rt::ProcEntry { base: "cuCtxCreate", since: 3020, symbol: "cuCtxCreate_v2", ptr: cuCtxCreate_v2 as *const () },
-    rt::ProcEntry { base: "cuCtxCreate", since: 12050, symbol: "cuCtxCreate_v4", ptr: cuCtxCreate_v4 as *const () },
-    rt::ProcEntry { base: "cuCtxDestroy", since: 2000, symbol: "cuCtxDestroy", ptr: cuCtxDestroy as *const () },
-    rt::ProcEntry { base: "cuCtxDestroy", since: 4000, symbol: "cuCtxDestroy_v2", ptr: cuCtxDestroy_v2 as *const () },
-    rt::ProcEntry { base: "cuCtxDetach", since: 0, symbol: "cuCtxDetach", ptr: cuCtxDetach as *const () },
-    rt::ProcEntry { base: "cuCtxDisablePeerAccess", since: 0, symbol: "cuCtxDisablePeerAccess", ptr: cuCtxDisablePeerAccess as *const () },
-    rt::ProcEntry { base: "cuCtxEnablePeerAccess", since: 0, symbol: "cuCtxEnablePeerAccess", ptr: cuCtxEnablePeerAccess as *const () },
-    rt::ProcEntry { base: "cuCtxFromGreenCtx", since: 0, symbol: "cuCtxFromGreenCtx", ptr: cuCtxFromGreenCtx as *const () },
-    rt::ProcEntry { base: "cuCtxGetApiVersion", since: 0, symbol: "cuCtxGetApiVersion", ptr: cuCtxGetApiVersion as *const () },
-    rt::ProcEntry { base: "cuCtxGetCacheConfig", since: 0, symbol: "cuCtxGetCacheConfig", ptr: cuCtxGetCacheConfig as *const () },
-    rt::ProcEntry { base: "cuCtxGetCurrent", since: 0, symbol: "cuCtxGetCurrent", ptr: cuCtxGetCurrent as *const () },
-    rt::ProcEntry { base: "cuCtxGetDevResource", since: 0, symbol: "cuCtxGetDevResource", ptr: cuCtxGetDevResource as *const () },
-    rt::ProcEntry { base: "cuCtxGetDevice", since: 0, symbol: "cuCtxGetDevice", ptr: cuCtxGetDevice as *const () },
-    rt::ProcEntry { base: "cuCtxGetDevice", since: 13000, symbol: "cuCtxGetDevice_v2", ptr: cuCtxGetDevice_v2 as *const () },
-    rt::ProcEntry { base: "cuCtxGetExecAffinity", since: 0, symbol: "cuCtxGetExecAffinity", ptr: cuCtxGetExecAffinity as *const () },
-    rt::ProcEntry { base: "cuCtxGetFlags", since: 0, symbol: "cuCtxGetFlags", ptr: cuCtxGetFlags as *const () },
-    rt::ProcEntry { base: "cuCtxGetId", since: 0, symbol: "cuCtxGetId", ptr: cuCtxGetId as *const () },
-    rt::ProcEntry { base: "cuCtxGetLimit", since: 0, symbol: "cuCtxGetLimit", ptr: cuCtxGetLimit as *const () },
-    rt::ProcEntry { base: "cuCtxGetSharedMemConfig", since: 0, symbol: "cuCtxGetSharedMemConfig", ptr: cuCtxGetSharedMemConfig as *const () },
-    rt::ProcEntry { base: "cuCtxGetStreamPriorityRange", since: 0, symbol: "cuCtxGetStreamPriorityRange", ptr: cuCtxGetStreamPriorityRange as *const () },
-    rt::ProcEntry { base: "cuCtxPopCurrent", since: 2000, symbol: "cuCtxPopCurrent", ptr: cuCtxPopCurrent as *const () },
-    rt::ProcEntry { base: "cuCtxPopCurrent", since: 4000, symbol: "cuCtxPopCurrent_v2", ptr: cuCtxPopCurrent_v2 as *const () },
-    rt::ProcEntry { base: "cuCtxPushCurrent", since: 2000, symbol: "cuCtxPushCurrent", ptr: cuCtxPushCurrent as *const () },
-    rt::ProcEntry { base: "cuCtxPushCurrent", since: 4000, symbol: "cuCtxPushCurrent_v2", ptr: cuCtxPushCurrent_v2 as *const () },
-    rt::ProcEntry { base: "cuCtxRecordEvent", since: 0, symbol: "cuCtxRecordEvent", ptr: cuCtxRecordEvent as *const () },
-    rt::ProcEntry { base: "cuCtxResetPersistingL2Cache", since: 0, symbol: "cuCtxResetPersistingL2Cache", ptr: cuCtxResetPersistingL2Cache as *const () },
-    rt::ProcEntry { base: "cuCtxSetCacheConfig", since: 0, symbol: "cuCtxSetCacheConfig", ptr: cuCtxSetCacheConfig as *const () },
-    rt::ProcEntry { base: "cuCtxSetCurrent", since: 0, symbol: "cuCtxSetCurrent", ptr: cuCtxSetCurrent as *const () },
-    rt::ProcEntry { base: "cuCtxSetFlags", since: 0, symbol: "cuCtxSetFlags", ptr: cuCtxSetFlags as *const () },
-    rt::ProcEntry { base: "cuCtxSetLimit", since: 0, symbol: "cuCtxSetLimit", ptr: cuCtxSetLimit as *const () },
-    rt::ProcEntry { base: "cuCtxSetSharedMemConfig", since: 0, symbol: "cuCtxSetSharedMemConfig", ptr: cuCtxSetSharedMemConfig as *const () },
-    rt::ProcEntry { base: "cuCtxSynchronize", since: 0, symbol: "cuCtxSynchronize", ptr: cuCtxSynchronize as *const () },
-    rt::ProcEntry { base: "cuCtxSynchronize", since: 13000, symbol: "cuCtxSynchronize_v2", ptr: cuCtxSynchronize_v2 as *const () },
-    rt::ProcEntry { base: "cuCtxWaitEvent", since: 0, symbol: "cuCtxWaitEvent", ptr: cuCtxWaitEvent as *const () },
-    rt::ProcEntry { base: "cuDestroyExternalMemory", since: 0, symbol: "cuDestroyExternalMemory", ptr: cuDestroyExternalMemory as *const () },
-    rt::ProcEntry { base: "cuDestroyExternalSemaphore", since: 0, symbol: "cuDestroyExternalSemaphore", ptr: cuDestroyExternalSemaphore as *const () },
-    rt::ProcEntry { base: "cuDevResourceGenerateDesc", since: 0, symbol: "cuDevResourceGenerateDesc", ptr: cuDevResourceGenerateDesc as *const () },
-    rt::ProcEntry { base: "cuDevSmResourceSplitByCount", since: 0, symbol: "cuDevSmResourceSplitByCount", ptr: cuDevSmResourceSplitByCount as *const () },
-    rt::ProcEntry { base: "cuDeviceCanAccessPeer", since: 0, symbol: "cuDeviceCanAccessPeer", ptr: cuDeviceCanAccessPeer as *const () },
-    rt::ProcEntry { base: "cuDeviceComputeCapability", since: 0, symbol: "cuDeviceComputeCapability", ptr: cuDeviceComputeCapability as *const () },
-    rt::ProcEntry { base: "cuDeviceGet", since: 0, symbol: "cuDeviceGet", ptr: cuDeviceGet as *const () },
-    rt::ProcEntry { base: "cuDeviceGetAttribute", since: 0, symbol: "cuDeviceGetAttribute", ptr: cuDeviceGetAttribute as *const () },
-    rt::ProcEntry { base: "cuDeviceGetByPCIBusId", since: 0, symbol: "cuDeviceGetByPCIBusId", ptr: cuDeviceGetByPCIBusId as *const () },
-    rt::ProcEntry { base: "cuDeviceGetCount", since: 0, symbol: "cuDeviceGetCount", ptr: cuDeviceGetCount as *const () },
-    rt::ProcEntry { base: "cuDeviceGetDefaultMemPool", since: 0, symbol: "cuDeviceGetDefaultMemPool", ptr: cuDeviceGetDefaultMemPool as *const () },
-    rt::ProcEntry { base: "cuDeviceGetDevResource", since: 0, symbol: "cuDeviceGetDevResource", ptr: cuDeviceGetDevResource as *const () },
-    rt::ProcEntry { base: "cuDeviceGetExecAffinitySupport", since: 0, symbol: "cuDeviceGetExecAffinitySupport", ptr: cuDeviceGetExecAffinitySupport as *const () },
-    rt::ProcEntry { base: "cuDeviceGetGraphMemAttribute", since: 0, symbol: "cuDeviceGetGraphMemAttribute", ptr: cuDeviceGetGraphMemAttribute as *const () },
-    rt::ProcEntry { base: "cuDeviceGetHostAtomicCapabilities", since: 0, symbol: "cuDeviceGetHostAtomicCapabilities", ptr: cuDeviceGetHostAtomicCapabilities as *const () },
-    rt::ProcEntry { base: "cuDeviceGetLuid", since: 0, symbol: "cuDeviceGetLuid", ptr: cuDeviceGetLuid as *const () },
-    rt::ProcEntry { base: "cuDeviceGetMemPool", since: 0, symbol: "cuDeviceGetMemPool", ptr: cuDeviceGetMemPool as *const () },
-    rt::ProcEntry { base: "cuDeviceGetName", since: 0, symbol: "cuDeviceGetName", ptr: cuDeviceGetName as *const () },
-    rt::ProcEntry { base: "cuDeviceGetP2PAtomicCapabilities", since: 0, symbol: "cuDeviceGetP2PAtomicCapabilities", ptr: cuDeviceGetP2PAtomicCapabilities as *const () },
-    rt::ProcEntry { base: "cuDeviceGetP2PAttribute", since: 0, symbol: "cuDeviceGetP2PAttribute", ptr: cuDeviceGetP2PAttribute as *const () },
-    rt::ProcEntry { base: "cuDeviceGetPCIBusId", since: 0, symbol: "cuDeviceGetPCIBusId", ptr: cuDeviceGetPCIBusId as *const () },
-    rt::ProcEntry { base: "cuDeviceGetProperties", since: 0, symbol: "cuDeviceGetProperties", ptr: cuDeviceGetProperties as *const () },
-    rt::ProcEntry { base: "cuDeviceGetTexture1DLinearMaxWidth", since: 0, symbol: "cuDeviceGetTexture1DLinearMaxWidth", ptr: cuDeviceGetTexture1DLinearMaxWidth as *const () },
-    rt::ProcEntry { base: "cuDeviceGetUuid", since: 9020, symbol: "cuDeviceGetUuid", ptr: cuDeviceGetUuid as *const () },
-    rt::ProcEntry { base: "cuDeviceGetUuid", since: 11040, symbol: "cuDeviceGetUuid_v2", ptr: cuDeviceGetUuid_v2 as *const () },
-    rt::ProcEntry { base: "cuDeviceGraphMemTrim", since: 0, symbol: "cuDeviceGraphMemTrim", ptr: cuDeviceGraphMemTrim as *const () },
-    rt::ProcEntry { base: "cuDevicePrimaryCtxGetState", since: 0, symbol: "cuDevicePrimaryCtxGetState", ptr: cuDevicePrimaryCtxGetState as *const () },
-    rt::ProcEntry { base: "cuDevicePrimaryCtxRelease", since: 7000, symbol: "cuDevicePrimaryCtxRelease", ptr: cuDevicePrimaryCtxRelease as *const () },
-    rt::ProcEntry { base: "cuDevicePrimaryCtxRelease", since: 11000, symbol: "cuDevicePrimaryCtxRelease_v2", ptr: cuDevicePrimaryCtxRelease_v2 as *const () },
-    rt::ProcEntry { base: "cuDevicePrimaryCtxReset", since: 7000, symbol: "cuDevicePrimaryCtxReset", ptr: cuDevicePrimaryCtxReset as *const () },
-    rt::ProcEntry { base: "cuDevicePrimaryCtxReset", since: 11000, symbol: "cuDevicePrimaryCtxReset_v2", ptr: cuDevicePrimaryCtxReset_v2 as *const () },
-    rt::ProcEntry { base: "cuDevicePrimaryCtxRetain", since: 0, symbol: "cuDevicePrimaryCtxRetain", ptr: cuDevicePrimaryCtxRetain as *const () },
-    rt::ProcEntry { base: "cuDevicePrimaryCtxSetFlags", since: 7000, symbol: "cuDevicePrimaryCtxSetFlags", ptr: cuDevicePrimaryCtxSetFlags as *const () },
-    rt::ProcEntry { base: "cuDevicePrimaryCtxSetFlags", since: 11000, symbol: "cuDevicePrimaryCtxSetFlags_v2", ptr: cuDevicePrimaryCtxSetFlags_v2 as *const () },
-    rt::ProcEntry { base: "cuDeviceRegisterAsyncNotification", since: 0, symbol: "cuDeviceRegisterAsyncNotification", ptr: cuDeviceRegisterAsyncNotification as *const () },
-    rt::ProcEntry { base: "cuDeviceSetGraphMemAttribute", since: 0, symbol: "cuDeviceSetGraphMemAttribute", ptr: cuDeviceSetGraphMemAttribute as *const () },
-    rt::ProcEntry { base: "cuDeviceSetMemPool", since: 0, symbol: "cuDeviceSetMemPool", ptr: cuDeviceSetMemPool as *const () },
-    rt::ProcEntry { base: "cuDeviceTotalMem", since: 3020, symbol: "cuDeviceTotalMem_v2", ptr: cuDeviceTotalMem_v2 as *const () },
-    rt::ProcEntry { base: "cuDeviceUnregisterAsyncNotification", since: 0, symbol: "cuDeviceUnregisterAsyncNotification", ptr: cuDeviceUnregisterAsyncNotification as *const () },
-    rt::ProcEntry { base: "cuDriverGetVersion", since: 0, symbol: "cuDriverGetVersion", ptr: cuDriverGetVersion as *const () },
-    rt::ProcEntry { base: "cuEventCreate", since: 0, symbol: "cuEventCreate", ptr: cuEventCreate as *const () },
-    rt::ProcEntry { base: "cuEventDestroy", since: 2000, symbol: "cuEventDestroy", ptr: cuEventDestroy as *const () },
-    rt::ProcEntry { base: "cuEventDestroy", since: 4000, symbol: "cuEventDestroy_v2", ptr: cuEventDestroy_v2 as *const () },
-    rt::ProcEntry { base: "cuEventElapsedTime", since: 0, symbol: "cuEventElapsedTime", ptr: cuEventElapsedTime as *const () },
-    rt::ProcEntry { base: "cuEventElapsedTime", since: 12080, symbol: "cuEventElapsedTime_v2", ptr: cuEventElapsedTime_v2 as *const () },
-    rt::ProcEntry { base: "cuEventQuery", since: 0, symbol: "cuEventQuery", ptr: cuEventQuery as *const () },
-    rt::ProcEntry { base: "cuEventRecord", since: 0, symbol: "cuEventRecord", ptr: cuEventRecord as *const () },
-    rt::ProcEntry { base: "cuEventRecordWithFlags", since: 0, symbol: "cuEventRecordWithFlags", ptr: cuEventRecordWithFlags as *const () },
-    rt::ProcEntry { base: "cuEventSynchronize", since: 0, symbol: "cuEventSynchronize", ptr: cuEventSynchronize as *const () },
-    rt::ProcEntry { base: "cuExternalMemoryGetMappedBuffer", since: 0, symbol: "cuExternalMemoryGetMappedBuffer", ptr: cuExternalMemoryGetMappedBuffer as *const () },
-    rt::ProcEntry { base: "cuExternalMemoryGetMappedMipmappedArray", since: 0, symbol: "cuExternalMemoryGetMappedMipmappedArray", ptr: cuExternalMemoryGetMappedMipmappedArray as *const () },
-    rt::ProcEntry { base: "cuFlushGPUDirectRDMAWrites", since: 0, symbol: "cuFlushGPUDirectRDMAWrites", ptr: cuFlushGPUDirectRDMAWrites as *const () },
-    rt::ProcEntry { base: "cuFuncGetAttribute", since: 0, symbol: "cuFuncGetAttribute", ptr: cuFuncGetAttribute as *const () },
-    rt::ProcEntry { base: "cuFuncGetModule", since: 0, symbol: "cuFuncGetModule", ptr: cuFuncGetModule as *const () },
-    rt::ProcEntry { base: "cuFuncGetName", since: 0, symbol: "cuFuncGetName", ptr: cuFuncGetName as *const () },
-    rt::ProcEntry { base: "cuFuncGetParamInfo", since: 0, symbol: "cuFuncGetParamInfo", ptr: cuFuncGetParamInfo as *const () },
-    rt::ProcEntry { base: "cuFuncIsLoaded", since: 0, symbol: "cuFuncIsLoaded", ptr: cuFuncIsLoaded as *const () },
-    rt::ProcEntry { base: "cuFuncLoad", since: 0, symbol: "cuFuncLoad", ptr: cuFuncLoad as *const () },
-    rt::ProcEntry { base: "cuFuncSetAttribute", since: 0, symbol: "cuFuncSetAttribute", ptr: cuFuncSetAttribute as *const () },
-    rt::ProcEntry { base: "cuFuncSetBlockShape", since: 0, symbol: "cuFuncSetBlockShape", ptr: cuFuncSetBlockShape as *const () },
-    rt::ProcEntry { base: "cuFuncSetCacheConfig", since: 0, symbol: "cuFuncSetCacheConfig", ptr: cuFuncSetCacheConfig as *const () },
-    rt::ProcEntry { base: "cuFuncSetSharedMemConfig", since: 0, symbol: "cuFuncSetSharedMemConfig", ptr: cuFuncSetSharedMemConfig as *const () },
-    rt::ProcEntry { base: "cuFuncSetSharedSize", since: 0, symbol: "cuFuncSetSharedSize", ptr: cuFuncSetSharedSize as *const () },
-    rt::ProcEntry { base: "cuGetErrorName", since: 0, symbol: "cuGetErrorName", ptr: cuGetErrorName as *const () },
-    rt::ProcEntry { base: "cuGetErrorString", since: 0, symbol: "cuGetErrorString", ptr: cuGetErrorString as *const () },
-    rt::ProcEntry { base: "cuGetExportTable", since: 0, symbol: "cuGetExportTable", ptr: cuGetExportTable as *const () },
-    rt::ProcEntry { base: "cuGetProcAddress", since: 11030, symbol: "cuGetProcAddress", ptr: cuGetProcAddress as *const () },
-    rt::ProcEntry { base: "cuGetProcAddress", since: 12000, symbol: "cuGetProcAddress_v2", ptr: cuGetProcAddress_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphAddBatchMemOpNode", since: 0, symbol: "cuGraphAddBatchMemOpNode", ptr: cuGraphAddBatchMemOpNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddChildGraphNode", since: 0, symbol: "cuGraphAddChildGraphNode", ptr: cuGraphAddChildGraphNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddDependencies", since: 0, symbol: "cuGraphAddDependencies_v2", ptr: cuGraphAddDependencies_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphAddEmptyNode", since: 0, symbol: "cuGraphAddEmptyNode", ptr: cuGraphAddEmptyNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddEventRecordNode", since: 0, symbol: "cuGraphAddEventRecordNode", ptr: cuGraphAddEventRecordNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddEventWaitNode", since: 0, symbol: "cuGraphAddEventWaitNode", ptr: cuGraphAddEventWaitNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddExternalSemaphoresSignalNode", since: 0, symbol: "cuGraphAddExternalSemaphoresSignalNode", ptr: cuGraphAddExternalSemaphoresSignalNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddExternalSemaphoresWaitNode", since: 0, symbol: "cuGraphAddExternalSemaphoresWaitNode", ptr: cuGraphAddExternalSemaphoresWaitNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddHostNode", since: 0, symbol: "cuGraphAddHostNode", ptr: cuGraphAddHostNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddKernelNode", since: 0, symbol: "cuGraphAddKernelNode_v2", ptr: cuGraphAddKernelNode_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphAddMemAllocNode", since: 0, symbol: "cuGraphAddMemAllocNode", ptr: cuGraphAddMemAllocNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddMemFreeNode", since: 0, symbol: "cuGraphAddMemFreeNode", ptr: cuGraphAddMemFreeNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddMemcpyNode", since: 0, symbol: "cuGraphAddMemcpyNode", ptr: cuGraphAddMemcpyNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddMemsetNode", since: 0, symbol: "cuGraphAddMemsetNode", ptr: cuGraphAddMemsetNode as *const () },
-    rt::ProcEntry { base: "cuGraphAddNode", since: 0, symbol: "cuGraphAddNode_v2", ptr: cuGraphAddNode_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphBatchMemOpNodeGetParams", since: 0, symbol: "cuGraphBatchMemOpNodeGetParams", ptr: cuGraphBatchMemOpNodeGetParams as *const () },
-    rt::ProcEntry { base: "cuGraphBatchMemOpNodeSetParams", since: 0, symbol: "cuGraphBatchMemOpNodeSetParams", ptr: cuGraphBatchMemOpNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphChildGraphNodeGetGraph", since: 0, symbol: "cuGraphChildGraphNodeGetGraph", ptr: cuGraphChildGraphNodeGetGraph as *const () },
-    rt::ProcEntry { base: "cuGraphClone", since: 0, symbol: "cuGraphClone", ptr: cuGraphClone as *const () },
-    rt::ProcEntry { base: "cuGraphConditionalHandleCreate", since: 0, symbol: "cuGraphConditionalHandleCreate", ptr: cuGraphConditionalHandleCreate as *const () },
-    rt::ProcEntry { base: "cuGraphCreate", since: 0, symbol: "cuGraphCreate", ptr: cuGraphCreate as *const () },
-    rt::ProcEntry { base: "cuGraphDebugDotPrint", since: 0, symbol: "cuGraphDebugDotPrint", ptr: cuGraphDebugDotPrint as *const () },
-    rt::ProcEntry { base: "cuGraphDestroy", since: 0, symbol: "cuGraphDestroy", ptr: cuGraphDestroy as *const () },
-    rt::ProcEntry { base: "cuGraphDestroyNode", since: 0, symbol: "cuGraphDestroyNode", ptr: cuGraphDestroyNode as *const () },
-    rt::ProcEntry { base: "cuGraphEventRecordNodeGetEvent", since: 0, symbol: "cuGraphEventRecordNodeGetEvent", ptr: cuGraphEventRecordNodeGetEvent as *const () },
-    rt::ProcEntry { base: "cuGraphEventRecordNodeSetEvent", since: 0, symbol: "cuGraphEventRecordNodeSetEvent", ptr: cuGraphEventRecordNodeSetEvent as *const () },
-    rt::ProcEntry { base: "cuGraphEventWaitNodeGetEvent", since: 0, symbol: "cuGraphEventWaitNodeGetEvent", ptr: cuGraphEventWaitNodeGetEvent as *const () },
-    rt::ProcEntry { base: "cuGraphEventWaitNodeSetEvent", since: 0, symbol: "cuGraphEventWaitNodeSetEvent", ptr: cuGraphEventWaitNodeSetEvent as *const () },
-    rt::ProcEntry { base: "cuGraphExecBatchMemOpNodeSetParams", since: 0, symbol: "cuGraphExecBatchMemOpNodeSetParams", ptr: cuGraphExecBatchMemOpNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExecChildGraphNodeSetParams", since: 0, symbol: "cuGraphExecChildGraphNodeSetParams", ptr: cuGraphExecChildGraphNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExecDestroy", since: 0, symbol: "cuGraphExecDestroy", ptr: cuGraphExecDestroy as *const () },
-    rt::ProcEntry { base: "cuGraphExecEventRecordNodeSetEvent", since: 0, symbol: "cuGraphExecEventRecordNodeSetEvent", ptr: cuGraphExecEventRecordNodeSetEvent as *const () },
-    rt::ProcEntry { base: "cuGraphExecEventWaitNodeSetEvent", since: 0, symbol: "cuGraphExecEventWaitNodeSetEvent", ptr: cuGraphExecEventWaitNodeSetEvent as *const () },
-    rt::ProcEntry { base: "cuGraphExecExternalSemaphoresSignalNodeSetParams", since: 0, symbol: "cuGraphExecExternalSemaphoresSignalNodeSetParams", ptr: cuGraphExecExternalSemaphoresSignalNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExecExternalSemaphoresWaitNodeSetParams", since: 0, symbol: "cuGraphExecExternalSemaphoresWaitNodeSetParams", ptr: cuGraphExecExternalSemaphoresWaitNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExecGetFlags", since: 0, symbol: "cuGraphExecGetFlags", ptr: cuGraphExecGetFlags as *const () },
-    rt::ProcEntry { base: "cuGraphExecHostNodeSetParams", since: 0, symbol: "cuGraphExecHostNodeSetParams", ptr: cuGraphExecHostNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExecKernelNodeSetParams", since: 0, symbol: "cuGraphExecKernelNodeSetParams_v2", ptr: cuGraphExecKernelNodeSetParams_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphExecMemcpyNodeSetParams", since: 0, symbol: "cuGraphExecMemcpyNodeSetParams", ptr: cuGraphExecMemcpyNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExecMemsetNodeSetParams", since: 0, symbol: "cuGraphExecMemsetNodeSetParams", ptr: cuGraphExecMemsetNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExecNodeSetParams", since: 0, symbol: "cuGraphExecNodeSetParams", ptr: cuGraphExecNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExecUpdate", since: 0, symbol: "cuGraphExecUpdate_v2", ptr: cuGraphExecUpdate_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphExternalSemaphoresSignalNodeGetParams", since: 0, symbol: "cuGraphExternalSemaphoresSignalNodeGetParams", ptr: cuGraphExternalSemaphoresSignalNodeGetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExternalSemaphoresSignalNodeSetParams", since: 0, symbol: "cuGraphExternalSemaphoresSignalNodeSetParams", ptr: cuGraphExternalSemaphoresSignalNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExternalSemaphoresWaitNodeGetParams", since: 0, symbol: "cuGraphExternalSemaphoresWaitNodeGetParams", ptr: cuGraphExternalSemaphoresWaitNodeGetParams as *const () },
-    rt::ProcEntry { base: "cuGraphExternalSemaphoresWaitNodeSetParams", since: 0, symbol: "cuGraphExternalSemaphoresWaitNodeSetParams", ptr: cuGraphExternalSemaphoresWaitNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphGetEdges", since: 0, symbol: "cuGraphGetEdges_v2", ptr: cuGraphGetEdges_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphGetNodes", since: 0, symbol: "cuGraphGetNodes", ptr: cuGraphGetNodes as *const () },
-    rt::ProcEntry { base: "cuGraphGetRootNodes", since: 0, symbol: "cuGraphGetRootNodes", ptr: cuGraphGetRootNodes as *const () },
-    rt::ProcEntry { base: "cuGraphHostNodeGetParams", since: 0, symbol: "cuGraphHostNodeGetParams", ptr: cuGraphHostNodeGetParams as *const () },
-    rt::ProcEntry { base: "cuGraphHostNodeSetParams", since: 0, symbol: "cuGraphHostNodeSetParams", ptr: cuGraphHostNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphInstantiateWithFlags", since: 0, symbol: "cuGraphInstantiateWithFlags", ptr: cuGraphInstantiateWithFlags as *const () },
-    rt::ProcEntry { base: "cuGraphInstantiateWithParams", since: 0, symbol: "cuGraphInstantiateWithParams", ptr: cuGraphInstantiateWithParams as *const () },
-    rt::ProcEntry { base: "cuGraphKernelNodeCopyAttributes", since: 0, symbol: "cuGraphKernelNodeCopyAttributes", ptr: cuGraphKernelNodeCopyAttributes as *const () },
-    rt::ProcEntry { base: "cuGraphKernelNodeGetAttribute", since: 0, symbol: "cuGraphKernelNodeGetAttribute", ptr: cuGraphKernelNodeGetAttribute as *const () },
-    rt::ProcEntry { base: "cuGraphKernelNodeGetParams", since: 0, symbol: "cuGraphKernelNodeGetParams_v2", ptr: cuGraphKernelNodeGetParams_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphKernelNodeSetAttribute", since: 0, symbol: "cuGraphKernelNodeSetAttribute", ptr: cuGraphKernelNodeSetAttribute as *const () },
-    rt::ProcEntry { base: "cuGraphKernelNodeSetParams", since: 0, symbol: "cuGraphKernelNodeSetParams_v2", ptr: cuGraphKernelNodeSetParams_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphLaunch", since: 0, symbol: "cuGraphLaunch", ptr: cuGraphLaunch as *const () },
-    rt::ProcEntry { base: "cuGraphMemAllocNodeGetParams", since: 0, symbol: "cuGraphMemAllocNodeGetParams", ptr: cuGraphMemAllocNodeGetParams as *const () },
-    rt::ProcEntry { base: "cuGraphMemFreeNodeGetParams", since: 0, symbol: "cuGraphMemFreeNodeGetParams", ptr: cuGraphMemFreeNodeGetParams as *const () },
-    rt::ProcEntry { base: "cuGraphMemcpyNodeGetParams", since: 0, symbol: "cuGraphMemcpyNodeGetParams", ptr: cuGraphMemcpyNodeGetParams as *const () },
-    rt::ProcEntry { base: "cuGraphMemcpyNodeSetParams", since: 0, symbol: "cuGraphMemcpyNodeSetParams", ptr: cuGraphMemcpyNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphMemsetNodeGetParams", since: 0, symbol: "cuGraphMemsetNodeGetParams", ptr: cuGraphMemsetNodeGetParams as *const () },
-    rt::ProcEntry { base: "cuGraphMemsetNodeSetParams", since: 0, symbol: "cuGraphMemsetNodeSetParams", ptr: cuGraphMemsetNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphNodeFindInClone", since: 0, symbol: "cuGraphNodeFindInClone", ptr: cuGraphNodeFindInClone as *const () },
-    rt::ProcEntry { base: "cuGraphNodeGetDependencies", since: 0, symbol: "cuGraphNodeGetDependencies_v2", ptr: cuGraphNodeGetDependencies_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphNodeGetDependentNodes", since: 0, symbol: "cuGraphNodeGetDependentNodes_v2", ptr: cuGraphNodeGetDependentNodes_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphNodeGetEnabled", since: 0, symbol: "cuGraphNodeGetEnabled", ptr: cuGraphNodeGetEnabled as *const () },
-    rt::ProcEntry { base: "cuGraphNodeGetType", since: 0, symbol: "cuGraphNodeGetType", ptr: cuGraphNodeGetType as *const () },
-    rt::ProcEntry { base: "cuGraphNodeSetEnabled", since: 0, symbol: "cuGraphNodeSetEnabled", ptr: cuGraphNodeSetEnabled as *const () },
-    rt::ProcEntry { base: "cuGraphNodeSetParams", since: 0, symbol: "cuGraphNodeSetParams", ptr: cuGraphNodeSetParams as *const () },
-    rt::ProcEntry { base: "cuGraphReleaseUserObject", since: 0, symbol: "cuGraphReleaseUserObject", ptr: cuGraphReleaseUserObject as *const () },
-    rt::ProcEntry { base: "cuGraphRemoveDependencies", since: 0, symbol: "cuGraphRemoveDependencies_v2", ptr: cuGraphRemoveDependencies_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphRetainUserObject", since: 0, symbol: "cuGraphRetainUserObject", ptr: cuGraphRetainUserObject as *const () },
-    rt::ProcEntry { base: "cuGraphUpload", since: 0, symbol: "cuGraphUpload", ptr: cuGraphUpload as *const () },
-    rt::ProcEntry { base: "cuGraphicsMapResources", since: 0, symbol: "cuGraphicsMapResources", ptr: cuGraphicsMapResources as *const () },
-    rt::ProcEntry { base: "cuGraphicsResourceGetMappedMipmappedArray", since: 0, symbol: "cuGraphicsResourceGetMappedMipmappedArray", ptr: cuGraphicsResourceGetMappedMipmappedArray as *const () },
-    rt::ProcEntry { base: "cuGraphicsResourceGetMappedPointer", since: 0, symbol: "cuGraphicsResourceGetMappedPointer_v2", ptr: cuGraphicsResourceGetMappedPointer_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphicsResourceSetMapFlags", since: 0, symbol: "cuGraphicsResourceSetMapFlags_v2", ptr: cuGraphicsResourceSetMapFlags_v2 as *const () },
-    rt::ProcEntry { base: "cuGraphicsSubResourceGetMappedArray", since: 0, symbol: "cuGraphicsSubResourceGetMappedArray", ptr: cuGraphicsSubResourceGetMappedArray as *const () },
-    rt::ProcEntry { base: "cuGraphicsUnmapResources", since: 0, symbol: "cuGraphicsUnmapResources", ptr: cuGraphicsUnmapResources as *const () },
-    rt::ProcEntry { base: "cuGraphicsUnregisterResource", since: 0, symbol: "cuGraphicsUnregisterResource", ptr: cuGraphicsUnregisterResource as *const () },
-    rt::ProcEntry { base: "cuGreenCtxCreate", since: 0, symbol: "cuGreenCtxCreate", ptr: cuGreenCtxCreate as *const () },
-    rt::ProcEntry { base: "cuGreenCtxDestroy", since: 0, symbol: "cuGreenCtxDestroy", ptr: cuGreenCtxDestroy as *const () },
-    rt::ProcEntry { base: "cuGreenCtxGetDevResource", since: 0, symbol: "cuGreenCtxGetDevResource", ptr: cuGreenCtxGetDevResource as *const () },
-    rt::ProcEntry { base: "cuGreenCtxGetId", since: 0, symbol: "cuGreenCtxGetId", ptr: cuGreenCtxGetId as *const () },
-    rt::ProcEntry { base: "cuGreenCtxRecordEvent", since: 0, symbol: "cuGreenCtxRecordEvent", ptr: cuGreenCtxRecordEvent as *const () },
-    rt::ProcEntry { base: "cuGreenCtxStreamCreate", since: 0, symbol: "cuGreenCtxStreamCreate", ptr: cuGreenCtxStreamCreate as *const () },
-    rt::ProcEntry { base: "cuGreenCtxWaitEvent", since: 0, symbol: "cuGreenCtxWaitEvent", ptr: cuGreenCtxWaitEvent as *const () },
-    rt::ProcEntry { base: "cuImportExternalMemory", since: 0, symbol: "cuImportExternalMemory", ptr: cuImportExternalMemory as *const () },
-    rt::ProcEntry { base: "cuImportExternalSemaphore", since: 0, symbol: "cuImportExternalSemaphore", ptr: cuImportExternalSemaphore as *const () },
-    rt::ProcEntry { base: "cuInit", since: 0, symbol: "cuInit", ptr: cuInit as *const () },
-    rt::ProcEntry { base: "cuIpcCloseMemHandle", since: 0, symbol: "cuIpcCloseMemHandle", ptr: cuIpcCloseMemHandle as *const () },
-    rt::ProcEntry { base: "cuIpcGetEventHandle", since: 4010, symbol: "cuIpcGetEventHandle", ptr: cuIpcGetEventHandle as *const () },
-    rt::ProcEntry { base: "cuIpcGetMemHandle", since: 0, symbol: "cuIpcGetMemHandle", ptr: cuIpcGetMemHandle as *const () },
-    rt::ProcEntry { base: "cuIpcOpenEventHandle", since: 4010, symbol: "cuIpcOpenEventHandle", ptr: cuIpcOpenEventHandle as *const () },
-    rt::ProcEntry { base: "cuIpcOpenMemHandle", since: 4010, symbol: "cuIpcOpenMemHandle", ptr: cuIpcOpenMemHandle as *const () },
-    rt::ProcEntry { base: "cuIpcOpenMemHandle", since: 11000, symbol: "cuIpcOpenMemHandle_v2", ptr: cuIpcOpenMemHandle_v2 as *const () },
-    rt::ProcEntry { base: "cuKernelGetAttribute", since: 0, symbol: "cuKernelGetAttribute", ptr: cuKernelGetAttribute as *const () },
-    rt::ProcEntry { base: "cuKernelGetFunction", since: 0, symbol: "cuKernelGetFunction", ptr: cuKernelGetFunction as *const () },
-    rt::ProcEntry { base: "cuKernelGetLibrary", since: 0, symbol: "cuKernelGetLibrary", ptr: cuKernelGetLibrary as *const () },
-    rt::ProcEntry { base: "cuKernelGetName", since: 0, symbol: "cuKernelGetName", ptr: cuKernelGetName as *const () },
-    rt::ProcEntry { base: "cuKernelGetParamInfo", since: 0, symbol: "cuKernelGetParamInfo", ptr: cuKernelGetParamInfo as *const () },
-    rt::ProcEntry { base: "cuKernelSetAttribute", since: 0, symbol: "cuKernelSetAttribute", ptr: cuKernelSetAttribute as *const () },
-    rt::ProcEntry { base: "cuKernelSetCacheConfig", since: 0, symbol: "cuKernelSetCacheConfig", ptr: cuKernelSetCacheConfig as *const () },
-    rt::ProcEntry { base: "cuLaunch", since: 0, symbol: "cuLaunch", ptr: cuLaunch as *const () },
-    rt::ProcEntry { base: "cuLaunchCooperativeKernel", since: 0, symbol: "cuLaunchCooperativeKernel", ptr: cuLaunchCooperativeKernel as *const () },
-    rt::ProcEntry { base: "cuLaunchCooperativeKernelMultiDevice", since: 0, symbol: "cuLaunchCooperativeKernelMultiDevice", ptr: cuLaunchCooperativeKernelMultiDevice as *const () },
-    rt::ProcEntry { base: "cuLaunchGrid", since: 0, symbol: "cuLaunchGrid", ptr: cuLaunchGrid as *const () },
-    rt::ProcEntry { base: "cuLaunchGridAsync", since: 0, symbol: "cuLaunchGridAsync", ptr: cuLaunchGridAsync as *const () },
-    rt::ProcEntry { base: "cuLaunchHostFunc", since: 10000, symbol: "cuLaunchHostFunc", ptr: cuLaunchHostFunc as *const () },
-    rt::ProcEntry { base: "cuLaunchKernel", since: 0, symbol: "cuLaunchKernel", ptr: cuLaunchKernel as *const () },
-    rt::ProcEntry { base: "cuLaunchKernelEx", since: 0, symbol: "cuLaunchKernelEx", ptr: cuLaunchKernelEx as *const () },
-    rt::ProcEntry { base: "cuLibraryEnumerateKernels", since: 0, symbol: "cuLibraryEnumerateKernels", ptr: cuLibraryEnumerateKernels as *const () },
-    rt::ProcEntry { base: "cuLibraryGetGlobal", since: 0, symbol: "cuLibraryGetGlobal", ptr: cuLibraryGetGlobal as *const () },
-    rt::ProcEntry { base: "cuLibraryGetKernel", since: 0, symbol: "cuLibraryGetKernel", ptr: cuLibraryGetKernel as *const () },
-    rt::ProcEntry { base: "cuLibraryGetKernelCount", since: 0, symbol: "cuLibraryGetKernelCount", ptr: cuLibraryGetKernelCount as *const () },
-    rt::ProcEntry { base: "cuLibraryGetManaged", since: 0, symbol: "cuLibraryGetManaged", ptr: cuLibraryGetManaged as *const () },
-    rt::ProcEntry { base: "cuLibraryGetModule", since: 0, symbol: "cuLibraryGetModule", ptr: cuLibraryGetModule as *const () },
-    rt::ProcEntry { base: "cuLibraryGetUnifiedFunction", since: 0, symbol: "cuLibraryGetUnifiedFunction", ptr: cuLibraryGetUnifiedFunction as *const () },
-    rt::ProcEntry { base: "cuLibraryLoadData", since: 0, symbol: "cuLibraryLoadData", ptr: cuLibraryLoadData as *const () },
-    rt::ProcEntry { base: "cuLibraryLoadFromFile", since: 0, symbol: "cuLibraryLoadFromFile", ptr: cuLibraryLoadFromFile as *const () },
-    rt::ProcEntry { base: "cuLibraryUnload", since: 0, symbol: "cuLibraryUnload", ptr: cuLibraryUnload as *const () },
-    rt::ProcEntry { base: "cuLinkAddData", since: 0, symbol: "cuLinkAddData_v2", ptr: cuLinkAddData_v2 as *const () },
-    rt::ProcEntry { base: "cuLinkAddFile", since: 0, symbol: "cuLinkAddFile_v2", ptr: cuLinkAddFile_v2 as *const () },
-    rt::ProcEntry { base: "cuLinkComplete", since: 0, symbol: "cuLinkComplete", ptr: cuLinkComplete as *const () },
-    rt::ProcEntry { base: "cuLinkCreate", since: 0, symbol: "cuLinkCreate_v2", ptr: cuLinkCreate_v2 as *const () },
-    rt::ProcEntry { base: "cuLinkDestroy", since: 0, symbol: "cuLinkDestroy", ptr: cuLinkDestroy as *const () },
-    rt::ProcEntry { base: "cuLogsCurrent", since: 0, symbol: "cuLogsCurrent", ptr: cuLogsCurrent as *const () },
-    rt::ProcEntry { base: "cuLogsDumpToFile", since: 0, symbol: "cuLogsDumpToFile", ptr: cuLogsDumpToFile as *const () },
-    rt::ProcEntry { base: "cuLogsDumpToMemory", since: 0, symbol: "cuLogsDumpToMemory", ptr: cuLogsDumpToMemory as *const () },
-    rt::ProcEntry { base: "cuLogsRegisterCallback", since: 0, symbol: "cuLogsRegisterCallback", ptr: cuLogsRegisterCallback as *const () },
-    rt::ProcEntry { base: "cuLogsUnregisterCallback", since: 0, symbol: "cuLogsUnregisterCallback", ptr: cuLogsUnregisterCallback as *const () },
-    rt::ProcEntry { base: "cuMemAddressFree", since: 0, symbol: "cuMemAddressFree", ptr: cuMemAddressFree as *const () },
-    rt::ProcEntry { base: "cuMemAddressReserve", since: 0, symbol: "cuMemAddressReserve", ptr: cuMemAddressReserve as *const () },
-    rt::ProcEntry { base: "cuMemAdvise", since: 0, symbol: "cuMemAdvise_v2", ptr: cuMemAdvise_v2 as *const () },
-    rt::ProcEntry { base: "cuMemAlloc", since: 3020, symbol: "cuMemAlloc_v2", ptr: cuMemAlloc_v2 as *const () },
-    rt::ProcEntry { base: "cuMemAllocAsync", since: 0, symbol: "cuMemAllocAsync", ptr: cuMemAllocAsync as *const () },
-    rt::ProcEntry { base: "cuMemAllocFromPoolAsync", since: 0, symbol: "cuMemAllocFromPoolAsync", ptr: cuMemAllocFromPoolAsync as *const () },
-    rt::ProcEntry { base: "cuMemAllocHost", since: 3020, symbol: "cuMemAllocHost_v2", ptr: cuMemAllocHost_v2 as *const () },
-    rt::ProcEntry { base: "cuMemAllocManaged", since: 0, symbol: "cuMemAllocManaged", ptr: cuMemAllocManaged as *const () },
-    rt::ProcEntry { base: "cuMemAllocPitch", since: 3020, symbol: "cuMemAllocPitch_v2", ptr: cuMemAllocPitch_v2 as *const () },
-    rt::ProcEntry { base: "cuMemBatchDecompressAsync", since: 0, symbol: "cuMemBatchDecompressAsync", ptr: cuMemBatchDecompressAsync as *const () },
-    rt::ProcEntry { base: "cuMemCreate", since: 0, symbol: "cuMemCreate", ptr: cuMemCreate as *const () },
-    rt::ProcEntry { base: "cuMemDiscardAndPrefetchBatchAsync", since: 0, symbol: "cuMemDiscardAndPrefetchBatchAsync", ptr: cuMemDiscardAndPrefetchBatchAsync as *const () },
-    rt::ProcEntry { base: "cuMemDiscardBatchAsync", since: 0, symbol: "cuMemDiscardBatchAsync", ptr: cuMemDiscardBatchAsync as *const () },
-    rt::ProcEntry { base: "cuMemExportToShareableHandle", since: 0, symbol: "cuMemExportToShareableHandle", ptr: cuMemExportToShareableHandle as *const () },
-    rt::ProcEntry { base: "cuMemFree", since: 3020, symbol: "cuMemFree_v2", ptr: cuMemFree_v2 as *const () },
-    rt::ProcEntry { base: "cuMemFreeAsync", since: 0, symbol: "cuMemFreeAsync", ptr: cuMemFreeAsync as *const () },
-    rt::ProcEntry { base: "cuMemFreeHost", since: 0, symbol: "cuMemFreeHost", ptr: cuMemFreeHost as *const () },
-    rt::ProcEntry { base: "cuMemGetAccess", since: 0, symbol: "cuMemGetAccess", ptr: cuMemGetAccess as *const () },
-    rt::ProcEntry { base: "cuMemGetAddressRange", since: 3020, symbol: "cuMemGetAddressRange_v2", ptr: cuMemGetAddressRange_v2 as *const () },
-    rt::ProcEntry { base: "cuMemGetAllocationGranularity", since: 0, symbol: "cuMemGetAllocationGranularity", ptr: cuMemGetAllocationGranularity as *const () },
-    rt::ProcEntry { base: "cuMemGetAllocationPropertiesFromHandle", since: 0, symbol: "cuMemGetAllocationPropertiesFromHandle", ptr: cuMemGetAllocationPropertiesFromHandle as *const () },
-    rt::ProcEntry { base: "cuMemGetDefaultMemPool", since: 0, symbol: "cuMemGetDefaultMemPool", ptr: cuMemGetDefaultMemPool as *const () },
-    rt::ProcEntry { base: "cuMemGetHandleForAddressRange", since: 0, symbol: "cuMemGetHandleForAddressRange", ptr: cuMemGetHandleForAddressRange as *const () },
-    rt::ProcEntry { base: "cuMemGetInfo", since: 3020, symbol: "cuMemGetInfo_v2", ptr: cuMemGetInfo_v2 as *const () },
-    rt::ProcEntry { base: "cuMemGetMemPool", since: 0, symbol: "cuMemGetMemPool", ptr: cuMemGetMemPool as *const () },
-    rt::ProcEntry { base: "cuMemHostAlloc", since: 0, symbol: "cuMemHostAlloc", ptr: cuMemHostAlloc as *const () },
-    rt::ProcEntry { base: "cuMemHostGetDevicePointer", since: 3020, symbol: "cuMemHostGetDevicePointer_v2", ptr: cuMemHostGetDevicePointer_v2 as *const () },
-    rt::ProcEntry { base: "cuMemHostGetFlags", since: 0, symbol: "cuMemHostGetFlags", ptr: cuMemHostGetFlags as *const () },
-    rt::ProcEntry { base: "cuMemHostRegister", since: 4000, symbol: "cuMemHostRegister", ptr: cuMemHostRegister as *const () },
-    rt::ProcEntry { base: "cuMemHostRegister", since: 6050, symbol: "cuMemHostRegister_v2", ptr: cuMemHostRegister_v2 as *const () },
-    rt::ProcEntry { base: "cuMemHostUnregister", since: 0, symbol: "cuMemHostUnregister", ptr: cuMemHostUnregister as *const () },
-    rt::ProcEntry { base: "cuMemImportFromShareableHandle", since: 0, symbol: "cuMemImportFromShareableHandle", ptr: cuMemImportFromShareableHandle as *const () },
-    rt::ProcEntry { base: "cuMemMap", since: 0, symbol: "cuMemMap", ptr: cuMemMap as *const () },
-    rt::ProcEntry { base: "cuMemMapArrayAsync", since: 0, symbol: "cuMemMapArrayAsync", ptr: cuMemMapArrayAsync as *const () },
-    rt::ProcEntry { base: "cuMemPoolCreate", since: 0, symbol: "cuMemPoolCreate", ptr: cuMemPoolCreate as *const () },
-    rt::ProcEntry { base: "cuMemPoolDestroy", since: 0, symbol: "cuMemPoolDestroy", ptr: cuMemPoolDestroy as *const () },
-    rt::ProcEntry { base: "cuMemPoolExportPointer", since: 0, symbol: "cuMemPoolExportPointer", ptr: cuMemPoolExportPointer as *const () },
-    rt::ProcEntry { base: "cuMemPoolExportToShareableHandle", since: 0, symbol: "cuMemPoolExportToShareableHandle", ptr: cuMemPoolExportToShareableHandle as *const () },
-    rt::ProcEntry { base: "cuMemPoolGetAccess", since: 0, symbol: "cuMemPoolGetAccess", ptr: cuMemPoolGetAccess as *const () },
-    rt::ProcEntry { base: "cuMemPoolGetAttribute", since: 0, symbol: "cuMemPoolGetAttribute", ptr: cuMemPoolGetAttribute as *const () },
-    rt::ProcEntry { base: "cuMemPoolImportFromShareableHandle", since: 0, symbol: "cuMemPoolImportFromShareableHandle", ptr: cuMemPoolImportFromShareableHandle as *const () },
-    rt::ProcEntry { base: "cuMemPoolImportPointer", since: 0, symbol: "cuMemPoolImportPointer", ptr: cuMemPoolImportPointer as *const () },
-    rt::ProcEntry { base: "cuMemPoolSetAccess", since: 0, symbol: "cuMemPoolSetAccess", ptr: cuMemPoolSetAccess as *const () },
-    rt::ProcEntry { base: "cuMemPoolSetAttribute", since: 0, symbol: "cuMemPoolSetAttribute", ptr: cuMemPoolSetAttribute as *const () },
-    rt::ProcEntry { base: "cuMemPoolTrimTo", since: 0, symbol: "cuMemPoolTrimTo", ptr: cuMemPoolTrimTo as *const () },
-    rt::ProcEntry { base: "cuMemPrefetchAsync", since: 0, symbol: "cuMemPrefetchAsync_v2", ptr: cuMemPrefetchAsync_v2 as *const () },
-    rt::ProcEntry { base: "cuMemPrefetchBatchAsync", since: 0, symbol: "cuMemPrefetchBatchAsync", ptr: cuMemPrefetchBatchAsync as *const () },
-    rt::ProcEntry { base: "cuMemRangeGetAttribute", since: 0, symbol: "cuMemRangeGetAttribute", ptr: cuMemRangeGetAttribute as *const () },
-    rt::ProcEntry { base: "cuMemRangeGetAttributes", since: 0, symbol: "cuMemRangeGetAttributes", ptr: cuMemRangeGetAttributes as *const () },
-    rt::ProcEntry { base: "cuMemRelease", since: 0, symbol: "cuMemRelease", ptr: cuMemRelease as *const () },
-    rt::ProcEntry { base: "cuMemRetainAllocationHandle", since: 0, symbol: "cuMemRetainAllocationHandle", ptr: cuMemRetainAllocationHandle as *const () },
-    rt::ProcEntry { base: "cuMemSetAccess", since: 0, symbol: "cuMemSetAccess", ptr: cuMemSetAccess as *const () },
-    rt::ProcEntry { base: "cuMemSetMemPool", since: 0, symbol: "cuMemSetMemPool", ptr: cuMemSetMemPool as *const () },
-    rt::ProcEntry { base: "cuMemUnmap", since: 0, symbol: "cuMemUnmap", ptr: cuMemUnmap as *const () },
-    rt::ProcEntry { base: "cuMemcpy", since: 0, symbol: "cuMemcpy", ptr: cuMemcpy as *const () },
-    rt::ProcEntry { base: "cuMemcpy2D", since: 0, symbol: "cuMemcpy2D_v2", ptr: cuMemcpy2D_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpy2DAsync", since: 0, symbol: "cuMemcpy2DAsync_v2", ptr: cuMemcpy2DAsync_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpy2DUnaligned", since: 0, symbol: "cuMemcpy2DUnaligned_v2", ptr: cuMemcpy2DUnaligned_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpy3D", since: 0, symbol: "cuMemcpy3D_v2", ptr: cuMemcpy3D_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpy3DAsync", since: 0, symbol: "cuMemcpy3DAsync_v2", ptr: cuMemcpy3DAsync_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpy3DBatchAsync", since: 0, symbol: "cuMemcpy3DBatchAsync_v2", ptr: cuMemcpy3DBatchAsync_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpy3DPeer", since: 0, symbol: "cuMemcpy3DPeer", ptr: cuMemcpy3DPeer as *const () },
-    rt::ProcEntry { base: "cuMemcpy3DPeerAsync", since: 0, symbol: "cuMemcpy3DPeerAsync", ptr: cuMemcpy3DPeerAsync as *const () },
-    rt::ProcEntry { base: "cuMemcpyAsync", since: 0, symbol: "cuMemcpyAsync", ptr: cuMemcpyAsync as *const () },
-    rt::ProcEntry { base: "cuMemcpyAtoA", since: 0, symbol: "cuMemcpyAtoA_v2", ptr: cuMemcpyAtoA_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyAtoD", since: 0, symbol: "cuMemcpyAtoD_v2", ptr: cuMemcpyAtoD_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyAtoH", since: 0, symbol: "cuMemcpyAtoH_v2", ptr: cuMemcpyAtoH_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyAtoHAsync", since: 0, symbol: "cuMemcpyAtoHAsync_v2", ptr: cuMemcpyAtoHAsync_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyBatchAsync", since: 0, symbol: "cuMemcpyBatchAsync_v2", ptr: cuMemcpyBatchAsync_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyDtoA", since: 0, symbol: "cuMemcpyDtoA_v2", ptr: cuMemcpyDtoA_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyDtoD", since: 3020, symbol: "cuMemcpyDtoD_v2", ptr: cuMemcpyDtoD_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyDtoDAsync", since: 3020, symbol: "cuMemcpyDtoDAsync_v2", ptr: cuMemcpyDtoDAsync_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyDtoH", since: 3020, symbol: "cuMemcpyDtoH_v2", ptr: cuMemcpyDtoH_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyDtoHAsync", since: 3020, symbol: "cuMemcpyDtoHAsync_v2", ptr: cuMemcpyDtoHAsync_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyHtoA", since: 0, symbol: "cuMemcpyHtoA_v2", ptr: cuMemcpyHtoA_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyHtoAAsync", since: 0, symbol: "cuMemcpyHtoAAsync_v2", ptr: cuMemcpyHtoAAsync_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyHtoD", since: 3020, symbol: "cuMemcpyHtoD_v2", ptr: cuMemcpyHtoD_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyHtoDAsync", since: 3020, symbol: "cuMemcpyHtoDAsync_v2", ptr: cuMemcpyHtoDAsync_v2 as *const () },
-    rt::ProcEntry { base: "cuMemcpyPeer", since: 0, symbol: "cuMemcpyPeer", ptr: cuMemcpyPeer as *const () },
-    rt::ProcEntry { base: "cuMemcpyPeerAsync", since: 0, symbol: "cuMemcpyPeerAsync", ptr: cuMemcpyPeerAsync as *const () },
-    rt::ProcEntry { base: "cuMemsetD16", since: 3020, symbol: "cuMemsetD16_v2", ptr: cuMemsetD16_v2 as *const () },
-    rt::ProcEntry { base: "cuMemsetD16Async", since: 0, symbol: "cuMemsetD16Async", ptr: cuMemsetD16Async as *const () },
-    rt::ProcEntry { base: "cuMemsetD2D16", since: 0, symbol: "cuMemsetD2D16_v2", ptr: cuMemsetD2D16_v2 as *const () },
-    rt::ProcEntry { base: "cuMemsetD2D16Async", since: 0, symbol: "cuMemsetD2D16Async", ptr: cuMemsetD2D16Async as *const () },
-    rt::ProcEntry { base: "cuMemsetD2D32", since: 0, symbol: "cuMemsetD2D32_v2", ptr: cuMemsetD2D32_v2 as *const () },
-    rt::ProcEntry { base: "cuMemsetD2D32Async", since: 0, symbol: "cuMemsetD2D32Async", ptr: cuMemsetD2D32Async as *const () },
-    rt::ProcEntry { base: "cuMemsetD2D8", since: 0, symbol: "cuMemsetD2D8_v2", ptr: cuMemsetD2D8_v2 as *const () },
-    rt::ProcEntry { base: "cuMemsetD2D8Async", since: 0, symbol: "cuMemsetD2D8Async", ptr: cuMemsetD2D8Async as *const () },
-    rt::ProcEntry { base: "cuMemsetD32", since: 3020, symbol: "cuMemsetD32_v2", ptr: cuMemsetD32_v2 as *const () },
-    rt::ProcEntry { base: "cuMemsetD32Async", since: 0, symbol: "cuMemsetD32Async", ptr: cuMemsetD32Async as *const () },
-    rt::ProcEntry { base: "cuMemsetD8", since: 3020, symbol: "cuMemsetD8_v2", ptr: cuMemsetD8_v2 as *const () },
-    rt::ProcEntry { base: "cuMemsetD8Async", since: 0, symbol: "cuMemsetD8Async", ptr: cuMemsetD8Async as *const () },
-    rt::ProcEntry { base: "cuMipmappedArrayCreate", since: 0, symbol: "cuMipmappedArrayCreate", ptr: cuMipmappedArrayCreate as *const () },
-    rt::ProcEntry { base: "cuMipmappedArrayDestroy", since: 0, symbol: "cuMipmappedArrayDestroy", ptr: cuMipmappedArrayDestroy as *const () },
-    rt::ProcEntry { base: "cuMipmappedArrayGetLevel", since: 0, symbol: "cuMipmappedArrayGetLevel", ptr: cuMipmappedArrayGetLevel as *const () },
-    rt::ProcEntry { base: "cuMipmappedArrayGetMemoryRequirements", since: 0, symbol: "cuMipmappedArrayGetMemoryRequirements", ptr: cuMipmappedArrayGetMemoryRequirements as *const () },
-    rt::ProcEntry { base: "cuMipmappedArrayGetSparseProperties", since: 0, symbol: "cuMipmappedArrayGetSparseProperties", ptr: cuMipmappedArrayGetSparseProperties as *const () },
-    rt::ProcEntry { base: "cuModuleEnumerateFunctions", since: 0, symbol: "cuModuleEnumerateFunctions", ptr: cuModuleEnumerateFunctions as *const () },
-    rt::ProcEntry { base: "cuModuleGetFunction", since: 0, symbol: "cuModuleGetFunction", ptr: cuModuleGetFunction as *const () },
-    rt::ProcEntry { base: "cuModuleGetFunctionCount", since: 0, symbol: "cuModuleGetFunctionCount", ptr: cuModuleGetFunctionCount as *const () },
-    rt::ProcEntry { base: "cuModuleGetGlobal", since: 3020, symbol: "cuModuleGetGlobal_v2", ptr: cuModuleGetGlobal_v2 as *const () },
-    rt::ProcEntry { base: "cuModuleGetLoadingMode", since: 0, symbol: "cuModuleGetLoadingMode", ptr: cuModuleGetLoadingMode as *const () },
-    rt::ProcEntry { base: "cuModuleGetSurfRef", since: 0, symbol: "cuModuleGetSurfRef", ptr: cuModuleGetSurfRef as *const () },
-    rt::ProcEntry { base: "cuModuleGetTexRef", since: 0, symbol: "cuModuleGetTexRef", ptr: cuModuleGetTexRef as *const () },
-    rt::ProcEntry { base: "cuModuleLoad", since: 0, symbol: "cuModuleLoad", ptr: cuModuleLoad as *const () },
-    rt::ProcEntry { base: "cuModuleLoadData", since: 0, symbol: "cuModuleLoadData", ptr: cuModuleLoadData as *const () },
-    rt::ProcEntry { base: "cuModuleLoadDataEx", since: 0, symbol: "cuModuleLoadDataEx", ptr: cuModuleLoadDataEx as *const () },
-    rt::ProcEntry { base: "cuModuleLoadFatBinary", since: 0, symbol: "cuModuleLoadFatBinary", ptr: cuModuleLoadFatBinary as *const () },
-    rt::ProcEntry { base: "cuModuleUnload", since: 0, symbol: "cuModuleUnload", ptr: cuModuleUnload as *const () },
-    rt::ProcEntry { base: "cuMulticastAddDevice", since: 0, symbol: "cuMulticastAddDevice", ptr: cuMulticastAddDevice as *const () },
-    rt::ProcEntry { base: "cuMulticastBindAddr", since: 0, symbol: "cuMulticastBindAddr", ptr: cuMulticastBindAddr as *const () },
-    rt::ProcEntry { base: "cuMulticastBindMem", since: 0, symbol: "cuMulticastBindMem", ptr: cuMulticastBindMem as *const () },
-    rt::ProcEntry { base: "cuMulticastCreate", since: 0, symbol: "cuMulticastCreate", ptr: cuMulticastCreate as *const () },
-    rt::ProcEntry { base: "cuMulticastGetGranularity", since: 0, symbol: "cuMulticastGetGranularity", ptr: cuMulticastGetGranularity as *const () },
-    rt::ProcEntry { base: "cuMulticastUnbind", since: 0, symbol: "cuMulticastUnbind", ptr: cuMulticastUnbind as *const () },
-    rt::ProcEntry { base: "cuOccupancyAvailableDynamicSMemPerBlock", since: 0, symbol: "cuOccupancyAvailableDynamicSMemPerBlock", ptr: cuOccupancyAvailableDynamicSMemPerBlock as *const () },
-    rt::ProcEntry { base: "cuOccupancyMaxActiveBlocksPerMultiprocessor", since: 0, symbol: "cuOccupancyMaxActiveBlocksPerMultiprocessor", ptr: cuOccupancyMaxActiveBlocksPerMultiprocessor as *const () },
-    rt::ProcEntry { base: "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags", since: 0, symbol: "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags", ptr: cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags as *const () },
-    rt::ProcEntry { base: "cuOccupancyMaxActiveClusters", since: 0, symbol: "cuOccupancyMaxActiveClusters", ptr: cuOccupancyMaxActiveClusters as *const () },
-    rt::ProcEntry { base: "cuOccupancyMaxPotentialBlockSize", since: 0, symbol: "cuOccupancyMaxPotentialBlockSize", ptr: cuOccupancyMaxPotentialBlockSize as *const () },
-    rt::ProcEntry { base: "cuOccupancyMaxPotentialBlockSizeWithFlags", since: 0, symbol: "cuOccupancyMaxPotentialBlockSizeWithFlags", ptr: cuOccupancyMaxPotentialBlockSizeWithFlags as *const () },
-    rt::ProcEntry { base: "cuOccupancyMaxPotentialClusterSize", since: 0, symbol: "cuOccupancyMaxPotentialClusterSize", ptr: cuOccupancyMaxPotentialClusterSize as *const () },
-    rt::ProcEntry { base: "cuParamSetSize", since: 0, symbol: "cuParamSetSize", ptr: cuParamSetSize as *const () },
-    rt::ProcEntry { base: "cuParamSetTexRef", since: 0, symbol: "cuParamSetTexRef", ptr: cuParamSetTexRef as *const () },
-    rt::ProcEntry { base: "cuParamSetf", since: 0, symbol: "cuParamSetf", ptr: cuParamSetf as *const () },
-    rt::ProcEntry { base: "cuParamSeti", since: 0, symbol: "cuParamSeti", ptr: cuParamSeti as *const () },
-    rt::ProcEntry { base: "cuParamSetv", since: 0, symbol: "cuParamSetv", ptr: cuParamSetv as *const () },
-    rt::ProcEntry { base: "cuPointerGetAttribute", since: 0, symbol: "cuPointerGetAttribute", ptr: cuPointerGetAttribute as *const () },
-    rt::ProcEntry { base: "cuPointerGetAttributes", since: 0, symbol: "cuPointerGetAttributes", ptr: cuPointerGetAttributes as *const () },
-    rt::ProcEntry { base: "cuPointerSetAttribute", since: 0, symbol: "cuPointerSetAttribute", ptr: cuPointerSetAttribute as *const () },
-    rt::ProcEntry { base: "cuProfilerInitialize", since: 0, symbol: "cuProfilerInitialize", ptr: cuProfilerInitialize as *const () },
-    rt::ProcEntry { base: "cuProfilerStart", since: 0, symbol: "cuProfilerStart", ptr: cuProfilerStart as *const () },
-    rt::ProcEntry { base: "cuProfilerStop", since: 0, symbol: "cuProfilerStop", ptr: cuProfilerStop as *const () },
-    rt::ProcEntry { base: "cuSignalExternalSemaphoresAsync", since: 0, symbol: "cuSignalExternalSemaphoresAsync", ptr: cuSignalExternalSemaphoresAsync as *const () },
-    rt::ProcEntry { base: "cuStreamAddCallback", since: 5000, symbol: "cuStreamAddCallback", ptr: cuStreamAddCallback as *const () },
-    rt::ProcEntry { base: "cuStreamAttachMemAsync", since: 0, symbol: "cuStreamAttachMemAsync", ptr: cuStreamAttachMemAsync as *const () },
-    rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp", ptr: cuStreamBatchMemOp as *const () },
-    rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp_v2", ptr: cuStreamBatchMemOp_v2 as *const () },
-    rt::ProcEntry { base: "cuStreamBeginCapture", since: 0, symbol: "cuStreamBeginCapture_v2", ptr: cuStreamBeginCapture_v2 as *const () },
-    rt::ProcEntry { base: "cuStreamBeginCaptureToGraph", since: 0, symbol: "cuStreamBeginCaptureToGraph", ptr: cuStreamBeginCaptureToGraph as *const () },
-    rt::ProcEntry { base: "cuStreamCopyAttributes", since: 0, symbol: "cuStreamCopyAttributes", ptr: cuStreamCopyAttributes as *const () },
-    rt::ProcEntry { base: "cuStreamCreate", since: 0, symbol: "cuStreamCreate", ptr: cuStreamCreate as *const () },
-    rt::ProcEntry { base: "cuStreamCreateWithPriority", since: 0, symbol: "cuStreamCreateWithPriority", ptr: cuStreamCreateWithPriority as *const () },
-    rt::ProcEntry { base: "cuStreamDestroy", since: 2000, symbol: "cuStreamDestroy", ptr: cuStreamDestroy as *const () },
-    rt::ProcEntry { base: "cuStreamDestroy", since: 4000, symbol: "cuStreamDestroy_v2", ptr: cuStreamDestroy_v2 as *const () },
-    rt::ProcEntry { base: "cuStreamEndCapture", since: 0, symbol: "cuStreamEndCapture", ptr: cuStreamEndCapture as *const () },
-    rt::ProcEntry { base: "cuStreamGetAttribute", since: 0, symbol: "cuStreamGetAttribute", ptr: cuStreamGetAttribute as *const () },
-    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 0, symbol: "cuStreamGetCaptureInfo_v3", ptr: cuStreamGetCaptureInfo_v3 as *const () },
-    rt::ProcEntry { base: "cuStreamGetCtx", since: 0, symbol: "cuStreamGetCtx", ptr: cuStreamGetCtx as *const () },
-    rt::ProcEntry { base: "cuStreamGetCtx", since: 0, symbol: "cuStreamGetCtx_v2", ptr: cuStreamGetCtx_v2 as *const () },
-    rt::ProcEntry { base: "cuStreamGetDevice", since: 0, symbol: "cuStreamGetDevice", ptr: cuStreamGetDevice as *const () },
-    rt::ProcEntry { base: "cuStreamGetFlags", since: 0, symbol: "cuStreamGetFlags", ptr: cuStreamGetFlags as *const () },
-    rt::ProcEntry { base: "cuStreamGetGreenCtx", since: 0, symbol: "cuStreamGetGreenCtx", ptr: cuStreamGetGreenCtx as *const () },
-    rt::ProcEntry { base: "cuStreamGetId", since: 0, symbol: "cuStreamGetId", ptr: cuStreamGetId as *const () },
-    rt::ProcEntry { base: "cuStreamGetPriority", since: 0, symbol: "cuStreamGetPriority", ptr: cuStreamGetPriority as *const () },
-    rt::ProcEntry { base: "cuStreamIsCapturing", since: 0, symbol: "cuStreamIsCapturing", ptr: cuStreamIsCapturing as *const () },
-    rt::ProcEntry { base: "cuStreamQuery", since: 0, symbol: "cuStreamQuery", ptr: cuStreamQuery as *const () },
-    rt::ProcEntry { base: "cuStreamSetAttribute", since: 0, symbol: "cuStreamSetAttribute", ptr: cuStreamSetAttribute as *const () },
-    rt::ProcEntry { base: "cuStreamSynchronize", since: 0, symbol: "cuStreamSynchronize", ptr: cuStreamSynchronize as *const () },
-    rt::ProcEntry { base: "cuStreamUpdateCaptureDependencies", since: 0, symbol: "cuStreamUpdateCaptureDependencies_v2", ptr: cuStreamUpdateCaptureDependencies_v2 as *const () },
-    rt::ProcEntry { base: "cuStreamWaitEvent", since: 0, symbol: "cuStreamWaitEvent", ptr: cuStreamWaitEvent as *const () },
-    rt::ProcEntry { base: "cuStreamWaitValue32", since: 0, symbol: "cuStreamWaitValue32", ptr: cuStreamWaitValue32 as *const () },
-    rt::ProcEntry { base: "cuStreamWaitValue32", since: 0, symbol: "cuStreamWaitValue32_v2", ptr: cuStreamWaitValue32_v2 as *const () },
-    rt::ProcEntry { base: "cuStreamWaitValue64", since: 0, symbol: "cuStreamWaitValue64", ptr: cuStreamWaitValue64 as *const () },
-    rt::ProcEntry { base: "cuStreamWaitValue64", since: 0, symbol: "cuStreamWaitValue64_v2", ptr: cuStreamWaitValue64_v2 as *const () },
-    rt::ProcEntry { base: "cuStreamWriteValue32", since: 0, symbol: "cuStreamWriteValue32", ptr: cuStreamWriteValue32 as *const () },
-    rt::ProcEntry { base: "cuStreamWriteValue32", since: 0, symbol: "cuStreamWriteValue32_v2", ptr: cuStreamWriteValue32_v2 as *const () },
-    rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64", ptr: cuStreamWriteValue64 as *const () },
-    rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64_v2", ptr: cuStreamWriteValue64_v2 as *const () },
-    rt::ProcEntry { base: "cuSurfObjectCreate", since: 0, symbol: "cuSurfObjectCreate", ptr: cuSurfObjectCreate as *const () },
-    rt::ProcEntry { base: "cuSurfObjectDestroy", since: 0, symbol: "cuSurfObjectDestroy", ptr: cuSurfObjectDestroy as *const () },
-    rt::ProcEntry { base: "cuSurfObjectGetResourceDesc", since: 0, symbol: "cuSurfObjectGetResourceDesc", ptr: cuSurfObjectGetResourceDesc as *const () },
-    rt::ProcEntry { base: "cuSurfRefGetArray", since: 0, symbol: "cuSurfRefGetArray", ptr: cuSurfRefGetArray as *const () },
-    rt::ProcEntry { base: "cuSurfRefSetArray", since: 0, symbol: "cuSurfRefSetArray", ptr: cuSurfRefSetArray as *const () },
-    rt::ProcEntry { base: "cuTensorMapEncodeIm2col", since: 0, symbol: "cuTensorMapEncodeIm2col", ptr: cuTensorMapEncodeIm2col as *const () },
-    rt::ProcEntry { base: "cuTensorMapEncodeIm2colWide", since: 0, symbol: "cuTensorMapEncodeIm2colWide", ptr: cuTensorMapEncodeIm2colWide as *const () },
-    rt::ProcEntry { base: "cuTensorMapEncodeTiled", since: 0, symbol: "cuTensorMapEncodeTiled", ptr: cuTensorMapEncodeTiled as *const () },
-    rt::ProcEntry { base: "cuTensorMapReplaceAddress", since: 0, symbol: "cuTensorMapReplaceAddress", ptr: cuTensorMapReplaceAddress as *const () },
-    rt::ProcEntry { base: "cuTexObjectCreate", since: 0, symbol: "cuTexObjectCreate", ptr: cuTexObjectCreate as *const () },
-    rt::ProcEntry { base: "cuTexObjectDestroy", since: 0, symbol: "cuTexObjectDestroy", ptr: cuTexObjectDestroy as *const () },
-    rt::ProcEntry { base: "cuTexObjectGetResourceDesc", since: 0, symbol: "cuTexObjectGetResourceDesc", ptr: cuTexObjectGetResourceDesc as *const () },
-    rt::ProcEntry { base: "cuTexObjectGetResourceViewDesc", since: 0, symbol: "cuTexObjectGetResourceViewDesc", ptr: cuTexObjectGetResourceViewDesc as *const () },
-    rt::ProcEntry { base: "cuTexObjectGetTextureDesc", since: 0, symbol: "cuTexObjectGetTextureDesc", ptr: cuTexObjectGetTextureDesc as *const () },
-    rt::ProcEntry { base: "cuTexRefCreate", since: 0, symbol: "cuTexRefCreate", ptr: cuTexRefCreate as *const () },
-    rt::ProcEntry { base: "cuTexRefDestroy", since: 0, symbol: "cuTexRefDestroy", ptr: cuTexRefDestroy as *const () },
-    rt::ProcEntry { base: "cuTexRefGetAddress", since: 0, symbol: "cuTexRefGetAddress_v2", ptr: cuTexRefGetAddress_v2 as *const () },
-    rt::ProcEntry { base: "cuTexRefGetAddressMode", since: 0, symbol: "cuTexRefGetAddressMode", ptr: cuTexRefGetAddressMode as *const () },
-    rt::ProcEntry { base: "cuTexRefGetArray", since: 0, symbol: "cuTexRefGetArray", ptr: cuTexRefGetArray as *const () },
-    rt::ProcEntry { base: "cuTexRefGetBorderColor", since: 0, symbol: "cuTexRefGetBorderColor", ptr: cuTexRefGetBorderColor as *const () },
-    rt::ProcEntry { base: "cuTexRefGetFilterMode", since: 0, symbol: "cuTexRefGetFilterMode", ptr: cuTexRefGetFilterMode as *const () },
-    rt::ProcEntry { base: "cuTexRefGetFlags", since: 0, symbol: "cuTexRefGetFlags", ptr: cuTexRefGetFlags as *const () },
-    rt::ProcEntry { base: "cuTexRefGetFormat", since: 0, symbol: "cuTexRefGetFormat", ptr: cuTexRefGetFormat as *const () },
-    rt::ProcEntry { base: "cuTexRefGetMaxAnisotropy", since: 0, symbol: "cuTexRefGetMaxAnisotropy", ptr: cuTexRefGetMaxAnisotropy as *const () },
-    rt::ProcEntry { base: "cuTexRefGetMipmapFilterMode", since: 0, symbol: "cuTexRefGetMipmapFilterMode", ptr: cuTexRefGetMipmapFilterMode as *const () },
-    rt::ProcEntry { base: "cuTexRefGetMipmapLevelBias", since: 0, symbol: "cuTexRefGetMipmapLevelBias", ptr: cuTexRefGetMipmapLevelBias as *const () },
-    rt::ProcEntry { base: "cuTexRefGetMipmapLevelClamp", since: 0, symbol: "cuTexRefGetMipmapLevelClamp", ptr: cuTexRefGetMipmapLevelClamp as *const () },
-    rt::ProcEntry { base: "cuTexRefGetMipmappedArray", since: 0, symbol: "cuTexRefGetMipmappedArray", ptr: cuTexRefGetMipmappedArray as *const () },
-    rt::ProcEntry { base: "cuTexRefSetAddress", since: 0, symbol: "cuTexRefSetAddress_v2", ptr: cuTexRefSetAddress_v2 as *const () },
-    rt::ProcEntry { base: "cuTexRefSetAddress2D", since: 0, symbol: "cuTexRefSetAddress2D_v3", ptr: cuTexRefSetAddress2D_v3 as *const () },
-    rt::ProcEntry { base: "cuTexRefSetAddressMode", since: 0, symbol: "cuTexRefSetAddressMode", ptr: cuTexRefSetAddressMode as *const () },
-    rt::ProcEntry { base: "cuTexRefSetArray", since: 0, symbol: "cuTexRefSetArray", ptr: cuTexRefSetArray as *const () },
-    rt::ProcEntry { base: "cuTexRefSetBorderColor", since: 0, symbol: "cuTexRefSetBorderColor", ptr: cuTexRefSetBorderColor as *const () },
-    rt::ProcEntry { base: "cuTexRefSetFilterMode", since: 0, symbol: "cuTexRefSetFilterMode", ptr: cuTexRefSetFilterMode as *const () },
-    rt::ProcEntry { base: "cuTexRefSetFlags", since: 0, symbol: "cuTexRefSetFlags", ptr: cuTexRefSetFlags as *const () },
-    rt::ProcEntry { base: "cuTexRefSetFormat", since: 0, symbol: "cuTexRefSetFormat", ptr: cuTexRefSetFormat as *const () },
-    rt::ProcEntry { base: "cuTexRefSetMaxAnisotropy", since: 0, symbol: "cuTexRefSetMaxAnisotropy", ptr: cuTexRefSetMaxAnisotropy as *const () },
-    rt::ProcEntry { base: "cuTexRefSetMipmapFilterMode", since: 0, symbol: "cuTexRefSetMipmapFilterMode", ptr: cuTexRefSetMipmapFilterMode as *const () },
-    rt::ProcEntry { base: "cuTexRefSetMipmapLevelBias", since: 0, symbol: "cuTexRefSetMipmapLevelBias", ptr: cuTexRefSetMipmapLevelBias as *const () },
-    rt::ProcEntry { base: "cuTexRefSetMipmapLevelClamp", since: 0, symbol: "cuTexRefSetMipmapLevelClamp", ptr: cuTexRefSetMipmapLevelClamp as *const () },
-    rt::ProcEntry { base: "cuTexRefSetMipmappedArray", since: 0, symbol: "cuTexRefSetMipmappedArray", ptr: cuTexRefSetMipmappedArray as *const () },
-    rt::ProcEntry { base: "cuThreadExchangeStreamCaptureMode", since: 0, symbol: "cuThreadExchangeStreamCaptureMode", ptr: cuThreadExchangeStreamCaptureMode as *const () },
-    rt::ProcEntry { base: "cuUserObjectCreate", since: 0, symbol: "cuUserObjectCreate", ptr: cuUserObjectCreate as *const () },
-    rt::ProcEntry { base: "cuUserObjectRelease", since: 0, symbol: "cuUserObjectRelease", ptr: cuUserObjectRelease as *const () },
-    rt::ProcEntry { base: "cuUserObjectRetain", since: 0, symbol: "cuUserObjectRetain", ptr: cuUserObjectRetain as *const () },
-    rt::ProcEntry { base: "cuWaitExternalSemaphoresAsync", since: 0, symbol: "cuWaitExternalSemaphoresAsync", ptr: cuWaitExternalSemaphoresAsync as *const () },
+    rt::ProcEntry { base: "cuArray3DCreate", since: 0, symbol: "cuArray3DCreate_v2", ptr: cuArray3DCreate_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArray3DGetDescriptor", since: 0, symbol: "cuArray3DGetDescriptor_v2", ptr: cuArray3DGetDescriptor_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArrayCreate", since: 0, symbol: "cuArrayCreate_v2", ptr: cuArrayCreate_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArrayDestroy", since: 0, symbol: "cuArrayDestroy", ptr: cuArrayDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArrayGetDescriptor", since: 0, symbol: "cuArrayGetDescriptor_v2", ptr: cuArrayGetDescriptor_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArrayGetMemoryRequirements", since: 0, symbol: "cuArrayGetMemoryRequirements", ptr: cuArrayGetMemoryRequirements as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArrayGetPlane", since: 0, symbol: "cuArrayGetPlane", ptr: cuArrayGetPlane as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArrayGetSparseProperties", since: 0, symbol: "cuArrayGetSparseProperties", ptr: cuArrayGetSparseProperties as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCoredumpGetAttribute", since: 0, symbol: "cuCoredumpGetAttribute", ptr: cuCoredumpGetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCoredumpGetAttributeGlobal", since: 0, symbol: "cuCoredumpGetAttributeGlobal", ptr: cuCoredumpGetAttributeGlobal as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCoredumpSetAttribute", since: 0, symbol: "cuCoredumpSetAttribute", ptr: cuCoredumpSetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCoredumpSetAttributeGlobal", since: 0, symbol: "cuCoredumpSetAttributeGlobal", ptr: cuCoredumpSetAttributeGlobal as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxAttach", since: 0, symbol: "cuCtxAttach", ptr: cuCtxAttach as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxCreate", since: 2000, symbol: "cuCtxCreate", ptr: cuCtxCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxCreate", since: 3020, symbol: "cuCtxCreate_v2", ptr: cuCtxCreate_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxCreate", since: 12050, symbol: "cuCtxCreate_v4", ptr: cuCtxCreate_v4 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxDestroy", since: 2000, symbol: "cuCtxDestroy", ptr: cuCtxDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxDestroy", since: 4000, symbol: "cuCtxDestroy_v2", ptr: cuCtxDestroy_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxDetach", since: 0, symbol: "cuCtxDetach", ptr: cuCtxDetach as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxDisablePeerAccess", since: 0, symbol: "cuCtxDisablePeerAccess", ptr: cuCtxDisablePeerAccess as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxEnablePeerAccess", since: 0, symbol: "cuCtxEnablePeerAccess", ptr: cuCtxEnablePeerAccess as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxFromGreenCtx", since: 0, symbol: "cuCtxFromGreenCtx", ptr: cuCtxFromGreenCtx as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetApiVersion", since: 0, symbol: "cuCtxGetApiVersion", ptr: cuCtxGetApiVersion as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetCacheConfig", since: 0, symbol: "cuCtxGetCacheConfig", ptr: cuCtxGetCacheConfig as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetCurrent", since: 0, symbol: "cuCtxGetCurrent", ptr: cuCtxGetCurrent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetDevResource", since: 0, symbol: "cuCtxGetDevResource", ptr: cuCtxGetDevResource as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetDevice", since: 0, symbol: "cuCtxGetDevice", ptr: cuCtxGetDevice as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetDevice", since: 13000, symbol: "cuCtxGetDevice_v2", ptr: cuCtxGetDevice_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetExecAffinity", since: 0, symbol: "cuCtxGetExecAffinity", ptr: cuCtxGetExecAffinity as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetFlags", since: 0, symbol: "cuCtxGetFlags", ptr: cuCtxGetFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetId", since: 0, symbol: "cuCtxGetId", ptr: cuCtxGetId as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetLimit", since: 0, symbol: "cuCtxGetLimit", ptr: cuCtxGetLimit as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetSharedMemConfig", since: 0, symbol: "cuCtxGetSharedMemConfig", ptr: cuCtxGetSharedMemConfig as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxGetStreamPriorityRange", since: 0, symbol: "cuCtxGetStreamPriorityRange", ptr: cuCtxGetStreamPriorityRange as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxPopCurrent", since: 2000, symbol: "cuCtxPopCurrent", ptr: cuCtxPopCurrent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxPopCurrent", since: 4000, symbol: "cuCtxPopCurrent_v2", ptr: cuCtxPopCurrent_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxPushCurrent", since: 2000, symbol: "cuCtxPushCurrent", ptr: cuCtxPushCurrent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxPushCurrent", since: 4000, symbol: "cuCtxPushCurrent_v2", ptr: cuCtxPushCurrent_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxRecordEvent", since: 0, symbol: "cuCtxRecordEvent", ptr: cuCtxRecordEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxResetPersistingL2Cache", since: 0, symbol: "cuCtxResetPersistingL2Cache", ptr: cuCtxResetPersistingL2Cache as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxSetCacheConfig", since: 0, symbol: "cuCtxSetCacheConfig", ptr: cuCtxSetCacheConfig as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxSetCurrent", since: 0, symbol: "cuCtxSetCurrent", ptr: cuCtxSetCurrent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxSetFlags", since: 0, symbol: "cuCtxSetFlags", ptr: cuCtxSetFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxSetLimit", since: 0, symbol: "cuCtxSetLimit", ptr: cuCtxSetLimit as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxSetSharedMemConfig", since: 0, symbol: "cuCtxSetSharedMemConfig", ptr: cuCtxSetSharedMemConfig as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxSynchronize", since: 0, symbol: "cuCtxSynchronize", ptr: cuCtxSynchronize as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxSynchronize", since: 13000, symbol: "cuCtxSynchronize_v2", ptr: cuCtxSynchronize_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuCtxWaitEvent", since: 0, symbol: "cuCtxWaitEvent", ptr: cuCtxWaitEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDestroyExternalMemory", since: 0, symbol: "cuDestroyExternalMemory", ptr: cuDestroyExternalMemory as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDestroyExternalSemaphore", since: 0, symbol: "cuDestroyExternalSemaphore", ptr: cuDestroyExternalSemaphore as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDevResourceGenerateDesc", since: 0, symbol: "cuDevResourceGenerateDesc", ptr: cuDevResourceGenerateDesc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDevSmResourceSplitByCount", since: 0, symbol: "cuDevSmResourceSplitByCount", ptr: cuDevSmResourceSplitByCount as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceCanAccessPeer", since: 0, symbol: "cuDeviceCanAccessPeer", ptr: cuDeviceCanAccessPeer as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceComputeCapability", since: 0, symbol: "cuDeviceComputeCapability", ptr: cuDeviceComputeCapability as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGet", since: 0, symbol: "cuDeviceGet", ptr: cuDeviceGet as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetAttribute", since: 0, symbol: "cuDeviceGetAttribute", ptr: cuDeviceGetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetByPCIBusId", since: 0, symbol: "cuDeviceGetByPCIBusId", ptr: cuDeviceGetByPCIBusId as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetCount", since: 0, symbol: "cuDeviceGetCount", ptr: cuDeviceGetCount as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetDefaultMemPool", since: 0, symbol: "cuDeviceGetDefaultMemPool", ptr: cuDeviceGetDefaultMemPool as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetDevResource", since: 0, symbol: "cuDeviceGetDevResource", ptr: cuDeviceGetDevResource as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetExecAffinitySupport", since: 0, symbol: "cuDeviceGetExecAffinitySupport", ptr: cuDeviceGetExecAffinitySupport as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetGraphMemAttribute", since: 0, symbol: "cuDeviceGetGraphMemAttribute", ptr: cuDeviceGetGraphMemAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetHostAtomicCapabilities", since: 0, symbol: "cuDeviceGetHostAtomicCapabilities", ptr: cuDeviceGetHostAtomicCapabilities as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetLuid", since: 0, symbol: "cuDeviceGetLuid", ptr: cuDeviceGetLuid as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetMemPool", since: 0, symbol: "cuDeviceGetMemPool", ptr: cuDeviceGetMemPool as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetName", since: 0, symbol: "cuDeviceGetName", ptr: cuDeviceGetName as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetP2PAtomicCapabilities", since: 0, symbol: "cuDeviceGetP2PAtomicCapabilities", ptr: cuDeviceGetP2PAtomicCapabilities as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetP2PAttribute", since: 0, symbol: "cuDeviceGetP2PAttribute", ptr: cuDeviceGetP2PAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetPCIBusId", since: 0, symbol: "cuDeviceGetPCIBusId", ptr: cuDeviceGetPCIBusId as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetProperties", since: 0, symbol: "cuDeviceGetProperties", ptr: cuDeviceGetProperties as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetTexture1DLinearMaxWidth", since: 0, symbol: "cuDeviceGetTexture1DLinearMaxWidth", ptr: cuDeviceGetTexture1DLinearMaxWidth as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetUuid", since: 9020, symbol: "cuDeviceGetUuid", ptr: cuDeviceGetUuid as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGetUuid", since: 11040, symbol: "cuDeviceGetUuid_v2", ptr: cuDeviceGetUuid_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceGraphMemTrim", since: 0, symbol: "cuDeviceGraphMemTrim", ptr: cuDeviceGraphMemTrim as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxGetState", since: 0, symbol: "cuDevicePrimaryCtxGetState", ptr: cuDevicePrimaryCtxGetState as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxRelease", since: 7000, symbol: "cuDevicePrimaryCtxRelease", ptr: cuDevicePrimaryCtxRelease as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxRelease", since: 11000, symbol: "cuDevicePrimaryCtxRelease_v2", ptr: cuDevicePrimaryCtxRelease_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxReset", since: 7000, symbol: "cuDevicePrimaryCtxReset", ptr: cuDevicePrimaryCtxReset as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxReset", since: 11000, symbol: "cuDevicePrimaryCtxReset_v2", ptr: cuDevicePrimaryCtxReset_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxRetain", since: 0, symbol: "cuDevicePrimaryCtxRetain", ptr: cuDevicePrimaryCtxRetain as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxSetFlags", since: 7000, symbol: "cuDevicePrimaryCtxSetFlags", ptr: cuDevicePrimaryCtxSetFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDevicePrimaryCtxSetFlags", since: 11000, symbol: "cuDevicePrimaryCtxSetFlags_v2", ptr: cuDevicePrimaryCtxSetFlags_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceRegisterAsyncNotification", since: 0, symbol: "cuDeviceRegisterAsyncNotification", ptr: cuDeviceRegisterAsyncNotification as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceSetGraphMemAttribute", since: 0, symbol: "cuDeviceSetGraphMemAttribute", ptr: cuDeviceSetGraphMemAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceSetMemPool", since: 0, symbol: "cuDeviceSetMemPool", ptr: cuDeviceSetMemPool as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceTotalMem", since: 3020, symbol: "cuDeviceTotalMem_v2", ptr: cuDeviceTotalMem_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDeviceUnregisterAsyncNotification", since: 0, symbol: "cuDeviceUnregisterAsyncNotification", ptr: cuDeviceUnregisterAsyncNotification as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuDriverGetVersion", since: 0, symbol: "cuDriverGetVersion", ptr: cuDriverGetVersion as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuEventCreate", since: 0, symbol: "cuEventCreate", ptr: cuEventCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuEventDestroy", since: 2000, symbol: "cuEventDestroy", ptr: cuEventDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuEventDestroy", since: 4000, symbol: "cuEventDestroy_v2", ptr: cuEventDestroy_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuEventElapsedTime", since: 0, symbol: "cuEventElapsedTime", ptr: cuEventElapsedTime as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuEventElapsedTime", since: 12080, symbol: "cuEventElapsedTime_v2", ptr: cuEventElapsedTime_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuEventQuery", since: 0, symbol: "cuEventQuery", ptr: cuEventQuery as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuEventRecord", since: 0, symbol: "cuEventRecord", ptr: cuEventRecord as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuEventRecord", since: 0, symbol: "cuEventRecord_ptsz", ptr: cuEventRecord_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuEventRecordWithFlags", since: 0, symbol: "cuEventRecordWithFlags", ptr: cuEventRecordWithFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuEventRecordWithFlags", since: 0, symbol: "cuEventRecordWithFlags_ptsz", ptr: cuEventRecordWithFlags_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuEventSynchronize", since: 0, symbol: "cuEventSynchronize", ptr: cuEventSynchronize as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuExternalMemoryGetMappedBuffer", since: 0, symbol: "cuExternalMemoryGetMappedBuffer", ptr: cuExternalMemoryGetMappedBuffer as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuExternalMemoryGetMappedMipmappedArray", since: 0, symbol: "cuExternalMemoryGetMappedMipmappedArray", ptr: cuExternalMemoryGetMappedMipmappedArray as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFlushGPUDirectRDMAWrites", since: 0, symbol: "cuFlushGPUDirectRDMAWrites", ptr: cuFlushGPUDirectRDMAWrites as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncGetAttribute", since: 0, symbol: "cuFuncGetAttribute", ptr: cuFuncGetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncGetModule", since: 0, symbol: "cuFuncGetModule", ptr: cuFuncGetModule as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncGetName", since: 0, symbol: "cuFuncGetName", ptr: cuFuncGetName as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncGetParamInfo", since: 0, symbol: "cuFuncGetParamInfo", ptr: cuFuncGetParamInfo as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncIsLoaded", since: 0, symbol: "cuFuncIsLoaded", ptr: cuFuncIsLoaded as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncLoad", since: 0, symbol: "cuFuncLoad", ptr: cuFuncLoad as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncSetAttribute", since: 0, symbol: "cuFuncSetAttribute", ptr: cuFuncSetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncSetBlockShape", since: 0, symbol: "cuFuncSetBlockShape", ptr: cuFuncSetBlockShape as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncSetCacheConfig", since: 0, symbol: "cuFuncSetCacheConfig", ptr: cuFuncSetCacheConfig as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncSetSharedMemConfig", since: 0, symbol: "cuFuncSetSharedMemConfig", ptr: cuFuncSetSharedMemConfig as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuFuncSetSharedSize", since: 0, symbol: "cuFuncSetSharedSize", ptr: cuFuncSetSharedSize as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGetErrorName", since: 0, symbol: "cuGetErrorName", ptr: cuGetErrorName as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGetErrorString", since: 0, symbol: "cuGetErrorString", ptr: cuGetErrorString as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGetExportTable", since: 0, symbol: "cuGetExportTable", ptr: cuGetExportTable as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGetProcAddress", since: 11030, symbol: "cuGetProcAddress", ptr: cuGetProcAddress as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGetProcAddress", since: 12000, symbol: "cuGetProcAddress_v2", ptr: cuGetProcAddress_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddBatchMemOpNode", since: 0, symbol: "cuGraphAddBatchMemOpNode", ptr: cuGraphAddBatchMemOpNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddChildGraphNode", since: 0, symbol: "cuGraphAddChildGraphNode", ptr: cuGraphAddChildGraphNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddDependencies", since: 0, symbol: "cuGraphAddDependencies_v2", ptr: cuGraphAddDependencies_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddEmptyNode", since: 0, symbol: "cuGraphAddEmptyNode", ptr: cuGraphAddEmptyNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddEventRecordNode", since: 0, symbol: "cuGraphAddEventRecordNode", ptr: cuGraphAddEventRecordNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddEventWaitNode", since: 0, symbol: "cuGraphAddEventWaitNode", ptr: cuGraphAddEventWaitNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddExternalSemaphoresSignalNode", since: 0, symbol: "cuGraphAddExternalSemaphoresSignalNode", ptr: cuGraphAddExternalSemaphoresSignalNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddExternalSemaphoresWaitNode", since: 0, symbol: "cuGraphAddExternalSemaphoresWaitNode", ptr: cuGraphAddExternalSemaphoresWaitNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddHostNode", since: 0, symbol: "cuGraphAddHostNode", ptr: cuGraphAddHostNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddKernelNode", since: 0, symbol: "cuGraphAddKernelNode_v2", ptr: cuGraphAddKernelNode_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddMemAllocNode", since: 0, symbol: "cuGraphAddMemAllocNode", ptr: cuGraphAddMemAllocNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddMemFreeNode", since: 0, symbol: "cuGraphAddMemFreeNode", ptr: cuGraphAddMemFreeNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddMemcpyNode", since: 0, symbol: "cuGraphAddMemcpyNode", ptr: cuGraphAddMemcpyNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddMemsetNode", since: 0, symbol: "cuGraphAddMemsetNode", ptr: cuGraphAddMemsetNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddNode", since: 0, symbol: "cuGraphAddNode_v2", ptr: cuGraphAddNode_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphBatchMemOpNodeGetParams", since: 0, symbol: "cuGraphBatchMemOpNodeGetParams", ptr: cuGraphBatchMemOpNodeGetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphBatchMemOpNodeSetParams", since: 0, symbol: "cuGraphBatchMemOpNodeSetParams", ptr: cuGraphBatchMemOpNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphChildGraphNodeGetGraph", since: 0, symbol: "cuGraphChildGraphNodeGetGraph", ptr: cuGraphChildGraphNodeGetGraph as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphClone", since: 0, symbol: "cuGraphClone", ptr: cuGraphClone as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphConditionalHandleCreate", since: 0, symbol: "cuGraphConditionalHandleCreate", ptr: cuGraphConditionalHandleCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphCreate", since: 0, symbol: "cuGraphCreate", ptr: cuGraphCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphDebugDotPrint", since: 0, symbol: "cuGraphDebugDotPrint", ptr: cuGraphDebugDotPrint as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphDestroy", since: 0, symbol: "cuGraphDestroy", ptr: cuGraphDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphDestroyNode", since: 0, symbol: "cuGraphDestroyNode", ptr: cuGraphDestroyNode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphEventRecordNodeGetEvent", since: 0, symbol: "cuGraphEventRecordNodeGetEvent", ptr: cuGraphEventRecordNodeGetEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphEventRecordNodeSetEvent", since: 0, symbol: "cuGraphEventRecordNodeSetEvent", ptr: cuGraphEventRecordNodeSetEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphEventWaitNodeGetEvent", since: 0, symbol: "cuGraphEventWaitNodeGetEvent", ptr: cuGraphEventWaitNodeGetEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphEventWaitNodeSetEvent", since: 0, symbol: "cuGraphEventWaitNodeSetEvent", ptr: cuGraphEventWaitNodeSetEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecBatchMemOpNodeSetParams", since: 0, symbol: "cuGraphExecBatchMemOpNodeSetParams", ptr: cuGraphExecBatchMemOpNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecChildGraphNodeSetParams", since: 0, symbol: "cuGraphExecChildGraphNodeSetParams", ptr: cuGraphExecChildGraphNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecDestroy", since: 0, symbol: "cuGraphExecDestroy", ptr: cuGraphExecDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecEventRecordNodeSetEvent", since: 0, symbol: "cuGraphExecEventRecordNodeSetEvent", ptr: cuGraphExecEventRecordNodeSetEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecEventWaitNodeSetEvent", since: 0, symbol: "cuGraphExecEventWaitNodeSetEvent", ptr: cuGraphExecEventWaitNodeSetEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecExternalSemaphoresSignalNodeSetParams", since: 0, symbol: "cuGraphExecExternalSemaphoresSignalNodeSetParams", ptr: cuGraphExecExternalSemaphoresSignalNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecExternalSemaphoresWaitNodeSetParams", since: 0, symbol: "cuGraphExecExternalSemaphoresWaitNodeSetParams", ptr: cuGraphExecExternalSemaphoresWaitNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecGetFlags", since: 0, symbol: "cuGraphExecGetFlags", ptr: cuGraphExecGetFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecHostNodeSetParams", since: 0, symbol: "cuGraphExecHostNodeSetParams", ptr: cuGraphExecHostNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecKernelNodeSetParams", since: 0, symbol: "cuGraphExecKernelNodeSetParams_v2", ptr: cuGraphExecKernelNodeSetParams_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecMemcpyNodeSetParams", since: 0, symbol: "cuGraphExecMemcpyNodeSetParams", ptr: cuGraphExecMemcpyNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecMemsetNodeSetParams", since: 0, symbol: "cuGraphExecMemsetNodeSetParams", ptr: cuGraphExecMemsetNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecNodeSetParams", since: 0, symbol: "cuGraphExecNodeSetParams", ptr: cuGraphExecNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExecUpdate", since: 0, symbol: "cuGraphExecUpdate_v2", ptr: cuGraphExecUpdate_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExternalSemaphoresSignalNodeGetParams", since: 0, symbol: "cuGraphExternalSemaphoresSignalNodeGetParams", ptr: cuGraphExternalSemaphoresSignalNodeGetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExternalSemaphoresSignalNodeSetParams", since: 0, symbol: "cuGraphExternalSemaphoresSignalNodeSetParams", ptr: cuGraphExternalSemaphoresSignalNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExternalSemaphoresWaitNodeGetParams", since: 0, symbol: "cuGraphExternalSemaphoresWaitNodeGetParams", ptr: cuGraphExternalSemaphoresWaitNodeGetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphExternalSemaphoresWaitNodeSetParams", since: 0, symbol: "cuGraphExternalSemaphoresWaitNodeSetParams", ptr: cuGraphExternalSemaphoresWaitNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphGetEdges", since: 0, symbol: "cuGraphGetEdges_v2", ptr: cuGraphGetEdges_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphGetNodes", since: 0, symbol: "cuGraphGetNodes", ptr: cuGraphGetNodes as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphGetRootNodes", since: 0, symbol: "cuGraphGetRootNodes", ptr: cuGraphGetRootNodes as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphHostNodeGetParams", since: 0, symbol: "cuGraphHostNodeGetParams", ptr: cuGraphHostNodeGetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphHostNodeSetParams", since: 0, symbol: "cuGraphHostNodeSetParams", ptr: cuGraphHostNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphInstantiateWithFlags", since: 0, symbol: "cuGraphInstantiateWithFlags", ptr: cuGraphInstantiateWithFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphInstantiateWithParams", since: 0, symbol: "cuGraphInstantiateWithParams", ptr: cuGraphInstantiateWithParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphInstantiateWithParams", since: 0, symbol: "cuGraphInstantiateWithParams_ptsz", ptr: cuGraphInstantiateWithParams_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuGraphKernelNodeCopyAttributes", since: 0, symbol: "cuGraphKernelNodeCopyAttributes", ptr: cuGraphKernelNodeCopyAttributes as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphKernelNodeGetAttribute", since: 0, symbol: "cuGraphKernelNodeGetAttribute", ptr: cuGraphKernelNodeGetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphKernelNodeGetParams", since: 0, symbol: "cuGraphKernelNodeGetParams_v2", ptr: cuGraphKernelNodeGetParams_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphKernelNodeSetAttribute", since: 0, symbol: "cuGraphKernelNodeSetAttribute", ptr: cuGraphKernelNodeSetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphKernelNodeSetParams", since: 0, symbol: "cuGraphKernelNodeSetParams_v2", ptr: cuGraphKernelNodeSetParams_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphLaunch", since: 0, symbol: "cuGraphLaunch", ptr: cuGraphLaunch as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphLaunch", since: 0, symbol: "cuGraphLaunch_ptsz", ptr: cuGraphLaunch_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuGraphMemAllocNodeGetParams", since: 0, symbol: "cuGraphMemAllocNodeGetParams", ptr: cuGraphMemAllocNodeGetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphMemFreeNodeGetParams", since: 0, symbol: "cuGraphMemFreeNodeGetParams", ptr: cuGraphMemFreeNodeGetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphMemcpyNodeGetParams", since: 0, symbol: "cuGraphMemcpyNodeGetParams", ptr: cuGraphMemcpyNodeGetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphMemcpyNodeSetParams", since: 0, symbol: "cuGraphMemcpyNodeSetParams", ptr: cuGraphMemcpyNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphMemsetNodeGetParams", since: 0, symbol: "cuGraphMemsetNodeGetParams", ptr: cuGraphMemsetNodeGetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphMemsetNodeSetParams", since: 0, symbol: "cuGraphMemsetNodeSetParams", ptr: cuGraphMemsetNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphNodeFindInClone", since: 0, symbol: "cuGraphNodeFindInClone", ptr: cuGraphNodeFindInClone as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphNodeGetDependencies", since: 0, symbol: "cuGraphNodeGetDependencies_v2", ptr: cuGraphNodeGetDependencies_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphNodeGetDependentNodes", since: 0, symbol: "cuGraphNodeGetDependentNodes_v2", ptr: cuGraphNodeGetDependentNodes_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphNodeGetEnabled", since: 0, symbol: "cuGraphNodeGetEnabled", ptr: cuGraphNodeGetEnabled as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphNodeGetType", since: 0, symbol: "cuGraphNodeGetType", ptr: cuGraphNodeGetType as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphNodeSetEnabled", since: 0, symbol: "cuGraphNodeSetEnabled", ptr: cuGraphNodeSetEnabled as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphNodeSetParams", since: 0, symbol: "cuGraphNodeSetParams", ptr: cuGraphNodeSetParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphReleaseUserObject", since: 0, symbol: "cuGraphReleaseUserObject", ptr: cuGraphReleaseUserObject as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphRemoveDependencies", since: 0, symbol: "cuGraphRemoveDependencies_v2", ptr: cuGraphRemoveDependencies_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphRetainUserObject", since: 0, symbol: "cuGraphRetainUserObject", ptr: cuGraphRetainUserObject as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphUpload", since: 0, symbol: "cuGraphUpload", ptr: cuGraphUpload as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphUpload", since: 0, symbol: "cuGraphUpload_ptsz", ptr: cuGraphUpload_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuGraphicsMapResources", since: 0, symbol: "cuGraphicsMapResources", ptr: cuGraphicsMapResources as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphicsMapResources", since: 0, symbol: "cuGraphicsMapResources_ptsz", ptr: cuGraphicsMapResources_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuGraphicsResourceGetMappedMipmappedArray", since: 0, symbol: "cuGraphicsResourceGetMappedMipmappedArray", ptr: cuGraphicsResourceGetMappedMipmappedArray as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphicsResourceGetMappedPointer", since: 0, symbol: "cuGraphicsResourceGetMappedPointer_v2", ptr: cuGraphicsResourceGetMappedPointer_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphicsResourceSetMapFlags", since: 0, symbol: "cuGraphicsResourceSetMapFlags_v2", ptr: cuGraphicsResourceSetMapFlags_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphicsSubResourceGetMappedArray", since: 0, symbol: "cuGraphicsSubResourceGetMappedArray", ptr: cuGraphicsSubResourceGetMappedArray as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphicsUnmapResources", since: 0, symbol: "cuGraphicsUnmapResources", ptr: cuGraphicsUnmapResources as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphicsUnmapResources", since: 0, symbol: "cuGraphicsUnmapResources_ptsz", ptr: cuGraphicsUnmapResources_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuGraphicsUnregisterResource", since: 0, symbol: "cuGraphicsUnregisterResource", ptr: cuGraphicsUnregisterResource as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGreenCtxCreate", since: 0, symbol: "cuGreenCtxCreate", ptr: cuGreenCtxCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGreenCtxDestroy", since: 0, symbol: "cuGreenCtxDestroy", ptr: cuGreenCtxDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGreenCtxGetDevResource", since: 0, symbol: "cuGreenCtxGetDevResource", ptr: cuGreenCtxGetDevResource as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGreenCtxGetId", since: 0, symbol: "cuGreenCtxGetId", ptr: cuGreenCtxGetId as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGreenCtxRecordEvent", since: 0, symbol: "cuGreenCtxRecordEvent", ptr: cuGreenCtxRecordEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGreenCtxStreamCreate", since: 0, symbol: "cuGreenCtxStreamCreate", ptr: cuGreenCtxStreamCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGreenCtxWaitEvent", since: 0, symbol: "cuGreenCtxWaitEvent", ptr: cuGreenCtxWaitEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuImportExternalMemory", since: 0, symbol: "cuImportExternalMemory", ptr: cuImportExternalMemory as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuImportExternalSemaphore", since: 0, symbol: "cuImportExternalSemaphore", ptr: cuImportExternalSemaphore as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuInit", since: 0, symbol: "cuInit", ptr: cuInit as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuIpcCloseMemHandle", since: 0, symbol: "cuIpcCloseMemHandle", ptr: cuIpcCloseMemHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuIpcGetEventHandle", since: 4010, symbol: "cuIpcGetEventHandle", ptr: cuIpcGetEventHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuIpcGetMemHandle", since: 0, symbol: "cuIpcGetMemHandle", ptr: cuIpcGetMemHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuIpcOpenEventHandle", since: 4010, symbol: "cuIpcOpenEventHandle", ptr: cuIpcOpenEventHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuIpcOpenMemHandle", since: 4010, symbol: "cuIpcOpenMemHandle", ptr: cuIpcOpenMemHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuIpcOpenMemHandle", since: 11000, symbol: "cuIpcOpenMemHandle_v2", ptr: cuIpcOpenMemHandle_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuKernelGetAttribute", since: 0, symbol: "cuKernelGetAttribute", ptr: cuKernelGetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuKernelGetFunction", since: 0, symbol: "cuKernelGetFunction", ptr: cuKernelGetFunction as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuKernelGetLibrary", since: 0, symbol: "cuKernelGetLibrary", ptr: cuKernelGetLibrary as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuKernelGetName", since: 0, symbol: "cuKernelGetName", ptr: cuKernelGetName as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuKernelGetParamInfo", since: 0, symbol: "cuKernelGetParamInfo", ptr: cuKernelGetParamInfo as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuKernelSetAttribute", since: 0, symbol: "cuKernelSetAttribute", ptr: cuKernelSetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuKernelSetCacheConfig", since: 0, symbol: "cuKernelSetCacheConfig", ptr: cuKernelSetCacheConfig as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLaunch", since: 0, symbol: "cuLaunch", ptr: cuLaunch as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLaunchCooperativeKernel", since: 0, symbol: "cuLaunchCooperativeKernel", ptr: cuLaunchCooperativeKernel as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLaunchCooperativeKernel", since: 0, symbol: "cuLaunchCooperativeKernel_ptsz", ptr: cuLaunchCooperativeKernel_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuLaunchCooperativeKernelMultiDevice", since: 0, symbol: "cuLaunchCooperativeKernelMultiDevice", ptr: cuLaunchCooperativeKernelMultiDevice as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLaunchGrid", since: 0, symbol: "cuLaunchGrid", ptr: cuLaunchGrid as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLaunchGridAsync", since: 0, symbol: "cuLaunchGridAsync", ptr: cuLaunchGridAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLaunchHostFunc", since: 10000, symbol: "cuLaunchHostFunc", ptr: cuLaunchHostFunc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLaunchHostFunc", since: 10000, symbol: "cuLaunchHostFunc_ptsz", ptr: cuLaunchHostFunc_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuLaunchKernel", since: 0, symbol: "cuLaunchKernel", ptr: cuLaunchKernel as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLaunchKernel", since: 0, symbol: "cuLaunchKernel_ptsz", ptr: cuLaunchKernel_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuLaunchKernelEx", since: 0, symbol: "cuLaunchKernelEx", ptr: cuLaunchKernelEx as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLaunchKernelEx", since: 0, symbol: "cuLaunchKernelEx_ptsz", ptr: cuLaunchKernelEx_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuLibraryEnumerateKernels", since: 0, symbol: "cuLibraryEnumerateKernels", ptr: cuLibraryEnumerateKernels as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLibraryGetGlobal", since: 0, symbol: "cuLibraryGetGlobal", ptr: cuLibraryGetGlobal as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLibraryGetKernel", since: 0, symbol: "cuLibraryGetKernel", ptr: cuLibraryGetKernel as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLibraryGetKernelCount", since: 0, symbol: "cuLibraryGetKernelCount", ptr: cuLibraryGetKernelCount as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLibraryGetManaged", since: 0, symbol: "cuLibraryGetManaged", ptr: cuLibraryGetManaged as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLibraryGetModule", since: 0, symbol: "cuLibraryGetModule", ptr: cuLibraryGetModule as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLibraryGetUnifiedFunction", since: 0, symbol: "cuLibraryGetUnifiedFunction", ptr: cuLibraryGetUnifiedFunction as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLibraryLoadData", since: 0, symbol: "cuLibraryLoadData", ptr: cuLibraryLoadData as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLibraryLoadFromFile", since: 0, symbol: "cuLibraryLoadFromFile", ptr: cuLibraryLoadFromFile as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLibraryUnload", since: 0, symbol: "cuLibraryUnload", ptr: cuLibraryUnload as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLinkAddData", since: 0, symbol: "cuLinkAddData_v2", ptr: cuLinkAddData_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLinkAddFile", since: 0, symbol: "cuLinkAddFile_v2", ptr: cuLinkAddFile_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLinkComplete", since: 0, symbol: "cuLinkComplete", ptr: cuLinkComplete as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLinkCreate", since: 0, symbol: "cuLinkCreate_v2", ptr: cuLinkCreate_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLinkDestroy", since: 0, symbol: "cuLinkDestroy", ptr: cuLinkDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLogsCurrent", since: 0, symbol: "cuLogsCurrent", ptr: cuLogsCurrent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLogsDumpToFile", since: 0, symbol: "cuLogsDumpToFile", ptr: cuLogsDumpToFile as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLogsDumpToMemory", since: 0, symbol: "cuLogsDumpToMemory", ptr: cuLogsDumpToMemory as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLogsRegisterCallback", since: 0, symbol: "cuLogsRegisterCallback", ptr: cuLogsRegisterCallback as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLogsUnregisterCallback", since: 0, symbol: "cuLogsUnregisterCallback", ptr: cuLogsUnregisterCallback as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAddressFree", since: 0, symbol: "cuMemAddressFree", ptr: cuMemAddressFree as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAddressReserve", since: 0, symbol: "cuMemAddressReserve", ptr: cuMemAddressReserve as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAdvise", since: 0, symbol: "cuMemAdvise_v2", ptr: cuMemAdvise_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAlloc", since: 3020, symbol: "cuMemAlloc_v2", ptr: cuMemAlloc_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAllocAsync", since: 0, symbol: "cuMemAllocAsync", ptr: cuMemAllocAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAllocAsync", since: 0, symbol: "cuMemAllocAsync_ptsz", ptr: cuMemAllocAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemAllocFromPoolAsync", since: 0, symbol: "cuMemAllocFromPoolAsync", ptr: cuMemAllocFromPoolAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAllocFromPoolAsync", since: 0, symbol: "cuMemAllocFromPoolAsync_ptsz", ptr: cuMemAllocFromPoolAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemAllocHost", since: 3020, symbol: "cuMemAllocHost_v2", ptr: cuMemAllocHost_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAllocManaged", since: 0, symbol: "cuMemAllocManaged", ptr: cuMemAllocManaged as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAllocPitch", since: 3020, symbol: "cuMemAllocPitch_v2", ptr: cuMemAllocPitch_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemBatchDecompressAsync", since: 0, symbol: "cuMemBatchDecompressAsync", ptr: cuMemBatchDecompressAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemBatchDecompressAsync", since: 0, symbol: "cuMemBatchDecompressAsync_ptsz", ptr: cuMemBatchDecompressAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemCreate", since: 0, symbol: "cuMemCreate", ptr: cuMemCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemDiscardAndPrefetchBatchAsync", since: 0, symbol: "cuMemDiscardAndPrefetchBatchAsync", ptr: cuMemDiscardAndPrefetchBatchAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemDiscardAndPrefetchBatchAsync", since: 0, symbol: "cuMemDiscardAndPrefetchBatchAsync_ptsz", ptr: cuMemDiscardAndPrefetchBatchAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemDiscardBatchAsync", since: 0, symbol: "cuMemDiscardBatchAsync", ptr: cuMemDiscardBatchAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemDiscardBatchAsync", since: 0, symbol: "cuMemDiscardBatchAsync_ptsz", ptr: cuMemDiscardBatchAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemExportToShareableHandle", since: 0, symbol: "cuMemExportToShareableHandle", ptr: cuMemExportToShareableHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemFree", since: 3020, symbol: "cuMemFree_v2", ptr: cuMemFree_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemFreeAsync", since: 0, symbol: "cuMemFreeAsync", ptr: cuMemFreeAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemFreeAsync", since: 0, symbol: "cuMemFreeAsync_ptsz", ptr: cuMemFreeAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemFreeHost", since: 0, symbol: "cuMemFreeHost", ptr: cuMemFreeHost as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemGetAccess", since: 0, symbol: "cuMemGetAccess", ptr: cuMemGetAccess as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemGetAddressRange", since: 3020, symbol: "cuMemGetAddressRange_v2", ptr: cuMemGetAddressRange_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemGetAllocationGranularity", since: 0, symbol: "cuMemGetAllocationGranularity", ptr: cuMemGetAllocationGranularity as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemGetAllocationPropertiesFromHandle", since: 0, symbol: "cuMemGetAllocationPropertiesFromHandle", ptr: cuMemGetAllocationPropertiesFromHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemGetDefaultMemPool", since: 0, symbol: "cuMemGetDefaultMemPool", ptr: cuMemGetDefaultMemPool as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemGetHandleForAddressRange", since: 0, symbol: "cuMemGetHandleForAddressRange", ptr: cuMemGetHandleForAddressRange as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemGetInfo", since: 3020, symbol: "cuMemGetInfo_v2", ptr: cuMemGetInfo_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemGetMemPool", since: 0, symbol: "cuMemGetMemPool", ptr: cuMemGetMemPool as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemHostAlloc", since: 0, symbol: "cuMemHostAlloc", ptr: cuMemHostAlloc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemHostGetDevicePointer", since: 3020, symbol: "cuMemHostGetDevicePointer_v2", ptr: cuMemHostGetDevicePointer_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemHostGetFlags", since: 0, symbol: "cuMemHostGetFlags", ptr: cuMemHostGetFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemHostRegister", since: 4000, symbol: "cuMemHostRegister", ptr: cuMemHostRegister as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemHostRegister", since: 6050, symbol: "cuMemHostRegister_v2", ptr: cuMemHostRegister_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemHostUnregister", since: 0, symbol: "cuMemHostUnregister", ptr: cuMemHostUnregister as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemImportFromShareableHandle", since: 0, symbol: "cuMemImportFromShareableHandle", ptr: cuMemImportFromShareableHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemMap", since: 0, symbol: "cuMemMap", ptr: cuMemMap as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemMapArrayAsync", since: 0, symbol: "cuMemMapArrayAsync", ptr: cuMemMapArrayAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemMapArrayAsync", since: 0, symbol: "cuMemMapArrayAsync_ptsz", ptr: cuMemMapArrayAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemPoolCreate", since: 0, symbol: "cuMemPoolCreate", ptr: cuMemPoolCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPoolDestroy", since: 0, symbol: "cuMemPoolDestroy", ptr: cuMemPoolDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPoolExportPointer", since: 0, symbol: "cuMemPoolExportPointer", ptr: cuMemPoolExportPointer as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPoolExportToShareableHandle", since: 0, symbol: "cuMemPoolExportToShareableHandle", ptr: cuMemPoolExportToShareableHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPoolGetAccess", since: 0, symbol: "cuMemPoolGetAccess", ptr: cuMemPoolGetAccess as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPoolGetAttribute", since: 0, symbol: "cuMemPoolGetAttribute", ptr: cuMemPoolGetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPoolImportFromShareableHandle", since: 0, symbol: "cuMemPoolImportFromShareableHandle", ptr: cuMemPoolImportFromShareableHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPoolImportPointer", since: 0, symbol: "cuMemPoolImportPointer", ptr: cuMemPoolImportPointer as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPoolSetAccess", since: 0, symbol: "cuMemPoolSetAccess", ptr: cuMemPoolSetAccess as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPoolSetAttribute", since: 0, symbol: "cuMemPoolSetAttribute", ptr: cuMemPoolSetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPoolTrimTo", since: 0, symbol: "cuMemPoolTrimTo", ptr: cuMemPoolTrimTo as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPrefetchAsync", since: 0, symbol: "cuMemPrefetchAsync_v2", ptr: cuMemPrefetchAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPrefetchAsync", since: 0, symbol: "cuMemPrefetchAsync_v2_ptsz", ptr: cuMemPrefetchAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemPrefetchBatchAsync", since: 0, symbol: "cuMemPrefetchBatchAsync", ptr: cuMemPrefetchBatchAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemPrefetchBatchAsync", since: 0, symbol: "cuMemPrefetchBatchAsync_ptsz", ptr: cuMemPrefetchBatchAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemRangeGetAttribute", since: 0, symbol: "cuMemRangeGetAttribute", ptr: cuMemRangeGetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemRangeGetAttributes", since: 0, symbol: "cuMemRangeGetAttributes", ptr: cuMemRangeGetAttributes as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemRelease", since: 0, symbol: "cuMemRelease", ptr: cuMemRelease as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemRetainAllocationHandle", since: 0, symbol: "cuMemRetainAllocationHandle", ptr: cuMemRetainAllocationHandle as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemSetAccess", since: 0, symbol: "cuMemSetAccess", ptr: cuMemSetAccess as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemSetMemPool", since: 0, symbol: "cuMemSetMemPool", ptr: cuMemSetMemPool as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemUnmap", since: 0, symbol: "cuMemUnmap", ptr: cuMemUnmap as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy", since: 0, symbol: "cuMemcpy", ptr: cuMemcpy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy", since: 0, symbol: "cuMemcpy_ptds", ptr: cuMemcpy_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy2D", since: 0, symbol: "cuMemcpy2D_v2", ptr: cuMemcpy2D_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy2D", since: 0, symbol: "cuMemcpy2D_v2_ptds", ptr: cuMemcpy2D_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy2DAsync", since: 0, symbol: "cuMemcpy2DAsync_v2", ptr: cuMemcpy2DAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy2DAsync", since: 0, symbol: "cuMemcpy2DAsync_v2_ptsz", ptr: cuMemcpy2DAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy2DUnaligned", since: 0, symbol: "cuMemcpy2DUnaligned_v2", ptr: cuMemcpy2DUnaligned_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy2DUnaligned", since: 0, symbol: "cuMemcpy2DUnaligned_v2_ptds", ptr: cuMemcpy2DUnaligned_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy3D", since: 0, symbol: "cuMemcpy3D_v2", ptr: cuMemcpy3D_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy3D", since: 0, symbol: "cuMemcpy3D_v2_ptds", ptr: cuMemcpy3D_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy3DAsync", since: 0, symbol: "cuMemcpy3DAsync_v2", ptr: cuMemcpy3DAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy3DAsync", since: 0, symbol: "cuMemcpy3DAsync_v2_ptsz", ptr: cuMemcpy3DAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy3DBatchAsync", since: 0, symbol: "cuMemcpy3DBatchAsync_v2", ptr: cuMemcpy3DBatchAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy3DBatchAsync", since: 0, symbol: "cuMemcpy3DBatchAsync_v2_ptsz", ptr: cuMemcpy3DBatchAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy3DPeer", since: 0, symbol: "cuMemcpy3DPeer", ptr: cuMemcpy3DPeer as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy3DPeer", since: 0, symbol: "cuMemcpy3DPeer_ptds", ptr: cuMemcpy3DPeer_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy3DPeerAsync", since: 0, symbol: "cuMemcpy3DPeerAsync", ptr: cuMemcpy3DPeerAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy3DPeerAsync", since: 0, symbol: "cuMemcpy3DPeerAsync_ptsz", ptr: cuMemcpy3DPeerAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyAsync", since: 0, symbol: "cuMemcpyAsync", ptr: cuMemcpyAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyAsync", since: 0, symbol: "cuMemcpyAsync_ptsz", ptr: cuMemcpyAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyAtoA", since: 0, symbol: "cuMemcpyAtoA_v2", ptr: cuMemcpyAtoA_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyAtoA", since: 0, symbol: "cuMemcpyAtoA_v2_ptds", ptr: cuMemcpyAtoA_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyAtoD", since: 0, symbol: "cuMemcpyAtoD_v2", ptr: cuMemcpyAtoD_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyAtoD", since: 0, symbol: "cuMemcpyAtoD_v2_ptds", ptr: cuMemcpyAtoD_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyAtoH", since: 0, symbol: "cuMemcpyAtoH_v2", ptr: cuMemcpyAtoH_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyAtoH", since: 0, symbol: "cuMemcpyAtoH_v2_ptds", ptr: cuMemcpyAtoH_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyAtoHAsync", since: 0, symbol: "cuMemcpyAtoHAsync_v2", ptr: cuMemcpyAtoHAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyAtoHAsync", since: 0, symbol: "cuMemcpyAtoHAsync_v2_ptsz", ptr: cuMemcpyAtoHAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyBatchAsync", since: 0, symbol: "cuMemcpyBatchAsync_v2", ptr: cuMemcpyBatchAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyBatchAsync", since: 0, symbol: "cuMemcpyBatchAsync_v2_ptsz", ptr: cuMemcpyBatchAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyDtoA", since: 0, symbol: "cuMemcpyDtoA_v2", ptr: cuMemcpyDtoA_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyDtoA", since: 0, symbol: "cuMemcpyDtoA_v2_ptds", ptr: cuMemcpyDtoA_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyDtoD", since: 3020, symbol: "cuMemcpyDtoD_v2", ptr: cuMemcpyDtoD_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyDtoD", since: 3020, symbol: "cuMemcpyDtoD_v2_ptds", ptr: cuMemcpyDtoD_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyDtoDAsync", since: 3020, symbol: "cuMemcpyDtoDAsync_v2", ptr: cuMemcpyDtoDAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyDtoDAsync", since: 3020, symbol: "cuMemcpyDtoDAsync_v2_ptsz", ptr: cuMemcpyDtoDAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyDtoH", since: 3020, symbol: "cuMemcpyDtoH_v2", ptr: cuMemcpyDtoH_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyDtoH", since: 3020, symbol: "cuMemcpyDtoH_v2_ptds", ptr: cuMemcpyDtoH_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyDtoHAsync", since: 3020, symbol: "cuMemcpyDtoHAsync_v2", ptr: cuMemcpyDtoHAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyDtoHAsync", since: 3020, symbol: "cuMemcpyDtoHAsync_v2_ptsz", ptr: cuMemcpyDtoHAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyHtoA", since: 0, symbol: "cuMemcpyHtoA_v2", ptr: cuMemcpyHtoA_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyHtoA", since: 0, symbol: "cuMemcpyHtoA_v2_ptds", ptr: cuMemcpyHtoA_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyHtoAAsync", since: 0, symbol: "cuMemcpyHtoAAsync_v2", ptr: cuMemcpyHtoAAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyHtoAAsync", since: 0, symbol: "cuMemcpyHtoAAsync_v2_ptsz", ptr: cuMemcpyHtoAAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyHtoD", since: 3020, symbol: "cuMemcpyHtoD_v2", ptr: cuMemcpyHtoD_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyHtoD", since: 3020, symbol: "cuMemcpyHtoD_v2_ptds", ptr: cuMemcpyHtoD_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyHtoDAsync", since: 3020, symbol: "cuMemcpyHtoDAsync_v2", ptr: cuMemcpyHtoDAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyHtoDAsync", since: 3020, symbol: "cuMemcpyHtoDAsync_v2_ptsz", ptr: cuMemcpyHtoDAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyPeer", since: 0, symbol: "cuMemcpyPeer", ptr: cuMemcpyPeer as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyPeer", since: 0, symbol: "cuMemcpyPeer_ptds", ptr: cuMemcpyPeer_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyPeerAsync", since: 0, symbol: "cuMemcpyPeerAsync", ptr: cuMemcpyPeerAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyPeerAsync", since: 0, symbol: "cuMemcpyPeerAsync_ptsz", ptr: cuMemcpyPeerAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD16", since: 3020, symbol: "cuMemsetD16_v2", ptr: cuMemsetD16_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD16", since: 3020, symbol: "cuMemsetD16_v2_ptds", ptr: cuMemsetD16_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD16Async", since: 0, symbol: "cuMemsetD16Async", ptr: cuMemsetD16Async as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD16Async", since: 0, symbol: "cuMemsetD16Async_ptsz", ptr: cuMemsetD16Async_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD2D16", since: 0, symbol: "cuMemsetD2D16_v2", ptr: cuMemsetD2D16_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD2D16", since: 0, symbol: "cuMemsetD2D16_v2_ptds", ptr: cuMemsetD2D16_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD2D16Async", since: 0, symbol: "cuMemsetD2D16Async", ptr: cuMemsetD2D16Async as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD2D16Async", since: 0, symbol: "cuMemsetD2D16Async_ptsz", ptr: cuMemsetD2D16Async_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD2D32", since: 0, symbol: "cuMemsetD2D32_v2", ptr: cuMemsetD2D32_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD2D32", since: 0, symbol: "cuMemsetD2D32_v2_ptds", ptr: cuMemsetD2D32_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD2D32Async", since: 0, symbol: "cuMemsetD2D32Async", ptr: cuMemsetD2D32Async as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD2D32Async", since: 0, symbol: "cuMemsetD2D32Async_ptsz", ptr: cuMemsetD2D32Async_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD2D8", since: 0, symbol: "cuMemsetD2D8_v2", ptr: cuMemsetD2D8_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD2D8", since: 0, symbol: "cuMemsetD2D8_v2_ptds", ptr: cuMemsetD2D8_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD2D8Async", since: 0, symbol: "cuMemsetD2D8Async", ptr: cuMemsetD2D8Async as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD2D8Async", since: 0, symbol: "cuMemsetD2D8Async_ptsz", ptr: cuMemsetD2D8Async_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD32", since: 3020, symbol: "cuMemsetD32_v2", ptr: cuMemsetD32_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD32", since: 3020, symbol: "cuMemsetD32_v2_ptds", ptr: cuMemsetD32_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD32Async", since: 0, symbol: "cuMemsetD32Async", ptr: cuMemsetD32Async as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD32Async", since: 0, symbol: "cuMemsetD32Async_ptsz", ptr: cuMemsetD32Async_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD8", since: 3020, symbol: "cuMemsetD8_v2", ptr: cuMemsetD8_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD8", since: 3020, symbol: "cuMemsetD8_v2_ptds", ptr: cuMemsetD8_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD8Async", since: 0, symbol: "cuMemsetD8Async", ptr: cuMemsetD8Async as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD8Async", since: 0, symbol: "cuMemsetD8Async_ptsz", ptr: cuMemsetD8Async_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMipmappedArrayCreate", since: 0, symbol: "cuMipmappedArrayCreate", ptr: cuMipmappedArrayCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMipmappedArrayDestroy", since: 0, symbol: "cuMipmappedArrayDestroy", ptr: cuMipmappedArrayDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMipmappedArrayGetLevel", since: 0, symbol: "cuMipmappedArrayGetLevel", ptr: cuMipmappedArrayGetLevel as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMipmappedArrayGetMemoryRequirements", since: 0, symbol: "cuMipmappedArrayGetMemoryRequirements", ptr: cuMipmappedArrayGetMemoryRequirements as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMipmappedArrayGetSparseProperties", since: 0, symbol: "cuMipmappedArrayGetSparseProperties", ptr: cuMipmappedArrayGetSparseProperties as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleEnumerateFunctions", since: 0, symbol: "cuModuleEnumerateFunctions", ptr: cuModuleEnumerateFunctions as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleGetFunction", since: 0, symbol: "cuModuleGetFunction", ptr: cuModuleGetFunction as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleGetFunctionCount", since: 0, symbol: "cuModuleGetFunctionCount", ptr: cuModuleGetFunctionCount as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleGetGlobal", since: 3020, symbol: "cuModuleGetGlobal_v2", ptr: cuModuleGetGlobal_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleGetLoadingMode", since: 0, symbol: "cuModuleGetLoadingMode", ptr: cuModuleGetLoadingMode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleGetSurfRef", since: 0, symbol: "cuModuleGetSurfRef", ptr: cuModuleGetSurfRef as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleGetTexRef", since: 0, symbol: "cuModuleGetTexRef", ptr: cuModuleGetTexRef as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleLoad", since: 0, symbol: "cuModuleLoad", ptr: cuModuleLoad as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleLoadData", since: 0, symbol: "cuModuleLoadData", ptr: cuModuleLoadData as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleLoadDataEx", since: 0, symbol: "cuModuleLoadDataEx", ptr: cuModuleLoadDataEx as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleLoadFatBinary", since: 0, symbol: "cuModuleLoadFatBinary", ptr: cuModuleLoadFatBinary as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleUnload", since: 0, symbol: "cuModuleUnload", ptr: cuModuleUnload as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMulticastAddDevice", since: 0, symbol: "cuMulticastAddDevice", ptr: cuMulticastAddDevice as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMulticastBindAddr", since: 0, symbol: "cuMulticastBindAddr", ptr: cuMulticastBindAddr as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMulticastBindMem", since: 0, symbol: "cuMulticastBindMem", ptr: cuMulticastBindMem as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMulticastCreate", since: 0, symbol: "cuMulticastCreate", ptr: cuMulticastCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMulticastGetGranularity", since: 0, symbol: "cuMulticastGetGranularity", ptr: cuMulticastGetGranularity as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMulticastUnbind", since: 0, symbol: "cuMulticastUnbind", ptr: cuMulticastUnbind as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuOccupancyAvailableDynamicSMemPerBlock", since: 0, symbol: "cuOccupancyAvailableDynamicSMemPerBlock", ptr: cuOccupancyAvailableDynamicSMemPerBlock as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuOccupancyMaxActiveBlocksPerMultiprocessor", since: 0, symbol: "cuOccupancyMaxActiveBlocksPerMultiprocessor", ptr: cuOccupancyMaxActiveBlocksPerMultiprocessor as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags", since: 0, symbol: "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags", ptr: cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuOccupancyMaxActiveClusters", since: 0, symbol: "cuOccupancyMaxActiveClusters", ptr: cuOccupancyMaxActiveClusters as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuOccupancyMaxPotentialBlockSize", since: 0, symbol: "cuOccupancyMaxPotentialBlockSize", ptr: cuOccupancyMaxPotentialBlockSize as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuOccupancyMaxPotentialBlockSizeWithFlags", since: 0, symbol: "cuOccupancyMaxPotentialBlockSizeWithFlags", ptr: cuOccupancyMaxPotentialBlockSizeWithFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuOccupancyMaxPotentialClusterSize", since: 0, symbol: "cuOccupancyMaxPotentialClusterSize", ptr: cuOccupancyMaxPotentialClusterSize as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuParamSetSize", since: 0, symbol: "cuParamSetSize", ptr: cuParamSetSize as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuParamSetTexRef", since: 0, symbol: "cuParamSetTexRef", ptr: cuParamSetTexRef as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuParamSetf", since: 0, symbol: "cuParamSetf", ptr: cuParamSetf as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuParamSeti", since: 0, symbol: "cuParamSeti", ptr: cuParamSeti as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuParamSetv", since: 0, symbol: "cuParamSetv", ptr: cuParamSetv as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuPointerGetAttribute", since: 0, symbol: "cuPointerGetAttribute", ptr: cuPointerGetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuPointerGetAttributes", since: 0, symbol: "cuPointerGetAttributes", ptr: cuPointerGetAttributes as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuPointerSetAttribute", since: 0, symbol: "cuPointerSetAttribute", ptr: cuPointerSetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuProfilerInitialize", since: 0, symbol: "cuProfilerInitialize", ptr: cuProfilerInitialize as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuProfilerStart", since: 0, symbol: "cuProfilerStart", ptr: cuProfilerStart as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuProfilerStop", since: 0, symbol: "cuProfilerStop", ptr: cuProfilerStop as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuSignalExternalSemaphoresAsync", since: 0, symbol: "cuSignalExternalSemaphoresAsync", ptr: cuSignalExternalSemaphoresAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuSignalExternalSemaphoresAsync", since: 0, symbol: "cuSignalExternalSemaphoresAsync_ptsz", ptr: cuSignalExternalSemaphoresAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamAddCallback", since: 5000, symbol: "cuStreamAddCallback", ptr: cuStreamAddCallback as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamAddCallback", since: 5000, symbol: "cuStreamAddCallback_ptsz", ptr: cuStreamAddCallback_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamAttachMemAsync", since: 0, symbol: "cuStreamAttachMemAsync", ptr: cuStreamAttachMemAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamAttachMemAsync", since: 0, symbol: "cuStreamAttachMemAsync_ptsz", ptr: cuStreamAttachMemAsync_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp", ptr: cuStreamBatchMemOp as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp_ptsz", ptr: cuStreamBatchMemOp_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp_v2", ptr: cuStreamBatchMemOp_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp_v2_ptsz", ptr: cuStreamBatchMemOp_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamBeginCapture", since: 0, symbol: "cuStreamBeginCapture_v2", ptr: cuStreamBeginCapture_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamBeginCapture", since: 0, symbol: "cuStreamBeginCapture_v2_ptsz", ptr: cuStreamBeginCapture_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamBeginCaptureToGraph", since: 0, symbol: "cuStreamBeginCaptureToGraph", ptr: cuStreamBeginCaptureToGraph as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamBeginCaptureToGraph", since: 0, symbol: "cuStreamBeginCaptureToGraph_ptsz", ptr: cuStreamBeginCaptureToGraph_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamCopyAttributes", since: 0, symbol: "cuStreamCopyAttributes", ptr: cuStreamCopyAttributes as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamCopyAttributes", since: 0, symbol: "cuStreamCopyAttributes_ptsz", ptr: cuStreamCopyAttributes_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamCreate", since: 0, symbol: "cuStreamCreate", ptr: cuStreamCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamCreateWithPriority", since: 0, symbol: "cuStreamCreateWithPriority", ptr: cuStreamCreateWithPriority as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamDestroy", since: 2000, symbol: "cuStreamDestroy", ptr: cuStreamDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamDestroy", since: 4000, symbol: "cuStreamDestroy_v2", ptr: cuStreamDestroy_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamEndCapture", since: 0, symbol: "cuStreamEndCapture", ptr: cuStreamEndCapture as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamEndCapture", since: 0, symbol: "cuStreamEndCapture_ptsz", ptr: cuStreamEndCapture_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetAttribute", since: 0, symbol: "cuStreamGetAttribute", ptr: cuStreamGetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetAttribute", since: 0, symbol: "cuStreamGetAttribute_ptsz", ptr: cuStreamGetAttribute_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 0, symbol: "cuStreamGetCaptureInfo_v3", ptr: cuStreamGetCaptureInfo_v3 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 0, symbol: "cuStreamGetCaptureInfo_v3_ptsz", ptr: cuStreamGetCaptureInfo_v3_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetCtx", since: 0, symbol: "cuStreamGetCtx", ptr: cuStreamGetCtx as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetCtx", since: 0, symbol: "cuStreamGetCtx_ptsz", ptr: cuStreamGetCtx_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetCtx", since: 0, symbol: "cuStreamGetCtx_v2", ptr: cuStreamGetCtx_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetCtx", since: 0, symbol: "cuStreamGetCtx_v2_ptsz", ptr: cuStreamGetCtx_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetDevice", since: 0, symbol: "cuStreamGetDevice", ptr: cuStreamGetDevice as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetDevice", since: 0, symbol: "cuStreamGetDevice_ptsz", ptr: cuStreamGetDevice_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetFlags", since: 0, symbol: "cuStreamGetFlags", ptr: cuStreamGetFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetFlags", since: 0, symbol: "cuStreamGetFlags_ptsz", ptr: cuStreamGetFlags_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetGreenCtx", since: 0, symbol: "cuStreamGetGreenCtx", ptr: cuStreamGetGreenCtx as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetId", since: 0, symbol: "cuStreamGetId", ptr: cuStreamGetId as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetId", since: 0, symbol: "cuStreamGetId_ptsz", ptr: cuStreamGetId_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetPriority", since: 0, symbol: "cuStreamGetPriority", ptr: cuStreamGetPriority as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetPriority", since: 0, symbol: "cuStreamGetPriority_ptsz", ptr: cuStreamGetPriority_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamIsCapturing", since: 0, symbol: "cuStreamIsCapturing", ptr: cuStreamIsCapturing as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamIsCapturing", since: 0, symbol: "cuStreamIsCapturing_ptsz", ptr: cuStreamIsCapturing_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamQuery", since: 0, symbol: "cuStreamQuery", ptr: cuStreamQuery as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamQuery", since: 0, symbol: "cuStreamQuery_ptsz", ptr: cuStreamQuery_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamSetAttribute", since: 0, symbol: "cuStreamSetAttribute", ptr: cuStreamSetAttribute as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamSetAttribute", since: 0, symbol: "cuStreamSetAttribute_ptsz", ptr: cuStreamSetAttribute_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamSynchronize", since: 0, symbol: "cuStreamSynchronize", ptr: cuStreamSynchronize as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamSynchronize", since: 0, symbol: "cuStreamSynchronize_ptsz", ptr: cuStreamSynchronize_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamUpdateCaptureDependencies", since: 0, symbol: "cuStreamUpdateCaptureDependencies_v2", ptr: cuStreamUpdateCaptureDependencies_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamUpdateCaptureDependencies", since: 0, symbol: "cuStreamUpdateCaptureDependencies_v2_ptsz", ptr: cuStreamUpdateCaptureDependencies_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamWaitEvent", since: 0, symbol: "cuStreamWaitEvent", ptr: cuStreamWaitEvent as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamWaitEvent", since: 0, symbol: "cuStreamWaitEvent_ptsz", ptr: cuStreamWaitEvent_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamWaitValue32", since: 0, symbol: "cuStreamWaitValue32", ptr: cuStreamWaitValue32 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamWaitValue32", since: 0, symbol: "cuStreamWaitValue32_ptsz", ptr: cuStreamWaitValue32_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamWaitValue32", since: 0, symbol: "cuStreamWaitValue32_v2", ptr: cuStreamWaitValue32_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamWaitValue32", since: 0, symbol: "cuStreamWaitValue32_v2_ptsz", ptr: cuStreamWaitValue32_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamWaitValue64", since: 0, symbol: "cuStreamWaitValue64", ptr: cuStreamWaitValue64 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamWaitValue64", since: 0, symbol: "cuStreamWaitValue64_ptsz", ptr: cuStreamWaitValue64_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamWaitValue64", since: 0, symbol: "cuStreamWaitValue64_v2", ptr: cuStreamWaitValue64_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamWaitValue64", since: 0, symbol: "cuStreamWaitValue64_v2_ptsz", ptr: cuStreamWaitValue64_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamWriteValue32", since: 0, symbol: "cuStreamWriteValue32", ptr: cuStreamWriteValue32 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamWriteValue32", since: 0, symbol: "cuStreamWriteValue32_ptsz", ptr: cuStreamWriteValue32_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamWriteValue32", since: 0, symbol: "cuStreamWriteValue32_v2", ptr: cuStreamWriteValue32_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamWriteValue32", since: 0, symbol: "cuStreamWriteValue32_v2_ptsz", ptr: cuStreamWriteValue32_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64", ptr: cuStreamWriteValue64 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64_ptsz", ptr: cuStreamWriteValue64_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64_v2", ptr: cuStreamWriteValue64_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64_v2_ptsz", ptr: cuStreamWriteValue64_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuSurfObjectCreate", since: 0, symbol: "cuSurfObjectCreate", ptr: cuSurfObjectCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuSurfObjectDestroy", since: 0, symbol: "cuSurfObjectDestroy", ptr: cuSurfObjectDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuSurfObjectGetResourceDesc", since: 0, symbol: "cuSurfObjectGetResourceDesc", ptr: cuSurfObjectGetResourceDesc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuSurfRefGetArray", since: 0, symbol: "cuSurfRefGetArray", ptr: cuSurfRefGetArray as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuSurfRefSetArray", since: 0, symbol: "cuSurfRefSetArray", ptr: cuSurfRefSetArray as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTensorMapEncodeIm2col", since: 0, symbol: "cuTensorMapEncodeIm2col", ptr: cuTensorMapEncodeIm2col as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTensorMapEncodeIm2colWide", since: 0, symbol: "cuTensorMapEncodeIm2colWide", ptr: cuTensorMapEncodeIm2colWide as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTensorMapEncodeTiled", since: 0, symbol: "cuTensorMapEncodeTiled", ptr: cuTensorMapEncodeTiled as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTensorMapReplaceAddress", since: 0, symbol: "cuTensorMapReplaceAddress", ptr: cuTensorMapReplaceAddress as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexObjectCreate", since: 0, symbol: "cuTexObjectCreate", ptr: cuTexObjectCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexObjectDestroy", since: 0, symbol: "cuTexObjectDestroy", ptr: cuTexObjectDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexObjectGetResourceDesc", since: 0, symbol: "cuTexObjectGetResourceDesc", ptr: cuTexObjectGetResourceDesc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexObjectGetResourceViewDesc", since: 0, symbol: "cuTexObjectGetResourceViewDesc", ptr: cuTexObjectGetResourceViewDesc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexObjectGetTextureDesc", since: 0, symbol: "cuTexObjectGetTextureDesc", ptr: cuTexObjectGetTextureDesc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefCreate", since: 0, symbol: "cuTexRefCreate", ptr: cuTexRefCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefDestroy", since: 0, symbol: "cuTexRefDestroy", ptr: cuTexRefDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetAddress", since: 0, symbol: "cuTexRefGetAddress_v2", ptr: cuTexRefGetAddress_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetAddressMode", since: 0, symbol: "cuTexRefGetAddressMode", ptr: cuTexRefGetAddressMode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetArray", since: 0, symbol: "cuTexRefGetArray", ptr: cuTexRefGetArray as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetBorderColor", since: 0, symbol: "cuTexRefGetBorderColor", ptr: cuTexRefGetBorderColor as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetFilterMode", since: 0, symbol: "cuTexRefGetFilterMode", ptr: cuTexRefGetFilterMode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetFlags", since: 0, symbol: "cuTexRefGetFlags", ptr: cuTexRefGetFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetFormat", since: 0, symbol: "cuTexRefGetFormat", ptr: cuTexRefGetFormat as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetMaxAnisotropy", since: 0, symbol: "cuTexRefGetMaxAnisotropy", ptr: cuTexRefGetMaxAnisotropy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetMipmapFilterMode", since: 0, symbol: "cuTexRefGetMipmapFilterMode", ptr: cuTexRefGetMipmapFilterMode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetMipmapLevelBias", since: 0, symbol: "cuTexRefGetMipmapLevelBias", ptr: cuTexRefGetMipmapLevelBias as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetMipmapLevelClamp", since: 0, symbol: "cuTexRefGetMipmapLevelClamp", ptr: cuTexRefGetMipmapLevelClamp as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefGetMipmappedArray", since: 0, symbol: "cuTexRefGetMipmappedArray", ptr: cuTexRefGetMipmappedArray as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetAddress", since: 0, symbol: "cuTexRefSetAddress_v2", ptr: cuTexRefSetAddress_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetAddress2D", since: 0, symbol: "cuTexRefSetAddress2D_v3", ptr: cuTexRefSetAddress2D_v3 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetAddressMode", since: 0, symbol: "cuTexRefSetAddressMode", ptr: cuTexRefSetAddressMode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetArray", since: 0, symbol: "cuTexRefSetArray", ptr: cuTexRefSetArray as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetBorderColor", since: 0, symbol: "cuTexRefSetBorderColor", ptr: cuTexRefSetBorderColor as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetFilterMode", since: 0, symbol: "cuTexRefSetFilterMode", ptr: cuTexRefSetFilterMode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetFlags", since: 0, symbol: "cuTexRefSetFlags", ptr: cuTexRefSetFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetFormat", since: 0, symbol: "cuTexRefSetFormat", ptr: cuTexRefSetFormat as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetMaxAnisotropy", since: 0, symbol: "cuTexRefSetMaxAnisotropy", ptr: cuTexRefSetMaxAnisotropy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetMipmapFilterMode", since: 0, symbol: "cuTexRefSetMipmapFilterMode", ptr: cuTexRefSetMipmapFilterMode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetMipmapLevelBias", since: 0, symbol: "cuTexRefSetMipmapLevelBias", ptr: cuTexRefSetMipmapLevelBias as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetMipmapLevelClamp", since: 0, symbol: "cuTexRefSetMipmapLevelClamp", ptr: cuTexRefSetMipmapLevelClamp as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexRefSetMipmappedArray", since: 0, symbol: "cuTexRefSetMipmappedArray", ptr: cuTexRefSetMipmappedArray as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuThreadExchangeStreamCaptureMode", since: 0, symbol: "cuThreadExchangeStreamCaptureMode", ptr: cuThreadExchangeStreamCaptureMode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuUserObjectCreate", since: 0, symbol: "cuUserObjectCreate", ptr: cuUserObjectCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuUserObjectRelease", since: 0, symbol: "cuUserObjectRelease", ptr: cuUserObjectRelease as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuUserObjectRetain", since: 0, symbol: "cuUserObjectRetain", ptr: cuUserObjectRetain as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuWaitExternalSemaphoresAsync", since: 0, symbol: "cuWaitExternalSemaphoresAsync", ptr: cuWaitExternalSemaphoresAsync as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuWaitExternalSemaphoresAsync", since: 0, symbol: "cuWaitExternalSemaphoresAsync_ptsz", ptr: cuWaitExternalSemaphoresAsync_ptsz as *const (), per_thread: true },
 ];
 
 /// `CUresult` codes: (code, name, `cuGetErrorString` text; empty where not recorded).

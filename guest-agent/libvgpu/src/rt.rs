@@ -4,6 +4,7 @@
 
 use crate::transport::{Bell, Connected, Mem};
 use crate::window::Window;
+use cudarc::driver::sys;
 use idm_core::wire::Message;
 use idm_core::{ChannelError, Client, WaitPolicy};
 use idm_shm::ChannelLayout;
@@ -215,6 +216,9 @@ pub struct ProcEntry {
     pub symbol: &'static str,
     /// The entry point.
     pub ptr: *const (),
+    /// A per-thread-default-stream variant (`…_ptsz`, `…_ptds`): what `cuGetProcAddress`
+    /// returns when asked with `CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM`.
+    pub per_thread: bool,
 }
 
 // SAFETY: `ptr` is the address of an exported function: immutable, valid in any thread.
@@ -389,6 +393,62 @@ pub fn with_ctx_stack<R>(f: impl FnOnce(&mut Vec<Handle>) -> R) -> R {
 /// This thread's current context.
 pub fn current_ctx() -> Option<Handle> {
     with_ctx_stack(|s| s.last().copied())
+}
+
+// ---- per-thread default streams ----------------------------------------------------------
+
+thread_local! {
+    /// Inside a `…_ptsz`/`…_ptds` entry point: the NULL stream is the per-thread stream.
+    static PER_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This thread's per-thread stream in each context: (context, epoch) → host stream.
+    static PTDS: RefCell<FxHashMap<u64, (u64, Handle)>> = RefCell::new(FxHashMap::default());
+}
+
+/// Bumped whenever a context goes away (destroy, primary reset or last release): every
+/// thread's per-thread streams made before it are stale (the host destroyed them).
+static CTX_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Marks that contexts (and their streams) went away.
+pub fn contexts_changed() {
+    CTX_EPOCH.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+}
+
+/// Runs a per-thread-default-stream variant's body: its NULL stream is this thread's
+/// per-thread stream.
+pub fn per_thread<R>(f: impl FnOnce() -> R) -> R {
+    let before = PER_THREAD.replace(true);
+    let r = f();
+    PER_THREAD.set(before);
+    r
+}
+
+/// `CU_STREAM_PER_THREAD`.
+const STREAM_PER_THREAD: usize = 0x2;
+
+/// A stream argument as the host knows it: `CU_STREAM_PER_THREAD`, and NULL inside a
+/// per-thread variant, are the calling thread's own per-thread stream — a stream of its
+/// own on the host, created on first use with the default flags (it synchronises with the
+/// legacy stream and not with other threads' per-thread streams, as the driver's does).
+/// Must be called without the connection's lock held (it may create the stream).
+pub fn stream_arg(s: sys::CUstream) -> CuResult<Handle> {
+    let raw = s.addr();
+    if raw == STREAM_PER_THREAD || (raw == 0 && PER_THREAD.get()) {
+        return per_thread_stream();
+    }
+    Ok(handle_of(s))
+}
+
+fn per_thread_stream() -> CuResult<Handle> {
+    let ctx = current_ctx().ok_or(CuError::INVALID_CONTEXT)?;
+    let epoch = CTX_EPOCH.load(std::sync::atomic::Ordering::Acquire);
+    if let Some((e, h)) = PTDS.with(|m| m.borrow().get(&ctx.0).copied()) {
+        if e == epoch {
+            return Ok(h);
+        }
+    }
+    let r: p::CuStreamCreateReply = call(&p::CuStreamCreate { flags: 0 }, true)?;
+    PTDS.with(|m| m.borrow_mut().insert(ctx.0, (epoch, r.ph_stream)));
+    Ok(r.ph_stream)
 }
 
 impl Conn {

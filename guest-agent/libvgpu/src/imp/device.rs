@@ -76,11 +76,14 @@ const PROC_VERSION_NOT_SUFFICIENT: c_uint = 2;
 
 /// Looks up `symbol` (a base name such as `cuMemAlloc`) for a caller built against
 /// `version`: the newest variant introduced at or before it.
-fn proc_lookup(symbol: &str, version: c_int) -> Result<*const (), c_uint> {
+fn proc_lookup(symbol: &str, version: c_int, per_thread: bool) -> Result<*const (), c_uint> {
     let version = u32::try_from(version).unwrap_or(0);
+    // With the per-thread flag, a base name's per-thread variants are chosen where it has
+    // them (the driver's rule), its ordinary ones otherwise.
+    let has_per_thread = per_thread && PROC_TABLE.iter().any(|e| e.base == symbol && e.per_thread);
     let mut any = false;
     let mut best: Option<&rt::ProcEntry> = None;
-    for e in PROC_TABLE.iter().filter(|e| e.base == symbol) {
+    for e in PROC_TABLE.iter().filter(|e| e.base == symbol && e.per_thread == has_per_thread) {
         any = true;
         if e.since <= version && best.is_none_or(|b| e.since >= b.since) {
             best = Some(e);
@@ -95,6 +98,8 @@ fn proc_lookup(symbol: &str, version: c_int) -> Result<*const (), c_uint> {
 
 /// `CU_GET_PROC_ADDRESS_LEGACY_STREAM | CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM`.
 const PROC_FLAGS: u64 = 0x3;
+/// `CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM`.
+const PROC_PER_THREAD: u64 = 0x2;
 
 unsafe fn get_proc(
     symbol: *const c_char,
@@ -113,9 +118,8 @@ unsafe fn get_proc(
     if flags & !PROC_FLAGS != 0 {
         return Err(CuError::INVALID_VALUE);
     }
-    // Per-thread-default-stream variants (`_ptds`/`_ptsz`) are the same entry points
-    // here: every default stream of a zone is its context's NULL stream.
-    match proc_lookup(&name, version) {
+    // `CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM` picks the `_ptsz`/`_ptds` variants.
+    match proc_lookup(&name, version, flags & PROC_PER_THREAD != 0) {
         Ok(ptr) => {
             pfn.set(ptr.cast_mut().cast());
             status.set(PROC_FOUND);

@@ -496,6 +496,7 @@ unsafe extern "C" fn cls_get(value: *mut *mut c_void, ctx: sys::CUcontext, key: 
 /// for the last time): runs the destructors of its stored values, with no lock of
 /// libvgpu's held (they call back into the driver), and forgets them.
 pub fn context_gone(ctx: Handle) {
+    rt::contexts_changed();
     let gone: Vec<((u64, usize), ClsEntry)> = with_cls(|m| {
         let keys: Vec<(u64, usize)> = m.keys().filter(|(c, _)| *c == ctx.0).copied().collect();
         keys.into_iter().filter_map(|k| m.remove(&k).map(|e| (k, e))).collect()

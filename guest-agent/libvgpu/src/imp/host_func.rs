@@ -19,7 +19,7 @@
 //! stream waits for a function cannot deadlock with it. As with the driver, the function
 //! must not call CUDA.
 
-use crate::rt::{handle_of, session, CuError, CuResult};
+use crate::rt::{session, CuError, CuResult};
 use cudarc::driver::sys;
 use idm_core::{RawRegion, SharedMemory};
 use std::ffi::{c_uint, c_void};
@@ -153,7 +153,8 @@ fn queue(stream: sys::CUstream, what: Pending) -> CuResult<()> {
             st = r.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     };
-    let posted = crate::rt::post(&p::HostFunc { stream: handle_of(stream), slot: r.offset + (slot * 8) as u64 }, true);
+    let stream = crate::rt::stream_arg(stream)?;
+    let posted = crate::rt::post(&p::HostFunc { stream, slot: r.offset + (slot * 8) as u64 }, true);
     if posted.is_err() {
         let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
         st.armed.retain(|&(s, v, _)| !(s == slot && v == value));

@@ -8,7 +8,7 @@
 //! arbitrary application memory visible to the host: registered buffers are copied like
 //! pageable ones.
 
-use crate::rt::{handle_of, session, Conn, CuError, CuResult, Out};
+use crate::rt::{session, Conn, CuError, CuResult, Out};
 use cudarc::driver::sys;
 use std::collections::BTreeMap;
 use std::ffi::{c_uint, c_void};
@@ -298,7 +298,7 @@ pub unsafe fn cu_memcpy_hto_d_async_v2(
     stream: sys::CUstream,
 ) -> CuResult<()> {
     // SAFETY: forwarded contract.
-    unsafe { htod(dst, src, n, handle_of(stream), true) }
+    unsafe { htod(dst, src, n, crate::rt::stream_arg(stream)?, true) }
 }
 
 /// `cuMemcpyDtoH_v2`.
@@ -315,7 +315,7 @@ pub unsafe fn cu_memcpy_dto_h_async_v2(
     stream: sys::CUstream,
 ) -> CuResult<()> {
     // SAFETY: forwarded contract.
-    unsafe { dtoh(dst, src, n, handle_of(stream), true) }
+    unsafe { dtoh(dst, src, n, crate::rt::stream_arg(stream)?, true) }
 }
 
 /// Whether `ptr` is device memory of this zone (asks the host; window memory is host).
@@ -383,5 +383,5 @@ pub unsafe fn cu_memcpy_async(
     stream: sys::CUstream,
 ) -> CuResult<()> {
     // SAFETY: forwarded contract.
-    unsafe { unified(dst, src, n, handle_of(stream), true) }
+    unsafe { unified(dst, src, n, crate::rt::stream_arg(stream)?, true) }
 }

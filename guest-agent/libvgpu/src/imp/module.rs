@@ -434,7 +434,7 @@ pub unsafe fn cu_launch_kernel(
 ) -> CuResult<()> {
     let config = LaunchConfig { grid: [gx, gy, gz], block: [bx, by, bz], shared_mem_bytes: shared, attrs: Vec::new() };
     // SAFETY: forwarded contract.
-    unsafe { launch(handle_of(f), config, handle_of(stream), params, extra) }
+    unsafe { launch(handle_of(f), config, crate::rt::stream_arg(stream)?, params, extra) }
 }
 
 /// `CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`.
@@ -504,7 +504,7 @@ pub unsafe fn cu_launch_kernel_ex(
     // SAFETY: CUDA's contract for the config.
     let (lc, stream) = unsafe { launch_config(config) }?;
     // SAFETY: forwarded contract.
-    unsafe { launch(handle_of(f), lc, handle_of(stream), params, extra) }
+    unsafe { launch(handle_of(f), lc, crate::rt::stream_arg(stream)?, params, extra) }
 }
 
 /// `cuOccupancyMaxActiveClusters`: the host's driver answers for the configuration (its
