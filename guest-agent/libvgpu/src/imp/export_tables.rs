@@ -443,14 +443,17 @@ fn with_cls<R>(f: impl FnOnce(&mut HashMap<(u64, usize), ClsEntry>) -> R) -> R {
 }
 
 /// The context a CLS call names: the given one (must be live), else the calling
-/// thread's current context, else the primary context (the one the runtime uses).
+/// thread's current context. With neither, `CUDA_ERROR_INVALID_CONTEXT`: the runtime asks
+/// with NULL on each new thread and binds its context there when the answer is an error
+/// (falling back to the primary context here made it skip that, and every call of that
+/// thread failed for want of a current context).
 fn cls_context(ctx: sys::CUcontext) -> CuResult<Handle> {
     let s = session()?;
     if !ctx.is_null() {
         let h = handle_of(ctx);
         return if s.is_context(h) { Ok(h) } else { Err(CuError::INVALID_CONTEXT) };
     }
-    Ok(rt::current_ctx().unwrap_or(s.info.primary_ctx))
+    rt::current_ctx().ok_or(CuError::INVALID_CONTEXT)
 }
 
 /// Slot 0: stores `value` under `key` in the context, with a destructor.
@@ -514,6 +517,10 @@ pub fn context_gone(ctx: Handle) {
 
 /// Slot 2: reports no special condition on the context (flags 0, no detail).
 unsafe extern "C" fn context_check(_ctx: sys::CUcontext, flags: *mut u32, detail: *mut *const c_void) -> CUresult {
+    rt::log(
+        Level::Trace,
+        format_args!("CONTEXT_CHECKS[2]({_ctx:p}, {flags:p}, {detail:p}) current {:?}", rt::current_ctx()),
+    );
     if !flags.is_null() {
         // SAFETY: the runtime's contract: a non-null out-pointer is valid for one write.
         unsafe { flags.write_unaligned(0) };
@@ -527,6 +534,7 @@ unsafe extern "C" fn context_check(_ctx: sys::CUcontext, flags: *mut u32, detail
 
 /// Slot 3: global flags; none set.
 extern "C" fn context_check_flags() -> u32 {
+    rt::log(Level::Trace, format_args!("CONTEXT_CHECKS[3]() current {:?}", rt::current_ctx()));
     0
 }
 

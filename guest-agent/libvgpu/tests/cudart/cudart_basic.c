@@ -5,6 +5,7 @@
  * source runs natively on the GPU machine. Prints "ok: ..." per check, exits 1 at the
  * first failure. */
 #include <cuda_runtime_api.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +30,17 @@ static int failures;
             exit(1);                                                                       \
         }                                                                                  \
     } while (0)
+
+/* A second thread's first runtime calls: the runtime binds its context to the thread
+ * (it asks the driver's context-local storage with no current context first). */
+static void *second_thread(void *arg) {
+    unsigned char *d = arg;
+    static cudaError_t err[3];
+    err[0] = cudaMemsetAsync(d, 0x77, 4096, cudaStreamPerThread);
+    err[1] = cudaStreamSynchronize(cudaStreamPerThread);
+    err[2] = cudaMemset(d + 4096, 0x11, 4096);
+    return err;
+}
 
 int main(void) {
     int runtime = 0, driver = 0, count = -1;
@@ -133,6 +145,19 @@ int main(void) {
     EXPECT(err == cudaErrorInvalidDevice, "cudaSetDevice(7) -> %s", cudaGetErrorName(err));
     (void)cudaGetLastError();
     printf("ok: cudaSetDevice(7) -> %s\n", cudaGetErrorName(err));
+
+    /* Another thread uses the runtime: its per-thread stream and the legacy one. */
+    pthread_t t;
+    EXPECT(pthread_create(&t, NULL, second_thread, d1) == 0, "pthread_create");
+    void *ret = NULL;
+    pthread_join(t, &ret);
+    cudaError_t *terr = ret;
+    for (int i = 0; i < 3; i++)
+        EXPECT(terr[i] == cudaSuccess, "second thread call %d -> %s", i, cudaGetErrorName(terr[i]));
+    CHECK(cudaMemcpy(back, d1, 8192, cudaMemcpyDeviceToHost));
+    EXPECT(back[0] == 0x77 && back[4095] == 0x77 && back[4096] == 0x11 && back[8191] == 0x11,
+           "second thread's memsets: %x %x", back[0], back[4096]);
+    printf("ok: a second thread: memset on its per-thread stream and on the legacy stream\n");
 
     CHECK(cudaFree(d1));
     CHECK(cudaFree(d2));
