@@ -1402,7 +1402,9 @@ impl GpuBackend for CudaGpu {
         unsafe extern "C" fn run(data: *mut c_void) {
             // SAFETY: `data` is the box `launch_host_func` leaked for exactly this call.
             let slot = unsafe { Box::from_raw(data.cast::<super::HostFuncSlot>()) };
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slot.run()));
+            // No limit: the function may legitimately run long, and only this zone's streams
+            // wait for it (the driver's callback thread of this zone's own worker).
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slot.run(None)));
         }
         let stream = self.stream_or_null(stream)?;
         self.enter()?;

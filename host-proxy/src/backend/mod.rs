@@ -339,9 +339,10 @@ impl HostFuncSlot {
         HostFuncSlot { word: unsafe { idm_core::RawRegion::new(word, 8) } }
     }
 
-    /// The stream reached the function: tells the guest and waits until it has run it.
-    /// A word that was not armed (a confused or hostile guest) is left alone.
-    pub fn run(&self) {
+    /// The stream reached the function: tells the guest and waits until it has run it (or
+    /// `limit` has passed, where the wait would otherwise hold more than the zone's own
+    /// stream). A word that was not armed (a confused or hostile guest) is left alone.
+    pub fn run(&self, limit: Option<std::time::Duration>) {
         use idm_core::SharedMemory;
         use std::sync::atomic::Ordering;
         let armed = self.word.load_u32(0, Ordering::Acquire);
@@ -350,9 +351,10 @@ impl HostFuncSlot {
         }
         let reached = (armed & !3) | Self::REACHED;
         self.word.store_u32(0, reached, Ordering::Release);
+        let start = std::time::Instant::now();
         let mut pause = std::time::Duration::from_micros(2);
         while self.word.load_u32(0, Ordering::Acquire) == reached {
-            if WORKER_ENDING.load(Ordering::Acquire) {
+            if WORKER_ENDING.load(Ordering::Acquire) || limit.is_some_and(|l| start.elapsed() > l) {
                 return;
             }
             std::thread::sleep(pause);

@@ -1531,7 +1531,9 @@ impl GpuBackend for SimGpu {
     fn launch_host_func(&mut self, stream: Option<&SimStream>, slot: super::HostFuncSlot) -> CuResultOf<()> {
         self.check_stream(stream)?;
         // The test double runs each stream's work in place, in order: so does the function.
-        slot.run();
+        // It waits in the worker's own thread, so a guest that never answers would stop the
+        // whole zone: the wait is bounded.
+        slot.run(Some(std::time::Duration::from_secs(30)));
         Ok(())
     }
 
