@@ -96,13 +96,8 @@ const T_DEVICE_EXT: usize = 6;
 const T_INTEGRITY: usize = 7;
 const T_CTX_CHECKS: usize = 8;
 
-/// Fills `table` with traps, then sets what `f` sets.
-const fn with_traps<const N: usize>(traps: [*const c_void; N]) -> [*const c_void; N] {
-    traps
-}
-
 static CUDART_INTERFACE: Table<13> = Table({
-    let mut t = with_traps(traps!(T_CUDART; 0 1 2 3 4 5 6 7 8 9 10 11 12));
+    let mut t = traps!(T_CUDART; 0 1 2 3 4 5 6 7 8 9 10 11 12);
     t[0] = size_word::<13>();
     t[1] = cudart_get_module_from_cubin as *const c_void;
     t[2] = cudart_primary_context as *const c_void;
@@ -115,13 +110,13 @@ static CUDART_INTERFACE: Table<13> = Table({
 
 /// Three slots, as the real driver's (driver 580; the runtime calls none of them).
 static TOOLS_TLS: Table<3> = Table({
-    let mut t = with_traps(traps!(T_TOOLS_TLS; 0 1 2));
+    let mut t = traps!(T_TOOLS_TLS; 0 1 2);
     t[0] = size_word::<3>();
     t
 });
 
 static CALLBACK_HOOKS: Table<7> = Table({
-    let mut t = with_traps(traps!(T_CALLBACK_HOOKS; 0 1 2 3 4 5 6));
+    let mut t = traps!(T_CALLBACK_HOOKS; 0 1 2 3 4 5 6);
     t[0] = size_word::<7>();
     t[2] = hooks_buffer1 as *const c_void;
     t[6] = hooks_buffer2 as *const c_void;
@@ -129,7 +124,7 @@ static CALLBACK_HOOKS: Table<7> = Table({
 });
 
 static CONTEXT_LOCAL_STORAGE: Table<4> = Table({
-    let mut t = with_traps(traps!(T_CLS; 0 1 2 3));
+    let mut t = traps!(T_CLS; 0 1 2 3);
     t[0] = cls_put as *const c_void;
     t[1] = cls_delete as *const c_void;
     t[2] = cls_get as *const c_void;
@@ -137,25 +132,25 @@ static CONTEXT_LOCAL_STORAGE: Table<4> = Table({
 });
 
 static CTX_CREATE_BYPASS: Table<2> = Table({
-    let mut t = with_traps(traps!(T_CTX_BYPASS; 0 1));
+    let mut t = traps!(T_CTX_BYPASS; 0 1);
     t[0] = size_word::<2>();
     t
 });
 
 static HEAP_ACCESS: Table<3> = Table({
-    let mut t = with_traps(traps!(T_HEAP; 0 1 2));
+    let mut t = traps!(T_HEAP; 0 1 2);
     t[0] = size_word::<3>();
     t
 });
 
 static DEVICE_EXTENDED_RT: Table<26> = Table({
-    let mut t = with_traps(traps!(T_DEVICE_EXT; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25));
+    let mut t = traps!(T_DEVICE_EXT; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25);
     t[0] = size_word::<26>();
     t
 });
 
 static INTEGRITY_CHECK: Table<3> = Table({
-    let mut t = with_traps(traps!(T_INTEGRITY; 0 1 2));
+    let mut t = traps!(T_INTEGRITY; 0 1 2);
     t[0] = size_word::<3>();
     t[1] = integrity_check as *const c_void;
     t
@@ -163,7 +158,7 @@ static INTEGRITY_CHECK: Table<3> = Table({
 
 /// Fifteen slots, as the real driver's (driver 580; the runtime calls [2] and [3]).
 static CONTEXT_CHECKS: Table<15> = Table({
-    let mut t = with_traps(traps!(T_CTX_CHECKS; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14));
+    let mut t = traps!(T_CTX_CHECKS; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14);
     t[0] = size_word::<15>();
     t[2] = context_check as *const c_void;
     t[3] = context_check_flags as *const c_void;

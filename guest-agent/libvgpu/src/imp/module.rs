@@ -229,15 +229,15 @@ pub unsafe fn cu_library_load_data(
     // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
     let out = unsafe { Out::required(library) }?;
     // SAFETY: CUDA's contract: each option array holds its count of entries.
-    unsafe { log_options("cuLibraryLoadData JIT", jit_options, jit_values, num_jit) };
+    unsafe { log_options("cuLibraryLoadData: JIT", jit_options, jit_values, num_jit) };
     // SAFETY: as above.
-    unsafe { log_options("cuLibraryLoadData library", lib_options, lib_values, num_lib) };
+    unsafe { log_options("cuLibraryLoadData: library", lib_options, lib_values, num_lib) };
     // SAFETY: forwarded contract.
     out.set(handle_ptr(unsafe { load_ptr(code, true) }?));
     Ok(())
 }
 
-/// `cuLibraryLoadFromFile`: options are not applied.
+/// `cuLibraryLoadFromFile`: options are not applied (named at `VGPU_LOG=debug`).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn cu_library_load_from_file(
     library: *mut sys::CUlibrary,
@@ -252,9 +252,9 @@ pub unsafe fn cu_library_load_from_file(
     // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
     let out = unsafe { Out::required(library) }?;
     // SAFETY: CUDA's contract: each option array holds its count of entries.
-    unsafe { log_options("cuLibraryLoadData JIT", jit_options, jit_values, num_jit) };
+    unsafe { log_options("cuLibraryLoadFromFile: JIT", jit_options, jit_values, num_jit) };
     // SAFETY: as above.
-    unsafe { log_options("cuLibraryLoadData library", lib_options, lib_values, num_lib) };
+    unsafe { log_options("cuLibraryLoadFromFile: library", lib_options, lib_values, num_lib) };
     // SAFETY: forwarded contract.
     let bytes = unsafe { read_file(file) }?;
     out.set(handle_ptr(load(&bytes, true)?));
