@@ -111,6 +111,7 @@ fn download(dir: &Path, w: &Wheel) -> Result<PathBuf> {
     let file = dir.join(w.file_name());
     if !file.exists() {
         eprintln!("fetch-cudart: downloading {}=={} from PyPI", w.package, w.version);
+        ensure_pip()?;
         let python = if crate::image::which("python3").is_some() { "python3" } else { "python" };
         let status = Command::new(python)
             .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest"])
@@ -127,6 +128,16 @@ fn download(dir: &Path, w: &Wheel) -> Result<PathBuf> {
         bail!("{}: SHA-256 {got}, expected {} (removed; run again to re-download)", file.display(), w.sha256);
     }
     Ok(file)
+}
+
+/// pip, from Debian's packages when it is missing (a fresh Debian 12 has python3 only).
+fn ensure_pip() -> Result<()> {
+    crate::apt_install(&crate::missing_packages(&[("python3", "python3")]))?;
+    let has_pip = Command::new("python3").args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !has_pip {
+        crate::apt_install(&["python3-pip"])?;
+    }
+    Ok(())
 }
 
 fn sha256(file: &Path) -> Result<String> {
