@@ -32,6 +32,10 @@ struct Table {
     /// Per-thread-default-stream variants (`…_ptsz`, `…_ptds`) of exported entry points.
     #[serde(default)]
     per_thread: Vec<String>,
+    /// Older exports whose C signature no binding declares: exported without parameters,
+    /// answering `CUDA_ERROR_NOT_SUPPORTED`, not offered by `cuGetProcAddress`.
+    #[serde(default)]
+    old_abi: Vec<String>,
 }
 
 /// An older name the real libcuda.so.1 still exports beside its successor, with the
@@ -308,6 +312,13 @@ fn validate(table: &Table, b: &Bindings) -> Result<()> {
     }
     for n in &table.unsupported {
         ensure!(b.fns.contains_key(n), "{n} (unsupported) is not in cudarc's bindings");
+        ensure!(names.insert(n.clone()), "{n} is listed twice");
+    }
+    for n in &table.old_abi {
+        ensure!(
+            !b.primary.contains(n),
+            "{n} (old_abi) is in the 13.0 bindings: give it a [[fn]] or list it as unsupported"
+        );
         ensure!(names.insert(n.clone()), "{n} is listed twice");
     }
     for v in &table.per_thread {
@@ -917,8 +928,14 @@ fn gen_guest(table: &Table, b: &Bindings, strings: &BTreeMap<u32, (String, Strin
     for (v, since, _) in &per_thread {
         exports.push((v.clone(), *since));
     }
+    for name in &table.old_abi {
+        let _ = writeln!(
+            o,
+            "/// `{name}`: an older export whose signature differs from its successor's; not\n/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).\n#[no_mangle]\npub extern \"C\" fn {name}() -> CUresult {{\n    rt::unsupported(\"{name}\")\n}}\n"
+        );
+    }
     o.push_str("/// Every exported entry point, in table order.\npub const EXPORTS: &[&str] = &[\n");
-    for (n, _) in &exports {
+    for n in exports.iter().map(|(n, _)| n).chain(&table.old_abi) {
         let _ = writeln!(o, "    \"{n}\",");
     }
     o.push_str("];\n\n");

@@ -200,7 +200,7 @@ extern "C" fn smem_per_block(block_size: std::ffi::c_int) -> usize {
 fn launch(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
     let stream = ctx.default_stream();
     let ptx = std::fs::read_to_string(ptx_path)?;
-    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx.clone()))?;
     let fill = module.load_function("fill_u32")?;
     let n = 10_000usize;
     let mut out = stream.alloc_zeros::<u32>(n)?;
@@ -231,6 +231,40 @@ fn launch(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
             "occupancy: {blocks} blocks of 256 per SM; potential block size {block} (grid >= {min_grid}), callback ran"
         ),
     )?;
+    // A library belongs to no context: a new thread with none current loads one (the CUDA
+    // runtime loads its libraries lazily like that, from whichever thread launches first).
+    let image = std::ffi::CString::new(ptx)?;
+    let loaded = std::thread::spawn(move || -> Result<(), String> {
+        use std::ptr::null_mut;
+        let (mut lib, mut kernel) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: a NUL-terminated PTX image; no options; valid out-pointers.
+        let rc = unsafe {
+            sys::cuLibraryLoadData(
+                &mut lib,
+                image.as_ptr().cast(),
+                null_mut(),
+                null_mut(),
+                0,
+                null_mut(),
+                null_mut(),
+                0,
+            )
+        };
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuLibraryLoadData without a current context: {rc:?}"));
+        }
+        // SAFETY: a loaded library and a NUL-terminated name.
+        let rc = unsafe { sys::cuLibraryGetKernel(&mut kernel, lib, c"fill_u32".as_ptr()) };
+        // SAFETY: the library loaded above, unloaded once.
+        let unload = unsafe { sys::cuLibraryUnload(lib) };
+        match (rc, unload) {
+            (sys::CUresult::CUDA_SUCCESS, sys::CUresult::CUDA_SUCCESS) => Ok(()),
+            other => Err(format!("cuLibraryGetKernel/cuLibraryUnload without a current context: {other:?}")),
+        }
+    })
+    .join()
+    .map_err(|_| "library thread panicked")?;
+    ensure(loaded.is_ok(), &format!("a library loads in a thread without a current context ({loaded:?})"))?;
     let smem = saxpy.occupancy_available_dynamic_smem_per_block(blocks.max(1), 256)?;
     let clusters = saxpy.occupancy_max_active_clusters(LaunchConfig::for_num_elems(n as u32), &stream)?;
     ensure(clusters > 0, &format!("occupancy: {smem} bytes of dynamic shared memory per block, {clusters} clusters"))

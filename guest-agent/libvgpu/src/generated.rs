@@ -4747,6 +4747,545 @@ pub unsafe extern "C" fn cuWaitExternalSemaphoresAsync_ptsz(extSemArray: *const 
     })
 }
 
+/// `cuArray3DCreate`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuArray3DCreate() -> CUresult {
+    rt::unsupported("cuArray3DCreate")
+}
+
+/// `cuArray3DGetDescriptor`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuArray3DGetDescriptor() -> CUresult {
+    rt::unsupported("cuArray3DGetDescriptor")
+}
+
+/// `cuArrayCreate`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuArrayCreate() -> CUresult {
+    rt::unsupported("cuArrayCreate")
+}
+
+/// `cuArrayGetDescriptor`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuArrayGetDescriptor() -> CUresult {
+    rt::unsupported("cuArrayGetDescriptor")
+}
+
+/// `cuCtxCreate_v3`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuCtxCreate_v3() -> CUresult {
+    rt::unsupported("cuCtxCreate_v3")
+}
+
+/// `cuDeviceTotalMem`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuDeviceTotalMem() -> CUresult {
+    rt::unsupported("cuDeviceTotalMem")
+}
+
+/// `cuGraphAddDependencies`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphAddDependencies() -> CUresult {
+    rt::unsupported("cuGraphAddDependencies")
+}
+
+/// `cuGraphAddKernelNode`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphAddKernelNode() -> CUresult {
+    rt::unsupported("cuGraphAddKernelNode")
+}
+
+/// `cuGraphAddNode`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphAddNode() -> CUresult {
+    rt::unsupported("cuGraphAddNode")
+}
+
+/// `cuGraphExecKernelNodeSetParams`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphExecKernelNodeSetParams() -> CUresult {
+    rt::unsupported("cuGraphExecKernelNodeSetParams")
+}
+
+/// `cuGraphExecUpdate`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphExecUpdate() -> CUresult {
+    rt::unsupported("cuGraphExecUpdate")
+}
+
+/// `cuGraphGetEdges`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphGetEdges() -> CUresult {
+    rt::unsupported("cuGraphGetEdges")
+}
+
+/// `cuGraphInstantiate`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphInstantiate() -> CUresult {
+    rt::unsupported("cuGraphInstantiate")
+}
+
+/// `cuGraphInstantiate_v2`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphInstantiate_v2() -> CUresult {
+    rt::unsupported("cuGraphInstantiate_v2")
+}
+
+/// `cuGraphKernelNodeGetParams`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphKernelNodeGetParams() -> CUresult {
+    rt::unsupported("cuGraphKernelNodeGetParams")
+}
+
+/// `cuGraphKernelNodeSetParams`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphKernelNodeSetParams() -> CUresult {
+    rt::unsupported("cuGraphKernelNodeSetParams")
+}
+
+/// `cuGraphNodeGetDependencies`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphNodeGetDependencies() -> CUresult {
+    rt::unsupported("cuGraphNodeGetDependencies")
+}
+
+/// `cuGraphNodeGetDependentNodes`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphNodeGetDependentNodes() -> CUresult {
+    rt::unsupported("cuGraphNodeGetDependentNodes")
+}
+
+/// `cuGraphRemoveDependencies`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphRemoveDependencies() -> CUresult {
+    rt::unsupported("cuGraphRemoveDependencies")
+}
+
+/// `cuGraphicsResourceGetMappedPointer`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphicsResourceGetMappedPointer() -> CUresult {
+    rt::unsupported("cuGraphicsResourceGetMappedPointer")
+}
+
+/// `cuGraphicsResourceSetMapFlags`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuGraphicsResourceSetMapFlags() -> CUresult {
+    rt::unsupported("cuGraphicsResourceSetMapFlags")
+}
+
+/// `cuLinkAddData`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuLinkAddData() -> CUresult {
+    rt::unsupported("cuLinkAddData")
+}
+
+/// `cuLinkAddFile`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuLinkAddFile() -> CUresult {
+    rt::unsupported("cuLinkAddFile")
+}
+
+/// `cuLinkCreate`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuLinkCreate() -> CUresult {
+    rt::unsupported("cuLinkCreate")
+}
+
+/// `cuMemAdvise`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemAdvise() -> CUresult {
+    rt::unsupported("cuMemAdvise")
+}
+
+/// `cuMemAlloc`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemAlloc() -> CUresult {
+    rt::unsupported("cuMemAlloc")
+}
+
+/// `cuMemAllocHost`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemAllocHost() -> CUresult {
+    rt::unsupported("cuMemAllocHost")
+}
+
+/// `cuMemAllocPitch`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemAllocPitch() -> CUresult {
+    rt::unsupported("cuMemAllocPitch")
+}
+
+/// `cuMemFree`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemFree() -> CUresult {
+    rt::unsupported("cuMemFree")
+}
+
+/// `cuMemGetAddressRange`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemGetAddressRange() -> CUresult {
+    rt::unsupported("cuMemGetAddressRange")
+}
+
+/// `cuMemGetAttribute`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemGetAttribute() -> CUresult {
+    rt::unsupported("cuMemGetAttribute")
+}
+
+/// `cuMemGetAttribute_v2`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemGetAttribute_v2() -> CUresult {
+    rt::unsupported("cuMemGetAttribute_v2")
+}
+
+/// `cuMemGetInfo`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemGetInfo() -> CUresult {
+    rt::unsupported("cuMemGetInfo")
+}
+
+/// `cuMemHostGetDevicePointer`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemHostGetDevicePointer() -> CUresult {
+    rt::unsupported("cuMemHostGetDevicePointer")
+}
+
+/// `cuMemPrefetchAsync`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemPrefetchAsync() -> CUresult {
+    rt::unsupported("cuMemPrefetchAsync")
+}
+
+/// `cuMemPrefetchAsync_ptsz`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemPrefetchAsync_ptsz() -> CUresult {
+    rt::unsupported("cuMemPrefetchAsync_ptsz")
+}
+
+/// `cuMemcpy2D`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpy2D() -> CUresult {
+    rt::unsupported("cuMemcpy2D")
+}
+
+/// `cuMemcpy2DAsync`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpy2DAsync() -> CUresult {
+    rt::unsupported("cuMemcpy2DAsync")
+}
+
+/// `cuMemcpy2DUnaligned`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpy2DUnaligned() -> CUresult {
+    rt::unsupported("cuMemcpy2DUnaligned")
+}
+
+/// `cuMemcpy3D`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpy3D() -> CUresult {
+    rt::unsupported("cuMemcpy3D")
+}
+
+/// `cuMemcpy3DAsync`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpy3DAsync() -> CUresult {
+    rt::unsupported("cuMemcpy3DAsync")
+}
+
+/// `cuMemcpy3DBatchAsync`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpy3DBatchAsync() -> CUresult {
+    rt::unsupported("cuMemcpy3DBatchAsync")
+}
+
+/// `cuMemcpy3DBatchAsync_ptsz`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpy3DBatchAsync_ptsz() -> CUresult {
+    rt::unsupported("cuMemcpy3DBatchAsync_ptsz")
+}
+
+/// `cuMemcpyAtoA`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyAtoA() -> CUresult {
+    rt::unsupported("cuMemcpyAtoA")
+}
+
+/// `cuMemcpyAtoD`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyAtoD() -> CUresult {
+    rt::unsupported("cuMemcpyAtoD")
+}
+
+/// `cuMemcpyAtoH`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyAtoH() -> CUresult {
+    rt::unsupported("cuMemcpyAtoH")
+}
+
+/// `cuMemcpyAtoHAsync`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyAtoHAsync() -> CUresult {
+    rt::unsupported("cuMemcpyAtoHAsync")
+}
+
+/// `cuMemcpyBatchAsync`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyBatchAsync() -> CUresult {
+    rt::unsupported("cuMemcpyBatchAsync")
+}
+
+/// `cuMemcpyBatchAsync_ptsz`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyBatchAsync_ptsz() -> CUresult {
+    rt::unsupported("cuMemcpyBatchAsync_ptsz")
+}
+
+/// `cuMemcpyDtoA`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyDtoA() -> CUresult {
+    rt::unsupported("cuMemcpyDtoA")
+}
+
+/// `cuMemcpyDtoD`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyDtoD() -> CUresult {
+    rt::unsupported("cuMemcpyDtoD")
+}
+
+/// `cuMemcpyDtoDAsync`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyDtoDAsync() -> CUresult {
+    rt::unsupported("cuMemcpyDtoDAsync")
+}
+
+/// `cuMemcpyDtoH`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyDtoH() -> CUresult {
+    rt::unsupported("cuMemcpyDtoH")
+}
+
+/// `cuMemcpyDtoHAsync`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyDtoHAsync() -> CUresult {
+    rt::unsupported("cuMemcpyDtoHAsync")
+}
+
+/// `cuMemcpyHtoA`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyHtoA() -> CUresult {
+    rt::unsupported("cuMemcpyHtoA")
+}
+
+/// `cuMemcpyHtoAAsync`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyHtoAAsync() -> CUresult {
+    rt::unsupported("cuMemcpyHtoAAsync")
+}
+
+/// `cuMemcpyHtoD`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyHtoD() -> CUresult {
+    rt::unsupported("cuMemcpyHtoD")
+}
+
+/// `cuMemcpyHtoDAsync`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemcpyHtoDAsync() -> CUresult {
+    rt::unsupported("cuMemcpyHtoDAsync")
+}
+
+/// `cuMemsetD16`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemsetD16() -> CUresult {
+    rt::unsupported("cuMemsetD16")
+}
+
+/// `cuMemsetD2D16`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemsetD2D16() -> CUresult {
+    rt::unsupported("cuMemsetD2D16")
+}
+
+/// `cuMemsetD2D32`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemsetD2D32() -> CUresult {
+    rt::unsupported("cuMemsetD2D32")
+}
+
+/// `cuMemsetD2D8`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemsetD2D8() -> CUresult {
+    rt::unsupported("cuMemsetD2D8")
+}
+
+/// `cuMemsetD32`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemsetD32() -> CUresult {
+    rt::unsupported("cuMemsetD32")
+}
+
+/// `cuMemsetD8`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuMemsetD8() -> CUresult {
+    rt::unsupported("cuMemsetD8")
+}
+
+/// `cuModuleGetGlobal`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuModuleGetGlobal() -> CUresult {
+    rt::unsupported("cuModuleGetGlobal")
+}
+
+/// `cuStreamBeginCapture`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCapture() -> CUresult {
+    rt::unsupported("cuStreamBeginCapture")
+}
+
+/// `cuStreamBeginCapture_ptsz`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCapture_ptsz() -> CUresult {
+    rt::unsupported("cuStreamBeginCapture_ptsz")
+}
+
+/// `cuStreamGetCaptureInfo`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuStreamGetCaptureInfo() -> CUresult {
+    rt::unsupported("cuStreamGetCaptureInfo")
+}
+
+/// `cuStreamGetCaptureInfo_ptsz`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuStreamGetCaptureInfo_ptsz() -> CUresult {
+    rt::unsupported("cuStreamGetCaptureInfo_ptsz")
+}
+
+/// `cuStreamGetCaptureInfo_v2`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuStreamGetCaptureInfo_v2() -> CUresult {
+    rt::unsupported("cuStreamGetCaptureInfo_v2")
+}
+
+/// `cuStreamGetCaptureInfo_v2_ptsz`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuStreamGetCaptureInfo_v2_ptsz() -> CUresult {
+    rt::unsupported("cuStreamGetCaptureInfo_v2_ptsz")
+}
+
+/// `cuStreamUpdateCaptureDependencies`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuStreamUpdateCaptureDependencies() -> CUresult {
+    rt::unsupported("cuStreamUpdateCaptureDependencies")
+}
+
+/// `cuStreamUpdateCaptureDependencies_ptsz`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuStreamUpdateCaptureDependencies_ptsz() -> CUresult {
+    rt::unsupported("cuStreamUpdateCaptureDependencies_ptsz")
+}
+
+/// `cuTexRefGetAddress`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuTexRefGetAddress() -> CUresult {
+    rt::unsupported("cuTexRefGetAddress")
+}
+
+/// `cuTexRefSetAddress`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuTexRefSetAddress() -> CUresult {
+    rt::unsupported("cuTexRefSetAddress")
+}
+
+/// `cuTexRefSetAddress2D`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuTexRefSetAddress2D() -> CUresult {
+    rt::unsupported("cuTexRefSetAddress2D")
+}
+
+/// `cuTexRefSetAddress2D_v2`: an older export whose signature differs from its successor's; not
+/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
+#[no_mangle]
+pub extern "C" fn cuTexRefSetAddress2D_v2() -> CUresult {
+    rt::unsupported("cuTexRefSetAddress2D_v2")
+}
+
 /// Every exported entry point, in table order.
 pub const EXPORTS: &[&str] = &[
     "cuInit",
@@ -5304,6 +5843,83 @@ pub const EXPORTS: &[&str] = &[
     "cuStreamWriteValue64_ptsz",
     "cuStreamWriteValue64_v2_ptsz",
     "cuWaitExternalSemaphoresAsync_ptsz",
+    "cuArray3DCreate",
+    "cuArray3DGetDescriptor",
+    "cuArrayCreate",
+    "cuArrayGetDescriptor",
+    "cuCtxCreate_v3",
+    "cuDeviceTotalMem",
+    "cuGraphAddDependencies",
+    "cuGraphAddKernelNode",
+    "cuGraphAddNode",
+    "cuGraphExecKernelNodeSetParams",
+    "cuGraphExecUpdate",
+    "cuGraphGetEdges",
+    "cuGraphInstantiate",
+    "cuGraphInstantiate_v2",
+    "cuGraphKernelNodeGetParams",
+    "cuGraphKernelNodeSetParams",
+    "cuGraphNodeGetDependencies",
+    "cuGraphNodeGetDependentNodes",
+    "cuGraphRemoveDependencies",
+    "cuGraphicsResourceGetMappedPointer",
+    "cuGraphicsResourceSetMapFlags",
+    "cuLinkAddData",
+    "cuLinkAddFile",
+    "cuLinkCreate",
+    "cuMemAdvise",
+    "cuMemAlloc",
+    "cuMemAllocHost",
+    "cuMemAllocPitch",
+    "cuMemFree",
+    "cuMemGetAddressRange",
+    "cuMemGetAttribute",
+    "cuMemGetAttribute_v2",
+    "cuMemGetInfo",
+    "cuMemHostGetDevicePointer",
+    "cuMemPrefetchAsync",
+    "cuMemPrefetchAsync_ptsz",
+    "cuMemcpy2D",
+    "cuMemcpy2DAsync",
+    "cuMemcpy2DUnaligned",
+    "cuMemcpy3D",
+    "cuMemcpy3DAsync",
+    "cuMemcpy3DBatchAsync",
+    "cuMemcpy3DBatchAsync_ptsz",
+    "cuMemcpyAtoA",
+    "cuMemcpyAtoD",
+    "cuMemcpyAtoH",
+    "cuMemcpyAtoHAsync",
+    "cuMemcpyBatchAsync",
+    "cuMemcpyBatchAsync_ptsz",
+    "cuMemcpyDtoA",
+    "cuMemcpyDtoD",
+    "cuMemcpyDtoDAsync",
+    "cuMemcpyDtoH",
+    "cuMemcpyDtoHAsync",
+    "cuMemcpyHtoA",
+    "cuMemcpyHtoAAsync",
+    "cuMemcpyHtoD",
+    "cuMemcpyHtoDAsync",
+    "cuMemsetD16",
+    "cuMemsetD2D16",
+    "cuMemsetD2D32",
+    "cuMemsetD2D8",
+    "cuMemsetD32",
+    "cuMemsetD8",
+    "cuModuleGetGlobal",
+    "cuStreamBeginCapture",
+    "cuStreamBeginCapture_ptsz",
+    "cuStreamGetCaptureInfo",
+    "cuStreamGetCaptureInfo_ptsz",
+    "cuStreamGetCaptureInfo_v2",
+    "cuStreamGetCaptureInfo_v2_ptsz",
+    "cuStreamUpdateCaptureDependencies",
+    "cuStreamUpdateCaptureDependencies_ptsz",
+    "cuTexRefGetAddress",
+    "cuTexRefSetAddress",
+    "cuTexRefSetAddress2D",
+    "cuTexRefSetAddress2D_v2",
 ];
 
 /// The `cuGetProcAddress` table: (base name, CUDA version that introduced the variant,

@@ -510,8 +510,11 @@ pub fn context_gone(ctx: Handle) {
 
 // ---- CONTEXT_CHECKS --------------------------------------------------------------------
 
-/// Slot 2: reports no special condition on the context (flags 0, no detail).
-unsafe extern "C" fn context_check(_ctx: sys::CUcontext, flags: *mut u32, detail: *mut *const c_void) -> CUresult {
+/// Slot 2: reports no special condition on the context (flags 0). The third argument is
+/// left alone: it is not an out-pointer of pointer size (in cuBLAS's start-up it is the
+/// address 4 bytes above `flags`, traced on the H200, so an 8-byte write there overwrote
+/// the caller's next local; LUPINE's cuBLAS fix found the same).
+unsafe extern "C" fn context_check(_ctx: sys::CUcontext, flags: *mut u32, detail: *mut c_void) -> CUresult {
     rt::log(
         Level::Trace,
         format_args!("CONTEXT_CHECKS[2]({_ctx:p}, {flags:p}, {detail:p}) current {:?}", rt::current_ctx()),
@@ -519,10 +522,6 @@ unsafe extern "C" fn context_check(_ctx: sys::CUcontext, flags: *mut u32, detail
     if !flags.is_null() {
         // SAFETY: the runtime's contract: a non-null out-pointer is valid for one write.
         unsafe { flags.write_unaligned(0) };
-    }
-    if !detail.is_null() {
-        // SAFETY: as above.
-        unsafe { detail.write_unaligned(std::ptr::null()) };
     }
     0
 }

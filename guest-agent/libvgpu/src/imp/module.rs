@@ -102,7 +102,11 @@ unsafe fn image_len(p: *const u8) -> CuResult<(*const u8, usize)> {
 fn load(bytes: &[u8], library: bool) -> CuResult<Handle> {
     let s = session()?;
     let mut c = s.lock();
-    c.enter_current()?;
+    // A library belongs to no context (the runtime loads one lazily, from a thread that
+    // may have none current yet); a module loads into the current one.
+    if !library {
+        c.enter_current()?;
+    }
     let block = c.window.alloc(bytes.len() as u64, 0)?;
     let desc = c.window.desc_of(block, bytes.len() as u64)?;
     let r = c

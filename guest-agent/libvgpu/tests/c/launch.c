@@ -391,6 +391,15 @@ static void library_tests(const char *label, const void *image, unsigned seed) {
     CUfunction f;
     CUmodule lm;
     char l2[96];
+    /* A library belongs to no context: it loads with none current (as the runtime loads
+     * one lazily from a new thread). */
+    CUcontext cur;
+    CHECK(cuCtxPopCurrent(&cur));
+    CHECK(cuLibraryLoadData(&lib, image, NULL, NULL, 0, NULL, NULL, 0));
+    CHECK(cuLibraryGetKernel(&k, lib, "fill_u32"));
+    CHECK(cuCtxPushCurrent(cur));
+    CHECK(cuLibraryUnload(lib));
+    printf("%s: cuLibraryLoadData without a current context ok\n", label);
     CHECK(cuLibraryLoadData(&lib, image, NULL, NULL, 0, NULL, NULL, 0));
     printf("%s: cuLibraryLoadData ok\n", label);
     CHECK(cuLibraryGetKernel(&k, lib, "fill_u32"));
