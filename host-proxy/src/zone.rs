@@ -1577,6 +1577,11 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(OccupancyMaxActiveClustersReply { clusters })
     }
 
+    fn ctx_query_value(&mut self, req: CtxQueryValue) -> CuResultOf<CtxQueryValueReply> {
+        let value = self.zone.in_ctx(req.ctx, |b| b.ctx_query_value())?;
+        Ok(CtxQueryValueReply { value })
+    }
+
     fn launch(&mut self, req: Launch) -> CuResultOf<Done> {
         let Launch { func, config, stream, params } = req;
         if config.grid.contains(&0) || config.block.contains(&0) {

@@ -303,9 +303,70 @@ fn errors(ctx: &Arc<CudaContext>) -> Res {
     let (name, text) = (err.error_name()?, err.error_string()?);
     println!("error text: {name:?} {text:?}");
     ensure(text.to_str()? == "invalid argument", "error strings are NVIDIA's")?;
+    context_query_table()?;
     // The zone still works after all of that.
     let stream = ctx.default_stream();
     ensure(stream.clone_dtoh(&stream.clone_htod(&[1u8, 2, 3])?)? == [1, 2, 3], "zone still works after errors")
+}
+
+/// The driver's private table {21318C60…} as cuBLASLt uses it (libvgpu's export_tables.rs
+/// has what the real driver answers): slot 4 tells a context from NULL, slot 51 gives an
+/// object of the context (NULL context: CUDA_ERROR_INVALID_HANDLE), slot 39 a value for it
+/// from the host (the test double answers 0), and refuses objects slot 51 did not make.
+fn context_query_table() -> Res {
+    type IsContext = unsafe extern "C" fn(sys::CUcontext, *mut u64) -> sys::CUresult;
+    type Object = unsafe extern "C" fn(sys::CUcontext, *const c_void, *mut *const c_void) -> sys::CUresult;
+    type Value = unsafe extern "C" fn(sys::CUcontext, *const c_void, *mut u64) -> sys::CUresult;
+    use std::ffi::c_void;
+    let id = sys::CUuuid {
+        bytes: [0x21u8, 0x31, 0x8c, 0x60, 0x97, 0x14, 0x32, 0x48, 0x8c, 0xa6, 0x41, 0xff, 0x73, 0x24, 0xc8, 0xf2]
+            .map(|b| b as std::ffi::c_char),
+    };
+    let mut table: *const c_void = std::ptr::null();
+    // SAFETY: valid out-pointer and id.
+    let rc = unsafe { sys::cuGetExportTable(&mut table, &id) };
+    ensure(rc == sys::CUresult::CUDA_SUCCESS && !table.is_null(), "private table {21318C60…} is served")?;
+    // SAFETY: a table libvgpu served: its size word and then that many bytes of words.
+    let words = unsafe { std::slice::from_raw_parts(table.cast::<usize>(), 93) };
+    ensure(words[0] == 93 * 8, "it has the driver's 93 slots")?;
+    // SAFETY: the slots' signatures as libvgpu implements them (this and the next two).
+    let is_ctx = unsafe { std::mem::transmute::<usize, IsContext>(words[4]) };
+    // SAFETY: as above.
+    let object = unsafe { std::mem::transmute::<usize, Object>(words[51]) };
+    // SAFETY: as above.
+    let value = unsafe { std::mem::transmute::<usize, Value>(words[39]) };
+    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: valid out-pointer.
+    unsafe { sys::cuCtxGetCurrent(&mut ctx) }.result()?;
+    let ok = sys::CUresult::CUDA_SUCCESS;
+    let null = std::ptr::null();
+    // The slots' contract, for each call below: a context or NULL, valid out-pointers; a
+    // forged object is refused, not read.
+    let (mut yes, mut no) = (7u64, 7u64);
+    // SAFETY: as just said.
+    let r1 = unsafe { is_ctx(ctx, &mut yes) };
+    // SAFETY: as above.
+    let r2 = unsafe { is_ctx(std::ptr::null_mut(), &mut no) };
+    ensure((r1, r2) == (ok, ok) && (yes, no) == (1, 0), "slot 4: 1 for a context, 0 for NULL")?;
+    let (mut obj, mut none) = (std::ptr::null(), std::ptr::null());
+    // SAFETY: as above.
+    let r1 = unsafe { object(ctx, null, &mut obj) };
+    // SAFETY: as above.
+    let r2 = unsafe { object(std::ptr::null_mut(), null, &mut none) };
+    ensure(
+        (r1, r2) == (ok, sys::CUresult::CUDA_ERROR_INVALID_HANDLE) && !obj.is_null() && none.is_null(),
+        "slot 51: an object for the context, CUDA_ERROR_INVALID_HANDLE for NULL",
+    )?;
+    let (mut v, mut forged) = (7u64, 7u64);
+    let bogus = 0x1000usize as *const c_void;
+    // SAFETY: as above.
+    let r1 = unsafe { value(ctx, obj, &mut v) };
+    // SAFETY: as above.
+    let r2 = unsafe { value(ctx, bogus, &mut forged) };
+    ensure(
+        (r1, r2) == (ok, sys::CUresult::CUDA_ERROR_INVALID_VALUE) && v == 0 && forged == 7,
+        "slot 39: the host's value for the context (test double: 0), a forged object refused",
+    )
 }
 
 fn threads(ctx: &Arc<CudaContext>) -> Res {

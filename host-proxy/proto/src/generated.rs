@@ -775,6 +775,23 @@ impl Message for OccupancyMaxActiveClustersReply {
     const ID: MessageId = MessageId(0x8249);
 }
 
+/// Request `CtxQueryValue` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CtxQueryValue {
+    pub ctx: Handle,
+}
+impl Message for CtxQueryValue {
+    const ID: MessageId = MessageId(0x024a);
+}
+/// Reply to [`CtxQueryValue`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CtxQueryValueReply {
+    pub value: u64,
+}
+impl Message for CtxQueryValueReply {
+    const ID: MessageId = MessageId(0x824a);
+}
+
 /// Request `cuStreamCreate`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CuStreamCreate {
@@ -1191,6 +1208,7 @@ pub const REQUEST_IDS: &[MessageId] = &[
     Launch::ID,
     CuOccupancyAvailableDynamicSMemPerBlock::ID,
     OccupancyMaxActiveClusters::ID,
+    CtxQueryValue::ID,
     CuStreamCreate::ID,
     CuStreamCreateWithPriority::ID,
     CuStreamDestroyV2::ID,
@@ -1334,6 +1352,8 @@ pub trait Api {
     fn cu_occupancy_available_dynamic_s_mem_per_block(&mut self, req: CuOccupancyAvailableDynamicSMemPerBlock) -> Result<CuOccupancyAvailableDynamicSMemPerBlockReply, Self::Error>;
     /// Handles [`OccupancyMaxActiveClusters`].
     fn occupancy_max_active_clusters(&mut self, req: OccupancyMaxActiveClusters) -> Result<OccupancyMaxActiveClustersReply, Self::Error>;
+    /// Handles [`CtxQueryValue`].
+    fn ctx_query_value(&mut self, req: CtxQueryValue) -> Result<CtxQueryValueReply, Self::Error>;
     /// Handles [`CuStreamCreate`].
     fn cu_stream_create(&mut self, req: CuStreamCreate) -> Result<CuStreamCreateReply, Self::Error>;
     /// Handles [`CuStreamCreateWithPriority`].
@@ -1691,6 +1711,11 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.occupancy_max_active_clusters(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x024a => {
+            let req = decode_body::<CtxQueryValue>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.ctx_query_value(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         0x0250 => {
             let req = decode_body::<CuStreamCreate>(body).map_err(|_| DispatchError::BadBody(id))?;
             let rep = api.cu_stream_create(req).map_err(DispatchError::Api)?;
@@ -1891,6 +1916,7 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x0241 => "Launch",
         0x0248 => "CuOccupancyAvailableDynamicSMemPerBlock",
         0x0249 => "OccupancyMaxActiveClusters",
+        0x024a => "CtxQueryValue",
         0x0250 => "CuStreamCreate",
         0x0251 => "CuStreamCreateWithPriority",
         0x0252 => "CuStreamDestroyV2",

@@ -338,6 +338,8 @@ driver_api! {
     occupancy_available_smem = "cuOccupancyAvailableDynamicSMemPerBlock": fn(*mut usize, sys::CUfunction, c_int, c_int);
     /// `cuOccupancyMaxActiveClusters`.
     occupancy_max_active_clusters = "cuOccupancyMaxActiveClusters": fn(*mut c_int, sys::CUfunction, *const RawLaunchConfig);
+    /// `cuGetExportTable` (the private table behind `ctx_query_value`).
+    get_export_table = "cuGetExportTable": fn(*mut *const c_void, *const sys::CUuuid);
     /// `cuStreamCreateWithPriority`.
     stream_create = "cuStreamCreateWithPriority": fn(*mut sys::CUstream, c_uint, c_int);
     /// `cuStreamSynchronize`.
@@ -2099,6 +2101,46 @@ impl GpuBackend for CudaGpu {
         // the driver validates the counts.
         check(unsafe { (self.api.occupancy_available_smem)(&mut bytes, f, blocks, block_size) })?;
         Ok(bytes as u64)
+    }
+
+    fn ctx_query_value(&mut self) -> CuResultOf<u64> {
+        /// {21318C60-9714-3248-8CA6-41FF7324C8F2}, as bytes in memory.
+        const ID: [u8; 16] =
+            [0x21, 0x31, 0x8c, 0x60, 0x97, 0x14, 0x32, 0x48, 0x8c, 0xa6, 0x41, 0xff, 0x73, 0x24, 0xc8, 0xf2];
+        /// The table's size word in driver 580: 93 slots.
+        const SIZE: usize = 93 * size_of::<usize>();
+        type Object = unsafe extern "C" fn(sys::CUcontext, *const c_void, *mut *const c_void) -> RawCuResult;
+        type Value = unsafe extern "C" fn(sys::CUcontext, *const c_void, *mut u64) -> RawCuResult;
+        let raw = self.raw_context(self.current)?;
+        self.enter()?;
+        let id = sys::CUuuid { bytes: ID.map(|b| b as c_char) };
+        let mut table: *const c_void = std::ptr::null();
+        // SAFETY: valid out-pointer and id.
+        check(unsafe { (self.api.get_export_table)(&mut table, &id) })?;
+        let slots = table.cast::<usize>();
+        // SAFETY: a table the driver returned starts with its size word.
+        if table.is_null() || unsafe { slots.read() } != SIZE {
+            tracing::warn!("the driver's private table {{21318C60…}} is not the 93-slot one of driver 580");
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        // SAFETY: the driver's table holds the 93 words its size word says (checked above);
+        // it is static for the process's life and never written.
+        let words = unsafe { std::slice::from_raw_parts(slots, 93) };
+        let (object, value) = (words[51], words[39]);
+        // SAFETY: the driver's code addresses of the two slots, with the signatures cuBLASLt
+        // calls them by (traced; their writes measured by device/probes/export_table_probe.c).
+        let object = unsafe { std::mem::transmute::<usize, Object>(object) };
+        // SAFETY: as above.
+        let value = unsafe { std::mem::transmute::<usize, Value>(value) };
+        let mut obj: *const c_void = std::ptr::null();
+        // SAFETY: a live context (`raw_context`), made current; a NULL second argument (as
+        // traced) and a valid out-pointer.
+        check(unsafe { object(raw, std::ptr::null(), &mut obj) })?;
+        let mut v: u64 = 0;
+        // SAFETY: the same context, the object the driver just returned for it, a valid
+        // 8-byte out-pointer (the driver writes 8 bytes: measured).
+        check(unsafe { value(raw, obj, &mut v) })?;
+        Ok(v)
     }
 
     fn occupancy_max_active_clusters(&mut self, func: &CudaFunction, config: &LaunchConfig) -> CuResultOf<i32> {

@@ -276,6 +276,10 @@ pub trait GpuBackend {
     ) -> CuResultOf<u64>;
     /// `cuOccupancyMaxActiveClusters` for a launch configuration (plain attributes only).
     fn occupancy_max_active_clusters(&mut self, func: &Self::Function, config: &LaunchConfig) -> CuResultOf<i32>;
+    /// The value slot 39 of the driver's private table {21318C60…} gives for slot 51's
+    /// object of the current context (undocumented; cuBLASLt asks for it before its first
+    /// heuristics query — see libvgpu's export_tables.rs for what was measured).
+    fn ctx_query_value(&mut self) -> CuResultOf<u64>;
 
     // ---- streams ----
     /// Creates a stream (`cuStreamCreateWithPriority`; priority 0 is the default).

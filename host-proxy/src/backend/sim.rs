@@ -1551,6 +1551,12 @@ impl GpuBackend for SimGpu {
         Ok((228 * 1024 / blocks as u64).min(227 * 1024))
     }
 
+    fn ctx_query_value(&mut self) -> CuResultOf<u64> {
+        // The test double models nothing behind the driver's private table; it answers 0
+        // (the real driver's answer on an H200 is 13). It only carries the request.
+        Ok(0)
+    }
+
     fn occupancy_max_active_clusters(&mut self, func: &SimFunction, config: &LaunchConfig) -> CuResultOf<i32> {
         self.function(func)?;
         if config.block.contains(&0) || config.grid.contains(&0) {

@@ -34,6 +34,7 @@ use cudarc::driver::sys;
 use std::collections::HashMap;
 use std::ffi::{c_uint, c_void};
 use std::sync::Mutex;
+use vgpu_proto::generated as p;
 use vgpu_proto::{AttrValue, Handle};
 
 /// One table: pointer-sized words (sizes or function addresses).
@@ -95,6 +96,7 @@ const T_HEAP: usize = 5;
 const T_DEVICE_EXT: usize = 6;
 const T_INTEGRITY: usize = 7;
 const T_CTX_CHECKS: usize = 8;
+const T_CTX_QUERY: usize = 9;
 
 static CUDART_INTERFACE: Table<13> = Table({
     let mut t = traps!(T_CUDART; 0 1 2 3 4 5 6 7 8 9 10 11 12);
@@ -108,10 +110,36 @@ static CUDART_INTERFACE: Table<13> = Table({
     t
 });
 
-/// Three slots, as the real driver's (driver 580; the runtime calls none of them).
+/// Three slots, as the real driver's (driver 580). The runtime calls none of them;
+/// cuBLASLt calls slot 2 with one argument before its first heuristics query and fails the
+/// query unless it answers 0 (traced on the H200). Both slots answer 0: no tool (profiler,
+/// sanitizer) has per-thread state in a zone — CUPTI is not offered.
 static TOOLS_TLS: Table<3> = Table({
     let mut t = traps!(T_TOOLS_TLS; 0 1 2);
     t[0] = size_word::<3>();
+    t[1] = tools_tls_none as *const c_void;
+    t[2] = tools_tls_none as *const c_void;
+    t
+});
+
+/// {21318C60-9714-3248-8CA6-41FF7324C8F2}: 93 slots in driver 580 (size word 744). The
+/// runtime does not ask for it; cuBLASLt 13.1 does, before its first heuristics query, and
+/// calls slots 4, 51 and 39 (tools/cuda-trace on the H200). What each does was measured
+/// against the real driver by `device/probes/export_table_probe.c` (there is no public
+/// record of their meaning):
+/// - slot 4 `(ctx, *mut u64) -> 0`: writes 1 for a context, 0 for NULL;
+/// - slot 51 `(ctx, NULL, *mut *const obj)`: an object of the context; NULL ctx -> 400;
+/// - slot 39 `(ctx, obj, *mut u64)`: a value of the context (13 for the H200's primary
+///   context); NULL obj -> 1.
+///
+/// Slot 51's object is libvgpu's own (the context it was made for); slot 39's value comes
+/// from the host, which asks its driver the same two questions for the zone's context.
+static CTX_QUERY: Table<93> = Table({
+    let mut t = traps!(T_CTX_QUERY; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92);
+    t[0] = size_word::<93>();
+    t[4] = ctx_query_is_context as *const c_void;
+    t[39] = ctx_query_value as *const c_void;
+    t[51] = ctx_query_object as *const c_void;
     t
 });
 
@@ -173,7 +201,7 @@ struct Known {
 }
 
 /// Every table libvgpu serves, in the order of the `T_*` indices.
-static TABLES: [Known; 9] = [
+static TABLES: [Known; 10] = [
     Known {
         id: uuid(0x6bd5fb6c, 0x5bf4, 0xe74a, 0x8987_d93912fd9df9),
         name: "CUDART_INTERFACE",
@@ -218,6 +246,11 @@ static TABLES: [Known; 9] = [
         id: uuid(0x263e8860, 0x7cd2, 0x6143, 0x92f6_bbd5006dfa7e),
         name: "CONTEXT_CHECKS",
         table: || CONTEXT_CHECKS.as_ptr(),
+    },
+    Known {
+        id: uuid(0x21318c60, 0x9714, 0x3248, 0x8ca6_41ff7324c8f2),
+        name: "CONTEXT_QUERY",
+        table: || CTX_QUERY.as_ptr(),
     },
 ];
 
@@ -393,6 +426,12 @@ const HOOK2_LEN: usize = 14;
 static HOOK1: HookBuffer<HOOK1_LEN> = HookBuffer(std::cell::UnsafeCell::new([0; HOOK1_LEN]));
 static HOOK2: HookBuffer<HOOK2_LEN> = HookBuffer(std::cell::UnsafeCell::new([0; HOOK2_LEN]));
 
+/// TOOLS_TLS slots 1 and 2: no tool state for the calling thread.
+extern "C" fn tools_tls_none(arg: *const c_void) -> usize {
+    rt::log(Level::Trace, format_args!("TOOLS_TLS[1|2]({arg:p}) -> 0"));
+    0
+}
+
 /// Slot 2: a buffer and its size.
 unsafe extern "C" fn hooks_buffer1(ptr: *mut *mut c_void, size: *mut usize) {
     // SAFETY: the runtime's contract: two out-pointers, each valid for one write or null.
@@ -530,6 +569,71 @@ unsafe extern "C" fn context_check(_ctx: sys::CUcontext, flags: *mut u32, detail
 extern "C" fn context_check_flags() -> u32 {
     rt::log(Level::Trace, format_args!("CONTEXT_CHECKS[3]() current {:?}", rt::current_ctx()));
     0
+}
+
+// ---- CONTEXT_QUERY ---------------------------------------------------------------------
+
+/// Slot 51's object: which context it was made for (the driver's own is opaque to its
+/// callers, who pass it back to slot 39).
+#[repr(C)]
+struct CtxQueryObject {
+    ctx: u64,
+}
+
+/// The objects slot 51 handed out, one per context, never freed (a few bytes per context
+/// ever asked about; the driver's live as long as their contexts).
+static CTX_QUERY_OBJECTS: Mutex<Vec<&'static CtxQueryObject>> = Mutex::new(Vec::new());
+
+/// Slot 4: whether `ctx` is a context (1) or NULL (0).
+unsafe extern "C" fn ctx_query_is_context(ctx: sys::CUcontext, out: *mut u64) -> CUresult {
+    slot("CONTEXT_QUERY[4]", || {
+        // SAFETY: the caller's contract (as traced): a non-null out-pointer valid for one write.
+        let out = unsafe { Out::required(out) }?;
+        out.set(u64::from(!ctx.is_null()));
+        Ok(())
+    })
+}
+
+/// Slot 51: the object of a context (NULL: CUDA_ERROR_INVALID_HANDLE, as the driver answers).
+unsafe extern "C" fn ctx_query_object(ctx: sys::CUcontext, _arg: *const c_void, out: *mut *const c_void) -> CUresult {
+    slot("CONTEXT_QUERY[51]", || {
+        // SAFETY: as slot 4.
+        let out = unsafe { Out::required(out) }?;
+        if ctx.is_null() {
+            return Err(CuError::INVALID_HANDLE);
+        }
+        let h = cls_context(ctx)?;
+        let mut objects = CTX_QUERY_OBJECTS.lock().map_err(|_| CuError::UNKNOWN)?;
+        let obj = match objects.iter().find(|o| o.ctx == h.0) {
+            Some(o) => *o,
+            None => {
+                let o: &'static CtxQueryObject = Box::leak(Box::new(CtxQueryObject { ctx: h.0 }));
+                objects.push(o);
+                o
+            }
+        };
+        out.set((obj as *const CtxQueryObject).cast());
+        Ok(())
+    })
+}
+
+/// Slot 39: the host driver's value for the context of a slot-51 object.
+unsafe extern "C" fn ctx_query_value(_ctx: sys::CUcontext, obj: *const c_void, out: *mut u64) -> CUresult {
+    slot("CONTEXT_QUERY[39]", || {
+        // SAFETY: as slot 4.
+        let out = unsafe { Out::required(out) }?;
+        let ctx = {
+            let objects = CTX_QUERY_OBJECTS.lock().map_err(|_| CuError::UNKNOWN)?;
+            // Only objects slot 51 made are read (anything else is not dereferenced).
+            objects.iter().find(|o| std::ptr::eq(**o as *const CtxQueryObject, obj.cast())).map(|o| o.ctx)
+        };
+        let ctx = ctx.ok_or(CuError::INVALID_VALUE)?;
+        let s = session()?;
+        let mut c = s.lock();
+        let r: p::CtxQueryValueReply = c.call(&p::CtxQueryValue { ctx: Handle(ctx) })?;
+        out.set(r.value);
+        Ok(())
+    })
 }
 
 // ---- INTEGRITY_CHECK -------------------------------------------------------------------
