@@ -304,6 +304,7 @@ fn errors(ctx: &Arc<CudaContext>) -> Res {
     println!("error text: {name:?} {text:?}");
     ensure(text.to_str()? == "invalid argument", "error strings are NVIDIA's")?;
     context_query_table()?;
+    capture_queries(ctx)?;
     // The zone still works after all of that.
     let stream = ctx.default_stream();
     ensure(stream.clone_dtoh(&stream.clone_htod(&[1u8, 2, 3])?)? == [1, 2, 3], "zone still works after errors")
@@ -366,6 +367,34 @@ fn context_query_table() -> Res {
     ensure(
         (r1, r2) == (ok, sys::CUresult::CUDA_ERROR_INVALID_VALUE) && v == 0 && forged == 7,
         "slot 39: the host's value for the context (test double: 0), a forged object refused",
+    )
+}
+
+/// No stream is ever capturing (capture is not offered): every query says so.
+fn capture_queries(ctx: &Arc<CudaContext>) -> Res {
+    use sys::CUstreamCaptureStatus::{
+        CU_STREAM_CAPTURE_STATUS_ACTIVE as ACTIVE, CU_STREAM_CAPTURE_STATUS_NONE as NONE,
+    };
+    let stream = ctx.new_stream()?;
+    let (mut a, mut b, mut id, mut n) = (ACTIVE, ACTIVE, 7u64, 7usize);
+    // SAFETY: a live stream and a valid out-pointer.
+    let r1 = unsafe { sys::cuStreamIsCapturing(stream.cu_stream(), &mut a) };
+    let mut graph = 0x10usize as sys::CUgraph;
+    let mut deps = 0x10usize as *const sys::CUgraphNode;
+    let mut edges = 0x10usize as *const sys::CUgraphEdgeData;
+    // SAFETY: as above; the other outputs are optional.
+    let r2 = unsafe {
+        sys::cuStreamGetCaptureInfo_v3(stream.cu_stream(), &mut b, &mut id, &mut graph, &mut deps, &mut edges, &mut n)
+    };
+    let ok = sys::CUresult::CUDA_SUCCESS;
+    ensure(
+        (r1, r2) == (ok, ok)
+            && (a, b) == (NONE, NONE)
+            && (id, n) == (0, 0)
+            && graph.is_null()
+            && deps.is_null()
+            && edges.is_null(),
+        "stream capture queries: not capturing",
     )
 }
 

@@ -1327,6 +1327,54 @@ pub unsafe extern "C" fn cuOccupancyMaxActiveClusters(numClusters: *mut ::core::
     })
 }
 
+/// `cuStreamIsCapturing` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamIsCapturing(hStream: sys::CUstream, captureStatus: *mut ::core::ffi::c_uint) -> CUresult {
+    rt::entry("cuStreamIsCapturing", || {
+        // SAFETY: the caller upholds cuStreamIsCapturing's contract, which the implementation documents.
+        unsafe { crate::imp::cu_stream_is_capturing(hStream, captureStatus) }
+    })
+}
+
+/// `cuStreamGetCaptureInfo` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetCaptureInfo(hStream: sys::CUstream, captureStatus_out: *mut ::core::ffi::c_uint, id_out: *mut sys::cuuint64_t) -> CUresult {
+    rt::entry("cuStreamGetCaptureInfo", || {
+        // SAFETY: the caller upholds cuStreamGetCaptureInfo's contract, which the implementation documents.
+        unsafe { crate::imp::cu_stream_get_capture_info(hStream, captureStatus_out, id_out) }
+    })
+}
+
+/// `cuStreamGetCaptureInfo_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetCaptureInfo_v2(hStream: sys::CUstream, captureStatus_out: *mut ::core::ffi::c_uint, id_out: *mut sys::cuuint64_t, graph_out: *mut sys::CUgraph, dependencies_out: *mut *const sys::CUgraphNode, numDependencies_out: *mut usize) -> CUresult {
+    rt::entry("cuStreamGetCaptureInfo_v2", || {
+        // SAFETY: the caller upholds cuStreamGetCaptureInfo_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_stream_get_capture_info_v2(hStream, captureStatus_out, id_out, graph_out, dependencies_out, numDependencies_out) }
+    })
+}
+
+/// `cuStreamGetCaptureInfo_v3` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetCaptureInfo_v3(hStream: sys::CUstream, captureStatus_out: *mut ::core::ffi::c_uint, id_out: *mut sys::cuuint64_t, graph_out: *mut sys::CUgraph, dependencies_out: *mut *const sys::CUgraphNode, edgeData_out: *mut *const sys::CUgraphEdgeData, numDependencies_out: *mut usize) -> CUresult {
+    rt::entry("cuStreamGetCaptureInfo_v3", || {
+        // SAFETY: the caller upholds cuStreamGetCaptureInfo_v3's contract, which the implementation documents.
+        unsafe { crate::imp::cu_stream_get_capture_info_v3(hStream, captureStatus_out, id_out, graph_out, dependencies_out, edgeData_out, numDependencies_out) }
+    })
+}
+
 /// `cuOccupancyMaxPotentialBlockSize` (served in the guest).
 ///
 /// # Safety
@@ -3247,12 +3295,6 @@ pub extern "C" fn cuStreamGetAttribute(_hStream: sys::CUstream, _attr: ::core::f
     rt::unsupported("cuStreamGetAttribute")
 }
 
-/// `cuStreamGetCaptureInfo_v3`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuStreamGetCaptureInfo_v3(_hStream: sys::CUstream, _captureStatus_out: *mut ::core::ffi::c_uint, _id_out: *mut sys::cuuint64_t, _graph_out: *mut sys::CUgraph, _dependencies_out: *mut *const sys::CUgraphNode, _edgeData_out: *mut *const sys::CUgraphEdgeData, _numDependencies_out: *mut usize) -> CUresult {
-    rt::unsupported("cuStreamGetCaptureInfo_v3")
-}
-
 /// `cuStreamGetCtx_v2`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuStreamGetCtx_v2(_hStream: sys::CUstream, _pCtx: *mut sys::CUcontext, _pGreenCtx: *mut sys::CUgreenCtx) -> CUresult {
@@ -3275,12 +3317,6 @@ pub extern "C" fn cuStreamGetGreenCtx(_hStream: sys::CUstream, _phCtx: *mut sys:
 #[no_mangle]
 pub extern "C" fn cuStreamGetId(_hStream: sys::CUstream, _streamId: *mut ::core::ffi::c_ulonglong) -> CUresult {
     rt::unsupported("cuStreamGetId")
-}
-
-/// `cuStreamIsCapturing`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuStreamIsCapturing(_hStream: sys::CUstream, _captureStatus: *mut ::core::ffi::c_uint) -> CUresult {
-    rt::unsupported("cuStreamIsCapturing")
 }
 
 /// `cuStreamSetAttribute`: not supported by libvgpu.
@@ -4499,6 +4535,30 @@ pub unsafe extern "C" fn cuStreamGetAttribute_ptsz(hStream: sys::CUstream, attr:
     })
 }
 
+/// `cuStreamGetCaptureInfo_ptsz`: `cuStreamGetCaptureInfo` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamGetCaptureInfo`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetCaptureInfo_ptsz(hStream: sys::CUstream, captureStatus_out: *mut ::core::ffi::c_uint, id_out: *mut sys::cuuint64_t) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuStreamGetCaptureInfo's contract.
+        unsafe { cuStreamGetCaptureInfo(hStream, captureStatus_out, id_out) }
+    })
+}
+
+/// `cuStreamGetCaptureInfo_v2_ptsz`: `cuStreamGetCaptureInfo_v2` with the calling thread's per-thread default stream for the NULL stream.
+///
+/// # Safety
+/// `cuStreamGetCaptureInfo_v2`'s contract.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamGetCaptureInfo_v2_ptsz(hStream: sys::CUstream, captureStatus_out: *mut ::core::ffi::c_uint, id_out: *mut sys::cuuint64_t, graph_out: *mut sys::CUgraph, dependencies_out: *mut *const sys::CUgraphNode, numDependencies_out: *mut usize) -> CUresult {
+    rt::per_thread(|| {
+        // SAFETY: the caller upholds cuStreamGetCaptureInfo_v2's contract.
+        unsafe { cuStreamGetCaptureInfo_v2(hStream, captureStatus_out, id_out, graph_out, dependencies_out, numDependencies_out) }
+    })
+}
+
 /// `cuStreamGetCaptureInfo_v3_ptsz`: `cuStreamGetCaptureInfo_v3` with the calling thread's per-thread default stream for the NULL stream.
 ///
 /// # Safety
@@ -4506,7 +4566,8 @@ pub unsafe extern "C" fn cuStreamGetAttribute_ptsz(hStream: sys::CUstream, attr:
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamGetCaptureInfo_v3_ptsz(hStream: sys::CUstream, captureStatus_out: *mut ::core::ffi::c_uint, id_out: *mut sys::cuuint64_t, graph_out: *mut sys::CUgraph, dependencies_out: *mut *const sys::CUgraphNode, edgeData_out: *mut *const sys::CUgraphEdgeData, numDependencies_out: *mut usize) -> CUresult {
     rt::per_thread(|| {
-        cuStreamGetCaptureInfo_v3(hStream, captureStatus_out, id_out, graph_out, dependencies_out, edgeData_out, numDependencies_out)
+        // SAFETY: the caller upholds cuStreamGetCaptureInfo_v3's contract.
+        unsafe { cuStreamGetCaptureInfo_v3(hStream, captureStatus_out, id_out, graph_out, dependencies_out, edgeData_out, numDependencies_out) }
     })
 }
 
@@ -4586,7 +4647,8 @@ pub unsafe extern "C" fn cuStreamGetPriority_ptsz(hStream: sys::CUstream, priori
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamIsCapturing_ptsz(hStream: sys::CUstream, captureStatus: *mut ::core::ffi::c_uint) -> CUresult {
     rt::per_thread(|| {
-        cuStreamIsCapturing(hStream, captureStatus)
+        // SAFETY: the caller upholds cuStreamIsCapturing's contract.
+        unsafe { cuStreamIsCapturing(hStream, captureStatus) }
     })
 }
 
@@ -5216,34 +5278,6 @@ pub extern "C" fn cuStreamBeginCapture_ptsz() -> CUresult {
     rt::unsupported("cuStreamBeginCapture_ptsz")
 }
 
-/// `cuStreamGetCaptureInfo`: an older export whose signature differs from its successor's; not
-/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
-#[no_mangle]
-pub extern "C" fn cuStreamGetCaptureInfo() -> CUresult {
-    rt::unsupported("cuStreamGetCaptureInfo")
-}
-
-/// `cuStreamGetCaptureInfo_ptsz`: an older export whose signature differs from its successor's; not
-/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
-#[no_mangle]
-pub extern "C" fn cuStreamGetCaptureInfo_ptsz() -> CUresult {
-    rt::unsupported("cuStreamGetCaptureInfo_ptsz")
-}
-
-/// `cuStreamGetCaptureInfo_v2`: an older export whose signature differs from its successor's; not
-/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
-#[no_mangle]
-pub extern "C" fn cuStreamGetCaptureInfo_v2() -> CUresult {
-    rt::unsupported("cuStreamGetCaptureInfo_v2")
-}
-
-/// `cuStreamGetCaptureInfo_v2_ptsz`: an older export whose signature differs from its successor's; not
-/// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
-#[no_mangle]
-pub extern "C" fn cuStreamGetCaptureInfo_v2_ptsz() -> CUresult {
-    rt::unsupported("cuStreamGetCaptureInfo_v2_ptsz")
-}
-
 /// `cuStreamUpdateCaptureDependencies`: an older export whose signature differs from its successor's; not
 /// supported by libvgpu (it takes no arguments: whatever a caller passes is ignored).
 #[no_mangle]
@@ -5391,6 +5425,10 @@ pub const EXPORTS: &[&str] = &[
     "cuStreamAddCallback",
     "cuOccupancyAvailableDynamicSMemPerBlock",
     "cuOccupancyMaxActiveClusters",
+    "cuStreamIsCapturing",
+    "cuStreamGetCaptureInfo",
+    "cuStreamGetCaptureInfo_v2",
+    "cuStreamGetCaptureInfo_v3",
     "cuOccupancyMaxPotentialBlockSize",
     "cuOccupancyMaxPotentialBlockSizeWithFlags",
     "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags",
@@ -5680,12 +5718,10 @@ pub const EXPORTS: &[&str] = &[
     "cuStreamCopyAttributes",
     "cuStreamEndCapture",
     "cuStreamGetAttribute",
-    "cuStreamGetCaptureInfo_v3",
     "cuStreamGetCtx_v2",
     "cuStreamGetDevice",
     "cuStreamGetGreenCtx",
     "cuStreamGetId",
-    "cuStreamIsCapturing",
     "cuStreamSetAttribute",
     "cuStreamUpdateCaptureDependencies_v2",
     "cuStreamWaitValue32",
@@ -5821,6 +5857,8 @@ pub const EXPORTS: &[&str] = &[
     "cuStreamCopyAttributes_ptsz",
     "cuStreamEndCapture_ptsz",
     "cuStreamGetAttribute_ptsz",
+    "cuStreamGetCaptureInfo_ptsz",
+    "cuStreamGetCaptureInfo_v2_ptsz",
     "cuStreamGetCaptureInfo_v3_ptsz",
     "cuStreamGetCtx_ptsz",
     "cuStreamGetCtx_v2_ptsz",
@@ -5910,10 +5948,6 @@ pub const EXPORTS: &[&str] = &[
     "cuModuleGetGlobal",
     "cuStreamBeginCapture",
     "cuStreamBeginCapture_ptsz",
-    "cuStreamGetCaptureInfo",
-    "cuStreamGetCaptureInfo_ptsz",
-    "cuStreamGetCaptureInfo_v2",
-    "cuStreamGetCaptureInfo_v2_ptsz",
     "cuStreamUpdateCaptureDependencies",
     "cuStreamUpdateCaptureDependencies_ptsz",
     "cuTexRefGetAddress",
@@ -6390,8 +6424,12 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuStreamEndCapture", since: 0, symbol: "cuStreamEndCapture_ptsz", ptr: cuStreamEndCapture_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuStreamGetAttribute", since: 0, symbol: "cuStreamGetAttribute", ptr: cuStreamGetAttribute as *const (), per_thread: false },
     rt::ProcEntry { base: "cuStreamGetAttribute", since: 0, symbol: "cuStreamGetAttribute_ptsz", ptr: cuStreamGetAttribute_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 0, symbol: "cuStreamGetCaptureInfo_v3", ptr: cuStreamGetCaptureInfo_v3 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 0, symbol: "cuStreamGetCaptureInfo_v3_ptsz", ptr: cuStreamGetCaptureInfo_v3_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 10010, symbol: "cuStreamGetCaptureInfo", ptr: cuStreamGetCaptureInfo as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 10010, symbol: "cuStreamGetCaptureInfo_ptsz", ptr: cuStreamGetCaptureInfo_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 11030, symbol: "cuStreamGetCaptureInfo_v2", ptr: cuStreamGetCaptureInfo_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 11030, symbol: "cuStreamGetCaptureInfo_v2_ptsz", ptr: cuStreamGetCaptureInfo_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 12030, symbol: "cuStreamGetCaptureInfo_v3", ptr: cuStreamGetCaptureInfo_v3 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 12030, symbol: "cuStreamGetCaptureInfo_v3_ptsz", ptr: cuStreamGetCaptureInfo_v3_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuStreamGetCtx", since: 0, symbol: "cuStreamGetCtx", ptr: cuStreamGetCtx as *const (), per_thread: false },
     rt::ProcEntry { base: "cuStreamGetCtx", since: 0, symbol: "cuStreamGetCtx_ptsz", ptr: cuStreamGetCtx_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuStreamGetCtx", since: 0, symbol: "cuStreamGetCtx_v2", ptr: cuStreamGetCtx_v2 as *const (), per_thread: false },

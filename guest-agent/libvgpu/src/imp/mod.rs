@@ -4,6 +4,7 @@
 //! CUDA entry point it implements (valid pointers where the API requires them).
 #![allow(clippy::missing_safety_doc)]
 
+mod capture;
 mod context;
 mod device;
 mod export_tables;
@@ -12,6 +13,7 @@ mod ipc;
 mod memory;
 mod module;
 
+pub use capture::*;
 pub use context::*;
 pub use device::*;
 pub use export_tables::{context_gone, cu_get_export_table};
