@@ -2,7 +2,8 @@
  * that a library was traced calling (tools/cuda-trace), with the arguments it was seen to
  * pass, and prints what each slot returns and writes, so that libvgpu's answer is data
  * rather than a guess. Table {21318C60-9714-3248-8CA6-41FF7324C8F2}, slots 4, 51 and 39,
- * as cuBLASLt 13.1 calls them before its first heuristics query.
+ * as cuBLASLt 13.1 calls them before its first heuristics query, and TOOLS_TLS
+ * {42D85A81-23F6-CB47-8298-F6E78A3AECDC} slots 1 and 2, whose output cuBLASLt passes to them.
  * Build: gcc -I$CUDA/include export_table_probe.c -o probe -L$CUDA/lib64/stubs -lcuda */
 #include <cuda.h>
 #include <stdint.h>
@@ -51,6 +52,27 @@ int main(void) {
         rc = ((slot3_t)slots[39])(ctxs[c], obj, out);
         printf("slot 39 (ctx, obj, out) -> %d\n", rc);
         dump("  out", out, sizeof out);
+    }
+    static const CUuuid tls_id = {{(char)0x42, (char)0xd8, (char)0x5a, (char)0x81, (char)0x23, (char)0xf6,
+                                   (char)0xcb, (char)0x47, (char)0x82, (char)0x98, (char)0xf6, (char)0xe7,
+                                   (char)0x8a, (char)0x3a, (char)0xec, (char)0xdc}};
+    const void *tls = NULL;
+    rc = cuGetExportTable(&tls, &tls_id);
+    printf("TOOLS_TLS: cuGetExportTable -> %d, size word %zu; current context %p\n", rc,
+           tls ? *(const size_t *)tls : 0, (void *)ctx);
+    if (rc == 0) {
+        for (int s = 1; s <= 2; s++) {
+            memset(out, 0xaa, sizeof out);
+            rc = ((slot2_t)((const void *const *)tls)[s])(out, NULL);
+            printf("TOOLS_TLS slot %d (out) -> %d\n", s, rc);
+            dump("  out", out, sizeof out);
+        }
+        cuCtxSetCurrent(NULL);
+        memset(out, 0xaa, sizeof out);
+        rc = ((slot2_t)((const void *const *)tls)[2])(out, NULL);
+        printf("TOOLS_TLS slot 2 (out) with no current context -> %d\n", rc);
+        dump("  out", out, sizeof out);
+        cuCtxSetCurrent(ctx);
     }
     int smem = 0;
     cuDeviceGetAttribute(&smem, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev);

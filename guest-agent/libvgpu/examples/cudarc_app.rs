@@ -358,6 +358,31 @@ fn context_query_table() -> Res {
         (r1, r2) == (ok, sys::CUresult::CUDA_ERROR_INVALID_HANDLE) && !obj.is_null() && none.is_null(),
         "slot 51: an object for the context, CUDA_ERROR_INVALID_HANDLE for NULL",
     )?;
+    // TOOLS_TLS slot 2 gives the thread's state block, which cuBLASLt passes on: it
+    // stands for the thread's current context.
+    let tls_id = sys::CUuuid {
+        bytes: [0x42u8, 0xd8, 0x5a, 0x81, 0x23, 0xf6, 0xcb, 0x47, 0x82, 0x98, 0xf6, 0xe7, 0x8a, 0x3a, 0xec, 0xdc]
+            .map(|b| b as std::ffi::c_char),
+    };
+    let mut tls: *const c_void = std::ptr::null();
+    // SAFETY: valid out-pointer and id.
+    let rc = unsafe { sys::cuGetExportTable(&mut tls, &tls_id) };
+    ensure(rc == ok && !tls.is_null(), "TOOLS_TLS is served")?;
+    // SAFETY: TOOLS_TLS has 3 words (size, slot 1, slot 2).
+    let tls_words = unsafe { std::slice::from_raw_parts(tls.cast::<usize>(), 3) };
+    type ThreadState = unsafe extern "C" fn(*mut *const c_void) -> usize;
+    // SAFETY: slot 2's signature as libvgpu implements it.
+    let thread_state = unsafe { std::mem::transmute::<usize, ThreadState>(tls_words[2]) };
+    let mut state: *const c_void = std::ptr::null();
+    // SAFETY: a valid out-pointer.
+    let r1 = unsafe { thread_state(&mut state) };
+    let mut via_state = std::ptr::null();
+    // SAFETY: as for slot 51 above.
+    let r2 = unsafe { object(state as sys::CUcontext, null, &mut via_state) };
+    ensure(
+        r1 == 0 && !state.is_null() && r2 == ok && via_state == obj,
+        "TOOLS_TLS slot 2's thread state stands for the current context",
+    )?;
     let (mut v, mut forged) = (7u64, 7u64);
     let bogus = 0x1000usize as *const c_void;
     // SAFETY: as above.

@@ -211,6 +211,7 @@ fn errors_are_cuda_errors_and_leave_the_zone_usable() {
         "unsupported entry point answers CUDA_ERROR_NOT_SUPPORTED",
         "error strings are NVIDIA's",
         "stream capture queries: not capturing",
+        "TOOLS_TLS slot 2's thread state stands for the current context",
         "slot 4: 1 for a context, 0 for NULL",
         "slot 51: an object for the context, CUDA_ERROR_INVALID_HANDLE for NULL",
         "slot 39: the host's value for the context (test double: 0), a forged object refused",

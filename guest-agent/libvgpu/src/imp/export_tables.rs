@@ -111,14 +111,17 @@ static CUDART_INTERFACE: Table<13> = Table({
 });
 
 /// Three slots, as the real driver's (driver 580). The runtime calls none of them;
-/// cuBLASLt calls slot 2 with one argument before its first heuristics query and fails the
-/// query unless it answers 0 (traced on the H200). Both slots answer 0: no tool (profiler,
-/// sanitizer) has per-thread state in a zone — CUPTI is not offered.
+/// cuBLASLt calls slot 2 before each use of CONTEXT_QUERY and passes what it wrote there to
+/// CONTEXT_QUERY's slots (traced on the H200). Measured against the real driver
+/// (`device/probes/export_table_probe.c`): slot 1 `(out)` answers 0 and writes nothing;
+/// slot 2 `(out)` answers 0 and writes the address of a per-thread block of the driver's.
+/// libvgpu writes the address of a per-thread block of its own, which CONTEXT_QUERY reads
+/// as "this thread's current context".
 static TOOLS_TLS: Table<3> = Table({
     let mut t = traps!(T_TOOLS_TLS; 0 1 2);
     t[0] = size_word::<3>();
-    t[1] = tools_tls_none as *const c_void;
-    t[2] = tools_tls_none as *const c_void;
+    t[1] = tools_tls_nothing as *const c_void;
+    t[2] = tools_tls_thread_state as *const c_void;
     t
 });
 
@@ -426,9 +429,31 @@ const HOOK2_LEN: usize = 14;
 static HOOK1: HookBuffer<HOOK1_LEN> = HookBuffer(std::cell::UnsafeCell::new([0; HOOK1_LEN]));
 static HOOK2: HookBuffer<HOOK2_LEN> = HookBuffer(std::cell::UnsafeCell::new([0; HOOK2_LEN]));
 
-/// TOOLS_TLS slots 1 and 2: no tool state for the calling thread.
-extern "C" fn tools_tls_none(arg: *const c_void) -> usize {
-    rt::log(Level::Trace, format_args!("TOOLS_TLS[1|2]({arg:p}) -> 0"));
+/// TOOLS_TLS slot 1: answers 0, writes nothing (as the driver).
+extern "C" fn tools_tls_nothing(arg: *const c_void) -> usize {
+    rt::log(Level::Trace, format_args!("TOOLS_TLS[1]({arg:p}) -> 0"));
+    0
+}
+
+thread_local! {
+    /// The block whose address TOOLS_TLS slot 2 hands out: real, readable memory (a caller
+    /// may look into the driver's), never written, unique per thread for its lifetime.
+    static THREAD_STATE: [u64; 8] = const { [0; 8] };
+}
+
+/// The calling thread's block (see [`THREAD_STATE`]).
+fn thread_state() -> *const c_void {
+    THREAD_STATE.with(|b| b.as_ptr().cast())
+}
+
+/// TOOLS_TLS slot 2: the calling thread's state block.
+unsafe extern "C" fn tools_tls_thread_state(out: *mut *const c_void) -> usize {
+    rt::log(Level::Trace, format_args!("TOOLS_TLS[2]({out:p})"));
+    if !out.is_null() {
+        // SAFETY: the caller's contract (traced, measured): a non-null out-pointer valid
+        // for one pointer-sized write.
+        unsafe { out.write_unaligned(thread_state()) };
+    }
     0
 }
 
@@ -584,8 +609,28 @@ struct CtxQueryObject {
 /// ever asked about; the driver's live as long as their contexts).
 static CTX_QUERY_OBJECTS: Mutex<Vec<&'static CtxQueryObject>> = Mutex::new(Vec::new());
 
-/// Slot 4: whether `ctx` is a context (1) or NULL (0).
+/// The context CONTEXT_QUERY's first argument names: a context, or the calling thread's
+/// state block (TOOLS_TLS slot 2), which stands for its current context. NULL, a thread
+/// without a current context and anything else: CUDA_ERROR_INVALID_HANDLE (the driver's
+/// answer for NULL).
+fn query_context(arg: sys::CUcontext) -> CuResult<Handle> {
+    if arg.is_null() {
+        return Err(CuError::INVALID_HANDLE);
+    }
+    if std::ptr::eq(arg.cast_const().cast(), thread_state()) {
+        return rt::current_ctx().ok_or(CuError::INVALID_HANDLE);
+    }
+    let h = handle_of(arg);
+    if session()?.is_context(h) {
+        Ok(h)
+    } else {
+        Err(CuError::INVALID_HANDLE)
+    }
+}
+
+/// Slot 4: whether the argument is a context or a thread's state (1) or NULL (0).
 unsafe extern "C" fn ctx_query_is_context(ctx: sys::CUcontext, out: *mut u64) -> CUresult {
+    rt::log(Level::Trace, format_args!("CONTEXT_QUERY[4]({ctx:p}, {out:p})"));
     slot("CONTEXT_QUERY[4]", || {
         // SAFETY: the caller's contract (as traced): a non-null out-pointer valid for one write.
         let out = unsafe { Out::required(out) }?;
@@ -596,13 +641,11 @@ unsafe extern "C" fn ctx_query_is_context(ctx: sys::CUcontext, out: *mut u64) ->
 
 /// Slot 51: the object of a context (NULL: CUDA_ERROR_INVALID_HANDLE, as the driver answers).
 unsafe extern "C" fn ctx_query_object(ctx: sys::CUcontext, _arg: *const c_void, out: *mut *const c_void) -> CUresult {
+    rt::log(Level::Trace, format_args!("CONTEXT_QUERY[51]({ctx:p}, {_arg:p}, {out:p})"));
     slot("CONTEXT_QUERY[51]", || {
         // SAFETY: as slot 4.
         let out = unsafe { Out::required(out) }?;
-        if ctx.is_null() {
-            return Err(CuError::INVALID_HANDLE);
-        }
-        let h = cls_context(ctx)?;
+        let h = query_context(ctx)?;
         let mut objects = CTX_QUERY_OBJECTS.lock().map_err(|_| CuError::UNKNOWN)?;
         let obj = match objects.iter().find(|o| o.ctx == h.0) {
             Some(o) => *o,
@@ -619,6 +662,7 @@ unsafe extern "C" fn ctx_query_object(ctx: sys::CUcontext, _arg: *const c_void, 
 
 /// Slot 39: the host driver's value for the context of a slot-51 object.
 unsafe extern "C" fn ctx_query_value(_ctx: sys::CUcontext, obj: *const c_void, out: *mut u64) -> CUresult {
+    rt::log(Level::Trace, format_args!("CONTEXT_QUERY[39]({_ctx:p}, {obj:p}, {out:p})"));
     slot("CONTEXT_QUERY[39]", || {
         // SAFETY: as slot 4.
         let out = unsafe { Out::required(out) }?;
