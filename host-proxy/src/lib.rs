@@ -6,6 +6,7 @@
 //!   no async scheduling per call.
 //! * [`zone`] checks each request against the zone's allocations, handles and quotas and
 //!   runs it on a [`backend`]: `cuda` (the real GPU) or `sim` (a test double).
+//! * [`device_output`] captures what kernels print in the worker and hands it to the guest.
 //! * [`broker`] is CUDA IPC between workers: the daemon's registry of exported
 //!   allocations, its policy, and the private channel each worker talks to it over.
 #![deny(unsafe_code)]
@@ -14,6 +15,8 @@ pub mod backend;
 pub mod broker;
 pub mod config;
 pub mod daemon;
+#[allow(unsafe_code)] // descriptors, pipes and stdio of the worker process
+pub mod device_output;
 pub mod handles;
 pub mod worker;
 pub mod xen;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use host_proxy::backend::{sim::SimGpu, GpuBackend};
 use host_proxy::broker::{inherited_stream, BrokerClient};
 use host_proxy::config::{Config, EMBEDDED_DEFAULT};
+use host_proxy::device_output::DeviceOutput;
 use host_proxy::worker::{serve, RequestProfile, SessionEnd};
 use host_proxy::zone::{Quotas, Zone};
 use idm_core::{Server, WaitPolicy};
@@ -84,15 +85,38 @@ struct WorkerArgs {
     profile_requests: bool,
 }
 
+/// The worker's captured descriptors 1 and 2 (what kernels print), for its zone.
+static DEVICE_OUTPUT: std::sync::OnceLock<std::sync::Arc<DeviceOutput>> = std::sync::OnceLock::new();
+
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VGPU_LOG").unwrap_or_else(|_| "info".parse().expect("valid")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let filter =
+        || tracing_subscriber::EnvFilter::try_from_env("VGPU_LOG").unwrap_or_else(|_| "info".parse().expect("valid"));
+    // A worker captures its stdout and stderr before anything prints or the driver loads:
+    // the driver writes kernels' printf there, for the guest. Its log goes to the
+    // original stderr, which the capture keeps.
+    let captured = match cli.command {
+        Command::Worker(_) => Some(DeviceOutput::capture()),
+        _ => None,
+    };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match captured {
+        Some(Ok((output, log))) => {
+            let _ = DEVICE_OUTPUT.set(output);
+            tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_writer(std::sync::Mutex::new(log))
+                .with_ansi(false)
+                .init();
+        }
+        other => {
+            tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).with_ansi(ansi).init();
+            if let Some(Err(e)) = other {
+                tracing::warn!(error = %e, "cannot capture device output; kernels' printf stays in the worker's stdout");
+            }
+        }
+    }
+    match cli.command {
         Command::Serve { config, socket } => {
             let mut config = match &config {
                 Some(path) => Config::load(path)?,
@@ -246,6 +270,9 @@ where
     }
     if let Some(broker) = broker {
         zone.set_broker(Box::new(broker));
+    }
+    if let Some(output) = DEVICE_OUTPUT.get() {
+        zone.set_device_output(output.clone());
     }
     tracing::info!(max_frame = server.max_frame(), window = window.size(), "zone attached");
     let mut profile = profile.then(RequestProfile::default);

@@ -16,14 +16,18 @@
 //! [`Api`]: vgpu_proto::generated::Api
 
 use crate::backend::GpuBackend;
+use crate::device_output::DeviceOutput;
 use crate::zone::Zone;
 use idm_core::wire::decode_body;
 use idm_core::wire::proto::ErrorKind;
-use idm_core::{ChannelError, DataWindow, Incoming, Message, Notifier, Server, SharedMemory, Waiter};
+use idm_core::{ChannelError, DataWindow, Incoming, Message, MessageId, Notifier, Server, SharedMemory, Waiter};
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
-use vgpu_proto::generated::{dispatch, request_name, DispatchError, Responder};
+use vgpu_proto::generated::{
+    dispatch, request_name, CtxDestroy, CuCtxSynchronize, CuEventSynchronize, CuLibraryUnload, CuModuleUnload,
+    CuStreamSynchronize, DispatchError, MemcpyDtoH, PrimaryCtxReset, Responder,
+};
 use vgpu_proto::{Attach, CuResult};
 
 /// How a zone's session ended.
@@ -40,13 +44,45 @@ struct ServerResponder<'s, 'r, M, N, W> {
     server: &'s mut Server<M, N, W>,
     req: &'s Incoming<'r>,
     scratch: &'s mut [u8],
+    output: Option<&'s DeviceOutput>,
 }
 
 impl<M: SharedMemory, N: Notifier, W: Waiter> Responder for ServerResponder<'_, '_, M, N, W> {
     type Error = ChannelError;
 
     fn reply<T: Message>(&mut self, reply: &T) -> Result<(), ChannelError> {
+        note_device_output(self.server, self.output, self.req.id);
         self.server.reply(self.req, reply, self.scratch)
+    }
+}
+
+/// Requests after which the driver may have printed device output (it flushes kernels'
+/// `printf` buffer when the context synchronises, a blocking copy back included, and when
+/// a module or context goes away): the worker reads the pipes itself, so that the output
+/// rides on this very reply.
+const FLUSHING: [MessageId; 8] = [
+    CuCtxSynchronize::ID,
+    CuStreamSynchronize::ID,
+    CuEventSynchronize::ID,
+    MemcpyDtoH::ID,
+    CtxDestroy::ID,
+    PrimaryCtxReset::ID,
+    CuModuleUnload::ID,
+    CuLibraryUnload::ID,
+];
+
+/// Marks the next response with the notice when device output waits for the guest.
+fn note_device_output<M: SharedMemory, N: Notifier, W: Waiter>(
+    server: &mut Server<M, N, W>,
+    output: Option<&DeviceOutput>,
+    id: MessageId,
+) {
+    let Some(o) = output else { return };
+    if FLUSHING.contains(&id) {
+        o.drain();
+    }
+    if o.pending() {
+        server.raise_notice();
     }
 }
 
@@ -90,7 +126,8 @@ where
     if req.no_reply {
         zone.note_posted().map_err(|e| Failure::app(e.code()))?;
     }
-    let mut responder = ServerResponder { server, req, scratch };
+    let output = zone.device_output_arc();
+    let mut responder = ServerResponder { server, req, scratch, output: output.as_deref() };
     dispatch(&mut zone.api(window), req.id, req.body, &mut responder).map_err(|e| match e {
         DispatchError::Unknown(id) => {
             tracing::debug!(id = id.0, "unknown request id");
@@ -200,7 +237,10 @@ where
         // For a posted request `reply_error` defers the code to the next reply.
         let sent = match outcome {
             Ok(Ok(sent)) => sent,
-            Ok(Err(Failure { kind, code })) => server.reply_error(&req, kind, code, scratch),
+            Ok(Err(Failure { kind, code })) => {
+                note_device_output(server, zone.device_output(), req.id);
+                server.reply_error(&req, kind, code, scratch)
+            }
             Err(_) => {
                 tracing::error!("request handler panicked; failing the request");
                 server.reply_error(&req, ErrorKind::Application, CuResult::UNKNOWN, scratch)

@@ -35,6 +35,7 @@
 
 use crate::backend::{CuError, CuResultOf, GpuBackend};
 use crate::broker::{guest_handle, parse_guest_handle, IpcBroker, Token};
+use crate::device_output::DeviceOutput;
 use crate::handles::{kind_of, HandleError, HandleTable};
 use idm_core::{DataWindow, SharedMemory};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -79,6 +80,9 @@ const SMALL_COPY: usize = 64 << 10;
 const STAGING_CHUNK: usize = 4 << 20;
 /// Largest module or library image accepted (the data window may bound it further).
 const MAX_IMAGE_BYTES: u64 = 256 << 20;
+/// Device output handed over per `TakeDeviceOutput` reply (well inside any ring's frame
+/// limit; the guest asks again while the reply carries the notice).
+const DEVICE_OUTPUT_CHUNK: usize = 8 << 10;
 /// Longest symbol name accepted, in bytes (without the terminating NUL).
 const MAX_NAME_BYTES: usize = 4096;
 /// What an event's broker payload starts with (a memory handle's payload never does), so
@@ -265,6 +269,8 @@ pub struct Zone<B: GpuBackend> {
     /// The window's first byte and length in `window_region`'s mapping (host functions'
     /// rendezvous words live there).
     window_at: Option<(std::ptr::NonNull<u8>, usize)>,
+    /// The worker's captured device output (`None`: not captured; nothing to hand over).
+    device_output: Option<std::sync::Arc<DeviceOutput>>,
 }
 
 impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
@@ -377,6 +383,7 @@ impl<B: GpuBackend> Zone<B> {
             window_direct: false,
             window_region: None,
             window_at: None,
+            device_output: None,
         }
     }
 
@@ -402,6 +409,21 @@ impl<B: GpuBackend> Zone<B> {
     /// Offers CUDA IPC through the daemon's broker.
     pub fn set_broker(&mut self, broker: Box<dyn IpcBroker>) {
         self.broker = Some(broker);
+    }
+
+    /// Hands the worker's captured device output to the guest (`TakeDeviceOutput`).
+    pub fn set_device_output(&mut self, output: std::sync::Arc<DeviceOutput>) {
+        self.device_output = Some(output);
+    }
+
+    /// The captured device output, if the worker captures it.
+    pub fn device_output(&self) -> Option<&DeviceOutput> {
+        self.device_output.as_deref()
+    }
+
+    /// As [`Zone::device_output`], shared (for use while the zone is borrowed mutably).
+    pub fn device_output_arc(&self) -> Option<std::sync::Arc<DeviceOutput>> {
+        self.device_output.clone()
     }
 
     /// The request API over this zone, with the zone's data window, for one dispatch.
@@ -1575,6 +1597,14 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let f = func_of(&z.functions, &z.kernels, req.func)?;
         let clusters = z.backend.occupancy_max_active_clusters(&f.func, &req.config)?;
         Ok(OccupancyMaxActiveClustersReply { clusters })
+    }
+
+    fn take_device_output(&mut self, _req: TakeDeviceOutput) -> CuResultOf<TakeDeviceOutputReply> {
+        let taken = match &self.zone.device_output {
+            Some(o) => o.take(DEVICE_OUTPUT_CHUNK),
+            None => Default::default(),
+        };
+        Ok(TakeDeviceOutputReply { stdout: taken.stdout, stderr: taken.stderr, dropped: taken.dropped })
     }
 
     fn ctx_query_value(&mut self, req: CtxQueryValue) -> CuResultOf<CtxQueryValueReply> {

@@ -244,6 +244,11 @@ impl<'b> Reply<'b> {
         self.header.flags.contains(Flags::DEFERRED_ERROR).then_some(self.header.aux)
     }
 
+    /// Whether the server holds something for the client to fetch ([`Flags::NOTICE`]).
+    pub fn notice(&self) -> bool {
+        self.header.flags.contains(Flags::NOTICE)
+    }
+
     /// The raw body.
     pub fn body(&self) -> &'b [u8] {
         self.body
@@ -358,6 +363,7 @@ pub struct Incoming<'b> {
 pub struct Server<M, N, W> {
     ch: Channel<M, N, W>,
     deferred: Option<u32>,
+    notice: bool,
 }
 
 impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
@@ -381,7 +387,7 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
         let ack = HelloAck { version: PROTOCOL_VERSION, max_frame: negotiated };
         ch.send_message(&ack, resp, 0, 0, buf, BOOTSTRAP_MAX_FRAME)?;
         ch.rx.set_max_frame(negotiated);
-        Ok(Server { ch, deferred: None })
+        Ok(Server { ch, deferred: None, notice: false })
     }
 
     /// The negotiated frame limit.
@@ -425,7 +431,14 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
         self.deferred.get_or_insert(code);
     }
 
+    /// Marks the next response (a reply or an error) with [`Flags::NOTICE`]: the server
+    /// holds something for the client to fetch. Raised once, carried once.
+    pub fn raise_notice(&mut self) {
+        self.notice = true;
+    }
+
     fn response_flags(&mut self, base: Flags) -> (Flags, u32) {
+        let base = if core::mem::take(&mut self.notice) { base.with(Flags::NOTICE) } else { base };
         match self.deferred.take() {
             Some(code) => (base.with(Flags::DEFERRED_ERROR), code),
             None => (base, 0),
@@ -569,6 +582,35 @@ mod tests {
             let r = client.call(&Mystery, &mut buf).unwrap();
             assert_eq!(r.decode::<Sum>(), Err(ChannelError::Remote { kind: ErrorKind::UnknownMessage, code: 99 }));
             assert_eq!(r.deferred_error(), None);
+        });
+    }
+
+    #[test]
+    fn a_raised_notice_rides_on_the_next_response_once() {
+        let (_mem, region) = heap_region(2 * footprint(1024));
+        let (c, s) = pair(&region, 1024);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut buf = [0u8; 4096];
+                let mut scratch = [0u8; 4096];
+                let mut server = Server::accept(s, 4096, &mut buf).unwrap();
+                for i in 0..4 {
+                    let req = server.recv(&mut buf).unwrap();
+                    let Ok(Req::Add(Add { a, b })) = Req::decode(req.id, req.body) else { panic!("unexpected") };
+                    if i == 1 || i == 2 {
+                        server.raise_notice();
+                    }
+                    if i == 2 {
+                        server.reply_error(&req, ErrorKind::Application, 5, &mut scratch).unwrap();
+                    } else {
+                        server.reply(&req, &Sum(a + b), &mut scratch).unwrap();
+                    }
+                }
+            });
+            let mut buf = [0u8; 4096];
+            let mut client = Client::connect(c, 4096, &mut buf).unwrap();
+            let notices = [(); 4].map(|()| client.call(&Add { a: 1, b: 2 }, &mut buf).unwrap().notice());
+            assert_eq!(notices, [false, true, true, false], "on replies and errors alike, once each");
         });
     }
 

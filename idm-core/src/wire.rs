@@ -9,7 +9,8 @@
 //!
 //! * `len`   — body length in bytes (not counting the header).
 //! * `id`    — the stable numeric [`MessageId`]; never a position in an enum.
-//! * `flags` — [`Flags`]: response, no-reply (asynchronous request), error, deferred error.
+//! * `flags` — [`Flags`]: response, no-reply (asynchronous request), error, deferred error,
+//!   notice (the server holds something for the client to fetch).
 //! * `seq`   — request sequence number; a response carries the sequence of its request.
 //! * `aux`   — on a response with [`Flags::DEFERRED_ERROR`], the application error code of
 //!   an earlier asynchronous request (see [`crate::channel`]); zero otherwise.
@@ -51,7 +52,10 @@ impl Flags {
     pub const ERROR: Flags = Flags(1 << 2);
     /// A response that also reports an earlier asynchronous request's error in `aux`.
     pub const DEFERRED_ERROR: Flags = Flags(1 << 3);
-    const ALL: u16 = 0b1111;
+    /// A response from a server that holds something for the client to fetch (what, and
+    /// the request that fetches it, are the application's: host-proxy's device output).
+    pub const NOTICE: Flags = Flags(1 << 4);
+    const ALL: u16 = 0b1_1111;
 
     /// No flag set.
     pub const fn empty() -> Flags {
@@ -339,8 +343,8 @@ mod tests {
         let mut bytes = FrameHeader { len: 65, id: MessageId(1), flags: Flags::empty(), seq: 0, aux: 0 }.emit();
         assert_eq!(FrameHeader::parse(&bytes, 64), Err(WireError::FrameTooLarge { len: 65, max: 64 }));
         bytes[0] = 1;
-        bytes[6] = 0x10;
-        assert_eq!(FrameHeader::parse(&bytes, 64), Err(WireError::UnknownFlags(0x10)));
+        bytes[6] = 0x20;
+        assert_eq!(FrameHeader::parse(&bytes, 64), Err(WireError::UnknownFlags(0x20)));
         assert_eq!(FrameHeader::parse(&bytes[..15], 64), Err(WireError::ShortHeader));
     }
 

@@ -265,6 +265,16 @@ fn launch(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
     .join()
     .map_err(|_| "library thread panicked")?;
     ensure(loaded.is_ok(), &format!("a library loads in a thread without a current context ({loaded:?})"))?;
+    // Device printf: the kernels print at the next synchronisation, into this program's
+    // stdout (the worker captured it and handed it over with that reply).
+    let print = module.load_function("print_u32")?;
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+    for v in [7u32, 8] {
+        // SAFETY: print_u32(u32) reads its one parameter.
+        unsafe { stream.launch_builder(&print).arg(&v).launch(one) }?;
+    }
+    ctx.synchronize()?;
+    ensure(true, "device printf launched and synchronised")?;
     let smem = saxpy.occupancy_available_dynamic_smem_per_block(blocks.max(1), 256)?;
     let clusters = saxpy.occupancy_max_active_clusters(LaunchConfig::for_num_elems(n as u32), &stream)?;
     ensure(clusters > 0, &format!("occupancy: {smem} bytes of dynamic shared memory per block, {clusters} clusters"))

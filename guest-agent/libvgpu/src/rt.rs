@@ -481,10 +481,39 @@ impl Conn {
     /// this reply, is returned instead (as the driver reports it at the next call).
     pub fn call<Q: Message, R: Message>(&mut self, req: &Q) -> CuResult<R> {
         let reply = self.client.call(req, &mut self.buf)?;
-        if let Some(code) = reply.deferred_error() {
-            return Err(CuError::from_code(code));
+        let notice = reply.notice();
+        let result = match reply.deferred_error() {
+            Some(code) => Err(CuError::from_code(code)),
+            None => reply.decode::<R>().map_err(CuError::from),
+        };
+        if notice {
+            self.fetch_device_output();
         }
-        Ok(reply.decode::<R>()?)
+        result
+    }
+
+    /// The host holds device output (kernels' `printf`, failed asserts): fetch it and write
+    /// it to this process's stdout and stderr streams, where the driver writes it natively
+    /// (so it interleaves with the program's own stdio output as it would there).
+    fn fetch_device_output(&mut self) {
+        loop {
+            let r = self.client.call(&p::TakeDeviceOutput {}, &mut self.buf);
+            let (more, taken) = match r {
+                Ok(reply) => (reply.notice(), reply.decode::<p::TakeDeviceOutputReply>()),
+                Err(e) => {
+                    log(Level::Warn, format_args!("could not fetch device output: {e}"));
+                    return;
+                }
+            };
+            let Ok(t) = taken else { return };
+            write_stdio(&t.stdout, &t.stderr);
+            if t.dropped > 0 {
+                log(Level::Warn, format_args!("{} bytes of device output were dropped by the host", t.dropped));
+            }
+            if !more {
+                return;
+            }
+        }
     }
 
     /// An asynchronous request (no reply; its error surfaces at a later call).
@@ -506,6 +535,30 @@ impl Conn {
         });
         self.layouts.insert(func.0, info.clone());
         Ok(info)
+    }
+}
+
+extern "C" {
+    /// The C library's stdout and stderr streams (the program's).
+    #[link_name = "stdout"]
+    static mut C_STDOUT: *mut libc::FILE;
+    #[link_name = "stderr"]
+    static mut C_STDERR: *mut libc::FILE;
+}
+
+/// Writes device output through the C library's streams, as the driver does natively.
+fn write_stdio(out: &[u8], err: &[u8]) {
+    // SAFETY: the C library initialises its standard streams before any code of this
+    // library runs; they are only read here.
+    let c_stdout = unsafe { C_STDOUT };
+    // SAFETY: as above.
+    let c_stderr = unsafe { C_STDERR };
+    for (bytes, file) in [(out, c_stdout), (err, c_stderr)] {
+        if bytes.is_empty() {
+            continue;
+        }
+        // SAFETY: a live stream and `bytes.len()` readable bytes.
+        unsafe { libc::fwrite(bytes.as_ptr().cast(), 1, bytes.len(), file) };
     }
 }
 

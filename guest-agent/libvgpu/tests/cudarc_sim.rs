@@ -198,6 +198,9 @@ fn kernels_launch_with_their_parameters_packed_by_the_host_layout() {
         "{out}"
     );
     assert!(out.contains("ok: a library loads in a thread without a current context (Ok(()))"), "{out}");
+    // What kernels printed reaches the program's stdout through the C library's stream.
+    assert!(out.contains("ok: device printf launched and synchronised"), "{out}");
+    assert!(out.contains("print_u32: 7\nprint_u32: 8\n"), "device printf is the program's output: {out}");
     assert!(out.contains("ok: occupancy: 29184 bytes of dynamic shared memory per block, 2 clusters"), "{out}");
 }
 

@@ -792,6 +792,25 @@ impl Message for CtxQueryValueReply {
     const ID: MessageId = MessageId(0x824a);
 }
 
+/// Request `TakeDeviceOutput` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TakeDeviceOutput {}
+impl Message for TakeDeviceOutput {
+    const ID: MessageId = MessageId(0x024b);
+}
+/// Reply to [`TakeDeviceOutput`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TakeDeviceOutputReply {
+    #[serde(with = "serde_bytes")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub stderr: Vec<u8>,
+    pub dropped: u64,
+}
+impl Message for TakeDeviceOutputReply {
+    const ID: MessageId = MessageId(0x824b);
+}
+
 /// Request `cuStreamCreate`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CuStreamCreate {
@@ -1209,6 +1228,7 @@ pub const REQUEST_IDS: &[MessageId] = &[
     CuOccupancyAvailableDynamicSMemPerBlock::ID,
     OccupancyMaxActiveClusters::ID,
     CtxQueryValue::ID,
+    TakeDeviceOutput::ID,
     CuStreamCreate::ID,
     CuStreamCreateWithPriority::ID,
     CuStreamDestroyV2::ID,
@@ -1354,6 +1374,8 @@ pub trait Api {
     fn occupancy_max_active_clusters(&mut self, req: OccupancyMaxActiveClusters) -> Result<OccupancyMaxActiveClustersReply, Self::Error>;
     /// Handles [`CtxQueryValue`].
     fn ctx_query_value(&mut self, req: CtxQueryValue) -> Result<CtxQueryValueReply, Self::Error>;
+    /// Handles [`TakeDeviceOutput`].
+    fn take_device_output(&mut self, req: TakeDeviceOutput) -> Result<TakeDeviceOutputReply, Self::Error>;
     /// Handles [`CuStreamCreate`].
     fn cu_stream_create(&mut self, req: CuStreamCreate) -> Result<CuStreamCreateReply, Self::Error>;
     /// Handles [`CuStreamCreateWithPriority`].
@@ -1716,6 +1738,11 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.ctx_query_value(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x024b => {
+            let req = decode_body::<TakeDeviceOutput>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.take_device_output(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         0x0250 => {
             let req = decode_body::<CuStreamCreate>(body).map_err(|_| DispatchError::BadBody(id))?;
             let rep = api.cu_stream_create(req).map_err(DispatchError::Api)?;
@@ -1917,6 +1944,7 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x0248 => "CuOccupancyAvailableDynamicSMemPerBlock",
         0x0249 => "OccupancyMaxActiveClusters",
         0x024a => "CtxQueryValue",
+        0x024b => "TakeDeviceOutput",
         0x0250 => "CuStreamCreate",
         0x0251 => "CuStreamCreateWithPriority",
         0x0252 => "CuStreamDestroyV2",

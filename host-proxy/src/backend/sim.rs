@@ -261,6 +261,10 @@ pub struct SimGpu {
     events: HashMap<u64, EventState>,
     modules: HashMap<u64, ModuleState>,
     functions: HashMap<u64, FunctionState>,
+    /// What `print_u32` kernels "printed", written to the process's stdout at the next
+    /// synchronisation — as the driver flushes kernels' printf buffer (a model of that
+    /// path, so that its capture and hand-over can be tested without a GPU).
+    printf_buffer: Vec<u8>,
 }
 
 /// A simulated stream (work completes as it is issued).
@@ -297,6 +301,7 @@ impl SimGpu {
             events: HashMap::new(),
             modules: HashMap::new(),
             functions: HashMap::new(),
+            printf_buffer: Vec::new(),
         }
     }
 
@@ -441,9 +446,29 @@ impl SimGpu {
     }
 
     /// Runs a built-in kernel over simulated memory.
+    /// Writes what `print_u32` kernels printed to stdout (descriptor 1), as the driver
+    /// does at a synchronisation.
+    fn flush_printf(&mut self) {
+        if !self.printf_buffer.is_empty() {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&self.printf_buffer).and_then(|()| out.flush());
+            self.printf_buffer.clear();
+        }
+    }
+
     fn run_builtin(&mut self, kernel: Builtin, params: &[u8]) -> CuResultOf<()> {
         match kernel {
             Builtin::Empty => Ok(()),
+            Builtin::PrintU32 => {
+                // One line per launch (the double runs one thread's worth), bounded as the
+                // driver's printf buffer is (its default is 1 MiB).
+                let line = format!("print_u32: {}\n", param_u32(params, 0)?);
+                if self.printf_buffer.len() + line.len() <= 1 << 20 {
+                    self.printf_buffer.extend_from_slice(line.as_bytes());
+                }
+                Ok(())
+            }
             Builtin::FillU32 => {
                 let (p, v, n) = (param_u64(params, 0)?, param_u32(params, 8)?, param_u64(params, 16)?);
                 if n == 0 {
@@ -496,6 +521,7 @@ enum Builtin {
     ScaleAdd,
     AddOneI32,
     Empty,
+    PrintU32,
 }
 
 impl Builtin {
@@ -507,6 +533,7 @@ impl Builtin {
             ("scale_add", [(0, 4), (8, 8), (16, 8), (24, 4)]) => Some(Builtin::ScaleAdd),
             ("add_one_i32", [(0, 8), (8, 4)]) => Some(Builtin::AddOneI32),
             ("empty", []) => Some(Builtin::Empty),
+            ("print_u32", [(0, 4)]) => Some(Builtin::PrintU32),
             _ => None,
         }
     }
@@ -1207,6 +1234,7 @@ impl GpuBackend for SimGpu {
     }
 
     fn synchronize(&mut self) -> CuResultOf<()> {
+        self.flush_printf();
         Ok(())
     }
 
@@ -1581,7 +1609,9 @@ impl GpuBackend for SimGpu {
     }
 
     fn stream_synchronize(&mut self, stream: &SimStream) -> CuResultOf<()> {
-        self.check_stream(Some(stream)).map(|_| ())
+        self.check_stream(Some(stream))?;
+        self.flush_printf();
+        Ok(())
     }
 
     fn stream_query(&mut self, stream: Option<&SimStream>) -> CuResultOf<()> {
