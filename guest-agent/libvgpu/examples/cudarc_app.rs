@@ -77,7 +77,64 @@ fn copy(ctx: &Arc<CudaContext>) -> Res {
         }
         ensure(back == host, &format!("{n} words: host -> device -> device -> host"))?;
     }
-    Ok(())
+    ctx.bind_to_thread()?;
+    register_mapped()
+}
+
+/// `cuMemHostRegister` with DEVICEMAP of the program's own pages (as simpleStreams does
+/// with `cudaHostRegisterMapped`): they keep their address and contents, copies use them,
+/// and they are the program's private memory again after `cuMemHostUnregister`.
+fn register_mapped() -> Res {
+    const LEN: usize = 1 << 20;
+    const DEVICEMAP: u32 = 2;
+    // SAFETY: a fresh private anonymous mapping of LEN bytes.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    ensure(p != libc::MAP_FAILED, "mapped 1 MiB of private memory")?;
+    // SAFETY: the mapping above, LEN bytes, written and read only through this slice.
+    let words = unsafe { std::slice::from_raw_parts_mut(p.cast::<u32>(), LEN / 4) };
+    words.iter_mut().enumerate().for_each(|(i, w)| *w = i as u32 ^ 0x5a5a_5a5a);
+    // SAFETY: the range is the program's own memory, page-aligned.
+    let r = unsafe { sys::cuMemHostRegister_v2(p, LEN, DEVICEMAP) };
+    ensure(r == sys::CUresult::CUDA_SUCCESS, &format!("cuMemHostRegister(DEVICEMAP) of private pages: {r:?}"))?;
+    ensure(
+        words.iter().enumerate().all(|(i, &w)| w == i as u32 ^ 0x5a5a_5a5a),
+        "registered pages keep their contents",
+    )?;
+    // SAFETY: as above, overlapping the registered range.
+    let again = unsafe { sys::cuMemHostRegister_v2(p, 4096, 0) };
+    let unaligned = std::ptr::without_provenance_mut::<std::ffi::c_void>(p.addr() + LEN + 8);
+    ensure(again == sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED, "registering them twice is refused")?;
+    let mut dptr = 0;
+    // SAFETY: valid out-pointer.
+    unsafe { sys::cuMemAlloc_v2(&mut dptr, LEN) }.result()?;
+    // SAFETY: LEN bytes from the registered pages to a LEN-byte allocation.
+    unsafe { sys::cuMemcpyHtoD_v2(dptr, p, LEN) }.result()?;
+    words.iter_mut().for_each(|w| *w = !*w);
+    // SAFETY: back into the registered pages.
+    unsafe { sys::cuMemcpyDtoH_v2(p, dptr, LEN) }.result()?;
+    let round_trip = words.iter().enumerate().all(|(i, &w)| w == i as u32 ^ 0x5a5a_5a5a);
+    ensure(round_trip, "copies to and from registered pages")?;
+    // SAFETY: the registered range.
+    unsafe { sys::cuMemHostUnregister(p) }.result()?;
+    words[0] = 17;
+    let kept = words[0] == 17 && words[1..].iter().enumerate().all(|(i, &w)| w == (i + 1) as u32 ^ 0x5a5a_5a5a);
+    ensure(kept, "unregistered pages are private again, contents kept")?;
+    // SAFETY: not page-aligned (and not the program's, but refused before it is touched).
+    let r = unsafe { sys::cuMemHostRegister_v2(unaligned, 4096, DEVICEMAP) };
+    ensure(r == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED, "DEVICEMAP of an unaligned start: CUDA_ERROR_NOT_SUPPORTED")?;
+    // SAFETY: the allocation and the mapping made above, each released once.
+    unsafe { sys::cuMemFree_v2(dptr) }.result()?;
+    // SAFETY: as above.
+    ensure(unsafe { libc::munmap(p, LEN) } == 0, "registered mapping released")
 }
 
 fn memset(ctx: &Arc<CudaContext>) -> Res {

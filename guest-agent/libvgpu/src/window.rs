@@ -26,10 +26,15 @@ struct Block {
 pub struct Window {
     data: DataWindow<Mem>,
     /// Keeps the mapping alive; `base` points into it.
-    _region: Mapping,
+    region: Mapping,
+    /// Where the window starts in the region (its byte offset in the memfd).
+    region_offset: u64,
     base: *mut u8,
     size: u64,
     blocks: BTreeMap<u64, Block>,
+    /// The program's own pages moved into the window in place (`cuMemHostRegister` with
+    /// DEVICEMAP): program address → (arena offset, length).
+    adopted: BTreeMap<usize, (u64, u64)>,
 }
 
 // SAFETY: `base` points into `_region`'s shared mapping, which lives as long as the
@@ -40,7 +45,15 @@ impl Window {
     /// Wraps the client's window of `region` (laid out by `layout`).
     pub fn new(data: DataWindow<Mem>, region: Mapping, layout: ChannelLayout) -> Window {
         let base = region.base().wrapping_add(layout.window_offset());
-        Window { data, _region: region, base, size: layout.window_size() as u64, blocks: BTreeMap::new() }
+        Window {
+            data,
+            region,
+            region_offset: layout.window_offset() as u64,
+            base,
+            size: layout.window_size() as u64,
+            blocks: BTreeMap::new(),
+            adopted: BTreeMap::new(),
+        }
     }
 
     /// Bytes available for staging one chunk of a pageable copy.
@@ -120,8 +133,82 @@ impl Window {
         (off < start + b.len).then_some(b.flags)
     }
 
-    /// The window range of `[p, p + len)` when it lies inside one pinned block.
+    /// Moves the program's pages `[p, p + len)` (page-aligned start) into the window in
+    /// place, for `cuMemHostRegister` with DEVICEMAP: an arena block gets their contents,
+    /// then the block's pages of the shared memfd are mapped over them at the same address
+    /// (`MAP_FIXED`), so the program keeps its pointer and the host (and kernels, through
+    /// the window's device mapping) see the same bytes. Local transport only (the Xen
+    /// window is granted pages, not a file to map): `CUDA_ERROR_NOT_SUPPORTED` there, and
+    /// for a start that is not page-aligned. Bytes a thread of the program writes into the
+    /// range while it is being moved may be lost (the driver pins in place and loses none).
+    pub fn adopt(&mut self, p: *mut u8, len: u64, flags: u32) -> CuResult<()> {
+        let Mapping::Shm(region) = &self.region else { return Err(CuError::NOT_SUPPORTED) };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&region.fd());
+        if p.addr() % ALIGN as usize != 0 || len == 0 {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        let len = len.checked_next_multiple_of(ALIGN).ok_or(CuError::INVALID_VALUE)?;
+        let end = p.addr().checked_add(len as usize).ok_or(CuError::INVALID_VALUE)?;
+        if self.adopted.range(..end).next_back().is_some_and(|(&s, &(_, l))| s + l as usize > p.addr()) {
+            return Err(CuError::HOST_MEMORY_ALREADY_REGISTERED);
+        }
+        let block = self.alloc(len, flags)?;
+        let off = block.addr() - self.base.addr();
+        let file_off = self.region_offset + off as u64;
+        if file_off % ALIGN != 0 {
+            let _ = self.free(block);
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        // SAFETY: `p .. p + len` is the program's memory it asked to register (CUDA's
+        // contract: readable and writable), `block` a fresh arena block of `len` bytes in
+        // the live mapping; they cannot overlap (the arena is this library's).
+        unsafe { std::ptr::copy_nonoverlapping(p.cast_const(), block, len as usize) };
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_SHARED | libc::MAP_FIXED;
+        // SAFETY: replaces the program's pages at `p` (page-aligned, its own, `len` bytes)
+        // with the memfd's pages at `file_off` (inside the window: the block), which hold
+        // the same bytes now.
+        let got = unsafe { libc::mmap(p.cast(), len as usize, prot, flags, fd, file_off as libc::off_t) };
+        if got != p.cast() {
+            let _ = self.free(block);
+            return Err(CuError::OUT_OF_MEMORY);
+        }
+        self.adopted.insert(p.addr(), (off as u64, len));
+        Ok(())
+    }
+
+    /// Undoes [`adopt`](Self::adopt) for the range starting at `p`: fresh private pages
+    /// with the range's current bytes replace the window's there, and the block is freed.
+    /// `None` if `p` starts no adopted range.
+    pub fn release_adopted(&mut self, p: *mut u8) -> Option<CuResult<()>> {
+        let (off, len) = self.adopted.remove(&p.addr())?;
+        let block = self.base.wrapping_add(off as usize);
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+        // SAFETY: `p .. p + len` is the adopted range (the memfd's pages, mapped by adopt);
+        // new anonymous pages replace them, and the bytes are still in the window block.
+        let got = unsafe { libc::mmap(p.cast(), len as usize, prot, flags, -1, 0) };
+        if got != p.cast() {
+            return Some(Err(CuError::OUT_OF_MEMORY));
+        }
+        // SAFETY: the block (live, `len` bytes) and the new private pages do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(block.cast_const(), p, len as usize) };
+        Some(self.free(block))
+    }
+
+    /// The window range of `[p, p + len)` when it lies inside one adopted range.
+    fn adopted_range(&self, p: *const u8, len: u64) -> Option<BulkRef> {
+        let (&start, &(off, l)) = self.adopted.range(..=p.addr()).next_back()?;
+        let inner = (p.addr() - start) as u64;
+        (inner.checked_add(len)? <= l).then_some(BulkRef { offset: off + inner, len })
+    }
+
+    /// The window range of `[p, p + len)` when it lies inside one pinned block (or in
+    /// program memory adopted into one).
     pub fn pinned(&self, p: *const u8, len: u64) -> Option<BulkRef> {
+        if let Some(r) = self.adopted_range(p, len) {
+            return Some(r);
+        }
         let off = self.offset_of(p)?;
         let (&start, b) = self.blocks.range(..=off).next_back()?;
         let end = off.checked_add(len)?;

@@ -167,6 +167,15 @@ fn device_query_is_served_from_the_host_s_facts() {
 fn copies_round_trip_through_the_window_including_chunked_ones() {
     let out = app(&["copy"]);
     assert!(out.contains("ok: 10485763 words"), "{out}");
+    for line in [
+        "ok: registered pages keep their contents",
+        "ok: registering them twice is refused",
+        "ok: copies to and from registered pages",
+        "ok: unregistered pages are private again, contents kept",
+        "ok: DEVICEMAP of an unaligned start: CUDA_ERROR_NOT_SUPPORTED",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
 }
 
 #[test]

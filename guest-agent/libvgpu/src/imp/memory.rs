@@ -4,9 +4,11 @@
 //! data window, so the host copies from and to it in place; such copies are sent as
 //! window descriptors, and the asynchronous ones are posted without waiting. Copies of
 //! pageable memory go through the window's staging area in chunks, synchronously (as the
-//! driver treats pageable memory). `cuMemHostRegister` records the range but cannot make
-//! arbitrary application memory visible to the host: registered buffers are copied like
-//! pageable ones.
+//! driver treats pageable memory). `cuMemHostRegister` without DEVICEMAP records the range
+//! (its buffers are copied like pageable ones); with DEVICEMAP (`cudaHostRegisterMapped`)
+//! the program's pages are moved into the window in place (`Window::adopt`, local
+//! transport, page-aligned start), so the host copies from and to them directly and
+//! kernels reach them through `cuMemHostGetDevicePointer`.
 
 use crate::rt::{session, Conn, CuError, CuResult, Out};
 use cudarc::driver::sys;
@@ -16,7 +18,7 @@ use std::sync::Mutex;
 use vgpu_proto::generated as p;
 use vgpu_proto::{Done, Handle};
 
-/// `CU_MEMHOSTREGISTER_DEVICEMAP`: a device mapping of host memory (not available).
+/// `CU_MEMHOSTREGISTER_DEVICEMAP`: a device mapping of host memory.
 const HOSTREGISTER_DEVICEMAP: c_uint = 0x02;
 /// `CU_MEMORYTYPE_HOST` / `CU_MEMORYTYPE_DEVICE`.
 const MEMORYTYPE_HOST: u64 = 1;
@@ -89,9 +91,6 @@ pub unsafe fn cu_mem_host_register_v2(ptr: *mut c_void, bytesize: usize, flags: 
     if ptr.is_null() || bytesize == 0 {
         return Err(CuError::INVALID_VALUE);
     }
-    if flags & HOSTREGISTER_DEVICEMAP != 0 {
-        return Err(CuError::NOT_SUPPORTED);
-    }
     let start = ptr.addr();
     let end = start.checked_add(bytesize).ok_or(CuError::INVALID_VALUE)?;
     let mut reg = REGISTERED.lock().map_err(|_| CuError::UNKNOWN)?;
@@ -99,15 +98,40 @@ pub unsafe fn cu_mem_host_register_v2(ptr: *mut c_void, bytesize: usize, flags: 
     if overlaps {
         return Err(CuError::HOST_MEMORY_ALREADY_REGISTERED);
     }
+    if flags & HOSTREGISTER_DEVICEMAP != 0 {
+        let s = session()?;
+        let mut c = s.lock();
+        if let Err(e) = c.window.adopt(ptr.cast(), bytesize as u64, flags) {
+            crate::rt::log(
+                crate::rt::Level::Debug,
+                format_args!(
+                    "cuMemHostRegister({ptr:p}, {bytesize}, DEVICEMAP): cannot move the pages into the window: {e:?}"
+                ),
+            );
+            return Err(e);
+        }
+    }
     reg.insert(start, (bytesize, flags));
     Ok(())
 }
 
-/// `cuMemHostUnregister`.
+/// `cuMemHostUnregister`: pages moved into the window go back to private memory.
 pub unsafe fn cu_mem_host_unregister(ptr: *mut c_void) -> CuResult<()> {
-    session()?;
+    let s = session()?;
     let mut reg = REGISTERED.lock().map_err(|_| CuError::UNKNOWN)?;
-    reg.remove(&ptr.addr()).map(drop).ok_or(CuError::HOST_MEMORY_NOT_REGISTERED)
+    let (_, flags) = reg.remove(&ptr.addr()).ok_or(CuError::HOST_MEMORY_NOT_REGISTERED)?;
+    if flags & HOSTREGISTER_DEVICEMAP != 0 {
+        // Work the host may still be doing in the pages ends before they leave the window
+        // (without a current context there is no such work of this thread's to wait for).
+        let mut c = s.lock();
+        if c.enter_current().is_ok() {
+            c.call::<_, Done>(&p::CuCtxSynchronize {})?;
+        }
+        if let Some(r) = c.window.release_adopted(ptr.cast()) {
+            r?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether `[p, p + 1)` lies in a range registered with `cuMemHostRegister`.
