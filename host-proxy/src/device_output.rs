@@ -8,9 +8,10 @@
 //!
 //! Cost: a reader thread drains the pipes as they fill (a kernel may print more than a
 //! pipe holds, and a driver blocked on a full pipe would hang the zone); after a request
-//! that synchronises, the worker drains them itself once (one non-blocking `read` per
-//! pipe) so that what the synchronisation printed rides on its own reply. Other requests
-//! pay an atomic load.
+//! that synchronises, if a kernel was launched since the last such request, the worker
+//! looks at the pipes itself (one `poll` without waiting, and the reads when there is
+//! something) so that what the synchronisation printed rides on its own reply. Other
+//! requests pay an atomic load or two.
 
 use std::fs::File;
 use std::io;
@@ -45,6 +46,9 @@ pub struct DeviceOutput {
     pipes: Pipes,
     kept: Mutex<Captured>,
     pending: AtomicBool,
+    /// A kernel was launched since the last flush check: only then can a flushing
+    /// request have printed anything.
+    launched: AtomicBool,
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -103,6 +107,7 @@ impl DeviceOutput {
             pipes: Pipes { out: out_r, err: err_r },
             kept: Mutex::new(Captured::default()),
             pending: AtomicBool::new(false),
+            launched: AtomicBool::new(false),
         });
         let reader = Arc::clone(&this);
         std::thread::Builder::new().name("device-output".into()).spawn(move || reader.read_forever())?;
@@ -133,6 +138,29 @@ impl DeviceOutput {
             | read_available(&self.pipes.err, &mut kept.stderr, &mut kept.dropped);
         if got {
             self.pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Records that a kernel was launched (it may print at the next flush).
+    pub fn note_launch(&self) {
+        self.launched.store(true, Ordering::Relaxed);
+    }
+
+    /// After a request that flushes the driver's printf buffer: if a kernel was launched
+    /// since the last time, looks at the pipes once (one `poll`, no waiting) and drains
+    /// what is there, so that it rides on this request's reply. Without a launch in
+    /// between it costs nothing: nothing can have been printed.
+    pub fn after_flush(&self) {
+        if !self.launched.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let mut fds = [
+            libc::pollfd { fd: self.pipes.out.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: self.pipes.err.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: a valid array of two pollfds; zero timeout.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 0) } > 0 {
+            self.drain();
         }
     }
 

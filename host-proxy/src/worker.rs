@@ -26,7 +26,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 use vgpu_proto::generated::{
     dispatch, request_name, CtxDestroy, CuCtxSynchronize, CuEventSynchronize, CuLibraryUnload, CuModuleUnload,
-    CuStreamSynchronize, DispatchError, MemcpyDtoH, PrimaryCtxReset, Responder,
+    CuStreamSynchronize, DispatchError, Launch, MemcpyDtoH, PrimaryCtxReset, Responder,
 };
 use vgpu_proto::{Attach, CuResult};
 
@@ -58,8 +58,8 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Responder for ServerResponder<'_, 
 
 /// Requests after which the driver may have printed device output (it flushes kernels'
 /// `printf` buffer when the context synchronises, a blocking copy back included, and when
-/// a module or context goes away): the worker reads the pipes itself, so that the output
-/// rides on this very reply.
+/// a module or context goes away): after a launch, the worker looks at the pipes itself,
+/// so that the output rides on this very reply.
 const FLUSHING: [MessageId; 8] = [
     CuCtxSynchronize::ID,
     CuStreamSynchronize::ID,
@@ -78,8 +78,10 @@ fn note_device_output<M: SharedMemory, N: Notifier, W: Waiter>(
     id: MessageId,
 ) {
     let Some(o) = output else { return };
-    if FLUSHING.contains(&id) {
-        o.drain();
+    if id == Launch::ID {
+        o.note_launch();
+    } else if FLUSHING.contains(&id) {
+        o.after_flush();
     }
     if o.pending() {
         server.raise_notice();
@@ -106,6 +108,7 @@ fn handle<M, N, W, B, D>(
     zone: &mut Zone<B>,
     req: &Incoming<'_>,
     scratch: &mut [u8],
+    output: Option<&DeviceOutput>,
 ) -> Result<Result<(), ChannelError>, Failure>
 where
     M: SharedMemory,
@@ -126,8 +129,7 @@ where
     if req.no_reply {
         zone.note_posted().map_err(|e| Failure::app(e.code()))?;
     }
-    let output = zone.device_output_arc();
-    let mut responder = ServerResponder { server, req, scratch, output: output.as_deref() };
+    let mut responder = ServerResponder { server, req, scratch, output };
     dispatch(&mut zone.api(window), req.id, req.body, &mut responder).map_err(|e| match e {
         DispatchError::Unknown(id) => {
             tracing::debug!(id = id.0, "unknown request id");
@@ -224,6 +226,9 @@ where
     D: SharedMemory,
 {
     let mut answered = profile.as_ref().map(|_| Instant::now());
+    // Held for the session (the zone is borrowed mutably by each request's handling).
+    let output = zone.device_output_arc();
+    let output = output.as_deref();
     loop {
         let req = match server.recv(buf) {
             Ok(r) => r,
@@ -233,12 +238,12 @@ where
         let received = answered.map(|_| Instant::now());
         let span = tracing::trace_span!("request", seq = req.seq, id = req.id.0);
         let _g = span.enter();
-        let outcome = catch_unwind(AssertUnwindSafe(|| handle(server, window, zone, &req, scratch)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| handle(server, window, zone, &req, scratch, output)));
         // For a posted request `reply_error` defers the code to the next reply.
         let sent = match outcome {
             Ok(Ok(sent)) => sent,
             Ok(Err(Failure { kind, code })) => {
-                note_device_output(server, zone.device_output(), req.id);
+                note_device_output(server, output, req.id);
                 server.reply_error(&req, kind, code, scratch)
             }
             Err(_) => {
