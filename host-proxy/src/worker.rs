@@ -26,7 +26,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 use vgpu_proto::generated::{
     dispatch, request_name, CtxDestroy, CuCtxSynchronize, CuEventSynchronize, CuLibraryUnload, CuModuleUnload,
-    CuStreamSynchronize, DispatchError, Launch, MemcpyDtoH, PrimaryCtxReset, Responder,
+    CuStreamSynchronize, DispatchError, MemcpyDtoH, PrimaryCtxReset, Responder,
 };
 use vgpu_proto::{Attach, CuResult};
 
@@ -58,8 +58,9 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Responder for ServerResponder<'_, 
 
 /// Requests after which the driver may have printed device output (it flushes kernels'
 /// `printf` buffer when the context synchronises, a blocking copy back included, and when
-/// a module or context goes away): after a launch, the worker looks at the pipes itself,
-/// so that the output rides on this very reply.
+/// a module or context goes away): after a launch of a kernel whose module may print (the
+/// zone notes it), the worker looks at the pipes itself, so that the output rides on this
+/// very reply.
 const FLUSHING: [MessageId; 8] = [
     CuCtxSynchronize::ID,
     CuStreamSynchronize::ID,
@@ -78,9 +79,7 @@ fn note_device_output<M: SharedMemory, N: Notifier, W: Waiter>(
     id: MessageId,
 ) {
     let Some(o) = output else { return };
-    if id == Launch::ID {
-        o.note_launch();
-    } else if FLUSHING.contains(&id) {
+    if FLUSHING.contains(&id) {
         o.after_flush();
     }
     if o.pending() {

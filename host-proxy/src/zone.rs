@@ -159,6 +159,9 @@ struct ModEntry<M> {
     module: M,
     ctx: Handle,
     library: Option<Handle>,
+    /// Whether the image may call `vprintf` or `__assertfail` (see [`image_may_print`]):
+    /// only launches of its kernels make the worker look for device output.
+    may_print: bool,
 }
 
 impl<M> ModEntry<M> {
@@ -1038,6 +1041,48 @@ impl<B: GpuBackend, D: SharedMemory> ZoneCtx<'_, B, D> {
     }
 }
 
+/// Whether a module image may print (device `printf` calls `vprintf`, a failed `assert`
+/// calls `__assertfail`): the names appear in PTX text and in a cubin's symbol table. A fat
+/// binary entry whose payload is compressed cannot be searched, so an image with one may
+/// print. Errs on the side of "may": the cost of a wrong "may" is one `poll` after the
+/// next synchronisation; a wrong "may not" would delay the output to a later reply.
+fn image_may_print(image: &[u8]) -> bool {
+    let names =
+        |b: &[u8]| memchr::memmem::find(b, b"vprintf").is_some() || memchr::memmem::find(b, b"__assertfail").is_some();
+    if names(image) {
+        return true;
+    }
+    const FATBIN_MAGIC: [u8; 4] = 0xBA55_ED50u32.to_le_bytes();
+    if !image.starts_with(&FATBIN_MAGIC) {
+        return false;
+    }
+    // Entries (layout as the cuda backend checks it): a 16-byte header with its size at 6
+    // and the entries' size at 8; each entry a header (its size at 4, the payload's at 8,
+    // flags at 16 when the header holds them) and the payload.
+    let u16_at = |at: usize| image.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |at: usize| image.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let u64_at = |at: usize| image.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let (Some(start), Some(size)) = (u16_at(6), u64_at(8)) else { return true };
+    let end = start.saturating_add(usize::try_from(size).unwrap_or(usize::MAX)).min(image.len());
+    let mut at = start;
+    while at < end {
+        let (Some(header), Some(payload)) = (u32_at(at + 4), u64_at(at + 8)) else { return true };
+        let body_start = at.saturating_add(header);
+        let body_end = body_start.saturating_add(usize::try_from(payload).unwrap_or(usize::MAX));
+        let Some(body) = image.get(body_start..body_end) else { return true };
+        let plain = body.starts_with(b"\x7fELF")
+            || std::str::from_utf8(body.split(|&b| b == 0).next().unwrap_or(&[])).is_ok_and(|t| t.contains(".version"));
+        if !plain {
+            return true;
+        }
+        if header < 16 {
+            return true;
+        }
+        at = body_end;
+    }
+    false
+}
+
 /// A memset's width, value and element count.
 #[derive(Clone, Copy, Debug)]
 enum MemsetOp {
@@ -1389,7 +1434,8 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         } else {
             (z.backend.module_load(&image)?, &mut z.modules, z.current)
         };
-        match table.insert(ModEntry { module, ctx, library: None }) {
+        let may_print = image_may_print(&image);
+        match table.insert(ModEntry { module, ctx, library: None, may_print }) {
             Ok(handle) => Ok(ModuleLoadReply { handle }),
             Err(_) => Err(CuError::OUT_OF_MEMORY),
         }
@@ -1454,9 +1500,10 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let library = req.library;
         let p_mod = self.lookup(key, |z| {
             let l = z.libraries.get(library)?;
+            let may_print = l.may_print;
             z.reserve()?;
             let module = z.backend.library_get_module(&l.module)?;
-            let entry = ModEntry { module, ctx: z.current, library: Some(library) };
+            let entry = ModEntry { module, ctx: z.current, library: Some(library), may_print };
             match z.modules.insert(entry) {
                 Ok(h) => Ok(h),
                 Err(e) => Err(e.into()),
@@ -1631,6 +1678,13 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         }
         let s = stream_of(&z.streams, stream)?;
         z.backend.launch(&entry.func, &config, s, &params, layout)?;
+        if let Some(o) = &z.device_output {
+            let root = entry.root;
+            let may_print = z.modules.get(root).or_else(|_| z.libraries.get(root)).map_or(true, |m| m.may_print);
+            if may_print {
+                o.note_launch();
+            }
+        }
         Ok(Done {})
     }
 
@@ -1865,6 +1919,32 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fat binary with one entry: a 16-byte header, a 16-byte entry header, `payload`.
+    fn fatbin(payload: &[u8]) -> Vec<u8> {
+        let mut b = 0xBA55_ED50u32.to_le_bytes().to_vec();
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&16u16.to_le_bytes());
+        b.extend_from_slice(&(16 + payload.len() as u64).to_le_bytes());
+        b.extend_from_slice(&2u16.to_le_bytes());
+        b.extend_from_slice(&0u16.to_le_bytes());
+        b.extend_from_slice(&16u32.to_le_bytes());
+        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        b.extend_from_slice(payload);
+        b
+    }
+
+    #[test]
+    fn images_that_may_print_are_told_apart() {
+        assert!(image_may_print(b".version 8.0\n.extern .func vprintf\0"));
+        assert!(image_may_print(b"\x7fELF....__assertfail...."));
+        assert!(!image_may_print(b".version 8.0\n.visible .entry k()\n{ ret; }\0"));
+        assert!(!image_may_print(&fatbin(b"\x7fELF no such names here")));
+        assert!(image_may_print(&fatbin(b"\x7fELF calls vprintf")));
+        // A compressed payload cannot be searched: it may print.
+        assert!(image_may_print(&fatbin(&[0x9c, 0xff, 0x01, 0x80, 0x00, 0x13])));
+        assert!(image_may_print(&fatbin(b"")[..20]), "a truncated fat binary may print");
+    }
     use crate::backend::sim::SimGpu;
     use idm_core::region::test_utils::heap_region;
     use idm_core::RawRegion;
