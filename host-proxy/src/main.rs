@@ -108,6 +108,9 @@ fn main() -> Result<()> {
                 .with_writer(std::sync::Mutex::new(log))
                 .with_ansi(false)
                 .init();
+            // The default hook would print a panic (a host-side bug's message) to stderr,
+            // which now goes to the guest: it goes to the log instead.
+            std::panic::set_hook(Box::new(|info| tracing::error!("worker panicked: {info}")));
         }
         other => {
             tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).with_ansi(ansi).init();
