@@ -80,6 +80,9 @@ const SMALL_COPY: usize = 64 << 10;
 const STAGING_CHUNK: usize = 4 << 20;
 /// Largest module or library image accepted (the data window may bound it further).
 const MAX_IMAGE_BYTES: u64 = 256 << 20;
+/// Host functions a zone may have queued and not yet run (each holds a callback in its
+/// worker's driver queue); more answer `CUDA_ERROR_OUT_OF_MEMORY`.
+pub const MAX_QUEUED_HOST_FUNCS: u32 = 4096;
 /// Device output handed over per `TakeDeviceOutput` reply (well inside any ring's frame
 /// limit; the guest asks again while the reply carries the notice).
 const DEVICE_OUTPUT_CHUNK: usize = 8 << 10;
@@ -274,6 +277,8 @@ pub struct Zone<B: GpuBackend> {
     window_at: Option<(std::ptr::NonNull<u8>, usize)>,
     /// The worker's captured device output (`None`: not captured; nothing to hand over).
     device_output: Option<std::sync::Arc<DeviceOutput>>,
+    /// Host functions queued and not yet run (see [`MAX_QUEUED_HOST_FUNCS`]).
+    host_funcs_queued: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
@@ -387,6 +392,7 @@ impl<B: GpuBackend> Zone<B> {
             window_region: None,
             window_at: None,
             device_output: None,
+            host_funcs_queued: Default::default(),
         }
     }
 
@@ -1622,6 +1628,9 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         // backend — and with it every context whose streams could still run the function —
         // is dropped; the guest and the slot only access it atomically.
         let slot = unsafe { crate::backend::HostFuncSlot::new(word) };
+        // Each queued function holds a callback in the driver until the stream reaches it:
+        // a zone queues at most MAX_QUEUED_HOST_FUNCS.
+        let slot = slot.counted_in(&z.host_funcs_queued, MAX_QUEUED_HOST_FUNCS).ok_or(CuError::OUT_OF_MEMORY)?;
         z.backend.launch_host_func(s, slot)?;
         Ok(Done {})
     }
@@ -1932,6 +1941,22 @@ mod tests {
         b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         b.extend_from_slice(payload);
         b
+    }
+
+    #[test]
+    fn queued_host_functions_are_bounded_per_zone() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut f = fixture(Quotas::default(), 4096);
+        let region = idm_shm::MemfdRegion::create("host-func-bound", 4096).unwrap();
+        f.z.attach_window(region, 0, 4096).unwrap();
+        // As if that many were queued and not yet reached (the test double runs them in place).
+        f.z.host_funcs_queued.store(MAX_QUEUED_HOST_FUNCS, SeqCst);
+        let r = f.api().host_func(HostFunc { stream: Handle(0), slot: 0 });
+        assert_eq!(r.map(|_| ()), Err(CuError::OUT_OF_MEMORY));
+        assert_eq!(f.z.host_funcs_queued.load(SeqCst), MAX_QUEUED_HOST_FUNCS, "a refused one is not counted");
+        f.z.host_funcs_queued.store(MAX_QUEUED_HOST_FUNCS - 1, SeqCst);
+        f.api().host_func(HostFunc { stream: Handle(0), slot: 8 }).unwrap();
+        assert_eq!(f.z.host_funcs_queued.load(SeqCst), MAX_QUEUED_HOST_FUNCS - 1, "one that ran is uncounted again");
     }
 
     #[test]

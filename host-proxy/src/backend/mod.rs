@@ -321,6 +321,17 @@ pub trait GpuBackend {
 /// (or, for the test double, in place) until the guest answers or the worker ends.
 pub struct HostFuncSlot {
     word: idm_core::RawRegion,
+    /// The zone's count of queued host functions, decremented when this slot is done with
+    /// (run, or dropped by a driver that refused it).
+    queued: Option<std::sync::Arc<std::sync::atomic::AtomicU32>>,
+}
+
+impl Drop for HostFuncSlot {
+    fn drop(&mut self) {
+        if let Some(q) = &self.queued {
+            q.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
 }
 
 /// Set when the worker's session is over: blocked host functions stop waiting for the guest.
@@ -340,7 +351,16 @@ impl HostFuncSlot {
     #[allow(unsafe_code)]
     pub unsafe fn new(word: std::ptr::NonNull<u8>) -> HostFuncSlot {
         // SAFETY: forwarded contract.
-        HostFuncSlot { word: unsafe { idm_core::RawRegion::new(word, 8) } }
+        HostFuncSlot { word: unsafe { idm_core::RawRegion::new(word, 8) }, queued: None }
+    }
+
+    /// Counts this slot in `queued` until it is dropped, if fewer than `max` are queued
+    /// there; `None` (the slot dropped, nothing counted) when `max` are.
+    pub fn counted_in(mut self, queued: &std::sync::Arc<std::sync::atomic::AtomicU32>, max: u32) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        self.queued = Some(queued.clone());
+        Some(self)
     }
 
     /// The stream reached the function: tells the guest and waits until it has run it (or
