@@ -104,6 +104,20 @@ fn register_mapped() -> Res {
     words.iter_mut().enumerate().for_each(|(i, w)| *w = i as u32 ^ 0x5a5a_5a5a);
     // SAFETY: the range is the program's own memory, page-aligned.
     let r = unsafe { sys::cuMemHostRegister_v2(p, LEN, DEVICEMAP) };
+    // Over Xen the window is granted pages, not a file the pages could be mapped from: the
+    // registration is refused there (libvgpu picks Xen as this does).
+    let xen = match std::env::var("VGPU_TRANSPORT").as_deref() {
+        Ok(t) => t == "xen",
+        Err(_) => std::env::var_os("VGPU_SOCKET").is_none() && std::path::Path::new("/dev/xen/gntalloc").exists(),
+    };
+    if xen {
+        // SAFETY: the mapping made above, released once.
+        unsafe { libc::munmap(p, LEN) };
+        return ensure(
+            r == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED,
+            &format!("cuMemHostRegister(DEVICEMAP) over Xen: {r:?} (local transport only)"),
+        );
+    }
     ensure(r == sys::CUresult::CUDA_SUCCESS, &format!("cuMemHostRegister(DEVICEMAP) of private pages: {r:?}"))?;
     ensure(
         words.iter().enumerate().all(|(i, &w)| w == i as u32 ^ 0x5a5a_5a5a),
