@@ -34,7 +34,7 @@ use crate::ring::{RingConsumer, RingError, RingProducer};
 use crate::wire::proto::{ErrorKind, ErrorReply, Hello, HelloAck};
 use crate::wire::{
     decode_body, encode_body, Flags, FrameHeader, Message, MessageId, WireError, BOOTSTRAP_MAX_FRAME, HEADER_LEN,
-    PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION, NOTICE_VERSION, PROTOCOL_VERSION,
 };
 
 /// Why a channel operation failed.
@@ -286,14 +286,15 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Client<M, N, W> {
     /// hold at least [`BOOTSTRAP_MAX_FRAME`] bytes.
     pub fn connect(mut ch: Channel<M, N, W>, max_frame: u32, buf: &mut [u8]) -> Result<Self, ChannelError> {
         ch.rx.set_max_frame(BOOTSTRAP_MAX_FRAME);
-        let hello = Hello { min_version: PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, max_frame };
+        let hello = Hello { min_version: MIN_PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, max_frame };
         ch.send_message(&hello, Flags::empty(), 0, 0, buf, BOOTSTRAP_MAX_FRAME)?;
         let header = ch.recv_frame(buf)?;
         if header.seq != 0 || !header.flags.contains(Flags::RESPONSE) {
             return Err(ChannelError::UnexpectedFrame { id: header.id, seq: header.seq });
         }
         let ack: HelloAck = Reply { header, body: &buf[..header.len as usize] }.decode()?;
-        if ack.version != PROTOCOL_VERSION || ack.max_frame > max_frame || ack.max_frame == 0 {
+        let known = (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&ack.version);
+        if !known || ack.max_frame > max_frame || ack.max_frame == 0 {
             return Err(ChannelError::Remote { kind: ErrorKind::VersionMismatch, code: 0 });
         }
         ch.rx.set_max_frame(ack.max_frame);
@@ -364,6 +365,7 @@ pub struct Server<M, N, W> {
     ch: Channel<M, N, W>,
     deferred: Option<u32>,
     notice: bool,
+    version: u16,
 }
 
 impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
@@ -376,7 +378,9 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
         }
         let hello = decode_body::<Hello>(&buf[..header.len as usize])?;
         let resp = Flags::RESPONSE;
-        if hello.min_version > PROTOCOL_VERSION || hello.max_version < PROTOCOL_VERSION {
+        // The newest version both speak.
+        let version = hello.max_version.min(PROTOCOL_VERSION);
+        if version < hello.min_version.max(MIN_PROTOCOL_VERSION) {
             let e = ErrorReply { kind: ErrorKind::VersionMismatch, request_id: Hello::ID, code: 0 };
             ch.send_message(&e, resp.with(Flags::ERROR), 0, 0, buf, BOOTSTRAP_MAX_FRAME)?;
             return Err(ChannelError::Remote { kind: ErrorKind::VersionMismatch, code: 0 });
@@ -384,10 +388,10 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
         // The frame limit is the smaller of both sides' and what the rings can carry.
         let ring_limit = (ch.tx.capacity().min(ch.rx_capacity()) - HEADER_LEN) as u32;
         let negotiated = hello.max_frame.min(max_frame).min(ring_limit);
-        let ack = HelloAck { version: PROTOCOL_VERSION, max_frame: negotiated };
+        let ack = HelloAck { version, max_frame: negotiated };
         ch.send_message(&ack, resp, 0, 0, buf, BOOTSTRAP_MAX_FRAME)?;
         ch.rx.set_max_frame(negotiated);
-        Ok(Server { ch, deferred: None, notice: false })
+        Ok(Server { ch, deferred: None, notice: false, version })
     }
 
     /// The negotiated frame limit.
@@ -432,9 +436,15 @@ impl<M: SharedMemory, N: Notifier, W: Waiter> Server<M, N, W> {
     }
 
     /// Marks the next response (a reply or an error) with [`Flags::NOTICE`]: the server
-    /// holds something for the client to fetch. Raised once, carried once.
+    /// holds something for the client to fetch. Raised once, carried once. A client of a
+    /// version before [`NOTICE_VERSION`] is never told (it could not parse the flag).
     pub fn raise_notice(&mut self) {
-        self.notice = true;
+        self.notice = self.version >= NOTICE_VERSION;
+    }
+
+    /// The negotiated protocol version.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     fn response_flags(&mut self, base: Flags) -> (Flags, u32) {
@@ -611,6 +621,35 @@ mod tests {
             let mut client = Client::connect(c, 4096, &mut buf).unwrap();
             let notices = [(); 4].map(|()| client.call(&Add { a: 1, b: 2 }, &mut buf).unwrap().notice());
             assert_eq!(notices, [false, true, true, false], "on replies and errors alike, once each");
+        });
+    }
+
+    #[test]
+    fn a_version_1_client_is_served_and_never_sent_a_notice() {
+        let (_mem, region) = heap_region(2 * footprint(1024));
+        let (mut c, s) = pair(&region, 1024);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut buf = [0u8; 4096];
+                let mut scratch = [0u8; 4096];
+                let mut server = Server::accept(s, 4096, &mut buf).unwrap();
+                assert_eq!(server.version(), 1);
+                let req = server.recv(&mut buf).unwrap();
+                server.raise_notice();
+                server.reply(&req, &Sum(3), &mut scratch).unwrap();
+            });
+            // What a client built before version 2 sends, and what it expects back.
+            let mut buf = [0u8; 4096];
+            c.rx.set_max_frame(BOOTSTRAP_MAX_FRAME);
+            let hello = Hello { min_version: 1, max_version: 1, max_frame: 512 };
+            c.send_message(&hello, Flags::empty(), 0, 0, &mut buf, BOOTSTRAP_MAX_FRAME).unwrap();
+            let h = c.recv_frame(&mut buf).unwrap();
+            let ack: HelloAck = Reply { header: h, body: &buf[..h.len as usize] }.decode().unwrap();
+            assert_eq!(ack.version, 1);
+            c.rx.set_max_frame(ack.max_frame);
+            c.send_message(&Add { a: 1, b: 2 }, Flags::empty(), 1, 0, &mut buf, ack.max_frame).unwrap();
+            let h = c.recv_frame(&mut buf).unwrap();
+            assert_eq!(h.flags, Flags::RESPONSE, "no NOTICE bit for a version-1 client");
         });
     }
 

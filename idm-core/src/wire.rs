@@ -23,8 +23,13 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use zerocopy::byteorder::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-/// Protocol version spoken by this crate.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Newest protocol version spoken by this crate. Version 2 adds [`Flags::NOTICE`] on
+/// responses; a version-1 peer is never sent it (its parser refuses unknown flag bits).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest protocol version this crate still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// The first version whose responses may carry [`Flags::NOTICE`].
+pub const NOTICE_VERSION: u16 = 2;
 /// Largest body accepted before the hello exchange has negotiated a limit.
 pub const BOOTSTRAP_MAX_FRAME: u32 = 256;
 
