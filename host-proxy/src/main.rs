@@ -174,7 +174,8 @@ fn worker(args: WorkerArgs) -> Result<i32> {
     };
     let endpoint = idm_shm::accept_stream(stream, &limits, policy).context("shared-memory handshake failed")?;
     let idm_shm::ShmEndpoint { channel, window, layout, region, .. } = endpoint;
-    let session = Session { id: args.zone_id, channel, window, layout, dma_region: Some(region), quotas, broker };
+    let session =
+        Session { id: args.zone_id, channel, window, layout, dma_region: Some(region), words: None, quotas, broker };
     run_on_backend(&args, session, || ())
 }
 
@@ -219,12 +220,16 @@ fn xen_worker(
         }
     };
     tracing::info!(domid, slot, "Xen channel connected");
+    // Host functions' words live in the window: the zone keeps a clone of the grant
+    // mapping (the driver does not take it) for as long as its backend lives.
+    let words = Some((ep.region.clone(), ep.layout.window_offset(), ep.layout.window_size()));
     let session = Session {
         id: args.zone_id,
         channel: ep.channel,
         window: ep.window,
         layout: ep.layout,
         dma_region: None,
+        words,
         quotas,
         broker,
     };
@@ -245,6 +250,8 @@ struct Session<M, N, W, D> {
     layout: idm_shm::ChannelLayout,
     /// The shared memory to register with the GPU driver for direct DMA (local transport).
     dma_region: Option<idm_shm::MemfdRegion>,
+    /// Otherwise (Xen): the grant mapping, the window's offset in it and its length.
+    words: Option<(idm_xen::GrantRegion, usize, usize)>,
     quotas: Quotas,
     broker: Option<BrokerClient>,
 }
@@ -259,7 +266,7 @@ where
     W: idm_core::Waiter,
     D: idm_core::SharedMemory,
 {
-    let Session { id, channel, window, layout, dma_region, quotas, broker } = session;
+    let Session { id, channel, window, layout, dma_region, words, quotas, broker } = session;
     let max_frame = u32::try_from(layout.ring_size() / 2).unwrap_or(u32::MAX);
     let mut buf = vec![0u8; layout.ring_size()];
     let mut scratch = vec![0u8; layout.ring_size()];
@@ -269,6 +276,11 @@ where
         match zone.attach_window(region, layout.window_offset(), layout.window_size()) {
             Ok(direct) => tracing::debug!(direct, "data window attached"),
             Err(e) => tracing::warn!(error = %e, "could not register the data window; copies are staged"),
+        }
+    }
+    if let Some((region, offset, len)) = words {
+        if let Err(e) = zone.attach_grant_window(region, offset, len) {
+            tracing::warn!(error = %e, "could not keep the window for host functions; they are not offered");
         }
     }
     if let Some(broker) = broker {

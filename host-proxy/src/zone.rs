@@ -272,6 +272,9 @@ pub struct Zone<B: GpuBackend> {
     /// Keeps the window's mapping alive while the backend may use it: declared after
     /// `backend`, so dropped after it.
     window_region: Option<idm_shm::MemfdRegion>,
+    /// Keeps the window's mapping alive when the driver does not take it (Xen's grant
+    /// mapping, for host functions' words): declared after `backend`, so dropped after it.
+    window_keep: Option<idm_xen::GrantRegion>,
     /// The window's first byte and length in `window_region`'s mapping (host functions'
     /// rendezvous words live there).
     window_at: Option<(std::ptr::NonNull<u8>, usize)>,
@@ -390,6 +393,7 @@ impl<B: GpuBackend> Zone<B> {
             cached_bytes: 0,
             window_direct: false,
             window_region: None,
+            window_keep: None,
             window_at: None,
             device_output: None,
             host_funcs_queued: Default::default(),
@@ -413,6 +417,18 @@ impl<B: GpuBackend> Zone<B> {
         self.window_at = Some((base, len));
         self.window_direct = direct;
         Ok(direct)
+    }
+
+    /// Lets host functions use the window over Xen, where the driver does not take it: the
+    /// zone keeps `region` (the grant mapping) until after its backend; the window is its
+    /// `len` bytes at `offset`.
+    pub fn attach_grant_window(&mut self, region: idm_xen::GrantRegion, offset: usize, len: usize) -> CuResultOf<()> {
+        let in_bounds = offset.checked_add(len).is_some_and(|end| end <= SharedMemory::size(region.raw()));
+        let base = std::ptr::NonNull::new(region.raw().as_ptr().wrapping_add(offset));
+        let (true, Some(base)) = (in_bounds, base) else { return Err(CuError::INVALID_VALUE) };
+        self.window_keep = Some(region);
+        self.window_at = Some((base, len));
+        Ok(())
     }
 
     /// Offers CUDA IPC through the daemon's broker.
@@ -1613,8 +1629,8 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     fn host_func(&mut self, req: HostFunc) -> CuResultOf<Done> {
         let z = &mut *self.zone;
-        // Over Xen the window is not mapped in a way the driver's callback thread may
-        // keep: host functions need the local transport for now.
+        // The window's mapping, kept until after the backend (`attach_window`, or
+        // `attach_window_words` over Xen); without one, host functions are not offered.
         let (base, len) = z.window_at.ok_or(CuError::NOT_SUPPORTED)?;
         let slot = usize::try_from(req.slot).map_err(|_| CuError::INVALID_VALUE)?;
         if slot % 8 != 0 || slot.checked_add(8).is_none_or(|end| end > len) {
@@ -1624,9 +1640,9 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let word = std::ptr::NonNull::new(base.as_ptr().wrapping_add(slot)).ok_or(CuError::INVALID_VALUE)?;
         #[allow(unsafe_code)]
         // SAFETY: `word` is an 8-byte aligned word inside the window (checked above; the
-        // window starts page-aligned), which `window_region` keeps mapped until after the
-        // backend — and with it every context whose streams could still run the function —
-        // is dropped; the guest and the slot only access it atomically.
+        // window starts page-aligned), which `window_region` or `window_keep` keeps mapped
+        // until after the backend — and with it every context whose streams could still run
+        // the function — is dropped; the guest and the slot only access it atomically.
         let slot = unsafe { crate::backend::HostFuncSlot::new(word) };
         // Each queued function holds a callback in the driver until the stream reaches it:
         // a zone queues at most MAX_QUEUED_HOST_FUNCS.
