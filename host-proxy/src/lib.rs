@@ -18,6 +18,7 @@ pub mod daemon;
 #[allow(unsafe_code)] // descriptors, pipes and stdio of the worker process
 pub mod device_output;
 pub mod handles;
+pub mod image;
 pub mod worker;
 pub mod xen;
 pub mod zone;

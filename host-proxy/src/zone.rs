@@ -37,6 +37,7 @@ use crate::backend::{CuError, CuResultOf, GpuBackend};
 use crate::broker::{guest_handle, parse_guest_handle, IpcBroker, Token};
 use crate::device_output::DeviceOutput;
 use crate::handles::{kind_of, HandleError, HandleTable};
+use crate::image::{fatbin_payloads, ELF_MAGIC, FATBIN_MAGIC};
 use idm_core::{DataWindow, SharedMemory};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
@@ -441,12 +442,8 @@ impl<B: GpuBackend> Zone<B> {
         self.device_output = Some(output);
     }
 
-    /// The captured device output, if the worker captures it.
-    pub fn device_output(&self) -> Option<&DeviceOutput> {
-        self.device_output.as_deref()
-    }
-
-    /// As [`Zone::device_output`], shared (for use while the zone is borrowed mutably).
+    /// The captured device output, if the worker captures it (shared: the worker holds it
+    /// while the zone is borrowed mutably by each request).
     pub fn device_output_arc(&self) -> Option<std::sync::Arc<DeviceOutput>> {
         self.device_output.clone()
     }
@@ -1074,35 +1071,15 @@ fn image_may_print(image: &[u8]) -> bool {
     if names(image) {
         return true;
     }
-    const FATBIN_MAGIC: [u8; 4] = 0xBA55_ED50u32.to_le_bytes();
-    if !image.starts_with(&FATBIN_MAGIC) {
+    if !image.starts_with(&FATBIN_MAGIC.to_le_bytes()) {
         return false;
     }
-    // Entries (layout as the cuda backend checks it): a 16-byte header with its size at 6
-    // and the entries' size at 8; each entry a header (its size at 4, the payload's at 8,
-    // flags at 16 when the header holds them) and the payload.
-    let u16_at = |at: usize| image.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |at: usize| image.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
-    let u64_at = |at: usize| image.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-    let (Some(start), Some(size)) = (u16_at(6), u64_at(8)) else { return true };
-    let end = start.saturating_add(usize::try_from(size).unwrap_or(usize::MAX)).min(image.len());
-    let mut at = start;
-    while at < end {
-        let (Some(header), Some(payload)) = (u32_at(at + 4), u64_at(at + 8)) else { return true };
-        let body_start = at.saturating_add(header);
-        let body_end = body_start.saturating_add(usize::try_from(payload).unwrap_or(usize::MAX));
-        let Some(body) = image.get(body_start..body_end) else { return true };
-        let plain = body.starts_with(b"\x7fELF")
-            || std::str::from_utf8(body.split(|&b| b == 0).next().unwrap_or(&[])).is_ok_and(|t| t.contains(".version"));
-        if !plain {
-            return true;
-        }
-        if header < 16 {
-            return true;
-        }
-        at = body_end;
-    }
-    false
+    // A cubin or PTX text payload was searched with the image; anything else is compressed.
+    let plain = |body: &[u8]| {
+        body.starts_with(&ELF_MAGIC)
+            || std::str::from_utf8(body.split(|&b| b == 0).next().unwrap_or(&[])).is_ok_and(|t| t.contains(".version"))
+    };
+    fatbin_payloads(image).is_none_or(|bodies| !bodies.iter().all(|b| plain(b)))
 }
 
 /// A memset's width, value and element count.

@@ -421,38 +421,13 @@ fn c_buf_to_string(buf: &[c_char]) -> String {
 
 // ---- module images ----
 
-/// The first bytes of an ELF file (a cubin).
-const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
-/// The magic of a fat binary's header (`fatBinaryHeader`).
-const FATBIN_MAGIC: u32 = 0xBA55_ED50;
+use crate::image::{fatbin_payloads, in_bounds, read_u16, read_u32, read_u64, ELF_MAGIC, FATBIN_MAGIC};
+
 /// The magic of `__fatBinC_Wrapper_t`: a host structure that holds a *pointer* to a fat
 /// binary, so it must never reach the driver from a guest.
 const FATBIN_WRAPPER_MAGIC: u32 = 0x4662_43B1;
 /// `SHT_NOBITS`: an ELF section that occupies no bytes of the file (`.bss`).
 const SHT_NOBITS: u32 = 8;
-
-/// A little-endian `u16` at `at`, if `bytes` holds it.
-fn read_u16(bytes: &[u8], at: u64) -> Option<u16> {
-    let at = usize::try_from(at).ok()?;
-    Some(u16::from_le_bytes(bytes.get(at..at.checked_add(2)?)?.try_into().ok()?))
-}
-
-/// A little-endian `u32` at `at`, if `bytes` holds it.
-fn read_u32(bytes: &[u8], at: u64) -> Option<u32> {
-    let at = usize::try_from(at).ok()?;
-    Some(u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?))
-}
-
-/// A little-endian `u64` at `at`, if `bytes` holds it.
-fn read_u64(bytes: &[u8], at: u64) -> Option<u64> {
-    let at = usize::try_from(at).ok()?;
-    Some(u64::from_le_bytes(bytes.get(at..at.checked_add(8)?)?.try_into().ok()?))
-}
-
-/// Whether `[offset, offset + len)` lies inside `bytes`.
-fn in_bounds(bytes: &[u8], offset: u64, len: u64) -> bool {
-    offset.checked_add(len).is_some_and(|end| end <= bytes.len() as u64)
-}
 
 /// Checks that the driver, reading a module image that comes without a length, reads
 /// only inside `image`:
@@ -531,44 +506,10 @@ fn elf_extent_ok(elf: &[u8]) -> bool {
     segments_ok && sections_ok
 }
 
-/// Whether a fat binary's container, entries and uncompressed cubins lie inside `image`.
-/// Layout: a 16-byte header (magic, version, header size `u16` at 6, size of the entries
-/// `u64` at 8), then entries, each a header (its size `u32` at 4, its payload's size `u64`
-/// at 8) followed by its payload.
+/// Whether a fat binary's container, entries and uncompressed cubins lie inside `image`
+/// (the container and entries: [`fatbin_payloads`]).
 fn fatbin_extent_ok(image: &[u8]) -> bool {
-    let (Some(header_size), Some(fat_size)) = (read_u16(image, 6), read_u64(image, 8)) else {
-        return false;
-    };
-    let start = u64::from(header_size);
-    let Some(end) = start.checked_add(fat_size) else {
-        return false;
-    };
-    if start < 16 || !in_bounds(image, 0, end) {
-        return false;
-    }
-    let mut at = start;
-    while at < end {
-        let (Some(entry_header), Some(payload)) = (read_u32(image, at + 4), read_u64(image, at + 8)) else {
-            return false;
-        };
-        let data = at + u64::from(entry_header);
-        let Some(next) = data.checked_add(payload) else {
-            return false;
-        };
-        if entry_header < 16 || next > end {
-            return false;
-        }
-        // `next <= end <= image.len()`, so both convert and the range is in bounds.
-        let (Ok(from), Ok(to)) = (usize::try_from(data), usize::try_from(next)) else {
-            return false;
-        };
-        let body = &image[from..to];
-        if body.starts_with(&ELF_MAGIC) && !elf_extent_ok(body) {
-            return false;
-        }
-        at = next;
-    }
-    true
+    fatbin_payloads(image).is_some_and(|bodies| bodies.iter().all(|b| !b.starts_with(&ELF_MAGIC) || elf_extent_ok(b)))
 }
 
 // ---- launches ----
