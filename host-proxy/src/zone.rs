@@ -44,6 +44,10 @@ use std::ffi::CString;
 use vgpu_proto::generated::*;
 use vgpu_proto::*;
 
+mod graphs;
+use graphs::NodeEntry;
+pub use graphs::MAX_PERSISTENT_HOST_FUNCS;
+
 /// Per-zone limits, from configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +106,9 @@ mod kind {
     pub const LIBRARY: u8 = 0x4c;
     pub const FUNCTION: u8 = 0x46;
     pub const KERNEL: u8 = 0x4b;
+    pub const GRAPH: u8 = 0x47;
+    pub const GRAPH_EXEC: u8 = 0x58;
+    pub const GRAPH_NODE: u8 = 0x4e;
 }
 
 /// `CUpointer_attribute` values answered from the zone's tables.
@@ -283,6 +290,16 @@ pub struct Zone<B: GpuBackend> {
     device_output: Option<std::sync::Arc<DeviceOutput>>,
     /// Host functions queued and not yet run (see [`MAX_QUEUED_HOST_FUNCS`]).
     host_funcs_queued: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// Graphs (context-independent), executable graphs, and the nodes the guest has seen
+    /// with the reverse map that keeps one handle per node (see `graphs.rs`).
+    graphs: HandleTable<B::Graph>,
+    graph_execs: HandleTable<Obj<B::GraphExec>>,
+    graph_nodes: HandleTable<NodeEntry<B::GraphNode>>,
+    node_handles: HashMap<(Handle, B::GraphNode), Handle>,
+    /// Stream captures begun and not yet ended.
+    captures_active: u32,
+    /// Host functions kept for graphs (see [`MAX_PERSISTENT_HOST_FUNCS`]).
+    persistent_host_funcs: u32,
 }
 
 impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
@@ -398,6 +415,12 @@ impl<B: GpuBackend> Zone<B> {
             window_at: None,
             device_output: None,
             host_funcs_queued: Default::default(),
+            graphs: HandleTable::new(kind::GRAPH, max),
+            graph_execs: HandleTable::new(kind::GRAPH_EXEC, max),
+            graph_nodes: HandleTable::new(kind::GRAPH_NODE, max),
+            node_handles: HashMap::new(),
+            captures_active: 0,
+            persistent_host_funcs: 0,
         }
     }
 
@@ -470,6 +493,9 @@ impl<B: GpuBackend> Zone<B> {
             + u64::from(self.libraries.len())
             + u64::from(self.functions.len())
             + u64::from(self.kernels.len())
+            + u64::from(self.graphs.len())
+            + u64::from(self.graph_execs.len())
+            + u64::from(self.graph_nodes.len())
     }
 
     /// The primary context's handle.
@@ -516,7 +542,8 @@ impl<B: GpuBackend> Zone<B> {
     /// many without a synchronisation, waits for the GPU before accepting more.
     pub fn note_posted(&mut self) -> CuResultOf<()> {
         self.async_since_sync = self.async_since_sync.saturating_add(1);
-        if self.async_since_sync >= self.quotas.max_async_in_flight {
+        // Synchronising while a capture is open would invalidate it: the bound waits.
+        if self.async_since_sync >= self.quotas.max_async_in_flight && self.captures_active == 0 {
             // Bound the GPU's queue for this zone: wait for it before accepting more.
             self.async_since_sync = 0;
             self.backend.synchronize()?;
@@ -699,7 +726,11 @@ impl<B: GpuBackend> Zone<B> {
         let mods = self.modules.remove_where(|_, m| m.ctx == ctx);
         let streams = self.streams.remove_where(|_, s| s.ctx == ctx);
         let events = self.events.remove_where(|_, e| e.ctx == ctx);
+        let execs = self.graph_execs.remove_where(|_, e| e.ctx == ctx);
         if destroy {
+            for (_, e) in execs {
+                note(self.backend.graph_exec_destroy(e.obj));
+            }
             for (_, m) in mods {
                 note(self.backend.module_unload(m.module));
             }
@@ -774,6 +805,7 @@ impl<B: GpuBackend> Zone<B> {
         if let Err(e) = self.purge(self.primary, true) {
             tracing::warn!(error = %e, "releasing the primary context's objects failed");
         }
+        self.release_graphs();
         self.kernels.drain().for_each(drop);
         let libraries: Vec<_> = self.libraries.drain().collect();
         for l in libraries {
@@ -891,6 +923,10 @@ impl<B: GpuBackend> Zone<B> {
     ) -> CuResultOf<()> {
         let (offset, len) = window.check(bulk).map_err(|_| CuError::INVALID_VALUE)?;
         self.check_range(dev, len as u64)?;
+        if wait {
+            // The guest reuses these window bytes once this is answered: never captured.
+            self.refuse_if_capturing(stream)?;
+        }
         let s = stream_of(&self.streams, stream)?;
         // Small synchronous host-to-device copies are staged (a pageable copy returns once
         // the driver has the bytes, without waiting for the DMA, as a native pageable copy
@@ -1606,21 +1642,10 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     fn host_func(&mut self, req: HostFunc) -> CuResultOf<Done> {
         let z = &mut *self.zone;
-        // The window's mapping, kept until after the backend (`attach_window`, or
-        // `attach_window_words` over Xen); without one, host functions are not offered.
-        let (base, len) = z.window_at.ok_or(CuError::NOT_SUPPORTED)?;
-        let slot = usize::try_from(req.slot).map_err(|_| CuError::INVALID_VALUE)?;
-        if slot % 8 != 0 || slot.checked_add(8).is_none_or(|end| end > len) {
-            return Err(CuError::INVALID_VALUE);
-        }
+        let slot = z.host_func_slot(req.slot)?;
+        // Its callback frees itself after one run: it must not become a graph's node.
+        z.refuse_if_capturing(req.stream)?;
         let s = stream_of(&z.streams, req.stream)?;
-        let word = std::ptr::NonNull::new(base.as_ptr().wrapping_add(slot)).ok_or(CuError::INVALID_VALUE)?;
-        #[allow(unsafe_code)]
-        // SAFETY: `word` is an 8-byte aligned word inside the window (checked above; the
-        // window starts page-aligned), which `window_region` or `window_keep` keeps mapped
-        // until after the backend — and with it every context whose streams could still run
-        // the function — is dropped; the guest and the slot only access it atomically.
-        let slot = unsafe { crate::backend::HostFuncSlot::new(word) };
         // Each queued function holds a callback in the driver until the stream reaches it:
         // a zone queues at most MAX_QUEUED_HOST_FUNCS.
         let slot = slot.counted_in(&z.host_funcs_queued, MAX_QUEUED_HOST_FUNCS).ok_or(CuError::OUT_OF_MEMORY)?;
@@ -1806,6 +1831,98 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     fn cu_event_elapsed_time_v2(&mut self, req: CuEventElapsedTimeV2) -> CuResultOf<CuEventElapsedTimeV2Reply> {
         Ok(CuEventElapsedTimeV2Reply { p_milliseconds: self.elapsed(req.h_start, req.h_end)? })
+    }
+
+    // ---- graphs and stream capture (zone/graphs.rs) ----
+
+    fn cu_graph_create(&mut self, req: CuGraphCreate) -> CuResultOf<CuGraphCreateReply> {
+        if req.flags != 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Ok(CuGraphCreateReply { ph_graph: self.zone.graph_create()? })
+    }
+
+    fn cu_graph_destroy(&mut self, req: CuGraphDestroy) -> CuResultOf<Done> {
+        self.zone.graph_destroy(req.h_graph)?;
+        Ok(Done {})
+    }
+
+    fn cu_graph_clone(&mut self, req: CuGraphClone) -> CuResultOf<CuGraphCloneReply> {
+        Ok(CuGraphCloneReply { ph_graph_clone: self.zone.graph_clone(req.original_graph)? })
+    }
+
+    fn cu_graph_instantiate_with_flags(
+        &mut self,
+        req: CuGraphInstantiateWithFlags,
+    ) -> CuResultOf<CuGraphInstantiateWithFlagsReply> {
+        Ok(CuGraphInstantiateWithFlagsReply { ph_graph_exec: self.zone.graph_instantiate(req.h_graph, req.flags)? })
+    }
+
+    fn cu_graph_exec_destroy(&mut self, req: CuGraphExecDestroy) -> CuResultOf<Done> {
+        self.zone.graph_exec_destroy(req.h_graph_exec)?;
+        Ok(Done {})
+    }
+
+    fn cu_graph_launch(&mut self, req: CuGraphLaunch) -> CuResultOf<Done> {
+        self.zone.graph_launch(req.h_graph_exec, req.h_stream, false)?;
+        Ok(Done {})
+    }
+
+    fn cu_graph_upload(&mut self, req: CuGraphUpload) -> CuResultOf<Done> {
+        self.zone.graph_launch(req.h_graph_exec, req.h_stream, true)?;
+        Ok(Done {})
+    }
+
+    fn graph_get_nodes(&mut self, req: GraphGetNodes) -> CuResultOf<GraphGetNodesReply> {
+        let (count, nodes) = self.zone.graph_get_nodes(req.graph, req.first, req.want)?;
+        Ok(GraphGetNodesReply { count, nodes })
+    }
+
+    fn graph_add_kernel_node(&mut self, req: GraphAddKernelNode) -> CuResultOf<GraphAddKernelNodeReply> {
+        Ok(GraphAddKernelNodeReply { node: self.zone.graph_add_kernel_node(req)? })
+    }
+
+    fn graph_add_memset_node(&mut self, req: GraphAddMemsetNode) -> CuResultOf<GraphAddMemsetNodeReply> {
+        Ok(GraphAddMemsetNodeReply { node: self.zone.graph_add_memset_node(req)? })
+    }
+
+    fn graph_add_memcpy_node(&mut self, req: GraphAddMemcpyNode) -> CuResultOf<GraphAddMemcpyNodeReply> {
+        let window_size = self.window.size();
+        Ok(GraphAddMemcpyNodeReply { node: self.zone.graph_add_memcpy_node(req, window_size)? })
+    }
+
+    fn graph_add_host_node(&mut self, req: GraphAddHostNode) -> CuResultOf<GraphAddHostNodeReply> {
+        Ok(GraphAddHostNodeReply { node: self.zone.graph_add_host_node(req)? })
+    }
+
+    fn graph_add_empty_node(&mut self, req: GraphAddEmptyNode) -> CuResultOf<GraphAddEmptyNodeReply> {
+        Ok(GraphAddEmptyNodeReply { node: self.zone.graph_add_empty_node(req)? })
+    }
+
+    fn host_func_persistent(&mut self, req: HostFuncPersistent) -> CuResultOf<Done> {
+        self.zone.host_func_persistent(req.stream, req.slot)?;
+        Ok(Done {})
+    }
+
+    fn stream_begin_capture(&mut self, req: StreamBeginCapture) -> CuResultOf<Done> {
+        self.zone.stream_begin_capture(req.stream, req.mode)?;
+        Ok(Done {})
+    }
+
+    fn stream_end_capture(&mut self, req: StreamEndCapture) -> CuResultOf<StreamEndCaptureReply> {
+        Ok(StreamEndCaptureReply { graph: self.zone.stream_end_capture(req.stream)? })
+    }
+
+    fn stream_capture_info(&mut self, req: StreamCaptureInfo) -> CuResultOf<StreamCaptureInfoReply> {
+        let (status, id) = self.zone.stream_capture_info(req.stream)?;
+        Ok(StreamCaptureInfoReply { status, id })
+    }
+
+    fn thread_exchange_capture_mode(
+        &mut self,
+        req: ThreadExchangeCaptureMode,
+    ) -> CuResultOf<ThreadExchangeCaptureModeReply> {
+        Ok(ThreadExchangeCaptureModeReply { previous: self.zone.exchange_capture_mode(req.mode)? })
     }
 
     // ---- IPC ----

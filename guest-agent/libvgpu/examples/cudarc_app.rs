@@ -627,6 +627,246 @@ fn ipc_open(ctx: &Arc<CudaContext>, hex: &str, denied: bool, event_hex: Option<&
     ensure(rc == sys::CUresult::CUDA_ERROR_INVALID_VALUE, "a forged handle is refused")
 }
 
+/// Counts runs of a graph's host node.
+static GRAPH_HOST_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A graph's host node: counts its runs.
+unsafe extern "C" fn count_graph_run(_data: *mut std::ffi::c_void) {
+    GRAPH_HOST_RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Reads `n` words at `dptr`.
+fn read_words(dptr: sys::CUdeviceptr, n: usize) -> Result<Vec<u32>, Box<dyn Error>> {
+    let mut got = vec![0u32; n];
+    // SAFETY: `got` holds n words; the range is n words of a live allocation.
+    unsafe { sys::cuMemcpyDtoH_v2(got.as_mut_ptr().cast(), dptr, n * 4) }.result()?;
+    Ok(got)
+}
+
+/// Graphs, built by hand and captured from streams, launched more than once: memset, kernel,
+/// copy and host nodes; cloning; node lists; a capture that forks to a second stream and
+/// joins back; capture queries while capturing and after.
+fn graphs(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
+    use std::ptr::{null, null_mut};
+    use std::sync::atomic::Ordering::SeqCst;
+    ctx.bind_to_thread()?;
+    let image = std::ffi::CString::new(std::fs::read_to_string(ptx_path)?)?;
+    let mut module: sys::CUmodule = null_mut();
+    // SAFETY: a NUL-terminated PTX image; valid out-pointer.
+    unsafe { sys::cuModuleLoadData(&mut module, image.as_ptr().cast()) }.result()?;
+    let (mut fill, mut add_one): (sys::CUfunction, sys::CUfunction) = (null_mut(), null_mut());
+    // SAFETY: a loaded module, NUL-terminated names, valid out-pointers.
+    unsafe { sys::cuModuleGetFunction(&mut fill, module, c"fill_u32".as_ptr()) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuModuleGetFunction(&mut add_one, module, c"add_one_i32".as_ptr()) }.result()?;
+    let n = 4096usize;
+    let (mut a, mut b) = (0, 0);
+    // SAFETY: valid out-pointers.
+    unsafe { sys::cuMemAlloc_v2(&mut a, n * 4) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuMemAlloc_v2(&mut b, n * 4) }.result()?;
+
+    // ---- by hand: memset a, fill a with 7, add one, copy to b, count ----
+    let mut graph: sys::CUgraph = null_mut();
+    // SAFETY: valid out-pointer, flags 0.
+    unsafe { sys::cuGraphCreate(&mut graph, 0) }.result()?;
+    let mut memset: sys::CUgraphNode = null_mut();
+    let ms = sys::CUDA_MEMSET_NODE_PARAMS { dst: a, pitch: 0, value: 0xdead, elementSize: 4, width: n, height: 1 };
+    // SAFETY: a live graph, no dependencies, valid parameters of a live allocation.
+    unsafe { sys::cuGraphAddMemsetNode(&mut memset, graph, null(), 0, &ms, ctx.cu_ctx()) }.result()?;
+    let (seven, count, nn) = (7u32, n as u64, n as i32);
+    let mut fill_args: [*mut std::ffi::c_void; 3] = [
+        (&a as *const u64).cast_mut().cast(),
+        (&seven as *const u32).cast_mut().cast(),
+        (&count as *const u64).cast_mut().cast(),
+    ];
+    let kernel = |f: sys::CUfunction, args: *mut *mut std::ffi::c_void| sys::CUDA_KERNEL_NODE_PARAMS {
+        func: f,
+        gridDimX: (n as u32).div_ceil(256),
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: 256,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        kernelParams: args,
+        extra: null_mut(),
+        kern: null_mut(),
+        ctx: null_mut(),
+    };
+    let mut k1: sys::CUgraphNode = null_mut();
+    let p1 = kernel(fill, fill_args.as_mut_ptr());
+    // SAFETY: a live graph, one dependency of it, a live function and its three arguments
+    // (copied by the call).
+    unsafe { sys::cuGraphAddKernelNode_v2(&mut k1, graph, &memset, 1, &p1) }.result()?;
+    let mut add_args: [*mut std::ffi::c_void; 2] =
+        [(&a as *const u64).cast_mut().cast(), (&nn as *const i32).cast_mut().cast()];
+    let mut k2: sys::CUgraphNode = null_mut();
+    let p2 = kernel(add_one, add_args.as_mut_ptr());
+    // SAFETY: as above.
+    unsafe { sys::cuGraphAddKernelNode_v2(&mut k2, graph, &k1, 1, &p2) }.result()?;
+    let device = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+    let cp = sys::CUDA_MEMCPY3D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcZ: 0,
+        srcLOD: 0,
+        srcMemoryType: device,
+        srcHost: null(),
+        srcDevice: a,
+        srcArray: null_mut(),
+        reserved0: null_mut(),
+        srcPitch: 0,
+        srcHeight: 0,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstZ: 0,
+        dstLOD: 0,
+        dstMemoryType: device,
+        dstHost: null_mut(),
+        dstDevice: b,
+        dstArray: null_mut(),
+        reserved1: null_mut(),
+        dstPitch: 0,
+        dstHeight: 0,
+        WidthInBytes: n * 4,
+        Height: 1,
+        Depth: 1,
+    };
+    let mut copy: sys::CUgraphNode = null_mut();
+    // SAFETY: a live graph, one dependency, a device-to-device copy inside both allocations.
+    unsafe { sys::cuGraphAddMemcpyNode(&mut copy, graph, &k2, 1, &cp, ctx.cu_ctx()) }.result()?;
+    let host = sys::CUDA_HOST_NODE_PARAMS { fn_: Some(count_graph_run), userData: null_mut() };
+    let mut host_node: sys::CUgraphNode = null_mut();
+    // SAFETY: a live graph, one dependency, a function that makes no CUDA calls.
+    unsafe { sys::cuGraphAddHostNode(&mut host_node, graph, &copy, 1, &host) }.result()?;
+    let mut count_nodes = 0usize;
+    // SAFETY: a live graph; NULL nodes asks for the count.
+    unsafe { sys::cuGraphGetNodes(graph, null_mut(), &mut count_nodes) }.result()?;
+    let mut listed = [null_mut(); 8];
+    let mut room = listed.len();
+    // SAFETY: room for 8 nodes.
+    unsafe { sys::cuGraphGetNodes(graph, listed.as_mut_ptr(), &mut room) }.result()?;
+    let mut want = vec![memset, k1, k2, copy, host_node];
+    let mut got: Vec<_> = listed[..5].to_vec();
+    want.sort();
+    got.sort();
+    ensure(
+        count_nodes == 5 && room == 5 && got == want && listed[5].is_null(),
+        "a graph lists its 5 nodes, with the handles that adding them returned",
+    )?;
+    let mut exec: sys::CUgraphExec = null_mut();
+    // SAFETY: a live graph; valid out-pointer.
+    unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }.result()?;
+    let stream = ctx.new_stream()?;
+    let before = GRAPH_HOST_RUNS.load(SeqCst);
+    for _ in 0..3 {
+        // SAFETY: a live executable graph and stream.
+        unsafe { sys::cuGraphLaunch(exec, stream.cu_stream()) }.result()?;
+    }
+    stream.synchronize()?;
+    ensure(
+        read_words(b, n)?.iter().all(|&w| w == 8) && GRAPH_HOST_RUNS.load(SeqCst) - before == 3,
+        "a graph built by hand ran 3 times: memset, fill, add one, copy, and its host node 3 times",
+    )?;
+    let mut clone: sys::CUgraph = null_mut();
+    // SAFETY: a live graph; valid out-pointer.
+    unsafe { sys::cuGraphClone(&mut clone, graph) }.result()?;
+    // SAFETY: the original is no longer needed; its clone and exec stand alone.
+    unsafe { sys::cuGraphDestroy(graph) }.result()?;
+    let mut clone_exec: sys::CUgraphExec = null_mut();
+    // SAFETY: a live graph; valid out-pointer.
+    unsafe { sys::cuGraphInstantiateWithFlags(&mut clone_exec, clone, 0) }.result()?;
+    // SAFETY: a live allocation.
+    unsafe { sys::cuMemsetD32_v2(b, 0, n) }.result()?;
+    // SAFETY: a live executable graph and stream.
+    unsafe { sys::cuGraphLaunch(clone_exec, stream.cu_stream()) }.result()?;
+    stream.synchronize()?;
+    ensure(
+        read_words(b, n)?.iter().all(|&w| w == 8) && GRAPH_HOST_RUNS.load(SeqCst) - before == 4,
+        "a clone of the graph runs the same after the original is destroyed",
+    )?;
+
+    // ---- captured: a fork to a second stream and a join back ----
+    let side = ctx.new_stream()?;
+    let (s1, s2) = (stream.cu_stream(), side.cu_stream());
+    let (mut fork, mut join): (sys::CUevent, sys::CUevent) = (null_mut(), null_mut());
+    // SAFETY: valid out-pointers.
+    unsafe { sys::cuEventCreate(&mut fork, 2) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuEventCreate(&mut join, 2) }.result()?;
+    // SAFETY: a live stream; global mode.
+    unsafe { sys::cuStreamBeginCapture_v2(s1, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL) }.result()?;
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: a live stream; valid out-pointer.
+    unsafe { sys::cuStreamIsCapturing(s1, &mut status) }.result()?;
+    ensure(status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE, "the stream is capturing")?;
+    // SAFETY: a live allocation on a live stream (captured, not run).
+    unsafe { sys::cuMemsetD32Async(a, 40, n, s1) }.result()?;
+    // SAFETY: live events and streams.
+    unsafe { sys::cuEventRecord(fork, s1) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuStreamWaitEvent(s2, fork, 0) }.result()?;
+    // SAFETY: a live function and its two arguments, on the side stream (joined).
+    unsafe { sys::cuLaunchKernel(add_one, 16, 1, 1, 256, 1, 1, 0, s2, add_args.as_mut_ptr(), null_mut()) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuLaunchHostFunc(s2, Some(count_graph_run), null_mut()) }.result()?;
+    // SAFETY: live events and streams.
+    unsafe { sys::cuEventRecord(join, s2) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuStreamWaitEvent(s1, join, 0) }.result()?;
+    // SAFETY: a device-to-device copy inside both allocations.
+    unsafe { sys::cuMemcpyDtoDAsync_v2(b, a, n * 4, s1) }.result()?;
+    let mut captured: sys::CUgraph = null_mut();
+    // SAFETY: the capturing stream; valid out-pointer.
+    unsafe { sys::cuStreamEndCapture(s1, &mut captured) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuStreamIsCapturing(s1, &mut status) }.result()?;
+    let runs = GRAPH_HOST_RUNS.load(SeqCst);
+    ensure(
+        status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+            && read_words(b, n)?.iter().all(|&w| w == 8)
+            && runs - before == 4,
+        "a capture records its work without running it, and ends",
+    )?;
+    let mut captured_exec: sys::CUgraphExec = null_mut();
+    // SAFETY: a live graph; valid out-pointer.
+    unsafe { sys::cuGraphInstantiateWithFlags(&mut captured_exec, captured, 0) }.result()?;
+    for _ in 0..2 {
+        // SAFETY: a live executable graph and stream.
+        unsafe { sys::cuGraphLaunch(captured_exec, s1) }.result()?;
+    }
+    stream.synchronize()?;
+    ensure(
+        read_words(b, n)?.iter().all(|&w| w == 41) && GRAPH_HOST_RUNS.load(SeqCst) - runs == 2,
+        "the captured graph ran twice: memset, the forked kernel and host function, the copy",
+    )?;
+    // SAFETY: each object is live and destroyed once.
+    unsafe { sys::cuGraphExecDestroy(exec) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuGraphExecDestroy(clone_exec) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuGraphExecDestroy(captured_exec) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuGraphDestroy(clone) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuGraphDestroy(captured) }.result()?;
+    // SAFETY: a destroyed graph's handle names nothing any more.
+    let stale = unsafe { sys::cuGraphDestroy(captured) };
+    ensure(stale == sys::CUresult::CUDA_ERROR_INVALID_HANDLE, "a destroyed graph's handle is refused")?;
+    // SAFETY: as above.
+    unsafe { sys::cuEventDestroy_v2(fork) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuEventDestroy_v2(join) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuMemFree_v2(a) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuMemFree_v2(b) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuModuleUnload(module) }.result()?;
+    Ok(())
+}
+
 /// Every scenario that needs no file, second process or quota configuration, in one run (the Xen lab's guest
 /// workload: one domain boot checks them all).
 fn suite(ctx: &Arc<CudaContext>) -> Res {
@@ -701,6 +941,7 @@ fn main() -> Res {
         Some("streams") => streams(&ctx),
         Some("host-fn") => host_functions(&ctx),
         Some("launch") => launch(&ctx, args.get(1).ok_or("launch needs a PTX file")?),
+        Some("graphs") => graphs(&ctx, args.get(1).ok_or("graphs needs a PTX file")?),
         Some("errors") => errors(&ctx),
         Some("threads") => threads(&ctx),
         Some("suite") => suite(&ctx),

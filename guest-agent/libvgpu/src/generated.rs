@@ -1663,6 +1663,215 @@ pub unsafe extern "C" fn cuEventElapsedTime_v2(pMilliseconds: *mut f32, hStart: 
     })
 }
 
+/// `cuGraphCreate` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphCreate(phGraph: *mut sys::CUgraph, flags: ::core::ffi::c_uint) -> CUresult {
+    rt::entry("cuGraphCreate", || {
+        // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+        let ph_graph_out = unsafe { rt::Out::required(phGraph) }?;
+        let rep: p::CuGraphCreateReply = rt::call(&p::CuGraphCreate { flags }, false)?;
+        ph_graph_out.set(rt::handle_ptr(rep.ph_graph));
+        Ok(())
+    })
+}
+
+/// `cuGraphDestroy` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphDestroy(hGraph: sys::CUgraph) -> CUresult {
+    rt::entry("cuGraphDestroy", || {
+        rt::call::<_, vgpu_proto::Done>(&p::CuGraphDestroy { h_graph: rt::handle_of(hGraph) }, false).map(drop)
+    })
+}
+
+/// `cuGraphClone` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphClone(phGraphClone: *mut sys::CUgraph, originalGraph: sys::CUgraph) -> CUresult {
+    rt::entry("cuGraphClone", || {
+        // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+        let ph_graph_clone_out = unsafe { rt::Out::required(phGraphClone) }?;
+        let rep: p::CuGraphCloneReply = rt::call(&p::CuGraphClone { original_graph: rt::handle_of(originalGraph) }, false)?;
+        ph_graph_clone_out.set(rt::handle_ptr(rep.ph_graph_clone));
+        Ok(())
+    })
+}
+
+/// `cuGraphInstantiateWithFlags` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphInstantiateWithFlags(phGraphExec: *mut sys::CUgraphExec, hGraph: sys::CUgraph, flags: ::core::ffi::c_ulonglong) -> CUresult {
+    rt::entry("cuGraphInstantiateWithFlags", || {
+        // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+        let ph_graph_exec_out = unsafe { rt::Out::required(phGraphExec) }?;
+        let rep: p::CuGraphInstantiateWithFlagsReply = rt::call(&p::CuGraphInstantiateWithFlags { h_graph: rt::handle_of(hGraph), flags }, true)?;
+        ph_graph_exec_out.set(rt::handle_ptr(rep.ph_graph_exec));
+        Ok(())
+    })
+}
+
+/// `cuGraphInstantiateWithParams` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphInstantiateWithParams(phGraphExec: *mut sys::CUgraphExec, hGraph: sys::CUgraph, instantiateParams: *mut sys::CUDA_GRAPH_INSTANTIATE_PARAMS) -> CUresult {
+    rt::entry("cuGraphInstantiateWithParams", || {
+        // SAFETY: the caller upholds cuGraphInstantiateWithParams's contract, which the implementation documents.
+        unsafe { crate::imp::cu_graph_instantiate_with_params(phGraphExec, hGraph, instantiateParams) }
+    })
+}
+
+/// `cuGraphExecDestroy` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphExecDestroy(hGraphExec: sys::CUgraphExec) -> CUresult {
+    rt::entry("cuGraphExecDestroy", || {
+        rt::call::<_, vgpu_proto::Done>(&p::CuGraphExecDestroy { h_graph_exec: rt::handle_of(hGraphExec) }, true).map(drop)
+    })
+}
+
+/// `cuGraphLaunch` (forwarded without waiting).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphLaunch(hGraphExec: sys::CUgraphExec, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuGraphLaunch", || {
+        rt::post(&p::CuGraphLaunch { h_graph_exec: rt::handle_of(hGraphExec), h_stream: rt::stream_arg(hStream)? }, true)
+    })
+}
+
+/// `cuGraphUpload` (forwarded without waiting).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphUpload(hGraphExec: sys::CUgraphExec, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuGraphUpload", || {
+        rt::post(&p::CuGraphUpload { h_graph_exec: rt::handle_of(hGraphExec), h_stream: rt::stream_arg(hStream)? }, true)
+    })
+}
+
+/// `cuGraphGetNodes` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphGetNodes(hGraph: sys::CUgraph, nodes: *mut sys::CUgraphNode, numNodes: *mut usize) -> CUresult {
+    rt::entry("cuGraphGetNodes", || {
+        // SAFETY: the caller upholds cuGraphGetNodes's contract, which the implementation documents.
+        unsafe { crate::imp::cu_graph_get_nodes(hGraph, nodes, numNodes) }
+    })
+}
+
+/// `cuGraphAddKernelNode_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphAddKernelNode_v2(phGraphNode: *mut sys::CUgraphNode, hGraph: sys::CUgraph, dependencies: *const sys::CUgraphNode, numDependencies: usize, nodeParams: *const sys::CUDA_KERNEL_NODE_PARAMS) -> CUresult {
+    rt::entry("cuGraphAddKernelNode_v2", || {
+        // SAFETY: the caller upholds cuGraphAddKernelNode_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_graph_add_kernel_node_v2(phGraphNode, hGraph, dependencies, numDependencies, nodeParams) }
+    })
+}
+
+/// `cuGraphAddMemsetNode` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphAddMemsetNode(phGraphNode: *mut sys::CUgraphNode, hGraph: sys::CUgraph, dependencies: *const sys::CUgraphNode, numDependencies: usize, memsetParams: *const sys::CUDA_MEMSET_NODE_PARAMS, ctx: sys::CUcontext) -> CUresult {
+    rt::entry("cuGraphAddMemsetNode", || {
+        // SAFETY: the caller upholds cuGraphAddMemsetNode's contract, which the implementation documents.
+        unsafe { crate::imp::cu_graph_add_memset_node(phGraphNode, hGraph, dependencies, numDependencies, memsetParams, ctx) }
+    })
+}
+
+/// `cuGraphAddMemcpyNode` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphAddMemcpyNode(phGraphNode: *mut sys::CUgraphNode, hGraph: sys::CUgraph, dependencies: *const sys::CUgraphNode, numDependencies: usize, copyParams: *const sys::CUDA_MEMCPY3D, ctx: sys::CUcontext) -> CUresult {
+    rt::entry("cuGraphAddMemcpyNode", || {
+        // SAFETY: the caller upholds cuGraphAddMemcpyNode's contract, which the implementation documents.
+        unsafe { crate::imp::cu_graph_add_memcpy_node(phGraphNode, hGraph, dependencies, numDependencies, copyParams, ctx) }
+    })
+}
+
+/// `cuGraphAddHostNode` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphAddHostNode(phGraphNode: *mut sys::CUgraphNode, hGraph: sys::CUgraph, dependencies: *const sys::CUgraphNode, numDependencies: usize, nodeParams: *const sys::CUDA_HOST_NODE_PARAMS) -> CUresult {
+    rt::entry("cuGraphAddHostNode", || {
+        // SAFETY: the caller upholds cuGraphAddHostNode's contract, which the implementation documents.
+        unsafe { crate::imp::cu_graph_add_host_node(phGraphNode, hGraph, dependencies, numDependencies, nodeParams) }
+    })
+}
+
+/// `cuGraphAddEmptyNode` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphAddEmptyNode(phGraphNode: *mut sys::CUgraphNode, hGraph: sys::CUgraph, dependencies: *const sys::CUgraphNode, numDependencies: usize) -> CUresult {
+    rt::entry("cuGraphAddEmptyNode", || {
+        // SAFETY: the caller upholds cuGraphAddEmptyNode's contract, which the implementation documents.
+        unsafe { crate::imp::cu_graph_add_empty_node(phGraphNode, hGraph, dependencies, numDependencies) }
+    })
+}
+
+/// `cuStreamBeginCapture_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamBeginCapture_v2(hStream: sys::CUstream, mode: ::core::ffi::c_uint) -> CUresult {
+    rt::entry("cuStreamBeginCapture_v2", || {
+        // SAFETY: the caller upholds cuStreamBeginCapture_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_stream_begin_capture_v2(hStream, mode) }
+    })
+}
+
+/// `cuStreamEndCapture` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamEndCapture(hStream: sys::CUstream, phGraph: *mut sys::CUgraph) -> CUresult {
+    rt::entry("cuStreamEndCapture", || {
+        // SAFETY: the caller upholds cuStreamEndCapture's contract, which the implementation documents.
+        unsafe { crate::imp::cu_stream_end_capture(hStream, phGraph) }
+    })
+}
+
+/// `cuThreadExchangeStreamCaptureMode` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuThreadExchangeStreamCaptureMode(mode: *mut ::core::ffi::c_uint) -> CUresult {
+    rt::entry("cuThreadExchangeStreamCaptureMode", || {
+        // SAFETY: the caller upholds cuThreadExchangeStreamCaptureMode's contract, which the implementation documents.
+        unsafe { crate::imp::cu_thread_exchange_stream_capture_mode(mode) }
+    })
+}
+
 /// `cuIpcGetMemHandle` (served in the guest).
 ///
 /// # Safety
@@ -2059,12 +2268,6 @@ pub extern "C" fn cuGraphAddDependencies_v2(_hGraph: sys::CUgraph, _from: *const
     rt::unsupported("cuGraphAddDependencies_v2")
 }
 
-/// `cuGraphAddEmptyNode`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphAddEmptyNode(_phGraphNode: *mut sys::CUgraphNode, _hGraph: sys::CUgraph, _dependencies: *const sys::CUgraphNode, _numDependencies: usize) -> CUresult {
-    rt::unsupported("cuGraphAddEmptyNode")
-}
-
 /// `cuGraphAddEventRecordNode`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuGraphAddEventRecordNode(_phGraphNode: *mut sys::CUgraphNode, _hGraph: sys::CUgraph, _dependencies: *const sys::CUgraphNode, _numDependencies: usize, _event: sys::CUevent) -> CUresult {
@@ -2089,18 +2292,6 @@ pub extern "C" fn cuGraphAddExternalSemaphoresWaitNode(_phGraphNode: *mut sys::C
     rt::unsupported("cuGraphAddExternalSemaphoresWaitNode")
 }
 
-/// `cuGraphAddHostNode`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphAddHostNode(_phGraphNode: *mut sys::CUgraphNode, _hGraph: sys::CUgraph, _dependencies: *const sys::CUgraphNode, _numDependencies: usize, _nodeParams: *const sys::CUDA_HOST_NODE_PARAMS) -> CUresult {
-    rt::unsupported("cuGraphAddHostNode")
-}
-
-/// `cuGraphAddKernelNode_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphAddKernelNode_v2(_phGraphNode: *mut sys::CUgraphNode, _hGraph: sys::CUgraph, _dependencies: *const sys::CUgraphNode, _numDependencies: usize, _nodeParams: *const sys::CUDA_KERNEL_NODE_PARAMS) -> CUresult {
-    rt::unsupported("cuGraphAddKernelNode_v2")
-}
-
 /// `cuGraphAddMemAllocNode`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuGraphAddMemAllocNode(_phGraphNode: *mut sys::CUgraphNode, _hGraph: sys::CUgraph, _dependencies: *const sys::CUgraphNode, _numDependencies: usize, _nodeParams: *mut sys::CUDA_MEM_ALLOC_NODE_PARAMS) -> CUresult {
@@ -2111,18 +2302,6 @@ pub extern "C" fn cuGraphAddMemAllocNode(_phGraphNode: *mut sys::CUgraphNode, _h
 #[no_mangle]
 pub extern "C" fn cuGraphAddMemFreeNode(_phGraphNode: *mut sys::CUgraphNode, _hGraph: sys::CUgraph, _dependencies: *const sys::CUgraphNode, _numDependencies: usize, _dptr: sys::CUdeviceptr) -> CUresult {
     rt::unsupported("cuGraphAddMemFreeNode")
-}
-
-/// `cuGraphAddMemcpyNode`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphAddMemcpyNode(_phGraphNode: *mut sys::CUgraphNode, _hGraph: sys::CUgraph, _dependencies: *const sys::CUgraphNode, _numDependencies: usize, _copyParams: *const sys::CUDA_MEMCPY3D, _ctx: sys::CUcontext) -> CUresult {
-    rt::unsupported("cuGraphAddMemcpyNode")
-}
-
-/// `cuGraphAddMemsetNode`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphAddMemsetNode(_phGraphNode: *mut sys::CUgraphNode, _hGraph: sys::CUgraph, _dependencies: *const sys::CUgraphNode, _numDependencies: usize, _memsetParams: *const sys::CUDA_MEMSET_NODE_PARAMS, _ctx: sys::CUcontext) -> CUresult {
-    rt::unsupported("cuGraphAddMemsetNode")
 }
 
 /// `cuGraphAddNode_v2`: not supported by libvgpu.
@@ -2149,34 +2328,16 @@ pub extern "C" fn cuGraphChildGraphNodeGetGraph(_hNode: sys::CUgraphNode, _phGra
     rt::unsupported("cuGraphChildGraphNodeGetGraph")
 }
 
-/// `cuGraphClone`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphClone(_phGraphClone: *mut sys::CUgraph, _originalGraph: sys::CUgraph) -> CUresult {
-    rt::unsupported("cuGraphClone")
-}
-
 /// `cuGraphConditionalHandleCreate`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuGraphConditionalHandleCreate(_pHandle_out: *mut sys::CUgraphConditionalHandle, _hGraph: sys::CUgraph, _ctx: sys::CUcontext, _defaultLaunchValue: ::core::ffi::c_uint, _flags: ::core::ffi::c_uint) -> CUresult {
     rt::unsupported("cuGraphConditionalHandleCreate")
 }
 
-/// `cuGraphCreate`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphCreate(_phGraph: *mut sys::CUgraph, _flags: ::core::ffi::c_uint) -> CUresult {
-    rt::unsupported("cuGraphCreate")
-}
-
 /// `cuGraphDebugDotPrint`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuGraphDebugDotPrint(_hGraph: sys::CUgraph, _path: *const ::core::ffi::c_char, _flags: ::core::ffi::c_uint) -> CUresult {
     rt::unsupported("cuGraphDebugDotPrint")
-}
-
-/// `cuGraphDestroy`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphDestroy(_hGraph: sys::CUgraph) -> CUresult {
-    rt::unsupported("cuGraphDestroy")
 }
 
 /// `cuGraphDestroyNode`: not supported by libvgpu.
@@ -2219,12 +2380,6 @@ pub extern "C" fn cuGraphExecBatchMemOpNodeSetParams(_hGraphExec: sys::CUgraphEx
 #[no_mangle]
 pub extern "C" fn cuGraphExecChildGraphNodeSetParams(_hGraphExec: sys::CUgraphExec, _hNode: sys::CUgraphNode, _childGraph: sys::CUgraph) -> CUresult {
     rt::unsupported("cuGraphExecChildGraphNodeSetParams")
-}
-
-/// `cuGraphExecDestroy`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphExecDestroy(_hGraphExec: sys::CUgraphExec) -> CUresult {
-    rt::unsupported("cuGraphExecDestroy")
 }
 
 /// `cuGraphExecEventRecordNodeSetEvent`: not supported by libvgpu.
@@ -2323,12 +2478,6 @@ pub extern "C" fn cuGraphGetEdges_v2(_hGraph: sys::CUgraph, _from: *mut sys::CUg
     rt::unsupported("cuGraphGetEdges_v2")
 }
 
-/// `cuGraphGetNodes`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphGetNodes(_hGraph: sys::CUgraph, _nodes: *mut sys::CUgraphNode, _numNodes: *mut usize) -> CUresult {
-    rt::unsupported("cuGraphGetNodes")
-}
-
 /// `cuGraphGetRootNodes`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuGraphGetRootNodes(_hGraph: sys::CUgraph, _rootNodes: *mut sys::CUgraphNode, _numRootNodes: *mut usize) -> CUresult {
@@ -2345,18 +2494,6 @@ pub extern "C" fn cuGraphHostNodeGetParams(_hNode: sys::CUgraphNode, _nodeParams
 #[no_mangle]
 pub extern "C" fn cuGraphHostNodeSetParams(_hNode: sys::CUgraphNode, _nodeParams: *const sys::CUDA_HOST_NODE_PARAMS) -> CUresult {
     rt::unsupported("cuGraphHostNodeSetParams")
-}
-
-/// `cuGraphInstantiateWithFlags`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphInstantiateWithFlags(_phGraphExec: *mut sys::CUgraphExec, _hGraph: sys::CUgraph, _flags: ::core::ffi::c_ulonglong) -> CUresult {
-    rt::unsupported("cuGraphInstantiateWithFlags")
-}
-
-/// `cuGraphInstantiateWithParams`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphInstantiateWithParams(_phGraphExec: *mut sys::CUgraphExec, _hGraph: sys::CUgraph, _instantiateParams: *mut sys::CUDA_GRAPH_INSTANTIATE_PARAMS) -> CUresult {
-    rt::unsupported("cuGraphInstantiateWithParams")
 }
 
 /// `cuGraphKernelNodeCopyAttributes`: not supported by libvgpu.
@@ -2387,12 +2524,6 @@ pub extern "C" fn cuGraphKernelNodeSetAttribute(_hNode: sys::CUgraphNode, _attr:
 #[no_mangle]
 pub extern "C" fn cuGraphKernelNodeSetParams_v2(_hNode: sys::CUgraphNode, _nodeParams: *const sys::CUDA_KERNEL_NODE_PARAMS) -> CUresult {
     rt::unsupported("cuGraphKernelNodeSetParams_v2")
-}
-
-/// `cuGraphLaunch`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphLaunch(_hGraphExec: sys::CUgraphExec, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuGraphLaunch")
 }
 
 /// `cuGraphMemAllocNodeGetParams`: not supported by libvgpu.
@@ -2489,12 +2620,6 @@ pub extern "C" fn cuGraphRemoveDependencies_v2(_hGraph: sys::CUgraph, _from: *co
 #[no_mangle]
 pub extern "C" fn cuGraphRetainUserObject(_graph: sys::CUgraph, _object: sys::CUuserObject, _count: ::core::ffi::c_uint, _flags: ::core::ffi::c_uint) -> CUresult {
     rt::unsupported("cuGraphRetainUserObject")
-}
-
-/// `cuGraphUpload`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuGraphUpload(_hGraphExec: sys::CUgraphExec, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuGraphUpload")
 }
 
 /// `cuGraphicsMapResources`: not supported by libvgpu.
@@ -3271,22 +3396,10 @@ pub extern "C" fn cuStreamBeginCaptureToGraph(_hStream: sys::CUstream, _hGraph: 
     rt::unsupported("cuStreamBeginCaptureToGraph")
 }
 
-/// `cuStreamBeginCapture_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuStreamBeginCapture_v2(_hStream: sys::CUstream, _mode: ::core::ffi::c_uint) -> CUresult {
-    rt::unsupported("cuStreamBeginCapture_v2")
-}
-
 /// `cuStreamCopyAttributes`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuStreamCopyAttributes(_dst: sys::CUstream, _src: sys::CUstream) -> CUresult {
     rt::unsupported("cuStreamCopyAttributes")
-}
-
-/// `cuStreamEndCapture`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuStreamEndCapture(_hStream: sys::CUstream, _phGraph: *mut sys::CUgraph) -> CUresult {
-    rt::unsupported("cuStreamEndCapture")
 }
 
 /// `cuStreamGetAttribute`: not supported by libvgpu.
@@ -3625,12 +3738,6 @@ pub extern "C" fn cuTexRefSetMipmappedArray(_hTexRef: sys::CUtexref, _hMipmapped
     rt::unsupported("cuTexRefSetMipmappedArray")
 }
 
-/// `cuThreadExchangeStreamCaptureMode`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuThreadExchangeStreamCaptureMode(_mode: *mut ::core::ffi::c_uint) -> CUresult {
-    rt::unsupported("cuThreadExchangeStreamCaptureMode")
-}
-
 /// `cuUserObjectCreate`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuUserObjectCreate(_object_out: *mut sys::CUuserObject, _ptr: *mut ::core::ffi::c_void, _destroy: sys::CUhostFn, _initialRefcount: ::core::ffi::c_uint, _flags: ::core::ffi::c_uint) -> CUresult {
@@ -3796,7 +3903,8 @@ pub unsafe extern "C" fn cuEventRecord_ptsz(hEvent: sys::CUevent, hStream: sys::
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphInstantiateWithParams_ptsz(phGraphExec: *mut sys::CUgraphExec, hGraph: sys::CUgraph, instantiateParams: *mut sys::CUDA_GRAPH_INSTANTIATE_PARAMS) -> CUresult {
     rt::per_thread(|| {
-        cuGraphInstantiateWithParams(phGraphExec, hGraph, instantiateParams)
+        // SAFETY: the caller upholds cuGraphInstantiateWithParams's contract.
+        unsafe { cuGraphInstantiateWithParams(phGraphExec, hGraph, instantiateParams) }
     })
 }
 
@@ -3807,7 +3915,8 @@ pub unsafe extern "C" fn cuGraphInstantiateWithParams_ptsz(phGraphExec: *mut sys
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphLaunch_ptsz(hGraphExec: sys::CUgraphExec, hStream: sys::CUstream) -> CUresult {
     rt::per_thread(|| {
-        cuGraphLaunch(hGraphExec, hStream)
+        // SAFETY: the caller upholds cuGraphLaunch's contract.
+        unsafe { cuGraphLaunch(hGraphExec, hStream) }
     })
 }
 
@@ -3818,7 +3927,8 @@ pub unsafe extern "C" fn cuGraphLaunch_ptsz(hGraphExec: sys::CUgraphExec, hStrea
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphUpload_ptsz(hGraphExec: sys::CUgraphExec, hStream: sys::CUstream) -> CUresult {
     rt::per_thread(|| {
-        cuGraphUpload(hGraphExec, hStream)
+        // SAFETY: the caller upholds cuGraphUpload's contract.
+        unsafe { cuGraphUpload(hGraphExec, hStream) }
     })
 }
 
@@ -4498,7 +4608,8 @@ pub unsafe extern "C" fn cuStreamBeginCaptureToGraph_ptsz(hStream: sys::CUstream
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamBeginCapture_v2_ptsz(hStream: sys::CUstream, mode: ::core::ffi::c_uint) -> CUresult {
     rt::per_thread(|| {
-        cuStreamBeginCapture_v2(hStream, mode)
+        // SAFETY: the caller upholds cuStreamBeginCapture_v2's contract.
+        unsafe { cuStreamBeginCapture_v2(hStream, mode) }
     })
 }
 
@@ -4520,7 +4631,8 @@ pub unsafe extern "C" fn cuStreamCopyAttributes_ptsz(dst: sys::CUstream, src: sy
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamEndCapture_ptsz(hStream: sys::CUstream, phGraph: *mut sys::CUgraph) -> CUresult {
     rt::per_thread(|| {
-        cuStreamEndCapture(hStream, phGraph)
+        // SAFETY: the caller upholds cuStreamEndCapture's contract.
+        unsafe { cuStreamEndCapture(hStream, phGraph) }
     })
 }
 
@@ -5451,6 +5563,23 @@ pub const EXPORTS: &[&str] = &[
     "cuEventSynchronize",
     "cuEventElapsedTime",
     "cuEventElapsedTime_v2",
+    "cuGraphCreate",
+    "cuGraphDestroy",
+    "cuGraphClone",
+    "cuGraphInstantiateWithFlags",
+    "cuGraphInstantiateWithParams",
+    "cuGraphExecDestroy",
+    "cuGraphLaunch",
+    "cuGraphUpload",
+    "cuGraphGetNodes",
+    "cuGraphAddKernelNode_v2",
+    "cuGraphAddMemsetNode",
+    "cuGraphAddMemcpyNode",
+    "cuGraphAddHostNode",
+    "cuGraphAddEmptyNode",
+    "cuStreamBeginCapture_v2",
+    "cuStreamEndCapture",
+    "cuThreadExchangeStreamCaptureMode",
     "cuIpcGetMemHandle",
     "cuIpcOpenMemHandle_v2",
     "cuIpcCloseMemHandle",
@@ -5512,26 +5641,18 @@ pub const EXPORTS: &[&str] = &[
     "cuGraphAddBatchMemOpNode",
     "cuGraphAddChildGraphNode",
     "cuGraphAddDependencies_v2",
-    "cuGraphAddEmptyNode",
     "cuGraphAddEventRecordNode",
     "cuGraphAddEventWaitNode",
     "cuGraphAddExternalSemaphoresSignalNode",
     "cuGraphAddExternalSemaphoresWaitNode",
-    "cuGraphAddHostNode",
-    "cuGraphAddKernelNode_v2",
     "cuGraphAddMemAllocNode",
     "cuGraphAddMemFreeNode",
-    "cuGraphAddMemcpyNode",
-    "cuGraphAddMemsetNode",
     "cuGraphAddNode_v2",
     "cuGraphBatchMemOpNodeGetParams",
     "cuGraphBatchMemOpNodeSetParams",
     "cuGraphChildGraphNodeGetGraph",
-    "cuGraphClone",
     "cuGraphConditionalHandleCreate",
-    "cuGraphCreate",
     "cuGraphDebugDotPrint",
-    "cuGraphDestroy",
     "cuGraphDestroyNode",
     "cuGraphEventRecordNodeGetEvent",
     "cuGraphEventRecordNodeSetEvent",
@@ -5539,7 +5660,6 @@ pub const EXPORTS: &[&str] = &[
     "cuGraphEventWaitNodeSetEvent",
     "cuGraphExecBatchMemOpNodeSetParams",
     "cuGraphExecChildGraphNodeSetParams",
-    "cuGraphExecDestroy",
     "cuGraphExecEventRecordNodeSetEvent",
     "cuGraphExecEventWaitNodeSetEvent",
     "cuGraphExecExternalSemaphoresSignalNodeSetParams",
@@ -5556,18 +5676,14 @@ pub const EXPORTS: &[&str] = &[
     "cuGraphExternalSemaphoresWaitNodeGetParams",
     "cuGraphExternalSemaphoresWaitNodeSetParams",
     "cuGraphGetEdges_v2",
-    "cuGraphGetNodes",
     "cuGraphGetRootNodes",
     "cuGraphHostNodeGetParams",
     "cuGraphHostNodeSetParams",
-    "cuGraphInstantiateWithFlags",
-    "cuGraphInstantiateWithParams",
     "cuGraphKernelNodeCopyAttributes",
     "cuGraphKernelNodeGetAttribute",
     "cuGraphKernelNodeGetParams_v2",
     "cuGraphKernelNodeSetAttribute",
     "cuGraphKernelNodeSetParams_v2",
-    "cuGraphLaunch",
     "cuGraphMemAllocNodeGetParams",
     "cuGraphMemFreeNodeGetParams",
     "cuGraphMemcpyNodeGetParams",
@@ -5584,7 +5700,6 @@ pub const EXPORTS: &[&str] = &[
     "cuGraphReleaseUserObject",
     "cuGraphRemoveDependencies_v2",
     "cuGraphRetainUserObject",
-    "cuGraphUpload",
     "cuGraphicsMapResources",
     "cuGraphicsResourceGetMappedMipmappedArray",
     "cuGraphicsResourceGetMappedPointer_v2",
@@ -5714,9 +5829,7 @@ pub const EXPORTS: &[&str] = &[
     "cuStreamBatchMemOp",
     "cuStreamBatchMemOp_v2",
     "cuStreamBeginCaptureToGraph",
-    "cuStreamBeginCapture_v2",
     "cuStreamCopyAttributes",
-    "cuStreamEndCapture",
     "cuStreamGetAttribute",
     "cuStreamGetCtx_v2",
     "cuStreamGetDevice",
@@ -5773,7 +5886,6 @@ pub const EXPORTS: &[&str] = &[
     "cuTexRefSetMipmapLevelBias",
     "cuTexRefSetMipmapLevelClamp",
     "cuTexRefSetMipmappedArray",
-    "cuThreadExchangeStreamCaptureMode",
     "cuUserObjectCreate",
     "cuUserObjectRelease",
     "cuUserObjectRetain",
@@ -6086,7 +6198,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuGraphAddExternalSemaphoresSignalNode", since: 0, symbol: "cuGraphAddExternalSemaphoresSignalNode", ptr: cuGraphAddExternalSemaphoresSignalNode as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphAddExternalSemaphoresWaitNode", since: 0, symbol: "cuGraphAddExternalSemaphoresWaitNode", ptr: cuGraphAddExternalSemaphoresWaitNode as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphAddHostNode", since: 0, symbol: "cuGraphAddHostNode", ptr: cuGraphAddHostNode as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuGraphAddKernelNode", since: 0, symbol: "cuGraphAddKernelNode_v2", ptr: cuGraphAddKernelNode_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphAddKernelNode", since: 12000, symbol: "cuGraphAddKernelNode_v2", ptr: cuGraphAddKernelNode_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphAddMemAllocNode", since: 0, symbol: "cuGraphAddMemAllocNode", ptr: cuGraphAddMemAllocNode as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphAddMemFreeNode", since: 0, symbol: "cuGraphAddMemFreeNode", ptr: cuGraphAddMemFreeNode as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphAddMemcpyNode", since: 0, symbol: "cuGraphAddMemcpyNode", ptr: cuGraphAddMemcpyNode as *const (), per_thread: false },
@@ -6128,9 +6240,9 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuGraphGetRootNodes", since: 0, symbol: "cuGraphGetRootNodes", ptr: cuGraphGetRootNodes as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphHostNodeGetParams", since: 0, symbol: "cuGraphHostNodeGetParams", ptr: cuGraphHostNodeGetParams as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphHostNodeSetParams", since: 0, symbol: "cuGraphHostNodeSetParams", ptr: cuGraphHostNodeSetParams as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuGraphInstantiateWithFlags", since: 0, symbol: "cuGraphInstantiateWithFlags", ptr: cuGraphInstantiateWithFlags as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuGraphInstantiateWithParams", since: 0, symbol: "cuGraphInstantiateWithParams", ptr: cuGraphInstantiateWithParams as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuGraphInstantiateWithParams", since: 0, symbol: "cuGraphInstantiateWithParams_ptsz", ptr: cuGraphInstantiateWithParams_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuGraphInstantiateWithFlags", since: 11040, symbol: "cuGraphInstantiateWithFlags", ptr: cuGraphInstantiateWithFlags as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphInstantiateWithParams", since: 12000, symbol: "cuGraphInstantiateWithParams", ptr: cuGraphInstantiateWithParams as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphInstantiateWithParams", since: 12000, symbol: "cuGraphInstantiateWithParams_ptsz", ptr: cuGraphInstantiateWithParams_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuGraphKernelNodeCopyAttributes", since: 0, symbol: "cuGraphKernelNodeCopyAttributes", ptr: cuGraphKernelNodeCopyAttributes as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphKernelNodeGetAttribute", since: 0, symbol: "cuGraphKernelNodeGetAttribute", ptr: cuGraphKernelNodeGetAttribute as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphKernelNodeGetParams", since: 0, symbol: "cuGraphKernelNodeGetParams_v2", ptr: cuGraphKernelNodeGetParams_v2 as *const (), per_thread: false },
@@ -6154,8 +6266,8 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuGraphReleaseUserObject", since: 0, symbol: "cuGraphReleaseUserObject", ptr: cuGraphReleaseUserObject as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphRemoveDependencies", since: 0, symbol: "cuGraphRemoveDependencies_v2", ptr: cuGraphRemoveDependencies_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphRetainUserObject", since: 0, symbol: "cuGraphRetainUserObject", ptr: cuGraphRetainUserObject as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuGraphUpload", since: 0, symbol: "cuGraphUpload", ptr: cuGraphUpload as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuGraphUpload", since: 0, symbol: "cuGraphUpload_ptsz", ptr: cuGraphUpload_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuGraphUpload", since: 11010, symbol: "cuGraphUpload", ptr: cuGraphUpload as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuGraphUpload", since: 11010, symbol: "cuGraphUpload_ptsz", ptr: cuGraphUpload_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuGraphicsMapResources", since: 0, symbol: "cuGraphicsMapResources", ptr: cuGraphicsMapResources as *const (), per_thread: false },
     rt::ProcEntry { base: "cuGraphicsMapResources", since: 0, symbol: "cuGraphicsMapResources_ptsz", ptr: cuGraphicsMapResources_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuGraphicsResourceGetMappedMipmappedArray", since: 0, symbol: "cuGraphicsResourceGetMappedMipmappedArray", ptr: cuGraphicsResourceGetMappedMipmappedArray as *const (), per_thread: false },
@@ -6410,8 +6522,8 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp_ptsz", ptr: cuStreamBatchMemOp_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp_v2", ptr: cuStreamBatchMemOp_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuStreamBatchMemOp", since: 0, symbol: "cuStreamBatchMemOp_v2_ptsz", ptr: cuStreamBatchMemOp_v2_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuStreamBeginCapture", since: 0, symbol: "cuStreamBeginCapture_v2", ptr: cuStreamBeginCapture_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuStreamBeginCapture", since: 0, symbol: "cuStreamBeginCapture_v2_ptsz", ptr: cuStreamBeginCapture_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamBeginCapture", since: 10010, symbol: "cuStreamBeginCapture_v2", ptr: cuStreamBeginCapture_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamBeginCapture", since: 10010, symbol: "cuStreamBeginCapture_v2_ptsz", ptr: cuStreamBeginCapture_v2_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuStreamBeginCaptureToGraph", since: 0, symbol: "cuStreamBeginCaptureToGraph", ptr: cuStreamBeginCaptureToGraph as *const (), per_thread: false },
     rt::ProcEntry { base: "cuStreamBeginCaptureToGraph", since: 0, symbol: "cuStreamBeginCaptureToGraph_ptsz", ptr: cuStreamBeginCaptureToGraph_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuStreamCopyAttributes", since: 0, symbol: "cuStreamCopyAttributes", ptr: cuStreamCopyAttributes as *const (), per_thread: false },
@@ -6420,8 +6532,8 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuStreamCreateWithPriority", since: 0, symbol: "cuStreamCreateWithPriority", ptr: cuStreamCreateWithPriority as *const (), per_thread: false },
     rt::ProcEntry { base: "cuStreamDestroy", since: 2000, symbol: "cuStreamDestroy", ptr: cuStreamDestroy as *const (), per_thread: false },
     rt::ProcEntry { base: "cuStreamDestroy", since: 4000, symbol: "cuStreamDestroy_v2", ptr: cuStreamDestroy_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuStreamEndCapture", since: 0, symbol: "cuStreamEndCapture", ptr: cuStreamEndCapture as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuStreamEndCapture", since: 0, symbol: "cuStreamEndCapture_ptsz", ptr: cuStreamEndCapture_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuStreamEndCapture", since: 10000, symbol: "cuStreamEndCapture", ptr: cuStreamEndCapture as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuStreamEndCapture", since: 10000, symbol: "cuStreamEndCapture_ptsz", ptr: cuStreamEndCapture_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuStreamGetAttribute", since: 0, symbol: "cuStreamGetAttribute", ptr: cuStreamGetAttribute as *const (), per_thread: false },
     rt::ProcEntry { base: "cuStreamGetAttribute", since: 0, symbol: "cuStreamGetAttribute_ptsz", ptr: cuStreamGetAttribute_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuStreamGetCaptureInfo", since: 10010, symbol: "cuStreamGetCaptureInfo", ptr: cuStreamGetCaptureInfo as *const (), per_thread: false },
@@ -6512,7 +6624,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuTexRefSetMipmapLevelBias", since: 0, symbol: "cuTexRefSetMipmapLevelBias", ptr: cuTexRefSetMipmapLevelBias as *const (), per_thread: false },
     rt::ProcEntry { base: "cuTexRefSetMipmapLevelClamp", since: 0, symbol: "cuTexRefSetMipmapLevelClamp", ptr: cuTexRefSetMipmapLevelClamp as *const (), per_thread: false },
     rt::ProcEntry { base: "cuTexRefSetMipmappedArray", since: 0, symbol: "cuTexRefSetMipmappedArray", ptr: cuTexRefSetMipmappedArray as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuThreadExchangeStreamCaptureMode", since: 0, symbol: "cuThreadExchangeStreamCaptureMode", ptr: cuThreadExchangeStreamCaptureMode as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuThreadExchangeStreamCaptureMode", since: 10010, symbol: "cuThreadExchangeStreamCaptureMode", ptr: cuThreadExchangeStreamCaptureMode as *const (), per_thread: false },
     rt::ProcEntry { base: "cuUserObjectCreate", since: 0, symbol: "cuUserObjectCreate", ptr: cuUserObjectCreate as *const (), per_thread: false },
     rt::ProcEntry { base: "cuUserObjectRelease", since: 0, symbol: "cuUserObjectRelease", ptr: cuUserObjectRelease as *const (), per_thread: false },
     rt::ProcEntry { base: "cuUserObjectRetain", since: 0, symbol: "cuUserObjectRetain", ptr: cuUserObjectRetain as *const (), per_thread: false },

@@ -97,12 +97,17 @@ pub fn entry(name: &'static str, body: impl FnOnce() -> CuResult<()>) -> CUresul
 
 /// An entry point libvgpu does not provide: names itself once in the log.
 pub fn unsupported(name: &'static str) -> CUresult {
+    unsupported_err(name).0.get()
+}
+
+/// [`unsupported`] for a part of an entry point: names it once, `CUDA_ERROR_NOT_SUPPORTED`.
+pub fn unsupported_err(what: &'static str) -> CuError {
     static SEEN: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
-    let first = SEEN.lock().map(|mut s| s.get_or_insert_with(HashSet::new).insert(name)).unwrap_or(false);
+    let first = SEEN.lock().map(|mut s| s.get_or_insert_with(HashSet::new).insert(what)).unwrap_or(false);
     if first {
-        log(Level::Warn, format_args!("{name} is not supported by libvgpu: returning CUDA_ERROR_NOT_SUPPORTED"));
+        log(Level::Warn, format_args!("{what} is not supported by libvgpu: returning CUDA_ERROR_NOT_SUPPORTED"));
     }
-    CuError::NOT_SUPPORTED.0.get()
+    CuError::NOT_SUPPORTED
 }
 
 // ---- logging ----------------------------------------------------------------------------
@@ -516,8 +521,14 @@ impl Conn {
         }
     }
 
-    /// An asynchronous request (no reply; its error surfaces at a later call).
+    /// An asynchronous request (no reply; its error surfaces at a later call). While a
+    /// stream capture of this process is open it waits for the reply instead, so that what
+    /// cannot be captured is refused at the call that asked for it, as the driver does
+    /// (capture is a one-off cost; replays are one posted request each).
     pub fn post<Q: Message>(&mut self, req: &Q) -> CuResult<()> {
+        if captures_open() {
+            return self.call::<Q, vgpu_proto::Done>(req).map(drop);
+        }
         self.client.post(req, &mut self.buf)?;
         Ok(())
     }
@@ -577,6 +588,27 @@ pub fn call<Q: Message, R: Message>(req: &Q, needs_ctx: bool) -> CuResult<R> {
 pub fn forget_launch_facts() {
     if let Ok(s) = session() {
         s.lock().layouts.clear();
+    }
+}
+
+/// Stream captures this process began and has not ended (`cuStreamBeginCapture` …
+/// `cuStreamEndCapture`). While none is open no stream of the process can be capturing (a
+/// stream joins a capture only through an event recorded in one), so capture queries are
+/// answered in the guest.
+static CAPTURES_OPEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Whether a capture of this process may be open.
+pub fn captures_open() -> bool {
+    CAPTURES_OPEN.load(std::sync::atomic::Ordering::Acquire) > 0
+}
+
+/// Counts a capture begun (`true`) or ended (`false`).
+pub fn note_capture(begun: bool) {
+    use std::sync::atomic::Ordering;
+    if begun {
+        CAPTURES_OPEN.fetch_add(1, Ordering::AcqRel);
+    } else {
+        let _ = CAPTURES_OPEN.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 }
 

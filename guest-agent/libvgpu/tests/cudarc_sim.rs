@@ -198,6 +198,23 @@ fn host_functions_and_callbacks_run_in_the_program_in_stream_order() {
 }
 
 #[test]
+fn graphs_built_and_captured_run_at_every_launch() {
+    let ptx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sim_kernels.ptx");
+    let out = app(&["graphs", ptx.to_str().unwrap()]);
+    for line in [
+        "ok: a graph lists its 5 nodes, with the handles that adding them returned",
+        "ok: a graph built by hand ran 3 times: memset, fill, add one, copy, and its host node 3 times",
+        "ok: a clone of the graph runs the same after the original is destroyed",
+        "ok: the stream is capturing",
+        "ok: a capture records its work without running it, and ends",
+        "ok: the captured graph ran twice: memset, the forked kernel and host function, the copy",
+        "ok: a destroyed graph's handle is refused",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in {out}");
+    }
+}
+
+#[test]
 fn kernels_launch_with_their_parameters_packed_by_the_host_layout() {
     let ptx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sim_kernels.ptx");
     let out = app(&["launch", ptx.to_str().unwrap()]);

@@ -1170,6 +1170,306 @@ impl Message for HostFunc {
     const ID: MessageId = MessageId(0x0292);
 }
 
+/// Request `HostFuncPersistent` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostFuncPersistent {
+    pub stream: Handle,
+    pub slot: u64,
+}
+impl Message for HostFuncPersistent {
+    const ID: MessageId = MessageId(0x0293);
+}
+
+/// Request `cuGraphCreate`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuGraphCreate {
+    pub flags: u32,
+}
+impl Message for CuGraphCreate {
+    const ID: MessageId = MessageId(0x02a0);
+}
+/// Reply to [`CuGraphCreate`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuGraphCreateReply {
+    pub ph_graph: Handle,
+}
+impl Message for CuGraphCreateReply {
+    const ID: MessageId = MessageId(0x82a0);
+}
+
+/// Request `cuGraphDestroy`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuGraphDestroy {
+    pub h_graph: Handle,
+}
+impl Message for CuGraphDestroy {
+    const ID: MessageId = MessageId(0x02a1);
+}
+
+/// Request `cuGraphClone`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuGraphClone {
+    pub original_graph: Handle,
+}
+impl Message for CuGraphClone {
+    const ID: MessageId = MessageId(0x02a2);
+}
+/// Reply to [`CuGraphClone`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuGraphCloneReply {
+    pub ph_graph_clone: Handle,
+}
+impl Message for CuGraphCloneReply {
+    const ID: MessageId = MessageId(0x82a2);
+}
+
+/// Request `cuGraphInstantiateWithFlags`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuGraphInstantiateWithFlags {
+    pub h_graph: Handle,
+    pub flags: u64,
+}
+impl Message for CuGraphInstantiateWithFlags {
+    const ID: MessageId = MessageId(0x02a3);
+}
+/// Reply to [`CuGraphInstantiateWithFlags`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuGraphInstantiateWithFlagsReply {
+    pub ph_graph_exec: Handle,
+}
+impl Message for CuGraphInstantiateWithFlagsReply {
+    const ID: MessageId = MessageId(0x82a3);
+}
+
+/// Request `cuGraphExecDestroy`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuGraphExecDestroy {
+    pub h_graph_exec: Handle,
+}
+impl Message for CuGraphExecDestroy {
+    const ID: MessageId = MessageId(0x02a4);
+}
+
+/// Request `cuGraphLaunch`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuGraphLaunch {
+    pub h_graph_exec: Handle,
+    pub h_stream: Handle,
+}
+impl Message for CuGraphLaunch {
+    const ID: MessageId = MessageId(0x02a5);
+}
+
+/// Request `cuGraphUpload`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuGraphUpload {
+    pub h_graph_exec: Handle,
+    pub h_stream: Handle,
+}
+impl Message for CuGraphUpload {
+    const ID: MessageId = MessageId(0x02a6);
+}
+
+/// Request `GraphGetNodes` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphGetNodes {
+    pub graph: Handle,
+    pub first: u32,
+    pub want: u32,
+}
+impl Message for GraphGetNodes {
+    const ID: MessageId = MessageId(0x02a7);
+}
+/// Reply to [`GraphGetNodes`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphGetNodesReply {
+    pub count: u64,
+    #[serde(with = "serde_bytes")]
+    pub nodes: Vec<u8>,
+}
+impl Message for GraphGetNodesReply {
+    const ID: MessageId = MessageId(0x82a7);
+}
+
+/// Request `GraphAddKernelNode` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphAddKernelNode {
+    pub graph: Handle,
+    #[serde(with = "serde_bytes")]
+    pub deps: Vec<u8>,
+    pub func: Handle,
+    pub config: LaunchConfig,
+    #[serde(with = "serde_bytes")]
+    pub params: Vec<u8>,
+}
+impl Message for GraphAddKernelNode {
+    const ID: MessageId = MessageId(0x02a8);
+}
+/// Reply to [`GraphAddKernelNode`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphAddKernelNodeReply {
+    pub node: Handle,
+}
+impl Message for GraphAddKernelNodeReply {
+    const ID: MessageId = MessageId(0x82a8);
+}
+
+/// Request `GraphAddMemsetNode` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphAddMemsetNode {
+    pub graph: Handle,
+    #[serde(with = "serde_bytes")]
+    pub deps: Vec<u8>,
+    pub dst: u64,
+    pub pitch: u64,
+    pub value: u32,
+    pub element_size: u32,
+    pub width: u64,
+    pub height: u64,
+}
+impl Message for GraphAddMemsetNode {
+    const ID: MessageId = MessageId(0x02a9);
+}
+/// Reply to [`GraphAddMemsetNode`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphAddMemsetNodeReply {
+    pub node: Handle,
+}
+impl Message for GraphAddMemsetNodeReply {
+    const ID: MessageId = MessageId(0x82a9);
+}
+
+/// Request `GraphAddMemcpyNode` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphAddMemcpyNode {
+    pub graph: Handle,
+    #[serde(with = "serde_bytes")]
+    pub deps: Vec<u8>,
+    pub src_window: bool,
+    pub src: u64,
+    pub src_pitch: u64,
+    pub src_height: u64,
+    pub dst_window: bool,
+    pub dst: u64,
+    pub dst_pitch: u64,
+    pub dst_height: u64,
+    pub width: u64,
+    pub height: u64,
+    pub depth: u64,
+}
+impl Message for GraphAddMemcpyNode {
+    const ID: MessageId = MessageId(0x02aa);
+}
+/// Reply to [`GraphAddMemcpyNode`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphAddMemcpyNodeReply {
+    pub node: Handle,
+}
+impl Message for GraphAddMemcpyNodeReply {
+    const ID: MessageId = MessageId(0x82aa);
+}
+
+/// Request `GraphAddHostNode` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphAddHostNode {
+    pub graph: Handle,
+    #[serde(with = "serde_bytes")]
+    pub deps: Vec<u8>,
+    pub slot: u64,
+}
+impl Message for GraphAddHostNode {
+    const ID: MessageId = MessageId(0x02ab);
+}
+/// Reply to [`GraphAddHostNode`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphAddHostNodeReply {
+    pub node: Handle,
+}
+impl Message for GraphAddHostNodeReply {
+    const ID: MessageId = MessageId(0x82ab);
+}
+
+/// Request `GraphAddEmptyNode` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphAddEmptyNode {
+    pub graph: Handle,
+    #[serde(with = "serde_bytes")]
+    pub deps: Vec<u8>,
+}
+impl Message for GraphAddEmptyNode {
+    const ID: MessageId = MessageId(0x02ac);
+}
+/// Reply to [`GraphAddEmptyNode`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphAddEmptyNodeReply {
+    pub node: Handle,
+}
+impl Message for GraphAddEmptyNodeReply {
+    const ID: MessageId = MessageId(0x82ac);
+}
+
+/// Request `StreamBeginCapture` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamBeginCapture {
+    pub stream: Handle,
+    pub mode: u32,
+}
+impl Message for StreamBeginCapture {
+    const ID: MessageId = MessageId(0x02b0);
+}
+
+/// Request `StreamEndCapture` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamEndCapture {
+    pub stream: Handle,
+}
+impl Message for StreamEndCapture {
+    const ID: MessageId = MessageId(0x02b1);
+}
+/// Reply to [`StreamEndCapture`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamEndCaptureReply {
+    pub graph: Handle,
+}
+impl Message for StreamEndCaptureReply {
+    const ID: MessageId = MessageId(0x82b1);
+}
+
+/// Request `StreamCaptureInfo` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamCaptureInfo {
+    pub stream: Handle,
+}
+impl Message for StreamCaptureInfo {
+    const ID: MessageId = MessageId(0x02b2);
+}
+/// Reply to [`StreamCaptureInfo`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamCaptureInfoReply {
+    pub status: u32,
+    pub id: u64,
+}
+impl Message for StreamCaptureInfoReply {
+    const ID: MessageId = MessageId(0x82b2);
+}
+
+/// Request `ThreadExchangeCaptureMode` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThreadExchangeCaptureMode {
+    pub mode: u32,
+}
+impl Message for ThreadExchangeCaptureMode {
+    const ID: MessageId = MessageId(0x02b3);
+}
+/// Reply to [`ThreadExchangeCaptureMode`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThreadExchangeCaptureModeReply {
+    pub previous: u32,
+}
+impl Message for ThreadExchangeCaptureModeReply {
+    const ID: MessageId = MessageId(0x82b3);
+}
+
 /// Every generated request id, in order.
 pub const REQUEST_IDS: &[MessageId] = &[
     CuMemAllocV2::ID,
@@ -1255,6 +1555,24 @@ pub const REQUEST_IDS: &[MessageId] = &[
     Fence::ID,
     WindowDevicePointer::ID,
     HostFunc::ID,
+    HostFuncPersistent::ID,
+    CuGraphCreate::ID,
+    CuGraphDestroy::ID,
+    CuGraphClone::ID,
+    CuGraphInstantiateWithFlags::ID,
+    CuGraphExecDestroy::ID,
+    CuGraphLaunch::ID,
+    CuGraphUpload::ID,
+    GraphGetNodes::ID,
+    GraphAddKernelNode::ID,
+    GraphAddMemsetNode::ID,
+    GraphAddMemcpyNode::ID,
+    GraphAddHostNode::ID,
+    GraphAddEmptyNode::ID,
+    StreamBeginCapture::ID,
+    StreamEndCapture::ID,
+    StreamCaptureInfo::ID,
+    ThreadExchangeCaptureMode::ID,
 ];
 
 /// The host's implementation of every generated request. A method returns the reply
@@ -1428,6 +1746,42 @@ pub trait Api {
     fn window_device_pointer(&mut self, req: WindowDevicePointer) -> Result<WindowDevicePointerReply, Self::Error>;
     /// Handles [`HostFunc`].
     fn host_func(&mut self, req: HostFunc) -> Result<crate::Done, Self::Error>;
+    /// Handles [`HostFuncPersistent`].
+    fn host_func_persistent(&mut self, req: HostFuncPersistent) -> Result<crate::Done, Self::Error>;
+    /// Handles [`CuGraphCreate`].
+    fn cu_graph_create(&mut self, req: CuGraphCreate) -> Result<CuGraphCreateReply, Self::Error>;
+    /// Handles [`CuGraphDestroy`].
+    fn cu_graph_destroy(&mut self, req: CuGraphDestroy) -> Result<crate::Done, Self::Error>;
+    /// Handles [`CuGraphClone`].
+    fn cu_graph_clone(&mut self, req: CuGraphClone) -> Result<CuGraphCloneReply, Self::Error>;
+    /// Handles [`CuGraphInstantiateWithFlags`].
+    fn cu_graph_instantiate_with_flags(&mut self, req: CuGraphInstantiateWithFlags) -> Result<CuGraphInstantiateWithFlagsReply, Self::Error>;
+    /// Handles [`CuGraphExecDestroy`].
+    fn cu_graph_exec_destroy(&mut self, req: CuGraphExecDestroy) -> Result<crate::Done, Self::Error>;
+    /// Handles [`CuGraphLaunch`].
+    fn cu_graph_launch(&mut self, req: CuGraphLaunch) -> Result<crate::Done, Self::Error>;
+    /// Handles [`CuGraphUpload`].
+    fn cu_graph_upload(&mut self, req: CuGraphUpload) -> Result<crate::Done, Self::Error>;
+    /// Handles [`GraphGetNodes`].
+    fn graph_get_nodes(&mut self, req: GraphGetNodes) -> Result<GraphGetNodesReply, Self::Error>;
+    /// Handles [`GraphAddKernelNode`].
+    fn graph_add_kernel_node(&mut self, req: GraphAddKernelNode) -> Result<GraphAddKernelNodeReply, Self::Error>;
+    /// Handles [`GraphAddMemsetNode`].
+    fn graph_add_memset_node(&mut self, req: GraphAddMemsetNode) -> Result<GraphAddMemsetNodeReply, Self::Error>;
+    /// Handles [`GraphAddMemcpyNode`].
+    fn graph_add_memcpy_node(&mut self, req: GraphAddMemcpyNode) -> Result<GraphAddMemcpyNodeReply, Self::Error>;
+    /// Handles [`GraphAddHostNode`].
+    fn graph_add_host_node(&mut self, req: GraphAddHostNode) -> Result<GraphAddHostNodeReply, Self::Error>;
+    /// Handles [`GraphAddEmptyNode`].
+    fn graph_add_empty_node(&mut self, req: GraphAddEmptyNode) -> Result<GraphAddEmptyNodeReply, Self::Error>;
+    /// Handles [`StreamBeginCapture`].
+    fn stream_begin_capture(&mut self, req: StreamBeginCapture) -> Result<crate::Done, Self::Error>;
+    /// Handles [`StreamEndCapture`].
+    fn stream_end_capture(&mut self, req: StreamEndCapture) -> Result<StreamEndCaptureReply, Self::Error>;
+    /// Handles [`StreamCaptureInfo`].
+    fn stream_capture_info(&mut self, req: StreamCaptureInfo) -> Result<StreamCaptureInfoReply, Self::Error>;
+    /// Handles [`ThreadExchangeCaptureMode`].
+    fn thread_exchange_capture_mode(&mut self, req: ThreadExchangeCaptureMode) -> Result<ThreadExchangeCaptureModeReply, Self::Error>;
 }
 
 /// Sends a handler's reply.
@@ -1873,6 +2227,96 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.host_func(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x0293 => {
+            let req = decode_body::<HostFuncPersistent>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.host_func_persistent(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02a0 => {
+            let req = decode_body::<CuGraphCreate>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_graph_create(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02a1 => {
+            let req = decode_body::<CuGraphDestroy>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_graph_destroy(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02a2 => {
+            let req = decode_body::<CuGraphClone>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_graph_clone(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02a3 => {
+            let req = decode_body::<CuGraphInstantiateWithFlags>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_graph_instantiate_with_flags(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02a4 => {
+            let req = decode_body::<CuGraphExecDestroy>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_graph_exec_destroy(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02a5 => {
+            let req = decode_body::<CuGraphLaunch>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_graph_launch(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02a6 => {
+            let req = decode_body::<CuGraphUpload>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_graph_upload(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02a7 => {
+            let req = decode_body::<GraphGetNodes>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.graph_get_nodes(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02a8 => {
+            let req = decode_body::<GraphAddKernelNode>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.graph_add_kernel_node(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02a9 => {
+            let req = decode_body::<GraphAddMemsetNode>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.graph_add_memset_node(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02aa => {
+            let req = decode_body::<GraphAddMemcpyNode>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.graph_add_memcpy_node(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02ab => {
+            let req = decode_body::<GraphAddHostNode>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.graph_add_host_node(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02ac => {
+            let req = decode_body::<GraphAddEmptyNode>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.graph_add_empty_node(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02b0 => {
+            let req = decode_body::<StreamBeginCapture>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.stream_begin_capture(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02b1 => {
+            let req = decode_body::<StreamEndCapture>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.stream_end_capture(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02b2 => {
+            let req = decode_body::<StreamCaptureInfo>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.stream_capture_info(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02b3 => {
+            let req = decode_body::<ThreadExchangeCaptureMode>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.thread_exchange_capture_mode(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         _ => Err(DispatchError::Unknown(id)),
     }
 }
@@ -1881,7 +2325,7 @@ pub fn dispatch<A: Api, R: Responder>(
 pub fn is_posted(id: MessageId) -> bool {
     matches!(
         id.0,
-        0x0211 | 0x0215 | 0x0216 | 0x0217 | 0x021a | 0x021b | 0x0222 | 0x0241 | 0x0255 | 0x0262 | 0x0263 | 0x0292
+        0x0211 | 0x0215 | 0x0216 | 0x0217 | 0x021a | 0x021b | 0x0222 | 0x0241 | 0x0255 | 0x0262 | 0x0263 | 0x0292 | 0x02a5 | 0x02a6
     )
 }
 
@@ -1971,6 +2415,24 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x0290 => "Fence",
         0x0291 => "WindowDevicePointer",
         0x0292 => "HostFunc",
+        0x0293 => "HostFuncPersistent",
+        0x02a0 => "CuGraphCreate",
+        0x02a1 => "CuGraphDestroy",
+        0x02a2 => "CuGraphClone",
+        0x02a3 => "CuGraphInstantiateWithFlags",
+        0x02a4 => "CuGraphExecDestroy",
+        0x02a5 => "CuGraphLaunch",
+        0x02a6 => "CuGraphUpload",
+        0x02a7 => "GraphGetNodes",
+        0x02a8 => "GraphAddKernelNode",
+        0x02a9 => "GraphAddMemsetNode",
+        0x02aa => "GraphAddMemcpyNode",
+        0x02ab => "GraphAddHostNode",
+        0x02ac => "GraphAddEmptyNode",
+        0x02b0 => "StreamBeginCapture",
+        0x02b1 => "StreamEndCapture",
+        0x02b2 => "StreamCaptureInfo",
+        0x02b3 => "ThreadExchangeCaptureMode",
         _ => return None,
     })
 }

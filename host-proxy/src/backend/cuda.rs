@@ -72,6 +72,9 @@ use std::ffi::{c_char, c_int, c_uchar, c_uint, c_ushort, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use vgpu_proto::{CuResult, DeviceInfo, LaunchAttr};
 
+mod graphs;
+pub use graphs::{CudaGraph, CudaGraphExec};
+
 /// `CUresult` as the C ABI returns it (an `enum` of `unsigned int` size). Kept as an
 /// integer so that codes newer than the bindings are representable.
 type RawCuResult = u32;
@@ -348,6 +351,74 @@ driver_api! {
     mem_host_register = "cuMemHostRegister_v2": fn(*mut c_void, usize, c_uint);
     /// `cuLaunchHostFunc`.
     launch_host_func = "cuLaunchHostFunc": fn(sys::CUstream, Option<unsafe extern "C" fn(*mut c_void)>, *mut c_void);
+    /// `cuGraphCreate`.
+    graph_create = "cuGraphCreate": fn(*mut sys::CUgraph, c_uint);
+    /// `cuGraphDestroy`.
+    graph_destroy = "cuGraphDestroy": fn(sys::CUgraph);
+    /// `cuGraphClone`.
+    graph_clone = "cuGraphClone": fn(*mut sys::CUgraph, sys::CUgraph);
+    /// `cuGraphAddEmptyNode`.
+    graph_add_empty_node = "cuGraphAddEmptyNode": fn(*mut sys::CUgraphNode, sys::CUgraph, *const sys::CUgraphNode, usize);
+    /// `cuGraphAddKernelNode_v2`.
+    graph_add_kernel_node = "cuGraphAddKernelNode_v2": fn(
+        *mut sys::CUgraphNode,
+        sys::CUgraph,
+        *const sys::CUgraphNode,
+        usize,
+        *const sys::CUDA_KERNEL_NODE_PARAMS_v2_st,
+    );
+    /// `cuGraphAddMemsetNode`.
+    graph_add_memset_node = "cuGraphAddMemsetNode": fn(
+        *mut sys::CUgraphNode,
+        sys::CUgraph,
+        *const sys::CUgraphNode,
+        usize,
+        *const sys::CUDA_MEMSET_NODE_PARAMS_st,
+        sys::CUcontext,
+    );
+    /// `cuGraphAddMemcpyNode`.
+    graph_add_memcpy_node = "cuGraphAddMemcpyNode": fn(
+        *mut sys::CUgraphNode,
+        sys::CUgraph,
+        *const sys::CUgraphNode,
+        usize,
+        *const graphs::RawMemcpy3d,
+        sys::CUcontext,
+    );
+    /// `cuGraphAddHostNode`.
+    graph_add_host_node = "cuGraphAddHostNode": fn(
+        *mut sys::CUgraphNode,
+        sys::CUgraph,
+        *const sys::CUgraphNode,
+        usize,
+        *const sys::CUDA_HOST_NODE_PARAMS_st,
+    );
+    /// `cuGraphGetNodes`.
+    graph_get_nodes = "cuGraphGetNodes": fn(sys::CUgraph, *mut sys::CUgraphNode, *mut usize);
+    /// `cuGraphInstantiateWithFlags`.
+    graph_instantiate = "cuGraphInstantiateWithFlags": fn(*mut sys::CUgraphExec, sys::CUgraph, u64);
+    /// `cuGraphExecDestroy`.
+    graph_exec_destroy = "cuGraphExecDestroy": fn(sys::CUgraphExec);
+    /// `cuGraphLaunch`.
+    graph_launch = "cuGraphLaunch": fn(sys::CUgraphExec, sys::CUstream);
+    /// `cuGraphUpload`.
+    graph_upload = "cuGraphUpload": fn(sys::CUgraphExec, sys::CUstream);
+    /// `cuStreamBeginCapture_v2`.
+    stream_begin_capture = "cuStreamBeginCapture_v2": fn(sys::CUstream, c_uint);
+    /// `cuStreamEndCapture`.
+    stream_end_capture = "cuStreamEndCapture": fn(sys::CUstream, *mut sys::CUgraph);
+    /// `cuStreamGetCaptureInfo_v3` (status and id; the other outputs NULL).
+    stream_get_capture_info = "cuStreamGetCaptureInfo_v3": fn(
+        sys::CUstream,
+        *mut c_uint,
+        *mut u64,
+        *mut c_void,
+        *mut c_void,
+        *mut c_void,
+        *mut c_void,
+    );
+    /// `cuThreadExchangeStreamCaptureMode`.
+    thread_exchange_capture_mode = "cuThreadExchangeStreamCaptureMode": fn(*mut c_uint);
     /// `cuMemHostGetDevicePointer_v2`.
     mem_host_get_device_pointer = "cuMemHostGetDevicePointer_v2": fn(*mut sys::CUdeviceptr, *mut c_void, c_uint);
     /// `cuMemHostUnregister`.
@@ -841,6 +912,13 @@ pub struct CudaGpu {
     functions: FxHashMap<u64, FunctionEntry>,
     /// The zone's shared data window, registered with the driver (see `attach_window`).
     window: Option<(std::ptr::NonNull<u8>, usize)>,
+    /// Live graphs by [`CudaGraph`] id (context-independent).
+    graphs: FxHashMap<u64, sys::CUgraph>,
+    /// Live executable graphs by [`CudaGraphExec`] id.
+    graph_execs: FxHashMap<u64, Owned<sys::CUgraphExec>>,
+    /// Host functions that may run more than once (graphs' host nodes), kept for the
+    /// backend's life: the driver holds pointers to them in graphs it copies freely.
+    host_slots: Vec<std::sync::Arc<super::HostFuncSlot>>,
 }
 
 // SAFETY: the driver API is thread-safe and its handles (contexts, streams, events,
@@ -966,6 +1044,9 @@ impl CudaGpu {
             imports: FxHashMap::default(),
             streams: FxHashMap::default(),
             window: None,
+            graphs: FxHashMap::default(),
+            graph_execs: FxHashMap::default(),
+            host_slots: Vec::new(),
             events: FxHashMap::default(),
             modules: FxHashMap::default(),
             functions: FxHashMap::default(),
@@ -1166,6 +1247,7 @@ impl CudaGpu {
         self.events.retain(|_, e| e.ctx != ctx);
         self.modules.retain(|_, m| m.scope != Scope::Context(ctx));
         self.functions.retain(|_, f| f.scope != Scope::Context(ctx));
+        self.graph_execs.retain(|_, e| e.ctx != ctx);
     }
 
     /// The parameter layout of a function as the driver reports it, from the cache or
@@ -1322,6 +1404,72 @@ fn device_name(buf: &[c_char; NAME_BUF_LEN]) -> heapless::String<96> {
 }
 
 impl GpuBackend for CudaGpu {
+    type Graph = CudaGraph;
+    type GraphExec = CudaGraphExec;
+    /// The driver's `CUgraphNode`, as an address.
+    type GraphNode = usize;
+
+    fn graph_create(&mut self) -> CuResultOf<CudaGraph> {
+        self.create_graph()
+    }
+
+    fn graph_destroy(&mut self, graph: CudaGraph) -> CuResultOf<()> {
+        self.destroy_graph(graph)
+    }
+
+    fn graph_clone(&mut self, graph: &CudaGraph) -> CuResultOf<CudaGraph> {
+        self.clone_graph(graph)
+    }
+
+    fn graph_add_node(
+        &mut self,
+        graph: &CudaGraph,
+        deps: &[usize],
+        node: super::GraphNodeSpec<'_, CudaFunction>,
+    ) -> CuResultOf<usize> {
+        self.add_graph_node(graph, deps, node)
+    }
+
+    fn graph_nodes(&mut self, graph: &CudaGraph) -> CuResultOf<Vec<usize>> {
+        self.nodes_of(graph)
+    }
+
+    fn graph_instantiate(&mut self, graph: &CudaGraph, flags: u64) -> CuResultOf<CudaGraphExec> {
+        self.instantiate_graph(graph, flags)
+    }
+
+    fn graph_exec_destroy(&mut self, exec: CudaGraphExec) -> CuResultOf<()> {
+        self.destroy_graph_exec(exec)
+    }
+
+    fn graph_launch(&mut self, exec: &CudaGraphExec, stream: Option<&CudaStream>, upload_only: bool) -> CuResultOf<()> {
+        self.launch_graph(exec, stream, upload_only)
+    }
+
+    fn stream_begin_capture(&mut self, stream: Option<&CudaStream>, mode: u32) -> CuResultOf<()> {
+        self.begin_capture(stream, mode)
+    }
+
+    fn stream_end_capture(&mut self, stream: Option<&CudaStream>) -> CuResultOf<CudaGraph> {
+        self.end_capture(stream)
+    }
+
+    fn stream_capture_info(&mut self, stream: Option<&CudaStream>) -> CuResultOf<(u32, u64)> {
+        self.capture_info(stream)
+    }
+
+    fn exchange_capture_mode(&mut self, mode: u32) -> CuResultOf<u32> {
+        self.exchange_mode(mode)
+    }
+
+    fn launch_host_func_persistent(
+        &mut self,
+        stream: Option<&CudaStream>,
+        slot: std::sync::Arc<super::HostFuncSlot>,
+    ) -> CuResultOf<()> {
+        self.host_func_persistent(stream, slot)
+    }
+
     unsafe fn attach_window(&mut self, base: std::ptr::NonNull<u8>, len: usize) -> CuResultOf<bool> {
         if self.window.is_some() || len == 0 {
             return Err(CuError::INVALID_VALUE);
@@ -2258,6 +2406,7 @@ impl Drop for CudaGpu {
         // context still frees everything in it.
         self.current = None;
         if self.enter().is_ok() {
+            self.destroy_all_graphs();
             self.release_primary_objects();
             // SAFETY: a null context is valid and unbinds this thread from the context
             // about to be released.

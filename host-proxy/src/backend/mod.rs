@@ -80,6 +80,13 @@ pub trait GpuBackend {
     type Module;
     /// A function or kernel (`CUfunction` / `CUkernel`).
     type Function;
+    /// A graph (`CUgraph`): context-independent, as in CUDA.
+    type Graph;
+    /// An executable graph (`CUgraphExec`), made in the current context.
+    type GraphExec;
+    /// A node of a graph: a plain value naming it inside its graph (the zone maps it to a
+    /// handle; it is only ever passed back together with its graph).
+    type GraphNode: Copy + Eq + std::hash::Hash + std::fmt::Debug;
 
     /// Static facts about the device.
     fn device_info(&self) -> DeviceInfo;
@@ -297,6 +304,50 @@ pub trait GpuBackend {
     /// Destroys a stream.
     fn stream_destroy(&mut self, stream: Self::Stream) -> CuResultOf<()>;
 
+    // ---- graphs and stream capture ----
+    /// `cuGraphCreate` (flags 0).
+    fn graph_create(&mut self) -> CuResultOf<Self::Graph>;
+    /// `cuGraphDestroy`: the graph and its nodes (executable graphs made from it live on).
+    fn graph_destroy(&mut self, graph: Self::Graph) -> CuResultOf<()>;
+    /// `cuGraphClone`.
+    fn graph_clone(&mut self, graph: &Self::Graph) -> CuResultOf<Self::Graph>;
+    /// Adds a node after `deps` (nodes of `graph`). Ranges in `node` were checked by the
+    /// caller against the zone's allocations and the window's size.
+    fn graph_add_node(
+        &mut self,
+        graph: &Self::Graph,
+        deps: &[Self::GraphNode],
+        node: GraphNodeSpec<'_, Self::Function>,
+    ) -> CuResultOf<Self::GraphNode>;
+    /// `cuGraphGetNodes`: every node of `graph`.
+    fn graph_nodes(&mut self, graph: &Self::Graph) -> CuResultOf<Vec<Self::GraphNode>>;
+    /// `cuGraphInstantiateWithFlags` in the current context.
+    fn graph_instantiate(&mut self, graph: &Self::Graph, flags: u64) -> CuResultOf<Self::GraphExec>;
+    /// `cuGraphExecDestroy`.
+    fn graph_exec_destroy(&mut self, exec: Self::GraphExec) -> CuResultOf<()>;
+    /// `cuGraphLaunch` (with `upload_only`, `cuGraphUpload`) on `stream`.
+    fn graph_launch(
+        &mut self,
+        exec: &Self::GraphExec,
+        stream: Option<&Self::Stream>,
+        upload_only: bool,
+    ) -> CuResultOf<()>;
+    /// `cuStreamBeginCapture_v2`.
+    fn stream_begin_capture(&mut self, stream: Option<&Self::Stream>, mode: u32) -> CuResultOf<()>;
+    /// `cuStreamEndCapture`: the captured graph.
+    fn stream_end_capture(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<Self::Graph>;
+    /// `cuStreamGetCaptureInfo`: (`CUstreamCaptureStatus`, capture id; 0 when none).
+    fn stream_capture_info(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<(u32, u64)>;
+    /// `cuThreadExchangeStreamCaptureMode` on the worker's thread: the previous mode.
+    fn exchange_capture_mode(&mut self, mode: u32) -> CuResultOf<u32>;
+    /// Queues a host function that may run more than once (`stream` is capturing: it
+    /// becomes a node of the capture's graph). The backend keeps `slot` for its own life.
+    fn launch_host_func_persistent(
+        &mut self,
+        stream: Option<&Self::Stream>,
+        slot: std::sync::Arc<HostFuncSlot>,
+    ) -> CuResultOf<()>;
+
     // ---- events ----
     /// `cuEventCreate`.
     fn event_create(&mut self, flags: u32) -> CuResultOf<Self::Event>;
@@ -312,6 +363,90 @@ pub trait GpuBackend {
     fn event_elapsed_time(&mut self, start: &Self::Event, end: &Self::Event) -> CuResultOf<f32>;
 }
 
+/// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`: the operation cannot be captured (or, on a
+/// capturing stream, cannot run).
+pub const STREAM_CAPTURE_UNSUPPORTED: CuError = CuError::new(900);
+/// `CUDA_ERROR_ILLEGAL_STATE`: e.g. ending a capture on a stream that is not capturing.
+pub const ILLEGAL_STATE: CuError = CuError::new(401);
+/// `CU_STREAM_CAPTURE_STATUS_ACTIVE`.
+pub const CAPTURE_ACTIVE: u32 = 1;
+
+/// One side of a graph copy node: a device address, or a byte offset in the zone's shared
+/// data window (pinned host memory of the guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyEnd {
+    /// Device memory.
+    Device(u64),
+    /// The data window, at this offset.
+    Window(u64),
+}
+
+/// A linear 3-D copy (`CUDA_MEMCPY3D` without arrays; positions folded into the addresses):
+/// `depth` slices of `height` rows of `width` bytes; rows `pitch` bytes apart, slices
+/// `pitch * height` apart on each side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphCopy {
+    /// Where the first source byte is.
+    pub src: CopyEnd,
+    /// Bytes between source rows.
+    pub src_pitch: u64,
+    /// Rows between source slices.
+    pub src_height: u64,
+    /// Where the first destination byte is.
+    pub dst: CopyEnd,
+    /// Bytes between destination rows.
+    pub dst_pitch: u64,
+    /// Rows between destination slices.
+    pub dst_height: u64,
+    /// Bytes per row.
+    pub width: u64,
+    /// Rows per slice.
+    pub height: u64,
+    /// Slices.
+    pub depth: u64,
+}
+
+/// A 2-D memset (`CUDA_MEMSET_NODE_PARAMS`): `height` rows of `width` elements of
+/// `element_size` (1, 2 or 4) bytes, rows `pitch` bytes apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphMemset {
+    /// The first byte.
+    pub dst: u64,
+    /// Bytes between rows.
+    pub pitch: u64,
+    /// The value (its low `element_size` bytes).
+    pub value: u32,
+    /// Bytes per element: 1, 2 or 4.
+    pub element_size: u32,
+    /// Elements per row.
+    pub width: u64,
+    /// Rows.
+    pub height: u64,
+}
+
+/// What a graph node does.
+pub enum GraphNodeSpec<'a, F> {
+    /// Nothing (a join point).
+    Empty,
+    /// A kernel launch, its parameters packed as for [`GpuBackend::launch`].
+    Kernel {
+        /// The function or kernel.
+        func: &'a F,
+        /// Its geometry (plain attributes only).
+        config: &'a LaunchConfig,
+        /// The packed parameters.
+        params: &'a [u8],
+        /// The parameters' layout, as the driver reports it.
+        layout: &'a [ParamSlot],
+    },
+    /// A memset.
+    Memset(GraphMemset),
+    /// A copy.
+    Memcpy(GraphCopy),
+    /// A host function run at every launch (the backend keeps the slot for its own life).
+    Host(std::sync::Arc<HostFuncSlot>),
+}
+
 /// A host function's rendezvous word in the zone's shared window (`HostFunc` requests):
 /// the guest arms it (`…01`), the stream reaches the function and the host marks it reached
 /// (`…10`), the guest runs the program's function and marks it done (any other value, in
@@ -319,11 +454,21 @@ pub trait GpuBackend {
 /// next function never reads as this one's "reached". The work queued after the function
 /// waits for it, as with the driver: the host's side blocks in the driver's callback thread
 /// (or, for the test double, in place) until the guest answers or the worker ends.
+///
+/// A function that runs more than once (a graph's host node, or one captured into a graph)
+/// keeps its word: after each run the guest re-arms it with a new generation instead of
+/// marking it done, and the host's side fires it again at the next launch.
 pub struct HostFuncSlot {
     word: idm_core::RawRegion,
     /// The zone's count of queued host functions, decremented when this slot is done with
     /// (run, or dropped by a driver that refused it).
     queued: Option<std::sync::Arc<std::sync::atomic::AtomicU32>>,
+}
+
+impl std::fmt::Debug for HostFuncSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostFuncSlot").finish_non_exhaustive()
+    }
 }
 
 impl Drop for HostFuncSlot {

@@ -55,13 +55,17 @@
 //!   double, for tests whose processes take turns.
 
 use super::cuda::is_plain_launch_attribute;
-use super::{CuError, CuResultOf, GpuBackend, LaunchConfig, ParamSlot};
+use super::{CopyEnd, CuError, CuResultOf, GpuBackend, GraphCopy, GraphMemset, LaunchConfig, ParamSlot};
 use cudarc::driver::sys;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use vgpu_proto::{CuResult, DeviceInfo};
+
+mod graphs;
+pub use graphs::{SimGraph, SimGraphExec};
+use graphs::{SimGraphNodes, SimOp};
 
 /// Where simulated device addresses start (a recognisable, non-null, high value).
 const SIM_BASE: u64 = 0x7e00_0000_0000;
@@ -199,6 +203,8 @@ struct StreamState {
     ctx: CtxId,
     flags: u32,
     priority: i32,
+    /// The capture it records into: (graph, capture id).
+    capture: Option<(u64, u64)>,
 }
 
 /// A simulated event.
@@ -207,6 +213,8 @@ struct EventState {
     ctx: CtxId,
     flags: u32,
     recorded: Option<Instant>,
+    /// The capture it was last recorded in (a stream waiting for it joins that capture).
+    captured: Option<(u64, u64)>,
 }
 
 /// What a [`SimModule`] names.
@@ -265,6 +273,12 @@ pub struct SimGpu {
     /// synchronisation — as the driver flushes kernels' printf buffer (a model of that
     /// path, so that its capture and hand-over can be tested without a GPU).
     printf_buffer: Vec<u8>,
+    /// Graphs by id (see `graphs.rs`).
+    graphs: HashMap<u64, SimGraphNodes>,
+    /// Executable graphs by id: their context and operations.
+    execs: HashMap<u64, (CtxId, Vec<SimOp>)>,
+    /// The worker thread's capture mode (stored, not enforced).
+    capture_mode: u32,
 }
 
 /// A simulated stream (work completes as it is issued).
@@ -302,6 +316,9 @@ impl SimGpu {
             modules: HashMap::new(),
             functions: HashMap::new(),
             printf_buffer: Vec::new(),
+            graphs: HashMap::new(),
+            execs: HashMap::new(),
+            capture_mode: 0,
         }
     }
 
@@ -455,6 +472,41 @@ impl SimGpu {
             let _ = out.write_all(&self.printf_buffer).and_then(|()| out.flush());
             self.printf_buffer.clear();
         }
+    }
+
+    /// Checks a launch of function `func` as the driver would, and names the built-in
+    /// kernel it runs.
+    fn check_launch(
+        &self,
+        func: u64,
+        config: &LaunchConfig,
+        params: &[u8],
+        layout: &[ParamSlot],
+    ) -> CuResultOf<Builtin> {
+        let f = self.functions.get(&func).ok_or(CuError::INVALID_HANDLE)?;
+        if config.attrs.iter().any(|a| !is_plain_launch_attribute(a.id)) {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        let threads: u64 = config.block.iter().map(|&d| u64::from(d)).product();
+        if config.grid.contains(&0) || config.block.contains(&0) || threads > MAX_THREADS_PER_BLOCK {
+            return Err(CuError::INVALID_VALUE);
+        }
+        if f.layout != layout {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let in_bounds = |s: &ParamSlot| {
+            u64::from(s.offset).checked_add(u64::from(s.size)).is_some_and(|end| end <= params.len() as u64)
+        };
+        if !layout.iter().all(in_bounds) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Builtin::recognise(&f.name, layout).ok_or(CuError::NOT_SUPPORTED)
+    }
+
+    /// Runs a launch now (streams run their work in place).
+    fn launch_now(&mut self, func: u64, config: &LaunchConfig, params: &[u8], layout: &[ParamSlot]) -> CuResultOf<()> {
+        let kernel = self.check_launch(func, config, params, layout)?;
+        self.run_builtin(kernel, params)
     }
 
     fn run_builtin(&mut self, kernel: Builtin, params: &[u8]) -> CuResultOf<()> {
@@ -1120,6 +1172,72 @@ fn device_attribute_table() -> Vec<Result<i32, CuError>> {
 }
 
 impl GpuBackend for SimGpu {
+    type Graph = SimGraph;
+    type GraphExec = SimGraphExec;
+    /// A node's process-unique id.
+    type GraphNode = u64;
+
+    fn graph_create(&mut self) -> CuResultOf<SimGraph> {
+        Ok(self.create_graph())
+    }
+
+    fn graph_destroy(&mut self, graph: SimGraph) -> CuResultOf<()> {
+        self.destroy_graph(graph)
+    }
+
+    fn graph_clone(&mut self, graph: &SimGraph) -> CuResultOf<SimGraph> {
+        self.clone_graph(graph)
+    }
+
+    fn graph_add_node(
+        &mut self,
+        graph: &SimGraph,
+        deps: &[u64],
+        node: super::GraphNodeSpec<'_, SimFunction>,
+    ) -> CuResultOf<u64> {
+        self.add_graph_node(graph, deps, node)
+    }
+
+    fn graph_nodes(&mut self, graph: &SimGraph) -> CuResultOf<Vec<u64>> {
+        self.nodes_of(graph)
+    }
+
+    fn graph_instantiate(&mut self, graph: &SimGraph, flags: u64) -> CuResultOf<SimGraphExec> {
+        self.instantiate_graph(graph, flags)
+    }
+
+    fn graph_exec_destroy(&mut self, exec: SimGraphExec) -> CuResultOf<()> {
+        self.destroy_graph_exec(exec)
+    }
+
+    fn graph_launch(&mut self, exec: &SimGraphExec, stream: Option<&SimStream>, upload_only: bool) -> CuResultOf<()> {
+        self.launch_graph(exec, stream, upload_only)
+    }
+
+    fn stream_begin_capture(&mut self, stream: Option<&SimStream>, mode: u32) -> CuResultOf<()> {
+        self.begin_capture(stream, mode)
+    }
+
+    fn stream_end_capture(&mut self, stream: Option<&SimStream>) -> CuResultOf<SimGraph> {
+        self.end_capture(stream)
+    }
+
+    fn stream_capture_info(&mut self, stream: Option<&SimStream>) -> CuResultOf<(u32, u64)> {
+        self.capture_info(stream)
+    }
+
+    fn exchange_capture_mode(&mut self, mode: u32) -> CuResultOf<u32> {
+        self.exchange_mode(mode)
+    }
+
+    fn launch_host_func_persistent(
+        &mut self,
+        stream: Option<&SimStream>,
+        slot: std::sync::Arc<super::HostFuncSlot>,
+    ) -> CuResultOf<()> {
+        self.host_func_persistent(stream, slot)
+    }
+
     type Stream = SimStream;
     type Event = SimEvent;
     type Context = SimContext;
@@ -1168,6 +1286,7 @@ impl GpuBackend for SimGpu {
         self.functions.retain(|_, f| f.ctx != Some(id));
         self.streams.retain(|_, s| s.ctx != id);
         self.events.retain(|_, e| e.ctx != id);
+        self.execs.retain(|_, (ctx, _)| *ctx != id);
         if self.current == id {
             self.current = PRIMARY;
         }
@@ -1234,6 +1353,9 @@ impl GpuBackend for SimGpu {
     }
 
     fn synchronize(&mut self) -> CuResultOf<()> {
+        if self.any_capture() {
+            return Err(super::STREAM_CAPTURE_UNSUPPORTED);
+        }
         self.flush_printf();
         Ok(())
     }
@@ -1273,35 +1395,56 @@ impl GpuBackend for SimGpu {
     }
 
     fn copy_htod(&mut self, dst: u64, src: &[u8], stream: Option<&SimStream>) -> CuResultOf<()> {
-        self.check_stream(stream)?;
+        self.not_capturing(stream)?;
         let (buf, off) = self.locate(dst, src.len() as u64)?;
         buf[off..off + src.len()].copy_from_slice(src);
         Ok(())
     }
 
     fn copy_dtoh(&mut self, dst: &mut [u8], src: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
-        self.check_stream(stream)?;
+        self.not_capturing(stream)?;
         let (buf, off) = self.locate(src, dst.len() as u64)?;
         dst.copy_from_slice(&buf[off..off + dst.len()]);
         Ok(())
     }
 
     fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
-        self.check_stream(stream)?;
+        if let Some(graph) = self.capturing(stream)? {
+            let (src, dst) = (CopyEnd::Device(src), CopyEnd::Device(dst));
+            let (width, height, depth) = (len, 1, 1);
+            let c = GraphCopy {
+                src,
+                src_pitch: len,
+                src_height: 1,
+                dst,
+                dst_pitch: len,
+                dst_height: 1,
+                width,
+                height,
+                depth,
+            };
+            return self.record(graph, SimOp::Copy(c)).map(drop);
+        }
         let mut tmp = vec![0u8; usize::try_from(len).map_err(|_| CuError::INVALID_VALUE)?];
         self.copy_dtoh(&mut tmp, src, None)?;
         self.copy_htod(dst, &tmp, None)
     }
 
     fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
-        self.check_stream(stream)?;
+        if let Some(graph) = self.capturing(stream)? {
+            let m = GraphMemset { dst, pitch: 0, value: value.into(), element_size: 1, width: count, height: 1 };
+            return self.record(graph, SimOp::Memset(m)).map(drop);
+        }
         let (buf, off) = self.locate(dst, count)?;
         buf[off..off + count as usize].fill(value);
         Ok(())
     }
 
     fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
-        self.check_stream(stream)?;
+        if let Some(graph) = self.capturing(stream)? {
+            let m = GraphMemset { dst, pitch: 0, value: value.into(), element_size: 2, width: count, height: 1 };
+            return self.record(graph, SimOp::Memset(m)).map(drop);
+        }
         if dst % 2 != 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1314,7 +1457,10 @@ impl GpuBackend for SimGpu {
     }
 
     fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
-        self.check_stream(stream)?;
+        if let Some(graph) = self.capturing(stream)? {
+            let m = GraphMemset { dst, pitch: 0, value, element_size: 4, width: count, height: 1 };
+            return self.record(graph, SimOp::Memset(m)).map(drop);
+        }
         if dst % 4 != 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1368,7 +1514,7 @@ impl GpuBackend for SimGpu {
         }
         let id = next_id();
         let flags = EVENT_INTERPROCESS | EVENT_DISABLE_TIMING;
-        self.events.insert(id, EventState { ctx: self.current, flags, recorded: None });
+        self.events.insert(id, EventState { ctx: self.current, flags, recorded: None, captured: None });
         Ok(SimEvent(id))
     }
 
@@ -1519,27 +1665,12 @@ impl GpuBackend for SimGpu {
         params: &[u8],
         layout: &[ParamSlot],
     ) -> CuResultOf<()> {
-        let f = self.function(func)?;
-        let (name, own_layout) = (f.name.clone(), f.layout.clone());
-        self.check_stream(stream)?;
-        if config.attrs.iter().any(|a| !is_plain_launch_attribute(a.id)) {
-            return Err(CuError::NOT_SUPPORTED);
+        if let Some(graph) = self.capturing(stream)? {
+            self.check_launch(func.0, config, params, layout)?;
+            let (config, params, layout) = (config.clone(), params.to_vec(), layout.to_vec());
+            return self.record(graph, SimOp::Kernel { func: func.0, config, params, layout }).map(drop);
         }
-        let threads: u64 = config.block.iter().map(|&d| u64::from(d)).product();
-        if config.grid.contains(&0) || config.block.contains(&0) || threads > MAX_THREADS_PER_BLOCK {
-            return Err(CuError::INVALID_VALUE);
-        }
-        if own_layout != layout {
-            return Err(CuError::INVALID_VALUE);
-        }
-        let in_bounds = |s: &ParamSlot| {
-            u64::from(s.offset).checked_add(u64::from(s.size)).is_some_and(|end| end <= params.len() as u64)
-        };
-        if !layout.iter().all(in_bounds) {
-            return Err(CuError::INVALID_VALUE);
-        }
-        let kernel = Builtin::recognise(&name, layout).ok_or(CuError::NOT_SUPPORTED)?;
-        self.run_builtin(kernel, params)
+        self.launch_now(func.0, config, params, layout)
     }
 
     fn occupancy_max_active_blocks(
@@ -1557,7 +1688,7 @@ impl GpuBackend for SimGpu {
     }
 
     fn launch_host_func(&mut self, stream: Option<&SimStream>, slot: super::HostFuncSlot) -> CuResultOf<()> {
-        self.check_stream(stream)?;
+        self.not_capturing(stream)?;
         // The test double runs each stream's work in place, in order: so does the function.
         // It waits in the worker's own thread, so a guest that never answers would stop the
         // whole zone: the wait is bounded.
@@ -1604,18 +1735,18 @@ impl GpuBackend for SimGpu {
         let id = next_id();
         // CUDA clamps priorities into the device's range.
         let priority = priority.clamp(GREATEST_PRIORITY, LEAST_PRIORITY);
-        self.streams.insert(id, StreamState { ctx: self.current, flags, priority });
+        self.streams.insert(id, StreamState { ctx: self.current, flags, priority, capture: None });
         Ok(SimStream(id))
     }
 
     fn stream_synchronize(&mut self, stream: &SimStream) -> CuResultOf<()> {
-        self.check_stream(Some(stream))?;
+        self.not_capturing(Some(stream))?;
         self.flush_printf();
         Ok(())
     }
 
     fn stream_query(&mut self, stream: Option<&SimStream>) -> CuResultOf<()> {
-        self.check_stream(stream).map(|_| ())
+        self.not_capturing(stream)
     }
 
     fn stream_wait_event(&mut self, stream: Option<&SimStream>, event: &SimEvent, flags: u32) -> CuResultOf<()> {
@@ -1625,7 +1756,7 @@ impl GpuBackend for SimGpu {
         if flags & !0x1 != 0 {
             return Err(CuError::INVALID_VALUE);
         }
-        Ok(())
+        self.note_event_wait(event.0, stream)
     }
 
     fn stream_get_flags(&mut self, stream: Option<&SimStream>) -> CuResultOf<u32> {
@@ -1648,7 +1779,7 @@ impl GpuBackend for SimGpu {
             return Err(CuError::INVALID_VALUE);
         }
         let id = next_id();
-        self.events.insert(id, EventState { ctx: self.current, flags, recorded: None });
+        self.events.insert(id, EventState { ctx: self.current, flags, recorded: None, captured: None });
         Ok(SimEvent(id))
     }
 
@@ -1664,7 +1795,7 @@ impl GpuBackend for SimGpu {
         }
         let e = self.events.get_mut(&event.0).ok_or(CuError::INVALID_HANDLE)?;
         e.recorded = Some(Instant::now());
-        Ok(())
+        self.note_event_record(event.0, stream)
     }
 
     fn event_query(&mut self, event: &SimEvent) -> CuResultOf<()> {

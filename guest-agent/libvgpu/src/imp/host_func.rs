@@ -18,6 +18,11 @@
 //! lock of the connection, so a program thread blocked in a synchronising call while the
 //! stream waits for a function cannot deadlock with it. As with the driver, the function
 //! must not call CUDA.
+//!
+//! A function that runs at every launch of a graph (`cuGraphAddHostNode`, or one queued on
+//! a capturing stream) keeps its word for the rest of the process: after each run the runner
+//! re-arms it with a new generation instead of marking it done. At most
+//! [`MAX_PERSISTENT`] such words exist, so one-shot functions always find one.
 
 use crate::rt::{session, CuError, CuResult};
 use cudarc::driver::sys;
@@ -30,6 +35,8 @@ use vgpu_proto::generated as p;
 
 /// Rendezvous words per process (functions queued at once; more wait for a free word).
 const SLOTS: usize = 512;
+/// Words kept by graphs' host functions (the rest stay for one-shot functions).
+pub const MAX_PERSISTENT: usize = 256;
 const ARMED: u32 = 1;
 const REACHED: u32 = 2;
 const DONE: u32 = 3;
@@ -43,11 +50,30 @@ enum Pending {
     Callback(unsafe extern "C" fn(sys::CUstream, sys::CUresult, *mut c_void), usize, usize),
 }
 
+/// One armed word.
+#[derive(Clone, Copy)]
+struct Armed {
+    slot: usize,
+    /// The value written (generation and `ARMED`).
+    value: u32,
+    what: Pending,
+    /// Re-armed after each run (a graph's host function) rather than freed.
+    persistent: bool,
+}
+
 struct State {
     free: Vec<usize>,
-    /// Armed words: (slot, the value written, what to run).
-    armed: Vec<(usize, u32, Pending)>,
+    armed: Vec<Armed>,
     generation: u32,
+    persistent: usize,
+}
+
+impl State {
+    /// The next word value: a new generation, `ARMED`.
+    fn next_value(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1) & (u32::MAX >> 2);
+        (self.generation << 2) | ARMED
+    }
 }
 
 struct Runner {
@@ -84,7 +110,12 @@ fn runner() -> CuResult<&'static Runner> {
         let runner = Runner {
             words,
             offset: at.offset,
-            state: Mutex::new(State { free: (0..SLOTS).rev().collect(), armed: Vec::new(), generation: 0 }),
+            state: Mutex::new(State {
+                free: (0..SLOTS).rev().collect(),
+                armed: Vec::new(),
+                generation: 0,
+                persistent: 0,
+            }),
             changed: Condvar::new(),
         };
         Ok(runner)
@@ -106,17 +137,17 @@ fn run_loop(r: &'static Runner) {
             st = r.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             pause = Duration::from_micros(1);
         }
-        let reached = st
-            .armed
-            .iter()
-            .position(|&(slot, value, _)| r.words.load_u32(slot * 8, Ordering::Acquire) == (value & !3) | REACHED);
+        let reached =
+            st.armed.iter().position(|a| r.words.load_u32(a.slot * 8, Ordering::Acquire) == (a.value & !3) | REACHED);
         let Some(i) = reached else {
+            // Only graphs' functions armed: they may wait long for their next launch.
+            let idle = if st.armed.iter().all(|a| a.persistent) { 1000 } else { 200 };
             drop(st);
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_micros(200));
+            pause = (pause * 2).min(Duration::from_micros(idle));
             continue;
         };
-        let (slot, value, what) = st.armed.swap_remove(i);
+        let Armed { slot, value, what, persistent } = st.armed.swap_remove(i);
         drop(st);
         pause = Duration::from_micros(1);
         let _ = std::panic::catch_unwind(|| match what {
@@ -128,40 +159,108 @@ fn run_loop(r: &'static Runner) {
                 f(stream as sys::CUstream, sys::CUresult::CUDA_SUCCESS, data as *mut c_void)
             },
         });
-        r.words.store_u32(slot * 8, (value & !3) | DONE, Ordering::Release);
         let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.free.push(slot);
+        if persistent {
+            // Ready for the next launch: the host waits for any value but "reached".
+            let value = st.next_value();
+            st.armed.push(Armed { slot, value, what, persistent });
+            r.words.store_u32(slot * 8, value, Ordering::Release);
+        } else {
+            r.words.store_u32(slot * 8, (value & !3) | DONE, Ordering::Release);
+            st.free.push(slot);
+        }
         r.changed.notify_all();
     }
 }
 
-/// Arms a word for `what` and queues the host's side on `stream`.
-fn queue(stream: sys::CUstream, what: Pending) -> CuResult<()> {
-    let r = runner()?;
-    let (slot, value) = {
-        let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(slot) = st.free.pop() {
-                st.generation = st.generation.wrapping_add(1) & (u32::MAX >> 2);
-                let value = (st.generation << 2) | ARMED;
-                r.words.store_u32(slot * 8, value, Ordering::Release);
-                st.armed.push((slot, value, what));
-                r.changed.notify_all();
-                break (slot, value);
-            }
-            // Every word is in use: wait for a function to finish.
-            st = r.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+/// Arms a word for `what` and returns its slot and value.
+fn arm(r: &Runner, what: Pending, persistent: bool) -> CuResult<(usize, u32)> {
+    let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+    if persistent && st.persistent >= MAX_PERSISTENT {
+        return Err(CuError::OUT_OF_MEMORY);
+    }
+    loop {
+        if let Some(slot) = st.free.pop() {
+            let value = st.next_value();
+            r.words.store_u32(slot * 8, value, Ordering::Release);
+            st.armed.push(Armed { slot, value, what, persistent });
+            st.persistent += usize::from(persistent);
+            r.changed.notify_all();
+            return Ok((slot, value));
         }
-    };
-    let stream = crate::rt::stream_arg(stream)?;
-    let posted = crate::rt::post(&p::HostFunc { stream, slot: r.offset + (slot * 8) as u64 }, true);
-    if posted.is_err() {
-        let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.armed.retain(|&(s, v, _)| !(s == slot && v == value));
+        // Every word is in use: wait for a function to finish.
+        st = r.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+/// Gives back a word whose request the host refused.
+fn disarm(r: &Runner, slot: usize, value: u32) {
+    let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+    let before = st.armed.len();
+    let persistent = st.armed.iter().any(|a| a.slot == slot && a.value == value && a.persistent);
+    st.armed.retain(|a| !(a.slot == slot && a.value == value));
+    if st.armed.len() < before {
+        st.persistent -= usize::from(persistent);
         r.words.store_u32(slot * 8, (value & !3) | DONE, Ordering::Release);
         st.free.push(slot);
     }
-    posted
+}
+
+/// A word for a graph's host node running `f(data)` at every launch: its window offset,
+/// for `GraphAddHostNode`, and a guard that gives it back unless kept.
+pub fn graph_node_slot(f: unsafe extern "C" fn(*mut c_void), data: usize) -> CuResult<PersistentSlot> {
+    let r = runner()?;
+    let (slot, value) = arm(r, Pending::Func(f, data), true)?;
+    Ok(PersistentSlot { r, slot, value, kept: false })
+}
+
+/// A word armed for a graph's host function (see [`graph_node_slot`]).
+pub struct PersistentSlot {
+    r: &'static Runner,
+    slot: usize,
+    value: u32,
+    kept: bool,
+}
+
+impl PersistentSlot {
+    /// Its offset in the window.
+    pub fn offset(&self) -> u64 {
+        self.r.offset + (self.slot * 8) as u64
+    }
+
+    /// The host took it: it stays armed for the process's life.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for PersistentSlot {
+    fn drop(&mut self) {
+        if !self.kept {
+            disarm(self.r, self.slot, self.value);
+        }
+    }
+}
+
+/// Arms a word for `what` and queues the host's side on `stream`. On a capturing stream
+/// the function becomes a node of the capture's graph: its word is kept and re-armed.
+fn queue(stream: sys::CUstream, what: Pending) -> CuResult<()> {
+    let r = runner()?;
+    let persistent = crate::rt::captures_open() && super::capture::is_capturing(stream)?;
+    let (slot, value) = arm(r, what, persistent)?;
+    let handle = crate::rt::stream_arg(stream);
+    let at = r.offset + (slot * 8) as u64;
+    let sent = handle.and_then(|stream| {
+        if persistent {
+            crate::rt::call::<_, vgpu_proto::Done>(&p::HostFuncPersistent { stream, slot: at }, true).map(drop)
+        } else {
+            crate::rt::post(&p::HostFunc { stream, slot: at }, true)
+        }
+    });
+    if sent.is_err() {
+        disarm(r, slot, value);
+    }
+    sent
 }
 
 /// `cuLaunchHostFunc`.

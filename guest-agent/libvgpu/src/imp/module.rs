@@ -314,7 +314,11 @@ const MAX_EXTRA: usize = 64;
 /// # Safety
 /// `params` (when non-null) holds one valid pointer per parameter, each to a value of the
 /// parameter's size; `extra` (when non-null) is a `CU_LAUNCH_PARAM_END`-terminated array.
-unsafe fn pack(layout: &[ParamSlot], params: *mut *mut c_void, extra: *mut *mut c_void) -> CuResult<Vec<u8>> {
+pub(super) unsafe fn pack(
+    layout: &[ParamSlot],
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CuResult<Vec<u8>> {
     let total = layout.iter().map(|s| s.offset as usize + s.size as usize).max().unwrap_or(0);
     let mut buf = vec![0u8; total];
     if !params.is_null() {

@@ -1,0 +1,387 @@
+//! Graphs built by hand (`cuGraphAdd*Node`, `cuGraphGetNodes`, `cuGraphInstantiateWithParams`).
+//! The rest of the graph API is forwarded as generated (create, destroy, clone, instantiate,
+//! launch, upload); the graphs themselves live in the host's driver.
+//!
+//! What a node needs translated is done here: a kernel node's parameters are packed by the
+//! function's layout, as a launch's are; a copy node's host memory must be pinned memory of
+//! the shared window (`cuMemAllocHost`/`cuMemHostAlloc`, or registered), which the host's
+//! driver reads or writes in place at every launch — pageable memory cannot be reached from
+//! there and arrays are not offered (`CUDA_ERROR_NOT_SUPPORTED`, named in the log); a host
+//! node gets a rendezvous word that stays armed for every launch (`host_func.rs`).
+
+use super::host_func;
+use crate::rt::{self, handle_of, handle_ptr, session, CuError, CuResult, Out};
+use cudarc::driver::sys;
+use vgpu_proto::generated as p;
+use vgpu_proto::{Handle, LaunchConfig};
+
+/// `CU_MEMORYTYPE_HOST`, `…_DEVICE`, `…_ARRAY`, `…_UNIFIED`.
+const MEMORYTYPE_HOST: u32 = 1;
+const MEMORYTYPE_DEVICE: u32 = 2;
+const MEMORYTYPE_UNIFIED: u32 = 4;
+/// `CUDA_GRAPH_INSTANTIATE_FLAG_UPLOAD`.
+const INSTANTIATE_FLAG_UPLOAD: u64 = 2;
+/// `CUDA_GRAPH_INSTANTIATE_SUCCESS` and `…_ERROR`.
+const INSTANTIATE_SUCCESS: u32 = 0;
+const INSTANTIATE_ERROR: u32 = 1;
+
+/// The dependencies' handles as the wire carries them (8 bytes each, little-endian).
+///
+/// # Safety
+/// A non-null `deps` must hold `n` node handles.
+unsafe fn deps_bytes(deps: *const sys::CUgraphNode, n: usize) -> CuResult<Vec<u8>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if deps.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let mut out = Vec::with_capacity(n.checked_mul(8).ok_or(CuError::INVALID_VALUE)?);
+    for i in 0..n {
+        // SAFETY: the caller's contract: `deps` holds `n` handles.
+        let h = unsafe { deps.wrapping_add(i).read() };
+        out.extend_from_slice(&handle_of(h).0.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// Writes the new node's handle.
+fn set_node(out: Out<sys::CUgraphNode>, node: Handle) -> CuResult<()> {
+    out.set(handle_ptr(node));
+    Ok(())
+}
+
+/// `cuGraphAddEmptyNode`.
+pub unsafe fn cu_graph_add_empty_node(
+    node: *mut sys::CUgraphNode,
+    graph: sys::CUgraph,
+    deps: *const sys::CUgraphNode,
+    n: usize,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(node) }?;
+    // SAFETY: CUDA's contract for `deps`.
+    let deps = unsafe { deps_bytes(deps, n) }?;
+    let r: p::GraphAddEmptyNodeReply = rt::call(&p::GraphAddEmptyNode { graph: handle_of(graph), deps }, true)?;
+    set_node(out, r.node)
+}
+
+/// `cuGraphAddKernelNode_v2`: the function (or, with `func` NULL, the library kernel) and
+/// its parameters, packed by its layout.
+pub unsafe fn cu_graph_add_kernel_node_v2(
+    node: *mut sys::CUgraphNode,
+    graph: sys::CUgraph,
+    deps: *const sys::CUgraphNode,
+    n: usize,
+    params: *const sys::CUDA_KERNEL_NODE_PARAMS,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(node) }?;
+    if params.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract: `params` points to the structure (plain fields only).
+    let k = unsafe { params.read_unaligned() };
+    let func = if k.func.is_null() { handle_of(k.kern) } else { handle_of(k.func) };
+    if func.0 == 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract for `deps`.
+    let deps = unsafe { deps_bytes(deps, n) }?;
+    let config = LaunchConfig {
+        grid: [k.gridDimX, k.gridDimY, k.gridDimZ],
+        block: [k.blockDimX, k.blockDimY, k.blockDimZ],
+        shared_mem_bytes: k.sharedMemBytes,
+        attrs: Vec::new(),
+    };
+    let s = session()?;
+    let mut c = s.lock();
+    c.enter_current()?;
+    let info = c.func_info(func)?;
+    // SAFETY: CUDA's contract: `kernelParams` or `extra` describes the parameters.
+    let packed = unsafe { super::module::pack(&info.slots, k.kernelParams, k.extra) }?;
+    let req = p::GraphAddKernelNode { graph: handle_of(graph), deps, func, config, params: packed };
+    let r: p::GraphAddKernelNodeReply = c.call(&req)?;
+    set_node(out, r.node)
+}
+
+/// `cuGraphAddMemsetNode` (`ctx` is the current context's: the zone's).
+pub unsafe fn cu_graph_add_memset_node(
+    node: *mut sys::CUgraphNode,
+    graph: sys::CUgraph,
+    deps: *const sys::CUgraphNode,
+    n: usize,
+    params: *const sys::CUDA_MEMSET_NODE_PARAMS,
+    _ctx: sys::CUcontext,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(node) }?;
+    if params.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract: `params` points to the structure (plain fields only).
+    let m = unsafe { params.read_unaligned() };
+    // SAFETY: CUDA's contract for `deps`.
+    let deps = unsafe { deps_bytes(deps, n) }?;
+    let req = p::GraphAddMemsetNode {
+        graph: handle_of(graph),
+        deps,
+        dst: m.dst,
+        pitch: m.pitch as u64,
+        value: m.value,
+        element_size: m.elementSize,
+        width: m.width as u64,
+        height: m.height as u64,
+    };
+    let r: p::GraphAddMemsetNodeReply = rt::call(&req, true)?;
+    set_node(out, r.node)
+}
+
+/// `CUDA_MEMCPY3D` read field by field: its memory types are C enums, which must never be
+/// read into a Rust enum (a value the bindings lack would be undefined behaviour).
+struct Copy3d {
+    src: Side,
+    dst: Side,
+    width: u64,
+    height: u64,
+    depth: u64,
+}
+
+/// One side of a `CUDA_MEMCPY3D`.
+struct Side {
+    x: u64,
+    y: u64,
+    z: u64,
+    memory_type: u32,
+    host: usize,
+    device: u64,
+    array: usize,
+    pitch: u64,
+    height: u64,
+}
+
+/// Reads a `CUDA_MEMCPY3D`.
+///
+/// # Safety
+/// `p` must point to a `CUDA_MEMCPY3D`.
+unsafe fn read_copy(p: *const sys::CUDA_MEMCPY3D) -> Copy3d {
+    use std::mem::offset_of;
+    type M = sys::CUDA_MEMCPY3D;
+    let base = p.cast::<u8>();
+    // SAFETY: the caller's contract; each read is of a field at its own offset and type
+    // (memory types as the `unsigned int` C stores).
+    let usize_at = |off: usize| unsafe { base.wrapping_add(off).cast::<usize>().read_unaligned() } as u64;
+    // SAFETY: as above.
+    let u32_at = |off: usize| unsafe { base.wrapping_add(off).cast::<u32>().read_unaligned() };
+    Copy3d {
+        src: Side {
+            x: usize_at(offset_of!(M, srcXInBytes)),
+            y: usize_at(offset_of!(M, srcY)),
+            z: usize_at(offset_of!(M, srcZ)),
+            memory_type: u32_at(offset_of!(M, srcMemoryType)),
+            host: usize_at(offset_of!(M, srcHost)) as usize,
+            device: usize_at(offset_of!(M, srcDevice)),
+            array: usize_at(offset_of!(M, srcArray)) as usize,
+            pitch: usize_at(offset_of!(M, srcPitch)),
+            height: usize_at(offset_of!(M, srcHeight)),
+        },
+        dst: Side {
+            x: usize_at(offset_of!(M, dstXInBytes)),
+            y: usize_at(offset_of!(M, dstY)),
+            z: usize_at(offset_of!(M, dstZ)),
+            memory_type: u32_at(offset_of!(M, dstMemoryType)),
+            host: usize_at(offset_of!(M, dstHost)) as usize,
+            device: usize_at(offset_of!(M, dstDevice)),
+            array: usize_at(offset_of!(M, dstArray)) as usize,
+            pitch: usize_at(offset_of!(M, dstPitch)),
+            height: usize_at(offset_of!(M, dstHeight)),
+        },
+        width: usize_at(offset_of!(M, WidthInBytes)),
+        height: usize_at(offset_of!(M, Height)),
+        depth: usize_at(offset_of!(M, Depth)),
+    }
+}
+
+/// Bytes from a side's first byte to one past its last (the host checks the same again).
+fn extent(s: &Side, c: &Copy3d) -> CuResult<u64> {
+    let rows = c.depth.saturating_sub(1).checked_mul(s.height).and_then(|r| r.checked_add(c.height.saturating_sub(1)));
+    rows.and_then(|r| r.checked_mul(s.pitch)).and_then(|o| o.checked_add(c.width)).ok_or(CuError::INVALID_VALUE)
+}
+
+/// Where a side's first byte is on the wire: (in the window, address or window offset).
+fn locate(s: &Side, c: &Copy3d, window: &crate::window::Window) -> CuResult<(bool, u64)> {
+    let rows = s.z.checked_mul(s.height).and_then(|r| r.checked_add(s.y));
+    let offset =
+        rows.and_then(|r| r.checked_mul(s.pitch)).and_then(|o| o.checked_add(s.x)).ok_or(CuError::INVALID_VALUE)?;
+    let host = match s.memory_type {
+        MEMORYTYPE_DEVICE => None,
+        MEMORYTYPE_HOST => Some(s.host),
+        // Unified addressing: the window's pinned memory is host memory, the rest device.
+        MEMORYTYPE_UNIFIED if window.pinned(std::ptr::without_provenance(s.device as usize), 1).is_some() => {
+            Some(s.device as usize)
+        }
+        MEMORYTYPE_UNIFIED => None,
+        _ => return Err(rt::unsupported_err("cuGraphAddMemcpyNode with CUDA arrays")),
+    };
+    if s.array != 0 {
+        return Err(rt::unsupported_err("cuGraphAddMemcpyNode with CUDA arrays"));
+    }
+    match host {
+        None => Ok((false, s.device.checked_add(offset).ok_or(CuError::INVALID_VALUE)?)),
+        Some(h) => {
+            let start = (h as u64).checked_add(offset).ok_or(CuError::INVALID_VALUE)?;
+            let at = window
+                .pinned(std::ptr::without_provenance(start as usize), extent(s, c)?)
+                .ok_or_else(|| rt::unsupported_err("cuGraphAddMemcpyNode with pageable host memory"))?;
+            Ok((true, at.offset))
+        }
+    }
+}
+
+/// `cuGraphAddMemcpyNode` (`ctx` is the current context's: the zone's).
+pub unsafe fn cu_graph_add_memcpy_node(
+    node: *mut sys::CUgraphNode,
+    graph: sys::CUgraph,
+    deps: *const sys::CUgraphNode,
+    n: usize,
+    params: *const sys::CUDA_MEMCPY3D,
+    _ctx: sys::CUcontext,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(node) }?;
+    if params.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract: `params` points to the structure.
+    let c = unsafe { read_copy(params) };
+    // SAFETY: CUDA's contract for `deps`.
+    let deps = unsafe { deps_bytes(deps, n) }?;
+    let s = session()?;
+    let mut conn = s.lock();
+    conn.enter_current()?;
+    let (src_window, src) = locate(&c.src, &c, &conn.window)?;
+    let (dst_window, dst) = locate(&c.dst, &c, &conn.window)?;
+    let req = p::GraphAddMemcpyNode {
+        graph: handle_of(graph),
+        deps,
+        src_window,
+        src,
+        src_pitch: c.src.pitch,
+        src_height: c.src.height,
+        dst_window,
+        dst,
+        dst_pitch: c.dst.pitch,
+        dst_height: c.dst.height,
+        width: c.width,
+        height: c.height,
+        depth: c.depth,
+    };
+    let r: p::GraphAddMemcpyNodeReply = conn.call(&req)?;
+    set_node(out, r.node)
+}
+
+/// `cuGraphAddHostNode`: the function runs in this process at every launch.
+pub unsafe fn cu_graph_add_host_node(
+    node: *mut sys::CUgraphNode,
+    graph: sys::CUgraph,
+    deps: *const sys::CUgraphNode,
+    n: usize,
+    params: *const sys::CUDA_HOST_NODE_PARAMS,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(node) }?;
+    if params.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract: `params` points to the structure.
+    let h = unsafe { params.read_unaligned() };
+    let f = h.fn_.ok_or(CuError::INVALID_VALUE)?;
+    // SAFETY: CUDA's contract for `deps`.
+    let deps = unsafe { deps_bytes(deps, n) }?;
+    let slot = host_func::graph_node_slot(f, h.userData as usize)?;
+    let req = p::GraphAddHostNode { graph: handle_of(graph), deps, slot: slot.offset() };
+    let r: p::GraphAddHostNodeReply = rt::call(&req, true)?;
+    slot.keep();
+    set_node(out, r.node)
+}
+
+/// `cuGraphGetNodes`: with `nodes` NULL, the count; otherwise up to `*count` handles (the
+/// rest of the array NULL) and the count.
+pub unsafe fn cu_graph_get_nodes(graph: sys::CUgraph, nodes: *mut sys::CUgraphNode, count: *mut usize) -> CuResult<()> {
+    if count.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract: `count` is valid for a read and a write.
+    let room = if nodes.is_null() { 0 } else { unsafe { count.read() } };
+    let mut filled = 0usize;
+    let total = loop {
+        let first = u32::try_from(filled).map_err(|_| CuError::INVALID_VALUE)?;
+        let want = u32::try_from(room - filled).unwrap_or(u32::MAX);
+        let r: p::GraphGetNodesReply = rt::call(&p::GraphGetNodes { graph: handle_of(graph), first, want }, false)?;
+        let total = usize::try_from(r.count).map_err(|_| CuError::INVALID_VALUE)?;
+        for c in r.nodes.chunks_exact(8).take(room - filled) {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(c);
+            // SAFETY: CUDA's contract: `nodes` holds `room` entries; `filled < room`.
+            unsafe { nodes.wrapping_add(filled).write(handle_ptr(Handle(u64::from_le_bytes(raw)))) };
+            filled += 1;
+        }
+        if filled >= room.min(total) || r.nodes.is_empty() {
+            break total;
+        }
+    };
+    for i in filled..room {
+        // SAFETY: as above.
+        unsafe { nodes.wrapping_add(i).write(std::ptr::null_mut()) };
+    }
+    // SAFETY: as above.
+    unsafe { count.write(total) };
+    Ok(())
+}
+
+/// `cuGraphInstantiateWithParams`: instantiated with the flags, uploaded on the given stream
+/// when asked; the result code written back.
+pub unsafe fn cu_graph_instantiate_with_params(
+    exec: *mut sys::CUgraphExec,
+    graph: sys::CUgraph,
+    params: *mut sys::CUDA_GRAPH_INSTANTIATE_PARAMS,
+) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(exec) }?;
+    if params.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    use std::mem::offset_of;
+    type P = sys::CUDA_GRAPH_INSTANTIATE_PARAMS;
+    let base = params.cast::<u8>();
+    // SAFETY: CUDA's contract: `params` points to the structure; fields read and written at
+    // their own offsets (the result as the `unsigned int` C stores).
+    let flags = unsafe { base.wrapping_add(offset_of!(P, flags)).cast::<u64>().read_unaligned() };
+    // SAFETY: as above.
+    let upload = unsafe { base.wrapping_add(offset_of!(P, hUploadStream)).cast::<sys::CUstream>().read_unaligned() };
+    let write_result = |code: u32| {
+        // SAFETY: as above.
+        unsafe { base.wrapping_add(offset_of!(P, result_out)).cast::<u32>().write_unaligned(code) };
+        // SAFETY: as above.
+        unsafe {
+            base.wrapping_add(offset_of!(P, hErrNode_out))
+                .cast::<sys::CUgraphNode>()
+                .write_unaligned(std::ptr::null_mut())
+        };
+    };
+    let req = p::CuGraphInstantiateWithFlags { h_graph: handle_of(graph), flags: flags & !INSTANTIATE_FLAG_UPLOAD };
+    let r: p::CuGraphInstantiateWithFlagsReply = match rt::call(&req, true) {
+        Ok(r) => r,
+        Err(e) => {
+            write_result(INSTANTIATE_ERROR);
+            return Err(e);
+        }
+    };
+    if flags & INSTANTIATE_FLAG_UPLOAD != 0 {
+        let stream = rt::stream_arg(upload)?;
+        rt::post(&p::CuGraphUpload { h_graph_exec: r.ph_graph_exec, h_stream: stream }, true)?;
+    }
+    write_result(INSTANTIATE_SUCCESS);
+    out.set(handle_ptr(r.ph_graph_exec));
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! Graphs and stream capture on the real driver (`cuGraph*`, `cuStreamBeginCapture_v2`, …).
+//!
+//! Graphs and executable graphs are ids in this backend's tables, like streams; nodes are
+//! the driver's `CUgraphNode` values, only ever passed back together with a live graph (the
+//! zone keeps one handle per node it has seen). Copy nodes take device addresses the zone
+//! checked and window offsets this backend turns into addresses in the registered window,
+//! which the driver reads or writes in place at every launch. A kernel node's parameters are
+//! copied by the driver when the node is added, from a private buffer laid out by the
+//! driver's own parameter layout (as a launch is). Host nodes call the zone's rendezvous word
+//! through a slot this backend keeps for its whole life (the driver copies a node's callback
+//! into clones and executable graphs, whose lifetimes are not tracked).
+
+use super::*;
+use crate::backend::{CopyEnd, GraphCopy, GraphNodeSpec, HostFuncSlot};
+use std::sync::Arc;
+
+/// A graph of a [`CudaGpu`] (an id, like [`CudaStream`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct CudaGraph {
+    id: u64,
+}
+
+/// An executable graph of a [`CudaGpu`] (an id, like [`CudaStream`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct CudaGraphExec {
+    id: u64,
+}
+
+/// `CUDA_MEMCPY3D` with its memory types as plain integers (see the module docs of
+/// `cuda.rs`: a Rust enum must never hold a value the driver did not declare).
+#[repr(C)]
+#[derive(Debug)]
+pub(super) struct RawMemcpy3d {
+    src_x_in_bytes: usize,
+    src_y: usize,
+    src_z: usize,
+    src_lod: usize,
+    src_memory_type: c_uint,
+    src_host: *const c_void,
+    src_device: sys::CUdeviceptr,
+    src_array: sys::CUarray,
+    reserved0: *mut c_void,
+    src_pitch: usize,
+    src_height: usize,
+    dst_x_in_bytes: usize,
+    dst_y: usize,
+    dst_z: usize,
+    dst_lod: usize,
+    dst_memory_type: c_uint,
+    dst_host: *mut c_void,
+    dst_device: sys::CUdeviceptr,
+    dst_array: sys::CUarray,
+    reserved1: *mut c_void,
+    dst_pitch: usize,
+    dst_height: usize,
+    width_in_bytes: usize,
+    height: usize,
+    depth: usize,
+}
+
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<RawMemcpy3d>() == size_of::<sys::CUDA_MEMCPY3D_st>());
+    assert!(align_of::<RawMemcpy3d>() == align_of::<sys::CUDA_MEMCPY3D_st>());
+    assert!(offset_of!(RawMemcpy3d, src_memory_type) == offset_of!(sys::CUDA_MEMCPY3D_st, srcMemoryType));
+    assert!(offset_of!(RawMemcpy3d, src_host) == offset_of!(sys::CUDA_MEMCPY3D_st, srcHost));
+    assert!(offset_of!(RawMemcpy3d, src_height) == offset_of!(sys::CUDA_MEMCPY3D_st, srcHeight));
+    assert!(offset_of!(RawMemcpy3d, dst_memory_type) == offset_of!(sys::CUDA_MEMCPY3D_st, dstMemoryType));
+    assert!(offset_of!(RawMemcpy3d, dst_device) == offset_of!(sys::CUDA_MEMCPY3D_st, dstDevice));
+    assert!(offset_of!(RawMemcpy3d, dst_height) == offset_of!(sys::CUDA_MEMCPY3D_st, dstHeight));
+    assert!(offset_of!(RawMemcpy3d, depth) == offset_of!(sys::CUDA_MEMCPY3D_st, Depth));
+};
+
+/// `CU_MEMORYTYPE_HOST` and `CU_MEMORYTYPE_DEVICE`.
+const MEMORYTYPE_HOST: c_uint = 1;
+const MEMORYTYPE_DEVICE: c_uint = 2;
+
+/// Runs a graph's host node in the driver's callback thread, at every launch.
+unsafe extern "C" fn run_persistent(data: *mut c_void) {
+    // SAFETY: `data` is a slot kept in `CudaGpu::host_slots` (an `Arc` never dropped before
+    // the backend, and so before every context whose work could call this).
+    let slot = unsafe { &*data.cast::<HostFuncSlot>() };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slot.run(None)));
+}
+
+impl CudaGpu {
+    /// The driver graph of `graph`.
+    fn raw_graph(&self, graph: &CudaGraph) -> CuResultOf<sys::CUgraph> {
+        self.graphs.get(&graph.id).copied().ok_or(CuError::INVALID_HANDLE)
+    }
+
+    /// Records a driver graph and returns its id.
+    pub(super) fn add_graph(&mut self, raw: sys::CUgraph) -> CudaGraph {
+        let id = next_id();
+        self.graphs.insert(id, raw);
+        CudaGraph { id }
+    }
+
+    /// Where one side of a copy node is, in driver terms: (memory type, host, device).
+    fn copy_side(&self, end: CopyEnd) -> CuResultOf<(c_uint, *mut c_void, sys::CUdeviceptr)> {
+        match end {
+            CopyEnd::Device(addr) => Ok((MEMORYTYPE_DEVICE, std::ptr::null_mut(), addr)),
+            CopyEnd::Window(offset) => {
+                let (base, len) = self.window.ok_or(CuError::NOT_SUPPORTED)?;
+                let offset = usize::try_from(offset).ok().filter(|&o| o < len).ok_or(CuError::INVALID_VALUE)?;
+                Ok((MEMORYTYPE_HOST, base.as_ptr().wrapping_add(offset).cast(), 0))
+            }
+        }
+    }
+
+    /// The driver's `CUDA_MEMCPY3D` for `c`.
+    fn raw_copy(&self, c: &GraphCopy) -> CuResultOf<RawMemcpy3d> {
+        let size = |v: u64| usize::try_from(v).map_err(|_| CuError::INVALID_VALUE);
+        let (src_memory_type, src_host, src_device) = self.copy_side(c.src)?;
+        let (dst_memory_type, dst_host, dst_device) = self.copy_side(c.dst)?;
+        Ok(RawMemcpy3d {
+            src_x_in_bytes: 0,
+            src_y: 0,
+            src_z: 0,
+            src_lod: 0,
+            src_memory_type,
+            src_host: src_host.cast_const(),
+            src_device,
+            src_array: std::ptr::null_mut(),
+            reserved0: std::ptr::null_mut(),
+            src_pitch: size(c.src_pitch)?,
+            src_height: size(c.src_height)?,
+            dst_x_in_bytes: 0,
+            dst_y: 0,
+            dst_z: 0,
+            dst_lod: 0,
+            dst_memory_type,
+            dst_host,
+            dst_device,
+            dst_array: std::ptr::null_mut(),
+            reserved1: std::ptr::null_mut(),
+            dst_pitch: size(c.dst_pitch)?,
+            dst_height: size(c.dst_height)?,
+            width_in_bytes: size(c.width)?,
+            height: size(c.height)?,
+            depth: size(c.depth)?,
+        })
+    }
+
+    pub(super) fn create_graph(&mut self) -> CuResultOf<CudaGraph> {
+        let mut raw: sys::CUgraph = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; flags must be 0.
+        check(unsafe { (self.api.graph_create)(&mut raw, 0) })?;
+        Ok(self.add_graph(raw))
+    }
+
+    pub(super) fn destroy_graph(&mut self, graph: CudaGraph) -> CuResultOf<()> {
+        let raw = self.graphs.remove(&graph.id).ok_or(CuError::INVALID_HANDLE)?;
+        // SAFETY: a live graph, now out of the table, so destroyed once.
+        check(unsafe { (self.api.graph_destroy)(raw) })
+    }
+
+    pub(super) fn clone_graph(&mut self, graph: &CudaGraph) -> CuResultOf<CudaGraph> {
+        let original = self.raw_graph(graph)?;
+        let mut raw: sys::CUgraph = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; a live graph.
+        check(unsafe { (self.api.graph_clone)(&mut raw, original) })?;
+        Ok(self.add_graph(raw))
+    }
+
+    pub(super) fn add_graph_node(
+        &mut self,
+        graph: &CudaGraph,
+        deps: &[usize],
+        node: GraphNodeSpec<'_, CudaFunction>,
+    ) -> CuResultOf<usize> {
+        let g = self.raw_graph(graph)?;
+        let deps: SmallVec<[sys::CUgraphNode; 8]> = deps.iter().map(|&d| d as sys::CUgraphNode).collect();
+        let deps_ptr = if deps.is_empty() { std::ptr::null() } else { deps.as_ptr() };
+        let mut out: sys::CUgraphNode = std::ptr::null_mut();
+        self.enter()?;
+        let ctx = self.raw_context(self.current)?;
+        let rc = match node {
+            GraphNodeSpec::Empty => {
+                // SAFETY: valid out-pointer; a live graph; `deps` are nodes of it (the zone
+                // checked each belongs to this graph), `deps.len()` of them.
+                unsafe { (self.api.graph_add_empty_node)(&mut out, g, deps_ptr, deps.len()) }
+            }
+            GraphNodeSpec::Kernel { func, config, params, layout } => {
+                if !config.attrs.is_empty() {
+                    return Err(CuError::NOT_SUPPORTED);
+                }
+                let kind = self.function_kind(func)?;
+                let driver_layout = self.param_layout(func)?;
+                if driver_layout != layout {
+                    return Err(CuError::INVALID_VALUE);
+                }
+                let mut buffer = ParamBuffer::new(params);
+                let mut pointers = buffer.pointers(layout)?;
+                let (f, kern) = match kind {
+                    FunctionKind::Function(f) => (f, std::ptr::null_mut()),
+                    FunctionKind::Kernel(k) => (std::ptr::null_mut(), k),
+                };
+                let p = sys::CUDA_KERNEL_NODE_PARAMS_v2_st {
+                    func: f,
+                    gridDimX: config.grid[0],
+                    gridDimY: config.grid[1],
+                    gridDimZ: config.grid[2],
+                    blockDimX: config.block[0],
+                    blockDimY: config.block[1],
+                    blockDimZ: config.block[2],
+                    sharedMemBytes: config.shared_mem_bytes,
+                    kernelParams: if pointers.is_empty() { std::ptr::null_mut() } else { pointers.as_mut_ptr() },
+                    extra: std::ptr::null_mut(),
+                    kern,
+                    ctx,
+                };
+                // SAFETY: as for the empty node; `p` names a live function or kernel and
+                // holds one pointer per parameter the driver reports for it, each into
+                // `buffer` (checked by `pointers`); the driver copies the values before it
+                // returns.
+                unsafe { (self.api.graph_add_kernel_node)(&mut out, g, deps_ptr, deps.len(), &p) }
+            }
+            GraphNodeSpec::Memset(m) => {
+                let p = sys::CUDA_MEMSET_NODE_PARAMS_st {
+                    dst: m.dst,
+                    pitch: usize::try_from(m.pitch).map_err(|_| CuError::INVALID_VALUE)?,
+                    value: m.value,
+                    elementSize: m.element_size,
+                    width: usize::try_from(m.width).map_err(|_| CuError::INVALID_VALUE)?,
+                    height: usize::try_from(m.height).map_err(|_| CuError::INVALID_VALUE)?,
+                };
+                // SAFETY: as for the empty node; `p` is the zone's checked range of its own
+                // allocation; `ctx` is the current, live context.
+                unsafe { (self.api.graph_add_memset_node)(&mut out, g, deps_ptr, deps.len(), &p, ctx) }
+            }
+            GraphNodeSpec::Memcpy(c) => {
+                let p = self.raw_copy(&c)?;
+                // SAFETY: as for the empty node; `p` has `CUDA_MEMCPY3D`'s layout (asserted),
+                // device sides are the zone's checked ranges, window sides lie in the window
+                // registered with the driver (mapped until this backend is dropped).
+                unsafe { (self.api.graph_add_memcpy_node)(&mut out, g, deps_ptr, deps.len(), &p, ctx) }
+            }
+            GraphNodeSpec::Host(slot) => {
+                let p = sys::CUDA_HOST_NODE_PARAMS_st {
+                    fn_: Some(run_persistent),
+                    userData: Arc::as_ptr(&slot).cast_mut().cast(),
+                };
+                self.host_slots.push(slot);
+                // SAFETY: as for the empty node; `userData` is kept alive in `host_slots`
+                // for this backend's life.
+                unsafe { (self.api.graph_add_host_node)(&mut out, g, deps_ptr, deps.len(), &p) }
+            }
+        };
+        check(rc)?;
+        Ok(out as usize)
+    }
+
+    pub(super) fn nodes_of(&mut self, graph: &CudaGraph) -> CuResultOf<Vec<usize>> {
+        let g = self.raw_graph(graph)?;
+        let mut count = 0usize;
+        // SAFETY: a live graph; NULL nodes asks for the count only.
+        check(unsafe { (self.api.graph_get_nodes)(g, std::ptr::null_mut(), &mut count) })?;
+        let mut nodes: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); count];
+        // SAFETY: room for `count` nodes; the driver writes at most `count` and sets
+        // `count` to how many there are.
+        check(unsafe { (self.api.graph_get_nodes)(g, nodes.as_mut_ptr(), &mut count) })?;
+        nodes.truncate(count);
+        Ok(nodes.into_iter().map(|n| n as usize).collect())
+    }
+
+    pub(super) fn instantiate_graph(&mut self, graph: &CudaGraph, flags: u64) -> CuResultOf<CudaGraphExec> {
+        let g = self.raw_graph(graph)?;
+        self.enter()?;
+        let mut raw: sys::CUgraphExec = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; a live graph; the driver validates `flags`.
+        check(unsafe { (self.api.graph_instantiate)(&mut raw, g, flags) })?;
+        let id = next_id();
+        self.graph_execs.insert(id, Owned { raw, ctx: self.current });
+        Ok(CudaGraphExec { id })
+    }
+
+    pub(super) fn destroy_graph_exec(&mut self, exec: CudaGraphExec) -> CuResultOf<()> {
+        let entry = self.graph_execs.get(&exec.id).copied().ok_or(CuError::INVALID_HANDLE)?;
+        self.make_current(entry.ctx)?;
+        self.graph_execs.remove(&exec.id);
+        // SAFETY: a live executable graph, now out of the table, so destroyed once.
+        check(unsafe { (self.api.graph_exec_destroy)(entry.raw) })
+    }
+
+    pub(super) fn launch_graph(
+        &mut self,
+        exec: &CudaGraphExec,
+        stream: Option<&CudaStream>,
+        upload_only: bool,
+    ) -> CuResultOf<()> {
+        let raw = self.graph_execs.get(&exec.id).map(|e| e.raw).ok_or(CuError::INVALID_HANDLE)?;
+        let stream = self.stream_or_null(stream)?;
+        self.enter()?;
+        let rc = if upload_only {
+            // SAFETY: a live executable graph; `stream` is NULL or live.
+            unsafe { (self.api.graph_upload)(raw, stream) }
+        } else {
+            // SAFETY: as above.
+            unsafe { (self.api.graph_launch)(raw, stream) }
+        };
+        check(rc)
+    }
+
+    pub(super) fn begin_capture(&mut self, stream: Option<&CudaStream>, mode: u32) -> CuResultOf<()> {
+        let stream = self.stream_or_null(stream)?;
+        self.enter()?;
+        // SAFETY: `stream` is NULL (refused by the driver) or live; the driver validates
+        // `mode`.
+        check(unsafe { (self.api.stream_begin_capture)(stream, mode) })
+    }
+
+    pub(super) fn end_capture(&mut self, stream: Option<&CudaStream>) -> CuResultOf<CudaGraph> {
+        let stream = self.stream_or_null(stream)?;
+        self.enter()?;
+        let mut raw: sys::CUgraph = std::ptr::null_mut();
+        // SAFETY: `stream` is NULL or live; valid out-pointer.
+        check(unsafe { (self.api.stream_end_capture)(stream, &mut raw) })?;
+        Ok(self.add_graph(raw))
+    }
+
+    pub(super) fn capture_info(&mut self, stream: Option<&CudaStream>) -> CuResultOf<(u32, u64)> {
+        let stream = self.stream_or_null(stream)?;
+        self.enter()?;
+        let (mut status, mut id): (c_uint, u64) = (0, 0);
+        let null = std::ptr::null_mut();
+        // SAFETY: `stream` is NULL or live; valid out-pointers for status and id, NULL for
+        // the optional graph, dependencies, edge data and count.
+        check(unsafe { (self.api.stream_get_capture_info)(stream, &mut status, &mut id, null, null, null, null) })?;
+        Ok((status, id))
+    }
+
+    pub(super) fn exchange_mode(&mut self, mode: u32) -> CuResultOf<u32> {
+        let mut m: c_uint = mode;
+        // SAFETY: a valid in/out pointer; the driver validates the mode.
+        check(unsafe { (self.api.thread_exchange_capture_mode)(&mut m) })?;
+        Ok(m)
+    }
+
+    pub(super) fn host_func_persistent(
+        &mut self,
+        stream: Option<&CudaStream>,
+        slot: Arc<HostFuncSlot>,
+    ) -> CuResultOf<()> {
+        let stream = self.stream_or_null(stream)?;
+        self.enter()?;
+        let data = Arc::as_ptr(&slot).cast_mut().cast();
+        self.host_slots.push(slot);
+        // SAFETY: `stream` is NULL or live; `data` is kept alive in `host_slots` for this
+        // backend's life, and `run_persistent` only borrows it.
+        check(unsafe { (self.api.launch_host_func)(stream, Some(run_persistent), data) })
+    }
+
+    /// Destroys every graph (teardown, before the primary context goes).
+    pub(super) fn destroy_all_graphs(&mut self) {
+        let execs: Vec<Owned<sys::CUgraphExec>> = self.graph_execs.drain().map(|(_, e)| e).collect();
+        for e in execs {
+            if self.make_current(e.ctx).is_ok() {
+                // SAFETY: a live executable graph, out of the table now.
+                let _ = unsafe { (self.api.graph_exec_destroy)(e.raw) };
+            }
+        }
+        for (_, raw) in self.graphs.drain() {
+            // SAFETY: a live graph, out of the table now.
+            let _ = unsafe { (self.api.graph_destroy)(raw) };
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Graphs and stream capture in the simulated GPU (a test double: see the parent module).
+//!
+//! A graph is a list of operations in the order they were added, which is a topological
+//! order (a node's dependencies exist before it), so a launch runs them in that order; the
+//! double runs all work in place anyway. An executable graph is a snapshot of its graph's
+//! operations. A capturing stream records launches, memsets, device copies and host
+//! functions into its graph instead of running them; an event recorded on it carries the
+//! capture, and a stream that waits for such an event joins it (the fork/join pattern of
+//! CUDA's samples). What cannot be captured is refused as the driver refuses it: staged
+//! copies, synchronisation and one-shot host functions on a capturing stream
+//! (`CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`), and work on the legacy stream while any
+//! capture is open (`CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`). Copy nodes are device to device
+//! only: the double does not take the window. Modelled, not measured: the real driver's
+//! rules have more cases (capture modes are stored, not enforced).
+
+use super::*;
+use crate::backend::STREAM_CAPTURE_UNSUPPORTED;
+use crate::backend::{CopyEnd, GraphCopy, GraphMemset, GraphNodeSpec, HostFuncSlot, CAPTURE_ACTIVE, ILLEGAL_STATE};
+use std::sync::Arc;
+
+/// `CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`.
+const STREAM_CAPTURE_IMPLICIT: CuError = CuError::new(906);
+
+/// A simulated graph.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct SimGraph(u64);
+
+/// A simulated executable graph.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct SimGraphExec(u64);
+
+/// One operation of a graph.
+#[derive(Clone, Debug)]
+pub(super) enum SimOp {
+    Empty,
+    Kernel { func: u64, config: LaunchConfig, params: Vec<u8>, layout: Vec<ParamSlot> },
+    Memset(GraphMemset),
+    Copy(GraphCopy),
+    Host(Arc<HostFuncSlot>),
+}
+
+/// A graph's nodes: (node id, operation), in the order added.
+pub(super) type SimGraphNodes = Vec<(u64, SimOp)>;
+
+impl SimGpu {
+    /// The graph `stream` is capturing into, if any (the legacy stream may not be used
+    /// while any capture is open).
+    pub(super) fn capturing(&self, stream: Option<&SimStream>) -> CuResultOf<Option<u64>> {
+        match self.check_stream(stream)? {
+            Some(s) => Ok(s.capture.map(|(graph, _)| graph)),
+            None if self.streams.values().any(|s| s.capture.is_some()) => Err(STREAM_CAPTURE_IMPLICIT),
+            None => Ok(None),
+        }
+    }
+
+    /// Refuses what must not run on a capturing stream.
+    pub(super) fn not_capturing(&self, stream: Option<&SimStream>) -> CuResultOf<()> {
+        match self.capturing(stream)? {
+            Some(_) => Err(STREAM_CAPTURE_UNSUPPORTED),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether any capture is open (synchronising the device is refused then).
+    pub(super) fn any_capture(&self) -> bool {
+        self.streams.values().any(|s| s.capture.is_some())
+    }
+
+    /// Appends `op` to `graph` and returns the node's id.
+    pub(super) fn record(&mut self, graph: u64, op: SimOp) -> CuResultOf<u64> {
+        let nodes = self.graphs.get_mut(&graph).ok_or(CuError::INVALID_HANDLE)?;
+        let id = next_id();
+        nodes.push((id, op));
+        Ok(id)
+    }
+
+    /// Runs one operation now.
+    fn run_op(&mut self, op: &SimOp) -> CuResultOf<()> {
+        match op {
+            SimOp::Empty => Ok(()),
+            SimOp::Kernel { func, config, params, layout } => self.launch_now(*func, config, params, layout),
+            SimOp::Memset(m) => self.memset_2d(m),
+            SimOp::Copy(c) => self.copy_3d(c),
+            SimOp::Host(slot) => {
+                // In place, bounded, as `launch_host_func` runs a one-shot function.
+                slot.run(Some(std::time::Duration::from_secs(30)));
+                Ok(())
+            }
+        }
+    }
+
+    /// A 2-D memset of device memory.
+    pub(super) fn memset_2d(&mut self, m: &GraphMemset) -> CuResultOf<()> {
+        let elem = u64::from(m.element_size);
+        let row = m.width.checked_mul(elem).ok_or(CuError::INVALID_VALUE)?;
+        let bytes = m.value.to_le_bytes();
+        for r in 0..m.height {
+            let at = m.pitch.checked_mul(r).and_then(|o| o.checked_add(m.dst)).ok_or(CuError::INVALID_VALUE)?;
+            let (buf, off) = self.locate(at, row)?;
+            for w in buf[off..off + row as usize].chunks_exact_mut(elem as usize) {
+                w.copy_from_slice(&bytes[..elem as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    /// A 3-D copy between device ranges, row by row.
+    fn copy_3d(&mut self, c: &GraphCopy) -> CuResultOf<()> {
+        let (CopyEnd::Device(src), CopyEnd::Device(dst)) = (c.src, c.dst) else {
+            return Err(CuError::NOT_SUPPORTED);
+        };
+        let row_len = usize::try_from(c.width).map_err(|_| CuError::INVALID_VALUE)?;
+        let mut row = vec![0u8; row_len];
+        for z in 0..c.depth {
+            for y in 0..c.height {
+                let at = |base: u64, pitch: u64, height: u64| {
+                    z.checked_mul(height)
+                        .and_then(|r| r.checked_add(y))
+                        .and_then(|r| r.checked_mul(pitch))
+                        .and_then(|o| o.checked_add(base))
+                        .ok_or(CuError::INVALID_VALUE)
+                };
+                let (s, d) = (at(src, c.src_pitch, c.src_height)?, at(dst, c.dst_pitch, c.dst_height)?);
+                let (buf, off) = self.locate(s, c.width)?;
+                row.copy_from_slice(&buf[off..off + row_len]);
+                let (buf, off) = self.locate(d, c.width)?;
+                buf[off..off + row_len].copy_from_slice(&row);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn create_graph(&mut self) -> SimGraph {
+        let id = next_id();
+        self.graphs.insert(id, Vec::new());
+        SimGraph(id)
+    }
+
+    pub(super) fn destroy_graph(&mut self, graph: SimGraph) -> CuResultOf<()> {
+        if self.streams.values().any(|s| s.capture.is_some_and(|(g, _)| g == graph.0)) {
+            // The capture's graph is the stream's until the capture ends.
+            return Err(ILLEGAL_STATE);
+        }
+        self.graphs.remove(&graph.0).map(drop).ok_or(CuError::INVALID_HANDLE)
+    }
+
+    pub(super) fn clone_graph(&mut self, graph: &SimGraph) -> CuResultOf<SimGraph> {
+        let nodes = self.graphs.get(&graph.0).ok_or(CuError::INVALID_HANDLE)?;
+        let copy = nodes.iter().map(|(_, op)| (next_id(), op.clone())).collect();
+        let id = next_id();
+        self.graphs.insert(id, copy);
+        Ok(SimGraph(id))
+    }
+
+    pub(super) fn add_graph_node(
+        &mut self,
+        graph: &SimGraph,
+        deps: &[u64],
+        node: GraphNodeSpec<'_, SimFunction>,
+    ) -> CuResultOf<u64> {
+        let nodes = self.graphs.get(&graph.0).ok_or(CuError::INVALID_HANDLE)?;
+        if !deps.iter().all(|d| nodes.iter().any(|(id, _)| id == d)) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let op = match node {
+            GraphNodeSpec::Empty => SimOp::Empty,
+            GraphNodeSpec::Kernel { func, config, params, layout } => {
+                self.check_launch(func.0, config, params, layout)?;
+                SimOp::Kernel { func: func.0, config: config.clone(), params: params.to_vec(), layout: layout.to_vec() }
+            }
+            GraphNodeSpec::Memset(m) => SimOp::Memset(m),
+            GraphNodeSpec::Memcpy(c) => match (c.src, c.dst) {
+                (CopyEnd::Device(_), CopyEnd::Device(_)) => SimOp::Copy(c),
+                _ => return Err(CuError::NOT_SUPPORTED),
+            },
+            GraphNodeSpec::Host(slot) => SimOp::Host(slot),
+        };
+        self.record(graph.0, op)
+    }
+
+    pub(super) fn nodes_of(&self, graph: &SimGraph) -> CuResultOf<Vec<u64>> {
+        let nodes = self.graphs.get(&graph.0).ok_or(CuError::INVALID_HANDLE)?;
+        Ok(nodes.iter().map(|(id, _)| *id).collect())
+    }
+
+    pub(super) fn instantiate_graph(&mut self, graph: &SimGraph, flags: u64) -> CuResultOf<SimGraphExec> {
+        // CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH | UPLOAD | DEVICE_LAUNCH | USE_NODE_PRIORITY.
+        if flags & !0xf != 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let nodes = self.graphs.get(&graph.0).ok_or(CuError::INVALID_HANDLE)?;
+        let ops = nodes.iter().map(|(_, op)| op.clone()).collect();
+        let id = next_id();
+        self.execs.insert(id, (self.current, ops));
+        Ok(SimGraphExec(id))
+    }
+
+    pub(super) fn destroy_graph_exec(&mut self, exec: SimGraphExec) -> CuResultOf<()> {
+        self.execs.remove(&exec.0).map(drop).ok_or(CuError::INVALID_HANDLE)
+    }
+
+    pub(super) fn launch_graph(
+        &mut self,
+        exec: &SimGraphExec,
+        stream: Option<&SimStream>,
+        upload_only: bool,
+    ) -> CuResultOf<()> {
+        let ops = self.execs.get(&exec.0).map(|(_, ops)| ops.clone()).ok_or(CuError::INVALID_HANDLE)?;
+        if self.capturing(stream)?.is_some() {
+            // A child graph node: not modelled.
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        if upload_only {
+            return Ok(());
+        }
+        ops.iter().try_for_each(|op| self.run_op(op))
+    }
+
+    pub(super) fn begin_capture(&mut self, stream: Option<&SimStream>, mode: u32) -> CuResultOf<()> {
+        let Some(s) = stream else { return Err(STREAM_CAPTURE_UNSUPPORTED) };
+        if mode > 2 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let state = self.streams.get(&s.0).ok_or(CuError::INVALID_HANDLE)?;
+        if state.capture.is_some() {
+            return Err(ILLEGAL_STATE);
+        }
+        let graph = self.create_graph().0;
+        let capture = next_id();
+        if let Some(state) = self.streams.get_mut(&s.0) {
+            state.capture = Some((graph, capture));
+        }
+        Ok(())
+    }
+
+    pub(super) fn end_capture(&mut self, stream: Option<&SimStream>) -> CuResultOf<SimGraph> {
+        let Some(s) = stream else { return Err(ILLEGAL_STATE) };
+        let state = self.streams.get(&s.0).ok_or(CuError::INVALID_HANDLE)?;
+        let (graph, _) = state.capture.ok_or(ILLEGAL_STATE)?;
+        // Every stream that joined the capture leaves it (the double does not check that
+        // each one joined back, as the driver does).
+        for st in self.streams.values_mut() {
+            if st.capture.is_some_and(|(g, _)| g == graph) {
+                st.capture = None;
+            }
+        }
+        for e in self.events.values_mut() {
+            if e.captured.is_some_and(|(g, _)| g == graph) {
+                e.captured = None;
+            }
+        }
+        Ok(SimGraph(graph))
+    }
+
+    pub(super) fn capture_info(&self, stream: Option<&SimStream>) -> CuResultOf<(u32, u64)> {
+        let capture = match self.check_stream(stream)? {
+            Some(s) => s.capture,
+            None if self.any_capture() => return Err(STREAM_CAPTURE_IMPLICIT),
+            None => None,
+        };
+        Ok(capture.map_or((0, 0), |(_, id)| (CAPTURE_ACTIVE, id)))
+    }
+
+    pub(super) fn exchange_mode(&mut self, mode: u32) -> CuResultOf<u32> {
+        if mode > 2 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Ok(std::mem::replace(&mut self.capture_mode, mode))
+    }
+
+    pub(super) fn host_func_persistent(
+        &mut self,
+        stream: Option<&SimStream>,
+        slot: Arc<HostFuncSlot>,
+    ) -> CuResultOf<()> {
+        match self.capturing(stream)? {
+            Some(graph) => self.record(graph, SimOp::Host(slot)).map(drop),
+            None => self.run_op(&SimOp::Host(slot)),
+        }
+    }
+
+    /// An event recorded on a capturing stream carries the capture; one recorded elsewhere
+    /// does not.
+    pub(super) fn note_event_record(&mut self, event: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
+        let capture = match stream {
+            Some(s) => self.check_stream(Some(s))?.and_then(|st| st.capture),
+            None => None,
+        };
+        if let Some(e) = self.events.get_mut(&event) {
+            e.captured = capture;
+        }
+        Ok(())
+    }
+
+    /// A stream that waits for an event carrying a capture joins that capture.
+    pub(super) fn note_event_wait(&mut self, event: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
+        let captured = self.events.get(&event).and_then(|e| e.captured);
+        match (captured, stream) {
+            (Some(c), Some(s)) => {
+                if let Some(st) = self.streams.get_mut(&s.0) {
+                    if st.capture.is_none() {
+                        st.capture = Some(c);
+                    }
+                }
+                Ok(())
+            }
+            (Some(_), None) => Err(STREAM_CAPTURE_IMPLICIT),
+            (None, _) => Ok(()),
+        }
+    }
+}
