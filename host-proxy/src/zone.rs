@@ -2054,6 +2054,85 @@ mod tests {
     }
 
     #[test]
+    fn graph_nodes_are_checked_like_the_work_they_replay() {
+        let stage = crate::backend::STREAM_CAPTURE_UNSUPPORTED;
+        let mut f = fixture(Quotas::default(), 4096);
+        let region = idm_shm::MemfdRegion::create("graph-checks", 4096).unwrap();
+        f.z.attach_window(region, 0, 4096).unwrap();
+        let a = f.alloc(1024).unwrap();
+        let s = f.stream().unwrap();
+        let objects = f.z.live_objects();
+        let g = f.api().cu_graph_create(CuGraphCreate { flags: 0 }).unwrap().ph_graph;
+        let other = f.api().cu_graph_create(CuGraphCreate { flags: 0 }).unwrap().ph_graph;
+        let memset = |graph, deps: Vec<u8>, dst, width| GraphAddMemsetNode {
+            graph,
+            deps,
+            dst,
+            pitch: 0,
+            value: 1,
+            element_size: 4,
+            width,
+            height: 1,
+        };
+        let n1 = f.api().graph_add_memset_node(memset(g, vec![], a, 256)).unwrap().node;
+        let e = f.api().graph_add_memset_node(memset(g, vec![], a, 257)).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_VALUE), "a memset node past its allocation is refused");
+        let on = f.api().graph_add_empty_node(GraphAddEmptyNode { graph: other, deps: vec![] }).unwrap().node;
+        let e = f.api().graph_add_empty_node(GraphAddEmptyNode { graph: g, deps: on.0.to_le_bytes().to_vec() });
+        assert_eq!(e.map(|_| ()), Err(CuError::INVALID_VALUE), "a dependency must be a node of the same graph");
+        let forged = Handle(n1.0 ^ (1 << 40));
+        let e = f.api().graph_add_empty_node(GraphAddEmptyNode { graph: g, deps: forged.0.to_le_bytes().to_vec() });
+        assert_eq!(e.map(|_| ()), Err(CuError::INVALID_HANDLE), "a forged node handle names nothing");
+        let copy = GraphAddMemcpyNode {
+            graph: g,
+            deps: n1.0.to_le_bytes().to_vec(),
+            src_window: true,
+            src: 0,
+            src_pitch: 0,
+            src_height: 0,
+            dst_window: false,
+            dst: a,
+            dst_pitch: 0,
+            dst_height: 0,
+            width: 1024,
+            height: 1,
+            depth: 1,
+        };
+        let e = f.api().graph_add_memcpy_node(copy.clone()).map(|_| ());
+        assert_eq!(e, Err(CuError::NOT_SUPPORTED), "a window side needs a backend that took the window");
+        let e = f.api().graph_add_memcpy_node(GraphAddMemcpyNode { src_window: false, src: a + 8, ..copy }).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_VALUE), "a copy node's source past its allocation is refused");
+        let nodes = f.api().graph_get_nodes(GraphGetNodes { graph: g, first: 0, want: 8 }).unwrap();
+        assert_eq!((nodes.count, nodes.nodes.clone()), (1, n1.0.to_le_bytes().to_vec()), "one node, one handle");
+
+        // While a capture is open, what a graph must not record is refused.
+        f.api().stream_begin_capture(StreamBeginCapture { stream: s, mode: 0 }).unwrap();
+        let e = f.api().memcpy_hto_d(MemcpyHtoD { dst: a, src: BulkRef { offset: 0, len: 64 }, stream: s });
+        assert_eq!(e.map(|_| ()), Err(stage), "a staged copy is not captured");
+        let e = f.api().host_func(HostFunc { stream: s, slot: 0 });
+        assert_eq!(e.map(|_| ()), Err(stage), "a one-shot host function is not captured");
+        f.z.async_since_sync = f.z.quotas.max_async_in_flight;
+        f.z.note_posted().expect("the throttle does not synchronise (and so invalidate) an open capture");
+        f.api().cu_memset_d32_async(CuMemsetD32Async { dst_device: a, ui: 5, n: 256, h_stream: s }).unwrap();
+        let info = f.api().stream_capture_info(StreamCaptureInfo { stream: s }).unwrap();
+        assert_eq!(info.status, crate::backend::CAPTURE_ACTIVE);
+        let captured = f.api().stream_end_capture(StreamEndCapture { stream: s }).unwrap().graph;
+        assert_eq!(f.z.captures_active, 0);
+        let exec = f.api().cu_graph_instantiate_with_flags(CuGraphInstantiateWithFlags { h_graph: captured, flags: 0 });
+        let exec = exec.unwrap().ph_graph_exec;
+        f.api().cu_graph_launch(CuGraphLaunch { h_graph_exec: exec, h_stream: s }).unwrap();
+
+        // Destroying a graph ends its node handles; everything counted is given back.
+        f.api().cu_graph_destroy(CuGraphDestroy { h_graph: g }).unwrap();
+        let e = f.api().graph_add_empty_node(GraphAddEmptyNode { graph: other, deps: n1.0.to_le_bytes().to_vec() });
+        assert_eq!(e.map(|_| ()), Err(CuError::INVALID_HANDLE), "a destroyed graph's nodes are gone");
+        f.api().cu_graph_exec_destroy(CuGraphExecDestroy { h_graph_exec: exec }).unwrap();
+        f.api().cu_graph_destroy(CuGraphDestroy { h_graph: captured }).unwrap();
+        f.api().cu_graph_destroy(CuGraphDestroy { h_graph: other }).unwrap();
+        assert_eq!(f.z.live_objects(), objects, "graphs, execs and nodes count against the handle quota");
+    }
+
+    #[test]
     fn queued_host_functions_are_bounded_per_zone() {
         use std::sync::atomic::Ordering::SeqCst;
         let mut f = fixture(Quotas::default(), 4096);
