@@ -30,8 +30,19 @@ fn status_of(stream: sys::CUstream) -> CuResult<(u32, u64)> {
     if !rt::captures_open() {
         return Ok((NONE, 0));
     }
-    let r: p::StreamCaptureInfoReply = rt::call(&p::StreamCaptureInfo { stream: rt::stream_arg(stream)? }, true)?;
+    status_of_handle(rt::stream_arg(stream)?)
+}
+
+/// The capture status and id of the host stream `stream` (asked of the host).
+fn status_of_handle(stream: vgpu_proto::Handle) -> CuResult<(u32, u64)> {
+    let r: p::StreamCaptureInfoReply = rt::call(&p::StreamCaptureInfo { stream }, true)?;
     Ok((r.status, r.id))
+}
+
+/// Whether the host stream `stream` is capturing now (asked of the host only while a
+/// capture is open).
+pub fn handle_is_capturing(stream: vgpu_proto::Handle) -> CuResult<bool> {
+    Ok(rt::captures_open() && status_of_handle(stream)?.0 != NONE)
 }
 
 /// Whether `stream` is capturing now (asked of the host only while a capture is open).

@@ -19,6 +19,8 @@ use vgpu_proto::{Handle, LaunchConfig};
 const MEMORYTYPE_HOST: u32 = 1;
 const MEMORYTYPE_DEVICE: u32 = 2;
 const MEMORYTYPE_UNIFIED: u32 = 4;
+/// `CU_POINTER_ATTRIBUTE_MEMORY_TYPE`.
+const POINTER_MEMORY_TYPE: u32 = 2;
 /// `CUDA_GRAPH_INSTANTIATE_FLAG_UPLOAD`.
 const INSTANTIATE_FLAG_UPLOAD: u64 = 2;
 /// `CUDA_GRAPH_INSTANTIATE_SUCCESS` and `…_ERROR`.
@@ -148,6 +150,7 @@ struct Copy3d {
 }
 
 /// One side of a `CUDA_MEMCPY3D`.
+#[derive(Default)]
 struct Side {
     x: u64,
     y: u64,
@@ -208,33 +211,134 @@ fn extent(s: &Side, c: &Copy3d) -> CuResult<u64> {
     rows.and_then(|r| r.checked_mul(s.pitch)).and_then(|o| o.checked_add(c.width)).ok_or(CuError::INVALID_VALUE)
 }
 
-/// Where a side's first byte is on the wire: (in the window, address or window offset).
-fn locate(s: &Side, c: &Copy3d, window: &crate::window::Window) -> CuResult<(bool, u64)> {
+/// Where a side's first byte is.
+enum At {
+    /// Device memory.
+    Device(u64),
+    /// Pinned memory of the window, at this offset.
+    Window(u64),
+    /// The program's own (pageable) memory, at this address: the host cannot reach it.
+    Program(usize),
+}
+
+/// Whether `addr` is device memory of the zone (asked of the host, which keeps the ranges).
+fn is_device(conn: &mut crate::rt::Conn, addr: u64) -> bool {
+    let r = conn
+        .call::<_, p::PointerGetAttributeReply>(&p::PointerGetAttribute { attribute: POINTER_MEMORY_TYPE, ptr: addr });
+    r.is_ok_and(|r| r.value == u64::from(MEMORYTYPE_DEVICE))
+}
+
+/// Where a side's first byte is.
+fn locate(s: &Side, c: &Copy3d, conn: &mut crate::rt::Conn) -> CuResult<At> {
     let rows = s.z.checked_mul(s.height).and_then(|r| r.checked_add(s.y));
     let offset =
         rows.and_then(|r| r.checked_mul(s.pitch)).and_then(|o| o.checked_add(s.x)).ok_or(CuError::INVALID_VALUE)?;
-    let host = match s.memory_type {
-        MEMORYTYPE_DEVICE => None,
-        MEMORYTYPE_HOST => Some(s.host),
-        // Unified addressing: the window's pinned memory is host memory, the rest device.
-        MEMORYTYPE_UNIFIED if window.pinned(std::ptr::without_provenance(s.device as usize), 1).is_some() => {
-            Some(s.device as usize)
-        }
-        MEMORYTYPE_UNIFIED => None,
-        _ => return Err(rt::unsupported_err("cuGraphAddMemcpyNode with CUDA arrays")),
-    };
     if s.array != 0 {
         return Err(rt::unsupported_err("cuGraphAddMemcpyNode with CUDA arrays"));
     }
-    match host {
-        None => Ok((false, s.device.checked_add(offset).ok_or(CuError::INVALID_VALUE)?)),
-        Some(h) => {
-            let start = (h as u64).checked_add(offset).ok_or(CuError::INVALID_VALUE)?;
-            let at = window
-                .pinned(std::ptr::without_provenance(start as usize), extent(s, c)?)
-                .ok_or_else(|| rt::unsupported_err("cuGraphAddMemcpyNode with pageable host memory"))?;
-            Ok((true, at.offset))
+    let host = match s.memory_type {
+        MEMORYTYPE_DEVICE => None,
+        MEMORYTYPE_HOST => Some(s.host),
+        // Unified addressing: the window's pinned memory and anything the host does not
+        // know as the zone's device memory is host memory; the rest is device memory.
+        MEMORYTYPE_UNIFIED if conn.window.pinned(std::ptr::without_provenance(s.device as usize), 1).is_some() => {
+            Some(s.device as usize)
         }
+        MEMORYTYPE_UNIFIED if is_device(conn, s.device) => None,
+        MEMORYTYPE_UNIFIED => Some(s.device as usize),
+        _ => return Err(rt::unsupported_err("cuGraphAddMemcpyNode with CUDA arrays")),
+    };
+    match host {
+        None => Ok(At::Device(s.device.checked_add(offset).ok_or(CuError::INVALID_VALUE)?)),
+        Some(h) => {
+            let start = h.checked_add(offset as usize).ok_or(CuError::INVALID_VALUE)?;
+            match conn.window.pinned(std::ptr::without_provenance(start), extent(s, c)?) {
+                Some(at) => Ok(At::Window(at.offset)),
+                None => Ok(At::Program(start)),
+            }
+        }
+    }
+}
+
+/// A copy between the program's pageable memory and a pinned shadow of it in the window,
+/// run in this process by a host node: the shadow has the program side's layout, and only
+/// the copied rows are touched (never the bytes between them).
+struct ShadowCopy {
+    program: usize,
+    shadow: usize,
+    width: usize,
+    height: usize,
+    depth: usize,
+    pitch: usize,
+    slice_rows: usize,
+    /// Shadow to program (after a device-to-host copy) rather than program to shadow.
+    to_program: bool,
+}
+
+/// A graph host node's function: runs one [`ShadowCopy`].
+unsafe extern "C" fn run_shadow_copy(data: *mut std::ffi::c_void) {
+    // SAFETY: `data` is a `ShadowCopy` leaked for the process's life by `shadow_of`.
+    let j = unsafe { &*data.cast::<ShadowCopy>() };
+    for z in 0..j.depth {
+        for y in 0..j.height {
+            let off = (z * j.slice_rows + y) * j.pitch;
+            let program = std::ptr::with_exposed_provenance_mut::<u8>(j.program + off);
+            let shadow = std::ptr::with_exposed_provenance_mut::<u8>(j.shadow + off);
+            let (from, to) = if j.to_program { (shadow, program) } else { (program, shadow) };
+            // SAFETY: the program promised (CUDA's contract) that its rows are valid at every
+            // launch; the shadow block holds the whole extent and lives as long as the process.
+            unsafe { std::ptr::copy_nonoverlapping(from, to, j.width) };
+        }
+    }
+}
+
+/// A pinned shadow of the program's memory at `program` for side `s` of `c`: the job that
+/// moves bytes between them (leaked for the process's life, like the graph that runs it)
+/// and the shadow's window offset.
+fn shadow_of(program: usize, s: &Side, c: &Copy3d, to_program: bool) -> CuResult<(usize, u64)> {
+    let len = extent(s, c)?;
+    let size = |v: u64| usize::try_from(v).map_err(|_| CuError::INVALID_VALUE);
+    let sess = session()?;
+    let mut conn = sess.lock();
+    let block = conn.window.alloc(len, 0)?;
+    let at = conn.window.desc_of(block, len)?;
+    let job = ShadowCopy {
+        program,
+        shadow: block.expose_provenance(),
+        width: size(c.width)?,
+        height: size(c.height)?,
+        depth: size(c.depth)?,
+        pitch: size(s.pitch)?,
+        slice_rows: size(s.height)?,
+        to_program,
+    };
+    Ok((Box::into_raw(Box::new(job)).expose_provenance(), at.offset))
+}
+
+/// Queues on the capturing `stream` a pageable copy of `len` bytes between the program's
+/// `program` and device `dev`, as the driver captures one: through a pinned shadow, with a
+/// host node moving the bytes between it and the program's memory at every launch.
+pub fn capture_pageable_copy(program: usize, dev: u64, len: usize, stream: Handle, to_program: bool) -> CuResult<()> {
+    let side = Side {
+        x: 0,
+        y: 0,
+        z: 0,
+        memory_type: MEMORYTYPE_HOST,
+        host: program,
+        device: 0,
+        array: 0,
+        pitch: 0,
+        height: 0,
+    };
+    let c = Copy3d { width: len as u64, height: 1, depth: 1, src: side, dst: Side { ..Side::default() } };
+    let (job, shadow) = shadow_of(program, &c.src, &c, to_program)?;
+    let desc = idm_core::BulkRef { offset: shadow, len: len as u64 };
+    if to_program {
+        rt::post(&p::MemcpyDtoHAsync { dst: desc, src: dev, stream }, true)?;
+        host_func::queue_captured(stream, run_shadow_copy, job)
+    } else {
+        host_func::queue_captured(stream, run_shadow_copy, job)?;
+        rt::post(&p::MemcpyHtoDAsync { dst: dev, src: desc, stream }, true)
     }
 }
 
@@ -256,28 +360,62 @@ pub unsafe fn cu_graph_add_memcpy_node(
     let c = unsafe { read_copy(params) };
     // SAFETY: CUDA's contract for `deps`.
     let deps = unsafe { deps_bytes(deps, n) }?;
-    let s = session()?;
-    let mut conn = s.lock();
-    conn.enter_current()?;
-    let (src_window, src) = locate(&c.src, &c, &conn.window)?;
-    let (dst_window, dst) = locate(&c.dst, &c, &conn.window)?;
-    let req = p::GraphAddMemcpyNode {
-        graph: handle_of(graph),
-        deps,
-        src_window,
-        src,
-        src_pitch: c.src.pitch,
-        src_height: c.src.height,
-        dst_window,
-        dst,
-        dst_pitch: c.dst.pitch,
-        dst_height: c.dst.height,
-        width: c.width,
-        height: c.height,
-        depth: c.depth,
+    let (src, dst) = {
+        let s = session()?;
+        let mut conn = s.lock();
+        conn.enter_current()?;
+        (locate(&c.src, &c, &mut conn)?, locate(&c.dst, &c, &mut conn)?)
     };
-    let r: p::GraphAddMemcpyNodeReply = conn.call(&req)?;
-    set_node(out, r.node)
+    let graph = handle_of(graph);
+    let wire = |at: &At| match *at {
+        At::Device(a) => (false, a),
+        At::Window(o) => (true, o),
+        At::Program(_) => (true, 0),
+    };
+    let node = |deps: Vec<u8>, (src_window, src): (bool, u64), (dst_window, dst): (bool, u64)| {
+        let req = p::GraphAddMemcpyNode {
+            graph,
+            deps,
+            src_window,
+            src,
+            src_pitch: c.src.pitch,
+            src_height: c.src.height,
+            dst_window,
+            dst,
+            dst_pitch: c.dst.pitch,
+            dst_height: c.dst.height,
+            width: c.width,
+            height: c.height,
+            depth: c.depth,
+        };
+        rt::call::<_, p::GraphAddMemcpyNodeReply>(&req, true).map(|r| r.node)
+    };
+    // Pageable program memory is reached through a pinned shadow and a host node that moves
+    // the bytes: before the copy (to the device) or after it (from the device), so that what
+    // depends on the returned node sees the program's memory as natively.
+    let host_node = |deps: Vec<u8>, job: usize| -> CuResult<Handle> {
+        let slot = host_func::graph_node_slot(run_shadow_copy, job)?;
+        let r: p::GraphAddHostNodeReply = rt::call(&p::GraphAddHostNode { graph, deps, slot: slot.offset() }, true)?;
+        slot.keep();
+        Ok(r.node)
+    };
+    let made = match (&src, &dst) {
+        (At::Program(_), At::Program(_)) => {
+            return Err(rt::unsupported_err("cuGraphAddMemcpyNode between two pageable host buffers"))
+        }
+        (At::Program(p), _) => {
+            let (job, shadow) = shadow_of(*p, &c.src, &c, false)?;
+            let fill = host_node(deps, job)?;
+            node(fill.0.to_le_bytes().to_vec(), (true, shadow), wire(&dst))?
+        }
+        (_, At::Program(p)) => {
+            let (job, shadow) = shadow_of(*p, &c.dst, &c, true)?;
+            let copied = node(deps, wire(&src), (true, shadow))?;
+            host_node(copied.0.to_le_bytes().to_vec(), job)?
+        }
+        _ => node(deps, wire(&src), wire(&dst))?,
+    };
+    set_node(out, made)
 }
 
 /// `cuGraphAddHostNode`: the function runs in this process at every launch.

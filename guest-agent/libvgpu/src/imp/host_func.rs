@@ -214,6 +214,16 @@ pub fn graph_node_slot(f: unsafe extern "C" fn(*mut c_void), data: usize) -> CuR
     Ok(PersistentSlot { r, slot, value, kept: false })
 }
 
+/// Queues `f(data)` on `stream`, which is capturing: it becomes a host node of the capture's
+/// graph (its word kept and re-armed at every launch).
+pub fn queue_captured(stream: vgpu_proto::Handle, f: unsafe extern "C" fn(*mut c_void), data: usize) -> CuResult<()> {
+    let slot = graph_node_slot(f, data)?;
+    let req = p::HostFuncPersistent { stream, slot: slot.offset() };
+    crate::rt::call::<_, vgpu_proto::Done>(&req, true)?;
+    slot.keep();
+    Ok(())
+}
+
 /// A word armed for a graph's host function (see [`graph_node_slot`]).
 pub struct PersistentSlot {
     r: &'static Runner,

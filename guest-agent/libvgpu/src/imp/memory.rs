@@ -239,6 +239,15 @@ unsafe fn htod(dst: u64, src: *const c_void, len: usize, stream: Handle, asynchr
             c.call::<_, Done>(&p::MemcpyHtoD { dst, src: desc, stream }).map(drop)
         };
     }
+    if asynchronous && crate::rt::captures_open() {
+        drop(c);
+        if super::capture::handle_is_capturing(stream)? {
+            // Captured: through a pinned shadow, refilled by a host node at every launch.
+            return super::graph::capture_pageable_copy(src.expose_provenance(), dst, len, stream, false);
+        }
+        c = s.lock();
+        c.enter_current()?;
+    }
     // SAFETY: CUDA's contract: `src` is readable for `len` bytes.
     let bytes = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) };
     // Pipelined through the two staging halves: the guest fills one while the host copies
@@ -281,6 +290,15 @@ unsafe fn dtoh(dst: *mut c_void, src: u64, len: usize, stream: Handle, asynchron
         } else {
             c.call::<_, Done>(&p::MemcpyDtoH { dst: desc, src, stream }).map(drop)
         };
+    }
+    if asynchronous && crate::rt::captures_open() {
+        drop(c);
+        if super::capture::handle_is_capturing(stream)? {
+            // Captured: into a pinned shadow, copied out by a host node at every launch.
+            return super::graph::capture_pageable_copy(dst.expose_provenance(), src, len, stream, true);
+        }
+        c = s.lock();
+        c.enter_current()?;
     }
     // SAFETY: CUDA's contract: `dst` is writable for `len` bytes.
     let bytes = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len) };
