@@ -296,6 +296,8 @@ pub struct Zone<B: GpuBackend> {
     graph_execs: HandleTable<Obj<B::GraphExec>>,
     graph_nodes: HandleTable<NodeEntry<B::GraphNode>>,
     node_handles: HashMap<(Handle, B::GraphNode), Handle>,
+    /// Helper nodes libvgpu added (for copies of pageable memory): left out of node lists.
+    hidden_nodes: HashSet<B::GraphNode>,
     /// Stream captures begun and not yet ended.
     captures_active: u32,
     /// Host functions kept for graphs (see [`MAX_PERSISTENT_HOST_FUNCS`]).
@@ -419,6 +421,7 @@ impl<B: GpuBackend> Zone<B> {
             graph_execs: HandleTable::new(kind::GRAPH_EXEC, max),
             graph_nodes: HandleTable::new(kind::GRAPH_NODE, max),
             node_handles: HashMap::new(),
+            hidden_nodes: HashSet::new(),
             captures_active: 0,
             persistent_host_funcs: 0,
         }
@@ -1900,7 +1903,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     }
 
     fn host_func_persistent(&mut self, req: HostFuncPersistent) -> CuResultOf<Done> {
-        self.zone.host_func_persistent(req.stream, req.slot)?;
+        self.zone.host_func_persistent(req.stream, req.slot, req.hidden)?;
         Ok(Done {})
     }
 
@@ -2097,13 +2100,16 @@ mod tests {
             width: 1024,
             height: 1,
             depth: 1,
+            hidden: false,
         };
-        let e = f.api().graph_add_memcpy_node(copy.clone()).map(|_| ());
-        assert_eq!(e, Err(CuError::NOT_SUPPORTED), "a window side needs a backend that took the window");
+        f.api().graph_add_memcpy_node(copy.clone()).expect("from the window (which the double took) into `a`");
+        let e = f.api().graph_add_memcpy_node(GraphAddMemcpyNode { src: 3584, ..copy.clone() }).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_VALUE), "a window side past the window is refused");
         let e = f.api().graph_add_memcpy_node(GraphAddMemcpyNode { src_window: false, src: a + 8, ..copy }).map(|_| ());
         assert_eq!(e, Err(CuError::INVALID_VALUE), "a copy node's source past its allocation is refused");
         let nodes = f.api().graph_get_nodes(GraphGetNodes { graph: g, first: 0, want: 8 }).unwrap();
-        assert_eq!((nodes.count, nodes.nodes.clone()), (1, n1.0.to_le_bytes().to_vec()), "one node, one handle");
+        assert_eq!(nodes.count, 2, "the memset and the copy");
+        assert_eq!(&nodes.nodes[..8], &n1.0.to_le_bytes(), "the memset's handle is the one adding it returned");
 
         // While a capture is open, what a graph must not record is refused.
         f.api().stream_begin_capture(StreamBeginCapture { stream: s, mode: 0 }).unwrap();

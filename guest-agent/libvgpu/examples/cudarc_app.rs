@@ -634,6 +634,56 @@ unsafe extern "C" fn count_graph_run(_data: *mut std::ffi::c_void) {
     GRAPH_HOST_RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// The word a graph's host node last read (see [`read_first_word`]).
+static FIRST_WORD_SEEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A graph's host node that depends on a copy into host memory: reads its first word.
+unsafe extern "C" fn read_first_word(data: *mut std::ffi::c_void) {
+    // SAFETY: `data` is the first word of a live buffer of the scenario.
+    let w = unsafe { data.cast::<u32>().read_volatile() };
+    FIRST_WORD_SEEN.store(w, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// A device-to-host `CUDA_MEMCPY3D` of `len` bytes.
+fn dtoh_copy(src: sys::CUdeviceptr, dst: *mut std::ffi::c_void, len: usize) -> sys::CUDA_MEMCPY3D {
+    use std::ptr::{null, null_mut};
+    sys::CUDA_MEMCPY3D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcZ: 0,
+        srcLOD: 0,
+        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        srcHost: null(),
+        srcDevice: src,
+        srcArray: null_mut(),
+        reserved0: null_mut(),
+        srcPitch: 0,
+        srcHeight: 0,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstZ: 0,
+        dstLOD: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+        dstHost: dst,
+        dstDevice: 0,
+        dstArray: null_mut(),
+        reserved1: null_mut(),
+        dstPitch: 0,
+        dstHeight: 0,
+        WidthInBytes: len,
+        Height: 1,
+        Depth: 1,
+    }
+}
+
+/// The number of nodes of `graph`.
+fn node_count(graph: sys::CUgraph) -> Result<usize, Box<dyn Error>> {
+    let mut n = 0usize;
+    // SAFETY: a live graph; NULL nodes asks for the count.
+    unsafe { sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut n) }.result()?;
+    Ok(n)
+}
+
 /// Reads `n` words at `dptr`.
 fn read_words(dptr: sys::CUdeviceptr, n: usize) -> Result<Vec<u32>, Box<dyn Error>> {
     let mut got = vec![0u32; n];
@@ -786,6 +836,43 @@ fn graphs(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
         "a clone of the graph runs the same after the original is destroyed",
     )?;
 
+    // ---- copies into host memory: the program's own (pageable) and pinned ----
+    let mut pageable = vec![0u32; n];
+    let mut pinned: *mut std::ffi::c_void = null_mut();
+    // SAFETY: valid out-pointer.
+    unsafe { sys::cuMemAllocHost_v2(&mut pinned, n * 4) }.result()?;
+    let mut g2: sys::CUgraph = null_mut();
+    // SAFETY: valid out-pointer, flags 0.
+    unsafe { sys::cuGraphCreate(&mut g2, 0) }.result()?;
+    let (mut to_pageable, mut to_pinned, mut reader): (sys::CUgraphNode, sys::CUgraphNode, sys::CUgraphNode) =
+        (null_mut(), null_mut(), null_mut());
+    let cp = dtoh_copy(b, pageable.as_mut_ptr().cast(), n * 4);
+    // SAFETY: a live graph; a copy from a live allocation into `pageable` (alive until the
+    // graph has run).
+    unsafe { sys::cuGraphAddMemcpyNode(&mut to_pageable, g2, null(), 0, &cp, ctx.cu_ctx()) }.result()?;
+    let cp = dtoh_copy(b, pinned, n * 4);
+    // SAFETY: as above, into pinned memory of n words.
+    unsafe { sys::cuGraphAddMemcpyNode(&mut to_pinned, g2, null(), 0, &cp, ctx.cu_ctx()) }.result()?;
+    let reads = sys::CUDA_HOST_NODE_PARAMS { fn_: Some(read_first_word), userData: pageable.as_mut_ptr().cast() };
+    // SAFETY: a live graph, one dependency of it, a function that makes no CUDA calls.
+    unsafe { sys::cuGraphAddHostNode(&mut reader, g2, &to_pageable, 1, &reads) }.result()?;
+    let mut exec2: sys::CUgraphExec = null_mut();
+    // SAFETY: a live graph; valid out-pointer.
+    unsafe { sys::cuGraphInstantiateWithFlags(&mut exec2, g2, 0) }.result()?;
+    FIRST_WORD_SEEN.store(0, SeqCst);
+    // SAFETY: a live executable graph and stream.
+    unsafe { sys::cuGraphLaunch(exec2, stream.cu_stream()) }.result()?;
+    stream.synchronize()?;
+    // SAFETY: `pinned` holds n words, written by the graph (synchronised).
+    let pinned_words = unsafe { std::slice::from_raw_parts(pinned.cast::<u32>(), n) };
+    ensure(
+        node_count(g2)? == 3
+            && pageable.iter().all(|&w| w == 8)
+            && pinned_words.iter().all(|&w| w == 8)
+            && FIRST_WORD_SEEN.load(SeqCst) == 8,
+        "copy nodes into pageable and pinned host memory (3 nodes), the pageable one done before the host node after it",
+    )?;
+
     // ---- captured: a fork to a second stream and a join back ----
     let side = ctx.new_stream()?;
     let (s1, s2) = (stream.cu_stream(), side.cu_stream());
@@ -816,6 +903,11 @@ fn graphs(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
     unsafe { sys::cuStreamWaitEvent(s1, join, 0) }.result()?;
     // SAFETY: a device-to-device copy inside both allocations.
     unsafe { sys::cuMemcpyDtoDAsync_v2(b, a, n * 4, s1) }.result()?;
+    let mut captured_host = vec![0u32; n];
+    // SAFETY: a copy into the program's own memory (alive until the graph has run).
+    unsafe { sys::cuMemcpyDtoHAsync_v2(captured_host.as_mut_ptr().cast(), b, n * 4, s1) }.result()?;
+    // SAFETY: a function that makes no CUDA calls and reads `captured_host`.
+    unsafe { sys::cuLaunchHostFunc(s1, Some(read_first_word), captured_host.as_mut_ptr().cast()) }.result()?;
     let mut captured: sys::CUgraph = null_mut();
     // SAFETY: the capturing stream; valid out-pointer.
     unsafe { sys::cuStreamEndCapture(s1, &mut captured) }.result()?;
@@ -828,6 +920,7 @@ fn graphs(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
             && runs - before == 4,
         "a capture records its work without running it, and ends",
     )?;
+    ensure(node_count(captured)? == 6, "the captured graph has its 6 nodes (events make none)")?;
     let mut captured_exec: sys::CUgraphExec = null_mut();
     // SAFETY: a live graph; valid out-pointer.
     unsafe { sys::cuGraphInstantiateWithFlags(&mut captured_exec, captured, 0) }.result()?;
@@ -840,8 +933,18 @@ fn graphs(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
         read_words(b, n)?.iter().all(|&w| w == 41) && GRAPH_HOST_RUNS.load(SeqCst) - runs == 2,
         "the captured graph ran twice: memset, the forked kernel and host function, the copy",
     )?;
+    ensure(
+        captured_host.iter().all(|&w| w == 41) && FIRST_WORD_SEEN.load(SeqCst) == 41,
+        "a captured copy into pageable memory is there for the host function after it",
+    )?;
     // SAFETY: each object is live and destroyed once.
     unsafe { sys::cuGraphExecDestroy(exec) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuGraphExecDestroy(exec2) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuGraphDestroy(g2) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuMemFreeHost(pinned) }.result()?;
     // SAFETY: as above.
     unsafe { sys::cuGraphExecDestroy(clone_exec) }.result()?;
     // SAFETY: as above.

@@ -1175,6 +1175,7 @@ impl Message for HostFunc {
 pub struct HostFuncPersistent {
     pub stream: Handle,
     pub slot: u64,
+    pub hidden: bool,
 }
 impl Message for HostFuncPersistent {
     const ID: MessageId = MessageId(0x0293);
@@ -1356,6 +1357,7 @@ pub struct GraphAddMemcpyNode {
     pub width: u64,
     pub height: u64,
     pub depth: u64,
+    pub hidden: bool,
 }
 impl Message for GraphAddMemcpyNode {
     const ID: MessageId = MessageId(0x02aa);
@@ -1376,6 +1378,7 @@ pub struct GraphAddHostNode {
     #[serde(with = "serde_bytes")]
     pub deps: Vec<u8>,
     pub slot: u64,
+    pub hidden: bool,
 }
 impl Message for GraphAddHostNode {
     const ID: MessageId = MessageId(0x02ab);

@@ -1466,7 +1466,7 @@ impl GpuBackend for CudaGpu {
         &mut self,
         stream: Option<&CudaStream>,
         slot: std::sync::Arc<super::HostFuncSlot>,
-    ) -> CuResultOf<()> {
+    ) -> CuResultOf<Option<usize>> {
         self.host_func_persistent(stream, slot)
     }
 

@@ -341,12 +341,13 @@ pub trait GpuBackend {
     /// `cuThreadExchangeStreamCaptureMode` on the worker's thread: the previous mode.
     fn exchange_capture_mode(&mut self, mode: u32) -> CuResultOf<u32>;
     /// Queues a host function that may run more than once (`stream` is capturing: it
-    /// becomes a node of the capture's graph). The backend keeps `slot` for its own life.
+    /// becomes a node of the capture's graph, which is returned). The backend keeps `slot`
+    /// for its own life.
     fn launch_host_func_persistent(
         &mut self,
         stream: Option<&Self::Stream>,
         slot: std::sync::Arc<HostFuncSlot>,
-    ) -> CuResultOf<()>;
+    ) -> CuResultOf<Option<Self::GraphNode>>;
 
     // ---- events ----
     /// `cuEventCreate`.
@@ -404,6 +405,23 @@ pub struct GraphCopy {
     pub height: u64,
     /// Slices.
     pub depth: u64,
+}
+
+impl GraphCopy {
+    /// A copy of `len` contiguous bytes.
+    pub fn linear(src: CopyEnd, dst: CopyEnd, len: u64) -> GraphCopy {
+        GraphCopy {
+            src,
+            src_pitch: len,
+            src_height: 1,
+            dst,
+            dst_pitch: len,
+            dst_height: 1,
+            width: len,
+            height: 1,
+            depth: 1,
+        }
+    }
 }
 
 /// A 2-D memset (`CUDA_MEMSET_NODE_PARAMS`): `height` rows of `width` elements of

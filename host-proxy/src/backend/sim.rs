@@ -279,6 +279,9 @@ pub struct SimGpu {
     execs: HashMap<u64, (CtxId, Vec<SimOp>)>,
     /// The worker thread's capture mode (stored, not enforced).
     capture_mode: u32,
+    /// The zone's shared data window, once attached: copies from and to it go straight to
+    /// simulated memory (as the real backend's DMA does), and graphs' copy nodes reach it.
+    window: Option<idm_core::RawRegion>,
 }
 
 /// A simulated stream (work completes as it is issued).
@@ -319,6 +322,7 @@ impl SimGpu {
             graphs: HashMap::new(),
             execs: HashMap::new(),
             capture_mode: 0,
+            window: None,
         }
     }
 
@@ -1234,7 +1238,7 @@ impl GpuBackend for SimGpu {
         &mut self,
         stream: Option<&SimStream>,
         slot: std::sync::Arc<super::HostFuncSlot>,
-    ) -> CuResultOf<()> {
+    ) -> CuResultOf<Option<u64>> {
         self.host_func_persistent(stream, slot)
     }
 
@@ -1410,19 +1414,7 @@ impl GpuBackend for SimGpu {
 
     fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
         if let Some(graph) = self.capturing(stream)? {
-            let (src, dst) = (CopyEnd::Device(src), CopyEnd::Device(dst));
-            let (width, height, depth) = (len, 1, 1);
-            let c = GraphCopy {
-                src,
-                src_pitch: len,
-                src_height: 1,
-                dst,
-                dst_pitch: len,
-                dst_height: 1,
-                width,
-                height,
-                depth,
-            };
+            let c = GraphCopy::linear(CopyEnd::Device(src), CopyEnd::Device(dst), len);
             return self.record(graph, SimOp::Copy(c)).map(drop);
         }
         let mut tmp = vec![0u8; usize::try_from(len).map_err(|_| CuError::INVALID_VALUE)?];
@@ -1685,6 +1677,44 @@ impl GpuBackend for SimGpu {
             return Err(CuError::INVALID_VALUE);
         }
         Ok((THREADS_PER_SM / block_size).max(1))
+    }
+
+    #[allow(unsafe_code)] // The trait's contract, forwarded.
+    unsafe fn attach_window(&mut self, base: std::ptr::NonNull<u8>, len: usize) -> CuResultOf<bool> {
+        // SAFETY: the caller keeps `base .. base + len` mapped until the backend is dropped
+        // (the trait's contract); the region only accesses it through atomics and copies.
+        self.window = Some(unsafe { idm_core::RawRegion::new(base, len) });
+        Ok(true)
+    }
+
+    fn copy_window_to_device(
+        &mut self,
+        dst: u64,
+        offset: u64,
+        len: u64,
+        stream: Option<&SimStream>,
+        _wait: bool,
+    ) -> CuResultOf<()> {
+        let c = GraphCopy::linear(CopyEnd::Window(offset), CopyEnd::Device(dst), len);
+        match self.capturing(stream)? {
+            Some(graph) => self.record(graph, SimOp::Copy(c)).map(drop),
+            None => self.copy_3d(&c),
+        }
+    }
+
+    fn copy_device_to_window(
+        &mut self,
+        offset: u64,
+        src: u64,
+        len: u64,
+        stream: Option<&SimStream>,
+        _wait: bool,
+    ) -> CuResultOf<()> {
+        let c = GraphCopy::linear(CopyEnd::Device(src), CopyEnd::Window(offset), len);
+        match self.capturing(stream)? {
+            Some(graph) => self.record(graph, SimOp::Copy(c)).map(drop),
+            None => self.copy_3d(&c),
+        }
     }
 
     fn launch_host_func(&mut self, stream: Option<&SimStream>, slot: super::HostFuncSlot) -> CuResultOf<()> {

@@ -84,8 +84,11 @@ impl<B: GpuBackend> Zone<B> {
         Ok(h)
     }
 
-    /// Forgets the node handles of `graph` (destroyed).
-    fn forget_nodes(&mut self, graph: Handle) {
+    /// Forgets the node handles of `graph` (destroyed) and its hidden nodes.
+    fn forget_nodes(&mut self, graph: Handle, nodes: &[B::GraphNode]) {
+        for n in nodes {
+            self.hidden_nodes.remove(n);
+        }
         self.graph_nodes.remove_where(|_, n| n.graph == graph);
         self.node_handles.retain(|&(g, _), _| g != graph);
     }
@@ -99,11 +102,21 @@ impl<B: GpuBackend> Zone<B> {
         Ok(self.graphs.insert(graph)?)
     }
 
-    /// Adds `spec` to `graph` after `deps` and returns the new node's handle.
-    fn add_node(&mut self, graph: Handle, deps: &[u8], spec: GraphNodeSpec<'_, B::Function>) -> CuResultOf<Handle> {
+    /// Adds `spec` to `graph` after `deps` and returns the new node's handle; a `hidden` one
+    /// (a helper of libvgpu's) is left out of node lists.
+    fn add_node(
+        &mut self,
+        graph: Handle,
+        deps: &[u8],
+        spec: GraphNodeSpec<'_, B::Function>,
+        hidden: bool,
+    ) -> CuResultOf<Handle> {
         let deps = self.graph_deps(graph, deps)?;
         let g = self.graphs.get(graph)?;
         let node = self.backend.graph_add_node(g, &deps, spec)?;
+        if hidden {
+            self.hidden_nodes.insert(node);
+        }
         self.node_handle(graph, node)
     }
 
@@ -171,6 +184,7 @@ impl<B: GpuBackend> Zone<B> {
         }
         self.graph_nodes.drain().for_each(drop);
         self.node_handles.clear();
+        self.hidden_nodes.clear();
     }
 
     // ---- the requests (called by `ZoneCtx`'s `Api` methods) ----
@@ -182,8 +196,9 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     pub(super) fn graph_destroy(&mut self, graph: Handle) -> CuResultOf<()> {
+        let nodes = self.backend.graph_nodes(self.graphs.get(graph)?).unwrap_or_default();
         let g = self.graphs.remove(graph)?;
-        self.forget_nodes(graph);
+        self.forget_nodes(graph, &nodes);
         self.backend.graph_destroy(g)
     }
 
@@ -213,7 +228,8 @@ impl<B: GpuBackend> Zone<B> {
     /// (node count, handles of up to `want` nodes from `first` on, as 8-byte little-endian
     /// values).
     pub(super) fn graph_get_nodes(&mut self, graph: Handle, first: u32, want: u32) -> CuResultOf<(u64, Vec<u8>)> {
-        let nodes = self.backend.graph_nodes(self.graphs.get(graph)?)?;
+        let mut nodes = self.backend.graph_nodes(self.graphs.get(graph)?)?;
+        nodes.retain(|n| !self.hidden_nodes.contains(n));
         let rest = nodes.get(first as usize..).unwrap_or_default();
         let take = rest.len().min(want as usize).min(MAX_NODES_PER_REPLY);
         let mut out = Vec::with_capacity(take * 8);
@@ -264,7 +280,7 @@ impl<B: GpuBackend> Zone<B> {
             width: req.width,
             height: req.height,
         };
-        self.add_node(req.graph, &req.deps, GraphNodeSpec::Memset(m))
+        self.add_node(req.graph, &req.deps, GraphNodeSpec::Memset(m), false)
     }
 
     /// Checks one side of a copy node and says where it is.
@@ -298,7 +314,7 @@ impl<B: GpuBackend> Zone<B> {
             height: req.height,
             depth: req.depth,
         };
-        self.add_node(req.graph, &req.deps, GraphNodeSpec::Memcpy(c))
+        self.add_node(req.graph, &req.deps, GraphNodeSpec::Memcpy(c), req.hidden)
     }
 
     pub(super) fn graph_add_host_node(&mut self, req: GraphAddHostNode) -> CuResultOf<Handle> {
@@ -306,18 +322,22 @@ impl<B: GpuBackend> Zone<B> {
         self.graph_deps(req.graph, &req.deps)?;
         self.graphs.get(req.graph)?;
         let slot = self.persistent_slot(req.slot)?;
-        self.add_node(req.graph, &req.deps, GraphNodeSpec::Host(slot))
+        self.add_node(req.graph, &req.deps, GraphNodeSpec::Host(slot), req.hidden)
     }
 
     pub(super) fn graph_add_empty_node(&mut self, req: GraphAddEmptyNode) -> CuResultOf<Handle> {
-        self.add_node(req.graph, &req.deps, GraphNodeSpec::Empty)
+        self.add_node(req.graph, &req.deps, GraphNodeSpec::Empty, false)
     }
 
-    pub(super) fn host_func_persistent(&mut self, stream: Handle, slot: u64) -> CuResultOf<()> {
+    pub(super) fn host_func_persistent(&mut self, stream: Handle, slot: u64, hidden: bool) -> CuResultOf<()> {
         stream_of(&self.streams, stream)?;
         let slot = self.persistent_slot(slot)?;
         let s = stream_of(&self.streams, stream)?;
-        self.backend.launch_host_func_persistent(s, slot)
+        let node = self.backend.launch_host_func_persistent(s, slot)?;
+        if let (true, Some(node)) = (hidden, node) {
+            self.hidden_nodes.insert(node);
+        }
+        Ok(())
     }
 
     pub(super) fn stream_begin_capture(&mut self, stream: Handle, mode: u32) -> CuResultOf<()> {

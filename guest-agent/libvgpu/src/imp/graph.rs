@@ -372,7 +372,7 @@ pub unsafe fn cu_graph_add_memcpy_node(
         At::Window(o) => (true, o),
         At::Program(_) => (true, 0),
     };
-    let node = |deps: Vec<u8>, (src_window, src): (bool, u64), (dst_window, dst): (bool, u64)| {
+    let node = |deps: Vec<u8>, (src_window, src): (bool, u64), (dst_window, dst): (bool, u64), hidden: bool| {
         let req = p::GraphAddMemcpyNode {
             graph,
             deps,
@@ -387,15 +387,18 @@ pub unsafe fn cu_graph_add_memcpy_node(
             width: c.width,
             height: c.height,
             depth: c.depth,
+            hidden,
         };
         rt::call::<_, p::GraphAddMemcpyNodeReply>(&req, true).map(|r| r.node)
     };
     // Pageable program memory is reached through a pinned shadow and a host node that moves
     // the bytes: before the copy (to the device) or after it (from the device), so that what
-    // depends on the returned node sees the program's memory as natively.
-    let host_node = |deps: Vec<u8>, job: usize| -> CuResult<Handle> {
+    // depends on the returned node sees the program's memory as natively. The node that is
+    // not returned is hidden from node lists: the graph has the nodes the program made.
+    let host_node = |deps: Vec<u8>, job: usize, hidden: bool| -> CuResult<Handle> {
         let slot = host_func::graph_node_slot(run_shadow_copy, job)?;
-        let r: p::GraphAddHostNodeReply = rt::call(&p::GraphAddHostNode { graph, deps, slot: slot.offset() }, true)?;
+        let req = p::GraphAddHostNode { graph, deps, slot: slot.offset(), hidden };
+        let r: p::GraphAddHostNodeReply = rt::call(&req, true)?;
         slot.keep();
         Ok(r.node)
     };
@@ -405,15 +408,15 @@ pub unsafe fn cu_graph_add_memcpy_node(
         }
         (At::Program(p), _) => {
             let (job, shadow) = shadow_of(*p, &c.src, &c, false)?;
-            let fill = host_node(deps, job)?;
-            node(fill.0.to_le_bytes().to_vec(), (true, shadow), wire(&dst))?
+            let fill = host_node(deps, job, true)?;
+            node(fill.0.to_le_bytes().to_vec(), (true, shadow), wire(&dst), false)?
         }
         (_, At::Program(p)) => {
             let (job, shadow) = shadow_of(*p, &c.dst, &c, true)?;
-            let copied = node(deps, wire(&src), (true, shadow))?;
-            host_node(copied.0.to_le_bytes().to_vec(), job)?
+            let copied = node(deps, wire(&src), (true, shadow), true)?;
+            host_node(copied.0.to_le_bytes().to_vec(), job, false)?
         }
-        _ => node(deps, wire(&src), wire(&dst))?,
+        _ => node(deps, wire(&src), wire(&dst), false)?,
     };
     set_node(out, made)
 }
@@ -437,7 +440,7 @@ pub unsafe fn cu_graph_add_host_node(
     // SAFETY: CUDA's contract for `deps`.
     let deps = unsafe { deps_bytes(deps, n) }?;
     let slot = host_func::graph_node_slot(f, h.userData as usize)?;
-    let req = p::GraphAddHostNode { graph: handle_of(graph), deps, slot: slot.offset() };
+    let req = p::GraphAddHostNode { graph: handle_of(graph), deps, slot: slot.offset(), hidden: false };
     let r: p::GraphAddHostNodeReply = rt::call(&req, true)?;
     slot.keep();
     set_node(out, r.node)

@@ -214,11 +214,12 @@ pub fn graph_node_slot(f: unsafe extern "C" fn(*mut c_void), data: usize) -> CuR
     Ok(PersistentSlot { r, slot, value, kept: false })
 }
 
-/// Queues `f(data)` on `stream`, which is capturing: it becomes a host node of the capture's
-/// graph (its word kept and re-armed at every launch).
+/// Queues libvgpu's own `f(data)` on `stream`, which is capturing: it becomes a host node of
+/// the capture's graph (its word kept and re-armed at every launch), left out of the graph's
+/// node list.
 pub fn queue_captured(stream: vgpu_proto::Handle, f: unsafe extern "C" fn(*mut c_void), data: usize) -> CuResult<()> {
     let slot = graph_node_slot(f, data)?;
-    let req = p::HostFuncPersistent { stream, slot: slot.offset() };
+    let req = p::HostFuncPersistent { stream, slot: slot.offset(), hidden: true };
     crate::rt::call::<_, vgpu_proto::Done>(&req, true)?;
     slot.keep();
     Ok(())
@@ -262,7 +263,8 @@ fn queue(stream: sys::CUstream, what: Pending) -> CuResult<()> {
     let at = r.offset + (slot * 8) as u64;
     let sent = handle.and_then(|stream| {
         if persistent {
-            crate::rt::call::<_, vgpu_proto::Done>(&p::HostFuncPersistent { stream, slot: at }, true).map(drop)
+            let req = p::HostFuncPersistent { stream, slot: at, hidden: false };
+            crate::rt::call::<_, vgpu_proto::Done>(&req, true).map(drop)
         } else {
             crate::rt::post(&p::HostFunc { stream, slot: at }, true)
         }

@@ -341,14 +341,31 @@ impl CudaGpu {
         &mut self,
         stream: Option<&CudaStream>,
         slot: Arc<HostFuncSlot>,
-    ) -> CuResultOf<()> {
+    ) -> CuResultOf<Option<usize>> {
         let stream = self.stream_or_null(stream)?;
         self.enter()?;
         let data = Arc::as_ptr(&slot).cast_mut().cast();
         self.host_slots.push(slot);
         // SAFETY: `stream` is NULL or live; `data` is kept alive in `host_slots` for this
         // backend's life, and `run_persistent` only borrows it.
-        check(unsafe { (self.api.launch_host_func)(stream, Some(run_persistent), data) })
+        check(unsafe { (self.api.launch_host_func)(stream, Some(run_persistent), data) })?;
+        // On a capturing stream the function is now the capture's one current dependency.
+        let (mut status, mut id): (c_uint, u64) = (0, 0);
+        let (mut deps, mut count): (*const sys::CUgraphNode, usize) = (std::ptr::null(), 0);
+        let null = std::ptr::null_mut();
+        let deps_out = (&mut deps as *mut *const sys::CUgraphNode).cast();
+        let count_out = (&mut count as *mut usize).cast();
+        // SAFETY: `stream` is NULL or live; valid out-pointers for status, id, the
+        // dependencies (an array the driver owns) and their count; NULL for the rest.
+        let rc = unsafe {
+            (self.api.stream_get_capture_info)(stream, &mut status, &mut id, null, deps_out, null, count_out)
+        };
+        if check(rc).is_err() || status != crate::backend::CAPTURE_ACTIVE || count != 1 || deps.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: the driver's array holds `count` (1) nodes, valid until the next call on
+        // this stream.
+        Ok(Some(unsafe { deps.read() } as usize))
     }
 
     /// Destroys every graph (teardown, before the primary context goes).

@@ -9,13 +9,15 @@
 //! CUDA's samples). What cannot be captured is refused as the driver refuses it: staged
 //! copies, synchronisation and one-shot host functions on a capturing stream
 //! (`CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`), and work on the legacy stream while any
-//! capture is open (`CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`). Copy nodes are device to device
-//! only: the double does not take the window. Modelled, not measured: the real driver's
-//! rules have more cases (capture modes are stored, not enforced).
+//! capture is open (`CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`). Copy nodes reach device memory
+//! and the shared window (which the double takes, as the real backend registers it).
+//! Modelled, not measured: the real driver's rules have more cases (capture modes are
+//! stored, not enforced).
 
 use super::*;
 use crate::backend::STREAM_CAPTURE_UNSUPPORTED;
 use crate::backend::{CopyEnd, GraphCopy, GraphMemset, GraphNodeSpec, HostFuncSlot, CAPTURE_ACTIVE, ILLEGAL_STATE};
+use idm_core::SharedMemory;
 use std::sync::Arc;
 
 /// `CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`.
@@ -104,12 +106,13 @@ impl SimGpu {
         Ok(())
     }
 
-    /// A 3-D copy between device ranges, row by row.
-    fn copy_3d(&mut self, c: &GraphCopy) -> CuResultOf<()> {
-        let (CopyEnd::Device(src), CopyEnd::Device(dst)) = (c.src, c.dst) else {
-            return Err(CuError::NOT_SUPPORTED);
-        };
+    /// A 3-D copy between device ranges and the window, row by row.
+    pub(super) fn copy_3d(&mut self, c: &GraphCopy) -> CuResultOf<()> {
         let row_len = usize::try_from(c.width).map_err(|_| CuError::INVALID_VALUE)?;
+        let end = |e: CopyEnd| match e {
+            CopyEnd::Device(a) | CopyEnd::Window(a) => a,
+        };
+        let (src, dst) = (end(c.src), end(c.dst));
         let mut row = vec![0u8; row_len];
         for z in 0..c.depth {
             for y in 0..c.height {
@@ -121,13 +124,30 @@ impl SimGpu {
                         .ok_or(CuError::INVALID_VALUE)
                 };
                 let (s, d) = (at(src, c.src_pitch, c.src_height)?, at(dst, c.dst_pitch, c.dst_height)?);
-                let (buf, off) = self.locate(s, c.width)?;
-                row.copy_from_slice(&buf[off..off + row_len]);
-                let (buf, off) = self.locate(d, c.width)?;
-                buf[off..off + row_len].copy_from_slice(&row);
+                match c.src {
+                    CopyEnd::Device(_) => {
+                        let (buf, off) = self.locate(s, c.width)?;
+                        row.copy_from_slice(&buf[off..off + row_len]);
+                    }
+                    CopyEnd::Window(_) => self.window_range(s, c.width)?.read_bytes(s as usize, &mut row),
+                }
+                match c.dst {
+                    CopyEnd::Device(_) => {
+                        let (buf, off) = self.locate(d, c.width)?;
+                        buf[off..off + row_len].copy_from_slice(&row);
+                    }
+                    CopyEnd::Window(_) => self.window_range(d, c.width)?.write_bytes(d as usize, &row),
+                }
             }
         }
         Ok(())
+    }
+
+    /// The window, when `[offset, offset + len)` lies inside it.
+    fn window_range(&self, offset: u64, len: u64) -> CuResultOf<&idm_core::RawRegion> {
+        let w = self.window.as_ref().ok_or(CuError::NOT_SUPPORTED)?;
+        let inside = offset.checked_add(len).is_some_and(|end| end <= w.size() as u64);
+        inside.then_some(w).ok_or(CuError::INVALID_VALUE)
     }
 
     pub(super) fn create_graph(&mut self) -> SimGraph {
@@ -169,10 +189,7 @@ impl SimGpu {
                 SimOp::Kernel { func: func.0, config: config.clone(), params: params.to_vec(), layout: layout.to_vec() }
             }
             GraphNodeSpec::Memset(m) => SimOp::Memset(m),
-            GraphNodeSpec::Memcpy(c) => match (c.src, c.dst) {
-                (CopyEnd::Device(_), CopyEnd::Device(_)) => SimOp::Copy(c),
-                _ => return Err(CuError::NOT_SUPPORTED),
-            },
+            GraphNodeSpec::Memcpy(c) => SimOp::Copy(c),
             GraphNodeSpec::Host(slot) => SimOp::Host(slot),
         };
         self.record(graph.0, op)
@@ -272,10 +289,10 @@ impl SimGpu {
         &mut self,
         stream: Option<&SimStream>,
         slot: Arc<HostFuncSlot>,
-    ) -> CuResultOf<()> {
+    ) -> CuResultOf<Option<u64>> {
         match self.capturing(stream)? {
-            Some(graph) => self.record(graph, SimOp::Host(slot)).map(drop),
-            None => self.run_op(&SimOp::Host(slot)),
+            Some(graph) => self.record(graph, SimOp::Host(slot)).map(Some),
+            None => self.run_op(&SimOp::Host(slot)).map(|()| None),
         }
     }
 
