@@ -2,7 +2,8 @@
  * natively and through libvgpu + host-proxy and puts the two side by side).
  *
  * Usage: bench [KERNEL_DIR]   (KERNEL_DIR holds bench_kernels.fatbin; default ".")
- * BENCH_ONLY=GROUP[,GROUP...] runs only those groups: calls, alloc, launch, copies, compute;
+ * BENCH_ONLY=GROUP[,GROUP...] runs only those groups: calls, alloc, launch, graph, copies,
+ * compute;
  * BENCH_REPEAT=N runs them N times (device/libvgpu-profile.sh uses both to profile one kind of
  * work long enough that start-up does not dominate the samples).
  *
@@ -175,6 +176,43 @@ static void bench_launch_sync(void) {
     free(v);
 }
 
+/* ---- graphs ---- */
+
+/* A chain of NODES empty kernels captured from g_s: launched and synchronized as one graph,
+ * against the same NODES launches issued one by one and synchronized (per iteration, p50).
+ * Through libvgpu the graph is one posted request; the eager chain NODES of them. */
+static void bench_graph(void) {
+    enum { NODES = 32, N = 2000 };
+    CUgraph graph;
+    CUgraphExec exec;
+    CHECK(cuStreamBeginCapture(g_s, CU_STREAM_CAPTURE_MODE_GLOBAL));
+    for (int i = 0; i < NODES; i++) launch_empty();
+    CHECK(cuStreamEndCapture(g_s, &graph));
+    CHECK(cuGraphInstantiateWithFlags(&exec, graph, 0));
+    double *eager = samples(N), *replay = samples(N);
+    for (int i = 0; i < 200; i++) {
+        CHECK(cuGraphLaunch(exec, g_s));
+        CHECK(cuStreamSynchronize(g_s));
+    }
+    for (int i = 0; i < N; i++) {
+        uint64_t t0 = now_ns();
+        for (int k = 0; k < NODES; k++) launch_empty();
+        CHECK(cuStreamSynchronize(g_s));
+        uint64_t t1 = now_ns();
+        CHECK(cuGraphLaunch(exec, g_s));
+        CHECK(cuStreamSynchronize(g_s));
+        uint64_t t2 = now_ns();
+        eager[i] = (double)(t1 - t0) / 1e3;
+        replay[i] = (double)(t2 - t1) / 1e3;
+    }
+    report("graph32_eager_launches_sync_p50", median(eager, N), "us");
+    report("graph32_replay_sync_p50", median(replay, N), "us");
+    free(eager);
+    free(replay);
+    CHECK(cuGraphExecDestroy(exec));
+    CHECK(cuGraphDestroy(graph));
+}
+
 /* ---- copies ---- */
 
 static void copy_once(int htod, void *host, size_t n) {
@@ -337,6 +375,7 @@ int main(int argc, char **argv) {
             bench_launch_async();
             bench_launch_sync();
         }
+        if (wanted("graph")) bench_graph();
         if (wanted("copies")) bench_copies();
         if (wanted("compute")) bench_compute(dev);
     }

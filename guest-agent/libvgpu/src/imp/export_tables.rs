@@ -97,6 +97,7 @@ const T_DEVICE_EXT: usize = 6;
 const T_INTEGRITY: usize = 7;
 const T_CTX_CHECKS: usize = 8;
 const T_CTX_QUERY: usize = 9;
+const T_LT_1734: usize = 10;
 
 static CUDART_INTERFACE: Table<13> = Table({
     let mut t = traps!(T_CUDART; 0 1 2 3 4 5 6 7 8 9 10 11 12);
@@ -143,6 +144,17 @@ static CTX_QUERY: Table<93> = Table({
     t[4] = ctx_query_is_context as *const c_void;
     t[39] = ctx_query_value as *const c_void;
     t[51] = ctx_query_object as *const c_void;
+    t
+});
+
+/// {1734DC26-800D-4745-8726-C0F1E7DD8BCA}: 17 slots in driver 580 (size word 136). cuBLASLt
+/// 13.1 asks for it before its first bf16 matmul and calls slots 4 and 13 (tools/cuda-trace
+/// on the H200; their meaning is not known). Refusing the table makes that cuBLASLt crash;
+/// served, every slot answers `CUDA_ERROR_NOT_SUPPORTED` (named in the log) — an
+/// experiment recorded in docs/CONFORMANCE.md, not an implementation.
+static LT_1734: Table<17> = Table({
+    let mut t = traps!(T_LT_1734; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+    t[0] = size_word::<17>();
     t
 });
 
@@ -204,7 +216,7 @@ struct Known {
 }
 
 /// Every table libvgpu serves, in the order of the `T_*` indices.
-static TABLES: [Known; 10] = [
+static TABLES: [Known; 11] = [
     Known {
         id: uuid(0x6bd5fb6c, 0x5bf4, 0xe74a, 0x8987_d93912fd9df9),
         name: "CUDART_INTERFACE",
@@ -254,6 +266,11 @@ static TABLES: [Known; 10] = [
         id: uuid(0x21318c60, 0x9714, 0x3248, 0x8ca6_41ff7324c8f2),
         name: "CONTEXT_QUERY",
         table: || CTX_QUERY.as_ptr(),
+    },
+    Known {
+        id: uuid(0x1734dc26, 0x800d, 0x4745, 0x8726_c0f1e7dd8bca),
+        name: "LT_1734DC26",
+        table: || LT_1734.as_ptr(),
     },
 ];
 
