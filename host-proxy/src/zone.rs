@@ -47,6 +47,9 @@ use vgpu_proto::*;
 mod graphs;
 use graphs::NodeEntry;
 pub use graphs::MAX_PERSISTENT_HOST_FUNCS;
+mod vmm;
+use vmm::PhysEntry;
+pub use vmm::MAX_RESERVATIONS;
 
 /// Per-zone limits, from configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -109,6 +112,7 @@ mod kind {
     pub const GRAPH: u8 = 0x47;
     pub const GRAPH_EXEC: u8 = 0x58;
     pub const GRAPH_NODE: u8 = 0x4e;
+    pub const PHYS: u8 = 0x50;
 }
 
 /// `CUpointer_attribute` values answered from the zone's tables.
@@ -201,6 +205,8 @@ enum Owner {
     Global(Handle),
     /// Another worker's allocation mapped by `cuIpcOpenMemHandle` (see `Zone::imports`).
     Import,
+    /// A mapping of this physical allocation (`cuMemMap`; see `vmm.rs`).
+    Mapped(Handle),
 }
 
 /// Another worker's allocation this zone opened.
@@ -302,6 +308,9 @@ pub struct Zone<B: GpuBackend> {
     captures_active: u32,
     /// Host functions kept for graphs (see [`MAX_PERSISTENT_HOST_FUNCS`]).
     persistent_host_funcs: u32,
+    /// Virtual address reservations (start → size) and physical allocations (see `vmm.rs`).
+    reservations: BTreeMap<u64, u64>,
+    phys: HandleTable<PhysEntry<B::Phys>>,
 }
 
 impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
@@ -424,6 +433,8 @@ impl<B: GpuBackend> Zone<B> {
             hidden_nodes: HashSet::new(),
             captures_active: 0,
             persistent_host_funcs: 0,
+            reservations: BTreeMap::new(),
+            phys: HandleTable::new(kind::PHYS, max),
         }
     }
 
@@ -499,6 +510,7 @@ impl<B: GpuBackend> Zone<B> {
             + u64::from(self.graphs.len())
             + u64::from(self.graph_execs.len())
             + u64::from(self.graph_nodes.len())
+            + u64::from(self.phys.len())
     }
 
     /// The primary context's handle.
@@ -573,7 +585,18 @@ impl<B: GpuBackend> Zone<B> {
         let (&start, r) = self.ranges.range(..=addr).next_back().ok_or(CuError::INVALID_VALUE)?;
         let end = addr.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
         // start <= addr and start + size did not overflow when the range was registered.
-        if end > start + r.size {
+        let mut reach = start + r.size;
+        if end > reach && matches!(r.owner, Owner::Mapped(_)) && addr < reach {
+            // Adjoining mappings (a reservation mapped piece by piece, as PyTorch's expandable
+            // segments are) are one stretch of memory, as on the driver.
+            for (&s, next) in self.ranges.range(reach..) {
+                if s != reach || !matches!(next.owner, Owner::Mapped(_)) || reach >= end {
+                    break;
+                }
+                reach = s + next.size;
+            }
+        }
+        if end > reach {
             return Err(CuError::INVALID_VALUE);
         }
         Ok(())
@@ -773,6 +796,8 @@ impl<B: GpuBackend> Zone<B> {
                 Owner::Global(_) => {
                     self.ranges.remove(&start);
                 }
+                // Mappings belong to no context: never among these.
+                Owner::Mapped(_) => {}
             }
         }
         // Imports of the context (live ones were just unmapped) are gone for good.
@@ -827,9 +852,13 @@ impl<B: GpuBackend> Zone<B> {
                 Owner::Import => {
                     let _ = self.backend.ipc_close(start);
                 }
+                Owner::Mapped(_) => {
+                    let _ = self.backend.mem_unmap(start, r.size);
+                }
                 Owner::Global(_) => {}
             }
         }
+        self.release_vmm();
         let tokens: HashSet<Token> = self.imports.values().filter(|i| i.live).map(|i| i.token).collect();
         self.imports.clear();
         for token in tokens {
@@ -1836,6 +1865,45 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(CuEventElapsedTimeV2Reply { p_milliseconds: self.elapsed(req.h_start, req.h_end)? })
     }
 
+    // ---- virtual memory management (zone/vmm.rs) ----
+
+    fn mem_get_granularity(&mut self, req: MemGetGranularity) -> CuResultOf<MemGetGranularityReply> {
+        Ok(MemGetGranularityReply { granularity: self.zone.mem_granularity(req.recommended)? })
+    }
+
+    fn mem_address_reserve(&mut self, req: MemAddressReserve) -> CuResultOf<MemAddressReserveReply> {
+        Ok(MemAddressReserveReply { ptr: self.zone.mem_address_reserve(req.size, req.alignment, req.addr)? })
+    }
+
+    fn mem_address_free(&mut self, req: MemAddressFree) -> CuResultOf<Done> {
+        self.zone.mem_address_free(req.ptr, req.size)?;
+        Ok(Done {})
+    }
+
+    fn mem_create(&mut self, req: MemCreate) -> CuResultOf<MemCreateReply> {
+        Ok(MemCreateReply { handle: self.zone.mem_create(req.size, req.fd_shareable)? })
+    }
+
+    fn mem_release(&mut self, req: MemRelease) -> CuResultOf<Done> {
+        self.zone.mem_release(req.handle)?;
+        Ok(Done {})
+    }
+
+    fn mem_map(&mut self, req: MemMap) -> CuResultOf<Done> {
+        self.zone.mem_map(req.ptr, req.size, req.offset, req.handle)?;
+        Ok(Done {})
+    }
+
+    fn mem_unmap(&mut self, req: MemUnmap) -> CuResultOf<Done> {
+        self.zone.mem_unmap(req.ptr, req.size)?;
+        Ok(Done {})
+    }
+
+    fn mem_set_access(&mut self, req: MemSetAccess) -> CuResultOf<Done> {
+        self.zone.mem_set_access(req.ptr, req.size, req.flags)?;
+        Ok(Done {})
+    }
+
     // ---- graphs and stream capture (zone/graphs.rs) ----
 
     fn cu_graph_create(&mut self, req: CuGraphCreate) -> CuResultOf<CuGraphCreateReply> {
@@ -2054,6 +2122,61 @@ mod tests {
         b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         b.extend_from_slice(payload);
         b
+    }
+
+    #[test]
+    fn mapped_memory_is_checked_and_counted_like_allocations() {
+        let g = 2u64 << 20;
+        let mut f = fixture(Quotas { mem_bytes: 3 * g, ..Quotas::default() }, 4096);
+        let gran = f.api().mem_get_granularity(MemGetGranularity { recommended: false }).unwrap().granularity;
+        assert_eq!(gran, g);
+        let r = f.api().mem_address_reserve(MemAddressReserve { size: 4 * g, alignment: 0, addr: 0 }).unwrap().ptr;
+        let p1 = f.api().mem_create(MemCreate { size: g, fd_shareable: true }).unwrap().handle;
+        let p2 = f.api().mem_create(MemCreate { size: g, fd_shareable: false }).unwrap().handle;
+        assert_eq!(f.z.mem_used, 2 * g, "physical memory counts from its creation");
+        let e = f.api().mem_create(MemCreate { size: 2 * g, fd_shareable: false }).map(|_| ());
+        assert_eq!(e, Err(CuError::OUT_OF_MEMORY), "past the zone's memory quota");
+        let map = |ptr, size, offset, handle| MemMap { ptr, size, offset, handle };
+        f.api().mem_map(map(r, g, 0, p1)).unwrap();
+        f.api().mem_map(map(r + g, g, 0, p2)).unwrap();
+        let e = f.api().mem_map(map(r, g, 0, p2)).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_VALUE), "over a mapping");
+        let e = f.api().mem_map(map(r + 4 * g, g, 0, p2)).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_VALUE), "outside every reservation");
+        let e = f.api().mem_map(map(r + 2 * g, 2 * g, 0, p2)).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_VALUE), "past the physical allocation");
+        f.api().mem_set_access(MemSetAccess { ptr: r, size: 2 * g, flags: 3 }).unwrap();
+        let e = f.api().mem_set_access(MemSetAccess { ptr: r, size: 3 * g, flags: 3 }).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_VALUE), "access only to mapped memory");
+        assert_eq!(f.z.check_range(r + g - 8, 16), Ok(()), "adjoining mappings are one stretch");
+        assert!(f.z.check_range(r + 2 * g - 8, 16).is_err(), "but not past the last");
+        let e = f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: r }).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_VALUE), "a mapping is no allocation");
+        // Contents persist across unmap and map, as on the driver.
+        f.w.write(BulkRef { offset: 0, len: 4 }, &[1, 2, 3, 4]).unwrap();
+        f.htod(r + 64, 0, 4).unwrap();
+        let e = f.api().mem_address_free(MemAddressFree { ptr: r, size: 4 * g }).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_VALUE), "a reservation with mappings is not freed");
+        let e = f.api().mem_unmap(MemUnmap { ptr: r, size: g / 2 }).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_VALUE), "an unmap covers whole mappings");
+        f.api().mem_unmap(MemUnmap { ptr: r, size: g }).unwrap();
+        assert!(f.z.check_range(r + 64, 4).is_err(), "unmapped memory is out of reach");
+        f.api().mem_map(map(r + 2 * g, g, 0, p1)).unwrap();
+        f.dtoh(r + 2 * g + 64, 8, 4).unwrap();
+        let mut back = [0u8; 4];
+        f.w.read(BulkRef { offset: 8, len: 4 }, &mut back).unwrap();
+        assert_eq!(back, [1, 2, 3, 4]);
+        // Released while mapped: counted until its last mapping goes.
+        f.api().mem_release(MemRelease { handle: p1 }).unwrap();
+        assert_eq!(f.z.mem_used, 2 * g);
+        let e = f.api().mem_map(map(r, g, 0, p1)).map(|_| ());
+        assert_eq!(e, Err(CuError::INVALID_HANDLE), "a released handle names nothing");
+        f.api().mem_unmap(MemUnmap { ptr: r + g, size: 2 * g }).unwrap();
+        assert_eq!(f.z.mem_used, g, "p1's memory went with its last mapping");
+        f.api().mem_release(MemRelease { handle: p2 }).unwrap();
+        assert_eq!(f.z.mem_used, 0);
+        f.api().mem_address_free(MemAddressFree { ptr: r, size: 4 * g }).unwrap();
+        assert_eq!(f.z.live_objects(), 0, "nothing left");
     }
 
     #[test]

@@ -967,6 +967,84 @@ fn graphs(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
     Ok(())
 }
 
+/// Virtual memory management as PyTorch's expandable segments use it: a reservation mapped
+/// piece by piece with physical allocations, access set, copies through the mappings,
+/// contents kept across unmap and map, everything given back.
+fn vmm(ctx: &Arc<CudaContext>) -> Res {
+    ctx.bind_to_thread()?;
+    let mut prop = sys::CUmemAllocationProp {
+        type_: sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes: sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE,
+        location: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: 0 },
+        win32HandleMetaData: std::ptr::null_mut(),
+        allocFlags: sys::CUmemAllocationProp_st__bindgen_ty_1 {
+            compressionType: 0,
+            gpuDirectRDMACapable: 0,
+            usage: 0,
+            reserved: [0; 4],
+        },
+    };
+    let mut g = 0usize;
+    // SAFETY: valid out-pointer and property.
+    unsafe {
+        sys::cuMemGetAllocationGranularity(
+            &mut g,
+            &prop,
+            sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        )
+    }
+    .result()?;
+    ensure(g > 0 && g.is_power_of_two(), &format!("allocation granularity {g} bytes"))?;
+    let mut r = 0;
+    // SAFETY: valid out-pointer; no alignment or address wish.
+    unsafe { sys::cuMemAddressReserve(&mut r, 4 * g, 0, 0, 0) }.result()?;
+    let (mut p1, mut p2) = (0, 0);
+    // SAFETY: valid out-pointers and property.
+    unsafe { sys::cuMemCreate(&mut p1, g, &prop, 0) }.result()?;
+    prop.requestedHandleTypes = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    // SAFETY: as above (the second exportable as a file descriptor, as PyTorch asks).
+    unsafe { sys::cuMemCreate(&mut p2, g, &prop, 0) }.result()?;
+    // SAFETY: inside the reservation, whole physical allocations.
+    unsafe { sys::cuMemMap(r, g, 0, p1, 0) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuMemMap(r + g as u64, g, 0, p2, 0) }.result()?;
+    let access = sys::CUmemAccessDesc {
+        location: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: 0 },
+        flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    };
+    // SAFETY: the two mappings; one descriptor.
+    unsafe { sys::cuMemSetAccess(r, 2 * g, &access, 1) }.result()?;
+    let n = g / 4;
+    let data = pattern(n, 5);
+    // SAFETY: `data` holds n words; the first mapping holds g bytes.
+    unsafe { sys::cuMemcpyHtoD_v2(r, data.as_ptr().cast(), g) }.result()?;
+    // SAFETY: the second mapping, g bytes.
+    unsafe { sys::cuMemsetD32_v2(r + g as u64, 7, n) }.result()?;
+    ensure(
+        read_words(r, n)? == data && read_words(r + g as u64, n)?.iter().all(|&w| w == 7),
+        "copies and memsets through two mappings",
+    )?;
+    // SAFETY: a mapping is not an allocation.
+    let rc = unsafe { sys::cuMemFree_v2(r) };
+    ensure(rc == sys::CUresult::CUDA_ERROR_INVALID_VALUE, "cuMemFree of mapped memory is refused")?;
+    // SAFETY: the first mapping, whole.
+    unsafe { sys::cuMemUnmap(r, g) }.result()?;
+    // SAFETY: the third granule of the reservation, nothing mapped there.
+    unsafe { sys::cuMemMap(r + 2 * g as u64, g, 0, p1, 0) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuMemSetAccess(r + 2 * g as u64, g, &access, 1) }.result()?;
+    ensure(read_words(r + 2 * g as u64, n)? == data, "contents kept across unmap and map")?;
+    // SAFETY: each object once, mappings first.
+    unsafe { sys::cuMemUnmap(r + g as u64, 2 * g) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuMemRelease(p1) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuMemRelease(p2) }.result()?;
+    // SAFETY: as above.
+    unsafe { sys::cuMemAddressFree(r, 4 * g) }.result()?;
+    ensure(true, "mappings, physical allocations and the reservation given back")
+}
+
 /// Every scenario that needs no file, second process or quota configuration, in one run (the Xen lab's guest
 /// workload: one domain boot checks them all).
 fn suite(ctx: &Arc<CudaContext>) -> Res {
@@ -1042,6 +1120,7 @@ fn main() -> Res {
         Some("host-fn") => host_functions(&ctx),
         Some("launch") => launch(&ctx, args.get(1).ok_or("launch needs a PTX file")?),
         Some("graphs") => graphs(&ctx, args.get(1).ok_or("graphs needs a PTX file")?),
+        Some("vmm") => vmm(&ctx),
         Some("errors") => errors(&ctx),
         Some("threads") => threads(&ctx),
         Some("suite") => suite(&ctx),

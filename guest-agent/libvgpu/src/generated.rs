@@ -1872,6 +1872,102 @@ pub unsafe extern "C" fn cuThreadExchangeStreamCaptureMode(mode: *mut ::core::ff
     })
 }
 
+/// `cuMemAddressReserve` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAddressReserve(ptr: *mut sys::CUdeviceptr, size: usize, alignment: usize, addr: sys::CUdeviceptr, flags: ::core::ffi::c_ulonglong) -> CUresult {
+    rt::entry("cuMemAddressReserve", || {
+        // SAFETY: the caller upholds cuMemAddressReserve's contract, which the implementation documents.
+        unsafe { crate::imp::cu_mem_address_reserve(ptr, size, alignment, addr, flags) }
+    })
+}
+
+/// `cuMemAddressFree` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAddressFree(ptr: sys::CUdeviceptr, size: usize) -> CUresult {
+    rt::entry("cuMemAddressFree", || {
+        // SAFETY: the caller upholds cuMemAddressFree's contract, which the implementation documents.
+        unsafe { crate::imp::cu_mem_address_free(ptr, size) }
+    })
+}
+
+/// `cuMemCreate` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemCreate(handle: *mut sys::CUmemGenericAllocationHandle, size: usize, prop: *const sys::CUmemAllocationProp, flags: ::core::ffi::c_ulonglong) -> CUresult {
+    rt::entry("cuMemCreate", || {
+        // SAFETY: the caller upholds cuMemCreate's contract, which the implementation documents.
+        unsafe { crate::imp::cu_mem_create(handle, size, prop, flags) }
+    })
+}
+
+/// `cuMemRelease` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemRelease(handle: sys::CUmemGenericAllocationHandle) -> CUresult {
+    rt::entry("cuMemRelease", || {
+        // SAFETY: the caller upholds cuMemRelease's contract, which the implementation documents.
+        unsafe { crate::imp::cu_mem_release(handle) }
+    })
+}
+
+/// `cuMemMap` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemMap(ptr: sys::CUdeviceptr, size: usize, offset: usize, handle: sys::CUmemGenericAllocationHandle, flags: ::core::ffi::c_ulonglong) -> CUresult {
+    rt::entry("cuMemMap", || {
+        // SAFETY: the caller upholds cuMemMap's contract, which the implementation documents.
+        unsafe { crate::imp::cu_mem_map(ptr, size, offset, handle, flags) }
+    })
+}
+
+/// `cuMemUnmap` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemUnmap(ptr: sys::CUdeviceptr, size: usize) -> CUresult {
+    rt::entry("cuMemUnmap", || {
+        // SAFETY: the caller upholds cuMemUnmap's contract, which the implementation documents.
+        unsafe { crate::imp::cu_mem_unmap(ptr, size) }
+    })
+}
+
+/// `cuMemSetAccess` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemSetAccess(ptr: sys::CUdeviceptr, size: usize, desc: *const sys::CUmemAccessDesc, count: usize) -> CUresult {
+    rt::entry("cuMemSetAccess", || {
+        // SAFETY: the caller upholds cuMemSetAccess's contract, which the implementation documents.
+        unsafe { crate::imp::cu_mem_set_access(ptr, size, desc, count) }
+    })
+}
+
+/// `cuMemGetAllocationGranularity` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetAllocationGranularity(granularity: *mut usize, prop: *const sys::CUmemAllocationProp, option: ::core::ffi::c_uint) -> CUresult {
+    rt::entry("cuMemGetAllocationGranularity", || {
+        // SAFETY: the caller upholds cuMemGetAllocationGranularity's contract, which the implementation documents.
+        unsafe { crate::imp::cu_mem_get_allocation_granularity(granularity, prop, option) }
+    })
+}
+
 /// `cuIpcGetMemHandle` (served in the guest).
 ///
 /// # Safety
@@ -2850,18 +2946,6 @@ pub extern "C" fn cuLogsUnregisterCallback(_callback: sys::CUlogsCallbackHandle)
     rt::unsupported("cuLogsUnregisterCallback")
 }
 
-/// `cuMemAddressFree`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemAddressFree(_ptr: sys::CUdeviceptr, _size: usize) -> CUresult {
-    rt::unsupported("cuMemAddressFree")
-}
-
-/// `cuMemAddressReserve`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemAddressReserve(_ptr: *mut sys::CUdeviceptr, _size: usize, _alignment: usize, _addr: sys::CUdeviceptr, _flags: ::core::ffi::c_ulonglong) -> CUresult {
-    rt::unsupported("cuMemAddressReserve")
-}
-
 /// `cuMemAdvise_v2`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuMemAdvise_v2(_devPtr: sys::CUdeviceptr, _count: usize, _advice: ::core::ffi::c_uint, _location: sys::CUmemLocation) -> CUresult {
@@ -2886,12 +2970,6 @@ pub extern "C" fn cuMemBatchDecompressAsync(_paramsArray: *mut sys::CUmemDecompr
     rt::unsupported("cuMemBatchDecompressAsync")
 }
 
-/// `cuMemCreate`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemCreate(_handle: *mut sys::CUmemGenericAllocationHandle, _size: usize, _prop: *const sys::CUmemAllocationProp, _flags: ::core::ffi::c_ulonglong) -> CUresult {
-    rt::unsupported("cuMemCreate")
-}
-
 /// `cuMemDiscardAndPrefetchBatchAsync`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuMemDiscardAndPrefetchBatchAsync(_dptrs: *mut sys::CUdeviceptr, _sizes: *mut usize, _count: usize, _prefetchLocs: *mut sys::CUmemLocation, _prefetchLocIdxs: *mut usize, _numPrefetchLocs: usize, _flags: ::core::ffi::c_ulonglong, _hStream: sys::CUstream) -> CUresult {
@@ -2914,12 +2992,6 @@ pub extern "C" fn cuMemExportToShareableHandle(_shareableHandle: *mut ::core::ff
 #[no_mangle]
 pub extern "C" fn cuMemGetAccess(_flags: *mut ::core::ffi::c_ulonglong, _location: *const sys::CUmemLocation, _ptr: sys::CUdeviceptr) -> CUresult {
     rt::unsupported("cuMemGetAccess")
-}
-
-/// `cuMemGetAllocationGranularity`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemGetAllocationGranularity(_granularity: *mut usize, _prop: *const sys::CUmemAllocationProp, _option: ::core::ffi::c_uint) -> CUresult {
-    rt::unsupported("cuMemGetAllocationGranularity")
 }
 
 /// `cuMemGetAllocationPropertiesFromHandle`: not supported by libvgpu.
@@ -2950,12 +3022,6 @@ pub extern "C" fn cuMemGetMemPool(_pool: *mut sys::CUmemoryPool, _location: *mut
 #[no_mangle]
 pub extern "C" fn cuMemImportFromShareableHandle(_handle: *mut sys::CUmemGenericAllocationHandle, _osHandle: *mut ::core::ffi::c_void, _shHandleType: sys::CUmemAllocationHandleType) -> CUresult {
     rt::unsupported("cuMemImportFromShareableHandle")
-}
-
-/// `cuMemMap`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemMap(_ptr: sys::CUdeviceptr, _size: usize, _offset: usize, _handle: sys::CUmemGenericAllocationHandle, _flags: ::core::ffi::c_ulonglong) -> CUresult {
-    rt::unsupported("cuMemMap")
 }
 
 /// `cuMemMapArrayAsync`: not supported by libvgpu.
@@ -3054,34 +3120,16 @@ pub extern "C" fn cuMemRangeGetAttributes(_data: *mut *mut ::core::ffi::c_void, 
     rt::unsupported("cuMemRangeGetAttributes")
 }
 
-/// `cuMemRelease`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemRelease(_handle: sys::CUmemGenericAllocationHandle) -> CUresult {
-    rt::unsupported("cuMemRelease")
-}
-
 /// `cuMemRetainAllocationHandle`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuMemRetainAllocationHandle(_handle: *mut sys::CUmemGenericAllocationHandle, _addr: *mut ::core::ffi::c_void) -> CUresult {
     rt::unsupported("cuMemRetainAllocationHandle")
 }
 
-/// `cuMemSetAccess`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemSetAccess(_ptr: sys::CUdeviceptr, _size: usize, _desc: *const sys::CUmemAccessDesc, _count: usize) -> CUresult {
-    rt::unsupported("cuMemSetAccess")
-}
-
 /// `cuMemSetMemPool`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuMemSetMemPool(_location: *mut sys::CUmemLocation, _type_: ::core::ffi::c_uint, _pool: sys::CUmemoryPool) -> CUresult {
     rt::unsupported("cuMemSetMemPool")
-}
-
-/// `cuMemUnmap`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemUnmap(_ptr: sys::CUdeviceptr, _size: usize) -> CUresult {
-    rt::unsupported("cuMemUnmap")
 }
 
 /// `cuMemcpy2DAsync_v2`: not supported by libvgpu.
@@ -5580,6 +5628,14 @@ pub const EXPORTS: &[&str] = &[
     "cuStreamBeginCapture_v2",
     "cuStreamEndCapture",
     "cuThreadExchangeStreamCaptureMode",
+    "cuMemAddressReserve",
+    "cuMemAddressFree",
+    "cuMemCreate",
+    "cuMemRelease",
+    "cuMemMap",
+    "cuMemUnmap",
+    "cuMemSetAccess",
+    "cuMemGetAllocationGranularity",
     "cuIpcGetMemHandle",
     "cuIpcOpenMemHandle_v2",
     "cuIpcCloseMemHandle",
@@ -5738,24 +5794,19 @@ pub const EXPORTS: &[&str] = &[
     "cuLogsDumpToMemory",
     "cuLogsRegisterCallback",
     "cuLogsUnregisterCallback",
-    "cuMemAddressFree",
-    "cuMemAddressReserve",
     "cuMemAdvise_v2",
     "cuMemAllocFromPoolAsync",
     "cuMemAllocManaged",
     "cuMemBatchDecompressAsync",
-    "cuMemCreate",
     "cuMemDiscardAndPrefetchBatchAsync",
     "cuMemDiscardBatchAsync",
     "cuMemExportToShareableHandle",
     "cuMemGetAccess",
-    "cuMemGetAllocationGranularity",
     "cuMemGetAllocationPropertiesFromHandle",
     "cuMemGetDefaultMemPool",
     "cuMemGetHandleForAddressRange",
     "cuMemGetMemPool",
     "cuMemImportFromShareableHandle",
-    "cuMemMap",
     "cuMemMapArrayAsync",
     "cuMemPoolCreate",
     "cuMemPoolDestroy",
@@ -5772,11 +5823,8 @@ pub const EXPORTS: &[&str] = &[
     "cuMemPrefetchBatchAsync",
     "cuMemRangeGetAttribute",
     "cuMemRangeGetAttributes",
-    "cuMemRelease",
     "cuMemRetainAllocationHandle",
-    "cuMemSetAccess",
     "cuMemSetMemPool",
-    "cuMemUnmap",
     "cuMemcpy2DAsync_v2",
     "cuMemcpy2DUnaligned_v2",
     "cuMemcpy2D_v2",
@@ -6332,8 +6380,8 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuLogsDumpToMemory", since: 0, symbol: "cuLogsDumpToMemory", ptr: cuLogsDumpToMemory as *const (), per_thread: false },
     rt::ProcEntry { base: "cuLogsRegisterCallback", since: 0, symbol: "cuLogsRegisterCallback", ptr: cuLogsRegisterCallback as *const (), per_thread: false },
     rt::ProcEntry { base: "cuLogsUnregisterCallback", since: 0, symbol: "cuLogsUnregisterCallback", ptr: cuLogsUnregisterCallback as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemAddressFree", since: 0, symbol: "cuMemAddressFree", ptr: cuMemAddressFree as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemAddressReserve", since: 0, symbol: "cuMemAddressReserve", ptr: cuMemAddressReserve as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAddressFree", since: 10020, symbol: "cuMemAddressFree", ptr: cuMemAddressFree as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemAddressReserve", since: 10020, symbol: "cuMemAddressReserve", ptr: cuMemAddressReserve as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemAdvise", since: 0, symbol: "cuMemAdvise_v2", ptr: cuMemAdvise_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemAlloc", since: 3020, symbol: "cuMemAlloc_v2", ptr: cuMemAlloc_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemAllocAsync", since: 0, symbol: "cuMemAllocAsync", ptr: cuMemAllocAsync as *const (), per_thread: false },
@@ -6345,7 +6393,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMemAllocPitch", since: 3020, symbol: "cuMemAllocPitch_v2", ptr: cuMemAllocPitch_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemBatchDecompressAsync", since: 0, symbol: "cuMemBatchDecompressAsync", ptr: cuMemBatchDecompressAsync as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemBatchDecompressAsync", since: 0, symbol: "cuMemBatchDecompressAsync_ptsz", ptr: cuMemBatchDecompressAsync_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemCreate", since: 0, symbol: "cuMemCreate", ptr: cuMemCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemCreate", since: 10020, symbol: "cuMemCreate", ptr: cuMemCreate as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemDiscardAndPrefetchBatchAsync", since: 0, symbol: "cuMemDiscardAndPrefetchBatchAsync", ptr: cuMemDiscardAndPrefetchBatchAsync as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemDiscardAndPrefetchBatchAsync", since: 0, symbol: "cuMemDiscardAndPrefetchBatchAsync_ptsz", ptr: cuMemDiscardAndPrefetchBatchAsync_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemDiscardBatchAsync", since: 0, symbol: "cuMemDiscardBatchAsync", ptr: cuMemDiscardBatchAsync as *const (), per_thread: false },
@@ -6357,7 +6405,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMemFreeHost", since: 0, symbol: "cuMemFreeHost", ptr: cuMemFreeHost as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemGetAccess", since: 0, symbol: "cuMemGetAccess", ptr: cuMemGetAccess as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemGetAddressRange", since: 3020, symbol: "cuMemGetAddressRange_v2", ptr: cuMemGetAddressRange_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemGetAllocationGranularity", since: 0, symbol: "cuMemGetAllocationGranularity", ptr: cuMemGetAllocationGranularity as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemGetAllocationGranularity", since: 10020, symbol: "cuMemGetAllocationGranularity", ptr: cuMemGetAllocationGranularity as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemGetAllocationPropertiesFromHandle", since: 0, symbol: "cuMemGetAllocationPropertiesFromHandle", ptr: cuMemGetAllocationPropertiesFromHandle as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemGetDefaultMemPool", since: 0, symbol: "cuMemGetDefaultMemPool", ptr: cuMemGetDefaultMemPool as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemGetHandleForAddressRange", since: 0, symbol: "cuMemGetHandleForAddressRange", ptr: cuMemGetHandleForAddressRange as *const (), per_thread: false },
@@ -6370,7 +6418,7 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMemHostRegister", since: 6050, symbol: "cuMemHostRegister_v2", ptr: cuMemHostRegister_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemHostUnregister", since: 0, symbol: "cuMemHostUnregister", ptr: cuMemHostUnregister as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemImportFromShareableHandle", since: 0, symbol: "cuMemImportFromShareableHandle", ptr: cuMemImportFromShareableHandle as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemMap", since: 0, symbol: "cuMemMap", ptr: cuMemMap as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemMap", since: 10020, symbol: "cuMemMap", ptr: cuMemMap as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemMapArrayAsync", since: 0, symbol: "cuMemMapArrayAsync", ptr: cuMemMapArrayAsync as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemMapArrayAsync", since: 0, symbol: "cuMemMapArrayAsync_ptsz", ptr: cuMemMapArrayAsync_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemPoolCreate", since: 0, symbol: "cuMemPoolCreate", ptr: cuMemPoolCreate as *const (), per_thread: false },
@@ -6390,11 +6438,11 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMemPrefetchBatchAsync", since: 0, symbol: "cuMemPrefetchBatchAsync_ptsz", ptr: cuMemPrefetchBatchAsync_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemRangeGetAttribute", since: 0, symbol: "cuMemRangeGetAttribute", ptr: cuMemRangeGetAttribute as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemRangeGetAttributes", since: 0, symbol: "cuMemRangeGetAttributes", ptr: cuMemRangeGetAttributes as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemRelease", since: 0, symbol: "cuMemRelease", ptr: cuMemRelease as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemRelease", since: 10020, symbol: "cuMemRelease", ptr: cuMemRelease as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemRetainAllocationHandle", since: 0, symbol: "cuMemRetainAllocationHandle", ptr: cuMemRetainAllocationHandle as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemSetAccess", since: 0, symbol: "cuMemSetAccess", ptr: cuMemSetAccess as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemSetAccess", since: 10020, symbol: "cuMemSetAccess", ptr: cuMemSetAccess as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemSetMemPool", since: 0, symbol: "cuMemSetMemPool", ptr: cuMemSetMemPool as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemUnmap", since: 0, symbol: "cuMemUnmap", ptr: cuMemUnmap as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemUnmap", since: 10020, symbol: "cuMemUnmap", ptr: cuMemUnmap as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemcpy", since: 0, symbol: "cuMemcpy", ptr: cuMemcpy as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemcpy", since: 0, symbol: "cuMemcpy_ptds", ptr: cuMemcpy_ptds as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemcpy2D", since: 0, symbol: "cuMemcpy2D_v2", ptr: cuMemcpy2D_v2 as *const (), per_thread: false },

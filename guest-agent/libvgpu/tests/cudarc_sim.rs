@@ -198,6 +198,20 @@ fn host_functions_and_callbacks_run_in_the_program_in_stream_order() {
 }
 
 #[test]
+fn virtual_memory_is_mapped_piece_by_piece() {
+    let out = app(&["vmm"]);
+    for line in [
+        "ok: allocation granularity 2097152 bytes",
+        "ok: copies and memsets through two mappings",
+        "ok: cuMemFree of mapped memory is refused",
+        "ok: contents kept across unmap and map",
+        "ok: mappings, physical allocations and the reservation given back",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in {out}");
+    }
+}
+
+#[test]
 fn graphs_built_and_captured_run_at_every_launch() {
     let ptx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sim_kernels.ptx");
     let out = app(&["graphs", ptx.to_str().unwrap()]);

@@ -1473,6 +1473,112 @@ impl Message for ThreadExchangeCaptureModeReply {
     const ID: MessageId = MessageId(0x82b3);
 }
 
+/// Request `MemAddressReserve` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemAddressReserve {
+    pub size: u64,
+    pub alignment: u64,
+    pub addr: u64,
+}
+impl Message for MemAddressReserve {
+    const ID: MessageId = MessageId(0x02c0);
+}
+/// Reply to [`MemAddressReserve`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemAddressReserveReply {
+    pub ptr: u64,
+}
+impl Message for MemAddressReserveReply {
+    const ID: MessageId = MessageId(0x82c0);
+}
+
+/// Request `MemAddressFree` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemAddressFree {
+    pub ptr: u64,
+    pub size: u64,
+}
+impl Message for MemAddressFree {
+    const ID: MessageId = MessageId(0x02c1);
+}
+
+/// Request `MemCreate` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemCreate {
+    pub size: u64,
+    pub fd_shareable: bool,
+}
+impl Message for MemCreate {
+    const ID: MessageId = MessageId(0x02c2);
+}
+/// Reply to [`MemCreate`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemCreateReply {
+    pub handle: Handle,
+}
+impl Message for MemCreateReply {
+    const ID: MessageId = MessageId(0x82c2);
+}
+
+/// Request `MemRelease` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemRelease {
+    pub handle: Handle,
+}
+impl Message for MemRelease {
+    const ID: MessageId = MessageId(0x02c3);
+}
+
+/// Request `MemMap` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemMap {
+    pub ptr: u64,
+    pub size: u64,
+    pub offset: u64,
+    pub handle: Handle,
+}
+impl Message for MemMap {
+    const ID: MessageId = MessageId(0x02c4);
+}
+
+/// Request `MemUnmap` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemUnmap {
+    pub ptr: u64,
+    pub size: u64,
+}
+impl Message for MemUnmap {
+    const ID: MessageId = MessageId(0x02c5);
+}
+
+/// Request `MemSetAccess` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemSetAccess {
+    pub ptr: u64,
+    pub size: u64,
+    pub flags: u32,
+}
+impl Message for MemSetAccess {
+    const ID: MessageId = MessageId(0x02c6);
+}
+
+/// Request `MemGetGranularity` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemGetGranularity {
+    pub recommended: bool,
+}
+impl Message for MemGetGranularity {
+    const ID: MessageId = MessageId(0x02c7);
+}
+/// Reply to [`MemGetGranularity`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemGetGranularityReply {
+    pub granularity: u64,
+}
+impl Message for MemGetGranularityReply {
+    const ID: MessageId = MessageId(0x82c7);
+}
+
 /// Every generated request id, in order.
 pub const REQUEST_IDS: &[MessageId] = &[
     CuMemAllocV2::ID,
@@ -1576,6 +1682,14 @@ pub const REQUEST_IDS: &[MessageId] = &[
     StreamEndCapture::ID,
     StreamCaptureInfo::ID,
     ThreadExchangeCaptureMode::ID,
+    MemAddressReserve::ID,
+    MemAddressFree::ID,
+    MemCreate::ID,
+    MemRelease::ID,
+    MemMap::ID,
+    MemUnmap::ID,
+    MemSetAccess::ID,
+    MemGetGranularity::ID,
 ];
 
 /// The host's implementation of every generated request. A method returns the reply
@@ -1785,6 +1899,22 @@ pub trait Api {
     fn stream_capture_info(&mut self, req: StreamCaptureInfo) -> Result<StreamCaptureInfoReply, Self::Error>;
     /// Handles [`ThreadExchangeCaptureMode`].
     fn thread_exchange_capture_mode(&mut self, req: ThreadExchangeCaptureMode) -> Result<ThreadExchangeCaptureModeReply, Self::Error>;
+    /// Handles [`MemAddressReserve`].
+    fn mem_address_reserve(&mut self, req: MemAddressReserve) -> Result<MemAddressReserveReply, Self::Error>;
+    /// Handles [`MemAddressFree`].
+    fn mem_address_free(&mut self, req: MemAddressFree) -> Result<crate::Done, Self::Error>;
+    /// Handles [`MemCreate`].
+    fn mem_create(&mut self, req: MemCreate) -> Result<MemCreateReply, Self::Error>;
+    /// Handles [`MemRelease`].
+    fn mem_release(&mut self, req: MemRelease) -> Result<crate::Done, Self::Error>;
+    /// Handles [`MemMap`].
+    fn mem_map(&mut self, req: MemMap) -> Result<crate::Done, Self::Error>;
+    /// Handles [`MemUnmap`].
+    fn mem_unmap(&mut self, req: MemUnmap) -> Result<crate::Done, Self::Error>;
+    /// Handles [`MemSetAccess`].
+    fn mem_set_access(&mut self, req: MemSetAccess) -> Result<crate::Done, Self::Error>;
+    /// Handles [`MemGetGranularity`].
+    fn mem_get_granularity(&mut self, req: MemGetGranularity) -> Result<MemGetGranularityReply, Self::Error>;
 }
 
 /// Sends a handler's reply.
@@ -2320,6 +2450,46 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.thread_exchange_capture_mode(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x02c0 => {
+            let req = decode_body::<MemAddressReserve>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.mem_address_reserve(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02c1 => {
+            let req = decode_body::<MemAddressFree>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.mem_address_free(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02c2 => {
+            let req = decode_body::<MemCreate>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.mem_create(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02c3 => {
+            let req = decode_body::<MemRelease>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.mem_release(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02c4 => {
+            let req = decode_body::<MemMap>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.mem_map(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02c5 => {
+            let req = decode_body::<MemUnmap>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.mem_unmap(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02c6 => {
+            let req = decode_body::<MemSetAccess>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.mem_set_access(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02c7 => {
+            let req = decode_body::<MemGetGranularity>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.mem_get_granularity(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         _ => Err(DispatchError::Unknown(id)),
     }
 }
@@ -2436,6 +2606,14 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x02b1 => "StreamEndCapture",
         0x02b2 => "StreamCaptureInfo",
         0x02b3 => "ThreadExchangeCaptureMode",
+        0x02c0 => "MemAddressReserve",
+        0x02c1 => "MemAddressFree",
+        0x02c2 => "MemCreate",
+        0x02c3 => "MemRelease",
+        0x02c4 => "MemMap",
+        0x02c5 => "MemUnmap",
+        0x02c6 => "MemSetAccess",
+        0x02c7 => "MemGetGranularity",
         _ => return None,
     })
 }

@@ -73,7 +73,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vgpu_proto::{CuResult, DeviceInfo, LaunchAttr};
 
 mod graphs;
+mod vmm;
 pub use graphs::{CudaGraph, CudaGraphExec};
+pub use vmm::CudaPhys;
 
 /// `CUresult` as the C ABI returns it (an `enum` of `unsigned int` size). Kept as an
 /// integer so that codes newer than the bindings are representable.
@@ -351,6 +353,22 @@ driver_api! {
     mem_host_register = "cuMemHostRegister_v2": fn(*mut c_void, usize, c_uint);
     /// `cuLaunchHostFunc`.
     launch_host_func = "cuLaunchHostFunc": fn(sys::CUstream, Option<unsafe extern "C" fn(*mut c_void)>, *mut c_void);
+    /// `cuMemGetAllocationGranularity`.
+    mem_get_granularity = "cuMemGetAllocationGranularity": fn(*mut usize, *const vmm::RawAllocProp, c_uint);
+    /// `cuMemAddressReserve`.
+    mem_address_reserve = "cuMemAddressReserve": fn(*mut sys::CUdeviceptr, usize, usize, sys::CUdeviceptr, u64);
+    /// `cuMemAddressFree`.
+    mem_address_free = "cuMemAddressFree": fn(sys::CUdeviceptr, usize);
+    /// `cuMemCreate`.
+    mem_create = "cuMemCreate": fn(*mut sys::CUmemGenericAllocationHandle, usize, *const vmm::RawAllocProp, u64);
+    /// `cuMemRelease`.
+    mem_release = "cuMemRelease": fn(sys::CUmemGenericAllocationHandle);
+    /// `cuMemMap`.
+    mem_map = "cuMemMap": fn(sys::CUdeviceptr, usize, usize, sys::CUmemGenericAllocationHandle, u64);
+    /// `cuMemUnmap`.
+    mem_unmap = "cuMemUnmap": fn(sys::CUdeviceptr, usize);
+    /// `cuMemSetAccess`.
+    mem_set_access = "cuMemSetAccess": fn(sys::CUdeviceptr, usize, *const vmm::RawAccessDesc, usize);
     /// `cuGraphCreate`.
     graph_create = "cuGraphCreate": fn(*mut sys::CUgraph, c_uint);
     /// `cuGraphDestroy`.
@@ -912,6 +930,8 @@ pub struct CudaGpu {
     functions: FxHashMap<u64, FunctionEntry>,
     /// The zone's shared data window, registered with the driver (see `attach_window`).
     window: Option<(std::ptr::NonNull<u8>, usize)>,
+    /// Physical allocations by [`CudaPhys`] id: the driver's handle and the size.
+    phys: FxHashMap<u64, (sys::CUmemGenericAllocationHandle, u64)>,
     /// Live graphs by [`CudaGraph`] id (context-independent).
     graphs: FxHashMap<u64, sys::CUgraph>,
     /// Live executable graphs by [`CudaGraphExec`] id.
@@ -1044,6 +1064,7 @@ impl CudaGpu {
             imports: FxHashMap::default(),
             streams: FxHashMap::default(),
             window: None,
+            phys: FxHashMap::default(),
             graphs: FxHashMap::default(),
             graph_execs: FxHashMap::default(),
             host_slots: Vec::new(),
@@ -1404,6 +1425,40 @@ fn device_name(buf: &[c_char; NAME_BUF_LEN]) -> heapless::String<96> {
 }
 
 impl GpuBackend for CudaGpu {
+    type Phys = CudaPhys;
+
+    fn mem_granularity(&mut self, recommended: bool) -> CuResultOf<u64> {
+        self.granularity(recommended)
+    }
+
+    fn mem_address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResultOf<u64> {
+        self.address_reserve(size, alignment, addr)
+    }
+
+    fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+        self.address_free(ptr, size)
+    }
+
+    fn mem_create(&mut self, size: u64, fd_shareable: bool) -> CuResultOf<CudaPhys> {
+        self.create_phys(size, fd_shareable)
+    }
+
+    fn mem_release(&mut self, phys: CudaPhys) -> CuResultOf<()> {
+        self.release_phys(phys)
+    }
+
+    fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, phys: &CudaPhys) -> CuResultOf<()> {
+        self.map(ptr, size, offset, phys)
+    }
+
+    fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+        self.unmap(ptr, size)
+    }
+
+    fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResultOf<()> {
+        self.set_access(ptr, size, flags)
+    }
+
     type Graph = CudaGraph;
     type GraphExec = CudaGraphExec;
     /// The driver's `CUgraphNode`, as an address.

@@ -84,6 +84,8 @@ pub trait GpuBackend {
     type Graph;
     /// An executable graph (`CUgraphExec`), made in the current context.
     type GraphExec;
+    /// A physical allocation of virtual memory management (`cuMemCreate`).
+    type Phys;
     /// A node of a graph: a plain value naming it inside its graph (the zone maps it to a
     /// handle; it is only ever passed back together with its graph).
     type GraphNode: Copy + Eq + std::hash::Hash + std::fmt::Debug;
@@ -303,6 +305,27 @@ pub trait GpuBackend {
     fn stream_get_priority(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<i32>;
     /// Destroys a stream.
     fn stream_destroy(&mut self, stream: Self::Stream) -> CuResultOf<()>;
+
+    // ---- virtual memory management (the zone checks every range first) ----
+    /// `cuMemGetAllocationGranularity` for pinned device memory of this device (minimum, or
+    /// with `recommended` the recommended one).
+    fn mem_granularity(&mut self, recommended: bool) -> CuResultOf<u64>;
+    /// `cuMemAddressReserve`: a range of `size` bytes of virtual addresses.
+    fn mem_address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResultOf<u64>;
+    /// `cuMemAddressFree` of a whole reservation with nothing mapped in it.
+    fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResultOf<()>;
+    /// `cuMemCreate` of `size` bytes of pinned memory on this device (`fd_shareable`: with
+    /// POSIX file descriptor export allowed, which this side never uses).
+    fn mem_create(&mut self, size: u64, fd_shareable: bool) -> CuResultOf<Self::Phys>;
+    /// Scrubs (zeroes) a physical allocation with no mapping left, then `cuMemRelease`.
+    fn mem_release(&mut self, phys: Self::Phys) -> CuResultOf<()>;
+    /// `cuMemMap` of `size` bytes of `phys` from `offset` at `ptr` (inside a reservation,
+    /// over nothing mapped).
+    fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, phys: &Self::Phys) -> CuResultOf<()>;
+    /// `cuMemUnmap` of whole mappings covering exactly `[ptr, ptr + size)`.
+    fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResultOf<()>;
+    /// `cuMemSetAccess` for this device: `flags` 1 (read) or 3 (read and write).
+    fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResultOf<()>;
 
     // ---- graphs and stream capture ----
     /// `cuGraphCreate` (flags 0).

@@ -64,8 +64,10 @@ use std::time::Instant;
 use vgpu_proto::{CuResult, DeviceInfo};
 
 mod graphs;
+mod vmm;
 pub use graphs::{SimGraph, SimGraphExec};
 use graphs::{SimGraphNodes, SimOp};
+pub use vmm::SimPhys;
 
 /// Where simulated device addresses start (a recognisable, non-null, high value).
 const SIM_BASE: u64 = 0x7e00_0000_0000;
@@ -149,6 +151,8 @@ enum Owner {
     Module(u64),
     /// `ipc_close` (another process's memory, mapped by `ipc_open`).
     Import,
+    /// Unmapping (a mapping of this physical allocation, which counts its bytes).
+    Mapped(u64),
 }
 
 /// Where a simulated allocation's bytes live.
@@ -191,7 +195,7 @@ impl SimAlloc {
     /// exporter's).
     fn counted(&self) -> u64 {
         match self.owner {
-            Owner::Import => 0,
+            Owner::Import | Owner::Mapped(_) => 0,
             Owner::User | Owner::Module(_) => self.data.bytes().len() as u64,
         }
     }
@@ -282,6 +286,9 @@ pub struct SimGpu {
     /// The zone's shared data window, once attached: copies from and to it go straight to
     /// simulated memory (as the real backend's DMA does), and graphs' copy nodes reach it.
     window: Option<idm_core::RawRegion>,
+    /// Address reservations (start → size) and physical allocations (see `vmm.rs`).
+    reservations: BTreeMap<u64, u64>,
+    phys: HashMap<u64, vmm::PhysState>,
 }
 
 /// A simulated stream (work completes as it is issued).
@@ -323,6 +330,8 @@ impl SimGpu {
             execs: HashMap::new(),
             capture_mode: 0,
             window: None,
+            reservations: BTreeMap::new(),
+            phys: HashMap::new(),
         }
     }
 
@@ -1176,6 +1185,40 @@ fn device_attribute_table() -> Vec<Result<i32, CuError>> {
 }
 
 impl GpuBackend for SimGpu {
+    type Phys = SimPhys;
+
+    fn mem_granularity(&mut self, _recommended: bool) -> CuResultOf<u64> {
+        Ok(SimGpu::granularity())
+    }
+
+    fn mem_address_reserve(&mut self, size: u64, alignment: u64, _addr: u64) -> CuResultOf<u64> {
+        self.address_reserve(size, alignment)
+    }
+
+    fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+        self.address_free(ptr, size)
+    }
+
+    fn mem_create(&mut self, size: u64, _fd_shareable: bool) -> CuResultOf<SimPhys> {
+        self.create_phys(size)
+    }
+
+    fn mem_release(&mut self, phys: SimPhys) -> CuResultOf<()> {
+        self.release_phys(phys)
+    }
+
+    fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, phys: &SimPhys) -> CuResultOf<()> {
+        self.map(ptr, size, offset, phys)
+    }
+
+    fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+        self.unmap(ptr, size)
+    }
+
+    fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResultOf<()> {
+        self.set_access(ptr, size, flags)
+    }
+
     type Graph = SimGraph;
     type GraphExec = SimGraphExec;
     /// A node's process-unique id.

@@ -13,6 +13,7 @@ mod host_func;
 mod ipc;
 mod memory;
 mod module;
+mod vmm;
 
 pub use capture::*;
 pub use context::*;
@@ -23,3 +24,4 @@ pub use host_func::*;
 pub use ipc::*;
 pub use memory::*;
 pub use module::*;
+pub use vmm::*;
