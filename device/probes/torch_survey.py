@@ -65,6 +65,13 @@ def _():
     assert torch.equal(a, b)
 
 
+@part("device properties")
+def _():
+    p = torch.cuda.get_device_properties(0)
+    return (f"{torch.cuda.device_count()} device(s): {p.name}, {p.total_memory >> 20} MiB, "
+            f"sm_{p.major}{p.minor}, {p.multi_processor_count} SMs")
+
+
 @part("memory stats")
 def _():
     return f"allocated {torch.cuda.memory_allocated() >> 10} KiB, reserved {torch.cuda.memory_reserved() >> 20} MiB"
@@ -86,21 +93,27 @@ def _():
     assert y[0].item() == 7.0
 
 
-@part("GPT-2 small (random weights): forward, one training step, generate 32 tokens")
+@part("GPT-2 small (random weights): forward, one training step, generate 128 tokens")
 def _():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)
     model = GPT2LMHeadModel(cfg).to(dev)
     ids = torch.randint(0, cfg.vocab_size, (2, 64), device=dev)
+    t0 = time.perf_counter()
     out = model(ids, labels=ids)
     out.loss.backward()
     torch.optim.AdamW(model.parameters(), lr=1e-4).step()
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
     model.eval()
     with torch.no_grad():
-        gen = model.generate(ids[:1, :8], max_new_tokens=32, do_sample=False, pad_token_id=0)
-    assert gen.shape[1] == 40
-    return f"loss {out.loss.item():.3f}"
+        gen = model.generate(ids[:1, :8], max_new_tokens=128, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    assert gen.shape[1] == 136
+    return (f"loss {out.loss.item():.3f}, generated ids sum {int(gen.sum())}; "
+            f"first forward+backward+step {t1 - t0:.2f} s, generate {t2 - t1:.2f} s")
 
 
 @part("torch.compile (Triton) of a small function vs eager")
