@@ -1881,7 +1881,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     }
 
     fn mem_create(&mut self, req: MemCreate) -> CuResultOf<MemCreateReply> {
-        Ok(MemCreateReply { handle: self.zone.mem_create(req.size, req.fd_shareable)? })
+        Ok(MemCreateReply { handle: self.zone.mem_create(req.size, req.handle_types, req.rdma)? })
     }
 
     fn mem_release(&mut self, req: MemRelease) -> CuResultOf<Done> {
@@ -2131,10 +2131,10 @@ mod tests {
         let gran = f.api().mem_get_granularity(MemGetGranularity { recommended: false }).unwrap().granularity;
         assert_eq!(gran, g);
         let r = f.api().mem_address_reserve(MemAddressReserve { size: 4 * g, alignment: 0, addr: 0 }).unwrap().ptr;
-        let p1 = f.api().mem_create(MemCreate { size: g, fd_shareable: true }).unwrap().handle;
-        let p2 = f.api().mem_create(MemCreate { size: g, fd_shareable: false }).unwrap().handle;
+        let p1 = f.api().mem_create(MemCreate { size: g, handle_types: 1, rdma: true }).unwrap().handle;
+        let p2 = f.api().mem_create(MemCreate { size: g, handle_types: 0, rdma: false }).unwrap().handle;
         assert_eq!(f.z.mem_used, 2 * g, "physical memory counts from its creation");
-        let e = f.api().mem_create(MemCreate { size: 2 * g, fd_shareable: false }).map(|_| ());
+        let e = f.api().mem_create(MemCreate { size: 2 * g, handle_types: 0, rdma: false }).map(|_| ());
         assert_eq!(e, Err(CuError::OUT_OF_MEMORY), "past the zone's memory quota");
         let map = |ptr, size, offset, handle| MemMap { ptr, size, offset, handle };
         f.api().mem_map(map(r, g, 0, p1)).unwrap();

@@ -1506,7 +1506,8 @@ impl Message for MemAddressFree {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemCreate {
     pub size: u64,
-    pub fd_shareable: bool,
+    pub handle_types: u32,
+    pub rdma: bool,
 }
 impl Message for MemCreate {
     const ID: MessageId = MessageId(0x02c2);

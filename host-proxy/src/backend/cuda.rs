@@ -1439,8 +1439,8 @@ impl GpuBackend for CudaGpu {
         self.address_free(ptr, size)
     }
 
-    fn mem_create(&mut self, size: u64, fd_shareable: bool) -> CuResultOf<CudaPhys> {
-        self.create_phys(size, fd_shareable)
+    fn mem_create(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResultOf<CudaPhys> {
+        self.create_phys(size, handle_types, rdma)
     }
 
     fn mem_release(&mut self, phys: CudaPhys) -> CuResultOf<()> {

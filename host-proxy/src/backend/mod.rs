@@ -314,9 +314,10 @@ pub trait GpuBackend {
     fn mem_address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResultOf<u64>;
     /// `cuMemAddressFree` of a whole reservation with nothing mapped in it.
     fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResultOf<()>;
-    /// `cuMemCreate` of `size` bytes of pinned memory on this device (`fd_shareable`: with
-    /// POSIX file descriptor export allowed, which this side never uses).
-    fn mem_create(&mut self, size: u64, fd_shareable: bool) -> CuResultOf<Self::Phys>;
+    /// `cuMemCreate` of `size` bytes of pinned memory on this device, with the export
+    /// `handle_types` allowed (POSIX file descriptor, fabric: never used by this side) and
+    /// `rdma` its gpuDirectRDMACapable flag.
+    fn mem_create(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResultOf<Self::Phys>;
     /// Scrubs (zeroes) a physical allocation with no mapping left, then `cuMemRelease`.
     fn mem_release(&mut self, phys: Self::Phys) -> CuResultOf<()>;
     /// `cuMemMap` of `size` bytes of `phys` from `offset` at `ptr` (inside a reservation,

@@ -1199,7 +1199,7 @@ impl GpuBackend for SimGpu {
         self.address_free(ptr, size)
     }
 
-    fn mem_create(&mut self, size: u64, _fd_shareable: bool) -> CuResultOf<SimPhys> {
+    fn mem_create(&mut self, size: u64, _handle_types: u32, _rdma: bool) -> CuResultOf<SimPhys> {
         self.create_phys(size)
     }
 

@@ -16,6 +16,9 @@ use super::*;
 
 /// Reservations a zone may hold at once (PyTorch makes one per expandable segment).
 pub const MAX_RESERVATIONS: usize = 1024;
+/// `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR` and `CU_MEM_HANDLE_TYPE_FABRIC`.
+const HANDLE_POSIX_FD: u32 = 1;
+const HANDLE_FABRIC: u32 = 8;
 /// The largest reservation (2^48 bytes: the GPU's virtual address space).
 const MAX_RESERVATION_BYTES: u64 = 1 << 48;
 
@@ -144,15 +147,19 @@ impl<B: GpuBackend> Zone<B> {
         Ok(())
     }
 
-    pub(super) fn mem_create(&mut self, size: u64, fd_shareable: bool) -> CuResultOf<Handle> {
+    pub(super) fn mem_create(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResultOf<Handle> {
         if size == 0 {
             return Err(CuError::INVALID_VALUE);
+        }
+        // POSIX file descriptor and fabric exports may be asked for (never used here).
+        if handle_types & !(HANDLE_POSIX_FD | HANDLE_FABRIC) != 0 {
+            return Err(CuError::NOT_SUPPORTED);
         }
         if self.mem_used.checked_add(size).is_none_or(|t| t > self.quotas.mem_bytes) {
             return Err(CuError::OUT_OF_MEMORY);
         }
         self.reserve()?;
-        let obj = self.backend.mem_create(size, fd_shareable)?;
+        let obj = self.backend.mem_create(size, handle_types, rdma)?;
         let h = self.phys.insert(PhysEntry { obj: Some(obj), size, maps: 0, released: false })?;
         self.mem_used += size;
         Ok(h)

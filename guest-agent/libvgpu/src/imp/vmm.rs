@@ -4,10 +4,10 @@
 //! and counts physical memory against its quota (host-proxy's `zone/vmm.rs`).
 //!
 //! What is offered is what PyTorch's `expandable_segments` allocator asks for: pinned memory
-//! of the zone's one device, export as a POSIX file descriptor allowed (exporting itself is
-//! not offered), read or read-write access for that device. Anything else — other locations,
-//! other handle types, compression, several access descriptors — answers
-//! `CUDA_ERROR_NOT_SUPPORTED`, named once in the log. The structures are read field by field:
+//! of the zone's one device, export as a POSIX file descriptor or fabric handle allowed
+//! (exporting itself is not offered), GPUDirect RDMA capability passed on, read or read-write
+//! access for that device. Anything else — other locations, Win32 handles, compression,
+//! several access descriptors — answers `CUDA_ERROR_NOT_SUPPORTED`, named once in the log. The structures are read field by field:
 //! their enums must never be read into Rust enums.
 
 use crate::rt::{self, CuError, CuResult, Out};
@@ -20,15 +20,17 @@ use vgpu_proto::{generated as p, Handle};
 const ALLOCATION_PINNED: u32 = 1;
 const LOCATION_DEVICE: u32 = 1;
 const HANDLE_POSIX_FD: u32 = 1;
+/// `CU_MEM_HANDLE_TYPE_FABRIC`.
+const HANDLE_FABRIC: u32 = 8;
 /// `CU_MEM_ALLOC_GRANULARITY_RECOMMENDED`.
 const GRANULARITY_RECOMMENDED: u32 = 1;
 
-/// Reads an allocation property: whether export as a file descriptor is asked, for what is
-/// offered.
+/// Reads an allocation property: the export handle types and the gpuDirectRDMACapable flag,
+/// for what is offered (the host's driver decides on the rest).
 ///
 /// # Safety
 /// A non-null `prop` points to a `CUmemAllocationProp`.
-unsafe fn offered_prop(prop: *const sys::CUmemAllocationProp) -> CuResult<bool> {
+unsafe fn offered_prop(prop: *const sys::CUmemAllocationProp) -> CuResult<(u32, bool)> {
     type P = sys::CUmemAllocationProp;
     if prop.is_null() {
         return Err(CuError::INVALID_VALUE);
@@ -39,15 +41,18 @@ unsafe fn offered_prop(prop: *const sys::CUmemAllocationProp) -> CuResult<bool> 
     let u32_at = |off: usize| unsafe { base.wrapping_add(off).cast::<u32>().read_unaligned() };
     let (kind, handles) = (u32_at(offset_of!(P, type_)), u32_at(offset_of!(P, requestedHandleTypes)));
     let (location, id) = (u32_at(offset_of!(P, location)), u32_at(offset_of!(P, location) + 4));
-    // SAFETY: as above, the 8 flag bytes.
-    let flags = unsafe { base.wrapping_add(offset_of!(P, allocFlags)).cast::<u64>().read_unaligned() };
+    // SAFETY: as above, the 8 flag bytes (compression type, gpuDirectRDMACapable, usage …).
+    let flags = unsafe { base.wrapping_add(offset_of!(P, allocFlags)).cast::<[u8; 8]>().read_unaligned() };
     if kind != ALLOCATION_PINNED || location != LOCATION_DEVICE || id != 0 {
         return Err(CuError::INVALID_DEVICE);
     }
-    if !matches!(handles, 0 | HANDLE_POSIX_FD) || flags != 0 {
-        return Err(rt::unsupported_err("cuMemCreate with other handle types or allocation flags"));
+    if handles & !(HANDLE_POSIX_FD | HANDLE_FABRIC) != 0 {
+        return Err(rt::unsupported_err("cuMemCreate with Win32 handle types"));
     }
-    Ok(handles == HANDLE_POSIX_FD)
+    if flags[0] != 0 || flags[2..] != [0; 6] {
+        return Err(rt::unsupported_err("cuMemCreate with compression or usage flags"));
+    }
+    Ok((handles, flags[1] != 0))
 }
 
 /// `cuMemGetAllocationGranularity`.
@@ -106,8 +111,8 @@ pub unsafe fn cu_mem_create(
         return Err(CuError::INVALID_VALUE);
     }
     // SAFETY: CUDA's contract for `prop`.
-    let fd_shareable = unsafe { offered_prop(prop) }?;
-    let r: p::MemCreateReply = rt::call(&p::MemCreate { size: size as u64, fd_shareable }, true)?;
+    let (handle_types, rdma) = unsafe { offered_prop(prop) }?;
+    let r: p::MemCreateReply = rt::call(&p::MemCreate { size: size as u64, handle_types, rdma }, true)?;
     out.set(r.handle.0);
     Ok(())
 }

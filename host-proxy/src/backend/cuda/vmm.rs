@@ -47,10 +47,9 @@ const _: () = {
 };
 
 /// `CU_MEM_ALLOCATION_TYPE_PINNED`, `CU_MEM_LOCATION_TYPE_DEVICE`,
-/// `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR`, `CU_MEM_ACCESS_FLAGS_PROT_READWRITE`.
+/// `CU_MEM_ACCESS_FLAGS_PROT_READWRITE`.
 const ALLOCATION_PINNED: c_uint = 1;
 const LOCATION_DEVICE: c_uint = 1;
-const HANDLE_POSIX_FD: c_uint = 1;
 const ACCESS_READWRITE: c_uint = 3;
 /// `CU_MEM_ALLOC_GRANULARITY_MINIMUM` and `…_RECOMMENDED`.
 const GRANULARITY_MINIMUM: c_uint = 0;
@@ -104,9 +103,11 @@ impl CudaGpu {
         check(unsafe { (self.api.mem_address_free)(ptr, Self::size_of(size)?) })
     }
 
-    pub(super) fn create_phys(&mut self, size: u64, fd_shareable: bool) -> CuResultOf<CudaPhys> {
+    pub(super) fn create_phys(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResultOf<CudaPhys> {
         self.enter()?;
-        let prop = self.alloc_prop(if fd_shareable { HANDLE_POSIX_FD } else { 0 });
+        let mut prop = self.alloc_prop(handle_types);
+        // `allocFlags`: compression type, then gpuDirectRDMACapable.
+        prop.alloc_flags[1] = u8::from(rdma);
         let mut handle: sys::CUmemGenericAllocationHandle = 0;
         // SAFETY: valid out-pointer; `prop` has the driver's layout; the driver validates the
         // size against the granularity.
