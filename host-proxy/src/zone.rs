@@ -371,6 +371,18 @@ fn c_name(name: String) -> CuResultOf<CString> {
     CString::new(name).map_err(|_| CuError::INVALID_VALUE)
 }
 
+/// Every parameter of `layout` must lie inside the buffer the guest sent.
+fn params_cover(layout: &[ParamSlot], params: &[u8]) -> CuResultOf<()> {
+    let inside = |p: &ParamSlot| {
+        u64::from(p.offset).checked_add(u64::from(p.size)).is_some_and(|end| end <= params.len() as u64)
+    };
+    if layout.iter().all(inside) {
+        Ok(())
+    } else {
+        Err(CuError::INVALID_VALUE)
+    }
+}
+
 /// Bytes covered by `count` elements of `width` bytes.
 fn bytes_of(count: u64, width: u64) -> CuResultOf<u64> {
     count.checked_mul(width).ok_or(CuError::INVALID_VALUE)
@@ -995,6 +1007,17 @@ impl<B: GpuBackend> Zone<B> {
         }
         self.staging = buf;
         result
+    }
+
+    /// A kernel of module or library `root` was launched (or put in a graph): the worker looks
+    /// for device output after the next synchronising request when that module may print.
+    fn note_launch_of(&self, root: Handle) {
+        if let Some(o) = &self.device_output {
+            let may_print = self.modules.get(root).or_else(|_| self.libraries.get(root)).map_or(true, |m| m.may_print);
+            if may_print {
+                o.note_launch();
+            }
+        }
     }
 
     /// Allocates the handle of a function or kernel the backend just returned.
@@ -1728,22 +1751,11 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         z.layout(func)?;
         let entry = func_of(&z.functions, &z.kernels, func)?;
         let layout = entry.layout.as_deref().unwrap_or_default();
-        // Every parameter must lie inside the buffer the guest sent.
-        let covered = layout
-            .iter()
-            .all(|p| u64::from(p.offset).checked_add(u64::from(p.size)).is_some_and(|end| end <= params.len() as u64));
-        if !covered {
-            return Err(CuError::INVALID_VALUE);
-        }
+        params_cover(layout, &params)?;
         let s = stream_of(&z.streams, stream)?;
         z.backend.launch(&entry.func, &config, s, &params, layout)?;
-        if let Some(o) = &z.device_output {
-            let root = entry.root;
-            let may_print = z.modules.get(root).or_else(|_| z.libraries.get(root)).map_or(true, |m| m.may_print);
-            if may_print {
-                o.note_launch();
-            }
-        }
+        let root = entry.root;
+        z.note_launch_of(root);
         Ok(Done {})
     }
 

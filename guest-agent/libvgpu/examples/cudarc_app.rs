@@ -644,17 +644,28 @@ unsafe extern "C" fn read_first_word(data: *mut std::ffi::c_void) {
     FIRST_WORD_SEEN.store(w, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// A device-to-host `CUDA_MEMCPY3D` of `len` bytes.
-fn dtoh_copy(src: sys::CUdeviceptr, dst: *mut std::ffi::c_void, len: usize) -> sys::CUDA_MEMCPY3D {
-    use std::ptr::{null, null_mut};
+/// One side of a linear copy node.
+enum Side3d {
+    Device(sys::CUdeviceptr),
+    Host(*mut std::ffi::c_void),
+}
+
+/// A `CUDA_MEMCPY3D` of `len` contiguous bytes.
+fn linear_copy(src: Side3d, dst: Side3d, len: usize) -> sys::CUDA_MEMCPY3D {
+    use std::ptr::null_mut;
+    let side = |s: Side3d| match s {
+        Side3d::Device(d) => (sys::CUmemorytype::CU_MEMORYTYPE_DEVICE, null_mut(), d),
+        Side3d::Host(h) => (sys::CUmemorytype::CU_MEMORYTYPE_HOST, h, 0),
+    };
+    let ((src_type, src_host, src_dev), (dst_type, dst_host, dst_dev)) = (side(src), side(dst));
     sys::CUDA_MEMCPY3D {
         srcXInBytes: 0,
         srcY: 0,
         srcZ: 0,
         srcLOD: 0,
-        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        srcHost: null(),
-        srcDevice: src,
+        srcMemoryType: src_type,
+        srcHost: src_host.cast_const(),
+        srcDevice: src_dev,
         srcArray: null_mut(),
         reserved0: null_mut(),
         srcPitch: 0,
@@ -663,9 +674,9 @@ fn dtoh_copy(src: sys::CUdeviceptr, dst: *mut std::ffi::c_void, len: usize) -> s
         dstY: 0,
         dstZ: 0,
         dstLOD: 0,
-        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
-        dstHost: dst,
-        dstDevice: 0,
+        dstMemoryType: dst_type,
+        dstHost: dst_host,
+        dstDevice: dst_dev,
         dstArray: null_mut(),
         reserved1: null_mut(),
         dstPitch: 0,
@@ -754,34 +765,7 @@ fn graphs(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
     let p2 = kernel(add_one, add_args.as_mut_ptr());
     // SAFETY: as above.
     unsafe { sys::cuGraphAddKernelNode_v2(&mut k2, graph, &k1, 1, &p2) }.result()?;
-    let device = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-    let cp = sys::CUDA_MEMCPY3D {
-        srcXInBytes: 0,
-        srcY: 0,
-        srcZ: 0,
-        srcLOD: 0,
-        srcMemoryType: device,
-        srcHost: null(),
-        srcDevice: a,
-        srcArray: null_mut(),
-        reserved0: null_mut(),
-        srcPitch: 0,
-        srcHeight: 0,
-        dstXInBytes: 0,
-        dstY: 0,
-        dstZ: 0,
-        dstLOD: 0,
-        dstMemoryType: device,
-        dstHost: null_mut(),
-        dstDevice: b,
-        dstArray: null_mut(),
-        reserved1: null_mut(),
-        dstPitch: 0,
-        dstHeight: 0,
-        WidthInBytes: n * 4,
-        Height: 1,
-        Depth: 1,
-    };
+    let cp = linear_copy(Side3d::Device(a), Side3d::Device(b), n * 4);
     let mut copy: sys::CUgraphNode = null_mut();
     // SAFETY: a live graph, one dependency, a device-to-device copy inside both allocations.
     unsafe { sys::cuGraphAddMemcpyNode(&mut copy, graph, &k2, 1, &cp, ctx.cu_ctx()) }.result()?;
@@ -846,11 +830,11 @@ fn graphs(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
     unsafe { sys::cuGraphCreate(&mut g2, 0) }.result()?;
     let (mut to_pageable, mut to_pinned, mut reader): (sys::CUgraphNode, sys::CUgraphNode, sys::CUgraphNode) =
         (null_mut(), null_mut(), null_mut());
-    let cp = dtoh_copy(b, pageable.as_mut_ptr().cast(), n * 4);
+    let cp = linear_copy(Side3d::Device(b), Side3d::Host(pageable.as_mut_ptr().cast()), n * 4);
     // SAFETY: a live graph; a copy from a live allocation into `pageable` (alive until the
     // graph has run).
     unsafe { sys::cuGraphAddMemcpyNode(&mut to_pageable, g2, null(), 0, &cp, ctx.cu_ctx()) }.result()?;
-    let cp = dtoh_copy(b, pinned, n * 4);
+    let cp = linear_copy(Side3d::Device(b), Side3d::Host(pinned), n * 4);
     // SAFETY: as above, into pinned memory of n words.
     unsafe { sys::cuGraphAddMemcpyNode(&mut to_pinned, g2, null(), 0, &cp, ctx.cu_ctx()) }.result()?;
     let reads = sys::CUDA_HOST_NODE_PARAMS { fn_: Some(read_first_word), userData: pageable.as_mut_ptr().cast() };

@@ -222,7 +222,18 @@ impl<B: GpuBackend> Zone<B> {
     pub(super) fn graph_launch(&mut self, exec: Handle, stream: Handle, upload_only: bool) -> CuResultOf<()> {
         let e = &self.graph_execs.get(exec)?.obj;
         let s = stream_of(&self.streams, stream)?;
-        self.backend.graph_launch(e, s, upload_only)
+        self.backend.graph_launch(e, s, upload_only)?;
+        // The graph's kernels are not tracked: if any module of the zone may print, look for
+        // device output after the next synchronisation.
+        if let Some(o) = &self.device_output {
+            let may_print = |m: &ModEntry<B::Module>| m.may_print;
+            if !upload_only
+                && (self.modules.iter().any(|(_, m)| may_print(m)) || self.libraries.iter().any(|(_, m)| may_print(m)))
+            {
+                o.note_launch();
+            }
+        }
+        Ok(())
     }
 
     /// (node count, handles of up to `want` nodes from `first` on, as 8-byte little-endian
@@ -248,21 +259,10 @@ impl<B: GpuBackend> Zone<B> {
         let deps = self.graph_deps(graph, &deps)?;
         let entry = func_of(&self.functions, &self.kernels, func)?;
         let layout = entry.layout.as_deref().unwrap_or_default();
-        let covered = layout
-            .iter()
-            .all(|p| u64::from(p.offset).checked_add(u64::from(p.size)).is_some_and(|end| end <= params.len() as u64));
-        if !covered {
-            return Err(CuError::INVALID_VALUE);
-        }
+        params_cover(layout, &params)?;
         let g = self.graphs.get(graph)?;
         let spec = GraphNodeSpec::Kernel { func: &entry.func, config: &config, params: &params, layout };
         let node = self.backend.graph_add_node(g, &deps, spec)?;
-        if let Some(o) = &self.device_output {
-            let root = entry.root;
-            if self.modules.get(root).or_else(|_| self.libraries.get(root)).map_or(true, |m| m.may_print) {
-                o.note_launch();
-            }
-        }
         self.node_handle(graph, node)
     }
 
