@@ -2706,6 +2706,171 @@ mod tests {
         f.alloc(16).unwrap();
     }
 
+    /// A small xorshift generator (deterministic: a failing seed can be replayed).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+        /// One of `pool`, or (one time in four) a forged neighbour of one, or a wild value.
+        fn pick(&mut self, pool: &[u64]) -> u64 {
+            match (self.below(8), pool.is_empty()) {
+                (0, _) | (_, true) => self.next(),
+                (1, false) => pool[self.below(pool.len() as u64) as usize] ^ (1 << self.below(64)),
+                (2, false) => pool[self.below(pool.len() as u64) as usize].wrapping_add(self.below(1 << 22)),
+                _ => pool[self.below(pool.len() as u64) as usize],
+            }
+        }
+    }
+
+    /// The zone's accounting after any sequence: memory used is the live allocations' and
+    /// physical allocations' bytes; no two ranges overlap; mappings lie in reservations.
+    fn check_invariants(z: &Zone<SimGpu>) {
+        let allocs: u64 = z.ranges.values().filter(|r| r.owner == Owner::Alloc).map(|r| r.size).sum();
+        let phys: u64 = z.phys.iter().map(|(_, e)| e.size_for_test()).sum();
+        assert_eq!(z.mem_used, allocs + phys, "memory accounting");
+        assert!(z.mem_used <= z.quotas.mem_bytes, "within the quota");
+        let mut end = 0;
+        for (&s, r) in &z.ranges {
+            assert!(s >= end, "ranges overlap at {s:#x}");
+            end = s + r.size;
+            if matches!(r.owner, Owner::Mapped(_)) {
+                let (&rs, &rl) = z.reservations.range(..=s).next_back().expect("a mapping's reservation");
+                assert!(s + r.size <= rs + rl, "a mapping inside its reservation");
+            }
+        }
+        assert!(z.live_objects() <= u64::from(z.quotas.max_handles), "within the handle quota");
+        assert!(z.reservations.len() <= MAX_RESERVATIONS);
+    }
+
+    /// Hostile sequences of well-formed requests over memory, virtual memory, graphs and
+    /// capture — handles and addresses drawn from what earlier requests returned (by kind),
+    /// their neighbours and wild values — never panic, keep the zone's accounting exact, and
+    /// give the backend every byte back at teardown.
+    #[test]
+    fn hostile_request_sequences_keep_the_zone_consistent() {
+        const KINDS: usize = 8;
+        let (alloc, resv, phys, graph, exec, stream, node, func) = (0, 1, 2, 3, 4, 5, 6, 7);
+        let g = 2u64 << 20;
+        let mut ok = [0u32; 19];
+        for seed in 1..=64u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut f = fixture(Quotas { mem_bytes: 16 * g, max_handles: 64, ..Quotas::default() }, 1 << 16);
+            let free0 = f.free_bytes();
+            let mut pool: [Vec<u64>; KINDS] = Default::default();
+            let mut mapped: Vec<(u64, u64)> = Vec::new();
+            let module = f.load(false).unwrap();
+            let fill = f.api().cu_module_get_function(CuModuleGetFunction { hmod: module, name: "fill_u32".into() });
+            pool[func].push(fill.unwrap().hfunc.0);
+            for _ in 0..400 {
+                let mut pick = |k: usize, rng: &mut Rng| rng.pick(&pool[k]);
+                let (a, r0) = (pick(alloc, &mut rng), pick(resv, &mut rng));
+                let (ph, gr, ex, st, nd, fu) = (
+                    Handle(pick(phys, &mut rng)),
+                    Handle(pick(graph, &mut rng)),
+                    Handle(pick(exec, &mut rng)),
+                    Handle(pick(stream, &mut rng)),
+                    pick(node, &mut rng),
+                    Handle(pick(func, &mut rng)),
+                );
+                let size = [16, 4096, g, 2 * g, rng.below(1 << 24)][rng.below(5) as usize];
+                let at = r0.wrapping_add(g * rng.below(4));
+                let (mp, ms) = match mapped.len() {
+                    0 => (at, g),
+                    n => mapped[rng.below(n as u64) as usize],
+                };
+                let op = rng.below(19);
+                let mut api = f.api();
+                let r: Result<Option<(usize, u64)>, CuError> = match op {
+                    0 => api.cu_mem_alloc_v2(CuMemAllocV2 { bytesize: size.min(g) }).map(|r| Some((alloc, r.dptr))),
+                    1 => api.cu_mem_free_v2(CuMemFreeV2 { dptr: a }).map(|_| None),
+                    2 => {
+                        api.cu_memset_d32_v2(CuMemsetD32V2 { dst_device: mp, ui: 7, n: size.min(ms) / 4 }).map(|_| None)
+                    }
+                    3 => api
+                        .mem_address_reserve(MemAddressReserve { size: 4 * g, alignment: 0, addr: 0 })
+                        .map(|r| Some((resv, r.ptr))),
+                    4 => api
+                        .mem_create(MemCreate {
+                            size: [g, 2 * g, size][rng.below(3) as usize],
+                            handle_types: 0,
+                            rdma: false,
+                        })
+                        .map(|r| Some((phys, r.handle.0))),
+                    5 => {
+                        let len = [g, 2 * g][rng.below(2) as usize];
+                        api.mem_map(MemMap { ptr: at, size: len, offset: 0, handle: ph }).map(|_| {
+                            mapped.push((at, len));
+                            None
+                        })
+                    }
+                    6 => {
+                        let (ptr, len) = if rng.below(4) == 0 { (at, g) } else { (mp, ms) };
+                        api.mem_unmap(MemUnmap { ptr, size: len }).map(|_| {
+                            mapped.retain(|&(p, _)| p != ptr);
+                            None
+                        })
+                    }
+                    7 => api.mem_release(MemRelease { handle: ph }).map(|_| None),
+                    8 => api.mem_address_free(MemAddressFree { ptr: r0, size: 4 * g }).map(|_| None),
+                    9 => api.mem_set_access(MemSetAccess { ptr: mp, size: ms, flags: 3 }).map(|_| None),
+                    10 => api.cu_graph_create(CuGraphCreate { flags: 0 }).map(|r| Some((graph, r.ph_graph.0))),
+                    11 => {
+                        let deps = if rng.below(2) == 0 { Vec::new() } else { nd.to_le_bytes().to_vec() };
+                        let width = [4, 1024, size][rng.below(3) as usize];
+                        let m = GraphAddMemsetNode {
+                            graph: gr,
+                            deps,
+                            dst: a,
+                            pitch: 0,
+                            value: 1,
+                            element_size: 4,
+                            width,
+                            height: 1,
+                        };
+                        api.graph_add_memset_node(m).map(|r| Some((node, r.node.0)))
+                    }
+                    12 => {
+                        let params = fill_params(a, 3, 4);
+                        let k =
+                            GraphAddKernelNode { graph: gr, deps: Vec::new(), func: fu, config: config(32), params };
+                        api.graph_add_kernel_node(k).map(|r| Some((node, r.node.0)))
+                    }
+                    13 => api
+                        .cu_graph_instantiate_with_flags(CuGraphInstantiateWithFlags { h_graph: gr, flags: 0 })
+                        .map(|r| Some((exec, r.ph_graph_exec.0))),
+                    14 => api.cu_graph_launch(CuGraphLaunch { h_graph_exec: ex, h_stream: st }).map(|_| None),
+                    15 => api.cu_graph_destroy(CuGraphDestroy { h_graph: gr }).map(|_| None),
+                    16 => api.cu_stream_create(CuStreamCreate { flags: 0 }).map(|r| Some((stream, r.ph_stream.0))),
+                    17 => api.stream_begin_capture(StreamBeginCapture { stream: st, mode: 0 }).map(|_| None),
+                    _ => api.stream_end_capture(StreamEndCapture { stream: st }).map(|r| Some((graph, r.graph.0))),
+                };
+                if let Ok(made) = r {
+                    ok[op as usize] += 1;
+                    if let Some((k, v)) = made {
+                        pool[k].push(v);
+                    }
+                }
+                check_invariants(&f.z);
+            }
+            f.z.teardown();
+            assert_eq!((f.z.mem_used(), f.z.live_objects()), (0, 0), "seed {seed}: everything released");
+            assert_eq!(f.free_bytes(), free0, "seed {seed}: the backend got every byte back");
+        }
+        // Each kind of request succeeded at times (the sequences reach past the checks).
+        assert!(ok.iter().all(|&n| n > 0), "successes by kind: {ok:?}");
+        eprintln!("successes by kind: {ok:?}");
+    }
+
     #[test]
     fn freed_memory_is_reused_by_the_same_zone_and_returned_on_teardown() {
         let mut f = fixture(Quotas::default(), 4096);

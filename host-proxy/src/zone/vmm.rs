@@ -33,6 +33,14 @@ pub(super) struct PhysEntry<P> {
     released: bool,
 }
 
+impl<P> PhysEntry<P> {
+    /// Its size (the zone's tests check the accounting with it).
+    #[cfg(test)]
+    pub(super) fn size_for_test(&self) -> u64 {
+        self.size
+    }
+}
+
 impl<B: GpuBackend> Zone<B> {
     /// The physical allocation `h` names (not released).
     fn phys_live(&self, h: Handle) -> CuResultOf<&PhysEntry<B::Phys>> {
