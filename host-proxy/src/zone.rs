@@ -2772,7 +2772,7 @@ mod tests {
             let fill = f.api().cu_module_get_function(CuModuleGetFunction { hmod: module, name: "fill_u32".into() });
             pool[func].push(fill.unwrap().hfunc.0);
             for _ in 0..400 {
-                let mut pick = |k: usize, rng: &mut Rng| rng.pick(&pool[k]);
+                let pick = |k: usize, rng: &mut Rng| rng.pick(&pool[k]);
                 let (a, r0) = (pick(alloc, &mut rng), pick(resv, &mut rng));
                 let (ph, gr, ex, st, nd, fu) = (
                     Handle(pick(phys, &mut rng)),
