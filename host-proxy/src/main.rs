@@ -46,6 +46,16 @@ enum Command {
     /// Serve one zone on the connection passed as standard input (started by `serve`).
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// Open the configured backend once and say what it found (started by `serve` before it
+    /// listens, so that a backend that cannot work is refused at start; the daemon itself
+    /// never touches the GPU).
+    #[command(hide = true)]
+    Probe {
+        #[arg(long, value_enum)]
+        backend: Backend,
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+    },
 }
 
 #[derive(clap::Args)]
@@ -129,6 +139,7 @@ fn main() -> Result<()> {
                 config.socket = s;
             }
             let exe = std::env::current_exe().context("cannot find the host-proxy executable for workers")?;
+            probe_backend(&exe, &config)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(host_proxy::daemon::run(config, exe))
         }
@@ -140,7 +151,78 @@ fn main() -> Result<()> {
             let code = worker(args)?;
             std::process::exit(code)
         }
+        Command::Probe { backend, device } => match probe(backend, device) {
+            Ok(found) => {
+                println!("{found}");
+                Ok(())
+            }
+            Err(e) => {
+                // One line, causes included, for the daemon to quote.
+                println!("{e:#}");
+                std::process::exit(1)
+            }
+        },
     }
+}
+
+/// `host-proxy probe`: opens the backend; one line about what it found.
+fn probe(backend: Backend, device: i32) -> Result<String> {
+    let info = match backend {
+        Backend::Sim => SimGpu::new(1 << 20).device_info(),
+        Backend::Cuda => host_proxy::backend::cuda::CudaGpu::open(device).context("cannot open the GPU")?.device_info(),
+    };
+    Ok(format!("{} ({} MiB)", info.name, info.total_mem >> 20))
+}
+
+/// How long the start-up probe of the backend may take (a driver's first start can be slow).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Refuses to start when the configured backend cannot work here: `backend = "cuda"` on a
+/// machine without a usable driver or device fails now, with the driver's reason, instead
+/// of every zone's worker failing later. The probe runs in a child process (the daemon never
+/// loads the driver).
+fn probe_backend(exe: &std::path::Path, config: &Config) -> Result<()> {
+    let backend = match config.backend {
+        host_proxy::config::BackendKind::Cuda => "cuda",
+        host_proxy::config::BackendKind::Sim => return Ok(()),
+    };
+    let mut child = std::process::Command::new(exe)
+        .args(["probe", "--backend", backend, "--device", &config.device.to_string()])
+        .stdout(std::process::Stdio::piped())
+        // Its log is not needed (the reason comes on stdout); a full pipe must not stall it.
+        .stderr(std::process::Stdio::null())
+        .env("RUST_BACKTRACE", "0")
+        .spawn()
+        .context("cannot start the backend probe")?;
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > PROBE_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "backend = \"{backend}\": opening device {} took longer than {PROBE_TIMEOUT:?}",
+                config.device
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    if let Some(stdout) = child.stdout.as_mut() {
+        let _ = std::io::Read::read_to_string(stdout, &mut out);
+    }
+    let out = out.trim();
+    if !status.success() {
+        let why = match out.lines().last() {
+            Some(line) => line.to_owned(),
+            None => format!("the probe ended with {status} and no message"),
+        };
+        anyhow::bail!("backend = \"{backend}\" does not work on this machine (device {}): {why}", config.device);
+    }
+    tracing::info!(backend, device = config.device, found = out, "backend probed");
+    Ok(())
 }
 
 fn worker(args: WorkerArgs) -> Result<i32> {

@@ -741,3 +741,29 @@ fn ipc_between_two_processes_of_one_zone() {
     b.write(r, &[3; 4096]).unwrap();
     assert_eq!(b.read(r, 4096).unwrap(), vec![3; 4096]);
 }
+
+/// `backend = "cuda"` where the driver cannot be used: the daemon refuses to start, naming
+/// the reason, instead of listening and failing each zone later. (Where the driver works —
+/// the GPU machine — the probe succeeds and the daemon's start is covered by the tests above.)
+#[test]
+fn a_cuda_backend_that_cannot_work_is_refused_at_start() {
+    let exe = std::env::var("VGPU_HOST_PROXY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_host-proxy").into());
+    let probe = Command::new(&exe).args(["probe", "--backend", "cuda"]).output().expect("run the probe");
+    if probe.status.success() {
+        eprintln!("a usable CUDA driver is here: nothing to refuse");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vgpu-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("hp.toml");
+    let socket = dir.join("hp.sock");
+    std::fs::write(&config, format!("socket = {socket:?}\nbackend = \"cuda\"\n")).unwrap();
+    let out = Command::new(&exe).args(["serve", "--config"]).arg(&config).env("RUST_BACKTRACE", "0").output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve must not start: {stderr}");
+    assert!(stderr.contains("backend = \"cuda\" does not work on this machine"), "{stderr}");
+    let reason = String::from_utf8_lossy(&probe.stdout);
+    assert!(stderr.contains(reason.trim()), "the probe's reason is quoted: {stderr}");
+    assert!(!socket.exists(), "nothing was listening");
+}
