@@ -62,8 +62,16 @@ pub unsafe fn cu_stream_begin_capture_v2(stream: sys::CUstream, mode: u32) -> Cu
 pub unsafe fn cu_stream_end_capture(stream: sys::CUstream, graph: *mut sys::CUgraph) -> CuResult<()> {
     // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
     let out = unsafe { Out::required(graph) }?;
-    let r = rt::call::<_, p::StreamEndCaptureReply>(&p::StreamEndCapture { stream: rt::stream_arg(stream)? }, true);
-    if r.as_ref().map_or_else(|e| ENDED_BADLY.contains(&e.0.get()), |_| true) {
+    let handle = rt::stream_arg(stream)?;
+    let r = rt::call::<_, p::StreamEndCaptureReply>(&p::StreamEndCapture { stream: handle }, true);
+    // Ended; or ended badly (invalidated, unjoined); or ended, but the graph found no room in
+    // the host's handle quota (out of memory). Any other error ended nothing (a stream that
+    // was not capturing, a stale handle): the count must not drop for it.
+    let ended = match &r {
+        Ok(_) => true,
+        Err(e) => ENDED_BADLY.contains(&e.0.get()) || *e == CuError::OUT_OF_MEMORY,
+    };
+    if ended {
         rt::note_capture(false);
     }
     out.set(rt::handle_ptr(r?.graph));
