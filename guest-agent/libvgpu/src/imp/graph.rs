@@ -35,10 +35,12 @@ unsafe fn deps_bytes(deps: *const sys::CUgraphNode, n: usize) -> CuResult<Vec<u8
     if n == 0 {
         return Ok(Vec::new());
     }
-    if deps.is_null() {
+    // The host takes at most 4096 dependencies per node; more is refused before anything
+    // is read or allocated.
+    if deps.is_null() || n > 4096 {
         return Err(CuError::INVALID_VALUE);
     }
-    let mut out = Vec::with_capacity(n.checked_mul(8).ok_or(CuError::INVALID_VALUE)?);
+    let mut out = Vec::with_capacity(n * 8);
     for i in 0..n {
         // SAFETY: the caller's contract: `deps` holds `n` handles.
         let h = unsafe { deps.wrapping_add(i).read() };
