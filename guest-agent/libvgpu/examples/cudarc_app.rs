@@ -856,6 +856,12 @@ fn graphs(ctx: &Arc<CudaContext>, ptx_path: &str) -> Res {
             && FIRST_WORD_SEEN.load(SeqCst) == 8,
         "copy nodes into pageable and pinned host memory (3 nodes), the pageable one done before the host node after it",
     )?;
+    let mut g2_clone: sys::CUgraph = null_mut();
+    // SAFETY: a live graph; valid out-pointer.
+    unsafe { sys::cuGraphClone(&mut g2_clone, g2) }.result()?;
+    ensure(node_count(g2_clone)? == 3, "its clone has the same 3 nodes")?;
+    // SAFETY: the clone, destroyed once.
+    unsafe { sys::cuGraphDestroy(g2_clone) }.result()?;
 
     // ---- captured: a fork to a second stream and a join back ----
     let side = ctx.new_stream()?;

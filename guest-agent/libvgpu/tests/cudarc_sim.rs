@@ -223,6 +223,7 @@ fn graphs_built_and_captured_run_at_every_launch() {
         "ok: a capture records its work without running it, and ends",
         "ok: the captured graph ran twice: memset, the forked kernel and host function, the copy",
         "ok: copy nodes into pageable and pinned host memory (3 nodes), the pageable one done before the host node after it",
+        "ok: its clone has the same 3 nodes",
         "ok: the captured graph has its 6 nodes (events make none)",
         "ok: a captured copy into pageable memory is there for the host function after it",
         "ok: graphs and executable graphs destroyed",

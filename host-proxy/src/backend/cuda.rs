@@ -411,6 +411,8 @@ driver_api! {
         usize,
         *const sys::CUDA_HOST_NODE_PARAMS_st,
     );
+    /// `cuGraphNodeFindInClone`.
+    graph_node_find_in_clone = "cuGraphNodeFindInClone": fn(*mut sys::CUgraphNode, sys::CUgraphNode, sys::CUgraph);
     /// `cuGraphGetNodes`.
     graph_get_nodes = "cuGraphGetNodes": fn(sys::CUgraph, *mut sys::CUgraphNode, *mut usize);
     /// `cuGraphInstantiateWithFlags`.
@@ -1474,6 +1476,10 @@ impl GpuBackend for CudaGpu {
 
     fn graph_clone(&mut self, graph: &CudaGraph) -> CuResultOf<CudaGraph> {
         self.clone_graph(graph)
+    }
+
+    fn graph_find_in_clone(&mut self, clone: &CudaGraph, original: usize) -> CuResultOf<usize> {
+        self.find_in_clone(clone, original)
     }
 
     fn graph_add_node(

@@ -335,6 +335,9 @@ pub trait GpuBackend {
     fn graph_destroy(&mut self, graph: Self::Graph) -> CuResultOf<()>;
     /// `cuGraphClone`.
     fn graph_clone(&mut self, graph: &Self::Graph) -> CuResultOf<Self::Graph>;
+    /// `cuGraphNodeFindInClone`: the node of `clone` that `original` (a node of the graph it
+    /// was cloned from) became.
+    fn graph_find_in_clone(&mut self, clone: &Self::Graph, original: Self::GraphNode) -> CuResultOf<Self::GraphNode>;
     /// Adds a node after `deps` (nodes of `graph`). Ranges in `node` were checked by the
     /// caller against the zone's allocations and the window's size.
     fn graph_add_node(

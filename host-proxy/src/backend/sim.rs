@@ -279,6 +279,8 @@ pub struct SimGpu {
     printf_buffer: Vec<u8>,
     /// Graphs by id (see `graphs.rs`).
     graphs: HashMap<u64, SimGraphNodes>,
+    /// A cloned node's original (`cuGraphNodeFindInClone`).
+    clone_origin: HashMap<u64, u64>,
     /// Executable graphs by id: their context and operations.
     execs: HashMap<u64, (CtxId, Vec<SimOp>)>,
     /// The worker thread's capture mode (stored, not enforced).
@@ -327,6 +329,7 @@ impl SimGpu {
             functions: HashMap::new(),
             printf_buffer: Vec::new(),
             graphs: HashMap::new(),
+            clone_origin: HashMap::new(),
             execs: HashMap::new(),
             capture_mode: 0,
             window: None,
@@ -1234,6 +1237,10 @@ impl GpuBackend for SimGpu {
 
     fn graph_clone(&mut self, graph: &SimGraph) -> CuResultOf<SimGraph> {
         self.clone_graph(graph)
+    }
+
+    fn graph_find_in_clone(&mut self, clone: &SimGraph, original: u64) -> CuResultOf<u64> {
+        self.find_in_clone(clone, original)
     }
 
     fn graph_add_node(

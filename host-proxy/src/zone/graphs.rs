@@ -204,7 +204,16 @@ impl<B: GpuBackend> Zone<B> {
 
     pub(super) fn graph_clone(&mut self, graph: Handle) -> CuResultOf<Handle> {
         self.reserve()?;
+        let original = self.graphs.get(graph)?;
+        let hidden: Vec<B::GraphNode> =
+            self.backend.graph_nodes(original)?.into_iter().filter(|n| self.hidden_nodes.contains(n)).collect();
         let g = self.backend.graph_clone(self.graphs.get(graph)?)?;
+        // Helper nodes stay hidden in the clone.
+        for n in hidden {
+            if let Ok(c) = self.backend.graph_find_in_clone(&g, n) {
+                self.hidden_nodes.insert(c);
+            }
+        }
         self.insert_graph(g)
     }
 

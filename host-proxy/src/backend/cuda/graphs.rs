@@ -163,6 +163,15 @@ impl CudaGpu {
         Ok(self.add_graph(raw))
     }
 
+    pub(super) fn find_in_clone(&mut self, clone: &CudaGraph, original: usize) -> CuResultOf<usize> {
+        let g = self.raw_graph(clone)?;
+        let mut out: sys::CUgraphNode = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; `original` is a node of the graph `g` was cloned from
+        // (the zone keeps node values only with their live graph), `g` is live.
+        check(unsafe { (self.api.graph_node_find_in_clone)(&mut out, original as sys::CUgraphNode, g) })?;
+        Ok(out as usize)
+    }
+
     pub(super) fn add_graph_node(
         &mut self,
         graph: &CudaGraph,

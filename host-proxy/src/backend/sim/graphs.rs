@@ -161,15 +161,31 @@ impl SimGpu {
             // The capture's graph is the stream's until the capture ends.
             return Err(ILLEGAL_STATE);
         }
-        self.graphs.remove(&graph.0).map(drop).ok_or(CuError::INVALID_HANDLE)
+        let nodes = self.graphs.remove(&graph.0).ok_or(CuError::INVALID_HANDLE)?;
+        for (id, _) in nodes {
+            self.clone_origin.remove(&id);
+        }
+        Ok(())
     }
 
     pub(super) fn clone_graph(&mut self, graph: &SimGraph) -> CuResultOf<SimGraph> {
         let nodes = self.graphs.get(&graph.0).ok_or(CuError::INVALID_HANDLE)?;
-        let copy = nodes.iter().map(|(_, op)| (next_id(), op.clone())).collect();
+        let copy: SimGraphNodes = nodes.iter().map(|(_, op)| (next_id(), op.clone())).collect();
+        for ((new, _), (old, _)) in copy.iter().zip(nodes) {
+            self.clone_origin.insert(*new, *old);
+        }
         let id = next_id();
         self.graphs.insert(id, copy);
         Ok(SimGraph(id))
+    }
+
+    pub(super) fn find_in_clone(&self, clone: &SimGraph, original: u64) -> CuResultOf<u64> {
+        let nodes = self.graphs.get(&clone.0).ok_or(CuError::INVALID_HANDLE)?;
+        nodes
+            .iter()
+            .map(|(id, _)| *id)
+            .find(|id| self.clone_origin.get(id) == Some(&original))
+            .ok_or(CuError::INVALID_VALUE)
     }
 
     pub(super) fn add_graph_node(
