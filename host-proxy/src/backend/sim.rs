@@ -1463,13 +1463,7 @@ impl GpuBackend for SimGpu {
     }
 
     fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
-        if let Some(graph) = self.capturing(stream)? {
-            let c = GraphCopy::linear(CopyEnd::Device(src), CopyEnd::Device(dst), len);
-            return self.record(graph, SimOp::Copy(c)).map(drop);
-        }
-        let mut tmp = vec![0u8; usize::try_from(len).map_err(|_| CuError::INVALID_VALUE)?];
-        self.copy_dtoh(&mut tmp, src, None)?;
-        self.copy_htod(dst, &tmp, None)
+        self.copy_on(GraphCopy::linear(CopyEnd::Device(src), CopyEnd::Device(dst), len), stream)
     }
 
     fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
@@ -1745,11 +1739,7 @@ impl GpuBackend for SimGpu {
         stream: Option<&SimStream>,
         _wait: bool,
     ) -> CuResultOf<()> {
-        let c = GraphCopy::linear(CopyEnd::Window(offset), CopyEnd::Device(dst), len);
-        match self.capturing(stream)? {
-            Some(graph) => self.record(graph, SimOp::Copy(c)).map(drop),
-            None => self.copy_3d(&c),
-        }
+        self.copy_on(GraphCopy::linear(CopyEnd::Window(offset), CopyEnd::Device(dst), len), stream)
     }
 
     fn copy_device_to_window(
@@ -1760,11 +1750,7 @@ impl GpuBackend for SimGpu {
         stream: Option<&SimStream>,
         _wait: bool,
     ) -> CuResultOf<()> {
-        let c = GraphCopy::linear(CopyEnd::Device(src), CopyEnd::Window(offset), len);
-        match self.capturing(stream)? {
-            Some(graph) => self.record(graph, SimOp::Copy(c)).map(drop),
-            None => self.copy_3d(&c),
-        }
+        self.copy_on(GraphCopy::linear(CopyEnd::Device(src), CopyEnd::Window(offset), len), stream)
     }
 
     fn launch_host_func(&mut self, stream: Option<&SimStream>, slot: super::HostFuncSlot) -> CuResultOf<()> {

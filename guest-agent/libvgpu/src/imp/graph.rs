@@ -19,8 +19,6 @@ use vgpu_proto::{Handle, LaunchConfig};
 const MEMORYTYPE_HOST: u32 = 1;
 const MEMORYTYPE_DEVICE: u32 = 2;
 const MEMORYTYPE_UNIFIED: u32 = 4;
-/// `CU_POINTER_ATTRIBUTE_MEMORY_TYPE`.
-const POINTER_MEMORY_TYPE: u32 = 2;
 /// `CUDA_GRAPH_INSTANTIATE_FLAG_UPLOAD`.
 const INSTANTIATE_FLAG_UPLOAD: u64 = 2;
 /// `CUDA_GRAPH_INSTANTIATE_SUCCESS` and `…_ERROR`.
@@ -223,13 +221,6 @@ enum At {
     Program(usize),
 }
 
-/// Whether `addr` is device memory of the zone (asked of the host, which keeps the ranges).
-fn is_device(conn: &mut crate::rt::Conn, addr: u64) -> bool {
-    let r = conn
-        .call::<_, p::PointerGetAttributeReply>(&p::PointerGetAttribute { attribute: POINTER_MEMORY_TYPE, ptr: addr });
-    r.is_ok_and(|r| r.value == u64::from(MEMORYTYPE_DEVICE))
-}
-
 /// Where a side's first byte is.
 fn locate(s: &Side, c: &Copy3d, conn: &mut crate::rt::Conn) -> CuResult<At> {
     let rows = s.z.checked_mul(s.height).and_then(|r| r.checked_add(s.y));
@@ -243,10 +234,7 @@ fn locate(s: &Side, c: &Copy3d, conn: &mut crate::rt::Conn) -> CuResult<At> {
         MEMORYTYPE_HOST => Some(s.host),
         // Unified addressing: the window's pinned memory and anything the host does not
         // know as the zone's device memory is host memory; the rest is device memory.
-        MEMORYTYPE_UNIFIED if conn.window.pinned(std::ptr::without_provenance(s.device as usize), 1).is_some() => {
-            Some(s.device as usize)
-        }
-        MEMORYTYPE_UNIFIED if is_device(conn, s.device) => None,
+        MEMORYTYPE_UNIFIED if super::memory::is_device_in(conn, s.device)? => None,
         MEMORYTYPE_UNIFIED => Some(s.device as usize),
         _ => return Err(rt::unsupported_err("cuGraphAddMemcpyNode with CUDA arrays")),
     };

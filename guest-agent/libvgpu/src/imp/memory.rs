@@ -364,10 +364,16 @@ pub unsafe fn cu_memcpy_dto_h_async_v2(
 fn is_device(ptr: u64) -> CuResult<bool> {
     let s = session()?;
     let mut c = s.lock();
-    if c.window.flags_of(std::ptr::without_provenance(ptr as usize)).is_some() {
+    is_device_in(&mut c, ptr)
+}
+
+/// [`is_device`] on a connection already held: the window's pinned memory is host memory;
+/// otherwise the host says whether the address is one of the zone's device ranges.
+pub(super) fn is_device_in(c: &mut Conn, ptr: u64) -> CuResult<bool> {
+    if c.window.pinned(std::ptr::without_provenance(ptr as usize), 1).is_some() {
         return Ok(false);
     }
-    match host_attribute(&mut c, 2, ptr) {
+    match host_attribute(c, 2, ptr) {
         Ok(t) => Ok(t == MEMORYTYPE_DEVICE),
         Err(CuError::INVALID_VALUE) => Ok(false),
         Err(e) => Err(e),

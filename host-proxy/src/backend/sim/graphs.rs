@@ -106,6 +106,14 @@ impl SimGpu {
         Ok(())
     }
 
+    /// A copy on `stream`: recorded when it is capturing, done now otherwise.
+    pub(super) fn copy_on(&mut self, c: GraphCopy, stream: Option<&SimStream>) -> CuResultOf<()> {
+        match self.capturing(stream)? {
+            Some(graph) => self.record(graph, SimOp::Copy(c)).map(drop),
+            None => self.copy_3d(&c),
+        }
+    }
+
     /// A 3-D copy between device ranges and the window, row by row.
     pub(super) fn copy_3d(&mut self, c: &GraphCopy) -> CuResultOf<()> {
         let row_len = usize::try_from(c.width).map_err(|_| CuError::INVALID_VALUE)?;
