@@ -524,23 +524,31 @@ impl IpcBroker for BrokerClient {
 }
 
 /// The worker's end of the broker channel, inherited from the daemon as fd `fd`
-/// (`--broker-fd`). The fd must be an open socket and not standard input, output or error;
-/// the stream returned holds a close-on-exec duplicate and the inherited number is closed.
-#[allow(unsafe_code)]
+/// (the spec's `broker_fd`). The fd must be an open socket and not standard input, output or
+/// error; the stream returned holds a close-on-exec duplicate and the inherited number is
+/// closed.
 pub fn inherited_stream(fd: RawFd) -> io::Result<UnixStream> {
-    if fd <= 2 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the broker fd cannot be a standard stream"));
-    }
     let meta = std::fs::metadata(format!("/proc/self/fd/{fd}"))?;
     if !meta.file_type().is_socket() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a socket")));
     }
-    // SAFETY: `fd` is open (its /proc entry exists) and is the socket the daemon passed:
-    // the daemon names it on our command line and nothing else in this process knows the
-    // number, so this is its only owner.
+    Ok(UnixStream::from(inherited_fd(fd)?))
+}
+
+/// Takes ownership of descriptor `fd`, inherited from the daemon (named in the worker's
+/// spec), as a close-on-exec duplicate; the inherited number is closed.
+#[allow(unsafe_code)]
+pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd <= 2 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "an inherited fd cannot be a standard stream"));
+    }
+    std::fs::metadata(format!("/proc/self/fd/{fd}"))?;
+    // SAFETY: `fd` is open (its /proc entry exists) and is the descriptor the daemon passed:
+    // the daemon names it in our spec and nothing else in this process knows the number,
+    // so this is its only owner.
     let inherited = unsafe { OwnedFd::from_raw_fd(fd) };
     // The duplicate is close-on-exec; the inherited number (which is not) is closed here.
-    Ok(UnixStream::from(inherited.try_clone()?))
+    inherited.try_clone()
 }
 
 // ---- the daemon's side ----

@@ -10,10 +10,12 @@
 //! allow_unlisted = true                      # serve peers with no [[zone]] entry
 //! profile_requests = false                   # log per-request timings at each session's end
 //!
-//! [quotas]                                   # defaults for every zone
-//! mem_bytes = 4294967296
+//! [quotas]                                   # defaults for every zone; each holds over
+//! mem_bytes = 4294967296                     #   all the zone's sessions (processes) at once
 //! max_handles = 4096
-//! max_async_in_flight = 1024
+//! max_async_in_flight = 1024                 # (per session: the GPU queue it may fill)
+//! max_sessions = 8                           # CUDA processes at once (≥ xen_slots, ≤ 64)
+//! # context_mem_bytes = 536870912            # charged per context; default: the backend's
 //!
 //! [[zone]]                                   # a known tenant, by peer uid
 //! name = "tenant-a"
@@ -26,7 +28,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 /// Which GPU backend zone workers use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// The real GPU through the CUDA driver.
@@ -205,6 +207,26 @@ impl Config {
             if q.mem_bytes == 0 || q.max_handles == 0 || q.max_async_in_flight == 0 {
                 return invalid(key, "every quota must be greater than zero");
             }
+            if !(1..=crate::ledger::MAX_SLOTS).contains(&q.max_sessions) {
+                return invalid(&format!("{key}.max_sessions"), "must be 1..=64");
+            }
+            // A Xen guest is offered `xen_slots` device slots, each a session: the zone's
+            // limit must admit them all, or a guest would be offered slots it cannot use.
+            if self.xen != XenMode::Off && q.max_sessions < self.xen_slots {
+                return invalid(
+                    &format!("{key}.max_sessions"),
+                    &format!(
+                        "is {} but every Xen guest is offered xen_slots = {} sessions; raise it or lower xen_slots",
+                        q.max_sessions, self.xen_slots
+                    ),
+                );
+            }
+            if q.context_mem_bytes.is_some_and(|c| c >= q.mem_bytes) {
+                return invalid(
+                    &format!("{key}.context_mem_bytes"),
+                    "must be less than mem_bytes (each session's context is charged to the zone)",
+                );
+            }
             Ok(())
         };
         check_quotas("quotas", &self.quotas)?;
@@ -310,6 +332,31 @@ mod tests {
         assert!(Config::parse(&on, Path::new("t")).unwrap().profile_requests);
         let typo = format!("{EMBEDDED_DEFAULT}profile_requests = \"yes\"\n");
         assert!(Config::parse(&typo, Path::new("t")).unwrap_err().to_string().contains("profile_requests"));
+    }
+
+    #[test]
+    fn session_limits_are_checked_against_xen_slots_and_the_memory_quota() {
+        let base = "socket = \"/s\"\nbackend = \"sim\"\n";
+        let c = Config::parse(base, Path::new("t")).unwrap();
+        assert_eq!((c.quotas.max_sessions, c.quotas.context_mem_bytes), (8, None), "the defaults");
+        let q = |extra: &str| {
+            format!("{base}{extra}[quotas]\nmem_bytes = 1000\nmax_handles = 1\nmax_async_in_flight = 1\n")
+        };
+        let e = Config::parse(&format!("{}max_sessions = 0\n", q("")), Path::new("t")).unwrap_err().to_string();
+        assert!(e.contains("quotas.max_sessions") && e.contains("1..=64"), "{e}");
+        let e = Config::parse(&format!("{}max_sessions = 65\n", q("")), Path::new("t")).unwrap_err().to_string();
+        assert!(e.contains("quotas.max_sessions"), "{e}");
+        // Xen guests get xen_slots sessions each; a zone must admit them all.
+        let e = Config::parse(&format!("{}max_sessions = 2\n", q("xen_slots = 4\n")), Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xen_slots = 4"), "{e}");
+        let ok = Config::parse(&format!("{}max_sessions = 2\n", q("xen_slots = 4\nxen = \"off\"\n")), Path::new("t"));
+        assert_eq!(ok.unwrap().quotas.max_sessions, 2, "without Xen, xen_slots does not matter");
+        let e = Config::parse(&format!("{}context_mem_bytes = 1000\n", q("")), Path::new("t")).unwrap_err().to_string();
+        assert!(e.contains("context_mem_bytes"), "{e}");
+        let ok = Config::parse(&format!("{}context_mem_bytes = 0\n", q("")), Path::new("t")).unwrap();
+        assert_eq!(ok.quotas.context_mem_bytes, Some(0));
     }
 
     #[test]

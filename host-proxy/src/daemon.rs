@@ -14,7 +14,9 @@
 //! reported gone.
 
 use crate::broker::{Broker, Peer};
-use crate::config::{BackendKind, Config, XenMode};
+use crate::config::{Config, XenMode};
+use crate::ledger::ZoneLedger;
+use crate::worker::{LedgerSlot, WorkerSpec};
 use crate::xen::{ToDaemon, ToToolstack};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -70,6 +72,7 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
     tracing::info!(socket = %config.socket.display(), backend = ?config.backend, "host-proxy listening");
     let zones: Zones = Arc::default();
     let broker = Broker::new();
+    let ledgers = Ledgers::default();
     let config = Arc::new(config);
     let mut next_zone = 1u32;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -82,7 +85,7 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
                     ToDaemon::Start { domid, slot, name } => {
                         let id = next_zone;
                         next_zone = next_zone.wrapping_add(1).max(1);
-                        if let Err(e) = start_xen_zone(id, domid, slot, &name, &config, &exe, &zones, &broker, x) {
+                        if let Err(e) = start_xen_zone(id, domid, slot, &name, &config, &exe, &zones, &broker, &ledgers, x) {
                             tracing::warn!(zone = id, domid, slot, error = %format!("{e:#}"), "could not start zone");
                             let _ = x.done.send(ToToolstack::SlotDone { domid, slot, failed: true });
                         }
@@ -98,7 +101,7 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
                 Ok((stream, _)) => {
                     let id = next_zone;
                     next_zone = next_zone.wrapping_add(1).max(1);
-                    if let Err(e) = start_zone(id, stream, &config, &exe, &zones, &broker) {
+                    if let Err(e) = start_zone(id, stream, &config, &exe, &zones, &broker, &ledgers) {
                         tracing::warn!(zone = id, error = %format!("{e:#}"), "could not start zone");
                     }
                 }
@@ -192,6 +195,7 @@ fn start_zone(
     exe: &Path,
     zones: &Zones,
     broker: &Arc<Broker>,
+    ledgers: &Ledgers,
 ) -> Result<()> {
     let cred = stream.peer_cred().context("cannot read the peer's credentials")?;
     let Some((name, quotas)) = config.zone_for_uid(cred.uid()) else {
@@ -201,24 +205,33 @@ fn start_zone(
     let std_stream = stream.into_std().context("cannot take the connection")?;
     std_stream.set_nonblocking(false)?;
     let fd: OwnedFd = std_stream.into();
-    let (mut cmd, pair) = worker_command(id, &name, &quotas, config, exe)?;
-    cmd.stdin(Stdio::from(fd));
+    let mut launch = worker_command(id, &name, &quotas, config, exe, ledgers, None)?;
+    launch.cmd.stdin(Stdio::from(fd));
     let peer = Peer { conn: id, zone: name.clone(), uid: cred.uid(), groups: config.groups_of(&name) };
-    let mut child = spawn_worker(cmd, pair, peer, cred.pid(), exe, zones, broker)?;
-    tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), "zone started");
-    let zones = zones.clone();
-    let broker = broker.clone();
+    let (mut child, slot) = spawn_worker(launch, peer, cred.pid(), exe, zones, broker, ledgers)?;
+    tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), slot = ?slot.as_ref().map(|s| s.1), "zone started");
+    let (zones, broker, ledgers) = (zones.clone(), broker.clone(), ledgers.clone());
     tokio::spawn(async move {
         let status = child.wait().await;
-        zone_ended(id, status, &broker, &zones).await;
+        zone_ended(id, status, &broker, &zones, &ledgers, slot).await;
     });
     Ok(())
 }
 
 /// After a worker exits: its exports die with it (importers are told) before the zone is
-/// reported gone.
-async fn zone_ended(id: u32, status: std::io::Result<std::process::ExitStatus>, broker: &Arc<Broker>, zones: &Zones) {
+/// reported gone, and its ledger slot (what it held, as published) is cleared and freed.
+async fn zone_ended(
+    id: u32,
+    status: std::io::Result<std::process::ExitStatus>,
+    broker: &Arc<Broker>,
+    zones: &Zones,
+    ledgers: &Ledgers,
+    slot: Option<(String, u32)>,
+) {
     broker.detach(id).await;
+    if let Some((name, slot)) = slot {
+        ledgers.release(&name, slot);
+    }
     zones.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     match status {
         Ok(s) if s.success() => tracing::info!(zone = id, "zone ended: guest disconnected"),
@@ -238,20 +251,23 @@ fn start_xen_zone(
     exe: &Path,
     zones: &Zones,
     broker: &Arc<Broker>,
+    ledgers: &Ledgers,
     xen: &XenSide,
 ) -> Result<()> {
     let Some((name, quotas)) = config.zone_for_domain(domain) else {
         tracing::warn!(domid, domain, "refusing guest: its name matches no [[zone]] and allow_unlisted = false");
         return Ok(());
     };
-    let (mut cmd, pair) = worker_command(id, &name, &quotas, config, exe)?;
-    cmd.args(["--xen-domid", &domid.to_string(), "--xen-slot", &slot.to_string()]).stdin(Stdio::null());
+    let mut launch =
+        worker_command(id, &name, &quotas, config, exe, ledgers, Some(crate::worker::XenSlot { domid, slot }))?;
+    launch.cmd.stdin(Stdio::null());
     let peer = Peer { conn: id, zone: name.clone(), uid: 0, groups: config.groups_of(&name) };
-    let mut child = spawn_worker(cmd, pair, peer, None, exe, zones, broker)?;
+    let (mut child, ledger_slot) = spawn_worker(launch, peer, None, exe, zones, broker, ledgers)?;
     tracing::info!(zone = id, name = %name, domid, slot, worker_pid = ?child.id(), "zone started (Xen guest)");
     let kill = Arc::new(tokio::sync::Notify::new());
     xen.kills.lock().unwrap_or_else(|p| p.into_inner()).entry(domid).or_default().push(kill.clone());
     let (zones, broker, done, kills) = (zones.clone(), broker.clone(), xen.done.clone(), xen.kills.clone());
+    let ledgers = ledgers.clone();
     tokio::spawn(async move {
         let status = tokio::select! {
             s = child.wait() => s,
@@ -265,7 +281,7 @@ fn start_xen_zone(
             list.retain(|k| !Arc::ptr_eq(k, &kill));
         }
         let failed = !matches!(&status, Ok(s) if s.success());
-        zone_ended(id, status, &broker, &zones).await;
+        zone_ended(id, status, &broker, &zones, &ledgers, ledger_slot).await;
         let _ = done.send(ToToolstack::SlotDone { domid, slot, failed });
     });
     Ok(())
@@ -274,57 +290,137 @@ fn start_xen_zone(
 /// The IPC broker socket pair of a worker: (the daemon's end, the worker's end).
 type BrokerPair = (std::os::unix::net::UnixStream, std::os::unix::net::UnixStream);
 
-/// Spawns a zone worker and registers it: its broker channel, its admin record.
+/// Spawns a zone worker and registers it: its broker channel, its admin record. Returns it
+/// and its ledger slot (released again if it could not be spawned).
 fn spawn_worker(
-    mut cmd: tokio::process::Command,
-    (ours, theirs): BrokerPair,
+    launch: Launch,
     peer: Peer,
     peer_pid: Option<i32>,
     exe: &Path,
     zones: &Zones,
     broker: &Arc<Broker>,
-) -> Result<tokio::process::Child> {
-    let child = cmd.spawn().with_context(|| format!("cannot spawn worker {}", exe.display()))?;
+    ledgers: &Ledgers,
+) -> Result<(tokio::process::Child, Option<(String, u32)>)> {
+    // The worker inherits the ledger's descriptor at spawn; the daemon's copy of it is
+    // dropped after that.
+    let Launch { mut cmd, pair: (ours, theirs), slot } = launch;
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some((name, slot, _)) = &slot {
+                ledgers.release(name, *slot);
+            }
+            return Err(e).with_context(|| format!("cannot spawn worker {}", exe.display()));
+        }
+    };
     // Only the worker holds its end now: when it exits, the channel closes.
     drop(theirs);
+    let slot = slot.map(|(name, slot, _fd)| (name, slot));
     ours.set_nonblocking(true)?;
     let ours = UnixStream::from_std(ours).context("cannot serve the IPC broker channel")?;
     let record = ZoneRecord { name: peer.zone.clone(), uid: peer.uid, peer_pid, worker_pid: child.id() };
     zones.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.conn, record);
     broker.attach(peer, ours);
-    Ok(child)
+    Ok((child, slot))
 }
 
-/// The worker command for a zone, and its IPC broker socket pair.
+/// A session's place in its zone: the zone's ledger and the slot taken in it, or the CUDA
+/// error it is refused with.
+enum Admission {
+    Slot { ledger: OwnedFd, slot: u32 },
+    Refused(u32),
+}
+
+/// The daemon's ledgers, by zone name ([`crate::ledger`]): one while the zone has sessions.
+#[derive(Clone, Default)]
+pub struct Ledgers(Arc<Mutex<BTreeMap<String, ZoneLedger>>>);
+
+impl Ledgers {
+    /// Takes a slot of zone `name`'s ledger for a new session, or says why not.
+    fn admit(&self, name: &str, quotas: &crate::zone::Quotas) -> Result<Admission> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !map.contains_key(name) {
+            map.insert(name.to_owned(), ZoneLedger::new(name).context("cannot make the zone's ledger")?);
+        }
+        let ledger = map.get_mut(name).expect("inserted above");
+        match ledger.take(quotas.max_sessions) {
+            Some(slot) => match ledger.fd().try_clone_to_owned() {
+                Ok(fd) => Ok(Admission::Slot { ledger: fd, slot }),
+                Err(e) => {
+                    ledger.release(slot);
+                    Err(e).context("cannot share the zone's ledger")
+                }
+            },
+            None => {
+                tracing::warn!(
+                    zone = name,
+                    max_sessions = quotas.max_sessions,
+                    "session refused: the zone has max_sessions sessions already (CUDA_ERROR_NOT_PERMITTED)"
+                );
+                Ok(Admission::Refused(vgpu_proto::CuResult::NOT_PERMITTED))
+            }
+        }
+    }
+
+    /// A session's worker has been reaped: its slot is cleared and given back.
+    fn release(&self, name: &str, slot: u32) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = map.get_mut(name) {
+            l.release(slot);
+            if l.sessions() == 0 {
+                map.remove(name);
+            }
+        }
+    }
+}
+
+/// A worker about to be spawned: its command, its broker socket pair, and the zone ledger
+/// slot it took (whose descriptor the command's child inherits; dropped after the spawn).
+struct Launch {
+    cmd: tokio::process::Command,
+    pair: BrokerPair,
+    slot: Option<(String, u32, OwnedFd)>,
+}
+
+/// The worker command for a session of zone `name` (refused when the zone has
+/// `max_sessions` already).
 fn worker_command(
     id: u32,
     name: &str,
     quotas: &crate::zone::Quotas,
     config: &Config,
     exe: &Path,
-) -> Result<(tokio::process::Command, BrokerPair)> {
+    ledgers: &Ledgers,
+    xen: Option<crate::worker::XenSlot>,
+) -> Result<Launch> {
     // The broker channel: ours stays close-on-exec; the worker's end is inherited only by it.
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("cannot make the IPC broker channel")?;
+    let (ledger, refuse, slot) = match ledgers.admit(name, quotas)? {
+        Admission::Slot { ledger, slot } => {
+            (Some(LedgerSlot { fd: ledger.as_raw_fd(), slot }), None, Some((name.to_owned(), slot, ledger)))
+        }
+        Admission::Refused(code) => (None, Some(code), None),
+    };
+    let spec = WorkerSpec {
+        zone_id: id,
+        zone_name: name.to_owned(),
+        backend: config.backend,
+        device: config.device,
+        sim_memory_bytes: config.sim_memory_bytes,
+        max_ring_bytes: config.max_ring_bytes,
+        max_window_bytes: config.max_window_bytes,
+        profile_requests: config.profile_requests,
+        broker_fd: Some(theirs.as_raw_fd()),
+        ledger,
+        refuse,
+        xen,
+        quotas: *quotas,
+    };
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("worker")
-        .args(["--zone-id", &id.to_string(), "--zone-name", name])
-        .args([
-            "--backend",
-            match config.backend {
-                BackendKind::Cuda => "cuda",
-                BackendKind::Sim => "sim",
-            },
-        ])
-        .args(["--device", &config.device.to_string()])
-        .args(["--sim-memory-bytes", &config.sim_memory_bytes.to_string()])
-        .args(["--mem-bytes", &quotas.mem_bytes.to_string()])
-        .args(["--max-handles", &quotas.max_handles.to_string()])
-        .args(["--max-async-in-flight", &quotas.max_async_in_flight.to_string()])
-        .args(["--max-ring-bytes", &config.max_ring_bytes.to_string()])
-        .args(["--max-window-bytes", &config.max_window_bytes.to_string()])
-        .args(config.profile_requests.then_some("--profile-requests"))
-        .args(["--broker-fd", &theirs.as_raw_fd().to_string()])
-        .kill_on_drop(true);
+    cmd.arg("worker").args(["--spec", &spec.to_arg()]).kill_on_drop(true);
     inherit_across_exec(&mut cmd, theirs.as_raw_fd());
-    Ok((cmd, (ours, theirs)))
+    if let Some(l) = &spec.ledger {
+        inherit_across_exec(&mut cmd, l.fd);
+    }
+    Ok(Launch { cmd, pair: (ours, theirs), slot })
 }

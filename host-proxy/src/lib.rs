@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod device_output;
 pub mod handles;
 pub mod image;
+pub mod ledger;
 pub mod worker;
 pub mod xen;
 pub mod zone;

@@ -6,9 +6,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use host_proxy::backend::{sim::SimGpu, GpuBackend};
 use host_proxy::broker::{inherited_stream, BrokerClient};
+use host_proxy::config::BackendKind;
 use host_proxy::config::{Config, EMBEDDED_DEFAULT};
 use host_proxy::device_output::DeviceOutput;
-use host_proxy::worker::{serve, RequestProfile, SessionEnd};
+use host_proxy::ledger::{Ledger, Usage};
+use host_proxy::worker::{serve, RequestProfile, SessionEnd, WorkerSpec};
 use host_proxy::zone::{Quotas, Zone};
 use idm_core::{Server, WaitPolicy};
 use std::os::fd::{AsFd, OwnedFd};
@@ -60,39 +62,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct WorkerArgs {
+    /// The worker's whole configuration, as the daemon writes it (`WorkerSpec` in TOML).
     #[arg(long)]
-    zone_id: u32,
-    #[arg(long)]
-    zone_name: String,
-    #[arg(long, value_enum)]
-    backend: Backend,
-    #[arg(long, default_value_t = 0)]
-    device: i32,
-    #[arg(long)]
-    sim_memory_bytes: u64,
-    #[arg(long)]
-    mem_bytes: u64,
-    #[arg(long)]
-    max_handles: u32,
-    #[arg(long)]
-    max_async_in_flight: u32,
-    #[arg(long)]
-    max_ring_bytes: u64,
-    #[arg(long)]
-    max_window_bytes: u64,
-    /// The inherited end of the daemon's IPC broker channel (without it, IPC is not offered).
-    #[arg(long)]
-    broker_fd: Option<i32>,
-    /// Serve the Xen guest `domid`'s device slot `--xen-slot` (grant mapping, event
-    /// channel) instead of the connection on standard input.
-    #[arg(long, requires = "xen_slot")]
-    xen_domid: Option<u16>,
-    /// The slot of `--xen-domid`.
-    #[arg(long)]
-    xen_slot: Option<u32>,
-    /// Record per-request timings and log them when the session ends.
-    #[arg(long)]
-    profile_requests: bool,
+    spec: String,
 }
 
 /// The worker's captured descriptors 1 and 2 (what kernels print), for its zone.
@@ -148,7 +120,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Worker(args) => {
-            let code = worker(args)?;
+            let spec = WorkerSpec::from_arg(&args.spec).context("the worker's --spec is not a worker spec")?;
+            let code = worker(spec)?;
             std::process::exit(code)
         }
         Command::Probe { backend, device } => match probe(backend, device) {
@@ -225,11 +198,11 @@ fn probe_backend(exe: &std::path::Path, config: &Config) -> Result<()> {
     Ok(())
 }
 
-fn worker(args: WorkerArgs) -> Result<i32> {
-    let span = tracing::info_span!("zone", id = args.zone_id, name = %args.zone_name);
+fn worker(spec: WorkerSpec) -> Result<i32> {
+    let span = tracing::info_span!("zone", id = spec.zone_id, name = %spec.zone_name);
     let _g = span.enter();
-    // Take the broker channel first, so that its inherited descriptor is closed whatever fails.
-    let broker = match args.broker_fd {
+    // Take the inherited descriptors first, so that they are closed whatever fails.
+    let broker = match spec.broker_fd {
         Some(fd) => {
             let stream =
                 inherited_stream(fd).with_context(|| format!("cannot use the IPC broker channel (fd {fd})"))?;
@@ -237,63 +210,125 @@ fn worker(args: WorkerArgs) -> Result<i32> {
         }
         None => None,
     };
-    let quotas = Quotas {
-        mem_bytes: args.mem_bytes,
-        max_handles: args.max_handles,
-        max_async_in_flight: args.max_async_in_flight,
+    let ledger = match spec.ledger {
+        Some(l) => {
+            let fd = host_proxy::broker::inherited_fd(l.fd).context("cannot take the zone ledger")?;
+            Ledger::shared(fd, l.slot).context("cannot use the zone ledger")?
+        }
+        None => Ledger::private(),
     };
-    let policy = WaitPolicy { spin_iters: 20_000, timeout: None };
-    if let (Some(domid), Some(slot)) = (args.xen_domid, args.xen_slot) {
-        return xen_worker(&args, domid, slot, policy, quotas, broker);
+    let (ledger, refusal) = admission(&spec, ledger);
+    // A refused session is answered at once; its guest gets a bounded time to ask.
+    let policy = WaitPolicy { spin_iters: 20_000, timeout: refusal.map(|_| Duration::from_secs(5)) };
+    let limits = (usize::try_from(spec.max_ring_bytes)?, usize::try_from(spec.max_window_bytes)?);
+    if let Some(x) = spec.xen {
+        return xen_worker(&spec, x.domid, x.slot, limits, policy, broker, (ledger, refusal));
     }
     let fd: OwnedFd =
         std::io::stdin().as_fd().try_clone_to_owned().context("worker needs the guest connection on stdin")?;
     let stream = UnixStream::from(fd);
     let limits = idm_shm::ServerLimits {
-        max_ring_size: usize::try_from(args.max_ring_bytes)?,
-        max_window_size: usize::try_from(args.max_window_bytes)?,
+        max_ring_size: limits.0,
+        max_window_size: limits.1,
         handshake_timeout: Duration::from_secs(5),
     };
     let endpoint = idm_shm::accept_stream(stream, &limits, policy).context("shared-memory handshake failed")?;
     let idm_shm::ShmEndpoint { channel, window, layout, region, .. } = endpoint;
-    let session =
-        Session { id: args.zone_id, channel, window, layout, dma_region: Some(region), words: None, quotas, broker };
-    run_on_backend(&args, session, || ())
+    let session = Session {
+        id: spec.zone_id,
+        channel,
+        window,
+        layout,
+        dma_region: Some(region),
+        words: None,
+        quotas: spec.quotas,
+        broker,
+        ledger,
+        refusal,
+    };
+    run_on_backend(&spec, session, || ())
 }
 
-/// Opens the configured backend and serves the zone on it.
-fn run_on_backend<M, N, W, D>(args: &WorkerArgs, session: Session<M, N, W, D>, ended: impl FnOnce()) -> Result<i32>
+/// Whether the session may start: the daemon may have refused it already (the zone's
+/// `max_sessions`); otherwise its primary context's memory is charged to the zone now,
+/// before the backend makes the context, and a zone without room for it is refused with
+/// `CUDA_ERROR_OUT_OF_MEMORY`.
+fn admission(spec: &WorkerSpec, mut ledger: Ledger) -> (Ledger, Option<u32>) {
+    if let Some(code) = spec.refuse {
+        return (ledger, Some(code));
+    }
+    let base = spec.quotas.context_mem_bytes.unwrap_or(match spec.backend {
+        BackendKind::Sim => <SimGpu as GpuBackend>::CONTEXT_MEM_BYTES,
+        BackendKind::Cuda => <host_proxy::backend::cuda::CudaGpu as GpuBackend>::CONTEXT_MEM_BYTES,
+    });
+    let want = Usage { mem_bytes: base, objects: 0 };
+    match ledger.admit(want, spec.quotas.mem_bytes, u64::from(spec.quotas.max_handles)) {
+        Ok(()) => (ledger, None),
+        Err(_) => {
+            tracing::warn!(
+                zone = %spec.zone_name,
+                context_mem_bytes = base,
+                mem_bytes = spec.quotas.mem_bytes,
+                "session refused: its context's memory does not fit in what is left of the zone's memory quota"
+            );
+            (ledger, Some(vgpu_proto::CuResult::OUT_OF_MEMORY))
+        }
+    }
+}
+
+/// Opens the configured backend and serves the zone on it — unless the session is refused
+/// (a limit of the zone), which is answered at attach without touching the GPU.
+fn run_on_backend<M, N, W, D>(spec: &WorkerSpec, session: Session<M, N, W, D>, ended: impl FnOnce()) -> Result<i32>
 where
     M: idm_core::SharedMemory,
     N: idm_core::Notifier,
     W: idm_core::Waiter,
     D: idm_core::SharedMemory,
 {
-    match args.backend {
-        Backend::Sim => run_zone(session, SimGpu::new(args.sim_memory_bytes), args.profile_requests, ended),
-        Backend::Cuda => {
-            let gpu = host_proxy::backend::cuda::CudaGpu::open(args.device).context("cannot open the GPU")?;
-            run_zone(session, gpu, args.profile_requests, ended)
+    if let Some(code) = session.refusal {
+        return refuse(session, code, ended);
+    }
+    match spec.backend {
+        BackendKind::Sim => run_zone(session, SimGpu::new(spec.sim_memory_bytes), spec.profile_requests, ended),
+        BackendKind::Cuda => {
+            let gpu = host_proxy::backend::cuda::CudaGpu::open(spec.device).context("cannot open the GPU")?;
+            run_zone(session, gpu, spec.profile_requests, ended)
         }
     }
 }
 
+/// A refused session: the hello is answered, then every request (the attach first) with
+/// CUDA error `code`; the worker ends when the guest goes or after a bounded wait.
+fn refuse<M, N, W, D>(session: Session<M, N, W, D>, code: u32, ended: impl FnOnce()) -> Result<i32>
+where
+    M: idm_core::SharedMemory,
+    N: idm_core::Notifier,
+    W: idm_core::Waiter,
+    D: idm_core::SharedMemory,
+{
+    let max_frame = u32::try_from(session.layout.ring_size() / 2).unwrap_or(u32::MAX);
+    let mut buf = vec![0u8; session.layout.ring_size()];
+    let mut scratch = vec![0u8; 256];
+    let mut server = Server::accept(session.channel, max_frame, &mut buf).context("hello exchange failed")?;
+    host_proxy::worker::refuse(&mut server, code, &mut buf, &mut scratch);
+    ended();
+    Ok(0)
+}
+
 /// A Xen guest's slot: map its grants, bind its event channel, serve it, close the slot.
 fn xen_worker(
-    args: &WorkerArgs,
+    spec: &WorkerSpec,
     domid: u16,
     slot: u32,
+    (max_ring_size, max_window_size): (usize, usize),
     policy: WaitPolicy,
-    quotas: Quotas,
     broker: Option<BrokerClient>,
+    (ledger, refusal): (Ledger, Option<u32>),
 ) -> Result<i32> {
     use host_proxy::xen::{backend_dir, frontend_dir};
     let mut xs = idm_xen::XenStore::open().context("cannot reach xenstore")?;
     let (front, back) = (frontend_dir(domid, slot), backend_dir(domid, slot));
-    let limits = idm_xen::channel::BackendLimits {
-        max_ring_size: usize::try_from(args.max_ring_bytes)?,
-        max_window_size: usize::try_from(args.max_window_bytes)?,
-    };
+    let limits = idm_xen::channel::BackendLimits { max_ring_size, max_window_size };
     let ep = match idm_xen::channel::backend_accept(&mut xs, &front, &back, domid, limits, policy) {
         Ok(ep) => ep,
         Err(e) => {
@@ -306,20 +341,22 @@ fn xen_worker(
     // mapping (the driver does not take it) for as long as its backend lives.
     let words = Some((ep.region.clone(), ep.layout.window_offset(), ep.layout.window_size()));
     let session = Session {
-        id: args.zone_id,
+        id: spec.zone_id,
         channel: ep.channel,
         window: ep.window,
         layout: ep.layout,
         dma_region: None,
         words,
-        quotas,
+        quotas: spec.quotas,
         broker,
+        ledger,
+        refusal,
     };
     // Closing once the session has ended (the zone is being torn down), Closed after.
     let closing = |xs: &mut idm_xen::XenStore| {
         let _ = idm_xen::xenbus::set_state(xs, &back, idm_xen::XenbusState::Closing);
     };
-    let code = run_on_backend(args, session, || closing(&mut xs));
+    let code = run_on_backend(spec, session, || closing(&mut xs));
     let _ = idm_xen::xenbus::set_state(&mut xs, &back, idm_xen::XenbusState::Closed);
     code
 }
@@ -336,6 +373,10 @@ struct Session<M, N, W, D> {
     words: Option<(idm_xen::GrantRegion, usize, usize)>,
     quotas: Quotas,
     broker: Option<BrokerClient>,
+    /// The zone's ledger, this session's slot (its primary context already charged).
+    ledger: Ledger,
+    /// The CUDA error the session is refused with, if it is.
+    refusal: Option<u32>,
 }
 
 /// Serves one zone; `ended` runs when the session is over, before the zone is torn down.
@@ -348,12 +389,14 @@ where
     W: idm_core::Waiter,
     D: idm_core::SharedMemory,
 {
-    let Session { id, channel, window, layout, dma_region, words, quotas, broker } = session;
+    let Session { id, channel, window, layout, dma_region, words, quotas, broker, ledger, .. } = session;
     let max_frame = u32::try_from(layout.ring_size() / 2).unwrap_or(u32::MAX);
     let mut buf = vec![0u8; layout.ring_size()];
     let mut scratch = vec![0u8; layout.ring_size()];
     let mut server = Server::accept(channel, max_frame, &mut buf).context("hello exchange failed")?;
     let mut zone = Zone::new(id, backend, quotas);
+    zone.set_ledger(ledger);
+    zone.publish_usage();
     if let Some(region) = dma_region {
         match zone.attach_window(region, layout.window_offset(), layout.window_size()) {
             Ok(direct) => tracing::debug!(direct, "data window attached"),

@@ -30,6 +30,74 @@ use vgpu_proto::generated::{
 };
 use vgpu_proto::{Attach, CuResult};
 
+/// Everything a worker is told by the daemon that starts it, as one value (passed as TOML in
+/// its one argument, `host-proxy worker --spec`): the zone, its quotas, the backend, the
+/// transport's limits, and the descriptors it inherits.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSpec {
+    /// The daemon's number for this session.
+    pub zone_id: u32,
+    /// The zone's name.
+    pub zone_name: String,
+    /// The backend to open.
+    pub backend: crate::config::BackendKind,
+    /// The CUDA device ordinal.
+    pub device: i32,
+    /// The simulated GPU's memory, for `backend = "sim"`.
+    pub sim_memory_bytes: u64,
+    /// Largest ring the guest may offer, in bytes.
+    pub max_ring_bytes: u64,
+    /// Largest data window the guest may offer, in bytes.
+    pub max_window_bytes: u64,
+    /// Record per-request timings and log them when the session ends.
+    pub profile_requests: bool,
+    /// The inherited end of the daemon's IPC broker channel (none: IPC is not offered).
+    pub broker_fd: Option<i32>,
+    /// The zone's ledger (inherited memfd) and this session's slot in it (none: the session
+    /// is its zone's only one).
+    pub ledger: Option<LedgerSlot>,
+    /// The session is refused at attach with this CUDA error (a limit of the zone); the
+    /// worker opens no GPU.
+    pub refuse: Option<u32>,
+    /// Serve a Xen guest's device slot instead of the connection on standard input.
+    pub xen: Option<XenSlot>,
+    /// The zone's quotas (last: a table in TOML).
+    pub quotas: crate::zone::Quotas,
+}
+
+/// The zone ledger a worker inherits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSlot {
+    /// The inherited memfd.
+    pub fd: i32,
+    /// This session's slot.
+    pub slot: u32,
+}
+
+/// A Xen guest's device slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XenSlot {
+    /// The guest's domain id.
+    pub domid: u16,
+    /// Its `device/vgpu/N` slot.
+    pub slot: u32,
+}
+
+impl WorkerSpec {
+    /// The argument that carries the spec.
+    pub fn to_arg(&self) -> String {
+        toml::to_string(self).expect("a worker spec is plain data")
+    }
+
+    /// Reads the spec back.
+    pub fn from_arg(arg: &str) -> Result<WorkerSpec, toml::de::Error> {
+        toml::from_str(arg)
+    }
+}
+
 /// How a zone's session ended.
 #[derive(Debug)]
 pub enum SessionEnd {
@@ -250,6 +318,8 @@ where
                 server.reply_error(&req, ErrorKind::Application, CuResult::UNKNOWN, scratch)
             }
         };
+        // What shrank goes back to the zone's other sessions (growth was admitted already).
+        zone.publish_usage();
         if let Err(e) = sent {
             return SessionEnd::Violation(e);
         }
@@ -258,6 +328,31 @@ where
             let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
             p.record(req.id.0, ns(got - prev), ns(now - got));
             answered = Some(now);
+        }
+    }
+}
+
+/// How long a refused session waits for its guest's attach.
+const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves a refused session (a limit of the zone): answers its requests — the attach comes
+/// first — with CUDA error `code` until the attach has been answered, the guest goes, or
+/// [`REFUSAL_WAIT`] has passed.
+pub fn refuse<M: SharedMemory, N: Notifier, W: Waiter>(
+    server: &mut Server<M, N, W>,
+    code: u32,
+    buf: &mut [u8],
+    scratch: &mut [u8],
+) {
+    let deadline = Instant::now() + REFUSAL_WAIT;
+    while Instant::now() < deadline {
+        let req = match server.recv(buf) {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let attach = req.id == Attach::ID;
+        if server.reply_error(&req, ErrorKind::Application, code, scratch).is_err() || attach {
+            return;
         }
     }
 }

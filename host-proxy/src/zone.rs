@@ -38,6 +38,7 @@ use crate::broker::{guest_handle, parse_guest_handle, IpcBroker, Token};
 use crate::device_output::DeviceOutput;
 use crate::handles::{kind_of, HandleError, HandleTable};
 use crate::image::{fatbin_payloads, ELF_MAGIC, FATBIN_MAGIC};
+use crate::ledger::{Exceeded, Ledger, Usage};
 use idm_core::{DataWindow, SharedMemory};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
@@ -62,13 +63,42 @@ pub struct Quotas {
     pub max_handles: u32,
     /// Asynchronous requests accepted before the worker waits for the GPU to catch up.
     pub max_async_in_flight: u32,
+    /// Sessions (CUDA processes) the zone may have at once, at most
+    /// [`crate::ledger::MAX_SLOTS`]; one more is refused at attach with
+    /// `CUDA_ERROR_NOT_PERMITTED`.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: u32,
+    /// Device memory each of the zone's contexts is charged against `mem_bytes` (the
+    /// primary context of each session and every context it creates): what the driver
+    /// takes per context for its own use (local memory for the default stack of every
+    /// resident thread, the printf buffer, the device heap). Absent: the backend's measured
+    /// value ([`crate::backend::GpuBackend::CONTEXT_MEM_BYTES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_mem_bytes: Option<u64>,
+}
+
+fn default_max_sessions() -> u32 {
+    8
 }
 
 impl Default for Quotas {
     fn default() -> Self {
-        Quotas { mem_bytes: 4 << 30, max_handles: 4096, max_async_in_flight: 1024 }
+        Quotas {
+            mem_bytes: 4 << 30,
+            max_handles: 4096,
+            max_async_in_flight: 1024,
+            max_sessions: default_max_sessions(),
+            context_mem_bytes: None,
+        }
     }
 }
+
+/// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`.
+const ATTRIBUTE_MULTIPROCESSOR_COUNT: usize = 16;
+/// `CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR`.
+const ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR: usize = 39;
+/// `CU_LIMIT_STACK_SIZE` (the limits below 3 size device memory of the context).
+const LIMIT_STACK_SIZE: usize = 0;
 
 /// `CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK`.
 const FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: u32 = 0;
@@ -294,6 +324,13 @@ pub struct Zone<B: GpuBackend> {
     window_at: Option<(std::ptr::NonNull<u8>, usize)>,
     /// The worker's captured device output (`None`: not captured; nothing to hand over).
     device_output: Option<std::sync::Arc<DeviceOutput>>,
+    /// What the zone's sessions hold together ([`crate::ledger`]); this session's slot.
+    ledger: Ledger,
+    /// Device memory charged per context (`Quotas::context_mem_bytes` or the backend's).
+    context_mem: u64,
+    /// Per context, the memory charged beyond `context_mem` for limits raised with
+    /// `cuCtxSetLimit` (stack size, printf buffer, device heap), by limit.
+    limit_charges: HashMap<Handle, [u64; 3]>,
     /// Host functions queued and not yet run (see [`MAX_QUEUED_HOST_FUNCS`]).
     host_funcs_queued: std::sync::Arc<std::sync::atomic::AtomicU32>,
     /// Graphs (context-independent), executable graphs, and the nodes the guest has seen
@@ -437,6 +474,9 @@ impl<B: GpuBackend> Zone<B> {
             window_keep: None,
             window_at: None,
             device_output: None,
+            ledger: Ledger::private(),
+            context_mem: quotas.context_mem_bytes.unwrap_or(B::CONTEXT_MEM_BYTES),
+            limit_charges: HashMap::new(),
             host_funcs_queued: Default::default(),
             graphs: HandleTable::new(kind::GRAPH, max),
             graph_execs: HandleTable::new(kind::GRAPH_EXEC, max),
@@ -507,6 +547,89 @@ impl<B: GpuBackend> Zone<B> {
         self.mem_used
     }
 
+    /// The device's attributes `1..=len` (asked of the backend once).
+    fn device_attributes(&mut self) -> &[AttrValue] {
+        let backend = &mut self.backend;
+        self.attributes.get_or_insert_with(|| {
+            backend
+                .device_attributes()
+                .into_iter()
+                .map(|a| match a {
+                    Ok(v) => AttrValue::Value(v),
+                    Err(e) => AttrValue::Error(e.code()),
+                })
+                .collect()
+        })
+    }
+
+    /// Threads the device holds at once (multiprocessors × threads per multiprocessor): what
+    /// a context's stack size is reserved for.
+    fn resident_threads(&mut self) -> CuResultOf<u64> {
+        let attrs = self.device_attributes();
+        let get = |a: usize| match attrs.get(a - 1) {
+            Some(AttrValue::Value(v)) => u64::try_from(*v).ok().filter(|v| *v > 0),
+            _ => None,
+        };
+        match (get(ATTRIBUTE_MULTIPROCESSOR_COUNT), get(ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR)) {
+            (Some(sms), Some(threads)) => Ok(sms * threads),
+            _ => Err(CuError::UNKNOWN),
+        }
+    }
+
+    /// Shares the zone's quotas with its other sessions through the daemon's ledger
+    /// (before the first request).
+    pub fn set_ledger(&mut self, ledger: Ledger) {
+        self.ledger = ledger;
+    }
+
+    /// What this session holds against the zone's quotas: device memory charged (live
+    /// allocations and physical memory, the free cache, every context and the limits raised
+    /// in it) and live objects.
+    pub fn usage(&self) -> Usage {
+        let contexts = u64::from(self.contexts.len()).saturating_mul(self.context_mem);
+        let limits: u64 = self.limit_charges.values().flatten().fold(0, |a, b| a.saturating_add(*b));
+        Usage {
+            mem_bytes: self.mem_used.saturating_add(self.cached_bytes).saturating_add(contexts).saturating_add(limits),
+            objects: self.live_objects(),
+        }
+    }
+
+    /// Publishes what this session holds now in the zone's ledger (after each request: what
+    /// shrank is given back to the zone's other sessions).
+    pub fn publish_usage(&mut self) {
+        let u = self.usage();
+        self.ledger.publish(u);
+    }
+
+    /// Admits `mem` more bytes of device memory and `objects` more live objects for this
+    /// session if the zone's quotas, summed over all its sessions, allow them: the growth is
+    /// published before the backend is asked. When memory is short, this session's free
+    /// cache goes back to the driver first.
+    fn admit(&mut self, mem: u64, objects: u64) -> CuResultOf<()> {
+        let (quota, max) = (self.quotas.mem_bytes, u64::from(self.quotas.max_handles));
+        let want =
+            |u: Usage| Usage { mem_bytes: u.mem_bytes.saturating_add(mem), objects: u.objects.saturating_add(objects) };
+        match self.ledger.admit(want(self.usage()), quota, max) {
+            Ok(()) => Ok(()),
+            Err(Exceeded::Memory) if self.cached_bytes > 0 => {
+                if let Err(e) = self.flush_free_cache(None) {
+                    tracing::warn!(error = %e, "returning cached freed memory failed");
+                }
+                let u = self.usage();
+                self.ledger.publish(u);
+                self.ledger.admit(want(u), quota, max).map_err(|_| CuError::OUT_OF_MEMORY)
+            }
+            Err(_) => Err(CuError::OUT_OF_MEMORY),
+        }
+    }
+
+    /// Device memory left to this session under the zone's quota.
+    fn quota_left(&self) -> u64 {
+        let held = self.ledger.others().mem_bytes.saturating_add(self.usage().mem_bytes);
+        // This session's cache is the zone's to reuse.
+        self.quotas.mem_bytes.saturating_sub(held.saturating_sub(self.cached_bytes))
+    }
+
     /// Live objects counted against `max_handles`: allocations, imports (until closed) and
     /// every handle except the primary context.
     pub fn live_objects(&self) -> u64 {
@@ -544,20 +667,7 @@ impl<B: GpuBackend> Zone<B> {
         // The device's facts as they are (cuDeviceTotalMem included); the zone's quota
         // bounds what it can allocate, and `cuMemGetInfo` reports the zone's view.
         let device = self.backend.device_info();
-        let backend = &mut self.backend;
-        let attributes = self
-            .attributes
-            .get_or_insert_with(|| {
-                backend
-                    .device_attributes()
-                    .into_iter()
-                    .map(|a| match a {
-                        Ok(v) => AttrValue::Value(v),
-                        Err(e) => AttrValue::Error(e.code()),
-                    })
-                    .collect()
-            })
-            .clone();
+        let attributes = self.device_attributes().to_vec();
         let pci_bus_id = self.backend.pci_bus_id().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no PCI bus id for the guest");
             String::new()
@@ -578,12 +688,9 @@ impl<B: GpuBackend> Zone<B> {
         Ok(())
     }
 
-    /// `Ok` when one more object fits the zone's handle quota.
-    fn reserve(&self) -> CuResultOf<()> {
-        if self.live_objects() >= u64::from(self.quotas.max_handles) {
-            return Err(CuError::OUT_OF_MEMORY);
-        }
-        Ok(())
+    /// `Ok` when one more object fits the zone's handle quota (over all its sessions).
+    fn reserve(&mut self) -> CuResultOf<()> {
+        self.admit(0, 1)
     }
 
     /// The range containing `addr` (`start <= addr < start + size`).
@@ -1189,27 +1296,34 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn cu_mem_alloc_v2(&mut self, req: CuMemAllocV2) -> CuResultOf<CuMemAllocV2Reply> {
         let z = &mut *self.zone;
         let size = req.bytesize;
-        if size == 0 {
-            return Err(CuError::INVALID_VALUE);
+        if size == 0 || size > z.quotas.mem_bytes {
+            return Err(if size == 0 { CuError::INVALID_VALUE } else { CuError::OUT_OF_MEMORY });
         }
-        if z.mem_used.checked_add(size).is_none_or(|t| t > z.quotas.mem_bytes) {
-            return Err(CuError::OUT_OF_MEMORY);
+        if z.free_cache.get(&(z.current, size)).is_some_and(|v| !v.is_empty()) {
+            // Cached memory is charged to the zone already: only the handle is new.
+            z.reserve()?;
+            if let Some(dptr) = z.free_cache.get_mut(&(z.current, size)).and_then(Vec::pop) {
+                z.cached_bytes = z.cached_bytes.saturating_sub(size);
+                return Ok(CuMemAllocV2Reply { dptr: z.register_alloc(dptr, size)? });
+            }
         }
-        z.reserve()?;
-        if let Some(dptr) = z.free_cache.get_mut(&(z.current, size)).and_then(Vec::pop) {
-            z.cached_bytes = z.cached_bytes.saturating_sub(size);
-            return Ok(CuMemAllocV2Reply { dptr: z.register_alloc(dptr, size)? });
-        }
+        z.admit(size, 1)?;
         let dptr = match z.backend.mem_alloc(size) {
             Err(e) if e == CuError::OUT_OF_MEMORY && z.cached_bytes > 0 => {
                 // Give the cached memory back (scrubbed) and try once more.
                 let current = z.current;
                 z.flush_free_cache(Some(current))?;
-                z.backend.mem_alloc(size)?
+                z.backend.mem_alloc(size)
             }
-            other => other?,
+            other => other,
         };
-        Ok(CuMemAllocV2Reply { dptr: z.register_alloc(dptr, size)? })
+        match dptr {
+            Ok(dptr) => Ok(CuMemAllocV2Reply { dptr: z.register_alloc(dptr, size)? }),
+            Err(e) => {
+                z.publish_usage();
+                Err(e)
+            }
+        }
     }
 
     fn cu_mem_alloc_pitch_v2(&mut self, req: CuMemAllocPitchV2) -> CuResultOf<CuMemAllocPitchV2Reply> {
@@ -1220,19 +1334,21 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         }
         // At least width * height bytes; the pitch can only add to that.
         let least = width_in_bytes.checked_mul(height).ok_or(CuError::OUT_OF_MEMORY)?;
-        if z.mem_used.checked_add(least).is_none_or(|t| t > z.quotas.mem_bytes) {
-            return Err(CuError::OUT_OF_MEMORY);
-        }
-        z.reserve()?;
-        let (dptr, pitch) = z.backend.mem_alloc_pitch(width_in_bytes, height, element_size_bytes)?;
-        let size = pitch.checked_mul(height).filter(|s| *s >= least);
-        match size {
-            Some(size) if z.mem_used.checked_add(size).is_some_and(|t| t <= z.quotas.mem_bytes) => {
-                Ok(CuMemAllocPitchV2Reply { dptr: z.register_alloc(dptr, size)?, p_pitch: pitch })
+        z.admit(least, 1)?;
+        let (dptr, pitch) = match z.backend.mem_alloc_pitch(width_in_bytes, height, element_size_bytes) {
+            Ok(got) => got,
+            Err(e) => {
+                z.publish_usage();
+                return Err(e);
             }
+        };
+        let size = pitch.checked_mul(height).filter(|s| *s >= least);
+        match size.map(|size| (size, z.admit(size, 1))) {
+            Some((size, Ok(()))) => Ok(CuMemAllocPitchV2Reply { dptr: z.register_alloc(dptr, size)?, p_pitch: pitch }),
             _ => {
                 // Padding took it over the quota (or the backend answered nonsense).
                 let _ = z.backend.mem_free(dptr);
+                z.publish_usage();
                 Err(CuError::OUT_OF_MEMORY)
             }
         }
@@ -1289,7 +1405,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn cu_mem_get_info_v2(&mut self, _req: CuMemGetInfoV2) -> CuResultOf<CuMemGetInfoV2Reply> {
         let z = &mut *self.zone;
         let (free, total) = z.backend.mem_get_info()?;
-        let quota_left = z.quotas.mem_bytes.saturating_sub(z.mem_used);
+        let quota_left = z.quotas.mem_bytes.min(z.quota_left());
         Ok(CuMemGetInfoV2Reply { free: free.min(quota_left), total: total.min(z.quotas.mem_bytes) })
     }
 
@@ -1386,8 +1502,15 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     fn ctx_create(&mut self, req: CtxCreate) -> CuResultOf<CtxCreateReply> {
         let z = &mut *self.zone;
-        z.reserve()?;
-        let c = z.backend.ctx_create(req.flags)?;
+        // A context takes device memory of its own: it is charged to the zone.
+        z.admit(z.context_mem, 1)?;
+        let c = match z.backend.ctx_create(req.flags) {
+            Ok(c) => c,
+            Err(e) => {
+                z.publish_usage();
+                return Err(e);
+            }
+        };
         // The new context is current in the backend now.
         match z.contexts.insert(Some(c)) {
             Ok(ctx) => {
@@ -1413,6 +1536,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         // scrubs its memory and releases everything made in it.
         let _ = z.purge(req.ctx, false);
         let c = z.contexts.remove(req.ctx).map_err(ctx_err)?;
+        z.limit_charges.remove(&req.ctx);
         if req.ctx == z.current {
             // The backend makes the primary context current when the current one goes.
             z.current = z.primary;
@@ -1441,7 +1565,31 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     }
 
     fn cu_ctx_set_limit(&mut self, req: CuCtxSetLimit) -> CuResultOf<Done> {
-        self.zone.backend.ctx_set_limit(req.limit, req.value)?;
+        let z = &mut *self.zone;
+        // The limits that size memory the driver takes for the context are charged to the
+        // zone beyond the context's own charge (which covers the defaults): the stack size
+        // for every thread the device can hold at once, the printf buffer, the device heap.
+        let Some(which) = usize::try_from(req.limit).ok().filter(|l| *l < 3) else {
+            z.backend.ctx_set_limit(req.limit, req.value)?;
+            return Ok(Done {});
+        };
+        let per_unit = if which == LIMIT_STACK_SIZE { z.resident_threads()? } else { 1 };
+        let old = z.backend.ctx_get_limit(req.limit)?;
+        let charged = z.limit_charges.get(&z.current).map_or(0, |c| c[which]);
+        // What the context takes beyond the default, in bytes, once the limit is `value`.
+        let beyond = |value: u64, default: u64| value.saturating_sub(default).saturating_mul(per_unit);
+        // The default is the value before the first raise (`old` minus what is charged).
+        let default = old.saturating_sub(charged / per_unit.max(1));
+        let want = beyond(req.value, default);
+        if want > charged {
+            z.admit(want - charged, 0)?;
+        }
+        if let Err(e) = z.backend.ctx_set_limit(req.limit, req.value) {
+            z.publish_usage();
+            return Err(e);
+        }
+        let current = z.current;
+        z.limit_charges.entry(current).or_default()[which] = want;
         Ok(Done {})
     }
 
@@ -1558,9 +1706,10 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let key = (Lookup::Function, req.hmod, Handle(0), name.as_bytes().to_vec());
         let hmod = req.hmod;
         let hfunc = self.lookup(key, |z| {
+            z.modules.get(hmod)?;
+            z.reserve()?;
             let m = z.modules.get(hmod)?;
             let (ctx, root) = (m.ctx, m.root(hmod));
-            z.reserve()?;
             let func = z.backend.module_get_function(&m.module, &name)?;
             z.insert_func(false, FuncEntry { func, ctx, root, layout: None })
         })?;
@@ -1577,8 +1726,9 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let key = (Lookup::Kernel, req.library, Handle(0), name.as_bytes().to_vec());
         let library = req.library;
         let p_kernel = self.lookup(key, |z| {
-            let l = z.libraries.get(library)?;
+            z.libraries.get(library)?;
             z.reserve()?;
+            let l = z.libraries.get(library)?;
             let func = z.backend.library_get_kernel(&l.module, &name)?;
             z.insert_func(true, FuncEntry { func, ctx: NO_CTX, root: library, layout: None })
         })?;
@@ -1589,9 +1739,10 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let key = (Lookup::LibraryModule, req.library, self.zone.current, Vec::new());
         let library = req.library;
         let p_mod = self.lookup(key, |z| {
+            z.libraries.get(library)?;
+            z.reserve()?;
             let l = z.libraries.get(library)?;
             let may_print = l.may_print;
-            z.reserve()?;
             let module = z.backend.library_get_module(&l.module)?;
             let entry = ModEntry { module, ctx: z.current, library: Some(library), may_print };
             match z.modules.insert(entry) {
@@ -1611,9 +1762,10 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let key = (Lookup::KernelFunction, req.kernel, self.zone.current, Vec::new());
         let kernel = req.kernel;
         let p_func = self.lookup(key, |z| {
+            z.kernels.get(kernel)?;
+            z.reserve()?;
             let k = z.kernels.get(kernel)?;
             let root = k.root;
-            z.reserve()?;
             let func = z.backend.kernel_get_function(&k.func)?;
             z.insert_func(false, FuncEntry { func, ctx: z.current, root, layout: None })
         })?;

@@ -1427,6 +1427,9 @@ fn device_name(buf: &[c_char; NAME_BUF_LEN]) -> heapless::String<96> {
 }
 
 impl GpuBackend for CudaGpu {
+    /// Measured on an H200 (132 multiprocessors, driver 580): 48 idle sessions took
+    /// 25.7 GB − 0.96 GB of device memory, about 0.52 GB each; 512 MiB per context.
+    const CONTEXT_MEM_BYTES: u64 = 512 << 20;
     type Phys = CudaPhys;
 
     fn mem_granularity(&mut self, recommended: bool) -> CuResultOf<u64> {

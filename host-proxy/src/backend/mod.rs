@@ -90,6 +90,10 @@ pub trait GpuBackend {
     /// handle; it is only ever passed back together with its graph).
     type GraphNode: Copy + Eq + std::hash::Hash + std::fmt::Debug;
 
+    /// Device memory a context takes for the driver's own use with the default limits
+    /// (charged to the zone per context unless its quotas say otherwise).
+    const CONTEXT_MEM_BYTES: u64;
+
     /// Static facts about the device.
     fn device_info(&self) -> DeviceInfo;
     /// Every device attribute `1..=max_attribute` (index `i` holds attribute `i + 1`):

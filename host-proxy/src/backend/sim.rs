@@ -1188,6 +1188,8 @@ fn device_attribute_table() -> Vec<Result<i32, CuError>> {
 }
 
 impl GpuBackend for SimGpu {
+    /// The double's contexts take no device memory.
+    const CONTEXT_MEM_BYTES: u64 = 0;
     type Phys = SimPhys;
 
     fn mem_granularity(&mut self, _recommended: bool) -> CuResultOf<u64> {

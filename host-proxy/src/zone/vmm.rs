@@ -163,11 +163,14 @@ impl<B: GpuBackend> Zone<B> {
         if handle_types & !(HANDLE_POSIX_FD | HANDLE_FABRIC) != 0 {
             return Err(CuError::NOT_SUPPORTED);
         }
-        if self.mem_used.checked_add(size).is_none_or(|t| t > self.quotas.mem_bytes) {
-            return Err(CuError::OUT_OF_MEMORY);
-        }
-        self.reserve()?;
-        let obj = self.backend.mem_create(size, handle_types, rdma)?;
+        self.admit(size, 1)?;
+        let obj = match self.backend.mem_create(size, handle_types, rdma) {
+            Ok(obj) => obj,
+            Err(e) => {
+                self.publish_usage();
+                return Err(e);
+            }
+        };
         let h = self.phys.insert(PhysEntry { obj: Some(obj), size, maps: 0, released: false })?;
         self.mem_used += size;
         Ok(h)
