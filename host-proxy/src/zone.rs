@@ -2891,6 +2891,7 @@ mod tests {
         let phys: u64 = z.phys.iter().map(|(_, e)| e.size_for_test()).sum();
         assert_eq!(z.mem_used, allocs + phys, "memory accounting");
         assert!(z.mem_used <= z.quotas.mem_bytes, "within the quota");
+        assert!(z.usage().mem_bytes <= z.quotas.mem_bytes, "what is charged (the free cache too) within the quota");
         let mut end = 0;
         for (&s, r) in &z.ranges {
             assert!(s >= end, "ranges overlap at {s:#x}");
@@ -3029,7 +3030,8 @@ mod tests {
         let free0 = f.free_bytes();
         let a = f.alloc(1 << 20).unwrap();
         f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: a }).unwrap();
-        assert_eq!(f.z.mem_used(), 0, "cached memory is not charged to the zone");
+        assert_eq!(f.z.mem_used(), 0, "cached memory is no allocation of the guest's");
+        assert_eq!(f.z.usage().mem_bytes, 1 << 20, "but it is charged to the zone: the driver holds it");
         assert_eq!(f.htod(a, 0, 16), Err(CuError::INVALID_VALUE), "freed memory is out of reach");
         assert_eq!(f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: a }), Err(CuError::INVALID_VALUE), "double free");
         assert_eq!(f.alloc(1 << 20).unwrap(), a, "the same zone gets its own freed block back");
@@ -3042,6 +3044,52 @@ mod tests {
         f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: big }).unwrap();
         f.z.teardown();
         assert_eq!(f.free_bytes(), free0, "the cache went back to the backend (scrubbed there)");
+    }
+
+    #[test]
+    fn the_free_cache_gives_way_when_the_zone_is_short() {
+        let mut f = fixture(Quotas { mem_bytes: 3 << 20, ..Quotas::default() }, 4096);
+        let free0 = f.free_bytes();
+        let a = f.alloc(1 << 20).unwrap();
+        let b = f.alloc(1 << 20).unwrap();
+        for p in [a, b] {
+            f.api().cu_mem_free_v2(CuMemFreeV2 { dptr: p }).unwrap();
+        }
+        assert_eq!(f.z.usage().mem_bytes, 2 << 20, "both cached, both charged");
+        // 3 MiB fits the quota only once the cache has gone back to the backend.
+        f.alloc(3 << 20).unwrap();
+        assert_eq!((f.z.usage().mem_bytes, f.z.cached_bytes), (3 << 20, 0));
+        assert_eq!(f.alloc(1), Err(CuError::OUT_OF_MEMORY));
+        f.z.teardown();
+        assert_eq!(f.free_bytes(), free0);
+    }
+
+    #[test]
+    fn contexts_and_the_limits_that_size_their_memory_are_charged() {
+        let mib = 1u64 << 20;
+        let q = Quotas { mem_bytes: 1024 * mib, context_mem_bytes: Some(100 * mib), ..Quotas::default() };
+        let mut f = fixture(q, 4096);
+        assert_eq!(f.z.usage().mem_bytes, 100 * mib, "the primary context");
+        let ctx = f.api().ctx_create(CtxCreate { flags: 0 }).unwrap().ctx;
+        assert_eq!(f.z.usage().mem_bytes, 200 * mib, "and a created one");
+        // The stack size is reserved for every thread the device holds (132 × 2048 on the
+        // double, as on an H200): 1 KiB more per thread is 264 MiB more.
+        let stack = f.api().cu_ctx_get_limit(CuCtxGetLimit { limit: 0 }).unwrap().pvalue;
+        f.api().cu_ctx_set_limit(CuCtxSetLimit { limit: 0, value: stack + 1024 }).unwrap();
+        assert_eq!(f.z.usage().mem_bytes, 200 * mib + 132 * 2048 * 1024);
+        // The device heap, byte for byte; more than the quota is refused and nothing changes.
+        let heap = f.api().cu_ctx_get_limit(CuCtxGetLimit { limit: 2 }).unwrap().pvalue;
+        let r = f.api().cu_ctx_set_limit(CuCtxSetLimit { limit: 2, value: heap + 1024 * mib });
+        assert_eq!(r, Err(CuError::OUT_OF_MEMORY));
+        assert_eq!(f.api().cu_ctx_get_limit(CuCtxGetLimit { limit: 2 }).unwrap().pvalue, heap);
+        f.api().cu_ctx_set_limit(CuCtxSetLimit { limit: 2, value: heap + 10 * mib }).unwrap();
+        // Lowering it again gives the charge back.
+        f.api().cu_ctx_set_limit(CuCtxSetLimit { limit: 2, value: heap }).unwrap();
+        f.api().cu_ctx_set_limit(CuCtxSetLimit { limit: 0, value: stack }).unwrap();
+        assert_eq!(f.z.usage().mem_bytes, 200 * mib);
+        f.api().cu_ctx_set_limit(CuCtxSetLimit { limit: 1, value: 64 * mib }).unwrap();
+        f.api().ctx_destroy(CtxDestroy { ctx }).unwrap();
+        assert_eq!(f.z.usage().mem_bytes, 100 * mib, "a destroyed context's charges go with it");
     }
 
     #[test]

@@ -791,3 +791,173 @@ fn a_cuda_backend_that_cannot_work_is_refused_at_start() {
     assert!(stderr.contains(reason.trim()), "the probe's reason is quoted: {stderr}");
     assert!(!socket.exists(), "nothing was listening");
 }
+
+/// Child-process role for the quota race: one CUDA process of a zone. It attaches, waits for
+/// the word (a line on stdin) so that all processes start together, allocates
+/// `VGPU_TEST_CHUNK` bytes at a time until refused, prints what it holds, and keeps it
+/// until killed.
+#[test]
+fn quota_racer_role() {
+    let Ok(socket) = std::env::var("VGPU_TEST_RACER") else { return };
+    let chunk: u64 = std::env::var("VGPU_TEST_CHUNK").unwrap().parse().unwrap();
+    let mut g = Guest::connect(Path::new(&socket));
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).unwrap();
+    let mut held = 0u64;
+    loop {
+        match g.alloc(chunk) {
+            Ok(_) => held += chunk,
+            Err(code) => {
+                assert_eq!(code, CuResult::OUT_OF_MEMORY);
+                break;
+            }
+        }
+    }
+    println!("HELD {held}");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// A racer process of the zone served by `d`.
+struct Racer {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Racer {
+    fn start(d: &Daemon, chunk: u64) -> Racer {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "quota_racer_role", "--nocapture", "--test-threads=1"])
+            .env("VGPU_TEST_RACER", &d.socket)
+            .env("VGPU_TEST_CHUNK", chunk.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut r = Racer { child, out };
+        r.expect("READY");
+        r
+    }
+
+    /// The rest of the first line that starts with `word`.
+    fn expect(&mut self, word: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(self.out.read_line(&mut line).unwrap() > 0, "racer ended before {word}");
+            // libtest's "test … " may precede the word on its line.
+            if let Some(at) = line.find(word) {
+                return line[at + word.len()..].trim().to_owned();
+            }
+        }
+    }
+}
+
+impl Drop for Racer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The quota bypass of one worker per process: a zone's processes racing for memory hold
+/// no more than the zone's quota together, and a killed process's share comes back.
+#[test]
+fn a_zones_quota_holds_across_its_racing_processes() {
+    const QUOTA: u64 = 16 << 20;
+    const CHUNK: u64 = 1 << 20;
+    let d = Daemon::start_with(
+        "race",
+        &format!("mem_bytes = {QUOTA}\nmax_handles = 64\nmax_async_in_flight = 64\ncontext_mem_bytes = 0\n"),
+    );
+    let mut racers: Vec<Racer> = (0..4).map(|_| Racer::start(&d, CHUNK)).collect();
+    wait_for("four sessions", || d.zones().len() == 4);
+    for r in &mut racers {
+        writeln!(r.child.stdin.as_mut().unwrap(), "go").unwrap();
+    }
+    let held: Vec<u64> = racers.iter_mut().map(|r| r.expect("HELD").parse().unwrap()).collect();
+    let sum: u64 = held.iter().sum();
+    eprintln!("racers held {held:?} = {sum} bytes under a {QUOTA}-byte quota");
+    assert!(sum <= QUOTA, "the zone's processes took {sum} bytes under a {QUOTA}-byte quota");
+    // The last racer to stop was refused with nobody else growing: the zone was full.
+    assert!(sum > QUOTA - CHUNK, "only {sum} bytes admitted: refusals that were not needed");
+
+    // A new session sees what the others hold: nothing left.
+    let mut late = Guest::connect(&d.socket);
+    assert_eq!(late.alloc(CHUNK), Err(CuResult::OUT_OF_MEMORY));
+    // Killing the racers gives their memory back to the zone.
+    let victim = held.iter().position(|h| *h > 0).unwrap();
+    let given_back = held[victim];
+    drop(racers.remove(victim));
+    wait_for("the killed racer's session gone", || d.zones().len() == 4);
+    let mut got = 0;
+    while late.alloc(CHUNK).is_ok() {
+        got += CHUNK;
+    }
+    assert_eq!(got, given_back, "exactly the killed process's share came back");
+    drop(racers);
+    wait_for("the racers' sessions gone", || d.zones().len() == 1);
+    while late.alloc(CHUNK).is_ok() {
+        got += CHUNK;
+    }
+    assert_eq!(got, QUOTA, "with every other process gone, the whole quota");
+}
+
+/// `max_sessions`: a session beyond it is refused at attach with CUDA_ERROR_NOT_PERMITTED
+/// (the GPU untouched), and a session that ends makes room for a new one.
+#[test]
+fn sessions_beyond_max_sessions_are_refused_at_attach() {
+    let d = Daemon::start_with(
+        "sessions",
+        "mem_bytes = 1048576\nmax_handles = 16\nmax_async_in_flight = 64\nmax_sessions = 2\ncontext_mem_bytes = 0\n",
+    );
+    let a = Guest::connect(&d.socket);
+    let mut b = Guest::connect(&d.socket);
+    for _ in 0..3 {
+        let mut c = Guest::session(&d.socket);
+        assert_eq!(c.attach(), Err(CuResult::NOT_PERMITTED), "a third session is refused");
+    }
+    wait_for("refused sessions' workers gone", || d.zones().len() == 2);
+    b.alloc(4096).unwrap();
+    drop(a);
+    wait_for("a's session gone", || d.zones().len() == 1);
+    let mut c = Guest::connect(&d.socket);
+    c.alloc(4096).unwrap();
+    assert_eq!(Guest::session(&d.socket).attach(), Err(CuResult::NOT_PERMITTED));
+}
+
+/// Each context's memory is charged to the zone: a session's primary context at attach
+/// (refused with CUDA_ERROR_OUT_OF_MEMORY when it does not fit), and every context it
+/// creates.
+#[test]
+fn each_context_is_charged_to_the_zone() {
+    const MIB: u64 = 1 << 20;
+    let d = Daemon::start_with(
+        "ctxmem",
+        &format!(
+            "mem_bytes = {}\nmax_handles = 16\nmax_async_in_flight = 64\ncontext_mem_bytes = {}\n",
+            8 * MIB,
+            2 * MIB
+        ),
+    );
+    let mut a = Guest::connect(&d.socket);
+    assert_eq!(a.mem_free_bytes(), 6 * MIB, "the primary context takes 2 MiB of 8");
+    let b = Guest::connect(&d.socket);
+    assert_eq!(a.mem_free_bytes(), 4 * MIB, "so does the second session's");
+    let ctx = a.call::<_, CtxCreateReply>(&CtxCreate { flags: 0 }).unwrap().ctx;
+    assert_eq!(a.mem_free_bytes(), 2 * MIB, "and a created context");
+    a.alloc(2 * MIB).unwrap();
+    assert_eq!(a.alloc(1), Err(CuResult::OUT_OF_MEMORY));
+    assert_eq!(Guest::session(&d.socket).attach(), Err(CuResult::OUT_OF_MEMORY), "no room for a third context");
+    // Destroying the context (and its allocation) gives both back.
+    a.done(&CtxDestroy { ctx }).unwrap();
+    assert_eq!(a.mem_free_bytes(), 4 * MIB);
+    drop(b);
+    wait_for("b's session gone", || d.zones().len() == 1);
+    let mut c = Guest::connect(&d.socket);
+    c.alloc(4 * MIB).unwrap();
+    assert_eq!(c.alloc(1), Err(CuResult::OUT_OF_MEMORY));
+}

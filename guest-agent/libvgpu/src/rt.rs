@@ -352,7 +352,22 @@ fn connect() -> CuResult<Session> {
     let attach = client
         .call(&vgpu_proto::Attach { revision: vgpu_proto::VGPU_PROTOCOL_REVISION }, &mut buf)
         .and_then(|r| r.decode::<AttachReply>())
-        .map_err(|e| fail("attach", &e))?;
+        .map_err(|e| match e {
+            // host-proxy refused the session: a limit of the zone (its sessions, or no room
+            // for one more context in its memory quota) — that error, not "no device".
+            ChannelError::Remote { kind: idm_core::wire::proto::ErrorKind::Application, code } if code != 0 => {
+                let name = crate::generated::ERRORS.iter().find(|e| e.0 == code).map(|e| e.1.to_string_lossy());
+                let name = name.unwrap_or_else(|| "an unknown error".into());
+                let why = match code {
+                    800 => " (the zone has as many CUDA processes as its max_sessions)",
+                    2 => " (no room for one more context in the zone's memory quota)",
+                    _ => "",
+                };
+                log(Level::Error, format_args!("{peer} refused this process's session: {name}{why}"));
+                CuError::from_code(code)
+            }
+            e => fail("attach", &e),
+        })?;
     log(
         Level::Info,
         format_args!(
