@@ -1427,9 +1427,10 @@ fn device_name(buf: &[c_char; NAME_BUF_LEN]) -> heapless::String<96> {
 }
 
 impl GpuBackend for CudaGpu {
-    /// Measured on an H200 (132 multiprocessors, driver 580): 48 idle sessions took
-    /// 25.7 GB − 0.96 GB of device memory, about 0.52 GB each; 512 MiB per context.
-    const CONTEXT_MEM_BYTES: u64 = 512 << 20;
+    /// Measured on an H200 (132 multiprocessors, driver 580.159.04, `device/tenancy-gpu.sh`):
+    /// 8 idle sessions took 4196 MiB of device memory (nvidia-smi), 524 MiB each; charged
+    /// as 528 MiB, rounded up.
+    const CONTEXT_MEM_BYTES: u64 = 528 << 20;
     type Phys = CudaPhys;
 
     fn mem_granularity(&mut self, recommended: bool) -> CuResultOf<u64> {
