@@ -169,6 +169,34 @@ async fn report(mut stream: UnixStream, zones: &Zones) -> std::io::Result<()> {
     stream.write_all(text.as_bytes()).await
 }
 
+/// Makes the worker die with the daemon: should the daemon be killed (or crash) without
+/// stopping its workers, the kernel kills each (SIGKILL), so no worker of a dead daemon keeps
+/// holding GPU memory and every guest sees its peer gone. The daemon's workers are spawned
+/// from its one runtime thread, whose exit is the daemon's.
+#[allow(unsafe_code)]
+fn die_with_daemon(cmd: &mut tokio::process::Command) {
+    let daemon = std::process::id();
+    let arm = move || {
+        // SAFETY: `prctl(PR_SET_PDEATHSIG)` and `getppid` are async-signal-safe and touch only
+        // the child's own state, as code between fork and exec must.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        let parent = unsafe { libc::getppid() };
+        // The daemon died between the fork and the prctl: do not start an orphan.
+        if u32::try_from(parent).ok() != Some(daemon) {
+            return Err(std::io::Error::other("the daemon is gone"));
+        }
+        Ok(())
+    };
+    // SAFETY: the closure calls only async-signal-safe functions and allocates nothing on
+    // its success path, which is safe in the forked child.
+    unsafe {
+        cmd.pre_exec(arm);
+    }
+}
+
 /// Lets the worker inherit `fd` (its end of the broker socket pair) across `exec`.
 #[allow(unsafe_code)]
 fn inherit_across_exec(cmd: &mut tokio::process::Command, fd: RawFd) {
@@ -418,6 +446,7 @@ fn worker_command(
     };
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("worker").args(["--spec", &spec.to_arg()]).kill_on_drop(true);
+    die_with_daemon(&mut cmd);
     inherit_across_exec(&mut cmd, theirs.as_raw_fd());
     if let Some(l) = &spec.ledger {
         inherit_across_exec(&mut cmd, l.fd);

@@ -424,7 +424,11 @@ where
         tracing::info!("request profile: {line}");
     }
     tracing::info!(mem_used = zone.mem_used(), objects = zone.live_objects(), "releasing zone resources");
-    zone.teardown();
+    // After a panic the zone's tables may be half-updated: teardown does its best, and
+    // should it panic too, the process's exit releases everything the driver holds.
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| zone.teardown())).is_err() {
+        tracing::error!("teardown panicked; the worker's exit releases the zone's GPU resources");
+    }
     Ok(match end {
         SessionEnd::PeerGone => {
             tracing::info!("guest disconnected");
@@ -433,6 +437,10 @@ where
         SessionEnd::Violation(e) => {
             tracing::warn!(error = %e, "zone failed: protocol violation");
             3
+        }
+        SessionEnd::Panicked { request } => {
+            tracing::error!(request, "session ended: a request panicked (a host-proxy bug; please report it)");
+            4
         }
     })
 }

@@ -7,7 +7,8 @@
 //! Each request is decoded from the private copy the channel made — [`Attach`] by hand,
 //! every other request by the generated [`dispatch`] into the zone's [`Api`] implementation
 //! ([`crate::zone::ZoneCtx`]) — handled inside `catch_unwind` (a bug triggered by one
-//! request fails that request, not the host), and answered; asynchronous (posted)
+//! request fails that request and ends that session, whose state may be half-updated;
+//! never the host), and answered; asynchronous (posted)
 //! requests' errors are deferred to the next reply. A channel error (a corrupt ring, a peer
 //! that vanished) ends the loop: the zone is torn down. Before each request the zone applies
 //! IPC revocations the daemon sent ([`Zone::poll_ipc`]), so no request reaches memory whose
@@ -105,6 +106,13 @@ pub enum SessionEnd {
     PeerGone,
     /// The guest broke the protocol or corrupted the ring; the zone was failed.
     Violation(ChannelError),
+    /// Handling a request panicked (a host-side bug): the request was answered with
+    /// `CUDA_ERROR_UNKNOWN` and the session ended, rather than serving on with state that
+    /// may be half-updated.
+    Panicked {
+        /// The request's name (or id).
+        request: String,
+    },
 }
 
 /// Sends a handler's reply for one request through the server.
@@ -314,8 +322,12 @@ where
                 server.reply_error(&req, kind, code, scratch)
             }
             Err(_) => {
-                tracing::error!("request handler panicked; failing the request");
-                server.reply_error(&req, ErrorKind::Application, CuResult::UNKNOWN, scratch)
+                let request = request_name(req.id).map_or_else(|| format!("{:#06x}", req.id.0), str::to_owned);
+                tracing::error!(request, "request handler panicked; failing the request and ending the session");
+                // Best effort: the guest learns that this request failed; the session ends
+                // either way.
+                let _ = server.reply_error(&req, ErrorKind::Application, CuResult::UNKNOWN, scratch);
+                return SessionEnd::Panicked { request };
             }
         };
         // What shrank goes back to the zone's other sessions (growth was admitted already).

@@ -961,3 +961,56 @@ fn each_context_is_charged_to_the_zone() {
     c.alloc(4 * MIB).unwrap();
     assert_eq!(c.alloc(1), Err(CuResult::OUT_OF_MEMORY));
 }
+
+/// A panic while handling a request (a host-side bug; the test double has a kernel that
+/// panics, `vgpu_test_panic`) answers that request with CUDA_ERROR_UNKNOWN and ends that
+/// session — its state may be half-updated — while other sessions go on.
+#[test]
+fn a_panic_in_a_request_ends_only_that_session() {
+    if backend() != "sim" {
+        return; // the real GPU has no kernel that panics the host
+    }
+    let d = Daemon::start("panic");
+    let mut other = Guest::connect(&d.socket);
+    let p = other.alloc(4096).unwrap();
+    other.write(p, &[5; 4096]).unwrap();
+    let mut a = Guest::connect(&d.socket);
+    let hmod = a
+        .load_module(
+            ".version 8.0\n.target sm_90\n.address_size 64\n.visible .entry vgpu_test_panic()\n{\n    ret;\n}\n",
+        )
+        .unwrap();
+    let f: CuModuleGetFunctionReply = a.call(&CuModuleGetFunction { hmod, name: "vgpu_test_panic".into() }).unwrap();
+    let config = LaunchConfig { grid: [1, 1, 1], block: [1, 1, 1], shared_mem_bytes: 0, attrs: Vec::new() };
+    let launch = Launch { func: f.hfunc, config, stream: Handle(0), params: Vec::new() };
+    assert_eq!(a.done(&launch), Err(CuResult::UNKNOWN), "the request that panicked fails");
+    // The session is over: the next request finds the host gone, at once (no hang).
+    let started = Instant::now();
+    match a.call_raw::<_, Done>(&CuCtxSynchronize {}) {
+        Err(ChannelError::Remote { .. }) | Ok(_) => panic!("the session served on after a panic"),
+        Err(e) => eprintln!("after the panic: {e}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(9), "bounded by the peer's hang-up, not the wait timeout");
+    wait_for("the panicked session gone", || d.zones().len() == 1);
+    assert_eq!(other.read(p, 4096).unwrap(), vec![5; 4096], "the other session goes on");
+}
+
+/// Workers die with their daemon: a daemon killed without stopping them leaves no worker
+/// holding GPU memory, and its guests see the host gone instead of hanging.
+#[test]
+fn workers_die_with_a_killed_daemon() {
+    let mut d = Daemon::start("killed");
+    let mut g = Guest::connect(&d.socket);
+    g.alloc(4096).unwrap();
+    let line = d.zones().pop().expect("one session");
+    let pid: i32 = line.split("worker_pid=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
+    d.child.kill().unwrap(); // SIGKILL: the daemon cannot stop its workers itself
+    d.child.wait().unwrap();
+    // A reaped worker has no /proc entry; one not yet reaped by its new parent is a zombie.
+    let gone = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    };
+    wait_for("the worker to die with its daemon", gone);
+    assert!(g.call_raw::<_, Done>(&CuCtxSynchronize {}).is_err(), "the guest sees its host gone");
+}

@@ -29,7 +29,9 @@
 //!   - `fill_u32(u32* p, u32 v, u64 n)`: `p[0..n] = v`;
 //!   - `scale_add(f32 a, const f32* x, f32* y, i32 n)`: `y[i] = a * x[i] + y[i]`;
 //!   - `add_one_i32(i32* p, i32 n)`: `p[i] += 1` (wrapping);
-//!   - `empty()`: nothing.
+//!   - `empty()`: nothing;
+//!   - `vgpu_test_panic()`: panics in the worker — a stand-in for a host-side bug, so that
+//!     tests can show that a panic ends the session (the real backend has no such thing).
 //!
 //!   A pointer parameter whose range is not inside one allocation is
 //!   `CUDA_ERROR_ILLEGAL_ADDRESS` (a fault, though the double's context stays usable), a
@@ -528,6 +530,7 @@ impl SimGpu {
     fn run_builtin(&mut self, kernel: Builtin, params: &[u8]) -> CuResultOf<()> {
         match kernel {
             Builtin::Empty => Ok(()),
+            Builtin::Panic => panic!("vgpu_test_panic: the test double's deliberate panic"),
             Builtin::PrintU32 => {
                 // One line per launch (the double runs one thread's worth), bounded as the
                 // driver's printf buffer is (its default is 1 MiB).
@@ -590,6 +593,7 @@ enum Builtin {
     AddOneI32,
     Empty,
     PrintU32,
+    Panic,
 }
 
 impl Builtin {
@@ -602,6 +606,7 @@ impl Builtin {
             ("add_one_i32", [(0, 8), (8, 4)]) => Some(Builtin::AddOneI32),
             ("empty", []) => Some(Builtin::Empty),
             ("print_u32", [(0, 4)]) => Some(Builtin::PrintU32),
+            ("vgpu_test_panic", []) => Some(Builtin::Panic),
             _ => None,
         }
     }
