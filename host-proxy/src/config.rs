@@ -21,7 +21,12 @@
 //! name = "tenant-a"
 //! uid = 1000
 //! quotas = { mem_bytes = 1073741824, max_handles = 512, max_async_in_flight = 256 }
+//! sharing = "isolated"                       # or "mps" (its one sharing group's MPS server)
+//!                                            # or "mig" with mig_uuid = "MIG-…"
 //! ```
+//!
+//! `mps_control` (default `nvidia-cuda-mps-control`) and `mps_dir` (default `<socket>.mps`)
+//! say how host-proxy runs the MPS servers of `sharing = "mps"` groups ([`crate::mps`]).
 
 use crate::zone::Quotas;
 use serde::Deserialize;
@@ -47,6 +52,47 @@ pub struct ZoneConfig {
     pub uid: u32,
     /// Quotas overriding the defaults.
     pub quotas: Option<Quotas>,
+    /// How the zone shares the GPU with other zones.
+    #[serde(default)]
+    pub sharing: SharingMode,
+    /// The MIG instance the zone is pinned to (`MIG-…`, as `nvidia-smi -L` prints it), for
+    /// `sharing = "mig"`.
+    #[serde(default)]
+    pub mig_uuid: Option<String>,
+}
+
+/// How a zone shares the GPU with other zones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SharingMode {
+    /// Its own workers and contexts, time-sliced with the other zones by the GPU: a fault
+    /// stays in the zone.
+    #[default]
+    Isolated,
+    /// The zones of its one sharing group run their workers as clients of one CUDA MPS
+    /// server, which host-proxy starts, watches and stops: their kernels run concurrently,
+    /// and a fault in one of them ends the sessions of every zone of the group (never of a
+    /// zone outside it).
+    Mps,
+    /// Pinned to one MIG instance (`mig_uuid`): the hardware partitions memory and compute.
+    Mig,
+}
+
+/// How one zone's workers are started, from its sharing mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// `sharing = "isolated"`.
+    Isolated,
+    /// `sharing = "mps"`: a client of the named sharing group's MPS server.
+    Mps {
+        /// The sharing group.
+        group: String,
+    },
+    /// `sharing = "mig"`: on this MIG instance.
+    Mig {
+        /// Its UUID.
+        uuid: String,
+    },
 }
 
 /// The daemon's configuration.
@@ -94,6 +140,18 @@ pub struct Config {
     /// per request kind when the session ends (a diagnostic: two clock reads per request).
     #[serde(default)]
     pub profile_requests: bool,
+    /// The MPS control program host-proxy runs for `sharing = "mps"` groups (found on
+    /// `PATH` unless a path is given).
+    #[serde(default = "default_mps_control")]
+    pub mps_control: PathBuf,
+    /// Where each MPS group's pipe and log folders go (`<mps_dir>/<group>/{pipe,log}`);
+    /// default: `<socket>.mps` beside the socket.
+    #[serde(default)]
+    pub mps_dir: Option<PathBuf>,
+}
+
+fn default_mps_control() -> PathBuf {
+    PathBuf::from("nvidia-cuda-mps-control")
 }
 
 /// Whether host-proxy serves Xen guests.
@@ -242,6 +300,26 @@ impl Config {
             if let Some(q) = &z.quotas {
                 check_quotas(&format!("zone[{i}].quotas"), q)?;
             }
+            match (z.sharing, &z.mig_uuid) {
+                (SharingMode::Mig, None) => {
+                    return invalid(&format!("zone[{i}].mig_uuid"), "sharing = \"mig\" needs the MIG instance's UUID");
+                }
+                (SharingMode::Mig, Some(u)) => {
+                    let ok = u.starts_with("MIG-")
+                        && u.len() <= 64
+                        && u[4..].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'/');
+                    if !ok || u.len() == 4 {
+                        return invalid(
+                            &format!("zone[{i}].mig_uuid"),
+                            &format!("{u:?} is not a MIG UUID (MIG-…, as nvidia-smi -L prints it)"),
+                        );
+                    }
+                }
+                (_, Some(_)) => {
+                    return invalid(&format!("zone[{i}].mig_uuid"), "is only for sharing = \"mig\"");
+                }
+                _ => {}
+            }
         }
         let mut groups = std::collections::HashSet::new();
         for (i, g) in self.sharing_groups.iter().enumerate() {
@@ -257,6 +335,31 @@ impl Config {
                     &format!("{z:?} is not the name of a [[zone]] (unlisted peers cannot share)"),
                 );
             }
+            // One MPS server per group: its zones are all MPS clients or none is.
+            let mps =
+                g.zones.iter().filter(|n| self.zones.iter().any(|z| &z.name == *n && z.sharing == SharingMode::Mps));
+            let count = mps.count();
+            if count > 0 && count < g.zones.len() {
+                return invalid(
+                    &format!("sharing_group[{i}]"),
+                    &format!("group {:?} mixes sharing = \"mps\" zones with others: its zones share one MPS server, all or none", g.name),
+                );
+            }
+        }
+        for (i, z) in self.zones.iter().enumerate() {
+            if z.sharing == SharingMode::Mps {
+                let groups = self.groups_of(&z.name);
+                if groups.len() != 1 {
+                    return invalid(
+                        &format!("zone[{i}].sharing"),
+                        &format!(
+                            "sharing = \"mps\" needs the zone in exactly one [[sharing_group]] (the zones that share its MPS server); {:?} is in {}",
+                            z.name,
+                            groups.len()
+                        ),
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -264,6 +367,18 @@ impl Config {
     /// The sharing groups zone `name` belongs to.
     pub fn groups_of(&self, name: &str) -> Vec<String> {
         self.sharing_groups.iter().filter(|g| g.zones.iter().any(|z| z == name)).map(|g| g.name.clone()).collect()
+    }
+
+    /// Where zone `name`'s workers run: their own contexts, an MPS group's server, or a MIG
+    /// instance (unlisted zones are isolated).
+    pub fn placement_of(&self, name: &str) -> Placement {
+        match self.zones.iter().find(|z| z.name == name) {
+            Some(z) if z.sharing == SharingMode::Mps => {
+                Placement::Mps { group: self.groups_of(name).into_iter().next().unwrap_or_default() }
+            }
+            Some(z) if z.sharing == SharingMode::Mig => Placement::Mig { uuid: z.mig_uuid.clone().unwrap_or_default() },
+            _ => Placement::Isolated,
+        }
     }
 
     /// The zone of a Xen guest: the `[[zone]]` named like the domain, or, with
@@ -357,6 +472,39 @@ mod tests {
         assert!(e.contains("context_mem_bytes"), "{e}");
         let ok = Config::parse(&format!("{}context_mem_bytes = 0\n", q("")), Path::new("t")).unwrap();
         assert_eq!(ok.quotas.context_mem_bytes, Some(0));
+    }
+
+    #[test]
+    fn sharing_modes_are_validated() {
+        let base = "socket = \"/s\"\nbackend = \"cuda\"\n";
+        let zone = |name: &str, uid: u32, extra: &str| format!("[[zone]]\nname = \"{name}\"\nuid = {uid}\n{extra}");
+        let group = |zones: &str| format!("[[sharing_group]]\nname = \"g\"\nzones = [{zones}]\n");
+        let parse = |t: String| Config::parse(&t, Path::new("t"));
+        let ok = parse(format!(
+            "{base}{}{}{}{}",
+            zone("a", 1, "sharing = \"mps\"\n"),
+            zone("b", 2, "sharing = \"mps\"\n"),
+            zone("m", 3, "sharing = \"mig\"\nmig_uuid = \"MIG-4f6a2c1e-9d3b-5e7f-8a1b-2c3d4e5f6a7b\"\n"),
+            group("\"a\", \"b\""),
+        ))
+        .unwrap();
+        assert_eq!(ok.placement_of("a"), Placement::Mps { group: "g".into() });
+        assert_eq!(ok.placement_of("m"), Placement::Mig { uuid: "MIG-4f6a2c1e-9d3b-5e7f-8a1b-2c3d4e5f6a7b".into() });
+        assert_eq!(ok.placement_of("uid-9"), Placement::Isolated, "unlisted zones are isolated");
+        let err = |t: String| parse(t).unwrap_err().to_string();
+        let e = err(format!("{base}{}", zone("a", 1, "sharing = \"mps\"\n")));
+        assert!(e.contains("zone[0].sharing") && e.contains("exactly one"), "an MPS zone needs its group: {e}");
+        let e =
+            err(format!("{base}{}{}{}", zone("a", 1, "sharing = \"mps\"\n"), zone("b", 2, ""), group("\"a\", \"b\"")));
+        assert!(e.contains("mixes"), "{e}");
+        let e = err(format!("{base}{}", zone("m", 3, "sharing = \"mig\"\n")));
+        assert!(e.contains("zone[0].mig_uuid"), "{e}");
+        let e = err(format!("{base}{}", zone("m", 3, "sharing = \"mig\"\nmig_uuid = \"GPU-1234\"\n")));
+        assert!(e.contains("not a MIG UUID"), "{e}");
+        let e = err(format!("{base}{}", zone("m", 3, "mig_uuid = \"MIG-1234\"\n")));
+        assert!(e.contains("only for sharing"), "{e}");
+        let e = err(format!("{base}{}", zone("m", 3, "sharing = \"shared\"\n")));
+        assert!(e.contains("sharing") || e.contains("unknown variant"), "{e}");
     }
 
     #[test]

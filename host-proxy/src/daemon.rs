@@ -14,8 +14,9 @@
 //! reported gone.
 
 use crate::broker::{Broker, Peer};
-use crate::config::{Config, XenMode};
+use crate::config::{Config, Placement, XenMode};
 use crate::ledger::ZoneLedger;
+use crate::mps::MpsServers;
 use crate::worker::{LedgerSlot, WorkerSpec};
 use crate::xen::{ToDaemon, ToToolstack};
 use anyhow::{Context, Result};
@@ -41,6 +42,18 @@ pub struct ZoneRecord {
 }
 
 type Zones = Arc<Mutex<BTreeMap<u32, ZoneRecord>>>;
+
+/// What every session start and end needs of the daemon: its configuration and executable,
+/// the live sessions, the IPC broker, the zone ledgers and the MPS servers. Cheap to clone.
+#[derive(Clone)]
+struct Plane {
+    config: Arc<Config>,
+    exe: PathBuf,
+    zones: Zones,
+    broker: Arc<Broker>,
+    ledgers: Ledgers,
+    mps: MpsServers,
+}
 
 /// The admin socket path that goes with a listening socket.
 pub fn admin_socket_path(socket: &Path) -> PathBuf {
@@ -73,7 +86,21 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
     let zones: Zones = Arc::default();
     let broker = Broker::new();
     let ledgers = Ledgers::default();
+    let mps_dir = config.mps_dir.clone().unwrap_or_else(|| {
+        let mut d = config.socket.as_os_str().to_owned();
+        d.push(".mps");
+        PathBuf::from(d)
+    });
+    let mps = MpsServers::new(config.mps_control.clone(), mps_dir);
     let config = Arc::new(config);
+    let plane = Plane {
+        config: config.clone(),
+        exe,
+        zones: zones.clone(),
+        broker: broker.clone(),
+        ledgers: ledgers.clone(),
+        mps: mps.clone(),
+    };
     let mut next_zone = 1u32;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (xen_tx, mut xen_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -85,7 +112,7 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
                     ToDaemon::Start { domid, slot, name } => {
                         let id = next_zone;
                         next_zone = next_zone.wrapping_add(1).max(1);
-                        if let Err(e) = start_xen_zone(id, domid, slot, &name, &config, &exe, &zones, &broker, &ledgers, x) {
+                        if let Err(e) = start_xen_zone(&plane, id, domid, slot, &name, x) {
                             tracing::warn!(zone = id, domid, slot, error = %format!("{e:#}"), "could not start zone");
                             let _ = x.done.send(ToToolstack::SlotDone { domid, slot, failed: true });
                         }
@@ -101,7 +128,7 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
                 Ok((stream, _)) => {
                     let id = next_zone;
                     next_zone = next_zone.wrapping_add(1).max(1);
-                    if let Err(e) = start_zone(id, stream, &config, &exe, &zones, &broker, &ledgers) {
+                    if let Err(e) = start_zone(&plane, id, stream) {
                         tracing::warn!(zone = id, error = %format!("{e:#}"), "could not start zone");
                     }
                 }
@@ -116,6 +143,11 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
         }
     }
     tracing::info!("shutting down: stopping all zone workers");
+    // An MPS control daemon quits once its clients are gone: the workers go first.
+    if mps.running() {
+        kill_workers(&zones);
+        mps.stop_all().await;
+    }
     // Workers are spawned with kill_on_drop; dropping their supervising tasks with the
     // runtime kills them. Remove our sockets so the next start is clean.
     let _ = std::fs::remove_file(&config.socket);
@@ -197,6 +229,20 @@ fn die_with_daemon(cmd: &mut tokio::process::Command) {
     }
 }
 
+/// Kills every live worker (at shutdown, before the MPS servers are stopped).
+#[allow(unsafe_code)]
+fn kill_workers(zones: &Zones) {
+    let pids: Vec<u32> =
+        zones.lock().unwrap_or_else(|p| p.into_inner()).values().filter_map(|z| z.worker_pid).collect();
+    for pid in pids {
+        if let Ok(pid) = libc::pid_t::try_from(pid) {
+            // SAFETY: plain system call on a pid of our own unreaped child (its record goes
+            // when it is reaped); no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Lets the worker inherit `fd` (its end of the broker socket pair) across `exec`.
 #[allow(unsafe_code)]
 fn inherit_across_exec(cmd: &mut tokio::process::Command, fd: RawFd) {
@@ -216,15 +262,8 @@ fn inherit_across_exec(cmd: &mut tokio::process::Command, fd: RawFd) {
     }
 }
 
-fn start_zone(
-    id: u32,
-    stream: UnixStream,
-    config: &Arc<Config>,
-    exe: &Path,
-    zones: &Zones,
-    broker: &Arc<Broker>,
-    ledgers: &Ledgers,
-) -> Result<()> {
+fn start_zone(plane: &Plane, id: u32, stream: UnixStream) -> Result<()> {
+    let config = &plane.config;
     let cred = stream.peer_cred().context("cannot read the peer's credentials")?;
     let Some((name, quotas)) = config.zone_for_uid(cred.uid()) else {
         tracing::warn!(uid = cred.uid(), "refusing peer: its uid matches no [[zone]] and allow_unlisted = false");
@@ -233,15 +272,15 @@ fn start_zone(
     let std_stream = stream.into_std().context("cannot take the connection")?;
     std_stream.set_nonblocking(false)?;
     let fd: OwnedFd = std_stream.into();
-    let mut launch = worker_command(id, &name, &quotas, config, exe, ledgers, None)?;
+    let mut launch = worker_command(plane, id, &name, &quotas, None)?;
     launch.cmd.stdin(Stdio::from(fd));
     let peer = Peer { conn: id, zone: name.clone(), uid: cred.uid(), groups: config.groups_of(&name) };
-    let (mut child, slot) = spawn_worker(launch, peer, cred.pid(), exe, zones, broker, ledgers)?;
-    tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), slot = ?slot.as_ref().map(|s| s.1), "zone started");
-    let (zones, broker, ledgers) = (zones.clone(), broker.clone(), ledgers.clone());
+    let Spawned { mut child, slot, mps_ended } = spawn_worker(plane, launch, peer, cred.pid())?;
+    tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), slot = ?slot.as_ref().map(|s| s.1), sharing = ?config.placement_of(&name), "zone started");
+    let plane = plane.clone();
     tokio::spawn(async move {
-        let status = child.wait().await;
-        zone_ended(id, status, &broker, &zones, &ledgers, slot).await;
+        let status = supervise(id, &mut child, mps_ended, None).await;
+        zone_ended(&plane, id, status, slot).await;
     });
     Ok(())
 }
@@ -249,18 +288,16 @@ fn start_zone(
 /// After a worker exits: its exports die with it (importers are told) before the zone is
 /// reported gone, and its ledger slot (what it held, as published) is cleared and freed.
 async fn zone_ended(
+    plane: &Plane,
     id: u32,
     status: std::io::Result<std::process::ExitStatus>,
-    broker: &Arc<Broker>,
-    zones: &Zones,
-    ledgers: &Ledgers,
     slot: Option<(String, u32)>,
 ) {
-    broker.detach(id).await;
+    plane.broker.detach(id).await;
     if let Some((name, slot)) = slot {
-        ledgers.release(&name, slot);
+        plane.ledgers.release(&name, slot);
     }
-    zones.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    plane.zones.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     match status {
         Ok(s) if s.success() => tracing::info!(zone = id, "zone ended: guest disconnected"),
         Ok(s) => tracing::warn!(zone = id, status = %s, "zone ended abnormally; its resources are released"),
@@ -269,47 +306,27 @@ async fn zone_ended(
 }
 
 /// A Xen guest's slot reached Initialised: a worker maps its grants and serves it.
-#[allow(clippy::too_many_arguments)]
-fn start_xen_zone(
-    id: u32,
-    domid: u16,
-    slot: u32,
-    domain: &str,
-    config: &Arc<Config>,
-    exe: &Path,
-    zones: &Zones,
-    broker: &Arc<Broker>,
-    ledgers: &Ledgers,
-    xen: &XenSide,
-) -> Result<()> {
+fn start_xen_zone(plane: &Plane, id: u32, domid: u16, slot: u32, domain: &str, xen: &XenSide) -> Result<()> {
+    let config = &plane.config;
     let Some((name, quotas)) = config.zone_for_domain(domain) else {
         tracing::warn!(domid, domain, "refusing guest: its name matches no [[zone]] and allow_unlisted = false");
         return Ok(());
     };
-    let mut launch =
-        worker_command(id, &name, &quotas, config, exe, ledgers, Some(crate::worker::XenSlot { domid, slot }))?;
+    let mut launch = worker_command(plane, id, &name, &quotas, Some(crate::worker::XenSlot { domid, slot }))?;
     launch.cmd.stdin(Stdio::null());
     let peer = Peer { conn: id, zone: name.clone(), uid: 0, groups: config.groups_of(&name) };
-    let (mut child, ledger_slot) = spawn_worker(launch, peer, None, exe, zones, broker, ledgers)?;
+    let Spawned { mut child, slot: ledger_slot, mps_ended } = spawn_worker(plane, launch, peer, None)?;
     tracing::info!(zone = id, name = %name, domid, slot, worker_pid = ?child.id(), "zone started (Xen guest)");
     let kill = Arc::new(tokio::sync::Notify::new());
     xen.kills.lock().unwrap_or_else(|p| p.into_inner()).entry(domid).or_default().push(kill.clone());
-    let (zones, broker, done, kills) = (zones.clone(), broker.clone(), xen.done.clone(), xen.kills.clone());
-    let ledgers = ledgers.clone();
+    let (plane, done, kills) = (plane.clone(), xen.done.clone(), xen.kills.clone());
     tokio::spawn(async move {
-        let status = tokio::select! {
-            s = child.wait() => s,
-            _ = kill.notified() => {
-                tracing::info!(zone = id, domid, "guest domain gone: killing its worker");
-                let _ = child.kill().await;
-                child.wait().await
-            }
-        };
+        let status = supervise(id, &mut child, mps_ended, Some(kill.clone())).await;
         if let Some(list) = kills.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&domid) {
             list.retain(|k| !Arc::ptr_eq(k, &kill));
         }
         let failed = !matches!(&status, Ok(s) if s.success());
-        zone_ended(id, status, &broker, &zones, &ledgers, ledger_slot).await;
+        zone_ended(&plane, id, status, ledger_slot).await;
         let _ = done.send(ToToolstack::SlotDone { domid, slot, failed });
     });
     Ok(())
@@ -320,18 +337,11 @@ type BrokerPair = (std::os::unix::net::UnixStream, std::os::unix::net::UnixStrea
 
 /// Spawns a zone worker and registers it: its broker channel, its admin record. Returns it
 /// and its ledger slot (released again if it could not be spawned).
-fn spawn_worker(
-    launch: Launch,
-    peer: Peer,
-    peer_pid: Option<i32>,
-    exe: &Path,
-    zones: &Zones,
-    broker: &Arc<Broker>,
-    ledgers: &Ledgers,
-) -> Result<(tokio::process::Child, Option<(String, u32)>)> {
+fn spawn_worker(plane: &Plane, launch: Launch, peer: Peer, peer_pid: Option<i32>) -> Result<Spawned> {
+    let (exe, zones, broker, ledgers) = (&plane.exe, &plane.zones, &plane.broker, &plane.ledgers);
     // The worker inherits the ledger's descriptor at spawn; the daemon's copy of it is
     // dropped after that.
-    let Launch { mut cmd, pair: (ours, theirs), slot } = launch;
+    let Launch { mut cmd, pair: (ours, theirs), slot, mps_ended } = launch;
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -349,7 +359,40 @@ fn spawn_worker(
     let record = ZoneRecord { name: peer.zone.clone(), uid: peer.uid, peer_pid, worker_pid: child.id() };
     zones.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.conn, record);
     broker.attach(peer, ours);
-    Ok((child, slot))
+    Ok(Spawned { child, slot, mps_ended })
+}
+
+/// A spawned worker: the process, its ledger slot, and (in an MPS group) the notice that its
+/// group's server is gone.
+struct Spawned {
+    child: tokio::process::Child,
+    slot: Option<(String, u32)>,
+    mps_ended: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// Waits for a worker's exit; kills it first when its MPS group's server is gone (its
+/// driver's server ended: the session cannot go on) or when `kill` is notified.
+async fn supervise(
+    id: u32,
+    child: &mut tokio::process::Child,
+    mps_ended: Option<Arc<tokio::sync::Notify>>,
+    kill: Option<Arc<tokio::sync::Notify>>,
+) -> std::io::Result<std::process::ExitStatus> {
+    let never = || Arc::new(tokio::sync::Notify::new());
+    let (mps_ended, kill) = (mps_ended.unwrap_or_else(never), kill.unwrap_or_else(never));
+    tokio::select! {
+        s = child.wait() => s,
+        _ = mps_ended.notified() => {
+            tracing::warn!(zone = id, "ending the session: its MPS group's server is gone");
+            let _ = child.kill().await;
+            child.wait().await
+        }
+        _ = kill.notified() => {
+            tracing::info!(zone = id, "guest domain gone: killing its worker");
+            let _ = child.kill().await;
+            child.wait().await
+        }
+    }
 }
 
 /// A session's place in its zone: the zone's ledger and the slot taken in it, or the CUDA
@@ -408,19 +451,20 @@ struct Launch {
     cmd: tokio::process::Command,
     pair: BrokerPair,
     slot: Option<(String, u32, OwnedFd)>,
+    /// For a zone of an MPS group: woken when the group's server is gone.
+    mps_ended: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// The worker command for a session of zone `name` (refused when the zone has
 /// `max_sessions` already).
 fn worker_command(
+    plane: &Plane,
     id: u32,
     name: &str,
     quotas: &crate::zone::Quotas,
-    config: &Config,
-    exe: &Path,
-    ledgers: &Ledgers,
     xen: Option<crate::worker::XenSlot>,
 ) -> Result<Launch> {
+    let (config, exe, ledgers, mps) = (&plane.config, &plane.exe, &plane.ledgers, &plane.mps);
     // The broker channel: ours stays close-on-exec; the worker's end is inherited only by it.
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("cannot make the IPC broker channel")?;
     let (ledger, refuse, slot) = match ledgers.admit(name, quotas)? {
@@ -429,11 +473,18 @@ fn worker_command(
         }
         Admission::Refused(code) => (None, Some(code), None),
     };
+    let placement = config.placement_of(name);
+    let (device, mps_client) = match &placement {
+        Placement::Isolated => (config.device, None),
+        // Only the MIG instance is visible to the worker: it is device 0 there.
+        Placement::Mig { .. } => (0, None),
+        Placement::Mps { group } => (config.device, Some(mps.client(group)?)),
+    };
     let spec = WorkerSpec {
         zone_id: id,
         zone_name: name.to_owned(),
         backend: config.backend,
-        device: config.device,
+        device,
         sim_memory_bytes: config.sim_memory_bytes,
         max_ring_bytes: config.max_ring_bytes,
         max_window_bytes: config.max_window_bytes,
@@ -447,9 +498,22 @@ fn worker_command(
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("worker").args(["--spec", &spec.to_arg()]).kill_on_drop(true);
     die_with_daemon(&mut cmd);
+    // The sharing mode reaches the worker's driver through its environment (read when it
+    // loads): the group's MPS server, or the one MIG instance it may see.
+    let mps_ended = match (&placement, mps_client) {
+        (_, Some(client)) => {
+            cmd.envs(client.env.iter().map(|(k, v)| (*k, v.as_os_str())));
+            Some(client.ended)
+        }
+        (Placement::Mig { uuid }, None) => {
+            cmd.env("CUDA_VISIBLE_DEVICES", uuid);
+            None
+        }
+        _ => None,
+    };
     inherit_across_exec(&mut cmd, theirs.as_raw_fd());
     if let Some(l) = &spec.ledger {
         inherit_across_exec(&mut cmd, l.fd);
     }
-    Ok(Launch { cmd, pair: (ours, theirs), slot })
+    Ok(Launch { cmd, pair: (ours, theirs), slot, mps_ended })
 }

@@ -20,6 +20,7 @@ pub mod device_output;
 pub mod handles;
 pub mod image;
 pub mod ledger;
+pub mod mps;
 pub mod worker;
 pub mod xen;
 pub mod zone;

@@ -46,6 +46,12 @@ impl Daemon {
 
     /// A daemon with `quotas` (TOML lines of its `[quotas]` table).
     fn start_with(name: &str, quotas: &str) -> Daemon {
+        Daemon::start_config(name, |_| String::new(), quotas, "")
+    }
+
+    /// A daemon whose configuration has `top(dir)` before its `[quotas]` (the lines of
+    /// `quotas`) and `tables` after them; `dir` is the test's scratch folder.
+    fn start_config(name: &str, top: impl Fn(&Path) -> String, quotas: &str, tables: &str) -> Daemon {
         let dir = std::env::temp_dir().join(format!("vgpu-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -54,10 +60,11 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "socket = {:?}\nbackend = \"{}\"\nsim_memory_bytes = {}\nxen = \"off\"\n[quotas]\n{quotas}",
+                "socket = {:?}\nbackend = \"{}\"\nsim_memory_bytes = {}\nxen = \"off\"\n{}[quotas]\n{quotas}{tables}",
                 socket,
                 backend(),
-                1u64 << 30
+                1u64 << 30,
+                top(&dir),
             ),
         )
         .unwrap();
@@ -1013,4 +1020,75 @@ fn workers_die_with_a_killed_daemon() {
     };
     wait_for("the worker to die with its daemon", gone);
     assert!(g.call_raw::<_, Done>(&CuCtxSynchronize {}).is_err(), "the guest sees its host gone");
+}
+
+/// A stand-in for `nvidia-cuda-mps-control` (the test double has no MPS): `-f` records its
+/// start, opens the "control pipe" and runs until it is removed; a command on standard
+/// input is recorded, and `quit` removes the pipe.
+const FAKE_MPS_CONTROL: &str = r#"#!/bin/sh
+log="$CUDA_MPS_LOG_DIRECTORY/fake.log"
+if [ "$1" = "-f" ]; then
+    echo "start $CUDA_MPS_PIPE_DIRECTORY" >>"$log"
+    : >"$CUDA_MPS_PIPE_DIRECTORY/control"
+    while [ -e "$CUDA_MPS_PIPE_DIRECTORY/control" ]; do sleep 0.05; done
+    echo "exit" >>"$log"
+    exit 0
+fi
+read -r cmd
+echo "$cmd" >>"$log"
+[ "$cmd" = quit ] && rm -f "$CUDA_MPS_PIPE_DIRECTORY/control"
+exit 0
+"#;
+
+/// `sharing = "mps"`: the zones of a group run their workers as clients of the group's own
+/// MPS server, which the daemon starts with the first session, ends every session of when
+/// it ends on its own, starts again for the next, and asks to quit at shutdown.
+#[test]
+fn mps_zones_are_clients_of_their_groups_server_and_end_with_it() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let me = std::fs::metadata("/proc/self").unwrap().uid();
+    let top = |dir: &Path| {
+        let control = dir.join("fake-mps-control");
+        std::fs::write(&control, FAKE_MPS_CONTROL).unwrap();
+        std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o755)).unwrap();
+        format!("mps_control = {:?}\nmps_dir = {:?}\n", control, dir.join("mps"))
+    };
+    let tables = format!(
+        "[[zone]]\nname = \"me\"\nuid = {me}\nsharing = \"mps\"\n[[zone]]\nname = \"peer\"\nuid = {}\nsharing = \"mps\"\n\
+         [[sharing_group]]\nname = \"grp\"\nzones = [\"me\", \"peer\"]\n",
+        me.wrapping_add(1)
+    );
+    let quotas = "mem_bytes = 1048576\nmax_handles = 16\nmax_async_in_flight = 64\ncontext_mem_bytes = 0\n";
+    let mut d = Daemon::start_config("mps", top, quotas, &tables);
+    let dir = d.socket.parent().unwrap().to_owned();
+    let (pipe, log) = (dir.join("mps/grp/pipe"), dir.join("mps/grp/log/fake.log"));
+    let starts = || std::fs::read_to_string(&log).unwrap_or_default().matches("start ").count();
+    let mut a = Guest::connect(&d.socket);
+    let mut b = Guest::connect(&d.socket);
+    a.alloc(4096).unwrap();
+    assert_eq!(starts(), 1, "one server for the group, started with its first session");
+    // Each worker's driver is a client of the group's server.
+    for line in d.zones() {
+        let pid = line.split("worker_pid=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let want = format!("CUDA_MPS_PIPE_DIRECTORY={}", pipe.display());
+        assert!(environ.split(|b| *b == 0).any(|v| v == want.as_bytes()), "worker {pid} is no client of {want}");
+    }
+    // The server ends on its own (a fault of one client, as MPS does): every session of the
+    // group ends, at once.
+    std::fs::remove_file(pipe.join("control")).unwrap();
+    wait_for("the group's sessions ended with its server", || d.zones().is_empty());
+    assert!(a.call_raw::<_, Done>(&CuCtxSynchronize {}).is_err());
+    assert!(b.call_raw::<_, Done>(&CuCtxSynchronize {}).is_err());
+    // The next session gets a fresh server.
+    let mut c = Guest::connect(&d.socket);
+    c.alloc(4096).unwrap();
+    assert_eq!(starts(), 2);
+    // At shutdown the daemon stops its workers, then asks the server to quit.
+    let status = Command::new("kill").args(["-TERM", &d.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    wait_for("the daemon to stop", || d.child.try_wait().unwrap().is_some());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("quit\n"), "the server was asked to quit:\n{text}");
+    drop(c);
 }
