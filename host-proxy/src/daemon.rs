@@ -39,6 +39,14 @@ pub struct ZoneRecord {
     pub peer_pid: Option<i32>,
     /// The worker's pid.
     pub worker_pid: Option<u32>,
+    /// When the session started.
+    pub started: std::time::Instant,
+    /// The zone's sharing mode (`isolated`, `mps`, `mig`).
+    pub sharing: &'static str,
+    /// The zone's memory quota.
+    pub mem_quota: u64,
+    /// The Xen domain id, for a Xen guest's session.
+    pub domid: Option<u16>,
 }
 
 type Zones = Arc<Mutex<BTreeMap<u32, ZoneRecord>>>;
@@ -135,8 +143,8 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
             conn = admin.accept() => if let Ok((stream, _)) = conn {
-                let zones = zones.clone();
-                tokio::spawn(async move { let _ = report(stream, &zones).await; });
+                let (zones, ledgers) = (zones.clone(), ledgers.clone());
+                tokio::spawn(async move { let _ = report(stream, &zones, &ledgers).await; });
             },
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
@@ -182,17 +190,27 @@ fn start_toolstack(config: &Config, tx: tokio::sync::mpsc::UnboundedSender<ToDae
     Ok(Some(XenSide { done: done_tx, kills: Arc::default() }))
 }
 
-async fn report(mut stream: UnixStream, zones: &Zones) -> std::io::Result<()> {
+/// The admin report: one line per live session, `key=value` fields (the zone's totals from
+/// its ledger on each of its sessions' lines), then `end`. `host-proxy status` reads it.
+async fn report(mut stream: UnixStream, zones: &Zones, ledgers: &Ledgers) -> std::io::Result<()> {
     let text = {
         let zones = zones.lock().unwrap_or_else(|p| p.into_inner());
         let mut t = String::new();
         for (id, z) in zones.iter() {
+            let (sessions, used) = ledgers.usage(&z.name);
             t.push_str(&format!(
-                "zone {id} name={} uid={} peer_pid={} worker_pid={}\n",
+                "zone {id} name={} uid={} peer_pid={} worker_pid={} domid={} sharing={} uptime_s={} zone_sessions={} zone_mem_used={} zone_objects={} mem_quota={}\n",
                 z.name,
                 z.uid,
                 z.peer_pid.map_or("-".into(), |p| p.to_string()),
                 z.worker_pid.map_or("-".into(), |p| p.to_string()),
+                z.domid.map_or("-".into(), |d| d.to_string()),
+                z.sharing,
+                z.started.elapsed().as_secs(),
+                sessions,
+                used.mem_bytes,
+                used.objects,
+                z.mem_quota,
             ));
         }
         t.push_str("end\n");
@@ -275,7 +293,7 @@ fn start_zone(plane: &Plane, id: u32, stream: UnixStream) -> Result<()> {
     let mut launch = worker_command(plane, id, &name, &quotas, None)?;
     launch.cmd.stdin(Stdio::from(fd));
     let peer = Peer { conn: id, zone: name.clone(), uid: cred.uid(), groups: config.groups_of(&name) };
-    let Spawned { mut child, slot, mps_ended } = spawn_worker(plane, launch, peer, cred.pid())?;
+    let Spawned { mut child, slot, mps_ended } = spawn_worker(plane, launch, peer, cred.pid(), None)?;
     tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), slot = ?slot.as_ref().map(|s| s.1), sharing = ?config.placement_of(&name), "zone started");
     let plane = plane.clone();
     tokio::spawn(async move {
@@ -315,7 +333,7 @@ fn start_xen_zone(plane: &Plane, id: u32, domid: u16, slot: u32, domain: &str, x
     let mut launch = worker_command(plane, id, &name, &quotas, Some(crate::worker::XenSlot { domid, slot }))?;
     launch.cmd.stdin(Stdio::null());
     let peer = Peer { conn: id, zone: name.clone(), uid: 0, groups: config.groups_of(&name) };
-    let Spawned { mut child, slot: ledger_slot, mps_ended } = spawn_worker(plane, launch, peer, None)?;
+    let Spawned { mut child, slot: ledger_slot, mps_ended } = spawn_worker(plane, launch, peer, None, Some(domid))?;
     tracing::info!(zone = id, name = %name, domid, slot, worker_pid = ?child.id(), "zone started (Xen guest)");
     let kill = Arc::new(tokio::sync::Notify::new());
     xen.kills.lock().unwrap_or_else(|p| p.into_inner()).entry(domid).or_default().push(kill.clone());
@@ -337,11 +355,11 @@ type BrokerPair = (std::os::unix::net::UnixStream, std::os::unix::net::UnixStrea
 
 /// Spawns a zone worker and registers it: its broker channel, its admin record. Returns it
 /// and its ledger slot (released again if it could not be spawned).
-fn spawn_worker(plane: &Plane, launch: Launch, peer: Peer, peer_pid: Option<i32>) -> Result<Spawned> {
+fn spawn_worker(plane: &Plane, launch: Launch, peer: Peer, peer_pid: Option<i32>, domid: Option<u16>) -> Result<Spawned> {
     let (exe, zones, broker, ledgers) = (&plane.exe, &plane.zones, &plane.broker, &plane.ledgers);
     // The worker inherits the ledger's descriptor at spawn; the daemon's copy of it is
     // dropped after that.
-    let Launch { mut cmd, pair: (ours, theirs), slot, mps_ended } = launch;
+    let Launch { mut cmd, pair: (ours, theirs), slot, mps_ended, mem_quota: launch_quota } = launch;
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -356,7 +374,21 @@ fn spawn_worker(plane: &Plane, launch: Launch, peer: Peer, peer_pid: Option<i32>
     let slot = slot.map(|(name, slot, _fd)| (name, slot));
     ours.set_nonblocking(true)?;
     let ours = UnixStream::from_std(ours).context("cannot serve the IPC broker channel")?;
-    let record = ZoneRecord { name: peer.zone.clone(), uid: peer.uid, peer_pid, worker_pid: child.id() };
+    let sharing = match plane.config.placement_of(&peer.zone) {
+        Placement::Isolated => "isolated",
+        Placement::Mps { .. } => "mps",
+        Placement::Mig { .. } => "mig",
+    };
+    let record = ZoneRecord {
+        name: peer.zone.clone(),
+        uid: peer.uid,
+        peer_pid,
+        worker_pid: child.id(),
+        started: std::time::Instant::now(),
+        sharing,
+        mem_quota: launch_quota,
+        domid,
+    };
     zones.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.conn, record);
     broker.attach(peer, ours);
     Ok(Spawned { child, slot, mps_ended })
@@ -433,6 +465,12 @@ impl Ledgers {
         }
     }
 
+    /// Zone `name`'s sessions holding a slot, and what they hold together.
+    fn usage(&self, name: &str) -> (u32, crate::ledger::Usage) {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(name).map_or((0, Default::default()), |l| (l.sessions(), l.total()))
+    }
+
     /// A session's worker has been reaped: its slot is cleared and given back.
     fn release(&self, name: &str, slot: u32) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -453,6 +491,8 @@ struct Launch {
     slot: Option<(String, u32, OwnedFd)>,
     /// For a zone of an MPS group: woken when the group's server is gone.
     mps_ended: Option<Arc<tokio::sync::Notify>>,
+    /// The zone's memory quota (for the admin report).
+    mem_quota: u64,
 }
 
 /// The worker command for a session of zone `name` (refused when the zone has
@@ -515,5 +555,5 @@ fn worker_command(
     if let Some(l) = &spec.ledger {
         inherit_across_exec(&mut cmd, l.fd);
     }
-    Ok(Launch { cmd, pair: (ours, theirs), slot, mps_ended })
+    Ok(Launch { cmd, pair: (ours, theirs), slot, mps_ended, mem_quota: quotas.mem_bytes })
 }
