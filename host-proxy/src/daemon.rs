@@ -355,7 +355,13 @@ type BrokerPair = (std::os::unix::net::UnixStream, std::os::unix::net::UnixStrea
 
 /// Spawns a zone worker and registers it: its broker channel, its admin record. Returns it
 /// and its ledger slot (released again if it could not be spawned).
-fn spawn_worker(plane: &Plane, launch: Launch, peer: Peer, peer_pid: Option<i32>, domid: Option<u16>) -> Result<Spawned> {
+fn spawn_worker(
+    plane: &Plane,
+    launch: Launch,
+    peer: Peer,
+    peer_pid: Option<i32>,
+    domid: Option<u16>,
+) -> Result<Spawned> {
     let (exe, zones, broker, ledgers) = (&plane.exe, &plane.zones, &plane.broker, &plane.ledgers);
     // The worker inherits the ledger's descriptor at spawn; the daemon's copy of it is
     // dropped after that.

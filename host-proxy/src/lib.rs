@@ -21,6 +21,7 @@ pub mod handles;
 pub mod image;
 pub mod ledger;
 pub mod mps;
+pub mod status;
 pub mod worker;
 pub mod xen;
 pub mod zone;

@@ -45,6 +45,19 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Show the running daemon's zones: sessions, memory used against the quota, live
+    /// objects, sharing mode, uptime (from its admin socket).
+    Status {
+        /// The daemon's configuration (for its socket); default: the embedded default's.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The daemon's listening socket (its admin socket is `<socket>.admin`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve one zone on the connection passed as standard input (started by `serve`).
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -117,6 +130,16 @@ fn main() -> Result<()> {
         }
         Command::DefaultConfig => {
             print!("{}", EMBEDDED_DEFAULT.trim_start());
+            Ok(())
+        }
+        Command::Status { config, socket, json } => {
+            let socket = match (socket, &config) {
+                (Some(s), _) => s,
+                (None, Some(path)) => Config::load(path)?.socket,
+                (None, None) => Config::parse(EMBEDDED_DEFAULT, "<embedded default>".as_ref())?.socket,
+            };
+            let zones = host_proxy::status::query(&socket)?;
+            print!("{}", if json { host_proxy::status::json(&zones) } else { host_proxy::status::table(&zones) });
             Ok(())
         }
         Command::Worker(args) => {

@@ -1097,3 +1097,46 @@ fn mps_zones_are_clients_of_their_groups_server_and_end_with_it() {
     assert!(text.contains("quit\n"), "the server was asked to quit:\n{text}");
     drop(c);
 }
+
+/// `host-proxy status`: the running daemon's zones as a table and as JSON, the numbers
+/// moving as the zone acts; a clear message when no daemon runs.
+#[test]
+fn status_shows_each_zone_and_says_when_no_daemon_runs() {
+    let exe = std::env::var("VGPU_HOST_PROXY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_host-proxy").into());
+    let status = |socket: &Path, json: bool| {
+        let mut c = Command::new(&exe);
+        c.args(["status", "--socket"]).arg(socket);
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let d = Daemon::start("status");
+    let out = status(&d.socket, false);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "no zones: host-proxy runs and serves no session\n");
+    let mut a = Guest::connect(&d.socket);
+    let _b = Guest::connect(&d.socket);
+    a.alloc(512 << 10).unwrap();
+    let out = status(&d.socket, false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    let row = text.lines().find(|l| l.starts_with("uid-")).expect("the zone's row");
+    assert!(row.contains("isolated") && row.contains("0.5 MiB / 1.0 MiB"), "{row}");
+    assert_eq!(text.matches("  session ").count(), 2, "both sessions listed");
+    let out = status(&d.socket, true);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| {
+        let at = text.find(&format!("\"{name}\": ")).unwrap_or_else(|| panic!("no {name} in {text}"));
+        text[at + name.len() + 4..].split([',', '\n']).next().unwrap().trim().to_owned()
+    };
+    assert_eq!(
+        (field("sessions"), field("mem_used"), field("mem_quota")),
+        ("2".into(), "524288".into(), MEM_QUOTA.to_string())
+    );
+    drop(d);
+    let out = status(&std::env::temp_dir().join("vgpu-test-none/hp.sock"), false);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no host-proxy is running on"), "{err}");
+}
