@@ -158,6 +158,8 @@ pub struct Notice {
 pub struct Registry {
     peers: HashMap<u32, Peer>,
     exports: HashMap<Token, Export>,
+    /// IPC opens decided, by the opening zone's name: (granted, refused by the policy).
+    opens: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 impl Registry {
@@ -198,9 +200,21 @@ impl Registry {
         }
         let opener = self.peers.get(&conn).ok_or(NOT_PERMITTED)?;
         let exporter = self.peers.get(&export.exporter).ok_or(CuError::INVALID_VALUE)?;
-        may_open(exporter, opener)?;
+        let verdict = may_open(exporter, opener);
+        let counts = self.opens.entry(opener.zone.clone()).or_default();
+        if verdict.is_ok() {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
+        verdict?;
         export.importers.insert(conn);
         Ok((export.payload.clone(), export.size))
+    }
+
+    /// IPC opens decided so far, by the opening zone: (granted, refused by the policy).
+    pub fn open_counts(&self) -> Vec<(String, u64, u64)> {
+        self.opens.iter().map(|(z, (g, r))| (z.clone(), *g, *r)).collect()
     }
 
     /// Worker `conn` no longer maps `token` (it closed it).
@@ -854,6 +868,8 @@ mod tests {
         assert_eq!(r.open(1, &T1), Err(INVALID_CONTEXT), "the exporting worker itself");
         assert_eq!(r.open(3, &T1), Err(NOT_PERMITTED), "another zone");
         assert_eq!(r.open(9, &T1), Err(NOT_PERMITTED), "not a live worker");
+        // The policy's decisions are counted by the opening zone (for the metrics).
+        assert_eq!(r.open_counts(), vec![("a".to_owned(), 1, 0), ("b".to_owned(), 0, 1)]);
         // Exports are bounded and sane.
         assert_eq!(r.export(9, vec![1], 1, T2), Err(NOT_PERMITTED));
         assert_eq!(r.export(1, vec![], 1, T2), Err(CuError::INVALID_VALUE));

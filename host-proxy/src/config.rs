@@ -144,6 +144,9 @@ pub struct Config {
     /// `PATH` unless a path is given).
     #[serde(default = "default_mps_control")]
     pub mps_control: PathBuf,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Where each MPS group's pipe and log folders go (`<mps_dir>/<group>/{pipe,log}`);
     /// default: `<socket>.mps` beside the socket.
     #[serde(default)]

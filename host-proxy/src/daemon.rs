@@ -16,6 +16,7 @@
 use crate::broker::{Broker, Peer};
 use crate::config::{Config, Placement, XenMode};
 use crate::ledger::ZoneLedger;
+use crate::metrics::{DaemonCounters, ZoneNow};
 use crate::mps::MpsServers;
 use crate::worker::{LedgerSlot, WorkerSpec};
 use crate::xen::{ToDaemon, ToToolstack};
@@ -61,6 +62,7 @@ struct Plane {
     broker: Arc<Broker>,
     ledgers: Ledgers,
     mps: MpsServers,
+    counters: Arc<DaemonCounters>,
 }
 
 /// The admin socket path that goes with a listening socket.
@@ -108,7 +110,23 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
         broker: broker.clone(),
         ledgers: ledgers.clone(),
         mps: mps.clone(),
+        counters: Arc::default(),
     };
+    if let Some(addr) = config.metrics_listen {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+        let plane = plane.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let plane = plane.clone();
+                tokio::spawn(async move {
+                    let _ = crate::metrics::answer(stream, || scrape(&plane)).await;
+                });
+            }
+        });
+    }
     let mut next_zone = 1u32;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (xen_tx, mut xen_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -247,6 +265,26 @@ fn die_with_daemon(cmd: &mut tokio::process::Command) {
     }
 }
 
+/// The metrics text of a scrape ([`crate::metrics`]).
+fn scrape(plane: &Plane) -> String {
+    let quotas: BTreeMap<String, u64> = {
+        let zones = plane.zones.lock().unwrap_or_else(|p| p.into_inner());
+        zones.values().map(|z| (z.name.clone(), z.mem_quota)).collect()
+    };
+    let zones = plane
+        .ledgers
+        .snapshot()
+        .into_iter()
+        .map(|(name, (sessions, used, counts))| {
+            let mem_quota = quotas.get(&name).copied().unwrap_or(0);
+            let z = ZoneNow { sessions, mem_used: used.mem_bytes, mem_quota, objects: used.objects, counts };
+            (name, z)
+        })
+        .collect();
+    let opens = plane.broker.registry().open_counts();
+    crate::metrics::render(&zones, &plane.counters, &opens, plane.mps.count())
+}
+
 /// Kills every live worker (at shutdown, before the MPS servers are stopped).
 #[allow(unsafe_code)]
 fn kill_workers(zones: &Zones) {
@@ -312,9 +350,16 @@ async fn zone_ended(
     slot: Option<(String, u32)>,
 ) {
     plane.broker.detach(id).await;
-    if let Some((name, slot)) = slot {
-        plane.ledgers.release(&name, slot);
+    let name = plane.zones.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|z| z.name.clone());
+    let mut counts = Default::default();
+    if let Some((name, slot)) = &slot {
+        counts = plane.ledgers.release(name, *slot);
+        // A worker that refused its session itself (its context did not fit) says so.
+        if matches!(&status, Ok(s) if s.code() == Some(crate::worker::REFUSED_EXIT)) {
+            plane.counters.refused(name, "memory");
+        }
     }
+    plane.counters.ended(name.as_deref().unwrap_or("?"), counts);
     plane.zones.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     match status {
         Ok(s) if s.success() => tracing::info!(zone = id, "zone ended: guest disconnected"),
@@ -363,6 +408,7 @@ fn spawn_worker(
     domid: Option<u16>,
 ) -> Result<Spawned> {
     let (exe, zones, broker, ledgers) = (&plane.exe, &plane.zones, &plane.broker, &plane.ledgers);
+    plane.counters.started();
     // The worker inherits the ledger's descriptor at spawn; the daemon's copy of it is
     // dropped after that.
     let Launch { mut cmd, pair: (ours, theirs), slot, mps_ended, mem_quota: launch_quota } = launch;
@@ -471,6 +517,12 @@ impl Ledgers {
         }
     }
 
+    /// Whether zone `name` has `max_sessions` sessions already (`None`: none at all).
+    fn peek_full(&self, name: &str, quotas: &crate::zone::Quotas) -> Option<bool> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(name).map(|l| l.sessions() >= quotas.max_sessions.min(crate::ledger::MAX_SLOTS))
+    }
+
     /// Zone `name`'s sessions holding a slot, and what they hold together.
     fn usage(&self, name: &str) -> (u32, crate::ledger::Usage) {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -478,14 +530,20 @@ impl Ledgers {
     }
 
     /// A session's worker has been reaped: its slot is cleared and given back.
-    fn release(&self, name: &str, slot: u32) {
+    fn release(&self, name: &str, slot: u32) -> crate::ledger::Counts {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = map.get_mut(name) {
-            l.release(slot);
-            if l.sessions() == 0 {
-                map.remove(name);
-            }
+        let Some(l) = map.get_mut(name) else { return Default::default() };
+        let counts = l.release(slot);
+        if l.sessions() == 0 {
+            map.remove(name);
         }
+        counts
+    }
+
+    /// Every zone with live sessions: sessions, what they hold, their request counters.
+    fn snapshot(&self) -> BTreeMap<String, (u32, crate::ledger::Usage, crate::ledger::Counts)> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(name, l)| (name.clone(), (l.sessions(), l.total(), l.counts()))).collect()
     }
 }
 
@@ -511,6 +569,9 @@ fn worker_command(
     xen: Option<crate::worker::XenSlot>,
 ) -> Result<Launch> {
     let (config, exe, ledgers, mps) = (&plane.config, &plane.exe, &plane.ledgers, &plane.mps);
+    if ledgers.peek_full(name, quotas) == Some(true) {
+        plane.counters.refused(name, "max_sessions");
+    }
     // The broker channel: ours stays close-on-exec; the worker's end is inherited only by it.
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("cannot make the IPC broker channel")?;
     let (ledger, refuse, slot) = match ledgers.admit(name, quotas)? {

@@ -36,9 +36,12 @@ pub const MAX_SLOTS: u32 = 64;
 pub const LEDGER_BYTES: usize = 64 * (1 + MAX_SLOTS as usize);
 const MAGIC: u32 = 0x4c44_4756; // "VGDL" little-endian
 const PAGE: u64 = 4096;
-/// Offsets in a slot's line.
+/// Offsets in a slot's line: what the session holds (checked against the quotas), then
+/// what it has done (counters for the daemon's metrics, 64-bit, one atomic word each).
 const MEM_PAGES: usize = 0;
 const OBJECTS: usize = 4;
+const REQUESTS: usize = 8;
+const ERRORS: usize = 16;
 
 fn line(slot: u32) -> usize {
     64 * (1 + slot as usize)
@@ -119,6 +122,16 @@ impl Ledger {
         }
     }
 
+    /// Publishes this session's request counters (requests handled, requests answered
+    /// with an error) for the daemon's metrics: two stores into this session's own line.
+    pub fn count(&self, requests: u64, errors: u64) {
+        if let Kind::Shared { region, slot } = &self.kind {
+            let at = line(*slot);
+            region.raw().write_bytes(at + REQUESTS, &requests.to_ne_bytes());
+            region.raw().write_bytes(at + ERRORS, &errors.to_ne_bytes());
+        }
+    }
+
     /// Publishes `u` as this session's holding (shrinking, or the exact value after a
     /// request; growth goes through [`Ledger::admit`]).
     pub fn publish(&mut self, u: Usage) {
@@ -181,6 +194,15 @@ pub struct ZoneLedger {
     taken: u64,
 }
 
+/// A zone's request counters over its sessions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Requests handled.
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+}
+
 impl ZoneLedger {
     /// A fresh ledger with every slot free.
     pub fn new(zone: &str) -> Result<ZoneLedger, idm_shm::ShmError> {
@@ -198,14 +220,36 @@ impl ZoneLedger {
     }
 
     /// Clears slot `slot` and frees it: its worker has been reaped, so nothing writes it
-    /// any more.
-    pub fn release(&mut self, slot: u32) {
+    /// any more. Returns the session's last request counters.
+    pub fn release(&mut self, slot: u32) -> Counts {
         if slot < MAX_SLOTS && self.taken & (1 << slot) != 0 {
             let at = line(slot);
+            let counts = self.counts_of(slot);
             self.region.raw().store_u32(at + MEM_PAGES, 0, SeqCst);
             self.region.raw().store_u32(at + OBJECTS, 0, SeqCst);
+            self.region.raw().write_bytes(at + REQUESTS, &[0; 16]);
             self.taken &= !(1 << slot);
+            return counts;
         }
+        Counts::default()
+    }
+
+    fn counts_of(&self, slot: u32) -> Counts {
+        let at = line(slot);
+        let read = |off: usize| {
+            let mut b = [0u8; 8];
+            self.region.raw().read_bytes(at + off, &mut b);
+            u64::from_ne_bytes(b)
+        };
+        Counts { requests: read(REQUESTS), errors: read(ERRORS) }
+    }
+
+    /// The request counters of the sessions holding a slot now.
+    pub fn counts(&self) -> Counts {
+        (0..MAX_SLOTS)
+            .filter(|s| self.taken & (1 << s) != 0)
+            .map(|s| self.counts_of(s))
+            .fold(Counts::default(), |a, c| Counts { requests: a.requests + c.requests, errors: a.errors + c.errors })
     }
 
     /// Sessions holding a slot.
@@ -257,6 +301,10 @@ mod tests {
         assert_eq!(z.sessions(), 1);
         b.admit(Usage { mem_bytes: 4 * mib, objects: 9 }, 4 * mib, 10).unwrap();
         assert_eq!(z.take(2), Some(s0), "the freed slot is offered again");
+        b.count(7, 2);
+        assert_eq!(z.counts(), Counts { requests: 7, errors: 2 });
+        assert_eq!(z.release(s1), Counts { requests: 7, errors: 2 }, "a session's counters at its end");
+        assert_eq!(z.counts(), Counts::default());
     }
 
     #[test]

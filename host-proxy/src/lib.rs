@@ -20,6 +20,7 @@ pub mod device_output;
 pub mod handles;
 pub mod image;
 pub mod ledger;
+pub mod metrics;
 pub mod mps;
 pub mod status;
 pub mod worker;

@@ -335,7 +335,7 @@ where
     let mut server = Server::accept(session.channel, max_frame, &mut buf).context("hello exchange failed")?;
     host_proxy::worker::refuse(&mut server, code, &mut buf, &mut scratch);
     ended();
-    Ok(0)
+    Ok(host_proxy::worker::REFUSED_EXIT)
 }
 
 /// A Xen guest's slot: map its grants, bind its event channel, serve it, close the slot.

@@ -139,7 +139,12 @@ impl MpsServers {
 
     /// Whether any group's control daemon runs.
     pub fn running(&self) -> bool {
-        !self.servers.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        self.count() > 0
+    }
+
+    /// Control daemons running.
+    pub fn count(&self) -> usize {
+        self.servers.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|s| !s.watch.is_finished()).count()
     }
 
     /// Asks every control daemon to quit (it stops its server once the clients are gone)

@@ -314,6 +314,7 @@ where
         let span = tracing::trace_span!("request", seq = req.seq, id = req.id.0);
         let _g = span.enter();
         let outcome = catch_unwind(AssertUnwindSafe(|| handle(server, window, zone, &req, scratch, output)));
+        zone.count_request(!matches!(outcome, Ok(Ok(_))));
         // For a posted request `reply_error` defers the code to the next reply.
         let sent = match outcome {
             Ok(Ok(sent)) => sent,
@@ -343,6 +344,9 @@ where
         }
     }
 }
+
+/// The exit status of a worker that refused its session (its zone's limits).
+pub const REFUSED_EXIT: i32 = 5;
 
 /// How long a refused session waits for its guest's attach.
 const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

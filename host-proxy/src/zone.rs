@@ -326,6 +326,8 @@ pub struct Zone<B: GpuBackend> {
     device_output: Option<std::sync::Arc<DeviceOutput>>,
     /// What the zone's sessions hold together ([`crate::ledger`]); this session's slot.
     ledger: Ledger,
+    /// Requests handled and requests answered with an error (for the daemon's metrics).
+    requests: (u64, u64),
     /// Device memory charged per context (`Quotas::context_mem_bytes` or the backend's).
     context_mem: u64,
     /// Per context, the memory charged beyond `context_mem` for limits raised with
@@ -475,6 +477,7 @@ impl<B: GpuBackend> Zone<B> {
             window_at: None,
             device_output: None,
             ledger: Ledger::private(),
+            requests: (0, 0),
             context_mem: quotas.context_mem_bytes.unwrap_or(B::CONTEXT_MEM_BYTES),
             limit_charges: HashMap::new(),
             host_funcs_queued: Default::default(),
@@ -592,6 +595,14 @@ impl<B: GpuBackend> Zone<B> {
             mem_bytes: self.mem_used.saturating_add(self.cached_bytes).saturating_add(contexts).saturating_add(limits),
             objects: self.live_objects(),
         }
+    }
+
+    /// Counts one handled request (`failed`: answered with an error) in the zone's ledger,
+    /// where the daemon reads it for its metrics.
+    pub fn count_request(&mut self, failed: bool) {
+        self.requests.0 += 1;
+        self.requests.1 += u64::from(failed);
+        self.ledger.count(self.requests.0, self.requests.1);
     }
 
     /// Publishes what this session holds now in the zone's ledger (after each request: what

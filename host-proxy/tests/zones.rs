@@ -1140,3 +1140,56 @@ fn status_shows_each_zone_and_says_when_no_daemon_runs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no host-proxy is running on"), "{err}");
 }
+
+/// `metrics_listen`: a scrape while the zone acts shows its memory, sessions and requests
+/// move, and a session refused by `max_sessions` in the refusal counter; anything but
+/// `GET /metrics` is 404.
+#[test]
+fn metrics_move_as_the_zone_acts() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let d = Daemon::start_config(
+        "metrics",
+        |_| format!("metrics_listen = \"127.0.0.1:{port}\"\n"),
+        &format!("mem_bytes = {MEM_QUOTA}\nmax_handles = 16\nmax_async_in_flight = 64\nmax_sessions = 2\ncontext_mem_bytes = 0\n"),
+        "",
+    );
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+        out
+    };
+    let value = |text: &str, series: &str| -> Option<u64> {
+        text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    };
+    let zone = {
+        let mut g = Guest::connect(&d.socket);
+        let name = d.zones()[0].split("name=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+        let text = get("/metrics");
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        assert_eq!(value(&text, &format!("vgpu_zone_memory_used_bytes{{zone=\"{name}\"}}")), Some(0));
+        assert_eq!(value(&text, &format!("vgpu_zone_sessions{{zone=\"{name}\"}}")), Some(1));
+        let before = value(&text, &format!("vgpu_zone_requests_total{{zone=\"{name}\"}}")).unwrap();
+        g.alloc(512 << 10).unwrap();
+        let _b = Guest::connect(&d.socket);
+        assert_eq!(Guest::session(&d.socket).attach(), Err(CuResult::NOT_PERMITTED));
+        let text = get("/metrics");
+        assert_eq!(value(&text, &format!("vgpu_zone_memory_used_bytes{{zone=\"{name}\"}}")), Some(512 << 10));
+        assert_eq!(value(&text, &format!("vgpu_zone_memory_quota_bytes{{zone=\"{name}\"}}")), Some(MEM_QUOTA));
+        assert_eq!(value(&text, &format!("vgpu_zone_sessions{{zone=\"{name}\"}}")), Some(2));
+        assert!(value(&text, &format!("vgpu_zone_requests_total{{zone=\"{name}\"}}")).unwrap() > before);
+        let refused = format!("vgpu_zone_sessions_refused_total{{zone=\"{name}\",limit=\"max_sessions\"}}");
+        assert_eq!(value(&text, &refused), Some(1), "{text}");
+        name
+    };
+    wait_for("the sessions gone", || d.zones().is_empty());
+    let text = get("/metrics");
+    assert!(
+        value(&text, &format!("vgpu_zone_requests_total{{zone=\"{zone}\"}}")).unwrap() > 0,
+        "kept after the sessions end"
+    );
+    assert_eq!(value(&text, "vgpu_sessions_started_total"), Some(3));
+    assert_eq!(value(&text, "vgpu_sessions_ended_total"), Some(3));
+    assert!(get("/other").starts_with("HTTP/1.1 404"));
+}
