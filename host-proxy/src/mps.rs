@@ -65,7 +65,7 @@ impl MpsServers {
     }
 
     /// The client environment of `group`'s server, starting the server first if it does
-    /// not run. Blocks (at most [`START_TIMEOUT`]) while a fresh control daemon opens its
+    /// not run. Blocks (at most `START_TIMEOUT`) while a fresh control daemon opens its
     /// pipe.
     pub fn client(&self, group: &str) -> Result<Client> {
         let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());

@@ -353,7 +353,7 @@ const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves a refused session (a limit of the zone): answers its requests — the attach comes
 /// first — with CUDA error `code` until the attach has been answered, the guest goes, or
-/// [`REFUSAL_WAIT`] has passed.
+/// `REFUSAL_WAIT` has passed.
 pub fn refuse<M: SharedMemory, N: Notifier, W: Waiter>(
     server: &mut Server<M, N, W>,
     code: u32,
