@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::ffi::{c_char, CStr};
 use std::num::NonZeroU32;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use vgpu_proto::generated as p;
 use vgpu_proto::{AttachReply, Handle, ParamSlot};
@@ -137,6 +138,57 @@ fn max_level() -> u8 {
         Ok("trace") => 5,
         _ => 2,
     })
+}
+
+/// What this process's session did, for the one-line summary `VGPU_LOG=info` (or more)
+/// prints at exit; counted only when that level is on (no clock reads otherwise).
+pub struct SessionStats {
+    /// Requests that waited for a reply.
+    pub calls: AtomicU64,
+    /// Requests posted (no reply awaited).
+    pub posts: AtomicU64,
+    /// Nanoseconds spent waiting for the host's replies.
+    pub wait_ns: AtomicU64,
+    /// Bytes copied through the window's staging area, both ways.
+    pub staged: AtomicU64,
+}
+
+/// This process's session counters.
+pub static STATS: SessionStats = SessionStats {
+    calls: AtomicU64::new(0),
+    posts: AtomicU64::new(0),
+    wait_ns: AtomicU64::new(0),
+    staged: AtomicU64::new(0),
+};
+
+/// Whether the session is counted (`VGPU_LOG=info` or more).
+pub fn counting() -> bool {
+    max_level() >= Level::Info as u8
+}
+
+/// The exit summary's line.
+pub fn summary_line(zone: u32) -> String {
+    let calls = STATS.calls.load(Ordering::Relaxed);
+    let posts = STATS.posts.load(Ordering::Relaxed);
+    let wait = STATS.wait_ns.load(Ordering::Relaxed);
+    let staged = STATS.staged.load(Ordering::Relaxed);
+    let per = if calls > 0 { wait as f64 / calls as f64 / 1e3 } else { 0.0 };
+    format!(
+        "session summary: zone {zone}, {} requests ({calls} answered, {posts} posted), {:.1} MiB staged through the window, {:.3} ms waiting for the host ({per:.1} µs per answered request)",
+        calls + posts,
+        staged as f64 / (1u64 << 20) as f64,
+        wait as f64 / 1e6,
+    )
+}
+
+/// The zone number the summary names (set at attach).
+static ZONE: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn print_summary() {
+    let zone = u32::try_from(ZONE.load(Ordering::Relaxed)).unwrap_or(0);
+    let line = format!("libvgpu: {}\n", summary_line(zone));
+    // SAFETY: a plain write(2) of a live buffer to standard error, at exit.
+    let _ = unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
 }
 
 /// Writes one line to stderr if `level` is enabled.
@@ -379,6 +431,12 @@ fn connect() -> CuResult<Session> {
     );
     let window = Window::new(window, mapping, layout);
     let primary = attach.primary_ctx;
+    if counting() {
+        ZONE.store(u64::from(attach.zone), Ordering::Relaxed);
+        // SAFETY: registers a function with no arguments that only reads atomics and writes
+        // to standard error; it stays valid for the process's life (libvgpu is not unloaded).
+        unsafe { libc::atexit(print_summary) };
+    }
     Ok(Session {
         conn: Mutex::new(Conn { client, buf, host_ctx: primary, window, layouts: FxHashMap::default() }),
         contexts: Mutex::new(FxHashSet::from_iter([primary.0])),
@@ -500,7 +558,13 @@ impl Conn {
     /// A synchronous request. An earlier asynchronous request's error, reported with
     /// this reply, is returned instead (as the driver reports it at the next call).
     pub fn call<Q: Message, R: Message>(&mut self, req: &Q) -> CuResult<R> {
-        let reply = self.client.call(req, &mut self.buf)?;
+        let started = counting().then(std::time::Instant::now);
+        let reply = self.client.call(req, &mut self.buf);
+        if let Some(t) = started {
+            STATS.calls.fetch_add(1, Ordering::Relaxed);
+            STATS.wait_ns.fetch_add(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+        let reply = reply?;
         let notice = reply.notice();
         let result = match reply.deferred_error() {
             Some(code) => Err(CuError::from_code(code)),
@@ -545,6 +609,9 @@ impl Conn {
             return self.call::<Q, vgpu_proto::Done>(req).map(drop);
         }
         self.client.post(req, &mut self.buf)?;
+        if counting() {
+            STATS.posts.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 

@@ -80,6 +80,9 @@ impl Window {
         // `[at.offset, at.offset + len)` lies in the staging area of the window's live
         // mapping (checked above); `src` is a distinct, readable slice.
         parallel_copy(src.as_ptr(), dst, src.len());
+        if crate::rt::counting() {
+            crate::rt::STATS.staged.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(BulkRef { offset: at.offset, len })
     }
 
@@ -92,6 +95,9 @@ impl Window {
         let src = self.base.wrapping_add(at.offset as usize);
         // As in `fill`, in the other direction.
         parallel_copy(src.cast_const(), dst.as_mut_ptr(), dst.len());
+        if crate::rt::counting() {
+            crate::rt::STATS.staged.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 

@@ -178,6 +178,28 @@ fn copies_round_trip_through_the_window_including_chunked_ones() {
     }
 }
 
+/// `VGPU_LOG=info`: at exit the process prints one line about its session — requests,
+/// bytes staged through the window, time waiting for the host.
+#[test]
+fn the_session_is_summed_up_at_exit_with_vgpu_log_info() {
+    let out = app_command(&["copy"]).env("VGPU_LOG", "info").output().expect("running cudarc_app");
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line =
+        stderr.lines().find(|l| l.contains("session summary:")).unwrap_or_else(|| panic!("no summary in:\n{stderr}"));
+    let number = |before: &str| -> f64 {
+        let at = line.find(before).unwrap_or_else(|| panic!("no {before:?} in {line}"));
+        line[..at].split_whitespace().last().unwrap().trim_start_matches('(').parse().unwrap()
+    };
+    assert!(number(" requests") > 10.0, "{line}");
+    // The scenario copies 10485763 words (40 MiB) each way through pageable memory.
+    assert!(number(" MiB staged") >= 80.0, "{line}");
+    assert!(number(" ms waiting") > 0.0, "{line}");
+    // Without it, nothing is counted or printed.
+    let quiet = app_command(&["memset"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("session summary"));
+}
+
 #[test]
 fn memsets_set_every_byte() {
     app(&["memset"]);
