@@ -889,8 +889,10 @@ fn a_zones_quota_holds_across_its_racing_processes() {
     let sum: u64 = held.iter().sum();
     eprintln!("racers held {held:?} = {sum} bytes under a {QUOTA}-byte quota");
     assert!(sum <= QUOTA, "the zone's processes took {sum} bytes under a {QUOTA}-byte quota");
-    // The last racer to stop was refused with nobody else growing: the zone was full.
-    assert!(sum > QUOTA - CHUNK, "only {sum} bytes admitted: refusals that were not needed");
+    // Racers that grow at the same moment at the quota's edge may all be refused (each sees
+    // the others' growth): at most one chunk per other racer is left unused.
+    let racers = held.len() as u64;
+    assert!(sum + (racers - 1) * CHUNK >= QUOTA, "only {sum} bytes admitted: refusals that were not needed");
 
     // A new session sees what the others hold: nothing left.
     let mut late = Guest::connect(&d.socket);
