@@ -891,8 +891,8 @@ fn a_zones_quota_holds_across_its_racing_processes() {
     assert!(sum <= QUOTA, "the zone's processes took {sum} bytes under a {QUOTA}-byte quota");
     // Racers that grow at the same moment at the quota's edge may all be refused (each sees
     // the others' growth): at most one chunk per other racer is left unused.
-    let racers = held.len() as u64;
-    assert!(sum + (racers - 1) * CHUNK >= QUOTA, "only {sum} bytes admitted: refusals that were not needed");
+    let others = held.len() as u64 - 1;
+    assert!(sum + others * CHUNK >= QUOTA, "only {sum} bytes admitted: refusals that were not needed");
 
     // A new session sees what the others hold: nothing left.
     let mut late = Guest::connect(&d.socket);
