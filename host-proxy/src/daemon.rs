@@ -117,12 +117,25 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!(%addr, "serving Prometheus metrics on /metrics");
         let plane = plane.clone();
+        // Scrapers are few: more connections at once than this are closed at once, so that
+        // a flood of them cannot take the descriptors guests' connections need.
+        let slots = Arc::new(tokio::sync::Semaphore::new(crate::metrics::MAX_SCRAPES));
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of descriptors, say: wait instead of spinning on the error.
+                        tracing::warn!(error = %e, "metrics accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
                 let plane = plane.clone();
                 tokio::spawn(async move {
                     let _ = crate::metrics::answer(stream, || scrape(&plane)).await;
+                    drop(permit);
                 });
             }
         });

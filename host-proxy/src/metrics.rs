@@ -160,6 +160,9 @@ pub fn render(
     out
 }
 
+/// Metrics connections served at once (more are closed at once).
+pub const MAX_SCRAPES: usize = 16;
+
 /// Longest request head accepted.
 const MAX_HEAD: usize = 8 << 10;
 
