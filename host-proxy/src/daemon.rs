@@ -397,7 +397,7 @@ fn start_xen_zone(plane: &Plane, id: u32, domid: u16, slot: u32, domain: &str, x
     xen.kills.lock().unwrap_or_else(|p| p.into_inner()).entry(domid).or_default().push(kill.clone());
     let (plane, done, kills) = (plane.clone(), xen.done.clone(), xen.kills.clone());
     tokio::spawn(async move {
-        let status = supervise(id, &mut child, mps_ended, Some(kill.clone())).await;
+        let status = supervise(id, &mut child, mps_ended, Some((domid, kill.clone()))).await;
         if let Some(list) = kills.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&domid) {
             list.retain(|k| !Arc::ptr_eq(k, &kill));
         }
@@ -473,10 +473,11 @@ async fn supervise(
     id: u32,
     child: &mut tokio::process::Child,
     mps_ended: Option<Arc<tokio::sync::Notify>>,
-    kill: Option<Arc<tokio::sync::Notify>>,
+    kill: Option<(u16, Arc<tokio::sync::Notify>)>,
 ) -> std::io::Result<std::process::ExitStatus> {
     let never = || Arc::new(tokio::sync::Notify::new());
-    let (mps_ended, kill) = (mps_ended.unwrap_or_else(never), kill.unwrap_or_else(never));
+    let domid = kill.as_ref().map(|k| k.0);
+    let (mps_ended, kill) = (mps_ended.unwrap_or_else(never), kill.map_or_else(never, |k| k.1));
     tokio::select! {
         s = child.wait() => s,
         _ = mps_ended.notified() => {
@@ -485,7 +486,7 @@ async fn supervise(
             child.wait().await
         }
         _ = kill.notified() => {
-            tracing::info!(zone = id, "guest domain gone: killing its worker");
+            tracing::info!(zone = id, domid = domid.unwrap_or_default(), "guest domain gone: killing its worker");
             let _ = child.kill().await;
             child.wait().await
         }
