@@ -63,7 +63,24 @@ struct Plane {
     ledgers: Ledgers,
     mps: MpsServers,
     counters: Arc<DaemonCounters>,
+    /// The Xen toolstack's counters, when Xen guests are served.
+    xen: Option<Arc<crate::xen::XenCounters>>,
+    /// The GPU through NVML, where it can be opened (for the metrics).
+    nvml: Option<Arc<crate::nvml::Nvml>>,
+    /// Requests per second per zone, sampled each second.
+    rates: Arc<Mutex<BTreeMap<String, Rate>>>,
 }
+
+/// A zone's request rate: the last sample (total requests and when) and the rate then.
+#[derive(Clone, Copy, Debug)]
+struct Rate {
+    total: u64,
+    at: std::time::Instant,
+    per_s: f64,
+}
+
+/// How often the request rates of `host-proxy status` are sampled.
+const RATE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The admin socket path that goes with a listening socket.
 pub fn admin_socket_path(socket: &Path) -> PathBuf {
@@ -87,8 +104,9 @@ fn bind(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
+/// Runs the daemon until SIGINT or SIGTERM. `pci` is the GPU's PCI bus id, as the start-up
+/// probe found it (`None`: the simulated GPU, or unknown).
+pub async fn run(config: Config, exe: PathBuf, pci: Option<String>) -> Result<()> {
     let listener = bind(&config.socket)?;
     let admin_path = admin_socket_path(&config.socket);
     let admin = bind(&admin_path)?;
@@ -103,6 +121,18 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
     });
     let mps = MpsServers::new(config.mps_control.clone(), mps_dir);
     let config = Arc::new(config);
+    let nvml = pci.and_then(|pci| match crate::nvml::Nvml::open(&pci) {
+        Ok(n) => Some(Arc::new(n)),
+        Err(why) => {
+            tracing::info!(%why, "the metrics leave out the driver's memory figures");
+            None
+        }
+    });
+    let (xen_tx, mut xen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (mut xen, xen_counters) = match start_toolstack(&config, xen_tx)? {
+        Some((side, counters)) => (Some(side), Some(counters)),
+        None => (None, None),
+    };
     let plane = Plane {
         config: config.clone(),
         exe,
@@ -111,6 +141,9 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
         ledgers: ledgers.clone(),
         mps: mps.clone(),
         counters: Arc::default(),
+        xen: xen_counters,
+        nvml,
+        rates: Arc::default(),
     };
     if let Some(addr) = config.metrics_listen {
         let listener =
@@ -142,8 +175,8 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
     }
     let mut next_zone = 1u32;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let (xen_tx, mut xen_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut xen = start_toolstack(&config, xen_tx)?;
+    let mut tick = tokio::time::interval(RATE_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             Some(msg) = xen_rx.recv() => if let Some(x) = xen.as_mut() {
@@ -174,9 +207,10 @@ pub async fn run(config: Config, exe: PathBuf) -> Result<()> {
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
             conn = admin.accept() => if let Ok((stream, _)) = conn {
-                let (zones, ledgers) = (zones.clone(), ledgers.clone());
-                tokio::spawn(async move { let _ = report(stream, &zones, &ledgers).await; });
+                let plane = plane.clone();
+                tokio::spawn(async move { let _ = report(stream, &plane).await; });
             },
+            _ = tick.tick() => sample_rates(&plane),
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
@@ -201,7 +235,10 @@ struct XenSide {
     kills: Arc<Mutex<BTreeMap<u16, Vec<Arc<tokio::sync::Notify>>>>>,
 }
 
-fn start_toolstack(config: &Config, tx: tokio::sync::mpsc::UnboundedSender<ToDaemon>) -> Result<Option<XenSide>> {
+fn start_toolstack(
+    config: &Config,
+    tx: tokio::sync::mpsc::UnboundedSender<ToDaemon>,
+) -> Result<Option<(XenSide, Arc<crate::xen::XenCounters>)>> {
     let wanted = match config.xen {
         XenMode::Off => false,
         XenMode::On => true,
@@ -212,25 +249,34 @@ fn start_toolstack(config: &Config, tx: tokio::sync::mpsc::UnboundedSender<ToDae
     }
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let toolstack = crate::xen::Toolstack::new(config.xen_slots, tx, done_rx).context("cannot serve Xen guests")?;
+    let counters = toolstack.counters();
     std::thread::Builder::new().name("xen-toolstack".into()).spawn(move || {
         if let Err(e) = toolstack.run() {
             tracing::error!(error = %format!("{e:#}"), "the Xen toolstack thread stopped");
         }
     })?;
     tracing::info!(slots = config.xen_slots, "serving Xen guests (xenstore device vgpu)");
-    Ok(Some(XenSide { done: done_tx, kills: Arc::default() }))
+    Ok(Some((XenSide { done: done_tx, kills: Arc::default() }, counters)))
 }
 
 /// The admin report: one line per live session, `key=value` fields (the zone's totals from
 /// its ledger on each of its sessions' lines), then `end`. `host-proxy status` reads it.
-async fn report(mut stream: UnixStream, zones: &Zones, ledgers: &Ledgers) -> std::io::Result<()> {
+async fn report(mut stream: UnixStream, plane: &Plane) -> std::io::Result<()> {
+    let snapshot = plane.ledgers.snapshot();
+    let rates = plane.rates.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let text = {
-        let zones = zones.lock().unwrap_or_else(|p| p.into_inner());
+        let zones = plane.zones.lock().unwrap_or_else(|p| p.into_inner());
         let mut t = String::new();
         for (id, z) in zones.iter() {
-            let (sessions, used) = ledgers.usage(&z.name);
+            let (sessions, used, live, _) = snapshot.get(&z.name).cloned().unwrap_or_default();
+            let tally = plane.counters.total(&z.name, &live);
+            let rps = rates.get(&z.name).map_or(0.0, |r| r.per_s);
+            let last_error = tally.last_error().map_or("-".to_owned(), |e| {
+                let ago = crate::ledger::unix_ms_now().saturating_sub(e.unix_ms) / 1000;
+                format!("{}/{}/{ago}", e.name, e.request)
+            });
             t.push_str(&format!(
-                "zone {id} name={} uid={} peer_pid={} worker_pid={} domid={} sharing={} uptime_s={} zone_sessions={} zone_mem_used={} zone_objects={} mem_quota={}\n",
+                "zone {id} name={} uid={} peer_pid={} worker_pid={} domid={} sharing={} uptime_s={} zone_sessions={} zone_mem_used={} zone_objects={} mem_quota={} requests={} errors={} rps={rps:.1} last_error={last_error}\n",
                 z.name,
                 z.uid,
                 z.peer_pid.map_or("-".into(), |p| p.to_string()),
@@ -242,6 +288,8 @@ async fn report(mut stream: UnixStream, zones: &Zones, ledgers: &Ledgers) -> std
                 used.mem_bytes,
                 used.objects,
                 z.mem_quota,
+                tally.counts.requests,
+                tally.counts.errors,
             ));
         }
         t.push_str("end\n");
@@ -278,6 +326,22 @@ fn die_with_daemon(cmd: &mut tokio::process::Command) {
     }
 }
 
+/// Samples each zone's requests per second (for `host-proxy status`).
+fn sample_rates(plane: &Plane) {
+    let now = std::time::Instant::now();
+    let snapshot = plane.ledgers.snapshot();
+    let mut rates = plane.rates.lock().unwrap_or_else(|p| p.into_inner());
+    rates.retain(|name, _| snapshot.contains_key(name));
+    for (name, (_, _, live, _)) in &snapshot {
+        let total = plane.counters.total(name, live).counts.requests;
+        let r = rates.entry(name.clone()).or_insert(Rate { total, at: now, per_s: 0.0 });
+        let dt = now.duration_since(r.at).as_secs_f64();
+        if dt > 0.0 {
+            *r = Rate { total, at: now, per_s: total.saturating_sub(r.total) as f64 / dt };
+        }
+    }
+}
+
 /// The metrics text of a scrape ([`crate::metrics`]).
 fn scrape(plane: &Plane) -> String {
     let quotas: BTreeMap<String, u64> = {
@@ -288,14 +352,23 @@ fn scrape(plane: &Plane) -> String {
         .ledgers
         .snapshot()
         .into_iter()
-        .map(|(name, (sessions, used, counts))| {
+        .map(|(name, (sessions, used, tally, context_bytes))| {
             let mem_quota = quotas.get(&name).copied().unwrap_or(0);
-            let z = ZoneNow { sessions, mem_used: used.mem_bytes, mem_quota, objects: used.objects, counts };
+            let z =
+                ZoneNow { sessions, mem_used: used.mem_bytes, mem_quota, objects: used.objects, context_bytes, tally };
             (name, z)
         })
         .collect();
-    let opens = plane.broker.registry().open_counts();
-    crate::metrics::render(&zones, &plane.counters, &opens, plane.mps.count())
+    let plant = crate::metrics::Plant {
+        opens: plane.broker.registry().open_counts(),
+        mps: plane.mps.count(),
+        gpu: crate::metrics::GpuNow {
+            device: plane.config.device,
+            driver: plane.nvml.as_ref().and_then(|n| n.memory()),
+        },
+        xen: plane.xen.as_ref().map(|x| x.now()),
+    };
+    crate::metrics::render(&zones, &plane.counters, &plant)
 }
 
 /// Kills every live worker (at shutdown, before the MPS servers are stopped).
@@ -364,15 +437,15 @@ async fn zone_ended(
 ) {
     plane.broker.detach(id).await;
     let name = plane.zones.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|z| z.name.clone());
-    let mut counts = Default::default();
+    let mut tally = crate::ledger::Tally::default();
     if let Some((name, slot)) = &slot {
-        counts = plane.ledgers.release(name, *slot);
+        tally = plane.ledgers.release(name, *slot);
         // A worker that refused its session itself (its context did not fit) says so.
         if matches!(&status, Ok(s) if s.code() == Some(crate::worker::REFUSED_EXIT)) {
             plane.counters.refused(name, "memory");
         }
     }
-    plane.counters.ended(name.as_deref().unwrap_or("?"), counts);
+    plane.counters.ended(name.as_deref().unwrap_or("?"), &tally);
     plane.zones.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     match status {
         Ok(s) if s.success() => tracing::info!(zone = id, "zone ended: guest disconnected"),
@@ -537,14 +610,8 @@ impl Ledgers {
         map.get(name).map(|l| l.sessions() >= quotas.max_sessions.min(crate::ledger::MAX_SLOTS))
     }
 
-    /// Zone `name`'s sessions holding a slot, and what they hold together.
-    fn usage(&self, name: &str) -> (u32, crate::ledger::Usage) {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(name).map_or((0, Default::default()), |l| (l.sessions(), l.total()))
-    }
-
     /// A session's worker has been reaped: its slot is cleared and given back.
-    fn release(&self, name: &str, slot: u32) -> crate::ledger::Counts {
+    fn release(&self, name: &str, slot: u32) -> crate::ledger::Tally {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let Some(l) = map.get_mut(name) else { return Default::default() };
         let counts = l.release(slot);
@@ -554,10 +621,11 @@ impl Ledgers {
         counts
     }
 
-    /// Every zone with live sessions: sessions, what they hold, their request counters.
-    fn snapshot(&self) -> BTreeMap<String, (u32, crate::ledger::Usage, crate::ledger::Counts)> {
+    /// Every zone with live sessions: sessions, what they hold, their statistics, and the
+    /// memory of their contexts.
+    fn snapshot(&self) -> BTreeMap<String, (u32, crate::ledger::Usage, crate::ledger::Tally, u64)> {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter().map(|(name, l)| (name.clone(), (l.sessions(), l.total(), l.counts()))).collect()
+        map.iter().map(|(name, l)| (name.clone(), (l.sessions(), l.total(), l.tally(), l.context_bytes()))).collect()
     }
 }
 

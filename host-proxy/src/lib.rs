@@ -22,6 +22,7 @@ pub mod image;
 pub mod ledger;
 pub mod metrics;
 pub mod mps;
+pub mod nvml;
 pub mod status;
 pub mod worker;
 pub mod xen;

@@ -124,9 +124,9 @@ fn main() -> Result<()> {
                 config.socket = s;
             }
             let exe = std::env::current_exe().context("cannot find the host-proxy executable for workers")?;
-            probe_backend(&exe, &config)?;
+            let pci = probe_backend(&exe, &config)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(host_proxy::daemon::run(config, exe))
+            rt.block_on(host_proxy::daemon::run(config, exe, pci))
         }
         Command::DefaultConfig => {
             print!("{}", EMBEDDED_DEFAULT.trim_start());
@@ -163,11 +163,15 @@ fn main() -> Result<()> {
 
 /// `host-proxy probe`: opens the backend; one line about what it found.
 fn probe(backend: Backend, device: i32) -> Result<String> {
-    let info = match backend {
-        Backend::Sim => SimGpu::new(1 << 20).device_info(),
-        Backend::Cuda => host_proxy::backend::cuda::CudaGpu::open(device).context("cannot open the GPU")?.device_info(),
+    let (info, pci) = match backend {
+        Backend::Sim => (SimGpu::new(1 << 20).device_info(), None),
+        Backend::Cuda => {
+            let mut gpu = host_proxy::backend::cuda::CudaGpu::open(device).context("cannot open the GPU")?;
+            (gpu.device_info(), gpu.pci_bus_id().ok())
+        }
     };
-    Ok(format!("{} ({} MiB)", info.name, info.total_mem >> 20))
+    let pci = pci.map_or_else(String::new, |p| format!(" pci={p}"));
+    Ok(format!("{} ({} MiB){pci}", info.name, info.total_mem >> 20))
 }
 
 /// How long the start-up probe of the backend may take (a driver's first start can be slow).
@@ -176,11 +180,11 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Refuses to start when the configured backend cannot work here: `backend = "cuda"` on a
 /// machine without a usable driver or device fails now, with the driver's reason, instead
 /// of every zone's worker failing later. The probe runs in a child process (the daemon never
-/// loads the driver).
-fn probe_backend(exe: &std::path::Path, config: &Config) -> Result<()> {
+/// loads the driver). Returns the device's PCI bus id, for the metrics (NVML).
+fn probe_backend(exe: &std::path::Path, config: &Config) -> Result<Option<String>> {
     let backend = match config.backend {
         host_proxy::config::BackendKind::Cuda => "cuda",
-        host_proxy::config::BackendKind::Sim => return Ok(()),
+        host_proxy::config::BackendKind::Sim => return Ok(None),
     };
     let mut child = std::process::Command::new(exe)
         .args(["probe", "--backend", backend, "--device", &config.device.to_string()])
@@ -218,7 +222,7 @@ fn probe_backend(exe: &std::path::Path, config: &Config) -> Result<()> {
         anyhow::bail!("backend = \"{backend}\" does not work on this machine (device {}): {why}", config.device);
     }
     tracing::info!(backend, device = config.device, found = out, "backend probed");
-    Ok(())
+    Ok(out.rsplit_once(" pci=").map(|(_, p)| p.to_owned()))
 }
 
 fn worker(spec: WorkerSpec) -> Result<i32> {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// One zone as the daemon reports it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ZoneStatus {
     /// The zone's name.
     pub name: String,
@@ -30,8 +30,27 @@ pub struct ZoneStatus {
     pub objects: u64,
     /// Seconds since its oldest live session started.
     pub uptime_s: u64,
+    /// Requests its sessions sent (ended sessions included).
+    pub requests: u64,
+    /// Of those, answered with a CUDA error.
+    pub errors: u64,
+    /// Requests per second over the daemon's last one-second sample.
+    pub requests_per_s: f64,
+    /// The last error: its name, the request, how long ago.
+    pub last_error: Option<LastError>,
     /// Its sessions.
     pub workers: Vec<SessionStatus>,
+}
+
+/// A zone's last error.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LastError {
+    /// `CUDA_ERROR_…`.
+    pub error: String,
+    /// The request it answered.
+    pub request: String,
+    /// Seconds ago.
+    pub ago_s: u64,
 }
 
 /// One session of a zone.
@@ -87,6 +106,14 @@ pub fn parse(lines: &[String]) -> Vec<ZoneStatus> {
         z.mem_used = num("zone_mem_used").unwrap_or(0);
         z.mem_quota = num("mem_quota").unwrap_or(0);
         z.objects = num("zone_objects").unwrap_or(0);
+        z.requests = num("requests").unwrap_or(0);
+        z.errors = num("errors").unwrap_or(0);
+        z.requests_per_s = kv.get("rps").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        z.last_error = kv.get("last_error").and_then(|v| {
+            let mut p = v.splitn(3, '/');
+            let (error, request, ago) = (p.next()?, p.next()?, p.next()?.parse().ok()?);
+            Some(LastError { error: error.to_owned(), request: request.to_owned(), ago_s: ago })
+        });
         let uptime = num("uptime_s").unwrap_or(0);
         z.uptime_s = z.uptime_s.max(uptime);
         z.workers.push(SessionStatus {
@@ -113,8 +140,8 @@ pub fn table(zones: &[ZoneStatus]) -> String {
         return "no zones: host-proxy runs and serves no session\n".to_owned();
     }
     let mut t = format!(
-        "{:<20} {:<12} {:<9} {:>8} {:>27} {:>8} {:>9}\n",
-        "ZONE", "UID/DOMAIN", "SHARING", "SESSIONS", "MEMORY USED / QUOTA", "OBJECTS", "UPTIME"
+        "{:<20} {:<12} {:<9} {:>8} {:>27} {:>8} {:>9} {:>9}  {}\n",
+        "ZONE", "UID/DOMAIN", "SHARING", "SESSIONS", "MEMORY USED / QUOTA", "OBJECTS", "REQ/S", "UPTIME", "LAST ERROR"
     );
     for z in zones {
         let who = match z.domid {
@@ -122,14 +149,19 @@ pub fn table(zones: &[ZoneStatus]) -> String {
             None => format!("uid {}", z.uid),
         };
         let mem = format!("{} / {}", mib(z.mem_used), mib(z.mem_quota));
+        let last = z
+            .last_error
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |e| format!("{} ({}, {} ago)", e.error, e.request, duration(e.ago_s)));
         t.push_str(&format!(
-            "{:<20} {:<12} {:<9} {:>8} {:>27} {:>8} {:>9}\n",
+            "{:<20} {:<12} {:<9} {:>8} {:>27} {:>8} {:>9.1} {:>9}  {last}\n",
             z.name,
             who,
             z.sharing,
             z.sessions,
             mem,
             z.objects,
+            z.requests_per_s,
             duration(z.uptime_s)
         ));
         for w in &z.workers {
@@ -164,8 +196,8 @@ mod tests {
     #[test]
     fn sessions_are_grouped_by_zone() {
         let lines = [
-            "zone 3 name=a uid=1000 peer_pid=77 worker_pid=78 domid=- sharing=mps uptime_s=65 zone_sessions=2 zone_mem_used=2097152 zone_objects=3 mem_quota=4194304",
-            "zone 4 name=a uid=1000 peer_pid=79 worker_pid=80 domid=- sharing=mps uptime_s=5 zone_sessions=2 zone_mem_used=2097152 zone_objects=3 mem_quota=4194304",
+            "zone 3 name=a uid=1000 peer_pid=77 worker_pid=78 domid=- sharing=mps uptime_s=65 zone_sessions=2 zone_mem_used=2097152 zone_objects=3 mem_quota=4194304 requests=90 errors=1 rps=12.5 last_error=CUDA_ERROR_OUT_OF_MEMORY/CuMemAllocV2/3",
+            "zone 4 name=a uid=1000 peer_pid=79 worker_pid=80 domid=- sharing=mps uptime_s=5 zone_sessions=2 zone_mem_used=2097152 zone_objects=3 mem_quota=4194304 requests=90 errors=1 rps=12.5 last_error=CUDA_ERROR_OUT_OF_MEMORY/CuMemAllocV2/3",
             "zone 5 name=dom-g uid=0 peer_pid=- worker_pid=81 domid=7 sharing=isolated uptime_s=1 zone_sessions=1 zone_mem_used=0 zone_objects=0 mem_quota=1048576",
             "garbage line",
         ]
@@ -175,8 +207,11 @@ mod tests {
         assert_eq!((z[0].name.as_str(), z[0].sessions, z[0].workers.len(), z[0].uptime_s), ("a", 2, 2, 65));
         assert_eq!((z[0].mem_used, z[0].mem_quota, z[0].sharing.as_str()), (2 << 20, 4 << 20, "mps"));
         assert_eq!((z[1].domid, z[1].workers[0].peer_pid), (Some(7), None));
+        assert_eq!((z[0].requests, z[0].errors, z[0].requests_per_s), (90, 1, 12.5));
+        assert_eq!(z[1].last_error, None);
         let t = table(&z);
         assert!(t.contains("2.0 MiB / 4.0 MiB") && t.contains("dom 7") && t.contains("0:01:05"), "{t}");
+        assert!(t.contains("12.5") && t.contains("CUDA_ERROR_OUT_OF_MEMORY (CuMemAllocV2, 0:00:03 ago)"), "{t}");
         let j: serde_json::Value = serde_json::from_str(&json(&z)).unwrap();
         assert_eq!(j["zones"][0]["workers"][1]["worker_pid"], 80);
         assert_eq!(table(&[]), "no zones: host-proxy runs and serves no session\n");

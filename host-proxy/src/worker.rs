@@ -310,11 +310,16 @@ where
             Err(ChannelError::Notify(idm_core::NotifyError::PeerGone)) => return SessionEnd::PeerGone,
             Err(e) => return SessionEnd::Violation(e),
         };
-        let received = answered.map(|_| Instant::now());
+        let received = Instant::now();
         let span = tracing::trace_span!("request", seq = req.seq, id = req.id.0);
         let _g = span.enter();
         let outcome = catch_unwind(AssertUnwindSafe(|| handle(server, window, zone, &req, scratch, output)));
-        zone.count_request(!matches!(outcome, Ok(Ok(_))));
+        let error = match &outcome {
+            Ok(Ok(_)) => None,
+            Ok(Err(f)) => Some(f.code),
+            Err(_) => Some(CuResult::UNKNOWN),
+        };
+        zone.record_request(req.id.0, elapsed_ns(received), error);
         // For a posted request `reply_error` defers the code to the next reply.
         let sent = match outcome {
             Ok(Ok(sent)) => sent,
@@ -336,13 +341,17 @@ where
         if let Err(e) = sent {
             return SessionEnd::Violation(e);
         }
-        if let (Some(p), Some(prev), Some(got)) = (profile.as_deref_mut(), answered, received) {
+        if let (Some(p), Some(prev)) = (profile.as_deref_mut(), answered) {
             let now = Instant::now();
             let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-            p.record(req.id.0, ns(got - prev), ns(now - got));
+            p.record(req.id.0, ns(received - prev), ns(now - received));
             answered = Some(now);
         }
     }
+}
+
+fn elapsed_ns(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The exit status of a worker that refused its session (its zone's limits).

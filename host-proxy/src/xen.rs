@@ -20,7 +20,8 @@ use idm_xen::{Access, Perm, XenStore, XenbusState, XsErrno, XsError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 /// What the toolstack asks of the daemon.
@@ -86,8 +87,30 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest such delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// What the toolstack has done, for the daemon's metrics.
+#[derive(Debug, Default)]
+pub struct XenCounters {
+    offered: AtomicU64,
+    claimed: AtomicU64,
+    restarts: AtomicU64,
+    backoffs: AtomicU64,
+}
+
+impl XenCounters {
+    /// The counters now.
+    pub fn now(&self) -> crate::metrics::XenNow {
+        crate::metrics::XenNow {
+            offered: self.offered.load(Relaxed),
+            claimed: self.claimed.load(Relaxed),
+            restarts: self.restarts.load(Relaxed),
+            backoffs: self.backoffs.load(Relaxed),
+        }
+    }
+}
+
 /// The toolstack loop; runs on its own thread until the daemon goes away.
 pub struct Toolstack<S = XsTransport> {
+    counters: Arc<XenCounters>,
     xs: XenStore<S>,
     /// Slot resets waiting out a back-off: (when, domid, slot).
     delayed: Vec<(std::time::Instant, u16, u32)>,
@@ -119,7 +142,20 @@ impl<S: Read + Write + AsFd> Toolstack<S> {
     ) -> Result<Self> {
         xs.watch("@introduceDomain", "introduce")?;
         xs.watch("@releaseDomain", "release")?;
-        Ok(Toolstack { xs, delayed: Vec::new(), slots, domains: BTreeMap::new(), to_daemon, from_daemon })
+        Ok(Toolstack {
+            counters: Arc::default(),
+            xs,
+            delayed: Vec::new(),
+            slots,
+            domains: BTreeMap::new(),
+            to_daemon,
+            from_daemon,
+        })
+    }
+
+    /// The toolstack's counters (shared with the daemon's metrics).
+    pub fn counters(&self) -> Arc<XenCounters> {
+        self.counters.clone()
     }
 
     /// Serves until the daemon drops its end.
@@ -216,7 +252,9 @@ impl<S: Read + Write + AsFd> Toolstack<S> {
                 xs.set_perms_tx(tx, &format!("{back}{p}"), &dom0_owns)?;
             }
             Ok(())
-        })
+        })?;
+        self.counters.offered.fetch_add(1, Relaxed);
+        Ok(())
     }
 
     fn start_ready(&mut self, domid: u16) -> Result<(), XsError> {
@@ -228,6 +266,7 @@ impl<S: Read + Write + AsFd> Toolstack<S> {
             match read_state(&mut self.xs, &frontend_dir(domid, slot)) {
                 Ok(Some(XenbusState::Initialised)) => {
                     dom.busy.insert(slot);
+                    self.counters.claimed.fetch_add(1, Relaxed);
                     tracing::info!(domid, slot, "frontend initialised: starting a zone worker");
                     let _ = self.to_daemon.send(ToDaemon::Start { domid, slot, name: dom.name.clone() });
                 }
@@ -257,6 +296,7 @@ impl<S: Read + Write + AsFd> Toolstack<S> {
         }
         let delay = dom.backoff.get(&slot).map_or(FIRST_BACKOFF, |d| (*d * 2).min(MAX_BACKOFF));
         dom.backoff.insert(slot, delay);
+        self.counters.backoffs.fetch_add(1, Relaxed);
         tracing::warn!(
             domid,
             slot,
@@ -270,6 +310,7 @@ impl<S: Read + Write + AsFd> Toolstack<S> {
     fn reset_slot(&mut self, domid: u16, slot: u32) {
         let Some(dom) = self.domains.get_mut(&domid) else { return };
         dom.busy.remove(&slot);
+        self.counters.restarts.fetch_add(1, Relaxed);
         let _ = set_state(&mut self.xs, &backend_dir(domid, slot), XenbusState::Closed);
         if let Err(e) = self.write_slot(domid, slot) {
             tracing::warn!(domid, slot, error = %e, "cannot reset the slot");
@@ -330,6 +371,8 @@ mod tests {
             other => panic!("expected a start for slot 1, got {other:?}"),
         }
         assert!(rx.try_recv().is_err(), "one worker per slot");
+        let c = t.counters().now();
+        assert_eq!((c.offered, c.claimed, c.restarts, c.backoffs), (2, 1, 0, 0), "{c:?}");
 
         // The worker failed: no new worker before the back-off, the slot reset after it.
         let t0 = Instant::now();
@@ -355,6 +398,8 @@ mod tests {
         t.slot_done(5, 1, false);
         assert!(!t.domains[&5].backoff.contains_key(&1));
         assert_eq!(read(&mut t, &format!("{}/state", frontend_dir(5, 1))).as_deref(), Some("1"));
+        let c = t.counters().now();
+        assert_eq!((c.offered, c.claimed, c.restarts, c.backoffs), (5, 3, 3, 2), "{c:?}");
     }
 
     #[test]

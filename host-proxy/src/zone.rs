@@ -597,12 +597,20 @@ impl<B: GpuBackend> Zone<B> {
         }
     }
 
-    /// Counts one handled request (`failed`: answered with an error) in the zone's ledger,
-    /// where the daemon reads it for its metrics.
-    pub fn count_request(&mut self, failed: bool) {
+    /// Counts one handled request in the zone's ledger, where the daemon reads it for its
+    /// metrics: its id, its service time, and the CUDA error it was answered with.
+    pub fn record_request(&mut self, id: u16, service_ns: u64, error: Option<u32>) {
         self.requests.0 += 1;
-        self.requests.1 += u64::from(failed);
+        self.requests.1 += u64::from(error.is_some());
         self.ledger.count(self.requests.0, self.requests.1);
+        self.ledger.record(id, service_ns, error);
+    }
+
+    /// This session's request statistics so far.
+    pub fn tally(&self) -> crate::ledger::Tally {
+        let mut t = self.ledger.tally();
+        t.counts = crate::ledger::Counts { requests: self.requests.0, errors: self.requests.1 };
+        t
     }
 
     /// Publishes what this session holds now in the zone's ledger (after each request: what
@@ -610,6 +618,7 @@ impl<B: GpuBackend> Zone<B> {
     pub fn publish_usage(&mut self) {
         let u = self.usage();
         self.ledger.publish(u);
+        self.ledger.publish_contexts(u64::from(self.contexts.len()).saturating_mul(self.context_mem));
     }
 
     /// Admits `mem` more bytes of device memory and `objects` more live objects for this

@@ -1120,11 +1120,20 @@ fn status_shows_each_zone_and_says_when_no_daemon_runs() {
     let mut a = Guest::connect(&d.socket);
     let _b = Guest::connect(&d.socket);
     a.alloc(512 << 10).unwrap();
+    assert_eq!(a.alloc(MEM_QUOTA), Err(CuResult::OUT_OF_MEMORY));
+    // The request rate is sampled each second: wait, while sending requests, for a sample
+    // that saw some.
+    wait_for("a rate sample", || {
+        a.mem_free_bytes();
+        let out = status(&d.socket, true);
+        !String::from_utf8_lossy(&out.stdout).contains("\"requests_per_s\": 0.0")
+    });
     let out = status(&d.socket, false);
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
     let row = text.lines().find(|l| l.starts_with("uid-")).expect("the zone's row");
     assert!(row.contains("isolated") && row.contains("0.5 MiB / 1.0 MiB"), "{row}");
+    assert!(row.contains("CUDA_ERROR_OUT_OF_MEMORY (CuMemAllocV2, 0:00:0"), "the last error: {row}");
     assert_eq!(text.matches("  session ").count(), 2, "both sessions listed");
     let out = status(&d.socket, true);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1174,9 +1183,18 @@ fn metrics_move_as_the_zone_acts() {
         assert_eq!(value(&text, &format!("vgpu_zone_sessions{{zone=\"{name}\"}}")), Some(1));
         let before = value(&text, &format!("vgpu_zone_requests_total{{zone=\"{name}\"}}")).unwrap();
         g.alloc(512 << 10).unwrap();
+        assert_eq!(g.alloc(MEM_QUOTA), Err(CuResult::OUT_OF_MEMORY), "over the quota");
         let _b = Guest::connect(&d.socket);
         assert_eq!(Guest::session(&d.socket).attach(), Err(CuResult::NOT_PERMITTED));
         let text = get("/metrics");
+        let oom = format!("vgpu_zone_errors_total{{zone=\"{name}\",error=\"CUDA_ERROR_OUT_OF_MEMORY\"}}");
+        assert_eq!(value(&text, &oom), Some(1), "{text}");
+        let allocs = format!("vgpu_zone_request_seconds_count{{zone=\"{name}\",request=\"CuMemAllocV2\"}}");
+        assert_eq!(value(&text, &allocs), Some(2), "both allocations timed");
+        let inf = format!("vgpu_zone_request_seconds_bucket{{le=\"+Inf\",zone=\"{name}\",request=\"CuMemAllocV2\"}}");
+        assert_eq!(value(&text, &inf), Some(2));
+        assert_eq!(value(&text, "vgpu_gpu_memory_zones_bytes{gpu=\"0\"}"), Some(512 << 10));
+        assert!(!text.contains("vgpu_gpu_memory_total_bytes"), "no driver figures for the test double");
         assert_eq!(value(&text, &format!("vgpu_zone_memory_used_bytes{{zone=\"{name}\"}}")), Some(512 << 10));
         assert_eq!(value(&text, &format!("vgpu_zone_memory_quota_bytes{{zone=\"{name}\"}}")), Some(MEM_QUOTA));
         assert_eq!(value(&text, &format!("vgpu_zone_sessions{{zone=\"{name}\"}}")), Some(2));

@@ -688,6 +688,19 @@ fn gen_proto(table: &Table, b: &Bindings) -> Result<String> {
         let _ = writeln!(o, "    {}::ID,", m.name);
     }
     o.push_str("];\n\n");
+    let mut names: BTreeMap<u32, &str> = BTreeMap::new();
+    for (code, name) in &b.errors {
+        names.entry(*code).or_insert(name);
+    }
+    o.push_str("/// Every `CUresult` code of the driver's bindings with its name, by code.\npub const ERROR_NAMES: &[(u32, &str)] = &[\n");
+    for (code, name) in &names {
+        let _ = writeln!(o, "    ({code}, \"{name}\"),");
+    }
+    o.push_str(
+        "];\n\n/// The driver's name of CUDA result `code` (`CUDA_ERROR_…`), if it has one.\n\
+         pub fn error_name(code: u32) -> Option<&'static str> {\n    \
+         ERROR_NAMES.binary_search_by_key(&code, |e| e.0).ok().map(|i| ERROR_NAMES[i].1)\n}\n\n",
+    );
     o.push_str(
         "/// The host's implementation of every generated request. A method returns the reply\n\
          /// (or `Done` where the request has no outputs) or an error that becomes the reply.\n\
