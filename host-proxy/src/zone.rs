@@ -606,12 +606,6 @@ impl<B: GpuBackend> Zone<B> {
         self.ledger.record(id, service_ns, error);
     }
 
-    /// This session's request statistics so far.
-    pub fn tally(&self) -> crate::ledger::Tally {
-        let mut t = self.ledger.tally();
-        t.counts = crate::ledger::Counts { requests: self.requests.0, errors: self.requests.1 };
-        t
-    }
 
     /// Publishes what this session holds now in the zone's ledger (after each request: what
     /// shrank is given back to the zone's other sessions).
