@@ -606,7 +606,6 @@ impl<B: GpuBackend> Zone<B> {
         self.ledger.record(id, service_ns, error);
     }
 
-
     /// Publishes what this session holds now in the zone's ledger (after each request: what
     /// shrank is given back to the zone's other sessions).
     pub fn publish_usage(&mut self) {
