@@ -66,8 +66,12 @@ xen-init-dom0 >/var/log/xen-init-dom0.log 2>&1 || { cat /var/log/xen-init-dom0.l
 xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console || setup_failed xenconsoled
 mark "xen-ready"
 
-# host-proxy with its embedded default configuration (the simulated GPU test double).
-host-proxy serve >/var/log/host-proxy.log 2>&1 &
+# host-proxy with its embedded default configuration (the simulated GPU test double) and
+# its Prometheus endpoint on loopback (scraped once after the scenarios).
+ip link set lo up || mark "loopback-failed"
+METRICS=127.0.0.1:9464
+{ host-proxy default-config; echo "metrics_listen = \"$METRICS\""; } >/etc/host-proxy.toml
+host-proxy serve --config /etc/host-proxy.toml >/var/log/host-proxy.log 2>&1 &
 HP=$!
 i=0
 while [ $i -lt 100 ] && kill -0 $HP 2>/dev/null && [ ! -S "$HOST_PROXY_SOCKET.admin" ]; do
@@ -126,6 +130,8 @@ run_scenario() {
         fi
         if [ "$destroy_on" != - ] && grep -q "$destroy_on" "$log" 2>/dev/null; then
             relay "$log"
+            # The zone as an operator sees it while its program holds device memory.
+            host-proxy status --config /etc/host-proxy.toml 2>&1 | sed 's/^/[status] /'
             xl destroy "$dom"
             how=destroyed
             break
@@ -196,6 +202,23 @@ if grep -q '^bench ' /etc/vgpu-lab/scenarios && [ -x /usr/bin/cudarc_app ]; then
 fi
 
 sleep 0.5
+# What an operator sees: `host-proxy status` and one scrape of the metrics (histogram
+# buckets left out to keep the console short), then the figures the host side checks.
+# Every guest is gone by now; give the daemon (bounded) time to reap the last sessions.
+n=0
+while [ $n -lt 20 ] && ! host-proxy status --config /etc/host-proxy.toml 2>&1 | grep -q '^no zones'; do
+    sleep 0.25
+    n=$((n + 1))
+done
+host-proxy status --config /etc/host-proxy.toml 2>&1 | sed 's/^/[status] /'
+# (busybox 1.35's static wget crashes with -T: the time limit is timeout's.)
+if timeout 10 wget -q -O /tmp/metrics "http://$METRICS/metrics"; then
+    grep '^vgpu_' /tmp/metrics | grep -v '_bucket{' | sed 's/^/[metrics] /'
+    series() { awk -v s="$1" '$1 == s { v = $2 } END { print v + 0 }' /tmp/metrics; }
+    mark "metrics scraped=ok sessions-started=$(series vgpu_sessions_started_total) sessions-ended=$(series vgpu_sessions_ended_total) xen-slots-claimed=$(series vgpu_xen_slots_claimed_total)"
+else
+    mark "metrics scraped=failed"
+fi
 mark "zones started=$(grep -c 'zone started' /var/log/host-proxy.log) ended=$(grep -c 'zone ended' /var/log/host-proxy.log)"
 HP_STATE=$(host_proxy_state)
 mark "host-proxy-end=$HP_STATE"

@@ -844,6 +844,17 @@ struct Run {
     scenarios: BTreeMap<String, ScenarioRun>,
     /// Zones host-proxy started and ended over the whole run (from its log).
     zones: Option<(u32, u32)>,
+    /// dom0's one scrape of host-proxy's metrics after the scenarios.
+    metrics: Option<Scrape>,
+}
+
+/// The figures the lab checks from its scrape of host-proxy's Prometheus endpoint.
+#[derive(Debug, Default)]
+struct Scrape {
+    ok: bool,
+    sessions_started: u64,
+    sessions_ended: u64,
+    xen_slots_claimed: u64,
 }
 
 #[derive(Default)]
@@ -888,6 +899,10 @@ impl Run {
             if let Some(s) = self.scenarios.values_mut().find(|s| !s.ended) {
                 s.console.push(guest.to_string());
             }
+            return true;
+        }
+        // What dom0 shows of host-proxy as an operator would see it (status, one scrape).
+        if line.starts_with("[status] ") || line.starts_with("[metrics] ") {
             return true;
         }
         if line.contains("VGPU-LAB-DONE") {
@@ -943,6 +958,14 @@ impl Run {
             if let Some(v) = fields.get("host-cleanup") {
                 s.cleanup = Some(v.to_string());
             }
+        } else if event == "metrics" {
+            let n = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            self.metrics = Some(Scrape {
+                ok: fields.get("scraped") == Some(&"ok"),
+                sessions_started: n("sessions-started"),
+                sessions_ended: n("sessions-ended"),
+                xen_slots_claimed: n("xen-slots-claimed"),
+            });
         } else if event == "zones" {
             let n = |k: &str| fields.get(k).and_then(|v| v.parse().ok());
             self.zones = Some((n("started").unwrap_or(0), n("ended").unwrap_or(0)));
@@ -1178,8 +1201,35 @@ fn verdict(opts: &Options, run: &Run) -> Vec<String> {
     }
     if !run.done && !opts.shell {
         failures.push("dom0 never printed VGPU-LAB-DONE".into());
+    } else if run.done {
+        failures.extend(metrics_verdict(opts, run.metrics.as_ref()));
     }
     failures
+}
+
+/// What the metrics scrape must show after a finished run: every session ended, and at
+/// least one Xen slot claimed per CUDA scenario (each runs its program over the Xen ring).
+fn metrics_verdict(opts: &Options, scrape: Option<&Scrape>) -> Option<String> {
+    let s = match scrape {
+        None => return Some("dom0 never scraped host-proxy's metrics".into()),
+        Some(s) if !s.ok => return Some("host-proxy's metrics endpoint did not answer in dom0".into()),
+        Some(s) => s,
+    };
+    let cuda = opts.scenarios.iter().filter(|s| s.apps.contains(&CUDA_APP)).count() as u64;
+    if s.sessions_started != s.sessions_ended {
+        Some(format!(
+            "the metrics show {} sessions started but {} ended: a session outlived its guest",
+            s.sessions_started, s.sessions_ended
+        ))
+    } else if s.xen_slots_claimed < cuda {
+        Some(format!("the metrics show {} Xen slots claimed for {cuda} CUDA scenarios", s.xen_slots_claimed))
+    } else {
+        eprintln!(
+            "xen-lab: metrics: PASS ({} sessions started and ended, {} Xen slots claimed)",
+            s.sessions_started, s.xen_slots_claimed
+        );
+        None
+    }
 }
 
 fn print_tail(log_path: &Path) {
@@ -1233,6 +1283,7 @@ mod tests {
         "VGPU-LAB scenario=false domain-shutdown after=4.0 uptime=16.0",
         "VGPU-LAB scenario=false guest-state=exited guest-exit-status=1 expected-exit-status=1 uptime=16.1",
         "VGPU-LAB scenario=false end uptime=16.5",
+        "VGPU-LAB metrics scraped=ok sessions-started=0 sessions-ended=0 xen-slots-claimed=0 uptime=16.6",
         "VGPU-LAB host-proxy-end=alive uptime=16.6",
         "VGPU-LAB-DONE",
     ];
@@ -1268,7 +1319,7 @@ mod tests {
     fn a_destroyed_guest_passes_only_when_its_zone_ended() {
         let die = SCENARIOS.iter().find(|s| s.name == "die").expect("the die scenario");
         let opts = Options { scenarios: vec![die], ..options() };
-        let lines = |cleanup: &str, ended: u32| {
+        let lines = |cleanup: &str, ended: u32, scrape: &str| {
             vec![
                 "VGPU-LAB host-proxy=alive pid=1 socket=/tmp/s uptime=1".to_string(),
                 "VGPU-LAB scenario=die begin domain=d config=/d.cfg uptime=2".into(),
@@ -1276,17 +1327,26 @@ mod tests {
                 "VGPU-LAB scenario=die domain-destroyed after=3 uptime=5".into(),
                 format!("VGPU-LAB scenario=die host-cleanup={cleanup} after=3.5 uptime=5.5"),
                 "VGPU-LAB scenario=die end uptime=6".into(),
+                format!("VGPU-LAB metrics {scrape} uptime=7"),
                 format!("VGPU-LAB zones started=1 ended={ended} uptime=7"),
                 "VGPU-LAB host-proxy-end=alive uptime=8".into(),
                 "VGPU-LAB-DONE".into(),
             ]
         };
         let verdict_of = |l: Vec<String>| verdict(&opts, &run_of(&l.iter().map(String::as_str).collect::<Vec<_>>()));
-        assert_eq!(verdict_of(lines("ok", 1)), Vec::<String>::new());
-        let f = verdict_of(lines("missing", 1));
+        let good = "scraped=ok sessions-started=1 sessions-ended=1 xen-slots-claimed=1";
+        assert_eq!(verdict_of(lines("ok", 1, good)), Vec::<String>::new());
+        let f = verdict_of(lines("missing", 1, good));
         assert!(f.iter().any(|f| f.contains("did not end the zone")), "{f:?}");
-        let f = verdict_of(lines("ok", 0));
+        let f = verdict_of(lines("ok", 0, good));
         assert!(f.iter().any(|f| f.contains("outlived its guest")), "{f:?}");
+        // The metrics must agree: every session ended, a slot claimed for the CUDA scenario.
+        let f = verdict_of(lines("ok", 1, "scraped=ok sessions-started=2 sessions-ended=1 xen-slots-claimed=1"));
+        assert_eq!(f, ["the metrics show 2 sessions started but 1 ended: a session outlived its guest"]);
+        let f = verdict_of(lines("ok", 1, "scraped=ok sessions-started=1 sessions-ended=1 xen-slots-claimed=0"));
+        assert_eq!(f, ["the metrics show 0 Xen slots claimed for 1 CUDA scenarios"]);
+        let f = verdict_of(lines("ok", 1, "scraped=failed"));
+        assert_eq!(f, ["host-proxy's metrics endpoint did not answer in dom0"]);
     }
 
     #[test]

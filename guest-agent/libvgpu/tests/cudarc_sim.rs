@@ -46,6 +46,8 @@ struct Lab {
     dir: PathBuf,
     socket: PathBuf,
     libdir: PathBuf,
+    /// The daemon's Prometheus endpoint (`metrics_listen`).
+    metrics: std::net::SocketAddr,
     _daemon: Daemon,
 }
 
@@ -103,10 +105,11 @@ fn lab() -> &'static Lab {
         let socket = dir.join("host-proxy.sock");
         // SAFETY: getuid has no preconditions.
         let uid = unsafe { libc::getuid() };
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         // Zone "test" is this user; "partner" (CONSUMER_UID) shares a group with it,
         // "outsider" (OUTSIDER_UID) does not (the cross-zone IPC test runs them).
         let config = format!(
-            "socket = {socket:?}\nbackend = \"sim\"\nsim_memory_bytes = 4294967296\n\n\
+"socket = {socket:?}\nbackend = \"sim\"\nsim_memory_bytes = 4294967296\nmetrics_listen = \"{metrics}\"\n\n\
              [[zone]]\nname = \"test\"\nuid = {uid}\n[zone.quotas]\nmem_bytes = 268435456\nmax_handles = 4096\nmax_async_in_flight = 1024\n\n\
              [[zone]]\nname = \"partner\"\nuid = {CONSUMER_UID}\n\n[[zone]]\nname = \"outsider\"\nuid = {OUTSIDER_UID}\n\n\
              [[sharing_group]]\nname = \"pipeline\"\nzones = [\"test\", \"partner\"]\n",
@@ -128,7 +131,7 @@ fn lab() -> &'static Lab {
         // apart by SO_PEERCRED.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
-        Lab { dir, socket, libdir, _daemon: daemon }
+        Lab { dir, socket, libdir, metrics, _daemon: daemon }
     })
 }
 
@@ -372,6 +375,28 @@ fn ipc_across_zones_follows_sharing_groups() {
     let rest: Vec<String> = lines.map(Result::unwrap).collect();
     assert!(producer.wait().unwrap().success(), "producer failed: {rest:?}");
     assert!(rest.iter().any(|l| l == "ok: producer sees the consumer's writes"), "{rest:?}");
+    // The daemon counted both decisions under the opening zone (only this test opens
+    // from these two zones).
+    let text = scrape_metrics();
+    let opens = |zone: &str, result: &str| {
+        let series = format!("vgpu_zone_ipc_opens_total{{zone=\"{zone}\",result=\"{result}\"}}");
+        text.lines().find_map(|l| l.strip_prefix(series.as_str()).and_then(|v| v.trim().parse::<u64>().ok()))
+    };
+    assert_eq!(opens("outsider", "refused"), Some(1), "{text}");
+    assert_eq!(opens("outsider", "granted"), Some(0), "{text}");
+    assert_eq!(opens("partner", "granted"), Some(1), "{text}");
+    assert_eq!(opens("partner", "refused"), Some(0), "{text}");
+}
+
+/// The lab daemon's metrics page (`GET /metrics`), without the HTTP header.
+fn scrape_metrics() -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(lab().metrics).expect("the metrics endpoint");
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: lab\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
 }
 
 /// The shared library exports exactly the table's entry points (and nothing else named
