@@ -14,7 +14,11 @@
 # outputs) and host-proxy.log. BENCH_COMMIT names the measured commit in the table (else
 # git's HEAD, which on a copied tree may be stale); BENCH_ROUNDS sets the rounds (default
 # 2). HOST_PROXY_BACKEND=sim (a dry run of the script itself off a GPU machine) gives the
-# daemon the simulated test double instead.
+# daemon the simulated test double instead. The daemon serves its Prometheus metrics on
+# loopback and a scraper reads them every METRICS_SCRAPE_S seconds (default 1; 0: no
+# metrics endpoint) while the remoted program runs, as an operator's Prometheus would (more
+# often): the measured cost includes the per-request statistics and their scrapes. The last
+# scrape of each round goes to metrics-<round>.txt ($OUT too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -42,6 +46,7 @@ on_exit() {
             [ -f "$f" ] && { echo "==> $(basename "$f")"; cat "$f"; }
         done >"$OUT/raw.txt" 2>/dev/null || true
         cat "$out"/host-proxy-*.log >"$OUT/host-proxy.log" 2>/dev/null || true
+        cp "$out"/metrics-*.txt "$OUT/" 2>/dev/null || true
     fi
 }
 trap on_exit EXIT
@@ -60,17 +65,37 @@ build_bench "$src" "$work" # sets $bin and $k
 
 # ---- libvgpu and host-proxy ----
 stage_remoting "$carry" "$work" # sets $lib and $guest_ld
+scrape_every=${METRICS_SCRAPE_S:-1}
+metrics_port=9464
+if [ "$scrape_every" != 0 ]; then
+    write_daemon_config "$work/host-proxy.toml" "$sock" "metrics_listen = \"127.0.0.1:$metrics_port\""
+fi
 require_libvgpu "$bin" "$lib"
+
+# scrape <file>: one GET /metrics from the daemon (bash's /dev/tcp, bounded), body to <file>.
+scrape() {
+    timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$metrics_port && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3" \
+        2>/dev/null | tr -d '\r' | sed '1,/^$/d' >"$1.tmp" && [ -s "$1.tmp" ] && mv "$1.tmp" "$1"
+}
 
 # run_bench <native|remoted> <round>: output in $out/<mode>-<round>.txt; never fails the
 # script (a failed run leaves its partial output and an `exit status` line).
 run_bench() {
-    local mode=$1 r=$2 rc=0 f=$out/$1-$2.txt
+    local mode=$1 r=$2 rc=0 f=$out/$1-$2.txt scraper=""
     if [ "$mode" = native ]; then
         timeout 180 "$bin" "$k" >"$f" 2>"$out/$mode-$r.err" || rc=$?
     else
+        if [ "$scrape_every" != 0 ]; then
+            (while sleep "$scrape_every"; do scrape "$out/metrics-$r.txt" || true; done) &
+            scraper=$!
+        fi
         LD_LIBRARY_PATH=$guest_ld VGPU_SOCKET=$sock VGPU_LOG=warn \
             timeout 180 "$bin" "$k" >"$f" 2>"$out/$mode-$r.err" || rc=$?
+        if [ -n "$scraper" ]; then
+            kill "$scraper" 2>/dev/null || true
+            wait "$scraper" 2>/dev/null || true
+            scrape "$out/metrics-$r.txt" || echo "  (no metrics scrape after round $r)"
+        fi
     fi
     echo "# exit status: $rc" >>"$f"
     if [ "$rc" -ne 0 ]; then any_fail=1; fi
