@@ -160,7 +160,23 @@ pub struct Registry {
     exports: HashMap<Token, Export>,
     /// IPC opens decided, by the opening zone's name: (granted, refused by the policy).
     opens: std::collections::BTreeMap<String, (u64, u64)>,
+    /// Refused opens not yet taken by the daemon's event log (bounded: the oldest fall off).
+    refusals: std::collections::VecDeque<Refusal>,
 }
+
+/// A CUDA IPC open refused by the policy, for the daemon's event log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The opening worker's connection.
+    pub conn: u32,
+    /// The opening zone.
+    pub zone: String,
+    /// The exporting zone.
+    pub exporter: String,
+}
+
+/// Refusals kept until the daemon takes them.
+const MAX_REFUSALS: usize = 64;
 
 impl Registry {
     /// Records a live worker.
@@ -206,10 +222,19 @@ impl Registry {
             counts.0 += 1;
         } else {
             counts.1 += 1;
+            if self.refusals.len() == MAX_REFUSALS {
+                self.refusals.pop_front();
+            }
+            self.refusals.push_back(Refusal { conn, zone: opener.zone.clone(), exporter: exporter.zone.clone() });
         }
         verdict?;
         export.importers.insert(conn);
         Ok((export.payload.clone(), export.size))
+    }
+
+    /// The refused opens since the last call (at most the last 64).
+    pub fn take_refusals(&mut self) -> Vec<Refusal> {
+        self.refusals.drain(..).collect()
     }
 
     /// IPC opens decided so far, by the opening zone: (granted, refused by the policy).

@@ -15,6 +15,7 @@
 
 use crate::broker::{Broker, Peer};
 use crate::config::{Config, Placement, XenMode};
+use crate::events::{Events, Kind};
 use crate::ledger::ZoneLedger;
 use crate::metrics::{DaemonCounters, ZoneNow};
 use crate::mps::MpsServers;
@@ -69,6 +70,10 @@ struct Plane {
     nvml: Option<Arc<crate::nvml::Nvml>>,
     /// Requests per second per zone, sampled each second.
     rates: Arc<Mutex<BTreeMap<String, Rate>>>,
+    /// The per-zone event log (`host-proxy events`).
+    events: Arc<Events>,
+    /// Faults already reported as events, by zone.
+    faults_seen: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 /// A zone's request rate: the last sample (total requests and when) and the rate then.
@@ -144,6 +149,8 @@ pub async fn run(config: Config, exe: PathBuf, pci: Option<String>) -> Result<()
         xen: xen_counters,
         nvml,
         rates: Arc::default(),
+        events: Arc::default(),
+        faults_seen: Arc::default(),
     };
     if let Some(addr) = config.metrics_listen {
         let listener =
@@ -210,7 +217,10 @@ pub async fn run(config: Config, exe: PathBuf, pci: Option<String>) -> Result<()
                 let plane = plane.clone();
                 tokio::spawn(async move { let _ = report(stream, &plane).await; });
             },
-            _ = tick.tick() => sample_rates(&plane),
+            _ = tick.tick() => {
+                sample_rates(&plane);
+                note_ipc_refusals(&plane);
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
@@ -260,7 +270,8 @@ fn start_toolstack(
 }
 
 /// The admin report: one line per live session, `key=value` fields (the zone's totals from
-/// its ledger on each of its sessions' lines), then `end`. `host-proxy status` reads it.
+/// its ledger on each of its sessions' lines), then the event log (`event {json}`, oldest
+/// first), then `end`. `host-proxy status` and `host-proxy events` read it.
 async fn report(mut stream: UnixStream, plane: &Plane) -> std::io::Result<()> {
     let snapshot = plane.ledgers.snapshot();
     let rates = plane.rates.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -292,10 +303,45 @@ async fn report(mut stream: UnixStream, plane: &Plane) -> std::io::Result<()> {
                 tally.counts.errors,
             ));
         }
+        for e in plane.events.recent() {
+            t.push_str("event ");
+            t.push_str(&serde_json::to_string(&e).expect("plain data serialises"));
+            t.push('\n');
+        }
         t.push_str("end\n");
         t
     };
     stream.write_all(text.as_bytes()).await
+}
+
+/// Records zone `name`'s new faults (its statistics, ended sessions included, against what
+/// was reported before) as one event naming the last error.
+fn note_faults(plane: &Plane, name: &str, live: &crate::ledger::Tally) {
+    let total = plane.counters.total(name, live);
+    let faults = total.faults();
+    let new = {
+        let mut seen = plane.faults_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let before = seen.entry(name.to_owned()).or_default();
+        let new = faults.saturating_sub(*before);
+        *before = (*before).max(faults);
+        new
+    };
+    if new > 0 {
+        let last = total.last_error().map_or_else(String::new, |e| format!(": last {} from {}", e.name, e.request));
+        plane.events.push(name, Kind::Fault, None, format!("{new} new fault(s), {faults} in all{last}"));
+    }
+}
+
+/// Takes the broker's refused CUDA IPC opens into the event log.
+fn note_ipc_refusals(plane: &Plane) {
+    for r in plane.broker.registry().take_refusals() {
+        plane.events.push(
+            &r.zone,
+            Kind::IpcRefused,
+            Some(r.conn),
+            format!("CUDA IPC open of an export of zone {:?} refused: no sharing group in common (CUDA_ERROR_NOT_PERMITTED)", r.exporter),
+        );
+    }
 }
 
 /// Makes the worker die with the daemon: should the daemon be killed (or crash) without
@@ -333,6 +379,7 @@ fn sample_rates(plane: &Plane) {
     let mut rates = plane.rates.lock().unwrap_or_else(|p| p.into_inner());
     rates.retain(|name, _| snapshot.contains_key(name));
     for (name, (_, _, live, _)) in &snapshot {
+        note_faults(plane, name, live);
         let total = plane.counters.total(name, live).counts.requests;
         let r = rates.entry(name.clone()).or_insert(Rate { total, at: now, per_s: 0.0 });
         let dt = now.duration_since(r.at).as_secs_f64();
@@ -419,20 +466,33 @@ fn start_zone(plane: &Plane, id: u32, stream: UnixStream) -> Result<()> {
     let peer = Peer { conn: id, zone: name.clone(), uid: cred.uid(), groups: config.groups_of(&name) };
     let Spawned { mut child, slot, mps_ended } = spawn_worker(plane, launch, peer, cred.pid(), None)?;
     tracing::info!(zone = id, name = %name, uid = cred.uid(), peer_pid = ?cred.pid(), worker_pid = ?child.id(), slot = ?slot.as_ref().map(|s| s.1), sharing = ?config.placement_of(&name), "zone started");
+    // A session without a ledger slot was refused by max_sessions (an event already).
+    if slot.is_some() {
+        let pid = cred.pid().map_or("?".to_owned(), |p| p.to_string());
+        let worker = child.id().map_or("?".to_owned(), |p| p.to_string());
+        plane.events.push(
+            &name,
+            Kind::SessionStarted,
+            Some(id),
+            format!("uid {} pid {pid}, worker pid {worker}", cred.uid()),
+        );
+    }
     let plane = plane.clone();
     tokio::spawn(async move {
-        let status = supervise(id, &mut child, mps_ended, None).await;
-        zone_ended(&plane, id, status, slot).await;
+        let (status, why) = supervise(id, &mut child, mps_ended, None).await;
+        zone_ended(&plane, id, status, why, slot).await;
     });
     Ok(())
 }
 
 /// After a worker exits: its exports die with it (importers are told) before the zone is
 /// reported gone, and its ledger slot (what it held, as published) is cleared and freed.
+/// `why` is the daemon's reason when it ended the session itself.
 async fn zone_ended(
     plane: &Plane,
     id: u32,
     status: std::io::Result<std::process::ExitStatus>,
+    why: Option<Kind>,
     slot: Option<(String, u32)>,
 ) {
     plane.broker.detach(id).await;
@@ -447,6 +507,32 @@ async fn zone_ended(
     }
     plane.counters.ended(name.as_deref().unwrap_or("?"), &tally);
     plane.zones.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    if let Some(name) = &name {
+        let live = plane.ledgers.snapshot().remove(name).map(|z| z.2).unwrap_or_default();
+        note_faults(plane, name, &live);
+        let refused = matches!(&status, Ok(s) if s.code() == Some(crate::worker::REFUSED_EXIT));
+        let did = format!("after {} requests ({} errors)", tally.counts.requests, tally.counts.errors);
+        let event = match (&status, why) {
+            (_, Some(Kind::DomainGone)) => {
+                Some((Kind::DomainGone, format!("the guest domain is gone: its worker was killed {did}")))
+            }
+            (_, Some(kind)) => Some((kind, format!("its MPS group's server is gone: the session was ended {did}"))),
+            // Without a slot: refused by max_sessions, an event already.
+            _ if refused && slot.is_none() => None,
+            _ if refused => {
+                Some((Kind::SessionRefused, "memory: its context does not fit the zone's memory quota".into()))
+            }
+            (Ok(s), None) if s.success() => Some((Kind::SessionEnded, format!("the guest disconnected {did}"))),
+            (Ok(s), None) => Some((
+                Kind::SessionFailed,
+                format!("the worker ended abnormally ({s}) {did}; its resources are released"),
+            )),
+            (Err(e), None) => Some((Kind::SessionFailed, format!("lost track of the worker: {e}"))),
+        };
+        if let Some((kind, detail)) = event {
+            plane.events.push(name, kind, Some(id), detail);
+        }
+    }
     match status {
         Ok(s) if s.success() => tracing::info!(zone = id, "zone ended: guest disconnected"),
         Ok(s) => tracing::warn!(zone = id, status = %s, "zone ended abnormally; its resources are released"),
@@ -466,16 +552,21 @@ fn start_xen_zone(plane: &Plane, id: u32, domid: u16, slot: u32, domain: &str, x
     let peer = Peer { conn: id, zone: name.clone(), uid: 0, groups: config.groups_of(&name) };
     let Spawned { mut child, slot: ledger_slot, mps_ended } = spawn_worker(plane, launch, peer, None, Some(domid))?;
     tracing::info!(zone = id, name = %name, domid, slot, worker_pid = ?child.id(), "zone started (Xen guest)");
+    if ledger_slot.is_some() {
+        let worker = child.id().map_or("?".to_owned(), |p| p.to_string());
+        let detail = format!("Xen domain {domain:?} (domid {domid}, slot {slot}), worker pid {worker}");
+        plane.events.push(&name, Kind::SessionStarted, Some(id), detail);
+    }
     let kill = Arc::new(tokio::sync::Notify::new());
     xen.kills.lock().unwrap_or_else(|p| p.into_inner()).entry(domid).or_default().push(kill.clone());
     let (plane, done, kills) = (plane.clone(), xen.done.clone(), xen.kills.clone());
     tokio::spawn(async move {
-        let status = supervise(id, &mut child, mps_ended, Some((domid, kill.clone()))).await;
+        let (status, why) = supervise(id, &mut child, mps_ended, Some((domid, kill.clone()))).await;
         if let Some(list) = kills.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&domid) {
             list.retain(|k| !Arc::ptr_eq(k, &kill));
         }
         let failed = !matches!(&status, Ok(s) if s.success());
-        zone_ended(&plane, id, status, ledger_slot).await;
+        zone_ended(&plane, id, status, why, ledger_slot).await;
         let _ = done.send(ToToolstack::SlotDone { domid, slot, failed });
     });
     Ok(())
@@ -541,27 +632,28 @@ struct Spawned {
 }
 
 /// Waits for a worker's exit; kills it first when its MPS group's server is gone (its
-/// driver's server ended: the session cannot go on) or when `kill` is notified.
+/// driver's server ended: the session cannot go on) or when `kill` is notified. Returns
+/// its exit and, when the daemon ended it, why ([`Kind::MpsEnded`], [`Kind::DomainGone`]).
 async fn supervise(
     id: u32,
     child: &mut tokio::process::Child,
     mps_ended: Option<Arc<tokio::sync::Notify>>,
     kill: Option<(u16, Arc<tokio::sync::Notify>)>,
-) -> std::io::Result<std::process::ExitStatus> {
+) -> (std::io::Result<std::process::ExitStatus>, Option<Kind>) {
     let never = || Arc::new(tokio::sync::Notify::new());
     let domid = kill.as_ref().map(|k| k.0);
     let (mps_ended, kill) = (mps_ended.unwrap_or_else(never), kill.map_or_else(never, |k| k.1));
     tokio::select! {
-        s = child.wait() => s,
+        s = child.wait() => (s, None),
         _ = mps_ended.notified() => {
             tracing::warn!(zone = id, "ending the session: its MPS group's server is gone");
             let _ = child.kill().await;
-            child.wait().await
+            (child.wait().await, Some(Kind::MpsEnded))
         }
         _ = kill.notified() => {
             tracing::info!(zone = id, domid = domid.unwrap_or_default(), "guest domain gone: killing its worker");
             let _ = child.kill().await;
-            child.wait().await
+            (child.wait().await, Some(Kind::DomainGone))
         }
     }
 }
@@ -653,6 +745,11 @@ fn worker_command(
     let (config, exe, ledgers, mps) = (&plane.config, &plane.exe, &plane.ledgers, &plane.mps);
     if ledgers.peek_full(name, quotas) == Some(true) {
         plane.counters.refused(name, "max_sessions");
+        let detail = format!(
+            "max_sessions: the zone has its {} sessions already (CUDA_ERROR_NOT_PERMITTED)",
+            quotas.max_sessions
+        );
+        plane.events.push(name, Kind::SessionRefused, Some(id), detail);
     }
     // The broker channel: ours stays close-on-exec; the worker's end is inherited only by it.
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("cannot make the IPC broker channel")?;

@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 #[allow(unsafe_code)] // descriptors, pipes and stdio of the worker process
 pub mod device_output;
+pub mod events;
 pub mod handles;
 pub mod image;
 pub mod ledger;

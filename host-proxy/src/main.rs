@@ -45,6 +45,23 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Show the running daemon's recent zone events (oldest first): sessions started,
+    /// ended, failed or refused, guest domains gone, MPS servers gone, CUDA IPC opens
+    /// refused, faults (from its admin socket; the daemon keeps the last 512).
+    Events {
+        /// The daemon's configuration (for its socket); default: the embedded default's.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The daemon's listening socket (its admin socket is `<socket>.admin`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Only this zone's events.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the running daemon's zones: sessions, memory used against the quota, live
     /// objects, sharing mode, uptime (from its admin socket).
     Status {
@@ -133,13 +150,18 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Status { config, socket, json } => {
-            let socket = match (socket, &config) {
-                (Some(s), _) => s,
-                (None, Some(path)) => Config::load(path)?.socket,
-                (None, None) => Config::parse(EMBEDDED_DEFAULT, "<embedded default>".as_ref())?.socket,
-            };
-            let zones = host_proxy::status::query(&socket)?;
+            let zones = host_proxy::status::query(&daemon_socket(socket, config.as_deref())?)?;
             print!("{}", if json { host_proxy::status::json(&zones) } else { host_proxy::status::table(&zones) });
+            Ok(())
+        }
+        Command::Events { config, socket, zone, json } => {
+            let mut events = host_proxy::status::query_events(&daemon_socket(socket, config.as_deref())?)?;
+            if let Some(zone) = &zone {
+                events.retain(|e| &e.zone == zone);
+            }
+            let text =
+                if json { host_proxy::status::events_json(&events) } else { host_proxy::status::events_table(&events) };
+            print!("{text}");
             Ok(())
         }
         Command::Worker(args) => {
@@ -159,6 +181,16 @@ fn main() -> Result<()> {
             }
         },
     }
+}
+
+/// The daemon's socket for `status` and `events`: `--socket`, else the configuration's,
+/// else the embedded default's.
+fn daemon_socket(socket: Option<PathBuf>, config: Option<&std::path::Path>) -> Result<PathBuf> {
+    Ok(match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(path)) => Config::load(path)?.socket,
+        (None, None) => Config::parse(EMBEDDED_DEFAULT, "<embedded default>".as_ref())?.socket,
+    })
 }
 
 /// `host-proxy probe`: opens the backend; one line about what it found.

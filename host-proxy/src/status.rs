@@ -1,5 +1,6 @@
-//! `host-proxy status`: what the running daemon serves, per zone, from its admin socket
-//! (`<socket>.admin`: one `key=value` line per live session, then `end`; see
+//! `host-proxy status` and `host-proxy events`: what the running daemon serves, per zone,
+//! and what happened to its zones, from its admin socket (`<socket>.admin`: one `key=value`
+//! line per live session, the event log as `event {json}` lines, then `end`; see
 //! `daemon::report`).
 
 use anyhow::{Context, Result};
@@ -8,6 +9,8 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::Duration;
+
+pub use crate::events::Event;
 
 /// One zone as the daemon reports it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -68,6 +71,21 @@ pub struct SessionStatus {
 
 /// Asks the daemon listening on `socket` for its zones.
 pub fn query(socket: &Path) -> Result<Vec<ZoneStatus>> {
+    report(socket).map(|lines| parse(&lines))
+}
+
+/// Asks the daemon listening on `socket` for its event log (oldest first).
+pub fn query_events(socket: &Path) -> Result<Vec<Event>> {
+    report(socket).map(|lines| parse_events(&lines))
+}
+
+/// The events of the report's `event` lines (a line that does not parse is left out).
+pub fn parse_events(lines: &[String]) -> Vec<Event> {
+    lines.iter().filter_map(|l| l.strip_prefix("event ")).filter_map(|j| serde_json::from_str(j).ok()).collect()
+}
+
+/// The admin report's lines, without its `end`.
+fn report(socket: &Path) -> Result<Vec<String>> {
     let admin = crate::daemon::admin_socket_path(socket);
     let stream = std::os::unix::net::UnixStream::connect(&admin).with_context(|| {
         format!("no host-proxy is running on {} (cannot connect to {})", socket.display(), admin.display())
@@ -77,7 +95,7 @@ pub fn query(socket: &Path) -> Result<Vec<ZoneStatus>> {
     for line in BufReader::new(stream).lines() {
         let line = line.context("the daemon's report broke off")?;
         if line == "end" {
-            return Ok(parse(&lines));
+            return Ok(lines);
         }
         lines.push(line);
     }
@@ -178,6 +196,54 @@ pub fn table(zones: &[ZoneStatus]) -> String {
     t
 }
 
+/// The event log as a table, oldest first: time (UTC), zone, session, event, detail.
+pub fn events_table(events: &[Event]) -> String {
+    if events.is_empty() {
+        return "no events: no session has started since host-proxy started\n".to_owned();
+    }
+    let mut t = format!("{:<23} {:<20} {:>7}  {:<16} {}\n", "TIME (UTC)", "ZONE", "SESSION", "EVENT", "DETAIL");
+    for e in events {
+        let session = e.session.map_or_else(|| "-".to_owned(), |s| s.to_string());
+        t.push_str(&format!(
+            "{:<23} {:<20} {:>7}  {:<16} {}\n",
+            utc(e.unix_ms),
+            e.zone,
+            session,
+            e.kind.name(),
+            e.detail
+        ));
+    }
+    t
+}
+
+/// The event log as JSON (`{"events": [...]}`).
+pub fn events_json(events: &[Event]) -> String {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        events: &'a [Event],
+    }
+    let mut s = serde_json::to_string_pretty(&Out { events }).expect("plain data serialises");
+    s.push('\n');
+    s
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` (UTC) of a Unix time in milliseconds (the proleptic
+/// Gregorian calendar, days to civil date after Howard Hinnant's `civil_from_days`).
+fn utc(unix_ms: u64) -> String {
+    let (days, ms) = ((unix_ms / 86_400_000) as i64, unix_ms % 86_400_000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let s = ms / 1000;
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}", s / 3600, s / 60 % 60, s % 60, ms % 1000)
+}
+
 /// The zones as JSON (`{"zones": [...]}`).
 pub fn json(zones: &[ZoneStatus]) -> String {
     #[derive(Serialize)]
@@ -192,6 +258,25 @@ pub fn json(zones: &[ZoneStatus]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_render_with_utc_times() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00.000");
+        assert_eq!(utc(1_796_255_999_999), "2026-12-02 23:59:59.999");
+        let lines = [
+            r#"event {"seq":1,"unix_ms":1796255999999,"zone":"a","kind":"session-refused","session":4,"detail":"max_sessions"}"#,
+            "event {not json",
+            "zone 3 name=a uid=1",
+        ]
+        .map(String::from);
+        let e = parse_events(&lines);
+        assert_eq!(e.len(), 1);
+        let t = events_table(&e);
+        assert!(t.contains("2026-12-02 23:59:59.999 a") && t.contains("session-refused  max_sessions"), "{t}");
+        assert_eq!(parse(&lines).len(), 1, "status reads only the zone lines");
+        assert!(events_table(&[]).starts_with("no events"));
+    }
 
     #[test]
     fn sessions_are_grouped_by_zone() {

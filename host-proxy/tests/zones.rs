@@ -93,7 +93,12 @@ impl Daemon {
         let mut p = self.socket.as_os_str().to_owned();
         p.push(".admin");
         let s = UnixStream::connect(PathBuf::from(p)).expect("admin socket");
-        BufReader::new(s).lines().map(|l| l.unwrap()).take_while(|l| l != "end").collect()
+        BufReader::new(s)
+            .lines()
+            .map(|l| l.unwrap())
+            .take_while(|l| l != "end")
+            .filter(|l| l.starts_with("zone "))
+            .collect()
     }
 }
 
@@ -1220,4 +1225,69 @@ fn metrics_move_as_the_zone_acts() {
     assert_eq!(value(&text, "vgpu_sessions_started_total"), Some(3));
     assert_eq!(value(&text, "vgpu_sessions_ended_total"), Some(3));
     assert!(get("/other").starts_with("HTTP/1.1 404"));
+}
+
+/// `host-proxy events`: the daemon's log of what happened to each zone — sessions started
+/// and ended (with what they did), a session refused by `max_sessions`, a fault — oldest
+/// first, as a table and as JSON, filtered by zone; a clear message when no daemon runs.
+#[test]
+fn events_tell_what_happened_to_each_zone() {
+    let exe = std::env::var("VGPU_HOST_PROXY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_host-proxy").into());
+    let events = |socket: &Path, args: &[&str]| {
+        let out = Command::new(&exe).args(["events", "--socket"]).arg(socket).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let d = Daemon::start_with(
+        "events",
+        &format!("mem_bytes = {MEM_QUOTA}\nmax_handles = 16\nmax_async_in_flight = 64\nmax_sessions = 1\ncontext_mem_bytes = 0\n"),
+    );
+    let (ok, text, _) = events(&d.socket, &[]);
+    assert!(ok);
+    assert_eq!(text, "no events: no session has started since host-proxy started\n");
+    let zone = {
+        let mut a = Guest::connect(&d.socket);
+        let zone = d.zones()[0].split("name=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+        assert_eq!(Guest::session(&d.socket).attach(), Err(CuResult::NOT_PERMITTED), "over max_sessions");
+        // A kernel writing outside the zone's memory faults (ILLEGAL_ADDRESS).
+        let hmod = a.load_module(FILL_PTX).unwrap();
+        let f = a
+            .call::<_, CuModuleGetFunctionReply>(&CuModuleGetFunction { hmod, name: "fill_u32".into() })
+            .unwrap()
+            .hfunc;
+        let mut params = 0x10u64.to_le_bytes().to_vec();
+        params.extend_from_slice(&[0; 8]);
+        params.extend_from_slice(&64u64.to_le_bytes());
+        let config = LaunchConfig { grid: [1, 1, 1], block: [64, 1, 1], shared_mem_bytes: 0, attrs: Vec::new() };
+        let r = a.done(&Launch { func: f, config, stream: Handle(0), params });
+        let r = r.and_then(|()| a.done(&CuCtxSynchronize {}));
+        assert_eq!(r, Err(CuResult::ILLEGAL_ADDRESS));
+        zone
+    };
+    wait_for("the session's end and the fault in the log", || {
+        let (_, text, _) = events(&d.socket, &[]);
+        text.contains("session-ended") && text.contains(" fault ")
+    });
+    let (_, table, _) = events(&d.socket, &[]);
+    eprintln!("{table}");
+    let kinds: Vec<&str> = table.lines().skip(1).filter_map(|l| l.split_whitespace().nth(4)).collect();
+    assert_eq!(kinds.first(), Some(&"session-started"), "{table}");
+    assert!(kinds.contains(&"session-refused") && kinds.contains(&"fault"), "{table}");
+    assert_eq!(kinds.last(), Some(&"session-ended"), "{table}");
+    assert!(table.contains("max_sessions: the zone has its 1 sessions already"), "{table}");
+    assert!(table.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "the fault names its error: {table}");
+    let (_, json, _) = events(&d.socket, &["--json", "--zone", &zone]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let list = v["events"].as_array().unwrap();
+    assert_eq!(list.len(), kinds.len(), "every event is the zone's: {json}");
+    assert!(list.windows(2).all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()), "oldest first");
+    let (_, json, _) = events(&d.socket, &["--json", "--zone", "nobody"]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&json).unwrap()["events"].as_array().unwrap().len(), 0);
+    drop(d);
+    let (ok, _, err) = events(&std::env::temp_dir().join("vgpu-test-none/hp.sock"), &[]);
+    assert!(!ok);
+    assert!(err.contains("no host-proxy is running on"), "{err}");
 }

@@ -386,6 +386,22 @@ fn ipc_across_zones_follows_sharing_groups() {
     assert_eq!(opens("outsider", "granted"), Some(0), "{text}");
     assert_eq!(opens("partner", "granted"), Some(1), "{text}");
     assert_eq!(opens("partner", "refused"), Some(0), "{text}");
+    // And the refusal is an event of the outsider's zone, naming the exporter's
+    // (the daemon takes the broker's refusals into its log each second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let out = Command::new(host_proxy_bin())
+            .args(["events", "--zone", "outsider", "--socket"])
+            .arg(&lab().socket)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("ipc-refused") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(events.contains("ipc-refused") && events.contains("export of zone \"test\""), "{events}");
 }
 
 /// The lab daemon's metrics page (`GET /metrics`), without the HTTP header.
