@@ -384,7 +384,7 @@ pub fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> io::Result<T> {
 }
 
 /// Takes the first complete frame's body out of `buf`, if there is one.
-fn take_frame(buf: &mut Vec<u8>) -> io::Result<Option<Vec<u8>>> {
+pub fn take_frame(buf: &mut Vec<u8>) -> io::Result<Option<Vec<u8>>> {
     let Some(prefix) = buf.get(..4) else { return Ok(None) };
     let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
     if len > MAX_FRAME {
@@ -750,8 +750,8 @@ impl Broker {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod test_utils {
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils {
     //! An in-process broker over a shared [`Registry`], for zone tests.
     use super::*;
     use std::cell::RefCell;
@@ -760,6 +760,7 @@ pub(crate) mod test_utils {
     /// The shared state of several [`LocalBroker`]s.
     #[derive(Default)]
     pub struct Hub {
+        /// The registry the brokers share.
         pub registry: Registry,
         /// Notices not yet collected, by importer.
         pub notices: HashMap<u32, Vec<Token>>,
@@ -770,7 +771,9 @@ pub(crate) mod test_utils {
 
     /// One zone's broker connection, in-process.
     pub struct LocalBroker {
+        /// The shared state.
         pub hub: Rc<RefCell<Hub>>,
+        /// This zone's connection id.
         pub conn: u32,
     }
 

@@ -18,6 +18,8 @@ pub mod daemon;
 #[allow(unsafe_code)] // descriptors, pipes and stdio of the worker process
 pub mod device_output;
 pub mod events;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzz;
 pub mod handles;
 pub mod image;
 pub mod ledger;

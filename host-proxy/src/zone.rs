@@ -273,6 +273,16 @@ enum Lookup {
 /// `(what, parent handle, context, name)`.
 type LookupKey = (Lookup, Handle, Handle, Vec<u8>);
 
+/// What [`Zone::audit`] recomputed from the zone's tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Audit {
+    /// Device memory the backend should hold for the zone: live allocations, the free
+    /// cache and physical memory (module globals are the module's, not counted).
+    pub device_bytes: u64,
+    /// Live objects counted against `max_handles`.
+    pub objects: u64,
+}
+
 /// One zone's state.
 pub struct Zone<B: GpuBackend> {
     id: u32,
@@ -545,6 +555,17 @@ impl<B: GpuBackend> Zone<B> {
         ZoneCtx { zone: self, window }
     }
 
+    /// The backend (tests and fuzz targets compare what it holds with [`Zone::audit`]).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, to change behind the zone's back (tests and fuzz targets plant memory
+    /// the zone does not know).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// Device memory the zone holds (allocations; module globals are not counted).
     pub fn mem_used(&self) -> u64 {
         self.mem_used
@@ -659,6 +680,71 @@ impl<B: GpuBackend> Zone<B> {
             + u64::from(self.graph_execs.len())
             + u64::from(self.graph_nodes.len())
             + u64::from(self.phys.len())
+    }
+
+    /// Recomputes the zone's accounting from its tables and checks it against the running
+    /// totals and the invariants the range checks rely on: ranges never overlap, memory
+    /// charged is the sum of live allocations and physical memory, the free cache's total is
+    /// what it holds, every export names a live allocation, every live import is a range
+    /// and every import range a live import, and the zone holds no more than its quotas.
+    /// The fuzz targets and tests call it after each request; it costs a walk over every
+    /// table, so the worker does not.
+    pub fn audit(&self) -> Result<Audit, String> {
+        let mut end_of_last: Option<(u64, u64)> = None;
+        let (mut alloc_bytes, mut allocations, mut import_ranges) = (0u64, 0u32, 0usize);
+        for (&start, r) in &self.ranges {
+            let end = start.checked_add(r.size).ok_or(format!("range {start:#x}+{:#x} wraps", r.size))?;
+            if r.size == 0 {
+                return Err(format!("empty range at {start:#x}"));
+            }
+            if let Some((s, e)) = end_of_last.filter(|(_, e)| *e > start) {
+                return Err(format!("range {start:#x}..{end:#x} overlaps {s:#x}..{e:#x}"));
+            }
+            end_of_last = Some((start, end));
+            match r.owner {
+                Owner::Alloc => {
+                    alloc_bytes += r.size;
+                    allocations += 1;
+                }
+                Owner::Import => {
+                    import_ranges += 1;
+                    if !self.imports.get(&start).is_some_and(|i| i.live) {
+                        return Err(format!("import range {start:#x} without a live import"));
+                    }
+                }
+                Owner::Global(_) | Owner::Mapped(_) => {}
+            }
+        }
+        let live_imports = self.imports.values().filter(|i| i.live).count();
+        if live_imports != import_ranges {
+            return Err(format!("{live_imports} live imports but {import_ranges} import ranges"));
+        }
+        if allocations != self.allocations {
+            return Err(format!("{allocations} allocation ranges, {} counted", self.allocations));
+        }
+        let phys_bytes = self.phys_bytes();
+        if alloc_bytes + phys_bytes != self.mem_used {
+            return Err(format!(
+                "allocations {alloc_bytes} + physical {phys_bytes} bytes, but {} counted",
+                self.mem_used
+            ));
+        }
+        let cached: u64 = self.free_cache.iter().map(|((_, size), ptrs)| size * ptrs.len() as u64).sum();
+        if cached != self.cached_bytes {
+            return Err(format!("free cache holds {cached} bytes, {} counted", self.cached_bytes));
+        }
+        if let Some(start) = self.exports.keys().find(|s| !self.ranges.get(s).is_some_and(|r| r.owner == Owner::Alloc))
+        {
+            return Err(format!("export of {start:#x}, which is no live allocation"));
+        }
+        let u = self.usage();
+        if u.mem_bytes > self.quotas.mem_bytes {
+            return Err(format!("{} bytes charged over the {} byte quota", u.mem_bytes, self.quotas.mem_bytes));
+        }
+        if u.objects > u64::from(self.quotas.max_handles) {
+            return Err(format!("{} objects over the quota of {}", u.objects, self.quotas.max_handles));
+        }
+        Ok(Audit { device_bytes: alloc_bytes + cached + phys_bytes, objects: u.objects })
     }
 
     /// The primary context's handle.

@@ -315,7 +315,68 @@ pub struct SimModule(u64);
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct SimFunction(u64);
 
+/// What the simulated GPU holds ([`SimGpu::held`]): tests and fuzz targets check a zone's
+/// accounting against it, and that a torn-down zone left nothing behind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimHeld {
+    /// Bytes of allocations made by `mem_alloc` (and their count).
+    pub user_bytes: u64,
+    /// Live `mem_alloc` allocations.
+    pub allocations: usize,
+    /// Bytes of modules' globals.
+    pub module_bytes: u64,
+    /// Bytes of physical (VMM) allocations.
+    pub phys_bytes: u64,
+    /// Live IPC imports and VMM mappings.
+    pub mappings: usize,
+    /// Contexts besides the primary one.
+    pub contexts: usize,
+    /// Streams, events, modules, functions, graphs and executable graphs.
+    pub objects: usize,
+    /// Address reservations.
+    pub reservations: usize,
+}
+
 impl SimGpu {
+    /// What the device holds now.
+    pub fn held(&self) -> SimHeld {
+        let mut h = SimHeld::default();
+        for a in self.allocs.values() {
+            match a.owner {
+                Owner::User => {
+                    h.user_bytes += a.counted();
+                    h.allocations += 1;
+                }
+                Owner::Module(_) => h.module_bytes += a.counted(),
+                Owner::Import | Owner::Mapped(_) => h.mappings += 1,
+            }
+        }
+        h.phys_bytes = self.phys_bytes();
+        h.contexts = self.contexts.len().saturating_sub(1);
+        h.objects = self.streams.len()
+            + self.events.len()
+            + self.modules.len()
+            + self.functions.len()
+            + self.graphs.len()
+            + self.execs.len();
+        h.reservations = self.reservations.len();
+        h
+    }
+
+    /// The bytes at `[addr, addr + len)` of one allocation (tests and fuzz targets look at
+    /// memory the zone under test must not reach).
+    pub fn peek(&mut self, addr: u64, len: u64) -> CuResultOf<Vec<u8>> {
+        let (data, off) = self.locate(addr, len)?;
+        Ok(data[off..off + len as usize].to_vec())
+    }
+
+    /// Writes `bytes` at `addr`, inside one allocation.
+    pub fn poke(&mut self, addr: u64, bytes: &[u8]) -> CuResultOf<()> {
+        let (data, off) = self.locate(addr, bytes.len() as u64)?;
+        data[off..off + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
     /// A simulated device with `total` bytes of memory.
     pub fn new(total: u64) -> SimGpu {
         SimGpu {

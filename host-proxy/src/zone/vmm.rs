@@ -42,6 +42,11 @@ impl<P> PhysEntry<P> {
 }
 
 impl<B: GpuBackend> Zone<B> {
+    /// Bytes of physical memory the zone holds (released ones until their last unmap).
+    pub(super) fn phys_bytes(&self) -> u64 {
+        self.phys.iter().map(|(_, e)| e.size).sum()
+    }
+
     /// The physical allocation `h` names (not released).
     fn phys_live(&self, h: Handle) -> CuResultOf<&PhysEntry<B::Phys>> {
         let e = self.phys.get(h)?;

@@ -26,6 +26,11 @@ pub(super) struct PhysState {
 }
 
 impl SimGpu {
+    /// Bytes of physical allocations held.
+    pub(super) fn phys_bytes(&self) -> u64 {
+        self.phys.values().map(|p| p.size).sum()
+    }
+
     pub(super) fn address_reserve(&mut self, size: u64, alignment: u64) -> CuResultOf<u64> {
         if size == 0 || size % GRANULARITY != 0 || (alignment != 0 && !alignment.is_power_of_two()) {
             return Err(CuError::INVALID_VALUE);
