@@ -795,6 +795,45 @@ mod tests {
         }
     }
 
+    /// Each harness on deterministic mutations of its seeds: no coverage guidance (that is
+    /// `cargo fuzz`'s), but every CI run reaches past the seeds. `VGPU_FUZZ_MUTATIONS`
+    /// sets how many per target.
+    #[test]
+    #[cfg_attr(miri, ignore = "thousands of executions are too slow under Miri")]
+    fn mutations_of_the_seeds_run_cleanly() {
+        let n: u64 = std::env::var("VGPU_FUZZ_MUTATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1500);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for t in super::TARGETS {
+            let seeds: Vec<Vec<u8>> = (t.seeds)().into_iter().map(|(_, b)| b).collect();
+            for _ in 0..n {
+                let mut input = seeds[next() as usize % seeds.len()].clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = if input.is_empty() { 0 } else { next() as usize % input.len() };
+                    match next() % 5 {
+                        0 if !input.is_empty() => input[at] ^= 1 << (next() % 8),
+                        1 if !input.is_empty() => input[at] = next() as u8,
+                        2 => input.insert(at, next() as u8),
+                        3 if !input.is_empty() => drop(input.remove(at)),
+                        _ => {
+                            // Splice: the tail of another seed.
+                            let other = &seeds[next() as usize % seeds.len()];
+                            let from = next() as usize % (other.len() + 1);
+                            input.truncate(at);
+                            input.extend_from_slice(&other[from..]);
+                        }
+                    }
+                }
+                (t.run)(&input);
+            }
+        }
+    }
+
     /// Every committed input (seeds, inputs the fuzzer kept, `regression-*` from fixed
     /// crashes) runs cleanly.
     #[test]

@@ -3,7 +3,7 @@
 //! * `cargo xtask ci`    — everything CI checks: format, clippy (warnings denied), all
 //!   tests, the loom model, miri over the ring tests, the bare-metal build of idm-core,
 //!   docs with warnings denied. Installs missing rustup targets and components first.
-//! * `cargo xtask fuzz [SECONDS]` — runs each cargo-fuzz target of idm-core briefly.
+//! * `cargo xtask fuzz [SECONDS]` — runs each cargo-fuzz target (idm-core's, host-proxy's) briefly.
 //! * `cargo xtask bench` — the idm round-trip/throughput benchmark over shared memory.
 //! * `cargo xtask codegen [--check]` — regenerates libvgpu's entry points, the wire
 //!   messages and the host dispatcher from `guest-agent/libvgpu/api.toml`.
@@ -32,7 +32,16 @@ use std::process::Command;
 use std::time::Instant;
 
 const BARE_METAL_TARGET: &str = "x86_64-unknown-none";
-const FUZZ_TARGETS: &[&str] = &["frame_decode", "ring_ops"];
+/// cargo-fuzz targets: (fuzz workspace, target).
+const FUZZ_TARGETS: &[(&str, &str)] = &[
+    ("idm-core/fuzz", "frame_decode"),
+    ("idm-core/fuzz", "ring_ops"),
+    ("host-proxy/fuzz", "zone_requests"),
+    ("host-proxy/fuzz", "module_image"),
+    ("host-proxy/fuzz", "xen_offer"),
+    ("host-proxy/fuzz", "xenstore_replies"),
+    ("host-proxy/fuzz", "broker_frames"),
+];
 
 /// xen-vgpu build tasks.
 #[derive(clap::Parser)]
@@ -40,7 +49,7 @@ const FUZZ_TARGETS: &[&str] = &["frame_decode", "ring_ops"];
 enum Task {
     /// Everything CI checks (installs missing targets, components and packages first).
     Ci,
-    /// Runs each cargo-fuzz target of idm-core briefly.
+    /// Runs each cargo-fuzz target (idm-core's and host-proxy's) briefly.
     Fuzz {
         /// Seconds per target.
         #[arg(default_value_t = 20)]
@@ -247,11 +256,15 @@ fn fuzz(seconds: u64) -> Result<()> {
         eprintln!("==> installing cargo-fuzz (one time)");
         run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    for target in FUZZ_TARGETS {
-        step(&format!("fuzz {target} for {seconds}s"), || {
+    for (dir, target) in FUZZ_TARGETS {
+        step(&format!("fuzz {target} ({dir}) for {seconds}s"), || {
+            // New inputs go to a scratch corpus first, so the committed one only grows by
+            // choice (`cargo fuzz cmin` then copy).
+            let scratch = format!("target/fuzz-corpus/{target}");
+            std::fs::create_dir_all(Path::new(dir).join(&scratch))?;
             run(Command::new("cargo")
-                .current_dir("idm-core/fuzz")
-                .args(["+nightly", "fuzz", "run", target, &format!("corpus/{target}"), "--"])
+                .current_dir(dir)
+                .args(["+nightly", "fuzz", "run", target, &scratch, &format!("corpus/{target}"), "--"])
                 .arg(format!("-max_total_time={seconds}")))
         })?;
     }
