@@ -94,17 +94,75 @@ pub fn admin_socket_path(socket: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-fn bind(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
+/// The lock file that goes with a listening socket: the daemon serving the socket holds its
+/// lock for as long as it runs.
+pub fn lock_path(socket: &Path) -> PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// Claims `socket` (and its admin socket) for this daemon: takes the exclusive `flock` of
+/// its lock file, or refuses when another daemon holds it. The kernel drops the lock when
+/// its holder ends, however it ends, so a killed daemon leaves nothing in the next one's
+/// way but socket files, which [`bind`] then removes. Asking for the lock, unlike
+/// connecting to the socket to see whether anyone answers, does nothing to a running
+/// daemon (a connection would start a session there) and has no window between two
+/// daemons starting at once. The returned file holds the lock; keep it open.
+fn claim(socket: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create socket directory {}", dir.display()))?;
     }
-    // A socket file left by a previous run would make bind fail; a live daemon would still
-    // answer on it, so only remove it when nobody does.
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("another host-proxy is already listening on {}", path.display());
+    let path = lock_path(socket);
+    // Never removed: a daemon that removed it could leave the next one locking a file that
+    // a third one no longer sees.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    if !try_lock_exclusive(&file).with_context(|| format!("cannot lock {}", path.display()))? {
+        anyhow::bail!(
+            "another host-proxy is already listening on {} (it holds {}); stop it first",
+            socket.display(),
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: `Ok(false)` when another process holds the lock.
+#[allow(unsafe_code)]
+fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
+    // SAFETY: a plain system call on a descriptor `file` owns and keeps open across it; no
+    // memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// Listens on `path`, which this daemon has claimed ([`claim`]): a socket there was left by
+/// a daemon that is gone (killed, say), and is removed; anything else there is not ours to
+/// remove.
+fn bind(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            tracing::info!(socket = %path.display(), "removed a socket left by a daemon that is gone");
         }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        Ok(_) => anyhow::bail!("{} exists and is not a socket: choose another socket path", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot look at {}", path.display())),
     }
     UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
 }
@@ -112,6 +170,8 @@ fn bind(path: &Path) -> Result<UnixListener> {
 /// Runs the daemon until SIGINT or SIGTERM. `pci` is the GPU's PCI bus id, as the start-up
 /// probe found it (`None`: the simulated GPU, or unknown).
 pub async fn run(config: Config, exe: PathBuf, pci: Option<String>) -> Result<()> {
+    // Held until the daemon ends: dropping it (or the daemon's death) releases the lock.
+    let _claim = claim(&config.socket)?;
     let listener = bind(&config.socket)?;
     let admin_path = admin_socket_path(&config.socket);
     let admin = bind(&admin_path)?;
@@ -344,17 +404,18 @@ fn note_ipc_refusals(plane: &Plane) {
     }
 }
 
-/// Makes the worker die with the daemon: should the daemon be killed (or crash) without
-/// stopping its workers, the kernel kills each (SIGKILL), so no worker of a dead daemon keeps
-/// holding GPU memory and every guest sees its peer gone. The daemon's workers are spawned
-/// from its one runtime thread, whose exit is the daemon's.
+/// Makes a child die with the daemon: should the daemon be killed (or crash) without
+/// stopping its children, the kernel sends each `signal` — SIGKILL for workers, so no worker
+/// of a dead daemon keeps holding GPU memory and every guest sees its peer gone; SIGTERM for
+/// an MPS control daemon, the signal that lets it stop its server. The daemon's children are
+/// spawned from its one runtime thread, whose exit is the daemon's.
 #[allow(unsafe_code)]
-fn die_with_daemon(cmd: &mut tokio::process::Command) {
+pub(crate) fn die_with_daemon(cmd: &mut tokio::process::Command, signal: libc::c_int) {
     let daemon = std::process::id();
     let arm = move || {
         // SAFETY: `prctl(PR_SET_PDEATHSIG)` and `getppid` are async-signal-safe and touch only
         // the child's own state, as code between fork and exec must.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) } != 0 {
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: as above.
@@ -783,7 +844,7 @@ fn worker_command(
     };
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("worker").args(["--spec", &spec.to_arg()]).kill_on_drop(true);
-    die_with_daemon(&mut cmd);
+    die_with_daemon(&mut cmd, libc::SIGKILL);
     // The sharing mode reaches the worker's driver through its environment (read when it
     // loads): the group's MPS server, or the one MIG instance it may see.
     let mps_ended = match (&placement, mps_client) {

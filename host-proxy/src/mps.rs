@@ -93,16 +93,19 @@ impl MpsServers {
         }
         // A control pipe left by an earlier run would look like a live server.
         let _ = std::fs::remove_file(pipe.join("control"));
-        let mut child = tokio::process::Command::new(&self.control)
-            .arg("-f")
+        let mut cmd = tokio::process::Command::new(&self.control);
+        cmd.arg("-f")
             .env("CUDA_MPS_PIPE_DIRECTORY", &pipe)
             .env("CUDA_MPS_LOG_DIRECTORY", &log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start the MPS control daemon {}", self.control.display()))?;
+            .kill_on_drop(true);
+        // A daemon killed without asking it to quit must not leave it (and its server,
+        // holding GPU memory) behind for the next daemon's server of the group to clash with.
+        crate::daemon::die_with_daemon(&mut cmd, libc::SIGTERM);
+        let mut child =
+            cmd.spawn().with_context(|| format!("cannot start the MPS control daemon {}", self.control.display()))?;
         let started = Instant::now();
         while !pipe.join("control").exists() {
             if let Ok(Some(status)) = child.try_wait() {

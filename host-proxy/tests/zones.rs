@@ -1,294 +1,22 @@
 //! Integration test: the real daemon (sim backend) serving concurrent zones over the local
-//! transport — isolation between zones, quotas, a killed client, hostile input, and CUDA
-//! IPC between two connections of one zone.
+//! transport — isolation between zones, quotas, a killed client, hostile input, CUDA IPC
+//! between two connections of one zone, and the daemon's own death and restart.
+//! The helpers (`Daemon`, `Guest`) are in `common/mod.rs`, shared with `soak.rs`.
 //!
 //! Every wait in this file is bounded; a broken daemon fails the test instead of hanging it.
 
-use idm_core::ring::{field, SLOT, SLOT_PAYLOAD};
+mod common;
+
+use common::*;
 use idm_core::wire::proto::ErrorKind;
-use idm_core::{BulkRef, ChannelError, Message, MessageId, SharedMemory, WaitPolicy};
-use idm_shm::{ChannelLayout, ShmClient, ShmEndpoint};
+use idm_core::{BulkRef, ChannelError, Message, MessageId, NotifyError, SharedMemory, WaitPolicy};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vgpu_proto::generated::*;
 use vgpu_proto::*;
-
-const RING: usize = 64 << 10;
-const WINDOW: usize = 1 << 20;
-const MEM_QUOTA: u64 = 1 << 20;
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Daemon {
-    /// A daemon whose zones have a 1 MiB memory quota, 16 handles, and contexts charged
-    /// nothing (the tests here are about checks, not context memory).
-    fn start(name: &str) -> Daemon {
-        Daemon::start_with(
-            name,
-            &format!("mem_bytes = {MEM_QUOTA}\nmax_handles = 16\nmax_async_in_flight = 64\ncontext_mem_bytes = 0\n"),
-        )
-    }
-
-    /// A daemon with `quotas` (TOML lines of its `[quotas]` table).
-    fn start_with(name: &str, quotas: &str) -> Daemon {
-        Daemon::start_config(name, |_| String::new(), quotas, "")
-    }
-
-    /// A daemon whose configuration has `top(dir)` before its `[quotas]` (the lines of
-    /// `quotas`) and `tables` after them; `dir` is the test's scratch folder.
-    fn start_config(name: &str, top: impl Fn(&Path) -> String, quotas: &str, tables: &str) -> Daemon {
-        let dir = std::env::temp_dir().join(format!("vgpu-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("hp.sock");
-        let config = dir.join("hp.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "socket = {:?}\nbackend = \"{}\"\nsim_memory_bytes = {}\nxen = \"off\"\n{}[quotas]\n{quotas}{tables}",
-                socket,
-                backend(),
-                1u64 << 30,
-                top(&dir),
-            ),
-        )
-        .unwrap();
-        // On the GPU machine the binaries travel without cargo: the path can be overridden.
-        let exe = std::env::var("VGPU_HOST_PROXY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_host-proxy").into());
-        let child = Command::new(exe)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("VGPU_LOG", "debug")
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start host-proxy");
-        let d = Daemon { child, socket, _dir: TempDir(dir) };
-        // Probe the admin socket (bound last), not the zone socket: a probe there would
-        // start a zone.
-        wait_for("daemon sockets", || {
-            let mut p = d.socket.as_os_str().to_owned();
-            p.push(".admin");
-            UnixStream::connect(PathBuf::from(p)).is_ok()
-        });
-        d
-    }
-
-    /// Lines of the admin report, one per live zone.
-    fn zones(&self) -> Vec<String> {
-        let mut p = self.socket.as_os_str().to_owned();
-        p.push(".admin");
-        let s = UnixStream::connect(PathBuf::from(p)).expect("admin socket");
-        BufReader::new(s)
-            .lines()
-            .map(|l| l.unwrap())
-            .take_while(|l| l != "end")
-            .filter(|l| l.starts_with("zone "))
-            .collect()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The backend under test: `sim` (the test double, default) or `cuda` (the real GPU, set
-/// `VGPU_TEST_BACKEND=cuda` on a GPU machine).
-fn backend() -> String {
-    std::env::var("VGPU_TEST_BACKEND").unwrap_or_else(|_| "sim".into())
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A minimal guest: the idm client plus the data window.
-struct Guest {
-    client: ShmClient,
-    window: idm_shm::ShmWindow,
-    region: idm_shm::MemfdRegion,
-    layout: ChannelLayout,
-    buf: Vec<u8>,
-    /// The zone's primary context.
-    primary: Handle,
-}
-
-fn policy() -> WaitPolicy {
-    WaitPolicy { spin_iters: 1000, timeout: Some(Duration::from_secs(10)) }
-}
-
-impl Guest {
-    fn connect(socket: &Path) -> Guest {
-        let mut g = Guest::session(socket);
-        let wrong: Result<AttachReply, u32> = g.call(&Attach { revision: VGPU_PROTOCOL_REVISION + 1 });
-        assert_eq!(wrong.unwrap_err(), CuResult::NOT_SUPPORTED, "another protocol revision is refused");
-        g.attach().unwrap();
-        g
-    }
-
-    /// A connected session whose hello is done, not yet attached.
-    fn session(socket: &Path) -> Guest {
-        let layout = ChannelLayout::new(RING, WINDOW).unwrap();
-        let ShmEndpoint { channel, window, region, layout, .. } = idm_shm::connect(socket, layout, policy()).unwrap();
-        let mut buf = vec![0u8; RING];
-        let client = idm_core::Client::connect(channel, (RING / 2) as u32, &mut buf).unwrap();
-        Guest { client, window, region, layout, buf, primary: Handle(0) }
-    }
-
-    /// Attaches (the host may refuse the session: its CUDA error).
-    fn attach(&mut self) -> Result<(), u32> {
-        let reply: AttachReply = self.call(&Attach { revision: VGPU_PROTOCOL_REVISION })?;
-        let g = self;
-        assert_eq!(reply.device.simulated, backend() == "sim", "a test double must say so, a GPU must not");
-        eprintln!("zone {} attached to {:?} (driver {})", reply.zone, reply.device.name, reply.device.driver_version);
-        assert!(reply.device.total_mem >= MEM_QUOTA, "cuDeviceTotalMem is the device's; the quota bounds allocations");
-        assert!(!DEFAULT_STREAMS.contains(&reply.primary_ctx), "the primary context is a real handle");
-        assert!(reply.attributes.len() > 100, "every device attribute travels with the attach reply");
-        // CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK (1)
-        assert_eq!(reply.attributes[0], AttrValue::Value(1024));
-        assert!(!reply.pci_bus_id.is_empty());
-        g.primary = reply.primary_ctx;
-        Ok(())
-    }
-
-    fn call_raw<T: Message, R: Message>(&mut self, req: &T) -> Result<R, ChannelError> {
-        let reply = self.client.call(req, &mut self.buf)?;
-        reply.decode::<R>()
-    }
-
-    fn call<T: Message, R: Message>(&mut self, req: &T) -> Result<R, u32> {
-        match self.call_raw(req) {
-            Ok(r) => Ok(r),
-            Err(ChannelError::Remote { code, .. }) => Err(code),
-            Err(e) => panic!("channel failed: {e}"),
-        }
-    }
-
-    fn done<T: Message>(&mut self, req: &T) -> Result<(), u32> {
-        self.call::<_, Done>(req).map(|_| ())
-    }
-
-    fn alloc(&mut self, size: u64) -> Result<u64, u32> {
-        self.call::<_, CuMemAllocV2Reply>(&CuMemAllocV2 { bytesize: size }).map(|r| r.dptr)
-    }
-
-    fn write(&mut self, dptr: u64, data: &[u8]) -> Result<(), u32> {
-        let desc = BulkRef { offset: 0, len: data.len() as u64 };
-        self.window.write(desc, data).unwrap();
-        self.done(&MemcpyHtoD { dst: dptr, src: desc, stream: Handle(0) })
-    }
-
-    fn read(&mut self, dptr: u64, len: usize) -> Result<Vec<u8>, u32> {
-        let desc = BulkRef { offset: 4096, len: len as u64 };
-        self.done(&MemcpyDtoH { dst: desc, src: dptr, stream: Handle(0) })?;
-        let mut out = vec![0u8; len];
-        self.window.read(desc, &mut out).unwrap();
-        Ok(out)
-    }
-
-    fn ipc_export(&mut self, dptr: u64) -> Result<Vec<u8>, u32> {
-        self.call::<_, IpcGetMemHandleReply>(&IpcGetMemHandle { dptr }).map(|r| r.handle)
-    }
-
-    fn ipc_open(&mut self, handle: &[u8], flags: u32) -> Result<u64, u32> {
-        self.call::<_, IpcOpenMemHandleReply>(&IpcOpenMemHandle { handle: handle.to_vec(), flags }).map(|r| r.dptr)
-    }
-
-    fn ipc_close(&mut self, dptr: u64) -> Result<(), u32> {
-        self.done(&IpcCloseMemHandle { dptr })
-    }
-
-    fn mem_free_bytes(&mut self) -> u64 {
-        self.call::<_, CuMemGetInfoV2Reply>(&CuMemGetInfoV2 {}).unwrap().free
-    }
-
-    fn stream(&mut self) -> Handle {
-        self.call::<_, CuStreamCreateReply>(&CuStreamCreate { flags: 0 }).unwrap().ph_stream
-    }
-
-    fn event(&mut self) -> Handle {
-        self.call::<_, CuEventCreateReply>(&CuEventCreate { flags: 0 }).unwrap().ph_event
-    }
-
-    fn current_ctx(&mut self) -> Handle {
-        Handle(self.call::<_, CuCtxGetIdReply>(&CuCtxGetId { ctx: Handle(0) }).unwrap().ctx_id)
-    }
-
-    fn pointer_attr(&mut self, attribute: u32, ptr: u64) -> Result<u64, u32> {
-        self.call::<_, PointerGetAttributeReply>(&PointerGetAttribute { attribute, ptr }).map(|r| r.value)
-    }
-
-    /// Loads NUL-terminated PTX (placed high in the window, clear of `write`/`read`).
-    fn load_module(&mut self, ptx: &str) -> Result<Handle, u32> {
-        let mut image = ptx.as_bytes().to_vec();
-        image.push(0);
-        let desc = BulkRef { offset: WINDOW as u64 / 2, len: image.len() as u64 };
-        self.window.write(desc, &image).unwrap();
-        self.call::<_, ModuleLoadReply>(&ModuleLoad { image: desc, library: false }).map(|r| r.handle)
-    }
-}
-
-/// A kernel the simulated backend runs (`fill_u32(u32* p, u32 v, u64 n)`: `p[0..n] = v`) and a
-/// `__device__` global, as valid PTX for the GPU too.
-const FILL_PTX: &str = r#"
-.version 8.0
-.target sm_90
-.address_size 64
-
-.visible .global .align 4 .u32 counter;
-
-.visible .entry fill_u32(
-    .param .u64 fill_u32_param_0,
-    .param .u32 fill_u32_param_1,
-    .param .u64 fill_u32_param_2
-)
-{
-    .reg .pred %p<2>;
-    .reg .b32 %r<6>;
-    .reg .b64 %rd<6>;
-    ld.param.u64 %rd1, [fill_u32_param_0];
-    ld.param.u32 %r1, [fill_u32_param_1];
-    ld.param.u64 %rd2, [fill_u32_param_2];
-    mov.u32 %r2, %ctaid.x;
-    mov.u32 %r3, %ntid.x;
-    mov.u32 %r4, %tid.x;
-    mad.lo.s32 %r5, %r2, %r3, %r4;
-    cvt.u64.u32 %rd3, %r5;
-    setp.ge.u64 %p1, %rd3, %rd2;
-    @%p1 bra DONE;
-    cvta.to.global.u64 %rd4, %rd1;
-    shl.b64 %rd5, %rd3, 2;
-    add.s64 %rd4, %rd4, %rd5;
-    st.global.u32 [%rd4], %r1;
-DONE:
-    ret;
-}
-"#;
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
-}
 
 /// Two sessions of one zone (the test's uid) are as isolated from each other as two zones
 /// — each has its own worker, context, handles and ranges — and share the zone's quotas.
@@ -416,21 +144,6 @@ fn killed_client_releases_its_zone() {
 /// the client-to-server ring.
 fn hostile(d: &Daemon) -> Guest {
     Guest::connect(&d.socket)
-}
-
-fn ring_base(g: &Guest) -> usize {
-    g.layout.client_to_server_offset()
-}
-
-/// Writes `header` into the next slot of the request ring and stamps that slot as
-/// published (the frame's later slots, if its length claims any, stay unpublished).
-fn poke_frame(g: &Guest, header: [u8; 16]) {
-    let base = ring_base(g);
-    let prod = g.region.load_u32(base + field::PROD, Ordering::Acquire);
-    let slots = (g.layout.ring_size() / SLOT) as u32;
-    let slot = base + field::DATA + (prod % slots) as usize * SLOT;
-    g.region.write_bytes(slot, &header);
-    g.region.store_u32(slot + SLOT_PAYLOAD, prod, Ordering::Release);
 }
 
 #[test]
@@ -1017,16 +730,109 @@ fn workers_die_with_a_killed_daemon() {
     let mut g = Guest::connect(&d.socket);
     g.alloc(4096).unwrap();
     let line = d.zones().pop().expect("one session");
-    let pid: i32 = line.split("worker_pid=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
+    let pid: u32 = report_field(&line, "worker_pid").unwrap().parse().unwrap();
     d.child.kill().unwrap(); // SIGKILL: the daemon cannot stop its workers itself
     d.child.wait().unwrap();
-    // A reaped worker has no /proc entry; one not yet reaped by its new parent is a zombie.
-    let gone = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
-    };
-    wait_for("the worker to die with its daemon", gone);
+    wait_for("the worker to die with its daemon", || process_gone(pid));
     assert!(g.call_raw::<_, Done>(&CuCtxSynchronize {}).is_err(), "the guest sees its host gone");
+}
+
+/// How a test stops its daemon.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    /// SIGKILL: nothing of the daemon runs after it, and its socket files stay behind.
+    Kill,
+    /// SIGTERM: the daemon stops its workers and removes its sockets itself.
+    Term,
+}
+
+/// Only a hang guard (a wait that should end at once): never a timing assertion.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// Window offset of the rendezvous word of `block_a_guest`'s host function (clear of the
+/// words `Guest::write`, `read` and `load_module` use).
+const HOST_FUNC_WORD: u64 = WINDOW as u64 - 64;
+
+/// A guest of `d` blocked in a request, and its session's worker pid. The guest queues a
+/// host function (`cuLaunchHostFunc`) it never runs — the host waits in the stream for the
+/// guest to answer in the function's rendezvous word — and then synchronises, so its call
+/// waits for a reply the host cannot send. The guest waits without a timeout: only the
+/// transport's notice that its peer is gone can end that wait. The receiver gets the call's
+/// result when it returns.
+fn block_a_guest(d: &Daemon) -> (std::sync::mpsc::Receiver<Result<Done, ChannelError>>, u32) {
+    let mut g = Guest::session_with(&d.socket, WaitPolicy { spin_iters: 1000, timeout: None }).unwrap();
+    g.attach().unwrap();
+    let p = g.alloc(64 << 10).unwrap();
+    g.write(p, &pattern(3, 64 << 10)).unwrap();
+    let worker = report_field(&d.zones()[0], "worker_pid").unwrap().parse().unwrap();
+    // Armed (the low bits 01), as libvgpu arms a word before it posts the function.
+    g.window.write(BulkRef { offset: HOST_FUNC_WORD, len: 8 }, &1u64.to_le_bytes()).unwrap();
+    g.client.post(&HostFunc { stream: Handle(0), slot: HOST_FUNC_WORD }, &mut g.buf).unwrap();
+    let (region, word) = (g.region.clone(), g.layout.window_offset() + HOST_FUNC_WORD as usize);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(g.call_raw::<_, Done>(&CuCtxSynchronize {}));
+    });
+    // Reached (10): the host holds the stream in the function.
+    wait_for("the host to reach the guest's host function", || region.load_u32(word, Ordering::Acquire) & 3 == 2);
+    assert!(rx.try_recv().is_err(), "the synchronize waits behind the host function");
+    (rx, worker)
+}
+
+/// Daemon restart: when the daemon is killed (SIGKILL) or stopped (SIGTERM), a guest
+/// blocked in a request gets a clear error (its peer is gone) instead of hanging, and the
+/// old daemon's worker is gone, so none holds GPU memory; a new daemon on the same socket —
+/// the socket files a killed daemon left included — serves new guests; and a daemon started
+/// beside a running one refuses to start without starting a session there.
+#[test]
+fn a_restarted_daemon_fails_blocked_guests_and_serves_new_ones() {
+    for stop in [Stop::Kill, Stop::Term] {
+        let mut d = Daemon::start(&format!("restart-{stop:?}"));
+        let (blocked, worker) = block_a_guest(&d);
+        match stop {
+            Stop::Kill => d.child.kill().unwrap(),
+            Stop::Term => {
+                let status = Command::new("kill").args(["-TERM", &d.child.id().to_string()]).status().unwrap();
+                assert!(status.success());
+            }
+        }
+        let exit = d.child.wait().unwrap();
+        eprintln!("{stop:?}: the daemon ended ({exit})");
+        let r = blocked.recv_timeout(HANG_GUARD).unwrap_or_else(|_| panic!("{stop:?}: the blocked guest hangs"));
+        match r {
+            Err(ChannelError::Notify(NotifyError::PeerGone)) => eprintln!("{stop:?}: the blocked guest got: peer gone"),
+            other => panic!("{stop:?}: the blocked guest got {other:?}, not a clear 'peer gone'"),
+        }
+        wait_for("the old daemon's worker gone", || process_gone(worker));
+        match stop {
+            Stop::Kill => assert!(d.socket.exists() && d.admin_socket().exists(), "a killed daemon leaves its sockets"),
+            Stop::Term => assert!(!d.socket.exists() && !d.admin_socket().exists(), "a stopped one removes them"),
+        }
+        // While no daemon runs, a new guest is told so at once.
+        let e = Guest::session_with(&d.socket, policy()).err().expect("no daemon to connect to");
+        eprintln!("{stop:?}: a guest without a daemon: {e}");
+
+        d.restart();
+        let mut g = Guest::connect(&d.socket);
+        let p = g.alloc(256 << 10).unwrap();
+        let data = pattern(11, 256 << 10);
+        g.write(p, &data).unwrap();
+        assert_eq!(g.read(p, data.len()).unwrap(), data, "{stop:?}: the new daemon serves copies");
+        assert_eq!(d.zones().len(), 1, "only the new guest's session");
+
+        // A second daemon on the same socket refuses to start, and leaves the running one
+        // untouched: its check started no session here (sessions are accepted in order, so
+        // once the next guest is served every earlier connection has been seen).
+        let out = Command::new(host_proxy_exe()).args(["serve", "--config"]).arg(&d.config).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a second daemon started: {err}");
+        assert!(err.contains("another host-proxy is already listening on"), "{err}");
+        let mut h = Guest::connect(&d.socket);
+        h.alloc(4096).unwrap();
+        let started = d.events().iter().filter(|e| e.contains("\"session-started\"")).count();
+        assert_eq!(started, 2, "{stop:?}: sessions started: the two guests', none of the check's");
+        assert_eq!(g.read(p, data.len()).unwrap(), data, "the running daemon still serves");
+    }
 }
 
 /// A stand-in for `nvidia-cuda-mps-control` (the test double has no MPS): `-f` records its
@@ -1035,6 +841,7 @@ fn workers_die_with_a_killed_daemon() {
 const FAKE_MPS_CONTROL: &str = r#"#!/bin/sh
 log="$CUDA_MPS_LOG_DIRECTORY/fake.log"
 if [ "$1" = "-f" ]; then
+    trap 'echo term >>"$log"; exit 0' TERM
     echo "start $CUDA_MPS_PIPE_DIRECTORY" >>"$log"
     : >"$CUDA_MPS_PIPE_DIRECTORY/control"
     while [ -e "$CUDA_MPS_PIPE_DIRECTORY/control" ]; do sleep 0.05; done
@@ -1047,17 +854,10 @@ echo "$cmd" >>"$log"
 exit 0
 "#;
 
-/// `sharing = "mps"`: the zones of a group run their workers as clients of the group's own
-/// MPS server, which the daemon starts with the first session, ends every session of when
-/// it ends on its own, starts again for the next, and asks to quit at shutdown.
-#[test]
-fn mps_zones_are_clients_of_their_groups_server_and_end_with_it() {
+/// A daemon whose two zones (this uid and the next) are one MPS group served by the
+/// stand-in control program; the group's pipe folder and the stand-in's log.
+fn mps_daemon(name: &str) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    if backend() != "sim" {
-        // A real driver would try the stand-in's "pipe"; the real MPS runs are
-        // device/tenants-bench.sh's.
-        return;
-    }
     let me = std::fs::metadata("/proc/self").unwrap().uid();
     let top = |dir: &Path| {
         let control = dir.join("fake-mps-control");
@@ -1071,9 +871,41 @@ fn mps_zones_are_clients_of_their_groups_server_and_end_with_it() {
         me.wrapping_add(1)
     );
     let quotas = "mem_bytes = 1048576\nmax_handles = 16\nmax_async_in_flight = 64\ncontext_mem_bytes = 0\n";
-    let mut d = Daemon::start_config("mps", top, quotas, &tables);
+    let d = Daemon::start_config(name, top, quotas, &tables);
     let dir = d.socket.parent().unwrap().to_owned();
-    let (pipe, log) = (dir.join("mps/grp/pipe"), dir.join("mps/grp/log/fake.log"));
+    (d, dir.join("mps/grp/pipe"), dir.join("mps/grp/log/fake.log"))
+}
+
+/// A daemon killed without stopping anything (SIGKILL) takes its MPS control daemons with
+/// it (SIGTERM, so that each can stop its server): none is left holding the GPU for the
+/// next daemon's server of the group to clash with.
+#[test]
+fn mps_control_daemons_end_with_a_killed_daemon() {
+    if backend() != "sim" {
+        return;
+    }
+    let (mut d, _pipe, log) = mps_daemon("mps-killed");
+    let mut a = Guest::connect(&d.socket);
+    a.alloc(4096).unwrap();
+    assert!(std::fs::read_to_string(&log).unwrap().contains("start "));
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    wait_for("the control daemon to be told its daemon died", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("term\n")
+    });
+}
+
+/// `sharing = "mps"`: the zones of a group run their workers as clients of the group's own
+/// MPS server, which the daemon starts with the first session, ends every session of when
+/// it ends on its own, starts again for the next, and asks to quit at shutdown.
+#[test]
+fn mps_zones_are_clients_of_their_groups_server_and_end_with_it() {
+    if backend() != "sim" {
+        // A real driver would try the stand-in's "pipe"; the real MPS runs are
+        // device/tenants-bench.sh's.
+        return;
+    }
+    let (mut d, pipe, log) = mps_daemon("mps");
     let starts = || std::fs::read_to_string(&log).unwrap_or_default().matches("start ").count();
     let mut a = Guest::connect(&d.socket);
     let mut b = Guest::connect(&d.socket);
