@@ -84,8 +84,12 @@ struct Log {
 impl Events {
     /// Records an event now.
     pub fn push(&self, zone: &str, kind: Kind, session: Option<u32>, detail: impl Into<String>) {
-        let unix_ms = crate::ledger::unix_ms_now();
-        let detail = detail.into();
+        self.push_at(crate::ledger::unix_ms_now(), zone, kind, session, detail.into());
+    }
+
+    /// Records an event that happened at `unix_ms`. The tests call it with a fixed time:
+    /// under Miri's isolation there is no wall clock to read.
+    fn push_at(&self, unix_ms: u64, zone: &str, kind: Kind, session: Option<u32>, detail: String) {
         // The daemon logs each of these where it happens; the event is for operators.
         tracing::debug!(zone, event = kind.name(), session, %detail, "zone event");
         let mut log = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -111,7 +115,7 @@ mod tests {
     fn the_log_keeps_the_last_events_in_order_and_numbers_them() {
         let e = Events::default();
         for i in 0..CAPACITY + 3 {
-            e.push("a", Kind::SessionStarted, Some(i as u32), format!("#{i}"));
+            e.push_at(1_000 + i as u64, "a", Kind::SessionStarted, Some(i as u32), format!("#{i}"));
         }
         let kept = e.recent();
         assert_eq!(kept.len(), CAPACITY);
@@ -124,7 +128,7 @@ mod tests {
     #[test]
     fn an_event_travels_as_one_json_line() {
         let e = Events::default();
-        e.push("zone a", Kind::IpcRefused, Some(7), "opened an export of zone \"b\"\nno group");
+        e.push_at(1_000, "zone a", Kind::IpcRefused, Some(7), "opened an export of zone \"b\"\nno group".into());
         let line = serde_json::to_string(&e.recent()[0]).unwrap();
         assert!(!line.contains('\n'), "{line}");
         assert!(line.contains("\"kind\":\"ipc-refused\""), "{line}");

@@ -54,3 +54,97 @@ pub fn fatbin_payloads(image: &[u8]) -> Option<Vec<&[u8]>> {
     }
     Some(bodies)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fat binary whose entries carry `payloads`, each behind a 64-byte entry header
+    /// (the size the CUDA toolkit writes) whose unread bytes are `0xa5`.
+    fn fatbin(payloads: &[&[u8]]) -> Vec<u8> {
+        let mut entries = Vec::new();
+        for p in payloads {
+            entries.extend_from_slice(&[0x02, 0x00, 0x01, 0x01, 64, 0, 0, 0]);
+            entries.extend_from_slice(&(p.len() as u64).to_le_bytes());
+            entries.resize(entries.len() + 48, 0xa5);
+            entries.extend_from_slice(p);
+        }
+        let mut image = FATBIN_MAGIC.to_le_bytes().to_vec();
+        image.extend_from_slice(&[0x01, 0x00, 16, 0]);
+        image.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+        image.extend(entries);
+        image
+    }
+
+    #[test]
+    fn integers_are_read_only_when_the_bytes_hold_them() {
+        let bytes = [0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08];
+        assert_eq!(read_u16(&bytes, 6), Some(0x0807));
+        assert_eq!(read_u32(&bytes, 4), Some(0x0807_0605));
+        assert_eq!(read_u64(&bytes, 0), Some(0x0807_0605_0403_0201));
+        assert_eq!(read_u16(&bytes, 7), None);
+        assert_eq!(read_u32(&bytes, 5), None);
+        assert_eq!(read_u64(&bytes, 1), None);
+        for at in [u64::MAX, u64::MAX - 1, 1 << 63] {
+            assert_eq!((read_u16(&bytes, at), read_u32(&bytes, at), read_u64(&bytes, at)), (None, None, None));
+        }
+        assert!(in_bounds(&bytes, 0, 8) && in_bounds(&bytes, 8, 0));
+        assert!(!in_bounds(&bytes, 1, 8) && !in_bounds(&bytes, 9, 0) && !in_bounds(&bytes, 1, u64::MAX));
+    }
+
+    #[test]
+    fn a_fatbin_yields_its_payloads_in_order() {
+        let image = fatbin(&[b"\x7fELF cubin", b"", b"ptx text"]);
+        let want: [&[u8]; 3] = [b"\x7fELF cubin", b"", b"ptx text"];
+        assert_eq!(fatbin_payloads(&image), Some(want.to_vec()));
+        assert_eq!(fatbin_payloads(&fatbin(&[])), Some(vec![]));
+        // Bytes after the container are not its business.
+        let mut padded = image.clone();
+        padded.extend_from_slice(&[0; 64]);
+        assert_eq!(fatbin_payloads(&padded), Some(want.to_vec()));
+    }
+
+    #[test]
+    fn a_fatbin_that_lies_about_its_sizes_yields_nothing() {
+        let good = fatbin(&[b"payload"]);
+        let with = |at: usize, bytes: &[u8]| {
+            let mut image = good.clone();
+            image[at..at + bytes.len()].copy_from_slice(bytes);
+            image
+        };
+        for image in [
+            with(6, &15u16.to_le_bytes()),                        // header shorter than itself
+            with(8, &(good.len() as u64).to_le_bytes()),          // entries past the end
+            with(8, &u64::MAX.to_le_bytes()),                     // entries' end overflows
+            with(16 + 4, &15u32.to_le_bytes()),                   // entry header too short
+            with(16 + 4, &u32::MAX.to_le_bytes()),                // entry header past the end
+            with(16 + 8, &8u64.to_le_bytes()),                    // payload past the end
+            with(16 + 8, &u64::MAX.to_le_bytes()),                // payload's end overflows
+            with(8, &(good.len() as u64 - 16 - 1).to_le_bytes()), // entries cut short
+        ] {
+            assert_eq!(fatbin_payloads(&image), None, "{image:02x?}");
+        }
+        assert_eq!(fatbin_payloads(&[]), None);
+    }
+
+    /// Every prefix and every one-byte corruption of a valid image parses without panic, and
+    /// whatever payloads come out lie inside the image.
+    #[test]
+    fn truncated_and_corrupted_fatbins_never_read_outside_the_image() {
+        let good = fatbin(&[b"first", b"second payload"]);
+        let mut images: Vec<Vec<u8>> = (0..good.len()).map(|n| good[..n].to_vec()).collect();
+        for at in 0..good.len() {
+            for byte in [0x00, 0x10, 0xff] {
+                let mut image = good.clone();
+                image[at] = byte;
+                images.push(image);
+            }
+        }
+        for image in &images {
+            for p in fatbin_payloads(image).unwrap_or_default() {
+                let range = image.as_ptr_range();
+                assert!(range.start <= p.as_ptr() && p.as_ptr_range().end <= range.end);
+            }
+        }
+    }
+}

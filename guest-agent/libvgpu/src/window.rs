@@ -22,6 +22,64 @@ struct Block {
     flags: u32,
 }
 
+/// The arena's bookkeeping in window offsets: which page-aligned ranges between the
+/// staging area and the window's end are taken, and with which flags. It touches no
+/// memory ([`Window`] turns offsets into addresses), so its tests run under Miri.
+#[derive(Debug)]
+struct Arena {
+    /// The first offset after the staging area (page-aligned).
+    start: u64,
+    /// The window's size: no block reaches past it.
+    end: u64,
+    /// Blocks by their start offset; they never overlap.
+    blocks: BTreeMap<u64, Block>,
+}
+
+impl Arena {
+    /// The arena of a window of `size` bytes whose first `staging` bytes are not in it.
+    fn new(staging: u64, size: u64) -> Arena {
+        Arena { start: staging.next_multiple_of(ALIGN), end: size, blocks: BTreeMap::new() }
+    }
+
+    /// The offset of a new block of `len` bytes (page-aligned, first fit).
+    fn alloc(&mut self, len: u64, flags: u32) -> CuResult<u64> {
+        if len == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let need = len.checked_next_multiple_of(ALIGN).ok_or(CuError::OUT_OF_MEMORY)?;
+        let mut start = self.start;
+        for (&off, b) in &self.blocks {
+            if off.saturating_sub(start) >= need {
+                break;
+            }
+            start = (off + b.len).next_multiple_of(ALIGN);
+        }
+        if start.checked_add(need).is_none_or(|end| end > self.end) {
+            return Err(CuError::OUT_OF_MEMORY);
+        }
+        self.blocks.insert(start, Block { len, flags });
+        Ok(start)
+    }
+
+    /// Frees the block that starts at `off`.
+    fn free(&mut self, off: u64) -> CuResult<()> {
+        self.blocks.remove(&off).map(drop).ok_or(CuError::INVALID_VALUE)
+    }
+
+    /// The block holding offset `off`: its start and what it is.
+    fn block_at(&self, off: u64) -> Option<(u64, Block)> {
+        let (&start, &b) = self.blocks.range(..=off).next_back()?;
+        (off < start + b.len).then_some((start, b))
+    }
+
+    /// `[off, off + len)` when it lies inside one block (an empty range may start at the
+    /// block's end).
+    fn range(&self, off: u64, len: u64) -> Option<BulkRef> {
+        let (&start, b) = self.blocks.range(..=off).next_back()?;
+        (off.checked_add(len)? <= start + b.len).then_some(BulkRef { offset: off, len })
+    }
+}
+
 /// The window of this process's connection.
 pub struct Window {
     data: DataWindow<Mem>,
@@ -31,7 +89,7 @@ pub struct Window {
     region_offset: u64,
     base: *mut u8,
     size: u64,
-    blocks: BTreeMap<u64, Block>,
+    arena: Arena,
     /// The program's own pages moved into the window in place (`cuMemHostRegister` with
     /// DEVICEMAP): program address → (arena offset, length).
     adopted: BTreeMap<usize, (u64, u64)>,
@@ -45,20 +103,21 @@ impl Window {
     /// Wraps the client's window of `region` (laid out by `layout`).
     pub fn new(data: DataWindow<Mem>, region: Mapping, layout: ChannelLayout) -> Window {
         let base = region.base().wrapping_add(layout.window_offset());
+        let size = layout.window_size() as u64;
         Window {
             data,
             region,
             region_offset: layout.window_offset() as u64,
             base,
-            size: layout.window_size() as u64,
-            blocks: BTreeMap::new(),
+            size,
+            arena: Arena::new(staging_len(size), size),
             adopted: BTreeMap::new(),
         }
     }
 
     /// Bytes available for staging one chunk of a pageable copy.
     pub fn staging_len(&self) -> u64 {
-        STAGING.min(self.size)
+        staging_len(self.size)
     }
 
     /// The two halves of the staging area used to pipeline pageable copies: while the host
@@ -108,35 +167,19 @@ impl Window {
 
     /// Carves `len` bytes (page-aligned) out of the arena.
     pub fn alloc(&mut self, len: u64, flags: u32) -> CuResult<*mut u8> {
-        if len == 0 {
-            return Err(CuError::INVALID_VALUE);
-        }
-        let need = len.checked_next_multiple_of(ALIGN).ok_or(CuError::OUT_OF_MEMORY)?;
-        let mut start = self.staging_len().next_multiple_of(ALIGN);
-        for (&off, b) in &self.blocks {
-            if off.saturating_sub(start) >= need {
-                break;
-            }
-            start = (off + b.len).next_multiple_of(ALIGN);
-        }
-        if start.checked_add(need).is_none_or(|end| end > self.size) {
-            return Err(CuError::OUT_OF_MEMORY);
-        }
-        self.blocks.insert(start, Block { len, flags });
-        Ok(self.base.wrapping_add(start as usize))
+        let off = self.arena.alloc(len, flags)?;
+        Ok(self.base.wrapping_add(off as usize))
     }
 
     /// Returns a block made by [`alloc`](Self::alloc); `p` must be its start.
     pub fn free(&mut self, p: *const u8) -> CuResult<()> {
         let off = self.offset_of(p).ok_or(CuError::INVALID_VALUE)?;
-        self.blocks.remove(&off).map(drop).ok_or(CuError::INVALID_VALUE)
+        self.arena.free(off)
     }
 
     /// The flags a block was allocated with, for any address inside it.
     pub fn flags_of(&self, p: *const u8) -> Option<u32> {
-        let off = self.offset_of(p)?;
-        let (&start, b) = self.blocks.range(..=off).next_back()?;
-        (off < start + b.len).then_some(b.flags)
+        Some(self.arena.block_at(self.offset_of(p)?)?.1.flags)
     }
 
     /// Moves the program's pages `[p, p + len)` (page-aligned start) into the window in
@@ -215,10 +258,7 @@ impl Window {
         if let Some(r) = self.adopted_range(p, len) {
             return Some(r);
         }
-        let off = self.offset_of(p)?;
-        let (&start, b) = self.blocks.range(..=off).next_back()?;
-        let end = off.checked_add(len)?;
-        (end <= start + b.len).then_some(BulkRef { offset: off, len })
+        self.arena.range(self.offset_of(p)?, len)
     }
 
     /// The window's descriptor of a temporary block (for module images).
@@ -232,6 +272,11 @@ impl Window {
     }
 }
 
+/// Bytes available for staging in a window of `size` bytes.
+fn staging_len(size: u64) -> u64 {
+    STAGING.min(size)
+}
+
 /// Copies at least this many bytes with several threads (one memcpy thread cannot keep up
 /// with the DMA engine: ≈ 12 GB/s against 55 GB/s on an H200 host).
 const PARALLEL_COPY_MIN: usize = 2 << 20;
@@ -242,34 +287,169 @@ const COPY_THREADS: usize = 4;
 /// and [`Window::drain`], with ranges they checked: `src` readable and `dst` writable for
 /// `len` bytes, not overlapping.
 fn parallel_copy(src: *const u8, dst: *mut u8, len: usize) {
+    let whole = CopyPart { src, dst, len };
     if len < PARALLEL_COPY_MIN {
         // SAFETY: see the function's contract.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+        unsafe { whole.copy() };
         return;
     }
     let part = len.div_ceil(COPY_THREADS);
-    // Addresses travel as integers (raw pointers are not `Send`); each thread copies its
-    // own disjoint part.
-    let (src, dst) = (src.expose_provenance(), dst.expose_provenance());
     std::thread::scope(|scope| {
         for i in 1..COPY_THREADS {
             let off = i * part;
             if off >= len {
                 break;
             }
-            let n = part.min(len - off);
+            let p = CopyPart { src: src.wrapping_add(off), dst: dst.wrapping_add(off), len: part.min(len - off) };
             scope.spawn(move || {
-                let (s, d) = (
-                    std::ptr::with_exposed_provenance::<u8>(src + off),
-                    std::ptr::with_exposed_provenance_mut::<u8>(dst + off),
-                );
-                // SAFETY: `[off, off + n)` is inside both ranges (function contract) and
+                // SAFETY: `[off, off + p.len)` is inside both ranges (function contract) and
                 // disjoint from every other thread's part.
-                unsafe { std::ptr::copy_nonoverlapping(s, d, n) };
+                unsafe { p.copy() }
             });
         }
-        let (s, d) = (std::ptr::with_exposed_provenance::<u8>(src), std::ptr::with_exposed_provenance_mut::<u8>(dst));
         // SAFETY: the first part, as above.
-        unsafe { std::ptr::copy_nonoverlapping(s, d, part.min(len)) };
+        unsafe { CopyPart { len: part.min(len), ..whole }.copy() };
     });
+}
+
+/// One thread's part of a [`parallel_copy`]. The pointers keep their provenance (Miri
+/// checks every access against the ranges they came from), and a part may be sent to
+/// another thread, which raw pointers alone may not.
+#[derive(Clone, Copy)]
+struct CopyPart {
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a part names memory that outlives the scoped thread copying it (the caller's
+// ranges) and that no other part touches; sending it hands that piece to one thread.
+unsafe impl Send for CopyPart {}
+
+impl CopyPart {
+    /// # Safety
+    /// `src` must be readable and `dst` writable for `len` bytes, not overlapping, and no
+    /// other thread may access `dst`'s bytes meanwhile.
+    unsafe fn copy(self) {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(self.src, self.dst, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u64 = ALIGN;
+
+    #[test]
+    fn blocks_are_page_aligned_first_fit_after_the_staging_area() {
+        let mut a = Arena::new(100, 5 * PAGE);
+        assert_eq!(a.alloc(1, 1), Ok(PAGE), "the arena starts at the page after staging");
+        assert_eq!(a.alloc(PAGE + 1, 2), Ok(2 * PAGE));
+        assert_eq!(a.alloc(PAGE, 3), Ok(4 * PAGE));
+        assert_eq!(a.alloc(1, 4), Err(CuError::OUT_OF_MEMORY));
+        assert_eq!(a.free(2 * PAGE), Ok(()));
+        assert_eq!(a.alloc(PAGE, 5), Ok(2 * PAGE), "the first gap that fits");
+        assert_eq!(a.alloc(PAGE, 6), Ok(3 * PAGE));
+        assert_eq!(a.alloc(1, 7), Err(CuError::OUT_OF_MEMORY));
+    }
+
+    #[test]
+    fn sizes_that_cannot_fit_are_refused() {
+        let mut a = Arena::new(STAGING, STAGING + 2 * PAGE);
+        assert_eq!(a.alloc(0, 0), Err(CuError::INVALID_VALUE));
+        for len in [u64::MAX, u64::MAX - PAGE, 3 * PAGE, 2 * PAGE + 1] {
+            assert_eq!(a.alloc(len, 0), Err(CuError::OUT_OF_MEMORY), "{len}");
+        }
+        assert_eq!(a.alloc(2 * PAGE, 0), Ok(STAGING));
+        // A window no larger than the staging area has no arena.
+        let size = STAGING / 2;
+        assert_eq!(Arena::new(staging_len(size), size).alloc(1, 0), Err(CuError::OUT_OF_MEMORY));
+    }
+
+    #[test]
+    fn lookups_stay_inside_one_block() {
+        let mut a = Arena::new(0, 8 * PAGE);
+        let b = a.alloc(100, 7).unwrap();
+        let c = a.alloc(PAGE, 8).unwrap();
+        assert_eq!(c, b + PAGE, "the rest of b's page is not c's");
+        assert_eq!(a.block_at(b + 99).map(|(s, k)| (s, k.flags)), Some((b, 7)));
+        assert!(a.block_at(b + 100).is_none(), "past b's length, before c");
+        assert_eq!(a.block_at(c + PAGE - 1).map(|(s, _)| s), Some(c));
+        assert!(a.block_at(c + PAGE).is_none());
+        assert_eq!(a.range(b + 10, 90), Some(BulkRef { offset: b + 10, len: 90 }));
+        assert_eq!(a.range(b + 100, 0), Some(BulkRef { offset: b + 100, len: 0 }));
+        assert_eq!(a.range(b + 10, 91), None);
+        assert_eq!(a.range(b + 10, u64::MAX), None);
+        assert_eq!(a.free(b + 1), Err(CuError::INVALID_VALUE), "not a block's start");
+        assert_eq!(a.free(b), Ok(()));
+        assert_eq!(a.free(b), Err(CuError::INVALID_VALUE), "freed twice");
+        assert!(a.block_at(b).is_none() && a.range(b, 1).is_none());
+    }
+
+    /// Random allocations and frees (a fixed-seed generator) keep every block aligned,
+    /// inside the arena and apart from the others, and a refusal means no gap fits.
+    #[test]
+    fn blocks_never_overlap_and_refusals_are_honest() {
+        const END: u64 = STAGING + 64 * PAGE;
+        let mut a = Arena::new(STAGING, END);
+        let mut live: Vec<(u64, u64)> = Vec::new();
+        let (mut frees, mut refusals) = (0, 0);
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..300 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            if seed % 3 == 0 && !live.is_empty() {
+                let (off, _) = live.swap_remove((seed / 3) as usize % live.len());
+                assert_eq!(a.free(off), Ok(()));
+                frees += 1;
+                continue;
+            }
+            let len = 1 + (seed >> 8) % (6 * PAGE);
+            match a.alloc(len, 0) {
+                Ok(off) => {
+                    assert!(off % PAGE == 0 && off >= STAGING && off + len <= END, "{off} {len}");
+                    assert!(live.iter().all(|&(o, l)| off + len <= o || o + l <= off), "{off} {len} {live:?}");
+                    live.push((off, len));
+                }
+                Err(e) => {
+                    assert_eq!(e, CuError::OUT_OF_MEMORY);
+                    live.sort_unstable();
+                    let mut at = STAGING;
+                    for &(o, l) in live.iter().chain(&[(END, 0)]) {
+                        assert!(o - at < len.next_multiple_of(PAGE), "the gap at {at} fits {len}: {live:?}");
+                        at = (o + l).next_multiple_of(PAGE);
+                    }
+                    refusals += 1;
+                }
+            }
+        }
+        assert!(frees > 0 && refusals > 0, "the sequence tried both ({frees} frees, {refusals} refusals)");
+    }
+
+    /// Copies `len` bytes into the middle of a guarded buffer and checks them and the guards.
+    fn check_copy(len: usize) {
+        let src = [0x01u8, 0x02, 0x03, 0x05, 0x07, 0x0b, 0x0d].repeat(len.div_ceil(7))[..len].to_vec();
+        let mut dst = vec![0xa5u8; len + 128];
+        parallel_copy(src.as_ptr(), dst[64..].as_mut_ptr(), len);
+        assert!(dst[..64].iter().chain(&dst[64 + len..]).all(|&b| b == 0xa5), "a guard byte was written");
+        assert!(dst[64..64 + len] == src[..], "{len} bytes");
+    }
+
+    #[test]
+    fn small_copies_are_exact() {
+        for len in [0, 1, 7, 4096, 4097] {
+            check_copy(len);
+        }
+    }
+
+    /// Above the threshold the copy is split between threads; the parts must cover the
+    /// range exactly, whatever its remainder by the number of threads.
+    #[test]
+    fn parallel_copies_are_exact() {
+        check_copy(PARALLEL_COPY_MIN);
+        check_copy(PARALLEL_COPY_MIN + COPY_THREADS + 1);
+    }
 }

@@ -504,11 +504,17 @@ unsafe fn hand_out(ptr: *mut *mut c_void, size: *mut usize, buf: *mut c_void, le
 /// A destructor the runtime registers with a value: `(context, key, value)`.
 type ClsDtor = unsafe extern "C" fn(sys::CUcontext, *mut c_void, *mut c_void);
 
-/// One stored value.
+/// One stored value. Key and value are kept as the pointers the runtime gave (not as
+/// integers), so that the ones handed back to it are the same pointers, provenance and all.
 struct ClsEntry {
-    value: usize,
+    key: *mut c_void,
+    value: *mut c_void,
     dtor: Option<ClsDtor>,
 }
+
+// SAFETY: libvgpu never dereferences `key` or `value`; it only hands them back to the
+// runtime (from whichever thread asks, as the driver does), which owns what they point to.
+unsafe impl Send for ClsEntry {}
 
 /// Values by (context handle, key).
 static CLS: Mutex<Option<HashMap<(u64, usize), ClsEntry>>> = Mutex::new(None);
@@ -541,7 +547,7 @@ unsafe extern "C" fn cls_put(
 ) -> CUresult {
     slot("CONTEXT_LOCAL_STORAGE[0] (put)", || {
         let h = cls_context(ctx)?;
-        with_cls(|m| m.insert((h.0, key as usize), ClsEntry { value: value as usize, dtor }));
+        with_cls(|m| m.insert((h.0, key.addr()), ClsEntry { key, value, dtor }));
         Ok(())
     })
 }
@@ -550,7 +556,7 @@ unsafe extern "C" fn cls_put(
 unsafe extern "C" fn cls_delete(ctx: sys::CUcontext, key: *mut c_void) -> CUresult {
     slot("CONTEXT_LOCAL_STORAGE[1] (delete)", || {
         let h = cls_context(ctx)?;
-        with_cls(|m| m.remove(&(h.0, key as usize)));
+        with_cls(|m| m.remove(&(h.0, key.addr())));
         Ok(())
     })
 }
@@ -561,9 +567,9 @@ unsafe extern "C" fn cls_get(value: *mut *mut c_void, ctx: sys::CUcontext, key: 
         // SAFETY: the runtime's contract: a non-null out-pointer is valid for one write.
         let out = unsafe { Out::required(value) }?;
         let h = cls_context(ctx)?;
-        match with_cls(|m| m.get(&(h.0, key as usize)).map(|e| e.value)) {
+        match with_cls(|m| m.get(&(h.0, key.addr())).map(|e| e.value)) {
             Some(v) => {
-                out.set(v as *mut c_void);
+                out.set(v);
                 Ok(())
             }
             None => Err(CuError::INVALID_HANDLE),
@@ -576,15 +582,15 @@ unsafe extern "C" fn cls_get(value: *mut *mut c_void, ctx: sys::CUcontext, key: 
 /// libvgpu's held (they call back into the driver), and forgets them.
 pub fn context_gone(ctx: Handle) {
     rt::contexts_changed();
-    let gone: Vec<((u64, usize), ClsEntry)> = with_cls(|m| {
+    let gone: Vec<ClsEntry> = with_cls(|m| {
         let keys: Vec<(u64, usize)> = m.keys().filter(|(c, _)| *c == ctx.0).copied().collect();
-        keys.into_iter().filter_map(|k| m.remove(&k).map(|e| (k, e))).collect()
+        keys.into_iter().filter_map(|k| m.remove(&k)).collect()
     });
-    for ((_, key), e) in gone {
+    for e in gone {
         if let Some(dtor) = e.dtor {
             // SAFETY: the runtime registered this destructor for exactly this call: the
             // context it stored the value in, the key and the value.
-            unsafe { dtor(handle_ptr(ctx), key as *mut c_void, e.value as *mut c_void) };
+            unsafe { dtor(handle_ptr(ctx), e.key, e.value) };
         }
     }
 }
@@ -985,6 +991,177 @@ mod tests {
         for (i, k) in TABLES.iter().enumerate() {
             assert!(TABLES.iter().skip(i + 1).all(|o| o.id != k.id), "{} twice", k.name);
         }
+    }
+
+    /// `cuGetExportTable` with an id from `bytes` and an out-pointer one byte into a
+    /// buffer (neither needs alignment): the result and what was written.
+    fn export_table(bytes: [u8; 16]) -> (CUresult, *const c_void) {
+        let id = sys::CUuuid { bytes: bytes.map(|b| b as std::ffi::c_char) };
+        let mut out = [0xa5u8; 1 + size_of::<*const c_void>()];
+        let p = out[1..].as_mut_ptr().cast::<*const c_void>();
+        // SAFETY: `p` is valid for one (unaligned) pointer write, `id` for a read.
+        let r = rt::entry("test", || unsafe { cu_get_export_table(p, &id) });
+        // SAFETY: `out[1..]` holds a pointer: the call wrote one, or the bytes are 0xa5.
+        (r, unsafe { p.read_unaligned() })
+    }
+
+    /// Slot `i` of table `t` (a `T_*` index) as a function of type `F`.
+    ///
+    /// # Safety
+    /// The slot must exist and `F` must be its function type.
+    unsafe fn slot_fn<F: Copy>(t: usize, i: usize) -> F {
+        assert_eq!(size_of::<F>(), size_of::<*const c_void>());
+        let table = (TABLES[t].table)().cast::<*const c_void>();
+        // SAFETY: every table is an array of words, and the slot is in it (the contract).
+        let word = unsafe { table.wrapping_add(i).read() };
+        // SAFETY: the word is a function of type `F` (the contract).
+        unsafe { std::mem::transmute_copy(&word) }
+    }
+
+    #[test]
+    fn known_ids_get_their_table_and_others_a_null_one() {
+        for k in &TABLES {
+            assert_eq!(export_table(k.id), (0, (k.table)()), "{}", k.name);
+        }
+        let invalid = CuError::INVALID_VALUE.0.get();
+        for (id, name) in &PROBED {
+            assert_eq!(export_table(*id), (invalid, std::ptr::null()), "{name}");
+        }
+        assert_eq!(export_table([0x42; 16]), (invalid, std::ptr::null()));
+        let id = sys::CUuuid { bytes: [0; 16] };
+        // SAFETY: a null out-pointer is refused before any access.
+        let r = unsafe { cu_get_export_table(std::ptr::null_mut(), &id) };
+        assert_eq!(r, Err(CuError::INVALID_VALUE));
+        let mut out = std::ptr::null();
+        // SAFETY: a null id is refused before any access.
+        let r = unsafe { cu_get_export_table(&mut out, std::ptr::null()) };
+        assert_eq!(r, Err(CuError::INVALID_VALUE));
+    }
+
+    #[test]
+    fn hook_buffers_come_with_their_lengths() {
+        type Hooks = unsafe extern "C" fn(*mut *mut c_void, *mut usize);
+        for (i, len) in [(2, HOOK1_LEN), (6, HOOK2_LEN)] {
+            // SAFETY: slots 2 and 6 of CALLBACK_HOOKS are `Hooks`.
+            let hooks: Hooks = unsafe { slot_fn(T_CALLBACK_HOOKS, i) };
+            let (mut buf, mut size) = (std::ptr::null_mut(), 0usize);
+            // SAFETY: two valid out-pointers.
+            unsafe { hooks(&mut buf, &mut size) };
+            assert_eq!(size, len);
+            // SAFETY: the runtime may write the whole buffer; its last word is in it.
+            unsafe { buf.cast::<u64>().wrapping_add(len - 1).write(1) };
+            // SAFETY: null out-pointers are not written.
+            unsafe { hooks(std::ptr::null_mut(), std::ptr::null_mut()) };
+        }
+    }
+
+    #[test]
+    fn thread_state_blocks_are_readable_and_per_thread() {
+        type ThreadState = unsafe extern "C" fn(*mut *const c_void) -> usize;
+        // SAFETY: TOOLS_TLS slot 2 is a `ThreadState`.
+        let thread_state_slot: ThreadState = unsafe { slot_fn(T_TOOLS_TLS, 2) };
+        let mut mine = std::ptr::null();
+        // SAFETY: a valid out-pointer.
+        assert_eq!(unsafe { thread_state_slot(&mut mine) }, 0);
+        // SAFETY: the slot hands out this thread's block of eight words.
+        assert_eq!(unsafe { std::slice::from_raw_parts(mine.cast::<u64>(), 8) }, [0; 8]);
+        let theirs = std::thread::spawn(|| thread_state().addr()).join().unwrap();
+        assert_ne!(mine.addr(), theirs, "one block per thread");
+        // SAFETY: a null out-pointer is not written.
+        assert_eq!(unsafe { thread_state_slot(std::ptr::null_mut()) }, 0);
+    }
+
+    /// The check writes a `u32`: the word after it is the caller's (cuBLAS keeps a local
+    /// there).
+    #[test]
+    fn the_context_check_writes_four_bytes() {
+        type Check = unsafe extern "C" fn(sys::CUcontext, *mut u32, *mut c_void) -> CUresult;
+        // SAFETY: CONTEXT_CHECKS slot 2 is a `Check`.
+        let check: Check = unsafe { slot_fn(T_CTX_CHECKS, 2) };
+        // SAFETY: slot 3 takes nothing and answers a u32.
+        let global: extern "C" fn() -> u32 = unsafe { slot_fn(T_CTX_CHECKS, 3) };
+        let mut flags = [7u32, 0xa5a5_a5a5];
+        // SAFETY: `flags` is valid for a u32 write; the third argument is not read.
+        let r = unsafe { check(std::ptr::null_mut(), flags.as_mut_ptr(), std::ptr::null_mut()) };
+        assert_eq!((r, flags), (0, [0, 0xa5a5_a5a5]));
+        assert_eq!(global(), 0);
+    }
+
+    /// The CONTEXT_QUERY slots' answers that need no session.
+    #[test]
+    fn context_queries_refuse_what_is_not_a_context() {
+        type IsContext = unsafe extern "C" fn(sys::CUcontext, *mut u64) -> CUresult;
+        type Object = unsafe extern "C" fn(sys::CUcontext, *const c_void, *mut *const c_void) -> CUresult;
+        type Value = unsafe extern "C" fn(sys::CUcontext, *const c_void, *mut u64) -> CUresult;
+        // SAFETY: CONTEXT_QUERY's slots 4, 51 and 39 have these types.
+        let is_context: IsContext = unsafe { slot_fn(T_CTX_QUERY, 4) };
+        // SAFETY: as above.
+        let object: Object = unsafe { slot_fn(T_CTX_QUERY, 51) };
+        // SAFETY: as above.
+        let value: Value = unsafe { slot_fn(T_CTX_QUERY, 39) };
+        let ctx = handle_ptr(Handle(0x5000_0001));
+        let mut answer = [9u64; 2];
+        // SAFETY: `answer` is valid for a u64 write.
+        assert_eq!(unsafe { is_context(std::ptr::null_mut(), answer.as_mut_ptr()) }, 0);
+        assert_eq!(answer, [0, 9]);
+        // SAFETY: as above.
+        assert_eq!(unsafe { is_context(ctx, answer.as_mut_ptr()) }, 0);
+        assert_eq!(answer, [1, 9]);
+        let invalid = CuError::INVALID_VALUE.0.get();
+        // SAFETY: a null out-pointer is refused.
+        assert_eq!(unsafe { is_context(ctx, std::ptr::null_mut()) }, invalid);
+        let mut obj = std::ptr::null();
+        // SAFETY: a valid out-pointer; a null context is refused before any session.
+        let r = unsafe { object(std::ptr::null_mut(), std::ptr::null(), &mut obj) };
+        assert_eq!((r, obj), (CuError::INVALID_HANDLE.0.get(), std::ptr::null()));
+        // An object slot 51 never made is not read: a dangling one is refused.
+        // SAFETY: a valid out-pointer.
+        let r = unsafe { value(ctx, std::ptr::without_provenance(0x1000), answer.as_mut_ptr()) };
+        assert_eq!((r, answer), (invalid, [1, 9]));
+    }
+
+    #[test]
+    fn stub_slots_answer_every_time() {
+        type Answer = extern "C" fn() -> CUresult;
+        // SAFETY: CUDART_INTERFACE slot 7 takes a word.
+        let fn7: extern "C" fn(usize) = unsafe { slot_fn(T_CUDART, 7) };
+        // SAFETY: slot 12 takes nothing.
+        let load_compilers: Answer = unsafe { slot_fn(T_CUDART, 12) };
+        // SAFETY: a trap is called with nothing.
+        let trap: Answer = unsafe { slot_fn(T_HEAP, 1) };
+        fn7(0);
+        assert_eq!(load_compilers(), 0);
+        assert_eq!((trap(), trap()), (CuError::NOT_SUPPORTED.0.get(), CuError::NOT_SUPPORTED.0.get()));
+    }
+
+    static DTOR_CALLS: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
+
+    /// Records its call and adds 1 to the `u64` the value points to.
+    unsafe extern "C" fn record_dtor(ctx: sys::CUcontext, key: *mut c_void, value: *mut c_void) {
+        DTOR_CALLS.lock().unwrap().push((ctx.addr(), key.addr(), value.addr()));
+        // SAFETY: the test stored pointers to live `u64`s as values.
+        unsafe { *value.cast::<u64>() += 1 };
+    }
+
+    #[test]
+    fn a_gone_context_runs_its_destructors_once_and_forgets_its_values() {
+        let (gone, kept) = (0x7000_0001_u64, 0x7000_0002_u64);
+        let mut values = [10u64, 20, 30];
+        let [a, b, c] = values.each_mut().map(|v| std::ptr::from_mut(v).cast::<c_void>());
+        let key = |k: usize| std::ptr::without_provenance_mut::<c_void>(k);
+        with_cls(|m| {
+            m.insert((gone, 1), ClsEntry { key: key(1), value: a, dtor: Some(record_dtor) });
+            m.insert((gone, 2), ClsEntry { key: key(2), value: b, dtor: None });
+            m.insert((kept, 1), ClsEntry { key: key(1), value: c, dtor: Some(record_dtor) });
+        });
+        context_gone(Handle(gone));
+        context_gone(Handle(gone));
+        assert_eq!(*DTOR_CALLS.lock().unwrap(), [(gone as usize, 1, a.addr())]);
+        assert_eq!(values[0], 11, "the destructor got the runtime's own pointer");
+        with_cls(|m| {
+            assert!(!m.keys().any(|(c, _)| *c == gone));
+            assert_eq!(m.remove(&(kept, 1)).map(|e| e.value.addr()), Some(c.addr()));
+        });
     }
 
     #[test]
