@@ -375,13 +375,15 @@ mod tests {
         assert_eq!((c.offered, c.claimed, c.restarts, c.backoffs), (2, 1, 0, 0), "{c:?}");
 
         // The worker failed: no new worker before the back-off, the slot reset after it.
+        // The back-off runs from slot_done's own clock reading, between t0 and t1.
         let t0 = Instant::now();
         t.slot_done(5, 1, true);
+        let t1 = Instant::now();
         t.reset_due(t0);
         t.scan().unwrap();
         assert!(rx.try_recv().is_err(), "no restart during the back-off");
         assert_eq!(read(&mut t, &format!("{}/state", frontend_dir(5, 1))).as_deref(), Some("3"));
-        t.reset_due(t0 + FIRST_BACKOFF + Duration::from_millis(1));
+        t.reset_due(t1 + FIRST_BACKOFF);
         assert_eq!(read(&mut t, &format!("{}/state", frontend_dir(5, 1))).as_deref(), Some("1"));
         assert_eq!(read(&mut t, &format!("{}/state", backend_dir(5, 1))).as_deref(), Some("2"));
 
