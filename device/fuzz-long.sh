@@ -4,8 +4,9 @@
 # their committed corpora, in .device-carry-fuzz), carry .device-carry-fuzz, then:
 #   FUZZ_SECONDS=540 bash device/fuzz-long.sh
 # Each target runs in libFuzzer's fork mode with FUZZ_JOBS_<target> workers (default 2;
-# zone_requests 6) for FUZZ_SECONDS. Prints each target's totals; under $OUT: the logs, the
-# crashes (if any) and the grown corpora as fuzz-out.tar.gz.
+# zone_requests 6) for FUZZ_SECONDS; FUZZ_ONLY="a b" runs only those targets. Prints each
+# target's totals; under $OUT: the logs, the crashes (if any) and the grown corpora as
+# fuzz-out.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 c=.device-carry-fuzz
@@ -16,8 +17,10 @@ work=$(mktemp -d)
 tar -C "$work" -xzf "$c/fuzz.tar.gz"
 echo "== $(nproc) CPUs, $secs s per target, all targets at once"
 pids=()
+only=" ${FUZZ_ONLY:-$(ls "$work/bin" | tr '\n' ' ')} "
 for bin in "$work"/bin/*; do
   t=$(basename "$bin")
+  [[ $only == *" $t "* ]] || continue
   jobs_var="FUZZ_JOBS_$t"
   jobs=${!jobs_var:-$([ "$t" = zone_requests ] && echo 6 || echo 2)}
   mkdir -p "$work/new/$t" "$work/crashes/$t"
@@ -31,6 +34,7 @@ done
 for p in "${pids[@]}"; do wait "$p"; done
 for bin in "$work"/bin/*; do
   t=$(basename "$bin")
+  [[ $only == *" $t "* ]] || continue
   # fork mode's status lines: "#N: cov: C ft: F corp: K exec/s: E oom/timeout/crash: a/b/c time: Ts"
   last=$(grep -E '^#[0-9]+: cov:' "$out/$t.log" | tail -1)
   echo "$t: ${last:-no status line (see $t.log)}; new inputs: $(ls "$work/new/$t" | wc -l); crashes: $(ls "$work/crashes/$t" | wc -l)"
