@@ -968,6 +968,13 @@ impl<B: GpuBackend> Zone<B> {
             note(self.backend.module_unload(view.module));
         }
         let mods = self.modules.remove_where(|_, m| m.ctx == ctx);
+        // Captures on the context's streams end with them.
+        let doomed_streams: Vec<Handle> = self.streams.iter().filter(|(_, s)| s.ctx == ctx).map(|(h, _)| h).collect();
+        for h in doomed_streams {
+            if self.stream_is_capturing(h).unwrap_or(false) {
+                self.captures_active = self.captures_active.saturating_sub(1);
+            }
+        }
         let streams = self.streams.remove_where(|_, s| s.ctx == ctx);
         let events = self.events.remove_where(|_, e| e.ctx == ctx);
         let execs = self.graph_execs.remove_where(|_, e| e.ctx == ctx);
@@ -2025,8 +2032,13 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     fn cu_stream_destroy_v2(&mut self, req: CuStreamDestroyV2) -> CuResultOf<Done> {
         let z = &mut *self.zone;
+        // A stream destroyed mid-capture ends its capture (the driver invalidates it).
+        let capturing = z.stream_is_capturing(req.h_stream)?;
         let s = z.streams.remove(req.h_stream)?;
         z.backend.stream_destroy(s.obj)?;
+        if capturing {
+            z.captures_active = z.captures_active.saturating_sub(1);
+        }
         Ok(Done {})
     }
 
@@ -2522,6 +2534,34 @@ mod tests {
         f.api().cu_graph_destroy(CuGraphDestroy { h_graph: captured }).unwrap();
         f.api().cu_graph_destroy(CuGraphDestroy { h_graph: other }).unwrap();
         assert_eq!(f.z.live_objects(), objects, "graphs, execs and nodes count against the handle quota");
+    }
+
+    /// Found by the `zone_requests` fuzzer (run 2): a stream destroyed, alone or with its
+    /// context, while it captures ends the capture; the zone stops counting it (its throttle
+    /// works again) and the test double keeps no graph of it.
+    #[test]
+    fn a_stream_destroyed_mid_capture_ends_the_capture() {
+        let mut f = fixture(Quotas::default(), 4096);
+        let held0 = f.z.backend().held();
+        let s = f.stream().unwrap();
+        f.api().stream_begin_capture(StreamBeginCapture { stream: s, mode: 0 }).unwrap();
+        assert_eq!(f.z.captures_active, 1);
+        f.api().cu_stream_destroy_v2(CuStreamDestroyV2 { h_stream: s }).unwrap();
+        assert_eq!(f.z.captures_active, 0);
+        assert_eq!(f.z.backend().held(), held0, "no graph is left of the capture");
+
+        let ctx = f.api().ctx_create(CtxCreate { flags: 0 }).unwrap().ctx;
+        let s = f.stream().unwrap();
+        f.api().stream_begin_capture(StreamBeginCapture { stream: s, mode: 0 }).unwrap();
+        f.api().ctx_destroy(CtxDestroy { ctx }).unwrap();
+        assert_eq!(f.z.captures_active, 0);
+        assert_eq!(f.z.backend().held(), held0, "nor of one whose context went");
+
+        let s = f.stream().unwrap();
+        f.api().stream_begin_capture(StreamBeginCapture { stream: s, mode: 0 }).unwrap();
+        f.z.teardown();
+        assert_eq!(f.z.captures_active, 0);
+        assert_eq!(f.z.backend().held(), held0, "nor of one open at teardown");
     }
 
     #[test]

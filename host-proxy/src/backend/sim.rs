@@ -1406,7 +1406,9 @@ impl GpuBackend for SimGpu {
         self.free_where(|a| a.ctx == id);
         self.modules.retain(|_, m| m.ctx != Some(id));
         self.functions.retain(|_, f| f.ctx != Some(id));
+        let captures: Vec<u64> = self.streams.values().filter(|s| s.ctx == id).filter_map(|s| s.capture.map(|c| c.0)).collect();
         self.streams.retain(|_, s| s.ctx != id);
+        self.drop_abandoned_captures(captures);
         self.events.retain(|_, e| e.ctx != id);
         self.execs.retain(|_, (ctx, _)| *ctx != id);
         if self.current == id {
@@ -1902,7 +1904,9 @@ impl GpuBackend for SimGpu {
     }
 
     fn stream_destroy(&mut self, stream: SimStream) -> CuResultOf<()> {
-        self.streams.remove(&stream.0).map(|_| ()).ok_or(CuError::INVALID_HANDLE)
+        let state = self.streams.remove(&stream.0).ok_or(CuError::INVALID_HANDLE)?;
+        self.drop_abandoned_captures(state.capture.map(|c| c.0));
+        Ok(())
     }
 
     // ---- events ----

@@ -123,7 +123,7 @@ impl<B: GpuBackend> Zone<B> {
     /// Whether `stream` is capturing right now (only asked while the zone has a capture
     /// open; a query the driver refuses — the legacy stream during a global capture — counts
     /// as capturing, since what it guards must not run then either).
-    fn stream_is_capturing(&mut self, stream: Handle) -> CuResultOf<bool> {
+    pub(super) fn stream_is_capturing(&mut self, stream: Handle) -> CuResultOf<bool> {
         if self.captures_active == 0 {
             return Ok(false);
         }

@@ -164,6 +164,25 @@ impl SimGpu {
         SimGraph(id)
     }
 
+    /// Drops the graphs of captures in `graphs` that no live stream records into any more
+    /// (their streams were destroyed mid-capture, alone or with their context): the driver
+    /// invalidates such a capture and frees its graph, which no handle names yet.
+    pub(super) fn drop_abandoned_captures(&mut self, graphs: impl IntoIterator<Item = u64>) {
+        for g in graphs {
+            if self.streams.values().any(|s| s.capture.is_some_and(|(c, _)| c == g)) {
+                continue;
+            }
+            for (id, _) in self.graphs.remove(&g).into_iter().flatten() {
+                self.clone_origin.remove(&id);
+            }
+            for e in self.events.values_mut() {
+                if e.captured.is_some_and(|(c, _)| c == g) {
+                    e.captured = None;
+                }
+            }
+        }
+    }
+
     pub(super) fn destroy_graph(&mut self, graph: SimGraph) -> CuResultOf<()> {
         if self.streams.values().any(|s| s.capture.is_some_and(|(g, _)| g == graph.0)) {
             // The capture's graph is the stream's until the capture ends.
