@@ -78,3 +78,44 @@ fn committed_corpus_replays_cleanly() {
         }
     }
 }
+
+/// A brief fuzz run in every `cargo test`: deterministic mutations (bit flips, byte writes,
+/// insertions, removals, splices of another seed's tail) of the seeds and the committed
+/// corpus. `VGPU_FUZZ_MUTATIONS` per target (default 3000).
+#[test]
+#[cfg_attr(miri, ignore = "reads files, which Miri's isolation forbids")]
+fn mutations_run_cleanly() {
+    let n: u64 = std::env::var("VGPU_FUZZ_MUTATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for target in targets() {
+        let mut inputs: Vec<Vec<u8>> = target.seeds.into_iter().map(|(_, b)| b).collect();
+        for entry in std::fs::read_dir(corpus_dir(target.name)).unwrap() {
+            inputs.push(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+        for _ in 0..n {
+            let mut input = inputs[next() as usize % inputs.len()].clone();
+            for _ in 0..1 + next() % 4 {
+                let at = if input.is_empty() { 0 } else { next() as usize % input.len() };
+                match next() % 5 {
+                    0 if !input.is_empty() => input[at] ^= 1 << (next() % 8),
+                    1 if !input.is_empty() => input[at] = next() as u8,
+                    2 => input.insert(at, next() as u8),
+                    3 if !input.is_empty() => drop(input.remove(at)),
+                    _ => {
+                        let other = &inputs[next() as usize % inputs.len()];
+                        let from = next() as usize % (other.len() + 1);
+                        input.truncate(at);
+                        input.extend_from_slice(&other[from..]);
+                    }
+                }
+            }
+            (target.run)(&input);
+        }
+    }
+}
