@@ -6,8 +6,11 @@
 # median [min–max] over all repetitions, the ratio of the medians (remoted ÷ native for
 # times, native ÷ remoted for tokens/s, so > 1 is slower either way) and whether the
 # workload's check value agreed. Needs `cargo xtask device-build`'s .device-carry.
-# BENCH_ONLY="mlp_train_step …" limits the workloads; with $OUT set, the raw lines and the
-# daemon's log come back as torch-bench.txt and host-proxy.log.
+# BENCH_ONLY="mlp_train_step …" limits the workloads (gpt2_generate_graphs, which compiles
+# the model, runs only when named there); BENCH_TIMEOUT is each run's limit (240 s);
+# BENCH_VGPU_LOG is libvgpu's VGPU_LOG (warn; debug names every call that failed). With $OUT
+# set, the raw lines and the daemon's log come back as torch-bench.txt and host-proxy.log,
+# each run's stderr as MODE-ROUND.err (BENCH_TRACEBACK=1: with a failed workload's traceback).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 carry=$PWD/${CARRY:-.device-carry}
@@ -27,13 +30,14 @@ for r in $(seq 1 "$rounds"); do
     for mode in native libvgpu; do
         echo "== round $r, $mode"
         if [ "$mode" = native ]; then
-            env BENCH_REPS="${BENCH_REPS:-5}" timeout 240 python3 device/probes/torch_bench.py >"$work/run.txt" 2>"$work/run.err"
+            env BENCH_REPS="${BENCH_REPS:-5}" timeout "${BENCH_TIMEOUT:-240}" python3 device/probes/torch_bench.py >"$work/run.txt" 2>"$work/run.err"
         else
-            env BENCH_REPS="${BENCH_REPS:-5}" LD_LIBRARY_PATH="$guest_ld" VGPU_SOCKET="$sock" VGPU_LOG=warn \
-                timeout 240 python3 device/probes/torch_bench.py >"$work/run.txt" 2>"$work/run.err"
+            env BENCH_REPS="${BENCH_REPS:-5}" LD_LIBRARY_PATH="$guest_ld" VGPU_SOCKET="$sock" VGPU_LOG="${BENCH_VGPU_LOG:-warn}" \
+                timeout "${BENCH_TIMEOUT:-240}" python3 device/probes/torch_bench.py >"$work/run.txt" 2>"$work/run.err"
         fi
         rc=$?
-        grep -E '^(FAIL|bench done)' "$work/run.txt"
+        [ "$out" = "$work" ] || cp "$work/run.err" "$out/$mode-$r.err"
+        grep -E '^(FAIL|bench done|[a-z0-9_]+: compiled)' "$work/run.txt"
         [ "$rc" -eq 0 ] || { echo "-- exit $rc; stderr:"; tail -n 15 "$work/run.err"; }
         sed -n "s/^result /$mode $r /p" "$work/run.txt" >>"$raw"
     done

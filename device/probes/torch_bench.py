@@ -7,6 +7,7 @@ nothing itself. No network: GPT-2 is built from a config with random weights."""
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -29,14 +30,16 @@ def timed(fn, iters):
     return (time.perf_counter() - t0) * 1e3 / iters, out
 
 
-def workload(name):
+def workload(name, by_default=True):
     def wrap(fn):
-        if not only or name in only:
+        if (not only and by_default) or name in only:
             try:
                 fn(name)
             except Exception as e:  # noqa: BLE001 - one failed workload must not hide the others
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 print(f"FAIL: {name}: {type(e).__name__}: {first[:300]}", flush=True)
+                if os.environ.get("BENCH_TRACEBACK"):
+                    traceback.print_exc()
         return fn
     return wrap
 
@@ -146,5 +149,40 @@ def _(name):
         result(name, 128 / (ms / 1e3), "tokens/s", float(out.sum().item()))
 
 
-print(f"bench done: torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
+@workload("gpt2_generate_graphs", by_default=False)
+def _(name):
+    """The same generate() with a static KV cache and the model's forward compiled with
+    torch.compile(mode="reduce-overhead"): each decode step replays a CUDA graph. Not run by
+    default (compiling takes a minute or more per process); BENCH_ONLY names it."""
+    cfg, model = gpt2()
+    model.eval()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8), device=dev, generator=gen)
+    model.generation_config.cache_implementation = "static"
+    # transformers compiles the forward itself for a static cache (its CompileConfig:
+    # mode "reduce-overhead", i.e. CUDA graphs), marking each step for cudagraph trees.
+    from transformers import CompileConfig
+    model.generation_config.compile_config = CompileConfig(mode="reduce-overhead")
+
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False,
+                                  pad_token_id=0)
+
+    t0 = time.perf_counter()
+    for _ in range(3):
+        timed(run, 1)
+    compiled = hasattr(model, "_compiled_call")
+    print(f"{name}: compiled ({compiled}) and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
+    for _ in range(reps):
+        ms, out = timed(run, 1)
+        result(name, 128 / (ms / 1e3), "tokens/s", float(out.sum().item()))
+
+
+try:
+    import transformers
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+except ImportError:
+    versions = f"torch {torch.__version__}"
+print(f"bench done: {versions}, {torch.cuda.get_device_name(0)}", flush=True)
 sys.exit(0)

@@ -1406,7 +1406,8 @@ impl GpuBackend for SimGpu {
         self.free_where(|a| a.ctx == id);
         self.modules.retain(|_, m| m.ctx != Some(id));
         self.functions.retain(|_, f| f.ctx != Some(id));
-        let captures: Vec<u64> = self.streams.values().filter(|s| s.ctx == id).filter_map(|s| s.capture.map(|c| c.0)).collect();
+        let captures: Vec<u64> =
+            self.streams.values().filter(|s| s.ctx == id).filter_map(|s| s.capture.map(|c| c.0)).collect();
         self.streams.retain(|_, s| s.ctx != id);
         self.drop_abandoned_captures(captures);
         self.events.retain(|_, e| e.ctx != id);

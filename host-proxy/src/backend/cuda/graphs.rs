@@ -265,6 +265,12 @@ impl CudaGpu {
         let mut count = 0usize;
         // SAFETY: a live graph; NULL nodes asks for the count only.
         check(unsafe { (self.api.graph_get_nodes)(g, std::ptr::null_mut(), &mut count) })?;
+        if count == 0 {
+            // The driver refuses a node array with room for none (CUDA_ERROR_INVALID_VALUE,
+            // measured on driver 580): an empty graph, such as the one torch.compile's CUDA
+            // graph trees capture first, has no nodes to fetch.
+            return Ok(Vec::new());
+        }
         let mut nodes: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); count];
         // SAFETY: room for `count` nodes; the driver writes at most `count` and sets
         // `count` to how many there are.
