@@ -1,6 +1,7 @@
 """What CUDAGraphTreeManager (torch.compile mode="reduce-overhead") does first: an empty
 capture on its own stream and graph pool, thread-local capture mode. Through libvgpu it
-failed with "invalid argument" at capture_end (2026-12-04); run by device/diag.sh."""
+failed with "invalid argument" at capture_end (2026-12-04: cuGraphGetNodes of the empty
+graph); run by device/diag.sh."""
 import torch
 
 g = torch.cuda.CUDAGraph()
@@ -11,8 +12,9 @@ with torch.cuda.graph(g, pool=pool, stream=s, capture_error_mode="thread_local")
 g.replay()
 torch.cuda.synchronize()
 x = torch.ones(16, device="cuda")
-with torch.cuda.graph(g, pool=pool, stream=s, capture_error_mode="thread_local"):
+g2 = torch.cuda.CUDAGraph()
+with torch.cuda.graph(g2, pool=pool, stream=s, capture_error_mode="thread_local"):
     y = x * 2
-g.replay()
+g2.replay()
 torch.cuda.synchronize()
 print("empty graph ok; graph of one kernel:", y.sum().item())
