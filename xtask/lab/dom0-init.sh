@@ -71,13 +71,17 @@ mark "xen-ready"
 ip link set lo up || mark "loopback-failed"
 METRICS=127.0.0.1:9464
 { host-proxy default-config; echo "metrics_listen = \"$METRICS\""; } >/etc/host-proxy.toml
-host-proxy serve --config /etc/host-proxy.toml >/var/log/host-proxy.log 2>&1 &
-HP=$!
-i=0
-while [ $i -lt 100 ] && kill -0 $HP 2>/dev/null && [ ! -S "$HOST_PROXY_SOCKET.admin" ]; do
-    sleep 0.1
-    i=$((i + 1))
-done
+# start_host_proxy: starts the daemon (pid in HP) and waits (bounded) for its admin socket.
+start_host_proxy() {
+    host-proxy serve --config /etc/host-proxy.toml >/var/log/host-proxy.log 2>&1 &
+    HP=$!
+    i=0
+    while [ $i -lt 100 ] && kill -0 $HP 2>/dev/null && [ ! -S "$HOST_PROXY_SOCKET.admin" ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+}
+start_host_proxy
 host_proxy_state() {
     if kill -0 $HP 2>/dev/null && [ -S "$HOST_PROXY_SOCKET.admin" ]; then echo alive; else echo dead; fi
 }
@@ -94,11 +98,40 @@ relay() {
     [ "$last" = '$' ] || RELAYED=$last
 }
 
-# run_scenario NAME DOMAIN CONFIG TIMEOUT EXPECTED-STATUS DESTROY-ON; fails when the guest did
-# not exit with the expected status. With DESTROY-ON (not "-"): when the guest console shows
-# that line, the domain is destroyed, and the scenario passes when host-proxy ends its zone.
+# restart_host_proxy NAME: kills host-proxy (SIGKILL: no shutdown path runs), counts the old
+# daemon's workers left after a bounded wait (they die with it: PR_SET_PDEATHSIG), keeps its
+# log as host-proxy.killed.log and starts a new daemon on the same socket.
+# host_proxy_workers: how many `host-proxy worker` processes run (dom0 has no pgrep).
+host_proxy_workers() {
+    c=0
+    for f in /proc/[0-9]*/cmdline; do
+        case "$(tr '\0' ' ' <"$f" 2>/dev/null)" in *"host-proxy worker "*) c=$((c + 1)) ;; esac
+    done
+    echo $c
+}
+
+restart_host_proxy() {
+    mark "scenario=$1 workers-before-kill=$(host_proxy_workers)"
+    kill -KILL $HP
+    wait $HP 2>/dev/null
+    n=0
+    while [ $n -lt 20 ] && [ "$(host_proxy_workers)" != 0 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    left=$(host_proxy_workers)
+    mv /var/log/host-proxy.log /var/log/host-proxy.killed.log
+    start_host_proxy
+    mark "scenario=$1 host-proxy-restarted=$(host_proxy_state) old-workers=$left pid=$HP"
+}
+
+# run_scenario NAME DOMAIN CONFIG TIMEOUT EXPECTED-STATUS DESTROY-ON SHUTDOWN-ON RESTART-ON;
+# fails when the guest did not exit with the expected status. With DESTROY-ON (not "-"): when
+# the guest console shows that line, the domain is destroyed, and the scenario passes when
+# host-proxy ends its zone. With SHUTDOWN-ON, dom0 asks the domain to shut down at that line;
+# with RESTART-ON, it kills and restarts host-proxy there.
 run_scenario() {
-    name=$1 dom=$2 cfg=$3 tmo=$4 want=$5 destroy_on=$6 shutdown_on=$7
+    name=$1 dom=$2 cfg=$3 tmo=$4 want=$5 destroy_on=$6 shutdown_on=$7 restart_on=$8
     asked=0
     log=/var/log/xen/console/guest-$dom.log
     mark "scenario=$name begin domain=$dom config=$cfg"
@@ -126,6 +159,11 @@ run_scenario() {
         if [ "$shutdown_on" != - ] && [ $asked = 0 ] && grep -q "$shutdown_on" "$log" 2>/dev/null; then
             mark "scenario=$name xl-shutdown"
             xl shutdown "$dom" || mark "scenario=$name xl-shutdown-failed"
+            asked=1
+        fi
+        if [ "$restart_on" != - ] && [ $asked = 0 ] && grep -q "$restart_on" "$log" 2>/dev/null; then
+            relay "$log"
+            restart_host_proxy "$name"
             asked=1
         fi
         if [ "$destroy_on" != - ] && grep -q "$destroy_on" "$log" 2>/dev/null; then
@@ -184,9 +222,9 @@ run_scenario() {
 
 failed=0
 exec 3</etc/vgpu-lab/scenarios
-while read -r name dom cfg tmo want destroy_on shutdown_on <&3; do
+while read -r name dom cfg tmo want destroy_on shutdown_on restart_on <&3; do
     [ -n "$name" ] || continue
-    if ! run_scenario "$name" "$dom" "$cfg" "$tmo" "$want" "$destroy_on" "$shutdown_on" </dev/null; then
+    if ! run_scenario "$name" "$dom" "$cfg" "$tmo" "$want" "$destroy_on" "$shutdown_on" "$restart_on" </dev/null; then
         failed=$((failed + 1))
         [ "$VGPU_LAB_KEEP_GOING" = 1 ] || { mark "stopping-after-failure scenario=$name"; break; }
     fi

@@ -57,6 +57,10 @@ struct Scenario {
     /// When the guest console shows this line, dom0 destroys the domain (a guest dying
     /// mid-session) and checks that host-proxy ended its zone; exit status is not checked.
     destroy_on: Option<&'static str>,
+    /// When the guest console shows this line, dom0 kills host-proxy (SIGKILL) and starts a
+    /// new one on the same socket; the guest's exit status and line are checked as usual, and
+    /// that no worker of the old daemon was left. Later scenarios run against the new one.
+    restart_on: Option<&'static str>,
 }
 
 /// What a scenario does unless it says otherwise: a workload on the kernel command line,
@@ -73,6 +77,7 @@ const BASE: Scenario = Scenario {
     run_via_xenstore: false,
     shutdown_on: None,
     destroy_on: None,
+    restart_on: None,
 };
 
 /// A CUDA program scenario: cudarc_app, 32 MiB windows, three minutes.
@@ -95,6 +100,18 @@ const SCENARIOS: &[Scenario] = &[
         run: "/usr/bin/cudarc_app suite",
         extra: "vgpu.env=VGPU_LOG=info",
         expect_line: Some("suite: all scenarios passed"),
+        ..CUDA
+    },
+    // host-proxy killed (SIGKILL) while the guest's program calls it over the Xen ring: the
+    // program gets an error (exit status 3), no worker of the old daemon is left, and the
+    // daemon started again serves the scenarios after this one.
+    Scenario {
+        name: "restart",
+        run: "/usr/bin/cudarc_app calls-until-gone",
+        expect_line: Some("host-gone"),
+        expect_status: 3,
+        timeout_s: 120,
+        restart_on: Some("calling-the-host"),
         ..CUDA
     },
     // The same program's round-trip and copy benchmark over the Xen transport; dom0 runs it
@@ -793,14 +810,15 @@ fn build_dom0(
         }
         let s = g.scenario;
         scenarios.push_str(&format!(
-            "{} {} {} {} {} {} {}\n",
+            "{} {} {} {} {} {} {} {}\n",
             s.name,
             g.domain,
             g.config(),
             s.timeout_s,
             s.expect_status,
             s.destroy_on.unwrap_or("-"),
-            s.shutdown_on.unwrap_or("-")
+            s.shutdown_on.unwrap_or("-"),
+            s.restart_on.unwrap_or("-")
         ));
     }
     r.write("/etc/vgpu-lab/scenarios", &scenarios, 0o644)?;
@@ -861,6 +879,12 @@ struct Scrape {
 struct ScenarioRun {
     /// "ok" or why not, for a scenario whose domain dom0 destroyed.
     cleanup: Option<String>,
+    /// For a scenario that restarts host-proxy: the new daemon's state ("alive" or why not)
+    /// and how many workers ran just before it was killed (at least the guest's, or the
+    /// count is blind) and how many of them were left after.
+    restarted: Option<String>,
+    workers_before: Option<String>,
+    old_workers: Option<String>,
     ended: bool,
     /// "shutdown", "crashed", "vanished", "timeout"; None if not reached.
     domain: Option<String>,
@@ -957,6 +981,15 @@ impl Run {
             }
             if let Some(v) = fields.get("host-cleanup") {
                 s.cleanup = Some(v.to_string());
+            }
+            if let Some(v) = fields.get("host-proxy-restarted") {
+                s.restarted = Some(v.to_string());
+            }
+            if let Some(v) = fields.get("workers-before-kill") {
+                s.workers_before = Some(v.to_string());
+            }
+            if let Some(v) = fields.get("old-workers") {
+                s.old_workers = Some(v.to_string());
             }
         } else if event == "metrics" {
             let n = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -1164,6 +1197,26 @@ fn verdict(opts: &Options, run: &Run) -> Vec<String> {
             }
             continue;
         }
+        if s.restart_on.is_some() {
+            let counted = r.workers_before.as_deref().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
+            if counted == 0 && r.restarted.is_some() {
+                why.push(format!(
+                    "dom0 counted {} workers before the kill (the guest's at least)",
+                    r.workers_before.as_deref().unwrap_or("no")
+                ));
+            }
+            match (r.restarted.as_deref(), r.old_workers.as_deref()) {
+                (Some("alive"), Some("0")) => {}
+                (None, _) => why.push(format!(
+                    "the guest never showed {:?}, so host-proxy was not restarted",
+                    s.restart_on.unwrap_or("")
+                )),
+                (Some(state), workers) => why.push(format!(
+                    "host-proxy restarted: {state}, workers of the old daemon left: {}",
+                    workers.unwrap_or("?")
+                )),
+            }
+        }
         match r.domain.as_deref() {
             Some("shutdown") => {}
             Some("timeout") => why.push(format!("the domain did not shut down within {}s", s.timeout_s)),
@@ -1215,7 +1268,9 @@ fn metrics_verdict(opts: &Options, scrape: Option<&Scrape>) -> Option<String> {
         Some(s) if !s.ok => return Some("host-proxy's metrics endpoint did not answer in dom0".into()),
         Some(s) => s,
     };
-    let cuda = opts.scenarios.iter().filter(|s| s.apps.contains(&CUDA_APP)).count() as u64;
+    // The daemon that is scraped counts only what came after the last restart.
+    let after_restart = opts.scenarios.iter().rposition(|s| s.restart_on.is_some()).map_or(0, |i| i + 1);
+    let cuda = opts.scenarios[after_restart..].iter().filter(|s| s.apps.contains(&CUDA_APP)).count() as u64;
     if s.sessions_started != s.sessions_ended {
         Some(format!(
             "the metrics show {} sessions started but {} ended: a session outlived its guest",
@@ -1347,6 +1402,50 @@ mod tests {
         assert_eq!(f, ["the metrics show 0 Xen slots claimed for 1 CUDA scenarios"]);
         let f = verdict_of(lines("ok", 1, "scraped=failed"));
         assert_eq!(f, ["host-proxy's metrics endpoint did not answer in dom0"]);
+    }
+
+    #[test]
+    fn a_restart_passes_only_with_a_new_daemon_and_no_old_workers() {
+        let restart = SCENARIOS.iter().find(|s| s.name == "restart").expect("the restart scenario");
+        let cuda = SCENARIOS.iter().find(|s| s.name == "cuda").expect("the cuda scenario");
+        let opts = Options { scenarios: vec![cuda, restart], ..options() };
+        let lines = |restarted: &str, status: u32, claimed: u32| {
+            let before = if restarted.contains("before=0") { 0 } else { 1 };
+            vec![
+                "VGPU-LAB host-proxy=alive pid=1 socket=/tmp/s uptime=1".to_string(),
+                "VGPU-LAB scenario=cuda begin domain=c config=/c.cfg uptime=2".into(),
+                "[domU] suite: all scenarios passed".into(),
+                "VGPU-LAB scenario=cuda domain-shutdown after=3 uptime=5".into(),
+                "VGPU-LAB scenario=cuda guest-state=exited guest-exit-status=0 expected-exit-status=0 uptime=5".into(),
+                "VGPU-LAB scenario=cuda end uptime=6".into(),
+                "VGPU-LAB scenario=restart begin domain=r config=/r.cfg uptime=7".into(),
+                "[domU] calling-the-host".into(),
+                format!("VGPU-LAB scenario=restart workers-before-kill={before} uptime=8"),
+                format!("VGPU-LAB scenario=restart {restarted} pid=9 uptime=8"),
+                "[domU] host-gone".into(),
+                "VGPU-LAB scenario=restart domain-shutdown after=3 uptime=9".into(),
+                format!("VGPU-LAB scenario=restart guest-state=exited guest-exit-status={status} expected-exit-status=3 uptime=9"),
+                "VGPU-LAB scenario=restart end uptime=10".into(),
+                format!("VGPU-LAB metrics scraped=ok sessions-started=0 sessions-ended=0 xen-slots-claimed={claimed} uptime=11"),
+                "VGPU-LAB zones started=0 ended=0 uptime=11".into(),
+                "VGPU-LAB host-proxy-end=alive uptime=12".into(),
+                "VGPU-LAB-DONE".into(),
+            ]
+        };
+        let verdict_of = |l: Vec<String>| verdict(&opts, &run_of(&l.iter().map(String::as_str).collect::<Vec<_>>()));
+        // The new daemon counts nothing of the scenarios before it: no slot claim is owed.
+        assert_eq!(verdict_of(lines("host-proxy-restarted=alive old-workers=0", 3, 0)), Vec::<String>::new());
+        let f = verdict_of(lines("host-proxy-restarted=alive old-workers=1", 3, 0));
+        assert!(f.iter().any(|f| f.contains("workers of the old daemon left: 1")), "{f:?}");
+        // A count that saw not even the guest's worker proves nothing.
+        let f = verdict_of(lines("host-proxy-restarted=alive old-workers=0 before=0", 3, 0));
+        assert!(f.iter().any(|f| f.contains("counted 0 workers before the kill")), "{f:?}");
+        let f = verdict_of(lines("host-proxy-restarted=dead old-workers=0", 3, 0));
+        assert!(f.iter().any(|f| f.contains("restarted: dead")), "{f:?}");
+        let f = verdict_of(lines("other=1", 3, 0));
+        assert!(f.iter().any(|f| f.contains("was not restarted")), "{f:?}");
+        let f = verdict_of(lines("host-proxy-restarted=alive old-workers=0", 1, 0));
+        assert!(f.iter().any(|f| f.contains("exit status 1")), "{f:?}");
     }
 
     #[test]

@@ -1123,6 +1123,25 @@ fn main() -> Res {
             std::thread::sleep(std::time::Duration::from_secs(3600));
             Ok(())
         }
+        Some("calls-until-gone") => {
+            // Holds device memory and calls the host back to back (a round trip each) until a
+            // call fails: the Xen lab kills host-proxy meanwhile. Exit status 3 when the
+            // failure came, bounded; 1 if the host never went away.
+            let _mem = ctx.default_stream().alloc_zeros::<u8>(16 << 20)?;
+            println!("calling-the-host");
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            let start = std::time::Instant::now();
+            while start.elapsed() < std::time::Duration::from_secs(120) {
+                if let Err(e) = ctx.synchronize() {
+                    println!("host-gone");
+                    println!("the call failed {:.1} s after the start: {e}", start.elapsed().as_secs_f64());
+                    std::io::stdout().flush()?;
+                    std::process::exit(3);
+                }
+            }
+            Err("the host never went away in 120 s".into())
+        }
         Some("bench") => bench(&ctx, args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(2000)),
         Some("ipc-export") => ipc_export(&ctx),
         Some("ipc-open") => ipc_open(
@@ -1131,6 +1150,6 @@ fn main() -> Res {
             args.get(2).map(String::as_str) == Some("denied"),
             args.get(2).and_then(|a| a.strip_prefix("event=")),
         ),
-        _ => Err("usage: cudarc_app device|copy|memset|streams|launch PTX|errors|threads|suite|bench [ITERS]".into()),
+        _ => Err("usage: cudarc_app device|copy|memset|streams|launch PTX|errors|threads|suite|hold|calls-until-gone|bench [ITERS]".into()),
     }
 }
