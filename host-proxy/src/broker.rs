@@ -35,7 +35,7 @@
 //!   it down; the daemon then revokes all of that worker's exports, and the worker's IPC
 //!   calls fail with `CUDA_ERROR_UNKNOWN`.
 
-use crate::backend::{CuError, CuResultOf};
+use crate::backend::{CuError, CuResult};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
@@ -46,7 +46,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
-use vgpu_proto::CuResult;
 
 /// The first bytes of every guest IPC handle.
 pub const HANDLE_TAG: [u8; 8] = *b"VGPUIPC1";
@@ -65,15 +64,15 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `CUDA_ERROR_INVALID_CONTEXT`.
-const INVALID_CONTEXT: CuError = CuError::new(CuResult::INVALID_CONTEXT);
+const INVALID_CONTEXT: CuError = CuError::INVALID_CONTEXT;
 /// `CUDA_ERROR_NOT_PERMITTED`.
-pub const NOT_PERMITTED: CuError = CuError::new(CuResult::NOT_PERMITTED);
+pub const NOT_PERMITTED: CuError = CuError::NOT_PERMITTED;
 
 /// A registry entry's name: 128 random bits.
 pub type Token = [u8; 16];
 
 /// A fresh token from the operating system's random source.
-pub fn random_token() -> CuResultOf<Token> {
+pub fn random_token() -> CuResult<Token> {
     let mut token = [0u8; 16];
     getrandom::fill(&mut token).map_err(|e| {
         tracing::error!(error = %e, "no random bytes for an IPC token");
@@ -92,7 +91,7 @@ pub fn guest_handle(token: &Token) -> Vec<u8> {
 
 /// The token of a guest handle: exactly [`HANDLE_LEN`] bytes, the tag, the token, zeros.
 /// Anything else is `CUDA_ERROR_INVALID_VALUE`.
-pub fn parse_guest_handle(handle: &[u8]) -> CuResultOf<Token> {
+pub fn parse_guest_handle(handle: &[u8]) -> CuResult<Token> {
     if handle.len() != HANDLE_LEN || handle[..8] != HANDLE_TAG || handle[24..].iter().any(|&b| b != 0) {
         return Err(CuError::INVALID_VALUE);
     }
@@ -122,7 +121,7 @@ pub struct Peer {
 /// uid: two processes of one tenant), and for a connection of another zone when both
 /// zones belong to one configured `[[sharing_group]]`. Anything else is
 /// `CUDA_ERROR_NOT_PERMITTED`.
-pub fn may_open(exporter: &Peer, opener: &Peer) -> CuResultOf<()> {
+pub fn may_open(exporter: &Peer, opener: &Peer) -> CuResult<()> {
     let same_zone = exporter.zone == opener.zone && exporter.uid == opener.uid;
     let shared_group = exporter.groups.iter().any(|g| opener.groups.contains(g));
     if same_zone || shared_group {
@@ -186,7 +185,7 @@ impl Registry {
 
     /// Registers an export of worker `conn` under `token` (fresh from
     /// [`random_token`]). A worker that is not (or no longer) live is refused.
-    pub fn export(&mut self, conn: u32, payload: Vec<u8>, size: u64, token: Token) -> CuResultOf<Token> {
+    pub fn export(&mut self, conn: u32, payload: Vec<u8>, size: u64, token: Token) -> CuResult<Token> {
         if !self.peers.contains_key(&conn) {
             return Err(NOT_PERMITTED);
         }
@@ -209,7 +208,7 @@ impl Registry {
     /// Worker `conn` opens `token`: the backend payload and size, after the checks —
     /// unknown or revoked ⇒ `INVALID_VALUE`, the exporter itself ⇒ `INVALID_CONTEXT`,
     /// refused by [`may_open`] ⇒ `NOT_PERMITTED`.
-    pub fn open(&mut self, conn: u32, token: &Token) -> CuResultOf<(Vec<u8>, u64)> {
+    pub fn open(&mut self, conn: u32, token: &Token) -> CuResult<(Vec<u8>, u64)> {
         let export = self.exports.get_mut(token).ok_or(CuError::INVALID_VALUE)?;
         if export.exporter == conn {
             return Err(INVALID_CONTEXT);
@@ -251,7 +250,7 @@ impl Registry {
 
     /// Worker `conn` revokes its export `token`: the importers to tell. Only the exporter
     /// may revoke (`INVALID_VALUE` otherwise, and for an unknown token).
-    pub fn revoke(&mut self, conn: u32, token: &Token) -> CuResultOf<Vec<Notice>> {
+    pub fn revoke(&mut self, conn: u32, token: &Token) -> CuResult<Vec<Notice>> {
         match self.exports.get(token) {
             Some(e) if e.exporter == conn => {}
             _ => return Err(CuError::INVALID_VALUE),
@@ -403,9 +402,9 @@ pub fn take_frame(buf: &mut Vec<u8>) -> io::Result<Option<Vec<u8>>> {
 /// What a zone needs of the broker (a trait, so zones are tested without processes).
 pub trait IpcBroker {
     /// Registers an export; returns its token.
-    fn export(&mut self, payload: &[u8], size: u64) -> CuResultOf<Token>;
+    fn export(&mut self, payload: &[u8], size: u64) -> CuResult<Token>;
     /// Opens a token: the backend payload and the size.
-    fn open(&mut self, token: &Token) -> CuResultOf<(Vec<u8>, u64)>;
+    fn open(&mut self, token: &Token) -> CuResult<(Vec<u8>, u64)>;
     /// Revokes one of this worker's exports; returns when its importers have been told.
     /// Failures are logged (the broker revokes everything of a worker it loses).
     fn revoke(&mut self, token: &Token);
@@ -481,7 +480,7 @@ impl BrokerClient {
 
     /// [`exchange`](Self::exchange), with a failed channel given up and a refusal as
     /// its error.
-    fn call(&mut self, op: Op) -> CuResultOf<Outcome> {
+    fn call(&mut self, op: Op) -> CuResult<Outcome> {
         if self.stream.is_none() {
             return Err(CuError::UNKNOWN);
         }
@@ -521,7 +520,7 @@ impl BrokerClient {
 }
 
 impl IpcBroker for BrokerClient {
-    fn export(&mut self, payload: &[u8], size: u64) -> CuResultOf<Token> {
+    fn export(&mut self, payload: &[u8], size: u64) -> CuResult<Token> {
         match self.call(Op::Export { payload: payload.to_vec(), size })? {
             Outcome::Exported { token } => Ok(token),
             other => {
@@ -531,7 +530,7 @@ impl IpcBroker for BrokerClient {
         }
     }
 
-    fn open(&mut self, token: &Token) -> CuResultOf<(Vec<u8>, u64)> {
+    fn open(&mut self, token: &Token) -> CuResult<(Vec<u8>, u64)> {
         match self.call(Op::Open { token: *token })? {
             Outcome::Opened { payload, size } => Ok((payload, size)),
             other => {
@@ -793,13 +792,13 @@ pub mod test_utils {
     }
 
     impl IpcBroker for LocalBroker {
-        fn export(&mut self, payload: &[u8], size: u64) -> CuResultOf<Token> {
+        fn export(&mut self, payload: &[u8], size: u64) -> CuResult<Token> {
             let mut hub = self.hub.borrow_mut();
             hub.next_token += 1;
             let token = [hub.next_token; 16];
             hub.registry.export(self.conn, payload.to_vec(), size, token)
         }
-        fn open(&mut self, token: &Token) -> CuResultOf<(Vec<u8>, u64)> {
+        fn open(&mut self, token: &Token) -> CuResult<(Vec<u8>, u64)> {
             self.hub.borrow_mut().registry.open(self.conn, token)
         }
         fn revoke(&mut self, token: &Token) {

@@ -752,7 +752,7 @@ impl Ledgers {
                     max_sessions = quotas.max_sessions,
                     "session refused: the zone has max_sessions sessions already (CUDA_ERROR_NOT_PERMITTED)"
                 );
-                Ok(Admission::Refused(vgpu_proto::CuResult::NOT_PERMITTED))
+                Ok(Admission::Refused(vgpu_proto::code::NOT_PERMITTED))
             }
         }
     }

@@ -330,7 +330,7 @@ fn admission(spec: &WorkerSpec, mut ledger: Ledger) -> (Ledger, Option<u32>) {
                 mem_bytes = spec.quotas.mem_bytes,
                 "session refused: its context's memory does not fit in what is left of the zone's memory quota"
             );
-            (ledger, Some(vgpu_proto::CuResult::OUT_OF_MEMORY))
+            (ledger, Some(vgpu_proto::code::OUT_OF_MEMORY))
         }
     }
 }

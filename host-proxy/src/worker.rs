@@ -29,7 +29,7 @@ use vgpu_proto::generated::{
     dispatch, request_name, CtxDestroy, CuCtxSynchronize, CuEventSynchronize, CuLibraryUnload, CuModuleUnload,
     CuStreamSynchronize, DispatchError, MemcpyDtoH, PrimaryCtxReset, Responder,
 };
-use vgpu_proto::{Attach, CuResult};
+use vgpu_proto::{code, Attach};
 
 /// Everything a worker is told by the daemon that starts it, as one value (passed as TOML in
 /// its one argument, `host-proxy worker --spec`): the zone, its quotas, the backend, the
@@ -196,7 +196,7 @@ where
     if req.id == Attach::ID {
         let attach = decode_body::<Attach>(req.body).map_err(|e| {
             tracing::debug!(error = %e, "undecodable attach body");
-            Failure { kind: ErrorKind::BadBody, code: CuResult::INVALID_VALUE }
+            Failure { kind: ErrorKind::BadBody, code: code::INVALID_VALUE }
         })?;
         let reply = zone.attach(&attach, window.size() as u64).map_err(|e| Failure::app(e.code()))?;
         return Ok(server.reply(req, &reply, scratch));
@@ -208,11 +208,11 @@ where
     dispatch(&mut zone.api(window), req.id, req.body, &mut responder).map_err(|e| match e {
         DispatchError::Unknown(id) => {
             tracing::debug!(id = id.0, "unknown request id");
-            Failure { kind: ErrorKind::UnknownMessage, code: CuResult::NOT_SUPPORTED }
+            Failure { kind: ErrorKind::UnknownMessage, code: code::NOT_SUPPORTED }
         }
         DispatchError::BadBody(id) => {
             tracing::debug!(id = id.0, "undecodable request body");
-            Failure { kind: ErrorKind::BadBody, code: CuResult::INVALID_VALUE }
+            Failure { kind: ErrorKind::BadBody, code: code::INVALID_VALUE }
         }
         DispatchError::Api(cu) => {
             tracing::trace!(code = cu.code(), "request failed");
@@ -317,7 +317,7 @@ where
         let error = match &outcome {
             Ok(Ok(_)) => None,
             Ok(Err(f)) => Some(f.code),
-            Err(_) => Some(CuResult::UNKNOWN),
+            Err(_) => Some(code::UNKNOWN),
         };
         zone.record_request(req.id.0, elapsed_ns(received), error);
         // For a posted request `reply_error` defers the code to the next reply.
@@ -332,7 +332,7 @@ where
                 tracing::error!(request, "request handler panicked; failing the request and ending the session");
                 // Best effort: the guest learns that this request failed; the session ends
                 // either way.
-                let _ = server.reply_error(&req, ErrorKind::Application, CuResult::UNKNOWN, scratch);
+                let _ = server.reply_error(&req, ErrorKind::Application, code::UNKNOWN, scratch);
                 return SessionEnd::Panicked { request };
             }
         };

@@ -33,7 +33,7 @@
 //! ([`Zone::poll_ipc`]): the range is unmapped and from then on refused, and only
 //! `cuIpcCloseMemHandle` still accepts its address.
 
-use crate::backend::{CuError, CuResultOf, GpuBackend};
+use crate::backend::{CuError, CuResult, GpuBackend};
 use crate::broker::{guest_handle, parse_guest_handle, IpcBroker, Token};
 use crate::device_output::DeviceOutput;
 use crate::handles::{kind_of, HandleError, HandleTable};
@@ -162,11 +162,11 @@ mod ptr_attr {
 /// `CU_MEMORYTYPE_DEVICE`.
 const MEMORYTYPE_DEVICE: u64 = 2;
 /// `CUDA_ERROR_INVALID_DEVICE`.
-const INVALID_DEVICE: CuError = CuError::new(101);
+const INVALID_DEVICE: CuError = CuError::INVALID_DEVICE;
 /// `CUDA_ERROR_INVALID_CONTEXT`.
-const INVALID_CONTEXT: CuError = CuError::new(CuResult::INVALID_CONTEXT);
+const INVALID_CONTEXT: CuError = CuError::INVALID_CONTEXT;
 /// `CUDA_ERROR_NOT_FOUND`.
-const NOT_FOUND: CuError = CuError::new(CuResult::NOT_FOUND);
+const NOT_FOUND: CuError = CuError::NOT_FOUND;
 /// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`: `cuIpcOpenMemHandle` takes exactly this flag.
 const IPC_MEM_LAZY_ENABLE_PEER_ACCESS: u32 = 1;
 
@@ -380,7 +380,7 @@ impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
 }
 
 /// The backend stream a stream handle names (`None`: the default stream).
-fn stream_of<S>(streams: &HandleTable<Obj<S>>, h: Handle) -> CuResultOf<Option<&S>> {
+fn stream_of<S>(streams: &HandleTable<Obj<S>>, h: Handle) -> CuResult<Option<&S>> {
     if DEFAULT_STREAMS.contains(&h) {
         return Ok(None);
     }
@@ -388,7 +388,7 @@ fn stream_of<S>(streams: &HandleTable<Obj<S>>, h: Handle) -> CuResultOf<Option<&
 }
 
 /// The backend context a context handle names (`None`: the primary context).
-fn context_of<C>(contexts: &HandleTable<Option<C>>, h: Handle) -> CuResultOf<Option<&C>> {
+fn context_of<C>(contexts: &HandleTable<Option<C>>, h: Handle) -> CuResult<Option<&C>> {
     contexts.get(h).map(Option::as_ref).map_err(ctx_err)
 }
 
@@ -397,7 +397,7 @@ fn func_of<'t, F>(
     functions: &'t HandleTable<FuncEntry<F>>,
     kernels: &'t HandleTable<FuncEntry<F>>,
     h: Handle,
-) -> CuResultOf<&'t FuncEntry<F>> {
+) -> CuResult<&'t FuncEntry<F>> {
     let table = if kind_of(h) == kernels.kind() { kernels } else { functions };
     Ok(table.get(h)?)
 }
@@ -407,13 +407,13 @@ fn func_of_mut<'t, F>(
     functions: &'t mut HandleTable<FuncEntry<F>>,
     kernels: &'t mut HandleTable<FuncEntry<F>>,
     h: Handle,
-) -> CuResultOf<&'t mut FuncEntry<F>> {
+) -> CuResult<&'t mut FuncEntry<F>> {
     let table = if kind_of(h) == kernels.kind() { kernels } else { functions };
     Ok(table.get_mut(h)?)
 }
 
 /// A guest symbol name as a C string: at most [`MAX_NAME_BYTES`], no NUL inside.
-fn c_name(name: String) -> CuResultOf<CString> {
+fn c_name(name: String) -> CuResult<CString> {
     if name.len() > MAX_NAME_BYTES {
         return Err(CuError::INVALID_VALUE);
     }
@@ -421,7 +421,7 @@ fn c_name(name: String) -> CuResultOf<CString> {
 }
 
 /// Every parameter of `layout` must lie inside the buffer the guest sent.
-fn params_cover(layout: &[ParamSlot], params: &[u8]) -> CuResultOf<()> {
+fn params_cover(layout: &[ParamSlot], params: &[u8]) -> CuResult<()> {
     let inside = |p: &ParamSlot| {
         u64::from(p.offset).checked_add(u64::from(p.size)).is_some_and(|end| end <= params.len() as u64)
     };
@@ -433,7 +433,7 @@ fn params_cover(layout: &[ParamSlot], params: &[u8]) -> CuResultOf<()> {
 }
 
 /// Bytes covered by `count` elements of `width` bytes.
-fn bytes_of(count: u64, width: u64) -> CuResultOf<u64> {
+fn bytes_of(count: u64, width: u64) -> CuResult<u64> {
     count.checked_mul(width).ok_or(CuError::INVALID_VALUE)
 }
 
@@ -507,7 +507,7 @@ impl<B: GpuBackend> Zone<B> {
     /// shared mapping, the window is its `len` bytes at `offset`. The zone keeps `region`
     /// (so the mapping outlives the backend). Returns whether the backend took it; if not,
     /// copies keep going through the staging buffer.
-    pub fn attach_window(&mut self, region: idm_shm::MemfdRegion, offset: usize, len: usize) -> CuResultOf<bool> {
+    pub fn attach_window(&mut self, region: idm_shm::MemfdRegion, offset: usize, len: usize) -> CuResult<bool> {
         let in_bounds = offset.checked_add(len).is_some_and(|end| end <= SharedMemory::size(region.raw()));
         let base = std::ptr::NonNull::new(region.raw().as_ptr().wrapping_add(offset));
         let (true, Some(base)) = (in_bounds, base) else { return Err(CuError::INVALID_VALUE) };
@@ -525,7 +525,7 @@ impl<B: GpuBackend> Zone<B> {
     /// Lets host functions use the window over Xen, where the driver does not take it: the
     /// zone keeps `region` (the grant mapping) until after its backend; the window is its
     /// `len` bytes at `offset`.
-    pub fn attach_grant_window(&mut self, region: idm_xen::GrantRegion, offset: usize, len: usize) -> CuResultOf<()> {
+    pub fn attach_grant_window(&mut self, region: idm_xen::GrantRegion, offset: usize, len: usize) -> CuResult<()> {
         let in_bounds = offset.checked_add(len).is_some_and(|end| end <= SharedMemory::size(region.raw()));
         let base = std::ptr::NonNull::new(region.raw().as_ptr().wrapping_add(offset));
         let (true, Some(base)) = (in_bounds, base) else { return Err(CuError::INVALID_VALUE) };
@@ -588,7 +588,7 @@ impl<B: GpuBackend> Zone<B> {
 
     /// Threads the device holds at once (multiprocessors × threads per multiprocessor): what
     /// a context's stack size is reserved for.
-    fn resident_threads(&mut self) -> CuResultOf<u64> {
+    fn resident_threads(&mut self) -> CuResult<u64> {
         let attrs = self.device_attributes();
         let get = |a: usize| match attrs.get(a - 1) {
             Some(AttrValue::Value(v)) => u64::try_from(*v).ok().filter(|v| *v > 0),
@@ -639,7 +639,7 @@ impl<B: GpuBackend> Zone<B> {
     /// session if the zone's quotas, summed over all its sessions, allow them: the growth is
     /// published before the backend is asked. When memory is short, this session's free
     /// cache goes back to the driver first.
-    fn admit(&mut self, mem: u64, objects: u64) -> CuResultOf<()> {
+    fn admit(&mut self, mem: u64, objects: u64) -> CuResult<()> {
         let (quota, max) = (self.quotas.mem_bytes, u64::from(self.quotas.max_handles));
         let want =
             |u: Usage| Usage { mem_bytes: u.mem_bytes.saturating_add(mem), objects: u.objects.saturating_add(objects) };
@@ -759,7 +759,7 @@ impl<B: GpuBackend> Zone<B> {
 
     /// Answers [`Attach`]: device facts (the memory quota as total memory), the window
     /// size, the primary context, every device attribute and the PCI bus id.
-    pub fn attach(&mut self, req: &Attach, window_size: u64) -> CuResultOf<AttachReply> {
+    pub fn attach(&mut self, req: &Attach, window_size: u64) -> CuResult<AttachReply> {
         if req.revision != VGPU_PROTOCOL_REVISION {
             return Err(CuError::NOT_SUPPORTED);
         }
@@ -776,7 +776,7 @@ impl<B: GpuBackend> Zone<B> {
 
     /// Counts one asynchronous (posted) request against `max_async_in_flight`; after that
     /// many without a synchronisation, waits for the GPU before accepting more.
-    pub fn note_posted(&mut self) -> CuResultOf<()> {
+    pub fn note_posted(&mut self) -> CuResult<()> {
         self.async_since_sync = self.async_since_sync.saturating_add(1);
         // Synchronising while a capture is open would invalidate it: the bound waits.
         if self.async_since_sync >= self.quotas.max_async_in_flight && self.captures_active == 0 {
@@ -788,7 +788,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// `Ok` when one more object fits the zone's handle quota (over all its sessions).
-    fn reserve(&mut self) -> CuResultOf<()> {
+    fn reserve(&mut self) -> CuResult<()> {
         self.admit(0, 1)
     }
 
@@ -799,7 +799,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// Checks that `[addr, addr + len)` lies inside one of this zone's ranges.
-    fn check_range(&self, addr: u64, len: u64) -> CuResultOf<()> {
+    fn check_range(&self, addr: u64, len: u64) -> CuResult<()> {
         let (&start, r) = self.ranges.range(..=addr).next_back().ok_or(CuError::INVALID_VALUE)?;
         let end = addr.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
         // start <= addr and start + size did not overflow when the range was registered.
@@ -839,7 +839,7 @@ impl<B: GpuBackend> Zone<B> {
 
     /// Registers a fresh allocation from the backend; an address overlapping a known range
     /// (a backend bug) is released again rather than weakening the range checks.
-    fn register_alloc(&mut self, dptr: u64, size: u64) -> CuResultOf<u64> {
+    fn register_alloc(&mut self, dptr: u64, size: u64) -> CuResult<u64> {
         if !self.range_is_free(dptr, size) {
             tracing::error!(dptr, size, "backend returned an allocation overlapping a known range");
             let _ = self.backend.mem_free(dptr);
@@ -867,7 +867,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// Runs `f` with `ctx` current, then makes the previous context current again.
-    fn in_ctx<T>(&mut self, ctx: Handle, f: impl FnOnce(&mut B) -> CuResultOf<T>) -> CuResultOf<T> {
+    fn in_ctx<T>(&mut self, ctx: Handle, f: impl FnOnce(&mut B) -> CuResult<T>) -> CuResult<T> {
         if ctx == self.current {
             return f(&mut self.backend);
         }
@@ -925,7 +925,7 @@ impl<B: GpuBackend> Zone<B> {
     /// Returns the cached freed allocations of `ctx` (all contexts for `None`) to the
     /// backend, which scrubs them. The caller has made that context current (or passes
     /// `None` at teardown, where each entry's context is entered).
-    fn flush_free_cache(&mut self, ctx: Option<Handle>) -> CuResultOf<()> {
+    fn flush_free_cache(&mut self, ctx: Option<Handle>) -> CuResult<()> {
         let keys: Vec<(Handle, u64)> =
             self.free_cache.keys().filter(|k| ctx.is_none_or(|c| k.0 == c)).copied().collect();
         let mut first_err = Ok(());
@@ -942,9 +942,9 @@ impl<B: GpuBackend> Zone<B> {
         first_err
     }
 
-    fn purge(&mut self, ctx: Handle, destroy: bool) -> CuResultOf<()> {
+    fn purge(&mut self, ctx: Handle, destroy: bool) -> CuResult<()> {
         let mut first_err = Ok(());
-        let mut note = |r: CuResultOf<()>| {
+        let mut note = |r: CuResult<()>| {
             if first_err.is_ok() {
                 first_err = r;
             }
@@ -1122,7 +1122,7 @@ impl<B: GpuBackend> Zone<B> {
 
     /// Unmaps the live import at `start` (with `unmap`, through the backend; without, its
     /// context's destruction does it) and takes it out of the ranges. Its record stays.
-    fn unmap_import(&mut self, start: u64, unmap: bool) -> CuResultOf<()> {
+    fn unmap_import(&mut self, start: u64, unmap: bool) -> CuResult<()> {
         let Some(import) = self.imports.get_mut(&start).filter(|i| i.live) else { return Ok(()) };
         if unmap {
             self.backend.ipc_close(start)?;
@@ -1177,7 +1177,7 @@ impl<B: GpuBackend> Zone<B> {
         bulk: BulkRef,
         stream: Handle,
         wait: bool,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         let (offset, len) = window.check(bulk).map_err(|_| CuError::INVALID_VALUE)?;
         self.check_range(dev, len as u64)?;
         if wait {
@@ -1234,13 +1234,13 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// Allocates the handle of a function or kernel the backend just returned.
-    fn insert_func(&mut self, is_kernel: bool, entry: FuncEntry<B::Function>) -> CuResultOf<Handle> {
+    fn insert_func(&mut self, is_kernel: bool, entry: FuncEntry<B::Function>) -> CuResult<Handle> {
         let table = if is_kernel { &mut self.kernels } else { &mut self.functions };
         Ok(table.insert(entry)?)
     }
 
     /// The parameter layout of a function or kernel, fetched once and cached.
-    fn layout(&mut self, func: Handle) -> CuResultOf<&[ParamSlot]> {
+    fn layout(&mut self, func: Handle) -> CuResult<&[ParamSlot]> {
         let entry = func_of_mut(&mut self.functions, &mut self.kernels, func)?;
         if entry.layout.is_none() {
             entry.layout = Some(self.backend.func_param_layout(&entry.func)?);
@@ -1269,7 +1269,7 @@ impl<B: GpuBackend, D> std::fmt::Debug for ZoneCtx<'_, B, D> {
 }
 
 impl<B: GpuBackend, D: SharedMemory> ZoneCtx<'_, B, D> {
-    fn memset(&mut self, dst: u64, bytes: u64, stream: Handle, op: MemsetOp) -> CuResultOf<Done> {
+    fn memset(&mut self, dst: u64, bytes: u64, stream: Handle, op: MemsetOp) -> CuResult<Done> {
         let z = &mut *self.zone;
         z.check_range(dst, bytes)?;
         let s = stream_of(&z.streams, stream)?;
@@ -1281,7 +1281,7 @@ impl<B: GpuBackend, D: SharedMemory> ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Handle) -> CuResultOf<Done> {
+    fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Handle) -> CuResult<Done> {
         let z = &mut *self.zone;
         z.check_range(dst, len)?;
         z.check_range(src, len)?;
@@ -1290,7 +1290,7 @@ impl<B: GpuBackend, D: SharedMemory> ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResultOf<Handle> {
+    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResult<Handle> {
         let z = &mut *self.zone;
         z.reserve()?;
         let s = z.backend.stream_create(flags, priority)?;
@@ -1300,7 +1300,7 @@ impl<B: GpuBackend, D: SharedMemory> ZoneCtx<'_, B, D> {
         }
     }
 
-    fn event_record(&mut self, event: Handle, stream: Handle, flags: u32) -> CuResultOf<Done> {
+    fn event_record(&mut self, event: Handle, stream: Handle, flags: u32) -> CuResult<Done> {
         let z = &mut *self.zone;
         let e = &z.events.get(event)?.obj;
         let s = stream_of(&z.streams, stream)?;
@@ -1308,21 +1308,21 @@ impl<B: GpuBackend, D: SharedMemory> ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn elapsed(&mut self, start: Handle, end: Handle) -> CuResultOf<f32> {
+    fn elapsed(&mut self, start: Handle, end: Handle) -> CuResult<f32> {
         let z = &mut *self.zone;
         let a = &z.events.get(start)?.obj;
         let b = &z.events.get(end)?.obj;
         z.backend.event_elapsed_time(a, b)
     }
 
-    fn occupancy(&mut self, func: Handle, block_size: i32, smem: u64, flags: u32) -> CuResultOf<i32> {
+    fn occupancy(&mut self, func: Handle, block_size: i32, smem: u64, flags: u32) -> CuResult<i32> {
         let z = &mut *self.zone;
         let f = func_of(&z.functions, &z.kernels, func)?;
         z.backend.occupancy_max_active_blocks(&f.func, block_size, smem, flags)
     }
 
     /// A context handle of a request: 0 means the current context.
-    fn ctx_or_current(&self, ctx: Handle) -> CuResultOf<Handle> {
+    fn ctx_or_current(&self, ctx: Handle) -> CuResult<Handle> {
         if ctx == Handle(0) {
             return Ok(self.zone.current);
         }
@@ -1332,7 +1332,7 @@ impl<B: GpuBackend, D: SharedMemory> ZoneCtx<'_, B, D> {
 
     /// Runs a deduplicated lookup: the handle found before for `key`, if still live, or a
     /// new one from `make`.
-    fn lookup(&mut self, key: LookupKey, make: impl FnOnce(&mut Zone<B>) -> CuResultOf<Handle>) -> CuResultOf<Handle> {
+    fn lookup(&mut self, key: LookupKey, make: impl FnOnce(&mut Zone<B>) -> CuResult<Handle>) -> CuResult<Handle> {
         if let Some(&h) = self.zone.lookups.get(&key) {
             if self.zone.is_live(h) {
                 return Ok(h);
@@ -1344,7 +1344,7 @@ impl<B: GpuBackend, D: SharedMemory> ZoneCtx<'_, B, D> {
     }
 
     /// Looks up a global of `module` (a module, view or library) and registers its range.
-    fn get_global(&mut self, handle: Handle, name: String, library: bool) -> CuResultOf<(u64, u64)> {
+    fn get_global(&mut self, handle: Handle, name: String, library: bool) -> CuResult<(u64, u64)> {
         let name = c_name(name)?;
         let z = &mut *self.zone;
         let (entry, root) = if library {
@@ -1399,7 +1399,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     // ---- memory ----
 
-    fn cu_mem_alloc_v2(&mut self, req: CuMemAllocV2) -> CuResultOf<CuMemAllocV2Reply> {
+    fn cu_mem_alloc_v2(&mut self, req: CuMemAllocV2) -> CuResult<CuMemAllocV2Reply> {
         let z = &mut *self.zone;
         let size = req.bytesize;
         if size == 0 || size > z.quotas.mem_bytes {
@@ -1432,7 +1432,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         }
     }
 
-    fn cu_mem_alloc_pitch_v2(&mut self, req: CuMemAllocPitchV2) -> CuResultOf<CuMemAllocPitchV2Reply> {
+    fn cu_mem_alloc_pitch_v2(&mut self, req: CuMemAllocPitchV2) -> CuResult<CuMemAllocPitchV2Reply> {
         let z = &mut *self.zone;
         let CuMemAllocPitchV2 { width_in_bytes, height, element_size_bytes } = req;
         if width_in_bytes == 0 || height == 0 {
@@ -1460,7 +1460,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         }
     }
 
-    fn cu_mem_free_v2(&mut self, req: CuMemFreeV2) -> CuResultOf<Done> {
+    fn cu_mem_free_v2(&mut self, req: CuMemFreeV2) -> CuResult<Done> {
         let z = &mut *self.zone;
         // Freeing 0 succeeds and does nothing, as the driver's does (measured on an H200 with
         // tools/cuda-trace: cuBLAS's start-up calls cuMemFree_v2(0) and fails otherwise).
@@ -1488,7 +1488,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn cu_mem_alloc_async(&mut self, req: CuMemAllocAsync) -> CuResultOf<CuMemAllocAsyncReply> {
+    fn cu_mem_alloc_async(&mut self, req: CuMemAllocAsync) -> CuResult<CuMemAllocAsyncReply> {
         // Stream-ordered allocation: allocating now makes the memory usable no later than
         // the stream's next work, which is all cuMemAllocAsync promises.
         stream_of(&self.zone.streams, req.h_stream)?;
@@ -1496,7 +1496,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(CuMemAllocAsyncReply { dptr })
     }
 
-    fn cu_mem_free_async(&mut self, req: CuMemFreeAsync) -> CuResultOf<Done> {
+    fn cu_mem_free_async(&mut self, req: CuMemFreeAsync) -> CuResult<Done> {
         // Stream-ordered free: the memory may still be in use by work queued on the
         // stream, so wait for that work, then free (and scrub) it.
         let z = &mut *self.zone;
@@ -1508,19 +1508,19 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         self.cu_mem_free_v2(CuMemFreeV2 { dptr: req.dptr })
     }
 
-    fn cu_mem_get_info_v2(&mut self, _req: CuMemGetInfoV2) -> CuResultOf<CuMemGetInfoV2Reply> {
+    fn cu_mem_get_info_v2(&mut self, _req: CuMemGetInfoV2) -> CuResult<CuMemGetInfoV2Reply> {
         let z = &mut *self.zone;
         let (free, total) = z.backend.mem_get_info()?;
         let quota_left = z.quotas.mem_bytes.min(z.quota_left());
         Ok(CuMemGetInfoV2Reply { free: free.min(quota_left), total: total.min(z.quotas.mem_bytes) })
     }
 
-    fn cu_mem_get_address_range_v2(&mut self, req: CuMemGetAddressRangeV2) -> CuResultOf<CuMemGetAddressRangeV2Reply> {
+    fn cu_mem_get_address_range_v2(&mut self, req: CuMemGetAddressRangeV2) -> CuResult<CuMemGetAddressRangeV2Reply> {
         let (pbase, r) = self.zone.range_at(req.dptr).ok_or(NOT_FOUND)?;
         Ok(CuMemGetAddressRangeV2Reply { pbase, psize: r.size })
     }
 
-    fn pointer_get_attribute(&mut self, req: PointerGetAttribute) -> CuResultOf<PointerGetAttributeReply> {
+    fn pointer_get_attribute(&mut self, req: PointerGetAttribute) -> CuResult<PointerGetAttributeReply> {
         let (start, r) = self.zone.range_at(req.ptr).ok_or(CuError::INVALID_VALUE)?;
         let value = match req.attribute {
             ptr_attr::CONTEXT => r.ctx.0,
@@ -1541,72 +1541,72 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     // ---- copies and memsets ----
 
-    fn memcpy_hto_d(&mut self, req: MemcpyHtoD) -> CuResultOf<Done> {
+    fn memcpy_hto_d(&mut self, req: MemcpyHtoD) -> CuResult<Done> {
         // The guest reuses the window bytes (staging) once this is answered: wait.
         self.zone.window_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream, true)?;
         Ok(Done {})
     }
 
-    fn memcpy_hto_d_async(&mut self, req: MemcpyHtoDAsync) -> CuResultOf<Done> {
+    fn memcpy_hto_d_async(&mut self, req: MemcpyHtoDAsync) -> CuResult<Done> {
         // From pinned (window arena) memory, which the application leaves alone until it
         // synchronises, as CUDA requires: the copy may run on.
         self.zone.window_copy(self.window, Direction::HtoD, req.dst, req.src, req.stream, false)?;
         Ok(Done {})
     }
 
-    fn memcpy_dto_h(&mut self, req: MemcpyDtoH) -> CuResultOf<Done> {
+    fn memcpy_dto_h(&mut self, req: MemcpyDtoH) -> CuResult<Done> {
         self.zone.window_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream, true)?;
         Ok(Done {})
     }
 
-    fn fence(&mut self, _req: Fence) -> CuResultOf<Done> {
+    fn fence(&mut self, _req: Fence) -> CuResult<Done> {
         // Answered once every earlier request has been handled (requests are served in
         // order; staged copies complete before their handler returns): the guest's signal
         // that a staging buffer may be reused.
         Ok(Done {})
     }
 
-    fn memcpy_dto_h_async(&mut self, req: MemcpyDtoHAsync) -> CuResultOf<Done> {
+    fn memcpy_dto_h_async(&mut self, req: MemcpyDtoHAsync) -> CuResult<Done> {
         // Into pinned memory, read by the application only after it synchronises.
         self.zone.window_copy(self.window, Direction::DtoH, req.src, req.dst, req.stream, false)?;
         Ok(Done {})
     }
 
-    fn cu_memcpy_dto_d_v2(&mut self, req: CuMemcpyDtoDV2) -> CuResultOf<Done> {
+    fn cu_memcpy_dto_d_v2(&mut self, req: CuMemcpyDtoDV2) -> CuResult<Done> {
         self.copy_dtod(req.dst_device, req.src_device, req.byte_count, Handle(0))
     }
 
-    fn cu_memcpy_dto_d_async_v2(&mut self, req: CuMemcpyDtoDAsyncV2) -> CuResultOf<Done> {
+    fn cu_memcpy_dto_d_async_v2(&mut self, req: CuMemcpyDtoDAsyncV2) -> CuResult<Done> {
         self.copy_dtod(req.dst_device, req.src_device, req.byte_count, req.h_stream)
     }
 
-    fn cu_memset_d8_v2(&mut self, req: CuMemsetD8V2) -> CuResultOf<Done> {
+    fn cu_memset_d8_v2(&mut self, req: CuMemsetD8V2) -> CuResult<Done> {
         self.memset(req.dst_device, req.n, Handle(0), MemsetOp::D8(req.uc, req.n))
     }
 
-    fn cu_memset_d16_v2(&mut self, req: CuMemsetD16V2) -> CuResultOf<Done> {
+    fn cu_memset_d16_v2(&mut self, req: CuMemsetD16V2) -> CuResult<Done> {
         self.memset(req.dst_device, bytes_of(req.n, 2)?, Handle(0), MemsetOp::D16(req.us, req.n))
     }
 
-    fn cu_memset_d32_v2(&mut self, req: CuMemsetD32V2) -> CuResultOf<Done> {
+    fn cu_memset_d32_v2(&mut self, req: CuMemsetD32V2) -> CuResult<Done> {
         self.memset(req.dst_device, bytes_of(req.n, 4)?, Handle(0), MemsetOp::D32(req.ui, req.n))
     }
 
-    fn cu_memset_d8_async(&mut self, req: CuMemsetD8Async) -> CuResultOf<Done> {
+    fn cu_memset_d8_async(&mut self, req: CuMemsetD8Async) -> CuResult<Done> {
         self.memset(req.dst_device, req.n, req.h_stream, MemsetOp::D8(req.uc, req.n))
     }
 
-    fn cu_memset_d16_async(&mut self, req: CuMemsetD16Async) -> CuResultOf<Done> {
+    fn cu_memset_d16_async(&mut self, req: CuMemsetD16Async) -> CuResult<Done> {
         self.memset(req.dst_device, bytes_of(req.n, 2)?, req.h_stream, MemsetOp::D16(req.us, req.n))
     }
 
-    fn cu_memset_d32_async(&mut self, req: CuMemsetD32Async) -> CuResultOf<Done> {
+    fn cu_memset_d32_async(&mut self, req: CuMemsetD32Async) -> CuResult<Done> {
         self.memset(req.dst_device, bytes_of(req.n, 4)?, req.h_stream, MemsetOp::D32(req.ui, req.n))
     }
 
     // ---- contexts ----
 
-    fn ctx_create(&mut self, req: CtxCreate) -> CuResultOf<CtxCreateReply> {
+    fn ctx_create(&mut self, req: CtxCreate) -> CuResult<CtxCreateReply> {
         let z = &mut *self.zone;
         // A context takes device memory of its own: it is charged to the zone.
         z.admit(z.context_mem, 1)?;
@@ -1632,7 +1632,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         }
     }
 
-    fn ctx_destroy(&mut self, req: CtxDestroy) -> CuResultOf<Done> {
+    fn ctx_destroy(&mut self, req: CtxDestroy) -> CuResult<Done> {
         let z = &mut *self.zone;
         if req.ctx == z.primary {
             return Err(INVALID_CONTEXT);
@@ -1653,24 +1653,24 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn ctx_set_current(&mut self, req: CtxSetCurrent) -> CuResultOf<Done> {
+    fn ctx_set_current(&mut self, req: CtxSetCurrent) -> CuResult<Done> {
         let z = &mut *self.zone;
         z.backend.set_context(context_of(&z.contexts, req.ctx)?)?;
         z.current = req.ctx;
         Ok(Done {})
     }
 
-    fn cu_ctx_synchronize(&mut self, _req: CuCtxSynchronize) -> CuResultOf<Done> {
+    fn cu_ctx_synchronize(&mut self, _req: CuCtxSynchronize) -> CuResult<Done> {
         self.zone.async_since_sync = 0;
         self.zone.backend.synchronize()?;
         Ok(Done {})
     }
 
-    fn cu_ctx_get_limit(&mut self, req: CuCtxGetLimit) -> CuResultOf<CuCtxGetLimitReply> {
+    fn cu_ctx_get_limit(&mut self, req: CuCtxGetLimit) -> CuResult<CuCtxGetLimitReply> {
         Ok(CuCtxGetLimitReply { pvalue: self.zone.backend.ctx_get_limit(req.limit)? })
     }
 
-    fn cu_ctx_set_limit(&mut self, req: CuCtxSetLimit) -> CuResultOf<Done> {
+    fn cu_ctx_set_limit(&mut self, req: CuCtxSetLimit) -> CuResult<Done> {
         let z = &mut *self.zone;
         // The limits that size memory the driver takes for the context are charged to the
         // zone beyond the context's own charge (which covers the defaults): the stack size
@@ -1699,16 +1699,16 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn cu_ctx_get_flags(&mut self, _req: CuCtxGetFlags) -> CuResultOf<CuCtxGetFlagsReply> {
+    fn cu_ctx_get_flags(&mut self, _req: CuCtxGetFlags) -> CuResult<CuCtxGetFlagsReply> {
         Ok(CuCtxGetFlagsReply { flags: self.zone.backend.ctx_get_flags()? })
     }
 
-    fn cu_ctx_set_flags(&mut self, req: CuCtxSetFlags) -> CuResultOf<Done> {
+    fn cu_ctx_set_flags(&mut self, req: CuCtxSetFlags) -> CuResult<Done> {
         self.zone.backend.ctx_set_flags(req.flags)?;
         Ok(Done {})
     }
 
-    fn cu_ctx_get_api_version(&mut self, req: CuCtxGetApiVersion) -> CuResultOf<CuCtxGetApiVersionReply> {
+    fn cu_ctx_get_api_version(&mut self, req: CuCtxGetApiVersion) -> CuResult<CuCtxGetApiVersionReply> {
         // Every context of the zone is made by the same driver through the same call, so
         // the current context's version is every context's.
         self.ctx_or_current(req.ctx)?;
@@ -1718,34 +1718,34 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn cu_ctx_get_stream_priority_range(
         &mut self,
         _req: CuCtxGetStreamPriorityRange,
-    ) -> CuResultOf<CuCtxGetStreamPriorityRangeReply> {
+    ) -> CuResult<CuCtxGetStreamPriorityRangeReply> {
         let (least_priority, greatest_priority) = self.zone.backend.ctx_get_stream_priority_range()?;
         Ok(CuCtxGetStreamPriorityRangeReply { least_priority, greatest_priority })
     }
 
-    fn cu_ctx_get_cache_config(&mut self, _req: CuCtxGetCacheConfig) -> CuResultOf<CuCtxGetCacheConfigReply> {
+    fn cu_ctx_get_cache_config(&mut self, _req: CuCtxGetCacheConfig) -> CuResult<CuCtxGetCacheConfigReply> {
         Ok(CuCtxGetCacheConfigReply { pconfig: self.zone.backend.ctx_get_cache_config()? })
     }
 
-    fn cu_ctx_set_cache_config(&mut self, req: CuCtxSetCacheConfig) -> CuResultOf<Done> {
+    fn cu_ctx_set_cache_config(&mut self, req: CuCtxSetCacheConfig) -> CuResult<Done> {
         self.zone.backend.ctx_set_cache_config(req.config)?;
         Ok(Done {})
     }
 
-    fn cu_ctx_get_id(&mut self, req: CuCtxGetId) -> CuResultOf<CuCtxGetIdReply> {
+    fn cu_ctx_get_id(&mut self, req: CuCtxGetId) -> CuResult<CuCtxGetIdReply> {
         Ok(CuCtxGetIdReply { ctx_id: self.ctx_or_current(req.ctx)?.0 })
     }
 
-    fn primary_ctx_set_flags(&mut self, req: PrimaryCtxSetFlags) -> CuResultOf<Done> {
+    fn primary_ctx_set_flags(&mut self, req: PrimaryCtxSetFlags) -> CuResult<Done> {
         self.zone.backend.primary_ctx_set_flags(req.flags)?;
         Ok(Done {})
     }
 
-    fn primary_ctx_get_flags(&mut self, _req: PrimaryCtxGetFlags) -> CuResultOf<PrimaryCtxGetFlagsReply> {
+    fn primary_ctx_get_flags(&mut self, _req: PrimaryCtxGetFlags) -> CuResult<PrimaryCtxGetFlagsReply> {
         Ok(PrimaryCtxGetFlagsReply { flags: self.zone.backend.primary_ctx_flags()? })
     }
 
-    fn primary_ctx_reset(&mut self, _req: PrimaryCtxReset) -> CuResultOf<Done> {
+    fn primary_ctx_reset(&mut self, _req: PrimaryCtxReset) -> CuResult<Done> {
         let z = &mut *self.zone;
         let (primary, previous) = (z.primary, z.current);
         // The primary context's objects are released in it.
@@ -1764,7 +1764,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     // ---- modules, libraries, functions ----
 
-    fn module_load(&mut self, req: ModuleLoad) -> CuResultOf<ModuleLoadReply> {
+    fn module_load(&mut self, req: ModuleLoad) -> CuResult<ModuleLoadReply> {
         let (_, len) = self.window.check(req.image).map_err(|_| CuError::INVALID_VALUE)?;
         if len == 0 || len as u64 > MAX_IMAGE_BYTES {
             return Err(CuError::INVALID_VALUE);
@@ -1785,7 +1785,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         }
     }
 
-    fn cu_module_unload(&mut self, req: CuModuleUnload) -> CuResultOf<Done> {
+    fn cu_module_unload(&mut self, req: CuModuleUnload) -> CuResult<Done> {
         let z = &mut *self.zone;
         let m = z.modules.remove(req.hmod)?;
         if m.library.is_some() {
@@ -1799,7 +1799,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn cu_library_unload(&mut self, req: CuLibraryUnload) -> CuResultOf<Done> {
+    fn cu_library_unload(&mut self, req: CuLibraryUnload) -> CuResult<Done> {
         let z = &mut *self.zone;
         let l = z.libraries.remove(req.library)?;
         z.drop_dependents(req.library);
@@ -1807,7 +1807,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn cu_module_get_function(&mut self, req: CuModuleGetFunction) -> CuResultOf<CuModuleGetFunctionReply> {
+    fn cu_module_get_function(&mut self, req: CuModuleGetFunction) -> CuResult<CuModuleGetFunctionReply> {
         let name = c_name(req.name)?;
         let key = (Lookup::Function, req.hmod, Handle(0), name.as_bytes().to_vec());
         let hmod = req.hmod;
@@ -1822,12 +1822,12 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(CuModuleGetFunctionReply { hfunc })
     }
 
-    fn cu_module_get_global_v2(&mut self, req: CuModuleGetGlobalV2) -> CuResultOf<CuModuleGetGlobalV2Reply> {
+    fn cu_module_get_global_v2(&mut self, req: CuModuleGetGlobalV2) -> CuResult<CuModuleGetGlobalV2Reply> {
         let (dptr, bytes) = self.get_global(req.hmod, req.name, false)?;
         Ok(CuModuleGetGlobalV2Reply { dptr, bytes })
     }
 
-    fn cu_library_get_kernel(&mut self, req: CuLibraryGetKernel) -> CuResultOf<CuLibraryGetKernelReply> {
+    fn cu_library_get_kernel(&mut self, req: CuLibraryGetKernel) -> CuResult<CuLibraryGetKernelReply> {
         let name = c_name(req.name)?;
         let key = (Lookup::Kernel, req.library, Handle(0), name.as_bytes().to_vec());
         let library = req.library;
@@ -1841,7 +1841,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(CuLibraryGetKernelReply { p_kernel })
     }
 
-    fn cu_library_get_module(&mut self, req: CuLibraryGetModule) -> CuResultOf<CuLibraryGetModuleReply> {
+    fn cu_library_get_module(&mut self, req: CuLibraryGetModule) -> CuResult<CuLibraryGetModuleReply> {
         let key = (Lookup::LibraryModule, req.library, self.zone.current, Vec::new());
         let library = req.library;
         let p_mod = self.lookup(key, |z| {
@@ -1859,12 +1859,12 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(CuLibraryGetModuleReply { p_mod })
     }
 
-    fn cu_library_get_global(&mut self, req: CuLibraryGetGlobal) -> CuResultOf<CuLibraryGetGlobalReply> {
+    fn cu_library_get_global(&mut self, req: CuLibraryGetGlobal) -> CuResult<CuLibraryGetGlobalReply> {
         let (dptr, bytes) = self.get_global(req.library, req.name, true)?;
         Ok(CuLibraryGetGlobalReply { dptr, bytes })
     }
 
-    fn cu_kernel_get_function(&mut self, req: CuKernelGetFunction) -> CuResultOf<CuKernelGetFunctionReply> {
+    fn cu_kernel_get_function(&mut self, req: CuKernelGetFunction) -> CuResult<CuKernelGetFunctionReply> {
         let key = (Lookup::KernelFunction, req.kernel, self.zone.current, Vec::new());
         let kernel = req.kernel;
         let p_func = self.lookup(key, |z| {
@@ -1878,27 +1878,27 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(CuKernelGetFunctionReply { p_func })
     }
 
-    fn cu_func_get_attribute(&mut self, req: CuFuncGetAttribute) -> CuResultOf<CuFuncGetAttributeReply> {
+    fn cu_func_get_attribute(&mut self, req: CuFuncGetAttribute) -> CuResult<CuFuncGetAttributeReply> {
         let z = &mut *self.zone;
         let f = func_of(&z.functions, &z.kernels, req.hfunc)?;
         Ok(CuFuncGetAttributeReply { pi: z.backend.func_get_attribute(&f.func, req.attrib)? })
     }
 
-    fn cu_func_set_attribute(&mut self, req: CuFuncSetAttribute) -> CuResultOf<Done> {
+    fn cu_func_set_attribute(&mut self, req: CuFuncSetAttribute) -> CuResult<Done> {
         let z = &mut *self.zone;
         let f = func_of(&z.functions, &z.kernels, req.hfunc)?;
         z.backend.func_set_attribute(&f.func, req.attrib, req.value)?;
         Ok(Done {})
     }
 
-    fn cu_func_set_cache_config(&mut self, req: CuFuncSetCacheConfig) -> CuResultOf<Done> {
+    fn cu_func_set_cache_config(&mut self, req: CuFuncSetCacheConfig) -> CuResult<Done> {
         let z = &mut *self.zone;
         let f = func_of(&z.functions, &z.kernels, req.hfunc)?;
         z.backend.func_set_cache_config(&f.func, req.config)?;
         Ok(Done {})
     }
 
-    fn cu_kernel_get_attribute(&mut self, req: CuKernelGetAttribute) -> CuResultOf<CuKernelGetAttributeReply> {
+    fn cu_kernel_get_attribute(&mut self, req: CuKernelGetAttribute) -> CuResult<CuKernelGetAttributeReply> {
         let z = &mut *self.zone;
         let k = z.kernels.get(req.kernel)?;
         if req.dev != 0 {
@@ -1907,7 +1907,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(CuKernelGetAttributeReply { pi: z.backend.func_get_attribute(&k.func, req.attrib)? })
     }
 
-    fn cu_kernel_set_attribute(&mut self, req: CuKernelSetAttribute) -> CuResultOf<Done> {
+    fn cu_kernel_set_attribute(&mut self, req: CuKernelSetAttribute) -> CuResult<Done> {
         let z = &mut *self.zone;
         let k = z.kernels.get(req.kernel)?;
         if req.dev != 0 {
@@ -1917,7 +1917,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn func_param_layout(&mut self, req: FuncParamLayout) -> CuResultOf<FuncParamLayoutReply> {
+    fn func_param_layout(&mut self, req: FuncParamLayout) -> CuResult<FuncParamLayoutReply> {
         let slots = self.zone.layout(req.func)?.to_vec();
         let z = &mut *self.zone;
         let f = func_of(&z.functions, &z.kernels, req.func)?;
@@ -1930,7 +1930,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn cu_occupancy_max_active_blocks_per_multiprocessor(
         &mut self,
         req: CuOccupancyMaxActiveBlocksPerMultiprocessor,
-    ) -> CuResultOf<CuOccupancyMaxActiveBlocksPerMultiprocessorReply> {
+    ) -> CuResult<CuOccupancyMaxActiveBlocksPerMultiprocessorReply> {
         let num_blocks = self.occupancy(req.func, req.block_size, req.dynamic_s_mem_size, 0)?;
         Ok(CuOccupancyMaxActiveBlocksPerMultiprocessorReply { num_blocks })
     }
@@ -1938,7 +1938,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn cu_occupancy_max_active_blocks_per_multiprocessor_with_flags(
         &mut self,
         req: CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags,
-    ) -> CuResultOf<CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlagsReply> {
+    ) -> CuResult<CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlagsReply> {
         let num_blocks = self.occupancy(req.func, req.block_size, req.dynamic_s_mem_size, req.flags)?;
         Ok(CuOccupancyMaxActiveBlocksPerMultiprocessorWithFlagsReply { num_blocks })
     }
@@ -1946,14 +1946,14 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn cu_occupancy_available_dynamic_s_mem_per_block(
         &mut self,
         req: CuOccupancyAvailableDynamicSMemPerBlock,
-    ) -> CuResultOf<CuOccupancyAvailableDynamicSMemPerBlockReply> {
+    ) -> CuResult<CuOccupancyAvailableDynamicSMemPerBlockReply> {
         let z = &mut *self.zone;
         let f = func_of(&z.functions, &z.kernels, req.func)?;
         let bytes = z.backend.occupancy_available_dynamic_smem(&f.func, req.num_blocks, req.block_size)?;
         Ok(CuOccupancyAvailableDynamicSMemPerBlockReply { dynamic_smem_size: bytes })
     }
 
-    fn host_func(&mut self, req: HostFunc) -> CuResultOf<Done> {
+    fn host_func(&mut self, req: HostFunc) -> CuResult<Done> {
         let z = &mut *self.zone;
         let slot = z.host_func_slot(req.slot)?;
         // Its callback frees itself after one run: it must not become a graph's node.
@@ -1966,7 +1966,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn window_device_pointer(&mut self, req: WindowDevicePointer) -> CuResultOf<WindowDevicePointerReply> {
+    fn window_device_pointer(&mut self, req: WindowDevicePointer) -> CuResult<WindowDevicePointerReply> {
         // The window is this zone's own memory (shared only with its guest); its device
         // mapping gives kernels nothing they could not already reach through copies.
         let in_window = usize::try_from(req.offset).is_ok_and(|o| o < self.window.size());
@@ -1979,14 +1979,14 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn occupancy_max_active_clusters(
         &mut self,
         req: OccupancyMaxActiveClusters,
-    ) -> CuResultOf<OccupancyMaxActiveClustersReply> {
+    ) -> CuResult<OccupancyMaxActiveClustersReply> {
         let z = &mut *self.zone;
         let f = func_of(&z.functions, &z.kernels, req.func)?;
         let clusters = z.backend.occupancy_max_active_clusters(&f.func, &req.config)?;
         Ok(OccupancyMaxActiveClustersReply { clusters })
     }
 
-    fn take_device_output(&mut self, _req: TakeDeviceOutput) -> CuResultOf<TakeDeviceOutputReply> {
+    fn take_device_output(&mut self, _req: TakeDeviceOutput) -> CuResult<TakeDeviceOutputReply> {
         let taken = match &self.zone.device_output {
             Some(o) => o.take(DEVICE_OUTPUT_CHUNK),
             None => Default::default(),
@@ -1994,12 +1994,12 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(TakeDeviceOutputReply { stdout: taken.stdout, stderr: taken.stderr, dropped: taken.dropped })
     }
 
-    fn ctx_query_value(&mut self, req: CtxQueryValue) -> CuResultOf<CtxQueryValueReply> {
+    fn ctx_query_value(&mut self, req: CtxQueryValue) -> CuResult<CtxQueryValueReply> {
         let value = self.zone.in_ctx(req.ctx, |b| b.ctx_query_value())?;
         Ok(CtxQueryValueReply { value })
     }
 
-    fn launch(&mut self, req: Launch) -> CuResultOf<Done> {
+    fn launch(&mut self, req: Launch) -> CuResult<Done> {
         let Launch { func, config, stream, params } = req;
         if config.grid.contains(&0) || config.block.contains(&0) {
             return Err(CuError::INVALID_VALUE);
@@ -2019,18 +2019,18 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     // ---- streams ----
 
-    fn cu_stream_create(&mut self, req: CuStreamCreate) -> CuResultOf<CuStreamCreateReply> {
+    fn cu_stream_create(&mut self, req: CuStreamCreate) -> CuResult<CuStreamCreateReply> {
         Ok(CuStreamCreateReply { ph_stream: self.stream_create(req.flags, 0)? })
     }
 
     fn cu_stream_create_with_priority(
         &mut self,
         req: CuStreamCreateWithPriority,
-    ) -> CuResultOf<CuStreamCreateWithPriorityReply> {
+    ) -> CuResult<CuStreamCreateWithPriorityReply> {
         Ok(CuStreamCreateWithPriorityReply { ph_stream: self.stream_create(req.flags, req.priority)? })
     }
 
-    fn cu_stream_destroy_v2(&mut self, req: CuStreamDestroyV2) -> CuResultOf<Done> {
+    fn cu_stream_destroy_v2(&mut self, req: CuStreamDestroyV2) -> CuResult<Done> {
         let z = &mut *self.zone;
         // A stream destroyed mid-capture ends its capture (the driver invalidates it).
         let capturing = z.stream_is_capturing(req.h_stream)?;
@@ -2042,7 +2042,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn cu_stream_synchronize(&mut self, req: CuStreamSynchronize) -> CuResultOf<Done> {
+    fn cu_stream_synchronize(&mut self, req: CuStreamSynchronize) -> CuResult<Done> {
         let z = &mut *self.zone;
         match stream_of(&z.streams, req.h_stream)? {
             Some(s) => z.backend.stream_synchronize(s)?,
@@ -2052,14 +2052,14 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn cu_stream_query(&mut self, req: CuStreamQuery) -> CuResultOf<Done> {
+    fn cu_stream_query(&mut self, req: CuStreamQuery) -> CuResult<Done> {
         let z = &mut *self.zone;
         let s = stream_of(&z.streams, req.h_stream)?;
         z.backend.stream_query(s)?;
         Ok(Done {})
     }
 
-    fn cu_stream_wait_event(&mut self, req: CuStreamWaitEvent) -> CuResultOf<Done> {
+    fn cu_stream_wait_event(&mut self, req: CuStreamWaitEvent) -> CuResult<Done> {
         let z = &mut *self.zone;
         let s = stream_of(&z.streams, req.h_stream)?;
         let e = &z.events.get(req.h_event)?.obj;
@@ -2067,19 +2067,19 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn cu_stream_get_flags(&mut self, req: CuStreamGetFlags) -> CuResultOf<CuStreamGetFlagsReply> {
+    fn cu_stream_get_flags(&mut self, req: CuStreamGetFlags) -> CuResult<CuStreamGetFlagsReply> {
         let z = &mut *self.zone;
         let s = stream_of(&z.streams, req.h_stream)?;
         Ok(CuStreamGetFlagsReply { flags: z.backend.stream_get_flags(s)? })
     }
 
-    fn cu_stream_get_priority(&mut self, req: CuStreamGetPriority) -> CuResultOf<CuStreamGetPriorityReply> {
+    fn cu_stream_get_priority(&mut self, req: CuStreamGetPriority) -> CuResult<CuStreamGetPriorityReply> {
         let z = &mut *self.zone;
         let s = stream_of(&z.streams, req.h_stream)?;
         Ok(CuStreamGetPriorityReply { priority: z.backend.stream_get_priority(s)? })
     }
 
-    fn cu_stream_get_ctx(&mut self, req: CuStreamGetCtx) -> CuResultOf<CuStreamGetCtxReply> {
+    fn cu_stream_get_ctx(&mut self, req: CuStreamGetCtx) -> CuResult<CuStreamGetCtxReply> {
         let z = &*self.zone;
         let pctx = if DEFAULT_STREAMS.contains(&req.h_stream) { z.current } else { z.streams.get(req.h_stream)?.ctx };
         Ok(CuStreamGetCtxReply { pctx })
@@ -2087,7 +2087,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     // ---- events ----
 
-    fn cu_event_create(&mut self, req: CuEventCreate) -> CuResultOf<CuEventCreateReply> {
+    fn cu_event_create(&mut self, req: CuEventCreate) -> CuResult<CuEventCreateReply> {
         let z = &mut *self.zone;
         z.reserve()?;
         let e = z.backend.event_create(req.flags)?;
@@ -2097,7 +2097,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         }
     }
 
-    fn cu_event_destroy_v2(&mut self, req: CuEventDestroyV2) -> CuResultOf<Done> {
+    fn cu_event_destroy_v2(&mut self, req: CuEventDestroyV2) -> CuResult<Done> {
         let z = &mut *self.zone;
         let e = z.events.remove(req.h_event)?;
         // Its IPC handle dies with it: no other zone can open it any more.
@@ -2110,156 +2110,156 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(Done {})
     }
 
-    fn cu_event_record(&mut self, req: CuEventRecord) -> CuResultOf<Done> {
+    fn cu_event_record(&mut self, req: CuEventRecord) -> CuResult<Done> {
         self.event_record(req.h_event, req.h_stream, 0)
     }
 
-    fn cu_event_record_with_flags(&mut self, req: CuEventRecordWithFlags) -> CuResultOf<Done> {
+    fn cu_event_record_with_flags(&mut self, req: CuEventRecordWithFlags) -> CuResult<Done> {
         self.event_record(req.h_event, req.h_stream, req.flags)
     }
 
-    fn cu_event_query(&mut self, req: CuEventQuery) -> CuResultOf<Done> {
+    fn cu_event_query(&mut self, req: CuEventQuery) -> CuResult<Done> {
         let z = &mut *self.zone;
         let e = &z.events.get(req.h_event)?.obj;
         z.backend.event_query(e)?;
         Ok(Done {})
     }
 
-    fn cu_event_synchronize(&mut self, req: CuEventSynchronize) -> CuResultOf<Done> {
+    fn cu_event_synchronize(&mut self, req: CuEventSynchronize) -> CuResult<Done> {
         let z = &mut *self.zone;
         let e = &z.events.get(req.h_event)?.obj;
         z.backend.event_synchronize(e)?;
         Ok(Done {})
     }
 
-    fn cu_event_elapsed_time(&mut self, req: CuEventElapsedTime) -> CuResultOf<CuEventElapsedTimeReply> {
+    fn cu_event_elapsed_time(&mut self, req: CuEventElapsedTime) -> CuResult<CuEventElapsedTimeReply> {
         Ok(CuEventElapsedTimeReply { p_milliseconds: self.elapsed(req.h_start, req.h_end)? })
     }
 
-    fn cu_event_elapsed_time_v2(&mut self, req: CuEventElapsedTimeV2) -> CuResultOf<CuEventElapsedTimeV2Reply> {
+    fn cu_event_elapsed_time_v2(&mut self, req: CuEventElapsedTimeV2) -> CuResult<CuEventElapsedTimeV2Reply> {
         Ok(CuEventElapsedTimeV2Reply { p_milliseconds: self.elapsed(req.h_start, req.h_end)? })
     }
 
     // ---- virtual memory management (zone/vmm.rs) ----
 
-    fn mem_get_granularity(&mut self, req: MemGetGranularity) -> CuResultOf<MemGetGranularityReply> {
+    fn mem_get_granularity(&mut self, req: MemGetGranularity) -> CuResult<MemGetGranularityReply> {
         Ok(MemGetGranularityReply { granularity: self.zone.mem_granularity(req.recommended)? })
     }
 
-    fn mem_address_reserve(&mut self, req: MemAddressReserve) -> CuResultOf<MemAddressReserveReply> {
+    fn mem_address_reserve(&mut self, req: MemAddressReserve) -> CuResult<MemAddressReserveReply> {
         Ok(MemAddressReserveReply { ptr: self.zone.mem_address_reserve(req.size, req.alignment, req.addr)? })
     }
 
-    fn mem_address_free(&mut self, req: MemAddressFree) -> CuResultOf<Done> {
+    fn mem_address_free(&mut self, req: MemAddressFree) -> CuResult<Done> {
         self.zone.mem_address_free(req.ptr, req.size)?;
         Ok(Done {})
     }
 
-    fn mem_create(&mut self, req: MemCreate) -> CuResultOf<MemCreateReply> {
+    fn mem_create(&mut self, req: MemCreate) -> CuResult<MemCreateReply> {
         Ok(MemCreateReply { handle: self.zone.mem_create(req.size, req.handle_types, req.rdma)? })
     }
 
-    fn mem_release(&mut self, req: MemRelease) -> CuResultOf<Done> {
+    fn mem_release(&mut self, req: MemRelease) -> CuResult<Done> {
         self.zone.mem_release(req.handle)?;
         Ok(Done {})
     }
 
-    fn mem_map(&mut self, req: MemMap) -> CuResultOf<Done> {
+    fn mem_map(&mut self, req: MemMap) -> CuResult<Done> {
         self.zone.mem_map(req.ptr, req.size, req.offset, req.handle)?;
         Ok(Done {})
     }
 
-    fn mem_unmap(&mut self, req: MemUnmap) -> CuResultOf<Done> {
+    fn mem_unmap(&mut self, req: MemUnmap) -> CuResult<Done> {
         self.zone.mem_unmap(req.ptr, req.size)?;
         Ok(Done {})
     }
 
-    fn mem_set_access(&mut self, req: MemSetAccess) -> CuResultOf<Done> {
+    fn mem_set_access(&mut self, req: MemSetAccess) -> CuResult<Done> {
         self.zone.mem_set_access(req.ptr, req.size, req.flags)?;
         Ok(Done {})
     }
 
     // ---- graphs and stream capture (zone/graphs.rs) ----
 
-    fn cu_graph_create(&mut self, req: CuGraphCreate) -> CuResultOf<CuGraphCreateReply> {
+    fn cu_graph_create(&mut self, req: CuGraphCreate) -> CuResult<CuGraphCreateReply> {
         if req.flags != 0 {
             return Err(CuError::INVALID_VALUE);
         }
         Ok(CuGraphCreateReply { ph_graph: self.zone.graph_create()? })
     }
 
-    fn cu_graph_destroy(&mut self, req: CuGraphDestroy) -> CuResultOf<Done> {
+    fn cu_graph_destroy(&mut self, req: CuGraphDestroy) -> CuResult<Done> {
         self.zone.graph_destroy(req.h_graph)?;
         Ok(Done {})
     }
 
-    fn cu_graph_clone(&mut self, req: CuGraphClone) -> CuResultOf<CuGraphCloneReply> {
+    fn cu_graph_clone(&mut self, req: CuGraphClone) -> CuResult<CuGraphCloneReply> {
         Ok(CuGraphCloneReply { ph_graph_clone: self.zone.graph_clone(req.original_graph)? })
     }
 
     fn cu_graph_instantiate_with_flags(
         &mut self,
         req: CuGraphInstantiateWithFlags,
-    ) -> CuResultOf<CuGraphInstantiateWithFlagsReply> {
+    ) -> CuResult<CuGraphInstantiateWithFlagsReply> {
         Ok(CuGraphInstantiateWithFlagsReply { ph_graph_exec: self.zone.graph_instantiate(req.h_graph, req.flags)? })
     }
 
-    fn cu_graph_exec_destroy(&mut self, req: CuGraphExecDestroy) -> CuResultOf<Done> {
+    fn cu_graph_exec_destroy(&mut self, req: CuGraphExecDestroy) -> CuResult<Done> {
         self.zone.graph_exec_destroy(req.h_graph_exec)?;
         Ok(Done {})
     }
 
-    fn cu_graph_launch(&mut self, req: CuGraphLaunch) -> CuResultOf<Done> {
+    fn cu_graph_launch(&mut self, req: CuGraphLaunch) -> CuResult<Done> {
         self.zone.graph_launch(req.h_graph_exec, req.h_stream, false)?;
         Ok(Done {})
     }
 
-    fn cu_graph_upload(&mut self, req: CuGraphUpload) -> CuResultOf<Done> {
+    fn cu_graph_upload(&mut self, req: CuGraphUpload) -> CuResult<Done> {
         self.zone.graph_launch(req.h_graph_exec, req.h_stream, true)?;
         Ok(Done {})
     }
 
-    fn graph_get_nodes(&mut self, req: GraphGetNodes) -> CuResultOf<GraphGetNodesReply> {
+    fn graph_get_nodes(&mut self, req: GraphGetNodes) -> CuResult<GraphGetNodesReply> {
         let (count, nodes) = self.zone.graph_get_nodes(req.graph, req.first, req.want)?;
         Ok(GraphGetNodesReply { count, nodes })
     }
 
-    fn graph_add_kernel_node(&mut self, req: GraphAddKernelNode) -> CuResultOf<GraphAddKernelNodeReply> {
+    fn graph_add_kernel_node(&mut self, req: GraphAddKernelNode) -> CuResult<GraphAddKernelNodeReply> {
         Ok(GraphAddKernelNodeReply { node: self.zone.graph_add_kernel_node(req)? })
     }
 
-    fn graph_add_memset_node(&mut self, req: GraphAddMemsetNode) -> CuResultOf<GraphAddMemsetNodeReply> {
+    fn graph_add_memset_node(&mut self, req: GraphAddMemsetNode) -> CuResult<GraphAddMemsetNodeReply> {
         Ok(GraphAddMemsetNodeReply { node: self.zone.graph_add_memset_node(req)? })
     }
 
-    fn graph_add_memcpy_node(&mut self, req: GraphAddMemcpyNode) -> CuResultOf<GraphAddMemcpyNodeReply> {
+    fn graph_add_memcpy_node(&mut self, req: GraphAddMemcpyNode) -> CuResult<GraphAddMemcpyNodeReply> {
         let window_size = self.window.size();
         Ok(GraphAddMemcpyNodeReply { node: self.zone.graph_add_memcpy_node(req, window_size)? })
     }
 
-    fn graph_add_host_node(&mut self, req: GraphAddHostNode) -> CuResultOf<GraphAddHostNodeReply> {
+    fn graph_add_host_node(&mut self, req: GraphAddHostNode) -> CuResult<GraphAddHostNodeReply> {
         Ok(GraphAddHostNodeReply { node: self.zone.graph_add_host_node(req)? })
     }
 
-    fn graph_add_empty_node(&mut self, req: GraphAddEmptyNode) -> CuResultOf<GraphAddEmptyNodeReply> {
+    fn graph_add_empty_node(&mut self, req: GraphAddEmptyNode) -> CuResult<GraphAddEmptyNodeReply> {
         Ok(GraphAddEmptyNodeReply { node: self.zone.graph_add_empty_node(req)? })
     }
 
-    fn host_func_persistent(&mut self, req: HostFuncPersistent) -> CuResultOf<Done> {
+    fn host_func_persistent(&mut self, req: HostFuncPersistent) -> CuResult<Done> {
         self.zone.host_func_persistent(req.stream, req.slot, req.hidden)?;
         Ok(Done {})
     }
 
-    fn stream_begin_capture(&mut self, req: StreamBeginCapture) -> CuResultOf<Done> {
+    fn stream_begin_capture(&mut self, req: StreamBeginCapture) -> CuResult<Done> {
         self.zone.stream_begin_capture(req.stream, req.mode)?;
         Ok(Done {})
     }
 
-    fn stream_end_capture(&mut self, req: StreamEndCapture) -> CuResultOf<StreamEndCaptureReply> {
+    fn stream_end_capture(&mut self, req: StreamEndCapture) -> CuResult<StreamEndCaptureReply> {
         Ok(StreamEndCaptureReply { graph: self.zone.stream_end_capture(req.stream)? })
     }
 
-    fn stream_capture_info(&mut self, req: StreamCaptureInfo) -> CuResultOf<StreamCaptureInfoReply> {
+    fn stream_capture_info(&mut self, req: StreamCaptureInfo) -> CuResult<StreamCaptureInfoReply> {
         let (status, id) = self.zone.stream_capture_info(req.stream)?;
         Ok(StreamCaptureInfoReply { status, id })
     }
@@ -2267,13 +2267,13 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn thread_exchange_capture_mode(
         &mut self,
         req: ThreadExchangeCaptureMode,
-    ) -> CuResultOf<ThreadExchangeCaptureModeReply> {
+    ) -> CuResult<ThreadExchangeCaptureModeReply> {
         Ok(ThreadExchangeCaptureModeReply { previous: self.zone.exchange_capture_mode(req.mode)? })
     }
 
     // ---- IPC ----
 
-    fn ipc_get_mem_handle(&mut self, req: IpcGetMemHandle) -> CuResultOf<IpcGetMemHandleReply> {
+    fn ipc_get_mem_handle(&mut self, req: IpcGetMemHandle) -> CuResult<IpcGetMemHandleReply> {
         let z = &mut *self.zone;
         if z.broker.is_none() {
             return Err(CuError::NOT_SUPPORTED);
@@ -2290,7 +2290,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(IpcGetMemHandleReply { handle: guest_handle(&token) })
     }
 
-    fn ipc_open_mem_handle(&mut self, req: IpcOpenMemHandle) -> CuResultOf<IpcOpenMemHandleReply> {
+    fn ipc_open_mem_handle(&mut self, req: IpcOpenMemHandle) -> CuResult<IpcOpenMemHandleReply> {
         let z = &mut *self.zone;
         let broker = z.broker.as_mut().ok_or(CuError::NOT_SUPPORTED)?;
         // The driver takes exactly this flag: 0 is refused too.
@@ -2328,7 +2328,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(IpcOpenMemHandleReply { dptr })
     }
 
-    fn ipc_get_event_handle(&mut self, req: IpcGetEventHandle) -> CuResultOf<IpcGetEventHandleReply> {
+    fn ipc_get_event_handle(&mut self, req: IpcGetEventHandle) -> CuResult<IpcGetEventHandleReply> {
         let z = &mut *self.zone;
         if z.broker.is_none() {
             return Err(CuError::NOT_SUPPORTED);
@@ -2345,7 +2345,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(IpcGetEventHandleReply { handle: guest_handle(&token) })
     }
 
-    fn ipc_open_event_handle(&mut self, req: IpcOpenEventHandle) -> CuResultOf<IpcOpenEventHandleReply> {
+    fn ipc_open_event_handle(&mut self, req: IpcOpenEventHandle) -> CuResult<IpcOpenEventHandleReply> {
         let z = &mut *self.zone;
         let broker = z.broker.as_mut().ok_or(CuError::NOT_SUPPORTED)?;
         let token = parse_guest_handle(&req.handle)?;
@@ -2364,7 +2364,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         }
     }
 
-    fn ipc_close_mem_handle(&mut self, req: IpcCloseMemHandle) -> CuResultOf<Done> {
+    fn ipc_close_mem_handle(&mut self, req: IpcCloseMemHandle) -> CuResult<Done> {
         let z = &mut *self.zone;
         let import = z.imports.get_mut(&req.dptr).ok_or(CuError::INVALID_VALUE)?;
         if import.refs > 1 {
@@ -2613,30 +2613,30 @@ mod tests {
         fn api(&mut self) -> ZoneCtx<'_, SimGpu, RawRegion> {
             self.z.api(&self.w)
         }
-        fn alloc(&mut self, bytesize: u64) -> CuResultOf<u64> {
+        fn alloc(&mut self, bytesize: u64) -> CuResult<u64> {
             self.api().cu_mem_alloc_v2(CuMemAllocV2 { bytesize }).map(|r| r.dptr)
         }
-        fn htod(&mut self, dst: u64, offset: u64, len: u64) -> CuResultOf<Done> {
+        fn htod(&mut self, dst: u64, offset: u64, len: u64) -> CuResult<Done> {
             self.api().memcpy_hto_d(MemcpyHtoD { dst, src: BulkRef { offset, len }, stream: Handle(0) })
         }
-        fn dtoh(&mut self, src: u64, offset: u64, len: u64) -> CuResultOf<Done> {
+        fn dtoh(&mut self, src: u64, offset: u64, len: u64) -> CuResult<Done> {
             self.api().memcpy_dto_h(MemcpyDtoH { dst: BulkRef { offset, len }, src, stream: Handle(0) })
         }
-        fn stream(&mut self) -> CuResultOf<Handle> {
+        fn stream(&mut self) -> CuResult<Handle> {
             self.api().cu_stream_create(CuStreamCreate { flags: 0 }).map(|r| r.ph_stream)
         }
         fn free_bytes(&mut self) -> u64 {
             self.api().cu_mem_get_info_v2(CuMemGetInfoV2 {}).unwrap().free
         }
         /// Loads [`PTX`] at the end of the window.
-        fn load(&mut self, library: bool) -> CuResultOf<Handle> {
+        fn load(&mut self, library: bool) -> CuResult<Handle> {
             let mut image = PTX.as_bytes().to_vec();
             image.push(0);
             let image_ref = BulkRef { offset: (self.w.size() - image.len()) as u64, len: image.len() as u64 };
             self.w.write(image_ref, &image).unwrap();
             self.api().module_load(ModuleLoad { image: image_ref, library }).map(|r| r.handle)
         }
-        fn function(&mut self, hmod: Handle) -> CuResultOf<Handle> {
+        fn function(&mut self, hmod: Handle) -> CuResult<Handle> {
             self.api().cu_module_get_function(CuModuleGetFunction { hmod, name: "fill_u32".into() }).map(|r| r.hfunc)
         }
     }
@@ -2776,9 +2776,9 @@ mod tests {
         );
         // Contexts answer CUDA's INVALID_CONTEXT instead.
         let r = f.api().ctx_set_current(CtxSetCurrent { ctx: e });
-        assert_eq!(r, Err(CuError::new(CuResult::INVALID_CONTEXT)));
+        assert_eq!(r, Err(CuError::INVALID_CONTEXT));
         let r = f.api().cu_ctx_get_api_version(CuCtxGetApiVersion { ctx: s });
-        assert_eq!(r.map(|_| ()), Err(CuError::new(CuResult::INVALID_CONTEXT)));
+        assert_eq!(r.map(|_| ()), Err(CuError::INVALID_CONTEXT));
     }
 
     #[test]
@@ -3258,24 +3258,24 @@ mod tests {
     }
 
     impl Fixture {
-        fn export(&mut self, dptr: u64) -> CuResultOf<Vec<u8>> {
+        fn export(&mut self, dptr: u64) -> CuResult<Vec<u8>> {
             self.api().ipc_get_mem_handle(IpcGetMemHandle { dptr }).map(|r| r.handle)
         }
-        fn open(&mut self, handle: &[u8], flags: u32) -> CuResultOf<u64> {
+        fn open(&mut self, handle: &[u8], flags: u32) -> CuResult<u64> {
             // As the worker does before each request.
             self.z.poll_ipc();
             self.api().ipc_open_mem_handle(IpcOpenMemHandle { handle: handle.to_vec(), flags }).map(|r| r.dptr)
         }
-        fn close(&mut self, dptr: u64) -> CuResultOf<Done> {
+        fn close(&mut self, dptr: u64) -> CuResult<Done> {
             self.z.poll_ipc();
             self.api().ipc_close_mem_handle(IpcCloseMemHandle { dptr })
         }
-        fn put(&mut self, dptr: u64, data: &[u8]) -> CuResultOf<Done> {
+        fn put(&mut self, dptr: u64, data: &[u8]) -> CuResult<Done> {
             self.z.poll_ipc();
             self.w.write(BulkRef { offset: 0, len: data.len() as u64 }, data).unwrap();
             self.htod(dptr, 0, data.len() as u64)
         }
-        fn get(&mut self, dptr: u64, len: usize) -> CuResultOf<Vec<u8>> {
+        fn get(&mut self, dptr: u64, len: usize) -> CuResult<Vec<u8>> {
             self.z.poll_ipc();
             self.dtoh(dptr, 0, len as u64)?;
             let mut out = vec![0u8; len];

@@ -226,7 +226,7 @@ impl Client {
         let dptr = match self.g.alloc(size) {
             Ok(p) => p,
             // Sessions that share one zone can run it out of memory together.
-            Err(CuResult::OUT_OF_MEMORY) if self.quota == 0 => {
+            Err(code::OUT_OF_MEMORY) if self.quota == 0 => {
                 self.out_of_memory += 1;
                 return;
             }
@@ -344,7 +344,7 @@ impl Client {
         let data = ipc_data(self.pair, round);
         let dptr = match self.g.alloc(IPC_BYTES as u64) {
             Ok(p) => p,
-            Err(CuResult::OUT_OF_MEMORY) if self.quota == 0 => {
+            Err(code::OUT_OF_MEMORY) if self.quota == 0 => {
                 self.out_of_memory += 1;
                 return;
             }
@@ -384,7 +384,7 @@ impl Client {
         ok(self.g.write(q, &inverted), "IPC write");
         ok(self.g.done(&CuCtxSynchronize {}), "IPC synchronize");
         ok(self.g.ipc_close(q), "IPC close");
-        if self.g.read(q, 16) != Err(CuResult::INVALID_VALUE) {
+        if self.g.read(q, 16) != Err(code::INVALID_VALUE) {
             fail("a closed import is still readable");
         }
         println!("SOAK IMPORTED {round}");
@@ -780,7 +780,7 @@ fn hostile(d: &Daemon, mut rng: Rng, stop: &AtomicBool) -> Hostility {
                     const ID: MessageId = MessageId(0x7ff0);
                 }
                 let e = g.call_raw::<_, Done>(&Unknown(rng.bytes(32))).unwrap_err();
-                assert_eq!(e, ChannelError::Remote { kind: ErrorKind::UnknownMessage, code: CuResult::NOT_SUPPORTED });
+                assert_eq!(e, ChannelError::Remote { kind: ErrorKind::UnknownMessage, code: code::NOT_SUPPORTED });
                 assert!(g.alloc(16).is_ok(), "the session serves on after an unknown request");
                 h.unknown_ids += 1;
             }
@@ -812,7 +812,7 @@ fn flood(d: &Daemon, mut rng: Rng, stop: &AtomicBool) -> Flood {
                 open.push_back(g);
                 false
             }
-            Err(ChannelError::Remote { code: CuResult::NOT_PERMITTED, .. }) => {
+            Err(ChannelError::Remote { code: code::NOT_PERMITTED, .. }) => {
                 f.refused += 1;
                 true
             }
@@ -971,7 +971,7 @@ fn soak_mixed_load_with_chaos() {
                             let (round, handle) = (words.next().unwrap(), words.next().unwrap());
                             if plan.own_uids && rng.below(4) == 0 {
                                 let e = outsider.ipc_open(&unhex(handle), LAZY);
-                                assert_eq!(e, Err(CuResult::NOT_PERMITTED), "an outsider opened a group's export");
+                                assert_eq!(e, Err(code::NOT_PERMITTED), "an outsider opened a group's export");
                             }
                             let stdin = &mut steady[plan.partner(zone)].as_mut().unwrap().stdin;
                             writeln!(stdin, "IMPORT {round} {handle}").unwrap();

@@ -50,15 +50,15 @@ fn two_sessions_are_isolated_and_share_their_zones_quotas() {
     // B, holding A's guessed or stolen device pointer and stream handle, can reach only its
     // own objects: the address is either not B's (refused) or names B's own memory.
     match b.read(a_buf, 4096) {
-        Err(code) => assert_eq!(code, CuResult::INVALID_VALUE),
+        Err(code) => assert_eq!(code, code::INVALID_VALUE),
         Ok(bytes) => assert_ne!(bytes, a_data, "zone B read zone A's data"),
     }
     let _ = b.write(a_buf, &[0xee; 4096]);
     let _ = b.done(&CuMemsetD8V2 { dst_device: a_buf, uc: 0xee, n: 4096 });
     let _ = b.done(&CuMemcpyDtoDV2 { dst_device: b_buf, src_device: a_buf + 4096 * 100, byte_count: 16 });
-    assert_eq!(b.done(&CuStreamSynchronize { h_stream: a_stream }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(b.done(&CuStreamDestroyV2 { h_stream: a_stream }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(b.done(&CuMemFreeV2 { dptr: a_buf + 8 }), Err(CuResult::INVALID_VALUE));
+    assert_eq!(b.done(&CuStreamSynchronize { h_stream: a_stream }), Err(code::INVALID_HANDLE));
+    assert_eq!(b.done(&CuStreamDestroyV2 { h_stream: a_stream }), Err(code::INVALID_HANDLE));
+    assert_eq!(b.done(&CuMemFreeV2 { dptr: a_buf + 8 }), Err(code::INVALID_VALUE));
     // Freeing 0 is a no-op that succeeds, as the driver's (cuBLAS's start-up relies on it).
     assert_eq!(b.done(&CuMemFreeV2 { dptr: 0 }), Ok(()));
     // Nothing B did touched A.
@@ -66,13 +66,13 @@ fn two_sessions_are_isolated_and_share_their_zones_quotas() {
     a.done(&CuStreamSynchronize { h_stream: a_stream }).unwrap();
 
     // Ranges are checked against the zone's own allocations.
-    assert_eq!(a.read(a_buf + 1, 4096), Err(CuResult::INVALID_VALUE));
-    assert_eq!(a.write(a_buf.wrapping_sub(1), &[1]), Err(CuResult::INVALID_VALUE));
+    assert_eq!(a.read(a_buf + 1, 4096), Err(code::INVALID_VALUE));
+    assert_eq!(a.write(a_buf.wrapping_sub(1), &[1]), Err(code::INVALID_VALUE));
     let outside = MemcpyHtoD { dst: a_buf, src: BulkRef { offset: WINDOW as u64 - 8, len: 16 }, stream: Handle(0) };
-    assert_eq!(a.done(&outside), Err(CuResult::INVALID_VALUE));
+    assert_eq!(a.done(&outside), Err(code::INVALID_VALUE));
 
     // Memory quota: over it is CUDA_ERROR_OUT_OF_MEMORY; what B holds counts for A too.
-    assert_eq!(a.alloc(MEM_QUOTA), Err(CuResult::OUT_OF_MEMORY));
+    assert_eq!(a.alloc(MEM_QUOTA), Err(code::OUT_OF_MEMORY));
     let CuMemGetInfoV2Reply { free, total } = a.call(&CuMemGetInfoV2 {}).unwrap();
     assert_eq!((free, total), (MEM_QUOTA - 4096 - 8192, MEM_QUOTA));
     b.alloc(64).unwrap();
@@ -91,11 +91,11 @@ fn two_sessions_are_isolated_and_share_their_zones_quotas() {
         const ID: MessageId = MessageId(0x0fff);
     }
     let e = a.call_raw::<_, Done>(&Bogus).unwrap_err();
-    assert_eq!(e, ChannelError::Remote { kind: ErrorKind::UnknownMessage, code: CuResult::NOT_SUPPORTED });
+    assert_eq!(e, ChannelError::Remote { kind: ErrorKind::UnknownMessage, code: code::NOT_SUPPORTED });
     // An asynchronous failure surfaces at the next synchronous call.
     a.client.post(&CuMemsetD8Async { dst_device: 0x10, uc: 0, n: 1, h_stream: Handle(0) }, &mut a.buf).unwrap();
     let reply = a.client.call(&CuCtxSynchronize {}, &mut a.buf).unwrap();
-    assert_eq!(reply.deferred_error(), Some(CuResult::INVALID_VALUE));
+    assert_eq!(reply.deferred_error(), Some(code::INVALID_VALUE));
     assert_eq!(a.read(a_buf, 4096).unwrap(), a_data);
 
     drop(a);
@@ -189,7 +189,7 @@ fn hostile_input_fails_only_that_zone() {
         const ID: MessageId = CuMemFreeV2::ID;
     }
     let e = g.call_raw::<_, Done>(&Garbage([0xff, 0xff, 0xff])).unwrap_err();
-    assert_eq!(e, ChannelError::Remote { kind: ErrorKind::BadBody, code: CuResult::INVALID_VALUE });
+    assert_eq!(e, ChannelError::Remote { kind: ErrorKind::BadBody, code: code::INVALID_VALUE });
     assert!(g.alloc(16).is_ok(), "zone still serves after a bad body");
 }
 
@@ -203,16 +203,16 @@ fn handles_are_typed_and_contexts_own_their_objects() {
     let e = a.event();
 
     // A handle of one kind never names an object of another kind.
-    assert_eq!(a.done(&CuEventSynchronize { h_event: s }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(a.done(&CuEventDestroyV2 { h_event: s }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(a.done(&CuStreamSynchronize { h_stream: e }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(a.done(&CuStreamSynchronize { h_stream: primary }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(a.done(&CuStreamWaitEvent { h_stream: e, h_event: s, flags: 0 }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(a.done(&CuModuleUnload { hmod: s }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(a.done(&FuncParamLayout { func: e }).unwrap_err(), CuResult::INVALID_HANDLE);
+    assert_eq!(a.done(&CuEventSynchronize { h_event: s }), Err(code::INVALID_HANDLE));
+    assert_eq!(a.done(&CuEventDestroyV2 { h_event: s }), Err(code::INVALID_HANDLE));
+    assert_eq!(a.done(&CuStreamSynchronize { h_stream: e }), Err(code::INVALID_HANDLE));
+    assert_eq!(a.done(&CuStreamSynchronize { h_stream: primary }), Err(code::INVALID_HANDLE));
+    assert_eq!(a.done(&CuStreamWaitEvent { h_stream: e, h_event: s, flags: 0 }), Err(code::INVALID_HANDLE));
+    assert_eq!(a.done(&CuModuleUnload { hmod: s }), Err(code::INVALID_HANDLE));
+    assert_eq!(a.done(&FuncParamLayout { func: e }).unwrap_err(), code::INVALID_HANDLE);
     assert_eq!(
         a.call::<_, CuCtxGetIdReply>(&CuCtxGetId { ctx: s }).unwrap_err(),
-        CuResult::INVALID_CONTEXT,
+        code::INVALID_CONTEXT,
         "a stream is not a context"
     );
     // Both objects are unharmed, and the default streams (0, 1, 2) work.
@@ -240,19 +240,19 @@ fn handles_are_typed_and_contexts_own_their_objects() {
     let CuStreamGetCtxReply { pctx } = a.call(&CuStreamGetCtx { h_stream: s2 }).unwrap();
     assert_eq!(pctx, ctx);
 
-    assert_eq!(a.done(&CtxDestroy { ctx: primary }), Err(CuResult::INVALID_CONTEXT), "the primary context stays");
-    assert_eq!(a.done(&CtxDestroy { ctx: s }), Err(CuResult::INVALID_CONTEXT));
+    assert_eq!(a.done(&CtxDestroy { ctx: primary }), Err(code::INVALID_CONTEXT), "the primary context stays");
+    assert_eq!(a.done(&CtxDestroy { ctx: s }), Err(code::INVALID_CONTEXT));
     a.done(&CtxDestroy { ctx }).unwrap();
     assert_eq!(a.current_ctx(), primary, "the primary context is current again");
     assert_eq!(a.mem_free_bytes(), free0, "the context's memory is freed");
-    assert_eq!(a.read(p, 16), Err(CuResult::INVALID_VALUE), "and no longer reachable");
-    assert_eq!(a.pointer_attr(1, p), Err(CuResult::INVALID_VALUE));
-    assert_eq!(a.done(&CuStreamSynchronize { h_stream: s2 }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(a.done(&CtxDestroy { ctx }), Err(CuResult::INVALID_CONTEXT), "double destroy");
+    assert_eq!(a.read(p, 16), Err(code::INVALID_VALUE), "and no longer reachable");
+    assert_eq!(a.pointer_attr(1, p), Err(code::INVALID_VALUE));
+    assert_eq!(a.done(&CuStreamSynchronize { h_stream: s2 }), Err(code::INVALID_HANDLE));
+    assert_eq!(a.done(&CtxDestroy { ctx }), Err(code::INVALID_CONTEXT), "double destroy");
     // CtxSetCurrent is posted: a stale context surfaces as a deferred error.
     a.client.post(&CtxSetCurrent { ctx }, &mut a.buf).unwrap();
     let reply = a.client.call(&CuCtxSynchronize {}, &mut a.buf).unwrap();
-    assert_eq!(reply.deferred_error(), Some(CuResult::INVALID_CONTEXT));
+    assert_eq!(reply.deferred_error(), Some(code::INVALID_CONTEXT));
     // The primary context's objects were not touched.
     a.done(&CuStreamSynchronize { h_stream: s }).unwrap();
     a.done(&CuEventSynchronize { h_event: e }).unwrap();
@@ -268,15 +268,15 @@ fn handles_are_typed_and_contexts_own_their_objects() {
     // Destroying a context that is not current leaves the current one alone.
     a.done(&CtxDestroy { ctx: c2 }).unwrap();
     assert_eq!(a.current_ctx(), primary);
-    assert_eq!(a.read(in_c2, 16), Err(CuResult::INVALID_VALUE));
+    assert_eq!(a.read(in_c2, 16), Err(code::INVALID_VALUE));
     a.write(in_primary, &[1; 16]).unwrap();
 
     // Resetting the primary context frees and forgets everything made in it.
     a.done(&PrimaryCtxReset {}).unwrap();
     assert_eq!(a.mem_free_bytes(), free0);
-    assert_eq!(a.read(in_primary, 16), Err(CuResult::INVALID_VALUE));
-    assert_eq!(a.done(&CuStreamSynchronize { h_stream: s }), Err(CuResult::INVALID_HANDLE));
-    assert_eq!(a.done(&CuEventQuery { h_event: e }), Err(CuResult::INVALID_HANDLE));
+    assert_eq!(a.read(in_primary, 16), Err(code::INVALID_VALUE));
+    assert_eq!(a.done(&CuStreamSynchronize { h_stream: s }), Err(code::INVALID_HANDLE));
+    assert_eq!(a.done(&CuEventQuery { h_event: e }), Err(code::INVALID_HANDLE));
     // The zone goes on, in its primary context.
     assert_eq!(a.current_ctx(), primary);
     let q = a.alloc(4096).unwrap();
@@ -297,25 +297,25 @@ fn pointer_attributes_answer_only_for_own_memory() {
     assert_eq!(a.pointer_attr(1, p), Ok(a.primary.0), "CONTEXT");
     assert_eq!(a.pointer_attr(2, p), Ok(2), "MEMORY_TYPE = CU_MEMORYTYPE_DEVICE");
     assert_eq!(a.pointer_attr(3, p + 100), Ok(p + 100), "DEVICE_POINTER");
-    assert_eq!(a.pointer_attr(4, p), Err(CuResult::INVALID_VALUE), "HOST_POINTER: device memory has none");
+    assert_eq!(a.pointer_attr(4, p), Err(code::INVALID_VALUE), "HOST_POINTER: device memory has none");
     assert_eq!(a.pointer_attr(8, p), Ok(0), "IS_MANAGED");
     assert_eq!(a.pointer_attr(9, p), Ok(0), "DEVICE_ORDINAL");
     assert_eq!(a.pointer_attr(13, p), Ok(1), "MAPPED");
     assert_ne!(a.pointer_attr(7, p), a.pointer_attr(7, q), "BUFFER_ID differs per allocation");
     assert_eq!(a.pointer_attr(7, p), a.pointer_attr(7, p + 4095));
-    assert_eq!(a.pointer_attr(999, p), Err(CuResult::INVALID_VALUE), "unknown attribute");
-    assert_eq!(a.pointer_attr(11, p + 4096 * 1000), Err(CuResult::INVALID_VALUE), "in no allocation");
+    assert_eq!(a.pointer_attr(999, p), Err(code::INVALID_VALUE), "unknown attribute");
+    assert_eq!(a.pointer_attr(11, p + 4096 * 1000), Err(code::INVALID_VALUE), "in no allocation");
     let r: CuMemGetAddressRangeV2Reply = a.call(&CuMemGetAddressRangeV2 { dptr: q + 5000 }).unwrap();
     assert_eq!((r.pbase, r.psize), (q, 8192));
     let e = a.call::<_, CuMemGetAddressRangeV2Reply>(&CuMemGetAddressRangeV2 { dptr: 0x1000 }).unwrap_err();
-    assert_eq!(e, CuResult::NOT_FOUND);
+    assert_eq!(e, code::NOT_FOUND);
 
     // Zone B holds nothing: A's pointers mean nothing to it.
     for attribute in [1, 2, 3, 7, 11, 12] {
-        assert_eq!(b.pointer_attr(attribute, p + 100), Err(CuResult::INVALID_VALUE), "attribute {attribute}");
+        assert_eq!(b.pointer_attr(attribute, p + 100), Err(code::INVALID_VALUE), "attribute {attribute}");
     }
     let e = b.call::<_, CuMemGetAddressRangeV2Reply>(&CuMemGetAddressRangeV2 { dptr: p }).unwrap_err();
-    assert_eq!(e, CuResult::NOT_FOUND);
+    assert_eq!(e, code::NOT_FOUND);
 
     // A pitched allocation is registered with its whole padded size.
     let r: CuMemAllocPitchV2Reply =
@@ -323,10 +323,10 @@ fn pointer_attributes_answer_only_for_own_memory() {
     assert!(r.p_pitch >= 100);
     assert_eq!(a.pointer_attr(12, r.dptr), Ok(r.p_pitch * 10));
     a.write(r.dptr + r.p_pitch * 9, &[5; 100]).unwrap();
-    assert_eq!(a.write(r.dptr + r.p_pitch * 10 - 50, &[5; 100]), Err(CuResult::INVALID_VALUE));
+    assert_eq!(a.write(r.dptr + r.p_pitch * 10 - 50, &[5; 100]), Err(code::INVALID_VALUE));
 
     a.done(&CuMemFreeV2 { dptr: p }).unwrap();
-    assert_eq!(a.pointer_attr(11, p), Err(CuResult::INVALID_VALUE), "freed memory has no attributes");
+    assert_eq!(a.pointer_attr(11, p), Err(code::INVALID_VALUE), "freed memory has no attributes");
 }
 
 #[test]
@@ -346,16 +346,16 @@ fn modules_globals_and_launch_checks() {
     // Names are bounded C strings; unknown ones are the driver's NOT_FOUND.
     for bad in ["fill\0u32".to_owned(), "x".repeat(5000)] {
         let e = a.call::<_, CuModuleGetFunctionReply>(&CuModuleGetFunction { hmod, name: bad }).unwrap_err();
-        assert_eq!(e, CuResult::INVALID_VALUE);
+        assert_eq!(e, code::INVALID_VALUE);
     }
     let e = a.call::<_, CuModuleGetFunctionReply>(&CuModuleGetFunction { hmod, name: "nope".into() }).unwrap_err();
-    assert_eq!(e, CuResult::NOT_FOUND);
+    assert_eq!(e, code::NOT_FOUND);
     let e = a.call::<_, CuModuleGetFunctionReply>(&CuModuleGetFunction { hmod: f, name: "fill_u32".into() });
-    assert_eq!(e.unwrap_err(), CuResult::INVALID_HANDLE, "a function is not a module");
+    assert_eq!(e.unwrap_err(), code::INVALID_HANDLE, "a function is not a module");
     // Images must lie in the window and be non-empty.
     for image in [BulkRef { offset: WINDOW as u64 - 4, len: 8 }, BulkRef { offset: 0, len: 0 }] {
         let e = a.call::<_, ModuleLoadReply>(&ModuleLoad { image, library: false }).unwrap_err();
-        assert_eq!(e, CuResult::INVALID_VALUE);
+        assert_eq!(e, code::INVALID_VALUE);
     }
 
     // A __device__ global is reachable by copies, like an allocation.
@@ -363,7 +363,7 @@ fn modules_globals_and_launch_checks() {
     assert_eq!(g.bytes, 4);
     a.write(g.dptr, &7u32.to_le_bytes()).unwrap();
     assert_eq!(a.read(g.dptr, 4).unwrap(), 7u32.to_le_bytes());
-    assert_eq!(a.write(g.dptr, &[0; 8]), Err(CuResult::INVALID_VALUE), "but only within its size");
+    assert_eq!(a.write(g.dptr, &[0; 8]), Err(code::INVALID_VALUE), "but only within its size");
 
     // Launches: the parameter buffer must cover every parameter, the geometry be non-zero.
     let n = 256u64;
@@ -376,16 +376,16 @@ fn modules_globals_and_launch_checks() {
     let config = LaunchConfig { grid: [1, 1, 1], block: [n as u32, 1, 1], shared_mem_bytes: 0, attrs: Vec::new() };
     let launch = |params: Vec<u8>, config: LaunchConfig| Launch { func: f, config, stream: Handle(0), params };
     let short = launch(params[..16].to_vec(), config.clone());
-    assert_eq!(a.done(&short), Err(CuResult::INVALID_VALUE), "too-short parameter buffer");
-    assert_eq!(a.done(&launch(Vec::new(), config.clone())), Err(CuResult::INVALID_VALUE));
+    assert_eq!(a.done(&short), Err(code::INVALID_VALUE), "too-short parameter buffer");
+    assert_eq!(a.done(&launch(Vec::new(), config.clone())), Err(code::INVALID_VALUE));
     let flat = LaunchConfig { grid: [1, 0, 1], ..config.clone() };
-    assert_eq!(a.done(&launch(params.clone(), flat)), Err(CuResult::INVALID_VALUE), "zero grid dimension");
+    assert_eq!(a.done(&launch(params.clone(), flat)), Err(code::INVALID_VALUE), "zero grid dimension");
     let e = a.done(&Launch { func: hmod, config: config.clone(), stream: Handle(0), params: params.clone() });
-    assert_eq!(e, Err(CuResult::INVALID_HANDLE), "a module is not a function");
+    assert_eq!(e, Err(code::INVALID_HANDLE), "a module is not a function");
     // Launch is posted in libvgpu; posted, a failure surfaces at the next synchronising call.
     a.client.post(&launch(params[..8].to_vec(), config.clone()), &mut a.buf).unwrap();
     let reply = a.client.call(&CuCtxSynchronize {}, &mut a.buf).unwrap();
-    assert_eq!(reply.deferred_error(), Some(CuResult::INVALID_VALUE));
+    assert_eq!(reply.deferred_error(), Some(code::INVALID_VALUE));
     a.client.post(&launch(params.clone(), config.clone()), &mut a.buf).unwrap();
     let reply = a.client.call(&CuCtxSynchronize {}, &mut a.buf).unwrap();
     assert_eq!(reply.deferred_error(), None);
@@ -394,9 +394,9 @@ fn modules_globals_and_launch_checks() {
 
     // Unloading the module ends its functions and globals.
     a.done(&CuModuleUnload { hmod }).unwrap();
-    assert_eq!(a.done(&FuncParamLayout { func: f }).unwrap_err(), CuResult::INVALID_HANDLE);
-    assert_eq!(a.write(g.dptr, &[0; 4]), Err(CuResult::INVALID_VALUE));
-    assert_eq!(a.done(&CuModuleUnload { hmod }), Err(CuResult::INVALID_HANDLE), "double unload");
+    assert_eq!(a.done(&FuncParamLayout { func: f }).unwrap_err(), code::INVALID_HANDLE);
+    assert_eq!(a.write(g.dptr, &[0; 4]), Err(code::INVALID_VALUE));
+    assert_eq!(a.done(&CuModuleUnload { hmod }), Err(code::INVALID_HANDLE), "double unload");
 }
 
 /// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`, the one flag `cuIpcOpenMemHandle` takes.
@@ -421,9 +421,9 @@ fn ipc_between_two_processes_of_one_zone() {
     assert_eq!(h.len(), 64, "a CUipcMemHandle is 64 bytes");
     assert_eq!(&h[..8], b"VGPUIPC1", "the guest gets the host's token, never the driver's handle");
     assert_eq!(a.ipc_export(p).unwrap(), h, "exporting again gives the same handle");
-    assert_eq!(a.ipc_export(p + 256), Err(CuResult::INVALID_VALUE), "only an allocation's start");
-    assert_eq!(a.ipc_export(0x1000), Err(CuResult::INVALID_VALUE));
-    assert_eq!(a.ipc_open(&h, LAZY), Err(CuResult::INVALID_CONTEXT), "not in the exporting process");
+    assert_eq!(a.ipc_export(p + 256), Err(code::INVALID_VALUE), "only an allocation's start");
+    assert_eq!(a.ipc_export(0x1000), Err(code::INVALID_VALUE));
+    assert_eq!(a.ipc_open(&h, LAZY), Err(code::INVALID_CONTEXT), "not in the exporting process");
 
     // Forged handles: a random token, a bad tag, a wrong length, bad flags.
     let mut forged = h.clone();
@@ -431,11 +431,11 @@ fn ipc_between_two_processes_of_one_zone() {
     let mut bad_tag = h.clone();
     bad_tag[0] = b'X';
     for bad in [&forged[..], &bad_tag[..], &h[..63], &[0u8; 64][..]] {
-        assert_eq!(b.ipc_open(bad, LAZY), Err(CuResult::INVALID_VALUE));
+        assert_eq!(b.ipc_open(bad, LAZY), Err(code::INVALID_VALUE));
     }
     for flags in [0, 2, 3] {
         // The driver takes exactly CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS.
-        assert_eq!(b.ipc_open(&h, flags), Err(CuResult::INVALID_VALUE), "flags {flags}");
+        assert_eq!(b.ipc_open(&h, flags), Err(code::INVALID_VALUE), "flags {flags}");
     }
 
     // B maps A's allocation and reads A's data.
@@ -452,24 +452,24 @@ fn ipc_between_two_processes_of_one_zone() {
     a.done(&CuCtxSynchronize {}).unwrap();
     assert_eq!(b.read(q, 4096).unwrap(), data[..4096]);
     // B's view is exactly the exported range.
-    assert_eq!(b.read(q + N as u64 - 8, 16), Err(CuResult::INVALID_VALUE), "beyond the imported range");
-    assert_eq!(b.write(q + N as u64, &[1]), Err(CuResult::INVALID_VALUE));
+    assert_eq!(b.read(q + N as u64 - 8, 16), Err(code::INVALID_VALUE), "beyond the imported range");
+    assert_eq!(b.write(q + N as u64, &[1]), Err(code::INVALID_VALUE));
     assert_eq!(b.pointer_attr(12, q + 100), Ok(N as u64), "RANGE_SIZE of the import");
-    assert_eq!(b.done(&CuMemFreeV2 { dptr: q }), Err(CuResult::INVALID_VALUE), "an import is closed, not freed");
-    assert_eq!(b.ipc_close(q + 8), Err(CuResult::INVALID_VALUE));
+    assert_eq!(b.done(&CuMemFreeV2 { dptr: q }), Err(code::INVALID_VALUE), "an import is closed, not freed");
+    assert_eq!(b.ipc_close(q + 8), Err(code::INVALID_VALUE));
     // A second open in the same context gives the same address and needs a second close.
     assert_eq!(b.ipc_open(&h, LAZY), Ok(q));
     b.ipc_close(q).unwrap();
     assert_eq!(b.read(q, 16).unwrap(), data[..16]);
     b.ipc_close(q).unwrap();
-    assert_eq!(b.read(q, 16), Err(CuResult::INVALID_VALUE), "closed");
-    assert_eq!(b.ipc_close(q), Err(CuResult::INVALID_VALUE), "closed twice");
+    assert_eq!(b.read(q, 16), Err(code::INVALID_VALUE), "closed");
+    assert_eq!(b.ipc_close(q), Err(code::INVALID_VALUE), "closed twice");
 
     // A frees the allocation: the token is revoked, B's mapping ends.
     let q = b.ipc_open(&h, LAZY).unwrap();
     a.done(&CuMemFreeV2 { dptr: p }).unwrap();
-    assert_eq!(b.read(q, 16), Err(CuResult::INVALID_VALUE), "revoked: an error, not stale memory");
-    assert_eq!(b.ipc_open(&h, LAZY), Err(CuResult::INVALID_VALUE), "a replayed handle");
+    assert_eq!(b.read(q, 16), Err(code::INVALID_VALUE), "revoked: an error, not stale memory");
+    assert_eq!(b.ipc_open(&h, LAZY), Err(code::INVALID_VALUE), "a replayed handle");
     b.ipc_close(q).unwrap();
 
     // A's disconnect revokes everything it exported.
@@ -482,8 +482,8 @@ fn ipc_between_two_processes_of_one_zone() {
     assert_eq!(b.read(q2, 4096).unwrap(), vec![0x42; 4096]);
     drop(a);
     wait_for("zone A released", || d.zones().len() == 1);
-    assert_eq!(b.ipc_open(&h2, LAZY), Err(CuResult::INVALID_VALUE), "the exporter is gone");
-    assert_eq!(b.read(q2, 16), Err(CuResult::INVALID_VALUE), "and so is the importer's view");
+    assert_eq!(b.ipc_open(&h2, LAZY), Err(code::INVALID_VALUE), "the exporter is gone");
+    assert_eq!(b.read(q2, 16), Err(code::INVALID_VALUE), "and so is the importer's view");
     b.ipc_close(q2).unwrap();
     // B goes on.
     let r = b.alloc(4096).unwrap();
@@ -535,7 +535,7 @@ fn quota_racer_role() {
         match g.alloc(chunk) {
             Ok(_) => held += chunk,
             Err(code) => {
-                assert_eq!(code, CuResult::OUT_OF_MEMORY);
+                assert_eq!(code, code::OUT_OF_MEMORY);
                 break;
             }
         }
@@ -614,7 +614,7 @@ fn a_zones_quota_holds_across_its_racing_processes() {
 
     // A new session sees what the others hold: nothing left.
     let mut late = Guest::connect(&d.socket);
-    assert_eq!(late.alloc(CHUNK), Err(CuResult::OUT_OF_MEMORY));
+    assert_eq!(late.alloc(CHUNK), Err(code::OUT_OF_MEMORY));
     // Killing the racers gives their memory back to the zone.
     let victim = held.iter().position(|h| *h > 0).unwrap();
     let given_back = held[victim];
@@ -645,7 +645,7 @@ fn sessions_beyond_max_sessions_are_refused_at_attach() {
     let mut b = Guest::connect(&d.socket);
     for _ in 0..3 {
         let mut c = Guest::session(&d.socket);
-        assert_eq!(c.attach(), Err(CuResult::NOT_PERMITTED), "a third session is refused");
+        assert_eq!(c.attach(), Err(code::NOT_PERMITTED), "a third session is refused");
     }
     wait_for("refused sessions' workers gone", || d.zones().len() == 2);
     b.alloc(4096).unwrap();
@@ -653,7 +653,7 @@ fn sessions_beyond_max_sessions_are_refused_at_attach() {
     wait_for("a's session gone", || d.zones().len() == 1);
     let mut c = Guest::connect(&d.socket);
     c.alloc(4096).unwrap();
-    assert_eq!(Guest::session(&d.socket).attach(), Err(CuResult::NOT_PERMITTED));
+    assert_eq!(Guest::session(&d.socket).attach(), Err(code::NOT_PERMITTED));
 }
 
 /// Each context's memory is charged to the zone: a session's primary context at attach
@@ -677,8 +677,8 @@ fn each_context_is_charged_to_the_zone() {
     let ctx = a.call::<_, CtxCreateReply>(&CtxCreate { flags: 0 }).unwrap().ctx;
     assert_eq!(a.mem_free_bytes(), 2 * MIB, "and a created context");
     a.alloc(2 * MIB).unwrap();
-    assert_eq!(a.alloc(1), Err(CuResult::OUT_OF_MEMORY));
-    assert_eq!(Guest::session(&d.socket).attach(), Err(CuResult::OUT_OF_MEMORY), "no room for a third context");
+    assert_eq!(a.alloc(1), Err(code::OUT_OF_MEMORY));
+    assert_eq!(Guest::session(&d.socket).attach(), Err(code::OUT_OF_MEMORY), "no room for a third context");
     // Destroying the context (and its allocation) gives both back.
     a.done(&CtxDestroy { ctx }).unwrap();
     assert_eq!(a.mem_free_bytes(), 4 * MIB);
@@ -686,7 +686,7 @@ fn each_context_is_charged_to_the_zone() {
     wait_for("b's session gone", || d.zones().len() == 1);
     let mut c = Guest::connect(&d.socket);
     c.alloc(4 * MIB).unwrap();
-    assert_eq!(c.alloc(1), Err(CuResult::OUT_OF_MEMORY));
+    assert_eq!(c.alloc(1), Err(code::OUT_OF_MEMORY));
 }
 
 /// A panic while handling a request (a host-side bug; the test double has a kernel that
@@ -710,7 +710,7 @@ fn a_panic_in_a_request_ends_only_that_session() {
     let f: CuModuleGetFunctionReply = a.call(&CuModuleGetFunction { hmod, name: "vgpu_test_panic".into() }).unwrap();
     let config = LaunchConfig { grid: [1, 1, 1], block: [1, 1, 1], shared_mem_bytes: 0, attrs: Vec::new() };
     let launch = Launch { func: f.hfunc, config, stream: Handle(0), params: Vec::new() };
-    assert_eq!(a.done(&launch), Err(CuResult::UNKNOWN), "the request that panicked fails");
+    assert_eq!(a.done(&launch), Err(code::UNKNOWN), "the request that panicked fails");
     // The session is over: the next request finds the host gone, at once (no hang).
     let started = Instant::now();
     match a.call_raw::<_, Done>(&CuCtxSynchronize {}) {
@@ -957,7 +957,7 @@ fn status_shows_each_zone_and_says_when_no_daemon_runs() {
     let mut a = Guest::connect(&d.socket);
     let _b = Guest::connect(&d.socket);
     a.alloc(512 << 10).unwrap();
-    assert_eq!(a.alloc(MEM_QUOTA), Err(CuResult::OUT_OF_MEMORY));
+    assert_eq!(a.alloc(MEM_QUOTA), Err(code::OUT_OF_MEMORY));
     // The request rate is sampled each second: wait, while sending requests, for a sample
     // that saw some.
     wait_for("a rate sample", || {
@@ -1020,9 +1020,9 @@ fn metrics_move_as_the_zone_acts() {
         assert_eq!(value(&text, &format!("vgpu_zone_sessions{{zone=\"{name}\"}}")), Some(1));
         let before = value(&text, &format!("vgpu_zone_requests_total{{zone=\"{name}\"}}")).unwrap();
         g.alloc(512 << 10).unwrap();
-        assert_eq!(g.alloc(MEM_QUOTA), Err(CuResult::OUT_OF_MEMORY), "over the quota");
+        assert_eq!(g.alloc(MEM_QUOTA), Err(code::OUT_OF_MEMORY), "over the quota");
         let _b = Guest::connect(&d.socket);
-        assert_eq!(Guest::session(&d.socket).attach(), Err(CuResult::NOT_PERMITTED));
+        assert_eq!(Guest::session(&d.socket).attach(), Err(code::NOT_PERMITTED));
         let text = get("/metrics");
         let oom = format!("vgpu_zone_errors_total{{zone=\"{name}\",error=\"CUDA_ERROR_OUT_OF_MEMORY\"}}");
         assert_eq!(value(&text, &oom), Some(1), "{text}");
@@ -1083,7 +1083,7 @@ fn events_tell_what_happened_to_each_zone() {
     let zone = {
         let mut a = Guest::connect(&d.socket);
         let zone = d.zones()[0].split("name=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
-        assert_eq!(Guest::session(&d.socket).attach(), Err(CuResult::NOT_PERMITTED), "over max_sessions");
+        assert_eq!(Guest::session(&d.socket).attach(), Err(code::NOT_PERMITTED), "over max_sessions");
         // A kernel writing outside the zone's memory faults (ILLEGAL_ADDRESS).
         let hmod = a.load_module(FILL_PTX).unwrap();
         let f = a
@@ -1096,7 +1096,7 @@ fn events_tell_what_happened_to_each_zone() {
         let config = LaunchConfig { grid: [1, 1, 1], block: [64, 1, 1], shared_mem_bytes: 0, attrs: Vec::new() };
         let r = a.done(&Launch { func: f, config, stream: Handle(0), params });
         let r = r.and_then(|()| a.done(&CuCtxSynchronize {}));
-        assert_eq!(r, Err(CuResult::ILLEGAL_ADDRESS));
+        assert_eq!(r, Err(code::ILLEGAL_ADDRESS));
         zone
     };
     wait_for("the session's end and the fault in the log", || {

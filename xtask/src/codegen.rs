@@ -656,6 +656,58 @@ fn struct_def(out: &mut String, doc: &str, name: &str, id: u16, fields: &[(Strin
     let _ = writeln!(out, "impl Message for {name} {{\n    const ID: MessageId = MessageId({id:#06x});\n}}");
 }
 
+/// The one CUDA error vocabulary of guest and host: `CuError` with a constant per code of
+/// the driver's bindings, and the same codes as raw `u32`s in `code` (the wire's, and what
+/// patterns match on).
+fn gen_errors(o: &mut String, errors: &[(u32, String)]) {
+    let mut seen = BTreeSet::new();
+    let consts: Vec<(&str, u32)> = errors
+        .iter()
+        .filter_map(|(code, name)| Some((name.strip_prefix("CUDA_ERROR_")?, *code)))
+        .filter(|(name, code)| *code != 0 && seen.insert(*name))
+        .collect();
+    o.push_str(
+        "/// A CUDA error: a `CUresult` other than `CUDA_SUCCESS`, the one error type of guest and\n\
+         /// host (generated from the driver's bindings, like [`ERROR_NAMES`]).\n\
+         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]\n\
+         pub struct CuError(pub core::num::NonZeroU32);\n\n\
+         impl CuError {\n    \
+         /// The error of raw code `code`; 0 (success) is a caller's bug and becomes\n    \
+         /// `CUDA_ERROR_UNKNOWN`.\n    \
+         pub const fn new(code: u32) -> CuError {\n        \
+         match core::num::NonZeroU32::new(code) {\n            \
+         Some(c) => CuError(c),\n            \
+         None => CuError::UNKNOWN,\n        \
+         }\n    }\n\n    \
+         /// The raw code.\n    \
+         pub const fn code(self) -> u32 {\n        self.0.get()\n    }\n\n    \
+         /// The driver's name (`CUDA_ERROR_…`), if the code has one.\n    \
+         pub fn name(self) -> Option<&'static str> {\n        error_name(self.0.get())\n    }\n",
+    );
+    for (name, code) in &consts {
+        let _ = writeln!(
+            o,
+            "    /// `CUDA_ERROR_{name}`.\n    pub const {name}: CuError = CuError(match core::num::NonZeroU32::new({code}) {{\n        Some(c) => c,\n        None => unreachable!(),\n    }});"
+        );
+    }
+    o.push_str(
+        "}\n\n\
+         impl core::fmt::Display for CuError {\n    \
+         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {\n        \
+         match self.name() {\n            \
+         Some(name) => write!(f, \"{name} ({})\", self.0),\n            \
+         None => write!(f, \"CUDA error {}\", self.0),\n        \
+         }\n    }\n}\n\n\
+         impl core::error::Error for CuError {}\n\n\
+         /// The codes of [`CuError`]'s constants as raw `u32`s (the wire's `CUresult`s).\n\
+         pub mod code {\n",
+    );
+    for (name, code) in &consts {
+        let _ = writeln!(o, "    /// `CUDA_ERROR_{name}`.\n    pub const {name}: u32 = {code};");
+    }
+    o.push_str("}\n\n");
+}
+
 fn gen_proto(table: &Table, b: &Bindings) -> Result<String> {
     let msgs = proto_messages(table, b)?;
     let mut o = String::from(HEADER);
@@ -701,6 +753,7 @@ fn gen_proto(table: &Table, b: &Bindings) -> Result<String> {
          pub fn error_name(code: u32) -> Option<&'static str> {\n    \
          ERROR_NAMES.binary_search_by_key(&code, |e| e.0).ok().map(|i| ERROR_NAMES[i].1)\n}\n\n",
     );
+    gen_errors(&mut o, &b.errors);
     o.push_str(
         "/// The host's implementation of every generated request. A method returns the reply\n\
          /// (or `Done` where the request has no outputs) or an error that becomes the reply.\n\

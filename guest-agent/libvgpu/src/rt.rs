@@ -12,7 +12,6 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::ffi::{c_char, CStr};
-use std::num::NonZeroU32;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -22,57 +21,18 @@ use vgpu_proto::{AttachReply, Handle, ParamSlot};
 /// `CUresult` as the C ABI returns it (kept an integer: any code the host sends is valid).
 pub type CUresult = u32;
 
-/// A CUDA error (`CUresult`, never success).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CuError(pub NonZeroU32);
+/// The CUDA error type and result, one vocabulary with the host (generated into the
+/// protocol crate from the driver's bindings).
+pub use vgpu_proto::{CuError, CuResult};
 
-/// Result of an implementation function.
-pub type CuResult<T> = Result<T, CuError>;
-
-macro_rules! codes {
-    ($($name:ident = $v:literal,)*) => {
-        impl CuError {
-            $(
-                #[doc = concat!("`CUDA_ERROR_", stringify!($name), "`.")]
-                pub const $name: CuError = CuError(match NonZeroU32::new($v) { Some(v) => v, None => unreachable!() });
-            )*
-        }
-    };
-}
-
-codes! {
-    INVALID_VALUE = 1,
-    OUT_OF_MEMORY = 2,
-    NOT_INITIALIZED = 3,
-    NO_DEVICE = 100,
-    INVALID_DEVICE = 101,
-    INVALID_IMAGE = 200,
-    INVALID_CONTEXT = 201,
-    FILE_NOT_FOUND = 301,
-    INVALID_HANDLE = 400,
-    NOT_FOUND = 500,
-    CONTEXT_IS_DESTROYED = 709,
-    HOST_MEMORY_ALREADY_REGISTERED = 712,
-    HOST_MEMORY_NOT_REGISTERED = 713,
-    NOT_SUPPORTED = 801,
-    UNKNOWN = 999,
-}
-
-impl CuError {
-    /// An error from a raw code; 0 (success) is a host bug and becomes `UNKNOWN`.
-    pub fn from_code(code: u32) -> CuError {
-        NonZeroU32::new(code).map_or(CuError::UNKNOWN, CuError)
-    }
-}
-
-impl From<ChannelError> for CuError {
-    fn from(e: ChannelError) -> Self {
-        match e {
-            ChannelError::Remote { code, .. } => CuError::from_code(code),
-            other => {
-                log(Level::Error, format_args!("connection to host-proxy failed: {other}"));
-                CuError::UNKNOWN
-            }
+/// The error a failed exchange with host-proxy becomes: the host's own CUDA error, or
+/// `CUDA_ERROR_UNKNOWN` (logged) when the connection itself failed.
+pub fn host_error(e: ChannelError) -> CuError {
+    match e {
+        ChannelError::Remote { code, .. } => CuError::new(code),
+        other => {
+            log(Level::Error, format_args!("connection to host-proxy failed: {other}"));
+            CuError::UNKNOWN
         }
     }
 }
@@ -416,7 +376,7 @@ fn connect() -> CuResult<Session> {
                     _ => "",
                 };
                 log(Level::Error, format_args!("{peer} refused this process's session: {name}{why}"));
-                CuError::from_code(code)
+                CuError::new(code)
             }
             e => fail("attach", &e),
         })?;
@@ -533,7 +493,7 @@ impl Conn {
     /// Makes `ctx` the host's current context for what follows on this connection.
     pub fn switch_to(&mut self, ctx: Handle) -> CuResult<()> {
         if self.host_ctx != ctx {
-            self.client.post(&p::CtxSetCurrent { ctx }, &mut self.buf)?;
+            self.client.post(&p::CtxSetCurrent { ctx }, &mut self.buf).map_err(host_error)?;
             self.host_ctx = ctx;
         }
         Ok(())
@@ -564,11 +524,11 @@ impl Conn {
             STATS.calls.fetch_add(1, Ordering::Relaxed);
             STATS.wait_ns.fetch_add(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
         }
-        let reply = reply?;
+        let reply = reply.map_err(host_error)?;
         let notice = reply.notice();
         let result = match reply.deferred_error() {
-            Some(code) => Err(CuError::from_code(code)),
-            None => reply.decode::<R>().map_err(CuError::from),
+            Some(code) => Err(CuError::new(code)),
+            None => reply.decode::<R>().map_err(host_error),
         };
         if notice {
             self.fetch_device_output();
@@ -608,7 +568,7 @@ impl Conn {
         if captures_open() {
             return self.call::<Q, vgpu_proto::Done>(req).map(drop);
         }
-        self.client.post(req, &mut self.buf)?;
+        self.client.post(req, &mut self.buf).map_err(host_error)?;
         if counting() {
             STATS.posts.fetch_add(1, Ordering::Relaxed);
         }

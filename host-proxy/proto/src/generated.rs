@@ -1803,6 +1803,747 @@ pub fn error_name(code: u32) -> Option<&'static str> {
     ERROR_NAMES.binary_search_by_key(&code, |e| e.0).ok().map(|i| ERROR_NAMES[i].1)
 }
 
+/// A CUDA error: a `CUresult` other than `CUDA_SUCCESS`, the one error type of guest and
+/// host (generated from the driver's bindings, like [`ERROR_NAMES`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CuError(pub core::num::NonZeroU32);
+
+impl CuError {
+    /// The error of raw code `code`; 0 (success) is a caller's bug and becomes
+    /// `CUDA_ERROR_UNKNOWN`.
+    pub const fn new(code: u32) -> CuError {
+        match core::num::NonZeroU32::new(code) {
+            Some(c) => CuError(c),
+            None => CuError::UNKNOWN,
+        }
+    }
+
+    /// The raw code.
+    pub const fn code(self) -> u32 {
+        self.0.get()
+    }
+
+    /// The driver's name (`CUDA_ERROR_…`), if the code has one.
+    pub fn name(self) -> Option<&'static str> {
+        error_name(self.0.get())
+    }
+    /// `CUDA_ERROR_INVALID_VALUE`.
+    pub const INVALID_VALUE: CuError = CuError(match core::num::NonZeroU32::new(1) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_OUT_OF_MEMORY`.
+    pub const OUT_OF_MEMORY: CuError = CuError(match core::num::NonZeroU32::new(2) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NOT_INITIALIZED`.
+    pub const NOT_INITIALIZED: CuError = CuError(match core::num::NonZeroU32::new(3) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_DEINITIALIZED`.
+    pub const DEINITIALIZED: CuError = CuError(match core::num::NonZeroU32::new(4) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_PROFILER_DISABLED`.
+    pub const PROFILER_DISABLED: CuError = CuError(match core::num::NonZeroU32::new(5) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_PROFILER_NOT_INITIALIZED`.
+    pub const PROFILER_NOT_INITIALIZED: CuError = CuError(match core::num::NonZeroU32::new(6) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_PROFILER_ALREADY_STARTED`.
+    pub const PROFILER_ALREADY_STARTED: CuError = CuError(match core::num::NonZeroU32::new(7) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_PROFILER_ALREADY_STOPPED`.
+    pub const PROFILER_ALREADY_STOPPED: CuError = CuError(match core::num::NonZeroU32::new(8) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_STUB_LIBRARY`.
+    pub const STUB_LIBRARY: CuError = CuError(match core::num::NonZeroU32::new(34) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_CALL_REQUIRES_NEWER_DRIVER`.
+    pub const CALL_REQUIRES_NEWER_DRIVER: CuError = CuError(match core::num::NonZeroU32::new(36) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_DEVICE_UNAVAILABLE`.
+    pub const DEVICE_UNAVAILABLE: CuError = CuError(match core::num::NonZeroU32::new(46) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NO_DEVICE`.
+    pub const NO_DEVICE: CuError = CuError(match core::num::NonZeroU32::new(100) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_DEVICE`.
+    pub const INVALID_DEVICE: CuError = CuError(match core::num::NonZeroU32::new(101) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_DEVICE_NOT_LICENSED`.
+    pub const DEVICE_NOT_LICENSED: CuError = CuError(match core::num::NonZeroU32::new(102) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_IMAGE`.
+    pub const INVALID_IMAGE: CuError = CuError(match core::num::NonZeroU32::new(200) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_CONTEXT`.
+    pub const INVALID_CONTEXT: CuError = CuError(match core::num::NonZeroU32::new(201) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_CONTEXT_ALREADY_CURRENT`.
+    pub const CONTEXT_ALREADY_CURRENT: CuError = CuError(match core::num::NonZeroU32::new(202) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_MAP_FAILED`.
+    pub const MAP_FAILED: CuError = CuError(match core::num::NonZeroU32::new(205) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_UNMAP_FAILED`.
+    pub const UNMAP_FAILED: CuError = CuError(match core::num::NonZeroU32::new(206) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_ARRAY_IS_MAPPED`.
+    pub const ARRAY_IS_MAPPED: CuError = CuError(match core::num::NonZeroU32::new(207) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_ALREADY_MAPPED`.
+    pub const ALREADY_MAPPED: CuError = CuError(match core::num::NonZeroU32::new(208) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NO_BINARY_FOR_GPU`.
+    pub const NO_BINARY_FOR_GPU: CuError = CuError(match core::num::NonZeroU32::new(209) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_ALREADY_ACQUIRED`.
+    pub const ALREADY_ACQUIRED: CuError = CuError(match core::num::NonZeroU32::new(210) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NOT_MAPPED`.
+    pub const NOT_MAPPED: CuError = CuError(match core::num::NonZeroU32::new(211) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NOT_MAPPED_AS_ARRAY`.
+    pub const NOT_MAPPED_AS_ARRAY: CuError = CuError(match core::num::NonZeroU32::new(212) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NOT_MAPPED_AS_POINTER`.
+    pub const NOT_MAPPED_AS_POINTER: CuError = CuError(match core::num::NonZeroU32::new(213) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_ECC_UNCORRECTABLE`.
+    pub const ECC_UNCORRECTABLE: CuError = CuError(match core::num::NonZeroU32::new(214) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_UNSUPPORTED_LIMIT`.
+    pub const UNSUPPORTED_LIMIT: CuError = CuError(match core::num::NonZeroU32::new(215) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_CONTEXT_ALREADY_IN_USE`.
+    pub const CONTEXT_ALREADY_IN_USE: CuError = CuError(match core::num::NonZeroU32::new(216) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_PEER_ACCESS_UNSUPPORTED`.
+    pub const PEER_ACCESS_UNSUPPORTED: CuError = CuError(match core::num::NonZeroU32::new(217) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_PTX`.
+    pub const INVALID_PTX: CuError = CuError(match core::num::NonZeroU32::new(218) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_GRAPHICS_CONTEXT`.
+    pub const INVALID_GRAPHICS_CONTEXT: CuError = CuError(match core::num::NonZeroU32::new(219) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NVLINK_UNCORRECTABLE`.
+    pub const NVLINK_UNCORRECTABLE: CuError = CuError(match core::num::NonZeroU32::new(220) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_JIT_COMPILER_NOT_FOUND`.
+    pub const JIT_COMPILER_NOT_FOUND: CuError = CuError(match core::num::NonZeroU32::new(221) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_UNSUPPORTED_PTX_VERSION`.
+    pub const UNSUPPORTED_PTX_VERSION: CuError = CuError(match core::num::NonZeroU32::new(222) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_JIT_COMPILATION_DISABLED`.
+    pub const JIT_COMPILATION_DISABLED: CuError = CuError(match core::num::NonZeroU32::new(223) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_UNSUPPORTED_EXEC_AFFINITY`.
+    pub const UNSUPPORTED_EXEC_AFFINITY: CuError = CuError(match core::num::NonZeroU32::new(224) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_UNSUPPORTED_DEVSIDE_SYNC`.
+    pub const UNSUPPORTED_DEVSIDE_SYNC: CuError = CuError(match core::num::NonZeroU32::new(225) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_CONTAINED`.
+    pub const CONTAINED: CuError = CuError(match core::num::NonZeroU32::new(226) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_SOURCE`.
+    pub const INVALID_SOURCE: CuError = CuError(match core::num::NonZeroU32::new(300) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_FILE_NOT_FOUND`.
+    pub const FILE_NOT_FOUND: CuError = CuError(match core::num::NonZeroU32::new(301) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND`.
+    pub const SHARED_OBJECT_SYMBOL_NOT_FOUND: CuError = CuError(match core::num::NonZeroU32::new(302) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_SHARED_OBJECT_INIT_FAILED`.
+    pub const SHARED_OBJECT_INIT_FAILED: CuError = CuError(match core::num::NonZeroU32::new(303) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_OPERATING_SYSTEM`.
+    pub const OPERATING_SYSTEM: CuError = CuError(match core::num::NonZeroU32::new(304) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_HANDLE`.
+    pub const INVALID_HANDLE: CuError = CuError(match core::num::NonZeroU32::new(400) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_ILLEGAL_STATE`.
+    pub const ILLEGAL_STATE: CuError = CuError(match core::num::NonZeroU32::new(401) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_LOSSY_QUERY`.
+    pub const LOSSY_QUERY: CuError = CuError(match core::num::NonZeroU32::new(402) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NOT_FOUND`.
+    pub const NOT_FOUND: CuError = CuError(match core::num::NonZeroU32::new(500) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NOT_READY`.
+    pub const NOT_READY: CuError = CuError(match core::num::NonZeroU32::new(600) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_ILLEGAL_ADDRESS`.
+    pub const ILLEGAL_ADDRESS: CuError = CuError(match core::num::NonZeroU32::new(700) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES`.
+    pub const LAUNCH_OUT_OF_RESOURCES: CuError = CuError(match core::num::NonZeroU32::new(701) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_LAUNCH_TIMEOUT`.
+    pub const LAUNCH_TIMEOUT: CuError = CuError(match core::num::NonZeroU32::new(702) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_LAUNCH_INCOMPATIBLE_TEXTURING`.
+    pub const LAUNCH_INCOMPATIBLE_TEXTURING: CuError = CuError(match core::num::NonZeroU32::new(703) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED`.
+    pub const PEER_ACCESS_ALREADY_ENABLED: CuError = CuError(match core::num::NonZeroU32::new(704) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_PEER_ACCESS_NOT_ENABLED`.
+    pub const PEER_ACCESS_NOT_ENABLED: CuError = CuError(match core::num::NonZeroU32::new(705) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_PRIMARY_CONTEXT_ACTIVE`.
+    pub const PRIMARY_CONTEXT_ACTIVE: CuError = CuError(match core::num::NonZeroU32::new(708) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_CONTEXT_IS_DESTROYED`.
+    pub const CONTEXT_IS_DESTROYED: CuError = CuError(match core::num::NonZeroU32::new(709) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_ASSERT`.
+    pub const ASSERT: CuError = CuError(match core::num::NonZeroU32::new(710) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_TOO_MANY_PEERS`.
+    pub const TOO_MANY_PEERS: CuError = CuError(match core::num::NonZeroU32::new(711) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED`.
+    pub const HOST_MEMORY_ALREADY_REGISTERED: CuError = CuError(match core::num::NonZeroU32::new(712) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED`.
+    pub const HOST_MEMORY_NOT_REGISTERED: CuError = CuError(match core::num::NonZeroU32::new(713) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_HARDWARE_STACK_ERROR`.
+    pub const HARDWARE_STACK_ERROR: CuError = CuError(match core::num::NonZeroU32::new(714) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_ILLEGAL_INSTRUCTION`.
+    pub const ILLEGAL_INSTRUCTION: CuError = CuError(match core::num::NonZeroU32::new(715) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_MISALIGNED_ADDRESS`.
+    pub const MISALIGNED_ADDRESS: CuError = CuError(match core::num::NonZeroU32::new(716) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_ADDRESS_SPACE`.
+    pub const INVALID_ADDRESS_SPACE: CuError = CuError(match core::num::NonZeroU32::new(717) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_PC`.
+    pub const INVALID_PC: CuError = CuError(match core::num::NonZeroU32::new(718) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_LAUNCH_FAILED`.
+    pub const LAUNCH_FAILED: CuError = CuError(match core::num::NonZeroU32::new(719) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE`.
+    pub const COOPERATIVE_LAUNCH_TOO_LARGE: CuError = CuError(match core::num::NonZeroU32::new(720) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_TENSOR_MEMORY_LEAK`.
+    pub const TENSOR_MEMORY_LEAK: CuError = CuError(match core::num::NonZeroU32::new(721) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NOT_PERMITTED`.
+    pub const NOT_PERMITTED: CuError = CuError(match core::num::NonZeroU32::new(800) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_NOT_SUPPORTED`.
+    pub const NOT_SUPPORTED: CuError = CuError(match core::num::NonZeroU32::new(801) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_SYSTEM_NOT_READY`.
+    pub const SYSTEM_NOT_READY: CuError = CuError(match core::num::NonZeroU32::new(802) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_SYSTEM_DRIVER_MISMATCH`.
+    pub const SYSTEM_DRIVER_MISMATCH: CuError = CuError(match core::num::NonZeroU32::new(803) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE`.
+    pub const COMPAT_NOT_SUPPORTED_ON_DEVICE: CuError = CuError(match core::num::NonZeroU32::new(804) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_MPS_CONNECTION_FAILED`.
+    pub const MPS_CONNECTION_FAILED: CuError = CuError(match core::num::NonZeroU32::new(805) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_MPS_RPC_FAILURE`.
+    pub const MPS_RPC_FAILURE: CuError = CuError(match core::num::NonZeroU32::new(806) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_MPS_SERVER_NOT_READY`.
+    pub const MPS_SERVER_NOT_READY: CuError = CuError(match core::num::NonZeroU32::new(807) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_MPS_MAX_CLIENTS_REACHED`.
+    pub const MPS_MAX_CLIENTS_REACHED: CuError = CuError(match core::num::NonZeroU32::new(808) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_MPS_MAX_CONNECTIONS_REACHED`.
+    pub const MPS_MAX_CONNECTIONS_REACHED: CuError = CuError(match core::num::NonZeroU32::new(809) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_MPS_CLIENT_TERMINATED`.
+    pub const MPS_CLIENT_TERMINATED: CuError = CuError(match core::num::NonZeroU32::new(810) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_CDP_NOT_SUPPORTED`.
+    pub const CDP_NOT_SUPPORTED: CuError = CuError(match core::num::NonZeroU32::new(811) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_CDP_VERSION_MISMATCH`.
+    pub const CDP_VERSION_MISMATCH: CuError = CuError(match core::num::NonZeroU32::new(812) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`.
+    pub const STREAM_CAPTURE_UNSUPPORTED: CuError = CuError(match core::num::NonZeroU32::new(900) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`.
+    pub const STREAM_CAPTURE_INVALIDATED: CuError = CuError(match core::num::NonZeroU32::new(901) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_STREAM_CAPTURE_MERGE`.
+    pub const STREAM_CAPTURE_MERGE: CuError = CuError(match core::num::NonZeroU32::new(902) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_STREAM_CAPTURE_UNMATCHED`.
+    pub const STREAM_CAPTURE_UNMATCHED: CuError = CuError(match core::num::NonZeroU32::new(903) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_STREAM_CAPTURE_UNJOINED`.
+    pub const STREAM_CAPTURE_UNJOINED: CuError = CuError(match core::num::NonZeroU32::new(904) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_STREAM_CAPTURE_ISOLATION`.
+    pub const STREAM_CAPTURE_ISOLATION: CuError = CuError(match core::num::NonZeroU32::new(905) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`.
+    pub const STREAM_CAPTURE_IMPLICIT: CuError = CuError(match core::num::NonZeroU32::new(906) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_CAPTURED_EVENT`.
+    pub const CAPTURED_EVENT: CuError = CuError(match core::num::NonZeroU32::new(907) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD`.
+    pub const STREAM_CAPTURE_WRONG_THREAD: CuError = CuError(match core::num::NonZeroU32::new(908) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_TIMEOUT`.
+    pub const TIMEOUT: CuError = CuError(match core::num::NonZeroU32::new(909) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_GRAPH_EXEC_UPDATE_FAILURE`.
+    pub const GRAPH_EXEC_UPDATE_FAILURE: CuError = CuError(match core::num::NonZeroU32::new(910) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_EXTERNAL_DEVICE`.
+    pub const EXTERNAL_DEVICE: CuError = CuError(match core::num::NonZeroU32::new(911) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_CLUSTER_SIZE`.
+    pub const INVALID_CLUSTER_SIZE: CuError = CuError(match core::num::NonZeroU32::new(912) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_FUNCTION_NOT_LOADED`.
+    pub const FUNCTION_NOT_LOADED: CuError = CuError(match core::num::NonZeroU32::new(913) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_RESOURCE_TYPE`.
+    pub const INVALID_RESOURCE_TYPE: CuError = CuError(match core::num::NonZeroU32::new(914) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION`.
+    pub const INVALID_RESOURCE_CONFIGURATION: CuError = CuError(match core::num::NonZeroU32::new(915) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_KEY_ROTATION`.
+    pub const KEY_ROTATION: CuError = CuError(match core::num::NonZeroU32::new(916) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+    /// `CUDA_ERROR_UNKNOWN`.
+    pub const UNKNOWN: CuError = CuError(match core::num::NonZeroU32::new(999) {
+        Some(c) => c,
+        None => unreachable!(),
+    });
+}
+
+impl core::fmt::Display for CuError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.name() {
+            Some(name) => write!(f, "{name} ({})", self.0),
+            None => write!(f, "CUDA error {}", self.0),
+        }
+    }
+}
+
+impl core::error::Error for CuError {}
+
+/// The codes of [`CuError`]'s constants as raw `u32`s (the wire's `CUresult`s).
+pub mod code {
+    /// `CUDA_ERROR_INVALID_VALUE`.
+    pub const INVALID_VALUE: u32 = 1;
+    /// `CUDA_ERROR_OUT_OF_MEMORY`.
+    pub const OUT_OF_MEMORY: u32 = 2;
+    /// `CUDA_ERROR_NOT_INITIALIZED`.
+    pub const NOT_INITIALIZED: u32 = 3;
+    /// `CUDA_ERROR_DEINITIALIZED`.
+    pub const DEINITIALIZED: u32 = 4;
+    /// `CUDA_ERROR_PROFILER_DISABLED`.
+    pub const PROFILER_DISABLED: u32 = 5;
+    /// `CUDA_ERROR_PROFILER_NOT_INITIALIZED`.
+    pub const PROFILER_NOT_INITIALIZED: u32 = 6;
+    /// `CUDA_ERROR_PROFILER_ALREADY_STARTED`.
+    pub const PROFILER_ALREADY_STARTED: u32 = 7;
+    /// `CUDA_ERROR_PROFILER_ALREADY_STOPPED`.
+    pub const PROFILER_ALREADY_STOPPED: u32 = 8;
+    /// `CUDA_ERROR_STUB_LIBRARY`.
+    pub const STUB_LIBRARY: u32 = 34;
+    /// `CUDA_ERROR_CALL_REQUIRES_NEWER_DRIVER`.
+    pub const CALL_REQUIRES_NEWER_DRIVER: u32 = 36;
+    /// `CUDA_ERROR_DEVICE_UNAVAILABLE`.
+    pub const DEVICE_UNAVAILABLE: u32 = 46;
+    /// `CUDA_ERROR_NO_DEVICE`.
+    pub const NO_DEVICE: u32 = 100;
+    /// `CUDA_ERROR_INVALID_DEVICE`.
+    pub const INVALID_DEVICE: u32 = 101;
+    /// `CUDA_ERROR_DEVICE_NOT_LICENSED`.
+    pub const DEVICE_NOT_LICENSED: u32 = 102;
+    /// `CUDA_ERROR_INVALID_IMAGE`.
+    pub const INVALID_IMAGE: u32 = 200;
+    /// `CUDA_ERROR_INVALID_CONTEXT`.
+    pub const INVALID_CONTEXT: u32 = 201;
+    /// `CUDA_ERROR_CONTEXT_ALREADY_CURRENT`.
+    pub const CONTEXT_ALREADY_CURRENT: u32 = 202;
+    /// `CUDA_ERROR_MAP_FAILED`.
+    pub const MAP_FAILED: u32 = 205;
+    /// `CUDA_ERROR_UNMAP_FAILED`.
+    pub const UNMAP_FAILED: u32 = 206;
+    /// `CUDA_ERROR_ARRAY_IS_MAPPED`.
+    pub const ARRAY_IS_MAPPED: u32 = 207;
+    /// `CUDA_ERROR_ALREADY_MAPPED`.
+    pub const ALREADY_MAPPED: u32 = 208;
+    /// `CUDA_ERROR_NO_BINARY_FOR_GPU`.
+    pub const NO_BINARY_FOR_GPU: u32 = 209;
+    /// `CUDA_ERROR_ALREADY_ACQUIRED`.
+    pub const ALREADY_ACQUIRED: u32 = 210;
+    /// `CUDA_ERROR_NOT_MAPPED`.
+    pub const NOT_MAPPED: u32 = 211;
+    /// `CUDA_ERROR_NOT_MAPPED_AS_ARRAY`.
+    pub const NOT_MAPPED_AS_ARRAY: u32 = 212;
+    /// `CUDA_ERROR_NOT_MAPPED_AS_POINTER`.
+    pub const NOT_MAPPED_AS_POINTER: u32 = 213;
+    /// `CUDA_ERROR_ECC_UNCORRECTABLE`.
+    pub const ECC_UNCORRECTABLE: u32 = 214;
+    /// `CUDA_ERROR_UNSUPPORTED_LIMIT`.
+    pub const UNSUPPORTED_LIMIT: u32 = 215;
+    /// `CUDA_ERROR_CONTEXT_ALREADY_IN_USE`.
+    pub const CONTEXT_ALREADY_IN_USE: u32 = 216;
+    /// `CUDA_ERROR_PEER_ACCESS_UNSUPPORTED`.
+    pub const PEER_ACCESS_UNSUPPORTED: u32 = 217;
+    /// `CUDA_ERROR_INVALID_PTX`.
+    pub const INVALID_PTX: u32 = 218;
+    /// `CUDA_ERROR_INVALID_GRAPHICS_CONTEXT`.
+    pub const INVALID_GRAPHICS_CONTEXT: u32 = 219;
+    /// `CUDA_ERROR_NVLINK_UNCORRECTABLE`.
+    pub const NVLINK_UNCORRECTABLE: u32 = 220;
+    /// `CUDA_ERROR_JIT_COMPILER_NOT_FOUND`.
+    pub const JIT_COMPILER_NOT_FOUND: u32 = 221;
+    /// `CUDA_ERROR_UNSUPPORTED_PTX_VERSION`.
+    pub const UNSUPPORTED_PTX_VERSION: u32 = 222;
+    /// `CUDA_ERROR_JIT_COMPILATION_DISABLED`.
+    pub const JIT_COMPILATION_DISABLED: u32 = 223;
+    /// `CUDA_ERROR_UNSUPPORTED_EXEC_AFFINITY`.
+    pub const UNSUPPORTED_EXEC_AFFINITY: u32 = 224;
+    /// `CUDA_ERROR_UNSUPPORTED_DEVSIDE_SYNC`.
+    pub const UNSUPPORTED_DEVSIDE_SYNC: u32 = 225;
+    /// `CUDA_ERROR_CONTAINED`.
+    pub const CONTAINED: u32 = 226;
+    /// `CUDA_ERROR_INVALID_SOURCE`.
+    pub const INVALID_SOURCE: u32 = 300;
+    /// `CUDA_ERROR_FILE_NOT_FOUND`.
+    pub const FILE_NOT_FOUND: u32 = 301;
+    /// `CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND`.
+    pub const SHARED_OBJECT_SYMBOL_NOT_FOUND: u32 = 302;
+    /// `CUDA_ERROR_SHARED_OBJECT_INIT_FAILED`.
+    pub const SHARED_OBJECT_INIT_FAILED: u32 = 303;
+    /// `CUDA_ERROR_OPERATING_SYSTEM`.
+    pub const OPERATING_SYSTEM: u32 = 304;
+    /// `CUDA_ERROR_INVALID_HANDLE`.
+    pub const INVALID_HANDLE: u32 = 400;
+    /// `CUDA_ERROR_ILLEGAL_STATE`.
+    pub const ILLEGAL_STATE: u32 = 401;
+    /// `CUDA_ERROR_LOSSY_QUERY`.
+    pub const LOSSY_QUERY: u32 = 402;
+    /// `CUDA_ERROR_NOT_FOUND`.
+    pub const NOT_FOUND: u32 = 500;
+    /// `CUDA_ERROR_NOT_READY`.
+    pub const NOT_READY: u32 = 600;
+    /// `CUDA_ERROR_ILLEGAL_ADDRESS`.
+    pub const ILLEGAL_ADDRESS: u32 = 700;
+    /// `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES`.
+    pub const LAUNCH_OUT_OF_RESOURCES: u32 = 701;
+    /// `CUDA_ERROR_LAUNCH_TIMEOUT`.
+    pub const LAUNCH_TIMEOUT: u32 = 702;
+    /// `CUDA_ERROR_LAUNCH_INCOMPATIBLE_TEXTURING`.
+    pub const LAUNCH_INCOMPATIBLE_TEXTURING: u32 = 703;
+    /// `CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED`.
+    pub const PEER_ACCESS_ALREADY_ENABLED: u32 = 704;
+    /// `CUDA_ERROR_PEER_ACCESS_NOT_ENABLED`.
+    pub const PEER_ACCESS_NOT_ENABLED: u32 = 705;
+    /// `CUDA_ERROR_PRIMARY_CONTEXT_ACTIVE`.
+    pub const PRIMARY_CONTEXT_ACTIVE: u32 = 708;
+    /// `CUDA_ERROR_CONTEXT_IS_DESTROYED`.
+    pub const CONTEXT_IS_DESTROYED: u32 = 709;
+    /// `CUDA_ERROR_ASSERT`.
+    pub const ASSERT: u32 = 710;
+    /// `CUDA_ERROR_TOO_MANY_PEERS`.
+    pub const TOO_MANY_PEERS: u32 = 711;
+    /// `CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED`.
+    pub const HOST_MEMORY_ALREADY_REGISTERED: u32 = 712;
+    /// `CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED`.
+    pub const HOST_MEMORY_NOT_REGISTERED: u32 = 713;
+    /// `CUDA_ERROR_HARDWARE_STACK_ERROR`.
+    pub const HARDWARE_STACK_ERROR: u32 = 714;
+    /// `CUDA_ERROR_ILLEGAL_INSTRUCTION`.
+    pub const ILLEGAL_INSTRUCTION: u32 = 715;
+    /// `CUDA_ERROR_MISALIGNED_ADDRESS`.
+    pub const MISALIGNED_ADDRESS: u32 = 716;
+    /// `CUDA_ERROR_INVALID_ADDRESS_SPACE`.
+    pub const INVALID_ADDRESS_SPACE: u32 = 717;
+    /// `CUDA_ERROR_INVALID_PC`.
+    pub const INVALID_PC: u32 = 718;
+    /// `CUDA_ERROR_LAUNCH_FAILED`.
+    pub const LAUNCH_FAILED: u32 = 719;
+    /// `CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE`.
+    pub const COOPERATIVE_LAUNCH_TOO_LARGE: u32 = 720;
+    /// `CUDA_ERROR_TENSOR_MEMORY_LEAK`.
+    pub const TENSOR_MEMORY_LEAK: u32 = 721;
+    /// `CUDA_ERROR_NOT_PERMITTED`.
+    pub const NOT_PERMITTED: u32 = 800;
+    /// `CUDA_ERROR_NOT_SUPPORTED`.
+    pub const NOT_SUPPORTED: u32 = 801;
+    /// `CUDA_ERROR_SYSTEM_NOT_READY`.
+    pub const SYSTEM_NOT_READY: u32 = 802;
+    /// `CUDA_ERROR_SYSTEM_DRIVER_MISMATCH`.
+    pub const SYSTEM_DRIVER_MISMATCH: u32 = 803;
+    /// `CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE`.
+    pub const COMPAT_NOT_SUPPORTED_ON_DEVICE: u32 = 804;
+    /// `CUDA_ERROR_MPS_CONNECTION_FAILED`.
+    pub const MPS_CONNECTION_FAILED: u32 = 805;
+    /// `CUDA_ERROR_MPS_RPC_FAILURE`.
+    pub const MPS_RPC_FAILURE: u32 = 806;
+    /// `CUDA_ERROR_MPS_SERVER_NOT_READY`.
+    pub const MPS_SERVER_NOT_READY: u32 = 807;
+    /// `CUDA_ERROR_MPS_MAX_CLIENTS_REACHED`.
+    pub const MPS_MAX_CLIENTS_REACHED: u32 = 808;
+    /// `CUDA_ERROR_MPS_MAX_CONNECTIONS_REACHED`.
+    pub const MPS_MAX_CONNECTIONS_REACHED: u32 = 809;
+    /// `CUDA_ERROR_MPS_CLIENT_TERMINATED`.
+    pub const MPS_CLIENT_TERMINATED: u32 = 810;
+    /// `CUDA_ERROR_CDP_NOT_SUPPORTED`.
+    pub const CDP_NOT_SUPPORTED: u32 = 811;
+    /// `CUDA_ERROR_CDP_VERSION_MISMATCH`.
+    pub const CDP_VERSION_MISMATCH: u32 = 812;
+    /// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`.
+    pub const STREAM_CAPTURE_UNSUPPORTED: u32 = 900;
+    /// `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`.
+    pub const STREAM_CAPTURE_INVALIDATED: u32 = 901;
+    /// `CUDA_ERROR_STREAM_CAPTURE_MERGE`.
+    pub const STREAM_CAPTURE_MERGE: u32 = 902;
+    /// `CUDA_ERROR_STREAM_CAPTURE_UNMATCHED`.
+    pub const STREAM_CAPTURE_UNMATCHED: u32 = 903;
+    /// `CUDA_ERROR_STREAM_CAPTURE_UNJOINED`.
+    pub const STREAM_CAPTURE_UNJOINED: u32 = 904;
+    /// `CUDA_ERROR_STREAM_CAPTURE_ISOLATION`.
+    pub const STREAM_CAPTURE_ISOLATION: u32 = 905;
+    /// `CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`.
+    pub const STREAM_CAPTURE_IMPLICIT: u32 = 906;
+    /// `CUDA_ERROR_CAPTURED_EVENT`.
+    pub const CAPTURED_EVENT: u32 = 907;
+    /// `CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD`.
+    pub const STREAM_CAPTURE_WRONG_THREAD: u32 = 908;
+    /// `CUDA_ERROR_TIMEOUT`.
+    pub const TIMEOUT: u32 = 909;
+    /// `CUDA_ERROR_GRAPH_EXEC_UPDATE_FAILURE`.
+    pub const GRAPH_EXEC_UPDATE_FAILURE: u32 = 910;
+    /// `CUDA_ERROR_EXTERNAL_DEVICE`.
+    pub const EXTERNAL_DEVICE: u32 = 911;
+    /// `CUDA_ERROR_INVALID_CLUSTER_SIZE`.
+    pub const INVALID_CLUSTER_SIZE: u32 = 912;
+    /// `CUDA_ERROR_FUNCTION_NOT_LOADED`.
+    pub const FUNCTION_NOT_LOADED: u32 = 913;
+    /// `CUDA_ERROR_INVALID_RESOURCE_TYPE`.
+    pub const INVALID_RESOURCE_TYPE: u32 = 914;
+    /// `CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION`.
+    pub const INVALID_RESOURCE_CONFIGURATION: u32 = 915;
+    /// `CUDA_ERROR_KEY_ROTATION`.
+    pub const KEY_ROTATION: u32 = 916;
+    /// `CUDA_ERROR_UNKNOWN`.
+    pub const UNKNOWN: u32 = 999;
+}
+
 /// The host's implementation of every generated request. A method returns the reply
 /// (or `Done` where the request has no outputs) or an error that becomes the reply.
 pub trait Api {

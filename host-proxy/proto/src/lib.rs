@@ -27,34 +27,10 @@ use serde::{Deserialize, Serialize};
 /// retired, never reused) with the messages generated from libvgpu's API table (`0x0200..`).
 pub const VGPU_PROTOCOL_REVISION: u32 = 2;
 
-/// CUDA driver API result codes used on the wire (values match `cuda.h`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CuResult;
+pub use generated::{code, CuError};
 
-impl CuResult {
-    /// `CUDA_ERROR_INVALID_VALUE`.
-    pub const INVALID_VALUE: u32 = 1;
-    /// `CUDA_ERROR_OUT_OF_MEMORY`.
-    pub const OUT_OF_MEMORY: u32 = 2;
-    /// `CUDA_ERROR_NOT_INITIALIZED`.
-    pub const NOT_INITIALIZED: u32 = 3;
-    /// `CUDA_ERROR_INVALID_CONTEXT`.
-    pub const INVALID_CONTEXT: u32 = 201;
-    /// `CUDA_ERROR_INVALID_HANDLE`.
-    pub const INVALID_HANDLE: u32 = 400;
-    /// `CUDA_ERROR_NOT_FOUND`.
-    pub const NOT_FOUND: u32 = 500;
-    /// `CUDA_ERROR_ILLEGAL_ADDRESS`.
-    pub const ILLEGAL_ADDRESS: u32 = 700;
-    /// `CUDA_ERROR_LAUNCH_FAILED`.
-    pub const LAUNCH_FAILED: u32 = 719;
-    /// `CUDA_ERROR_NOT_PERMITTED`.
-    pub const NOT_PERMITTED: u32 = 800;
-    /// `CUDA_ERROR_NOT_SUPPORTED`.
-    pub const NOT_SUPPORTED: u32 = 801;
-    /// `CUDA_ERROR_UNKNOWN`.
-    pub const UNKNOWN: u32 = 999;
-}
+/// The result of a CUDA operation on either side: a value or a [`CuError`].
+pub type CuResult<T> = core::result::Result<T, CuError>;
 
 /// An opaque per-zone object handle (generation in the high half, slot in the low half).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -64,13 +64,13 @@
 //! [`mem_free`]: GpuBackend::mem_free
 #![allow(unsafe_code)]
 
-use super::{CuError, CuResultOf, GpuBackend, LaunchConfig, ParamSlot};
+use super::{CuError, CuResult, GpuBackend, LaunchConfig, ParamSlot};
 use cudarc::driver::sys;
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use std::ffi::{c_char, c_int, c_uchar, c_uint, c_ushort, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use vgpu_proto::{CuResult, DeviceInfo, LaunchAttr};
+use vgpu_proto::{DeviceInfo, LaunchAttr};
 
 mod graphs;
 mod vmm;
@@ -485,7 +485,7 @@ impl DriverApi {
 }
 
 /// Turns a driver result into a backend result.
-fn check(code: RawCuResult) -> CuResultOf<()> {
+fn check(code: RawCuResult) -> CuResult<()> {
     if code == CUDA_SUCCESS {
         Ok(())
     } else {
@@ -494,13 +494,13 @@ fn check(code: RawCuResult) -> CuResultOf<()> {
 }
 
 /// A byte count as the driver's `size_t`.
-fn byte_count(len: u64) -> CuResultOf<usize> {
+fn byte_count(len: u64) -> CuResult<usize> {
     usize::try_from(len).map_err(|_| CuError::INVALID_VALUE)
 }
 
 /// A guest-supplied enum value (`CUlimit`, `CUfunction_attribute`, …) as the C `int` the
 /// driver takes; values that do not fit are no valid enumerator anyway.
-fn enum_arg(value: u32) -> CuResultOf<c_int> {
+fn enum_arg(value: u32) -> CuResult<c_int> {
     c_int::try_from(value).map_err(|_| CuError::INVALID_VALUE)
 }
 
@@ -531,7 +531,7 @@ const SHT_NOBITS: u32 = 8;
 ///   check does not know, such as the fat binary *wrapper* (which holds a host pointer).
 ///
 /// What lies inside sections and payloads is the driver's to validate.
-fn check_image(image: &[u8]) -> CuResultOf<()> {
+fn check_image(image: &[u8]) -> CuResult<()> {
     let ok = if image.starts_with(&ELF_MAGIC) {
         elf_extent_ok(image)
     } else {
@@ -671,7 +671,7 @@ const _: () = {
 
 /// A [`LaunchAttr`] as the driver's struct: the id, and the value union's first 16 bytes
 /// rebuilt from the four little-endian words (the rest zero).
-fn raw_launch_attribute(attr: &LaunchAttr) -> CuResultOf<RawLaunchAttribute> {
+fn raw_launch_attribute(attr: &LaunchAttr) -> CuResult<RawLaunchAttribute> {
     if !is_plain_launch_attribute(attr.id) {
         return Err(CuError::NOT_SUPPORTED);
     }
@@ -715,7 +715,7 @@ impl ParamBuffer {
     /// A pointer to each parameter of `layout`, each `[offset, offset + size)` checked to
     /// lie in the buffer (`CUDA_ERROR_INVALID_VALUE` otherwise). The pointers are valid
     /// while `self` is neither dropped nor changed.
-    fn pointers(&mut self, layout: &[ParamSlot]) -> CuResultOf<SmallVec<[*mut c_void; 32]>> {
+    fn pointers(&mut self, layout: &[ParamSlot]) -> CuResult<SmallVec<[*mut c_void; 32]>> {
         let base = self.words.as_mut_ptr().cast::<u8>();
         layout
             .iter()
@@ -748,7 +748,7 @@ pub enum CudaOpenError {
         detail: String,
     },
     /// `cuInit` failed.
-    #[error("cuInit failed with {name} ({err}): the driver library loaded but could not start; check that the nvidia kernel module is loaded, /dev/nvidia* is accessible, and libcuda.so is not the toolkit's stub library")]
+    #[error("cuInit failed with {name} (CUDA error {}): the driver library loaded but could not start; check that the nvidia kernel module is loaded, /dev/nvidia* is accessible, and libcuda.so is not the toolkit's stub library", .err.code())]
     Init {
         /// The driver's code.
         err: CuError,
@@ -764,7 +764,7 @@ pub enum CudaOpenError {
         count: i32,
     },
     /// A device query failed.
-    #[error("{call} failed with {name} ({err}) for device {ordinal}")]
+    #[error("{call} failed with {name} (CUDA error {}) for device {ordinal}", .err.code())]
     Query {
         /// The driver function.
         call: &'static str,
@@ -776,7 +776,7 @@ pub enum CudaOpenError {
         name: String,
     },
     /// The device's primary context could not be retained or made current.
-    #[error("could not use the primary context of device {ordinal}: {call} failed with {name} ({err}); the device may be in exclusive-process mode and in use, or out of memory")]
+    #[error("could not use the primary context of device {ordinal}: {call} failed with {name} (CUDA error {}); the device may be in exclusive-process mode and in use, or out of memory", .err.code())]
     Context {
         /// The driver function.
         call: &'static str,
@@ -1085,12 +1085,12 @@ impl CudaGpu {
 
     /// Makes the selected context current on the calling thread (a thread-local store in
     /// the driver: cheap). Another instance, or other code, may have changed it.
-    fn enter(&self) -> CuResultOf<()> {
+    fn enter(&self) -> CuResult<()> {
         self.make_current(self.current)
     }
 
     /// Makes `ctx` current on the calling thread.
-    fn make_current(&self, ctx: CtxId) -> CuResultOf<()> {
+    fn make_current(&self, ctx: CtxId) -> CuResult<()> {
         let raw = self.raw_context(ctx)?;
         // SAFETY: `raw` is the primary context retained in `open` (released only in
         // `Drop`) or a context made by `ctx_create` that is still in `self.contexts`
@@ -1109,7 +1109,7 @@ impl CudaGpu {
         len: u64,
         stream: Option<&CudaStream>,
         wait: bool,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         let host = self.window_ptr(offset, len)?;
         let stream = self.raw_stream(stream)?.unwrap_or(std::ptr::null_mut());
         let n = byte_count(len)?;
@@ -1140,7 +1140,7 @@ impl CudaGpu {
         n: usize,
         sync: impl FnOnce(&DriverApi) -> RawCuResult,
         on_stream: impl FnOnce(&DriverApi, sys::CUstream) -> RawCuResult,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         let stream = self.raw_stream(stream)?;
         if n == 0 {
             return Ok(());
@@ -1153,7 +1153,7 @@ impl CudaGpu {
     }
 
     /// The address of `len` bytes at `offset` in the registered window.
-    fn window_ptr(&self, offset: u64, len: u64) -> CuResultOf<*mut u8> {
+    fn window_ptr(&self, offset: u64, len: u64) -> CuResult<*mut u8> {
         let (base, size) = self.window.ok_or(CuError::NOT_SUPPORTED)?;
         let end = offset.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
         if end > size as u64 {
@@ -1163,15 +1163,15 @@ impl CudaGpu {
     }
 
     /// The driver context of `ctx`.
-    fn raw_context(&self, ctx: CtxId) -> CuResultOf<sys::CUcontext> {
+    fn raw_context(&self, ctx: CtxId) -> CuResult<sys::CUcontext> {
         match ctx {
             None => Ok(self.primary),
-            Some(id) => self.contexts.get(&id).copied().ok_or(CuError::new(CuResult::INVALID_CONTEXT)),
+            Some(id) => self.contexts.get(&id).copied().ok_or(CuError::INVALID_CONTEXT),
         }
     }
 
     /// The driver stream of `stream`, or `None` for `None`.
-    fn raw_stream(&self, stream: Option<&CudaStream>) -> CuResultOf<Option<sys::CUstream>> {
+    fn raw_stream(&self, stream: Option<&CudaStream>) -> CuResult<Option<sys::CUstream>> {
         match stream {
             None => Ok(None),
             Some(s) => self.streams.get(&s.id).map(|s| Some(s.raw)).ok_or(CuError::INVALID_HANDLE),
@@ -1179,22 +1179,22 @@ impl CudaGpu {
     }
 
     /// The driver stream of `stream`, or the NULL (legacy default) stream for `None`.
-    fn stream_or_null(&self, stream: Option<&CudaStream>) -> CuResultOf<sys::CUstream> {
+    fn stream_or_null(&self, stream: Option<&CudaStream>) -> CuResult<sys::CUstream> {
         Ok(self.raw_stream(stream)?.unwrap_or(std::ptr::null_mut()))
     }
 
     /// The driver event of `event`.
-    fn raw_event(&self, event: &CudaEvent) -> CuResultOf<sys::CUevent> {
+    fn raw_event(&self, event: &CudaEvent) -> CuResult<sys::CUevent> {
         self.events.get(&event.id).map(|e| e.raw).ok_or(CuError::INVALID_HANDLE)
     }
 
     /// The entry of `module`.
-    fn module_entry(&self, module: &CudaModule) -> CuResultOf<ModuleEntry> {
+    fn module_entry(&self, module: &CudaModule) -> CuResult<ModuleEntry> {
         self.modules.get(&module.id).copied().ok_or(CuError::INVALID_HANDLE)
     }
 
     /// The driver library of `library` (`CUDA_ERROR_INVALID_HANDLE` for a module).
-    fn raw_library(&self, library: &CudaModule) -> CuResultOf<(sys::CUlibrary, ModuleEntry)> {
+    fn raw_library(&self, library: &CudaModule) -> CuResult<(sys::CUlibrary, ModuleEntry)> {
         let entry = self.module_entry(library)?;
         match entry.kind {
             ModuleKind::Library(raw) => Ok((raw, entry)),
@@ -1203,7 +1203,7 @@ impl CudaGpu {
     }
 
     /// The driver handle of `func`.
-    fn function_kind(&self, func: &CudaFunction) -> CuResultOf<FunctionKind> {
+    fn function_kind(&self, func: &CudaFunction) -> CuResult<FunctionKind> {
         self.functions.get(&func.id).map(|f| f.kind).ok_or(CuError::INVALID_HANDLE)
     }
 
@@ -1221,7 +1221,7 @@ impl CudaGpu {
     }
 
     /// Waits for all work in the current context.
-    fn ctx_synchronize(&self) -> CuResultOf<()> {
+    fn ctx_synchronize(&self) -> CuResult<()> {
         // SAFETY: no arguments; a context is current (callers make one current first).
         check(unsafe { (self.api.ctx_synchronize)() })
     }
@@ -1229,7 +1229,7 @@ impl CudaGpu {
     /// Zeroes allocations of the current context and waits until the zeroes are in device
     /// memory. The first synchronize drains work still writing into them (on any stream,
     /// non-blocking ones included), so nothing lands after the scrub.
-    fn scrub(&self, allocations: &[(u64, u64)]) -> CuResultOf<()> {
+    fn scrub(&self, allocations: &[(u64, u64)]) -> CuResult<()> {
         self.ctx_synchronize()?;
         for &(dptr, size) in allocations {
             let n = byte_count(size)?;
@@ -1275,7 +1275,7 @@ impl CudaGpu {
 
     /// The parameter layout of a function as the driver reports it, from the cache or
     /// asked once (then cached). The context must be current.
-    fn param_layout(&mut self, func: &CudaFunction) -> CuResultOf<&[ParamSlot]> {
+    fn param_layout(&mut self, func: &CudaFunction) -> CuResult<&[ParamSlot]> {
         let entry = self.functions.get(&func.id).ok_or(CuError::INVALID_HANDLE)?;
         if entry.layout.is_none() {
             let layout = self.query_param_layout(entry.kind)?;
@@ -1289,7 +1289,7 @@ impl CudaGpu {
 
     /// Asks the driver for every parameter's offset and size, from index 0 until it
     /// reports `CUDA_ERROR_INVALID_VALUE` (past the last).
-    fn query_param_layout(&self, kind: FunctionKind) -> CuResultOf<Vec<ParamSlot>> {
+    fn query_param_layout(&self, kind: FunctionKind) -> CuResult<Vec<ParamSlot>> {
         let mut layout = Vec::new();
         for index in 0..=MAX_KERNEL_PARAMS {
             let (mut offset, mut size) = (0usize, 0usize);
@@ -1321,7 +1321,7 @@ impl CudaGpu {
     }
 
     /// Loads a module or library image, after [`check_image`].
-    fn load(&mut self, image: &[u8], as_library: bool) -> CuResultOf<CudaModule> {
+    fn load(&mut self, image: &[u8], as_library: bool) -> CuResult<CudaModule> {
         check_image(image)?;
         self.enter()?;
         let id = next_id();
@@ -1357,7 +1357,7 @@ impl CudaGpu {
     }
 
     /// Reads a global through `get` (`cuModuleGetGlobal_v2` or `cuLibraryGetGlobal`).
-    fn global(&self, get: impl FnOnce(&mut sys::CUdeviceptr, &mut usize) -> RawCuResult) -> CuResultOf<(u64, u64)> {
+    fn global(&self, get: impl FnOnce(&mut sys::CUdeviceptr, &mut usize) -> RawCuResult) -> CuResult<(u64, u64)> {
         let (mut dptr, mut bytes): (sys::CUdeviceptr, usize) = (0, 0);
         check(get(&mut dptr, &mut bytes))?;
         Ok((dptr, bytes as u64))
@@ -1433,35 +1433,35 @@ impl GpuBackend for CudaGpu {
     const CONTEXT_MEM_BYTES: u64 = 528 << 20;
     type Phys = CudaPhys;
 
-    fn mem_granularity(&mut self, recommended: bool) -> CuResultOf<u64> {
+    fn mem_granularity(&mut self, recommended: bool) -> CuResult<u64> {
         self.granularity(recommended)
     }
 
-    fn mem_address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResultOf<u64> {
+    fn mem_address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResult<u64> {
         self.address_reserve(size, alignment, addr)
     }
 
-    fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+    fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResult<()> {
         self.address_free(ptr, size)
     }
 
-    fn mem_create(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResultOf<CudaPhys> {
+    fn mem_create(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResult<CudaPhys> {
         self.create_phys(size, handle_types, rdma)
     }
 
-    fn mem_release(&mut self, phys: CudaPhys) -> CuResultOf<()> {
+    fn mem_release(&mut self, phys: CudaPhys) -> CuResult<()> {
         self.release_phys(phys)
     }
 
-    fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, phys: &CudaPhys) -> CuResultOf<()> {
+    fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, phys: &CudaPhys) -> CuResult<()> {
         self.map(ptr, size, offset, phys)
     }
 
-    fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+    fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResult<()> {
         self.unmap(ptr, size)
     }
 
-    fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResultOf<()> {
+    fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResult<()> {
         self.set_access(ptr, size, flags)
     }
 
@@ -1470,19 +1470,19 @@ impl GpuBackend for CudaGpu {
     /// The driver's `CUgraphNode`, as an address.
     type GraphNode = usize;
 
-    fn graph_create(&mut self) -> CuResultOf<CudaGraph> {
+    fn graph_create(&mut self) -> CuResult<CudaGraph> {
         self.create_graph()
     }
 
-    fn graph_destroy(&mut self, graph: CudaGraph) -> CuResultOf<()> {
+    fn graph_destroy(&mut self, graph: CudaGraph) -> CuResult<()> {
         self.destroy_graph(graph)
     }
 
-    fn graph_clone(&mut self, graph: &CudaGraph) -> CuResultOf<CudaGraph> {
+    fn graph_clone(&mut self, graph: &CudaGraph) -> CuResult<CudaGraph> {
         self.clone_graph(graph)
     }
 
-    fn graph_find_in_clone(&mut self, clone: &CudaGraph, original: usize) -> CuResultOf<usize> {
+    fn graph_find_in_clone(&mut self, clone: &CudaGraph, original: usize) -> CuResult<usize> {
         self.find_in_clone(clone, original)
     }
 
@@ -1491,39 +1491,39 @@ impl GpuBackend for CudaGpu {
         graph: &CudaGraph,
         deps: &[usize],
         node: super::GraphNodeSpec<'_, CudaFunction>,
-    ) -> CuResultOf<usize> {
+    ) -> CuResult<usize> {
         self.add_graph_node(graph, deps, node)
     }
 
-    fn graph_nodes(&mut self, graph: &CudaGraph) -> CuResultOf<Vec<usize>> {
+    fn graph_nodes(&mut self, graph: &CudaGraph) -> CuResult<Vec<usize>> {
         self.nodes_of(graph)
     }
 
-    fn graph_instantiate(&mut self, graph: &CudaGraph, flags: u64) -> CuResultOf<CudaGraphExec> {
+    fn graph_instantiate(&mut self, graph: &CudaGraph, flags: u64) -> CuResult<CudaGraphExec> {
         self.instantiate_graph(graph, flags)
     }
 
-    fn graph_exec_destroy(&mut self, exec: CudaGraphExec) -> CuResultOf<()> {
+    fn graph_exec_destroy(&mut self, exec: CudaGraphExec) -> CuResult<()> {
         self.destroy_graph_exec(exec)
     }
 
-    fn graph_launch(&mut self, exec: &CudaGraphExec, stream: Option<&CudaStream>, upload_only: bool) -> CuResultOf<()> {
+    fn graph_launch(&mut self, exec: &CudaGraphExec, stream: Option<&CudaStream>, upload_only: bool) -> CuResult<()> {
         self.launch_graph(exec, stream, upload_only)
     }
 
-    fn stream_begin_capture(&mut self, stream: Option<&CudaStream>, mode: u32) -> CuResultOf<()> {
+    fn stream_begin_capture(&mut self, stream: Option<&CudaStream>, mode: u32) -> CuResult<()> {
         self.begin_capture(stream, mode)
     }
 
-    fn stream_end_capture(&mut self, stream: Option<&CudaStream>) -> CuResultOf<CudaGraph> {
+    fn stream_end_capture(&mut self, stream: Option<&CudaStream>) -> CuResult<CudaGraph> {
         self.end_capture(stream)
     }
 
-    fn stream_capture_info(&mut self, stream: Option<&CudaStream>) -> CuResultOf<(u32, u64)> {
+    fn stream_capture_info(&mut self, stream: Option<&CudaStream>) -> CuResult<(u32, u64)> {
         self.capture_info(stream)
     }
 
-    fn exchange_capture_mode(&mut self, mode: u32) -> CuResultOf<u32> {
+    fn exchange_capture_mode(&mut self, mode: u32) -> CuResult<u32> {
         self.exchange_mode(mode)
     }
 
@@ -1531,11 +1531,11 @@ impl GpuBackend for CudaGpu {
         &mut self,
         stream: Option<&CudaStream>,
         slot: std::sync::Arc<super::HostFuncSlot>,
-    ) -> CuResultOf<Option<usize>> {
+    ) -> CuResult<Option<usize>> {
         self.host_func_persistent(stream, slot)
     }
 
-    unsafe fn attach_window(&mut self, base: std::ptr::NonNull<u8>, len: usize) -> CuResultOf<bool> {
+    unsafe fn attach_window(&mut self, base: std::ptr::NonNull<u8>, len: usize) -> CuResult<bool> {
         if self.window.is_some() || len == 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1553,7 +1553,7 @@ impl GpuBackend for CudaGpu {
         Ok(true)
     }
 
-    fn launch_host_func(&mut self, stream: Option<&CudaStream>, slot: super::HostFuncSlot) -> CuResultOf<()> {
+    fn launch_host_func(&mut self, stream: Option<&CudaStream>, slot: super::HostFuncSlot) -> CuResult<()> {
         /// Runs in the driver's callback thread when the stream reaches the function.
         unsafe extern "C" fn run(data: *mut c_void) {
             // SAFETY: `data` is the box `launch_host_func` leaked for exactly this call.
@@ -1576,7 +1576,7 @@ impl GpuBackend for CudaGpu {
         Ok(())
     }
 
-    fn window_device_pointer(&mut self, offset: u64) -> CuResultOf<u64> {
+    fn window_device_pointer(&mut self, offset: u64) -> CuResult<u64> {
         let (base, len) = self.window.ok_or(CuError::NOT_SUPPORTED)?;
         let offset = usize::try_from(offset).ok().filter(|&o| o < len).ok_or(CuError::INVALID_VALUE)?;
         self.enter()?;
@@ -1596,7 +1596,7 @@ impl GpuBackend for CudaGpu {
         len: u64,
         stream: Option<&CudaStream>,
         wait: bool,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         self.window_dma(WindowDma::ToDevice, dst, offset, len, stream, wait)
     }
 
@@ -1607,7 +1607,7 @@ impl GpuBackend for CudaGpu {
         len: u64,
         stream: Option<&CudaStream>,
         wait: bool,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         self.window_dma(WindowDma::FromDevice, src, offset, len, stream, wait)
     }
 
@@ -1634,7 +1634,7 @@ impl GpuBackend for CudaGpu {
             .collect()
     }
 
-    fn pci_bus_id(&mut self) -> CuResultOf<String> {
+    fn pci_bus_id(&mut self) -> CuResult<String> {
         let mut buf: [c_char; PCI_BUS_ID_LEN] = [0; PCI_BUS_ID_LEN];
         // SAFETY: the buffer is `PCI_BUS_ID_LEN` bytes long and that length is passed; the
         // driver writes a NUL-terminated string within it.
@@ -1645,7 +1645,7 @@ impl GpuBackend for CudaGpu {
 
     // ---- contexts ----
 
-    fn ctx_create(&mut self, flags: u32) -> CuResultOf<CudaContext> {
+    fn ctx_create(&mut self, flags: u32) -> CuResult<CudaContext> {
         self.enter()?;
         let mut raw: sys::CUcontext = std::ptr::null_mut();
         // SAFETY: valid out-pointer; NULL creation parameters are documented as "none"
@@ -1672,7 +1672,7 @@ impl GpuBackend for CudaGpu {
         Ok(CudaContext { id })
     }
 
-    fn ctx_destroy(&mut self, ctx: CudaContext) -> CuResultOf<()> {
+    fn ctx_destroy(&mut self, ctx: CudaContext) -> CuResult<()> {
         let raw = self.contexts.get(&ctx.id).copied().ok_or(CuError::INVALID_HANDLE)?;
         let scope = Some(ctx.id);
         self.make_current(scope)?;
@@ -1691,7 +1691,7 @@ impl GpuBackend for CudaGpu {
         self.enter()
     }
 
-    fn set_context(&mut self, ctx: Option<&CudaContext>) -> CuResultOf<()> {
+    fn set_context(&mut self, ctx: Option<&CudaContext>) -> CuResult<()> {
         let target = match ctx {
             None => None,
             Some(c) if self.contexts.contains_key(&c.id) => Some(c.id),
@@ -1702,7 +1702,7 @@ impl GpuBackend for CudaGpu {
         Ok(())
     }
 
-    fn ctx_get_limit(&mut self, limit: u32) -> CuResultOf<u64> {
+    fn ctx_get_limit(&mut self, limit: u32) -> CuResult<u64> {
         let limit = enum_arg(limit)?;
         self.enter()?;
         let mut value: usize = 0;
@@ -1711,7 +1711,7 @@ impl GpuBackend for CudaGpu {
         Ok(value as u64)
     }
 
-    fn ctx_set_limit(&mut self, limit: u32, value: u64) -> CuResultOf<()> {
+    fn ctx_set_limit(&mut self, limit: u32, value: u64) -> CuResult<()> {
         let limit = enum_arg(limit)?;
         let value = byte_count(value)?;
         self.enter()?;
@@ -1719,7 +1719,7 @@ impl GpuBackend for CudaGpu {
         check(unsafe { (self.api.ctx_set_limit)(limit, value) })
     }
 
-    fn ctx_get_flags(&mut self) -> CuResultOf<u32> {
+    fn ctx_get_flags(&mut self) -> CuResult<u32> {
         self.enter()?;
         let mut flags: c_uint = 0;
         // SAFETY: valid out-pointer to a local `unsigned int`; a context is current.
@@ -1727,13 +1727,13 @@ impl GpuBackend for CudaGpu {
         Ok(flags)
     }
 
-    fn ctx_set_flags(&mut self, flags: u32) -> CuResultOf<()> {
+    fn ctx_set_flags(&mut self, flags: u32) -> CuResult<()> {
         self.enter()?;
         // SAFETY: a plain value the driver validates; a context is current.
         check(unsafe { (self.api.ctx_set_flags)(flags) })
     }
 
-    fn ctx_get_api_version(&mut self) -> CuResultOf<u32> {
+    fn ctx_get_api_version(&mut self) -> CuResult<u32> {
         let raw = self.raw_context(self.current)?;
         self.enter()?;
         let mut version: c_uint = 0;
@@ -1742,7 +1742,7 @@ impl GpuBackend for CudaGpu {
         Ok(version)
     }
 
-    fn ctx_get_stream_priority_range(&mut self) -> CuResultOf<(i32, i32)> {
+    fn ctx_get_stream_priority_range(&mut self) -> CuResult<(i32, i32)> {
         self.enter()?;
         let (mut least, mut greatest): (c_int, c_int) = (0, 0);
         // SAFETY: valid out-pointers to local `int`s; a context is current.
@@ -1750,7 +1750,7 @@ impl GpuBackend for CudaGpu {
         Ok((least, greatest))
     }
 
-    fn ctx_get_cache_config(&mut self) -> CuResultOf<u32> {
+    fn ctx_get_cache_config(&mut self) -> CuResult<u32> {
         self.enter()?;
         let mut config: c_int = 0;
         // SAFETY: valid out-pointer to a local `int`, the size of the C enum written.
@@ -1758,33 +1758,33 @@ impl GpuBackend for CudaGpu {
         u32::try_from(config).map_err(|_| CuError::UNKNOWN)
     }
 
-    fn ctx_set_cache_config(&mut self, config: u32) -> CuResultOf<()> {
+    fn ctx_set_cache_config(&mut self, config: u32) -> CuResult<()> {
         let config = enum_arg(config)?;
         self.enter()?;
         // SAFETY: a plain value the driver validates; a context is current.
         check(unsafe { (self.api.ctx_set_cache_config)(config) })
     }
 
-    fn primary_ctx_set_flags(&mut self, flags: u32) -> CuResultOf<()> {
+    fn primary_ctx_set_flags(&mut self, flags: u32) -> CuResult<()> {
         // SAFETY: `self.device` came from `cuDeviceGet`; the driver validates `flags`.
         check(unsafe { (self.api.primary_ctx_set_flags)(self.device, flags) })
     }
 
-    fn primary_ctx_flags(&mut self) -> CuResultOf<u32> {
+    fn primary_ctx_flags(&mut self) -> CuResult<u32> {
         let (mut flags, mut active): (c_uint, c_int) = (0, 0);
         // SAFETY: `self.device` came from `cuDeviceGet`; valid out-pointers to locals.
         check(unsafe { (self.api.primary_ctx_get_state)(self.device, &mut flags, &mut active) })?;
         Ok(flags)
     }
 
-    fn synchronize(&mut self) -> CuResultOf<()> {
+    fn synchronize(&mut self) -> CuResult<()> {
         self.enter()?;
         self.ctx_synchronize()
     }
 
     // ---- memory ----
 
-    fn mem_get_info(&mut self) -> CuResultOf<(u64, u64)> {
+    fn mem_get_info(&mut self) -> CuResult<(u64, u64)> {
         self.enter()?;
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: valid out-pointers to local `size_t`s; the context is current.
@@ -1792,7 +1792,7 @@ impl GpuBackend for CudaGpu {
         Ok((free as u64, total as u64))
     }
 
-    fn mem_alloc(&mut self, size: u64) -> CuResultOf<u64> {
+    fn mem_alloc(&mut self, size: u64) -> CuResult<u64> {
         if size == 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1805,7 +1805,7 @@ impl GpuBackend for CudaGpu {
         Ok(dptr)
     }
 
-    fn mem_alloc_pitch(&mut self, width: u64, height: u64, element_size: u32) -> CuResultOf<(u64, u64)> {
+    fn mem_alloc_pitch(&mut self, width: u64, height: u64, element_size: u32) -> CuResult<(u64, u64)> {
         if width == 0 || height == 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1821,7 +1821,7 @@ impl GpuBackend for CudaGpu {
         Ok((dptr, pitch))
     }
 
-    fn mem_free(&mut self, dptr: u64) -> CuResultOf<()> {
+    fn mem_free(&mut self, dptr: u64) -> CuResult<()> {
         let alloc = self.allocs.get(&dptr).copied().ok_or(CuError::INVALID_VALUE)?;
         self.make_current(alloc.ctx)?;
         // If the scrub fails the memory stays allocated (and recorded), so it cannot be
@@ -1834,7 +1834,7 @@ impl GpuBackend for CudaGpu {
         Ok(())
     }
 
-    fn copy_htod(&mut self, dst: u64, src: &[u8], stream: Option<&CudaStream>) -> CuResultOf<()> {
+    fn copy_htod(&mut self, dst: u64, src: &[u8], stream: Option<&CudaStream>) -> CuResult<()> {
         let (p, n) = (src.as_ptr().cast::<c_void>(), src.len());
         self.stream_op(
             stream,
@@ -1850,7 +1850,7 @@ impl GpuBackend for CudaGpu {
         )
     }
 
-    fn copy_dtoh(&mut self, dst: &mut [u8], src: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
+    fn copy_dtoh(&mut self, dst: &mut [u8], src: u64, stream: Option<&CudaStream>) -> CuResult<()> {
         let (p, n) = (dst.as_mut_ptr().cast::<c_void>(), dst.len());
         self.stream_op(
             stream,
@@ -1871,7 +1871,7 @@ impl GpuBackend for CudaGpu {
         )
     }
 
-    fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
+    fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&CudaStream>) -> CuResult<()> {
         let n = byte_count(len)?;
         self.stream_op(
             stream,
@@ -1884,7 +1884,7 @@ impl GpuBackend for CudaGpu {
         )
     }
 
-    fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
+    fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&CudaStream>) -> CuResult<()> {
         let n = byte_count(count)?;
         self.stream_op(
             stream,
@@ -1896,7 +1896,7 @@ impl GpuBackend for CudaGpu {
         )
     }
 
-    fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
+    fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&CudaStream>) -> CuResult<()> {
         let n = byte_count(count)?;
         // The driver itself refuses a `dst` that is not 2-byte aligned.
         self.stream_op(
@@ -1910,7 +1910,7 @@ impl GpuBackend for CudaGpu {
         )
     }
 
-    fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&CudaStream>) -> CuResultOf<()> {
+    fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&CudaStream>) -> CuResult<()> {
         let n = byte_count(count)?;
         // The driver itself refuses a `dst` that is not 4-byte aligned.
         self.stream_op(
@@ -1926,7 +1926,7 @@ impl GpuBackend for CudaGpu {
 
     // ---- IPC ----
 
-    fn ipc_export(&mut self, dptr: u64) -> CuResultOf<Vec<u8>> {
+    fn ipc_export(&mut self, dptr: u64) -> CuResult<Vec<u8>> {
         let alloc = self.allocs.get(&dptr).copied().ok_or(CuError::INVALID_VALUE)?;
         self.make_current(alloc.ctx)?;
         let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
@@ -1936,7 +1936,7 @@ impl GpuBackend for CudaGpu {
         Ok(handle.reserved.iter().map(|&c| c as u8).collect())
     }
 
-    fn ipc_event_export(&mut self, event: &CudaEvent) -> CuResultOf<Vec<u8>> {
+    fn ipc_event_export(&mut self, event: &CudaEvent) -> CuResult<Vec<u8>> {
         let entry = self.events.get(&event.id).copied().ok_or(CuError::INVALID_HANDLE)?;
         self.make_current(entry.ctx)?;
         let mut handle = sys::CUipcEventHandle { reserved: [0; 64] };
@@ -1946,7 +1946,7 @@ impl GpuBackend for CudaGpu {
         Ok(handle.reserved.iter().map(|&c| c as u8).collect())
     }
 
-    fn ipc_event_open(&mut self, payload: &[u8]) -> CuResultOf<CudaEvent> {
+    fn ipc_event_open(&mut self, payload: &[u8]) -> CuResult<CudaEvent> {
         let bytes: [u8; 64] = payload.try_into().map_err(|_| CuError::INVALID_VALUE)?;
         let handle = sys::CUipcEventHandle { reserved: bytes.map(|b| b as c_char) };
         self.enter()?;
@@ -1959,7 +1959,7 @@ impl GpuBackend for CudaGpu {
         Ok(CudaEvent { id })
     }
 
-    fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResultOf<u64> {
+    fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResult<u64> {
         if flags != IPC_MEM_LAZY_ENABLE_PEER_ACCESS || size == 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1990,7 +1990,7 @@ impl GpuBackend for CudaGpu {
         Ok(dptr)
     }
 
-    fn ipc_close(&mut self, dptr: u64) -> CuResultOf<()> {
+    fn ipc_close(&mut self, dptr: u64) -> CuResult<()> {
         let ctx = self.imports.get(&dptr).copied().ok_or(CuError::INVALID_VALUE)?;
         self.make_current(ctx)?;
         // SAFETY: `dptr` was mapped by `cuIpcOpenMemHandle_v2` in `ctx` (now current) and
@@ -2002,15 +2002,15 @@ impl GpuBackend for CudaGpu {
 
     // ---- modules, libraries, functions ----
 
-    fn module_load(&mut self, image: &[u8]) -> CuResultOf<CudaModule> {
+    fn module_load(&mut self, image: &[u8]) -> CuResult<CudaModule> {
         self.load(image, false)
     }
 
-    fn library_load(&mut self, image: &[u8]) -> CuResultOf<CudaModule> {
+    fn library_load(&mut self, image: &[u8]) -> CuResult<CudaModule> {
         self.load(image, true)
     }
 
-    fn module_unload(&mut self, module: CudaModule) -> CuResultOf<()> {
+    fn module_unload(&mut self, module: CudaModule) -> CuResult<()> {
         let entry = self.module_entry(&module)?;
         match entry.kind {
             ModuleKind::Module(raw) => {
@@ -2040,7 +2040,7 @@ impl GpuBackend for CudaGpu {
         Ok(())
     }
 
-    fn module_get_function(&mut self, module: &CudaModule, name: &CStr) -> CuResultOf<CudaFunction> {
+    fn module_get_function(&mut self, module: &CudaModule, name: &CStr) -> CuResult<CudaFunction> {
         let entry = self.module_entry(module)?;
         let (ModuleKind::Module(raw) | ModuleKind::LibraryView(raw)) = entry.kind else {
             return Err(CuError::INVALID_HANDLE);
@@ -2053,7 +2053,7 @@ impl GpuBackend for CudaGpu {
         Ok(self.add_function(FunctionKind::Function(func), entry.scope, entry.root, None))
     }
 
-    fn module_get_global(&mut self, module: &CudaModule, name: &CStr) -> CuResultOf<(u64, u64)> {
+    fn module_get_global(&mut self, module: &CudaModule, name: &CStr) -> CuResult<(u64, u64)> {
         let entry = self.module_entry(module)?;
         let (ModuleKind::Module(raw) | ModuleKind::LibraryView(raw)) = entry.kind else {
             return Err(CuError::INVALID_HANDLE);
@@ -2066,7 +2066,7 @@ impl GpuBackend for CudaGpu {
         })
     }
 
-    fn library_get_module(&mut self, library: &CudaModule) -> CuResultOf<CudaModule> {
+    fn library_get_module(&mut self, library: &CudaModule) -> CuResult<CudaModule> {
         let (raw, entry) = self.raw_library(library)?;
         self.enter()?;
         let mut module: sys::CUmodule = std::ptr::null_mut();
@@ -2082,7 +2082,7 @@ impl GpuBackend for CudaGpu {
         Ok(CudaModule { id })
     }
 
-    fn library_get_kernel(&mut self, library: &CudaModule, name: &CStr) -> CuResultOf<CudaFunction> {
+    fn library_get_kernel(&mut self, library: &CudaModule, name: &CStr) -> CuResult<CudaFunction> {
         let (raw, entry) = self.raw_library(library)?;
         self.enter()?;
         let mut kernel: sys::CUkernel = std::ptr::null_mut();
@@ -2092,7 +2092,7 @@ impl GpuBackend for CudaGpu {
         Ok(self.add_function(FunctionKind::Kernel(kernel), Scope::Device, entry.root, None))
     }
 
-    fn library_get_global(&mut self, library: &CudaModule, name: &CStr) -> CuResultOf<(u64, u64)> {
+    fn library_get_global(&mut self, library: &CudaModule, name: &CStr) -> CuResult<(u64, u64)> {
         let (raw, _) = self.raw_library(library)?;
         self.enter()?;
         self.global(|dptr, bytes| {
@@ -2102,7 +2102,7 @@ impl GpuBackend for CudaGpu {
         })
     }
 
-    fn kernel_get_function(&mut self, kernel: &CudaFunction) -> CuResultOf<CudaFunction> {
+    fn kernel_get_function(&mut self, kernel: &CudaFunction) -> CuResult<CudaFunction> {
         let entry = self.functions.get(&kernel.id).cloned().ok_or(CuError::INVALID_HANDLE)?;
         let FunctionKind::Kernel(raw) = entry.kind else {
             return Err(CuError::INVALID_HANDLE);
@@ -2114,7 +2114,7 @@ impl GpuBackend for CudaGpu {
         Ok(self.add_function(FunctionKind::Function(func), Scope::Context(self.current), entry.root, entry.layout))
     }
 
-    fn func_get_attribute(&mut self, func: &CudaFunction, attribute: u32) -> CuResultOf<i32> {
+    fn func_get_attribute(&mut self, func: &CudaFunction, attribute: u32) -> CuResult<i32> {
         let kind = self.function_kind(func)?;
         let attribute = enum_arg(attribute)?;
         self.enter()?;
@@ -2130,7 +2130,7 @@ impl GpuBackend for CudaGpu {
         check(rc).map(|()| value)
     }
 
-    fn func_set_attribute(&mut self, func: &CudaFunction, attribute: u32, value: i32) -> CuResultOf<()> {
+    fn func_set_attribute(&mut self, func: &CudaFunction, attribute: u32, value: i32) -> CuResult<()> {
         let kind = self.function_kind(func)?;
         let attribute = enum_arg(attribute)?;
         self.enter()?;
@@ -2143,7 +2143,7 @@ impl GpuBackend for CudaGpu {
         check(rc)
     }
 
-    fn func_set_cache_config(&mut self, func: &CudaFunction, config: u32) -> CuResultOf<()> {
+    fn func_set_cache_config(&mut self, func: &CudaFunction, config: u32) -> CuResult<()> {
         let kind = self.function_kind(func)?;
         let config = enum_arg(config)?;
         self.enter()?;
@@ -2156,7 +2156,7 @@ impl GpuBackend for CudaGpu {
         check(rc)
     }
 
-    fn func_param_layout(&mut self, func: &CudaFunction) -> CuResultOf<Vec<ParamSlot>> {
+    fn func_param_layout(&mut self, func: &CudaFunction) -> CuResult<Vec<ParamSlot>> {
         self.function_kind(func)?;
         self.enter()?;
         self.param_layout(func).map(<[ParamSlot]>::to_vec)
@@ -2169,10 +2169,10 @@ impl GpuBackend for CudaGpu {
         stream: Option<&CudaStream>,
         params: &[u8],
         layout: &[ParamSlot],
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         let f = self.function_kind(func)?.as_function();
         let stream = self.stream_or_null(stream)?;
-        let mut attrs = config.attrs.iter().map(raw_launch_attribute).collect::<CuResultOf<SmallVec<[_; 4]>>>()?;
+        let mut attrs = config.attrs.iter().map(raw_launch_attribute).collect::<CuResult<SmallVec<[_; 4]>>>()?;
         let num_attrs = c_uint::try_from(attrs.len()).map_err(|_| CuError::INVALID_VALUE)?;
         self.enter()?;
         // The driver reads each parameter at the offset and size *it* knows; the caller's
@@ -2231,7 +2231,7 @@ impl GpuBackend for CudaGpu {
         block_size: i32,
         dynamic_smem: u64,
         flags: u32,
-    ) -> CuResultOf<i32> {
+    ) -> CuResult<i32> {
         let f = self.function_kind(func)?.as_function();
         let smem = byte_count(dynamic_smem)?;
         self.enter()?;
@@ -2242,12 +2242,7 @@ impl GpuBackend for CudaGpu {
         Ok(blocks)
     }
 
-    fn occupancy_available_dynamic_smem(
-        &mut self,
-        func: &CudaFunction,
-        blocks: i32,
-        block_size: i32,
-    ) -> CuResultOf<u64> {
+    fn occupancy_available_dynamic_smem(&mut self, func: &CudaFunction, blocks: i32, block_size: i32) -> CuResult<u64> {
         let f = self.function_kind(func)?.as_function();
         self.enter()?;
         let mut bytes: usize = 0;
@@ -2257,7 +2252,7 @@ impl GpuBackend for CudaGpu {
         Ok(bytes as u64)
     }
 
-    fn ctx_query_value(&mut self) -> CuResultOf<u64> {
+    fn ctx_query_value(&mut self) -> CuResult<u64> {
         /// {21318C60-9714-3248-8CA6-41FF7324C8F2}, as bytes in memory.
         const ID: [u8; 16] =
             [0x21, 0x31, 0x8c, 0x60, 0x97, 0x14, 0x32, 0x48, 0x8c, 0xa6, 0x41, 0xff, 0x73, 0x24, 0xc8, 0xf2];
@@ -2297,9 +2292,9 @@ impl GpuBackend for CudaGpu {
         Ok(v)
     }
 
-    fn occupancy_max_active_clusters(&mut self, func: &CudaFunction, config: &LaunchConfig) -> CuResultOf<i32> {
+    fn occupancy_max_active_clusters(&mut self, func: &CudaFunction, config: &LaunchConfig) -> CuResult<i32> {
         let f = self.function_kind(func)?.as_function();
-        let mut attrs = config.attrs.iter().map(raw_launch_attribute).collect::<CuResultOf<SmallVec<[_; 4]>>>()?;
+        let mut attrs = config.attrs.iter().map(raw_launch_attribute).collect::<CuResult<SmallVec<[_; 4]>>>()?;
         let num_attrs = c_uint::try_from(attrs.len()).map_err(|_| CuError::INVALID_VALUE)?;
         self.enter()?;
         let launch_config = RawLaunchConfig {
@@ -2320,7 +2315,7 @@ impl GpuBackend for CudaGpu {
 
     // ---- streams ----
 
-    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResultOf<CudaStream> {
+    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResult<CudaStream> {
         self.enter()?;
         let mut raw: sys::CUstream = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the driver validates `flags` and clamps `priority`;
@@ -2331,21 +2326,21 @@ impl GpuBackend for CudaGpu {
         Ok(CudaStream { id })
     }
 
-    fn stream_synchronize(&mut self, stream: &CudaStream) -> CuResultOf<()> {
+    fn stream_synchronize(&mut self, stream: &CudaStream) -> CuResult<()> {
         let raw = self.stream_or_null(Some(stream))?;
         self.enter()?;
         // SAFETY: `raw` is a live stream (it is in `self.streams`).
         check(unsafe { (self.api.stream_synchronize)(raw) })
     }
 
-    fn stream_query(&mut self, stream: Option<&CudaStream>) -> CuResultOf<()> {
+    fn stream_query(&mut self, stream: Option<&CudaStream>) -> CuResult<()> {
         let raw = self.stream_or_null(stream)?;
         self.enter()?;
         // SAFETY: `raw` is NULL (the current context's default stream) or a live stream.
         check(unsafe { (self.api.stream_query)(raw) })
     }
 
-    fn stream_wait_event(&mut self, stream: Option<&CudaStream>, event: &CudaEvent, flags: u32) -> CuResultOf<()> {
+    fn stream_wait_event(&mut self, stream: Option<&CudaStream>, event: &CudaEvent, flags: u32) -> CuResult<()> {
         let raw = self.stream_or_null(stream)?;
         let event = self.raw_event(event)?;
         self.enter()?;
@@ -2354,7 +2349,7 @@ impl GpuBackend for CudaGpu {
         check(unsafe { (self.api.stream_wait_event)(raw, event, flags) })
     }
 
-    fn stream_get_flags(&mut self, stream: Option<&CudaStream>) -> CuResultOf<u32> {
+    fn stream_get_flags(&mut self, stream: Option<&CudaStream>) -> CuResult<u32> {
         let raw = self.stream_or_null(stream)?;
         self.enter()?;
         let mut flags: c_uint = 0;
@@ -2363,7 +2358,7 @@ impl GpuBackend for CudaGpu {
         Ok(flags)
     }
 
-    fn stream_get_priority(&mut self, stream: Option<&CudaStream>) -> CuResultOf<i32> {
+    fn stream_get_priority(&mut self, stream: Option<&CudaStream>) -> CuResult<i32> {
         let raw = self.stream_or_null(stream)?;
         self.enter()?;
         let mut priority: c_int = 0;
@@ -2372,7 +2367,7 @@ impl GpuBackend for CudaGpu {
         Ok(priority)
     }
 
-    fn stream_destroy(&mut self, stream: CudaStream) -> CuResultOf<()> {
+    fn stream_destroy(&mut self, stream: CudaStream) -> CuResult<()> {
         let entry = self.streams.get(&stream.id).copied().ok_or(CuError::INVALID_HANDLE)?;
         self.make_current(entry.ctx)?;
         self.streams.remove(&stream.id);
@@ -2384,7 +2379,7 @@ impl GpuBackend for CudaGpu {
 
     // ---- events ----
 
-    fn event_create(&mut self, flags: u32) -> CuResultOf<CudaEvent> {
+    fn event_create(&mut self, flags: u32) -> CuResult<CudaEvent> {
         self.enter()?;
         let mut raw: sys::CUevent = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the driver validates `flags`; the context is current.
@@ -2394,7 +2389,7 @@ impl GpuBackend for CudaGpu {
         Ok(CudaEvent { id })
     }
 
-    fn event_destroy(&mut self, event: CudaEvent) -> CuResultOf<()> {
+    fn event_destroy(&mut self, event: CudaEvent) -> CuResult<()> {
         let entry = self.events.get(&event.id).copied().ok_or(CuError::INVALID_HANDLE)?;
         self.make_current(entry.ctx)?;
         self.events.remove(&event.id);
@@ -2403,7 +2398,7 @@ impl GpuBackend for CudaGpu {
         check(unsafe { (self.api.event_destroy)(entry.raw) })
     }
 
-    fn event_record(&mut self, event: &CudaEvent, stream: Option<&CudaStream>, flags: u32) -> CuResultOf<()> {
+    fn event_record(&mut self, event: &CudaEvent, stream: Option<&CudaStream>, flags: u32) -> CuResult<()> {
         let event = self.raw_event(event)?;
         let stream = self.stream_or_null(stream)?;
         self.enter()?;
@@ -2412,21 +2407,21 @@ impl GpuBackend for CudaGpu {
         check(unsafe { (self.api.event_record)(event, stream, flags) })
     }
 
-    fn event_query(&mut self, event: &CudaEvent) -> CuResultOf<()> {
+    fn event_query(&mut self, event: &CudaEvent) -> CuResult<()> {
         let event = self.raw_event(event)?;
         self.enter()?;
         // SAFETY: a live event.
         check(unsafe { (self.api.event_query)(event) })
     }
 
-    fn event_synchronize(&mut self, event: &CudaEvent) -> CuResultOf<()> {
+    fn event_synchronize(&mut self, event: &CudaEvent) -> CuResult<()> {
         let event = self.raw_event(event)?;
         self.enter()?;
         // SAFETY: a live event.
         check(unsafe { (self.api.event_synchronize)(event) })
     }
 
-    fn event_elapsed_time(&mut self, start: &CudaEvent, end: &CudaEvent) -> CuResultOf<f32> {
+    fn event_elapsed_time(&mut self, start: &CudaEvent, end: &CudaEvent) -> CuResult<f32> {
         let (start, end) = (self.raw_event(start)?, self.raw_event(end)?);
         self.enter()?;
         let mut ms: f32 = 0.0;
@@ -2879,7 +2874,7 @@ $L__done:
             return;
         }
         let mut g = open_gpu();
-        let not_found = Err(CuError::new(CuResult::NOT_FOUND));
+        let not_found = Err(CuError::NOT_FOUND);
         let m = g.module_load(FILL_PTX.as_bytes()).unwrap();
         let f = g.module_get_function(&m, c"fill_u32").unwrap();
         assert_eq!(g.func_param_layout(&f).unwrap(), FILL_LAYOUT);

@@ -9,48 +9,10 @@ pub mod cuda;
 pub mod sim;
 
 use std::ffi::CStr;
-use std::num::NonZeroU32;
-use vgpu_proto::{CuResult, DeviceInfo};
+use vgpu_proto::DeviceInfo;
 
-/// A CUDA error code (`CUresult`, never `CUDA_SUCCESS`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CuError(pub NonZeroU32);
-
-impl CuError {
-    /// Wraps a non-zero code; zero (success) maps to `CUDA_ERROR_UNKNOWN`, since a caller
-    /// that builds an error from success has a bug.
-    pub const fn new(code: u32) -> CuError {
-        match NonZeroU32::new(code) {
-            Some(c) => CuError(c),
-            None => CuError(NonZeroU32::MIN.saturating_add(CuResult::UNKNOWN - 1)),
-        }
-    }
-    /// The raw code.
-    pub fn code(self) -> u32 {
-        self.0.get()
-    }
-    /// `CUDA_ERROR_INVALID_VALUE`.
-    pub const INVALID_VALUE: CuError = CuError::new(CuResult::INVALID_VALUE);
-    /// `CUDA_ERROR_OUT_OF_MEMORY`.
-    pub const OUT_OF_MEMORY: CuError = CuError::new(CuResult::OUT_OF_MEMORY);
-    /// `CUDA_ERROR_INVALID_HANDLE`.
-    pub const INVALID_HANDLE: CuError = CuError::new(CuResult::INVALID_HANDLE);
-    /// `CUDA_ERROR_NOT_SUPPORTED`.
-    pub const NOT_SUPPORTED: CuError = CuError::new(CuResult::NOT_SUPPORTED);
-    /// `CUDA_ERROR_UNKNOWN`.
-    pub const UNKNOWN: CuError = CuError::new(CuResult::UNKNOWN);
-}
-
-impl std::fmt::Display for CuError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CUDA error {}", self.0)
-    }
-}
-
-impl std::error::Error for CuError {}
-
-/// Result of a backend operation.
-pub type CuResultOf<T> = Result<T, CuError>;
+/// The CUDA error type and result, one vocabulary with the guest (generated into the protocol crate).
+pub use vgpu_proto::{CuError, CuResult};
 
 /// A launch configuration (`cuLaunchKernel` / `cuLaunchKernelEx`).
 pub use vgpu_proto::LaunchConfig;
@@ -58,7 +20,7 @@ pub use vgpu_proto::LaunchConfig;
 pub use vgpu_proto::ParamSlot;
 
 /// `CUDA_ERROR_NOT_READY` (a query whose work has not finished; not a failure).
-pub const NOT_READY: CuError = CuError::new(600);
+pub const NOT_READY: CuError = CuError::NOT_READY;
 
 /// The GPU operations a zone worker needs. Device pointers are addresses in the backend's
 /// own contexts; ranges passed in are already validated against the zone's allocations,
@@ -100,62 +62,62 @@ pub trait GpuBackend {
     /// its value, or the driver's error for that attribute. Called once per zone.
     fn device_attributes(&mut self) -> Vec<Result<i32, CuError>>;
     /// The device's PCI bus id, as `cuDeviceGetPCIBusId` writes it.
-    fn pci_bus_id(&mut self) -> CuResultOf<String>;
+    fn pci_bus_id(&mut self) -> CuResult<String>;
 
     // ---- contexts ----
     /// Creates a context with `flags` and makes it current.
-    fn ctx_create(&mut self, flags: u32) -> CuResultOf<Self::Context>;
+    fn ctx_create(&mut self, flags: u32) -> CuResult<Self::Context>;
     /// Destroys a context: first scrubs (zeroes) every allocation made in it, then
     /// destroys it (which frees them, its modules, streams and events). If it was current,
     /// the primary context becomes current.
-    fn ctx_destroy(&mut self, ctx: Self::Context) -> CuResultOf<()>;
+    fn ctx_destroy(&mut self, ctx: Self::Context) -> CuResult<()>;
     /// Makes `ctx` current (`None`: the primary context).
-    fn set_context(&mut self, ctx: Option<&Self::Context>) -> CuResultOf<()>;
+    fn set_context(&mut self, ctx: Option<&Self::Context>) -> CuResult<()>;
     /// `cuCtxGetLimit` in the current context.
-    fn ctx_get_limit(&mut self, limit: u32) -> CuResultOf<u64>;
+    fn ctx_get_limit(&mut self, limit: u32) -> CuResult<u64>;
     /// `cuCtxSetLimit` in the current context.
-    fn ctx_set_limit(&mut self, limit: u32, value: u64) -> CuResultOf<()>;
+    fn ctx_set_limit(&mut self, limit: u32, value: u64) -> CuResult<()>;
     /// `cuCtxGetFlags`.
-    fn ctx_get_flags(&mut self) -> CuResultOf<u32>;
+    fn ctx_get_flags(&mut self) -> CuResult<u32>;
     /// `cuCtxSetFlags`.
-    fn ctx_set_flags(&mut self, flags: u32) -> CuResultOf<()>;
+    fn ctx_set_flags(&mut self, flags: u32) -> CuResult<()>;
     /// `cuCtxGetApiVersion` of the current context.
-    fn ctx_get_api_version(&mut self) -> CuResultOf<u32>;
+    fn ctx_get_api_version(&mut self) -> CuResult<u32>;
     /// `cuCtxGetStreamPriorityRange`: (least, greatest).
-    fn ctx_get_stream_priority_range(&mut self) -> CuResultOf<(i32, i32)>;
+    fn ctx_get_stream_priority_range(&mut self) -> CuResult<(i32, i32)>;
     /// `cuCtxGetCacheConfig`.
-    fn ctx_get_cache_config(&mut self) -> CuResultOf<u32>;
+    fn ctx_get_cache_config(&mut self) -> CuResult<u32>;
     /// `cuCtxSetCacheConfig`.
-    fn ctx_set_cache_config(&mut self, config: u32) -> CuResultOf<()>;
+    fn ctx_set_cache_config(&mut self, config: u32) -> CuResult<()>;
     /// `cuDevicePrimaryCtxSetFlags_v2`.
-    fn primary_ctx_set_flags(&mut self, flags: u32) -> CuResultOf<()>;
+    fn primary_ctx_set_flags(&mut self, flags: u32) -> CuResult<()>;
     /// The primary context's flags (`cuDevicePrimaryCtxGetState`'s first output).
-    fn primary_ctx_flags(&mut self) -> CuResultOf<u32>;
+    fn primary_ctx_flags(&mut self) -> CuResult<u32>;
     /// Waits for all work in the current context.
-    fn synchronize(&mut self) -> CuResultOf<()>;
+    fn synchronize(&mut self) -> CuResult<()>;
 
     // ---- memory ----
     /// Free and total device memory as the driver reports them.
-    fn mem_get_info(&mut self) -> CuResultOf<(u64, u64)>;
+    fn mem_get_info(&mut self) -> CuResult<(u64, u64)>;
     /// Allocates `size > 0` bytes in the current context.
-    fn mem_alloc(&mut self, size: u64) -> CuResultOf<u64>;
+    fn mem_alloc(&mut self, size: u64) -> CuResult<u64>;
     /// `cuMemAllocPitch`: returns (address, pitch); the allocation is `pitch * height` bytes.
-    fn mem_alloc_pitch(&mut self, width: u64, height: u64, element_size: u32) -> CuResultOf<(u64, u64)>;
+    fn mem_alloc_pitch(&mut self, width: u64, height: u64, element_size: u32) -> CuResult<(u64, u64)>;
     /// Scrubs (zeroes) then frees an allocation made by `mem_alloc`/`mem_alloc_pitch`.
-    fn mem_free(&mut self, dptr: u64) -> CuResultOf<()>;
+    fn mem_free(&mut self, dptr: u64) -> CuResult<()>;
     /// Copies host bytes to device memory. With a stream the copy may still be running
     /// when this returns, but `src` has been consumed.
-    fn copy_htod(&mut self, dst: u64, src: &[u8], stream: Option<&Self::Stream>) -> CuResultOf<()>;
+    fn copy_htod(&mut self, dst: u64, src: &[u8], stream: Option<&Self::Stream>) -> CuResult<()>;
     /// Copies device memory to host bytes; returns when the bytes are in `dst`.
-    fn copy_dtoh(&mut self, dst: &mut [u8], src: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
+    fn copy_dtoh(&mut self, dst: &mut [u8], src: u64, stream: Option<&Self::Stream>) -> CuResult<()>;
     /// Copies device memory to device memory.
-    fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
+    fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&Self::Stream>) -> CuResult<()>;
     /// Sets `count` bytes at `dst` to `value`.
-    fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
+    fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&Self::Stream>) -> CuResult<()>;
     /// Sets `count` 16-bit words at `dst` to `value`.
-    fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
+    fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&Self::Stream>) -> CuResult<()>;
     /// Sets `count` 32-bit words at `dst` to `value`.
-    fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&Self::Stream>) -> CuResultOf<()>;
+    fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&Self::Stream>) -> CuResult<()>;
 
     // ---- IPC (brokered by the daemon: see `crate::broker`) ----
     /// Makes the allocation starting at `dptr` (made by `mem_alloc`/`mem_alloc_pitch`, in
@@ -163,22 +125,22 @@ pub trait GpuBackend {
     /// backend's payload naming it (cuda: the driver's 64-byte `CUipcMemHandle`). The
     /// payload is host-internal: it never reaches a guest. Exporting again returns a payload
     /// for the same memory. When the allocation is freed, the payload stops working.
-    fn ipc_export(&mut self, dptr: u64) -> CuResultOf<Vec<u8>>;
+    fn ipc_export(&mut self, dptr: u64) -> CuResult<Vec<u8>>;
     /// Maps memory exported by another worker process (`payload` from its
     /// [`ipc_export`](Self::ipc_export), `size` bytes) into the current context and returns
     /// its address here. `flags` must be `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS` (1), the one
     /// value the driver takes; anything else is `CUDA_ERROR_INVALID_VALUE`, as is a payload
     /// that names nothing live.
-    fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResultOf<u64>;
+    fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResult<u64>;
     /// Unmaps memory mapped by [`ipc_open`](Self::ipc_open) (its start), in the context it
     /// was mapped in. The memory itself belongs to the exporter and is not scrubbed here.
-    fn ipc_close(&mut self, dptr: u64) -> CuResultOf<()>;
+    fn ipc_close(&mut self, dptr: u64) -> CuResult<()>;
     /// Makes an event created with `CU_EVENT_INTERPROCESS` openable by another worker of this
     /// host; returns the backend's payload (cuda: the driver's 64-byte `CUipcEventHandle`),
     /// host-internal like [`ipc_export`](Self::ipc_export)'s.
-    fn ipc_event_export(&mut self, event: &Self::Event) -> CuResultOf<Vec<u8>>;
+    fn ipc_event_export(&mut self, event: &Self::Event) -> CuResult<Vec<u8>>;
     /// Opens an event exported by another worker, in the current context.
-    fn ipc_event_open(&mut self, payload: &[u8]) -> CuResultOf<Self::Event>;
+    fn ipc_event_open(&mut self, payload: &[u8]) -> CuResult<Self::Event>;
 
     // ---- the shared data window (fast path) ----
     /// Makes the zone's shared data window known to the backend so that copies from and to
@@ -191,16 +153,16 @@ pub trait GpuBackend {
     /// dropped. Its contents may change at any time (the guest shares it): the backend
     /// must only hand the memory to the device, never read it through a Rust reference.
     #[allow(unsafe_code)] // The trait's declaration: the contract is the caller's.
-    unsafe fn attach_window(&mut self, base: std::ptr::NonNull<u8>, len: usize) -> CuResultOf<bool> {
+    unsafe fn attach_window(&mut self, base: std::ptr::NonNull<u8>, len: usize) -> CuResult<bool> {
         let _ = (base, len);
         Ok(false)
     }
     /// Queues a host function on `stream` (NULL: the context's default stream): when the
     /// stream gets there, `slot.run()` is called and the stream's later work waits for it.
-    fn launch_host_func(&mut self, stream: Option<&Self::Stream>, slot: HostFuncSlot) -> CuResultOf<()>;
+    fn launch_host_func(&mut self, stream: Option<&Self::Stream>, slot: HostFuncSlot) -> CuResult<()>;
     /// The device address of window byte `offset` (zero-copy host memory), when the backend
     /// took the window (`attach_window`) and maps it for kernels.
-    fn window_device_pointer(&mut self, offset: u64) -> CuResultOf<u64> {
+    fn window_device_pointer(&mut self, offset: u64) -> CuResult<u64> {
         let _ = offset;
         Err(CuError::NOT_SUPPORTED)
     }
@@ -214,7 +176,7 @@ pub trait GpuBackend {
         len: u64,
         stream: Option<&Self::Stream>,
         wait: bool,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         let _ = (dst, offset, len, stream, wait);
         Err(CuError::NOT_SUPPORTED)
     }
@@ -227,7 +189,7 @@ pub trait GpuBackend {
         len: u64,
         stream: Option<&Self::Stream>,
         wait: bool,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         let _ = (offset, src, len, stream, wait);
         Err(CuError::NOT_SUPPORTED)
     }
@@ -235,33 +197,33 @@ pub trait GpuBackend {
     // ---- modules, libraries, functions ----
     /// Loads a module image (`cuModuleLoadData`): NUL-terminated PTX, a cubin or a fatbin,
     /// exactly `image.len()` bytes (the caller has sized it).
-    fn module_load(&mut self, image: &[u8]) -> CuResultOf<Self::Module>;
+    fn module_load(&mut self, image: &[u8]) -> CuResult<Self::Module>;
     /// Loads a library image (`cuLibraryLoadData`, no options).
-    fn library_load(&mut self, image: &[u8]) -> CuResultOf<Self::Module>;
+    fn library_load(&mut self, image: &[u8]) -> CuResult<Self::Module>;
     /// Unloads a module or library (whichever it was loaded as). A module obtained from
     /// [`library_get_module`](Self::library_get_module) is only forgotten.
-    fn module_unload(&mut self, module: Self::Module) -> CuResultOf<()>;
+    fn module_unload(&mut self, module: Self::Module) -> CuResult<()>;
     /// `cuModuleGetFunction`.
-    fn module_get_function(&mut self, module: &Self::Module, name: &CStr) -> CuResultOf<Self::Function>;
+    fn module_get_function(&mut self, module: &Self::Module, name: &CStr) -> CuResult<Self::Function>;
     /// `cuModuleGetGlobal`: (address, size in bytes).
-    fn module_get_global(&mut self, module: &Self::Module, name: &CStr) -> CuResultOf<(u64, u64)>;
+    fn module_get_global(&mut self, module: &Self::Module, name: &CStr) -> CuResult<(u64, u64)>;
     /// `cuLibraryGetModule`: a non-owning module view of a library.
-    fn library_get_module(&mut self, library: &Self::Module) -> CuResultOf<Self::Module>;
+    fn library_get_module(&mut self, library: &Self::Module) -> CuResult<Self::Module>;
     /// `cuLibraryGetKernel`.
-    fn library_get_kernel(&mut self, library: &Self::Module, name: &CStr) -> CuResultOf<Self::Function>;
+    fn library_get_kernel(&mut self, library: &Self::Module, name: &CStr) -> CuResult<Self::Function>;
     /// `cuLibraryGetGlobal`: (address, size in bytes).
-    fn library_get_global(&mut self, library: &Self::Module, name: &CStr) -> CuResultOf<(u64, u64)>;
+    fn library_get_global(&mut self, library: &Self::Module, name: &CStr) -> CuResult<(u64, u64)>;
     /// `cuKernelGetFunction`: the kernel's function in the current context.
-    fn kernel_get_function(&mut self, kernel: &Self::Function) -> CuResultOf<Self::Function>;
+    fn kernel_get_function(&mut self, kernel: &Self::Function) -> CuResult<Self::Function>;
     /// `cuFuncGetAttribute` (for a kernel: `cuKernelGetAttribute` on this device).
-    fn func_get_attribute(&mut self, func: &Self::Function, attribute: u32) -> CuResultOf<i32>;
+    fn func_get_attribute(&mut self, func: &Self::Function, attribute: u32) -> CuResult<i32>;
     /// `cuFuncSetAttribute` (for a kernel: `cuKernelSetAttribute` on this device).
-    fn func_set_attribute(&mut self, func: &Self::Function, attribute: u32, value: i32) -> CuResultOf<()>;
+    fn func_set_attribute(&mut self, func: &Self::Function, attribute: u32, value: i32) -> CuResult<()>;
     /// `cuFuncSetCacheConfig`.
-    fn func_set_cache_config(&mut self, func: &Self::Function, config: u32) -> CuResultOf<()>;
+    fn func_set_cache_config(&mut self, func: &Self::Function, config: u32) -> CuResult<()>;
     /// Every parameter's offset and size, in order (`cuFuncGetParamInfo` until it reports
     /// `CUDA_ERROR_INVALID_VALUE` past the last).
-    fn func_param_layout(&mut self, func: &Self::Function) -> CuResultOf<Vec<ParamSlot>>;
+    fn func_param_layout(&mut self, func: &Self::Function) -> CuResult<Vec<ParamSlot>>;
     /// Launches `func`. `params` is the packed parameter buffer: parameter `i` occupies
     /// `params[layout[i].offset..][..layout[i].size]`; the caller checked the bounds.
     fn launch(
@@ -271,7 +233,7 @@ pub trait GpuBackend {
         stream: Option<&Self::Stream>,
         params: &[u8],
         layout: &[ParamSlot],
-    ) -> CuResultOf<()>;
+    ) -> CuResult<()>;
     /// `cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags`.
     fn occupancy_max_active_blocks(
         &mut self,
@@ -279,69 +241,69 @@ pub trait GpuBackend {
         block_size: i32,
         dynamic_smem: u64,
         flags: u32,
-    ) -> CuResultOf<i32>;
+    ) -> CuResult<i32>;
     /// `cuOccupancyAvailableDynamicSMemPerBlock`.
     fn occupancy_available_dynamic_smem(
         &mut self,
         func: &Self::Function,
         blocks: i32,
         block_size: i32,
-    ) -> CuResultOf<u64>;
+    ) -> CuResult<u64>;
     /// `cuOccupancyMaxActiveClusters` for a launch configuration (plain attributes only).
-    fn occupancy_max_active_clusters(&mut self, func: &Self::Function, config: &LaunchConfig) -> CuResultOf<i32>;
+    fn occupancy_max_active_clusters(&mut self, func: &Self::Function, config: &LaunchConfig) -> CuResult<i32>;
     /// The value slot 39 of the driver's private table {21318C60…} gives for slot 51's
     /// object of the current context (undocumented; cuBLASLt asks for it before its first
     /// heuristics query — see libvgpu's export_tables.rs for what was measured).
-    fn ctx_query_value(&mut self) -> CuResultOf<u64>;
+    fn ctx_query_value(&mut self) -> CuResult<u64>;
 
     // ---- streams ----
     /// Creates a stream (`cuStreamCreateWithPriority`; priority 0 is the default).
-    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResultOf<Self::Stream>;
+    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResult<Self::Stream>;
     /// Waits for a stream's work.
-    fn stream_synchronize(&mut self, stream: &Self::Stream) -> CuResultOf<()>;
+    fn stream_synchronize(&mut self, stream: &Self::Stream) -> CuResult<()>;
     /// `Ok` when the stream's work is done, [`NOT_READY`] when not.
-    fn stream_query(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<()>;
+    fn stream_query(&mut self, stream: Option<&Self::Stream>) -> CuResult<()>;
     /// Makes future work on `stream` wait for `event`.
-    fn stream_wait_event(&mut self, stream: Option<&Self::Stream>, event: &Self::Event, flags: u32) -> CuResultOf<()>;
+    fn stream_wait_event(&mut self, stream: Option<&Self::Stream>, event: &Self::Event, flags: u32) -> CuResult<()>;
     /// `cuStreamGetFlags`.
-    fn stream_get_flags(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<u32>;
+    fn stream_get_flags(&mut self, stream: Option<&Self::Stream>) -> CuResult<u32>;
     /// `cuStreamGetPriority`.
-    fn stream_get_priority(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<i32>;
+    fn stream_get_priority(&mut self, stream: Option<&Self::Stream>) -> CuResult<i32>;
     /// Destroys a stream.
-    fn stream_destroy(&mut self, stream: Self::Stream) -> CuResultOf<()>;
+    fn stream_destroy(&mut self, stream: Self::Stream) -> CuResult<()>;
 
     // ---- virtual memory management (the zone checks every range first) ----
     /// `cuMemGetAllocationGranularity` for pinned device memory of this device (minimum, or
     /// with `recommended` the recommended one).
-    fn mem_granularity(&mut self, recommended: bool) -> CuResultOf<u64>;
+    fn mem_granularity(&mut self, recommended: bool) -> CuResult<u64>;
     /// `cuMemAddressReserve`: a range of `size` bytes of virtual addresses.
-    fn mem_address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResultOf<u64>;
+    fn mem_address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResult<u64>;
     /// `cuMemAddressFree` of a whole reservation with nothing mapped in it.
-    fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResultOf<()>;
+    fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResult<()>;
     /// `cuMemCreate` of `size` bytes of pinned memory on this device, with the export
     /// `handle_types` allowed (POSIX file descriptor, fabric: never used by this side) and
     /// `rdma` its gpuDirectRDMACapable flag.
-    fn mem_create(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResultOf<Self::Phys>;
+    fn mem_create(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResult<Self::Phys>;
     /// Scrubs (zeroes) a physical allocation with no mapping left, then `cuMemRelease`.
-    fn mem_release(&mut self, phys: Self::Phys) -> CuResultOf<()>;
+    fn mem_release(&mut self, phys: Self::Phys) -> CuResult<()>;
     /// `cuMemMap` of `size` bytes of `phys` from `offset` at `ptr` (inside a reservation,
     /// over nothing mapped).
-    fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, phys: &Self::Phys) -> CuResultOf<()>;
+    fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, phys: &Self::Phys) -> CuResult<()>;
     /// `cuMemUnmap` of whole mappings covering exactly `[ptr, ptr + size)`.
-    fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResultOf<()>;
+    fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResult<()>;
     /// `cuMemSetAccess` for this device: `flags` 1 (read) or 3 (read and write).
-    fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResultOf<()>;
+    fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResult<()>;
 
     // ---- graphs and stream capture ----
     /// `cuGraphCreate` (flags 0).
-    fn graph_create(&mut self) -> CuResultOf<Self::Graph>;
+    fn graph_create(&mut self) -> CuResult<Self::Graph>;
     /// `cuGraphDestroy`: the graph and its nodes (executable graphs made from it live on).
-    fn graph_destroy(&mut self, graph: Self::Graph) -> CuResultOf<()>;
+    fn graph_destroy(&mut self, graph: Self::Graph) -> CuResult<()>;
     /// `cuGraphClone`.
-    fn graph_clone(&mut self, graph: &Self::Graph) -> CuResultOf<Self::Graph>;
+    fn graph_clone(&mut self, graph: &Self::Graph) -> CuResult<Self::Graph>;
     /// `cuGraphNodeFindInClone`: the node of `clone` that `original` (a node of the graph it
     /// was cloned from) became.
-    fn graph_find_in_clone(&mut self, clone: &Self::Graph, original: Self::GraphNode) -> CuResultOf<Self::GraphNode>;
+    fn graph_find_in_clone(&mut self, clone: &Self::Graph, original: Self::GraphNode) -> CuResult<Self::GraphNode>;
     /// Adds a node after `deps` (nodes of `graph`). Ranges in `node` were checked by the
     /// caller against the zone's allocations and the window's size.
     fn graph_add_node(
@@ -349,28 +311,28 @@ pub trait GpuBackend {
         graph: &Self::Graph,
         deps: &[Self::GraphNode],
         node: GraphNodeSpec<'_, Self::Function>,
-    ) -> CuResultOf<Self::GraphNode>;
+    ) -> CuResult<Self::GraphNode>;
     /// `cuGraphGetNodes`: every node of `graph`.
-    fn graph_nodes(&mut self, graph: &Self::Graph) -> CuResultOf<Vec<Self::GraphNode>>;
+    fn graph_nodes(&mut self, graph: &Self::Graph) -> CuResult<Vec<Self::GraphNode>>;
     /// `cuGraphInstantiateWithFlags` in the current context.
-    fn graph_instantiate(&mut self, graph: &Self::Graph, flags: u64) -> CuResultOf<Self::GraphExec>;
+    fn graph_instantiate(&mut self, graph: &Self::Graph, flags: u64) -> CuResult<Self::GraphExec>;
     /// `cuGraphExecDestroy`.
-    fn graph_exec_destroy(&mut self, exec: Self::GraphExec) -> CuResultOf<()>;
+    fn graph_exec_destroy(&mut self, exec: Self::GraphExec) -> CuResult<()>;
     /// `cuGraphLaunch` (with `upload_only`, `cuGraphUpload`) on `stream`.
     fn graph_launch(
         &mut self,
         exec: &Self::GraphExec,
         stream: Option<&Self::Stream>,
         upload_only: bool,
-    ) -> CuResultOf<()>;
+    ) -> CuResult<()>;
     /// `cuStreamBeginCapture_v2`.
-    fn stream_begin_capture(&mut self, stream: Option<&Self::Stream>, mode: u32) -> CuResultOf<()>;
+    fn stream_begin_capture(&mut self, stream: Option<&Self::Stream>, mode: u32) -> CuResult<()>;
     /// `cuStreamEndCapture`: the captured graph.
-    fn stream_end_capture(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<Self::Graph>;
+    fn stream_end_capture(&mut self, stream: Option<&Self::Stream>) -> CuResult<Self::Graph>;
     /// `cuStreamGetCaptureInfo`: (`CUstreamCaptureStatus`, capture id; 0 when none).
-    fn stream_capture_info(&mut self, stream: Option<&Self::Stream>) -> CuResultOf<(u32, u64)>;
+    fn stream_capture_info(&mut self, stream: Option<&Self::Stream>) -> CuResult<(u32, u64)>;
     /// `cuThreadExchangeStreamCaptureMode` on the worker's thread: the previous mode.
-    fn exchange_capture_mode(&mut self, mode: u32) -> CuResultOf<u32>;
+    fn exchange_capture_mode(&mut self, mode: u32) -> CuResult<u32>;
     /// Queues a host function that may run more than once (`stream` is capturing: it
     /// becomes a node of the capture's graph, which is returned). The backend keeps `slot`
     /// for its own life.
@@ -378,28 +340,28 @@ pub trait GpuBackend {
         &mut self,
         stream: Option<&Self::Stream>,
         slot: std::sync::Arc<HostFuncSlot>,
-    ) -> CuResultOf<Option<Self::GraphNode>>;
+    ) -> CuResult<Option<Self::GraphNode>>;
 
     // ---- events ----
     /// `cuEventCreate`.
-    fn event_create(&mut self, flags: u32) -> CuResultOf<Self::Event>;
+    fn event_create(&mut self, flags: u32) -> CuResult<Self::Event>;
     /// `cuEventDestroy`.
-    fn event_destroy(&mut self, event: Self::Event) -> CuResultOf<()>;
+    fn event_destroy(&mut self, event: Self::Event) -> CuResult<()>;
     /// `cuEventRecordWithFlags` (flags 0 = `cuEventRecord`).
-    fn event_record(&mut self, event: &Self::Event, stream: Option<&Self::Stream>, flags: u32) -> CuResultOf<()>;
+    fn event_record(&mut self, event: &Self::Event, stream: Option<&Self::Stream>, flags: u32) -> CuResult<()>;
     /// `Ok` when the event has completed, [`NOT_READY`] when not.
-    fn event_query(&mut self, event: &Self::Event) -> CuResultOf<()>;
+    fn event_query(&mut self, event: &Self::Event) -> CuResult<()>;
     /// Waits for an event.
-    fn event_synchronize(&mut self, event: &Self::Event) -> CuResultOf<()>;
+    fn event_synchronize(&mut self, event: &Self::Event) -> CuResult<()>;
     /// Milliseconds between two recorded events.
-    fn event_elapsed_time(&mut self, start: &Self::Event, end: &Self::Event) -> CuResultOf<f32>;
+    fn event_elapsed_time(&mut self, start: &Self::Event, end: &Self::Event) -> CuResult<f32>;
 }
 
 /// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`: the operation cannot be captured (or, on a
 /// capturing stream, cannot run).
-pub const STREAM_CAPTURE_UNSUPPORTED: CuError = CuError::new(900);
+pub const STREAM_CAPTURE_UNSUPPORTED: CuError = CuError::STREAM_CAPTURE_UNSUPPORTED;
 /// `CUDA_ERROR_ILLEGAL_STATE`: e.g. ending a capture on a stream that is not capturing.
-pub const ILLEGAL_STATE: CuError = CuError::new(401);
+pub const ILLEGAL_STATE: CuError = CuError::ILLEGAL_STATE;
 /// `CU_STREAM_CAPTURE_STATUS_ACTIVE`.
 pub const CAPTURE_ACTIVE: u32 = 1;
 

@@ -57,13 +57,13 @@
 //!   double, for tests whose processes take turns.
 
 use super::cuda::is_plain_launch_attribute;
-use super::{CopyEnd, CuError, CuResultOf, GpuBackend, GraphCopy, GraphMemset, LaunchConfig, ParamSlot};
+use super::{CopyEnd, CuError, CuResult, GpuBackend, GraphCopy, GraphMemset, LaunchConfig, ParamSlot};
 use cudarc::driver::sys;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
-use vgpu_proto::{CuResult, DeviceInfo};
+use vgpu_proto::DeviceInfo;
 
 mod graphs;
 mod vmm;
@@ -79,13 +79,13 @@ const SIM_ALIGN: u64 = 512;
 const PITCH_ALIGN: u64 = 512;
 
 /// `CUDA_ERROR_INVALID_PTX`.
-const INVALID_PTX: CuError = CuError::new(218);
+const INVALID_PTX: CuError = CuError::INVALID_PTX;
 /// `CUDA_ERROR_NOT_FOUND`.
-const NOT_FOUND: CuError = CuError::new(CuResult::NOT_FOUND);
+const NOT_FOUND: CuError = CuError::NOT_FOUND;
 /// `CUDA_ERROR_ILLEGAL_ADDRESS`.
-const ILLEGAL_ADDRESS: CuError = CuError::new(CuResult::ILLEGAL_ADDRESS);
+const ILLEGAL_ADDRESS: CuError = CuError::ILLEGAL_ADDRESS;
 /// `CUDA_ERROR_MISALIGNED_ADDRESS`.
-const MISALIGNED_ADDRESS: CuError = CuError::new(716);
+const MISALIGNED_ADDRESS: CuError = CuError::MISALIGNED_ADDRESS;
 
 /// `CU_EVENT_DISABLE_TIMING`.
 const EVENT_DISABLE_TIMING: u32 = 0x2;
@@ -365,13 +365,13 @@ impl SimGpu {
 
     /// The bytes at `[addr, addr + len)` of one allocation (tests and fuzz targets look at
     /// memory the zone under test must not reach).
-    pub fn peek(&mut self, addr: u64, len: u64) -> CuResultOf<Vec<u8>> {
+    pub fn peek(&mut self, addr: u64, len: u64) -> CuResult<Vec<u8>> {
         let (data, off) = self.locate(addr, len)?;
         Ok(data[off..off + len as usize].to_vec())
     }
 
     /// Writes `bytes` at `addr`, inside one allocation.
-    pub fn poke(&mut self, addr: u64, bytes: &[u8]) -> CuResultOf<()> {
+    pub fn poke(&mut self, addr: u64, bytes: &[u8]) -> CuResult<()> {
         let (data, off) = self.locate(addr, bytes.len() as u64)?;
         data[off..off + bytes.len()].copy_from_slice(bytes);
         Ok(())
@@ -403,7 +403,7 @@ impl SimGpu {
 
     /// The allocation holding `[addr, addr + len)`, and the offset of `addr` in it
     /// (`CUDA_ERROR_INVALID_VALUE` when no single allocation holds the range).
-    fn locate(&mut self, addr: u64, len: u64) -> CuResultOf<(&mut [u8], usize)> {
+    fn locate(&mut self, addr: u64, len: u64) -> CuResult<(&mut [u8], usize)> {
         let (&start, alloc) = self.allocs.range_mut(..=addr).next_back().ok_or(CuError::INVALID_VALUE)?;
         let off = addr - start;
         let end = off.checked_add(len).ok_or(CuError::INVALID_VALUE)?;
@@ -417,7 +417,7 @@ impl SimGpu {
     /// `[addr, addr + len)` for a kernel: `CUDA_ERROR_ILLEGAL_ADDRESS` when no single
     /// allocation holds it, `CUDA_ERROR_MISALIGNED_ADDRESS` when `addr` is not aligned to
     /// `align`.
-    fn kernel_range(&mut self, addr: u64, len: u64, align: u64) -> CuResultOf<&mut [u8]> {
+    fn kernel_range(&mut self, addr: u64, len: u64, align: u64) -> CuResult<&mut [u8]> {
         let (buf, off) = self.locate(addr, len).map_err(|_| ILLEGAL_ADDRESS)?;
         if addr % align != 0 {
             return Err(MISALIGNED_ADDRESS);
@@ -426,7 +426,7 @@ impl SimGpu {
     }
 
     /// Makes an allocation of `size > 0` bytes filled with `fill`.
-    fn allocate(&mut self, size: u64, fill: u8, ctx: CtxId, owner: Owner) -> CuResultOf<u64> {
+    fn allocate(&mut self, size: u64, fill: u8, ctx: CtxId, owner: Owner) -> CuResult<u64> {
         if size == 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -441,7 +441,7 @@ impl SimGpu {
     }
 
     /// A fresh, never reused address range of `size` bytes.
-    fn place(&mut self, size: u64) -> CuResultOf<u64> {
+    fn place(&mut self, size: u64) -> CuResult<u64> {
         let addr = self.next_addr;
         self.next_addr = addr.checked_add(size.div_ceil(SIM_ALIGN) * SIM_ALIGN).ok_or(CuError::OUT_OF_MEMORY)?;
         Ok(addr)
@@ -461,12 +461,12 @@ impl SimGpu {
     }
 
     /// The current context's settings.
-    fn ctx_state(&mut self) -> CuResultOf<&mut CtxState> {
-        self.contexts.get_mut(&self.current).ok_or(CuError::new(CuResult::INVALID_CONTEXT))
+    fn ctx_state(&mut self) -> CuResult<&mut CtxState> {
+        self.contexts.get_mut(&self.current).ok_or(CuError::INVALID_CONTEXT)
     }
 
     /// Checks that `stream` is live (`None`, the NULL stream, always is).
-    fn check_stream(&self, stream: Option<&SimStream>) -> CuResultOf<Option<StreamState>> {
+    fn check_stream(&self, stream: Option<&SimStream>) -> CuResult<Option<StreamState>> {
         match stream {
             None => Ok(None),
             Some(s) => self.streams.get(&s.0).copied().map(Some).ok_or(CuError::INVALID_HANDLE),
@@ -474,18 +474,18 @@ impl SimGpu {
     }
 
     /// A live event.
-    fn event(&self, event: &SimEvent) -> CuResultOf<EventState> {
+    fn event(&self, event: &SimEvent) -> CuResult<EventState> {
         self.events.get(&event.0).copied().ok_or(CuError::INVALID_HANDLE)
     }
 
     /// A live function.
-    fn function(&self, func: &SimFunction) -> CuResultOf<&FunctionState> {
+    fn function(&self, func: &SimFunction) -> CuResult<&FunctionState> {
         self.functions.get(&func.0).ok_or(CuError::INVALID_HANDLE)
     }
 
     /// A live module or library view, and the module or library holding its entries and
     /// globals (itself, or the view's library). Libraries are refused.
-    fn module_holder(&self, module: &SimModule) -> CuResultOf<(&ModuleState, &ModuleState)> {
+    fn module_holder(&self, module: &SimModule) -> CuResult<(&ModuleState, &ModuleState)> {
         let m = self.modules.get(&module.0).ok_or(CuError::INVALID_HANDLE)?;
         match m.kind {
             ModuleKind::Module => Ok((m, m)),
@@ -495,7 +495,7 @@ impl SimGpu {
     }
 
     /// A live library (modules and views are refused).
-    fn library(&self, library: &SimModule) -> CuResultOf<&ModuleState> {
+    fn library(&self, library: &SimModule) -> CuResult<&ModuleState> {
         match self.modules.get(&library.0) {
             Some(m) if m.kind == ModuleKind::Library => Ok(m),
             _ => Err(CuError::INVALID_HANDLE),
@@ -503,7 +503,7 @@ impl SimGpu {
     }
 
     /// Loads PTX as a module (`ctx` = `Some(current)`) or a library (`None`).
-    fn load(&mut self, image: &[u8], ctx: Option<CtxId>) -> CuResultOf<SimModule> {
+    fn load(&mut self, image: &[u8], ctx: Option<CtxId>) -> CuResult<SimModule> {
         let ptx = parse_ptx(ptx_text(image)?)?;
         let id = next_id();
         let mut globals = BTreeMap::new();
@@ -555,13 +555,7 @@ impl SimGpu {
 
     /// Checks a launch of function `func` as the driver would, and names the built-in
     /// kernel it runs.
-    fn check_launch(
-        &self,
-        func: u64,
-        config: &LaunchConfig,
-        params: &[u8],
-        layout: &[ParamSlot],
-    ) -> CuResultOf<Builtin> {
+    fn check_launch(&self, func: u64, config: &LaunchConfig, params: &[u8], layout: &[ParamSlot]) -> CuResult<Builtin> {
         let f = self.functions.get(&func).ok_or(CuError::INVALID_HANDLE)?;
         if config.attrs.iter().any(|a| !is_plain_launch_attribute(a.id)) {
             return Err(CuError::NOT_SUPPORTED);
@@ -583,12 +577,12 @@ impl SimGpu {
     }
 
     /// Runs a launch now (streams run their work in place).
-    fn launch_now(&mut self, func: u64, config: &LaunchConfig, params: &[u8], layout: &[ParamSlot]) -> CuResultOf<()> {
+    fn launch_now(&mut self, func: u64, config: &LaunchConfig, params: &[u8], layout: &[ParamSlot]) -> CuResult<()> {
         let kernel = self.check_launch(func, config, params, layout)?;
         self.run_builtin(kernel, params)
     }
 
-    fn run_builtin(&mut self, kernel: Builtin, params: &[u8]) -> CuResultOf<()> {
+    fn run_builtin(&mut self, kernel: Builtin, params: &[u8]) -> CuResult<()> {
         match kernel {
             Builtin::Empty => Ok(()),
             Builtin::Panic => panic!("vgpu_test_panic: the test double's deliberate panic"),
@@ -674,13 +668,13 @@ impl Builtin {
 }
 
 /// A 32-bit parameter at `offset` (the layout was checked against `params`).
-fn param_u32(params: &[u8], offset: usize) -> CuResultOf<u32> {
+fn param_u32(params: &[u8], offset: usize) -> CuResult<u32> {
     let bytes = params.get(offset..offset + 4).ok_or(CuError::INVALID_VALUE)?;
     Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
 
 /// A 64-bit parameter at `offset` (the layout was checked against `params`).
-fn param_u64(params: &[u8], offset: usize) -> CuResultOf<u64> {
+fn param_u64(params: &[u8], offset: usize) -> CuResult<u64> {
     let lo = u64::from(param_u32(params, offset)?);
     let hi = u64::from(param_u32(params, offset + 4)?);
     Ok(lo | hi << 32)
@@ -882,7 +876,7 @@ struct Ptx {
 
 /// The PTX text of a module image: the UTF-8 text before its first NUL, which must carry
 /// a `.version` directive. Anything else is `CUDA_ERROR_NOT_SUPPORTED`.
-fn ptx_text(image: &[u8]) -> CuResultOf<&str> {
+fn ptx_text(image: &[u8]) -> CuResult<&str> {
     let nul = image.iter().position(|&b| b == 0).ok_or(CuError::NOT_SUPPORTED)?;
     let text = std::str::from_utf8(&image[..nul]).map_err(|_| CuError::NOT_SUPPORTED)?;
     if !tokens(&strip_comments(text)).iter().any(|t| t == ".version") {
@@ -973,7 +967,7 @@ fn strip_line_directives(text: &str) -> String {
 
 /// The module-scope statements of comment-free PTX, with how each ended. Function bodies
 /// are skipped; braces of an initialiser (`= { … }`) belong to their statement.
-fn module_statements(text: &str) -> CuResultOf<Vec<(String, Terminator)>> {
+fn module_statements(text: &str) -> CuResult<Vec<(String, Terminator)>> {
     let text = strip_line_directives(text);
     let mut out = Vec::new();
     let mut statement = String::new();
@@ -1104,7 +1098,7 @@ fn declaration(tokens: &[String], unsized_count: Option<u64>) -> Option<Declared
 }
 
 /// The parameter layout of an entry's `.param` list, laid out as C lays out a struct.
-fn param_layout(params: &[String]) -> CuResultOf<Vec<ParamSlot>> {
+fn param_layout(params: &[String]) -> CuResult<Vec<ParamSlot>> {
     let mut layout = Vec::new();
     let mut offset = 0u64;
     for param in params.split(|t| t == ",") {
@@ -1128,7 +1122,7 @@ fn param_layout(params: &[String]) -> CuResultOf<Vec<ParamSlot>> {
 }
 
 /// Reads the kernel entries and module-scope `.global` variables of PTX text.
-fn parse_ptx(text: &str) -> CuResultOf<Ptx> {
+fn parse_ptx(text: &str) -> CuResult<Ptx> {
     let mut ptx = Ptx::default();
     for (statement, end) in module_statements(&strip_comments(text))? {
         let toks = tokens(&statement);
@@ -1258,35 +1252,35 @@ impl GpuBackend for SimGpu {
     const CONTEXT_MEM_BYTES: u64 = 0;
     type Phys = SimPhys;
 
-    fn mem_granularity(&mut self, _recommended: bool) -> CuResultOf<u64> {
+    fn mem_granularity(&mut self, _recommended: bool) -> CuResult<u64> {
         Ok(SimGpu::granularity())
     }
 
-    fn mem_address_reserve(&mut self, size: u64, alignment: u64, _addr: u64) -> CuResultOf<u64> {
+    fn mem_address_reserve(&mut self, size: u64, alignment: u64, _addr: u64) -> CuResult<u64> {
         self.address_reserve(size, alignment)
     }
 
-    fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+    fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResult<()> {
         self.address_free(ptr, size)
     }
 
-    fn mem_create(&mut self, size: u64, _handle_types: u32, _rdma: bool) -> CuResultOf<SimPhys> {
+    fn mem_create(&mut self, size: u64, _handle_types: u32, _rdma: bool) -> CuResult<SimPhys> {
         self.create_phys(size)
     }
 
-    fn mem_release(&mut self, phys: SimPhys) -> CuResultOf<()> {
+    fn mem_release(&mut self, phys: SimPhys) -> CuResult<()> {
         self.release_phys(phys)
     }
 
-    fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, phys: &SimPhys) -> CuResultOf<()> {
+    fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, phys: &SimPhys) -> CuResult<()> {
         self.map(ptr, size, offset, phys)
     }
 
-    fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+    fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResult<()> {
         self.unmap(ptr, size)
     }
 
-    fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResultOf<()> {
+    fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResult<()> {
         self.set_access(ptr, size, flags)
     }
 
@@ -1295,19 +1289,19 @@ impl GpuBackend for SimGpu {
     /// A node's process-unique id.
     type GraphNode = u64;
 
-    fn graph_create(&mut self) -> CuResultOf<SimGraph> {
+    fn graph_create(&mut self) -> CuResult<SimGraph> {
         Ok(self.create_graph())
     }
 
-    fn graph_destroy(&mut self, graph: SimGraph) -> CuResultOf<()> {
+    fn graph_destroy(&mut self, graph: SimGraph) -> CuResult<()> {
         self.destroy_graph(graph)
     }
 
-    fn graph_clone(&mut self, graph: &SimGraph) -> CuResultOf<SimGraph> {
+    fn graph_clone(&mut self, graph: &SimGraph) -> CuResult<SimGraph> {
         self.clone_graph(graph)
     }
 
-    fn graph_find_in_clone(&mut self, clone: &SimGraph, original: u64) -> CuResultOf<u64> {
+    fn graph_find_in_clone(&mut self, clone: &SimGraph, original: u64) -> CuResult<u64> {
         self.find_in_clone(clone, original)
     }
 
@@ -1316,39 +1310,39 @@ impl GpuBackend for SimGpu {
         graph: &SimGraph,
         deps: &[u64],
         node: super::GraphNodeSpec<'_, SimFunction>,
-    ) -> CuResultOf<u64> {
+    ) -> CuResult<u64> {
         self.add_graph_node(graph, deps, node)
     }
 
-    fn graph_nodes(&mut self, graph: &SimGraph) -> CuResultOf<Vec<u64>> {
+    fn graph_nodes(&mut self, graph: &SimGraph) -> CuResult<Vec<u64>> {
         self.nodes_of(graph)
     }
 
-    fn graph_instantiate(&mut self, graph: &SimGraph, flags: u64) -> CuResultOf<SimGraphExec> {
+    fn graph_instantiate(&mut self, graph: &SimGraph, flags: u64) -> CuResult<SimGraphExec> {
         self.instantiate_graph(graph, flags)
     }
 
-    fn graph_exec_destroy(&mut self, exec: SimGraphExec) -> CuResultOf<()> {
+    fn graph_exec_destroy(&mut self, exec: SimGraphExec) -> CuResult<()> {
         self.destroy_graph_exec(exec)
     }
 
-    fn graph_launch(&mut self, exec: &SimGraphExec, stream: Option<&SimStream>, upload_only: bool) -> CuResultOf<()> {
+    fn graph_launch(&mut self, exec: &SimGraphExec, stream: Option<&SimStream>, upload_only: bool) -> CuResult<()> {
         self.launch_graph(exec, stream, upload_only)
     }
 
-    fn stream_begin_capture(&mut self, stream: Option<&SimStream>, mode: u32) -> CuResultOf<()> {
+    fn stream_begin_capture(&mut self, stream: Option<&SimStream>, mode: u32) -> CuResult<()> {
         self.begin_capture(stream, mode)
     }
 
-    fn stream_end_capture(&mut self, stream: Option<&SimStream>) -> CuResultOf<SimGraph> {
+    fn stream_end_capture(&mut self, stream: Option<&SimStream>) -> CuResult<SimGraph> {
         self.end_capture(stream)
     }
 
-    fn stream_capture_info(&mut self, stream: Option<&SimStream>) -> CuResultOf<(u32, u64)> {
+    fn stream_capture_info(&mut self, stream: Option<&SimStream>) -> CuResult<(u32, u64)> {
         self.capture_info(stream)
     }
 
-    fn exchange_capture_mode(&mut self, mode: u32) -> CuResultOf<u32> {
+    fn exchange_capture_mode(&mut self, mode: u32) -> CuResult<u32> {
         self.exchange_mode(mode)
     }
 
@@ -1356,7 +1350,7 @@ impl GpuBackend for SimGpu {
         &mut self,
         stream: Option<&SimStream>,
         slot: std::sync::Arc<super::HostFuncSlot>,
-    ) -> CuResultOf<Option<u64>> {
+    ) -> CuResult<Option<u64>> {
         self.host_func_persistent(stream, slot)
     }
 
@@ -1384,20 +1378,20 @@ impl GpuBackend for SimGpu {
         device_attribute_table()
     }
 
-    fn pci_bus_id(&mut self) -> CuResultOf<String> {
+    fn pci_bus_id(&mut self) -> CuResult<String> {
         Ok("0000:00:00.0".to_owned())
     }
 
     // ---- contexts ----
 
-    fn ctx_create(&mut self, flags: u32) -> CuResultOf<SimContext> {
+    fn ctx_create(&mut self, flags: u32) -> CuResult<SimContext> {
         let id = next_id();
         self.contexts.insert(id, CtxState::new(flags));
         self.current = id;
         Ok(SimContext(id))
     }
 
-    fn ctx_destroy(&mut self, ctx: SimContext) -> CuResultOf<()> {
+    fn ctx_destroy(&mut self, ctx: SimContext) -> CuResult<()> {
         let id = ctx.0;
         if id == PRIMARY || self.contexts.remove(&id).is_none() {
             return Err(CuError::INVALID_HANDLE);
@@ -1418,7 +1412,7 @@ impl GpuBackend for SimGpu {
         Ok(())
     }
 
-    fn set_context(&mut self, ctx: Option<&SimContext>) -> CuResultOf<()> {
+    fn set_context(&mut self, ctx: Option<&SimContext>) -> CuResult<()> {
         let id = ctx.map_or(PRIMARY, |c| c.0);
         if !self.contexts.contains_key(&id) {
             return Err(CuError::INVALID_HANDLE);
@@ -1427,40 +1421,40 @@ impl GpuBackend for SimGpu {
         Ok(())
     }
 
-    fn ctx_get_limit(&mut self, limit: u32) -> CuResultOf<u64> {
+    fn ctx_get_limit(&mut self, limit: u32) -> CuResult<u64> {
         let index = usize::try_from(limit).map_err(|_| CuError::INVALID_VALUE)?;
         self.ctx_state()?.limits.get(index).copied().ok_or(CuError::INVALID_VALUE)
     }
 
-    fn ctx_set_limit(&mut self, limit: u32, value: u64) -> CuResultOf<()> {
+    fn ctx_set_limit(&mut self, limit: u32, value: u64) -> CuResult<()> {
         let index = usize::try_from(limit).map_err(|_| CuError::INVALID_VALUE)?;
         *self.ctx_state()?.limits.get_mut(index).ok_or(CuError::INVALID_VALUE)? = value;
         Ok(())
     }
 
-    fn ctx_get_flags(&mut self) -> CuResultOf<u32> {
+    fn ctx_get_flags(&mut self) -> CuResult<u32> {
         Ok(self.ctx_state()?.flags)
     }
 
-    fn ctx_set_flags(&mut self, flags: u32) -> CuResultOf<()> {
+    fn ctx_set_flags(&mut self, flags: u32) -> CuResult<()> {
         self.ctx_state()?.flags = flags;
         Ok(())
     }
 
-    fn ctx_get_api_version(&mut self) -> CuResultOf<u32> {
+    fn ctx_get_api_version(&mut self) -> CuResult<u32> {
         self.ctx_state()?;
         Ok(API_VERSION)
     }
 
-    fn ctx_get_stream_priority_range(&mut self) -> CuResultOf<(i32, i32)> {
+    fn ctx_get_stream_priority_range(&mut self) -> CuResult<(i32, i32)> {
         Ok((LEAST_PRIORITY, GREATEST_PRIORITY))
     }
 
-    fn ctx_get_cache_config(&mut self) -> CuResultOf<u32> {
+    fn ctx_get_cache_config(&mut self) -> CuResult<u32> {
         Ok(self.ctx_state()?.cache_config)
     }
 
-    fn ctx_set_cache_config(&mut self, config: u32) -> CuResultOf<()> {
+    fn ctx_set_cache_config(&mut self, config: u32) -> CuResult<()> {
         if config > MAX_CACHE_CONFIG {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1468,16 +1462,16 @@ impl GpuBackend for SimGpu {
         Ok(())
     }
 
-    fn primary_ctx_set_flags(&mut self, flags: u32) -> CuResultOf<()> {
+    fn primary_ctx_set_flags(&mut self, flags: u32) -> CuResult<()> {
         self.contexts.entry(PRIMARY).or_insert_with(|| CtxState::new(0)).flags = flags;
         Ok(())
     }
 
-    fn primary_ctx_flags(&mut self) -> CuResultOf<u32> {
+    fn primary_ctx_flags(&mut self) -> CuResult<u32> {
         Ok(self.contexts.get(&PRIMARY).map_or(0, |c| c.flags))
     }
 
-    fn synchronize(&mut self) -> CuResultOf<()> {
+    fn synchronize(&mut self) -> CuResult<()> {
         if self.any_capture() {
             return Err(super::STREAM_CAPTURE_UNSUPPORTED);
         }
@@ -1487,17 +1481,17 @@ impl GpuBackend for SimGpu {
 
     // ---- memory ----
 
-    fn mem_get_info(&mut self) -> CuResultOf<(u64, u64)> {
+    fn mem_get_info(&mut self) -> CuResult<(u64, u64)> {
         Ok((self.total - self.used, self.total))
     }
 
-    fn mem_alloc(&mut self, size: u64) -> CuResultOf<u64> {
+    fn mem_alloc(&mut self, size: u64) -> CuResult<u64> {
         // Fresh device memory is not zeroed on a real GPU; fill it with a pattern so tests
         // that forget to initialise memory notice.
         self.allocate(size, 0xa5, self.current, Owner::User)
     }
 
-    fn mem_alloc_pitch(&mut self, width: u64, height: u64, element_size: u32) -> CuResultOf<(u64, u64)> {
+    fn mem_alloc_pitch(&mut self, width: u64, height: u64, element_size: u32) -> CuResult<(u64, u64)> {
         if width == 0 || height == 0 || !matches!(element_size, 4 | 8 | 16) {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1507,7 +1501,7 @@ impl GpuBackend for SimGpu {
         Ok((dptr, pitch))
     }
 
-    fn mem_free(&mut self, dptr: u64) -> CuResultOf<()> {
+    fn mem_free(&mut self, dptr: u64) -> CuResult<()> {
         match self.allocs.get(&dptr) {
             Some(a) if a.owner == Owner::User => {}
             _ => return Err(CuError::INVALID_VALUE),
@@ -1519,25 +1513,25 @@ impl GpuBackend for SimGpu {
         Ok(())
     }
 
-    fn copy_htod(&mut self, dst: u64, src: &[u8], stream: Option<&SimStream>) -> CuResultOf<()> {
+    fn copy_htod(&mut self, dst: u64, src: &[u8], stream: Option<&SimStream>) -> CuResult<()> {
         self.not_capturing(stream)?;
         let (buf, off) = self.locate(dst, src.len() as u64)?;
         buf[off..off + src.len()].copy_from_slice(src);
         Ok(())
     }
 
-    fn copy_dtoh(&mut self, dst: &mut [u8], src: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
+    fn copy_dtoh(&mut self, dst: &mut [u8], src: u64, stream: Option<&SimStream>) -> CuResult<()> {
         self.not_capturing(stream)?;
         let (buf, off) = self.locate(src, dst.len() as u64)?;
         dst.copy_from_slice(&buf[off..off + dst.len()]);
         Ok(())
     }
 
-    fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
+    fn copy_dtod(&mut self, dst: u64, src: u64, len: u64, stream: Option<&SimStream>) -> CuResult<()> {
         self.copy_on(GraphCopy::linear(CopyEnd::Device(src), CopyEnd::Device(dst), len), stream)
     }
 
-    fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
+    fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&SimStream>) -> CuResult<()> {
         if let Some(graph) = self.capturing(stream)? {
             let m = GraphMemset { dst, pitch: 0, value: value.into(), element_size: 1, width: count, height: 1 };
             return self.record(graph, SimOp::Memset(m)).map(drop);
@@ -1547,7 +1541,7 @@ impl GpuBackend for SimGpu {
         Ok(())
     }
 
-    fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
+    fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&SimStream>) -> CuResult<()> {
         if let Some(graph) = self.capturing(stream)? {
             let m = GraphMemset { dst, pitch: 0, value: value.into(), element_size: 2, width: count, height: 1 };
             return self.record(graph, SimOp::Memset(m)).map(drop);
@@ -1563,7 +1557,7 @@ impl GpuBackend for SimGpu {
         Ok(())
     }
 
-    fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
+    fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&SimStream>) -> CuResult<()> {
         if let Some(graph) = self.capturing(stream)? {
             let m = GraphMemset { dst, pitch: 0, value, element_size: 4, width: count, height: 1 };
             return self.record(graph, SimOp::Memset(m)).map(drop);
@@ -1581,7 +1575,7 @@ impl GpuBackend for SimGpu {
 
     // ---- IPC ----
 
-    fn ipc_export(&mut self, dptr: u64) -> CuResultOf<Vec<u8>> {
+    fn ipc_export(&mut self, dptr: u64) -> CuResult<Vec<u8>> {
         let alloc = self.allocs.get_mut(&dptr).filter(|a| a.owner == Owner::User).ok_or(CuError::INVALID_VALUE)?;
         if let Backing::Heap(bytes) = &alloc.data {
             let mut nonce = [0u8; 16];
@@ -1602,7 +1596,7 @@ impl GpuBackend for SimGpu {
         }
     }
 
-    fn ipc_event_export(&mut self, event: &SimEvent) -> CuResultOf<Vec<u8>> {
+    fn ipc_event_export(&mut self, event: &SimEvent) -> CuResult<Vec<u8>> {
         let e = self.events.get(&event.0).ok_or(CuError::INVALID_HANDLE)?;
         if e.flags & EVENT_INTERPROCESS == 0 {
             return Err(CuError::INVALID_VALUE);
@@ -1615,7 +1609,7 @@ impl GpuBackend for SimGpu {
         Ok(payload)
     }
 
-    fn ipc_event_open(&mut self, payload: &[u8]) -> CuResultOf<SimEvent> {
+    fn ipc_event_open(&mut self, payload: &[u8]) -> CuResult<SimEvent> {
         if payload.len() != 64 || &payload[..8] != b"SIMEVENT" {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1625,7 +1619,7 @@ impl GpuBackend for SimGpu {
         Ok(SimEvent(id))
     }
 
-    fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResultOf<u64> {
+    fn ipc_open(&mut self, payload: &[u8], size: u64, flags: u32) -> CuResult<u64> {
         if flags != IPC_MEM_LAZY_ENABLE_PEER_ACCESS {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1641,7 +1635,7 @@ impl GpuBackend for SimGpu {
         Ok(addr)
     }
 
-    fn ipc_close(&mut self, dptr: u64) -> CuResultOf<()> {
+    fn ipc_close(&mut self, dptr: u64) -> CuResult<()> {
         match self.allocs.get(&dptr) {
             Some(a) if a.owner == Owner::Import => {}
             _ => return Err(CuError::INVALID_VALUE),
@@ -1652,15 +1646,15 @@ impl GpuBackend for SimGpu {
 
     // ---- modules, libraries, functions ----
 
-    fn module_load(&mut self, image: &[u8]) -> CuResultOf<SimModule> {
+    fn module_load(&mut self, image: &[u8]) -> CuResult<SimModule> {
         self.load(image, Some(self.current))
     }
 
-    fn library_load(&mut self, image: &[u8]) -> CuResultOf<SimModule> {
+    fn library_load(&mut self, image: &[u8]) -> CuResult<SimModule> {
         self.load(image, None)
     }
 
-    fn module_unload(&mut self, module: SimModule) -> CuResultOf<()> {
+    fn module_unload(&mut self, module: SimModule) -> CuResult<()> {
         let id = module.0;
         let kind = self.modules.get(&id).map(|m| m.kind).ok_or(CuError::INVALID_HANDLE)?;
         if kind == ModuleKind::View {
@@ -1673,20 +1667,20 @@ impl GpuBackend for SimGpu {
         Ok(())
     }
 
-    fn module_get_function(&mut self, module: &SimModule, name: &CStr) -> CuResultOf<SimFunction> {
+    fn module_get_function(&mut self, module: &SimModule, name: &CStr) -> CuResult<SimFunction> {
         let (m, holder) = self.module_holder(module)?;
         let entry = holder.entries.iter().find(|e| name.to_bytes() == e.name.as_bytes()).ok_or(NOT_FOUND)?.clone();
         let (ctx, root) = (m.ctx, m.root);
         Ok(self.add_function(false, ctx, root, &entry))
     }
 
-    fn module_get_global(&mut self, module: &SimModule, name: &CStr) -> CuResultOf<(u64, u64)> {
+    fn module_get_global(&mut self, module: &SimModule, name: &CStr) -> CuResult<(u64, u64)> {
         let (_, holder) = self.module_holder(module)?;
         let name = name.to_str().map_err(|_| NOT_FOUND)?;
         holder.globals.get(name).copied().ok_or(NOT_FOUND)
     }
 
-    fn library_get_module(&mut self, library: &SimModule) -> CuResultOf<SimModule> {
+    fn library_get_module(&mut self, library: &SimModule) -> CuResult<SimModule> {
         self.library(library)?;
         let id = next_id();
         let view = ModuleState {
@@ -1700,19 +1694,19 @@ impl GpuBackend for SimGpu {
         Ok(SimModule(id))
     }
 
-    fn library_get_kernel(&mut self, library: &SimModule, name: &CStr) -> CuResultOf<SimFunction> {
+    fn library_get_kernel(&mut self, library: &SimModule, name: &CStr) -> CuResult<SimFunction> {
         let lib = self.library(library)?;
         let entry = lib.entries.iter().find(|e| name.to_bytes() == e.name.as_bytes()).ok_or(NOT_FOUND)?.clone();
         Ok(self.add_function(true, None, library.0, &entry))
     }
 
-    fn library_get_global(&mut self, library: &SimModule, name: &CStr) -> CuResultOf<(u64, u64)> {
+    fn library_get_global(&mut self, library: &SimModule, name: &CStr) -> CuResult<(u64, u64)> {
         let lib = self.library(library)?;
         let name = name.to_str().map_err(|_| NOT_FOUND)?;
         lib.globals.get(name).copied().ok_or(NOT_FOUND)
     }
 
-    fn kernel_get_function(&mut self, kernel: &SimFunction) -> CuResultOf<SimFunction> {
+    fn kernel_get_function(&mut self, kernel: &SimFunction) -> CuResult<SimFunction> {
         let k = self.function(kernel)?;
         if !k.kernel {
             return Err(CuError::INVALID_HANDLE);
@@ -1722,7 +1716,7 @@ impl GpuBackend for SimGpu {
         Ok(self.add_function(false, Some(self.current), root, &entry))
     }
 
-    fn func_get_attribute(&mut self, func: &SimFunction, attribute: u32) -> CuResultOf<i32> {
+    fn func_get_attribute(&mut self, func: &SimFunction, attribute: u32) -> CuResult<i32> {
         use sys::CUfunction_attribute as F;
         let f = self.function(func)?;
         if attribute >= F::CU_FUNC_ATTRIBUTE_MAX as u32 {
@@ -1742,7 +1736,7 @@ impl GpuBackend for SimGpu {
         })
     }
 
-    fn func_set_attribute(&mut self, func: &SimFunction, attribute: u32, value: i32) -> CuResultOf<()> {
+    fn func_set_attribute(&mut self, func: &SimFunction, attribute: u32, value: i32) -> CuResult<()> {
         if attribute >= sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX as u32 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1751,7 +1745,7 @@ impl GpuBackend for SimGpu {
         Ok(())
     }
 
-    fn func_set_cache_config(&mut self, func: &SimFunction, config: u32) -> CuResultOf<()> {
+    fn func_set_cache_config(&mut self, func: &SimFunction, config: u32) -> CuResult<()> {
         let f = self.functions.get_mut(&func.0).ok_or(CuError::INVALID_HANDLE)?;
         if config > MAX_CACHE_CONFIG {
             return Err(CuError::INVALID_VALUE);
@@ -1760,7 +1754,7 @@ impl GpuBackend for SimGpu {
         Ok(())
     }
 
-    fn func_param_layout(&mut self, func: &SimFunction) -> CuResultOf<Vec<ParamSlot>> {
+    fn func_param_layout(&mut self, func: &SimFunction) -> CuResult<Vec<ParamSlot>> {
         Ok(self.function(func)?.layout.clone())
     }
 
@@ -1771,7 +1765,7 @@ impl GpuBackend for SimGpu {
         stream: Option<&SimStream>,
         params: &[u8],
         layout: &[ParamSlot],
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         if let Some(graph) = self.capturing(stream)? {
             self.check_launch(func.0, config, params, layout)?;
             let (config, params, layout) = (config.clone(), params.to_vec(), layout.to_vec());
@@ -1786,7 +1780,7 @@ impl GpuBackend for SimGpu {
         block_size: i32,
         _dynamic_smem: u64,
         _flags: u32,
-    ) -> CuResultOf<i32> {
+    ) -> CuResult<i32> {
         self.function(func)?;
         if block_size <= 0 {
             return Err(CuError::INVALID_VALUE);
@@ -1795,7 +1789,7 @@ impl GpuBackend for SimGpu {
     }
 
     #[allow(unsafe_code)] // The trait's contract, forwarded.
-    unsafe fn attach_window(&mut self, base: std::ptr::NonNull<u8>, len: usize) -> CuResultOf<bool> {
+    unsafe fn attach_window(&mut self, base: std::ptr::NonNull<u8>, len: usize) -> CuResult<bool> {
         // SAFETY: the caller keeps `base .. base + len` mapped until the backend is dropped
         // (the trait's contract); the region only accesses it through atomics and copies.
         self.window = Some(unsafe { idm_core::RawRegion::new(base, len) });
@@ -1809,7 +1803,7 @@ impl GpuBackend for SimGpu {
         len: u64,
         stream: Option<&SimStream>,
         _wait: bool,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         self.copy_on(GraphCopy::linear(CopyEnd::Window(offset), CopyEnd::Device(dst), len), stream)
     }
 
@@ -1820,11 +1814,11 @@ impl GpuBackend for SimGpu {
         len: u64,
         stream: Option<&SimStream>,
         _wait: bool,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         self.copy_on(GraphCopy::linear(CopyEnd::Device(src), CopyEnd::Window(offset), len), stream)
     }
 
-    fn launch_host_func(&mut self, stream: Option<&SimStream>, slot: super::HostFuncSlot) -> CuResultOf<()> {
+    fn launch_host_func(&mut self, stream: Option<&SimStream>, slot: super::HostFuncSlot) -> CuResult<()> {
         self.not_capturing(stream)?;
         // The test double runs each stream's work in place, in order: so does the function.
         // It waits in the worker's own thread, so a guest that never answers would stop the
@@ -1833,12 +1827,7 @@ impl GpuBackend for SimGpu {
         Ok(())
     }
 
-    fn occupancy_available_dynamic_smem(
-        &mut self,
-        func: &SimFunction,
-        blocks: i32,
-        block_size: i32,
-    ) -> CuResultOf<u64> {
+    fn occupancy_available_dynamic_smem(&mut self, func: &SimFunction, blocks: i32, block_size: i32) -> CuResult<u64> {
         self.function(func)?;
         if blocks <= 0 || block_size <= 0 {
             return Err(CuError::INVALID_VALUE);
@@ -1847,13 +1836,13 @@ impl GpuBackend for SimGpu {
         Ok((228 * 1024 / blocks as u64).min(227 * 1024))
     }
 
-    fn ctx_query_value(&mut self) -> CuResultOf<u64> {
+    fn ctx_query_value(&mut self) -> CuResult<u64> {
         // The test double models nothing behind the driver's private table; it answers 0
         // (the real driver's answer on an H200 is 13). It only carries the request.
         Ok(0)
     }
 
-    fn occupancy_max_active_clusters(&mut self, func: &SimFunction, config: &LaunchConfig) -> CuResultOf<i32> {
+    fn occupancy_max_active_clusters(&mut self, func: &SimFunction, config: &LaunchConfig) -> CuResult<i32> {
         self.function(func)?;
         if config.block.contains(&0) || config.grid.contains(&0) {
             return Err(CuError::INVALID_VALUE);
@@ -1865,7 +1854,7 @@ impl GpuBackend for SimGpu {
 
     // ---- streams ----
 
-    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResultOf<SimStream> {
+    fn stream_create(&mut self, flags: u32, priority: i32) -> CuResult<SimStream> {
         if flags & !STREAM_NON_BLOCKING != 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -1876,17 +1865,17 @@ impl GpuBackend for SimGpu {
         Ok(SimStream(id))
     }
 
-    fn stream_synchronize(&mut self, stream: &SimStream) -> CuResultOf<()> {
+    fn stream_synchronize(&mut self, stream: &SimStream) -> CuResult<()> {
         self.not_capturing(Some(stream))?;
         self.flush_printf();
         Ok(())
     }
 
-    fn stream_query(&mut self, stream: Option<&SimStream>) -> CuResultOf<()> {
+    fn stream_query(&mut self, stream: Option<&SimStream>) -> CuResult<()> {
         self.not_capturing(stream)
     }
 
-    fn stream_wait_event(&mut self, stream: Option<&SimStream>, event: &SimEvent, flags: u32) -> CuResultOf<()> {
+    fn stream_wait_event(&mut self, stream: Option<&SimStream>, event: &SimEvent, flags: u32) -> CuResult<()> {
         self.check_stream(stream)?;
         self.event(event)?;
         // `CU_EVENT_WAIT_EXTERNAL` is the only flag.
@@ -1896,15 +1885,15 @@ impl GpuBackend for SimGpu {
         self.note_event_wait(event.0, stream)
     }
 
-    fn stream_get_flags(&mut self, stream: Option<&SimStream>) -> CuResultOf<u32> {
+    fn stream_get_flags(&mut self, stream: Option<&SimStream>) -> CuResult<u32> {
         Ok(self.check_stream(stream)?.map_or(0, |s| s.flags))
     }
 
-    fn stream_get_priority(&mut self, stream: Option<&SimStream>) -> CuResultOf<i32> {
+    fn stream_get_priority(&mut self, stream: Option<&SimStream>) -> CuResult<i32> {
         Ok(self.check_stream(stream)?.map_or(0, |s| s.priority))
     }
 
-    fn stream_destroy(&mut self, stream: SimStream) -> CuResultOf<()> {
+    fn stream_destroy(&mut self, stream: SimStream) -> CuResult<()> {
         let state = self.streams.remove(&stream.0).ok_or(CuError::INVALID_HANDLE)?;
         self.drop_abandoned_captures(state.capture.map(|c| c.0));
         Ok(())
@@ -1912,7 +1901,7 @@ impl GpuBackend for SimGpu {
 
     // ---- events ----
 
-    fn event_create(&mut self, flags: u32) -> CuResultOf<SimEvent> {
+    fn event_create(&mut self, flags: u32) -> CuResult<SimEvent> {
         let interprocess_needs_no_timing = flags & EVENT_INTERPROCESS == 0 || flags & EVENT_DISABLE_TIMING != 0;
         if flags & !EVENT_FLAGS != 0 || !interprocess_needs_no_timing {
             return Err(CuError::INVALID_VALUE);
@@ -1922,11 +1911,11 @@ impl GpuBackend for SimGpu {
         Ok(SimEvent(id))
     }
 
-    fn event_destroy(&mut self, event: SimEvent) -> CuResultOf<()> {
+    fn event_destroy(&mut self, event: SimEvent) -> CuResult<()> {
         self.events.remove(&event.0).map(|_| ()).ok_or(CuError::INVALID_HANDLE)
     }
 
-    fn event_record(&mut self, event: &SimEvent, stream: Option<&SimStream>, flags: u32) -> CuResultOf<()> {
+    fn event_record(&mut self, event: &SimEvent, stream: Option<&SimStream>, flags: u32) -> CuResult<()> {
         self.check_stream(stream)?;
         // `CU_EVENT_RECORD_EXTERNAL` is the only flag.
         if flags & !0x1 != 0 {
@@ -1937,15 +1926,15 @@ impl GpuBackend for SimGpu {
         self.note_event_record(event.0, stream)
     }
 
-    fn event_query(&mut self, event: &SimEvent) -> CuResultOf<()> {
+    fn event_query(&mut self, event: &SimEvent) -> CuResult<()> {
         self.event(event).map(|_| ())
     }
 
-    fn event_synchronize(&mut self, event: &SimEvent) -> CuResultOf<()> {
+    fn event_synchronize(&mut self, event: &SimEvent) -> CuResult<()> {
         self.event(event).map(|_| ())
     }
 
-    fn event_elapsed_time(&mut self, start: &SimEvent, end: &SimEvent) -> CuResultOf<f32> {
+    fn event_elapsed_time(&mut self, start: &SimEvent, end: &SimEvent) -> CuResult<f32> {
         let (start, end) = (self.event(start)?, self.event(end)?);
         if (start.flags | end.flags) & EVENT_DISABLE_TIMING != 0 {
             return Err(CuError::INVALID_HANDLE);

@@ -42,7 +42,7 @@ pub(super) struct NodeEntry<N> {
 /// Bytes from the first to one past the last byte of a pitched 3-D block: `depth` slices of
 /// `height` rows of `width` bytes, rows `pitch` apart, slices `pitch * slice_rows` apart.
 /// Zero-sized or self-overlapping layouts are `CUDA_ERROR_INVALID_VALUE`.
-fn block_extent(width: u64, height: u64, depth: u64, pitch: u64, slice_rows: u64) -> CuResultOf<u64> {
+fn block_extent(width: u64, height: u64, depth: u64, pitch: u64, slice_rows: u64) -> CuResult<u64> {
     let bad = width == 0 || height == 0 || depth == 0;
     if bad || (height > 1 && pitch < width) || (depth > 1 && (pitch < width || slice_rows < height)) {
         return Err(CuError::INVALID_VALUE);
@@ -56,7 +56,7 @@ fn block_extent(width: u64, height: u64, depth: u64, pitch: u64, slice_rows: u64
 impl<B: GpuBackend> Zone<B> {
     /// The backend nodes that `deps` (8-byte little-endian node handles) name, each a node
     /// of `graph`.
-    fn graph_deps(&self, graph: Handle, deps: &[u8]) -> CuResultOf<Vec<B::GraphNode>> {
+    fn graph_deps(&self, graph: Handle, deps: &[u8]) -> CuResult<Vec<B::GraphNode>> {
         if deps.len() % 8 != 0 || deps.len() / 8 > MAX_DEPS {
             return Err(CuError::INVALID_VALUE);
         }
@@ -74,7 +74,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// The handle of `node` of `graph`: made on first sight, the same one afterwards.
-    fn node_handle(&mut self, graph: Handle, node: B::GraphNode) -> CuResultOf<Handle> {
+    fn node_handle(&mut self, graph: Handle, node: B::GraphNode) -> CuResult<Handle> {
         if let Some(&h) = self.node_handles.get(&(graph, node)) {
             return Ok(h);
         }
@@ -94,7 +94,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// Registers a graph the backend just made (destroying it again if no handle is left).
-    fn insert_graph(&mut self, graph: B::Graph) -> CuResultOf<Handle> {
+    fn insert_graph(&mut self, graph: B::Graph) -> CuResult<Handle> {
         if self.reserve().is_err() {
             let _ = self.backend.graph_destroy(graph);
             return Err(CuError::OUT_OF_MEMORY);
@@ -110,7 +110,7 @@ impl<B: GpuBackend> Zone<B> {
         deps: &[u8],
         spec: GraphNodeSpec<'_, B::Function>,
         hidden: bool,
-    ) -> CuResultOf<Handle> {
+    ) -> CuResult<Handle> {
         let deps = self.graph_deps(graph, deps)?;
         let g = self.graphs.get(graph)?;
         let node = self.backend.graph_add_node(g, &deps, spec)?;
@@ -123,7 +123,7 @@ impl<B: GpuBackend> Zone<B> {
     /// Whether `stream` is capturing right now (only asked while the zone has a capture
     /// open; a query the driver refuses — the legacy stream during a global capture — counts
     /// as capturing, since what it guards must not run then either).
-    pub(super) fn stream_is_capturing(&mut self, stream: Handle) -> CuResultOf<bool> {
+    pub(super) fn stream_is_capturing(&mut self, stream: Handle) -> CuResult<bool> {
         if self.captures_active == 0 {
             return Ok(false);
         }
@@ -133,7 +133,7 @@ impl<B: GpuBackend> Zone<B> {
 
     /// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` when `stream` is capturing: for what a graph
     /// must not record (see the module docs).
-    pub(super) fn refuse_if_capturing(&mut self, stream: Handle) -> CuResultOf<()> {
+    pub(super) fn refuse_if_capturing(&mut self, stream: Handle) -> CuResult<()> {
         if self.stream_is_capturing(stream)? {
             return Err(STREAM_CAPTURE_UNSUPPORTED);
         }
@@ -141,7 +141,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// The host-function slot for window offset `slot` (see `ZoneCtx::host_func`).
-    pub(super) fn host_func_slot(&self, slot: u64) -> CuResultOf<crate::backend::HostFuncSlot> {
+    pub(super) fn host_func_slot(&self, slot: u64) -> CuResult<crate::backend::HostFuncSlot> {
         // The window's mapping, kept until after the backend (`attach_window`, or
         // `attach_grant_window` over Xen); without one, host functions are not offered.
         let (base, len) = self.window_at.ok_or(CuError::NOT_SUPPORTED)?;
@@ -161,7 +161,7 @@ impl<B: GpuBackend> Zone<B> {
 
     /// A slot for a host function that may run many times, counted against
     /// [`MAX_PERSISTENT_HOST_FUNCS`].
-    fn persistent_slot(&mut self, slot: u64) -> CuResultOf<std::sync::Arc<crate::backend::HostFuncSlot>> {
+    fn persistent_slot(&mut self, slot: u64) -> CuResult<std::sync::Arc<crate::backend::HostFuncSlot>> {
         let slot = self.host_func_slot(slot)?;
         if self.persistent_host_funcs >= MAX_PERSISTENT_HOST_FUNCS {
             return Err(CuError::OUT_OF_MEMORY);
@@ -189,20 +189,20 @@ impl<B: GpuBackend> Zone<B> {
 
     // ---- the requests (called by `ZoneCtx`'s `Api` methods) ----
 
-    pub(super) fn graph_create(&mut self) -> CuResultOf<Handle> {
+    pub(super) fn graph_create(&mut self) -> CuResult<Handle> {
         self.reserve()?;
         let g = self.backend.graph_create()?;
         self.insert_graph(g)
     }
 
-    pub(super) fn graph_destroy(&mut self, graph: Handle) -> CuResultOf<()> {
+    pub(super) fn graph_destroy(&mut self, graph: Handle) -> CuResult<()> {
         let nodes = self.backend.graph_nodes(self.graphs.get(graph)?).unwrap_or_default();
         let g = self.graphs.remove(graph)?;
         self.forget_nodes(graph, &nodes);
         self.backend.graph_destroy(g)
     }
 
-    pub(super) fn graph_clone(&mut self, graph: Handle) -> CuResultOf<Handle> {
+    pub(super) fn graph_clone(&mut self, graph: Handle) -> CuResult<Handle> {
         self.reserve()?;
         let original = self.graphs.get(graph)?;
         let hidden: Vec<B::GraphNode> =
@@ -217,18 +217,18 @@ impl<B: GpuBackend> Zone<B> {
         self.insert_graph(g)
     }
 
-    pub(super) fn graph_instantiate(&mut self, graph: Handle, flags: u64) -> CuResultOf<Handle> {
+    pub(super) fn graph_instantiate(&mut self, graph: Handle, flags: u64) -> CuResult<Handle> {
         self.reserve()?;
         let e = self.backend.graph_instantiate(self.graphs.get(graph)?, flags)?;
         Ok(self.graph_execs.insert(Obj { obj: e, ctx: self.current })?)
     }
 
-    pub(super) fn graph_exec_destroy(&mut self, exec: Handle) -> CuResultOf<()> {
+    pub(super) fn graph_exec_destroy(&mut self, exec: Handle) -> CuResult<()> {
         let e = self.graph_execs.remove(exec)?;
         self.backend.graph_exec_destroy(e.obj)
     }
 
-    pub(super) fn graph_launch(&mut self, exec: Handle, stream: Handle, upload_only: bool) -> CuResultOf<()> {
+    pub(super) fn graph_launch(&mut self, exec: Handle, stream: Handle, upload_only: bool) -> CuResult<()> {
         let e = &self.graph_execs.get(exec)?.obj;
         let s = stream_of(&self.streams, stream)?;
         self.backend.graph_launch(e, s, upload_only)?;
@@ -247,7 +247,7 @@ impl<B: GpuBackend> Zone<B> {
 
     /// (node count, handles of up to `want` nodes from `first` on, as 8-byte little-endian
     /// values).
-    pub(super) fn graph_get_nodes(&mut self, graph: Handle, first: u32, want: u32) -> CuResultOf<(u64, Vec<u8>)> {
+    pub(super) fn graph_get_nodes(&mut self, graph: Handle, first: u32, want: u32) -> CuResult<(u64, Vec<u8>)> {
         let mut nodes = self.backend.graph_nodes(self.graphs.get(graph)?)?;
         nodes.retain(|n| !self.hidden_nodes.contains(n));
         let rest = nodes.get(first as usize..).unwrap_or_default();
@@ -259,7 +259,7 @@ impl<B: GpuBackend> Zone<B> {
         Ok((nodes.len() as u64, out))
     }
 
-    pub(super) fn graph_add_kernel_node(&mut self, req: GraphAddKernelNode) -> CuResultOf<Handle> {
+    pub(super) fn graph_add_kernel_node(&mut self, req: GraphAddKernelNode) -> CuResult<Handle> {
         let GraphAddKernelNode { graph, deps, func, config, params } = req;
         if config.grid.contains(&0) || config.block.contains(&0) {
             return Err(CuError::INVALID_VALUE);
@@ -275,7 +275,7 @@ impl<B: GpuBackend> Zone<B> {
         self.node_handle(graph, node)
     }
 
-    pub(super) fn graph_add_memset_node(&mut self, req: GraphAddMemsetNode) -> CuResultOf<Handle> {
+    pub(super) fn graph_add_memset_node(&mut self, req: GraphAddMemsetNode) -> CuResult<Handle> {
         if !matches!(req.element_size, 1 | 2 | 4) || req.dst % u64::from(req.element_size) != 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -293,7 +293,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// Checks one side of a copy node and says where it is.
-    fn copy_end(&self, window: bool, addr: u64, extent: u64, window_size: usize) -> CuResultOf<CopyEnd> {
+    fn copy_end(&self, window: bool, addr: u64, extent: u64, window_size: usize) -> CuResult<CopyEnd> {
         if !window {
             self.check_range(addr, extent)?;
             return Ok(CopyEnd::Device(addr));
@@ -309,7 +309,7 @@ impl<B: GpuBackend> Zone<B> {
         Ok(CopyEnd::Window(addr))
     }
 
-    pub(super) fn graph_add_memcpy_node(&mut self, req: GraphAddMemcpyNode, window_size: usize) -> CuResultOf<Handle> {
+    pub(super) fn graph_add_memcpy_node(&mut self, req: GraphAddMemcpyNode, window_size: usize) -> CuResult<Handle> {
         let src_extent = block_extent(req.width, req.height, req.depth, req.src_pitch, req.src_height)?;
         let dst_extent = block_extent(req.width, req.height, req.depth, req.dst_pitch, req.dst_height)?;
         let c = GraphCopy {
@@ -326,7 +326,7 @@ impl<B: GpuBackend> Zone<B> {
         self.add_node(req.graph, &req.deps, GraphNodeSpec::Memcpy(c), req.hidden)
     }
 
-    pub(super) fn graph_add_host_node(&mut self, req: GraphAddHostNode) -> CuResultOf<Handle> {
+    pub(super) fn graph_add_host_node(&mut self, req: GraphAddHostNode) -> CuResult<Handle> {
         // Checked before a slot is counted: a refused node keeps none.
         self.graph_deps(req.graph, &req.deps)?;
         self.graphs.get(req.graph)?;
@@ -334,11 +334,11 @@ impl<B: GpuBackend> Zone<B> {
         self.add_node(req.graph, &req.deps, GraphNodeSpec::Host(slot), req.hidden)
     }
 
-    pub(super) fn graph_add_empty_node(&mut self, req: GraphAddEmptyNode) -> CuResultOf<Handle> {
+    pub(super) fn graph_add_empty_node(&mut self, req: GraphAddEmptyNode) -> CuResult<Handle> {
         self.add_node(req.graph, &req.deps, GraphNodeSpec::Empty, false)
     }
 
-    pub(super) fn host_func_persistent(&mut self, stream: Handle, slot: u64, hidden: bool) -> CuResultOf<()> {
+    pub(super) fn host_func_persistent(&mut self, stream: Handle, slot: u64, hidden: bool) -> CuResult<()> {
         stream_of(&self.streams, stream)?;
         let slot = self.persistent_slot(slot)?;
         let s = stream_of(&self.streams, stream)?;
@@ -349,7 +349,7 @@ impl<B: GpuBackend> Zone<B> {
         Ok(())
     }
 
-    pub(super) fn stream_begin_capture(&mut self, stream: Handle, mode: u32) -> CuResultOf<()> {
+    pub(super) fn stream_begin_capture(&mut self, stream: Handle, mode: u32) -> CuResult<()> {
         if mode > MAX_CAPTURE_MODE {
             return Err(CuError::INVALID_VALUE);
         }
@@ -359,7 +359,7 @@ impl<B: GpuBackend> Zone<B> {
         Ok(())
     }
 
-    pub(super) fn stream_end_capture(&mut self, stream: Handle) -> CuResultOf<Handle> {
+    pub(super) fn stream_end_capture(&mut self, stream: Handle) -> CuResult<Handle> {
         let s = stream_of(&self.streams, stream)?;
         let ended = self.backend.stream_end_capture(s);
         if ended.as_ref().map_or_else(|e| CAPTURE_ENDED_BADLY.contains(&e.code()), |_| true) {
@@ -368,12 +368,12 @@ impl<B: GpuBackend> Zone<B> {
         self.insert_graph(ended?)
     }
 
-    pub(super) fn stream_capture_info(&mut self, stream: Handle) -> CuResultOf<(u32, u64)> {
+    pub(super) fn stream_capture_info(&mut self, stream: Handle) -> CuResult<(u32, u64)> {
         let s = stream_of(&self.streams, stream)?;
         self.backend.stream_capture_info(s)
     }
 
-    pub(super) fn exchange_capture_mode(&mut self, mode: u32) -> CuResultOf<u32> {
+    pub(super) fn exchange_capture_mode(&mut self, mode: u32) -> CuResult<u32> {
         if mode > MAX_CAPTURE_MODE {
             return Err(CuError::INVALID_VALUE);
         }

@@ -48,7 +48,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// The physical allocation `h` names (not released).
-    fn phys_live(&self, h: Handle) -> CuResultOf<&PhysEntry<B::Phys>> {
+    fn phys_live(&self, h: Handle) -> CuResult<&PhysEntry<B::Phys>> {
         let e = self.phys.get(h)?;
         if e.released {
             return Err(CuError::INVALID_HANDLE);
@@ -57,7 +57,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// The reservation holding `[ptr, ptr + size)`.
-    fn reservation_of(&self, ptr: u64, size: u64) -> CuResultOf<(u64, u64)> {
+    fn reservation_of(&self, ptr: u64, size: u64) -> CuResult<(u64, u64)> {
         let (&start, &len) = self.reservations.range(..=ptr).next_back().ok_or(CuError::INVALID_VALUE)?;
         let end = ptr.checked_add(size).ok_or(CuError::INVALID_VALUE)?;
         if end > start + len {
@@ -67,7 +67,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// The mapped ranges that cover `[ptr, ptr + size)` exactly and contiguously.
-    fn mappings_covering(&self, ptr: u64, size: u64) -> CuResultOf<Vec<(u64, Range)>> {
+    fn mappings_covering(&self, ptr: u64, size: u64) -> CuResult<Vec<(u64, Range)>> {
         let end = ptr.checked_add(size).ok_or(CuError::INVALID_VALUE)?;
         let found: Vec<(u64, Range)> = self.ranges.range(ptr..end).map(|(&s, r)| (s, *r)).collect();
         let mut at = ptr;
@@ -85,7 +85,7 @@ impl<B: GpuBackend> Zone<B> {
 
     /// One mapping of `phys` is gone: its memory too when it was released and this was the
     /// last.
-    fn drop_mapping(&mut self, phys: Handle) -> CuResultOf<()> {
+    fn drop_mapping(&mut self, phys: Handle) -> CuResult<()> {
         let Ok(e) = self.phys.get_mut(phys) else { return Ok(()) };
         e.maps = e.maps.saturating_sub(1);
         if e.released && e.maps == 0 {
@@ -95,7 +95,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// Gives a physical allocation's memory back (scrubbed by the backend).
-    fn free_phys(&mut self, phys: Handle) -> CuResultOf<()> {
+    fn free_phys(&mut self, phys: Handle) -> CuResult<()> {
         let mut e = self.phys.remove(phys)?;
         self.mem_used = self.mem_used.saturating_sub(e.size);
         match e.obj.take() {
@@ -123,11 +123,11 @@ impl<B: GpuBackend> Zone<B> {
 
     // ---- the requests (called by `ZoneCtx`'s `Api` methods) ----
 
-    pub(super) fn mem_granularity(&mut self, recommended: bool) -> CuResultOf<u64> {
+    pub(super) fn mem_granularity(&mut self, recommended: bool) -> CuResult<u64> {
         self.backend.mem_granularity(recommended)
     }
 
-    pub(super) fn mem_address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResultOf<u64> {
+    pub(super) fn mem_address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResult<u64> {
         if size == 0 || size > MAX_RESERVATION_BYTES {
             return Err(CuError::INVALID_VALUE);
         }
@@ -146,7 +146,7 @@ impl<B: GpuBackend> Zone<B> {
         Ok(ptr)
     }
 
-    pub(super) fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+    pub(super) fn mem_address_free(&mut self, ptr: u64, size: u64) -> CuResult<()> {
         if self.reservations.get(&ptr) != Some(&size) {
             return Err(CuError::INVALID_VALUE);
         }
@@ -160,7 +160,7 @@ impl<B: GpuBackend> Zone<B> {
         Ok(())
     }
 
-    pub(super) fn mem_create(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResultOf<Handle> {
+    pub(super) fn mem_create(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResult<Handle> {
         if size == 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -181,7 +181,7 @@ impl<B: GpuBackend> Zone<B> {
         Ok(h)
     }
 
-    pub(super) fn mem_release(&mut self, handle: Handle) -> CuResultOf<()> {
+    pub(super) fn mem_release(&mut self, handle: Handle) -> CuResult<()> {
         self.phys_live(handle)?;
         let maps = match self.phys.get_mut(handle) {
             Ok(e) => {
@@ -196,7 +196,7 @@ impl<B: GpuBackend> Zone<B> {
         Ok(())
     }
 
-    pub(super) fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, handle: Handle) -> CuResultOf<()> {
+    pub(super) fn mem_map(&mut self, ptr: u64, size: u64, offset: u64, handle: Handle) -> CuResult<()> {
         if size == 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -218,7 +218,7 @@ impl<B: GpuBackend> Zone<B> {
         Ok(())
     }
 
-    pub(super) fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+    pub(super) fn mem_unmap(&mut self, ptr: u64, size: u64) -> CuResult<()> {
         let covered = self.mappings_covering(ptr, size)?;
         // As the driver's unmap, wait for work that may still use the memory.
         self.backend.synchronize()?;
@@ -236,7 +236,7 @@ impl<B: GpuBackend> Zone<B> {
         first_err
     }
 
-    pub(super) fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResultOf<()> {
+    pub(super) fn mem_set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResult<()> {
         if !matches!(flags, 1 | 3) {
             return Err(CuError::INVALID_VALUE);
         }

@@ -199,7 +199,7 @@ impl Guest {
     pub fn connect(socket: &Path) -> Guest {
         let mut g = Guest::session(socket);
         let wrong: Result<AttachReply, u32> = g.call(&Attach { revision: VGPU_PROTOCOL_REVISION + 1 });
-        assert_eq!(wrong.unwrap_err(), CuResult::NOT_SUPPORTED, "another protocol revision is refused");
+        assert_eq!(wrong.unwrap_err(), code::NOT_SUPPORTED, "another protocol revision is refused");
         g.attach().unwrap();
         g
     }

@@ -256,7 +256,7 @@ pub unsafe fn cu_device_get_attribute(pi: *mut c_int, attrib: c_uint, dev: sys::
             out.set(*v);
             Ok(())
         }
-        Some(AttrValue::Error(code)) => Err(CuError::from_code(*code)),
+        Some(AttrValue::Error(code)) => Err(CuError::new(*code)),
         None => Err(CuError::INVALID_VALUE),
     }
 }

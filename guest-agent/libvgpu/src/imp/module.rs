@@ -591,7 +591,7 @@ pub unsafe fn cu_occupancy_max_potential_block_size_with_flags(
         )
     };
     if r != 0 {
-        return Err(CuError::from_code(r));
+        return Err(CuError::new(r));
     }
     let mut limit = if limit == 0 { dev_max } else { limit.min(dev_max) };
     limit = limit.min(func_max);
@@ -616,7 +616,7 @@ pub unsafe fn cu_occupancy_max_potential_block_size_with_flags(
             )
         };
         if r != 0 {
-            return Err(CuError::from_code(r));
+            return Err(CuError::new(r));
         }
         if try_block * blocks > best {
             (best_block, best_blocks, best) = (try_block, blocks, try_block * blocks);

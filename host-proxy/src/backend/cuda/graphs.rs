@@ -85,7 +85,7 @@ unsafe extern "C" fn run_persistent(data: *mut c_void) {
 
 impl CudaGpu {
     /// The driver graph of `graph`.
-    fn raw_graph(&self, graph: &CudaGraph) -> CuResultOf<sys::CUgraph> {
+    fn raw_graph(&self, graph: &CudaGraph) -> CuResult<sys::CUgraph> {
         self.graphs.get(&graph.id).copied().ok_or(CuError::INVALID_HANDLE)
     }
 
@@ -97,7 +97,7 @@ impl CudaGpu {
     }
 
     /// Where one side of a copy node is, in driver terms: (memory type, host, device).
-    fn copy_side(&self, end: CopyEnd) -> CuResultOf<(c_uint, *mut c_void, sys::CUdeviceptr)> {
+    fn copy_side(&self, end: CopyEnd) -> CuResult<(c_uint, *mut c_void, sys::CUdeviceptr)> {
         match end {
             CopyEnd::Device(addr) => Ok((MEMORYTYPE_DEVICE, std::ptr::null_mut(), addr)),
             CopyEnd::Window(offset) => {
@@ -109,7 +109,7 @@ impl CudaGpu {
     }
 
     /// The driver's `CUDA_MEMCPY3D` for `c`.
-    fn raw_copy(&self, c: &GraphCopy) -> CuResultOf<RawMemcpy3d> {
+    fn raw_copy(&self, c: &GraphCopy) -> CuResult<RawMemcpy3d> {
         let size = |v: u64| usize::try_from(v).map_err(|_| CuError::INVALID_VALUE);
         let (src_memory_type, src_host, src_device) = self.copy_side(c.src)?;
         let (dst_memory_type, dst_host, dst_device) = self.copy_side(c.dst)?;
@@ -142,20 +142,20 @@ impl CudaGpu {
         })
     }
 
-    pub(super) fn create_graph(&mut self) -> CuResultOf<CudaGraph> {
+    pub(super) fn create_graph(&mut self) -> CuResult<CudaGraph> {
         let mut raw: sys::CUgraph = std::ptr::null_mut();
         // SAFETY: valid out-pointer; flags must be 0.
         check(unsafe { (self.api.graph_create)(&mut raw, 0) })?;
         Ok(self.add_graph(raw))
     }
 
-    pub(super) fn destroy_graph(&mut self, graph: CudaGraph) -> CuResultOf<()> {
+    pub(super) fn destroy_graph(&mut self, graph: CudaGraph) -> CuResult<()> {
         let raw = self.graphs.remove(&graph.id).ok_or(CuError::INVALID_HANDLE)?;
         // SAFETY: a live graph, now out of the table, so destroyed once.
         check(unsafe { (self.api.graph_destroy)(raw) })
     }
 
-    pub(super) fn clone_graph(&mut self, graph: &CudaGraph) -> CuResultOf<CudaGraph> {
+    pub(super) fn clone_graph(&mut self, graph: &CudaGraph) -> CuResult<CudaGraph> {
         let original = self.raw_graph(graph)?;
         let mut raw: sys::CUgraph = std::ptr::null_mut();
         // SAFETY: valid out-pointer; a live graph.
@@ -163,7 +163,7 @@ impl CudaGpu {
         Ok(self.add_graph(raw))
     }
 
-    pub(super) fn find_in_clone(&mut self, clone: &CudaGraph, original: usize) -> CuResultOf<usize> {
+    pub(super) fn find_in_clone(&mut self, clone: &CudaGraph, original: usize) -> CuResult<usize> {
         let g = self.raw_graph(clone)?;
         let mut out: sys::CUgraphNode = std::ptr::null_mut();
         // SAFETY: valid out-pointer; `original` is a node of the graph `g` was cloned from
@@ -177,7 +177,7 @@ impl CudaGpu {
         graph: &CudaGraph,
         deps: &[usize],
         node: GraphNodeSpec<'_, CudaFunction>,
-    ) -> CuResultOf<usize> {
+    ) -> CuResult<usize> {
         let g = self.raw_graph(graph)?;
         let deps: SmallVec<[sys::CUgraphNode; 8]> = deps.iter().map(|&d| d as sys::CUgraphNode).collect();
         let deps_ptr = if deps.is_empty() { std::ptr::null() } else { deps.as_ptr() };
@@ -260,7 +260,7 @@ impl CudaGpu {
         Ok(out as usize)
     }
 
-    pub(super) fn nodes_of(&mut self, graph: &CudaGraph) -> CuResultOf<Vec<usize>> {
+    pub(super) fn nodes_of(&mut self, graph: &CudaGraph) -> CuResult<Vec<usize>> {
         let g = self.raw_graph(graph)?;
         let mut count = 0usize;
         // SAFETY: a live graph; NULL nodes asks for the count only.
@@ -279,7 +279,7 @@ impl CudaGpu {
         Ok(nodes.into_iter().map(|n| n as usize).collect())
     }
 
-    pub(super) fn instantiate_graph(&mut self, graph: &CudaGraph, flags: u64) -> CuResultOf<CudaGraphExec> {
+    pub(super) fn instantiate_graph(&mut self, graph: &CudaGraph, flags: u64) -> CuResult<CudaGraphExec> {
         let g = self.raw_graph(graph)?;
         self.enter()?;
         let mut raw: sys::CUgraphExec = std::ptr::null_mut();
@@ -290,7 +290,7 @@ impl CudaGpu {
         Ok(CudaGraphExec { id })
     }
 
-    pub(super) fn destroy_graph_exec(&mut self, exec: CudaGraphExec) -> CuResultOf<()> {
+    pub(super) fn destroy_graph_exec(&mut self, exec: CudaGraphExec) -> CuResult<()> {
         let entry = self.graph_execs.get(&exec.id).copied().ok_or(CuError::INVALID_HANDLE)?;
         self.make_current(entry.ctx)?;
         self.graph_execs.remove(&exec.id);
@@ -303,7 +303,7 @@ impl CudaGpu {
         exec: &CudaGraphExec,
         stream: Option<&CudaStream>,
         upload_only: bool,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         let raw = self.graph_execs.get(&exec.id).map(|e| e.raw).ok_or(CuError::INVALID_HANDLE)?;
         let stream = self.stream_or_null(stream)?;
         self.enter()?;
@@ -317,7 +317,7 @@ impl CudaGpu {
         check(rc)
     }
 
-    pub(super) fn begin_capture(&mut self, stream: Option<&CudaStream>, mode: u32) -> CuResultOf<()> {
+    pub(super) fn begin_capture(&mut self, stream: Option<&CudaStream>, mode: u32) -> CuResult<()> {
         let stream = self.stream_or_null(stream)?;
         self.enter()?;
         // SAFETY: `stream` is NULL (refused by the driver) or live; the driver validates
@@ -325,7 +325,7 @@ impl CudaGpu {
         check(unsafe { (self.api.stream_begin_capture)(stream, mode) })
     }
 
-    pub(super) fn end_capture(&mut self, stream: Option<&CudaStream>) -> CuResultOf<CudaGraph> {
+    pub(super) fn end_capture(&mut self, stream: Option<&CudaStream>) -> CuResult<CudaGraph> {
         let stream = self.stream_or_null(stream)?;
         self.enter()?;
         let mut raw: sys::CUgraph = std::ptr::null_mut();
@@ -334,7 +334,7 @@ impl CudaGpu {
         Ok(self.add_graph(raw))
     }
 
-    pub(super) fn capture_info(&mut self, stream: Option<&CudaStream>) -> CuResultOf<(u32, u64)> {
+    pub(super) fn capture_info(&mut self, stream: Option<&CudaStream>) -> CuResult<(u32, u64)> {
         let stream = self.stream_or_null(stream)?;
         self.enter()?;
         let (mut status, mut id): (c_uint, u64) = (0, 0);
@@ -345,7 +345,7 @@ impl CudaGpu {
         Ok((status, id))
     }
 
-    pub(super) fn exchange_mode(&mut self, mode: u32) -> CuResultOf<u32> {
+    pub(super) fn exchange_mode(&mut self, mode: u32) -> CuResult<u32> {
         let mut m: c_uint = mode;
         // SAFETY: a valid in/out pointer; the driver validates the mode.
         check(unsafe { (self.api.thread_exchange_capture_mode)(&mut m) })?;
@@ -356,7 +356,7 @@ impl CudaGpu {
         &mut self,
         stream: Option<&CudaStream>,
         slot: Arc<HostFuncSlot>,
-    ) -> CuResultOf<Option<usize>> {
+    ) -> CuResult<Option<usize>> {
         let stream = self.stream_or_null(stream)?;
         self.enter()?;
         let data = Arc::as_ptr(&slot).cast_mut().cast();

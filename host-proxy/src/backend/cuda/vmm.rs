@@ -73,11 +73,11 @@ impl CudaGpu {
         RawAccessDesc { location_type: LOCATION_DEVICE, location_id: self.device, flags }
     }
 
-    fn size_of(v: u64) -> CuResultOf<usize> {
+    fn size_of(v: u64) -> CuResult<usize> {
         usize::try_from(v).map_err(|_| CuError::INVALID_VALUE)
     }
 
-    pub(super) fn granularity(&mut self, recommended: bool) -> CuResultOf<u64> {
+    pub(super) fn granularity(&mut self, recommended: bool) -> CuResult<u64> {
         self.enter()?;
         let prop = self.alloc_prop(0);
         let option = if recommended { GRANULARITY_RECOMMENDED } else { GRANULARITY_MINIMUM };
@@ -87,7 +87,7 @@ impl CudaGpu {
         Ok(g as u64)
     }
 
-    pub(super) fn address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResultOf<u64> {
+    pub(super) fn address_reserve(&mut self, size: u64, alignment: u64, addr: u64) -> CuResult<u64> {
         self.enter()?;
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: valid out-pointer; the driver validates size, alignment and the hint.
@@ -97,13 +97,13 @@ impl CudaGpu {
         Ok(ptr)
     }
 
-    pub(super) fn address_free(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+    pub(super) fn address_free(&mut self, ptr: u64, size: u64) -> CuResult<()> {
         self.enter()?;
         // SAFETY: a whole reservation of this backend with nothing mapped (the zone checked).
         check(unsafe { (self.api.mem_address_free)(ptr, Self::size_of(size)?) })
     }
 
-    pub(super) fn create_phys(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResultOf<CudaPhys> {
+    pub(super) fn create_phys(&mut self, size: u64, handle_types: u32, rdma: bool) -> CuResult<CudaPhys> {
         self.enter()?;
         let mut prop = self.alloc_prop(handle_types);
         // `allocFlags`: compression type, then gpuDirectRDMACapable.
@@ -118,11 +118,11 @@ impl CudaGpu {
     }
 
     /// The driver handle and size of `phys`.
-    fn raw_phys(&self, phys: &CudaPhys) -> CuResultOf<(sys::CUmemGenericAllocationHandle, u64)> {
+    fn raw_phys(&self, phys: &CudaPhys) -> CuResult<(sys::CUmemGenericAllocationHandle, u64)> {
         self.phys.get(&phys.id).copied().ok_or(CuError::INVALID_HANDLE)
     }
 
-    pub(super) fn map(&mut self, ptr: u64, size: u64, offset: u64, phys: &CudaPhys) -> CuResultOf<()> {
+    pub(super) fn map(&mut self, ptr: u64, size: u64, offset: u64, phys: &CudaPhys) -> CuResult<()> {
         let (handle, _) = self.raw_phys(phys)?;
         self.enter()?;
         // SAFETY: `ptr .. ptr + size` lies in a reservation of this backend over nothing
@@ -130,20 +130,20 @@ impl CudaGpu {
         check(unsafe { (self.api.mem_map)(ptr, Self::size_of(size)?, Self::size_of(offset)?, handle, 0) })
     }
 
-    pub(super) fn unmap(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+    pub(super) fn unmap(&mut self, ptr: u64, size: u64) -> CuResult<()> {
         self.enter()?;
         // SAFETY: whole mappings of this backend covering exactly the range (zone-checked).
         check(unsafe { (self.api.mem_unmap)(ptr, Self::size_of(size)?) })
     }
 
-    pub(super) fn set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResultOf<()> {
+    pub(super) fn set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResult<()> {
         self.enter()?;
         let desc = self.access(flags);
         // SAFETY: mapped memory of this backend (zone-checked); one descriptor.
         check(unsafe { (self.api.mem_set_access)(ptr, Self::size_of(size)?, &desc, 1) })
     }
 
-    pub(super) fn release_phys(&mut self, phys: CudaPhys) -> CuResultOf<()> {
+    pub(super) fn release_phys(&mut self, phys: CudaPhys) -> CuResult<()> {
         let (handle, size) = self.raw_phys(&phys)?;
         let scrubbed = self.scrub_phys(handle, size);
         if let Err(e) = scrubbed {
@@ -157,7 +157,7 @@ impl CudaGpu {
     }
 
     /// Zeroes a physical allocation through a scratch mapping.
-    fn scrub_phys(&mut self, handle: sys::CUmemGenericAllocationHandle, size: u64) -> CuResultOf<()> {
+    fn scrub_phys(&mut self, handle: sys::CUmemGenericAllocationHandle, size: u64) -> CuResult<()> {
         let ptr = self.address_reserve(size, 0, 0)?;
         let n = Self::size_of(size)?;
         // SAFETY: a fresh reservation of `size` bytes, the whole allocation from offset 0.

@@ -21,7 +21,7 @@ use idm_core::SharedMemory;
 use std::sync::Arc;
 
 /// `CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`.
-const STREAM_CAPTURE_IMPLICIT: CuError = CuError::new(906);
+const STREAM_CAPTURE_IMPLICIT: CuError = CuError::STREAM_CAPTURE_IMPLICIT;
 
 /// A simulated graph.
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -47,7 +47,7 @@ pub(super) type SimGraphNodes = Vec<(u64, SimOp)>;
 impl SimGpu {
     /// The graph `stream` is capturing into, if any (the legacy stream may not be used
     /// while any capture is open).
-    pub(super) fn capturing(&self, stream: Option<&SimStream>) -> CuResultOf<Option<u64>> {
+    pub(super) fn capturing(&self, stream: Option<&SimStream>) -> CuResult<Option<u64>> {
         match self.check_stream(stream)? {
             Some(s) => Ok(s.capture.map(|(graph, _)| graph)),
             None if self.streams.values().any(|s| s.capture.is_some()) => Err(STREAM_CAPTURE_IMPLICIT),
@@ -56,7 +56,7 @@ impl SimGpu {
     }
 
     /// Refuses what must not run on a capturing stream.
-    pub(super) fn not_capturing(&self, stream: Option<&SimStream>) -> CuResultOf<()> {
+    pub(super) fn not_capturing(&self, stream: Option<&SimStream>) -> CuResult<()> {
         match self.capturing(stream)? {
             Some(_) => Err(STREAM_CAPTURE_UNSUPPORTED),
             None => Ok(()),
@@ -69,7 +69,7 @@ impl SimGpu {
     }
 
     /// Appends `op` to `graph` and returns the node's id.
-    pub(super) fn record(&mut self, graph: u64, op: SimOp) -> CuResultOf<u64> {
+    pub(super) fn record(&mut self, graph: u64, op: SimOp) -> CuResult<u64> {
         let nodes = self.graphs.get_mut(&graph).ok_or(CuError::INVALID_HANDLE)?;
         let id = next_id();
         nodes.push((id, op));
@@ -77,7 +77,7 @@ impl SimGpu {
     }
 
     /// Runs one operation now.
-    fn run_op(&mut self, op: &SimOp) -> CuResultOf<()> {
+    fn run_op(&mut self, op: &SimOp) -> CuResult<()> {
         match op {
             SimOp::Empty => Ok(()),
             SimOp::Kernel { func, config, params, layout } => self.launch_now(*func, config, params, layout),
@@ -92,7 +92,7 @@ impl SimGpu {
     }
 
     /// A 2-D memset of device memory.
-    pub(super) fn memset_2d(&mut self, m: &GraphMemset) -> CuResultOf<()> {
+    pub(super) fn memset_2d(&mut self, m: &GraphMemset) -> CuResult<()> {
         let elem = u64::from(m.element_size);
         let row = m.width.checked_mul(elem).ok_or(CuError::INVALID_VALUE)?;
         let bytes = m.value.to_le_bytes();
@@ -107,7 +107,7 @@ impl SimGpu {
     }
 
     /// A copy on `stream`: recorded when it is capturing, done now otherwise.
-    pub(super) fn copy_on(&mut self, c: GraphCopy, stream: Option<&SimStream>) -> CuResultOf<()> {
+    pub(super) fn copy_on(&mut self, c: GraphCopy, stream: Option<&SimStream>) -> CuResult<()> {
         match self.capturing(stream)? {
             Some(graph) => self.record(graph, SimOp::Copy(c)).map(drop),
             None => self.copy_3d(&c),
@@ -115,7 +115,7 @@ impl SimGpu {
     }
 
     /// A 3-D copy between device ranges and the window, row by row.
-    pub(super) fn copy_3d(&mut self, c: &GraphCopy) -> CuResultOf<()> {
+    pub(super) fn copy_3d(&mut self, c: &GraphCopy) -> CuResult<()> {
         let row_len = usize::try_from(c.width).map_err(|_| CuError::INVALID_VALUE)?;
         let end = |e: CopyEnd| match e {
             CopyEnd::Device(a) | CopyEnd::Window(a) => a,
@@ -152,7 +152,7 @@ impl SimGpu {
     }
 
     /// The window, when `[offset, offset + len)` lies inside it.
-    fn window_range(&self, offset: u64, len: u64) -> CuResultOf<&idm_core::RawRegion> {
+    fn window_range(&self, offset: u64, len: u64) -> CuResult<&idm_core::RawRegion> {
         let w = self.window.as_ref().ok_or(CuError::NOT_SUPPORTED)?;
         let inside = offset.checked_add(len).is_some_and(|end| end <= w.size() as u64);
         inside.then_some(w).ok_or(CuError::INVALID_VALUE)
@@ -183,7 +183,7 @@ impl SimGpu {
         }
     }
 
-    pub(super) fn destroy_graph(&mut self, graph: SimGraph) -> CuResultOf<()> {
+    pub(super) fn destroy_graph(&mut self, graph: SimGraph) -> CuResult<()> {
         if self.streams.values().any(|s| s.capture.is_some_and(|(g, _)| g == graph.0)) {
             // The capture's graph is the stream's until the capture ends.
             return Err(ILLEGAL_STATE);
@@ -195,7 +195,7 @@ impl SimGpu {
         Ok(())
     }
 
-    pub(super) fn clone_graph(&mut self, graph: &SimGraph) -> CuResultOf<SimGraph> {
+    pub(super) fn clone_graph(&mut self, graph: &SimGraph) -> CuResult<SimGraph> {
         let nodes = self.graphs.get(&graph.0).ok_or(CuError::INVALID_HANDLE)?;
         let copy: SimGraphNodes = nodes.iter().map(|(_, op)| (next_id(), op.clone())).collect();
         for ((new, _), (old, _)) in copy.iter().zip(nodes) {
@@ -206,7 +206,7 @@ impl SimGpu {
         Ok(SimGraph(id))
     }
 
-    pub(super) fn find_in_clone(&self, clone: &SimGraph, original: u64) -> CuResultOf<u64> {
+    pub(super) fn find_in_clone(&self, clone: &SimGraph, original: u64) -> CuResult<u64> {
         let nodes = self.graphs.get(&clone.0).ok_or(CuError::INVALID_HANDLE)?;
         nodes
             .iter()
@@ -220,7 +220,7 @@ impl SimGpu {
         graph: &SimGraph,
         deps: &[u64],
         node: GraphNodeSpec<'_, SimFunction>,
-    ) -> CuResultOf<u64> {
+    ) -> CuResult<u64> {
         let nodes = self.graphs.get(&graph.0).ok_or(CuError::INVALID_HANDLE)?;
         if !deps.iter().all(|d| nodes.iter().any(|(id, _)| id == d)) {
             return Err(CuError::INVALID_VALUE);
@@ -238,12 +238,12 @@ impl SimGpu {
         self.record(graph.0, op)
     }
 
-    pub(super) fn nodes_of(&self, graph: &SimGraph) -> CuResultOf<Vec<u64>> {
+    pub(super) fn nodes_of(&self, graph: &SimGraph) -> CuResult<Vec<u64>> {
         let nodes = self.graphs.get(&graph.0).ok_or(CuError::INVALID_HANDLE)?;
         Ok(nodes.iter().map(|(id, _)| *id).collect())
     }
 
-    pub(super) fn instantiate_graph(&mut self, graph: &SimGraph, flags: u64) -> CuResultOf<SimGraphExec> {
+    pub(super) fn instantiate_graph(&mut self, graph: &SimGraph, flags: u64) -> CuResult<SimGraphExec> {
         // CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH | UPLOAD | DEVICE_LAUNCH | USE_NODE_PRIORITY.
         if flags & !0xf != 0 {
             return Err(CuError::INVALID_VALUE);
@@ -255,7 +255,7 @@ impl SimGpu {
         Ok(SimGraphExec(id))
     }
 
-    pub(super) fn destroy_graph_exec(&mut self, exec: SimGraphExec) -> CuResultOf<()> {
+    pub(super) fn destroy_graph_exec(&mut self, exec: SimGraphExec) -> CuResult<()> {
         self.execs.remove(&exec.0).map(drop).ok_or(CuError::INVALID_HANDLE)
     }
 
@@ -264,7 +264,7 @@ impl SimGpu {
         exec: &SimGraphExec,
         stream: Option<&SimStream>,
         upload_only: bool,
-    ) -> CuResultOf<()> {
+    ) -> CuResult<()> {
         let ops = self.execs.get(&exec.0).map(|(_, ops)| ops.clone()).ok_or(CuError::INVALID_HANDLE)?;
         if self.capturing(stream)?.is_some() {
             // A child graph node: not modelled.
@@ -276,7 +276,7 @@ impl SimGpu {
         ops.iter().try_for_each(|op| self.run_op(op))
     }
 
-    pub(super) fn begin_capture(&mut self, stream: Option<&SimStream>, mode: u32) -> CuResultOf<()> {
+    pub(super) fn begin_capture(&mut self, stream: Option<&SimStream>, mode: u32) -> CuResult<()> {
         let Some(s) = stream else { return Err(STREAM_CAPTURE_UNSUPPORTED) };
         if mode > 2 {
             return Err(CuError::INVALID_VALUE);
@@ -293,7 +293,7 @@ impl SimGpu {
         Ok(())
     }
 
-    pub(super) fn end_capture(&mut self, stream: Option<&SimStream>) -> CuResultOf<SimGraph> {
+    pub(super) fn end_capture(&mut self, stream: Option<&SimStream>) -> CuResult<SimGraph> {
         let Some(s) = stream else { return Err(ILLEGAL_STATE) };
         let state = self.streams.get(&s.0).ok_or(CuError::INVALID_HANDLE)?;
         let (graph, _) = state.capture.ok_or(ILLEGAL_STATE)?;
@@ -312,7 +312,7 @@ impl SimGpu {
         Ok(SimGraph(graph))
     }
 
-    pub(super) fn capture_info(&self, stream: Option<&SimStream>) -> CuResultOf<(u32, u64)> {
+    pub(super) fn capture_info(&self, stream: Option<&SimStream>) -> CuResult<(u32, u64)> {
         let capture = match self.check_stream(stream)? {
             Some(s) => s.capture,
             None if self.any_capture() => return Err(STREAM_CAPTURE_IMPLICIT),
@@ -321,7 +321,7 @@ impl SimGpu {
         Ok(capture.map_or((0, 0), |(_, id)| (CAPTURE_ACTIVE, id)))
     }
 
-    pub(super) fn exchange_mode(&mut self, mode: u32) -> CuResultOf<u32> {
+    pub(super) fn exchange_mode(&mut self, mode: u32) -> CuResult<u32> {
         if mode > 2 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -332,7 +332,7 @@ impl SimGpu {
         &mut self,
         stream: Option<&SimStream>,
         slot: Arc<HostFuncSlot>,
-    ) -> CuResultOf<Option<u64>> {
+    ) -> CuResult<Option<u64>> {
         match self.capturing(stream)? {
             Some(graph) => self.record(graph, SimOp::Host(slot)).map(Some),
             None => self.run_op(&SimOp::Host(slot)).map(|()| None),
@@ -341,7 +341,7 @@ impl SimGpu {
 
     /// An event recorded on a capturing stream carries the capture; one recorded elsewhere
     /// does not.
-    pub(super) fn note_event_record(&mut self, event: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
+    pub(super) fn note_event_record(&mut self, event: u64, stream: Option<&SimStream>) -> CuResult<()> {
         let capture = match stream {
             Some(s) => self.check_stream(Some(s))?.and_then(|st| st.capture),
             None => None,
@@ -353,7 +353,7 @@ impl SimGpu {
     }
 
     /// A stream that waits for an event carrying a capture joins that capture.
-    pub(super) fn note_event_wait(&mut self, event: u64, stream: Option<&SimStream>) -> CuResultOf<()> {
+    pub(super) fn note_event_wait(&mut self, event: u64, stream: Option<&SimStream>) -> CuResult<()> {
         let captured = self.events.get(&event).and_then(|e| e.captured);
         match (captured, stream) {
             (Some(c), Some(s)) => {

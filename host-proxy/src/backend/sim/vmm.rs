@@ -31,7 +31,7 @@ impl SimGpu {
         self.phys.values().map(|p| p.size).sum()
     }
 
-    pub(super) fn address_reserve(&mut self, size: u64, alignment: u64) -> CuResultOf<u64> {
+    pub(super) fn address_reserve(&mut self, size: u64, alignment: u64) -> CuResult<u64> {
         if size == 0 || size % GRANULARITY != 0 || (alignment != 0 && !alignment.is_power_of_two()) {
             return Err(CuError::INVALID_VALUE);
         }
@@ -43,7 +43,7 @@ impl SimGpu {
         Ok(ptr)
     }
 
-    pub(super) fn address_free(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+    pub(super) fn address_free(&mut self, ptr: u64, size: u64) -> CuResult<()> {
         match self.reservations.get(&ptr) {
             Some(&s) if s == size => {
                 self.reservations.remove(&ptr);
@@ -53,7 +53,7 @@ impl SimGpu {
         }
     }
 
-    pub(super) fn create_phys(&mut self, size: u64) -> CuResultOf<SimPhys> {
+    pub(super) fn create_phys(&mut self, size: u64) -> CuResult<SimPhys> {
         if size == 0 || size % GRANULARITY != 0 {
             return Err(CuError::INVALID_VALUE);
         }
@@ -67,7 +67,7 @@ impl SimGpu {
         Ok(SimPhys(id))
     }
 
-    pub(super) fn release_phys(&mut self, phys: SimPhys) -> CuResultOf<()> {
+    pub(super) fn release_phys(&mut self, phys: SimPhys) -> CuResult<()> {
         let p = self.phys.get(&phys.0).ok_or(CuError::INVALID_HANDLE)?;
         if p.at.is_some() {
             return Err(CuError::INVALID_VALUE);
@@ -79,7 +79,7 @@ impl SimGpu {
         Ok(())
     }
 
-    pub(super) fn map(&mut self, ptr: u64, size: u64, offset: u64, phys: &SimPhys) -> CuResultOf<()> {
+    pub(super) fn map(&mut self, ptr: u64, size: u64, offset: u64, phys: &SimPhys) -> CuResult<()> {
         let inside = self.reservations.range(..=ptr).next_back().is_some_and(|(&s, &l)| ptr + size <= s + l);
         let p = self.phys.get_mut(&phys.0).ok_or(CuError::INVALID_HANDLE)?;
         if !inside || ptr % GRANULARITY != 0 {
@@ -94,7 +94,7 @@ impl SimGpu {
         Ok(())
     }
 
-    pub(super) fn unmap(&mut self, ptr: u64, size: u64) -> CuResultOf<()> {
+    pub(super) fn unmap(&mut self, ptr: u64, size: u64) -> CuResult<()> {
         let end = ptr.checked_add(size).ok_or(CuError::INVALID_VALUE)?;
         let starts: Vec<u64> = self.allocs.range(ptr..end).map(|(&s, _)| s).collect();
         for s in starts {
@@ -112,7 +112,7 @@ impl SimGpu {
         Ok(())
     }
 
-    pub(super) fn set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResultOf<()> {
+    pub(super) fn set_access(&mut self, ptr: u64, size: u64, flags: u32) -> CuResult<()> {
         if !matches!(flags, 1 | 3) {
             return Err(CuError::INVALID_VALUE);
         }
