@@ -63,11 +63,6 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// before it answers the revoking worker anyway.
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `CUDA_ERROR_INVALID_CONTEXT`.
-const INVALID_CONTEXT: CuError = CuError::INVALID_CONTEXT;
-/// `CUDA_ERROR_NOT_PERMITTED`.
-pub const NOT_PERMITTED: CuError = CuError::NOT_PERMITTED;
-
 /// A registry entry's name: 128 random bits.
 pub type Token = [u8; 16];
 
@@ -127,7 +122,7 @@ pub fn may_open(exporter: &Peer, opener: &Peer) -> CuResult<()> {
     if same_zone || shared_group {
         Ok(())
     } else {
-        Err(NOT_PERMITTED)
+        Err(CuError::NOT_PERMITTED)
     }
 }
 
@@ -187,7 +182,7 @@ impl Registry {
     /// [`random_token`]). A worker that is not (or no longer) live is refused.
     pub fn export(&mut self, conn: u32, payload: Vec<u8>, size: u64, token: Token) -> CuResult<Token> {
         if !self.peers.contains_key(&conn) {
-            return Err(NOT_PERMITTED);
+            return Err(CuError::NOT_PERMITTED);
         }
         // Size 0 is an export without memory behind it (an interprocess event).
         if payload.is_empty() || payload.len() > MAX_PAYLOAD {
@@ -211,9 +206,9 @@ impl Registry {
     pub fn open(&mut self, conn: u32, token: &Token) -> CuResult<(Vec<u8>, u64)> {
         let export = self.exports.get_mut(token).ok_or(CuError::INVALID_VALUE)?;
         if export.exporter == conn {
-            return Err(INVALID_CONTEXT);
+            return Err(CuError::INVALID_CONTEXT);
         }
-        let opener = self.peers.get(&conn).ok_or(NOT_PERMITTED)?;
+        let opener = self.peers.get(&conn).ok_or(CuError::NOT_PERMITTED)?;
         let exporter = self.peers.get(&export.exporter).ok_or(CuError::INVALID_VALUE)?;
         let verdict = may_open(exporter, opener);
         let counts = self.opens.entry(opener.zone.clone()).or_default();
@@ -867,9 +862,9 @@ mod tests {
     fn the_policy_allows_only_the_same_zone() {
         let a1 = peer(1, "tenant-a", 1000);
         assert_eq!(may_open(&a1, &peer(2, "tenant-a", 1000)), Ok(()));
-        assert_eq!(may_open(&a1, &peer(3, "tenant-b", 1001)), Err(NOT_PERMITTED));
-        assert_eq!(may_open(&a1, &peer(4, "tenant-b", 1000)), Err(NOT_PERMITTED));
-        assert_eq!(may_open(&a1, &peer(5, "tenant-a", 1001)), Err(NOT_PERMITTED));
+        assert_eq!(may_open(&a1, &peer(3, "tenant-b", 1001)), Err(CuError::NOT_PERMITTED));
+        assert_eq!(may_open(&a1, &peer(4, "tenant-b", 1000)), Err(CuError::NOT_PERMITTED));
+        assert_eq!(may_open(&a1, &peer(5, "tenant-a", 1001)), Err(CuError::NOT_PERMITTED));
         // Zones of one sharing group may open each other's exports; a third zone may not.
         let in_group = |conn, zone: &str, uid, groups: &[&str]| Peer {
             conn,
@@ -882,8 +877,8 @@ mod tests {
         let outsider = in_group(8, "outsider", 2002, &["unrelated"]);
         assert_eq!(may_open(&producer, &consumer), Ok(()));
         assert_eq!(may_open(&consumer, &producer), Ok(()));
-        assert_eq!(may_open(&producer, &outsider), Err(NOT_PERMITTED));
-        assert_eq!(may_open(&outsider, &consumer), Err(NOT_PERMITTED));
+        assert_eq!(may_open(&producer, &outsider), Err(CuError::NOT_PERMITTED));
+        assert_eq!(may_open(&outsider, &consumer), Err(CuError::NOT_PERMITTED));
     }
 
     #[test]
@@ -892,13 +887,13 @@ mod tests {
         assert_eq!(r.export(1, vec![7; 40], 4096, T1), Ok(T1));
         assert_eq!(r.open(2, &T1), Ok((vec![7; 40], 4096)));
         assert_eq!(r.open(2, &T2), Err(CuError::INVALID_VALUE), "unknown token");
-        assert_eq!(r.open(1, &T1), Err(INVALID_CONTEXT), "the exporting worker itself");
-        assert_eq!(r.open(3, &T1), Err(NOT_PERMITTED), "another zone");
-        assert_eq!(r.open(9, &T1), Err(NOT_PERMITTED), "not a live worker");
+        assert_eq!(r.open(1, &T1), Err(CuError::INVALID_CONTEXT), "the exporting worker itself");
+        assert_eq!(r.open(3, &T1), Err(CuError::NOT_PERMITTED), "another zone");
+        assert_eq!(r.open(9, &T1), Err(CuError::NOT_PERMITTED), "not a live worker");
         // The policy's decisions are counted by the opening zone (for the metrics).
         assert_eq!(r.open_counts(), vec![("a".to_owned(), 1, 0), ("b".to_owned(), 0, 1)]);
         // Exports are bounded and sane.
-        assert_eq!(r.export(9, vec![1], 1, T2), Err(NOT_PERMITTED));
+        assert_eq!(r.export(9, vec![1], 1, T2), Err(CuError::NOT_PERMITTED));
         assert_eq!(r.export(1, vec![], 1, T2), Err(CuError::INVALID_VALUE));
         assert_eq!(r.export(1, vec![1; MAX_PAYLOAD + 1], 1, T2), Err(CuError::INVALID_VALUE));
         assert_eq!(r.export(1, vec![1], 1, T1), Err(CuError::UNKNOWN), "a token is never reused while live");
@@ -929,7 +924,7 @@ mod tests {
         assert_eq!(r.open(2, &T1), Err(CuError::INVALID_VALUE), "the dead worker's export is gone");
         assert_eq!(r.revoke(2, &T2), Ok(vec![]), "the dead worker is no importer any more");
         assert!(r.remove_peer(1).is_empty(), "idempotent");
-        assert_eq!(r.export(1, vec![1], 64, T1), Err(NOT_PERMITTED), "a departed worker cannot export");
+        assert_eq!(r.export(1, vec![1], 64, T1), Err(CuError::NOT_PERMITTED), "a departed worker cannot export");
     }
 
     #[test]
@@ -981,7 +976,7 @@ mod tests {
         let mut b = BrokerClient::new(b).unwrap();
         let token = a.export(&[9; 40], 8192).unwrap();
         assert_eq!(b.open(&token), Ok((vec![9; 40], 8192)));
-        assert_eq!(a.open(&token), Err(INVALID_CONTEXT));
+        assert_eq!(a.open(&token), Err(CuError::INVALID_CONTEXT));
         assert_eq!(b.open(&[0xee; 16]), Err(CuError::INVALID_VALUE));
         assert_eq!(b.revoked(), Some(vec![]));
         a.revoke(&token);

@@ -161,12 +161,6 @@ mod ptr_attr {
 
 /// `CU_MEMORYTYPE_DEVICE`.
 const MEMORYTYPE_DEVICE: u64 = 2;
-/// `CUDA_ERROR_INVALID_DEVICE`.
-const INVALID_DEVICE: CuError = CuError::INVALID_DEVICE;
-/// `CUDA_ERROR_INVALID_CONTEXT`.
-const INVALID_CONTEXT: CuError = CuError::INVALID_CONTEXT;
-/// `CUDA_ERROR_NOT_FOUND`.
-const NOT_FOUND: CuError = CuError::NOT_FOUND;
 /// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`: `cuIpcOpenMemHandle` takes exactly this flag.
 const IPC_MEM_LAZY_ENABLE_PEER_ACCESS: u32 = 1;
 
@@ -182,7 +176,7 @@ impl From<HandleError> for CuError {
 /// A context handle that names nothing is `CUDA_ERROR_INVALID_CONTEXT`, as in CUDA.
 fn ctx_err(e: HandleError) -> CuError {
     match e {
-        HandleError::Invalid => INVALID_CONTEXT,
+        HandleError::Invalid => CuError::INVALID_CONTEXT,
         HandleError::QuotaExceeded(_) => CuError::OUT_OF_MEMORY,
     }
 }
@@ -1516,7 +1510,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     }
 
     fn cu_mem_get_address_range_v2(&mut self, req: CuMemGetAddressRangeV2) -> CuResult<CuMemGetAddressRangeV2Reply> {
-        let (pbase, r) = self.zone.range_at(req.dptr).ok_or(NOT_FOUND)?;
+        let (pbase, r) = self.zone.range_at(req.dptr).ok_or(CuError::NOT_FOUND)?;
         Ok(CuMemGetAddressRangeV2Reply { pbase, psize: r.size })
     }
 
@@ -1635,7 +1629,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn ctx_destroy(&mut self, req: CtxDestroy) -> CuResult<Done> {
         let z = &mut *self.zone;
         if req.ctx == z.primary {
-            return Err(INVALID_CONTEXT);
+            return Err(CuError::INVALID_CONTEXT);
         }
         z.contexts.get(req.ctx).map_err(ctx_err)?;
         // Forget its objects while the context still lives, then destroy it: the backend
@@ -1902,7 +1896,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let z = &mut *self.zone;
         let k = z.kernels.get(req.kernel)?;
         if req.dev != 0 {
-            return Err(INVALID_DEVICE);
+            return Err(CuError::INVALID_DEVICE);
         }
         Ok(CuKernelGetAttributeReply { pi: z.backend.func_get_attribute(&k.func, req.attrib)? })
     }
@@ -1911,7 +1905,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         let z = &mut *self.zone;
         let k = z.kernels.get(req.kernel)?;
         if req.dev != 0 {
-            return Err(INVALID_DEVICE);
+            return Err(CuError::INVALID_DEVICE);
         }
         z.backend.func_set_attribute(&k.func, req.attrib, req.val)?;
         Ok(Done {})
@@ -2456,7 +2450,7 @@ mod tests {
 
     #[test]
     fn graph_nodes_are_checked_like_the_work_they_replay() {
-        let stage = crate::backend::STREAM_CAPTURE_UNSUPPORTED;
+        let stage = CuError::STREAM_CAPTURE_UNSUPPORTED;
         let mut f = fixture(Quotas::default(), 4096);
         let region = idm_shm::MemfdRegion::create("graph-checks", 4096).unwrap();
         f.z.attach_window(region, 0, 4096).unwrap();
@@ -2809,7 +2803,7 @@ mod tests {
         assert!(f.free_bytes() <= free0 - 4096);
         assert_eq!(f.z.mem_used(), 1000 + 4096);
 
-        assert_eq!(f.api().ctx_destroy(CtxDestroy { ctx: primary }), Err(INVALID_CONTEXT));
+        assert_eq!(f.api().ctx_destroy(CtxDestroy { ctx: primary }), Err(CuError::INVALID_CONTEXT));
         f.api().ctx_destroy(CtxDestroy { ctx }).unwrap();
         assert_eq!(f.z.current_context(), primary);
         assert_eq!(f.z.mem_used(), 1000);
@@ -2824,7 +2818,7 @@ mod tests {
         f.api().cu_kernel_get_attribute(CuKernelGetAttribute { attrib: 0, kernel, dev: 0 }).unwrap();
         f.api().cu_library_unload(CuLibraryUnload { library: lib }).unwrap();
         assert_eq!(f.free_bytes(), free0, "the backend got the context's memory back");
-        assert_eq!(f.api().ctx_destroy(CtxDestroy { ctx }), Err(INVALID_CONTEXT));
+        assert_eq!(f.api().ctx_destroy(CtxDestroy { ctx }), Err(CuError::INVALID_CONTEXT));
         // The primary context's objects live on.
         f.dtoh(keep, 0, 1000).unwrap();
         f.api().cu_stream_synchronize(CuStreamSynchronize { h_stream: keep_stream }).unwrap();
@@ -2869,9 +2863,9 @@ mod tests {
         assert_eq!(f.api().cu_library_unload(CuLibraryUnload { library: view }), Err(CuError::INVALID_HANDLE));
         let attr = |kernel, dev| CuKernelGetAttribute { attrib: 0, kernel, dev };
         assert_eq!(f.api().cu_kernel_get_attribute(attr(from_kernel, 0)).map(|_| ()), Err(CuError::INVALID_HANDLE));
-        assert_eq!(f.api().cu_kernel_get_attribute(attr(kernel, 1)).map(|_| ()), Err(INVALID_DEVICE));
+        assert_eq!(f.api().cu_kernel_get_attribute(attr(kernel, 1)).map(|_| ()), Err(CuError::INVALID_DEVICE));
         let set = CuKernelSetAttribute { attrib: 0, val: 0, kernel, dev: -1 };
-        assert_eq!(f.api().cu_kernel_set_attribute(set), Err(INVALID_DEVICE));
+        assert_eq!(f.api().cu_kernel_set_attribute(set), Err(CuError::INVALID_DEVICE));
         f.api().cu_kernel_get_attribute(attr(kernel, 0)).unwrap();
         // A kernel launches like a function.
         let p = f.alloc(64).unwrap();
@@ -2945,7 +2939,7 @@ mod tests {
             assert_eq!(r.map(|_| ()), Err(CuError::INVALID_VALUE));
         }
         let r = f.api().cu_module_get_function(CuModuleGetFunction { hmod, name: "f".repeat(MAX_NAME_BYTES) });
-        assert_eq!(r.map(|_| ()), Err(NOT_FOUND), "a long but legal name reaches the driver");
+        assert_eq!(r.map(|_| ()), Err(CuError::NOT_FOUND), "a long but legal name reaches the driver");
         for image in
             [BulkRef { offset: 0, len: 0 }, BulkRef { offset: 4000, len: 100 }, BulkRef { offset: u64::MAX, len: 2 }]
         {
@@ -2976,7 +2970,7 @@ mod tests {
         let r = f.api().cu_mem_get_address_range_v2(CuMemGetAddressRangeV2 { dptr: b + 10 }).unwrap();
         assert_eq!((r.pbase, r.psize), (b, 1000));
         let r = f.api().cu_mem_get_address_range_v2(CuMemGetAddressRangeV2 { dptr: 0x10 });
-        assert_eq!(r.map(|_| ()), Err(NOT_FOUND));
+        assert_eq!(r.map(|_| ()), Err(CuError::NOT_FOUND));
     }
 
     #[test]
@@ -3243,7 +3237,7 @@ mod tests {
     // ---- IPC ----
 
     use crate::broker::test_utils::{depart, Hub, LocalBroker};
-    use crate::broker::{guest_handle, Peer, HANDLE_LEN, NOT_PERMITTED};
+    use crate::broker::{guest_handle, Peer, HANDLE_LEN};
     use std::cell::RefCell;
     use std::rc::Rc;
 
@@ -3302,8 +3296,8 @@ mod tests {
         for bad in [p + 8, 0x10, g.dptr] {
             assert_eq!(a.export(bad), Err(CuError::INVALID_VALUE), "{bad:#x}");
         }
-        assert_eq!(a.open(&h, 1), Err(INVALID_CONTEXT), "not in the exporting worker");
-        assert_eq!(other.open(&h, 1), Err(NOT_PERMITTED), "not from another zone");
+        assert_eq!(a.open(&h, 1), Err(CuError::INVALID_CONTEXT), "not in the exporting worker");
+        assert_eq!(other.open(&h, 1), Err(CuError::NOT_PERMITTED), "not from another zone");
         for flags in [0, 2] {
             assert_eq!(b.open(&h, flags), Err(CuError::INVALID_VALUE), "the driver takes exactly flag 1");
         }

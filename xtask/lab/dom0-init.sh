@@ -98,28 +98,33 @@ relay() {
     [ "$last" = '$' ] || RELAYED=$last
 }
 
-# restart_host_proxy NAME: kills host-proxy (SIGKILL: no shutdown path runs), counts the old
-# daemon's workers left after a bounded wait (they die with it: PR_SET_PDEATHSIG), keeps its
-# log as host-proxy.killed.log and starts a new daemon on the same socket.
-# host_proxy_workers: how many `host-proxy worker` processes run (dom0 has no pgrep).
-host_proxy_workers() {
-    c=0
+# host_proxy_worker_pids: the pids of the `host-proxy worker` processes (dom0 has no pgrep).
+host_proxy_worker_pids() {
     for f in /proc/[0-9]*/cmdline; do
-        case "$(tr '\0' ' ' <"$f" 2>/dev/null)" in *"host-proxy worker "*) c=$((c + 1)) ;; esac
+        case "$(tr '\0' ' ' <"$f" 2>/dev/null)" in *"host-proxy worker "*) f=${f#/proc/}; echo "${f%/cmdline}" ;; esac
     done
-    echo $c
 }
 
+# restart_host_proxy NAME: kills host-proxy (SIGKILL: no shutdown path runs), counts which of
+# the old daemon's workers are left after a bounded wait (they die with it:
+# PR_SET_PDEATHSIG), keeps its log as host-proxy.killed.log and starts a new daemon on the
+# same socket.
 restart_host_proxy() {
-    mark "scenario=$1 workers-before-kill=$(host_proxy_workers)"
+    old=$(host_proxy_worker_pids)
+    mark "scenario=$1 workers-before-kill=$(echo $old | wc -w)"
     kill -KILL $HP
     wait $HP 2>/dev/null
     n=0
-    while [ $n -lt 20 ] && [ "$(host_proxy_workers)" != 0 ]; do
+    while :; do
+        left=0
+        # A zombie (reparented to this init, not reaped yet) has an empty cmdline: gone.
+        for p in $old; do
+            case "$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)" in *"host-proxy worker "*) left=$((left + 1)) ;; esac
+        done
+        [ $left = 0 ] || [ $n -ge 20 ] && break
         sleep 0.1
         n=$((n + 1))
     done
-    left=$(host_proxy_workers)
     mv /var/log/host-proxy.log /var/log/host-proxy.killed.log
     start_host_proxy
     mark "scenario=$1 host-proxy-restarted=$(host_proxy_state) old-workers=$left pid=$HP"

@@ -19,9 +19,6 @@ pub use vgpu_proto::LaunchConfig;
 /// One kernel parameter as the driver lays it out (`cuFuncGetParamInfo`).
 pub use vgpu_proto::ParamSlot;
 
-/// `CUDA_ERROR_NOT_READY` (a query whose work has not finished; not a failure).
-pub const NOT_READY: CuError = CuError::NOT_READY;
-
 /// The GPU operations a zone worker needs. Device pointers are addresses in the backend's
 /// own contexts; ranges passed in are already validated against the zone's allocations,
 /// and every object passed in (stream, event, module, function, context) was made by this
@@ -261,7 +258,7 @@ pub trait GpuBackend {
     fn stream_create(&mut self, flags: u32, priority: i32) -> CuResult<Self::Stream>;
     /// Waits for a stream's work.
     fn stream_synchronize(&mut self, stream: &Self::Stream) -> CuResult<()>;
-    /// `Ok` when the stream's work is done, [`NOT_READY`] when not.
+    /// `Ok` when the stream's work is done, [`CuError::NOT_READY`] when not.
     fn stream_query(&mut self, stream: Option<&Self::Stream>) -> CuResult<()>;
     /// Makes future work on `stream` wait for `event`.
     fn stream_wait_event(&mut self, stream: Option<&Self::Stream>, event: &Self::Event, flags: u32) -> CuResult<()>;
@@ -349,7 +346,7 @@ pub trait GpuBackend {
     fn event_destroy(&mut self, event: Self::Event) -> CuResult<()>;
     /// `cuEventRecordWithFlags` (flags 0 = `cuEventRecord`).
     fn event_record(&mut self, event: &Self::Event, stream: Option<&Self::Stream>, flags: u32) -> CuResult<()>;
-    /// `Ok` when the event has completed, [`NOT_READY`] when not.
+    /// `Ok` when the event has completed, [`CuError::NOT_READY`] when not.
     fn event_query(&mut self, event: &Self::Event) -> CuResult<()>;
     /// Waits for an event.
     fn event_synchronize(&mut self, event: &Self::Event) -> CuResult<()>;
@@ -357,11 +354,6 @@ pub trait GpuBackend {
     fn event_elapsed_time(&mut self, start: &Self::Event, end: &Self::Event) -> CuResult<f32>;
 }
 
-/// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`: the operation cannot be captured (or, on a
-/// capturing stream, cannot run).
-pub const STREAM_CAPTURE_UNSUPPORTED: CuError = CuError::STREAM_CAPTURE_UNSUPPORTED;
-/// `CUDA_ERROR_ILLEGAL_STATE`: e.g. ending a capture on a stream that is not capturing.
-pub const ILLEGAL_STATE: CuError = CuError::ILLEGAL_STATE;
 /// `CU_STREAM_CAPTURE_STATUS_ACTIVE`.
 pub const CAPTURE_ACTIVE: u32 = 1;
 

@@ -78,15 +78,6 @@ const SIM_ALIGN: u64 = 512;
 /// Row alignment of pitched allocations.
 const PITCH_ALIGN: u64 = 512;
 
-/// `CUDA_ERROR_INVALID_PTX`.
-const INVALID_PTX: CuError = CuError::INVALID_PTX;
-/// `CUDA_ERROR_NOT_FOUND`.
-const NOT_FOUND: CuError = CuError::NOT_FOUND;
-/// `CUDA_ERROR_ILLEGAL_ADDRESS`.
-const ILLEGAL_ADDRESS: CuError = CuError::ILLEGAL_ADDRESS;
-/// `CUDA_ERROR_MISALIGNED_ADDRESS`.
-const MISALIGNED_ADDRESS: CuError = CuError::MISALIGNED_ADDRESS;
-
 /// `CU_EVENT_DISABLE_TIMING`.
 const EVENT_DISABLE_TIMING: u32 = 0x2;
 /// `CU_EVENT_INTERPROCESS` (only valid with `CU_EVENT_DISABLE_TIMING`).
@@ -418,9 +409,9 @@ impl SimGpu {
     /// allocation holds it, `CUDA_ERROR_MISALIGNED_ADDRESS` when `addr` is not aligned to
     /// `align`.
     fn kernel_range(&mut self, addr: u64, len: u64, align: u64) -> CuResult<&mut [u8]> {
-        let (buf, off) = self.locate(addr, len).map_err(|_| ILLEGAL_ADDRESS)?;
+        let (buf, off) = self.locate(addr, len).map_err(|_| CuError::ILLEGAL_ADDRESS)?;
         if addr % align != 0 {
-            return Err(MISALIGNED_ADDRESS);
+            return Err(CuError::MISALIGNED_ADDRESS);
         }
         Ok(&mut buf[off..off + len as usize])
     }
@@ -600,7 +591,7 @@ impl SimGpu {
                 if n == 0 {
                     return Ok(());
                 }
-                let bytes = n.checked_mul(4).ok_or(ILLEGAL_ADDRESS)?;
+                let bytes = n.checked_mul(4).ok_or(CuError::ILLEGAL_ADDRESS)?;
                 for w in self.kernel_range(p, bytes, 4)?.chunks_exact_mut(4) {
                     w.copy_from_slice(&v.to_le_bytes());
                 }
@@ -1004,13 +995,13 @@ fn module_statements(text: &str) -> CuResult<Vec<(String, Terminator)>> {
                 init_depth -= 1;
                 statement.push(c);
             }
-            '}' => return Err(INVALID_PTX),
+            '}' => return Err(CuError::INVALID_PTX),
             ';' if init_depth == 0 => out.push((std::mem::take(&mut statement), Terminator::Semicolon)),
             _ => statement.push(c),
         }
     }
     if body_depth > 0 || init_depth > 0 || in_string {
-        return Err(INVALID_PTX);
+        return Err(CuError::INVALID_PTX);
     }
     Ok(out)
 }
@@ -1105,18 +1096,18 @@ fn param_layout(params: &[String]) -> CuResult<Vec<ParamSlot>> {
         if param.is_empty() && params.is_empty() {
             break;
         }
-        let (first, rest) = param.split_first().ok_or(INVALID_PTX)?;
+        let (first, rest) = param.split_first().ok_or(CuError::INVALID_PTX)?;
         if first != ".param" {
-            return Err(INVALID_PTX);
+            return Err(CuError::INVALID_PTX);
         }
-        let d = declaration(rest, None).ok_or(INVALID_PTX)?;
-        offset = offset.checked_next_multiple_of(d.align).ok_or(INVALID_PTX)?;
+        let d = declaration(rest, None).ok_or(CuError::INVALID_PTX)?;
+        offset = offset.checked_next_multiple_of(d.align).ok_or(CuError::INVALID_PTX)?;
         let slot = ParamSlot {
-            offset: u32::try_from(offset).map_err(|_| INVALID_PTX)?,
-            size: u32::try_from(d.size).map_err(|_| INVALID_PTX)?,
+            offset: u32::try_from(offset).map_err(|_| CuError::INVALID_PTX)?,
+            size: u32::try_from(d.size).map_err(|_| CuError::INVALID_PTX)?,
         };
         layout.push(slot);
-        offset = offset.checked_add(d.size).ok_or(INVALID_PTX)?;
+        offset = offset.checked_add(d.size).ok_or(CuError::INVALID_PTX)?;
     }
     Ok(layout)
 }
@@ -1131,11 +1122,11 @@ fn parse_ptx(text: &str) -> CuResult<Ptx> {
                 let Some(at) = toks.iter().position(|t| t == ".entry") else {
                     continue; // a `.func`, or another block
                 };
-                let name = toks.get(at + 1).filter(|n| is_identifier(n)).ok_or(INVALID_PTX)?.clone();
+                let name = toks.get(at + 1).filter(|n| is_identifier(n)).ok_or(CuError::INVALID_PTX)?.clone();
                 let rest = &toks[at + 2..];
                 let layout = match rest.first().map(String::as_str) {
                     Some("(") => {
-                        let close = rest.iter().position(|t| t == ")").ok_or(INVALID_PTX)?;
+                        let close = rest.iter().position(|t| t == ")").ok_or(CuError::INVALID_PTX)?;
                         param_layout(&rest[1..close])?
                     }
                     _ => Vec::new(),
@@ -1473,7 +1464,7 @@ impl GpuBackend for SimGpu {
 
     fn synchronize(&mut self) -> CuResult<()> {
         if self.any_capture() {
-            return Err(super::STREAM_CAPTURE_UNSUPPORTED);
+            return Err(CuError::STREAM_CAPTURE_UNSUPPORTED);
         }
         self.flush_printf();
         Ok(())
@@ -1669,15 +1660,16 @@ impl GpuBackend for SimGpu {
 
     fn module_get_function(&mut self, module: &SimModule, name: &CStr) -> CuResult<SimFunction> {
         let (m, holder) = self.module_holder(module)?;
-        let entry = holder.entries.iter().find(|e| name.to_bytes() == e.name.as_bytes()).ok_or(NOT_FOUND)?.clone();
+        let entry =
+            holder.entries.iter().find(|e| name.to_bytes() == e.name.as_bytes()).ok_or(CuError::NOT_FOUND)?.clone();
         let (ctx, root) = (m.ctx, m.root);
         Ok(self.add_function(false, ctx, root, &entry))
     }
 
     fn module_get_global(&mut self, module: &SimModule, name: &CStr) -> CuResult<(u64, u64)> {
         let (_, holder) = self.module_holder(module)?;
-        let name = name.to_str().map_err(|_| NOT_FOUND)?;
-        holder.globals.get(name).copied().ok_or(NOT_FOUND)
+        let name = name.to_str().map_err(|_| CuError::NOT_FOUND)?;
+        holder.globals.get(name).copied().ok_or(CuError::NOT_FOUND)
     }
 
     fn library_get_module(&mut self, library: &SimModule) -> CuResult<SimModule> {
@@ -1696,14 +1688,15 @@ impl GpuBackend for SimGpu {
 
     fn library_get_kernel(&mut self, library: &SimModule, name: &CStr) -> CuResult<SimFunction> {
         let lib = self.library(library)?;
-        let entry = lib.entries.iter().find(|e| name.to_bytes() == e.name.as_bytes()).ok_or(NOT_FOUND)?.clone();
+        let entry =
+            lib.entries.iter().find(|e| name.to_bytes() == e.name.as_bytes()).ok_or(CuError::NOT_FOUND)?.clone();
         Ok(self.add_function(true, None, library.0, &entry))
     }
 
     fn library_get_global(&mut self, library: &SimModule, name: &CStr) -> CuResult<(u64, u64)> {
         let lib = self.library(library)?;
-        let name = name.to_str().map_err(|_| NOT_FOUND)?;
-        lib.globals.get(name).copied().ok_or(NOT_FOUND)
+        let name = name.to_str().map_err(|_| CuError::NOT_FOUND)?;
+        lib.globals.get(name).copied().ok_or(CuError::NOT_FOUND)
     }
 
     fn kernel_get_function(&mut self, kernel: &SimFunction) -> CuResult<SimFunction> {
@@ -2114,12 +2107,12 @@ mod tests {
         assert_eq!(ptx.entries.len(), 5);
 
         let bad = |text: &str| parse_ptx(text).map(|_| ());
-        assert_eq!(bad(".version 8.0\n.entry k(.param .q32 x) { ret; }"), Err(INVALID_PTX), "unknown type");
-        assert_eq!(bad(".version 8.0\n.entry k(.param .u32) { ret; }"), Err(INVALID_PTX), "no name");
-        assert_eq!(bad(".version 8.0\n.entry k(.param .align 3 .b8 x[4]) { ret; }"), Err(INVALID_PTX));
-        assert_eq!(bad(".version 8.0\n.entry k(.param .u32 x) { ret; "), Err(INVALID_PTX), "unterminated");
-        assert_eq!(bad(".version 8.0\n.entry k(.param .u32 x { ret; }"), Err(INVALID_PTX), "unclosed list");
-        assert_eq!(bad(".version 8.0\n}"), Err(INVALID_PTX));
+        assert_eq!(bad(".version 8.0\n.entry k(.param .q32 x) { ret; }"), Err(CuError::INVALID_PTX), "unknown type");
+        assert_eq!(bad(".version 8.0\n.entry k(.param .u32) { ret; }"), Err(CuError::INVALID_PTX), "no name");
+        assert_eq!(bad(".version 8.0\n.entry k(.param .align 3 .b8 x[4]) { ret; }"), Err(CuError::INVALID_PTX));
+        assert_eq!(bad(".version 8.0\n.entry k(.param .u32 x) { ret; "), Err(CuError::INVALID_PTX), "unterminated");
+        assert_eq!(bad(".version 8.0\n.entry k(.param .u32 x { ret; }"), Err(CuError::INVALID_PTX), "unclosed list");
+        assert_eq!(bad(".version 8.0\n}"), Err(CuError::INVALID_PTX));
     }
 
     #[test]
@@ -2140,9 +2133,9 @@ mod tests {
         g.copy_dtoh(&mut out, buf, None).unwrap();
         assert_eq!(out, [0; 64], "initialisers are ignored: zero");
         g.copy_htod(counter, &[9, 0, 0, 0], None).unwrap();
-        assert_eq!(g.module_get_global(&m, c"elsewhere"), Err(NOT_FOUND));
-        assert_eq!(g.module_get_global(&m, c"constant"), Err(NOT_FOUND));
-        assert_eq!(g.module_get_function(&m, c"nope").map(|_| ()), Err(NOT_FOUND));
+        assert_eq!(g.module_get_global(&m, c"elsewhere"), Err(CuError::NOT_FOUND));
+        assert_eq!(g.module_get_global(&m, c"constant"), Err(CuError::NOT_FOUND));
+        assert_eq!(g.module_get_function(&m, c"nope").map(|_| ()), Err(CuError::NOT_FOUND));
         assert_eq!(g.mem_free(counter), Err(CuError::INVALID_VALUE), "the module owns it");
         g.module_unload(m).unwrap();
         assert_eq!(g.mem_get_info().unwrap().0, 1 << 20);
@@ -2157,7 +2150,10 @@ mod tests {
         assert_eq!(g.module_load(&0xBA55_ED50u32.to_le_bytes()).map(|_| ()), not_supported, "a fat binary");
         assert_eq!(g.module_load(b".version 8.0\n.target sm_90").map(|_| ()), not_supported, "no NUL");
         assert_eq!(g.library_load(b"just text\0").map(|_| ()), not_supported, "no .version");
-        assert_eq!(g.module_load(b".version 8.0\n.entry k(.param .q32 x) { ret; }\0").map(|_| ()), Err(INVALID_PTX));
+        assert_eq!(
+            g.module_load(b".version 8.0\n.entry k(.param .q32 x) { ret; }\0").map(|_| ()),
+            Err(CuError::INVALID_PTX)
+        );
     }
 
     #[test]
@@ -2202,11 +2198,11 @@ mod tests {
 
         // Faults, refusals and bad launches.
         let beyond = pack(&[(0, &p.to_le_bytes()), (8, &7u32.to_le_bytes()), (16, &1025u64.to_le_bytes())]);
-        assert_eq!(g.launch(&fill, &grid(1, 1), None, &beyond, &fill_layout), Err(ILLEGAL_ADDRESS));
+        assert_eq!(g.launch(&fill, &grid(1, 1), None, &beyond, &fill_layout), Err(CuError::ILLEGAL_ADDRESS));
         let wild = pack(&[(0, &0x10u64.to_le_bytes()), (8, &7u32.to_le_bytes()), (16, &1u64.to_le_bytes())]);
-        assert_eq!(g.launch(&fill, &grid(1, 1), None, &wild, &fill_layout), Err(ILLEGAL_ADDRESS));
+        assert_eq!(g.launch(&fill, &grid(1, 1), None, &wild, &fill_layout), Err(CuError::ILLEGAL_ADDRESS));
         let odd = pack(&[(0, &(p + 2).to_le_bytes()), (8, &7u32.to_le_bytes()), (16, &1u64.to_le_bytes())]);
-        assert_eq!(g.launch(&fill, &grid(1, 1), None, &odd, &fill_layout), Err(MISALIGNED_ADDRESS));
+        assert_eq!(g.launch(&fill, &grid(1, 1), None, &odd, &fill_layout), Err(CuError::MISALIGNED_ADDRESS));
         let mixed = g.module_get_function(&m, c"mixed").unwrap();
         let mixed_layout = g.func_param_layout(&mixed).unwrap();
         assert_eq!(g.launch(&mixed, &grid(1, 1), None, &[0; 72], &mixed_layout), Err(CuError::NOT_SUPPORTED));
@@ -2248,7 +2244,7 @@ mod tests {
         let lib = g.library_load(TEST_PTX.as_bytes()).unwrap();
         assert_eq!(g.module_get_function(&lib, c"fill_u32").map(|_| ()), Err(CuError::INVALID_HANDLE));
         let k = g.library_get_kernel(&lib, c"fill_u32").unwrap();
-        assert_eq!(g.library_get_kernel(&lib, c"nope").map(|_| ()), Err(NOT_FOUND));
+        assert_eq!(g.library_get_kernel(&lib, c"nope").map(|_| ()), Err(CuError::NOT_FOUND));
         let layout = g.func_param_layout(&k).unwrap();
         let (counter, size) = g.library_get_global(&lib, c"counter").unwrap();
         assert_eq!(size, 4);

@@ -18,7 +18,7 @@
 //! synchronises while a capture is open (that would invalidate it).
 
 use super::*;
-use crate::backend::{CopyEnd, GraphCopy, GraphMemset, GraphNodeSpec, CAPTURE_ACTIVE, STREAM_CAPTURE_UNSUPPORTED};
+use crate::backend::{CopyEnd, GraphCopy, GraphMemset, GraphNodeSpec, CAPTURE_ACTIVE};
 
 /// Host functions a zone may keep for graphs (each is held by its backend for the zone's
 /// life, since the driver copies a node's callback into clones and executable graphs);
@@ -135,7 +135,7 @@ impl<B: GpuBackend> Zone<B> {
     /// must not record (see the module docs).
     pub(super) fn refuse_if_capturing(&mut self, stream: Handle) -> CuResult<()> {
         if self.stream_is_capturing(stream)? {
-            return Err(STREAM_CAPTURE_UNSUPPORTED);
+            return Err(CuError::STREAM_CAPTURE_UNSUPPORTED);
         }
         Ok(())
     }

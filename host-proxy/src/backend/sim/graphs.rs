@@ -15,13 +15,9 @@
 //! stored, not enforced).
 
 use super::*;
-use crate::backend::STREAM_CAPTURE_UNSUPPORTED;
-use crate::backend::{CopyEnd, GraphCopy, GraphMemset, GraphNodeSpec, HostFuncSlot, CAPTURE_ACTIVE, ILLEGAL_STATE};
+use crate::backend::{CopyEnd, GraphCopy, GraphMemset, GraphNodeSpec, HostFuncSlot, CAPTURE_ACTIVE};
 use idm_core::SharedMemory;
 use std::sync::Arc;
-
-/// `CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`.
-const STREAM_CAPTURE_IMPLICIT: CuError = CuError::STREAM_CAPTURE_IMPLICIT;
 
 /// A simulated graph.
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -50,7 +46,7 @@ impl SimGpu {
     pub(super) fn capturing(&self, stream: Option<&SimStream>) -> CuResult<Option<u64>> {
         match self.check_stream(stream)? {
             Some(s) => Ok(s.capture.map(|(graph, _)| graph)),
-            None if self.streams.values().any(|s| s.capture.is_some()) => Err(STREAM_CAPTURE_IMPLICIT),
+            None if self.streams.values().any(|s| s.capture.is_some()) => Err(CuError::STREAM_CAPTURE_IMPLICIT),
             None => Ok(None),
         }
     }
@@ -58,7 +54,7 @@ impl SimGpu {
     /// Refuses what must not run on a capturing stream.
     pub(super) fn not_capturing(&self, stream: Option<&SimStream>) -> CuResult<()> {
         match self.capturing(stream)? {
-            Some(_) => Err(STREAM_CAPTURE_UNSUPPORTED),
+            Some(_) => Err(CuError::STREAM_CAPTURE_UNSUPPORTED),
             None => Ok(()),
         }
     }
@@ -186,7 +182,7 @@ impl SimGpu {
     pub(super) fn destroy_graph(&mut self, graph: SimGraph) -> CuResult<()> {
         if self.streams.values().any(|s| s.capture.is_some_and(|(g, _)| g == graph.0)) {
             // The capture's graph is the stream's until the capture ends.
-            return Err(ILLEGAL_STATE);
+            return Err(CuError::ILLEGAL_STATE);
         }
         let nodes = self.graphs.remove(&graph.0).ok_or(CuError::INVALID_HANDLE)?;
         for (id, _) in nodes {
@@ -277,13 +273,13 @@ impl SimGpu {
     }
 
     pub(super) fn begin_capture(&mut self, stream: Option<&SimStream>, mode: u32) -> CuResult<()> {
-        let Some(s) = stream else { return Err(STREAM_CAPTURE_UNSUPPORTED) };
+        let Some(s) = stream else { return Err(CuError::STREAM_CAPTURE_UNSUPPORTED) };
         if mode > 2 {
             return Err(CuError::INVALID_VALUE);
         }
         let state = self.streams.get(&s.0).ok_or(CuError::INVALID_HANDLE)?;
         if state.capture.is_some() {
-            return Err(ILLEGAL_STATE);
+            return Err(CuError::ILLEGAL_STATE);
         }
         let graph = self.create_graph().0;
         let capture = next_id();
@@ -294,9 +290,9 @@ impl SimGpu {
     }
 
     pub(super) fn end_capture(&mut self, stream: Option<&SimStream>) -> CuResult<SimGraph> {
-        let Some(s) = stream else { return Err(ILLEGAL_STATE) };
+        let Some(s) = stream else { return Err(CuError::ILLEGAL_STATE) };
         let state = self.streams.get(&s.0).ok_or(CuError::INVALID_HANDLE)?;
-        let (graph, _) = state.capture.ok_or(ILLEGAL_STATE)?;
+        let (graph, _) = state.capture.ok_or(CuError::ILLEGAL_STATE)?;
         // Every stream that joined the capture leaves it (the double does not check that
         // each one joined back, as the driver does).
         for st in self.streams.values_mut() {
@@ -315,7 +311,7 @@ impl SimGpu {
     pub(super) fn capture_info(&self, stream: Option<&SimStream>) -> CuResult<(u32, u64)> {
         let capture = match self.check_stream(stream)? {
             Some(s) => s.capture,
-            None if self.any_capture() => return Err(STREAM_CAPTURE_IMPLICIT),
+            None if self.any_capture() => return Err(CuError::STREAM_CAPTURE_IMPLICIT),
             None => None,
         };
         Ok(capture.map_or((0, 0), |(_, id)| (CAPTURE_ACTIVE, id)))
@@ -364,7 +360,7 @@ impl SimGpu {
                 }
                 Ok(())
             }
-            (Some(_), None) => Err(STREAM_CAPTURE_IMPLICIT),
+            (Some(_), None) => Err(CuError::STREAM_CAPTURE_IMPLICIT),
             (None, _) => Ok(()),
         }
     }
