@@ -26,6 +26,9 @@ use std::sync::{Arc, Mutex};
 
 /// `PATH` when the spec's environment has none (runc's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The file in a bundle where the double lists the pids it started, so that a delete after a
+/// lost shim ([`reap_lost`]) can end them.
+pub const PIDS_FILE: &str = "xenvgpu-host-double.pids";
 /// Exit status of a child whose `execve` failed (as a shell reports "not found").
 const EXEC_FAILED: i32 = 127;
 /// Exit status of a child whose set-up failed or whose gate closed without a start.
@@ -41,6 +44,8 @@ struct Proc {
 
 struct ContainerRecord {
     rootfs: PathBuf,
+    /// `<bundle>/`[`PIDS_FILE`]: the container's pids, for a delete after a lost shim.
+    pids_file: PathBuf,
     /// Whether this backend mounted `rootfs` (and must unmount it).
     mounted: bool,
     pids: Vec<u32>,
@@ -244,6 +249,14 @@ impl HostProcessBackend {
             st.procs.insert(pid, Proc { container_id: container_id.to_owned(), gate: Some(gate_w), stdin });
             if let Some(c) = st.containers.get_mut(container_id) {
                 c.pids.push(pid);
+                let listed = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&c.pids_file)
+                    .and_then(|mut f| writeln!(f, "{pid}"));
+                if let Err(e) = listed {
+                    log::warn!("listing pid {pid} in {}: {e}", c.pids_file.display());
+                }
             }
         }
         let state = Arc::clone(&self.state);
@@ -298,11 +311,15 @@ impl ZoneBackend for HostProcessBackend {
                 mounted = true;
             }
         }
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .containers
-            .insert(spec.id.clone(), ContainerRecord { rootfs: spec.rootfs.clone(), mounted, pids: Vec::new() });
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).containers.insert(
+            spec.id.clone(),
+            ContainerRecord {
+                rootfs: spec.rootfs.clone(),
+                pids_file: spec.bundle.join(PIDS_FILE),
+                mounted,
+                pids: Vec::new(),
+            },
+        );
         match self.spawn(&spec.id, &spec.rootfs, &spec.process, on_exit) {
             Ok(pid) => Ok(pid),
             Err(e) => {
@@ -365,6 +382,7 @@ impl ZoneBackend for HostProcessBackend {
         if c.mounted {
             unmount(&c.rootfs)?;
         }
+        let _ = std::fs::remove_file(&c.pids_file);
         st.containers.remove(container_id);
         st.procs.retain(|_, p| p.container_id != container_id);
         Ok(())
@@ -379,6 +397,27 @@ impl ZoneBackend for HostProcessBackend {
             }
         }
     }
+}
+
+/// After a lost shim (containerd's `delete` action, run in the bundle): SIGKILLs the process
+/// groups of the pids the double listed in the bundle whose root is still the container's
+/// (a pid reused by an unrelated process is left alone), then unmounts the root filesystem.
+/// Returns how many it killed.
+pub fn reap_lost(bundle: &Path, rootfs: &Path) -> Result<usize, BackendError> {
+    let listed = std::fs::read_to_string(bundle.join(PIDS_FILE)).unwrap_or_default();
+    let mut killed = 0;
+    for pid in listed.lines().filter_map(|l| l.trim().parse::<i32>().ok()).filter(|p| *p > 1) {
+        let root = std::fs::read_link(format!("/proc/{pid}/root"));
+        if root.as_deref().ok() != Some(rootfs) {
+            continue;
+        }
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
+            killed += 1;
+        }
+    }
+    let _ = std::fs::remove_file(bundle.join(PIDS_FILE));
+    unmount(rootfs)?;
+    Ok(killed)
 }
 
 /// Unmounts a container's root filesystem (lazily: a process that still holds it, such as a

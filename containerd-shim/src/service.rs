@@ -210,15 +210,15 @@ impl containerd_shim::Shim for Service {
     }
 
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        // After a lost shim: release what the container held. The host double's only
-        // leftover is the root filesystem's mount in the bundle (cwd).
+        // After a lost shim: end what the container left and release its mounts. The host
+        // double lists its pids in the bundle (the cwd of this action).
         let bundle = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-        if let Ok(c) = spec::container(&self.id, &bundle, Vec::new(), Stdio::default(), false) {
-            if let Err(e) = host_double::unmount(&c.rootfs) {
-                log::warn!("delete after a lost shim of {}: {e}", self.id);
-            }
-        } else if let Err(e) = host_double::unmount(&bundle.join("rootfs")) {
-            log::warn!("delete after a lost shim of {}: {e}", self.id);
+        let rootfs = spec::container(&self.id, &bundle, Vec::new(), Stdio::default(), false)
+            .map(|c| c.rootfs)
+            .unwrap_or_else(|_| bundle.join("rootfs"));
+        match host_double::reap_lost(&bundle, &rootfs) {
+            Ok(n) => log::info!("delete after a lost shim of {}: {n} process group(s) killed", self.id),
+            Err(e) => log::warn!("delete after a lost shim of {}: {e}", self.id),
         }
         Ok(DeleteResponse {
             exit_status: LOST_SHIM_STATUS,
