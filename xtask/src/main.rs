@@ -258,7 +258,7 @@ const IMAGE_PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// (probe, Debian package) pairs the shim's containerd test needs: a private containerd with
-/// `ctr`, and a static busybox for the image it builds.
+/// `ctr`, a static busybox for the image it builds, and protoc for its CRI client's protos.
 const SHIM_TEST_PACKAGES: &[(&str, &str)] =
     &[("containerd", "containerd"), ("ctr", "containerd"), ("busybox", "busybox-static")];
 
