@@ -155,9 +155,12 @@ impl Daemon {
             text += &format!(
                 "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{IMAGE}\"\n\
                  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{d}/cni-bin\"\n  conf_dir = \"{d}/cni-conf\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"xenvgpu\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.xenvgpu]\n  runtime_type = \"{RUNTIME}\"\n"
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"xenvgpu\"\n"
             );
+            // The runtime's section exactly as the repository ships it for nodes.
+            let snippet = include_str!("../../../deploy/containerd/xenvgpu-runtime.toml");
+            assert!(snippet.contains(RUNTIME), "the shipped snippet names {RUNTIME}");
+            text += &snippet.lines().filter(|l| !l.starts_with("version")).collect::<Vec<_>>().join("\n");
         } else {
             text = format!("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n{text}");
         }
