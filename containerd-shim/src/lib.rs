@@ -12,11 +12,14 @@
 //!   runs containers as chrooted host processes so that the shim is tested through a real
 //!   containerd on machines without Xen;
 //! - [`spec`]: the bundle's OCI `config.json` and exec specs, checked;
+//! - [`image`]: a container's image layers as one read-only erofs file, cached by the layers'
+//!   identity, for a zone to get as a PV block device (the Xen backend will use it);
 //! - [`service`]: containerd's shim v2 entry points and the ttrpc task service.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod backend;
 pub mod host_double;
+pub mod image;
 pub mod service;
 pub mod spec;
 pub mod tasks;

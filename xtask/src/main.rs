@@ -258,9 +258,16 @@ const IMAGE_PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// (probe, Debian package) pairs the shim's containerd test needs: a private containerd with
-/// `ctr`, a static busybox for the image it builds, and protoc for its CRI client's protos.
-const SHIM_TEST_PACKAGES: &[(&str, &str)] =
-    &[("containerd", "containerd"), ("ctr", "containerd"), ("busybox", "busybox-static")];
+/// `ctr`, a static busybox for the image it builds, protoc for its CRI client's protos, and
+/// erofs-utils for the zone images.
+const SHIM_TEST_PACKAGES: &[(&str, &str)] = &[
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("busybox", "busybox-static"),
+    ("protoc", "protobuf-compiler"),
+    ("mkfs.erofs", "erofs-utils"),
+    ("fsck.erofs", "erofs-utils"),
+];
 
 /// Whether this process runs as root.
 pub(crate) fn is_root() -> bool {
