@@ -11,6 +11,9 @@
 # BENCH_VGPU_LOG is libvgpu's VGPU_LOG (warn; debug names every call that failed). With $OUT
 # set, the raw lines and the daemon's log come back as torch-bench.txt and host-proxy.log,
 # each run's stderr as MODE-ROUND.err (BENCH_TRACEBACK=1: with a failed workload's traceback).
+# BENCH_METRICS=1 serves the daemon's metrics on loopback and has the remoted runs print, for
+# the generate workloads, which requests reached the host per token and their mean time
+# (`requests …` lines; the scrapes fall outside the timed repetitions).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 carry=$PWD/${CARRY:-.device-carry}
@@ -22,6 +25,11 @@ sock=$work/sock/host-proxy.sock
 out=${OUT:-$work}
 trap stop_daemon EXIT
 stage_remoting "$carry" "$work"
+metrics_env=()
+if [ "${BENCH_METRICS:-0}" = 1 ]; then
+    write_daemon_config "$work/host-proxy.toml" "$sock" 'metrics_listen = "127.0.0.1:9469"'
+    metrics_env=(BENCH_METRICS_URL=http://127.0.0.1:9469/metrics)
+fi
 start_daemon "$work/host-proxy.log"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 raw=$out/torch-bench.txt
@@ -32,12 +40,12 @@ for r in $(seq 1 "$rounds"); do
         if [ "$mode" = native ]; then
             env BENCH_REPS="${BENCH_REPS:-5}" timeout "${BENCH_TIMEOUT:-240}" python3 device/probes/torch_bench.py >"$work/run.txt" 2>"$work/run.err"
         else
-            env BENCH_REPS="${BENCH_REPS:-5}" LD_LIBRARY_PATH="$guest_ld" VGPU_SOCKET="$sock" VGPU_LOG="${BENCH_VGPU_LOG:-warn}" \
+            env BENCH_REPS="${BENCH_REPS:-5}" "${metrics_env[@]}" LD_LIBRARY_PATH="$guest_ld" VGPU_SOCKET="$sock" VGPU_LOG="${BENCH_VGPU_LOG:-warn}" \
                 timeout "${BENCH_TIMEOUT:-240}" python3 device/probes/torch_bench.py >"$work/run.txt" 2>"$work/run.err"
         fi
         rc=$?
         [ "$out" = "$work" ] || cp "$work/run.err" "$out/$mode-$r.err"
-        grep -E '^(FAIL|bench done|[a-z0-9_]+: compiled)' "$work/run.txt"
+        grep -E '^(FAIL|bench done|requests|[a-z0-9_]+: compiled)' "$work/run.txt"
         [ "$rc" -eq 0 ] || { echo "-- exit $rc; stderr:"; tail -n 15 "$work/run.err"; }
         sed -n "s/^result /$mode $r /p" "$work/run.txt" >>"$raw"
     done

@@ -16,6 +16,40 @@ reps = int(os.environ.get("BENCH_REPS", "5"))
 only = os.environ.get("BENCH_ONLY", "").split()
 
 
+metrics_url = os.environ.get("BENCH_METRICS_URL")
+
+
+def scrape():
+    """host-proxy's per-request counts and seconds by request name (summed over zones), from
+    its Prometheus endpoint; empty without BENCH_METRICS_URL (native runs)."""
+    if not metrics_url:
+        return {}
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    out = {}
+    pat = re.compile(r'^vgpu_zone_request_seconds_(count|sum)\{[^}]*request="([^"]+)"[^}]*\} (\S+)$')
+    for line in text.splitlines():
+        m = pat.match(line)
+        if m:
+            kind, req, v = m.groups()
+            entry = out.setdefault(req, [0.0, 0.0])
+            entry[0 if kind == "count" else 1] += float(v)
+    return out
+
+
+def requests_between(name, before, after, per, unit):
+    """Prints `requests NAME REQUEST COUNT-PER-UNIT MEAN-US` for what reached the host between
+    two scrapes, most frequent first."""
+    rows = []
+    for req, (n, secs) in after.items():
+        n0, s0 = before.get(req, (0.0, 0.0))
+        if n - n0 > 0:
+            rows.append((req, (n - n0) / per, (secs - s0) * 1e6 / (n - n0)))
+    for req, n, us in sorted(rows, key=lambda r: -r[1]):
+        print(f"requests {name} {req} {n:.2f}/{unit} {us:.2f}us", flush=True)
+
+
 def result(name, value, unit, check):
     print(f"result {name} {value:.6g} {unit} {check:.6g}", flush=True)
 
@@ -144,9 +178,12 @@ def _(name):
                                   pad_token_id=0)
 
     timed(run, 1)
+    before = scrape()
     for _ in range(reps):
         ms, out = timed(run, 1)
         result(name, 128 / (ms / 1e3), "tokens/s", float(out.sum().item()))
+    if before:
+        requests_between(name, before, scrape(), 128 * reps, "token")
 
 
 @workload("gpt2_generate_graphs", by_default=False)
@@ -174,9 +211,12 @@ def _(name):
         timed(run, 1)
     compiled = hasattr(model, "_compiled_call")
     print(f"{name}: compiled ({compiled}) and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
+    before = scrape()
     for _ in range(reps):
         ms, out = timed(run, 1)
         result(name, 128 / (ms / 1e3), "tokens/s", float(out.sum().item()))
+    if before:
+        requests_between(name, before, scrape(), 128 * reps, "token")
 
 
 try:
