@@ -14,12 +14,15 @@
 //! - [`spec`]: the bundle's OCI `config.json` and exec specs, checked;
 //! - [`image`]: a container's image layers as one read-only erofs file, cached by the layers'
 //!   identity, for a zone to get as a PV block device (the Xen backend will use it);
+//! - [`naming`]: a pod's zone name (`<namespace>.<name>`), which host-proxy's configuration
+//!   uses for quotas and sharing groups;
 //! - [`service`]: containerd's shim v2 entry points and the ttrpc task service.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod backend;
 pub mod host_double;
 pub mod image;
+pub mod naming;
 pub mod service;
 pub mod spec;
 pub mod tasks;

@@ -4,7 +4,7 @@
 //! 13.0 headers.
 //!
 //! Outputs (committed; `codegen --check` and the xtask test fail when they are stale):
-//! * `host-proxy/proto/src/generated.rs` — request/reply structs with their stable ids, the
+//! * `vgpu-proto/src/generated.rs` — request/reply structs with their stable ids, the
 //!   `Api` trait (one typed method per request) and `dispatch` (decode by id, call, reply);
 //! * `guest-agent/libvgpu/src/generated.rs` — one `#[no_mangle] extern "C"` function per
 //!   entry point, `EXPORTS` and the `cuGetProcAddress` table.
@@ -120,7 +120,7 @@ pub fn generate(root: &Path) -> Result<Vec<(PathBuf, String)>> {
     let bindings = load_bindings(root)?;
     validate(&table, &bindings)?;
     Ok(vec![
-        (PathBuf::from("host-proxy/proto/src/generated.rs"), gen_proto(&table, &bindings)?),
+        (PathBuf::from("vgpu-proto/src/generated.rs"), gen_proto(&table, &bindings)?),
         (PathBuf::from("guest-agent/libvgpu/src/generated.rs"), gen_guest(&table, &bindings, &error_strings(root)?)?),
     ])
 }
