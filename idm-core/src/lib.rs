@@ -24,6 +24,7 @@
 
 pub mod bulk;
 pub mod channel;
+pub mod geometry;
 pub mod notify;
 pub mod region;
 pub mod ring;
@@ -32,6 +33,7 @@ pub mod wire;
 
 pub use bulk::{BulkError, BulkRef, DataWindow};
 pub use channel::{Channel, ChannelError, Client, Incoming, Reply, Server};
+pub use geometry::{ChannelLayout, GeometryError};
 pub use notify::{Notifier, NotifyError, WaitOutcome, WaitPolicy, Waiter};
 pub use region::{RawRegion, SharedMemory, SubRegion};
 pub use ring::{RingConsumer, RingError, RingProducer};

@@ -232,7 +232,7 @@ mod sys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::ChannelLayout;
+    use crate::layout::{ChannelLayout, ShmLayout};
 
     fn pair() -> (FutexDoorbell, FutexDoorbell) {
         let layout = ChannelLayout::new(4096, 0).unwrap();

@@ -29,7 +29,7 @@
 
 use crate::error::{RefuseReason, ShmError};
 use crate::futex::Side;
-use crate::layout::{ChannelLayout, ShmChannel, ShmWindow};
+use crate::layout::{ChannelLayout, LayoutError, ShmChannel, ShmLayout, ShmWindow};
 use crate::memfd::MemfdRegion;
 use crate::scm::{self, PeerCred};
 use idm_core::WaitPolicy;
@@ -119,7 +119,7 @@ impl Offer {
             return Err(e);
         }
         // Both now fit in usize (limits are usize).
-        Ok(ChannelLayout::new(self.ring_size as usize, self.window_size as usize)?)
+        Ok(ChannelLayout::new(self.ring_size as usize, self.window_size as usize).map_err(LayoutError::from)?)
     }
 }
 

@@ -56,6 +56,8 @@ pub use handshake::{
     accept_stream, connect, connect_stream, PeerWatch, ServerLimits, ShmEndpoint, ShmListener,
     CLIENT_HANDSHAKE_TIMEOUT, HANDSHAKE_VERSION, MAGIC,
 };
-pub use layout::{ChannelLayout, LayoutError, ShmChannel, ShmClient, ShmMemory, ShmServer, ShmWindow};
+pub use layout::{
+    ChannelLayout, GeometryError, LayoutError, ShmChannel, ShmClient, ShmLayout, ShmMemory, ShmServer, ShmWindow,
+};
 pub use memfd::MemfdRegion;
 pub use scm::PeerCred;

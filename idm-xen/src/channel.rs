@@ -28,7 +28,7 @@
 //! `protocol-version`, `state`. Backend keys (`backend/vgpu/D/N/`): `max-ring-size`,
 //! `max-window-size`, `protocol-version`, `state`, `frontend`, `frontend-id`.
 //!
-//! The region uses idm-shm's geometry ([`ChannelLayout`]): a control page, the two rings,
+//! The region uses the channel geometry of [`idm_core::geometry`] ([`ChannelLayout`]): a control page, the two rings,
 //! the data window. In the control page, besides the (unused here) futex words, two
 //! *alive* words: each side sets its own to 1 and registers an unmap notification that
 //! clears it and signals the event channel when its mapping goes away — the guest process
@@ -47,9 +47,9 @@ use crate::grant_region::GrantRegion;
 use crate::xenbus::{read_state, set_state, wait_for_state, XenbusState};
 use crate::xenstore::{XenStore, XsError};
 use crate::XEN_PAGE_SIZE;
+use idm_core::geometry::ChannelLayout;
 use idm_core::notify::{Notifier, NotifyError, WaitOutcome, WaitToken, Waiter};
 use idm_core::{Channel, DataWindow, RingConsumer, RingProducer, SharedMemory, SubRegion, WaitPolicy};
-use idm_shm::ChannelLayout;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
@@ -97,7 +97,7 @@ pub enum ChannelSetupError {
     },
     /// The geometry is not one idm-shm's layout accepts.
     #[error("bad channel geometry: {0}")]
-    Geometry(#[from] idm_shm::LayoutError),
+    Geometry(#[from] idm_core::geometry::GeometryError),
     /// No slot was free.
     #[error("no free vgpu device slot under {0} (is host-proxy running in dom0?)")]
     NoSlot(String),
