@@ -67,6 +67,7 @@ pub enum XenError {
 }
 
 impl XenError {
+    #[cfg(feature = "grants")]
     pub(crate) fn os(op: &'static str) -> Self {
         XenError::Os { op, source: io::Error::last_os_error() }
     }

@@ -22,32 +22,47 @@
 //! `idm_core::RawRegion` (atomic loads and stores); [`GrantedPages::as_ptr`] and
 //! [`MappedGrants::as_ptr`] hand out a raw address for the same reason.
 //!
+//! Feature `grants` (on by default) builds the grant, event-channel and channel modules;
+//! without it the crate is the xenstore client and the xenbus state machine alone (what the
+//! guest agent links).
+//!
 //! Only the device modules (`gntalloc`, `gntdev`, `evtchn`, `sys`) contain `unsafe`; the
 //! xenstore client, the state machine and the adapters are safe code and are tested
 //! without Xen (the xenstore client against a fake daemon on a socket pair).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "grants")]
 pub mod channel;
+#[cfg(feature = "grants")]
 mod doorbell;
 mod error;
+#[cfg(feature = "grants")]
 #[allow(unsafe_code)]
 pub mod evtchn;
+#[cfg(feature = "grants")]
 #[allow(unsafe_code)]
 pub mod gntalloc;
+#[cfg(feature = "grants")]
 #[allow(unsafe_code)]
 pub mod gntdev;
+#[cfg(feature = "grants")]
 mod grant_region;
 #[allow(unsafe_code)]
 mod sys;
 pub mod xenbus;
 pub mod xenstore;
 
+#[cfg(feature = "grants")]
 pub use doorbell::{EventPort, EvtchnDoorbell};
 pub use error::XenError;
+#[cfg(feature = "grants")]
 pub use evtchn::EventChannel;
+#[cfg(feature = "grants")]
 pub use gntalloc::{GntAlloc, GrantedPages};
+#[cfg(feature = "grants")]
 pub use gntdev::{GntDev, MappedGrants};
+#[cfg(feature = "grants")]
 pub use grant_region::GrantRegion;
 pub use sys::XEN_PAGE_SIZE;
 pub use xenbus::XenbusState;

@@ -1,11 +1,15 @@
 //! The Linux system-call layer shared by the device bindings: opening `/dev/xen/*`, the
 //! `_IOC` encoding, `ioctl`, `poll`, `mmap`/`munmap`.
 
+#[cfg(feature = "grants")]
 use crate::error::XenError;
+#[cfg(feature = "grants")]
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+#[cfg(feature = "grants")]
 use std::os::unix::fs::OpenOptionsExt;
+#[cfg(feature = "grants")]
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
@@ -22,11 +26,13 @@ compile_error!("idm-xen encodes ioctl numbers with the generic Linux _IOC layout
 /// Xen's page size; grant references name pages of this size.
 pub const XEN_PAGE_SIZE: usize = 4096;
 
+#[cfg(feature = "grants")]
 /// `_IOC(_IOC_NONE, ty, nr, size)`: direction bits 0, size in bits 16..30.
 pub(crate) const fn ioc_none(ty: u8, nr: u8, size: usize) -> u32 {
     ((size as u32) << 16) | ((ty as u32) << 8) | nr as u32
 }
 
+#[cfg(feature = "grants")]
 /// Opens a Xen device read-write (and close-on-exec, as std always does).
 pub(crate) fn open_device(path: &'static str, nonblocking: bool) -> Result<File, XenError> {
     let flags = if nonblocking { libc::O_NONBLOCK } else { 0 };
@@ -38,6 +44,7 @@ pub(crate) fn open_device(path: &'static str, nonblocking: bool) -> Result<File,
     })
 }
 
+#[cfg(feature = "grants")]
 /// Fails unless the CPU's page size is Xen's, since we map one grant per page.
 pub(crate) fn check_page_size() -> Result<(), XenError> {
     // SAFETY: sysconf has no memory arguments.
@@ -48,6 +55,7 @@ pub(crate) fn check_page_size() -> Result<(), XenError> {
     Ok(())
 }
 
+#[cfg(feature = "grants")]
 /// Issues `ioctl(fd, req, arg)`, returning its non-negative result.
 ///
 /// # Safety
@@ -107,6 +115,7 @@ pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io
     }
 }
 
+#[cfg(feature = "grants")]
 /// Maps `len` bytes of `fd` at byte offset `offset`, shared, read-write or read-only.
 pub(crate) fn mmap_shared(fd: &File, len: usize, offset: u64, writable: bool) -> io::Result<NonNull<u8>> {
     let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
@@ -120,6 +129,7 @@ pub(crate) fn mmap_shared(fd: &File, len: usize, offset: u64, writable: bool) ->
     NonNull::new(p.cast()).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))
 }
 
+#[cfg(feature = "grants")]
 /// Unmaps a mapping made by [`mmap_shared`].
 ///
 /// # Safety
@@ -135,6 +145,7 @@ pub(crate) unsafe fn munmap(ptr: NonNull<u8>, len: usize) {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "grants")]
     #[test]
     fn ioc_matches_linux_headers() {
         // Values printed by a C program including <xen/gntalloc.h>, <xen/gntdev.h>, <xen/evtchn.h>.
@@ -144,6 +155,7 @@ mod tests {
         assert_eq!(ioc_none(b'E', 1, 8), 0x0008_4501);
     }
 
+    #[cfg(feature = "grants")]
     #[test]
     fn missing_device_names_path_and_asks_about_xen() {
         let e = open_device("/dev/xen/does-not-exist", false).unwrap_err();
