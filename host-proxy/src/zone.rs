@@ -47,6 +47,7 @@ use vgpu_proto::*;
 
 mod graphs;
 use graphs::NodeEntry;
+mod pitched;
 pub use graphs::MAX_PERSISTENT_HOST_FUNCS;
 mod vmm;
 use vmm::PhysEntry;
@@ -1598,6 +1599,44 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         self.memset(req.dst_device, bytes_of(req.n, 4)?, req.h_stream, MemsetOp::D32(req.ui, req.n))
     }
 
+    fn cu_memset_d2_d8_v2(&mut self, r: CuMemsetD2D8V2) -> CuResult<Done> {
+        let (v, h) = (r.uc.into(), Handle(0));
+        self.zone.memset_pitched(r.dst_device, r.dst_pitch, v, 1, r.width, r.height, h).map(|()| Done {})
+    }
+
+    fn cu_memset_d2_d16_v2(&mut self, r: CuMemsetD2D16V2) -> CuResult<Done> {
+        let (v, h) = (r.us.into(), Handle(0));
+        self.zone.memset_pitched(r.dst_device, r.dst_pitch, v, 2, r.width, r.height, h).map(|()| Done {})
+    }
+
+    fn cu_memset_d2_d32_v2(&mut self, r: CuMemsetD2D32V2) -> CuResult<Done> {
+        let h = Handle(0);
+        self.zone.memset_pitched(r.dst_device, r.dst_pitch, r.ui, 4, r.width, r.height, h).map(|()| Done {})
+    }
+
+    fn cu_memset_d2_d8_async(&mut self, r: CuMemsetD2D8Async) -> CuResult<Done> {
+        let (v, h) = (r.uc.into(), r.h_stream);
+        self.zone.memset_pitched(r.dst_device, r.dst_pitch, v, 1, r.width, r.height, h).map(|()| Done {})
+    }
+
+    fn cu_memset_d2_d16_async(&mut self, r: CuMemsetD2D16Async) -> CuResult<Done> {
+        let (v, h) = (r.us.into(), r.h_stream);
+        self.zone.memset_pitched(r.dst_device, r.dst_pitch, v, 2, r.width, r.height, h).map(|()| Done {})
+    }
+
+    fn cu_memset_d2_d32_async(&mut self, r: CuMemsetD2D32Async) -> CuResult<Done> {
+        let h = r.h_stream;
+        self.zone.memset_pitched(r.dst_device, r.dst_pitch, r.ui, 4, r.width, r.height, h).map(|()| Done {})
+    }
+
+    fn memcpy_pitched(&mut self, req: MemcpyPitched) -> CuResult<Done> {
+        self.zone.memcpy_pitched(self.window, &req, true).map(|()| Done {})
+    }
+
+    fn memcpy_pitched_async(&mut self, req: MemcpyPitchedAsync) -> CuResult<Done> {
+        self.zone.memcpy_pitched(self.window, &pitched::posted(req), false).map(|()| Done {})
+    }
+
     // ---- contexts ----
 
     fn ctx_create(&mut self, req: CtxCreate) -> CuResult<CtxCreateReply> {
@@ -2724,6 +2763,162 @@ mod tests {
         let (lo, hi) = (b.min(c), b.max(c));
         let span = CuMemsetD8V2 { dst_device: lo, uc: 0, n: hi + 1 - lo };
         assert_eq!(f.api().cu_memset_d8_v2(span), Err(CuError::INVALID_VALUE));
+    }
+
+    /// A pitched copy request between `src` and `dst` (window offsets where `*_window`).
+    #[allow(clippy::too_many_arguments)]
+    fn pitched(
+        shape: u8,
+        (src_window, src, src_pitch): (bool, u64, u64),
+        (dst_window, dst, dst_pitch): (bool, u64, u64),
+        width: u64,
+        height: u64,
+        depth: u64,
+        rows_per_slice: u64,
+    ) -> MemcpyPitched {
+        MemcpyPitched {
+            shape,
+            src_window,
+            src,
+            src_pitch,
+            src_height: rows_per_slice,
+            dst_window,
+            dst,
+            dst_pitch,
+            dst_height: rows_per_slice,
+            width,
+            height,
+            depth,
+            stream: Handle(0),
+        }
+    }
+
+    /// Pitched copies and 2-D memsets move exactly their rows, through the window in place
+    /// (`direct`: the backend took the window, as over the local transport) or staged row by
+    /// row (as over Xen), and refuse blocks that leave the zone's memory or the window.
+    fn pitched_copies_and_memsets(direct: bool) {
+        let mut f = fixture(Quotas::default(), 64 << 10);
+        if direct {
+            let base = std::ptr::NonNull::new(f._mem.as_mut_ptr().cast::<u8>()).unwrap();
+            let len = f.w.size();
+            #[allow(unsafe_code)]
+            // SAFETY: `_mem` is the window's memory and outlives the zone (field order); the
+            // test double only reads and writes it through the region.
+            let took = unsafe { f.z.backend_mut().attach_window(base, len) }.unwrap();
+            assert!(took);
+            f.z.window_direct = true;
+        }
+        let (pitch, rows) = (256u64, 32u64);
+        let a = f.alloc(pitch * rows).unwrap();
+        let b = f.alloc(pitch * rows).unwrap();
+        let whole = |f: &mut Fixture, dev: u64| {
+            f.dtoh(dev, 32 << 10, pitch * rows).unwrap();
+            let mut got = vec![0u8; (pitch * rows) as usize];
+            f.w.read(BulkRef { offset: 32 << 10, len: pitch * rows }, &mut got).unwrap();
+            got
+        };
+        // 2-D memset of the whole of `a`, then 32-bit words in part of `b`.
+        let m8 = CuMemsetD2D8V2 { dst_device: a, dst_pitch: pitch, uc: 0x42, width: pitch, height: rows };
+        f.api().cu_memset_d2_d8_v2(m8).unwrap();
+        f.api().cu_memset_d8_v2(CuMemsetD8V2 { dst_device: b, uc: 0, n: pitch * rows }).unwrap();
+        let m32 = CuMemsetD2D32V2 { dst_device: b + pitch + 8, dst_pitch: pitch, ui: 0x0102_0304, width: 3, height: 2 };
+        f.api().cu_memset_d2_d32_v2(m32).unwrap();
+        let got = whole(&mut f, b);
+        for (i, &v) in got.iter().enumerate() {
+            let (y, x) = (i as u64 / pitch, i as u64 % pitch);
+            let want = if (1..3).contains(&y) && (8..20).contains(&x) { [4, 3, 2, 1][(x % 4) as usize] } else { 0 };
+            assert_eq!(v, want, "memset byte ({x}, {y})");
+        }
+        // Window (pitch 100) to device at (x 8, y 2) of `a`: 10 rows of 90 bytes.
+        let pattern: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 1) as u8).collect();
+        f.w.write(BulkRef { offset: 0, len: 1000 }, &pattern).unwrap();
+        let up = pitched(0, (true, 0, 100), (false, a + 2 * pitch + 8, pitch), 90, 10, 1, 10);
+        f.api().memcpy_pitched(up).unwrap();
+        let got = whole(&mut f, a);
+        for (i, &v) in got.iter().enumerate() {
+            let (y, x) = (i as u64 / pitch, i as u64 % pitch);
+            let inside = (2..12).contains(&y) && (8..98).contains(&x);
+            let want = if inside { pattern[((y - 2) * 100 + x - 8) as usize] } else { 0x42 };
+            assert_eq!(v, want, "2-D copy byte ({x}, {y})");
+        }
+        // Device to device as a volume (2 slices of 4 rows), then back into the window.
+        let vol = pitched(2, (false, a + 2 * pitch, pitch), (false, b, pitch), 128, 4, 2, 8);
+        f.api().memcpy_pitched_async(posted_of(vol)).unwrap();
+        let down = pitched(1, (false, b, pitch), (true, 8 << 10, 128), 128, 16, 1, 16);
+        f.api().memcpy_pitched(down).unwrap();
+        let mut got = vec![0u8; 128 * 16];
+        f.w.read(BulkRef { offset: 8 << 10, len: 128 * 16 }, &mut got).unwrap();
+        for y in 0..16u64 {
+            let row = &got[(y * 128) as usize..][..128];
+            // Rows 0-3 are slice 0 (a's rows 2-5), rows 8-11 slice 1 (a's rows 10-13).
+            let from = match y {
+                0..=3 => Some(y + 2),
+                8..=11 => Some(y + 2),
+                _ => None,
+            };
+            match from {
+                Some(r) => {
+                    let mut want = [0x42u8; 128];
+                    for (x, w) in want.iter_mut().enumerate().skip(8) {
+                        if (2..12).contains(&r) && x < 98 {
+                            *w = pattern[((r - 2) * 100 + x as u64 - 8) as usize];
+                        }
+                    }
+                    assert_eq!(row, &want[..], "volume row {y}");
+                }
+                // Rows b kept from before: its memset words in rows 1 and 2, zeros elsewhere.
+                None => assert!(
+                    row.iter().enumerate().all(|(x, &v)| v
+                        == if (1..3).contains(&y) && (8..20).contains(&x) { [4, 3, 2, 1][x % 4] } else { 0 }),
+                    "row {y} untouched"
+                ),
+            }
+        }
+        // What leaves the zone's memory or the window, or overlaps itself, is refused.
+        let bad = CuError::INVALID_VALUE;
+        let past = pitched(0, (true, 0, 100), (false, a + pitch * (rows - 1), pitch), 90, 2, 1, 2);
+        assert_eq!(f.api().memcpy_pitched(past).map(drop), Err(bad), "a block past its allocation");
+        let outside = pitched(0, (true, (64 << 10) - 50, 100), (false, a, pitch), 90, 1, 1, 1);
+        assert_eq!(f.api().memcpy_pitched(outside).map(drop), Err(bad), "a block past the window");
+        let overlap = pitched(0, (false, a, 64), (false, b, pitch), 90, 2, 1, 2);
+        assert_eq!(f.api().memcpy_pitched(overlap).map(drop), Err(bad), "rows that overlap");
+        let shape = MemcpyPitched { shape: 3, ..pitched(0, (false, a, pitch), (false, b, pitch), 8, 1, 1, 1) };
+        assert_eq!(f.api().memcpy_pitched(shape).map(drop), Err(bad), "an unknown shape");
+        let m = CuMemsetD2D8V2 { dst_device: a, dst_pitch: pitch, uc: 1, width: pitch + 1, height: 2 };
+        assert_eq!(f.api().cu_memset_d2_d8_v2(m).map(drop), Err(bad), "a memset row wider than its pitch");
+        let m = CuMemsetD2D32V2 { dst_device: a + 2, dst_pitch: pitch, ui: 1, width: 1, height: 1 };
+        assert_eq!(f.api().cu_memset_d2_d32_v2(m).map(drop), Err(bad), "a misaligned 32-bit memset");
+        let m = CuMemsetD2D8V2 { dst_device: a, dst_pitch: pitch, uc: 1, width: 0, height: 5 };
+        assert!(f.api().cu_memset_d2_d8_v2(m).is_ok(), "an empty memset does nothing");
+        assert_eq!(whole(&mut f, a)[0], 0x42);
+    }
+
+    fn posted_of(r: MemcpyPitched) -> MemcpyPitchedAsync {
+        MemcpyPitchedAsync {
+            shape: r.shape,
+            src_window: r.src_window,
+            src: r.src,
+            src_pitch: r.src_pitch,
+            src_height: r.src_height,
+            dst_window: r.dst_window,
+            dst: r.dst,
+            dst_pitch: r.dst_pitch,
+            dst_height: r.dst_height,
+            width: r.width,
+            height: r.height,
+            depth: r.depth,
+            stream: r.stream,
+        }
+    }
+
+    #[test]
+    fn pitched_copies_through_the_window_in_place() {
+        pitched_copies_and_memsets(true);
+    }
+
+    #[test]
+    fn pitched_copies_staged_row_by_row() {
+        pitched_copies_and_memsets(false);
     }
 
     #[test]

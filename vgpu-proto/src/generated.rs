@@ -1580,6 +1580,129 @@ impl Message for MemGetGranularityReply {
     const ID: MessageId = MessageId(0x82c7);
 }
 
+/// Request `cuMemsetD2D8_v2`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuMemsetD2D8V2 {
+    pub dst_device: u64,
+    pub dst_pitch: u64,
+    pub uc: u8,
+    pub width: u64,
+    pub height: u64,
+}
+impl Message for CuMemsetD2D8V2 {
+    const ID: MessageId = MessageId(0x02c8);
+}
+
+/// Request `cuMemsetD2D16_v2`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuMemsetD2D16V2 {
+    pub dst_device: u64,
+    pub dst_pitch: u64,
+    pub us: u16,
+    pub width: u64,
+    pub height: u64,
+}
+impl Message for CuMemsetD2D16V2 {
+    const ID: MessageId = MessageId(0x02c9);
+}
+
+/// Request `cuMemsetD2D32_v2`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuMemsetD2D32V2 {
+    pub dst_device: u64,
+    pub dst_pitch: u64,
+    pub ui: u32,
+    pub width: u64,
+    pub height: u64,
+}
+impl Message for CuMemsetD2D32V2 {
+    const ID: MessageId = MessageId(0x02ca);
+}
+
+/// Request `cuMemsetD2D8Async`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuMemsetD2D8Async {
+    pub dst_device: u64,
+    pub dst_pitch: u64,
+    pub uc: u8,
+    pub width: u64,
+    pub height: u64,
+    pub h_stream: Handle,
+}
+impl Message for CuMemsetD2D8Async {
+    const ID: MessageId = MessageId(0x02cb);
+}
+
+/// Request `cuMemsetD2D16Async`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuMemsetD2D16Async {
+    pub dst_device: u64,
+    pub dst_pitch: u64,
+    pub us: u16,
+    pub width: u64,
+    pub height: u64,
+    pub h_stream: Handle,
+}
+impl Message for CuMemsetD2D16Async {
+    const ID: MessageId = MessageId(0x02cc);
+}
+
+/// Request `cuMemsetD2D32Async`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CuMemsetD2D32Async {
+    pub dst_device: u64,
+    pub dst_pitch: u64,
+    pub ui: u32,
+    pub width: u64,
+    pub height: u64,
+    pub h_stream: Handle,
+}
+impl Message for CuMemsetD2D32Async {
+    const ID: MessageId = MessageId(0x02cd);
+}
+
+/// Request `MemcpyPitched` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemcpyPitched {
+    pub shape: u8,
+    pub src_window: bool,
+    pub src: u64,
+    pub src_pitch: u64,
+    pub src_height: u64,
+    pub dst_window: bool,
+    pub dst: u64,
+    pub dst_pitch: u64,
+    pub dst_height: u64,
+    pub width: u64,
+    pub height: u64,
+    pub depth: u64,
+    pub stream: Handle,
+}
+impl Message for MemcpyPitched {
+    const ID: MessageId = MessageId(0x02ce);
+}
+
+/// Request `MemcpyPitchedAsync` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemcpyPitchedAsync {
+    pub shape: u8,
+    pub src_window: bool,
+    pub src: u64,
+    pub src_pitch: u64,
+    pub src_height: u64,
+    pub dst_window: bool,
+    pub dst: u64,
+    pub dst_pitch: u64,
+    pub dst_height: u64,
+    pub width: u64,
+    pub height: u64,
+    pub depth: u64,
+    pub stream: Handle,
+}
+impl Message for MemcpyPitchedAsync {
+    const ID: MessageId = MessageId(0x02cf);
+}
+
 /// Every generated request id, in order.
 pub const REQUEST_IDS: &[MessageId] = &[
     CuMemAllocV2::ID,
@@ -1691,6 +1814,14 @@ pub const REQUEST_IDS: &[MessageId] = &[
     MemUnmap::ID,
     MemSetAccess::ID,
     MemGetGranularity::ID,
+    CuMemsetD2D8V2::ID,
+    CuMemsetD2D16V2::ID,
+    CuMemsetD2D32V2::ID,
+    CuMemsetD2D8Async::ID,
+    CuMemsetD2D16Async::ID,
+    CuMemsetD2D32Async::ID,
+    MemcpyPitched::ID,
+    MemcpyPitchedAsync::ID,
 ];
 
 /// Every `CUresult` code of the driver's bindings with its name, by code.
@@ -2767,6 +2898,22 @@ pub trait Api {
     fn mem_set_access(&mut self, req: MemSetAccess) -> Result<crate::Done, Self::Error>;
     /// Handles [`MemGetGranularity`].
     fn mem_get_granularity(&mut self, req: MemGetGranularity) -> Result<MemGetGranularityReply, Self::Error>;
+    /// Handles [`CuMemsetD2D8V2`].
+    fn cu_memset_d2_d8_v2(&mut self, req: CuMemsetD2D8V2) -> Result<crate::Done, Self::Error>;
+    /// Handles [`CuMemsetD2D16V2`].
+    fn cu_memset_d2_d16_v2(&mut self, req: CuMemsetD2D16V2) -> Result<crate::Done, Self::Error>;
+    /// Handles [`CuMemsetD2D32V2`].
+    fn cu_memset_d2_d32_v2(&mut self, req: CuMemsetD2D32V2) -> Result<crate::Done, Self::Error>;
+    /// Handles [`CuMemsetD2D8Async`].
+    fn cu_memset_d2_d8_async(&mut self, req: CuMemsetD2D8Async) -> Result<crate::Done, Self::Error>;
+    /// Handles [`CuMemsetD2D16Async`].
+    fn cu_memset_d2_d16_async(&mut self, req: CuMemsetD2D16Async) -> Result<crate::Done, Self::Error>;
+    /// Handles [`CuMemsetD2D32Async`].
+    fn cu_memset_d2_d32_async(&mut self, req: CuMemsetD2D32Async) -> Result<crate::Done, Self::Error>;
+    /// Handles [`MemcpyPitched`].
+    fn memcpy_pitched(&mut self, req: MemcpyPitched) -> Result<crate::Done, Self::Error>;
+    /// Handles [`MemcpyPitchedAsync`].
+    fn memcpy_pitched_async(&mut self, req: MemcpyPitchedAsync) -> Result<crate::Done, Self::Error>;
 }
 
 /// Sends a handler's reply.
@@ -3342,6 +3489,46 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.mem_get_granularity(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x02c8 => {
+            let req = decode_body::<CuMemsetD2D8V2>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_memset_d2_d8_v2(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02c9 => {
+            let req = decode_body::<CuMemsetD2D16V2>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_memset_d2_d16_v2(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02ca => {
+            let req = decode_body::<CuMemsetD2D32V2>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_memset_d2_d32_v2(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02cb => {
+            let req = decode_body::<CuMemsetD2D8Async>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_memset_d2_d8_async(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02cc => {
+            let req = decode_body::<CuMemsetD2D16Async>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_memset_d2_d16_async(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02cd => {
+            let req = decode_body::<CuMemsetD2D32Async>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.cu_memset_d2_d32_async(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02ce => {
+            let req = decode_body::<MemcpyPitched>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.memcpy_pitched(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02cf => {
+            let req = decode_body::<MemcpyPitchedAsync>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.memcpy_pitched_async(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         _ => Err(DispatchError::Unknown(id)),
     }
 }
@@ -3350,7 +3537,7 @@ pub fn dispatch<A: Api, R: Responder>(
 pub fn is_posted(id: MessageId) -> bool {
     matches!(
         id.0,
-        0x0211 | 0x0215 | 0x0216 | 0x0217 | 0x021a | 0x021b | 0x0222 | 0x0241 | 0x0255 | 0x0262 | 0x0263 | 0x0292 | 0x02a5 | 0x02a6
+        0x0211 | 0x0215 | 0x0216 | 0x0217 | 0x021a | 0x021b | 0x0222 | 0x0241 | 0x0255 | 0x0262 | 0x0263 | 0x0292 | 0x02a5 | 0x02a6 | 0x02cb | 0x02cc | 0x02cd | 0x02cf
     )
 }
 
@@ -3466,6 +3653,14 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x02c5 => "MemUnmap",
         0x02c6 => "MemSetAccess",
         0x02c7 => "MemGetGranularity",
+        0x02c8 => "CuMemsetD2D8V2",
+        0x02c9 => "CuMemsetD2D16V2",
+        0x02ca => "CuMemsetD2D32V2",
+        0x02cb => "CuMemsetD2D8Async",
+        0x02cc => "CuMemsetD2D16Async",
+        0x02cd => "CuMemsetD2D32Async",
+        0x02ce => "MemcpyPitched",
+        0x02cf => "MemcpyPitchedAsync",
         _ => return None,
     })
 }

@@ -952,6 +952,132 @@ pub unsafe extern "C" fn cuMemsetD32Async(dstDevice: sys::CUdeviceptr, ui: ::cor
     })
 }
 
+/// `cuMemsetD2D8_v2` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D8_v2(dstDevice: sys::CUdeviceptr, dstPitch: usize, uc: ::core::ffi::c_uchar, Width: usize, Height: usize) -> CUresult {
+    rt::entry("cuMemsetD2D8_v2", || {
+        rt::call::<_, vgpu_proto::Done>(&p::CuMemsetD2D8V2 { dst_device: dstDevice, dst_pitch: dstPitch as u64, uc, width: Width as u64, height: Height as u64 }, true).map(drop)
+    })
+}
+
+/// `cuMemsetD2D16_v2` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D16_v2(dstDevice: sys::CUdeviceptr, dstPitch: usize, us: ::core::ffi::c_ushort, Width: usize, Height: usize) -> CUresult {
+    rt::entry("cuMemsetD2D16_v2", || {
+        rt::call::<_, vgpu_proto::Done>(&p::CuMemsetD2D16V2 { dst_device: dstDevice, dst_pitch: dstPitch as u64, us, width: Width as u64, height: Height as u64 }, true).map(drop)
+    })
+}
+
+/// `cuMemsetD2D32_v2` (forwarded).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D32_v2(dstDevice: sys::CUdeviceptr, dstPitch: usize, ui: ::core::ffi::c_uint, Width: usize, Height: usize) -> CUresult {
+    rt::entry("cuMemsetD2D32_v2", || {
+        rt::call::<_, vgpu_proto::Done>(&p::CuMemsetD2D32V2 { dst_device: dstDevice, dst_pitch: dstPitch as u64, ui, width: Width as u64, height: Height as u64 }, true).map(drop)
+    })
+}
+
+/// `cuMemsetD2D8Async` (forwarded without waiting).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D8Async(dstDevice: sys::CUdeviceptr, dstPitch: usize, uc: ::core::ffi::c_uchar, Width: usize, Height: usize, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuMemsetD2D8Async", || {
+        rt::post(&p::CuMemsetD2D8Async { dst_device: dstDevice, dst_pitch: dstPitch as u64, uc, width: Width as u64, height: Height as u64, h_stream: rt::stream_arg(hStream)? }, true)
+    })
+}
+
+/// `cuMemsetD2D16Async` (forwarded without waiting).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D16Async(dstDevice: sys::CUdeviceptr, dstPitch: usize, us: ::core::ffi::c_ushort, Width: usize, Height: usize, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuMemsetD2D16Async", || {
+        rt::post(&p::CuMemsetD2D16Async { dst_device: dstDevice, dst_pitch: dstPitch as u64, us, width: Width as u64, height: Height as u64, h_stream: rt::stream_arg(hStream)? }, true)
+    })
+}
+
+/// `cuMemsetD2D32Async` (forwarded without waiting).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemsetD2D32Async(dstDevice: sys::CUdeviceptr, dstPitch: usize, ui: ::core::ffi::c_uint, Width: usize, Height: usize, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuMemsetD2D32Async", || {
+        rt::post(&p::CuMemsetD2D32Async { dst_device: dstDevice, dst_pitch: dstPitch as u64, ui, width: Width as u64, height: Height as u64, h_stream: rt::stream_arg(hStream)? }, true)
+    })
+}
+
+/// `cuMemcpy2D_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy2D_v2(pCopy: *const sys::CUDA_MEMCPY2D) -> CUresult {
+    rt::entry("cuMemcpy2D_v2", || {
+        // SAFETY: the caller upholds cuMemcpy2D_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy2_d_v2(pCopy) }
+    })
+}
+
+/// `cuMemcpy2DUnaligned_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy2DUnaligned_v2(pCopy: *const sys::CUDA_MEMCPY2D) -> CUresult {
+    rt::entry("cuMemcpy2DUnaligned_v2", || {
+        // SAFETY: the caller upholds cuMemcpy2DUnaligned_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy2_d_unaligned_v2(pCopy) }
+    })
+}
+
+/// `cuMemcpy2DAsync_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy2DAsync_v2(pCopy: *const sys::CUDA_MEMCPY2D, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuMemcpy2DAsync_v2", || {
+        // SAFETY: the caller upholds cuMemcpy2DAsync_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy2_d_async_v2(pCopy, hStream) }
+    })
+}
+
+/// `cuMemcpy3D_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy3D_v2(pCopy: *const sys::CUDA_MEMCPY3D) -> CUresult {
+    rt::entry("cuMemcpy3D_v2", || {
+        // SAFETY: the caller upholds cuMemcpy3D_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy3_d_v2(pCopy) }
+    })
+}
+
+/// `cuMemcpy3DAsync_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy3DAsync_v2(pCopy: *const sys::CUDA_MEMCPY3D, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuMemcpy3DAsync_v2", || {
+        // SAFETY: the caller upholds cuMemcpy3DAsync_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy3_d_async_v2(pCopy, hStream) }
+    })
+}
+
 /// `cuModuleLoad` (served in the guest).
 ///
 /// # Safety
@@ -3132,30 +3258,6 @@ pub extern "C" fn cuMemSetMemPool(_location: *mut sys::CUmemLocation, _type_: ::
     rt::unsupported("cuMemSetMemPool")
 }
 
-/// `cuMemcpy2DAsync_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpy2DAsync_v2(_pCopy: *const sys::CUDA_MEMCPY2D, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuMemcpy2DAsync_v2")
-}
-
-/// `cuMemcpy2DUnaligned_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpy2DUnaligned_v2(_pCopy: *const sys::CUDA_MEMCPY2D) -> CUresult {
-    rt::unsupported("cuMemcpy2DUnaligned_v2")
-}
-
-/// `cuMemcpy2D_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpy2D_v2(_pCopy: *const sys::CUDA_MEMCPY2D) -> CUresult {
-    rt::unsupported("cuMemcpy2D_v2")
-}
-
-/// `cuMemcpy3DAsync_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpy3DAsync_v2(_pCopy: *const sys::CUDA_MEMCPY3D, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuMemcpy3DAsync_v2")
-}
-
 /// `cuMemcpy3DBatchAsync_v2`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuMemcpy3DBatchAsync_v2(_numOps: usize, _opList: *mut sys::CUDA_MEMCPY3D_BATCH_OP, _flags: ::core::ffi::c_ulonglong, _hStream: sys::CUstream) -> CUresult {
@@ -3172,12 +3274,6 @@ pub extern "C" fn cuMemcpy3DPeer(_pCopy: *const sys::CUDA_MEMCPY3D_PEER) -> CUre
 #[no_mangle]
 pub extern "C" fn cuMemcpy3DPeerAsync(_pCopy: *const sys::CUDA_MEMCPY3D_PEER, _hStream: sys::CUstream) -> CUresult {
     rt::unsupported("cuMemcpy3DPeerAsync")
-}
-
-/// `cuMemcpy3D_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpy3D_v2(_pCopy: *const sys::CUDA_MEMCPY3D) -> CUresult {
-    rt::unsupported("cuMemcpy3D_v2")
 }
 
 /// `cuMemcpyAtoA_v2`: not supported by libvgpu.
@@ -3238,42 +3334,6 @@ pub extern "C" fn cuMemcpyPeer(_dstDevice: sys::CUdeviceptr, _dstContext: sys::C
 #[no_mangle]
 pub extern "C" fn cuMemcpyPeerAsync(_dstDevice: sys::CUdeviceptr, _dstContext: sys::CUcontext, _srcDevice: sys::CUdeviceptr, _srcContext: sys::CUcontext, _ByteCount: usize, _hStream: sys::CUstream) -> CUresult {
     rt::unsupported("cuMemcpyPeerAsync")
-}
-
-/// `cuMemsetD2D16Async`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemsetD2D16Async(_dstDevice: sys::CUdeviceptr, _dstPitch: usize, _us: ::core::ffi::c_ushort, _Width: usize, _Height: usize, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuMemsetD2D16Async")
-}
-
-/// `cuMemsetD2D16_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemsetD2D16_v2(_dstDevice: sys::CUdeviceptr, _dstPitch: usize, _us: ::core::ffi::c_ushort, _Width: usize, _Height: usize) -> CUresult {
-    rt::unsupported("cuMemsetD2D16_v2")
-}
-
-/// `cuMemsetD2D32Async`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemsetD2D32Async(_dstDevice: sys::CUdeviceptr, _dstPitch: usize, _ui: ::core::ffi::c_uint, _Width: usize, _Height: usize, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuMemsetD2D32Async")
-}
-
-/// `cuMemsetD2D32_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemsetD2D32_v2(_dstDevice: sys::CUdeviceptr, _dstPitch: usize, _ui: ::core::ffi::c_uint, _Width: usize, _Height: usize) -> CUresult {
-    rt::unsupported("cuMemsetD2D32_v2")
-}
-
-/// `cuMemsetD2D8Async`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemsetD2D8Async(_dstDevice: sys::CUdeviceptr, _dstPitch: usize, _uc: ::core::ffi::c_uchar, _Width: usize, _Height: usize, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuMemsetD2D8Async")
-}
-
-/// `cuMemsetD2D8_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemsetD2D8_v2(_dstDevice: sys::CUdeviceptr, _dstPitch: usize, _uc: ::core::ffi::c_uchar, _Width: usize, _Height: usize) -> CUresult {
-    rt::unsupported("cuMemsetD2D8_v2")
 }
 
 /// `cuMipmappedArrayCreate`: not supported by libvgpu.
@@ -4157,7 +4217,8 @@ pub unsafe extern "C" fn cuMemPrefetchBatchAsync_ptsz(dptrs: *mut sys::CUdevicep
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpy2DAsync_v2_ptsz(pCopy: *const sys::CUDA_MEMCPY2D, hStream: sys::CUstream) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpy2DAsync_v2(pCopy, hStream)
+        // SAFETY: the caller upholds cuMemcpy2DAsync_v2's contract.
+        unsafe { cuMemcpy2DAsync_v2(pCopy, hStream) }
     })
 }
 
@@ -4168,7 +4229,8 @@ pub unsafe extern "C" fn cuMemcpy2DAsync_v2_ptsz(pCopy: *const sys::CUDA_MEMCPY2
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpy2DUnaligned_v2_ptds(pCopy: *const sys::CUDA_MEMCPY2D) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpy2DUnaligned_v2(pCopy)
+        // SAFETY: the caller upholds cuMemcpy2DUnaligned_v2's contract.
+        unsafe { cuMemcpy2DUnaligned_v2(pCopy) }
     })
 }
 
@@ -4179,7 +4241,8 @@ pub unsafe extern "C" fn cuMemcpy2DUnaligned_v2_ptds(pCopy: *const sys::CUDA_MEM
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpy2D_v2_ptds(pCopy: *const sys::CUDA_MEMCPY2D) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpy2D_v2(pCopy)
+        // SAFETY: the caller upholds cuMemcpy2D_v2's contract.
+        unsafe { cuMemcpy2D_v2(pCopy) }
     })
 }
 
@@ -4190,7 +4253,8 @@ pub unsafe extern "C" fn cuMemcpy2D_v2_ptds(pCopy: *const sys::CUDA_MEMCPY2D) ->
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpy3DAsync_v2_ptsz(pCopy: *const sys::CUDA_MEMCPY3D, hStream: sys::CUstream) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpy3DAsync_v2(pCopy, hStream)
+        // SAFETY: the caller upholds cuMemcpy3DAsync_v2's contract.
+        unsafe { cuMemcpy3DAsync_v2(pCopy, hStream) }
     })
 }
 
@@ -4234,7 +4298,8 @@ pub unsafe extern "C" fn cuMemcpy3DPeer_ptds(pCopy: *const sys::CUDA_MEMCPY3D_PE
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpy3D_v2_ptds(pCopy: *const sys::CUDA_MEMCPY3D) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpy3D_v2(pCopy)
+        // SAFETY: the caller upholds cuMemcpy3D_v2's contract.
+        unsafe { cuMemcpy3D_v2(pCopy) }
     })
 }
 
@@ -4475,7 +4540,8 @@ pub unsafe extern "C" fn cuMemsetD16_v2_ptds(dstDevice: sys::CUdeviceptr, us: ::
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD2D16Async_ptsz(dstDevice: sys::CUdeviceptr, dstPitch: usize, us: ::core::ffi::c_ushort, Width: usize, Height: usize, hStream: sys::CUstream) -> CUresult {
     rt::per_thread(|| {
-        cuMemsetD2D16Async(dstDevice, dstPitch, us, Width, Height, hStream)
+        // SAFETY: the caller upholds cuMemsetD2D16Async's contract.
+        unsafe { cuMemsetD2D16Async(dstDevice, dstPitch, us, Width, Height, hStream) }
     })
 }
 
@@ -4486,7 +4552,8 @@ pub unsafe extern "C" fn cuMemsetD2D16Async_ptsz(dstDevice: sys::CUdeviceptr, ds
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD2D16_v2_ptds(dstDevice: sys::CUdeviceptr, dstPitch: usize, us: ::core::ffi::c_ushort, Width: usize, Height: usize) -> CUresult {
     rt::per_thread(|| {
-        cuMemsetD2D16_v2(dstDevice, dstPitch, us, Width, Height)
+        // SAFETY: the caller upholds cuMemsetD2D16_v2's contract.
+        unsafe { cuMemsetD2D16_v2(dstDevice, dstPitch, us, Width, Height) }
     })
 }
 
@@ -4497,7 +4564,8 @@ pub unsafe extern "C" fn cuMemsetD2D16_v2_ptds(dstDevice: sys::CUdeviceptr, dstP
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD2D32Async_ptsz(dstDevice: sys::CUdeviceptr, dstPitch: usize, ui: ::core::ffi::c_uint, Width: usize, Height: usize, hStream: sys::CUstream) -> CUresult {
     rt::per_thread(|| {
-        cuMemsetD2D32Async(dstDevice, dstPitch, ui, Width, Height, hStream)
+        // SAFETY: the caller upholds cuMemsetD2D32Async's contract.
+        unsafe { cuMemsetD2D32Async(dstDevice, dstPitch, ui, Width, Height, hStream) }
     })
 }
 
@@ -4508,7 +4576,8 @@ pub unsafe extern "C" fn cuMemsetD2D32Async_ptsz(dstDevice: sys::CUdeviceptr, ds
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD2D32_v2_ptds(dstDevice: sys::CUdeviceptr, dstPitch: usize, ui: ::core::ffi::c_uint, Width: usize, Height: usize) -> CUresult {
     rt::per_thread(|| {
-        cuMemsetD2D32_v2(dstDevice, dstPitch, ui, Width, Height)
+        // SAFETY: the caller upholds cuMemsetD2D32_v2's contract.
+        unsafe { cuMemsetD2D32_v2(dstDevice, dstPitch, ui, Width, Height) }
     })
 }
 
@@ -4519,7 +4588,8 @@ pub unsafe extern "C" fn cuMemsetD2D32_v2_ptds(dstDevice: sys::CUdeviceptr, dstP
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD2D8Async_ptsz(dstDevice: sys::CUdeviceptr, dstPitch: usize, uc: ::core::ffi::c_uchar, Width: usize, Height: usize, hStream: sys::CUstream) -> CUresult {
     rt::per_thread(|| {
-        cuMemsetD2D8Async(dstDevice, dstPitch, uc, Width, Height, hStream)
+        // SAFETY: the caller upholds cuMemsetD2D8Async's contract.
+        unsafe { cuMemsetD2D8Async(dstDevice, dstPitch, uc, Width, Height, hStream) }
     })
 }
 
@@ -4530,7 +4600,8 @@ pub unsafe extern "C" fn cuMemsetD2D8Async_ptsz(dstDevice: sys::CUdeviceptr, dst
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD2D8_v2_ptds(dstDevice: sys::CUdeviceptr, dstPitch: usize, uc: ::core::ffi::c_uchar, Width: usize, Height: usize) -> CUresult {
     rt::per_thread(|| {
-        cuMemsetD2D8_v2(dstDevice, dstPitch, uc, Width, Height)
+        // SAFETY: the caller upholds cuMemsetD2D8_v2's contract.
+        unsafe { cuMemsetD2D8_v2(dstDevice, dstPitch, uc, Width, Height) }
     })
 }
 
@@ -5558,6 +5629,17 @@ pub const EXPORTS: &[&str] = &[
     "cuMemsetD8Async",
     "cuMemsetD16Async",
     "cuMemsetD32Async",
+    "cuMemsetD2D8_v2",
+    "cuMemsetD2D16_v2",
+    "cuMemsetD2D32_v2",
+    "cuMemsetD2D8Async",
+    "cuMemsetD2D16Async",
+    "cuMemsetD2D32Async",
+    "cuMemcpy2D_v2",
+    "cuMemcpy2DUnaligned_v2",
+    "cuMemcpy2DAsync_v2",
+    "cuMemcpy3D_v2",
+    "cuMemcpy3DAsync_v2",
     "cuModuleLoad",
     "cuModuleLoadData",
     "cuModuleLoadDataEx",
@@ -5825,14 +5907,9 @@ pub const EXPORTS: &[&str] = &[
     "cuMemRangeGetAttributes",
     "cuMemRetainAllocationHandle",
     "cuMemSetMemPool",
-    "cuMemcpy2DAsync_v2",
-    "cuMemcpy2DUnaligned_v2",
-    "cuMemcpy2D_v2",
-    "cuMemcpy3DAsync_v2",
     "cuMemcpy3DBatchAsync_v2",
     "cuMemcpy3DPeer",
     "cuMemcpy3DPeerAsync",
-    "cuMemcpy3D_v2",
     "cuMemcpyAtoA_v2",
     "cuMemcpyAtoD_v2",
     "cuMemcpyAtoHAsync_v2",
@@ -5843,12 +5920,6 @@ pub const EXPORTS: &[&str] = &[
     "cuMemcpyHtoA_v2",
     "cuMemcpyPeer",
     "cuMemcpyPeerAsync",
-    "cuMemsetD2D16Async",
-    "cuMemsetD2D16_v2",
-    "cuMemsetD2D32Async",
-    "cuMemsetD2D32_v2",
-    "cuMemsetD2D8Async",
-    "cuMemsetD2D8_v2",
     "cuMipmappedArrayCreate",
     "cuMipmappedArrayDestroy",
     "cuMipmappedArrayGetLevel",
@@ -6445,16 +6516,16 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMemUnmap", since: 10020, symbol: "cuMemUnmap", ptr: cuMemUnmap as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemcpy", since: 0, symbol: "cuMemcpy", ptr: cuMemcpy as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemcpy", since: 0, symbol: "cuMemcpy_ptds", ptr: cuMemcpy_ptds as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpy2D", since: 0, symbol: "cuMemcpy2D_v2", ptr: cuMemcpy2D_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpy2D", since: 0, symbol: "cuMemcpy2D_v2_ptds", ptr: cuMemcpy2D_v2_ptds as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpy2DAsync", since: 0, symbol: "cuMemcpy2DAsync_v2", ptr: cuMemcpy2DAsync_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpy2DAsync", since: 0, symbol: "cuMemcpy2DAsync_v2_ptsz", ptr: cuMemcpy2DAsync_v2_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpy2DUnaligned", since: 0, symbol: "cuMemcpy2DUnaligned_v2", ptr: cuMemcpy2DUnaligned_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpy2DUnaligned", since: 0, symbol: "cuMemcpy2DUnaligned_v2_ptds", ptr: cuMemcpy2DUnaligned_v2_ptds as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpy3D", since: 0, symbol: "cuMemcpy3D_v2", ptr: cuMemcpy3D_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpy3D", since: 0, symbol: "cuMemcpy3D_v2_ptds", ptr: cuMemcpy3D_v2_ptds as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpy3DAsync", since: 0, symbol: "cuMemcpy3DAsync_v2", ptr: cuMemcpy3DAsync_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpy3DAsync", since: 0, symbol: "cuMemcpy3DAsync_v2_ptsz", ptr: cuMemcpy3DAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy2D", since: 3020, symbol: "cuMemcpy2D_v2", ptr: cuMemcpy2D_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy2D", since: 3020, symbol: "cuMemcpy2D_v2_ptds", ptr: cuMemcpy2D_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy2DAsync", since: 3020, symbol: "cuMemcpy2DAsync_v2", ptr: cuMemcpy2DAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy2DAsync", since: 3020, symbol: "cuMemcpy2DAsync_v2_ptsz", ptr: cuMemcpy2DAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy2DUnaligned", since: 3020, symbol: "cuMemcpy2DUnaligned_v2", ptr: cuMemcpy2DUnaligned_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy2DUnaligned", since: 3020, symbol: "cuMemcpy2DUnaligned_v2_ptds", ptr: cuMemcpy2DUnaligned_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy3D", since: 3020, symbol: "cuMemcpy3D_v2", ptr: cuMemcpy3D_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy3D", since: 3020, symbol: "cuMemcpy3D_v2_ptds", ptr: cuMemcpy3D_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpy3DAsync", since: 3020, symbol: "cuMemcpy3DAsync_v2", ptr: cuMemcpy3DAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpy3DAsync", since: 3020, symbol: "cuMemcpy3DAsync_v2_ptsz", ptr: cuMemcpy3DAsync_v2_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemcpy3DBatchAsync", since: 0, symbol: "cuMemcpy3DBatchAsync_v2", ptr: cuMemcpy3DBatchAsync_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemcpy3DBatchAsync", since: 0, symbol: "cuMemcpy3DBatchAsync_v2_ptsz", ptr: cuMemcpy3DBatchAsync_v2_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemcpy3DPeer", since: 0, symbol: "cuMemcpy3DPeer", ptr: cuMemcpy3DPeer as *const (), per_thread: false },
@@ -6499,16 +6570,16 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMemsetD16", since: 3020, symbol: "cuMemsetD16_v2_ptds", ptr: cuMemsetD16_v2_ptds as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemsetD16Async", since: 0, symbol: "cuMemsetD16Async", ptr: cuMemsetD16Async as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemsetD16Async", since: 0, symbol: "cuMemsetD16Async_ptsz", ptr: cuMemsetD16Async_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemsetD2D16", since: 0, symbol: "cuMemsetD2D16_v2", ptr: cuMemsetD2D16_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemsetD2D16", since: 0, symbol: "cuMemsetD2D16_v2_ptds", ptr: cuMemsetD2D16_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD2D16", since: 3020, symbol: "cuMemsetD2D16_v2", ptr: cuMemsetD2D16_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD2D16", since: 3020, symbol: "cuMemsetD2D16_v2_ptds", ptr: cuMemsetD2D16_v2_ptds as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemsetD2D16Async", since: 0, symbol: "cuMemsetD2D16Async", ptr: cuMemsetD2D16Async as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemsetD2D16Async", since: 0, symbol: "cuMemsetD2D16Async_ptsz", ptr: cuMemsetD2D16Async_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemsetD2D32", since: 0, symbol: "cuMemsetD2D32_v2", ptr: cuMemsetD2D32_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemsetD2D32", since: 0, symbol: "cuMemsetD2D32_v2_ptds", ptr: cuMemsetD2D32_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD2D32", since: 3020, symbol: "cuMemsetD2D32_v2", ptr: cuMemsetD2D32_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD2D32", since: 3020, symbol: "cuMemsetD2D32_v2_ptds", ptr: cuMemsetD2D32_v2_ptds as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemsetD2D32Async", since: 0, symbol: "cuMemsetD2D32Async", ptr: cuMemsetD2D32Async as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemsetD2D32Async", since: 0, symbol: "cuMemsetD2D32Async_ptsz", ptr: cuMemsetD2D32Async_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemsetD2D8", since: 0, symbol: "cuMemsetD2D8_v2", ptr: cuMemsetD2D8_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemsetD2D8", since: 0, symbol: "cuMemsetD2D8_v2_ptds", ptr: cuMemsetD2D8_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemsetD2D8", since: 3020, symbol: "cuMemsetD2D8_v2", ptr: cuMemsetD2D8_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemsetD2D8", since: 3020, symbol: "cuMemsetD2D8_v2_ptds", ptr: cuMemsetD2D8_v2_ptds as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemsetD2D8Async", since: 0, symbol: "cuMemsetD2D8Async", ptr: cuMemsetD2D8Async as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemsetD2D8Async", since: 0, symbol: "cuMemsetD2D8Async_ptsz", ptr: cuMemsetD2D8Async_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemsetD32", since: 3020, symbol: "cuMemsetD32_v2", ptr: cuMemsetD32_v2 as *const (), per_thread: false },

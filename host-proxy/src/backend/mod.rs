@@ -115,6 +115,19 @@ pub trait GpuBackend {
     fn memset_d16(&mut self, dst: u64, value: u16, count: u64, stream: Option<&Self::Stream>) -> CuResult<()>;
     /// Sets `count` 32-bit words at `dst` to `value`.
     fn memset_d32(&mut self, dst: u64, value: u32, count: u64, stream: Option<&Self::Stream>) -> CuResult<()>;
+    /// A pitched copy between device ranges and the registered window (window sides only
+    /// where [`attach_window`](Self::attach_window) took the window), both sides checked by
+    /// the caller, as the driver entry point `shape` names; on `stream`, or synchronous
+    /// without one. With `wait`, returns once the copy is done.
+    fn copy_pitched(
+        &mut self,
+        copy: &GraphCopy,
+        shape: CopyShape,
+        stream: Option<&Self::Stream>,
+        wait: bool,
+    ) -> CuResult<()>;
+    /// A 2-D memset (`cuMemsetD2D8/16/32`), its block checked by the caller.
+    fn memset_pitched(&mut self, memset: &GraphMemset, stream: Option<&Self::Stream>) -> CuResult<()>;
 
     // ---- IPC (brokered by the daemon: see `crate::broker`) ----
     /// Makes the allocation starting at `dptr` (made by `mem_alloc`/`mem_alloc_pitch`, in
@@ -405,6 +418,31 @@ impl GraphCopy {
             width: len,
             height: 1,
             depth: 1,
+        }
+    }
+}
+
+/// Which driver entry point a pitched copy on a stream stands for: their rules differ
+/// (`cuMemcpy2D` may refuse device pitches that `cuMemcpy2DUnaligned` and `cuMemcpy3D`
+/// take), so a backend on the real driver calls the same one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyShape {
+    /// `cuMemcpy2D_v2` / `cuMemcpy2DAsync_v2` (the copy's first slice).
+    Plane,
+    /// `cuMemcpy2DUnaligned_v2` (synchronous: the driver has no stream variant).
+    PlaneUnaligned,
+    /// `cuMemcpy3D_v2` / `cuMemcpy3DAsync_v2`.
+    Volume,
+}
+
+impl CopyShape {
+    /// The wire's value (`MemcpyPitched::shape`): 0, 1 or 2.
+    pub fn from_wire(v: u8) -> Option<CopyShape> {
+        match v {
+            0 => Some(CopyShape::Plane),
+            1 => Some(CopyShape::PlaneUnaligned),
+            2 => Some(CopyShape::Volume),
+            _ => None,
         }
     }
 }

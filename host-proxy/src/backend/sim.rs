@@ -1522,6 +1522,33 @@ impl GpuBackend for SimGpu {
         self.copy_on(GraphCopy::linear(CopyEnd::Device(src), CopyEnd::Device(dst), len), stream)
     }
 
+    fn copy_pitched(
+        &mut self,
+        copy: &GraphCopy,
+        shape: super::CopyShape,
+        stream: Option<&SimStream>,
+        _wait: bool,
+    ) -> CuResult<()> {
+        // The double's work is done in place (or recorded while capturing), so every copy is
+        // complete on return; only its layout matters, and a plane is the first slice.
+        let c = match shape {
+            super::CopyShape::Volume => *copy,
+            super::CopyShape::Plane | super::CopyShape::PlaneUnaligned => GraphCopy { depth: 1, ..*copy },
+        };
+        self.copy_on(c, stream)
+    }
+
+    fn memset_pitched(&mut self, memset: &GraphMemset, stream: Option<&SimStream>) -> CuResult<()> {
+        if let Some(graph) = self.capturing(stream)? {
+            return self.record(graph, SimOp::Memset(*memset)).map(drop);
+        }
+        let elem = u64::from(memset.element_size);
+        if !matches!(elem, 1 | 2 | 4) || memset.dst % elem != 0 || (memset.height > 1 && memset.pitch % elem != 0) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        self.memset_2d(memset)
+    }
+
     fn memset_d8(&mut self, dst: u64, value: u8, count: u64, stream: Option<&SimStream>) -> CuResult<()> {
         if let Some(graph) = self.capturing(stream)? {
             let m = GraphMemset { dst, pitch: 0, value: value.into(), element_size: 1, width: count, height: 1 };

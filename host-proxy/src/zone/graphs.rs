@@ -42,7 +42,7 @@ pub(super) struct NodeEntry<N> {
 /// Bytes from the first to one past the last byte of a pitched 3-D block: `depth` slices of
 /// `height` rows of `width` bytes, rows `pitch` apart, slices `pitch * slice_rows` apart.
 /// Zero-sized or self-overlapping layouts are `CUDA_ERROR_INVALID_VALUE`.
-fn block_extent(width: u64, height: u64, depth: u64, pitch: u64, slice_rows: u64) -> CuResult<u64> {
+pub(super) fn block_extent(width: u64, height: u64, depth: u64, pitch: u64, slice_rows: u64) -> CuResult<u64> {
     let bad = width == 0 || height == 0 || depth == 0;
     if bad || (height > 1 && pitch < width) || (depth > 1 && (pitch < width || slice_rows < height)) {
         return Err(CuError::INVALID_VALUE);
@@ -293,7 +293,7 @@ impl<B: GpuBackend> Zone<B> {
     }
 
     /// Checks one side of a copy node and says where it is.
-    fn copy_end(&self, window: bool, addr: u64, extent: u64, window_size: usize) -> CuResult<CopyEnd> {
+    pub(super) fn copy_end(&self, window: bool, addr: u64, extent: u64, window_size: usize) -> CuResult<CopyEnd> {
         if !window {
             self.check_range(addr, extent)?;
             return Ok(CopyEnd::Device(addr));

@@ -10,15 +10,14 @@
 //! node gets a rendezvous word that stays armed for every launch (`host_func.rs`).
 
 use super::host_func;
+use super::pitched::{extent, locate, read_copy, At, Copy3d, Side, MEMORYTYPE_HOST};
 use crate::rt::{self, handle_of, handle_ptr, session, CuError, CuResult, Out};
 use cudarc::driver::sys;
 use vgpu_proto::generated as p;
 use vgpu_proto::{Handle, LaunchConfig};
 
-/// `CU_MEMORYTYPE_HOST`, `…_DEVICE`, `…_ARRAY`, `…_UNIFIED`.
-const MEMORYTYPE_HOST: u32 = 1;
-const MEMORYTYPE_DEVICE: u32 = 2;
-const MEMORYTYPE_UNIFIED: u32 = 4;
+/// What the log names when a copy node asks for what libvgpu does not offer.
+const WHAT: &str = "cuGraphAddMemcpyNode with CUDA arrays";
 /// `CUDA_GRAPH_INSTANTIATE_FLAG_UPLOAD`.
 const INSTANTIATE_FLAG_UPLOAD: u64 = 2;
 /// `CUDA_GRAPH_INSTANTIATE_SUCCESS` and `…_ERROR`.
@@ -139,117 +138,6 @@ pub unsafe fn cu_graph_add_memset_node(
     set_node(out, r.node)
 }
 
-/// `CUDA_MEMCPY3D` read field by field: its memory types are C enums, which must never be
-/// read into a Rust enum (a value the bindings lack would be undefined behaviour).
-struct Copy3d {
-    src: Side,
-    dst: Side,
-    width: u64,
-    height: u64,
-    depth: u64,
-}
-
-/// One side of a `CUDA_MEMCPY3D`.
-#[derive(Default)]
-struct Side {
-    x: u64,
-    y: u64,
-    z: u64,
-    memory_type: u32,
-    host: usize,
-    device: u64,
-    array: usize,
-    pitch: u64,
-    height: u64,
-}
-
-/// Reads a `CUDA_MEMCPY3D`.
-///
-/// # Safety
-/// `p` must point to a `CUDA_MEMCPY3D`.
-unsafe fn read_copy(p: *const sys::CUDA_MEMCPY3D) -> Copy3d {
-    use std::mem::offset_of;
-    type M = sys::CUDA_MEMCPY3D;
-    let base = p.cast::<u8>();
-    // SAFETY: the caller's contract; each read is of a field at its own offset and type
-    // (memory types as the `unsigned int` C stores).
-    let usize_at = |off: usize| unsafe { base.wrapping_add(off).cast::<usize>().read_unaligned() } as u64;
-    // SAFETY: as above.
-    let u32_at = |off: usize| unsafe { base.wrapping_add(off).cast::<u32>().read_unaligned() };
-    Copy3d {
-        src: Side {
-            x: usize_at(offset_of!(M, srcXInBytes)),
-            y: usize_at(offset_of!(M, srcY)),
-            z: usize_at(offset_of!(M, srcZ)),
-            memory_type: u32_at(offset_of!(M, srcMemoryType)),
-            host: usize_at(offset_of!(M, srcHost)) as usize,
-            device: usize_at(offset_of!(M, srcDevice)),
-            array: usize_at(offset_of!(M, srcArray)) as usize,
-            pitch: usize_at(offset_of!(M, srcPitch)),
-            height: usize_at(offset_of!(M, srcHeight)),
-        },
-        dst: Side {
-            x: usize_at(offset_of!(M, dstXInBytes)),
-            y: usize_at(offset_of!(M, dstY)),
-            z: usize_at(offset_of!(M, dstZ)),
-            memory_type: u32_at(offset_of!(M, dstMemoryType)),
-            host: usize_at(offset_of!(M, dstHost)) as usize,
-            device: usize_at(offset_of!(M, dstDevice)),
-            array: usize_at(offset_of!(M, dstArray)) as usize,
-            pitch: usize_at(offset_of!(M, dstPitch)),
-            height: usize_at(offset_of!(M, dstHeight)),
-        },
-        width: usize_at(offset_of!(M, WidthInBytes)),
-        height: usize_at(offset_of!(M, Height)),
-        depth: usize_at(offset_of!(M, Depth)),
-    }
-}
-
-/// Bytes from a side's first byte to one past its last (the host checks the same again).
-fn extent(s: &Side, c: &Copy3d) -> CuResult<u64> {
-    let rows = c.depth.saturating_sub(1).checked_mul(s.height).and_then(|r| r.checked_add(c.height.saturating_sub(1)));
-    rows.and_then(|r| r.checked_mul(s.pitch)).and_then(|o| o.checked_add(c.width)).ok_or(CuError::INVALID_VALUE)
-}
-
-/// Where a side's first byte is.
-enum At {
-    /// Device memory.
-    Device(u64),
-    /// Pinned memory of the window, at this offset.
-    Window(u64),
-    /// The program's own (pageable) memory, at this address: the host cannot reach it.
-    Program(usize),
-}
-
-/// Where a side's first byte is.
-fn locate(s: &Side, c: &Copy3d, conn: &mut crate::rt::Conn) -> CuResult<At> {
-    let rows = s.z.checked_mul(s.height).and_then(|r| r.checked_add(s.y));
-    let offset =
-        rows.and_then(|r| r.checked_mul(s.pitch)).and_then(|o| o.checked_add(s.x)).ok_or(CuError::INVALID_VALUE)?;
-    if s.array != 0 {
-        return Err(rt::unsupported_err("cuGraphAddMemcpyNode with CUDA arrays"));
-    }
-    let host = match s.memory_type {
-        MEMORYTYPE_DEVICE => None,
-        MEMORYTYPE_HOST => Some(s.host),
-        // Unified addressing: the window's pinned memory and anything the host does not
-        // know as the zone's device memory is host memory; the rest is device memory.
-        MEMORYTYPE_UNIFIED if super::memory::is_device_in(conn, s.device)? => None,
-        MEMORYTYPE_UNIFIED => Some(s.device as usize),
-        _ => return Err(rt::unsupported_err("cuGraphAddMemcpyNode with CUDA arrays")),
-    };
-    match host {
-        None => Ok(At::Device(s.device.checked_add(offset).ok_or(CuError::INVALID_VALUE)?)),
-        Some(h) => {
-            let start = h.checked_add(offset as usize).ok_or(CuError::INVALID_VALUE)?;
-            match conn.window.pinned(std::ptr::without_provenance(start), extent(s, c)?) {
-                Some(at) => Ok(At::Window(at.offset)),
-                None => Ok(At::Program(start)),
-            }
-        }
-    }
-}
-
 /// A copy between the program's pageable memory and a pinned shadow of it in the window,
 /// run in this process by a host node: the shadow has the program side's layout, and only
 /// the copied rows are touched (never the bytes between them).
@@ -309,17 +197,7 @@ fn shadow_of(program: usize, s: &Side, c: &Copy3d, to_program: bool) -> CuResult
 /// `program` and device `dev`, as the driver captures one: through a pinned shadow, with a
 /// host node moving the bytes between it and the program's memory at every launch.
 pub fn capture_pageable_copy(program: usize, dev: u64, len: usize, stream: Handle, to_program: bool) -> CuResult<()> {
-    let side = Side {
-        x: 0,
-        y: 0,
-        z: 0,
-        memory_type: MEMORYTYPE_HOST,
-        host: program,
-        device: 0,
-        array: 0,
-        pitch: 0,
-        height: 0,
-    };
+    let side = Side { x: 0, y: 0, z: 0, memory_type: MEMORYTYPE_HOST, host: program, device: 0, pitch: 0, height: 0 };
     let c = Copy3d { width: len as u64, height: 1, depth: 1, src: side, dst: Side { ..Side::default() } };
     let (job, shadow) = shadow_of(program, &c.src, &c, to_program)?;
     let desc = idm_core::BulkRef { offset: shadow, len: len as u64 };
@@ -354,12 +232,12 @@ pub unsafe fn cu_graph_add_memcpy_node(
         let s = session()?;
         let mut conn = s.lock();
         conn.enter_current()?;
-        (locate(&c.src, &c, &mut conn)?, locate(&c.dst, &c, &mut conn)?)
+        (locate(&c.src, &c, &mut conn, WHAT)?, locate(&c.dst, &c, &mut conn, WHAT)?)
     };
     let graph = handle_of(graph);
     let wire = |at: &At| match *at {
         At::Device(a) => (false, a),
-        At::Window(o) => (true, o),
+        At::Window(o, _) => (true, o),
         At::Program(_) => (true, 0),
     };
     let node = |deps: Vec<u8>, (src_window, src): (bool, u64), (dst_window, dst): (bool, u64), hidden: bool| {

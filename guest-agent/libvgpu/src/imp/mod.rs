@@ -13,6 +13,7 @@ mod host_func;
 mod ipc;
 mod memory;
 mod module;
+mod pitched;
 mod vmm;
 
 pub use capture::*;
@@ -24,4 +25,5 @@ pub use host_func::*;
 pub use ipc::*;
 pub use memory::*;
 pub use module::*;
+pub use pitched::*;
 pub use vmm::*;

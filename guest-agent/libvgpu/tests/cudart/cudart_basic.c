@@ -131,6 +131,87 @@ int main(void) {
     CHECK(cudaFreeHost(pin));
     CHECK(cudaFreeHost(pin2));
 
+    /* Pitched memory: 2-D and 3-D copies and memsets, pageable and pinned. About 18 MB of
+     * rows, more than libvgpu's staging area holds, so pageable copies go in several bands. */
+    {
+        const size_t w = 3001, rows = 6007, hp = 3006; /* bytes per row, rows, host pitch */
+        size_t pitch = 0;
+        unsigned char *img = NULL;
+        CHECK(cudaMallocPitch((void **)&img, &pitch, w, rows));
+        EXPECT(pitch >= w, "pitch %zu < width %zu", pitch, w);
+        unsigned char *src = malloc(hp * rows), *dst = malloc(hp * rows);
+        for (size_t i = 0; i < hp * rows; i++) src[i] = (unsigned char)(i * 13 + 1);
+        memset(dst, 0xee, hp * rows);
+        CHECK(cudaMemset2D(img, pitch, 0x42, w, rows));
+        /* All but the last column and the last row. */
+        CHECK(cudaMemcpy2D(img, pitch, src, hp, w - 1, rows - 1, cudaMemcpyHostToDevice));
+        CHECK(cudaMemcpy2D(dst, hp, img, pitch, w, rows, cudaMemcpyDeviceToHost));
+        for (size_t y = 0; y < rows; y++) {
+            for (size_t x = 0; x < hp; x++) {
+                unsigned char want = x >= w ? 0xee : (x < w - 1 && y < rows - 1) ? src[y * hp + x] : 0x42;
+                EXPECT(dst[y * hp + x] == want, "2-D byte (%zu, %zu) = %x, want %x", x, y,
+                       dst[y * hp + x], want);
+            }
+        }
+        printf("ok: pitched: cudaMemset2D, cudaMemcpy2D host <-> device (pageable, %zu x %zu)\n", w, rows);
+
+        /* Device to device into a second block at an offset, then asynchronously into
+         * pinned memory. */
+        unsigned char *img2 = NULL, *pin = NULL;
+        size_t pitch2 = 0;
+        CHECK(cudaMallocPitch((void **)&img2, &pitch2, 512, 64));
+        cudaStream_t s2;
+        CHECK(cudaStreamCreate(&s2));
+        CHECK(cudaMemset2DAsync(img2, pitch2, 0, 512, 64, s2));
+        CHECK(cudaStreamSynchronize(s2));
+        CHECK(cudaMemcpy2D(img2 + 3 * pitch2 + 7, pitch2, img + pitch + 1, pitch, 100, 50,
+                           cudaMemcpyDeviceToDevice));
+        CHECK(cudaMallocHost((void **)&pin, 512 * 64));
+        memset(pin, 0xee, 512 * 64);
+        CHECK(cudaMemcpy2DAsync(pin, 512, img2, pitch2, 512, 64, cudaMemcpyDeviceToHost, s2));
+        CHECK(cudaStreamSynchronize(s2));
+        for (size_t y = 0; y < 64; y++) {
+            for (size_t x = 0; x < 512; x++) {
+                int inside = y >= 3 && y < 53 && x >= 7 && x < 107;
+                unsigned char want = inside ? src[(y - 3 + 1) * hp + (x - 7 + 1)] : 0;
+                EXPECT(pin[y * 512 + x] == want, "2-D device copy byte (%zu, %zu) = %x, want %x", x,
+                       y, pin[y * 512 + x], want);
+            }
+        }
+        printf("ok: pitched: device -> device at an offset, asynchronously into pinned memory\n");
+
+        /* 3-D: a 64 x 16 x 4 volume from cudaMalloc3D, there and back. */
+        static unsigned char hv[4][16][64], bv[4][16][64];
+        for (int z = 0; z < 4; z++)
+            for (int y = 0; y < 16; y++)
+                for (int x = 0; x < 64; x++) hv[z][y][x] = (unsigned char)(z * 31 + y * 7 + x);
+        struct cudaExtent ext = {64, 16, 4};
+        struct cudaPitchedPtr vol;
+        CHECK(cudaMalloc3D(&vol, ext));
+        struct cudaMemcpy3DParms p3;
+        memset(&p3, 0, sizeof p3);
+        p3.srcPtr = (struct cudaPitchedPtr){hv, 64, 64, 16};
+        p3.dstPtr = vol;
+        p3.extent = ext;
+        p3.kind = cudaMemcpyHostToDevice;
+        CHECK(cudaMemcpy3D(&p3));
+        memset(&p3, 0, sizeof p3);
+        p3.srcPtr = vol;
+        p3.dstPtr = (struct cudaPitchedPtr){bv, 64, 64, 16};
+        p3.extent = ext;
+        p3.kind = cudaMemcpyDeviceToHost;
+        CHECK(cudaMemcpy3D(&p3));
+        EXPECT(memcmp(hv, bv, sizeof hv) == 0, "3-D round trip differs");
+        printf("ok: pitched: cudaMemcpy3D host -> device -> host (64 x 16 x 4)\n");
+        CHECK(cudaFree(vol.ptr));
+        CHECK(cudaFreeHost(pin));
+        CHECK(cudaStreamDestroy(s2));
+        CHECK(cudaFree(img2));
+        CHECK(cudaFree(img));
+        free(src);
+        free(dst);
+    }
+
     /* Errors are CUDA-exact. */
     void *huge = NULL;
     cudaError_t err = cudaMalloc(&huge, (size_t)1 << 50);

@@ -11,7 +11,7 @@
 //! into clones and executable graphs, whose lifetimes are not tracked).
 
 use super::*;
-use crate::backend::{CopyEnd, GraphCopy, GraphNodeSpec, HostFuncSlot};
+use crate::backend::{GraphNodeSpec, HostFuncSlot};
 use std::sync::Arc;
 
 /// A graph of a [`CudaGpu`] (an id, like [`CudaStream`]).
@@ -25,55 +25,6 @@ pub struct CudaGraph {
 pub struct CudaGraphExec {
     id: u64,
 }
-
-/// `CUDA_MEMCPY3D` with its memory types as plain integers (see the module docs of
-/// `cuda.rs`: a Rust enum must never hold a value the driver did not declare).
-#[repr(C)]
-#[derive(Debug)]
-pub(super) struct RawMemcpy3d {
-    src_x_in_bytes: usize,
-    src_y: usize,
-    src_z: usize,
-    src_lod: usize,
-    src_memory_type: c_uint,
-    src_host: *const c_void,
-    src_device: sys::CUdeviceptr,
-    src_array: sys::CUarray,
-    reserved0: *mut c_void,
-    src_pitch: usize,
-    src_height: usize,
-    dst_x_in_bytes: usize,
-    dst_y: usize,
-    dst_z: usize,
-    dst_lod: usize,
-    dst_memory_type: c_uint,
-    dst_host: *mut c_void,
-    dst_device: sys::CUdeviceptr,
-    dst_array: sys::CUarray,
-    reserved1: *mut c_void,
-    dst_pitch: usize,
-    dst_height: usize,
-    width_in_bytes: usize,
-    height: usize,
-    depth: usize,
-}
-
-const _: () = {
-    use std::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<RawMemcpy3d>() == size_of::<sys::CUDA_MEMCPY3D_st>());
-    assert!(align_of::<RawMemcpy3d>() == align_of::<sys::CUDA_MEMCPY3D_st>());
-    assert!(offset_of!(RawMemcpy3d, src_memory_type) == offset_of!(sys::CUDA_MEMCPY3D_st, srcMemoryType));
-    assert!(offset_of!(RawMemcpy3d, src_host) == offset_of!(sys::CUDA_MEMCPY3D_st, srcHost));
-    assert!(offset_of!(RawMemcpy3d, src_height) == offset_of!(sys::CUDA_MEMCPY3D_st, srcHeight));
-    assert!(offset_of!(RawMemcpy3d, dst_memory_type) == offset_of!(sys::CUDA_MEMCPY3D_st, dstMemoryType));
-    assert!(offset_of!(RawMemcpy3d, dst_device) == offset_of!(sys::CUDA_MEMCPY3D_st, dstDevice));
-    assert!(offset_of!(RawMemcpy3d, dst_height) == offset_of!(sys::CUDA_MEMCPY3D_st, dstHeight));
-    assert!(offset_of!(RawMemcpy3d, depth) == offset_of!(sys::CUDA_MEMCPY3D_st, Depth));
-};
-
-/// `CU_MEMORYTYPE_HOST` and `CU_MEMORYTYPE_DEVICE`.
-const MEMORYTYPE_HOST: c_uint = 1;
-const MEMORYTYPE_DEVICE: c_uint = 2;
 
 /// Runs a graph's host node in the driver's callback thread, at every launch.
 unsafe extern "C" fn run_persistent(data: *mut c_void) {
@@ -94,52 +45,6 @@ impl CudaGpu {
         let id = next_id();
         self.graphs.insert(id, raw);
         CudaGraph { id }
-    }
-
-    /// Where one side of a copy node is, in driver terms: (memory type, host, device).
-    fn copy_side(&self, end: CopyEnd) -> CuResult<(c_uint, *mut c_void, sys::CUdeviceptr)> {
-        match end {
-            CopyEnd::Device(addr) => Ok((MEMORYTYPE_DEVICE, std::ptr::null_mut(), addr)),
-            CopyEnd::Window(offset) => {
-                let (base, len) = self.window.ok_or(CuError::NOT_SUPPORTED)?;
-                let offset = usize::try_from(offset).ok().filter(|&o| o < len).ok_or(CuError::INVALID_VALUE)?;
-                Ok((MEMORYTYPE_HOST, base.as_ptr().wrapping_add(offset).cast(), 0))
-            }
-        }
-    }
-
-    /// The driver's `CUDA_MEMCPY3D` for `c`.
-    fn raw_copy(&self, c: &GraphCopy) -> CuResult<RawMemcpy3d> {
-        let size = |v: u64| usize::try_from(v).map_err(|_| CuError::INVALID_VALUE);
-        let (src_memory_type, src_host, src_device) = self.copy_side(c.src)?;
-        let (dst_memory_type, dst_host, dst_device) = self.copy_side(c.dst)?;
-        Ok(RawMemcpy3d {
-            src_x_in_bytes: 0,
-            src_y: 0,
-            src_z: 0,
-            src_lod: 0,
-            src_memory_type,
-            src_host: src_host.cast_const(),
-            src_device,
-            src_array: std::ptr::null_mut(),
-            reserved0: std::ptr::null_mut(),
-            src_pitch: size(c.src_pitch)?,
-            src_height: size(c.src_height)?,
-            dst_x_in_bytes: 0,
-            dst_y: 0,
-            dst_z: 0,
-            dst_lod: 0,
-            dst_memory_type,
-            dst_host,
-            dst_device,
-            dst_array: std::ptr::null_mut(),
-            reserved1: std::ptr::null_mut(),
-            dst_pitch: size(c.dst_pitch)?,
-            dst_height: size(c.dst_height)?,
-            width_in_bytes: size(c.width)?,
-            height: size(c.height)?,
-            depth: size(c.depth)?,
-        })
     }
 
     pub(super) fn create_graph(&mut self) -> CuResult<CudaGraph> {

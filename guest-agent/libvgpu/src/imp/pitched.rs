@@ -1,0 +1,429 @@
+//! Copies with a shape: `cuMemcpy2D_v2`, `cuMemcpy2DUnaligned_v2`, `cuMemcpy2DAsync_v2`,
+//! `cuMemcpy3D_v2`, `cuMemcpy3DAsync_v2` (linear memory; CUDA arrays are not offered), and
+//! the copy descriptors they share with graph copy nodes (`graph.rs`).
+//!
+//! A copy between device memory and pinned memory of the window (or device to device) is
+//! one request, posted for the asynchronous calls: the host runs the driver entry point
+//! the program called on the whole block. Pageable program memory goes through the
+//! window's staging area a band of whole rows at a time (a row wider than the staging area
+//! in pieces), each band one synchronous request: as natively, such a copy has finished
+//! with the program's memory when the call returns. Host-to-host copies are done here, row
+//! by row. A zero width, height or depth copies nothing.
+
+use crate::rt::{self, session, Conn, CuError, CuResult};
+use cudarc::driver::sys;
+use idm_core::BulkRef;
+use vgpu_proto::generated as p;
+use vgpu_proto::{Done, Handle};
+
+/// `CU_MEMORYTYPE_HOST`, `…_DEVICE`, `…_ARRAY`, `…_UNIFIED`.
+pub(super) const MEMORYTYPE_HOST: u32 = 1;
+const MEMORYTYPE_DEVICE: u32 = 2;
+const MEMORYTYPE_ARRAY: u32 = 3;
+const MEMORYTYPE_UNIFIED: u32 = 4;
+
+/// The wire's `MemcpyPitched::shape`: which driver entry point the host calls.
+const SHAPE_PLANE: u8 = 0;
+const SHAPE_PLANE_UNALIGNED: u8 = 1;
+const SHAPE_VOLUME: u8 = 2;
+
+/// What the log names when a copy asks for CUDA arrays.
+const ARRAYS: &str = "cuMemcpy2D/cuMemcpy3D with CUDA arrays";
+
+/// `CUDA_MEMCPY3D` read field by field: its memory types are C enums, which must never be
+/// read into a Rust enum (a value the bindings lack would be undefined behaviour).
+pub(super) struct Copy3d {
+    pub(super) src: Side,
+    pub(super) dst: Side,
+    pub(super) width: u64,
+    pub(super) height: u64,
+    pub(super) depth: u64,
+}
+
+/// One side of a `CUDA_MEMCPY3D`.
+#[derive(Default)]
+pub(super) struct Side {
+    pub(super) x: u64,
+    pub(super) y: u64,
+    pub(super) z: u64,
+    pub(super) memory_type: u32,
+    pub(super) host: usize,
+    pub(super) device: u64,
+    pub(super) pitch: u64,
+    pub(super) height: u64,
+}
+
+/// Reads a `CUDA_MEMCPY3D`.
+///
+/// # Safety
+/// `p` must point to a `CUDA_MEMCPY3D`.
+pub(super) unsafe fn read_copy(p: *const sys::CUDA_MEMCPY3D) -> Copy3d {
+    use std::mem::offset_of;
+    type M = sys::CUDA_MEMCPY3D;
+    let base = p.cast::<u8>();
+    // SAFETY: the caller's contract; each read is of a field at its own offset and type
+    // (memory types as the `unsigned int` C stores).
+    let usize_at = |off: usize| unsafe { base.wrapping_add(off).cast::<usize>().read_unaligned() } as u64;
+    // SAFETY: as above.
+    let u32_at = |off: usize| unsafe { base.wrapping_add(off).cast::<u32>().read_unaligned() };
+    Copy3d {
+        src: Side {
+            x: usize_at(offset_of!(M, srcXInBytes)),
+            y: usize_at(offset_of!(M, srcY)),
+            z: usize_at(offset_of!(M, srcZ)),
+            memory_type: u32_at(offset_of!(M, srcMemoryType)),
+            host: usize_at(offset_of!(M, srcHost)) as usize,
+            device: usize_at(offset_of!(M, srcDevice)),
+            pitch: usize_at(offset_of!(M, srcPitch)),
+            height: usize_at(offset_of!(M, srcHeight)),
+        },
+        dst: Side {
+            x: usize_at(offset_of!(M, dstXInBytes)),
+            y: usize_at(offset_of!(M, dstY)),
+            z: usize_at(offset_of!(M, dstZ)),
+            memory_type: u32_at(offset_of!(M, dstMemoryType)),
+            host: usize_at(offset_of!(M, dstHost)) as usize,
+            device: usize_at(offset_of!(M, dstDevice)),
+            pitch: usize_at(offset_of!(M, dstPitch)),
+            height: usize_at(offset_of!(M, dstHeight)),
+        },
+        width: usize_at(offset_of!(M, WidthInBytes)),
+        height: usize_at(offset_of!(M, Height)),
+        depth: usize_at(offset_of!(M, Depth)),
+    }
+}
+
+/// Bytes from a side's first byte to one past its last (the host checks the same again).
+pub(super) fn extent(s: &Side, c: &Copy3d) -> CuResult<u64> {
+    let rows = c.depth.saturating_sub(1).checked_mul(s.height).and_then(|r| r.checked_add(c.height.saturating_sub(1)));
+    rows.and_then(|r| r.checked_mul(s.pitch)).and_then(|o| o.checked_add(c.width)).ok_or(CuError::INVALID_VALUE)
+}
+
+/// Where a side's first byte is.
+pub(super) enum At {
+    /// Device memory.
+    Device(u64),
+    /// Pinned memory of the window: (window offset, the program's address of it).
+    Window(u64, usize),
+    /// The program's own (pageable) memory, at this address: the host cannot reach it.
+    Program(usize),
+}
+
+/// Where a side's first byte is (`arrays`: what the log names for a CUDA array, which
+/// libvgpu does not offer).
+pub(super) fn locate(s: &Side, c: &Copy3d, conn: &mut crate::rt::Conn, arrays: &'static str) -> CuResult<At> {
+    let rows = s.z.checked_mul(s.height).and_then(|r| r.checked_add(s.y));
+    let offset =
+        rows.and_then(|r| r.checked_mul(s.pitch)).and_then(|o| o.checked_add(s.x)).ok_or(CuError::INVALID_VALUE)?;
+    let host = match s.memory_type {
+        MEMORYTYPE_DEVICE => None,
+        MEMORYTYPE_HOST => Some(s.host),
+        // Unified addressing: the window's pinned memory and anything the host does not
+        // know as the zone's device memory is host memory; the rest is device memory.
+        MEMORYTYPE_UNIFIED if super::memory::is_device_in(conn, s.device)? => None,
+        MEMORYTYPE_UNIFIED => Some(s.device as usize),
+        MEMORYTYPE_ARRAY => return Err(rt::unsupported_err(arrays)),
+        _ => return Err(CuError::INVALID_VALUE),
+    };
+    match host {
+        None => Ok(At::Device(s.device.checked_add(offset).ok_or(CuError::INVALID_VALUE)?)),
+        Some(h) => {
+            let start = h.checked_add(offset as usize).ok_or(CuError::INVALID_VALUE)?;
+            match conn.window.pinned(std::ptr::without_provenance(start), extent(s, c)?) {
+                Some(at) => Ok(At::Window(at.offset, start)),
+                None => Ok(At::Program(start)),
+            }
+        }
+    }
+}
+
+/// Reads a `CUDA_MEMCPY2D` as the first slice of a 3-D copy.
+///
+/// # Safety
+/// `p` must point to a `CUDA_MEMCPY2D`.
+unsafe fn read_copy_2d(p: *const sys::CUDA_MEMCPY2D) -> Copy3d {
+    use std::mem::offset_of;
+    type M = sys::CUDA_MEMCPY2D;
+    let base = p.cast::<u8>();
+    // SAFETY: the caller's contract; each read is of a field at its own offset and type
+    // (memory types as the `unsigned int` C stores).
+    let usize_at = |off: usize| unsafe { base.wrapping_add(off).cast::<usize>().read_unaligned() } as u64;
+    // SAFETY: as above.
+    let u32_at = |off: usize| unsafe { base.wrapping_add(off).cast::<u32>().read_unaligned() };
+    let height = usize_at(offset_of!(M, Height));
+    Copy3d {
+        src: Side {
+            x: usize_at(offset_of!(M, srcXInBytes)),
+            y: usize_at(offset_of!(M, srcY)),
+            z: 0,
+            memory_type: u32_at(offset_of!(M, srcMemoryType)),
+            host: usize_at(offset_of!(M, srcHost)) as usize,
+            device: usize_at(offset_of!(M, srcDevice)),
+            pitch: usize_at(offset_of!(M, srcPitch)),
+            height,
+        },
+        dst: Side {
+            x: usize_at(offset_of!(M, dstXInBytes)),
+            y: usize_at(offset_of!(M, dstY)),
+            z: 0,
+            memory_type: u32_at(offset_of!(M, dstMemoryType)),
+            host: usize_at(offset_of!(M, dstHost)) as usize,
+            device: usize_at(offset_of!(M, dstDevice)),
+            pitch: usize_at(offset_of!(M, dstPitch)),
+            height,
+        },
+        width: usize_at(offset_of!(M, WidthInBytes)),
+        height,
+        depth: 1,
+    }
+}
+
+/// One side of a band request: (in the window, address or window offset, pitch, rows per
+/// slice).
+type Wire = (bool, u64, u64, u64);
+
+/// A request for `height` rows of `width` bytes (and `depth` slices) between two sides.
+fn request(shape: u8, src: Wire, dst: Wire, width: u64, height: u64, depth: u64, stream: Handle) -> p::MemcpyPitched {
+    p::MemcpyPitched {
+        shape,
+        src_window: src.0,
+        src: src.1,
+        src_pitch: src.2,
+        src_height: src.3,
+        dst_window: dst.0,
+        dst: dst.1,
+        dst_pitch: dst.2,
+        dst_height: dst.3,
+        width,
+        height,
+        depth,
+        stream,
+    }
+}
+
+/// Byte offset of row `y` of slice `z` from a side's first byte.
+fn row_offset(s: &Side, z: u64, y: u64) -> CuResult<u64> {
+    z.checked_mul(s.height)
+        .and_then(|r| r.checked_add(y))
+        .and_then(|r| r.checked_mul(s.pitch))
+        .ok_or(CuError::INVALID_VALUE)
+}
+
+/// A side the host reaches (device memory or the window) as the wire names it, moved on by
+/// `by` bytes.
+fn wire_of(at: &At, s: &Side, by: u64, rows: u64) -> CuResult<Wire> {
+    let moved = |v: u64| v.checked_add(by).ok_or(CuError::INVALID_VALUE);
+    match *at {
+        At::Device(a) => Ok((false, moved(a)?, s.pitch, rows)),
+        At::Window(o, _) => Ok((true, moved(o)?, s.pitch, rows)),
+        At::Program(_) => Err(CuError::INVALID_VALUE),
+    }
+}
+
+/// The program's address of a host side's first byte.
+fn host_start(at: &At) -> Option<usize> {
+    match *at {
+        At::Window(_, a) | At::Program(a) => Some(a),
+        At::Device(_) => None,
+    }
+}
+
+/// Which of the two sides is the program's pageable memory, staged through the window.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Staged {
+    Source,
+    Destination,
+}
+
+/// A copy with pageable program memory on one side: bands of whole rows through the
+/// staging area (both halves), one synchronous request each.
+#[allow(clippy::too_many_arguments)]
+fn staged(
+    conn: &mut Conn,
+    c: &Copy3d,
+    src: &At,
+    dst: &At,
+    which: Staged,
+    shape: u8,
+    depth: u64,
+    stream: Handle,
+) -> CuResult<()> {
+    let (program, prog_side, other, other_side) = match (which, src, dst) {
+        (Staged::Source, At::Program(a), o) => (*a, &c.src, o, &c.dst),
+        (Staged::Destination, o, At::Program(a)) => (*a, &c.dst, o, &c.src),
+        _ => return Err(CuError::INVALID_VALUE),
+    };
+    let halves = conn.window.staging_halves();
+    let area = BulkRef { offset: halves[0].offset, len: halves[0].len + halves[1].len };
+    // Rows per band, and the width of each piece of a row (a whole row when one fits).
+    let piece = c.width.min(area.len);
+    let band = if c.width <= area.len { (area.len / c.width).min(c.height) } else { 1 };
+    let host = |v: usize| std::ptr::with_exposed_provenance_mut::<u8>(v);
+    for z in 0..depth {
+        let mut y = 0;
+        while y < c.height {
+            let rows = band.min(c.height - y);
+            let mut col = 0;
+            while col < c.width {
+                let n = piece.min(c.width - col);
+                let staged_side: Wire = (true, area.offset, n, rows);
+                let at = row_offset(other_side, z, y)?.checked_add(col).ok_or(CuError::INVALID_VALUE)?;
+                let other_wire = wire_of(other, other_side, at, rows)?;
+                // The program's rows of this band, `n` bytes each from column `col`.
+                let program_row = |i: u64| -> CuResult<usize> {
+                    let off = row_offset(prog_side, z, y + i)?.checked_add(col).ok_or(CuError::INVALID_VALUE)?;
+                    program.checked_add(off as usize).ok_or(CuError::INVALID_VALUE)
+                };
+                if which == Staged::Source {
+                    for i in 0..rows {
+                        // SAFETY: CUDA's contract: the program's block is readable (each row
+                        // of the copy lies in it).
+                        let row = unsafe { std::slice::from_raw_parts(host(program_row(i)?), n as usize) };
+                        conn.window.fill(BulkRef { offset: area.offset + i * n, len: n }, row)?;
+                    }
+                    let req = request(shape, staged_side, other_wire, n, rows, 1, stream);
+                    let _: Done = conn.call(&req)?;
+                } else {
+                    let req = request(shape, other_wire, staged_side, n, rows, 1, stream);
+                    let _: Done = conn.call(&req)?;
+                    for i in 0..rows {
+                        // SAFETY: CUDA's contract: the program's block is writable.
+                        let row = unsafe { std::slice::from_raw_parts_mut(host(program_row(i)?), n as usize) };
+                        conn.window.drain(BulkRef { offset: area.offset + i * n, len: n }, row)?;
+                    }
+                }
+                col += n;
+            }
+            y += rows;
+        }
+    }
+    Ok(())
+}
+
+/// A copy between two host buffers, done here row by row (rows may overlap, as `memmove`).
+fn host_to_host(c: &Copy3d, from: usize, to: usize, depth: u64) -> CuResult<()> {
+    for z in 0..depth {
+        for y in 0..c.height {
+            let s = from.checked_add(row_offset(&c.src, z, y)? as usize).ok_or(CuError::INVALID_VALUE)?;
+            let d = to.checked_add(row_offset(&c.dst, z, y)? as usize).ok_or(CuError::INVALID_VALUE)?;
+            let (s, d) = (std::ptr::with_exposed_provenance::<u8>(s), std::ptr::with_exposed_provenance_mut::<u8>(d));
+            // SAFETY: CUDA's contract: both blocks are valid host memory for every row copied.
+            unsafe { std::ptr::copy(s, d, c.width as usize) };
+        }
+    }
+    Ok(())
+}
+
+/// Runs copy `c` as the driver entry point `shape` names, on `stream`.
+fn pitched(c: &Copy3d, shape: u8, stream: Handle, asynchronous: bool) -> CuResult<()> {
+    let s = session()?;
+    let mut conn = s.lock();
+    conn.enter_current()?;
+    let depth = if shape == SHAPE_VOLUME { c.depth } else { 1 };
+    if c.width == 0 || c.height == 0 || depth == 0 {
+        return Ok(());
+    }
+    let src = locate(&c.src, c, &mut conn, ARRAYS)?;
+    let dst = locate(&c.dst, c, &mut conn, ARRAYS)?;
+    if let (Some(from), Some(to)) = (host_start(&src), host_start(&dst)) {
+        return host_to_host(c, from, to, depth);
+    }
+    let pageable = matches!(src, At::Program(_)) || matches!(dst, At::Program(_));
+    if pageable && asynchronous && rt::captures_open() {
+        drop(conn);
+        if super::capture::handle_is_capturing(stream)? {
+            return Err(rt::unsupported_err(
+                "cuMemcpy2DAsync/cuMemcpy3DAsync of pageable memory on a capturing stream",
+            ));
+        }
+        conn = s.lock();
+        conn.enter_current()?;
+    }
+    match (&src, &dst) {
+        (At::Program(_), _) => staged(&mut conn, c, &src, &dst, Staged::Source, shape, depth, stream),
+        (_, At::Program(_)) => staged(&mut conn, c, &src, &dst, Staged::Destination, shape, depth, stream),
+        _ => {
+            let req = request(
+                shape,
+                wire_of(&src, &c.src, 0, c.src.height)?,
+                wire_of(&dst, &c.dst, 0, c.dst.height)?,
+                c.width,
+                c.height,
+                depth,
+                stream,
+            );
+            if asynchronous {
+                conn.post(&p::MemcpyPitchedAsync {
+                    shape: req.shape,
+                    src_window: req.src_window,
+                    src: req.src,
+                    src_pitch: req.src_pitch,
+                    src_height: req.src_height,
+                    dst_window: req.dst_window,
+                    dst: req.dst,
+                    dst_pitch: req.dst_pitch,
+                    dst_height: req.dst_height,
+                    width: req.width,
+                    height: req.height,
+                    depth: req.depth,
+                    stream: req.stream,
+                })
+            } else {
+                conn.call::<_, Done>(&req).map(drop)
+            }
+        }
+    }
+}
+
+/// A 2-D copy's descriptor, or `CUDA_ERROR_INVALID_VALUE` for NULL.
+unsafe fn plane(p: *const sys::CUDA_MEMCPY2D) -> CuResult<Copy3d> {
+    if p.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract: a non-null `p` points to the structure.
+    Ok(unsafe { read_copy_2d(p) })
+}
+
+/// A 3-D copy's descriptor, or `CUDA_ERROR_INVALID_VALUE` for NULL.
+unsafe fn volume(p: *const sys::CUDA_MEMCPY3D) -> CuResult<Copy3d> {
+    if p.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: CUDA's contract: a non-null `p` points to the structure.
+    Ok(unsafe { read_copy(p) })
+}
+
+/// `cuMemcpy2D_v2`.
+pub unsafe fn cu_memcpy2_d_v2(p: *const sys::CUDA_MEMCPY2D) -> CuResult<()> {
+    // SAFETY: forwarded contract.
+    let c = unsafe { plane(p) }?;
+    pitched(&c, SHAPE_PLANE, rt::stream_arg(std::ptr::null_mut())?, false)
+}
+
+/// `cuMemcpy2DUnaligned_v2`.
+pub unsafe fn cu_memcpy2_d_unaligned_v2(p: *const sys::CUDA_MEMCPY2D) -> CuResult<()> {
+    // SAFETY: forwarded contract.
+    let c = unsafe { plane(p) }?;
+    pitched(&c, SHAPE_PLANE_UNALIGNED, rt::stream_arg(std::ptr::null_mut())?, false)
+}
+
+/// `cuMemcpy2DAsync_v2`.
+pub unsafe fn cu_memcpy2_d_async_v2(p: *const sys::CUDA_MEMCPY2D, stream: sys::CUstream) -> CuResult<()> {
+    // SAFETY: forwarded contract.
+    let c = unsafe { plane(p) }?;
+    pitched(&c, SHAPE_PLANE, rt::stream_arg(stream)?, true)
+}
+
+/// `cuMemcpy3D_v2`.
+pub unsafe fn cu_memcpy3_d_v2(p: *const sys::CUDA_MEMCPY3D) -> CuResult<()> {
+    // SAFETY: forwarded contract.
+    let c = unsafe { volume(p) }?;
+    pitched(&c, SHAPE_VOLUME, rt::stream_arg(std::ptr::null_mut())?, false)
+}
+
+/// `cuMemcpy3DAsync_v2`.
+pub unsafe fn cu_memcpy3_d_async_v2(p: *const sys::CUDA_MEMCPY3D, stream: sys::CUstream) -> CuResult<()> {
+    // SAFETY: forwarded contract.
+    let c = unsafe { volume(p) }?;
+    pitched(&c, SHAPE_VOLUME, rt::stream_arg(stream)?, true)
+}
