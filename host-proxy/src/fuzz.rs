@@ -150,7 +150,7 @@ impl Subject {
         let held = self.zone.backend().held();
         assert_eq!(
             audit.device_bytes + NEIGHBOUR,
-            held.user_bytes + held.phys_bytes,
+            held.user_bytes + held.phys_bytes + held.array_bytes,
             "zone {}: its accounting against the device's {held:?}",
             self.conn
         );

@@ -45,6 +45,8 @@ use std::ffi::CString;
 use vgpu_proto::generated::*;
 use vgpu_proto::*;
 
+mod arrays;
+use arrays::{ArrayEntry, TexEntry};
 mod graphs;
 use graphs::NodeEntry;
 mod pitched;
@@ -144,6 +146,7 @@ mod kind {
     pub const GRAPH_EXEC: u8 = 0x58;
     pub const GRAPH_NODE: u8 = 0x4e;
     pub const PHYS: u8 = 0x50;
+    pub const ARRAY: u8 = 0x41;
 }
 
 /// `CUpointer_attribute` values answered from the zone's tables.
@@ -355,6 +358,11 @@ pub struct Zone<B: GpuBackend> {
     /// Virtual address reservations (start → size) and physical allocations (see `vmm.rs`).
     reservations: BTreeMap<u64, u64>,
     phys: HandleTable<PhysEntry<B::Phys>>,
+    /// CUDA arrays, and the texture and surface objects the backend made (by value; see
+    /// `arrays.rs`), with those whose array was destroyed before them.
+    arrays: HandleTable<ArrayEntry<B::Array>>,
+    textures: HashMap<u64, TexEntry>,
+    orphaned_textures: HashSet<u64>,
 }
 
 impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
@@ -495,6 +503,9 @@ impl<B: GpuBackend> Zone<B> {
             persistent_host_funcs: 0,
             reservations: BTreeMap::new(),
             phys: HandleTable::new(kind::PHYS, max),
+            arrays: HandleTable::new(kind::ARRAY, max),
+            textures: HashMap::new(),
+            orphaned_textures: HashSet::new(),
         }
     }
 
@@ -675,6 +686,8 @@ impl<B: GpuBackend> Zone<B> {
             + u64::from(self.graph_execs.len())
             + u64::from(self.graph_nodes.len())
             + u64::from(self.phys.len())
+            + u64::from(self.arrays.len())
+            + self.texture_objects()
     }
 
     /// Recomputes the zone's accounting from its tables and checks it against the running
@@ -717,12 +730,15 @@ impl<B: GpuBackend> Zone<B> {
         if allocations != self.allocations {
             return Err(format!("{allocations} allocation ranges, {} counted", self.allocations));
         }
-        let phys_bytes = self.phys_bytes();
-        if alloc_bytes + phys_bytes != self.mem_used {
+        let (phys_bytes, array_bytes) = (self.phys_bytes(), self.array_bytes());
+        if alloc_bytes + phys_bytes + array_bytes != self.mem_used {
             return Err(format!(
-                "allocations {alloc_bytes} + physical {phys_bytes} bytes, but {} counted",
+                "allocations {alloc_bytes} + physical {phys_bytes} + arrays {array_bytes} bytes, but {} counted",
                 self.mem_used
             ));
+        }
+        if let Some((v, _)) = self.textures.iter().find(|(_, t)| t.array.is_some_and(|a| self.arrays.get(a).is_err())) {
+            return Err(format!("texture or surface object {v:#x} reads a destroyed array"));
         }
         let cached: u64 = self.free_cache.iter().map(|((_, size), ptrs)| size * ptrs.len() as u64).sum();
         if cached != self.cached_bytes {
@@ -739,7 +755,7 @@ impl<B: GpuBackend> Zone<B> {
         if u.objects > u64::from(self.quotas.max_handles) {
             return Err(format!("{} objects over the quota of {}", u.objects, self.quotas.max_handles));
         }
-        Ok(Audit { device_bytes: alloc_bytes + cached + phys_bytes, objects: u.objects })
+        Ok(Audit { device_bytes: alloc_bytes + cached + phys_bytes + array_bytes, objects: u.objects })
     }
 
     /// The primary context's handle.
@@ -954,6 +970,8 @@ impl<B: GpuBackend> Zone<B> {
                 self.cached_bytes = self.cached_bytes.saturating_sub(key.1.saturating_mul(n));
             }
         }
+        // Texture and surface objects go before the arrays and memory they read.
+        note(self.purge_arrays(ctx, destroy));
         let roots: HashSet<Handle> =
             self.modules.iter().filter(|(_, m)| m.ctx == ctx && m.library.is_none()).map(|(h, _)| h).collect();
         self.functions.remove_where(|_, f| f.ctx == ctx || roots.contains(&f.root));
@@ -1627,6 +1645,38 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     fn cu_memset_d2_d32_async(&mut self, r: CuMemsetD2D32Async) -> CuResult<Done> {
         let h = r.h_stream;
         self.zone.memset_pitched(r.dst_device, r.dst_pitch, r.ui, 4, r.width, r.height, h).map(|()| Done {})
+    }
+
+    fn array_create(&mut self, r: ArrayCreate) -> CuResult<ArrayCreateReply> {
+        let desc = crate::backend::ArrayDesc {
+            width: r.width,
+            height: r.height,
+            depth: r.depth,
+            format: r.format,
+            channels: r.channels,
+            flags: r.flags,
+        };
+        Ok(ArrayCreateReply { array: self.zone.array_create(desc)? })
+    }
+
+    fn array_destroy(&mut self, r: ArrayDestroy) -> CuResult<Done> {
+        self.zone.array_destroy(r.array).map(|()| Done {})
+    }
+
+    fn tex_object_create(&mut self, r: TexObjectCreate) -> CuResult<TexObjectCreateReply> {
+        Ok(TexObjectCreateReply { tex: self.zone.tex_object_create(r)? })
+    }
+
+    fn tex_object_destroy(&mut self, r: TexObjectDestroy) -> CuResult<Done> {
+        self.zone.texture_destroy(r.tex, false).map(|()| Done {})
+    }
+
+    fn surf_object_create(&mut self, r: SurfObjectCreate) -> CuResult<SurfObjectCreateReply> {
+        Ok(SurfObjectCreateReply { surf: self.zone.surf_object_create(r.array)? })
+    }
+
+    fn surf_object_destroy(&mut self, r: SurfObjectDestroy) -> CuResult<Done> {
+        self.zone.texture_destroy(r.surf, true).map(|()| Done {})
     }
 
     fn memcpy_pitched(&mut self, req: MemcpyPitched) -> CuResult<Done> {
@@ -2778,12 +2828,18 @@ mod tests {
     ) -> MemcpyPitched {
         MemcpyPitched {
             shape,
-            src_window,
+            src_kind: src_window.into(),
             src,
+            src_x: 0,
+            src_y: 0,
+            src_z: 0,
             src_pitch,
             src_height: rows_per_slice,
-            dst_window,
+            dst_kind: dst_window.into(),
             dst,
+            dst_x: 0,
+            dst_y: 0,
+            dst_z: 0,
             dst_pitch,
             dst_height: rows_per_slice,
             width,
@@ -2896,12 +2952,18 @@ mod tests {
     fn posted_of(r: MemcpyPitched) -> MemcpyPitchedAsync {
         MemcpyPitchedAsync {
             shape: r.shape,
-            src_window: r.src_window,
+            src_kind: r.src_kind,
             src: r.src,
+            src_x: r.src_x,
+            src_y: r.src_y,
+            src_z: r.src_z,
             src_pitch: r.src_pitch,
             src_height: r.src_height,
-            dst_window: r.dst_window,
+            dst_kind: r.dst_kind,
             dst: r.dst,
+            dst_x: r.dst_x,
+            dst_y: r.dst_y,
+            dst_z: r.dst_z,
             dst_pitch: r.dst_pitch,
             dst_height: r.dst_height,
             width: r.width,
@@ -2909,6 +2971,156 @@ mod tests {
             depth: r.depth,
             stream: r.stream,
         }
+    }
+
+    /// A 64 x 32 array of 1-channel floats (surface load/store allowed), and its handle.
+    fn float_array(f: &mut Fixture) -> CuResult<Handle> {
+        let req = ArrayCreate { width: 64, height: 32, depth: 0, format: 0x20, channels: 1, flags: 0x02 };
+        f.api().array_create(req).map(|r| r.array)
+    }
+
+    /// A copy request with an array side: `(kind, at, (x, y, z), pitch)` per side.
+    fn array_copy(
+        src: (u8, u64, (u64, u64, u64), u64),
+        dst: (u8, u64, (u64, u64, u64), u64),
+        w: u64,
+        h: u64,
+    ) -> MemcpyPitched {
+        MemcpyPitched {
+            src_kind: src.0,
+            src: src.1,
+            src_x: src.2 .0,
+            src_y: src.2 .1,
+            src_z: src.2 .2,
+            src_pitch: src.3,
+            dst_kind: dst.0,
+            dst: dst.1,
+            dst_x: dst.2 .0,
+            dst_y: dst.2 .1,
+            dst_z: dst.2 .2,
+            dst_pitch: dst.3,
+            ..pitched(0, (false, 0, 0), (false, 0, 0), w, h, 1, h)
+        }
+    }
+
+    #[test]
+    fn arrays_textures_and_surfaces_are_checked_counted_and_released() {
+        let mut f = fixture(Quotas::default(), 64 << 10);
+        let base = std::ptr::NonNull::new(f._mem.as_mut_ptr().cast::<u8>()).unwrap();
+        let len = f.w.size();
+        #[allow(unsafe_code)]
+        // SAFETY: as in `pitched_copies_and_memsets`.
+        let took = unsafe { f.z.backend_mut().attach_window(base, len) }.unwrap();
+        assert!(took);
+        f.z.window_direct = true;
+        let (used0, objects0) = (f.z.mem_used(), f.z.live_objects());
+        let arr = float_array(&mut f).unwrap();
+        assert_eq!(f.z.mem_used() - used0, 64 * 32 * 4, "an array is charged its elements' bytes");
+        assert_eq!(f.z.live_objects(), objects0 + 1);
+        // Window rows (pitch 256) into the array's rows 4-11 from float 8, then the whole
+        // array back into the window.
+        let pattern: Vec<u8> = (0..8 * 256u32).map(|i| (i * 5 + 3) as u8).collect();
+        f.w.write(BulkRef { offset: 0, len: pattern.len() as u64 }, &pattern).unwrap();
+        let h = arr.0;
+        f.api().memcpy_pitched(array_copy((1, 0, (0, 0, 0), 256), (2, h, (32, 4, 0), 0), 64, 8)).unwrap();
+        let whole_back = array_copy((2, h, (0, 0, 0), 0), (1, 16 << 10, (0, 0, 0), 256), 256, 32);
+        f.api().memcpy_pitched(whole_back).unwrap();
+        let mut got = vec![0u8; 256 * 32];
+        f.w.read(BulkRef { offset: 16 << 10, len: 256 * 32 }, &mut got).unwrap();
+        for y in 4..12usize {
+            assert_eq!(&got[y * 256 + 32..][..64], &pattern[(y - 4) * 256..][..64], "array row {y}");
+        }
+        // Positions outside the array are refused, as are linear positions and kinds unknown.
+        let bad = CuError::INVALID_VALUE;
+        let cases = [
+            array_copy((1, 0, (0, 0, 0), 256), (2, h, (200, 0, 0), 0), 64, 1),
+            array_copy((1, 0, (0, 0, 0), 256), (2, h, (0, 30, 0), 0), 64, 4),
+            array_copy((1, 0, (0, 0, 0), 256), (2, h, (0, 0, 1), 0), 64, 1),
+            array_copy((1, 0, (4, 0, 0), 256), (2, h, (0, 0, 0), 0), 64, 1),
+            array_copy((7, 0, (0, 0, 0), 256), (2, h, (0, 0, 0), 0), 64, 1),
+        ];
+        for (i, c) in cases.into_iter().enumerate() {
+            assert_eq!(f.api().memcpy_pitched(c).map(drop), Err(bad), "case {i}");
+        }
+        let forged = array_copy((1, 0, (0, 0, 0), 256), (2, h ^ 1, (0, 0, 0), 0), 64, 1);
+        assert_eq!(f.api().memcpy_pitched(forged).map(drop), Err(CuError::INVALID_HANDLE));
+        // Device memory to and from the array.
+        let d = f.alloc(4096).unwrap();
+        f.api().cu_memset_d8_v2(CuMemsetD8V2 { dst_device: d, uc: 0x11, n: 4096 }).unwrap();
+        f.api().memcpy_pitched(array_copy((0, d, (0, 0, 0), 64), (2, h, (0, 0, 0), 0), 64, 2)).unwrap();
+        f.api().memcpy_pitched(array_copy((2, h, (0, 0, 0), 0), (0, d + 1024, (0, 0, 0), 256), 256, 2)).unwrap();
+        f.dtoh(d + 1024, 32 << 10, 512).unwrap();
+        let mut row = vec![0u8; 512];
+        f.w.read(BulkRef { offset: 32 << 10, len: 512 }, &mut row).unwrap();
+        assert!(row[..64].iter().all(|&b| b == 0x11) && row[256..320].iter().all(|&b| b == 0x11));
+        // Texture objects: of the array, of linear memory inside an allocation; descriptors
+        // must have the driver's sizes; linear memory outside the zone's is refused.
+        let tex_req = |res_type, array, dptr, size, tex_len| TexObjectCreate {
+            res_type,
+            array,
+            dptr,
+            format: 0x20,
+            channels: 1,
+            width: 0,
+            height: 0,
+            pitch: 0,
+            size,
+            res_flags: 0,
+            tex_desc: vec![0; tex_len],
+            view_desc: Vec::new(),
+        };
+        let t1 = f.api().tex_object_create(tex_req(0, arr, 0, 0, 104)).unwrap().tex;
+        let t2 = f.api().tex_object_create(tex_req(2, Handle(0), d, 4096, 104)).unwrap().tex;
+        assert_eq!(f.api().tex_object_create(tex_req(2, Handle(0), d, 4097, 104)).map(drop), Err(bad));
+        assert_eq!(f.api().tex_object_create(tex_req(0, arr, 0, 0, 100)).map(drop), Err(bad));
+        assert_eq!(f.api().tex_object_create(tex_req(1, arr, 0, 0, 104)).map(drop), Err(CuError::NOT_SUPPORTED));
+        let s1 = f.api().surf_object_create(SurfObjectCreate { array: arr }).unwrap().surf;
+        assert_eq!(f.z.live_objects(), objects0 + 5, "array, allocation, two textures, a surface");
+        f.z.audit().unwrap();
+        // A texture is not a surface.
+        assert_eq!(f.api().surf_object_destroy(SurfObjectDestroy { surf: t2 }).map(drop), Err(bad));
+        f.api().tex_object_destroy(TexObjectDestroy { tex: t2 }).unwrap();
+        assert_eq!(f.api().tex_object_destroy(TexObjectDestroy { tex: t2 }).map(drop), Err(bad), "destroyed once");
+        // Destroying the array first ends what reads it; their later destruction succeeds.
+        f.api().array_destroy(ArrayDestroy { array: arr }).unwrap();
+        assert_eq!(f.z.backend().held().array_bytes, 0);
+        f.z.audit().unwrap();
+        f.api().tex_object_destroy(TexObjectDestroy { tex: t1 }).unwrap();
+        f.api().surf_object_destroy(SurfObjectDestroy { surf: s1 }).unwrap();
+        assert_eq!(f.z.live_objects(), objects0 + 1, "only the allocation is left");
+        assert_eq!(f.api().array_destroy(ArrayDestroy { array: arr }).map(drop), Err(CuError::INVALID_HANDLE));
+        // An array made in a context goes with it, with its texture.
+        let ctx = f.api().ctx_create(CtxCreate { flags: 0 }).unwrap().ctx;
+        let arr = float_array(&mut f).unwrap();
+        f.api().tex_object_create(tex_req(0, arr, 0, 0, 104)).unwrap();
+        f.api().ctx_destroy(CtxDestroy { ctx }).unwrap();
+        assert_eq!(f.z.live_objects(), objects0 + 1);
+        assert_eq!(f.z.backend().held().array_bytes, 0);
+        assert_eq!(f.z.mem_used() - used0, 4096);
+        f.z.audit().unwrap();
+        // Without the window taken (Xen), arrays and the window do not mix.
+        f.z.window_direct = false;
+        let arr = float_array(&mut f).unwrap();
+        let up = array_copy((1, 0, (0, 0, 0), 256), (2, arr.0, (0, 0, 0), 0), 64, 1);
+        assert_eq!(f.api().memcpy_pitched(up).map(drop), Err(CuError::NOT_SUPPORTED));
+        // Shapes the driver would refuse, formats not offered, the memory quota.
+        let shape = |width, height, depth, format, channels, flags| ArrayCreate {
+            width,
+            height,
+            depth,
+            format,
+            channels,
+            flags,
+        };
+        assert_eq!(f.api().array_create(shape(0, 1, 0, 0x20, 1, 0)).map(drop), Err(bad));
+        assert_eq!(f.api().array_create(shape(4, 0, 4, 0x20, 1, 0)).map(drop), Err(bad), "depth without height");
+        assert_eq!(f.api().array_create(shape(4, 4, 0, 0x20, 3, 0)).map(drop), Err(bad), "3 channels");
+        assert_eq!(f.api().array_create(shape(4, 4, 0, 0x91, 1, 0)).map(drop), Err(CuError::NOT_SUPPORTED));
+        let huge = shape(1 << 16, 1 << 16, 1 << 10, 0x20, 4, 0);
+        assert_eq!(f.api().array_create(huge).map(drop), Err(CuError::OUT_OF_MEMORY));
+        f.z.teardown();
+        assert_eq!(f.z.backend().held().array_bytes, 0);
+        assert_eq!(f.z.backend().held().objects, 0);
     }
 
     #[test]

@@ -1665,12 +1665,18 @@ impl Message for CuMemsetD2D32Async {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemcpyPitched {
     pub shape: u8,
-    pub src_window: bool,
+    pub src_kind: u8,
     pub src: u64,
+    pub src_x: u64,
+    pub src_y: u64,
+    pub src_z: u64,
     pub src_pitch: u64,
     pub src_height: u64,
-    pub dst_window: bool,
+    pub dst_kind: u8,
     pub dst: u64,
+    pub dst_x: u64,
+    pub dst_y: u64,
+    pub dst_z: u64,
     pub dst_pitch: u64,
     pub dst_height: u64,
     pub width: u64,
@@ -1686,12 +1692,18 @@ impl Message for MemcpyPitched {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemcpyPitchedAsync {
     pub shape: u8,
-    pub src_window: bool,
+    pub src_kind: u8,
     pub src: u64,
+    pub src_x: u64,
+    pub src_y: u64,
+    pub src_z: u64,
     pub src_pitch: u64,
     pub src_height: u64,
-    pub dst_window: bool,
+    pub dst_kind: u8,
     pub dst: u64,
+    pub dst_x: u64,
+    pub dst_y: u64,
+    pub dst_z: u64,
     pub dst_pitch: u64,
     pub dst_height: u64,
     pub width: u64,
@@ -1701,6 +1713,102 @@ pub struct MemcpyPitchedAsync {
 }
 impl Message for MemcpyPitchedAsync {
     const ID: MessageId = MessageId(0x02cf);
+}
+
+/// Request `ArrayCreate` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArrayCreate {
+    pub width: u64,
+    pub height: u64,
+    pub depth: u64,
+    pub format: u32,
+    pub channels: u32,
+    pub flags: u32,
+}
+impl Message for ArrayCreate {
+    const ID: MessageId = MessageId(0x02d0);
+}
+/// Reply to [`ArrayCreate`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArrayCreateReply {
+    pub array: Handle,
+}
+impl Message for ArrayCreateReply {
+    const ID: MessageId = MessageId(0x82d0);
+}
+
+/// Request `ArrayDestroy` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArrayDestroy {
+    pub array: Handle,
+}
+impl Message for ArrayDestroy {
+    const ID: MessageId = MessageId(0x02d1);
+}
+
+/// Request `TexObjectCreate` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TexObjectCreate {
+    pub res_type: u32,
+    pub array: Handle,
+    pub dptr: u64,
+    pub format: u32,
+    pub channels: u32,
+    pub width: u64,
+    pub height: u64,
+    pub pitch: u64,
+    pub size: u64,
+    pub res_flags: u32,
+    #[serde(with = "serde_bytes")]
+    pub tex_desc: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub view_desc: Vec<u8>,
+}
+impl Message for TexObjectCreate {
+    const ID: MessageId = MessageId(0x02d2);
+}
+/// Reply to [`TexObjectCreate`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TexObjectCreateReply {
+    pub tex: u64,
+}
+impl Message for TexObjectCreateReply {
+    const ID: MessageId = MessageId(0x82d2);
+}
+
+/// Request `TexObjectDestroy` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TexObjectDestroy {
+    pub tex: u64,
+}
+impl Message for TexObjectDestroy {
+    const ID: MessageId = MessageId(0x02d3);
+}
+
+/// Request `SurfObjectCreate` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SurfObjectCreate {
+    pub array: Handle,
+}
+impl Message for SurfObjectCreate {
+    const ID: MessageId = MessageId(0x02d4);
+}
+/// Reply to [`SurfObjectCreate`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SurfObjectCreateReply {
+    pub surf: u64,
+}
+impl Message for SurfObjectCreateReply {
+    const ID: MessageId = MessageId(0x82d4);
+}
+
+/// Request `SurfObjectDestroy` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SurfObjectDestroy {
+    pub surf: u64,
+}
+impl Message for SurfObjectDestroy {
+    const ID: MessageId = MessageId(0x02d5);
 }
 
 /// Every generated request id, in order.
@@ -1822,6 +1930,12 @@ pub const REQUEST_IDS: &[MessageId] = &[
     CuMemsetD2D32Async::ID,
     MemcpyPitched::ID,
     MemcpyPitchedAsync::ID,
+    ArrayCreate::ID,
+    ArrayDestroy::ID,
+    TexObjectCreate::ID,
+    TexObjectDestroy::ID,
+    SurfObjectCreate::ID,
+    SurfObjectDestroy::ID,
 ];
 
 /// Every `CUresult` code of the driver's bindings with its name, by code.
@@ -2914,6 +3028,18 @@ pub trait Api {
     fn memcpy_pitched(&mut self, req: MemcpyPitched) -> Result<crate::Done, Self::Error>;
     /// Handles [`MemcpyPitchedAsync`].
     fn memcpy_pitched_async(&mut self, req: MemcpyPitchedAsync) -> Result<crate::Done, Self::Error>;
+    /// Handles [`ArrayCreate`].
+    fn array_create(&mut self, req: ArrayCreate) -> Result<ArrayCreateReply, Self::Error>;
+    /// Handles [`ArrayDestroy`].
+    fn array_destroy(&mut self, req: ArrayDestroy) -> Result<crate::Done, Self::Error>;
+    /// Handles [`TexObjectCreate`].
+    fn tex_object_create(&mut self, req: TexObjectCreate) -> Result<TexObjectCreateReply, Self::Error>;
+    /// Handles [`TexObjectDestroy`].
+    fn tex_object_destroy(&mut self, req: TexObjectDestroy) -> Result<crate::Done, Self::Error>;
+    /// Handles [`SurfObjectCreate`].
+    fn surf_object_create(&mut self, req: SurfObjectCreate) -> Result<SurfObjectCreateReply, Self::Error>;
+    /// Handles [`SurfObjectDestroy`].
+    fn surf_object_destroy(&mut self, req: SurfObjectDestroy) -> Result<crate::Done, Self::Error>;
 }
 
 /// Sends a handler's reply.
@@ -3529,6 +3655,36 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.memcpy_pitched_async(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x02d0 => {
+            let req = decode_body::<ArrayCreate>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.array_create(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02d1 => {
+            let req = decode_body::<ArrayDestroy>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.array_destroy(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02d2 => {
+            let req = decode_body::<TexObjectCreate>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.tex_object_create(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02d3 => {
+            let req = decode_body::<TexObjectDestroy>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.tex_object_destroy(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02d4 => {
+            let req = decode_body::<SurfObjectCreate>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.surf_object_create(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02d5 => {
+            let req = decode_body::<SurfObjectDestroy>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.surf_object_destroy(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         _ => Err(DispatchError::Unknown(id)),
     }
 }
@@ -3661,6 +3817,12 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x02cd => "CuMemsetD2D32Async",
         0x02ce => "MemcpyPitched",
         0x02cf => "MemcpyPitchedAsync",
+        0x02d0 => "ArrayCreate",
+        0x02d1 => "ArrayDestroy",
+        0x02d2 => "TexObjectCreate",
+        0x02d3 => "TexObjectDestroy",
+        0x02d4 => "SurfObjectCreate",
+        0x02d5 => "SurfObjectDestroy",
         _ => return None,
     })
 }

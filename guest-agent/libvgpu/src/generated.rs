@@ -1078,6 +1078,246 @@ pub unsafe extern "C" fn cuMemcpy3DAsync_v2(pCopy: *const sys::CUDA_MEMCPY3D, hS
     })
 }
 
+/// `cuArrayCreate_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayCreate_v2(pHandle: *mut sys::CUarray, pAllocateArray: *const sys::CUDA_ARRAY_DESCRIPTOR) -> CUresult {
+    rt::entry("cuArrayCreate_v2", || {
+        // SAFETY: the caller upholds cuArrayCreate_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_array_create_v2(pHandle, pAllocateArray) }
+    })
+}
+
+/// `cuArray3DCreate_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuArray3DCreate_v2(pHandle: *mut sys::CUarray, pAllocateArray: *const sys::CUDA_ARRAY3D_DESCRIPTOR) -> CUresult {
+    rt::entry("cuArray3DCreate_v2", || {
+        // SAFETY: the caller upholds cuArray3DCreate_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_array3_d_create_v2(pHandle, pAllocateArray) }
+    })
+}
+
+/// `cuArrayDestroy` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayDestroy(hArray: sys::CUarray) -> CUresult {
+    rt::entry("cuArrayDestroy", || {
+        // SAFETY: the caller upholds cuArrayDestroy's contract, which the implementation documents.
+        unsafe { crate::imp::cu_array_destroy(hArray) }
+    })
+}
+
+/// `cuArrayGetDescriptor_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayGetDescriptor_v2(pArrayDescriptor: *mut sys::CUDA_ARRAY_DESCRIPTOR, hArray: sys::CUarray) -> CUresult {
+    rt::entry("cuArrayGetDescriptor_v2", || {
+        // SAFETY: the caller upholds cuArrayGetDescriptor_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_array_get_descriptor_v2(pArrayDescriptor, hArray) }
+    })
+}
+
+/// `cuArray3DGetDescriptor_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuArray3DGetDescriptor_v2(pArrayDescriptor: *mut sys::CUDA_ARRAY3D_DESCRIPTOR, hArray: sys::CUarray) -> CUresult {
+    rt::entry("cuArray3DGetDescriptor_v2", || {
+        // SAFETY: the caller upholds cuArray3DGetDescriptor_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_array3_d_get_descriptor_v2(pArrayDescriptor, hArray) }
+    })
+}
+
+/// `cuMemcpyHtoA_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoA_v2(dstArray: sys::CUarray, dstOffset: usize, srcHost: *const ::core::ffi::c_void, ByteCount: usize) -> CUresult {
+    rt::entry("cuMemcpyHtoA_v2", || {
+        // SAFETY: the caller upholds cuMemcpyHtoA_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy_hto_a_v2(dstArray, dstOffset, srcHost, ByteCount) }
+    })
+}
+
+/// `cuMemcpyAtoH_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyAtoH_v2(dstHost: *mut ::core::ffi::c_void, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize) -> CUresult {
+    rt::entry("cuMemcpyAtoH_v2", || {
+        // SAFETY: the caller upholds cuMemcpyAtoH_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy_ato_h_v2(dstHost, srcArray, srcOffset, ByteCount) }
+    })
+}
+
+/// `cuMemcpyDtoA_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoA_v2(dstArray: sys::CUarray, dstOffset: usize, srcDevice: sys::CUdeviceptr, ByteCount: usize) -> CUresult {
+    rt::entry("cuMemcpyDtoA_v2", || {
+        // SAFETY: the caller upholds cuMemcpyDtoA_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy_dto_a_v2(dstArray, dstOffset, srcDevice, ByteCount) }
+    })
+}
+
+/// `cuMemcpyAtoD_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyAtoD_v2(dstDevice: sys::CUdeviceptr, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize) -> CUresult {
+    rt::entry("cuMemcpyAtoD_v2", || {
+        // SAFETY: the caller upholds cuMemcpyAtoD_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy_ato_d_v2(dstDevice, srcArray, srcOffset, ByteCount) }
+    })
+}
+
+/// `cuMemcpyAtoA_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyAtoA_v2(dstArray: sys::CUarray, dstOffset: usize, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize) -> CUresult {
+    rt::entry("cuMemcpyAtoA_v2", || {
+        // SAFETY: the caller upholds cuMemcpyAtoA_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy_ato_a_v2(dstArray, dstOffset, srcArray, srcOffset, ByteCount) }
+    })
+}
+
+/// `cuMemcpyHtoAAsync_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoAAsync_v2(dstArray: sys::CUarray, dstOffset: usize, srcHost: *const ::core::ffi::c_void, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuMemcpyHtoAAsync_v2", || {
+        // SAFETY: the caller upholds cuMemcpyHtoAAsync_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy_hto_a_async_v2(dstArray, dstOffset, srcHost, ByteCount, hStream) }
+    })
+}
+
+/// `cuMemcpyAtoHAsync_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyAtoHAsync_v2(dstHost: *mut ::core::ffi::c_void, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
+    rt::entry("cuMemcpyAtoHAsync_v2", || {
+        // SAFETY: the caller upholds cuMemcpyAtoHAsync_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_memcpy_ato_h_async_v2(dstHost, srcArray, srcOffset, ByteCount, hStream) }
+    })
+}
+
+/// `cuTexObjectCreate` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuTexObjectCreate(pTexObject: *mut sys::CUtexObject, pResDesc: *const sys::CUDA_RESOURCE_DESC, pTexDesc: *const sys::CUDA_TEXTURE_DESC, pResViewDesc: *const sys::CUDA_RESOURCE_VIEW_DESC) -> CUresult {
+    rt::entry("cuTexObjectCreate", || {
+        // SAFETY: the caller upholds cuTexObjectCreate's contract, which the implementation documents.
+        unsafe { crate::imp::cu_tex_object_create(pTexObject, pResDesc, pTexDesc, pResViewDesc) }
+    })
+}
+
+/// `cuTexObjectDestroy` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuTexObjectDestroy(texObject: sys::CUtexObject) -> CUresult {
+    rt::entry("cuTexObjectDestroy", || {
+        // SAFETY: the caller upholds cuTexObjectDestroy's contract, which the implementation documents.
+        unsafe { crate::imp::cu_tex_object_destroy(texObject) }
+    })
+}
+
+/// `cuTexObjectGetResourceDesc` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuTexObjectGetResourceDesc(pResDesc: *mut sys::CUDA_RESOURCE_DESC, texObject: sys::CUtexObject) -> CUresult {
+    rt::entry("cuTexObjectGetResourceDesc", || {
+        // SAFETY: the caller upholds cuTexObjectGetResourceDesc's contract, which the implementation documents.
+        unsafe { crate::imp::cu_tex_object_get_resource_desc(pResDesc, texObject) }
+    })
+}
+
+/// `cuTexObjectGetTextureDesc` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuTexObjectGetTextureDesc(pTexDesc: *mut sys::CUDA_TEXTURE_DESC, texObject: sys::CUtexObject) -> CUresult {
+    rt::entry("cuTexObjectGetTextureDesc", || {
+        // SAFETY: the caller upholds cuTexObjectGetTextureDesc's contract, which the implementation documents.
+        unsafe { crate::imp::cu_tex_object_get_texture_desc(pTexDesc, texObject) }
+    })
+}
+
+/// `cuTexObjectGetResourceViewDesc` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuTexObjectGetResourceViewDesc(pResViewDesc: *mut sys::CUDA_RESOURCE_VIEW_DESC, texObject: sys::CUtexObject) -> CUresult {
+    rt::entry("cuTexObjectGetResourceViewDesc", || {
+        // SAFETY: the caller upholds cuTexObjectGetResourceViewDesc's contract, which the implementation documents.
+        unsafe { crate::imp::cu_tex_object_get_resource_view_desc(pResViewDesc, texObject) }
+    })
+}
+
+/// `cuSurfObjectCreate` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuSurfObjectCreate(pSurfObject: *mut sys::CUsurfObject, pResDesc: *const sys::CUDA_RESOURCE_DESC) -> CUresult {
+    rt::entry("cuSurfObjectCreate", || {
+        // SAFETY: the caller upholds cuSurfObjectCreate's contract, which the implementation documents.
+        unsafe { crate::imp::cu_surf_object_create(pSurfObject, pResDesc) }
+    })
+}
+
+/// `cuSurfObjectDestroy` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuSurfObjectDestroy(surfObject: sys::CUsurfObject) -> CUresult {
+    rt::entry("cuSurfObjectDestroy", || {
+        // SAFETY: the caller upholds cuSurfObjectDestroy's contract, which the implementation documents.
+        unsafe { crate::imp::cu_surf_object_destroy(surfObject) }
+    })
+}
+
+/// `cuSurfObjectGetResourceDesc` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuSurfObjectGetResourceDesc(pResDesc: *mut sys::CUDA_RESOURCE_DESC, surfObject: sys::CUsurfObject) -> CUresult {
+    rt::entry("cuSurfObjectGetResourceDesc", || {
+        // SAFETY: the caller upholds cuSurfObjectGetResourceDesc's contract, which the implementation documents.
+        unsafe { crate::imp::cu_surf_object_get_resource_desc(pResDesc, surfObject) }
+    })
+}
+
 /// `cuModuleLoad` (served in the guest).
 ///
 /// # Safety
@@ -2152,36 +2392,6 @@ pub unsafe extern "C" fn cuIpcOpenEventHandle(phEvent: *mut sys::CUevent, handle
         // SAFETY: the caller upholds cuIpcOpenEventHandle's contract, which the implementation documents.
         unsafe { crate::imp::cu_ipc_open_event_handle(phEvent, handle) }
     })
-}
-
-/// `cuArray3DCreate_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuArray3DCreate_v2(_pHandle: *mut sys::CUarray, _pAllocateArray: *const sys::CUDA_ARRAY3D_DESCRIPTOR) -> CUresult {
-    rt::unsupported("cuArray3DCreate_v2")
-}
-
-/// `cuArray3DGetDescriptor_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuArray3DGetDescriptor_v2(_pArrayDescriptor: *mut sys::CUDA_ARRAY3D_DESCRIPTOR, _hArray: sys::CUarray) -> CUresult {
-    rt::unsupported("cuArray3DGetDescriptor_v2")
-}
-
-/// `cuArrayCreate_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuArrayCreate_v2(_pHandle: *mut sys::CUarray, _pAllocateArray: *const sys::CUDA_ARRAY_DESCRIPTOR) -> CUresult {
-    rt::unsupported("cuArrayCreate_v2")
-}
-
-/// `cuArrayDestroy`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuArrayDestroy(_hArray: sys::CUarray) -> CUresult {
-    rt::unsupported("cuArrayDestroy")
-}
-
-/// `cuArrayGetDescriptor_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuArrayGetDescriptor_v2(_pArrayDescriptor: *mut sys::CUDA_ARRAY_DESCRIPTOR, _hArray: sys::CUarray) -> CUresult {
-    rt::unsupported("cuArrayGetDescriptor_v2")
 }
 
 /// `cuArrayGetMemoryRequirements`: not supported by libvgpu.
@@ -3276,52 +3486,10 @@ pub extern "C" fn cuMemcpy3DPeerAsync(_pCopy: *const sys::CUDA_MEMCPY3D_PEER, _h
     rt::unsupported("cuMemcpy3DPeerAsync")
 }
 
-/// `cuMemcpyAtoA_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpyAtoA_v2(_dstArray: sys::CUarray, _dstOffset: usize, _srcArray: sys::CUarray, _srcOffset: usize, _ByteCount: usize) -> CUresult {
-    rt::unsupported("cuMemcpyAtoA_v2")
-}
-
-/// `cuMemcpyAtoD_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpyAtoD_v2(_dstDevice: sys::CUdeviceptr, _srcArray: sys::CUarray, _srcOffset: usize, _ByteCount: usize) -> CUresult {
-    rt::unsupported("cuMemcpyAtoD_v2")
-}
-
-/// `cuMemcpyAtoHAsync_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpyAtoHAsync_v2(_dstHost: *mut ::core::ffi::c_void, _srcArray: sys::CUarray, _srcOffset: usize, _ByteCount: usize, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuMemcpyAtoHAsync_v2")
-}
-
-/// `cuMemcpyAtoH_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpyAtoH_v2(_dstHost: *mut ::core::ffi::c_void, _srcArray: sys::CUarray, _srcOffset: usize, _ByteCount: usize) -> CUresult {
-    rt::unsupported("cuMemcpyAtoH_v2")
-}
-
 /// `cuMemcpyBatchAsync_v2`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuMemcpyBatchAsync_v2(_dsts: *mut sys::CUdeviceptr, _srcs: *mut sys::CUdeviceptr, _sizes: *mut usize, _count: usize, _attrs: *mut sys::CUmemcpyAttributes, _attrsIdxs: *mut usize, _numAttrs: usize, _hStream: sys::CUstream) -> CUresult {
     rt::unsupported("cuMemcpyBatchAsync_v2")
-}
-
-/// `cuMemcpyDtoA_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpyDtoA_v2(_dstArray: sys::CUarray, _dstOffset: usize, _srcDevice: sys::CUdeviceptr, _ByteCount: usize) -> CUresult {
-    rt::unsupported("cuMemcpyDtoA_v2")
-}
-
-/// `cuMemcpyHtoAAsync_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpyHtoAAsync_v2(_dstArray: sys::CUarray, _dstOffset: usize, _srcHost: *const ::core::ffi::c_void, _ByteCount: usize, _hStream: sys::CUstream) -> CUresult {
-    rt::unsupported("cuMemcpyHtoAAsync_v2")
-}
-
-/// `cuMemcpyHtoA_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuMemcpyHtoA_v2(_dstArray: sys::CUarray, _dstOffset: usize, _srcHost: *const ::core::ffi::c_void, _ByteCount: usize) -> CUresult {
-    rt::unsupported("cuMemcpyHtoA_v2")
 }
 
 /// `cuMemcpyPeer`: not supported by libvgpu.
@@ -3600,24 +3768,6 @@ pub extern "C" fn cuStreamWriteValue64_v2(_stream: sys::CUstream, _addr: sys::CU
     rt::unsupported("cuStreamWriteValue64_v2")
 }
 
-/// `cuSurfObjectCreate`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuSurfObjectCreate(_pSurfObject: *mut sys::CUsurfObject, _pResDesc: *const sys::CUDA_RESOURCE_DESC) -> CUresult {
-    rt::unsupported("cuSurfObjectCreate")
-}
-
-/// `cuSurfObjectDestroy`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuSurfObjectDestroy(_surfObject: sys::CUsurfObject) -> CUresult {
-    rt::unsupported("cuSurfObjectDestroy")
-}
-
-/// `cuSurfObjectGetResourceDesc`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuSurfObjectGetResourceDesc(_pResDesc: *mut sys::CUDA_RESOURCE_DESC, _surfObject: sys::CUsurfObject) -> CUresult {
-    rt::unsupported("cuSurfObjectGetResourceDesc")
-}
-
 /// `cuSurfRefGetArray`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuSurfRefGetArray(_phArray: *mut sys::CUarray, _hSurfRef: sys::CUsurfref) -> CUresult {
@@ -3652,36 +3802,6 @@ pub extern "C" fn cuTensorMapEncodeTiled(_tensorMap: *mut sys::CUtensorMap, _ten
 #[no_mangle]
 pub extern "C" fn cuTensorMapReplaceAddress(_tensorMap: *mut sys::CUtensorMap, _globalAddress: *mut ::core::ffi::c_void) -> CUresult {
     rt::unsupported("cuTensorMapReplaceAddress")
-}
-
-/// `cuTexObjectCreate`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuTexObjectCreate(_pTexObject: *mut sys::CUtexObject, _pResDesc: *const sys::CUDA_RESOURCE_DESC, _pTexDesc: *const sys::CUDA_TEXTURE_DESC, _pResViewDesc: *const sys::CUDA_RESOURCE_VIEW_DESC) -> CUresult {
-    rt::unsupported("cuTexObjectCreate")
-}
-
-/// `cuTexObjectDestroy`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuTexObjectDestroy(_texObject: sys::CUtexObject) -> CUresult {
-    rt::unsupported("cuTexObjectDestroy")
-}
-
-/// `cuTexObjectGetResourceDesc`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuTexObjectGetResourceDesc(_pResDesc: *mut sys::CUDA_RESOURCE_DESC, _texObject: sys::CUtexObject) -> CUresult {
-    rt::unsupported("cuTexObjectGetResourceDesc")
-}
-
-/// `cuTexObjectGetResourceViewDesc`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuTexObjectGetResourceViewDesc(_pResViewDesc: *mut sys::CUDA_RESOURCE_VIEW_DESC, _texObject: sys::CUtexObject) -> CUresult {
-    rt::unsupported("cuTexObjectGetResourceViewDesc")
-}
-
-/// `cuTexObjectGetTextureDesc`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuTexObjectGetTextureDesc(_pTexDesc: *mut sys::CUDA_TEXTURE_DESC, _texObject: sys::CUtexObject) -> CUresult {
-    rt::unsupported("cuTexObjectGetTextureDesc")
 }
 
 /// `cuTexRefCreate`: not supported by libvgpu.
@@ -4322,7 +4442,8 @@ pub unsafe extern "C" fn cuMemcpyAsync_ptsz(dst: sys::CUdeviceptr, src: sys::CUd
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyAtoA_v2_ptds(dstArray: sys::CUarray, dstOffset: usize, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpyAtoA_v2(dstArray, dstOffset, srcArray, srcOffset, ByteCount)
+        // SAFETY: the caller upholds cuMemcpyAtoA_v2's contract.
+        unsafe { cuMemcpyAtoA_v2(dstArray, dstOffset, srcArray, srcOffset, ByteCount) }
     })
 }
 
@@ -4333,7 +4454,8 @@ pub unsafe extern "C" fn cuMemcpyAtoA_v2_ptds(dstArray: sys::CUarray, dstOffset:
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyAtoD_v2_ptds(dstDevice: sys::CUdeviceptr, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpyAtoD_v2(dstDevice, srcArray, srcOffset, ByteCount)
+        // SAFETY: the caller upholds cuMemcpyAtoD_v2's contract.
+        unsafe { cuMemcpyAtoD_v2(dstDevice, srcArray, srcOffset, ByteCount) }
     })
 }
 
@@ -4344,7 +4466,8 @@ pub unsafe extern "C" fn cuMemcpyAtoD_v2_ptds(dstDevice: sys::CUdeviceptr, srcAr
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyAtoHAsync_v2_ptsz(dstHost: *mut ::core::ffi::c_void, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpyAtoHAsync_v2(dstHost, srcArray, srcOffset, ByteCount, hStream)
+        // SAFETY: the caller upholds cuMemcpyAtoHAsync_v2's contract.
+        unsafe { cuMemcpyAtoHAsync_v2(dstHost, srcArray, srcOffset, ByteCount, hStream) }
     })
 }
 
@@ -4355,7 +4478,8 @@ pub unsafe extern "C" fn cuMemcpyAtoHAsync_v2_ptsz(dstHost: *mut ::core::ffi::c_
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyAtoH_v2_ptds(dstHost: *mut ::core::ffi::c_void, srcArray: sys::CUarray, srcOffset: usize, ByteCount: usize) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpyAtoH_v2(dstHost, srcArray, srcOffset, ByteCount)
+        // SAFETY: the caller upholds cuMemcpyAtoH_v2's contract.
+        unsafe { cuMemcpyAtoH_v2(dstHost, srcArray, srcOffset, ByteCount) }
     })
 }
 
@@ -4377,7 +4501,8 @@ pub unsafe extern "C" fn cuMemcpyBatchAsync_v2_ptsz(dsts: *mut sys::CUdeviceptr,
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoA_v2_ptds(dstArray: sys::CUarray, dstOffset: usize, srcDevice: sys::CUdeviceptr, ByteCount: usize) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpyDtoA_v2(dstArray, dstOffset, srcDevice, ByteCount)
+        // SAFETY: the caller upholds cuMemcpyDtoA_v2's contract.
+        unsafe { cuMemcpyDtoA_v2(dstArray, dstOffset, srcDevice, ByteCount) }
     })
 }
 
@@ -4436,7 +4561,8 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2_ptds(dstHost: *mut ::core::ffi::c_void,
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyHtoAAsync_v2_ptsz(dstArray: sys::CUarray, dstOffset: usize, srcHost: *const ::core::ffi::c_void, ByteCount: usize, hStream: sys::CUstream) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpyHtoAAsync_v2(dstArray, dstOffset, srcHost, ByteCount, hStream)
+        // SAFETY: the caller upholds cuMemcpyHtoAAsync_v2's contract.
+        unsafe { cuMemcpyHtoAAsync_v2(dstArray, dstOffset, srcHost, ByteCount, hStream) }
     })
 }
 
@@ -4447,7 +4573,8 @@ pub unsafe extern "C" fn cuMemcpyHtoAAsync_v2_ptsz(dstArray: sys::CUarray, dstOf
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyHtoA_v2_ptds(dstArray: sys::CUarray, dstOffset: usize, srcHost: *const ::core::ffi::c_void, ByteCount: usize) -> CUresult {
     rt::per_thread(|| {
-        cuMemcpyHtoA_v2(dstArray, dstOffset, srcHost, ByteCount)
+        // SAFETY: the caller upholds cuMemcpyHtoA_v2's contract.
+        unsafe { cuMemcpyHtoA_v2(dstArray, dstOffset, srcHost, ByteCount) }
     })
 }
 
@@ -5640,6 +5767,26 @@ pub const EXPORTS: &[&str] = &[
     "cuMemcpy2DAsync_v2",
     "cuMemcpy3D_v2",
     "cuMemcpy3DAsync_v2",
+    "cuArrayCreate_v2",
+    "cuArray3DCreate_v2",
+    "cuArrayDestroy",
+    "cuArrayGetDescriptor_v2",
+    "cuArray3DGetDescriptor_v2",
+    "cuMemcpyHtoA_v2",
+    "cuMemcpyAtoH_v2",
+    "cuMemcpyDtoA_v2",
+    "cuMemcpyAtoD_v2",
+    "cuMemcpyAtoA_v2",
+    "cuMemcpyHtoAAsync_v2",
+    "cuMemcpyAtoHAsync_v2",
+    "cuTexObjectCreate",
+    "cuTexObjectDestroy",
+    "cuTexObjectGetResourceDesc",
+    "cuTexObjectGetTextureDesc",
+    "cuTexObjectGetResourceViewDesc",
+    "cuSurfObjectCreate",
+    "cuSurfObjectDestroy",
+    "cuSurfObjectGetResourceDesc",
     "cuModuleLoad",
     "cuModuleLoadData",
     "cuModuleLoadDataEx",
@@ -5723,11 +5870,6 @@ pub const EXPORTS: &[&str] = &[
     "cuIpcCloseMemHandle",
     "cuIpcGetEventHandle",
     "cuIpcOpenEventHandle",
-    "cuArray3DCreate_v2",
-    "cuArray3DGetDescriptor_v2",
-    "cuArrayCreate_v2",
-    "cuArrayDestroy",
-    "cuArrayGetDescriptor_v2",
     "cuArrayGetMemoryRequirements",
     "cuArrayGetPlane",
     "cuArrayGetSparseProperties",
@@ -5910,14 +6052,7 @@ pub const EXPORTS: &[&str] = &[
     "cuMemcpy3DBatchAsync_v2",
     "cuMemcpy3DPeer",
     "cuMemcpy3DPeerAsync",
-    "cuMemcpyAtoA_v2",
-    "cuMemcpyAtoD_v2",
-    "cuMemcpyAtoHAsync_v2",
-    "cuMemcpyAtoH_v2",
     "cuMemcpyBatchAsync_v2",
-    "cuMemcpyDtoA_v2",
-    "cuMemcpyHtoAAsync_v2",
-    "cuMemcpyHtoA_v2",
     "cuMemcpyPeer",
     "cuMemcpyPeerAsync",
     "cuMipmappedArrayCreate",
@@ -5964,20 +6099,12 @@ pub const EXPORTS: &[&str] = &[
     "cuStreamWriteValue32_v2",
     "cuStreamWriteValue64",
     "cuStreamWriteValue64_v2",
-    "cuSurfObjectCreate",
-    "cuSurfObjectDestroy",
-    "cuSurfObjectGetResourceDesc",
     "cuSurfRefGetArray",
     "cuSurfRefSetArray",
     "cuTensorMapEncodeIm2col",
     "cuTensorMapEncodeIm2colWide",
     "cuTensorMapEncodeTiled",
     "cuTensorMapReplaceAddress",
-    "cuTexObjectCreate",
-    "cuTexObjectDestroy",
-    "cuTexObjectGetResourceDesc",
-    "cuTexObjectGetResourceViewDesc",
-    "cuTexObjectGetTextureDesc",
     "cuTexRefCreate",
     "cuTexRefDestroy",
     "cuTexRefGetAddressMode",
@@ -6190,11 +6317,11 @@ pub const EXPORTS: &[&str] = &[
 /// The `cuGetProcAddress` table: (base name, CUDA version that introduced the variant,
 /// entry point), sorted by base name then version.
 pub static PROC_TABLE: &[rt::ProcEntry] = &[
-    rt::ProcEntry { base: "cuArray3DCreate", since: 0, symbol: "cuArray3DCreate_v2", ptr: cuArray3DCreate_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuArray3DGetDescriptor", since: 0, symbol: "cuArray3DGetDescriptor_v2", ptr: cuArray3DGetDescriptor_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuArrayCreate", since: 0, symbol: "cuArrayCreate_v2", ptr: cuArrayCreate_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArray3DCreate", since: 3020, symbol: "cuArray3DCreate_v2", ptr: cuArray3DCreate_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArray3DGetDescriptor", since: 3020, symbol: "cuArray3DGetDescriptor_v2", ptr: cuArray3DGetDescriptor_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArrayCreate", since: 3020, symbol: "cuArrayCreate_v2", ptr: cuArrayCreate_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuArrayDestroy", since: 0, symbol: "cuArrayDestroy", ptr: cuArrayDestroy as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuArrayGetDescriptor", since: 0, symbol: "cuArrayGetDescriptor_v2", ptr: cuArrayGetDescriptor_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuArrayGetDescriptor", since: 3020, symbol: "cuArrayGetDescriptor_v2", ptr: cuArrayGetDescriptor_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuArrayGetMemoryRequirements", since: 0, symbol: "cuArrayGetMemoryRequirements", ptr: cuArrayGetMemoryRequirements as *const (), per_thread: false },
     rt::ProcEntry { base: "cuArrayGetPlane", since: 0, symbol: "cuArrayGetPlane", ptr: cuArrayGetPlane as *const (), per_thread: false },
     rt::ProcEntry { base: "cuArrayGetSparseProperties", since: 0, symbol: "cuArrayGetSparseProperties", ptr: cuArrayGetSparseProperties as *const (), per_thread: false },
@@ -6534,18 +6661,18 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMemcpy3DPeerAsync", since: 0, symbol: "cuMemcpy3DPeerAsync_ptsz", ptr: cuMemcpy3DPeerAsync_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemcpyAsync", since: 0, symbol: "cuMemcpyAsync", ptr: cuMemcpyAsync as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemcpyAsync", since: 0, symbol: "cuMemcpyAsync_ptsz", ptr: cuMemcpyAsync_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpyAtoA", since: 0, symbol: "cuMemcpyAtoA_v2", ptr: cuMemcpyAtoA_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpyAtoA", since: 0, symbol: "cuMemcpyAtoA_v2_ptds", ptr: cuMemcpyAtoA_v2_ptds as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpyAtoD", since: 0, symbol: "cuMemcpyAtoD_v2", ptr: cuMemcpyAtoD_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpyAtoD", since: 0, symbol: "cuMemcpyAtoD_v2_ptds", ptr: cuMemcpyAtoD_v2_ptds as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpyAtoH", since: 0, symbol: "cuMemcpyAtoH_v2", ptr: cuMemcpyAtoH_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpyAtoH", since: 0, symbol: "cuMemcpyAtoH_v2_ptds", ptr: cuMemcpyAtoH_v2_ptds as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpyAtoHAsync", since: 0, symbol: "cuMemcpyAtoHAsync_v2", ptr: cuMemcpyAtoHAsync_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpyAtoHAsync", since: 0, symbol: "cuMemcpyAtoHAsync_v2_ptsz", ptr: cuMemcpyAtoHAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyAtoA", since: 3020, symbol: "cuMemcpyAtoA_v2", ptr: cuMemcpyAtoA_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyAtoA", since: 3020, symbol: "cuMemcpyAtoA_v2_ptds", ptr: cuMemcpyAtoA_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyAtoD", since: 3020, symbol: "cuMemcpyAtoD_v2", ptr: cuMemcpyAtoD_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyAtoD", since: 3020, symbol: "cuMemcpyAtoD_v2_ptds", ptr: cuMemcpyAtoD_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyAtoH", since: 3020, symbol: "cuMemcpyAtoH_v2", ptr: cuMemcpyAtoH_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyAtoH", since: 3020, symbol: "cuMemcpyAtoH_v2_ptds", ptr: cuMemcpyAtoH_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyAtoHAsync", since: 3020, symbol: "cuMemcpyAtoHAsync_v2", ptr: cuMemcpyAtoHAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyAtoHAsync", since: 3020, symbol: "cuMemcpyAtoHAsync_v2_ptsz", ptr: cuMemcpyAtoHAsync_v2_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemcpyBatchAsync", since: 0, symbol: "cuMemcpyBatchAsync_v2", ptr: cuMemcpyBatchAsync_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemcpyBatchAsync", since: 0, symbol: "cuMemcpyBatchAsync_v2_ptsz", ptr: cuMemcpyBatchAsync_v2_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpyDtoA", since: 0, symbol: "cuMemcpyDtoA_v2", ptr: cuMemcpyDtoA_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpyDtoA", since: 0, symbol: "cuMemcpyDtoA_v2_ptds", ptr: cuMemcpyDtoA_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyDtoA", since: 3020, symbol: "cuMemcpyDtoA_v2", ptr: cuMemcpyDtoA_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyDtoA", since: 3020, symbol: "cuMemcpyDtoA_v2_ptds", ptr: cuMemcpyDtoA_v2_ptds as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemcpyDtoD", since: 3020, symbol: "cuMemcpyDtoD_v2", ptr: cuMemcpyDtoD_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemcpyDtoD", since: 3020, symbol: "cuMemcpyDtoD_v2_ptds", ptr: cuMemcpyDtoD_v2_ptds as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemcpyDtoDAsync", since: 3020, symbol: "cuMemcpyDtoDAsync_v2", ptr: cuMemcpyDtoDAsync_v2 as *const (), per_thread: false },
@@ -6554,10 +6681,10 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMemcpyDtoH", since: 3020, symbol: "cuMemcpyDtoH_v2_ptds", ptr: cuMemcpyDtoH_v2_ptds as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemcpyDtoHAsync", since: 3020, symbol: "cuMemcpyDtoHAsync_v2", ptr: cuMemcpyDtoHAsync_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemcpyDtoHAsync", since: 3020, symbol: "cuMemcpyDtoHAsync_v2_ptsz", ptr: cuMemcpyDtoHAsync_v2_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpyHtoA", since: 0, symbol: "cuMemcpyHtoA_v2", ptr: cuMemcpyHtoA_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpyHtoA", since: 0, symbol: "cuMemcpyHtoA_v2_ptds", ptr: cuMemcpyHtoA_v2_ptds as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuMemcpyHtoAAsync", since: 0, symbol: "cuMemcpyHtoAAsync_v2", ptr: cuMemcpyHtoAAsync_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuMemcpyHtoAAsync", since: 0, symbol: "cuMemcpyHtoAAsync_v2_ptsz", ptr: cuMemcpyHtoAAsync_v2_ptsz as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyHtoA", since: 3020, symbol: "cuMemcpyHtoA_v2", ptr: cuMemcpyHtoA_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyHtoA", since: 3020, symbol: "cuMemcpyHtoA_v2_ptds", ptr: cuMemcpyHtoA_v2_ptds as *const (), per_thread: true },
+    rt::ProcEntry { base: "cuMemcpyHtoAAsync", since: 3020, symbol: "cuMemcpyHtoAAsync_v2", ptr: cuMemcpyHtoAAsync_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuMemcpyHtoAAsync", since: 3020, symbol: "cuMemcpyHtoAAsync_v2_ptsz", ptr: cuMemcpyHtoAAsync_v2_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemcpyHtoD", since: 3020, symbol: "cuMemcpyHtoD_v2", ptr: cuMemcpyHtoD_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMemcpyHtoD", since: 3020, symbol: "cuMemcpyHtoD_v2_ptds", ptr: cuMemcpyHtoD_v2_ptds as *const (), per_thread: true },
     rt::ProcEntry { base: "cuMemcpyHtoDAsync", since: 3020, symbol: "cuMemcpyHtoDAsync_v2", ptr: cuMemcpyHtoDAsync_v2 as *const (), per_thread: false },
@@ -6702,20 +6829,20 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64_ptsz", ptr: cuStreamWriteValue64_ptsz as *const (), per_thread: true },
     rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64_v2", ptr: cuStreamWriteValue64_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuStreamWriteValue64", since: 0, symbol: "cuStreamWriteValue64_v2_ptsz", ptr: cuStreamWriteValue64_v2_ptsz as *const (), per_thread: true },
-    rt::ProcEntry { base: "cuSurfObjectCreate", since: 0, symbol: "cuSurfObjectCreate", ptr: cuSurfObjectCreate as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuSurfObjectDestroy", since: 0, symbol: "cuSurfObjectDestroy", ptr: cuSurfObjectDestroy as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuSurfObjectGetResourceDesc", since: 0, symbol: "cuSurfObjectGetResourceDesc", ptr: cuSurfObjectGetResourceDesc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuSurfObjectCreate", since: 5000, symbol: "cuSurfObjectCreate", ptr: cuSurfObjectCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuSurfObjectDestroy", since: 5000, symbol: "cuSurfObjectDestroy", ptr: cuSurfObjectDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuSurfObjectGetResourceDesc", since: 5000, symbol: "cuSurfObjectGetResourceDesc", ptr: cuSurfObjectGetResourceDesc as *const (), per_thread: false },
     rt::ProcEntry { base: "cuSurfRefGetArray", since: 0, symbol: "cuSurfRefGetArray", ptr: cuSurfRefGetArray as *const (), per_thread: false },
     rt::ProcEntry { base: "cuSurfRefSetArray", since: 0, symbol: "cuSurfRefSetArray", ptr: cuSurfRefSetArray as *const (), per_thread: false },
     rt::ProcEntry { base: "cuTensorMapEncodeIm2col", since: 0, symbol: "cuTensorMapEncodeIm2col", ptr: cuTensorMapEncodeIm2col as *const (), per_thread: false },
     rt::ProcEntry { base: "cuTensorMapEncodeIm2colWide", since: 0, symbol: "cuTensorMapEncodeIm2colWide", ptr: cuTensorMapEncodeIm2colWide as *const (), per_thread: false },
     rt::ProcEntry { base: "cuTensorMapEncodeTiled", since: 0, symbol: "cuTensorMapEncodeTiled", ptr: cuTensorMapEncodeTiled as *const (), per_thread: false },
     rt::ProcEntry { base: "cuTensorMapReplaceAddress", since: 0, symbol: "cuTensorMapReplaceAddress", ptr: cuTensorMapReplaceAddress as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuTexObjectCreate", since: 0, symbol: "cuTexObjectCreate", ptr: cuTexObjectCreate as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuTexObjectDestroy", since: 0, symbol: "cuTexObjectDestroy", ptr: cuTexObjectDestroy as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuTexObjectGetResourceDesc", since: 0, symbol: "cuTexObjectGetResourceDesc", ptr: cuTexObjectGetResourceDesc as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuTexObjectGetResourceViewDesc", since: 0, symbol: "cuTexObjectGetResourceViewDesc", ptr: cuTexObjectGetResourceViewDesc as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuTexObjectGetTextureDesc", since: 0, symbol: "cuTexObjectGetTextureDesc", ptr: cuTexObjectGetTextureDesc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexObjectCreate", since: 5000, symbol: "cuTexObjectCreate", ptr: cuTexObjectCreate as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexObjectDestroy", since: 5000, symbol: "cuTexObjectDestroy", ptr: cuTexObjectDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexObjectGetResourceDesc", since: 5000, symbol: "cuTexObjectGetResourceDesc", ptr: cuTexObjectGetResourceDesc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexObjectGetResourceViewDesc", since: 5000, symbol: "cuTexObjectGetResourceViewDesc", ptr: cuTexObjectGetResourceViewDesc as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuTexObjectGetTextureDesc", since: 5000, symbol: "cuTexObjectGetTextureDesc", ptr: cuTexObjectGetTextureDesc as *const (), per_thread: false },
     rt::ProcEntry { base: "cuTexRefCreate", since: 0, symbol: "cuTexRefCreate", ptr: cuTexRefCreate as *const (), per_thread: false },
     rt::ProcEntry { base: "cuTexRefDestroy", since: 0, symbol: "cuTexRefDestroy", ptr: cuTexRefDestroy as *const (), per_thread: false },
     rt::ProcEntry { base: "cuTexRefGetAddress", since: 0, symbol: "cuTexRefGetAddress_v2", ptr: cuTexRefGetAddress_v2 as *const (), per_thread: false },

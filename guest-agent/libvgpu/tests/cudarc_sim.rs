@@ -560,6 +560,8 @@ fn cudart_run(version: &str, shared: bool) -> String {
         "ok: pitched: cudaMemset2D, cudaMemcpy2D host <-> device (pageable, 3001 x 6007)",
         "ok: pitched: device -> device at an offset, asynchronously into pinned memory",
         "ok: pitched: cudaMemcpy3D host -> device -> host (64 x 16 x 4)",
+        "ok: arrays: cudaMallocArray 64 x 32 float, 2-D copies to and from it, cudaArrayGetInfo",
+        "ok: texture and surface objects of an array, a texture of linear memory",
         "ok: 1 PiB allocation -> cudaErrorMemoryAllocation",
         "ok: cudaSetDevice(7) -> cudaErrorInvalidDevice",
         "ok: a second thread: memset on its per-thread stream and on the legacy stream",

@@ -72,9 +72,11 @@ use std::ffi::{c_char, c_int, c_uchar, c_uint, c_ushort, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use vgpu_proto::{DeviceInfo, LaunchAttr};
 
+mod arrays;
 mod copies;
 mod graphs;
 mod vmm;
+pub use arrays::CudaArray;
 pub use graphs::{CudaGraph, CudaGraphExec};
 pub use vmm::CudaPhys;
 
@@ -283,6 +285,18 @@ driver_api! {
     memset_2d32 = "cuMemsetD2D32_v2": fn(sys::CUdeviceptr, usize, c_uint, usize, usize);
     /// `cuMemsetD2D32Async`.
     memset_2d32_async = "cuMemsetD2D32Async": fn(sys::CUdeviceptr, usize, c_uint, usize, usize, sys::CUstream);
+    /// `cuArray3DCreate_v2`.
+    array_3d_create = "cuArray3DCreate_v2": fn(*mut sys::CUarray, *const arrays::RawArray3dDesc);
+    /// `cuArrayDestroy`.
+    array_destroy = "cuArrayDestroy": fn(sys::CUarray);
+    /// `cuTexObjectCreate` (descriptors as bytes of their C layout).
+    tex_object_create = "cuTexObjectCreate": fn(*mut sys::CUtexObject, *const c_void, *const c_void, *const c_void);
+    /// `cuTexObjectDestroy`.
+    tex_object_destroy = "cuTexObjectDestroy": fn(sys::CUtexObject);
+    /// `cuSurfObjectCreate`.
+    surf_object_create = "cuSurfObjectCreate": fn(*mut sys::CUsurfObject, *const c_void);
+    /// `cuSurfObjectDestroy`.
+    surf_object_destroy = "cuSurfObjectDestroy": fn(sys::CUsurfObject);
     /// `cuMemcpy2D_v2`.
     memcpy_2d = "cuMemcpy2D_v2": fn(*const copies::RawMemcpy2d);
     /// `cuMemcpy2DAsync_v2`.
@@ -959,6 +973,8 @@ pub struct CudaGpu {
     phys: FxHashMap<u64, (sys::CUmemGenericAllocationHandle, u64)>,
     /// Live graphs by [`CudaGraph`] id (context-independent).
     graphs: FxHashMap<u64, sys::CUgraph>,
+    /// Live CUDA arrays by [`CudaArray`] id.
+    arrays: FxHashMap<u64, sys::CUarray>,
     /// Live executable graphs by [`CudaGraphExec`] id.
     graph_execs: FxHashMap<u64, Owned<sys::CUgraphExec>>,
     /// Host functions that may run more than once (graphs' host nodes), kept for the
@@ -1091,6 +1107,7 @@ impl CudaGpu {
             window: None,
             phys: FxHashMap::default(),
             graphs: FxHashMap::default(),
+            arrays: FxHashMap::default(),
             graph_execs: FxHashMap::default(),
             host_slots: Vec::new(),
             events: FxHashMap::default(),
@@ -1945,6 +1962,41 @@ impl GpuBackend for CudaGpu {
             // SAFETY: as above, and `s` is a live stream of this backend.
             |api, s| unsafe { (api.memset_d32_async)(dst, value, n, s) },
         )
+    }
+
+    type Array = CudaArray;
+
+    fn array_id(array: &CudaArray) -> u64 {
+        array.id
+    }
+
+    fn array_create(&mut self, desc: &super::ArrayDesc) -> CuResult<CudaArray> {
+        self.create_array(desc)
+    }
+
+    fn array_destroy(&mut self, array: CudaArray) -> CuResult<()> {
+        self.destroy_array(array)
+    }
+
+    fn tex_object_create(
+        &mut self,
+        res: super::TexResource<'_, CudaArray>,
+        tex_desc: &[u8; super::TEX_DESC_LEN],
+        view: Option<&[u8; super::VIEW_DESC_LEN]>,
+    ) -> CuResult<u64> {
+        self.create_texture(res, tex_desc, view)
+    }
+
+    fn tex_object_destroy(&mut self, tex: u64) -> CuResult<()> {
+        self.destroy_texture(tex)
+    }
+
+    fn surf_object_create(&mut self, array: &CudaArray) -> CuResult<u64> {
+        self.create_surface(array)
+    }
+
+    fn surf_object_destroy(&mut self, surf: u64) -> CuResult<()> {
+        self.destroy_surface(surf)
     }
 
     fn copy_pitched(

@@ -45,6 +45,8 @@ pub trait GpuBackend {
     type GraphExec;
     /// A physical allocation of virtual memory management (`cuMemCreate`).
     type Phys;
+    /// A CUDA array (`cuArray3DCreate`), for copies and texture and surface objects.
+    type Array;
     /// A node of a graph: a plain value naming it inside its graph (the zone maps it to a
     /// handle; it is only ever passed back together with its graph).
     type GraphNode: Copy + Eq + std::hash::Hash + std::fmt::Debug;
@@ -128,6 +130,30 @@ pub trait GpuBackend {
     ) -> CuResult<()>;
     /// A 2-D memset (`cuMemsetD2D8/16/32`), its block checked by the caller.
     fn memset_pitched(&mut self, memset: &GraphMemset, stream: Option<&Self::Stream>) -> CuResult<()>;
+
+    // ---- CUDA arrays, texture and surface objects ----
+    /// The id copies name `array` by ([`CopyEnd::Array`]).
+    fn array_id(array: &Self::Array) -> u64;
+    /// Creates a CUDA array of shape `desc` (checked by [`ArrayDesc::bytes`]) in the
+    /// current context.
+    fn array_create(&mut self, desc: &ArrayDesc) -> CuResult<Self::Array>;
+    /// Destroys an array (no texture or surface object of the zone reads it any more).
+    fn array_destroy(&mut self, array: Self::Array) -> CuResult<()>;
+    /// Creates a texture object reading `res` in the current context; `tex_desc` is the
+    /// program's `CUDA_TEXTURE_DESC` and `view` its `CUDA_RESOURCE_VIEW_DESC`, as bytes
+    /// (plain values the driver checks). Returns the object's value, which kernels take.
+    fn tex_object_create(
+        &mut self,
+        res: TexResource<'_, Self::Array>,
+        tex_desc: &[u8; TEX_DESC_LEN],
+        view: Option<&[u8; VIEW_DESC_LEN]>,
+    ) -> CuResult<u64>;
+    /// Destroys a texture object this backend made.
+    fn tex_object_destroy(&mut self, tex: u64) -> CuResult<()>;
+    /// Creates a surface object writing `array` in the current context.
+    fn surf_object_create(&mut self, array: &Self::Array) -> CuResult<u64>;
+    /// Destroys a surface object this backend made.
+    fn surf_object_destroy(&mut self, surf: u64) -> CuResult<()>;
 
     // ---- IPC (brokered by the daemon: see `crate::broker`) ----
     /// Makes the allocation starting at `dptr` (made by `mem_alloc`/`mem_alloc_pitch`, in
@@ -378,6 +404,17 @@ pub enum CopyEnd {
     Device(u64),
     /// The data window, at this offset.
     Window(u64),
+    /// A CUDA array ([`GpuBackend::array_id`]), from byte `x` of row `y` of slice `z`.
+    Array {
+        /// The array's id.
+        id: u64,
+        /// Bytes into the row.
+        x: u64,
+        /// The row.
+        y: u64,
+        /// The slice.
+        z: u64,
+    },
 }
 
 /// A linear 3-D copy (`CUDA_MEMCPY3D` without arrays; positions folded into the addresses):
@@ -420,6 +457,108 @@ impl GraphCopy {
             depth: 1,
         }
     }
+}
+
+/// Bytes of a `CUDA_TEXTURE_DESC`.
+pub const TEX_DESC_LEN: usize = 104;
+/// Bytes of a `CUDA_RESOURCE_VIEW_DESC`.
+pub const VIEW_DESC_LEN: usize = 112;
+
+/// A CUDA array's shape (`CUDA_ARRAY3D_DESCRIPTOR`): `height` 0 for a 1-D array, `depth` 0
+/// for 1-D and 2-D ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArrayDesc {
+    /// Elements per row.
+    pub width: u64,
+    /// Rows (0: 1-D).
+    pub height: u64,
+    /// Slices (0: 1-D or 2-D).
+    pub depth: u64,
+    /// `CUarray_format`.
+    pub format: u32,
+    /// Channels per element: 1, 2 or 4.
+    pub channels: u32,
+    /// `CUDA_ARRAY3D_*` flags.
+    pub flags: u32,
+}
+
+/// The `CUDA_ARRAY3D_*` flags an array may have here: LAYERED, SURFACE_LDST, CUBEMAP,
+/// TEXTURE_GATHER (sparse, deferred-mapping, video and depth arrays are not offered).
+pub const ARRAY_FLAGS: u32 = 0x01 | 0x02 | 0x04 | 0x08;
+
+impl ArrayDesc {
+    /// Bytes of one channel of `format`, for the formats offered (integers, half and float;
+    /// block-compressed and video formats are not).
+    pub fn format_bytes(format: u32) -> Option<u64> {
+        match format {
+            0x01 | 0x08 => Some(1),
+            0x02 | 0x09 | 0x10 => Some(2),
+            0x03 | 0x0a | 0x20 => Some(4),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one element.
+    pub fn element_bytes(&self) -> Option<u64> {
+        let channels = matches!(self.channels, 1 | 2 | 4).then_some(u64::from(self.channels))?;
+        Self::format_bytes(self.format).map(|b| b * channels)
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> Option<u64> {
+        self.width.checked_mul(self.element_bytes()?)
+    }
+
+    /// Rows per slice and slices (a missing dimension counts one).
+    pub fn rows_and_slices(&self) -> (u64, u64) {
+        (self.height.max(1), self.depth.max(1))
+    }
+
+    /// The array's bytes — what the zone charges it (the driver's own layout may pad) —,
+    /// or `None` for a shape the driver would refuse: no width, a height missing below a
+    /// depth, a format, channel count or flag not offered, or a size that overflows.
+    pub fn bytes(&self) -> Option<u64> {
+        let shape_ok = self.width > 0 && (self.depth == 0 || self.height > 0) && self.flags & !ARRAY_FLAGS == 0;
+        if !shape_ok {
+            return None;
+        }
+        let (rows, slices) = self.rows_and_slices();
+        self.row_bytes()?.checked_mul(rows)?.checked_mul(slices)
+    }
+}
+
+/// What a texture object reads (`CUDA_RESOURCE_DESC`): an array, or linear device memory
+/// the caller checked.
+#[derive(Debug)]
+pub enum TexResource<'a, A> {
+    /// A CUDA array.
+    Array(&'a A),
+    /// `size` bytes of linear memory at `dptr`, of `format` × `channels` elements.
+    Linear {
+        /// The first byte.
+        dptr: u64,
+        /// `CUarray_format`.
+        format: u32,
+        /// Channels per element.
+        channels: u32,
+        /// Bytes.
+        size: u64,
+    },
+    /// A pitched 2-D block of linear memory.
+    Pitch2d {
+        /// The first byte.
+        dptr: u64,
+        /// `CUarray_format`.
+        format: u32,
+        /// Channels per element.
+        channels: u32,
+        /// Elements per row.
+        width: u64,
+        /// Rows.
+        height: u64,
+        /// Bytes between rows.
+        pitch: u64,
+    },
 }
 
 /// Which driver entry point a pitched copy on a stream stands for: their rules differ

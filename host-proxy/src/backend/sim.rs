@@ -65,8 +65,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use vgpu_proto::DeviceInfo;
 
+mod arrays;
 mod graphs;
 mod vmm;
+pub use arrays::SimArray;
 pub use graphs::{SimGraph, SimGraphExec};
 use graphs::{SimGraphNodes, SimOp};
 pub use vmm::SimPhys;
@@ -146,6 +148,8 @@ enum Owner {
     Import,
     /// Unmapping (a mapping of this physical allocation, which counts its bytes).
     Mapped(u64),
+    /// `array_destroy` (a CUDA array's elements, rows packed).
+    Array(u64),
 }
 
 /// Where a simulated allocation's bytes live.
@@ -189,7 +193,7 @@ impl SimAlloc {
     fn counted(&self) -> u64 {
         match self.owner {
             Owner::Import | Owner::Mapped(_) => 0,
-            Owner::User | Owner::Module(_) => self.data.bytes().len() as u64,
+            Owner::User | Owner::Module(_) | Owner::Array(_) => self.data.bytes().len() as u64,
         }
     }
 }
@@ -284,6 +288,10 @@ pub struct SimGpu {
     /// Address reservations (start → size) and physical allocations (see `vmm.rs`).
     reservations: BTreeMap<u64, u64>,
     phys: HashMap<u64, vmm::PhysState>,
+    /// CUDA arrays by id: their first byte (an allocation owned by the array) and shape.
+    arrays: HashMap<u64, (u64, super::ArrayDesc)>,
+    /// Texture and surface objects by value: the context and the array they read, if any.
+    textures: HashMap<u64, arrays::TexState>,
 }
 
 /// A simulated stream (work completes as it is issued).
@@ -318,11 +326,14 @@ pub struct SimHeld {
     pub module_bytes: u64,
     /// Bytes of physical (VMM) allocations.
     pub phys_bytes: u64,
+    /// Bytes of CUDA arrays.
+    pub array_bytes: u64,
     /// Live IPC imports and VMM mappings.
     pub mappings: usize,
     /// Contexts besides the primary one.
     pub contexts: usize,
-    /// Streams, events, modules, functions, graphs and executable graphs.
+    /// Streams, events, modules, functions, graphs, executable graphs, texture and surface
+    /// objects.
     pub objects: usize,
     /// Address reservations.
     pub reservations: usize,
@@ -339,6 +350,7 @@ impl SimGpu {
                     h.allocations += 1;
                 }
                 Owner::Module(_) => h.module_bytes += a.counted(),
+                Owner::Array(_) => h.array_bytes += a.counted(),
                 Owner::Import | Owner::Mapped(_) => h.mappings += 1,
             }
         }
@@ -349,7 +361,8 @@ impl SimGpu {
             + self.modules.len()
             + self.functions.len()
             + self.graphs.len()
-            + self.execs.len();
+            + self.execs.len()
+            + self.textures.len();
         h.reservations = self.reservations.len();
         h
     }
@@ -389,6 +402,8 @@ impl SimGpu {
             window: None,
             reservations: BTreeMap::new(),
             phys: HashMap::new(),
+            arrays: HashMap::new(),
+            textures: HashMap::new(),
         }
     }
 
@@ -1242,6 +1257,40 @@ impl GpuBackend for SimGpu {
     /// The double's contexts take no device memory.
     const CONTEXT_MEM_BYTES: u64 = 0;
     type Phys = SimPhys;
+    type Array = SimArray;
+
+    fn array_id(array: &SimArray) -> u64 {
+        array.0
+    }
+
+    fn array_create(&mut self, desc: &super::ArrayDesc) -> CuResult<SimArray> {
+        self.create_array(desc)
+    }
+
+    fn array_destroy(&mut self, array: SimArray) -> CuResult<()> {
+        self.destroy_array(array)
+    }
+
+    fn tex_object_create(
+        &mut self,
+        res: super::TexResource<'_, SimArray>,
+        _tex_desc: &[u8; super::TEX_DESC_LEN],
+        _view: Option<&[u8; super::VIEW_DESC_LEN]>,
+    ) -> CuResult<u64> {
+        self.create_texture(res, false)
+    }
+
+    fn tex_object_destroy(&mut self, tex: u64) -> CuResult<()> {
+        self.destroy_texture(tex, false)
+    }
+
+    fn surf_object_create(&mut self, array: &SimArray) -> CuResult<u64> {
+        self.create_texture(super::TexResource::Array(array), true)
+    }
+
+    fn surf_object_destroy(&mut self, surf: u64) -> CuResult<()> {
+        self.destroy_texture(surf, true)
+    }
 
     fn mem_granularity(&mut self, _recommended: bool) -> CuResult<u64> {
         Ok(SimGpu::granularity())
@@ -1389,6 +1438,7 @@ impl GpuBackend for SimGpu {
         }
         // Memory is dropped, which is the double's scrub.
         self.free_where(|a| a.ctx == id);
+        self.drop_arrays_of(id);
         self.modules.retain(|_, m| m.ctx != Some(id));
         self.functions.retain(|_, f| f.ctx != Some(id));
         let captures: Vec<u64> =
@@ -1535,6 +1585,7 @@ impl GpuBackend for SimGpu {
             super::CopyShape::Volume => *copy,
             super::CopyShape::Plane | super::CopyShape::PlaneUnaligned => GraphCopy { depth: 1, ..*copy },
         };
+        let c = self.linear_copy(c)?;
         self.copy_on(c, stream)
     }
 

@@ -10,7 +10,7 @@
 
 use super::graphs::block_extent;
 use super::*;
-use crate::backend::{CopyShape, GraphCopy, GraphMemset};
+use crate::backend::{CopyEnd, CopyShape, GraphCopy, GraphMemset};
 
 /// One side of a pitched copy in the row-by-row path.
 #[derive(Clone, Copy)]
@@ -28,7 +28,41 @@ impl RowSide {
     }
 }
 
+/// What one side of a `MemcpyPitched` names (`src_kind`/`dst_kind`).
+const KIND_DEVICE: u8 = 0;
+const KIND_WINDOW: u8 = 1;
+const KIND_ARRAY: u8 = 2;
+
+/// One side of a request, as the wire has it.
+struct WireSide {
+    kind: u8,
+    at: u64,
+    pos: (u64, u64, u64),
+    pitch: u64,
+    slice_rows: u64,
+}
+
 impl<B: GpuBackend> Zone<B> {
+    /// One side of a copy checked, as the backend's end with its pitch and rows per slice.
+    fn pitched_end(
+        &self,
+        s: &WireSide,
+        r: &MemcpyPitched,
+        depth: u64,
+        window_size: usize,
+    ) -> CuResult<(CopyEnd, u64, u64)> {
+        if s.kind == KIND_ARRAY {
+            let (x, y, z) = s.pos;
+            return self.array_end(Handle(s.at), x, y, z, r.width, r.height, depth);
+        }
+        // Linear sides have their position folded into the address.
+        if s.pos != (0, 0, 0) || !matches!(s.kind, KIND_DEVICE | KIND_WINDOW) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let extent = block_extent(r.width, r.height, depth, s.pitch, s.slice_rows)?;
+        Ok((self.copy_end(s.kind == KIND_WINDOW, s.at, extent, window_size)?, s.pitch, s.slice_rows))
+    }
+
     /// A pitched copy (`MemcpyPitched`); with `wait`, the window bytes are free again on
     /// return.
     pub(super) fn memcpy_pitched<D: SharedMemory>(
@@ -40,34 +74,58 @@ impl<B: GpuBackend> Zone<B> {
         let shape = CopyShape::from_wire(r.shape).ok_or(CuError::INVALID_VALUE)?;
         // A plane is its first slice, whatever the depth field says.
         let depth = if shape == CopyShape::Volume { r.depth } else { 1 };
-        let src_extent = block_extent(r.width, r.height, depth, r.src_pitch, r.src_height)?;
-        let dst_extent = block_extent(r.width, r.height, depth, r.dst_pitch, r.dst_height)?;
-        let touches_window = r.src_window || r.dst_window;
+        let src = WireSide {
+            kind: r.src_kind,
+            at: r.src,
+            pos: (r.src_x, r.src_y, r.src_z),
+            pitch: r.src_pitch,
+            slice_rows: r.src_height,
+        };
+        let dst = WireSide {
+            kind: r.dst_kind,
+            at: r.dst,
+            pos: (r.dst_x, r.dst_y, r.dst_z),
+            pitch: r.dst_pitch,
+            slice_rows: r.dst_height,
+        };
+        let touches_window = src.kind == KIND_WINDOW || dst.kind == KIND_WINDOW;
         if touches_window && wait {
             // The guest reuses these window bytes once this is answered: never captured.
             self.refuse_if_capturing(r.stream)?;
         }
         if touches_window && !self.window_direct {
-            let side = |is_window: bool, first: u64, pitch: u64, slice_rows: u64| RowSide {
-                window: is_window,
-                first,
-                pitch,
-                slice_rows,
+            if src.kind == KIND_ARRAY || dst.kind == KIND_ARRAY {
+                // Rows of an array are not addresses the staged path can copy to.
+                tracing::debug!("copies between CUDA arrays and an unregistered window: CUDA_ERROR_NOT_SUPPORTED");
+                return Err(CuError::NOT_SUPPORTED);
+            }
+            let linear = |s: &WireSide| s.pos == (0, 0, 0) && matches!(s.kind, KIND_DEVICE | KIND_WINDOW);
+            if !linear(&src) || !linear(&dst) {
+                return Err(CuError::INVALID_VALUE);
+            }
+            let src_extent = block_extent(r.width, r.height, depth, src.pitch, src.slice_rows)?;
+            let dst_extent = block_extent(r.width, r.height, depth, dst.pitch, dst.slice_rows)?;
+            let side = |s: &WireSide| RowSide {
+                window: s.kind == KIND_WINDOW,
+                first: s.at,
+                pitch: s.pitch,
+                slice_rows: s.slice_rows,
             };
-            let src = side(r.src_window, r.src, r.src_pitch, r.src_height);
-            let dst = side(r.dst_window, r.dst, r.dst_pitch, r.dst_height);
+            let (src, dst) = (side(&src), side(&dst));
             self.check_side(window, src, src_extent)?;
             self.check_side(window, dst, dst_extent)?;
             return self.copy_by_rows(window, src, dst, r.width, r.height, depth, r.stream);
         }
         let window_size = window.size();
+        let (src_end, src_pitch, src_height) = self.pitched_end(&src, r, depth, window_size)?;
+        let (dst_end, dst_pitch, dst_height) = self.pitched_end(&dst, r, depth, window_size)?;
         let c = GraphCopy {
-            src: self.copy_end(r.src_window, r.src, src_extent, window_size)?,
-            src_pitch: r.src_pitch,
-            src_height: r.src_height,
-            dst: self.copy_end(r.dst_window, r.dst, dst_extent, window_size)?,
-            dst_pitch: r.dst_pitch,
-            dst_height: r.dst_height,
+            src: src_end,
+            src_pitch,
+            src_height,
+            dst: dst_end,
+            dst_pitch,
+            dst_height,
             width: r.width,
             height: r.height,
             depth,
@@ -162,12 +220,18 @@ impl<B: GpuBackend> Zone<B> {
 pub(super) fn posted(r: MemcpyPitchedAsync) -> MemcpyPitched {
     MemcpyPitched {
         shape: r.shape,
-        src_window: r.src_window,
+        src_kind: r.src_kind,
         src: r.src,
+        src_x: r.src_x,
+        src_y: r.src_y,
+        src_z: r.src_z,
         src_pitch: r.src_pitch,
         src_height: r.src_height,
-        dst_window: r.dst_window,
+        dst_kind: r.dst_kind,
         dst: r.dst,
+        dst_x: r.dst_x,
+        dst_y: r.dst_y,
+        dst_z: r.dst_z,
         dst_pitch: r.dst_pitch,
         dst_height: r.dst_height,
         width: r.width,

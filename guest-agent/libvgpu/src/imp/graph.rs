@@ -197,7 +197,17 @@ fn shadow_of(program: usize, s: &Side, c: &Copy3d, to_program: bool) -> CuResult
 /// `program` and device `dev`, as the driver captures one: through a pinned shadow, with a
 /// host node moving the bytes between it and the program's memory at every launch.
 pub fn capture_pageable_copy(program: usize, dev: u64, len: usize, stream: Handle, to_program: bool) -> CuResult<()> {
-    let side = Side { x: 0, y: 0, z: 0, memory_type: MEMORYTYPE_HOST, host: program, device: 0, pitch: 0, height: 0 };
+    let side = Side {
+        x: 0,
+        y: 0,
+        z: 0,
+        memory_type: MEMORYTYPE_HOST,
+        host: program,
+        device: 0,
+        array: 0,
+        pitch: 0,
+        height: 0,
+    };
     let c = Copy3d { width: len as u64, height: 1, depth: 1, src: side, dst: Side { ..Side::default() } };
     let (job, shadow) = shadow_of(program, &c.src, &c, to_program)?;
     let desc = idm_core::BulkRef { offset: shadow, len: len as u64 };
@@ -232,13 +242,16 @@ pub unsafe fn cu_graph_add_memcpy_node(
         let s = session()?;
         let mut conn = s.lock();
         conn.enter_current()?;
-        (locate(&c.src, &c, &mut conn, WHAT)?, locate(&c.dst, &c, &mut conn, WHAT)?)
+        (locate(&c.src, &c, &mut conn)?, locate(&c.dst, &c, &mut conn)?)
     };
+    if matches!(src, At::Array { .. }) || matches!(dst, At::Array { .. }) {
+        return Err(rt::unsupported_err(WHAT));
+    }
     let graph = handle_of(graph);
     let wire = |at: &At| match *at {
         At::Device(a) => (false, a),
         At::Window(o, _) => (true, o),
-        At::Program(_) => (true, 0),
+        At::Program(_) | At::Array { .. } => (true, 0),
     };
     let node = |deps: Vec<u8>, (src_window, src): (bool, u64), (dst_window, dst): (bool, u64), hidden: bool| {
         let req = p::GraphAddMemcpyNode {

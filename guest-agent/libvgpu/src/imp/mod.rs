@@ -4,6 +4,7 @@
 //! CUDA entry point it implements (valid pointers where the API requires them).
 #![allow(clippy::missing_safety_doc)]
 
+mod arrays;
 mod capture;
 mod context;
 mod device;
@@ -16,6 +17,7 @@ mod module;
 mod pitched;
 mod vmm;
 
+pub use arrays::*;
 pub use capture::*;
 pub use context::*;
 pub use device::*;

@@ -1,9 +1,9 @@
 //! Copies with a shape: `cuMemcpy2D_v2`, `cuMemcpy2DUnaligned_v2`, `cuMemcpy2DAsync_v2`,
-//! `cuMemcpy3D_v2`, `cuMemcpy3DAsync_v2` (linear memory; CUDA arrays are not offered), and
-//! the copy descriptors they share with graph copy nodes (`graph.rs`).
+//! `cuMemcpy3D_v2`, `cuMemcpy3DAsync_v2`, and the copy descriptors they share with graph copy
+//! nodes (`graph.rs`) and the array copies (`arrays.rs`).
 //!
-//! A copy between device memory and pinned memory of the window (or device to device) is
-//! one request, posted for the asynchronous calls: the host runs the driver entry point
+//! A copy between device memory, CUDA arrays and pinned memory of the window is one
+//! request, posted for the asynchronous calls: the host runs the driver entry point
 //! the program called on the whole block. Pageable program memory goes through the
 //! window's staging area a band of whole rows at a time (a row wider than the staging area
 //! in pieces), each band one synchronous request: as natively, such a copy has finished
@@ -18,17 +18,19 @@ use vgpu_proto::{Done, Handle};
 
 /// `CU_MEMORYTYPE_HOST`, `…_DEVICE`, `…_ARRAY`, `…_UNIFIED`.
 pub(super) const MEMORYTYPE_HOST: u32 = 1;
-const MEMORYTYPE_DEVICE: u32 = 2;
-const MEMORYTYPE_ARRAY: u32 = 3;
+pub(super) const MEMORYTYPE_DEVICE: u32 = 2;
+pub(super) const MEMORYTYPE_ARRAY: u32 = 3;
 const MEMORYTYPE_UNIFIED: u32 = 4;
 
 /// The wire's `MemcpyPitched::shape`: which driver entry point the host calls.
-const SHAPE_PLANE: u8 = 0;
+pub(super) const SHAPE_PLANE: u8 = 0;
 const SHAPE_PLANE_UNALIGNED: u8 = 1;
 const SHAPE_VOLUME: u8 = 2;
 
-/// What the log names when a copy asks for CUDA arrays.
-const ARRAYS: &str = "cuMemcpy2D/cuMemcpy3D with CUDA arrays";
+/// What one side of a `MemcpyPitched` names: device memory, the window, a CUDA array.
+const KIND_DEVICE: u8 = 0;
+const KIND_WINDOW: u8 = 1;
+const KIND_ARRAY: u8 = 2;
 
 /// `CUDA_MEMCPY3D` read field by field: its memory types are C enums, which must never be
 /// read into a Rust enum (a value the bindings lack would be undefined behaviour).
@@ -49,6 +51,7 @@ pub(super) struct Side {
     pub(super) memory_type: u32,
     pub(super) host: usize,
     pub(super) device: u64,
+    pub(super) array: usize,
     pub(super) pitch: u64,
     pub(super) height: u64,
 }
@@ -74,6 +77,7 @@ pub(super) unsafe fn read_copy(p: *const sys::CUDA_MEMCPY3D) -> Copy3d {
             memory_type: u32_at(offset_of!(M, srcMemoryType)),
             host: usize_at(offset_of!(M, srcHost)) as usize,
             device: usize_at(offset_of!(M, srcDevice)),
+            array: usize_at(offset_of!(M, srcArray)) as usize,
             pitch: usize_at(offset_of!(M, srcPitch)),
             height: usize_at(offset_of!(M, srcHeight)),
         },
@@ -84,6 +88,7 @@ pub(super) unsafe fn read_copy(p: *const sys::CUDA_MEMCPY3D) -> Copy3d {
             memory_type: u32_at(offset_of!(M, dstMemoryType)),
             host: usize_at(offset_of!(M, dstHost)) as usize,
             device: usize_at(offset_of!(M, dstDevice)),
+            array: usize_at(offset_of!(M, dstArray)) as usize,
             pitch: usize_at(offset_of!(M, dstPitch)),
             height: usize_at(offset_of!(M, dstHeight)),
         },
@@ -107,22 +112,32 @@ pub(super) enum At {
     Window(u64, usize),
     /// The program's own (pageable) memory, at this address: the host cannot reach it.
     Program(usize),
+    /// A CUDA array, from byte `x` of row `y` of slice `z`.
+    Array {
+        /// The array's handle.
+        array: Handle,
+        /// Position: bytes into the row, row, slice.
+        at: (u64, u64, u64),
+    },
 }
 
-/// Where a side's first byte is (`arrays`: what the log names for a CUDA array, which
-/// libvgpu does not offer).
-pub(super) fn locate(s: &Side, c: &Copy3d, conn: &mut crate::rt::Conn, arrays: &'static str) -> CuResult<At> {
+/// Where a side's first byte is.
+pub(super) fn locate(s: &Side, c: &Copy3d, conn: &mut crate::rt::Conn) -> CuResult<At> {
+    if s.memory_type == MEMORYTYPE_ARRAY {
+        let array = Handle(s.array as u64);
+        return Ok(At::Array { array, at: (s.x, s.y, s.z) });
+    }
     let rows = s.z.checked_mul(s.height).and_then(|r| r.checked_add(s.y));
     let offset =
         rows.and_then(|r| r.checked_mul(s.pitch)).and_then(|o| o.checked_add(s.x)).ok_or(CuError::INVALID_VALUE)?;
     let host = match s.memory_type {
         MEMORYTYPE_DEVICE => None,
+        MEMORYTYPE_HOST if s.host == 0 => return Err(CuError::INVALID_VALUE),
         MEMORYTYPE_HOST => Some(s.host),
         // Unified addressing: the window's pinned memory and anything the host does not
         // know as the zone's device memory is host memory; the rest is device memory.
         MEMORYTYPE_UNIFIED if super::memory::is_device_in(conn, s.device)? => None,
         MEMORYTYPE_UNIFIED => Some(s.device as usize),
-        MEMORYTYPE_ARRAY => return Err(rt::unsupported_err(arrays)),
         _ => return Err(CuError::INVALID_VALUE),
     };
     match host {
@@ -159,6 +174,7 @@ unsafe fn read_copy_2d(p: *const sys::CUDA_MEMCPY2D) -> Copy3d {
             memory_type: u32_at(offset_of!(M, srcMemoryType)),
             host: usize_at(offset_of!(M, srcHost)) as usize,
             device: usize_at(offset_of!(M, srcDevice)),
+            array: usize_at(offset_of!(M, srcArray)) as usize,
             pitch: usize_at(offset_of!(M, srcPitch)),
             height,
         },
@@ -169,6 +185,7 @@ unsafe fn read_copy_2d(p: *const sys::CUDA_MEMCPY2D) -> Copy3d {
             memory_type: u32_at(offset_of!(M, dstMemoryType)),
             host: usize_at(offset_of!(M, dstHost)) as usize,
             device: usize_at(offset_of!(M, dstDevice)),
+            array: usize_at(offset_of!(M, dstArray)) as usize,
             pitch: usize_at(offset_of!(M, dstPitch)),
             height,
         },
@@ -178,22 +195,34 @@ unsafe fn read_copy_2d(p: *const sys::CUDA_MEMCPY2D) -> Copy3d {
     }
 }
 
-/// One side of a band request: (in the window, address or window offset, pitch, rows per
-/// slice).
-type Wire = (bool, u64, u64, u64);
+/// One side of a request as the wire names it.
+#[derive(Clone, Copy)]
+struct Wire {
+    kind: u8,
+    at: u64,
+    pos: (u64, u64, u64),
+    pitch: u64,
+    rows: u64,
+}
 
 /// A request for `height` rows of `width` bytes (and `depth` slices) between two sides.
 fn request(shape: u8, src: Wire, dst: Wire, width: u64, height: u64, depth: u64, stream: Handle) -> p::MemcpyPitched {
     p::MemcpyPitched {
         shape,
-        src_window: src.0,
-        src: src.1,
-        src_pitch: src.2,
-        src_height: src.3,
-        dst_window: dst.0,
-        dst: dst.1,
-        dst_pitch: dst.2,
-        dst_height: dst.3,
+        src_kind: src.kind,
+        src: src.at,
+        src_x: src.pos.0,
+        src_y: src.pos.1,
+        src_z: src.pos.2,
+        src_pitch: src.pitch,
+        src_height: src.rows,
+        dst_kind: dst.kind,
+        dst: dst.at,
+        dst_x: dst.pos.0,
+        dst_y: dst.pos.1,
+        dst_z: dst.pos.2,
+        dst_pitch: dst.pitch,
+        dst_height: dst.rows,
         width,
         height,
         depth,
@@ -209,13 +238,22 @@ fn row_offset(s: &Side, z: u64, y: u64) -> CuResult<u64> {
         .ok_or(CuError::INVALID_VALUE)
 }
 
-/// A side the host reaches (device memory or the window) as the wire names it, moved on by
-/// `by` bytes.
-fn wire_of(at: &At, s: &Side, by: u64, rows: u64) -> CuResult<Wire> {
-    let moved = |v: u64| v.checked_add(by).ok_or(CuError::INVALID_VALUE);
+/// A side the host reaches (device memory, the window, an array) as the wire names it, from
+/// byte `col` of row `y` of slice `z` of the copy.
+fn wire_of(at: &At, s: &Side, (z, y, col): (u64, u64, u64)) -> CuResult<Wire> {
+    let linear = |kind: u8, first: u64| -> CuResult<Wire> {
+        let by = row_offset(s, z, y)?.checked_add(col).ok_or(CuError::INVALID_VALUE)?;
+        let at = first.checked_add(by).ok_or(CuError::INVALID_VALUE)?;
+        Ok(Wire { kind, at, pos: (0, 0, 0), pitch: s.pitch, rows: s.height })
+    };
     match *at {
-        At::Device(a) => Ok((false, moved(a)?, s.pitch, rows)),
-        At::Window(o, _) => Ok((true, moved(o)?, s.pitch, rows)),
+        At::Device(a) => linear(KIND_DEVICE, a),
+        At::Window(o, _) => linear(KIND_WINDOW, o),
+        At::Array { array, at: (x, ay, az) } => {
+            let add = |a: u64, b: u64| a.checked_add(b).ok_or(CuError::INVALID_VALUE);
+            let pos = (add(x, col)?, add(ay, y)?, add(az, z)?);
+            Ok(Wire { kind: KIND_ARRAY, at: array.0, pos, pitch: 0, rows: 0 })
+        }
         At::Program(_) => Err(CuError::INVALID_VALUE),
     }
 }
@@ -224,7 +262,7 @@ fn wire_of(at: &At, s: &Side, by: u64, rows: u64) -> CuResult<Wire> {
 fn host_start(at: &At) -> Option<usize> {
     match *at {
         At::Window(_, a) | At::Program(a) => Some(a),
-        At::Device(_) => None,
+        At::Device(_) | At::Array { .. } => None,
     }
 }
 
@@ -266,9 +304,8 @@ fn staged(
             let mut col = 0;
             while col < c.width {
                 let n = piece.min(c.width - col);
-                let staged_side: Wire = (true, area.offset, n, rows);
-                let at = row_offset(other_side, z, y)?.checked_add(col).ok_or(CuError::INVALID_VALUE)?;
-                let other_wire = wire_of(other, other_side, at, rows)?;
+                let staged_side = Wire { kind: KIND_WINDOW, at: area.offset, pos: (0, 0, 0), pitch: n, rows };
+                let other_wire = wire_of(other, other_side, (z, y, col))?;
                 // The program's rows of this band, `n` bytes each from column `col`.
                 let program_row = |i: u64| -> CuResult<usize> {
                     let off = row_offset(prog_side, z, y + i)?.checked_add(col).ok_or(CuError::INVALID_VALUE)?;
@@ -315,7 +352,7 @@ fn host_to_host(c: &Copy3d, from: usize, to: usize, depth: u64) -> CuResult<()> 
 }
 
 /// Runs copy `c` as the driver entry point `shape` names, on `stream`.
-fn pitched(c: &Copy3d, shape: u8, stream: Handle, asynchronous: bool) -> CuResult<()> {
+pub(super) fn pitched(c: &Copy3d, shape: u8, stream: Handle, asynchronous: bool) -> CuResult<()> {
     let s = session()?;
     let mut conn = s.lock();
     conn.enter_current()?;
@@ -323,8 +360,8 @@ fn pitched(c: &Copy3d, shape: u8, stream: Handle, asynchronous: bool) -> CuResul
     if c.width == 0 || c.height == 0 || depth == 0 {
         return Ok(());
     }
-    let src = locate(&c.src, c, &mut conn, ARRAYS)?;
-    let dst = locate(&c.dst, c, &mut conn, ARRAYS)?;
+    let src = locate(&c.src, c, &mut conn)?;
+    let dst = locate(&c.dst, c, &mut conn)?;
     if let (Some(from), Some(to)) = (host_start(&src), host_start(&dst)) {
         return host_to_host(c, from, to, depth);
     }
@@ -345,8 +382,8 @@ fn pitched(c: &Copy3d, shape: u8, stream: Handle, asynchronous: bool) -> CuResul
         _ => {
             let req = request(
                 shape,
-                wire_of(&src, &c.src, 0, c.src.height)?,
-                wire_of(&dst, &c.dst, 0, c.dst.height)?,
+                wire_of(&src, &c.src, (0, 0, 0))?,
+                wire_of(&dst, &c.dst, (0, 0, 0))?,
                 c.width,
                 c.height,
                 depth,
@@ -355,12 +392,18 @@ fn pitched(c: &Copy3d, shape: u8, stream: Handle, asynchronous: bool) -> CuResul
             if asynchronous {
                 conn.post(&p::MemcpyPitchedAsync {
                     shape: req.shape,
-                    src_window: req.src_window,
+                    src_kind: req.src_kind,
                     src: req.src,
+                    src_x: req.src_x,
+                    src_y: req.src_y,
+                    src_z: req.src_z,
                     src_pitch: req.src_pitch,
                     src_height: req.src_height,
-                    dst_window: req.dst_window,
+                    dst_kind: req.dst_kind,
                     dst: req.dst,
+                    dst_x: req.dst_x,
+                    dst_y: req.dst_y,
+                    dst_z: req.dst_z,
                     dst_pitch: req.dst_pitch,
                     dst_height: req.dst_height,
                     width: req.width,

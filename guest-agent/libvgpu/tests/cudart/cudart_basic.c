@@ -212,6 +212,70 @@ int main(void) {
         free(dst);
     }
 
+    /* CUDA arrays, texture and surface objects (a kernel reads them in cudart_kernels.cu). */
+    {
+        struct cudaChannelFormatDesc ch = {32, 0, 0, 0, cudaChannelFormatKindFloat};
+        cudaArray_t arr = NULL;
+        CHECK(cudaMallocArray(&arr, &ch, 64, 32, cudaArraySurfaceLoadStore));
+        static float hf[32][64], bf[32][64];
+        for (int y = 0; y < 32; y++)
+            for (int x = 0; x < 64; x++) hf[y][x] = (float)(y * 1000 + x);
+        CHECK(cudaMemcpy2DToArray(arr, 0, 0, hf, sizeof hf[0], sizeof hf[0], 32, cudaMemcpyHostToDevice));
+        CHECK(cudaMemcpy2DFromArray(bf, sizeof bf[0], arr, 0, 0, sizeof bf[0], 32, cudaMemcpyDeviceToHost));
+        EXPECT(memcmp(hf, bf, sizeof hf) == 0, "array round trip differs");
+        /* Zeros from device memory into a block of the array at (8 floats, row 4). */
+        float *dz = NULL;
+        CHECK(cudaMalloc((void **)&dz, 16 * 8 * sizeof(float)));
+        CHECK(cudaMemset(dz, 0, 16 * 8 * sizeof(float)));
+        CHECK(cudaMemcpy2DToArray(arr, 8 * sizeof(float), 4, dz, 16 * sizeof(float), 16 * sizeof(float), 8,
+                                  cudaMemcpyDeviceToDevice));
+        CHECK(cudaMemcpy2DFromArray(bf, sizeof bf[0], arr, 0, 0, sizeof bf[0], 32, cudaMemcpyDeviceToHost));
+        for (int y = 0; y < 32; y++)
+            for (int x = 0; x < 64; x++) {
+                float want = (y >= 4 && y < 12 && x >= 8 && x < 24) ? 0.0f : hf[y][x];
+                EXPECT(bf[y][x] == want, "array (%d, %d) = %f, want %f", x, y, bf[y][x], want);
+            }
+        struct cudaChannelFormatDesc got;
+        struct cudaExtent ext;
+        unsigned int aflags = 0;
+        CHECK(cudaArrayGetInfo(&got, &ext, &aflags, arr));
+        EXPECT(got.x == 32 && got.f == cudaChannelFormatKindFloat && ext.width == 64 && ext.height == 32 &&
+                   (aflags & cudaArraySurfaceLoadStore),
+               "array info: %d bits, kind %d, %zu x %zu, flags %u", got.x, (int)got.f, ext.width, ext.height, aflags);
+        printf("ok: arrays: cudaMallocArray 64 x 32 float, 2-D copies to and from it, cudaArrayGetInfo\n");
+
+        struct cudaResourceDesc rd;
+        memset(&rd, 0, sizeof rd);
+        rd.resType = cudaResourceTypeArray;
+        rd.res.array.array = arr;
+        struct cudaTextureDesc td;
+        memset(&td, 0, sizeof td);
+        td.addressMode[0] = td.addressMode[1] = cudaAddressModeClamp;
+        td.filterMode = cudaFilterModePoint;
+        td.readMode = cudaReadModeElementType;
+        cudaTextureObject_t tex = 0, ltex = 0;
+        CHECK(cudaCreateTextureObject(&tex, &rd, &td, NULL));
+        struct cudaResourceDesc back;
+        memset(&back, 0, sizeof back);
+        CHECK(cudaGetTextureObjectResourceDesc(&back, tex));
+        EXPECT(back.resType == cudaResourceTypeArray && back.res.array.array == arr, "texture's resource");
+        cudaSurfaceObject_t surf = 0;
+        CHECK(cudaCreateSurfaceObject(&surf, &rd));
+        struct cudaResourceDesc lin;
+        memset(&lin, 0, sizeof lin);
+        lin.resType = cudaResourceTypeLinear;
+        lin.res.linear.devPtr = dz;
+        lin.res.linear.desc = ch;
+        lin.res.linear.sizeInBytes = 16 * 8 * sizeof(float);
+        CHECK(cudaCreateTextureObject(&ltex, &lin, &td, NULL));
+        CHECK(cudaDestroyTextureObject(ltex));
+        CHECK(cudaDestroySurfaceObject(surf));
+        CHECK(cudaDestroyTextureObject(tex));
+        CHECK(cudaFreeArray(arr));
+        CHECK(cudaFree(dz));
+        printf("ok: texture and surface objects of an array, a texture of linear memory\n");
+    }
+
     /* Errors are CUDA-exact. */
     void *huge = NULL;
     cudaError_t err = cudaMalloc(&huge, (size_t)1 << 50);

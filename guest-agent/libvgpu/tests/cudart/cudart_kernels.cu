@@ -31,6 +31,19 @@ template <typename T> __global__ void axpy(T a, const T *x, T *y, int n) {
     if (i < n) y[i] = a * x[i] * scale_c + y[i];
 }
 
+// Reads a texture of an array at (x + 0.5, y + 0.5) (point filtering: the texel itself)
+// and writes twice the value through a surface of another array.
+__global__ void tex_to_surf(cudaTextureObject_t tex, cudaSurfaceObject_t surf, int w, int h) {
+    int x = blockIdx.x * blockDim.x + threadIdx.x, y = blockIdx.y * blockDim.y + threadIdx.y;
+    if (x < w && y < h) surf2Dwrite(2.0f * tex2D<float>(tex, x + 0.5f, y + 0.5f), surf, x * (int)sizeof(float), y);
+}
+
+// Reads a texture of linear memory (one float per texel) at every index.
+__global__ void fetch_linear(cudaTextureObject_t tex, float *out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = tex1Dfetch<float>(tex, i) + 1.0f;
+}
+
 __global__ void count(int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) atomicAdd(&counter_d, 1);
@@ -138,6 +151,64 @@ int main() {
     printf("ok: a host function holds its stream: query while held -> %s, then ran %d\n", cudaGetErrorName(held),
            gate_ran);
     CHECK(cudaEventDestroy(after));
+
+    // Texture and surface objects: a kernel samples one array and writes another.
+    {
+        const int w = 64, hh = 32;
+        cudaChannelFormatDesc ch = cudaCreateChannelDesc<float>();
+        cudaArray_t in = nullptr, out = nullptr;
+        CHECK(cudaMallocArray(&in, &ch, w, hh));
+        CHECK(cudaMallocArray(&out, &ch, w, hh, cudaArraySurfaceLoadStore));
+        static float img[32][64], res[32][64];
+        for (int y = 0; y < hh; y++)
+            for (int x = 0; x < w; x++) img[y][x] = (float)(y * 100 + x);
+        CHECK(cudaMemcpy2DToArray(in, 0, 0, img, w * sizeof(float), w * sizeof(float), hh, cudaMemcpyHostToDevice));
+        cudaResourceDesc rin = {}, rout = {};
+        rin.resType = cudaResourceTypeArray;
+        rin.res.array.array = in;
+        rout.resType = cudaResourceTypeArray;
+        rout.res.array.array = out;
+        cudaTextureDesc td = {};
+        td.addressMode[0] = td.addressMode[1] = cudaAddressModeClamp;
+        td.filterMode = cudaFilterModePoint;
+        td.readMode = cudaReadModeElementType;
+        cudaTextureObject_t tex = 0;
+        cudaSurfaceObject_t surf = 0;
+        CHECK(cudaCreateTextureObject(&tex, &rin, &td, nullptr));
+        CHECK(cudaCreateSurfaceObject(&surf, &rout));
+        tex_to_surf<<<dim3(w / 16, hh / 16), dim3(16, 16)>>>(tex, surf, w, hh);
+        CHECK(cudaGetLastError());
+        CHECK(cudaMemcpy2DFromArray(res, w * sizeof(float), out, 0, 0, w * sizeof(float), hh, cudaMemcpyDeviceToHost));
+        for (int y = 0; y < hh; y++)
+            for (int x = 0; x < w; x++)
+                if (res[y][x] != 2.0f * img[y][x]) { printf("FAIL: surface (%d, %d) = %f\n", x, y, res[y][x]); return 1; }
+        printf("ok: a kernel read a texture object of an array and wrote a surface object\n");
+        // A texture of linear memory, fetched by index.
+        float *lin = nullptr, *fetched = nullptr;
+        CHECK(cudaMalloc(&lin, 256 * sizeof(float)));
+        CHECK(cudaMalloc(&fetched, 256 * sizeof(float)));
+        CHECK(cudaMemcpy(lin, img, 256 * sizeof(float), cudaMemcpyHostToDevice));
+        cudaResourceDesc rl = {};
+        rl.resType = cudaResourceTypeLinear;
+        rl.res.linear.devPtr = lin;
+        rl.res.linear.desc = ch;
+        rl.res.linear.sizeInBytes = 256 * sizeof(float);
+        cudaTextureObject_t ltex = 0;
+        CHECK(cudaCreateTextureObject(&ltex, &rl, &td, nullptr));
+        fetch_linear<<<1, 256>>>(ltex, fetched, 256);
+        static float fl[256];
+        CHECK(cudaMemcpy(fl, fetched, sizeof fl, cudaMemcpyDeviceToHost));
+        for (int i = 0; i < 256; i++)
+            if (fl[i] != (&img[0][0])[i] + 1.0f) { printf("FAIL: linear texel %d = %f\n", i, fl[i]); return 1; }
+        printf("ok: a kernel fetched a texture object of linear memory\n");
+        CHECK(cudaDestroyTextureObject(ltex));
+        CHECK(cudaDestroyTextureObject(tex));
+        CHECK(cudaDestroySurfaceObject(surf));
+        CHECK(cudaFreeArray(in));
+        CHECK(cudaFreeArray(out));
+        CHECK(cudaFree(lin));
+        CHECK(cudaFree(fetched));
+    }
 
     // A launch error is reported as natively.
     add_one<<<1, 4096>>>(d, n);

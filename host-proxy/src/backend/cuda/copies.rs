@@ -54,9 +54,20 @@ const _: () = {
     assert!(offset_of!(RawMemcpy3d, depth) == offset_of!(sys::CUDA_MEMCPY3D_st, Depth));
 };
 
-/// `CU_MEMORYTYPE_HOST` and `CU_MEMORYTYPE_DEVICE`.
+/// `CU_MEMORYTYPE_HOST`, `CU_MEMORYTYPE_DEVICE` and `CU_MEMORYTYPE_ARRAY`.
 const MEMORYTYPE_HOST: c_uint = 1;
 const MEMORYTYPE_DEVICE: c_uint = 2;
+const MEMORYTYPE_ARRAY: c_uint = 3;
+
+/// One side of a copy in driver terms: its memory type, where it is (host pointer, device
+/// address or array) and, for an array, the position (bytes, row, slice).
+pub(super) struct Side {
+    memory_type: c_uint,
+    host: *mut c_void,
+    device: sys::CUdeviceptr,
+    array: sys::CUarray,
+    at: (usize, usize, usize),
+}
 
 /// `CUDA_MEMCPY2D` with its memory types as plain integers, as [`RawMemcpy3d`].
 #[repr(C)]
@@ -118,43 +129,56 @@ impl RawMemcpy3d {
 }
 
 impl CudaGpu {
-    /// Where one side of a copy node is, in driver terms: (memory type, host, device).
-    pub(super) fn copy_side(&self, end: CopyEnd) -> CuResult<(c_uint, *mut c_void, sys::CUdeviceptr)> {
+    /// Where one side of a copy is, in driver terms.
+    pub(super) fn copy_side(&self, end: CopyEnd) -> CuResult<Side> {
+        let none = Side {
+            memory_type: MEMORYTYPE_DEVICE,
+            host: std::ptr::null_mut(),
+            device: 0,
+            array: std::ptr::null_mut(),
+            at: (0, 0, 0),
+        };
+        let size = |v: u64| usize::try_from(v).map_err(|_| CuError::INVALID_VALUE);
         match end {
-            CopyEnd::Device(addr) => Ok((MEMORYTYPE_DEVICE, std::ptr::null_mut(), addr)),
+            CopyEnd::Device(addr) => Ok(Side { device: addr, ..none }),
             CopyEnd::Window(offset) => {
                 let (base, len) = self.window.ok_or(CuError::NOT_SUPPORTED)?;
                 let offset = usize::try_from(offset).ok().filter(|&o| o < len).ok_or(CuError::INVALID_VALUE)?;
-                Ok((MEMORYTYPE_HOST, base.as_ptr().wrapping_add(offset).cast(), 0))
+                Ok(Side { memory_type: MEMORYTYPE_HOST, host: base.as_ptr().wrapping_add(offset).cast(), ..none })
             }
+            CopyEnd::Array { id, x, y, z } => Ok(Side {
+                memory_type: MEMORYTYPE_ARRAY,
+                array: self.raw_array(id)?,
+                at: (size(x)?, size(y)?, size(z)?),
+                ..none
+            }),
         }
     }
 
     /// The driver's `CUDA_MEMCPY3D` for `c`.
     pub(super) fn raw_copy(&self, c: &GraphCopy) -> CuResult<RawMemcpy3d> {
         let size = |v: u64| usize::try_from(v).map_err(|_| CuError::INVALID_VALUE);
-        let (src_memory_type, src_host, src_device) = self.copy_side(c.src)?;
-        let (dst_memory_type, dst_host, dst_device) = self.copy_side(c.dst)?;
+        let (src, dst) = (self.copy_side(c.src)?, self.copy_side(c.dst)?);
         Ok(RawMemcpy3d {
-            src_x_in_bytes: 0,
-            src_y: 0,
-            src_z: 0,
+            src_x_in_bytes: src.at.0,
+            src_y: src.at.1,
+            src_z: src.at.2,
             src_lod: 0,
-            src_memory_type,
-            src_host: src_host.cast_const(),
-            src_device,
-            src_array: std::ptr::null_mut(),
+            src_memory_type: src.memory_type,
+            src_host: src.host.cast_const(),
+            src_device: src.device,
+            src_array: src.array,
             reserved0: std::ptr::null_mut(),
             src_pitch: size(c.src_pitch)?,
             src_height: size(c.src_height)?,
-            dst_x_in_bytes: 0,
-            dst_y: 0,
-            dst_z: 0,
+            dst_x_in_bytes: dst.at.0,
+            dst_y: dst.at.1,
+            dst_z: dst.at.2,
             dst_lod: 0,
-            dst_memory_type,
-            dst_host,
-            dst_device,
-            dst_array: std::ptr::null_mut(),
+            dst_memory_type: dst.memory_type,
+            dst_host: dst.host,
+            dst_device: dst.device,
+            dst_array: dst.array,
             reserved1: std::ptr::null_mut(),
             dst_pitch: size(c.dst_pitch)?,
             dst_height: size(c.dst_height)?,

@@ -114,9 +114,11 @@ impl SimGpu {
     pub(super) fn copy_3d(&mut self, c: &GraphCopy) -> CuResult<()> {
         let row_len = usize::try_from(c.width).map_err(|_| CuError::INVALID_VALUE)?;
         let end = |e: CopyEnd| match e {
-            CopyEnd::Device(a) | CopyEnd::Window(a) => a,
+            CopyEnd::Device(a) | CopyEnd::Window(a) => Ok(a),
+            // Arrays are resolved to their linear memory before a copy gets here.
+            CopyEnd::Array { .. } => Err(CuError::INVALID_VALUE),
         };
-        let (src, dst) = (end(c.src), end(c.dst));
+        let (src, dst) = (end(c.src)?, end(c.dst)?);
         let mut row = vec![0u8; row_len];
         for z in 0..c.depth {
             for y in 0..c.height {
@@ -134,6 +136,7 @@ impl SimGpu {
                         row.copy_from_slice(&buf[off..off + row_len]);
                     }
                     CopyEnd::Window(_) => self.window_range(s, c.width)?.read_bytes(s as usize, &mut row),
+                    CopyEnd::Array { .. } => return Err(CuError::INVALID_VALUE),
                 }
                 match c.dst {
                     CopyEnd::Device(_) => {
@@ -141,6 +144,7 @@ impl SimGpu {
                         buf[off..off + row_len].copy_from_slice(&row);
                     }
                     CopyEnd::Window(_) => self.window_range(d, c.width)?.write_bytes(d as usize, &row),
+                    CopyEnd::Array { .. } => return Err(CuError::INVALID_VALUE),
                 }
             }
         }
