@@ -974,7 +974,7 @@ pub struct CudaGpu {
     /// Live graphs by [`CudaGraph`] id (context-independent).
     graphs: FxHashMap<u64, sys::CUgraph>,
     /// Live CUDA arrays by [`CudaArray`] id.
-    arrays: FxHashMap<u64, sys::CUarray>,
+    arrays: FxHashMap<u64, arrays::ArrayState>,
     /// Live executable graphs by [`CudaGraphExec`] id.
     graph_execs: FxHashMap<u64, Owned<sys::CUgraphExec>>,
     /// Host functions that may run more than once (graphs' host nodes), kept for the
@@ -1718,6 +1718,8 @@ impl GpuBackend for CudaGpu {
         self.make_current(scope)?;
         // If the scrub fails the context (and its memory) stays, as in `mem_free`.
         self.scrub(&self.allocations_of(scope))?;
+        self.release_arrays_of(scope);
+        self.make_current(scope)?;
         self.close_imports_of(scope);
         // SAFETY: a context made by `ctx_create` and still in the table, so not destroyed
         // yet; its entry and every entry of an object in it (allocations, streams, events,
@@ -3082,6 +3084,54 @@ $L__done:
         let _left = g.mem_alloc(1 << 20).unwrap();
         let _ls = g.stream_create(0, 0).unwrap();
         drop(g);
+    }
+
+    #[test]
+    fn gpu_arrays_are_copied_read_by_textures_and_scrubbed() {
+        use crate::backend::{ArrayDesc, CopyEnd, CopyShape, GraphCopy, TexResource};
+        if !gpu_tests_enabled() {
+            return;
+        }
+        let mut g = open_gpu();
+        let desc = ArrayDesc { width: 64, height: 16, depth: 0, format: 0x20, channels: 1, flags: 0x02 };
+        let arr = g.array_create(&desc).unwrap();
+        let id = <CudaGpu as GpuBackend>::array_id(&arr);
+        let d = g.mem_alloc(8192).unwrap();
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 3 + 1) as u8).collect();
+        g.copy_htod(d, &pattern, None).unwrap();
+        let copy = |src, dst| GraphCopy {
+            src,
+            src_pitch: 256,
+            src_height: 16,
+            dst,
+            dst_pitch: 256,
+            dst_height: 16,
+            width: 256,
+            height: 16,
+            depth: 1,
+        };
+        let to_array = copy(CopyEnd::Device(d), CopyEnd::Array { id, x: 0, y: 0, z: 0 });
+        g.copy_pitched(&to_array, CopyShape::Plane, None, true).unwrap();
+        let back = copy(CopyEnd::Array { id, x: 0, y: 0, z: 0 }, CopyEnd::Device(d + 4096));
+        g.copy_pitched(&back, CopyShape::Volume, None, true).unwrap();
+        let mut got = vec![0u8; 4096];
+        g.copy_dtoh(&mut got, d + 4096, None).unwrap();
+        assert_eq!(got, pattern, "device -> array -> device");
+        // A texture and a surface of the array, and a texture of linear memory.
+        let tex_desc = [0u8; crate::backend::TEX_DESC_LEN];
+        let t = g.tex_object_create(TexResource::Array(&arr), &tex_desc, None).unwrap();
+        let lin = TexResource::Linear { dptr: d, format: 0x20, channels: 1, size: 4096 };
+        let lt = g.tex_object_create(lin, &tex_desc, None).unwrap();
+        let sf = g.surf_object_create(&arr).unwrap();
+        assert!(t != 0 && lt != 0 && sf != 0);
+        g.tex_object_destroy(t).unwrap();
+        g.tex_object_destroy(lt).unwrap();
+        g.surf_object_destroy(sf).unwrap();
+        // A 3-channel array is refused before the driver sees it.
+        assert!(g.array_create(&ArrayDesc { channels: 3, ..desc }).is_err());
+        g.array_destroy(arr).unwrap();
+        assert!(g.arrays.is_empty());
+        g.mem_free(d).unwrap();
     }
 
     #[test]

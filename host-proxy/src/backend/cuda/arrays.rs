@@ -1,19 +1,32 @@
 //! CUDA arrays, texture and surface objects on the real driver.
 //!
-//! Arrays are ids in this backend's table, like streams. The driver's descriptors are built
+//! Arrays are ids in this backend's table, like streams, and are scrubbed (zeroed from a
+//! zeroed device block) before they go back to the driver, as allocations are: when
+//! destroyed, and before their context is. The driver's descriptors are built
 //! here from checked values: an array's shape as `CUDA_ARRAY3D_DESCRIPTOR` (formats as plain
 //! integers, see `cuda.rs`), a texture's resource as `CUDA_RESOURCE_DESC` (an array of this
 //! backend, or linear memory the zone checked). The texture and view descriptors are the
 //! program's bytes, plain values the driver validates, passed through an aligned copy.
 
 use super::*;
-use crate::backend::{ArrayDesc, TexResource, TEX_DESC_LEN, VIEW_DESC_LEN};
+use crate::backend::{ArrayDesc, CopyEnd, GraphCopy, TexResource, TEX_DESC_LEN, VIEW_DESC_LEN};
 
 /// A CUDA array of a [`CudaGpu`] (an id, like [`CudaStream`]).
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct CudaArray {
     pub(super) id: u64,
 }
+
+/// A live array: the driver's, the context it was made in, its shape (for the scrub).
+#[derive(Debug)]
+pub(super) struct ArrayState {
+    raw: sys::CUarray,
+    ctx: CtxId,
+    desc: ArrayDesc,
+}
+
+/// Bytes of the zeroed block an array is scrubbed from, a band of rows at a time.
+const SCRUB_BAND: u64 = 16 << 20;
 
 /// `CUDA_ARRAY3D_DESCRIPTOR` with its format as a plain integer.
 #[repr(C)]
@@ -68,7 +81,76 @@ fn aligned<const N: usize>(bytes: &[u8; N]) -> Vec<u64> {
 impl CudaGpu {
     /// The driver array of array `id`.
     pub(super) fn raw_array(&self, id: u64) -> CuResult<sys::CUarray> {
-        self.arrays.get(&id).copied().ok_or(CuError::INVALID_HANDLE)
+        self.arrays.get(&id).map(|a| a.raw).ok_or(CuError::INVALID_HANDLE)
+    }
+
+    /// Zeroes array `id` (in the current context, its own) from a zeroed device block, a
+    /// band of rows at a time, and waits for it: as every allocation is scrubbed before it
+    /// goes back to the driver.
+    fn scrub_array(&self, id: u64) -> CuResult<()> {
+        let desc = self.arrays.get(&id).map(|a| a.desc).ok_or(CuError::INVALID_HANDLE)?;
+        let row = desc.row_bytes().ok_or(CuError::INVALID_VALUE)?;
+        let (rows, slices) = desc.rows_and_slices();
+        let band = (SCRUB_BAND / row.max(1)).clamp(1, rows);
+        let n = byte_count(band * row)?;
+        let mut zero: sys::CUdeviceptr = 0;
+        // SAFETY: one valid out-pointer.
+        check(unsafe { (self.api.mem_alloc)(&mut zero, n) })?;
+        let result = (|| {
+            // SAFETY: `zero` is the `n`-byte allocation just made.
+            check(unsafe { (self.api.memset_d8)(zero, 0, n) })?;
+            for z in 0..slices {
+                let mut y = 0;
+                while y < rows {
+                    let height = band.min(rows - y);
+                    let c = GraphCopy {
+                        src: CopyEnd::Device(zero),
+                        src_pitch: row,
+                        src_height: band,
+                        dst: CopyEnd::Array { id, x: 0, y, z },
+                        dst_pitch: row,
+                        dst_height: rows,
+                        width: row,
+                        height,
+                        depth: 1,
+                    };
+                    let p = self.raw_copy(&c)?;
+                    // SAFETY: `p` names the zeroed block (`height` rows of `row` bytes) and
+                    // rows inside the live array.
+                    check(unsafe { (self.api.memcpy_3d)(&p) })?;
+                    y += height;
+                }
+            }
+            self.ctx_synchronize()
+        })();
+        // SAFETY: the block made above, no longer used (the copies were synchronous).
+        let freed = check(unsafe { (self.api.mem_free)(zero) });
+        result.and(freed)
+    }
+
+    /// Scrubs and destroys array `id` in its own context.
+    fn release_array(&mut self, id: u64) -> CuResult<()> {
+        let ctx = self.arrays.get(&id).map(|a| a.ctx).ok_or(CuError::INVALID_HANDLE)?;
+        self.make_current(ctx)?;
+        let scrubbed = self.scrub_array(id);
+        if let Err(e) = &scrubbed {
+            tracing::warn!(error = %e, "a CUDA array could not be scrubbed: destroyed unscrubbed");
+        }
+        let raw = self.arrays.remove(&id).map(|a| a.raw).ok_or(CuError::INVALID_HANDLE)?;
+        // SAFETY: a live array of this backend, now out of the table, so destroyed once.
+        let destroyed = check(unsafe { (self.api.array_destroy)(raw) });
+        let back = self.make_current(self.current);
+        destroyed.and(back)
+    }
+
+    /// Scrubs and destroys the arrays of context `ctx` (before the context goes).
+    pub(super) fn release_arrays_of(&mut self, ctx: CtxId) {
+        let doomed: Vec<u64> = self.arrays.iter().filter(|(_, a)| a.ctx == ctx).map(|(&id, _)| id).collect();
+        for id in doomed {
+            if let Err(e) = self.release_array(id) {
+                tracing::warn!(error = %e, "a CUDA array of a destroyed context could not be released");
+            }
+        }
     }
 
     pub(super) fn create_array(&mut self, desc: &ArrayDesc) -> CuResult<CudaArray> {
@@ -88,14 +170,12 @@ impl CudaGpu {
         // out-pointer.
         check(unsafe { (self.api.array_3d_create)(&mut array, &raw) })?;
         let id = next_id();
-        self.arrays.insert(id, array);
+        self.arrays.insert(id, ArrayState { raw: array, ctx: self.current, desc: *desc });
         Ok(CudaArray { id })
     }
 
     pub(super) fn destroy_array(&mut self, array: CudaArray) -> CuResult<()> {
-        let raw = self.arrays.remove(&array.id).ok_or(CuError::INVALID_HANDLE)?;
-        // SAFETY: a live array of this backend, now out of the table, so destroyed once.
-        check(unsafe { (self.api.array_destroy)(raw) })
+        self.release_array(array.id)
     }
 
     /// The driver's `CUDA_RESOURCE_DESC` for `res`, as words.
