@@ -15,7 +15,7 @@ root=$PWD
 src=$root/guest-agent/libvgpu/tests/c
 carry=$root/.device-carry
 out=/tmp/vgpu-out
-progs=(device_query contexts memory launch streams_events errors_misc ipc)
+progs=(device_query contexts memory launch streams_events errors_misc ipc link)
 sock=/tmp/vgpu-gpu/host-proxy.sock
 
 work=$(mktemp -d /tmp/vgpu-gpu-work.XXXXXX)

@@ -49,6 +49,9 @@ mod arrays;
 use arrays::{ArrayEntry, TexEntry};
 mod graphs;
 use graphs::NodeEntry;
+mod link;
+use link::LinkEntry;
+pub use link::{MAX_LINKS, MAX_LINK_BYTES};
 mod pitched;
 pub use graphs::MAX_PERSISTENT_HOST_FUNCS;
 mod vmm;
@@ -147,6 +150,7 @@ mod kind {
     pub const GRAPH_NODE: u8 = 0x4e;
     pub const PHYS: u8 = 0x50;
     pub const ARRAY: u8 = 0x41;
+    pub const LINK: u8 = 0x4a;
 }
 
 /// `CUpointer_attribute` values answered from the zone's tables.
@@ -363,6 +367,8 @@ pub struct Zone<B: GpuBackend> {
     arrays: HandleTable<ArrayEntry<B::Array>>,
     textures: HashMap<u64, TexEntry>,
     orphaned_textures: HashSet<u64>,
+    /// JIT link states (see `link.rs`).
+    links: HandleTable<LinkEntry<B::Link>>,
 }
 
 impl<B: GpuBackend> std::fmt::Debug for Zone<B> {
@@ -506,6 +512,7 @@ impl<B: GpuBackend> Zone<B> {
             arrays: HandleTable::new(kind::ARRAY, max),
             textures: HashMap::new(),
             orphaned_textures: HashSet::new(),
+            links: HandleTable::new(kind::LINK, max),
         }
     }
 
@@ -688,6 +695,7 @@ impl<B: GpuBackend> Zone<B> {
             + u64::from(self.phys.len())
             + u64::from(self.arrays.len())
             + self.texture_objects()
+            + u64::from(self.links.len())
     }
 
     /// Recomputes the zone's accounting from its tables and checks it against the running
@@ -972,6 +980,7 @@ impl<B: GpuBackend> Zone<B> {
         }
         // Texture and surface objects go before the arrays and memory they read.
         note(self.purge_arrays(ctx, destroy));
+        note(self.purge_links(ctx));
         let roots: HashSet<Handle> =
             self.modules.iter().filter(|(_, m)| m.ctx == ctx && m.library.is_none()).map(|(h, _)| h).collect();
         self.functions.remove_where(|_, f| f.ctx == ctx || roots.contains(&f.root));
@@ -1677,6 +1686,31 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
 
     fn surf_object_destroy(&mut self, r: SurfObjectDestroy) -> CuResult<Done> {
         self.zone.texture_destroy(r.surf, true).map(|()| Done {})
+    }
+
+    fn link_create(&mut self, r: LinkCreate) -> CuResult<LinkCreateReply> {
+        Ok(LinkCreateReply { state: self.zone.link_create(&r.options)? })
+    }
+
+    fn link_add(&mut self, r: LinkAdd) -> CuResult<Done> {
+        self.zone.link_add(self.window, r).map(|()| Done {})
+    }
+
+    fn link_complete(&mut self, r: LinkComplete) -> CuResult<LinkCompleteReply> {
+        Ok(LinkCompleteReply { size: self.zone.link_complete(r.state)? })
+    }
+
+    fn link_image(&mut self, r: LinkImage) -> CuResult<Done> {
+        self.zone.link_image(self.window, r.state, r.dst).map(|()| Done {})
+    }
+
+    fn link_logs(&mut self, r: LinkLogs) -> CuResult<LinkLogsReply> {
+        let (info, error) = self.zone.link_logs(r.state)?;
+        Ok(LinkLogsReply { info, error })
+    }
+
+    fn link_destroy(&mut self, r: LinkDestroy) -> CuResult<Done> {
+        self.zone.link_destroy(r.state).map(|()| Done {})
     }
 
     fn memcpy_pitched(&mut self, req: MemcpyPitched) -> CuResult<Done> {
@@ -3121,6 +3155,63 @@ mod tests {
         f.z.teardown();
         assert_eq!(f.z.backend().held().array_bytes, 0);
         assert_eq!(f.z.backend().held().objects, 0);
+    }
+
+    #[test]
+    fn links_are_bounded_checked_and_end_with_their_context() {
+        let mut f = fixture(Quotas::default(), 64 << 10);
+        let objects0 = f.z.live_objects();
+        let pair = |o: u32, v: u64| [o.to_le_bytes().as_slice(), v.to_le_bytes().as_slice()].concat();
+        // Plain options pass; pointer-valued ones are not offered; malformed ones are refused.
+        let state = f.api().link_create(LinkCreate { options: pair(12, 1) }).unwrap().state;
+        assert_eq!(f.api().link_create(LinkCreate { options: pair(17, 8) }).map(drop), Err(CuError::NOT_SUPPORTED));
+        assert_eq!(f.api().link_create(LinkCreate { options: pair(3, 8) }).map(drop), Err(CuError::NOT_SUPPORTED));
+        assert_eq!(f.api().link_create(LinkCreate { options: vec![0; 11] }).map(drop), Err(CuError::INVALID_VALUE));
+        assert_eq!(f.api().link_create(LinkCreate { options: pair(99, 0) }).map(drop), Err(CuError::INVALID_VALUE));
+        let mut ptx = PTX.as_bytes().to_vec();
+        f.w.write(BulkRef { offset: 0, len: ptx.len() as u64 }, &ptx).unwrap();
+        let add = |state, input_type, len: u64| LinkAdd {
+            state,
+            input_type,
+            data: BulkRef { offset: 0, len },
+            name: "a.ptx".into(),
+            options: Vec::new(),
+        };
+        // PTX without its NUL is taken; a library archive is not offered; an empty or
+        // out-of-window input is refused.
+        f.api().link_add(add(state, 1, ptx.len() as u64)).unwrap();
+        assert_eq!(f.api().link_add(add(state, 4, 16)).map(drop), Err(CuError::NOT_SUPPORTED));
+        assert_eq!(f.api().link_add(add(state, 1, 0)).map(drop), Err(CuError::INVALID_VALUE));
+        let outside = LinkAdd { data: BulkRef { offset: (64 << 10) - 4, len: 8 }, ..add(state, 1, 8) };
+        assert_eq!(f.api().link_add(outside).map(drop), Err(CuError::INVALID_VALUE));
+        let early = BulkRef { offset: 8192, len: 1 };
+        assert_eq!(f.api().link_image(LinkImage { state, dst: early }).map(drop), Err(CuError::INVALID_VALUE));
+        let size = f.api().link_complete(LinkComplete { state }).unwrap().size;
+        ptx.push(b'\n');
+        ptx.push(0);
+        assert_eq!(size, ptx.len() as u64, "the double's image is its inputs' PTX");
+        let wrong = BulkRef { offset: 8192, len: size - 1 };
+        assert_eq!(f.api().link_image(LinkImage { state, dst: wrong }).map(drop), Err(CuError::INVALID_VALUE));
+        let dst = BulkRef { offset: 8192, len: size };
+        f.api().link_image(LinkImage { state, dst }).unwrap();
+        let mut image = vec![0u8; size as usize];
+        f.w.read(dst, &mut image).unwrap();
+        assert_eq!(image, ptx);
+        let logs = f.api().link_logs(LinkLogs { state }).unwrap();
+        assert!(logs.info.contains("1 PTX input"), "{logs:?}");
+        assert_eq!(f.z.live_objects(), objects0 + 1);
+        f.api().link_destroy(LinkDestroy { state }).unwrap();
+        assert_eq!(f.api().link_logs(LinkLogs { state }).map(drop), Err(CuError::INVALID_HANDLE));
+        // At most MAX_LINKS at once; a context's links end with it.
+        let ctx = f.api().ctx_create(CtxCreate { flags: 0 }).unwrap().ctx;
+        for _ in 0..MAX_LINKS {
+            f.api().link_create(LinkCreate { options: Vec::new() }).unwrap();
+        }
+        let more = f.api().link_create(LinkCreate { options: Vec::new() }).map(drop);
+        assert_eq!(more, Err(CuError::OUT_OF_MEMORY));
+        f.api().ctx_destroy(CtxDestroy { ctx }).unwrap();
+        assert_eq!(f.z.live_objects(), objects0);
+        f.z.audit().unwrap();
     }
 
     #[test]

@@ -1811,6 +1811,92 @@ impl Message for SurfObjectDestroy {
     const ID: MessageId = MessageId(0x02d5);
 }
 
+/// Request `LinkCreate` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkCreate {
+    #[serde(with = "serde_bytes")]
+    pub options: Vec<u8>,
+}
+impl Message for LinkCreate {
+    const ID: MessageId = MessageId(0x02d6);
+}
+/// Reply to [`LinkCreate`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkCreateReply {
+    pub state: Handle,
+}
+impl Message for LinkCreateReply {
+    const ID: MessageId = MessageId(0x82d6);
+}
+
+/// Request `LinkAdd` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkAdd {
+    pub state: Handle,
+    pub input_type: u32,
+    pub data: BulkRef,
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub options: Vec<u8>,
+}
+impl Message for LinkAdd {
+    const ID: MessageId = MessageId(0x02d7);
+}
+
+/// Request `LinkComplete` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkComplete {
+    pub state: Handle,
+}
+impl Message for LinkComplete {
+    const ID: MessageId = MessageId(0x02d8);
+}
+/// Reply to [`LinkComplete`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkCompleteReply {
+    pub size: u64,
+}
+impl Message for LinkCompleteReply {
+    const ID: MessageId = MessageId(0x82d8);
+}
+
+/// Request `LinkImage` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkImage {
+    pub state: Handle,
+    pub dst: BulkRef,
+}
+impl Message for LinkImage {
+    const ID: MessageId = MessageId(0x02d9);
+}
+
+/// Request `LinkLogs` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkLogs {
+    pub state: Handle,
+}
+impl Message for LinkLogs {
+    const ID: MessageId = MessageId(0x02da);
+}
+/// Reply to [`LinkLogs`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkLogsReply {
+    pub info: String,
+    pub error: String,
+}
+impl Message for LinkLogsReply {
+    const ID: MessageId = MessageId(0x82da);
+}
+
+/// Request `LinkDestroy` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkDestroy {
+    pub state: Handle,
+}
+impl Message for LinkDestroy {
+    const ID: MessageId = MessageId(0x02db);
+}
+
 /// Every generated request id, in order.
 pub const REQUEST_IDS: &[MessageId] = &[
     CuMemAllocV2::ID,
@@ -1936,6 +2022,12 @@ pub const REQUEST_IDS: &[MessageId] = &[
     TexObjectDestroy::ID,
     SurfObjectCreate::ID,
     SurfObjectDestroy::ID,
+    LinkCreate::ID,
+    LinkAdd::ID,
+    LinkComplete::ID,
+    LinkImage::ID,
+    LinkLogs::ID,
+    LinkDestroy::ID,
 ];
 
 /// Every `CUresult` code of the driver's bindings with its name, by code.
@@ -3040,6 +3132,18 @@ pub trait Api {
     fn surf_object_create(&mut self, req: SurfObjectCreate) -> Result<SurfObjectCreateReply, Self::Error>;
     /// Handles [`SurfObjectDestroy`].
     fn surf_object_destroy(&mut self, req: SurfObjectDestroy) -> Result<crate::Done, Self::Error>;
+    /// Handles [`LinkCreate`].
+    fn link_create(&mut self, req: LinkCreate) -> Result<LinkCreateReply, Self::Error>;
+    /// Handles [`LinkAdd`].
+    fn link_add(&mut self, req: LinkAdd) -> Result<crate::Done, Self::Error>;
+    /// Handles [`LinkComplete`].
+    fn link_complete(&mut self, req: LinkComplete) -> Result<LinkCompleteReply, Self::Error>;
+    /// Handles [`LinkImage`].
+    fn link_image(&mut self, req: LinkImage) -> Result<crate::Done, Self::Error>;
+    /// Handles [`LinkLogs`].
+    fn link_logs(&mut self, req: LinkLogs) -> Result<LinkLogsReply, Self::Error>;
+    /// Handles [`LinkDestroy`].
+    fn link_destroy(&mut self, req: LinkDestroy) -> Result<crate::Done, Self::Error>;
 }
 
 /// Sends a handler's reply.
@@ -3685,6 +3789,36 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.surf_object_destroy(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x02d6 => {
+            let req = decode_body::<LinkCreate>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.link_create(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02d7 => {
+            let req = decode_body::<LinkAdd>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.link_add(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02d8 => {
+            let req = decode_body::<LinkComplete>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.link_complete(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02d9 => {
+            let req = decode_body::<LinkImage>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.link_image(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02da => {
+            let req = decode_body::<LinkLogs>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.link_logs(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
+        0x02db => {
+            let req = decode_body::<LinkDestroy>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.link_destroy(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         _ => Err(DispatchError::Unknown(id)),
     }
 }
@@ -3823,6 +3957,12 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x02d3 => "TexObjectDestroy",
         0x02d4 => "SurfObjectCreate",
         0x02d5 => "SurfObjectDestroy",
+        0x02d6 => "LinkCreate",
+        0x02d7 => "LinkAdd",
+        0x02d8 => "LinkComplete",
+        0x02d9 => "LinkImage",
+        0x02da => "LinkLogs",
+        0x02db => "LinkDestroy",
         _ => return None,
     })
 }

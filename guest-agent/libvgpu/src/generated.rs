@@ -1078,6 +1078,66 @@ pub unsafe extern "C" fn cuMemcpy3DAsync_v2(pCopy: *const sys::CUDA_MEMCPY3D, hS
     })
 }
 
+/// `cuLinkAddData_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuLinkAddData_v2(state: sys::CUlinkState, type_: ::core::ffi::c_uint, data: *mut ::core::ffi::c_void, size: usize, name: *const ::core::ffi::c_char, numOptions: ::core::ffi::c_uint, options: *mut ::core::ffi::c_uint, optionValues: *mut *mut ::core::ffi::c_void) -> CUresult {
+    rt::entry("cuLinkAddData_v2", || {
+        // SAFETY: the caller upholds cuLinkAddData_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_link_add_data_v2(state, type_, data, size, name, numOptions, options, optionValues) }
+    })
+}
+
+/// `cuLinkAddFile_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuLinkAddFile_v2(state: sys::CUlinkState, type_: ::core::ffi::c_uint, path: *const ::core::ffi::c_char, numOptions: ::core::ffi::c_uint, options: *mut ::core::ffi::c_uint, optionValues: *mut *mut ::core::ffi::c_void) -> CUresult {
+    rt::entry("cuLinkAddFile_v2", || {
+        // SAFETY: the caller upholds cuLinkAddFile_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_link_add_file_v2(state, type_, path, numOptions, options, optionValues) }
+    })
+}
+
+/// `cuLinkComplete` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuLinkComplete(state: sys::CUlinkState, cubinOut: *mut *mut ::core::ffi::c_void, sizeOut: *mut usize) -> CUresult {
+    rt::entry("cuLinkComplete", || {
+        // SAFETY: the caller upholds cuLinkComplete's contract, which the implementation documents.
+        unsafe { crate::imp::cu_link_complete(state, cubinOut, sizeOut) }
+    })
+}
+
+/// `cuLinkCreate_v2` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuLinkCreate_v2(numOptions: ::core::ffi::c_uint, options: *mut ::core::ffi::c_uint, optionValues: *mut *mut ::core::ffi::c_void, stateOut: *mut sys::CUlinkState) -> CUresult {
+    rt::entry("cuLinkCreate_v2", || {
+        // SAFETY: the caller upholds cuLinkCreate_v2's contract, which the implementation documents.
+        unsafe { crate::imp::cu_link_create_v2(numOptions, options, optionValues, stateOut) }
+    })
+}
+
+/// `cuLinkDestroy` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuLinkDestroy(state: sys::CUlinkState) -> CUresult {
+    rt::entry("cuLinkDestroy", || {
+        // SAFETY: the caller upholds cuLinkDestroy's contract, which the implementation documents.
+        unsafe { crate::imp::cu_link_destroy(state) }
+    })
+}
+
 /// `cuArrayCreate_v2` (served in the guest).
 ///
 /// # Safety
@@ -3220,36 +3280,6 @@ pub extern "C" fn cuLibraryGetManaged(_dptr: *mut sys::CUdeviceptr, _bytes: *mut
 #[no_mangle]
 pub extern "C" fn cuLibraryGetUnifiedFunction(_fptr: *mut *mut ::core::ffi::c_void, _library: sys::CUlibrary, _symbol: *const ::core::ffi::c_char) -> CUresult {
     rt::unsupported("cuLibraryGetUnifiedFunction")
-}
-
-/// `cuLinkAddData_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuLinkAddData_v2(_state: sys::CUlinkState, _type_: ::core::ffi::c_uint, _data: *mut ::core::ffi::c_void, _size: usize, _name: *const ::core::ffi::c_char, _numOptions: ::core::ffi::c_uint, _options: *mut ::core::ffi::c_uint, _optionValues: *mut *mut ::core::ffi::c_void) -> CUresult {
-    rt::unsupported("cuLinkAddData_v2")
-}
-
-/// `cuLinkAddFile_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuLinkAddFile_v2(_state: sys::CUlinkState, _type_: ::core::ffi::c_uint, _path: *const ::core::ffi::c_char, _numOptions: ::core::ffi::c_uint, _options: *mut ::core::ffi::c_uint, _optionValues: *mut *mut ::core::ffi::c_void) -> CUresult {
-    rt::unsupported("cuLinkAddFile_v2")
-}
-
-/// `cuLinkComplete`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuLinkComplete(_state: sys::CUlinkState, _cubinOut: *mut *mut ::core::ffi::c_void, _sizeOut: *mut usize) -> CUresult {
-    rt::unsupported("cuLinkComplete")
-}
-
-/// `cuLinkCreate_v2`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuLinkCreate_v2(_numOptions: ::core::ffi::c_uint, _options: *mut ::core::ffi::c_uint, _optionValues: *mut *mut ::core::ffi::c_void, _stateOut: *mut sys::CUlinkState) -> CUresult {
-    rt::unsupported("cuLinkCreate_v2")
-}
-
-/// `cuLinkDestroy`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuLinkDestroy(_state: sys::CUlinkState) -> CUresult {
-    rt::unsupported("cuLinkDestroy")
 }
 
 /// `cuLogsCurrent`: not supported by libvgpu.
@@ -5767,6 +5797,11 @@ pub const EXPORTS: &[&str] = &[
     "cuMemcpy2DAsync_v2",
     "cuMemcpy3D_v2",
     "cuMemcpy3DAsync_v2",
+    "cuLinkAddData_v2",
+    "cuLinkAddFile_v2",
+    "cuLinkComplete",
+    "cuLinkCreate_v2",
+    "cuLinkDestroy",
     "cuArrayCreate_v2",
     "cuArray3DCreate_v2",
     "cuArrayDestroy",
@@ -6008,11 +6043,6 @@ pub const EXPORTS: &[&str] = &[
     "cuLibraryGetKernelCount",
     "cuLibraryGetManaged",
     "cuLibraryGetUnifiedFunction",
-    "cuLinkAddData_v2",
-    "cuLinkAddFile_v2",
-    "cuLinkComplete",
-    "cuLinkCreate_v2",
-    "cuLinkDestroy",
     "cuLogsCurrent",
     "cuLogsDumpToFile",
     "cuLogsDumpToMemory",
@@ -6568,11 +6598,11 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuLibraryLoadData", since: 0, symbol: "cuLibraryLoadData", ptr: cuLibraryLoadData as *const (), per_thread: false },
     rt::ProcEntry { base: "cuLibraryLoadFromFile", since: 0, symbol: "cuLibraryLoadFromFile", ptr: cuLibraryLoadFromFile as *const (), per_thread: false },
     rt::ProcEntry { base: "cuLibraryUnload", since: 0, symbol: "cuLibraryUnload", ptr: cuLibraryUnload as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuLinkAddData", since: 0, symbol: "cuLinkAddData_v2", ptr: cuLinkAddData_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuLinkAddFile", since: 0, symbol: "cuLinkAddFile_v2", ptr: cuLinkAddFile_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuLinkComplete", since: 0, symbol: "cuLinkComplete", ptr: cuLinkComplete as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuLinkCreate", since: 0, symbol: "cuLinkCreate_v2", ptr: cuLinkCreate_v2 as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuLinkDestroy", since: 0, symbol: "cuLinkDestroy", ptr: cuLinkDestroy as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLinkAddData", since: 6050, symbol: "cuLinkAddData_v2", ptr: cuLinkAddData_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLinkAddFile", since: 6050, symbol: "cuLinkAddFile_v2", ptr: cuLinkAddFile_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLinkComplete", since: 5050, symbol: "cuLinkComplete", ptr: cuLinkComplete as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLinkCreate", since: 6050, symbol: "cuLinkCreate_v2", ptr: cuLinkCreate_v2 as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuLinkDestroy", since: 5050, symbol: "cuLinkDestroy", ptr: cuLinkDestroy as *const (), per_thread: false },
     rt::ProcEntry { base: "cuLogsCurrent", since: 0, symbol: "cuLogsCurrent", ptr: cuLogsCurrent as *const (), per_thread: false },
     rt::ProcEntry { base: "cuLogsDumpToFile", since: 0, symbol: "cuLogsDumpToFile", ptr: cuLogsDumpToFile as *const (), per_thread: false },
     rt::ProcEntry { base: "cuLogsDumpToMemory", since: 0, symbol: "cuLogsDumpToMemory", ptr: cuLogsDumpToMemory as *const (), per_thread: false },

@@ -165,6 +165,11 @@ impl Window {
         self.data.write(desc, src).map_err(|_| CuError::INVALID_VALUE)
     }
 
+    /// Reads bytes at a window offset (a linked image the host wrote into a temporary block).
+    pub fn read_at(&self, desc: BulkRef, dst: &mut [u8]) -> CuResult<()> {
+        self.data.read(desc, dst).map_err(|_| CuError::INVALID_VALUE)
+    }
+
     /// Carves `len` bytes (page-aligned) out of the arena.
     pub fn alloc(&mut self, len: u64, flags: u32) -> CuResult<*mut u8> {
         let off = self.arena.alloc(len, flags)?;

@@ -594,3 +594,42 @@ fn nvidia_cudart_13_shared_runs_through_libvgpu() {
 fn nvidia_cudart_13_static_runs_through_libvgpu() {
     cudart_run("13.0.96", false);
 }
+
+/// `tests/c/link.c`, a driver-API program built against NVIDIA's `cuda.h` (from the CUDA 13
+/// runtime wheel) and libvgpu: JIT linking of two PTX inputs (one from a file), the linked
+/// module loaded and launched. The simulated GPU's linker concatenates PTX and its
+/// `fill_u32` writes the value it is given; on the GPU, device/libvgpu-gpu.sh runs the same
+/// program natively and through libvgpu (the helper then doubles the value).
+#[test]
+fn jit_linking_through_libvgpu() {
+    let lab = lab();
+    let rt = cudart_dir().join("13.0.96");
+    assert!(
+        rt.join("include/cuda.h").exists(),
+        "NVIDIA's CUDA 13 headers are not in {}: run `cargo xtask fetch-cudart` (cargo xtask ci does)",
+        rt.display()
+    );
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/link.c");
+    let exe = lab.dir.join("link");
+    let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+    cc.args(["-std=c11", "-O1", "-Wall", "-Werror", "-o"]).arg(&exe).arg("-I").arg(rt.join("include")).arg(&src);
+    cc.arg("-L").arg(&lab.libdir).args(["-l:libcuda.so.1", "-lpthread"]);
+    let out = cc.output().expect("running the C compiler");
+    assert!(out.status.success(), "building link.c: {}", String::from_utf8_lossy(&out.stderr));
+    let run = Command::new(&exe)
+        .env("LD_LIBRARY_PATH", &lab.libdir)
+        .env("VGPU_SOCKET", &lab.socket)
+        .env("VGPU_LOG", "warn")
+        .output()
+        .expect("running link");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "link failed:\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    for line in [
+        "linked: image non-empty, info log non-empty (size slot filled)",
+        "launched the linked kernel: out[0] = 21, all equal yes",
+        "cuLinkAddData(NULL) -> CUDA_ERROR_INVALID_VALUE",
+        "OK link",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "missing {line:?} in:\n{stdout}");
+    }
+}

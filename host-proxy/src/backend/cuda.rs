@@ -75,9 +75,11 @@ use vgpu_proto::{DeviceInfo, LaunchAttr};
 mod arrays;
 mod copies;
 mod graphs;
+mod link;
 mod vmm;
 pub use arrays::CudaArray;
 pub use graphs::{CudaGraph, CudaGraphExec};
+pub use link::CudaLink;
 pub use vmm::CudaPhys;
 
 /// `CUresult` as the C ABI returns it (an `enum` of `unsigned int` size). Kept as an
@@ -285,6 +287,23 @@ driver_api! {
     memset_2d32 = "cuMemsetD2D32_v2": fn(sys::CUdeviceptr, usize, c_uint, usize, usize);
     /// `cuMemsetD2D32Async`.
     memset_2d32_async = "cuMemsetD2D32Async": fn(sys::CUdeviceptr, usize, c_uint, usize, usize, sys::CUstream);
+    /// `cuLinkCreate_v2`.
+    link_create = "cuLinkCreate_v2": fn(c_uint, *mut c_uint, *mut *mut c_void, *mut sys::CUlinkState);
+    /// `cuLinkAddData_v2`.
+    link_add_data = "cuLinkAddData_v2": fn(
+        sys::CUlinkState,
+        c_uint,
+        *mut c_void,
+        usize,
+        *const c_char,
+        c_uint,
+        *mut c_uint,
+        *mut *mut c_void,
+    );
+    /// `cuLinkComplete`.
+    link_complete = "cuLinkComplete": fn(sys::CUlinkState, *mut *mut c_void, *mut usize);
+    /// `cuLinkDestroy`.
+    link_destroy = "cuLinkDestroy": fn(sys::CUlinkState);
     /// `cuArray3DCreate_v2`.
     array_3d_create = "cuArray3DCreate_v2": fn(*mut sys::CUarray, *const arrays::RawArray3dDesc);
     /// `cuArrayDestroy`.
@@ -1964,6 +1983,35 @@ impl GpuBackend for CudaGpu {
             // SAFETY: as above, and `s` is a live stream of this backend.
             |api, s| unsafe { (api.memset_d32_async)(dst, value, n, s) },
         )
+    }
+
+    type Link = CudaLink;
+
+    fn link_create(&mut self, options: &[(u32, u64)]) -> CuResult<CudaLink> {
+        self.create_link(options)
+    }
+
+    fn link_add(
+        &mut self,
+        link: &mut CudaLink,
+        input_type: u32,
+        data: &[u8],
+        name: &CStr,
+        options: &[(u32, u64)],
+    ) -> CuResult<()> {
+        self.add_to_link(link, input_type, data, name, options)
+    }
+
+    fn link_complete(&mut self, link: &mut CudaLink) -> CuResult<Vec<u8>> {
+        self.complete_link(link)
+    }
+
+    fn link_logs(&self, link: &CudaLink) -> (String, String) {
+        self.link_log_texts(link)
+    }
+
+    fn link_destroy(&mut self, link: CudaLink) -> CuResult<()> {
+        self.destroy_link(link)
     }
 
     type Array = CudaArray;

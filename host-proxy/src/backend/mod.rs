@@ -47,6 +47,8 @@ pub trait GpuBackend {
     type Phys;
     /// A CUDA array (`cuArray3DCreate`), for copies and texture and surface objects.
     type Array;
+    /// A JIT link state (`cuLinkCreate`).
+    type Link;
     /// A node of a graph: a plain value naming it inside its graph (the zone maps it to a
     /// handle; it is only ever passed back together with its graph).
     type GraphNode: Copy + Eq + std::hash::Hash + std::fmt::Debug;
@@ -154,6 +156,27 @@ pub trait GpuBackend {
     fn surf_object_create(&mut self, array: &Self::Array) -> CuResult<u64>;
     /// Destroys a surface object this backend made.
     fn surf_object_destroy(&mut self, surf: u64) -> CuResult<()>;
+
+    // ---- JIT linking ----
+    /// Starts a link in the current context with scalar JIT `options` (checked by the
+    /// caller: [`link_option_is_scalar`]); the backend keeps the logs itself.
+    fn link_create(&mut self, options: &[(u32, u64)]) -> CuResult<Self::Link>;
+    /// Adds one input of `CUjitInputType` `input_type` (PTX, cubin, fat binary or host
+    /// object: checked as module images are) named `name`, with its own scalar options.
+    fn link_add(
+        &mut self,
+        link: &mut Self::Link,
+        input_type: u32,
+        data: &[u8],
+        name: &std::ffi::CStr,
+        options: &[(u32, u64)],
+    ) -> CuResult<()>;
+    /// Links what was added; returns a copy of the linked image.
+    fn link_complete(&mut self, link: &mut Self::Link) -> CuResult<Vec<u8>>;
+    /// The link's info and error logs so far.
+    fn link_logs(&self, link: &Self::Link) -> (String, String);
+    /// Ends a link (its image with it).
+    fn link_destroy(&mut self, link: Self::Link) -> CuResult<()>;
 
     // ---- IPC (brokered by the daemon: see `crate::broker`) ----
     /// Makes the allocation starting at `dptr` (made by `mem_alloc`/`mem_alloc_pitch`, in
@@ -458,6 +481,17 @@ impl GraphCopy {
         }
     }
 }
+
+/// Whether JIT option `option` (`CUjit_option`) takes a plain value the host may pass to its
+/// driver: not the log buffers and their sizes and the wall time (the host keeps its own),
+/// and not the options whose values are pointers into the program (symbol and referenced
+/// names, symbol addresses).
+pub fn link_option_is_scalar(option: u32) -> bool {
+    option <= 33 && !matches!(option, 2..=6 | 17 | 18 | 25 | 27)
+}
+
+/// `CUjitInputType`s a link takes here: cubin, PTX, fat binary, host object.
+pub const LINK_INPUT_TYPES: [u32; 4] = [0, 1, 2, 3];
 
 /// Bytes of a `CUDA_TEXTURE_DESC`.
 pub const TEX_DESC_LEN: usize = 104;

@@ -67,10 +67,12 @@ use vgpu_proto::DeviceInfo;
 
 mod arrays;
 mod graphs;
+mod link;
 mod vmm;
 pub use arrays::SimArray;
 pub use graphs::{SimGraph, SimGraphExec};
 use graphs::{SimGraphNodes, SimOp};
+pub use link::SimLink;
 pub use vmm::SimPhys;
 
 /// Where simulated device addresses start (a recognisable, non-null, high value).
@@ -1258,6 +1260,37 @@ impl GpuBackend for SimGpu {
     const CONTEXT_MEM_BYTES: u64 = 0;
     type Phys = SimPhys;
     type Array = SimArray;
+    type Link = SimLink;
+
+    fn link_create(&mut self, options: &[(u32, u64)]) -> CuResult<SimLink> {
+        if !options.iter().all(|&(o, _)| super::link_option_is_scalar(o)) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Ok(SimLink::default())
+    }
+
+    fn link_add(
+        &mut self,
+        link: &mut SimLink,
+        input_type: u32,
+        data: &[u8],
+        name: &CStr,
+        _options: &[(u32, u64)],
+    ) -> CuResult<()> {
+        SimGpu::add_to_link(link, input_type, data, name)
+    }
+
+    fn link_complete(&mut self, link: &mut SimLink) -> CuResult<Vec<u8>> {
+        SimGpu::complete_link(link)
+    }
+
+    fn link_logs(&self, link: &SimLink) -> (String, String) {
+        SimGpu::link_log_texts(link)
+    }
+
+    fn link_destroy(&mut self, _link: SimLink) -> CuResult<()> {
+        Ok(())
+    }
 
     fn array_id(array: &SimArray) -> u64 {
         array.0
