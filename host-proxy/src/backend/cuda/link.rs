@@ -3,7 +3,9 @@
 //!
 //! A link state keeps two log buffers of this backend's own ([`LOG_BYTES`] each), given to
 //! the driver at creation; the driver writes them during the link's calls, and they are read
-//! between calls. Every input is checked as a module image is before the driver parses it.
+//! between calls. The option arrays given to `cuLinkCreate` must stay valid for the link
+//! state's life (the driver writes the logs' filled sizes back into them at later calls):
+//! the link keeps them. Every input is checked as a module image is before the driver parses it.
 //! The linked image belongs to the driver's link state: it is copied out at completion.
 
 use super::*;
@@ -26,6 +28,12 @@ pub struct CudaLink {
     /// The log buffers the driver was given: allocated here, freed when the link is dropped.
     info: *mut u8,
     error: *mut u8,
+    /// The option arrays the driver was given (it writes into `values` at later calls); their
+    /// heap buffers never move.
+    keys: Vec<c_uint>,
+    values: Vec<*mut c_void>,
+    /// Each input's own option arrays, kept as long as the link for the same reason.
+    input_options: Vec<(Vec<c_uint>, Vec<*mut c_void>)>,
 }
 
 impl Drop for CudaLink {
@@ -69,7 +77,15 @@ impl CudaGpu {
         let info = Box::into_raw(vec![0u8; LOG_BYTES].into_boxed_slice()).cast::<u8>();
         let error = Box::into_raw(vec![0u8; LOG_BYTES].into_boxed_slice()).cast::<u8>();
         // From here on `link` owns the buffers (dropped with it on every path).
-        let mut link = CudaLink { raw: std::ptr::null_mut(), ctx: self.current, info, error };
+        let mut link = CudaLink {
+            raw: std::ptr::null_mut(),
+            ctx: self.current,
+            info,
+            error,
+            keys: Vec::new(),
+            values: Vec::new(),
+            input_options: Vec::new(),
+        };
         let size = std::ptr::without_provenance_mut::<c_void>(LOG_BYTES);
         let extra = [
             (JIT_INFO_LOG, info.cast::<c_void>()),
@@ -77,14 +93,14 @@ impl CudaGpu {
             (JIT_ERROR_LOG, error.cast::<c_void>()),
             (JIT_ERROR_LOG_SIZE, size),
         ];
-        let (mut keys, mut values) = option_arrays(options, &extra);
+        (link.keys, link.values) = option_arrays(options, &extra);
         self.enter()?;
-        // SAFETY: `keys` and `values` hold the same number of entries; scalar values are
-        // integers the driver reads as such, the log buffers are `LOG_BYTES` long and live
-        // as long as `link`; `link.raw` is one valid out-pointer.
-        let rc = unsafe {
-            (self.api.link_create)(keys.len() as c_uint, keys.as_mut_ptr(), values.as_mut_ptr(), &mut link.raw)
-        };
+        let n = link.keys.len() as c_uint;
+        // SAFETY: `keys` and `values` hold the same number of entries and live (unmoved) as
+        // long as `link`, as the driver needs; scalar values are integers the driver reads as
+        // such, the log buffers are `LOG_BYTES` long and live as long as `link`; `link.raw` is
+        // one valid out-pointer.
+        let rc = unsafe { (self.api.link_create)(n, link.keys.as_mut_ptr(), link.values.as_mut_ptr(), &mut link.raw) };
         check(rc)?;
         Ok(link)
     }
@@ -104,11 +120,12 @@ impl CudaGpu {
         }
         // The driver parses what it is given: only inside `data`.
         check_image(data)?;
-        let (mut keys, mut values) = option_arrays(options, &[]);
+        link.input_options.push(option_arrays(options, &[]));
+        let (keys, values) = link.input_options.last_mut().ok_or(CuError::UNKNOWN)?;
         self.make_current(link.ctx)?;
         // SAFETY: a live link state of this backend; `data` is a checked image borrowed for
         // the call (the driver copies what it keeps); `name` is a C string; the option arrays
-        // hold `keys.len()` entries of scalars.
+        // hold `keys.len()` entries of scalars and live (unmoved) as long as the link.
         let rc = unsafe {
             (self.api.link_add_data)(
                 link.raw,
