@@ -625,7 +625,7 @@ fn jit_linking_through_libvgpu() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "link failed:\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
     for line in [
-        "linked: image non-empty, info log non-empty (size slot filled)",
+        "linked: image non-empty, info log non-empty (size slot: length)",
         "launched the linked kernel: out[0] = 21, all equal yes",
         "cuLinkAddData(NULL) -> CUDA_ERROR_INVALID_VALUE",
         "OK link",

@@ -3135,6 +3135,34 @@ $L__done:
     }
 
     #[test]
+    fn gpu_links_ptx_and_reports_its_logs() {
+        if !gpu_tests_enabled() {
+            return;
+        }
+        let mut g = open_gpu();
+        let kernel = b".version 8.0\n.target sm_90\n.address_size 64\n.extern .func (.param .b32 out) twice(.param .b32 x);\n.visible .entry k(.param .u32 v)\n{\n.reg .b32 %r<3>;\nld.param.u32 %r1, [v];\n{\n.param .b32 a;\n.param .b32 r;\nst.param.b32 [a], %r1;\ncall.uni (r), twice, (a);\nld.param.b32 %r2, [r];\n}\nret;\n}\n\0";
+        let helper = b".version 8.0\n.target sm_90\n.address_size 64\n.visible .func (.param .b32 out) twice(.param .b32 x)\n{\n.reg .b32 %r<3>;\nld.param.b32 %r1, [x];\nadd.u32 %r2, %r1, %r1;\nst.param.b32 [out], %r2;\nret;\n}\n\0";
+        let verbose = [(12u32, 1u64)];
+        let mut link = g.link_create(&verbose).unwrap();
+        g.link_add(&mut link, 1, kernel, c"kernel.ptx", &[]).unwrap();
+        g.link_add(&mut link, 1, helper, c"helper.ptx", &[]).unwrap();
+        let image = g.link_complete(&mut link).unwrap();
+        let (info, error) = g.link_logs(&link);
+        println!("info log: {info:?}\nerror log: {error:?}");
+        assert!(!image.is_empty());
+        assert!(!info.is_empty(), "a verbose link reports what it did");
+        g.module_load(&image).unwrap();
+        g.link_destroy(link).unwrap();
+        let mut alone = g.link_create(&[]).unwrap();
+        g.link_add(&mut alone, 1, kernel, c"kernel.ptx", &[]).unwrap();
+        assert!(g.link_complete(&mut alone).is_err(), "twice is defined nowhere");
+        let (_, error) = g.link_logs(&alone);
+        println!("unresolved: {error:?}");
+        assert!(!error.is_empty());
+        g.link_destroy(alone).unwrap();
+    }
+
+    #[test]
     fn gpu_arrays_are_copied_read_by_textures_and_scrubbed() {
         use crate::backend::{ArrayDesc, CopyEnd, CopyShape, GraphCopy, TexResource};
         if !gpu_tests_enabled() {

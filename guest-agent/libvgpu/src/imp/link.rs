@@ -5,7 +5,8 @@
 //! Inputs travel through a window block, as module images do; `cuLinkAddFile` reads the file
 //! here (it is the zone's file). JIT options with plain values go to the host; the log
 //! buffers and their sizes stay here and are filled from the host's logs after each call
-//! (sizes written back as the driver does: bytes filled, NUL included), the wall time reads
+//! (sizes written back as the driver 580 does: the log's length, without its NUL; measured
+//! by tests/c/link.c), the wall time reads
 //! 0; options whose values point into the program (symbol names and addresses, referenced
 //! names) are `CUDA_ERROR_NOT_SUPPORTED`. The linked image is copied here at completion and
 //! lives until `cuLinkDestroy`, as the driver's does.
@@ -25,11 +26,13 @@ const JIT_INFO_LOG_SIZE: u32 = 4;
 const JIT_ERROR_LOG: u32 = 5;
 const JIT_ERROR_LOG_SIZE: u32 = 6;
 
-/// Where the program wants a log: its buffer and the option-value slot holding its size
-/// (addresses, as integers: the program's memory, written only inside its own calls).
+/// Where the program wants a log: its buffer, its capacity as given at creation, and the
+/// option-value slot the filled size is written back to (addresses, as integers: the
+/// program's memory, written only inside its own calls).
 #[derive(Clone, Copy, Default)]
 struct LogTarget {
     buffer: usize,
+    cap: usize,
     size_slot: usize,
 }
 
@@ -68,12 +71,12 @@ unsafe fn read_options(n: c_uint, keys: *mut c_uint, values: *mut *mut c_void) -
         let key = unsafe { keys.wrapping_add(i).read_unaligned() };
         let slot = values.wrapping_add(i);
         // SAFETY: as above.
-        let value = unsafe { slot.read_unaligned() }.addr();
+        let value = unsafe { slot.read_unaligned() }.expose_provenance();
         match key {
             JIT_INFO_LOG => o.info.buffer = value,
-            JIT_INFO_LOG_SIZE => o.info.size_slot = slot.addr(),
+            JIT_INFO_LOG_SIZE => (o.info.size_slot, o.info.cap) = (slot.expose_provenance(), value),
             JIT_ERROR_LOG => o.error.buffer = value,
-            JIT_ERROR_LOG_SIZE => o.error.size_slot = slot.addr(),
+            JIT_ERROR_LOG_SIZE => (o.error.size_slot, o.error.cap) = (slot.expose_provenance(), value),
             JIT_WALL_TIME => {
                 // An output: the time the host's linker took is not measured here.
                 // SAFETY: CUDA's contract: the slot is the program's, written as a float.
@@ -96,24 +99,22 @@ fn fill_logs(state: Handle, info: LogTarget, error: LogTarget) {
     }
     let Ok(logs) = rt::call::<_, p::LinkLogsReply>(&p::LinkLogs { state }, false) else { return };
     for (target, text) in [(info, logs.info), (error, logs.error)] {
-        if target.buffer == 0 || target.size_slot == 0 {
+        // The capacity is the one given at creation (the slot holds the filled size after a
+        // call, as the driver leaves it); an empty log leaves buffer and slot alone.
+        if target.buffer == 0 || target.size_slot == 0 || target.cap == 0 || text.is_empty() {
             continue;
         }
-        let size_slot = std::ptr::with_exposed_provenance_mut::<usize>(target.size_slot);
-        // SAFETY: the program's option-value slot for this log's size (CUDA's contract:
-        // the option arrays stay valid for the call).
-        let cap = unsafe { size_slot.read_unaligned() };
-        if cap == 0 {
-            continue;
-        }
-        let n = text.len().min(cap - 1);
+        let n = text.len().min(target.cap - 1);
         let buffer = std::ptr::with_exposed_provenance_mut::<u8>(target.buffer);
-        // SAFETY: CUDA's contract: the buffer holds `cap` bytes; `n + 1 <= cap`.
+        // SAFETY: CUDA's contract: the buffer holds `cap` bytes for the link's life; `n + 1 <=
+        // cap`.
         unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), buffer, n) };
         // SAFETY: as above.
         unsafe { buffer.wrapping_add(n).write(0) };
-        // SAFETY: the size slot, as read above.
-        unsafe { size_slot.write_unaligned(n + 1) };
+        let size_slot = std::ptr::with_exposed_provenance_mut::<usize>(target.size_slot);
+        // SAFETY: the program's option-value slot for this log's size (CUDA's contract: the
+        // option arrays stay valid for the link's life).
+        unsafe { size_slot.write_unaligned(n) };
     }
 }
 

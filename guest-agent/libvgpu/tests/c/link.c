@@ -84,8 +84,12 @@ int main(void) {
     CHECK(cuLinkComplete(link, &image, &size));
     REQUIRE(image != NULL && size > 0, "linked image");
     size_t info_filled = (size_t)(uintptr_t)vals[1];
-    printf("linked: image %s, info log %s (size slot %s)\n", size > 0 ? "non-empty" : "empty",
-           info[0] ? "non-empty" : "empty", info_filled > 0 && info_filled <= sizeof info ? "filled" : "unchanged");
+    const char *slot = info_filled == strlen(info) + 1 ? "length + 1"
+                       : info_filled == strlen(info)   ? "length"
+                       : info_filled == sizeof info    ? "unchanged"
+                                                       : "other";
+    printf("linked: image %s, info log %s (size slot: %s)\n", size > 0 ? "non-empty" : "empty",
+           info[0] ? "non-empty" : "empty", slot);
 
     CUmodule mod;
     CUfunction fn;
