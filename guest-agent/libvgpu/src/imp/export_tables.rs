@@ -98,6 +98,7 @@ const T_INTEGRITY: usize = 7;
 const T_CTX_CHECKS: usize = 8;
 const T_CTX_QUERY: usize = 9;
 const T_LT_1734: usize = 10;
+const T_FFT_6E16: usize = 11;
 
 static CUDART_INTERFACE: Table<13> = Table({
     let mut t = traps!(T_CUDART; 0 1 2 3 4 5 6 7 8 9 10 11 12);
@@ -155,6 +156,20 @@ static CTX_QUERY: Table<93> = Table({
 static LT_1734: Table<17> = Table({
     let mut t = traps!(T_LT_1734; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
     t[0] = size_word::<17>();
+    t
+});
+
+/// {6E163FBE-B958-444D-835C-E182AFF1991E}: 99 slots in driver 580 (size word 792). cuFFT
+/// (through PyTorch 2.11's `torch.fft`) asks for it and fails with `CUFFT_INTERNAL_ERROR`
+/// when it is refused; natively it then calls slot 7 once per plan (six arguments), which
+/// answers 1 (`CUDA_ERROR_INVALID_VALUE`) every time, and goes on (tools/cuda-trace on the
+/// H200, `device/probes/torch_fft.py`). Served: slot 7 gives that same answer, the other
+/// slots answer `CUDA_ERROR_NOT_SUPPORTED` (named in the log). What slot 7 is for is not
+/// known; a cuFFT that got success from it natively would differ here.
+static FFT_6E16: Table<99> = Table({
+    let mut t = traps!(T_FFT_6E16; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92 93 94 95 96 97 98);
+    t[0] = size_word::<99>();
+    t[7] = fft_slot7 as *const c_void;
     t
 });
 
@@ -216,7 +231,7 @@ struct Known {
 }
 
 /// Every table libvgpu serves, in the order of the `T_*` indices.
-static TABLES: [Known; 11] = [
+static TABLES: [Known; 12] = [
     Known {
         id: uuid(0x6bd5fb6c, 0x5bf4, 0xe74a, 0x8987_d93912fd9df9),
         name: "CUDART_INTERFACE",
@@ -271,6 +286,11 @@ static TABLES: [Known; 11] = [
         id: uuid(0x1734dc26, 0x800d, 0x4745, 0x8726_c0f1e7dd8bca),
         name: "LT_1734DC26",
         table: || LT_1734.as_ptr(),
+    },
+    Known {
+        id: uuid(0x6e163fbe, 0xb958, 0x444d, 0x835c_e182aff1991e),
+        name: "FFT_6E163FBE",
+        table: || FFT_6E16.as_ptr(),
     },
 ];
 
@@ -649,6 +669,13 @@ fn query_context(arg: sys::CUcontext) -> CuResult<Handle> {
     } else {
         Err(CuError::INVALID_HANDLE)
     }
+}
+
+/// {6E163FBE…} slot 7: the driver's answer as traced (see [`FFT_6E16`]); the arguments
+/// (six, their meaning unknown) are not read.
+unsafe extern "C" fn fft_slot7() -> CUresult {
+    rt::log(Level::Debug, format_args!("FFT_6E163FBE[7]: answered CUDA_ERROR_INVALID_VALUE, as driver 580 does"));
+    CuError::INVALID_VALUE.code()
 }
 
 /// Slot 4: whether the argument is a context or a thread's state (1) or NULL (0).
