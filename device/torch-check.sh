@@ -3,7 +3,9 @@
 # the CPU), natively and through libvgpu + host-proxy (cuda backend, local transport).
 # PASS when every part passes in both runs and both exit 0; prints both runs' part lines.
 # Checks: device/probes/torch_threads.py (threads and streams, events, priorities, autograd in
-# threads, DataLoader's pinning thread, record_stream, a child process's clean exit).
+# threads, DataLoader's pinning thread, record_stream, a child process's clean exit) and
+# device/probes/torch_fft.py (cuFFT 1-D and 2-D real, strided copies). A run whose stderr tells
+# of a libvgpu internal error (a panic, even one caught at the C boundary) fails too.
 # CHECK_TIMEOUT is each run's limit (300 s); CHECK_VGPU_LOG is libvgpu's VGPU_LOG (warn);
 # CHECK_TRACEBACK=1 prints a failed part's traceback. With $OUT set, each run's output and the
 # daemon's log come back. Needs `cargo xtask device-build`'s .device-carry.
@@ -21,7 +23,7 @@ start_daemon "$work/host-proxy.log"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__)'
 verdict=PASS
-for probe in torch_threads; do
+for probe in torch_threads torch_fft; do
     for mode in native libvgpu; do
         echo "== $probe, $mode"
         if [ "$mode" = native ]; then
@@ -34,7 +36,8 @@ for probe in torch_threads; do
         fi
         rc=$?
         cat "$out/$probe-$mode.txt"
-        if [ "$rc" -ne 0 ] || grep -q '^FAIL' "$out/$probe-$mode.txt"; then
+        if [ "$rc" -ne 0 ] || grep -q '^FAIL' "$out/$probe-$mode.txt" ||
+            grep -q 'internal error (panic)' "$out/$probe-$mode.err"; then
             verdict=FAIL
             echo "-- exit $rc; stderr:"; tail -n 20 "$out/$probe-$mode.err"
         fi

@@ -1939,6 +1939,22 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
         Ok(CuModuleGetFunctionReply { hfunc })
     }
 
+    fn module_functions(&mut self, req: ModuleFunctions) -> CuResult<ModuleFunctionsReply> {
+        // Each call makes new handles (dropped with the module, counted against the handle
+        // quota): enumerating is rare (cuFFT does it once per module it loads).
+        let z = &mut *self.zone;
+        let m = z.modules.get(req.hmod)?;
+        let (ctx, root) = (m.ctx, m.root(req.hmod));
+        let funcs = z.backend.module_functions(&m.module)?;
+        let mut functions = Vec::with_capacity(funcs.len() * 8);
+        for func in funcs {
+            z.reserve()?;
+            let h = z.insert_func(false, FuncEntry { func, ctx, root, layout: None })?;
+            functions.extend_from_slice(&h.0.to_le_bytes());
+        }
+        Ok(ModuleFunctionsReply { functions })
+    }
+
     fn cu_module_get_global_v2(&mut self, req: CuModuleGetGlobalV2) -> CuResult<CuModuleGetGlobalV2Reply> {
         let (dptr, bytes) = self.get_global(req.hmod, req.name, false)?;
         Ok(CuModuleGetGlobalV2Reply { dptr, bytes })

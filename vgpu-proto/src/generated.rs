@@ -1897,6 +1897,24 @@ impl Message for LinkDestroy {
     const ID: MessageId = MessageId(0x02db);
 }
 
+/// Request `ModuleFunctions` (used by libvgpu's hand-written code).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModuleFunctions {
+    pub hmod: Handle,
+}
+impl Message for ModuleFunctions {
+    const ID: MessageId = MessageId(0x02dc);
+}
+/// Reply to [`ModuleFunctions`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModuleFunctionsReply {
+    #[serde(with = "serde_bytes")]
+    pub functions: Vec<u8>,
+}
+impl Message for ModuleFunctionsReply {
+    const ID: MessageId = MessageId(0x82dc);
+}
+
 /// Every generated request id, in order.
 pub const REQUEST_IDS: &[MessageId] = &[
     CuMemAllocV2::ID,
@@ -2028,6 +2046,7 @@ pub const REQUEST_IDS: &[MessageId] = &[
     LinkImage::ID,
     LinkLogs::ID,
     LinkDestroy::ID,
+    ModuleFunctions::ID,
 ];
 
 /// Every `CUresult` code of the driver's bindings with its name, by code.
@@ -3144,6 +3163,8 @@ pub trait Api {
     fn link_logs(&mut self, req: LinkLogs) -> Result<LinkLogsReply, Self::Error>;
     /// Handles [`LinkDestroy`].
     fn link_destroy(&mut self, req: LinkDestroy) -> Result<crate::Done, Self::Error>;
+    /// Handles [`ModuleFunctions`].
+    fn module_functions(&mut self, req: ModuleFunctions) -> Result<ModuleFunctionsReply, Self::Error>;
 }
 
 /// Sends a handler's reply.
@@ -3819,6 +3840,11 @@ pub fn dispatch<A: Api, R: Responder>(
             let rep = api.link_destroy(req).map_err(DispatchError::Api)?;
             Ok(r.reply(&rep))
         }
+        0x02dc => {
+            let req = decode_body::<ModuleFunctions>(body).map_err(|_| DispatchError::BadBody(id))?;
+            let rep = api.module_functions(req).map_err(DispatchError::Api)?;
+            Ok(r.reply(&rep))
+        }
         _ => Err(DispatchError::Unknown(id)),
     }
 }
@@ -3963,6 +3989,7 @@ pub fn request_name(id: MessageId) -> Option<&'static str> {
         0x02d9 => "LinkImage",
         0x02da => "LinkLogs",
         0x02db => "LinkDestroy",
+        0x02dc => "ModuleFunctions",
         _ => return None,
     })
 }

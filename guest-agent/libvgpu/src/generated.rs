@@ -1078,6 +1078,30 @@ pub unsafe extern "C" fn cuMemcpy3DAsync_v2(pCopy: *const sys::CUDA_MEMCPY3D, hS
     })
 }
 
+/// `cuModuleGetFunctionCount` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleGetFunctionCount(count: *mut ::core::ffi::c_uint, mod_: sys::CUmodule) -> CUresult {
+    rt::entry("cuModuleGetFunctionCount", || {
+        // SAFETY: the caller upholds cuModuleGetFunctionCount's contract, which the implementation documents.
+        unsafe { crate::imp::cu_module_get_function_count(count, mod_) }
+    })
+}
+
+/// `cuModuleEnumerateFunctions` (served in the guest).
+///
+/// # Safety
+/// The CUDA driver API contract of this entry point (valid pointers where required).
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleEnumerateFunctions(functions: *mut sys::CUfunction, numFunctions: ::core::ffi::c_uint, mod_: sys::CUmodule) -> CUresult {
+    rt::entry("cuModuleEnumerateFunctions", || {
+        // SAFETY: the caller upholds cuModuleEnumerateFunctions's contract, which the implementation documents.
+        unsafe { crate::imp::cu_module_enumerate_functions(functions, numFunctions, mod_) }
+    })
+}
+
 /// `cuLinkAddData_v2` (served in the guest).
 ///
 /// # Safety
@@ -3564,18 +3588,6 @@ pub extern "C" fn cuMipmappedArrayGetSparseProperties(_sparseProperties: *mut sy
     rt::unsupported("cuMipmappedArrayGetSparseProperties")
 }
 
-/// `cuModuleEnumerateFunctions`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuModuleEnumerateFunctions(_functions: *mut sys::CUfunction, _numFunctions: ::core::ffi::c_uint, _mod_: sys::CUmodule) -> CUresult {
-    rt::unsupported("cuModuleEnumerateFunctions")
-}
-
-/// `cuModuleGetFunctionCount`: not supported by libvgpu.
-#[no_mangle]
-pub extern "C" fn cuModuleGetFunctionCount(_count: *mut ::core::ffi::c_uint, _mod_: sys::CUmodule) -> CUresult {
-    rt::unsupported("cuModuleGetFunctionCount")
-}
-
 /// `cuModuleGetSurfRef`: not supported by libvgpu.
 #[no_mangle]
 pub extern "C" fn cuModuleGetSurfRef(_pSurfRef: *mut sys::CUsurfref, _hmod: sys::CUmodule, _name: *const ::core::ffi::c_char) -> CUresult {
@@ -5797,6 +5809,8 @@ pub const EXPORTS: &[&str] = &[
     "cuMemcpy2DAsync_v2",
     "cuMemcpy3D_v2",
     "cuMemcpy3DAsync_v2",
+    "cuModuleGetFunctionCount",
+    "cuModuleEnumerateFunctions",
     "cuLinkAddData_v2",
     "cuLinkAddFile_v2",
     "cuLinkComplete",
@@ -6090,8 +6104,6 @@ pub const EXPORTS: &[&str] = &[
     "cuMipmappedArrayGetLevel",
     "cuMipmappedArrayGetMemoryRequirements",
     "cuMipmappedArrayGetSparseProperties",
-    "cuModuleEnumerateFunctions",
-    "cuModuleGetFunctionCount",
     "cuModuleGetSurfRef",
     "cuModuleGetTexRef",
     "cuMulticastAddDevice",
@@ -6752,9 +6764,9 @@ pub static PROC_TABLE: &[rt::ProcEntry] = &[
     rt::ProcEntry { base: "cuMipmappedArrayGetLevel", since: 0, symbol: "cuMipmappedArrayGetLevel", ptr: cuMipmappedArrayGetLevel as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMipmappedArrayGetMemoryRequirements", since: 0, symbol: "cuMipmappedArrayGetMemoryRequirements", ptr: cuMipmappedArrayGetMemoryRequirements as *const (), per_thread: false },
     rt::ProcEntry { base: "cuMipmappedArrayGetSparseProperties", since: 0, symbol: "cuMipmappedArrayGetSparseProperties", ptr: cuMipmappedArrayGetSparseProperties as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuModuleEnumerateFunctions", since: 0, symbol: "cuModuleEnumerateFunctions", ptr: cuModuleEnumerateFunctions as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleEnumerateFunctions", since: 12040, symbol: "cuModuleEnumerateFunctions", ptr: cuModuleEnumerateFunctions as *const (), per_thread: false },
     rt::ProcEntry { base: "cuModuleGetFunction", since: 0, symbol: "cuModuleGetFunction", ptr: cuModuleGetFunction as *const (), per_thread: false },
-    rt::ProcEntry { base: "cuModuleGetFunctionCount", since: 0, symbol: "cuModuleGetFunctionCount", ptr: cuModuleGetFunctionCount as *const (), per_thread: false },
+    rt::ProcEntry { base: "cuModuleGetFunctionCount", since: 12040, symbol: "cuModuleGetFunctionCount", ptr: cuModuleGetFunctionCount as *const (), per_thread: false },
     rt::ProcEntry { base: "cuModuleGetGlobal", since: 3020, symbol: "cuModuleGetGlobal_v2", ptr: cuModuleGetGlobal_v2 as *const (), per_thread: false },
     rt::ProcEntry { base: "cuModuleGetLoadingMode", since: 0, symbol: "cuModuleGetLoadingMode", ptr: cuModuleGetLoadingMode as *const (), per_thread: false },
     rt::ProcEntry { base: "cuModuleGetSurfRef", since: 0, symbol: "cuModuleGetSurfRef", ptr: cuModuleGetSurfRef as *const (), per_thread: false },

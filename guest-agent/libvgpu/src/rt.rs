@@ -423,9 +423,22 @@ thread_local! {
     static CTX_STACK: RefCell<Vec<Handle>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on this thread's context stack.
+/// The context stack of calls made after their thread's locals were destroyed: exit handlers
+/// (C++ static destructors, `atexit`) run after the main thread's, and libraries call the
+/// driver from them (cuFFT's `cufftDestroy` from PyTorch's plan cache). Such late calls share
+/// this one stack instead of failing.
+static LATE_CTX_STACK: Mutex<Vec<Handle>> = Mutex::new(Vec::new());
+
+/// Runs `f` on this thread's context stack (or, once the thread's locals are gone, on
+/// [`LATE_CTX_STACK`]).
 pub fn with_ctx_stack<R>(f: impl FnOnce(&mut Vec<Handle>) -> R) -> R {
-    CTX_STACK.with(|s| f(&mut s.borrow_mut()))
+    let mut f = Some(f);
+    let done = CTX_STACK.try_with(|s| f.take().map(|f| f(&mut s.borrow_mut()))).ok().flatten();
+    match (done, f.take()) {
+        (Some(r), _) => r,
+        (None, Some(f)) => f(&mut LATE_CTX_STACK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
+        (None, None) => unreachable!("the closure ran but gave nothing back"),
+    }
 }
 
 /// This thread's current context.
@@ -454,9 +467,10 @@ pub fn contexts_changed() {
 /// Runs a per-thread-default-stream variant's body: its NULL stream is this thread's
 /// per-thread stream.
 pub fn per_thread<R>(f: impl FnOnce() -> R) -> R {
-    let before = PER_THREAD.replace(true);
+    // After the thread's locals are gone (exit handlers) the variant is the plain call.
+    let before = PER_THREAD.try_with(|p| p.replace(true)).unwrap_or(false);
     let r = f();
-    PER_THREAD.set(before);
+    let _ = PER_THREAD.try_with(|p| p.set(before));
     r
 }
 
@@ -470,7 +484,7 @@ const STREAM_PER_THREAD: usize = 0x2;
 /// Must be called without the connection's lock held (it may create the stream).
 pub fn stream_arg(s: sys::CUstream) -> CuResult<Handle> {
     let raw = s.addr();
-    if raw == STREAM_PER_THREAD || (raw == 0 && PER_THREAD.get()) {
+    if raw == STREAM_PER_THREAD || (raw == 0 && PER_THREAD.try_with(std::cell::Cell::get).unwrap_or(false)) {
         return per_thread_stream();
     }
     Ok(handle_of(s))
@@ -479,13 +493,14 @@ pub fn stream_arg(s: sys::CUstream) -> CuResult<Handle> {
 fn per_thread_stream() -> CuResult<Handle> {
     let ctx = current_ctx().ok_or(CuError::INVALID_CONTEXT)?;
     let epoch = CTX_EPOCH.load(std::sync::atomic::Ordering::Acquire);
-    if let Some((e, h)) = PTDS.with(|m| m.borrow().get(&ctx.0).copied()) {
+    if let Some((e, h)) = PTDS.try_with(|m| m.borrow().get(&ctx.0).copied()).ok().flatten() {
         if e == epoch {
             return Ok(h);
         }
     }
     let r: p::CuStreamCreateReply = call(&p::CuStreamCreate { flags: 0 }, true)?;
-    PTDS.with(|m| m.borrow_mut().insert(ctx.0, (epoch, r.ph_stream)));
+    // Not kept once the thread's locals are gone (exit handlers): made again if asked again.
+    let _ = PTDS.try_with(|m| m.borrow_mut().insert(ctx.0, (epoch, r.ph_stream)));
     Ok(r.ph_stream)
 }
 

@@ -304,6 +304,10 @@ driver_api! {
     link_complete = "cuLinkComplete": fn(sys::CUlinkState, *mut *mut c_void, *mut usize);
     /// `cuLinkDestroy`.
     link_destroy = "cuLinkDestroy": fn(sys::CUlinkState);
+    /// `cuModuleGetFunctionCount`.
+    module_get_function_count = "cuModuleGetFunctionCount": fn(*mut c_uint, sys::CUmodule);
+    /// `cuModuleEnumerateFunctions`.
+    module_enumerate_functions = "cuModuleEnumerateFunctions": fn(*mut sys::CUfunction, c_uint, sys::CUmodule);
     /// `cuArray3DCreate_v2`.
     array_3d_create = "cuArray3DCreate_v2": fn(*mut sys::CUarray, *const arrays::RawArray3dDesc);
     /// `cuArrayDestroy`.
@@ -2190,6 +2194,27 @@ impl GpuBackend for CudaGpu {
         // is NUL-terminated and borrowed for the call.
         check(unsafe { (self.api.module_get_function)(&mut func, raw, name.as_ptr()) })?;
         Ok(self.add_function(FunctionKind::Function(func), entry.scope, entry.root, None))
+    }
+
+    fn module_functions(&mut self, module: &CudaModule) -> CuResult<Vec<CudaFunction>> {
+        let entry = self.module_entry(module)?;
+        let (ModuleKind::Module(raw) | ModuleKind::LibraryView(raw)) = entry.kind else {
+            return Err(CuError::INVALID_HANDLE);
+        };
+        self.enter()?;
+        let mut count: c_uint = 0;
+        // SAFETY: valid out-pointer; a loaded module (or a loaded library's view).
+        check(unsafe { (self.api.module_get_function_count)(&mut count, raw) })?;
+        if count as usize > super::MAX_MODULE_FUNCTIONS {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        let mut raw_funcs: Vec<sys::CUfunction> = vec![std::ptr::null_mut(); count as usize];
+        if count > 0 {
+            // SAFETY: `raw_funcs` has room for `count` functions; the module is loaded.
+            check(unsafe { (self.api.module_enumerate_functions)(raw_funcs.as_mut_ptr(), count, raw) })?;
+        }
+        let (scope, root) = (entry.scope, entry.root);
+        Ok(raw_funcs.into_iter().map(|f| self.add_function(FunctionKind::Function(f), scope, root, None)).collect())
     }
 
     fn module_get_global(&mut self, module: &CudaModule, name: &CStr) -> CuResult<(u64, u64)> {

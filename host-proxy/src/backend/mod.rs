@@ -264,6 +264,9 @@ pub trait GpuBackend {
     fn module_unload(&mut self, module: Self::Module) -> CuResult<()>;
     /// `cuModuleGetFunction`.
     fn module_get_function(&mut self, module: &Self::Module, name: &CStr) -> CuResult<Self::Function>;
+    /// Every function of a module or library view (`cuModuleEnumerateFunctions`), at most
+    /// [`MAX_MODULE_FUNCTIONS`] (more is `CUDA_ERROR_NOT_SUPPORTED`).
+    fn module_functions(&mut self, module: &Self::Module) -> CuResult<Vec<Self::Function>>;
     /// `cuModuleGetGlobal`: (address, size in bytes).
     fn module_get_global(&mut self, module: &Self::Module, name: &CStr) -> CuResult<(u64, u64)>;
     /// `cuLibraryGetModule`: a non-owning module view of a library.
@@ -492,6 +495,9 @@ pub fn link_option_is_scalar(option: u32) -> bool {
 
 /// `CUjitInputType`s a link takes here: cubin, PTX, fat binary, host object.
 pub const LINK_INPUT_TYPES: [u32; 4] = [0, 1, 2, 3];
+
+/// Functions one module may list (`module_functions`).
+pub const MAX_MODULE_FUNCTIONS: usize = 4096;
 
 /// Bytes of a `CUDA_TEXTURE_DESC`.
 pub const TEX_DESC_LEN: usize = 104;

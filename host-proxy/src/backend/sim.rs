@@ -1777,6 +1777,15 @@ impl GpuBackend for SimGpu {
         Ok(self.add_function(false, ctx, root, &entry))
     }
 
+    fn module_functions(&mut self, module: &SimModule) -> CuResult<Vec<SimFunction>> {
+        let (m, holder) = self.module_holder(module)?;
+        let (ctx, root, entries) = (m.ctx, m.root, holder.entries.clone());
+        if entries.len() > super::MAX_MODULE_FUNCTIONS {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        Ok(entries.iter().map(|e| self.add_function(false, ctx, root, e)).collect())
+    }
+
     fn module_get_global(&mut self, module: &SimModule, name: &CStr) -> CuResult<(u64, u64)> {
         let (_, holder) = self.module_holder(module)?;
         let name = name.to_str().map_err(|_| CuError::NOT_FOUND)?;

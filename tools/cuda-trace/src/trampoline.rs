@@ -184,6 +184,8 @@ pub(crate) struct Frame {
     pub seq: u64,
     /// The entry id.
     pub id: u32,
+    /// The call's six integer arguments (for the memory dump of export-table slots).
+    pub args: [u64; 6],
 }
 
 /// How deep calls may nest on one thread and still have their returns logged.
@@ -199,7 +201,7 @@ pub(crate) struct ShadowStack {
 impl ShadowStack {
     /// An empty stack.
     pub(crate) const fn new() -> ShadowStack {
-        ShadowStack { frames: [Frame { ret: 0, slot: 0, seq: 0, id: 0 }; MAX_DEPTH], len: 0 }
+        ShadowStack { frames: [Frame { ret: 0, slot: 0, seq: 0, id: 0, args: [0; 6] }; MAX_DEPTH], len: 0 }
     }
 
     /// How many calls are in flight.
@@ -262,19 +264,19 @@ unsafe extern "C" fn enter(id: u32, regs: *const [u64; 6], slot: *const usize) -
         return Redirect { target: unknown_entry as *const () as usize, hook: 0 };
     };
     let depth = SHADOW.with_borrow(ShadowStack::depth);
+    // SAFETY: the shared body saved the six registers there (see the function's contract).
+    let args = unsafe { regs.read() };
     let seq = if target.quiet {
         0
     } else {
-        // SAFETY: the shared body saved the six registers there (see the function's contract).
-        let regs = unsafe { regs.read() };
-        let line = t.line("call", &target.name).field("via", target.via.as_str()).field("depth", depth).args(&regs);
+        let line = t.line("call", &target.name).field("via", target.via.as_str()).field("depth", depth).args(&args);
         let seq = line.seq();
         t.emit(line);
         seq
     };
     // SAFETY: slot is the caller's return-address slot on this thread's stack (contract).
     let ret = unsafe { slot.read() };
-    let hooked = SHADOW.with_borrow_mut(|s| s.push(Frame { ret, slot: slot as usize, seq, id }));
+    let hooked = SHADOW.with_borrow_mut(|s| s.push(Frame { ret, slot: slot as usize, seq, id, args }));
     let jump_to = match target.special {
         Special::None => target.real,
         Special::ProcAddress => {
@@ -306,10 +308,28 @@ extern "C" fn leave(rax: u64, slot: usize) -> usize {
             .field("rax", format_args!("{rax:#x}"));
         if target.via != registry::Via::Slot {
             line = line.field("result", rax as u32);
+        } else if slot_memory_dump() {
+            // What an export-table slot left behind its pointer arguments: the first 32 bytes
+            // of each argument that points into readable memory (`VGPU_TRACE_SLOT_MEMORY=1`).
+            let maps = crate::maps::MemoryMap::current();
+            for (i, &a) in frame.args.iter().enumerate() {
+                if a != 0 && maps.readable(a, 32) {
+                    // SAFETY: `[a, a + 32)` is mapped readable in this process (just checked).
+                    let bytes = unsafe { std::slice::from_raw_parts(a as usize as *const u8, 32) };
+                    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    line = line.field(["mem0", "mem1", "mem2", "mem3", "mem4", "mem5"][i], hex);
+                }
+            }
         }
         t.emit(line);
     }
     frame.ret
+}
+
+/// Whether slot returns dump the memory their pointer arguments reach.
+fn slot_memory_dump() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("VGPU_TRACE_SLOT_MEMORY").is_some_and(|v| v == "1"))
 }
 
 /// Stands in for an entry id no target has (never expected).
@@ -322,7 +342,7 @@ mod tests {
     use super::*;
 
     fn frame(slot: usize, id: u32) -> Frame {
-        Frame { ret: slot + 1, slot, seq: u64::from(id), id }
+        Frame { ret: slot + 1, slot, seq: u64::from(id), id, args: [0; 6] }
     }
 
     #[test]

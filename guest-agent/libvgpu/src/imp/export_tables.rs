@@ -161,11 +161,9 @@ static LT_1734: Table<17> = Table({
 
 /// {6E163FBE-B958-444D-835C-E182AFF1991E}: 99 slots in driver 580 (size word 792). cuFFT
 /// (through PyTorch 2.11's `torch.fft`) asks for it and fails with `CUFFT_INTERNAL_ERROR`
-/// when it is refused; natively it then calls slot 7 once per plan (six arguments), which
-/// answers 1 (`CUDA_ERROR_INVALID_VALUE`) every time, and goes on (tools/cuda-trace on the
-/// H200, `device/probes/torch_fft.py`). Served: slot 7 gives that same answer, the other
-/// slots answer `CUDA_ERROR_NOT_SUPPORTED` (named in the log). What slot 7 is for is not
-/// known; a cuFFT that got success from it natively would differ here.
+/// when it is refused; it calls slot 7 after each module it loads ([`fft_slot7`]; tools/
+/// cuda-trace on the H200, `device/probes/torch_fft.py`). The other slots answer
+/// `CUDA_ERROR_NOT_SUPPORTED` (named in the log).
 static FFT_6E16: Table<99> = Table({
     let mut t = traps!(T_FFT_6E16; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92 93 94 95 96 97 98);
     t[0] = size_word::<99>();
@@ -480,7 +478,9 @@ thread_local! {
 
 /// The calling thread's block (see [`THREAD_STATE`]).
 fn thread_state() -> *const c_void {
-    THREAD_STATE.with(|b| b.as_ptr().cast())
+    // Exit handlers run after the thread's locals are destroyed: they share one block.
+    static LATE_THREAD_STATE: [u64; 8] = [0; 8];
+    THREAD_STATE.try_with(|b| b.as_ptr().cast()).unwrap_or(LATE_THREAD_STATE.as_ptr().cast())
 }
 
 /// TOOLS_TLS slot 2: the calling thread's state block.
@@ -671,11 +671,32 @@ fn query_context(arg: sys::CUcontext) -> CuResult<Handle> {
     }
 }
 
-/// {6E163FBE…} slot 7: the driver's answer as traced (see [`FFT_6E16`]); the arguments
-/// (six, their meaning unknown) are not read.
-unsafe extern "C" fn fft_slot7() -> CUresult {
-    rt::log(Level::Debug, format_args!("FFT_6E163FBE[7]: answered CUDA_ERROR_INVALID_VALUE, as driver 580 does"));
-    CuError::INVALID_VALUE.code()
+/// {6E163FBE…} slot 7, as traced natively (`VGPU_TRACE_SLOT_MEMORY=1 device/cuda-trace.sh`):
+/// cuFFT calls it after each `cuModuleLoadData` with (context, module, a function of its own,
+/// that function's argument, the module again, a table of its own); the driver calls the
+/// function with the argument and the module's `CUfunction` — cuFFT's is a setter whose
+/// value it later launches — and answers 1 for its one-kernel modules. Served the same way
+/// from the host's list of the module's functions; the answer is taken to be their count
+/// (only 1 was seen). The last argument is not read.
+unsafe extern "C" fn fft_slot7(
+    _ctx: sys::CUcontext,
+    module: sys::CUmodule,
+    each: Option<unsafe extern "C" fn(*mut c_void, sys::CUfunction)>,
+    arg: *mut c_void,
+) -> CUresult {
+    rt::log(Level::Debug, format_args!("FFT_6E163FBE[7]({module:p}, {arg:p})"));
+    let Some(each) = each else { return CuError::INVALID_VALUE.code() };
+    match super::module::module_functions(handle_of(module)) {
+        Ok(functions) => {
+            for h in &functions {
+                // SAFETY: the caller's contract (as traced): `each` takes `arg` and a function
+                // of the module, which is what it gets.
+                unsafe { each(arg, handle_ptr(*h)) };
+            }
+            u32::try_from(functions.len()).unwrap_or(u32::MAX)
+        }
+        Err(e) => e.code(),
+    }
 }
 
 /// Slot 4: whether the argument is a context or a thread's state (1) or NULL (0).

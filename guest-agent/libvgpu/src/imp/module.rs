@@ -630,3 +630,42 @@ pub unsafe fn cu_occupancy_max_potential_block_size_with_flags(
     block.set(best_block);
     Ok(())
 }
+
+/// Every function of module `hmod` (new handles, in the module's context).
+pub(crate) fn module_functions(hmod: Handle) -> CuResult<Vec<Handle>> {
+    let r: p::ModuleFunctionsReply = crate::rt::call(&p::ModuleFunctions { hmod }, true)?;
+    if r.functions.len() % 8 != 0 {
+        return Err(CuError::UNKNOWN);
+    }
+    Ok(r.functions.chunks_exact(8).map(|c| Handle(u64::from_le_bytes(c.try_into().unwrap_or_default()))).collect())
+}
+
+/// `cuModuleGetFunctionCount`.
+pub unsafe fn cu_module_get_function_count(count: *mut std::ffi::c_uint, hmod: sys::CUmodule) -> CuResult<()> {
+    // SAFETY: CUDA's contract: a non-null out-pointer is valid for one write.
+    let out = unsafe { Out::required(count) }?;
+    let n = module_functions(crate::rt::handle_of(hmod))?.len();
+    out.set(u32::try_from(n).map_err(|_| CuError::NOT_SUPPORTED)?);
+    Ok(())
+}
+
+/// `cuModuleEnumerateFunctions`: the first `n` functions (`CUDA_ERROR_INVALID_VALUE` when
+/// the module has more, as the driver answers).
+pub unsafe fn cu_module_enumerate_functions(
+    functions: *mut sys::CUfunction,
+    n: std::ffi::c_uint,
+    hmod: sys::CUmodule,
+) -> CuResult<()> {
+    if functions.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let all = module_functions(crate::rt::handle_of(hmod))?;
+    if all.len() > n as usize {
+        return Err(CuError::INVALID_VALUE);
+    }
+    for (i, h) in all.into_iter().enumerate() {
+        // SAFETY: CUDA's contract: `functions` holds `n` entries; `i < all.len() <= n`.
+        unsafe { functions.wrapping_add(i).write(crate::rt::handle_ptr(h)) };
+    }
+    Ok(())
+}
