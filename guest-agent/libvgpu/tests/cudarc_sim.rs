@@ -626,6 +626,7 @@ fn jit_linking_through_libvgpu() {
     assert!(run.status.success(), "link failed:\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
     for line in [
         "linked: image non-empty, info log non-empty (size slot: length)",
+        "the linked module lists 1 function(s)",
         "launched the linked kernel: out[0] = 21, all equal yes",
         "cuLinkAddData(NULL) -> CUDA_ERROR_INVALID_VALUE",
         "OK link",

@@ -96,6 +96,14 @@ int main(void) {
     CHECK(cuModuleLoadData(&mod, image));
     CHECK(cuLinkDestroy(link));
     CHECK(cuModuleGetFunction(&fn, mod, "fill_u32"));
+    unsigned int nfuncs = 0;
+    CHECK(cuModuleGetFunctionCount(&nfuncs, mod));
+    CUfunction listed[4] = {NULL, NULL, NULL, NULL};
+    CHECK(cuModuleEnumerateFunctions(listed, nfuncs < 4 ? nfuncs : 4, mod));
+    printf("the linked module lists %u function(s)\n", nfuncs);
+    /* The listed function is the one launched below. */
+    REQUIRE(nfuncs == 1 && listed[0] != NULL, "one listed function");
+    fn = listed[0];
     CUdeviceptr d;
     const size_t n = 64;
     CHECK(cuMemAlloc(&d, n * 4));
