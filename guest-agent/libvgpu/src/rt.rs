@@ -430,7 +430,7 @@ thread_local! {
 static LATE_CTX_STACK: Mutex<Vec<Handle>> = Mutex::new(Vec::new());
 
 /// Runs `f` on this thread's context stack (or, once the thread's locals are gone, on
-/// [`LATE_CTX_STACK`]).
+/// the late stack, `LATE_CTX_STACK`).
 pub fn with_ctx_stack<R>(f: impl FnOnce(&mut Vec<Handle>) -> R) -> R {
     let mut f = Some(f);
     let done = CTX_STACK.try_with(|s| f.take().map(|f| f(&mut s.borrow_mut()))).ok().flatten();
