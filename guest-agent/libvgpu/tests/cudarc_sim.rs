@@ -558,6 +558,7 @@ fn cudart_run(version: &str, shared: bool) -> String {
         "ok: 4194307 bytes host -> device -> device -> host",
         "ok: stream: pinned copies, memset, events",
         "ok: pitched: cudaMemset2D, cudaMemcpy2D host <-> device (pageable, 3001 x 6007)",
+        "ok: pitched: rows of 9437189 bytes (wider than the staging halves) both ways",
         "ok: pitched: device -> device at an offset, asynchronously into pinned memory",
         "ok: pitched: cudaMemcpy3D host -> device -> host (64 x 16 x 4)",
         "ok: arrays: cudaMallocArray 64 x 32 float, 2-D copies to and from it, cudaArrayGetInfo",

@@ -5,9 +5,9 @@
 //! A copy between device memory, CUDA arrays and pinned memory of the window is one
 //! request, posted for the asynchronous calls: the host runs the driver entry point
 //! the program called on the whole block. Pageable program memory goes through the
-//! window's staging area a band of whole rows at a time (a row wider than the staging area
-//! in pieces), each band one synchronous request: as natively, such a copy has finished
-//! with the program's memory when the call returns. Host-to-host copies are done here, row
+//! window's two staging halves a band of whole rows at a time (a row wider than a half in
+//! pieces), pipelined as the 1-D copies are; as natively, such a copy has finished with the
+//! program's memory when the call returns. Host-to-host copies are done here, row
 //! by row. A zero width, height or depth copies nothing.
 
 use crate::rt::{self, session, Conn, CuError, CuResult};
@@ -273,8 +273,20 @@ enum Staged {
     Destination,
 }
 
-/// A copy with pageable program memory on one side: bands of whole rows through the
-/// staging area (both halves), one synchronous request each.
+/// One band of a staged copy: slice `z`, rows `y .. y + rows`, bytes `col .. col + n` of each.
+#[derive(Clone, Copy)]
+struct Band {
+    z: u64,
+    y: u64,
+    rows: u64,
+    col: u64,
+    n: u64,
+}
+
+/// A copy with pageable program memory on one side: bands of whole rows (a row wider than a
+/// staging half in pieces) through the two staging halves, pipelined as the 1-D copies are —
+/// the guest fills or drains one half while the host copies the other, and the fence after
+/// each posted band says that the band before it is done (and surfaces its error).
 #[allow(clippy::too_many_arguments)]
 fn staged(
     conn: &mut Conn,
@@ -292,46 +304,84 @@ fn staged(
         _ => return Err(CuError::INVALID_VALUE),
     };
     let halves = conn.window.staging_halves();
-    let area = BulkRef { offset: halves[0].offset, len: halves[0].len + halves[1].len };
-    // Rows per band, and the width of each piece of a row (a whole row when one fits).
-    let piece = c.width.min(area.len);
-    let band = if c.width <= area.len { (area.len / c.width).min(c.height) } else { 1 };
-    let host = |v: usize| std::ptr::with_exposed_provenance_mut::<u8>(v);
+    let half = halves[0].len;
+    let piece = c.width.min(half);
+    let band_rows = if c.width <= half { (half / c.width).min(c.height) } else { 1 };
+    let mut bands = Vec::new();
     for z in 0..depth {
         let mut y = 0;
         while y < c.height {
-            let rows = band.min(c.height - y);
+            let rows = band_rows.min(c.height - y);
             let mut col = 0;
             while col < c.width {
                 let n = piece.min(c.width - col);
-                let staged_side = Wire { kind: KIND_WINDOW, at: area.offset, pos: (0, 0, 0), pitch: n, rows };
-                let other_wire = wire_of(other, other_side, (z, y, col))?;
-                // The program's rows of this band, `n` bytes each from column `col`.
-                let program_row = |i: u64| -> CuResult<usize> {
-                    let off = row_offset(prog_side, z, y + i)?.checked_add(col).ok_or(CuError::INVALID_VALUE)?;
-                    program.checked_add(off as usize).ok_or(CuError::INVALID_VALUE)
-                };
-                if which == Staged::Source {
-                    for i in 0..rows {
-                        // SAFETY: CUDA's contract: the program's block is readable (each row
-                        // of the copy lies in it).
-                        let row = unsafe { std::slice::from_raw_parts(host(program_row(i)?), n as usize) };
-                        conn.window.fill(BulkRef { offset: area.offset + i * n, len: n }, row)?;
-                    }
-                    let req = request(shape, staged_side, other_wire, n, rows, 1, stream);
-                    let _: Done = conn.call(&req)?;
-                } else {
-                    let req = request(shape, other_wire, staged_side, n, rows, 1, stream);
-                    let _: Done = conn.call(&req)?;
-                    for i in 0..rows {
-                        // SAFETY: CUDA's contract: the program's block is writable.
-                        let row = unsafe { std::slice::from_raw_parts_mut(host(program_row(i)?), n as usize) };
-                        conn.window.drain(BulkRef { offset: area.offset + i * n, len: n }, row)?;
-                    }
-                }
+                bands.push(Band { z, y, rows, col, n });
                 col += n;
             }
             y += rows;
+        }
+    }
+    // Row `i` of a band in the program's memory.
+    let program_row = |b: &Band, i: u64| -> CuResult<*mut u8> {
+        let off = row_offset(prog_side, b.z, b.y + i)?.checked_add(b.col).ok_or(CuError::INVALID_VALUE)?;
+        let at = program.checked_add(off as usize).ok_or(CuError::INVALID_VALUE)?;
+        Ok(std::ptr::with_exposed_provenance_mut::<u8>(at))
+    };
+    // The request for band `b` through staging half `k`.
+    let request_for = |b: &Band, k: usize| -> CuResult<p::MemcpyPitched> {
+        let staged_side = Wire { kind: KIND_WINDOW, at: halves[k].offset, pos: (0, 0, 0), pitch: b.n, rows: b.rows };
+        let other_wire = wire_of(other, other_side, (b.z, b.y, b.col))?;
+        Ok(match which {
+            Staged::Source => request(shape, staged_side, other_wire, b.n, b.rows, 1, stream),
+            Staged::Destination => request(shape, other_wire, staged_side, b.n, b.rows, 1, stream),
+        })
+    };
+    let fill = |conn: &mut Conn, b: &Band, k: usize| -> CuResult<()> {
+        for i in 0..b.rows {
+            // SAFETY: CUDA's contract: the program's block is readable (each row of the copy
+            // lies in it).
+            let row = unsafe { std::slice::from_raw_parts(program_row(b, i)?, b.n as usize) };
+            conn.window.fill(BulkRef { offset: halves[k].offset + i * b.n, len: b.n }, row)?;
+        }
+        Ok(())
+    };
+    let drain = |conn: &mut Conn, b: &Band, k: usize| -> CuResult<()> {
+        for i in 0..b.rows {
+            // SAFETY: CUDA's contract: the program's block is writable.
+            let row = unsafe { std::slice::from_raw_parts_mut(program_row(b, i)?, b.n as usize) };
+            conn.window.drain(BulkRef { offset: halves[k].offset + i * b.n, len: b.n }, row)?;
+        }
+        Ok(())
+    };
+    match which {
+        Staged::Source => {
+            if let Some(first) = bands.first() {
+                fill(conn, first, 0)?;
+            }
+            for (i, b) in bands.iter().enumerate() {
+                conn.post(&request_for(b, i % 2)?)?;
+                if let Some(next) = bands.get(i + 1) {
+                    // The other half's band (i - 1) is done: the fence after it was answered.
+                    fill(conn, next, (i + 1) % 2)?;
+                }
+                let _: Done = conn.call(&p::Fence {})?;
+            }
+        }
+        Staged::Destination => {
+            if let Some(first) = bands.first() {
+                conn.post(&request_for(first, 0)?)?;
+                let _: Done = conn.call(&p::Fence {})?;
+            }
+            for (i, b) in bands.iter().enumerate() {
+                if let Some(next) = bands.get(i + 1) {
+                    // Into the half drained last round, while this band is drained.
+                    conn.post(&request_for(next, (i + 1) % 2)?)?;
+                }
+                drain(conn, b, i % 2)?;
+                if i + 1 < bands.len() {
+                    let _: Done = conn.call(&p::Fence {})?;
+                }
+            }
         }
     }
     Ok(())

@@ -155,6 +155,25 @@ int main(void) {
         }
         printf("ok: pitched: cudaMemset2D, cudaMemcpy2D host <-> device (pageable, %zu x %zu)\n", w, rows);
 
+        /* Rows wider than libvgpu's staging halves: each row goes in pieces. */
+        {
+            const size_t ww = (9u << 20) + 5, wh = 2, whp = ww + 3, wdp = ww + 16;
+            unsigned char *wsrc = malloc(whp * wh), *wdst = malloc(whp * wh), *wdev = NULL;
+            for (size_t i = 0; i < whp * wh; i++) wsrc[i] = (unsigned char)(i * 29 + 5);
+            memset(wdst, 0xee, whp * wh);
+            CHECK(cudaMalloc((void **)&wdev, wdp * wh));
+            CHECK(cudaMemcpy2D(wdev, wdp, wsrc, whp, ww, wh, cudaMemcpyHostToDevice));
+            CHECK(cudaMemcpy2D(wdst, whp, wdev, wdp, ww, wh, cudaMemcpyDeviceToHost));
+            for (size_t y = 0; y < wh; y++) {
+                EXPECT(memcmp(wdst + y * whp, wsrc + y * whp, ww) == 0, "wide row %zu differs", y);
+                EXPECT(wdst[y * whp + ww] == 0xee, "wide row %zu: the gap was written", y);
+            }
+            printf("ok: pitched: rows of %zu bytes (wider than the staging halves) both ways\n", ww);
+            CHECK(cudaFree(wdev));
+            free(wsrc);
+            free(wdst);
+        }
+
         /* Device to device into a second block at an offset, then asynchronously into
          * pinned memory. */
         unsigned char *img2 = NULL, *pin = NULL;
