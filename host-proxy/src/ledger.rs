@@ -57,8 +57,10 @@ const ERRORS_AT: usize = KINDS * KIND_WORDS;
 const FAULTS_AT: usize = ERRORS_AT + ERROR_KINDS;
 /// `code | kind << 32 | 1 << 63` (the top bit: there was one).
 const LAST_ERROR_AT: usize = FAULTS_AT + 1;
-const LAST_ERROR_MS_AT: usize = LAST_ERROR_AT + 1;
-const STATS_WORDS: usize = LAST_ERROR_MS_AT + 1;
+/// When the last error happened, in microseconds since the epoch: fine enough that errors of
+/// two sessions ordered in time are not tied when the zone's newest is picked.
+const LAST_ERROR_US_AT: usize = LAST_ERROR_AT + 1;
+const STATS_WORDS: usize = LAST_ERROR_US_AT + 1;
 const STATS_BYTES: usize = (STATS_WORDS * 8).next_multiple_of(4096);
 const STATS_BASE: usize = (64 * (1 + MAX_SLOTS as usize)).next_multiple_of(4096);
 /// Bytes of one ledger: a 64-byte header, one 64-byte line per slot, then each slot's
@@ -118,6 +120,13 @@ pub fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Microseconds since the epoch (0 before it).
+fn unix_us_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 fn pages(bytes: u64) -> u32 {
@@ -238,7 +247,7 @@ impl Ledger {
         }
         self.faulted = fault;
         self.set(LAST_ERROR_AT, u64::from(code) | (k as u64) << 32 | 1 << 63);
-        self.set(LAST_ERROR_MS_AT, unix_ms_now());
+        self.set(LAST_ERROR_US_AT, unix_us_now());
     }
 
     /// Publishes how much of this session's memory its contexts take (part of what
@@ -353,13 +362,13 @@ impl Tally {
     pub fn add(&mut self, other: &Tally) {
         self.counts.requests = self.counts.requests.saturating_add(other.counts.requests);
         self.counts.errors = self.counts.errors.saturating_add(other.counts.errors);
-        let later = other.words[LAST_ERROR_MS_AT] >= self.words[LAST_ERROR_MS_AT] && other.words[LAST_ERROR_AT] != 0;
+        let later = other.words[LAST_ERROR_US_AT] >= self.words[LAST_ERROR_US_AT] && other.words[LAST_ERROR_AT] != 0;
         for (a, b) in self.words[..LAST_ERROR_AT].iter_mut().zip(&other.words[..LAST_ERROR_AT]) {
             *a = a.saturating_add(*b);
         }
         if later {
             self.words[LAST_ERROR_AT] = other.words[LAST_ERROR_AT];
-            self.words[LAST_ERROR_MS_AT] = other.words[LAST_ERROR_MS_AT];
+            self.words[LAST_ERROR_US_AT] = other.words[LAST_ERROR_US_AT];
         }
     }
 
@@ -396,7 +405,7 @@ impl Tally {
             code,
             name: vgpu_proto::generated::error_name(code).unwrap_or("(other)"),
             request: kind_name(kind),
-            unix_ms: self.words[LAST_ERROR_MS_AT],
+            unix_ms: self.words[LAST_ERROR_US_AT] / 1000,
         })
     }
 }
