@@ -1718,7 +1718,7 @@ impl<B: GpuBackend, D: SharedMemory> Api for ZoneCtx<'_, B, D> {
     }
 
     fn memcpy_pitched_async(&mut self, req: MemcpyPitchedAsync) -> CuResult<Done> {
-        self.zone.memcpy_pitched(self.window, &pitched::posted(req), false).map(|()| Done {})
+        self.zone.memcpy_pitched(self.window, &req.into(), false).map(|()| Done {})
     }
 
     // ---- contexts ----
@@ -2769,6 +2769,18 @@ mod tests {
             self.w.write(image_ref, &image).unwrap();
             self.api().module_load(ModuleLoad { image: image_ref, library }).map(|r| r.handle)
         }
+        /// Gives the test double the fixture's own window memory, as `attach_window` gives
+        /// it the shared mapping: window sides of copies are then direct.
+        fn take_window(&mut self) {
+            let base = std::ptr::NonNull::new(self._mem.as_mut_ptr().cast::<u8>()).unwrap();
+            let len = self.w.size();
+            #[allow(unsafe_code)]
+            // SAFETY: `_mem` is the window's memory and outlives the zone (field order); the
+            // test double only reads and writes it through the region.
+            let took = unsafe { self.z.backend_mut().attach_window(base, len) }.unwrap();
+            assert!(took);
+            self.z.window_direct = true;
+        }
         fn function(&mut self, hmod: Handle) -> CuResult<Handle> {
             self.api().cu_module_get_function(CuModuleGetFunction { hmod, name: "fill_u32".into() }).map(|r| r.hfunc)
         }
@@ -2905,14 +2917,7 @@ mod tests {
     fn pitched_copies_and_memsets(direct: bool) {
         let mut f = fixture(Quotas::default(), 64 << 10);
         if direct {
-            let base = std::ptr::NonNull::new(f._mem.as_mut_ptr().cast::<u8>()).unwrap();
-            let len = f.w.size();
-            #[allow(unsafe_code)]
-            // SAFETY: `_mem` is the window's memory and outlives the zone (field order); the
-            // test double only reads and writes it through the region.
-            let took = unsafe { f.z.backend_mut().attach_window(base, len) }.unwrap();
-            assert!(took);
-            f.z.window_direct = true;
+            f.take_window();
         }
         let (pitch, rows) = (256u64, 32u64);
         let a = f.alloc(pitch * rows).unwrap();
@@ -2949,7 +2954,7 @@ mod tests {
         }
         // Device to device as a volume (2 slices of 4 rows), then back into the window.
         let vol = pitched(2, (false, a + 2 * pitch, pitch), (false, b, pitch), 128, 4, 2, 8);
-        f.api().memcpy_pitched_async(posted_of(vol)).unwrap();
+        f.api().memcpy_pitched_async(vol.into()).unwrap();
         let down = pitched(1, (false, b, pitch), (true, 8 << 10, 128), 128, 16, 1, 16);
         f.api().memcpy_pitched(down).unwrap();
         let mut got = vec![0u8; 128 * 16];
@@ -2999,30 +3004,6 @@ mod tests {
         assert_eq!(whole(&mut f, a)[0], 0x42);
     }
 
-    fn posted_of(r: MemcpyPitched) -> MemcpyPitchedAsync {
-        MemcpyPitchedAsync {
-            shape: r.shape,
-            src_kind: r.src_kind,
-            src: r.src,
-            src_x: r.src_x,
-            src_y: r.src_y,
-            src_z: r.src_z,
-            src_pitch: r.src_pitch,
-            src_height: r.src_height,
-            dst_kind: r.dst_kind,
-            dst: r.dst,
-            dst_x: r.dst_x,
-            dst_y: r.dst_y,
-            dst_z: r.dst_z,
-            dst_pitch: r.dst_pitch,
-            dst_height: r.dst_height,
-            width: r.width,
-            height: r.height,
-            depth: r.depth,
-            stream: r.stream,
-        }
-    }
-
     /// A 64 x 32 array of 1-channel floats (surface load/store allowed), and its handle.
     fn float_array(f: &mut Fixture) -> CuResult<Handle> {
         let req = ArrayCreate { width: 64, height: 32, depth: 0, format: 0x20, channels: 1, flags: 0x02 };
@@ -3056,13 +3037,7 @@ mod tests {
     #[test]
     fn arrays_textures_and_surfaces_are_checked_counted_and_released() {
         let mut f = fixture(Quotas::default(), 64 << 10);
-        let base = std::ptr::NonNull::new(f._mem.as_mut_ptr().cast::<u8>()).unwrap();
-        let len = f.w.size();
-        #[allow(unsafe_code)]
-        // SAFETY: as in `pitched_copies_and_memsets`.
-        let took = unsafe { f.z.backend_mut().attach_window(base, len) }.unwrap();
-        assert!(took);
-        f.z.window_direct = true;
+        f.take_window();
         let (used0, objects0) = (f.z.mem_used(), f.z.live_objects());
         let arr = float_array(&mut f).unwrap();
         assert_eq!(f.z.mem_used() - used0, 64 * 32 * 4, "an array is charged its elements' bytes");

@@ -134,6 +134,60 @@ pub enum AttrValue {
 #[allow(missing_docs, clippy::all)]
 pub mod generated;
 
+/// The same pitched copy, waited for or posted (the two requests carry the same fields).
+impl From<generated::MemcpyPitched> for generated::MemcpyPitchedAsync {
+    fn from(r: generated::MemcpyPitched) -> Self {
+        generated::MemcpyPitchedAsync {
+            shape: r.shape,
+            src_kind: r.src_kind,
+            src: r.src,
+            src_x: r.src_x,
+            src_y: r.src_y,
+            src_z: r.src_z,
+            src_pitch: r.src_pitch,
+            src_height: r.src_height,
+            dst_kind: r.dst_kind,
+            dst: r.dst,
+            dst_x: r.dst_x,
+            dst_y: r.dst_y,
+            dst_z: r.dst_z,
+            dst_pitch: r.dst_pitch,
+            dst_height: r.dst_height,
+            width: r.width,
+            height: r.height,
+            depth: r.depth,
+            stream: r.stream,
+        }
+    }
+}
+
+/// The same pitched copy, posted or waited for.
+impl From<generated::MemcpyPitchedAsync> for generated::MemcpyPitched {
+    fn from(r: generated::MemcpyPitchedAsync) -> Self {
+        generated::MemcpyPitched {
+            shape: r.shape,
+            src_kind: r.src_kind,
+            src: r.src,
+            src_x: r.src_x,
+            src_y: r.src_y,
+            src_z: r.src_z,
+            src_pitch: r.src_pitch,
+            src_height: r.src_height,
+            dst_kind: r.dst_kind,
+            dst: r.dst,
+            dst_x: r.dst_x,
+            dst_y: r.dst_y,
+            dst_z: r.dst_z,
+            dst_pitch: r.dst_pitch,
+            dst_height: r.dst_height,
+            width: r.width,
+            height: r.height,
+            depth: r.depth,
+            stream: r.stream,
+        }
+    }
+}
+
 /// Handles of the NULL stream and CUDA's two special stream values (`CU_STREAM_LEGACY`,
 /// `CU_STREAM_PER_THREAD`): all three name the context's default stream here.
 pub const DEFAULT_STREAMS: [Handle; 3] = [Handle(0), Handle(1), Handle(2)];

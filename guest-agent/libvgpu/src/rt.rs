@@ -505,6 +505,19 @@ fn per_thread_stream() -> CuResult<Handle> {
 }
 
 impl Conn {
+    /// Runs `f` with a temporary window block of `len` bytes (its descriptor), freed after
+    /// (module images, link inputs and linked images travel in one).
+    pub fn with_block<R>(
+        &mut self,
+        len: u64,
+        f: impl FnOnce(&mut Conn, idm_core::BulkRef) -> CuResult<R>,
+    ) -> CuResult<R> {
+        let block = self.window.alloc(len, 0)?;
+        let r = self.window.desc_of(block, len).and_then(|desc| f(self, desc));
+        let _ = self.window.free(block);
+        r
+    }
+
     /// Makes `ctx` the host's current context for what follows on this connection.
     pub fn switch_to(&mut self, ctx: Handle) -> CuResult<()> {
         if self.host_ctx != ctx {

@@ -215,28 +215,3 @@ impl<B: GpuBackend> Zone<B> {
         self.backend.memset_pitched(&m, s)
     }
 }
-
-/// The same request, posted.
-pub(super) fn posted(r: MemcpyPitchedAsync) -> MemcpyPitched {
-    MemcpyPitched {
-        shape: r.shape,
-        src_kind: r.src_kind,
-        src: r.src,
-        src_x: r.src_x,
-        src_y: r.src_y,
-        src_z: r.src_z,
-        src_pitch: r.src_pitch,
-        src_height: r.src_height,
-        dst_kind: r.dst_kind,
-        dst: r.dst,
-        dst_x: r.dst_x,
-        dst_y: r.dst_y,
-        dst_z: r.dst_z,
-        dst_pitch: r.dst_pitch,
-        dst_height: r.dst_height,
-        width: r.width,
-        height: r.height,
-        depth: r.depth,
-        stream: r.stream,
-    }
-}

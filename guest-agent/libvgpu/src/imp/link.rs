@@ -149,14 +149,10 @@ fn add(state: Handle, input_type: c_uint, bytes: &[u8], name: String, options: V
         let s = session()?;
         let mut c = s.lock();
         c.enter_current()?;
-        let block = c.window.alloc(bytes.len() as u64, 0)?;
-        let desc = c.window.desc_of(block, bytes.len() as u64)?;
-        let r = c
-            .window
-            .write_at(desc, bytes)
-            .and_then(|()| c.call::<_, Done>(&p::LinkAdd { state, input_type, data: desc, name, options }));
-        let _ = c.window.free(block);
-        r
+        c.with_block(bytes.len() as u64, |c, desc| {
+            c.window.write_at(desc, bytes)?;
+            c.call::<_, Done>(&p::LinkAdd { state, input_type, data: desc, name, options })
+        })
     };
     let (info, error) = targets(state);
     fill_logs(state, info, error);
@@ -237,12 +233,11 @@ pub unsafe fn cu_link_complete(state: sys::CUlinkState, out: *mut *mut c_void, s
     let image = {
         let s = session()?;
         let mut c = s.lock();
-        let block = c.window.alloc(size, 0)?;
-        let desc = c.window.desc_of(block, size)?;
         let mut image = vec![0u8; usize::try_from(size).map_err(|_| CuError::INVALID_VALUE)?];
-        let r = c.call::<_, Done>(&p::LinkImage { state, dst: desc }).and_then(|_| c.window.read_at(desc, &mut image));
-        let _ = c.window.free(block);
-        r?;
+        c.with_block(size, |c, desc| {
+            let _: Done = c.call(&p::LinkImage { state, dst: desc })?;
+            c.window.read_at(desc, &mut image)
+        })?;
         image
     };
     let mut links = LINKS.lock().map_err(|_| CuError::UNKNOWN)?;

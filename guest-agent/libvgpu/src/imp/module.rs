@@ -107,13 +107,10 @@ fn load(bytes: &[u8], library: bool) -> CuResult<Handle> {
     if !library {
         c.enter_current()?;
     }
-    let block = c.window.alloc(bytes.len() as u64, 0)?;
-    let desc = c.window.desc_of(block, bytes.len() as u64)?;
-    let r = c
-        .window
-        .write_at(desc, bytes)
-        .and_then(|()| c.call::<_, p::ModuleLoadReply>(&p::ModuleLoad { image: desc, library }));
-    let _ = c.window.free(block);
+    let r = c.with_block(bytes.len() as u64, |c, desc| {
+        c.window.write_at(desc, bytes)?;
+        c.call::<_, p::ModuleLoadReply>(&p::ModuleLoad { image: desc, library })
+    });
     Ok(r?.handle)
 }
 

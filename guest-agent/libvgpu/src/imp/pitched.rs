@@ -440,27 +440,7 @@ pub(super) fn pitched(c: &Copy3d, shape: u8, stream: Handle, asynchronous: bool)
                 stream,
             );
             if asynchronous {
-                conn.post(&p::MemcpyPitchedAsync {
-                    shape: req.shape,
-                    src_kind: req.src_kind,
-                    src: req.src,
-                    src_x: req.src_x,
-                    src_y: req.src_y,
-                    src_z: req.src_z,
-                    src_pitch: req.src_pitch,
-                    src_height: req.src_height,
-                    dst_kind: req.dst_kind,
-                    dst: req.dst,
-                    dst_x: req.dst_x,
-                    dst_y: req.dst_y,
-                    dst_z: req.dst_z,
-                    dst_pitch: req.dst_pitch,
-                    dst_height: req.dst_height,
-                    width: req.width,
-                    height: req.height,
-                    depth: req.depth,
-                    stream: req.stream,
-                })
+                conn.post(&p::MemcpyPitchedAsync::from(req))
             } else {
                 conn.call::<_, Done>(&req).map(drop)
             }
